@@ -1,0 +1,58 @@
+//! AlexNet — the 2012 paper's network and torchvision's variant — with a CPU reference backend
+//! (ndarray + a real GEMM, threaded with rayon). A CUDA backend is planned beside it; every GPU
+//! result will be checked against this CPU twin.
+//!
+//! Data flows one way: files -> [`Weights`] / image batch -> a backend's model -> logits -> top-k.
+//!
+//! ```
+//! use alexnet_cuda::cpu::{softmax, top_k, CpuModel};
+//! use alexnet_cuda::timing::synthetic_batch;
+//! use alexnet_cuda::{AlexNetConfig, Precision, Weights};
+//!
+//! # fn main() -> alexnet_cuda::Result<()> {
+//! // The paper's architecture with the paper's seeded initialisation (or `Weights::load` a
+//! // safetensors file, e.g. torchvision's pretrained weights).
+//! let config = AlexNetConfig::paper();
+//! assert_eq!(config.param_count()?, 62_378_344);
+//! let weights = Weights::paper_init(&config, 0)?;
+//! let model = CpuModel::new(&weights, Precision::Fp32)?;
+//!
+//! // A normalised NCHW batch; `image::Preprocess` makes one from photos.
+//! let input = synthetic_batch(2, config.input, 42);
+//! let logits = model.forward(input.view())?;
+//! assert_eq!(logits.dim(), (2, 1000));
+//! let probabilities = softmax(logits.view());
+//! let best = top_k(probabilities.row(0), 5)?;
+//! println!("class {} with p = {:.3}", best[0].0, best[0].1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Conventions
+//! - Layouts are PyTorch's: conv weights OIHW, linear weights `[out, in]`, activations NCHW;
+//!   flatten before FC1 in (C, H, W) order.
+//! - LRN is the paper's (alpha **not** divided by n): PyTorch's equivalent is
+//!   `LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)`. See [`config::LrnParams`].
+//! - Dropout is inverted by default (identity at inference); the paper's classic form (x0.5 at
+//!   inference) is [`config::DropoutMode::Classic`].
+//! - Preprocessing is torchvision's eval transform, bit-exact with Pillow's resize
+//!   ([`image::Preprocess`]).
+//! - fp16 on the CPU rounds weights, the input and every layer's output to f16 while computing
+//!   in f32 (the same contract as f16 storage with f32 accumulation on a GPU).
+
+pub mod backend;
+pub mod classify;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod image;
+pub mod labels;
+pub mod timing;
+pub mod weights;
+
+pub use crate::image::{collect_image_paths, load_batch, LoadedBatch, Preprocess, U8Batch};
+pub use backend::{open_backend, Backend, DeviceChoice, OpenedBackend, Precision};
+pub use config::AlexNetConfig;
+pub use error::{Error, Result};
+pub use labels::{class_name, imagenet_classes};
+pub use weights::Weights;
