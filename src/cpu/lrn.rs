@@ -1,0 +1,77 @@
+//! Inter-channel local response normalisation (the paper's, see [`LrnParams`]).
+
+use ndarray::{Array4, ArrayView4};
+use rayon::prelude::*;
+
+use crate::config::LrnParams;
+use crate::error::{Error, Result};
+
+/// `b_c = a_c / (k + alpha * sum_{j=max(0,c-n/2)}^{min(C-1,c+n/2)} a_j^2)^beta`, alpha **not**
+/// divided by n (PyTorch: `LocalResponseNorm(n, alpha * n, beta, k)`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lrn {
+    pub params: LrnParams,
+}
+
+impl Lrn {
+    pub fn new(params: LrnParams) -> Result<Self> {
+        if params.size == 0 {
+            return Err(Error::invalid("LRN size", "must be positive"));
+        }
+        Ok(Lrn { params })
+    }
+
+    /// `[N, C, H, W] -> [N, C, H, W]`, one output channel plane per task.
+    pub fn forward(&self, input: ArrayView4<'_, f32>) -> Result<Array4<f32>> {
+        let (n, c, h, w) = input.dim();
+        let input = input.as_standard_layout();
+        let src = input.as_slice().unwrap_or(&[]);
+        let plane = h * w;
+        let mut out = vec![0.0f32; n * c * plane];
+        if !out.is_empty() {
+            let LrnParams {
+                size,
+                k,
+                alpha,
+                beta,
+            } = self.params;
+            // Window [c - (n-1)/2, c + n/2]: symmetric for the paper's odd n (PyTorch's rule).
+            let before = (size - 1) / 2;
+            let after = size / 2;
+            out.par_chunks_exact_mut(plane)
+                .enumerate()
+                .for_each(|(index, dst)| {
+                    let (image, channel) = (index / c, index % c);
+                    let image_src = &src[image * c * plane..(image + 1) * c * plane];
+                    let first = channel.saturating_sub(before);
+                    let last = (channel + after).min(c - 1);
+                    // Sum of squares over the window, plane by plane (contiguous, vectorised).
+                    dst.fill(0.0);
+                    for j in first..=last {
+                        let neighbour = &image_src[j * plane..(j + 1) * plane];
+                        for (d, &a) in dst.iter_mut().zip(neighbour) {
+                            *d += a * a;
+                        }
+                    }
+                    let centre = &image_src[channel * plane..(channel + 1) * plane];
+                    for (d, &a) in dst.iter_mut().zip(centre) {
+                        *d = a / pow_beta(k + alpha * *d, beta);
+                    }
+                });
+        }
+        Array4::from_shape_vec((n, c, h, w), out)
+            .map_err(|e| Error::invalid("LRN output", e.to_string()))
+    }
+}
+
+/// `x^beta`, with the paper's beta = 0.75 as two square roots (several times faster than `powf`
+/// and as accurate).
+#[inline]
+fn pow_beta(x: f32, beta: f32) -> f32 {
+    if beta == 0.75 {
+        let s = x.sqrt();
+        s * s.sqrt()
+    } else {
+        x.powf(beta)
+    }
+}

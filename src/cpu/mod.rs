@@ -1,0 +1,20 @@
+//! The CPU backend on ndarray: every layer on its own, and the whole model. It is the reference
+//! the GPU backend is checked against and the fallback on machines without a GPU. Convolutions
+//! and linear layers run as GEMMs (the `gemm` crate, threaded with rayon).
+
+mod activation;
+mod conv;
+mod dropout;
+mod gemm;
+mod linear;
+mod lrn;
+mod model;
+mod pool;
+
+pub use activation::{relu_inplace, softmax, top_k};
+pub use conv::Conv2d;
+pub use dropout::{keep_draw, Dropout};
+pub use linear::Linear;
+pub use lrn::Lrn;
+pub use model::CpuModel;
+pub use pool::MaxPool2d;

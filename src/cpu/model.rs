@@ -1,0 +1,174 @@
+//! The whole network on the CPU: the reference every other backend is checked against.
+
+use ndarray::{Array2, Array4, ArrayView4, ArrayViewD, Ix2};
+
+use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
+use crate::backend::Precision;
+use crate::config::AlexNetConfig;
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// One convolution stage: conv + bias + ReLU (fused), then optional LRN and max-pool.
+#[derive(Clone, Debug)]
+struct ConvStage {
+    conv: Conv2d,
+    lrn: Option<Lrn>,
+    pool: Option<MaxPool2d>,
+}
+
+/// One fully connected stage: linear (+ ReLU), then dropout at inference.
+#[derive(Clone, Debug)]
+struct LinearStage {
+    linear: Linear,
+    relu: bool,
+    dropout: Option<Dropout>,
+}
+
+/// AlexNet on the CPU, built from [`Weights`].
+///
+/// `Precision::Fp32` computes in f32 throughout. `Precision::Fp16` emulates a half-precision
+/// network: weights, the input and every layer's output are rounded to f16, while each layer
+/// still computes (accumulates) in f32 — the same contract as the GPU's fp16 mode (f16 storage,
+/// f32 accumulation).
+#[derive(Clone, Debug)]
+pub struct CpuModel {
+    config: AlexNetConfig,
+    precision: Precision,
+    convs: Vec<ConvStage>,
+    fcs: Vec<LinearStage>,
+}
+
+impl CpuModel {
+    pub fn new(weights: &Weights, precision: Precision) -> Result<Self> {
+        let rounded;
+        let weights = match precision {
+            Precision::Fp32 => weights,
+            Precision::Fp16 => {
+                rounded = weights.rounded_to_f16();
+                &rounded
+            }
+        };
+        let config = weights.config().clone();
+        config.layers()?;
+        let convs = config
+            .convs
+            .iter()
+            .zip(weights.convs())
+            .map(|(spec, params)| {
+                Ok(ConvStage {
+                    conv: Conv2d::new(
+                        params.weight.view(),
+                        &params.bias,
+                        spec.stride,
+                        spec.padding,
+                    )?,
+                    lrn: spec.lrn.map(Lrn::new).transpose()?,
+                    pool: spec.pool.map(MaxPool2d::from),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fcs = config
+            .fcs
+            .iter()
+            .zip(weights.fcs())
+            .map(|(spec, params)| {
+                Ok(LinearStage {
+                    linear: Linear::new(params.weight.view(), &params.bias)?,
+                    relu: spec.relu,
+                    dropout: spec
+                        .dropout
+                        .map(|p| Dropout::new(p, config.dropout_mode))
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CpuModel {
+            config,
+            precision,
+            convs,
+            fcs,
+        })
+    }
+
+    pub fn config(&self) -> &AlexNetConfig {
+        &self.config
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Logits `[N, classes]` for a normalised NCHW batch `[N, 3, 224, 224]` (inference mode).
+    pub fn forward(&self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        self.forward_observed(input, |_, _| {})
+    }
+
+    /// Like [`CpuModel::forward`], calling `observe(stage, activation)` after every stage
+    /// ("conv1" after its ReLU, "lrn1", "pool1", ..., "fc1" after ReLU and dropout, ..., "fc3") —
+    /// for debugging and for checking other backends layer by layer.
+    pub fn forward_observed(
+        &self,
+        input: ArrayView4<'_, f32>,
+        mut observe: impl FnMut(&str, ArrayViewD<'_, f32>),
+    ) -> Result<Array2<f32>> {
+        let want = self.config.input;
+        let (n, c, h, w) = input.dim();
+        if (c, h, w) != (want.channels, want.height, want.width) || n == 0 {
+            return Err(Error::Shape {
+                op: "CpuModel::forward",
+                expected: format!(
+                    "[N >= 1, {}, {}, {}]",
+                    want.channels, want.height, want.width
+                ),
+                found: input.shape().to_vec(),
+            });
+        }
+        let mut x: Array4<f32> = self.round(input.to_owned());
+        let mut pools = 0;
+        for (i, stage) in self.convs.iter().enumerate() {
+            x = self.round(stage.conv.forward_relu(x.view())?);
+            observe(&format!("conv{}", i + 1), x.view().into_dyn());
+            if let Some(lrn) = &stage.lrn {
+                x = self.round(lrn.forward(x.view())?);
+                observe(&format!("lrn{}", i + 1), x.view().into_dyn());
+            }
+            if let Some(pool) = &stage.pool {
+                pools += 1;
+                x = pool.forward(x.view())?; // max of f16 values is an f16 value: no rounding
+                observe(&format!("pool{pools}"), x.view().into_dyn());
+            }
+        }
+        // Flatten in (C, H, W) order: NCHW standard layout already is.
+        let features = x.len() / n;
+        let mut y = x
+            .into_shape_with_order((n, features))
+            .map_err(|e| Error::invalid("flatten", e.to_string()))?;
+        for (i, stage) in self.fcs.iter().enumerate() {
+            y = if stage.relu {
+                stage.linear.forward_relu(y.view())?
+            } else {
+                stage.linear.forward(y.view())?
+            };
+            if let Some(dropout) = &stage.dropout {
+                y = dropout
+                    .forward_eval(y.view().into_dyn())
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|e| Error::invalid("dropout", e.to_string()))?;
+            }
+            y = self.round(y);
+            observe(&format!("fc{}", i + 1), y.view().into_dyn());
+        }
+        Ok(y)
+    }
+
+    /// Rounds to f16 precision in fp16 mode; the identity in fp32 mode.
+    fn round<D: ndarray::Dimension>(
+        &self,
+        mut a: ndarray::Array<f32, D>,
+    ) -> ndarray::Array<f32, D> {
+        if self.precision == Precision::Fp16 {
+            a.par_mapv_inplace(|v| half::f16::from_f32(v).to_f32());
+        }
+        a
+    }
+}

@@ -1,0 +1,81 @@
+//! Max-pooling over square windows (no padding, floor mode), one plane per task.
+
+use ndarray::{Array4, ArrayView4};
+use rayon::prelude::*;
+
+use crate::config::PoolSpec;
+use crate::error::{Error, Result};
+
+/// Max-pooling; overlapping when `stride < kernel` (the paper's 3x3, stride 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPool2d {
+    pub kernel: usize,
+    pub stride: usize,
+}
+
+impl From<PoolSpec> for MaxPool2d {
+    fn from(spec: PoolSpec) -> Self {
+        MaxPool2d {
+            kernel: spec.kernel,
+            stride: spec.stride,
+        }
+    }
+}
+
+impl MaxPool2d {
+    pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+        if self.kernel == 0 || self.stride == 0 || height < self.kernel || width < self.kernel {
+            return Err(Error::Shape {
+                op: "MaxPool2d",
+                expected: format!(
+                    "spatial size >= kernel {} (kernel and stride > 0)",
+                    self.kernel
+                ),
+                found: vec![height, width],
+            });
+        }
+        Ok((
+            (height - self.kernel) / self.stride + 1,
+            (width - self.kernel) / self.stride + 1,
+        ))
+    }
+
+    /// `[N, C, H, W] -> [N, C, OH, OW]`. A NaN in a window makes that output NaN.
+    pub fn forward(&self, input: ArrayView4<'_, f32>) -> Result<Array4<f32>> {
+        let (n, c, h, w) = input.dim();
+        let (oh, ow) = self.output_size(h, w)?;
+        let input = input.as_standard_layout();
+        let src = input.as_slice().unwrap_or(&[]);
+        let mut out = vec![0.0f32; n * c * oh * ow];
+        if !out.is_empty() {
+            out.par_chunks_exact_mut(oh * ow)
+                .zip(src.par_chunks_exact(h * w))
+                .for_each(|(dst, plane)| self.pool_plane(plane, w, dst, ow));
+        }
+        Array4::from_shape_vec((n, c, oh, ow), out)
+            .map_err(|e| Error::invalid("MaxPool2d output", e.to_string()))
+    }
+
+    fn pool_plane(&self, plane: &[f32], width: usize, dst: &mut [f32], out_width: usize) {
+        for (oy, out_row) in dst.chunks_exact_mut(out_width).enumerate() {
+            out_row.fill(f32::NEG_INFINITY);
+            for ky in 0..self.kernel {
+                let row = &plane[(oy * self.stride + ky) * width..][..width];
+                let windows = row.windows(self.kernel).step_by(self.stride);
+                for (d, window) in out_row.iter_mut().zip(windows) {
+                    *d = window.iter().fold(*d, |m, &v| nan_max(m, v));
+                }
+            }
+        }
+    }
+}
+
+/// `max` that propagates NaN (as PyTorch's pooling does) instead of dropping it.
+#[inline]
+fn nan_max(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() {
+        v
+    } else {
+        m
+    }
+}

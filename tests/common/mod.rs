@@ -1,0 +1,85 @@
+//! Helpers shared by the integration tests: the deterministic weight formula that
+//! `tools/pytorch_reference.py` also implements (so PyTorch's outputs can be checked here), and
+//! error measures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use alexnet_cuda::{AlexNetConfig, Weights};
+
+/// splitmix64's finaliser (wrapping), as in tools/pytorch_reference.py.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `n` values in (-1, 1) from stream `stream`, in f64 (tools/pytorch_reference.py `uniform_pm1`).
+pub fn uniform_pm1(stream: u64, n: usize) -> impl Iterator<Item = f64> {
+    (0..n as u64).map(move |i| {
+        let u = splitmix64(stream.wrapping_mul(1 << 40).wrapping_add(i)) >> 40;
+        (u as f64 + 0.5) / (1u64 << 24) as f64 * 2.0 - 1.0
+    })
+}
+
+/// The formula weights of tools/pytorch_reference.py: He-uniform weights, biases in +-0.1,
+/// stream `index + 1` per tensor, rounded to f32.
+pub fn formula_weights(config: &AlexNetConfig) -> Weights {
+    Weights::from_fn(config, |index, name, shape| {
+        let n: usize = shape.iter().product();
+        let scale = if name.ends_with(".weight") {
+            let fan_in: usize = shape[1..].iter().product();
+            (6.0 / fan_in as f64).sqrt()
+        } else {
+            0.1
+        };
+        uniform_pm1(index as u64 + 1, n)
+            .map(|v| (v * scale) as f32)
+            .collect()
+    })
+    .expect("formula weights match the config")
+}
+
+/// `n` values in (-scale, scale) from `stream`, rounded to f32.
+pub fn formula_values(stream: u64, n: usize, scale: f64) -> Vec<f32> {
+    uniform_pm1(stream, n).map(|v| (v * scale) as f32).collect()
+}
+
+/// `max |a - b| / max |b|`; infinite when `a` holds a NaN or the lengths differ.
+pub fn rel_max_error(a: &[f32], reference: &[f64]) -> f64 {
+    if a.len() != reference.len() || a.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(reference)
+        .fold(0.0f64, |m, (x, r)| m.max((*x as f64 - r).abs()));
+    err / scale.max(f64::MIN_POSITIVE)
+}
+
+/// A path under tests/data.
+pub fn data_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data")
+        .join(relative)
+}
+
+/// The PyTorch fixture written by tools/pytorch_reference.py.
+pub fn pytorch_reference() -> serde_json::Value {
+    let path = data_path("pytorch_reference.json");
+    let text = std::fs::read_to_string(&path).expect("tests/data/pytorch_reference.json exists");
+    serde_json::from_str(&text).expect("the fixture is valid JSON")
+}
+
+/// A JSON array of numbers as f64.
+pub fn json_f64s(value: &serde_json::Value) -> Vec<f64> {
+    value
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v.as_f64().expect("a number"))
+        .collect()
+}

@@ -1,0 +1,114 @@
+//! The CPU model against PyTorch float64 (tests/data/pytorch_reference.json, written by
+//! tools/pytorch_reference.py): same formula weights, same inputs.
+
+mod common;
+
+use alexnet_cuda::cpu::CpuModel;
+use alexnet_cuda::image::{decode_image_file, Preprocess, U8Batch};
+use alexnet_cuda::{AlexNetConfig, Precision};
+use common::*;
+use ndarray::Array4;
+
+fn synthetic_input() -> Array4<f32> {
+    let n = 2 * 3 * 224 * 224;
+    Array4::from_shape_vec((2, 3, 224, 224), formula_values(1000, n, 2.0)).unwrap()
+}
+
+fn preset(name: &str) -> AlexNetConfig {
+    AlexNetConfig::preset(name).unwrap()
+}
+
+fn check_logits(name: &str) {
+    let reference = pytorch_reference();
+    let expected = &reference["presets"][name]["logits"];
+    let model = CpuModel::new(&formula_weights(&preset(name)), Precision::Fp32).unwrap();
+    let logits = model.forward(synthetic_input().view()).unwrap();
+    for image in 0..2 {
+        let want = json_f64s(&expected[image]);
+        let got = logits.row(image).to_vec();
+        let err = rel_max_error(&got, &want);
+        println!("{name} image {image}: max error / max |logit| = {err:.3e}");
+        assert!(
+            err <= 1e-5,
+            "{name} image {image}: relative error {err:.3e}"
+        );
+    }
+}
+
+#[test]
+fn paper_logits_match_pytorch_float64() {
+    check_logits("paper");
+}
+
+#[test]
+fn torchvision_logits_match_pytorch_float64() {
+    check_logits("torchvision");
+}
+
+/// Every stage's max |x| and sum for image 0 against PyTorch, so a failure names the layer.
+#[test]
+fn paper_stages_match_pytorch_float64() {
+    let reference = pytorch_reference();
+    let stages = &reference["presets"]["paper"]["stages"];
+    let model = CpuModel::new(&formula_weights(&AlexNetConfig::paper()), Precision::Fp32).unwrap();
+    let input = synthetic_input();
+    let mut seen = Vec::new();
+    model
+        .forward_observed(input.slice(ndarray::s![0..1, .., .., ..]), |stage, x| {
+            let want = &stages[stage];
+            assert!(want.is_object(), "stage {stage} missing from the fixture");
+            let max_abs = x.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+            let sum: f64 = x.iter().map(|&v| v as f64).sum();
+            let want_max = want["max_abs"].as_f64().unwrap();
+            let want_sum = want["sum"].as_f64().unwrap();
+            assert!(
+                (max_abs - want_max).abs() <= 1e-5 * want_max,
+                "{stage}: max |x| {max_abs} vs {want_max}"
+            );
+            // The sum of ~10^5 terms: allow for f32 rounding across all of them.
+            let sum_scale: f64 = x.iter().map(|&v| v.abs() as f64).sum();
+            assert!(
+                (sum - want_sum).abs() <= 1e-5 * sum_scale,
+                "{stage}: sum {sum} vs {want_sum}"
+            );
+            seen.push(stage.to_string());
+        })
+        .unwrap();
+    let expected: Vec<&String> = stages.as_object().unwrap().keys().collect();
+    assert_eq!(seen.len(), expected.len(), "stages seen: {seen:?}");
+}
+
+/// Photos through our decoder, resize and crop, then the model: top-1 as PyTorch's, and logits
+/// close (the resize is a re-implementation of Pillow's, so not bit-exact).
+#[test]
+fn photos_top1_match_pytorch() {
+    let reference = pytorch_reference();
+    let pre = Preprocess::default();
+    for name in ["paper", "torchvision"] {
+        let model = CpuModel::new(&formula_weights(&preset(name)), Precision::Fp32).unwrap();
+        let photos = reference["presets"][name]["photos"].as_object().unwrap();
+        let mut batch = U8Batch::new(pre.crop);
+        let mut wanted = Vec::new();
+        for (photo, expected) in photos {
+            let image = decode_image_file(&data_path(&format!("images/{photo}"))).unwrap();
+            batch.push(&pre.resize_and_crop(&image).unwrap()).unwrap();
+            wanted.push((photo.clone(), expected.clone()));
+        }
+        let logits = model.forward(batch.to_nchw_f32(&pre).view()).unwrap();
+        for (row, (photo, expected)) in wanted.iter().enumerate() {
+            let want = json_f64s(&expected["logits"]);
+            let got = logits.row(row).to_vec();
+            let top1 = got
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap();
+            let want_top1 = expected["top5"][0].as_u64().unwrap() as usize;
+            let err = rel_max_error(&got, &want);
+            println!("{name} {photo}: top-1 {top1} (PyTorch {want_top1}), logit error {err:.2e}");
+            assert_eq!(top1, want_top1, "{name} {photo}");
+            assert!(err < 2e-2, "{name} {photo}: logits differ by {err:.2e}");
+        }
+    }
+}
