@@ -1,0 +1,358 @@
+//! `infer`: run AlexNet on images or time it on synthetic batches. Argument parsing and
+//! reporting only; the work is done by library calls.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use alexnet_cuda::classify::{classify_files, ClassifyEvent};
+use alexnet_cuda::config::thousands;
+use alexnet_cuda::image::{collect_image_paths, Preprocess};
+use alexnet_cuda::labels::class_name;
+use alexnet_cuda::timing::{time_forward, LatencyStats, TimingPlan};
+use alexnet_cuda::{open_backend, AlexNetConfig, Backend, DeviceChoice, Error, Precision, Weights};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::Array2;
+use serde_json::json;
+
+/// Exit code when some images could not be read or decoded (the rest were classified).
+const EXIT_SOME_INPUTS_FAILED: u8 = 3;
+/// Exit code for a fatal error (bad weights, unusable device, unreadable output path).
+const EXIT_FATAL: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "AlexNet inference: classify images or time synthetic batches"
+)]
+struct Args {
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    batch: u64,
+    /// Numeric mode.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    precision: PrecisionArg,
+    /// Where to run: auto picks CUDA when usable, else the CPU (with a notice).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Architecture. Default: read off --weights, else `paper`. Given with --weights, the file
+    /// must match it.
+    #[arg(long, value_enum)]
+    config: Option<ConfigArg>,
+    /// safetensors weights (crate or torchvision names; F32, F16 or BF16). Default: the paper's
+    /// initialisation from --seed.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Seed for the initialisation and the synthetic batches.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image files or directories (directory entries in sorted name order). Without it, time
+    /// synthetic batches.
+    #[arg(long, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// Timed batches (default: 10 on the CPU).
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Untimed batches before timing (default: 2 on the CPU).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Labels printed per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print one JSON object instead of text (no progress bar).
+    #[arg(long)]
+    json: bool,
+    /// Write the logits as float32 [N, classes] .npy, one row per input image in order (NaN rows
+    /// for images that failed).
+    #[arg(long, value_name = "FILE.npy")]
+    dump_logits: Option<PathBuf>,
+    /// Print the layer table (shapes and parameter counts) and exit.
+    #[arg(long)]
+    summary: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PrecisionArg {
+    Fp32,
+    Fp16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ConfigArg {
+    Paper,
+    Torchvision,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Fp16 => Precision::Fp16,
+        }
+    }
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
+}
+
+impl ConfigArg {
+    fn config(self) -> AlexNetConfig {
+        match self {
+            ConfigArg::Paper => AlexNetConfig::paper(),
+            ConfigArg::Torchvision => AlexNetConfig::torchvision(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FATAL)
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<ExitCode, Error> {
+    let explicit_config = args.config.map(ConfigArg::config);
+    if args.summary {
+        let config = match (&args.weights, &explicit_config) {
+            (Some(path), _) => Weights::load(path, explicit_config.as_ref())?
+                .config()
+                .clone(),
+            (None, Some(config)) => config.clone(),
+            (None, None) => AlexNetConfig::paper(),
+        };
+        println!(
+            "AlexNet ({}), input {}x{}x{}",
+            config.name, config.input.channels, config.input.height, config.input.width
+        );
+        println!("{}", config.summary()?);
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let weights = match &args.weights {
+        Some(path) => Weights::load(path, explicit_config.as_ref())?,
+        None => {
+            let config = explicit_config.unwrap_or_else(AlexNetConfig::paper);
+            Weights::paper_init(&config, args.seed)?
+        }
+    };
+    if args.top == 0 || args.top > weights.config().num_classes() {
+        return Err(Error::Invalid {
+            what: "--top",
+            message: format!(
+                "{} (the model has {} classes)",
+                args.top,
+                weights.config().num_classes()
+            ),
+        });
+    }
+    let opened = open_backend(&weights, args.device.into(), args.precision.into())?;
+    if let Some(notice) = &opened.notice {
+        eprintln!("note: {notice}");
+    }
+    let mut backend = opened.backend;
+    let batch = args.batch as usize;
+
+    if args.images.is_empty() {
+        let plan = TimingPlan {
+            batch,
+            warmup: args.warmup.unwrap_or(2),
+            iterations: args.iterations.unwrap_or(10),
+            seed: args.seed,
+        };
+        benchmark(args, backend.as_mut(), &weights, plan)?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        classify(args, backend.as_mut(), batch)
+    }
+}
+
+/// A progress bar on stderr, hidden for --json and when stderr is not a terminal.
+fn progress_bar(args: &Args, total: u64, what: &str) -> ProgressBar {
+    if args.json || !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn benchmark(
+    args: &Args,
+    backend: &mut dyn Backend,
+    weights: &Weights,
+    plan: TimingPlan,
+) -> Result<(), Error> {
+    let config = weights.config();
+    let bar = progress_bar(args, (plan.warmup + plan.iterations) as u64, "timing");
+    let times = time_forward(backend, config.input, plan, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    let millis: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1e3).collect();
+    let Some(latency) = LatencyStats::from_millis(&millis) else {
+        return Err(Error::Invalid {
+            what: "--iterations",
+            message: "no timed iterations".into(),
+        });
+    };
+    let total: Duration = times.iter().sum();
+    let images = (plan.batch * times.len()) as f64;
+    let throughput = images / total.as_secs_f64();
+    let gflop_per_image = config.flops_per_image()? as f64 / 1e9;
+    let tflops = throughput * gflop_per_image / 1e3;
+    if args.json {
+        let report = json!({
+            "device": backend.device_name(),
+            "precision": backend.precision().to_string(),
+            "config": config.name,
+            "batch": plan.batch,
+            "warmup": plan.warmup,
+            "iterations": plan.iterations,
+            "throughput_img_per_s": throughput,
+            "latency_ms": latency,
+            "gflop_per_image": gflop_per_image,
+            "achieved_tflops": tflops,
+        });
+        println!("{report}");
+        return Ok(());
+    }
+    println!("=== alexnet-cuda inference benchmark ===");
+    println!("device        : {}", backend.device_name());
+    println!(
+        "model         : {} ({} parameters, {:.3} GFLOP/image)",
+        config.name,
+        thousands(config.param_count()?),
+        gflop_per_image
+    );
+    println!("precision     : {}", backend.precision());
+    println!("batch         : {}", plan.batch);
+    println!(
+        "iterations    : {} timed after {} warm-up",
+        plan.iterations, plan.warmup
+    );
+    println!("throughput    : {throughput:.1} images/s ({tflops:.3} TFLOP/s)");
+    println!(
+        "latency/batch : min {:.2} ms, mean {:.2} ms, median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latency.min, latency.mean, latency.p50, latency.p90, latency.p99, latency.max
+    );
+    println!(
+        "latency/image : {:.3} ms (mean batch latency / batch)",
+        latency.mean / plan.batch as f64
+    );
+    Ok(())
+}
+
+fn backend_classes(backend: &dyn Backend) -> usize {
+    backend.config().num_classes()
+}
+
+fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<ExitCode, Error> {
+    let paths = collect_image_paths(&args.images)?;
+    if paths.is_empty() {
+        return Err(Error::Invalid {
+            what: "--images",
+            message: "no image files found".into(),
+        });
+    }
+    let bar = progress_bar(args, paths.len() as u64, "classifying");
+    let pre = Preprocess::default();
+    let num_classes = backend_classes(backend);
+    // NaN rows stay for images that fail, so row i is always input i.
+    let mut logits = Array2::from_elem((paths.len(), num_classes), f32::NAN);
+    let mut failures = 0usize;
+    let mut results = Vec::new();
+    classify_files(
+        backend,
+        &paths,
+        batch,
+        &pre,
+        args.top,
+        |event| match event {
+            ClassifyEvent::Classified(c) => {
+                logits
+                    .row_mut(c.index)
+                    .assign(&ndarray::ArrayView1::from(&c.logits[..]));
+                if args.json {
+                    results.push(json!({
+                        "path": c.path.display().to_string(),
+                        "top": c.top.iter().map(|&(class, p)| json!({
+                            "class": class,
+                            "label": class_name(class).unwrap_or("?"),
+                            "probability": p,
+                        })).collect::<Vec<_>>(),
+                    }));
+                } else {
+                    bar.suspend(|| {
+                        println!("{}", c.path.display());
+                        for &(class, p) in &c.top {
+                            println!(
+                                "  {:>6.2}%  {:>4}  {}",
+                                p * 100.0,
+                                class,
+                                class_name(class).unwrap_or("?")
+                            );
+                        }
+                    });
+                }
+                bar.inc(1);
+            }
+            ClassifyEvent::Failed { path, error, .. } => {
+                failures += 1;
+                if args.json {
+                    results.push(
+                        json!({"path": path.display().to_string(), "error": error.to_string()}),
+                    );
+                }
+                bar.suspend(|| eprintln!("error: {error}"));
+                bar.inc(1);
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    if args.json {
+        println!(
+            "{}",
+            json!({"device": backend.device_name(), "precision": backend.precision().to_string(), "images": results})
+        );
+    }
+    if let Some(path) = &args.dump_logits {
+        ndarray_npy::write_npy(path, &logits).map_err(|e| Error::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    if failures > 0 {
+        eprintln!(
+            "{failures} of {} images could not be classified",
+            paths.len()
+        );
+        return Ok(ExitCode::from(EXIT_SOME_INPUTS_FAILED));
+    }
+    Ok(ExitCode::SUCCESS)
+}

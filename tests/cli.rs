@@ -1,0 +1,272 @@
+//! The `infer` binary as a user runs it: exit codes, messages, JSON, logits dumps.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use alexnet_cuda::weights::StorageDtype;
+use alexnet_cuda::AlexNetConfig;
+use common::*;
+use ndarray::Array2;
+
+fn infer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infer"))
+        .args(args)
+        .output()
+        .expect("the infer binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_no_panic(out: &Output) {
+    let err = stderr(out);
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn summary_prints_the_seed_table() {
+    let out = infer(&["--summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("62,378,344") && text.contains("96x55x55") && text.contains("37,752,832"),
+        "{text}"
+    );
+    let out = infer(&["--summary", "--config", "torchvision"]);
+    assert!(stdout(&out).contains("61,100,840"), "{}", stdout(&out));
+}
+
+#[test]
+fn bad_images_are_reported_and_the_rest_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["chelsea.png", "camera.png"] {
+        std::fs::copy(data_path(&format!("images/{name}")), dir.path().join(name)).unwrap();
+    }
+    for name in ["truncated.jpg", "not_an_image.png", "empty.jpg"] {
+        std::fs::copy(data_path(&format!("bad/{name}")), dir.path().join(name)).unwrap();
+    }
+    let dump = dir.path().join("logits.npy");
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--top",
+        "3",
+        "--images",
+        path_str(dir.path()),
+        "--dump-logits",
+        path_str(&dump),
+    ]);
+    assert_no_panic(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "some images failed: {}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    for bad in ["truncated.jpg", "not_an_image.png", "empty.jpg"] {
+        assert!(err.contains(bad), "stderr does not name {bad}: {err}");
+    }
+    let text = stdout(&out);
+    assert!(
+        text.contains("chelsea.png") && text.contains("camera.png"),
+        "{text}"
+    );
+    // Sorted order: camera, chelsea, empty, not_an_image, truncated; NaN rows for the failures.
+    let logits: Array2<f32> = ndarray_npy::read_npy(&dump).unwrap();
+    assert_eq!(logits.dim(), (5, 1000));
+    let finite: Vec<bool> = logits
+        .rows()
+        .into_iter()
+        .map(|r| r.iter().all(|v| v.is_finite()))
+        .collect();
+    assert_eq!(finite, [true, true, false, false, false]);
+}
+
+#[test]
+fn bad_weights_stop_with_the_error_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
+    let missing = dir.path().join("missing.safetensors");
+    for path in [&garbage, &missing] {
+        let out = infer(&[
+            "--device",
+            "cpu",
+            "--weights",
+            path_str(path),
+            "--iterations",
+            "1",
+        ]);
+        assert_no_panic(&out);
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("error: ") && err.contains(path_str(path)),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
+    let out = infer(&["--device", "cuda", "--batch", "1", "--iterations", "1"]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("device unavailable"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = infer(&[
+        "--batch",
+        "1",
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("running on the CPU"),
+        "one-line notice: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn json_report_has_the_documented_keys() {
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--iterations",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    for key in [
+        "device",
+        "precision",
+        "batch",
+        "iterations",
+        "throughput_img_per_s",
+    ] {
+        assert!(!v[key].is_null(), "missing {key}: {v}");
+    }
+    assert_eq!(v["batch"], 2);
+    assert_eq!(v["iterations"], 2);
+    for key in ["min", "mean", "p50", "p90", "p99", "max"] {
+        assert!(
+            v["latency_ms"][key].as_f64().unwrap() > 0.0,
+            "latency_ms.{key}: {v}"
+        );
+    }
+    assert!(v["throughput_img_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn usage_errors_are_rejected() {
+    for args in [
+        &["--batch", "0"][..],
+        &["--top", "0", "--iterations", "1"],
+        &["--top", "1001", "--iterations", "1"],
+        &["--precision", "fp8"],
+    ] {
+        let out = infer(args);
+        assert_no_panic(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!stderr(&out).is_empty());
+    }
+}
+
+/// The whole CLI path (weights file, decoding, resize, crop, normalise, model, dump) against
+/// PyTorch's logits for the photos.
+#[test]
+fn dumped_logits_match_pytorch_on_photos() {
+    let reference = pytorch_reference();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, dtype) in [
+        ("torchvision", StorageDtype::F32),
+        ("paper", StorageDtype::F32),
+    ] {
+        let config = AlexNetConfig::preset(name).unwrap();
+        let weights_path = dir.path().join(format!("{name}.safetensors"));
+        formula_weights(&config).save(&weights_path, dtype).unwrap();
+        let dump = dir.path().join(format!("{name}.npy"));
+        let photos = ["chelsea.png", "coffee.png", "rocket.jpg"];
+        let photo_paths: Vec<String> = photos
+            .iter()
+            .map(|p| path_str(&data_path(&format!("images/{p}"))).to_string())
+            .collect();
+        let mut args = vec![
+            "--device",
+            "cpu",
+            "--weights",
+            path_str(&weights_path),
+            "--dump-logits",
+            path_str(&dump),
+            "--batch",
+            "2",
+            "--images",
+        ];
+        args.extend(photo_paths.iter().map(String::as_str));
+        let out = infer(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let logits: Array2<f32> = ndarray_npy::read_npy(&dump).unwrap();
+        assert_eq!(logits.dim(), (3, 1000));
+        for (row, photo) in photos.iter().enumerate() {
+            let want = json_f64s(&reference["presets"][name]["photos"][photo]["logits"]);
+            let err = rel_max_error(logits.row(row).as_slice().unwrap(), &want);
+            assert!(err < 2e-2, "{name} {photo}: {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = data_path("images/coffee.png");
+    let run = |seed: &str, file: &str| -> Array2<f32> {
+        let dump = dir.path().join(file);
+        let out = infer(&[
+            "--device",
+            "cpu",
+            "--seed",
+            seed,
+            "--images",
+            path_str(&image),
+            "--dump-logits",
+            path_str(&dump),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        ndarray_npy::read_npy(&dump).unwrap()
+    };
+    let a = run("7", "a.npy");
+    let b = run("7", "b.npy");
+    let c = run("8", "c.npy");
+    assert_eq!(a, b, "same seed, same logits");
+    assert_ne!(a, c, "another seed, other weights");
+}
