@@ -54,9 +54,7 @@ impl Lrn {
                         }
                     }
                     let centre = &image_src[channel * plane..(channel + 1) * plane];
-                    for (d, &a) in dst.iter_mut().zip(centre) {
-                        *d = a / pow_beta(k + alpha * *d, beta);
-                    }
+                    normalise(dst, centre, k, alpha, beta);
                 });
         }
         Array4::from_shape_vec((n, c, h, w), out)
@@ -64,14 +62,19 @@ impl Lrn {
     }
 }
 
-/// `x^beta`, with the paper's beta = 0.75 as two square roots (several times faster than `powf`
-/// and as accurate).
-#[inline]
-fn pow_beta(x: f32, beta: f32) -> f32 {
+/// `dst[p] = centre[p] / (k + alpha * dst[p])^beta`, where `dst` holds the window's sums of
+/// squares. The paper's beta = 0.75 is computed as two square roots: several times faster than
+/// `powf`, vectorisable, and as accurate. The branch sits outside the loops so each loop stays
+/// branch-free.
+fn normalise(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
     if beta == 0.75 {
-        let s = x.sqrt();
-        s * s.sqrt()
+        for (d, &a) in dst.iter_mut().zip(centre) {
+            let s = (k + alpha * *d).sqrt();
+            *d = a / (s * s.sqrt());
+        }
     } else {
-        x.powf(beta)
+        for (d, &a) in dst.iter_mut().zip(centre) {
+            *d = a / (k + alpha * *d).powf(beta);
+        }
     }
 }

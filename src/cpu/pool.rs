@@ -57,13 +57,15 @@ impl MaxPool2d {
     }
 
     fn pool_plane(&self, plane: &[f32], width: usize, dst: &mut [f32], out_width: usize) {
+        let (k, s) = (self.kernel, self.stride);
         for (oy, out_row) in dst.chunks_exact_mut(out_width).enumerate() {
             out_row.fill(f32::NEG_INFINITY);
-            for ky in 0..self.kernel {
-                let row = &plane[(oy * self.stride + ky) * width..][..width];
-                let windows = row.windows(self.kernel).step_by(self.stride);
-                for (d, window) in out_row.iter_mut().zip(windows) {
-                    *d = window.iter().fold(*d, |m, &v| nan_max(m, v));
+            for ky in 0..k {
+                let row = &plane[(oy * s + ky) * width..][..width];
+                for (ox, d) in out_row.iter_mut().enumerate() {
+                    *d = row[ox * s..ox * s + k]
+                        .iter()
+                        .fold(*d, |m, &v| nan_max(m, v));
                 }
             }
         }
