@@ -218,12 +218,18 @@ fn copy_row(src: &[f32], dst: &mut [f32], offset: isize, stride: usize) {
         dst[last..].fill(0.0);
         return;
     }
-    for (ox, d) in dst.iter_mut().enumerate() {
-        let x = ox as isize * stride as isize + offset;
-        *d = if x >= 0 && x < width {
-            src[x as usize]
-        } else {
-            0.0
-        };
+    // Strided: the output columns whose source lies inside the row form one range [lo, hi).
+    let stride = stride as isize;
+    let lo = ((-offset + stride - 1).max(0) / stride).min(dst.len() as isize) as usize;
+    let hi = ((width - offset + stride - 1).max(0) / stride).clamp(lo as isize, dst.len() as isize)
+        as usize;
+    dst[..lo].fill(0.0);
+    dst[hi..].fill(0.0);
+    let start = (lo as isize * stride + offset) as usize;
+    for (d, s) in dst[lo..hi]
+        .iter_mut()
+        .zip(src[start..].iter().step_by(stride as usize))
+    {
+        *d = *s;
     }
 }

@@ -1,6 +1,7 @@
 //! Fully connected layer: `y = x W^T + b`, one threaded GEMM over the whole batch.
 
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{s, Array1, Array2, ArrayView2};
+use rayon::prelude::*;
 
 use super::gemm::{gemm_accumulate, MatRef, Threads};
 use crate::error::{Error, Result};
@@ -13,6 +14,9 @@ pub struct Linear {
     in_features: usize,
     out_features: usize,
 }
+
+/// Output features per task in [`Linear::forward`].
+const OUTPUT_BLOCK: usize = 256;
 
 impl Linear {
     pub fn new(weight: ArrayView2<'_, f32>, bias: &Array1<f32>) -> Result<Self> {
@@ -61,18 +65,42 @@ impl Linear {
         }
         let input = input.as_standard_layout();
         let x = input.as_slice().unwrap_or(&[]);
-        let mut out = Array2::from_shape_fn((n, self.out_features), |(_, o)| self.bias[o]);
-        if let Some(dst) = out.as_slice_mut() {
-            gemm_accumulate(
-                dst,
-                MatRef::row_major(x, n, self.in_features),
-                MatRef::transposed(&self.weight, self.in_features, self.out_features),
-                Threads::All,
+        let mut out = Array2::zeros((n, self.out_features));
+        // One task per block of output features, each a single-threaded GEMM over its slice of
+        // the weight: for small batches this streams the weight from memory once, across both
+        // cores, and measured faster than one GEMM threaded internally (fc1 at batch 16: 32 ms
+        // against 37 ms; fc3: 2.6 ms against 8 ms).
+        let blocks: Vec<(usize, Vec<f32>)> = (0..self.out_features)
+            .step_by(OUTPUT_BLOCK)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|first| (first, self.block(x, n, first)))
+            .collect();
+        for (first, block) in blocks {
+            let width = block.len() / n.max(1);
+            out.slice_mut(s![.., first..first + width]).assign(
+                &ArrayView2::from_shape((n, width), &block)
+                    .map_err(|e| Error::invalid("Linear block", e.to_string()))?,
             );
         }
         if relu {
             out.mapv_inplace(|v| v.max(0.0));
         }
         Ok(out)
+    }
+
+    /// `bias + x[n, in] * W[first..first + width, :]^T` as a row-major `[n, width]` buffer.
+    fn block(&self, x: &[f32], n: usize, first: usize) -> Vec<f32> {
+        let width = OUTPUT_BLOCK.min(self.out_features - first);
+        let bias = &self.bias[first..first + width];
+        let mut block: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
+        let rows = &self.weight[first * self.in_features..(first + width) * self.in_features];
+        gemm_accumulate(
+            &mut block,
+            MatRef::row_major(x, n, self.in_features),
+            MatRef::transposed(rows, self.in_features, width),
+            Threads::One,
+        );
+        block
     }
 }
