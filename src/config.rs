@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 
 /// Inter-channel local response normalisation, in the paper's convention:
 /// `b_c = a_c / (k + alpha * sum_{j in window(c)} a_j^2)^beta`, the window holding `size` channels
-/// centred on `c` and clipped at the edges.
+/// centred on `c` (`size/2` before, `(size-1)/2` after, as PyTorch) and clipped at the edges.
 ///
 /// PyTorch's `nn.LocalResponseNorm` (and Caffe) divide `alpha` by `size`; the same layer there is
 /// `LocalResponseNorm(size, alpha = alpha * size, beta, k)` (see [`LrnParams::pytorch_alpha`]).
@@ -132,7 +132,8 @@ pub struct LayerRow {
 
 impl LayerRow {
     pub fn params(&self) -> usize {
-        self.weights + self.biases
+        // `layers()` checked that `weights` fits; saturate rather than wrap on the bias.
+        self.weights.saturating_add(self.biases)
     }
 }
 
@@ -242,7 +243,7 @@ impl AlexNetConfig {
                 .ok_or_else(|| too_small(format!("conv{n}"), h, w))?;
             w = conv_out(w, conv.kernel, conv.stride, conv.padding)
                 .ok_or_else(|| too_small(format!("conv{n}"), h, w))?;
-            let weights = conv.out_channels * c * conv.kernel * conv.kernel;
+            let weights = checked_product(&[conv.out_channels, c, conv.kernel, conv.kernel])?;
             c = conv.out_channels;
             rows.push(LayerRow {
                 name: format!("Conv{n}"),
@@ -279,7 +280,7 @@ impl AlexNetConfig {
                 });
             }
         }
-        let mut features = c * h * w;
+        let mut features = checked_product(&[c, h, w])?;
         for (i, fc) in self.fcs.iter().enumerate() {
             if fc.out_features == 0 {
                 return Err(Error::invalid("config", format!("fc{}: zero width", i + 1)));
@@ -297,7 +298,7 @@ impl AlexNetConfig {
                 kind: LayerKind::Linear,
                 output: vec![fc.out_features],
                 filter: None,
-                weights: fc.out_features * features,
+                weights: checked_product(&[fc.out_features, features])?,
                 biases: fc.out_features,
             });
             features = fc.out_features;
@@ -307,7 +308,10 @@ impl AlexNetConfig {
 
     /// Total number of learnable parameters.
     pub fn param_count(&self) -> Result<usize> {
-        Ok(self.layers()?.iter().map(LayerRow::params).sum())
+        self.layers()?
+            .iter()
+            .try_fold(0usize, |total, row| total.checked_add(row.params()))
+            .ok_or_else(|| Error::invalid("config", "parameter count overflows usize"))
     }
 
     /// Input features of the first linear layer (the flattened output of the last conv stage).
@@ -349,27 +353,32 @@ impl AlexNetConfig {
     /// Floating-point operations (2 x multiply-adds) of the convolutions and linear layers for one
     /// image: the figure achieved TFLOP/s is computed from.
     pub fn flops_per_image(&self) -> Result<u64> {
-        let mut in_channels = self.input.channels;
-        let mut total = 0u64;
+        // u128: spatial size x weights can exceed u64 for absurd configs; that is an error.
+        let mut total = 0u128;
         for row in self.layers()? {
             match row.kind {
                 LayerKind::Conv => {
-                    let k = row.filter.unwrap_or(1);
-                    let out: usize = row.output.iter().product();
-                    total += 2 * (out * in_channels * k * k) as u64;
-                    in_channels = row.output[0];
+                    let positions: usize = row.output[1..].iter().product();
+                    total += 2 * row.weights as u128 * positions as u128;
                 }
-                LayerKind::Linear => total += 2 * row.weights as u64,
+                LayerKind::Linear => total += 2 * row.weights as u128,
                 LayerKind::Pool => {}
             }
         }
-        Ok(total)
+        u64::try_from(total).map_err(|_| Error::invalid("config", "FLOP count overflows u64"))
     }
 
     /// The summary table as text, in the seed's format.
     pub fn summary(&self) -> Result<String> {
         Ok(SummaryTable(self.layers()?).to_string())
     }
+}
+
+/// The product of `dims`, or an error where it overflows (sizes can come from a weights file).
+fn checked_product(dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d))
+        .ok_or_else(|| Error::invalid("config", format!("size {dims:?} overflows usize")))
 }
 
 /// Output length of a sliding window (floor mode); `None` when the window does not fit.

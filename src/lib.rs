@@ -40,6 +40,11 @@
 //! - fp16 on the CPU rounds weights, the input and every layer's output to f16 while computing
 //!   in f32 (the same contract as f16 storage with f32 accumulation on a GPU).
 
+/// Compiles the README's Rust examples as doc tests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod backend;
 pub mod classify;
 pub mod config;

@@ -138,11 +138,12 @@ fn conv_rejects_bad_shapes() {
 }
 
 fn naive_lrn(x: &Array4<f32>, p: LrnParams) -> Array4<f64> {
+    // PyTorch's window: n/2 channels before, (n-1)/2 after (symmetric for odd n).
     let c = x.dim().1 as isize;
-    let half = (p.size / 2) as isize;
+    let (before, after) = ((p.size / 2) as isize, ((p.size - 1) / 2) as isize);
     Array4::from_shape_fn(x.dim(), |(n, ch, y, xx)| {
         let mut s = 0.0f64;
-        for j in (ch as isize - half).max(0)..=(ch as isize + half).min(c - 1) {
+        for j in (ch as isize - before).max(0)..=(ch as isize + after).min(c - 1) {
             let a = x[[n, j as usize, y, xx]] as f64;
             s += a * a;
         }
@@ -160,6 +161,19 @@ fn lrn_matches_formula_including_channel_edges() {
         &naive_lrn(&x, LrnParams::PAPER),
         1e-5,
         "paper LRN",
+    );
+    // An even window is asymmetric: this checks which side gets the extra channel.
+    let even = LrnParams {
+        size: 4,
+        k: 1.0,
+        alpha: 1e-3,
+        beta: 0.75,
+    };
+    assert_close(
+        &Lrn::new(even).unwrap().forward(x.view()).unwrap(),
+        &naive_lrn(&x, even),
+        1e-5,
+        "even LRN",
     );
     let other = LrnParams {
         size: 3,

@@ -1018,3 +1018,32 @@ fn save_into_missing_directory_is_an_io_error() {
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     assert_mentions(&err, &path, None);
 }
+
+/// A zero-element tensor can claim an absurd width without holding any data; the size
+/// arithmetic must turn that into an error, not an overflow.
+#[test]
+fn absurd_zero_element_widths_are_errors_not_overflows() {
+    let huge = 1usize << 62;
+    let shapes: Vec<(String, Vec<usize>)> = AlexNetConfig::paper()
+        .parameter_shapes()
+        .unwrap()
+        .into_iter()
+        .map(|(name, shape)| match name.as_str() {
+            "fc1.weight" => (name, vec![huge, 0]),
+            "fc1.bias" => (name, vec![0]),
+            "fc2.weight" => (name, vec![4096, 0]),
+            _ => (name, shape),
+        })
+        .collect();
+    let borrowed: Vec<(&str, &[usize])> = shapes
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let bytes = preset_file(&borrowed, |_, _| 0.5);
+    let origin = Path::new("absurd.safetensors");
+    let err = Weights::from_safetensors_bytes(&bytes, origin, None).unwrap_err();
+    assert!(
+        err.to_string().contains("absurd.safetensors") || matches!(err, Error::Invalid { .. }),
+        "{err}"
+    );
+}

@@ -183,6 +183,12 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
         benchmark(args, backend.as_mut(), &weights, plan)?;
         Ok(ExitCode::SUCCESS)
     } else {
+        if args.weights.is_none() {
+            eprintln!(
+                "note: no --weights given: the paper's random initialisation (seed {}) makes the labels meaningless",
+                args.seed
+            );
+        }
         classify(args, backend.as_mut(), batch)
     }
 }

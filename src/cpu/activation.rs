@@ -4,9 +4,19 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMutD, Axis, Zip};
 
 use crate::error::{Error, Result};
 
+/// `max(x, 0)` for one value; NaN stays NaN (as in PyTorch), where `f32::max` would hide it.
+#[inline]
+pub(crate) fn relu(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
 /// `max(x, 0)` in place, on any shape. NaN stays NaN (as in PyTorch).
 pub fn relu_inplace(mut x: ArrayViewMutD<'_, f32>) {
-    x.par_mapv_inplace(|v| if v < 0.0 { 0.0 } else { v });
+    x.par_mapv_inplace(relu);
 }
 
 /// Row-wise softmax of `[N, classes]` logits, computed stably (max subtracted) in f32.

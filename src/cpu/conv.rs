@@ -3,6 +3,7 @@
 use ndarray::{Array1, Array4, ArrayView4};
 use rayon::prelude::*;
 
+use super::activation;
 use super::gemm::{gemm_accumulate, MatRef, Threads};
 use crate::error::{Error, Result};
 
@@ -100,6 +101,13 @@ impl Conv2d {
                 found: input.shape().to_vec(),
             });
         }
+        if c * h * w == 0 {
+            return Err(Error::Shape {
+                op: "Conv2d",
+                expected: "non-empty images [N, C > 0, H > 0, W > 0]".into(),
+                found: input.shape().to_vec(),
+            });
+        }
         let (oh, ow) = self.output_size(h, w)?;
         let input = input.as_standard_layout();
         let input = input.as_slice().unwrap_or(&[]);
@@ -125,7 +133,7 @@ impl Conv2d {
             im2col(&geometry, image, col);
             self.gemm_image(col, out, oh * ow, threads);
             if relu {
-                out.iter_mut().for_each(|v| *v = v.max(0.0));
+                out.iter_mut().for_each(|v| *v = activation::relu(*v));
             }
         };
         if n >= rayon::current_num_threads() {

@@ -3,6 +3,7 @@
 use ndarray::{s, Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
+use super::activation;
 use super::gemm::{gemm_accumulate, MatRef, Threads};
 use crate::error::{Error, Result};
 
@@ -84,7 +85,7 @@ impl Linear {
             );
         }
         if relu {
-            out.mapv_inplace(|v| v.max(0.0));
+            out.mapv_inplace(activation::relu);
         }
         Ok(out)
     }

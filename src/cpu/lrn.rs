@@ -6,8 +6,9 @@ use rayon::prelude::*;
 use crate::config::LrnParams;
 use crate::error::{Error, Result};
 
-/// `b_c = a_c / (k + alpha * sum_{j=max(0,c-n/2)}^{min(C-1,c+n/2)} a_j^2)^beta`, alpha **not**
-/// divided by n (PyTorch: `LocalResponseNorm(n, alpha * n, beta, k)`).
+/// `b_c = a_c / (k + alpha * sum_{j=max(0,c-n/2)}^{min(C-1,c+(n-1)/2)} a_j^2)^beta` (integer
+/// halves; symmetric for odd n, and PyTorch's window for even n), alpha **not** divided by n
+/// (PyTorch: `LocalResponseNorm(n, alpha * n, beta, k)`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Lrn {
     pub params: LrnParams,
@@ -35,9 +36,9 @@ impl Lrn {
                 alpha,
                 beta,
             } = self.params;
-            // Window [c - (n-1)/2, c + n/2]: symmetric for the paper's odd n (PyTorch's rule).
-            let before = (size - 1) / 2;
-            let after = size / 2;
+            // Window [c - n/2, c + (n-1)/2]: PyTorch's rule, symmetric for the paper's odd n.
+            let before = size / 2;
+            let after = (size - 1) / 2;
             out.par_chunks_exact_mut(plane)
                 .enumerate()
                 .for_each(|(index, dst)| {
