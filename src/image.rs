@@ -774,12 +774,16 @@ impl U8Batch {
 /// Expands command-line inputs into image paths: a file is kept as given (hidden or not, any
 /// extension), a directory is replaced by its regular files (symlinks followed), not recursive,
 /// hidden ones (name starting with `.`) skipped, sorted by file name (byte order). Inputs keep
-/// their order. A path that does not exist or cannot be read is an [`Error::Io`] naming it.
+/// their order. A path that is not a readable directory is kept as a file, so that a missing or
+/// unreadable image is reported by decoding (with its path) while the other inputs still run; a
+/// directory whose listing fails is an [`Error::Io`] naming it.
 pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
-        let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
-        if !meta.is_dir() {
+        // Anything that is not a readable directory is taken as an image file: if it is
+        // missing or unreadable, decoding reports it with its path and the others still run.
+        let is_dir = std::fs::metadata(input).is_ok_and(|m| m.is_dir());
+        if !is_dir {
             out.push(input.clone());
             continue;
         }

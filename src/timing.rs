@@ -80,8 +80,11 @@ pub fn time_forward(
             "batch and iterations must be at least 1",
         ));
     }
+    let total = plan
+        .warmup
+        .checked_add(plan.iterations)
+        .ok_or_else(|| Error::invalid("timing plan", "warm-up + iterations overflows"))?;
     let batch = synthetic_batch(plan.batch, input, plan.seed);
-    let total = plan.warmup + plan.iterations;
     let mut times = Vec::with_capacity(plan.iterations);
     for i in 0..total {
         let start = Instant::now();

@@ -170,9 +170,13 @@ fn json_report_has_the_documented_keys() {
     for key in [
         "device",
         "precision",
+        "config",
         "batch",
+        "warmup",
         "iterations",
         "throughput_img_per_s",
+        "gflop_per_image",
+        "achieved_tflops",
     ] {
         assert!(!v[key].is_null(), "missing {key}: {v}");
     }
@@ -188,18 +192,67 @@ fn json_report_has_the_documented_keys() {
 }
 
 #[test]
-fn usage_errors_are_rejected() {
-    for args in [
-        &["--batch", "0"][..],
+fn usage_errors_exit_with_code_2() {
+    let image = data_path("images/coffee.png");
+    let cases: [&[&str]; 7] = [
+        &["--batch", "0"],
         &["--top", "0", "--iterations", "1"],
         &["--top", "1001", "--iterations", "1"],
         &["--precision", "fp8"],
-    ] {
+        &["--dump-logits", "x.npy"], // nothing to dump without --images
+        &["--images", path_str(&image), "--iterations", "3"], // timing flags do not apply
+        &["--summary", "--json"],
+    ];
+    for args in cases {
         let out = infer(args);
         assert_no_panic(&out);
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(!stderr(&out).is_empty());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("error"), "{args:?}: {}", stderr(&out));
     }
+}
+
+#[test]
+fn a_missing_image_is_reported_and_the_rest_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.jpg");
+    let good = data_path("images/coffee.png");
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--images",
+        path_str(&missing),
+        path_str(&good),
+    ]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(path_str(&missing)),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("coffee.png"), "{}", stdout(&out));
+}
+
+#[test]
+fn an_unwritable_dump_path_fails_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("no/such/dir/out.npy");
+    let image = data_path("images/coffee.png");
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--images",
+        path_str(&image),
+        "--dump-logits",
+        path_str(&dump),
+    ]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(path_str(&dump)), "{}", stderr(&out));
+    assert!(
+        !stdout(&out).contains("coffee.png"),
+        "no classification before the error"
+    );
 }
 
 /// The whole CLI path (weights file, decoding, resize, crop, normalise, model, dump) against

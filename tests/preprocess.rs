@@ -681,15 +681,21 @@ fn collect_image_paths_sorted_skips_hidden_and_dirs() {
 }
 
 #[test]
-fn collect_image_paths_missing_is_io_error() {
+fn collect_image_paths_keeps_missing_files_for_per_image_reporting() {
     let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("nope");
-    match collect_image_paths(&[dir.path().to_path_buf(), missing.clone()]) {
-        Err(Error::Io { path, source }) => {
-            assert_eq!(path, missing);
+    let missing = dir.path().join("nope.jpg");
+    // A missing file is kept in place so that decoding reports it and the others still run.
+    assert_eq!(
+        collect_image_paths(std::slice::from_ref(&missing)).unwrap(),
+        vec![missing.clone()]
+    );
+    let loaded = load_batch(std::slice::from_ref(&missing), &Preprocess::default());
+    match &loaded.failures[..] {
+        [(0, Error::Io { path, source })] => {
+            assert_eq!(path, &missing);
             assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
         }
-        other => panic!("expected Io, got {other:?}"),
+        other => panic!("expected one Io failure, got {other:?}"),
     }
     assert_eq!(
         collect_image_paths(&[dir.path().to_path_buf()]).unwrap(),

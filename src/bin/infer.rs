@@ -12,7 +12,7 @@ use alexnet_cuda::image::{collect_image_paths, Preprocess};
 use alexnet_cuda::labels::class_name;
 use alexnet_cuda::timing::{time_forward, LatencyStats, TimingPlan};
 use alexnet_cuda::{open_backend, AlexNetConfig, Backend, DeviceChoice, Error, Precision, Weights};
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::Array2;
 use serde_json::json;
@@ -28,8 +28,8 @@ const EXIT_FATAL: u8 = 1;
     about = "AlexNet inference: classify images or time synthetic batches"
 )]
 struct Args {
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    /// Images per forward pass (at most 1024, which already needs ~10 GiB on the CPU).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     batch: u64,
     /// Numeric mode.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
@@ -45,31 +45,31 @@ struct Args {
     /// initialisation from --seed.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Seed for the initialisation and the synthetic batches.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seed for the initialisation (without --weights) and the synthetic batches [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Image files or directories (directory entries in sorted name order). Without it, time
     /// synthetic batches.
     #[arg(long, num_args = 1..)]
     images: Vec<PathBuf>,
-    /// Timed batches (default: 10 on the CPU).
-    #[arg(long)]
-    iterations: Option<usize>,
-    /// Untimed batches before timing (default: 2 on the CPU).
-    #[arg(long)]
-    warmup: Option<usize>,
-    /// Labels printed per image.
-    #[arg(long, default_value_t = 5)]
-    top: usize,
+    /// Timed batches, synthetic mode only [default: 10 on the CPU].
+    #[arg(long, conflicts_with = "images", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    iterations: Option<u64>,
+    /// Untimed batches before timing, synthetic mode only [default: 2 on the CPU].
+    #[arg(long, conflicts_with = "images", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    warmup: Option<u64>,
+    /// Labels printed per image (at most the number of classes).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    top: u64,
     /// Print one JSON object instead of text (no progress bar).
     #[arg(long)]
     json: bool,
     /// Write the logits as float32 [N, classes] .npy, one row per input image in order (NaN rows
     /// for images that failed).
-    #[arg(long, value_name = "FILE.npy")]
+    #[arg(long, value_name = "FILE.npy", requires = "images")]
     dump_logits: Option<PathBuf>,
     /// Print the layer table (shapes and parameter counts) and exit.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["images", "json", "dump_logits"])]
     summary: bool,
 }
 
@@ -120,6 +120,13 @@ impl ConfigArg {
     }
 }
 
+/// Reports a bad argument the way clap does (usage line, exit code 2) and exits.
+fn usage_error(message: String) -> ! {
+    Args::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -153,18 +160,15 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
         Some(path) => Weights::load(path, explicit_config.as_ref())?,
         None => {
             let config = explicit_config.unwrap_or_else(AlexNetConfig::paper);
-            Weights::paper_init(&config, args.seed)?
+            Weights::paper_init(&config, args.seed.unwrap_or(0))?
         }
     };
-    if args.top == 0 || args.top > weights.config().num_classes() {
-        return Err(Error::Invalid {
-            what: "--top",
-            message: format!(
-                "{} (the model has {} classes)",
-                args.top,
-                weights.config().num_classes()
-            ),
-        });
+    let classes = weights.config().num_classes();
+    if args.top as usize > classes {
+        usage_error(format!(
+            "--top {} is more than the model's {classes} classes",
+            args.top
+        ));
     }
     let opened = open_backend(&weights, args.device.into(), args.precision.into())?;
     if let Some(notice) = &opened.notice {
@@ -176,18 +180,22 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
     if args.images.is_empty() {
         let plan = TimingPlan {
             batch,
-            warmup: args.warmup.unwrap_or(2),
-            iterations: args.iterations.unwrap_or(10),
-            seed: args.seed,
+            warmup: args.warmup.unwrap_or(2) as usize,
+            iterations: args.iterations.unwrap_or(10) as usize,
+            seed: args.seed.unwrap_or(0),
         };
         benchmark(args, backend.as_mut(), &weights, plan)?;
         Ok(ExitCode::SUCCESS)
     } else {
-        if args.weights.is_none() {
-            eprintln!(
+        match (&args.weights, args.seed) {
+            (None, seed) => eprintln!(
                 "note: no --weights given: the paper's random initialisation (seed {}) makes the labels meaningless",
-                args.seed
-            );
+                seed.unwrap_or(0)
+            ),
+            (Some(_), Some(_)) => {
+                eprintln!("note: --seed has no effect when classifying images with --weights")
+            }
+            (Some(_), None) => {}
         }
         classify(args, backend.as_mut(), batch)
     }
@@ -280,6 +288,13 @@ fn backend_classes(backend: &dyn Backend) -> usize {
 
 fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<ExitCode, Error> {
     let paths = collect_image_paths(&args.images)?;
+    // Fail on an unwritable output before the run, not after it.
+    if let Some(path) = &args.dump_logits {
+        std::fs::File::create(path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
     if paths.is_empty() {
         return Err(Error::Invalid {
             what: "--images",
@@ -298,7 +313,7 @@ fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<Exit
         &paths,
         batch,
         &pre,
-        args.top,
+        args.top as usize,
         |event| match event {
             ClassifyEvent::Classified(c) => {
                 logits
