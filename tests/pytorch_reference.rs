@@ -45,6 +45,32 @@ fn torchvision_logits_match_pytorch_float64() {
     check_logits("torchvision");
 }
 
+/// fp16 mode (f16 storage, f32 accumulation) stays within the fp16 tolerance of PyTorch float64
+/// and keeps the top-1 class.
+#[test]
+fn fp16_logits_within_fp16_tolerance() {
+    let reference = pytorch_reference();
+    for name in ["paper", "torchvision"] {
+        let model = CpuModel::new(&formula_weights(&preset(name)), Precision::Fp16).unwrap();
+        let logits = model.forward(synthetic_input().view()).unwrap();
+        for image in 0..2 {
+            let want = json_f64s(&reference["presets"][name]["logits"][image]);
+            let got = logits.row(image).to_vec();
+            let err = rel_max_error(&got, &want);
+            println!("{name} fp16 image {image}: relative error {err:.3e}");
+            assert!(err <= 1e-2, "{name} fp16 image {image}: {err:.3e}");
+            assert!(err > 0.0, "fp16 mode must actually round");
+            let argmax = |v: &[f64]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+            let got64: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+            assert_eq!(
+                argmax(&got64),
+                argmax(&want),
+                "{name} fp16 image {image}: top-1"
+            );
+        }
+    }
+}
+
 /// Every stage's max |x| and sum for image 0 against PyTorch, so a failure names the layer.
 #[test]
 fn paper_stages_match_pytorch_float64() {
