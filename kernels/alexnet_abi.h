@@ -1,0 +1,140 @@
+/*
+ * alexnet_abi.h — the one ABI between the CUDA kernels (kernels/*.cu) and Rust.
+ *
+ * Plain C, no CUDA headers: bindgen turns this file into src/cuda/abi.rs (committed; the test
+ * tests/abi_bindgen.rs regenerates it and fails on any difference), so the parameter structs and
+ * constants cannot drift between the two sides. Every kernel takes its sizes in one struct
+ * passed by value: no host-to-device copy of shapes per launch.
+ *
+ * Conventions:
+ *  - f16 tensors are stored as `unsigned short` (IEEE binary16 bits) on the device; the kernels
+ *    convert with inline PTX (kernels/alexnet_half.cuh) so that neither nvcc nor NVRTC needs
+ *    cuda_fp16.h.
+ *  - Kernel names carry a dtype suffix: `_f32` (float storage) or `_f16` (binary16 storage, f32
+ *    arithmetic). Both variants of a family take the same parameter struct.
+ *  - `layout` fields take ALEXNET_LAYOUT_NCHW or ALEXNET_LAYOUT_NHWC.
+ */
+#ifndef ALEXNET_ABI_H
+#define ALEXNET_ABI_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Threads per block of the 1-D element-wise kernels. */
+#define ALEXNET_BLOCK_1D 256
+/* Threads per block of softmax_topk (one block per row). */
+#define ALEXNET_SOFTMAX_BLOCK 256
+/* Largest k softmax_topk returns. */
+#define ALEXNET_TOPK_MAX 32
+
+#define ALEXNET_LAYOUT_NCHW 0
+#define ALEXNET_LAYOUT_NHWC 1
+
+/* Shape of a 4-D activation tensor; the memory order is given by `layout`. */
+typedef struct AlexnetTensorShape {
+    unsigned int n;
+    unsigned int c;
+    unsigned int h;
+    unsigned int w;
+    unsigned int layout;
+} AlexnetTensorShape;
+
+/*
+ * prepare_input_{f32,f16}(const unsigned char *src, T *dst, AlexnetPrepareParams p)
+ * src: n images, each height x width x 3 bytes (HWC, RGB), contiguous.
+ * dst: normalised (x / 255 - mean[c]) / std[c] in `out` (out.c >= 3; channels 3..out.c-1 are
+ * written as zeros, e.g. 8 channels so fp16 NHWC convolutions can use tensor cores).
+ * One thread per output element (out.n * out.c * out.h * out.w).
+ */
+typedef struct AlexnetPrepareParams {
+    AlexnetTensorShape out;
+    float mean[3];
+    float std[3];
+} AlexnetPrepareParams;
+
+/*
+ * bias_act_{f32,f16}(T *x, const T *bias, AlexnetBiasActParams p)
+ * In place: x += bias[channel]; then ReLU if `relu` != 0 (NaN stays NaN).
+ * `channels` is the bias length; `inner` is the number of consecutive elements that share one
+ * channel (h * w for NCHW activations, 1 for NHWC and for [rows, features] matrices).
+ * One thread per element (`len`).
+ */
+typedef struct AlexnetBiasActParams {
+    unsigned long long len;
+    unsigned int channels;
+    unsigned int inner;
+    unsigned int relu;
+} AlexnetBiasActParams;
+
+/*
+ * lrn_{f32,f16}(const T *src, T *dst, AlexnetLrnParams p)
+ * The paper's inter-channel LRN: dst_c = a_c / (k + alpha * sum_{j=c-size/2}^{c+(size-1)/2} a_j^2)^beta,
+ * window clipped at the channel edges, alpha NOT divided by size. If `relu_first` != 0, every a
+ * is max(src, 0) (the ReLU before the LRN fused in; NaN stays NaN). src and dst must not overlap.
+ * One thread per element of `shape`.
+ */
+typedef struct AlexnetLrnParams {
+    AlexnetTensorShape shape;
+    unsigned int size;
+    float k;
+    float alpha;
+    float beta;
+    unsigned int relu_first;
+} AlexnetLrnParams;
+
+/*
+ * maxpool_{f32,f16}(const T *src, T *dst, AlexnetPoolParams p)
+ * Max over kernel x kernel windows with `stride`, no padding, floor mode; NaN propagates.
+ * `in` and `out` share n, c and layout. One thread per output element.
+ */
+typedef struct AlexnetPoolParams {
+    AlexnetTensorShape in;
+    unsigned int out_h;
+    unsigned int out_w;
+    unsigned int kernel;
+    unsigned int stride;
+} AlexnetPoolParams;
+
+/*
+ * dropout_{f32,f16}(T *x, AlexnetDropoutParams p)
+ * In place, training mode: element i is kept when draw(seed, i) >= threshold (threshold = p * 2^32)
+ * and multiplied by `scale` (1/(1-p) inverted, 1 classic), else set to 0. draw() is the same
+ * counter-based hash as the CPU's `cpu::keep_draw`, so both draw the same mask from a seed.
+ */
+typedef struct AlexnetDropoutParams {
+    unsigned long long len;
+    unsigned long long seed;
+    unsigned int threshold;
+    float scale;
+} AlexnetDropoutParams;
+
+/*
+ * softmax_topk_{f32,f16}(const T *logits, float *probs, unsigned int *top_class,
+ *                        float *top_prob, AlexnetSoftmaxParams p)
+ * One block of ALEXNET_SOFTMAX_BLOCK threads per row of `classes` logits. Writes the row's
+ * softmax (f32) to probs (skipped when `write_probs` == 0; probs may then be null) and the k
+ * most probable classes, most probable first, ties to the lower index, to
+ * top_class[row * k .. row * k + k] and top_prob[...]. 1 <= k <= ALEXNET_TOPK_MAX.
+ */
+typedef struct AlexnetSoftmaxParams {
+    unsigned int rows;
+    unsigned int classes;
+    unsigned int k;
+    unsigned int write_probs;
+} AlexnetSoftmaxParams;
+
+/*
+ * convert_f32_to_f16(const float *src, unsigned short *dst, AlexnetConvertParams p)
+ * convert_f16_to_f32(const unsigned short *src, float *dst, AlexnetConvertParams p)
+ * Round-to-nearest-even; one thread per element.
+ */
+typedef struct AlexnetConvertParams {
+    unsigned long long len;
+} AlexnetConvertParams;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ALEXNET_ABI_H */

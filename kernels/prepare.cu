@@ -1,0 +1,54 @@
+/*
+ * prepare.cu — u8 HWC images -> the network's normalised input tensor (see AlexnetPrepareParams).
+ */
+#include "alexnet_abi.h"
+#include "alexnet_half.cuh"
+
+/*
+ * One thread per output element: (x / 255 - mean[c]) / std[c] for c < 3, 0 for the padding
+ * channels. The expression and its order of operations are the CPU's (`image::normalize_hwc`),
+ * and none of it can be contracted into an FMA, so f32 results are bit-identical to the CPU's.
+ */
+template <typename T, typename I>
+static __device__ __forceinline__ void prepare_input(const unsigned char *__restrict__ src,
+                                                     T *__restrict__ dst,
+                                                     const AlexnetPrepareParams &p, I total)
+{
+    const AlexnetTensorShape s = p.out;
+    ALEXNET_GRID_STRIDE(I, i, total)
+    {
+        I n, c, y, x;
+        alexnet_unravel<I>(i, s.c, s.h, s.w, s.layout, n, c, y, x);
+        float v = 0.0f;
+        if (c < 3) {
+            const unsigned char byte = src[((n * s.h + y) * s.w + x) * 3 + c];
+            v = ((float)byte / 255.0f - p.mean[c]) / p.std[c];
+        }
+        dst[i] = alexnet_store<T>(v);
+    }
+}
+
+template <typename T>
+static __device__ __forceinline__ void prepare_input_dispatch(const unsigned char *src, T *dst,
+                                                              const AlexnetPrepareParams &p)
+{
+    const unsigned long long total = alexnet_numel(p.out);
+    if (alexnet_fits_u32(total))
+        prepare_input<T, unsigned int>(src, dst, p, (unsigned int)total);
+    else
+        prepare_input<T, unsigned long long>(src, dst, p, total);
+}
+
+/* Normalised f32 input. */
+extern "C" __global__ void prepare_input_f32(const unsigned char *src, float *dst,
+                                             AlexnetPrepareParams p)
+{
+    prepare_input_dispatch<float>(src, dst, p);
+}
+
+/* Normalised input rounded to f16. */
+extern "C" __global__ void prepare_input_f16(const unsigned char *src, unsigned short *dst,
+                                             AlexnetPrepareParams p)
+{
+    prepare_input_dispatch<unsigned short>(src, dst, p);
+}

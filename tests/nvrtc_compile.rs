@@ -1,0 +1,87 @@
+//! Every module's embedded source (`cuda::ptx::module_source`, headers inlined) compiles with
+//! NVRTC for compute_75 — the run-time path of builds made without nvcc — and the PTX it makes
+//! matches `cuda::kernel_table` as nvcc's does. No GPU needed, but NVRTC is: libnvrtc.so.13 and
+//! libnvrtc-builtins.so.13.0 on the loader path (the `nvidia-cuda-nvrtc` wheel's
+//! `nvidia/cu13/lib`; see README). Without them this test fails with that message.
+
+use alexnet_cuda::cuda::kernel_table::MODULES;
+use alexnet_cuda::cuda::ptx;
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+fn require_nvrtc() {
+    // SAFETY: only tries to dlopen libnvrtc under its usual names; no NVRTC function is called.
+    // cudarc panics on the first call into a library it cannot load, so probe before any.
+    let present = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    assert!(
+        present,
+        "NVRTC (libnvrtc.so.13) cannot be loaded: this test needs it. Install it with \
+         `pip install \"nvidia-cuda-nvrtc==13.0.*\"` and put the wheel's nvidia/cu13/lib on \
+         LD_LIBRARY_PATH (see README, \"Building the CUDA kernels\")"
+    );
+}
+
+fn compile(module: &str) -> String {
+    let source = ptx::module_source(module)
+        .unwrap_or_else(|| panic!("module {module:?} has no embedded source"));
+    let options = CompileOptions {
+        arch: Some(ptx::NVRTC_ARCH),
+        name: Some(format!("{module}.cu")),
+        ..Default::default()
+    };
+    match compile_ptx_with_opts(source, options) {
+        Ok(ptx) => ptx.to_src(),
+        Err(cudarc::nvrtc::CompileError::CompileError {
+            nvrtc,
+            options,
+            log,
+        }) => panic!(
+            "NVRTC failed to compile {module}.cu ({nvrtc:?}, options {options:?}):\n{}",
+            log.to_string_lossy()
+        ),
+        Err(e) => panic!("NVRTC failed on {module}.cu: {e}"),
+    }
+}
+
+#[test]
+fn every_module_compiles_with_nvrtc_and_matches_the_table() {
+    require_nvrtc();
+    let mut problems = Vec::new();
+    for module in MODULES {
+        let text = compile(module);
+        if let Err(found) = ptx::check_module(module, &text) {
+            problems.extend(found);
+        }
+        if !text.lines().any(|l| l.trim() == ".target sm_75") {
+            problems.push(format!("{module}: NVRTC's PTX is not for sm_75"));
+        }
+        match ptx::ptx_isa_version(&text) {
+            Some(isa) if isa <= (9, 0) => {}
+            isa => problems.push(format!(
+                "{module}: NVRTC wrote PTX ISA {isa:?}; driver 580 (CUDA 13.0) takes at most \
+                 9.0: use NVRTC 13.0"
+            )),
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "NVRTC's PTX disagrees with kernel_table.rs:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn sources_are_self_contained() {
+    // NVRTC has no include path to kernels/: the embedded sources must not need one.
+    for module in MODULES {
+        let source = ptx::module_source(module).expect("embedded source");
+        for line in source.lines() {
+            let line = line.trim_start();
+            assert!(
+                !line.starts_with("#include"),
+                "{module}: the embedded source still has `{line}`"
+            );
+        }
+    }
+    let names: Vec<&str> = ptx::headers().iter().map(|&(name, _)| name).collect();
+    assert_eq!(names, ["alexnet_abi.h", "alexnet_half.cuh"]);
+}

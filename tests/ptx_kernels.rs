@@ -1,0 +1,114 @@
+//! The PTX nvcc made at build time against `cuda::kernel_table`: every kernel the launchers use
+//! exists in its module with the parameters they pass (count, pointers as `.u64`, parameter
+//! structs by value with the Rust struct's size), no module defines a kernel the table lacks,
+//! and the PTX is loadable by the target driver (ISA <= 9.0, CUDA 13.0's). No GPU needed.
+//!
+//! Needs nvcc at build time (set `NVCC` or `CUDA_HOME`, or put nvcc on PATH; see README): built
+//! without it, this test fails rather than pass without checking anything.
+
+use alexnet_cuda::cuda::kernel_table::{KERNELS, MODULES};
+use alexnet_cuda::cuda::ptx;
+
+/// PTX ISA of CUDA 13.0, the newest that driver 580 (the GPU machines') accepts.
+const NEWEST_PTX_ISA: (u32, u32) = (9, 0);
+
+fn prebuilt(module: &str) -> &'static str {
+    ptx::module_ptx(module).unwrap_or_else(|| {
+        panic!(
+            "no PTX for module {module:?}: this crate was built without nvcc, which this test \
+             requires (set NVCC=/path/to/nvcc or CUDA_HOME, or put nvcc on PATH, and rebuild; \
+             see README, \"Building the CUDA kernels\")"
+        )
+    })
+}
+
+#[test]
+fn modules_are_the_kernel_files() {
+    let mut table: Vec<&str> = MODULES.to_vec();
+    table.sort_unstable();
+    let embedded: Vec<&str> = ptx::modules().collect();
+    assert_eq!(
+        table, embedded,
+        "kernel_table::MODULES must list exactly the kernels/*.cu files"
+    );
+    for spec in KERNELS {
+        assert!(
+            MODULES.contains(&spec.module),
+            "{} is in module {:?}, which MODULES lacks",
+            spec.name,
+            spec.module
+        );
+    }
+}
+
+#[test]
+fn ptx_matches_kernel_table() {
+    let mut problems = Vec::new();
+    for module in MODULES {
+        if let Err(found) = ptx::check_module(module, prebuilt(module)) {
+            problems.extend(found);
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "nvcc's PTX disagrees with kernel_table.rs:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn ptx_targets_compute_75_and_an_old_enough_isa() {
+    for module in MODULES {
+        let text = prebuilt(module);
+        let isa = ptx::ptx_isa_version(text)
+            .unwrap_or_else(|| panic!("{module}: no .version line in the PTX"));
+        assert!(
+            isa <= NEWEST_PTX_ISA,
+            "{module}: PTX ISA {}.{} is newer than {}.{} (CUDA 13.0): the GPU machines' driver \
+             580 would reject it; build with nvcc 13.0 (nvcc here: {:?})",
+            isa.0,
+            isa.1,
+            NEWEST_PTX_ISA.0,
+            NEWEST_PTX_ISA.1,
+            ptx::nvcc_version()
+        );
+        assert!(
+            text.lines().any(|l| l.trim() == ".target sm_75"),
+            "{module}: PTX is not for sm_75 (compute_75)"
+        );
+    }
+}
+
+#[test]
+fn parser_reads_nvcc_signatures() {
+    let sample = "\
+.visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 .ptr .align 1 k_param_1,\n\
+\t.param .align 8 .b8 k_param_2[24]\n)\n{\n}\n.visible .entry empty()\n{\n}\n";
+    let entries = ptx::ptx_entries(sample);
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].name, "k");
+    assert_eq!(
+        entries[0].params,
+        vec![
+            ptx::PtxParam::U64,
+            ptx::PtxParam::U64,
+            ptx::PtxParam::Bytes { align: 8, size: 24 }
+        ]
+    );
+    assert_eq!(entries[1].name, "empty");
+    assert!(entries[1].params.is_empty());
+}
+
+#[test]
+fn check_module_reports_every_mismatch() {
+    // dropout_f32 with a 16-byte struct (AlexnetDropoutParams is 24), the module's other
+    // kernels missing, and a kernel the table does not know.
+    let ptx = ".visible .entry dropout_f32(\n\t.param .u64 p0,\n\t.param .align 8 .b8 p1[16]\n)\n\
+               {\n}\n.visible .entry stray_f32(\n\t.param .u64 p0\n)\n{\n}\n";
+    let problems = ptx::check_module("elementwise", ptx).unwrap_err();
+    let has = |needle: &str| problems.iter().any(|p| p.contains(needle));
+    assert!(has("dropout_f32 parameter 1"), "{problems:#?}");
+    assert!(has("bias_act_f32 is missing"), "{problems:#?}");
+    assert!(has("stray_f32 is not in kernel_table"), "{problems:#?}");
+    assert_eq!(problems.len(), 1 + 5 + 1, "{problems:#?}");
+}
