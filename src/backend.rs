@@ -5,10 +5,13 @@ use std::fmt;
 use std::str::FromStr;
 
 use ndarray::{Array2, ArrayView4};
+use serde::Serialize;
 
 use crate::config::AlexNetConfig;
 use crate::cpu::CpuModel;
+use crate::cuda::{CudaModel, CudaOptions};
 use crate::error::{Error, Result};
+use crate::image::{Preprocess, U8Batch};
 use crate::weights::Weights;
 
 /// Numeric mode of a model.
@@ -63,6 +66,33 @@ pub trait Backend {
     fn config(&self) -> &AlexNetConfig;
     /// Logits `[N, classes]` for a normalised `[N, 3, H, W]` batch.
     fn forward(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>>;
+
+    /// Logits for a batch of u8 HWC images normalised with `pre`'s mean and std. The default
+    /// normalises on the host and calls [`Backend::forward`]; the CUDA backend uploads the
+    /// bytes and normalises on the GPU.
+    fn forward_u8(&mut self, batch: &U8Batch, pre: &Preprocess) -> Result<Array2<f32>> {
+        self.forward(batch.to_nchw_f32(pre).view())
+    }
+
+    /// Whether this backend runs on a GPU (picks the CLI's default iteration counts).
+    fn is_gpu(&self) -> bool {
+        false
+    }
+
+    /// Device-side timings of the last batch (upload, compute, download), where the backend
+    /// measures them (CUDA events); `None` on the CPU.
+    fn last_stage_timings(&self) -> Option<StageTimings> {
+        None
+    }
+}
+
+/// Where the time of one batch went on a device, measured with CUDA events: host-to-device
+/// upload, compute (input preparation to logits), device-to-host download.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StageTimings {
+    pub h2d_ms: f64,
+    pub compute_ms: f64,
+    pub d2h_ms: f64,
 }
 
 impl Backend for crate::cpu::CpuModel {
@@ -90,29 +120,43 @@ pub struct OpenedBackend {
     pub notice: Option<String>,
 }
 
-/// Why there is no GPU path in this build (the CUDA backend is not written yet).
-const NO_CUDA_BACKEND: &str = "this build of alexnet-cuda has no CUDA backend yet";
-
 /// Builds a model for `weights` on the chosen device. `Cuda` fails with
-/// [`Error::DeviceUnavailable`] when no GPU path is usable; `Auto` falls back to the CPU and
-/// says so in the notice.
+/// [`Error::DeviceUnavailable`] when no GPU path is usable (no driver, GPU, cuBLAS, cuDNN or
+/// kernels; the message says what to install); `Auto` then falls back to the CPU and says why
+/// in the notice.
 pub fn open_backend(
     weights: &Weights,
     choice: DeviceChoice,
     precision: Precision,
 ) -> Result<OpenedBackend> {
     let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(CpuModel::new(weights, precision)?)) };
+    let cuda = || -> Result<Box<dyn Backend>> {
+        Ok(Box::new(CudaModel::new(
+            weights,
+            precision,
+            CudaOptions::default(),
+        )?))
+    };
     match choice {
         DeviceChoice::Cpu => Ok(OpenedBackend {
             backend: cpu()?,
             notice: None,
         }),
-        DeviceChoice::Cuda => Err(Error::DeviceUnavailable(format!(
-            "{NO_CUDA_BACKEND}; use --device cpu"
-        ))),
-        DeviceChoice::Auto => Ok(OpenedBackend {
-            backend: cpu()?,
-            notice: Some(format!("{NO_CUDA_BACKEND}; running on the CPU")),
+        DeviceChoice::Cuda => Ok(OpenedBackend {
+            backend: cuda()?,
+            notice: None,
         }),
+        DeviceChoice::Auto => match cuda() {
+            Ok(backend) => Ok(OpenedBackend {
+                backend,
+                notice: None,
+            }),
+            // No usable GPU (or a CUDA failure while setting it up): the CPU computes the same.
+            Err(e @ (Error::DeviceUnavailable(_) | Error::Cuda { .. })) => Ok(OpenedBackend {
+                backend: cpu()?,
+                notice: Some(format!("CUDA is not usable ({e}); running on the CPU")),
+            }),
+            Err(e) => Err(e),
+        },
     }
 }

@@ -85,6 +85,11 @@ pub enum Error {
     /// The requested device cannot be used; the message says what is missing.
     #[error("device unavailable: {0}")]
     DeviceUnavailable(String),
+
+    /// A CUDA call (driver, cuBLAS, cuDNN, NVRTC or a kernel launch) failed on a usable device;
+    /// `op` names the operation (layer, kernel or library call).
+    #[error("CUDA error in {op}: {message}")]
+    Cuda { op: String, message: String },
 }
 
 impl Error {
@@ -99,6 +104,13 @@ impl Error {
         Error::Invalid {
             what,
             message: message.into(),
+        }
+    }
+
+    pub(crate) fn cuda(op: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Error::Cuda {
+            op: op.into(),
+            message: message.to_string(),
         }
     }
 }

@@ -1,0 +1,220 @@
+//! Thin owners of raw cuDNN objects (handle and descriptors) with `Drop`, and the
+//! algorithm search. cudarc's safe cuDNN types keep their raw descriptors private, and
+//! `cudnnFind*` needs them, so the convolution layer uses these instead.
+
+use cudarc::cudnn::{result, sys};
+use cudarc::driver::CudaStream;
+
+use crate::error::{Error, Result};
+
+fn err(op: &str) -> impl Fn(result::CudnnError) -> Error + '_ {
+    move |e| Error::cuda(op, format!("{:?}", e.0))
+}
+
+/// A cuDNN handle bound to one stream.
+#[derive(Debug)]
+pub(crate) struct CudnnHandle(pub(crate) sys::cudnnHandle_t);
+
+// SAFETY: cuDNN handles may be used from any thread as long as no two threads use one at the
+// same time; the owner keeps it behind a `Mutex` (see `Gpu`), so it is sent, never shared.
+unsafe impl Send for CudnnHandle {}
+
+impl CudnnHandle {
+    /// Creates a handle whose work goes to `stream`. The stream's context must be current.
+    pub fn new(stream: &CudaStream) -> Result<Self> {
+        let handle = CudnnHandle(result::create_handle().map_err(err("cudnnCreate"))?);
+        // SAFETY: the handle was just created; the stream is alive for as long as the `Gpu`
+        // that owns both (the handle is dropped before the stream, see `Gpu`'s field order).
+        unsafe { result::set_stream(handle.0, stream.cu_stream() as sys::cudaStream_t) }
+            .map_err(err("cudnnSetStream"))?;
+        Ok(handle)
+    }
+}
+
+impl Drop for CudnnHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreate, destroyed only here.
+        let _ = unsafe { result::destroy_handle(self.0) };
+    }
+}
+
+/// A 4-D tensor descriptor.
+#[derive(Debug)]
+pub(crate) struct TensorDesc(pub(crate) sys::cudnnTensorDescriptor_t);
+
+// SAFETY: a descriptor is a host-side parameter block with no thread affinity.
+unsafe impl Send for TensorDesc {}
+
+impl TensorDesc {
+    pub fn new(
+        dtype: sys::cudnnDataType_t,
+        format: sys::cudnnTensorFormat_t,
+        nchw: [i32; 4],
+    ) -> Result<Self> {
+        let desc = TensorDesc(
+            result::create_tensor_descriptor().map_err(err("cudnnCreateTensorDescriptor"))?,
+        );
+        // SAFETY: the descriptor was just created and is not freed until `desc` drops.
+        unsafe { result::set_tensor4d_descriptor(desc.0, format, dtype, nchw) }
+            .map_err(err("cudnnSetTensor4dDescriptor"))?;
+        Ok(desc)
+    }
+}
+
+impl Drop for TensorDesc {
+    fn drop(&mut self) {
+        // SAFETY: created above, destroyed only here.
+        let _ = unsafe { result::destroy_tensor_descriptor(self.0) };
+    }
+}
+
+/// A 4-D filter descriptor (`[k, c, r, s]`; memory KCRS for NCHW, KRSC for NHWC).
+#[derive(Debug)]
+pub(crate) struct FilterDesc(pub(crate) sys::cudnnFilterDescriptor_t);
+
+// SAFETY: as for `TensorDesc`.
+unsafe impl Send for FilterDesc {}
+
+impl FilterDesc {
+    pub fn new(
+        dtype: sys::cudnnDataType_t,
+        format: sys::cudnnTensorFormat_t,
+        kcrs: [i32; 4],
+    ) -> Result<Self> {
+        let desc = FilterDesc(
+            result::create_filter_descriptor().map_err(err("cudnnCreateFilterDescriptor"))?,
+        );
+        // SAFETY: the descriptor was just created and is not freed until `desc` drops.
+        unsafe { result::set_filter4d_descriptor(desc.0, dtype, format, kcrs) }
+            .map_err(err("cudnnSetFilter4dDescriptor"))?;
+        Ok(desc)
+    }
+}
+
+impl Drop for FilterDesc {
+    fn drop(&mut self) {
+        // SAFETY: created above, destroyed only here.
+        let _ = unsafe { result::destroy_filter_descriptor(self.0) };
+    }
+}
+
+/// A 2-D convolution descriptor (cross-correlation, no dilation).
+#[derive(Debug)]
+pub(crate) struct ConvDesc(pub(crate) sys::cudnnConvolutionDescriptor_t);
+
+// SAFETY: as for `TensorDesc`.
+unsafe impl Send for ConvDesc {}
+
+impl ConvDesc {
+    pub fn new(
+        padding: i32,
+        stride: i32,
+        compute: sys::cudnnDataType_t,
+        math: sys::cudnnMathType_t,
+    ) -> Result<Self> {
+        let desc = ConvDesc(
+            result::create_convolution_descriptor()
+                .map_err(err("cudnnCreateConvolutionDescriptor"))?,
+        );
+        // SAFETY: the descriptor was just created and is not freed until `desc` drops.
+        unsafe {
+            result::set_convolution2d_descriptor(
+                desc.0,
+                padding,
+                padding,
+                stride,
+                stride,
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                compute,
+            )
+        }
+        .map_err(err("cudnnSetConvolution2dDescriptor"))?;
+        desc.set_math(math)?;
+        Ok(desc)
+    }
+
+    pub fn set_math(&self, math: sys::cudnnMathType_t) -> Result<()> {
+        // SAFETY: the descriptor is alive (owned by `self`).
+        unsafe { result::set_convolution_math_type(self.0, math) }
+            .map_err(err("cudnnSetConvolutionMathType"))
+    }
+
+    /// The output dims `[n, c, h, w]` cuDNN computes for this convolution.
+    pub fn output_dims(&self, x: &TensorDesc, w: &FilterDesc) -> Result<[i32; 4]> {
+        let (mut n, mut c, mut h, mut wd) = (0, 0, 0, 0);
+        // SAFETY: all three descriptors are alive; the four out-pointers are valid locals.
+        unsafe {
+            sys::cudnnGetConvolution2dForwardOutputDim(
+                self.0, x.0, w.0, &mut n, &mut c, &mut h, &mut wd,
+            )
+        }
+        .result()
+        .map_err(err("cudnnGetConvolution2dForwardOutputDim"))?;
+        Ok([n, c, h, wd])
+    }
+}
+
+impl Drop for ConvDesc {
+    fn drop(&mut self) {
+        // SAFETY: created above, destroyed only here.
+        let _ = unsafe { result::destroy_convolution_descriptor(self.0) };
+    }
+}
+
+/// One candidate of `cudnnFindConvolutionForwardAlgorithm`, measured on the device.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FwdAlgoPerf {
+    pub algo: sys::cudnnConvolutionFwdAlgo_t,
+    #[allow(dead_code)] // kept for Debug output in error messages
+    pub time_ms: f32,
+    pub workspace: usize,
+    pub deterministic: bool,
+    pub math: sys::cudnnMathType_t,
+}
+
+/// Runs every forward algorithm once on scratch buffers cuDNN allocates itself and returns the
+/// successful ones, fastest first.
+pub(crate) fn find_forward_algorithms(
+    handle: &CudnnHandle,
+    x: &TensorDesc,
+    w: &FilterDesc,
+    conv: &ConvDesc,
+    y: &TensorDesc,
+) -> Result<Vec<FwdAlgoPerf>> {
+    const REQUESTED: usize =
+        sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+    // SAFETY: an all-zero perf struct is valid (every enum field has a 0 variant), and only the
+    // `returned` first entries are read below, all written by cuDNN.
+    let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; REQUESTED] = unsafe { std::mem::zeroed() };
+    let mut returned: i32 = 0;
+    // SAFETY: handle and descriptors are alive; `perf` has room for REQUESTED entries and
+    // `returned` is a valid out-pointer.
+    unsafe {
+        sys::cudnnFindConvolutionForwardAlgorithm(
+            handle.0,
+            x.0,
+            w.0,
+            conv.0,
+            y.0,
+            REQUESTED as i32,
+            &mut returned,
+            perf.as_mut_ptr(),
+        )
+    }
+    .result()
+    .map_err(err("cudnnFindConvolutionForwardAlgorithm"))?;
+    let returned = usize::try_from(returned).unwrap_or(0).min(REQUESTED);
+    Ok(perf[..returned]
+        .iter()
+        .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+        .map(|p| FwdAlgoPerf {
+            algo: p.algo,
+            time_ms: p.time,
+            workspace: p.memory,
+            deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+            math: p.mathType,
+        })
+        .collect())
+}

@@ -1,0 +1,419 @@
+//! The device: library probing, one context with a compute stream and a copy stream, the
+//! cuBLAS and cuDNN handles, and the kernel modules, loaded once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DriverError};
+use cudarc::nvrtc::Ptx;
+
+use super::cudnn::CudnnHandle;
+use super::dtype::GpuDtype;
+use super::launch::{KernelSet, Kernels};
+use super::{kernel_table, nvrtc, ptx};
+use crate::error::{Error, Result};
+
+/// The CUDA libraries this backend loads at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaLibrary {
+    /// `libcuda.so`, installed with the NVIDIA driver.
+    Driver,
+    Cublas,
+    CublasLt,
+    Cudnn,
+    Nvrtc,
+}
+
+impl CudaLibrary {
+    /// Whether the shared library can be loaded. Only tries to open it: calls nothing in it,
+    /// so it cannot panic the way a call into a missing library does.
+    pub fn is_present(self) -> bool {
+        // SAFETY: each `is_culib_present` only attempts `dlopen` on candidate file names and
+        // drops the handle; no symbol of the library is called.
+        unsafe {
+            match self {
+                CudaLibrary::Driver => cudarc::driver::sys::is_culib_present(),
+                CudaLibrary::Cublas => cudarc::cublas::sys::is_culib_present(),
+                CudaLibrary::CublasLt => cudarc::cublaslt::sys::is_culib_present(),
+                CudaLibrary::Cudnn => cudarc::cudnn::sys::is_culib_present(),
+                CudaLibrary::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+            }
+        }
+    }
+
+    /// What to install when the library is missing.
+    pub fn install_hint(self) -> &'static str {
+        match self {
+            CudaLibrary::Driver => {
+                "no NVIDIA driver: libcuda.so could not be loaded. Run on a machine with an NVIDIA \
+                 GPU and its driver installed (nvidia-smi should list the GPU), or use --device cpu"
+            }
+            CudaLibrary::Cublas => {
+                "cuBLAS (libcublas.so.13 or .12) could not be loaded: install the CUDA toolkit's \
+                 cuBLAS (e.g. `apt install libcublas-13-0`, or `pip install nvidia-cublas-cu12`) \
+                 and put its lib directory on LD_LIBRARY_PATH"
+            }
+            CudaLibrary::CublasLt => {
+                "cuBLASLt (libcublasLt.so.13 or .12, needed by cuBLAS) could not be loaded: \
+                 install the CUDA toolkit's cuBLAS (it ships both libraries) and put its lib \
+                 directory on LD_LIBRARY_PATH"
+            }
+            CudaLibrary::Cudnn => {
+                "cuDNN 9 (libcudnn.so.9) could not be loaded: install cuDNN 9 for your CUDA \
+                 version (e.g. `apt install libcudnn9-cuda-12`, or `pip install \
+                 nvidia-cudnn-cu12`) and put its lib directory on LD_LIBRARY_PATH"
+            }
+            CudaLibrary::Nvrtc => "NVRTC (libnvrtc.so) could not be loaded",
+        }
+    }
+}
+
+/// Checks, without touching any GPU, that the driver, cuBLAS(Lt) and cuDNN can be loaded;
+/// [`Error::DeviceUnavailable`] naming the first that cannot. (NVRTC is only needed when a
+/// build has no PTX; [`Gpu::new`] checks it then.)
+pub fn probe_libraries() -> Result<()> {
+    for lib in [
+        CudaLibrary::Driver,
+        CudaLibrary::Cublas,
+        CudaLibrary::CublasLt,
+        CudaLibrary::Cudnn,
+    ] {
+        if !lib.is_present() {
+            return Err(Error::DeviceUnavailable(lib.install_hint().to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// The oldest driver this build runs on (as `cuDriverGetVersion` reports it): cudarc's
+/// CUDA 13.0 bindings load entry points older drivers lack (e.g. `cuEventElapsedTime_v2`,
+/// whose absence would be a panic, not an error), and the PTX is ISA 9.0.
+pub const MIN_DRIVER_VERSION: i32 = 13000;
+
+/// The CUDA version the installed driver supports (e.g. 13000 for 13.0), or
+/// [`Error::DeviceUnavailable`] when there is no driver.
+pub fn driver_version() -> Result<i32> {
+    if !CudaLibrary::Driver.is_present() {
+        return Err(unavailable(CudaLibrary::Driver.install_hint()));
+    }
+    let mut version = 0;
+    // SAFETY: the driver library loads (checked above) and exports cuDriverGetVersion in every
+    // release; it needs no cuInit and writes one int through a valid pointer.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| unavailable(format!("cuDriverGetVersion failed ({e:?})")))?;
+    Ok(version)
+}
+
+/// Where the kernels of a [`Gpu`] came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelOrigin {
+    /// PTX compiled by nvcc at build time.
+    BuildTimePtx,
+    /// Compiled at run time by NVRTC (no PTX in the build, or the driver rejected it).
+    Nvrtc,
+}
+
+/// One CUDA device ready to run layers: a context, a compute stream (all kernels, cuBLAS and
+/// cuDNN), a copy stream (overlapped uploads), the library handles and every kernel, looked up
+/// once.
+///
+/// Creating one probes every library first, so a machine without a GPU, a driver, cuBLAS or
+/// cuDNN gets [`Error::DeviceUnavailable`] saying what to install — never a panic.
+pub struct Gpu {
+    // Field order is drop order: handles and kernels go before the streams and the context.
+    cudnn: Mutex<CudnnHandle>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    kernel_origin: KernelOrigin,
+    copy_stream: Arc<CudaStream>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    name: String,
+    compute_capability: (i32, i32),
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("name", &self.name)
+            .field("ordinal", &self.ctx.ordinal())
+            .field("compute_capability", &self.compute_capability)
+            .field("kernel_origin", &self.kernel_origin)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(message: impl Into<String>) -> Error {
+    Error::DeviceUnavailable(message.into())
+}
+
+pub(crate) fn driver_err(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
+    let op = op.into();
+    move |e| Error::cuda(op, format!("{e:?}"))
+}
+
+impl Gpu {
+    /// Opens CUDA device `ordinal` (0 for the first GPU).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !CudaLibrary::Driver.is_present() {
+            return Err(unavailable(CudaLibrary::Driver.install_hint()));
+        }
+        let version = driver_version()?;
+        if version < MIN_DRIVER_VERSION {
+            return Err(unavailable(format!(
+                "the NVIDIA driver supports CUDA {}.{}, this build needs CUDA {}.{} or newer \
+                 (driver R580+: its kernels are PTX ISA 9.0 and it calls CUDA 13 entry points); \
+                 update the NVIDIA driver, or use --device cpu",
+                version / 1000,
+                version % 1000 / 10,
+                MIN_DRIVER_VERSION / 1000,
+                MIN_DRIVER_VERSION % 1000 / 10
+            )));
+        }
+        let count = CudaContext::device_count().map_err(|e| {
+            unavailable(format!(
+                "the NVIDIA driver could not be initialised ({e:?}); check that `nvidia-smi` \
+                 lists a GPU, or use --device cpu"
+            ))
+        })?;
+        if count <= 0 {
+            return Err(unavailable(
+                "the NVIDIA driver found no CUDA device; check `nvidia-smi`, or use --device cpu",
+            ));
+        }
+        if ordinal >= count as usize {
+            return Err(unavailable(format!(
+                "CUDA device {ordinal} was requested but only {count} device(s) are present"
+            )));
+        }
+        probe_libraries()?;
+        let version = cudarc::cudnn::result::get_version();
+        if version < 90000 {
+            return Err(unavailable(format!(
+                "cuDNN {version} was loaded but this build needs cuDNN 9: {}",
+                CudaLibrary::Cudnn.install_hint()
+            )));
+        }
+
+        let ctx = CudaContext::new(ordinal).map_err(|e| {
+            unavailable(format!(
+                "cannot create a context on CUDA device {ordinal}: {e:?}"
+            ))
+        })?;
+        let name = ctx.name().map_err(driver_err("cuDeviceGetName"))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(driver_err("cuDeviceGetAttribute"))?;
+        let stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
+        let copy_stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
+
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| Error::cuda("cublasCreate", format!("{e:?}")))?;
+        // True fp32 unless a layer asks for TF32 explicitly (through its compute type): the
+        // default math mode never lowers fp32 precision; f16 GEMMs still use tensor cores.
+        // SAFETY: the handle is alive (owned by `blas`).
+        unsafe {
+            cudarc::cublas::sys::cublasSetMathMode(
+                *blas.handle(),
+                cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            )
+        }
+        .result()
+        .map_err(|e| Error::cuda("cublasSetMathMode", format!("{e:?}")))?;
+        let cudnn = CudnnHandle::new(&stream)?;
+
+        let (modules, kernel_origin) = load_modules(&ctx, compute_capability)?;
+        let kernels = Kernels::load(&modules)?;
+        Ok(Gpu {
+            cudnn: Mutex::new(cudnn),
+            blas,
+            kernels,
+            kernel_origin,
+            copy_stream,
+            stream,
+            ctx,
+            name,
+            compute_capability,
+        })
+    }
+
+    /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `(major, minor)`, e.g. `(9, 0)` for an H100.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Where the kernels came from (build-time PTX or NVRTC).
+    pub fn kernel_origin(&self) -> KernelOrigin {
+        self.kernel_origin
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every kernel, cuBLAS and cuDNN call runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The stream the overlapped uploads of [`super::Pipeline`] run on.
+    pub fn copy_stream(&self) -> &Arc<CudaStream> {
+        &self.copy_stream
+    }
+
+    /// Waits for all work on both streams.
+    pub fn synchronize(&self) -> Result<()> {
+        self.copy_stream
+            .synchronize()
+            .map_err(driver_err("cuStreamSynchronize"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver_err("cuStreamSynchronize"))
+    }
+
+    /// Copies bytes to a new device buffer (e.g. a [`crate::image::U8Batch`]'s pixels).
+    pub fn upload_bytes(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        if bytes.is_empty() {
+            return Err(Error::invalid("upload", "no bytes to upload"));
+        }
+        self.stream
+            .clone_htod(bytes)
+            .map_err(driver_err("cuMemcpyHtoD"))
+    }
+
+    /// Makes this context current on the calling thread (cuBLAS and cuDNN calls use the
+    /// current context).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver_err("cuCtxSetCurrent"))
+    }
+
+    pub(crate) fn kernels(&self, dtype: GpuDtype) -> &KernelSet {
+        self.kernels.set(dtype)
+    }
+
+    pub(crate) fn all_kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    pub(crate) fn cudnn(&self) -> Result<MutexGuard<'_, CudnnHandle>> {
+        self.cudnn
+            .lock()
+            .map_err(|_| Error::cuda("cuDNN handle", "poisoned by a panic on another thread"))
+    }
+}
+
+/// Loads every module of the kernel table: the build's PTX where the driver accepts it, else
+/// the source compiled by NVRTC.
+fn load_modules(
+    ctx: &Arc<CudaContext>,
+    arch: (i32, i32),
+) -> Result<(HashMap<&'static str, Arc<CudaModule>>, KernelOrigin)> {
+    let mut modules = HashMap::new();
+    let mut origin = KernelOrigin::BuildTimePtx;
+    for &module in kernel_table::MODULES {
+        let ptx_problem = match ptx::module_ptx(module) {
+            Some(text) => match load_ptx(ctx, module, text) {
+                Ok(loaded) => {
+                    modules.insert(module, loaded);
+                    continue;
+                }
+                Err(e) => format!("its build-time PTX was rejected ({e})"),
+            },
+            None => "this build has no PTX for it (nvcc was not found at build time)".to_string(),
+        };
+        let Some(source) = ptx::module_source(module) else {
+            return Err(unavailable(format!(
+                "kernels/{module}.cu: {ptx_problem}, and its source is not embedded for NVRTC: \
+                 install the CUDA toolkit (nvcc) and rebuild with `cargo build --release`"
+            )));
+        };
+        if !CudaLibrary::Nvrtc.is_present() {
+            return Err(unavailable(format!(
+                "kernels/{module}.cu: {ptx_problem}, and NVRTC (libnvrtc.so) could not be loaded \
+                 to compile it: install the CUDA toolkit (nvcc) and rebuild with `cargo build \
+                 --release`, or install NVRTC (e.g. `apt install cuda-nvrtc-13-0`, or `pip \
+                 install nvidia-cuda-nvrtc-cu12`) and put it on LD_LIBRARY_PATH"
+            )));
+        }
+        let compiled = nvrtc::compile(module, source, nvrtc::kernel_headers(), arch)?;
+        let loaded = load_ptx(ctx, module, &compiled)?;
+        modules.insert(module, loaded);
+        origin = KernelOrigin::Nvrtc;
+    }
+    Ok((modules, origin))
+}
+
+fn load_ptx(ctx: &Arc<CudaContext>, module: &str, text: &str) -> Result<Arc<CudaModule>> {
+    let op = format!("loading the PTX of kernels/{module}.cu");
+    // cudarc turns the text into a C string (and would panic on an inner NUL): strip trailing
+    // terminators some build scripts embed, reject anything else.
+    let text = text.trim_end_matches('\0');
+    if text.contains('\0') {
+        return Err(Error::cuda(op, "the PTX text contains a NUL byte"));
+    }
+    ctx.load_module(Ptx::from_src(text)).map_err(|e| {
+        use cudarc::driver::sys::CUresult;
+        let hint = match e.0 {
+            CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
+                ": the PTX comes from a CUDA toolkit newer than this driver supports; update the \
+                 NVIDIA driver"
+            }
+            CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU | CUresult::CUDA_ERROR_INVALID_PTX => {
+                ": the PTX targets an architecture this GPU cannot run"
+            }
+            _ => "",
+        };
+        Error::cuda(op, format!("{e:?}{hint}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs everywhere: without a GPU (or a library) opening one is a typed error, never a
+    /// panic; with one it opens.
+    #[test]
+    fn opening_a_gpu_never_panics() {
+        match Gpu::new(0) {
+            Ok(gpu) => assert!(!gpu.name().is_empty()),
+            Err(Error::DeviceUnavailable(message)) => {
+                assert!(!message.is_empty());
+                eprintln!("no GPU here: {message}");
+            }
+            Err(other) => panic!("expected DeviceUnavailable without a usable GPU, got {other}"),
+        }
+    }
+
+    #[test]
+    fn every_library_has_an_install_hint() {
+        for lib in [
+            CudaLibrary::Driver,
+            CudaLibrary::Cublas,
+            CudaLibrary::CublasLt,
+            CudaLibrary::Cudnn,
+            CudaLibrary::Nvrtc,
+        ] {
+            assert!(!lib.install_hint().is_empty());
+            let _ = lib.is_present(); // must not panic either way
+        }
+    }
+}

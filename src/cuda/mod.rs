@@ -1,0 +1,97 @@
+//! The CUDA backend: AlexNet on an NVIDIA GPU through cudarc — cuDNN convolutions, cuBLAS
+//! GEMMs and the crate's kernels (`kernels/*.cu`, PTX built by `build.rs` or compiled at run
+//! time with NVRTC).
+//!
+//! Everything is loaded at run time: a build of this crate runs on machines without a GPU, and
+//! there [`Gpu::new`] / [`CudaModel::new`] return [`Error::DeviceUnavailable`] saying what is
+//! missing (driver, GPU, cuBLAS, cuDNN 9, kernels) instead of panicking.
+//! [`crate::open_backend`] with [`crate::DeviceChoice::Auto`] then falls back to the CPU.
+//!
+//! # Pieces
+//! - [`Gpu`]: one device — context, a compute stream and a copy stream, cuBLAS and cuDNN
+//!   handles, every kernel looked up once.
+//! - [`GpuTensor`]: a device buffer with its logical shape (PyTorch order) and [`Layout`].
+//! - Layers, each usable on its own and generic over `f32` and `half::f16` ([`GpuFloat`]):
+//!   [`Conv2dGpu`] (cuDNN, algorithm measured once per shape and cached), [`LrnGpu`],
+//!   [`MaxPoolGpu`], [`LinearGpu`] (cuBLAS), [`DropoutGpu`] (the CPU's mask),
+//!   [`softmax_top_k`], [`PrepareInput`] (u8 HWC images to normalised tensors), [`bias_act`].
+//! - [`CudaModel`]: the whole network from the same [`crate::Weights`] as the CPU model;
+//!   [`Pipeline`]: two page-locked slots, uploads overlapping compute, CUDA-event timings.
+//!
+//! # Numerics
+//! - fp32 is true fp32 by default: cuDNN with `CUDNN_FMA_MATH`, cuBLAS with
+//!   `CUBLAS_COMPUTE_32F` in the default math mode. [`CudaOptions::allow_tf32`] opts into TF32
+//!   tensor cores (about 1e-3 relative error).
+//! - fp16 stores weights and activations as f16 and accumulates in f32 (tensor cores), NHWC,
+//!   the RGB input padded to 8 channels — the contract the CPU model's fp16 mode emulates.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use alexnet_cuda::cuda::{CudaModel, CudaOptions};
+//! use alexnet_cuda::image::{load_batch, Preprocess};
+//! use alexnet_cuda::{AlexNetConfig, Precision, Weights};
+//! use std::path::PathBuf;
+//!
+//! fn main() -> alexnet_cuda::Result<()> {
+//!     let weights = Weights::paper_init(&AlexNetConfig::paper(), 0)?;
+//!     let mut model = CudaModel::new(&weights, Precision::Fp16, CudaOptions::default())?;
+//!     println!("running on {}", model.device_name());
+//!
+//!     let paths = vec![PathBuf::from("cat.jpg"), PathBuf::from("dog.jpg")];
+//!     let loaded = load_batch(&paths, &Preprocess::default());
+//!     // Softmax and top-k on the GPU: only 5 (class, probability) pairs per image come back.
+//!     for (path, top) in paths.iter().zip(model.top_k_u8(&loaded.batch, 5)?) {
+//!         println!("{}: class {} ({:.1}%)", path.display(), top[0].0, top[0].1 * 100.0);
+//!     }
+//!
+//!     // Overlapped batches: the next upload runs while the GPU computes.
+//!     let mut pipeline = model.pipeline(loaded.batch.len())?;
+//!     pipeline.submit(&loaded.batch)?;
+//!     pipeline.submit(&loaded.batch)?;
+//!     for _ in 0..2 {
+//!         let out = pipeline.finish()?;
+//!         println!(
+//!             "logits {:?}: upload {:.3} ms, compute {:.3} ms, download {:.3} ms",
+//!             out.logits.dim(),
+//!             out.timings.h2d_ms,
+//!             out.timings.compute_ms,
+//!             out.timings.d2h_ms
+//!         );
+//!     }
+//!     Ok(())
+//! }
+//! ```
+
+pub mod abi;
+pub mod kernel_table;
+pub mod ptx;
+
+mod cudnn;
+mod device;
+mod dtype;
+mod launch;
+mod layers;
+mod model;
+mod nvrtc;
+mod pinned;
+mod pipeline;
+mod tensor;
+
+pub use device::{
+    driver_version, probe_libraries, CudaLibrary, Gpu, KernelOrigin, MIN_DRIVER_VERSION,
+};
+pub use dtype::{GpuDtype, GpuFloat, KernelNames};
+pub use layers::{
+    bias_act, convert_f16_to_f32, convert_f32_to_f16, softmax_top_k, Conv2dGpu, ConvOptions,
+    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, TopK,
+};
+pub use model::{CudaModel, CudaOptions};
+pub use pinned::{alloc_readback, alloc_upload};
+pub use pipeline::{Pipeline, PipelineOutput};
+pub use tensor::{GpuTensor, Layout};
+
+pub use crate::backend::StageTimings;
+
+#[cfg(doc)]
+use crate::error::Error;
