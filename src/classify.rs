@@ -52,7 +52,7 @@ pub fn classify_files<'a>(
         let logits = if loaded.batch.is_empty() {
             None
         } else {
-            Some(backend.forward(loaded.batch.to_nchw_f32(pre).view())?)
+            Some(backend.forward_u8(&loaded.batch, pre)?)
         };
         let probabilities = logits.as_ref().map(|l| softmax(l.view()));
         let mut failures = loaded.failures.into_iter().peekable();

@@ -1,6 +1,7 @@
-//! AlexNet — the 2012 paper's network and torchvision's variant — with a CPU reference backend
-//! (ndarray + a real GEMM, threaded with rayon). A CUDA backend is planned beside it; every GPU
-//! result will be checked against this CPU twin.
+//! AlexNet — the 2012 paper's network and torchvision's variant — on NVIDIA GPUs ([`cuda`]:
+//! kernels compiled to PTX by build.rs or NVRTC, cuDNN and cuBLAS through cudarc, fp32 and fp16)
+//! with a CPU reference backend ([`cpu`]: ndarray + a real GEMM, threaded with rayon) that every
+//! GPU result is checked against and that runs where no GPU is usable ([`open_backend`]).
 //!
 //! Data flows one way: files -> [`Weights`] / image batch -> a backend's model -> logits -> top-k.
 //!
@@ -49,6 +50,7 @@ pub mod backend;
 pub mod classify;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod image;
 pub mod labels;

@@ -4,14 +4,16 @@
 use std::time::{Duration, Instant};
 
 use ndarray::Array4;
-use rand::SeedableRng;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StageTimings};
 use crate::config::InputShape;
 use crate::error::{Error, Result};
+use crate::image::{Preprocess, U8Batch};
+use ::image::{Rgb, RgbImage};
 
 /// Latency summary in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -57,6 +59,20 @@ pub fn synthetic_batch(batch: usize, input: InputShape, seed: u64) -> Array4<f32
     })
 }
 
+/// A seeded batch of random 8-bit images (`crop x crop x 3` each), what the image loader
+/// produces: timing from it measures the whole path from host bytes to logits.
+pub fn synthetic_u8_batch(batch: usize, crop: u32, seed: u64) -> Result<U8Batch> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = U8Batch::with_capacity(crop, batch);
+    for _ in 0..batch {
+        let image = RgbImage::from_fn(crop, crop, |_, _| {
+            Rgb([rng.random(), rng.random(), rng.random()])
+        });
+        out.push(&image)?;
+    }
+    Ok(out)
+}
+
 /// Settings of one timing run.
 #[derive(Clone, Copy, Debug)]
 pub struct TimingPlan {
@@ -66,33 +82,57 @@ pub struct TimingPlan {
     pub seed: u64,
 }
 
-/// Runs `warmup` untimed then `iterations` timed forward passes over one synthetic batch.
-/// `progress(done, total)` is called after every pass (warm-up included).
+/// What a timing run measured, one entry per timed batch.
+#[derive(Clone, Debug, Default)]
+pub struct TimingRun {
+    /// Host wall-clock time per batch, from 8-bit host images to logits on the host.
+    pub wall: Vec<Duration>,
+    /// Device-side upload / compute / download times per batch, where the backend measures them.
+    pub stages: Vec<StageTimings>,
+}
+
+/// Runs `warmup` untimed then `iterations` timed batches of synthetic 8-bit images through the
+/// backend's whole path (upload, preprocessing, network, logits back on the host).
+/// `progress(done, total)` is called after every batch (warm-up included).
 pub fn time_forward(
     backend: &mut dyn Backend,
     input: InputShape,
     plan: TimingPlan,
     mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<Duration>> {
+) -> Result<TimingRun> {
     if plan.batch == 0 || plan.iterations == 0 {
         return Err(Error::invalid(
             "timing plan",
             "batch and iterations must be at least 1",
         ));
     }
+    if input.channels != 3 || input.height != input.width {
+        return Err(Error::invalid(
+            "timing plan",
+            format!(
+                "synthetic images are square RGB; the model takes {}x{}x{}",
+                input.channels, input.height, input.width
+            ),
+        ));
+    }
     let total = plan
         .warmup
         .checked_add(plan.iterations)
         .ok_or_else(|| Error::invalid("timing plan", "warm-up + iterations overflows"))?;
-    let batch = synthetic_batch(plan.batch, input, plan.seed);
-    let mut times = Vec::with_capacity(plan.iterations);
+    let pre = Preprocess {
+        crop: input.height as u32,
+        ..Preprocess::default()
+    };
+    let batch = synthetic_u8_batch(plan.batch, pre.crop, plan.seed)?;
+    let mut run = TimingRun::default();
     for i in 0..total {
         let start = Instant::now();
-        backend.forward(batch.view())?;
+        backend.forward_u8(&batch, &pre)?;
         if i >= plan.warmup {
-            times.push(start.elapsed());
+            run.wall.push(start.elapsed());
+            run.stages.extend(backend.last_stage_timings());
         }
         progress(i + 1, total);
     }
-    Ok(times)
+    Ok(run)
 }

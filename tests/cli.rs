@@ -124,16 +124,32 @@ fn bad_weights_stop_with_the_error_message() {
     }
 }
 
+/// Without a usable GPU: `--device cuda` is a clear error and `auto` falls back with a notice.
+/// With one (a GPU machine): both run on it.
 #[test]
-fn cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
-    let out = infer(&["--device", "cuda", "--batch", "1", "--iterations", "1"]);
+fn cuda_device_choice_follows_the_machine() {
+    let gpu_usable = alexnet_cuda::cuda::Gpu::new(0).is_ok();
+    let out = infer(&[
+        "--device",
+        "cuda",
+        "--batch",
+        "1",
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+    ]);
     assert_no_panic(&out);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("device unavailable"),
-        "{}",
-        stderr(&out)
-    );
+    if gpu_usable {
+        assert!(out.status.success(), "{}", stderr(&out));
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            stderr(&out).contains("device unavailable"),
+            "{}",
+            stderr(&out)
+        );
+    }
 
     let out = infer(&[
         "--batch",
@@ -145,11 +161,24 @@ fn cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
         "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("running on the CPU"),
-        "one-line notice: {}",
-        stderr(&out)
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("JSON");
+    let on_cpu = report["device"].as_str().unwrap_or("").starts_with("CPU");
+    assert_eq!(
+        on_cpu, !gpu_usable,
+        "auto picks the GPU exactly when one is usable: {report}"
     );
+    if !gpu_usable {
+        assert!(
+            stderr(&out).contains("running on the CPU"),
+            "one-line notice: {}",
+            stderr(&out)
+        );
+    } else {
+        assert!(
+            report["stage_ms"]["compute"]["mean"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+    }
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use alexnet_cuda::backend::StageTimings;
 use alexnet_cuda::classify::{classify_files, ClassifyEvent};
 use alexnet_cuda::config::thousands;
 use alexnet_cuda::image::{collect_image_paths, Preprocess};
@@ -52,10 +53,10 @@ struct Args {
     /// synthetic batches.
     #[arg(long, num_args = 1..)]
     images: Vec<PathBuf>,
-    /// Timed batches, synthetic mode only [default: 10 on the CPU].
+    /// Timed batches, synthetic mode only [default: 100 on a GPU, 10 on the CPU].
     #[arg(long, conflicts_with = "images", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     iterations: Option<u64>,
-    /// Untimed batches before timing, synthetic mode only [default: 2 on the CPU].
+    /// Untimed batches before timing, synthetic mode only [default: 10 on a GPU, 2 on the CPU].
     #[arg(long, conflicts_with = "images", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     warmup: Option<u64>,
     /// Labels printed per image (at most the number of classes).
@@ -178,10 +179,13 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
     let batch = args.batch as usize;
 
     if args.images.is_empty() {
+        // A GPU batch takes milliseconds, a CPU batch seconds.
+        let (default_warmup, default_iterations) =
+            if backend.is_gpu() { (10, 100) } else { (2, 10) };
         let plan = TimingPlan {
             batch,
-            warmup: args.warmup.unwrap_or(2) as usize,
-            iterations: args.iterations.unwrap_or(10) as usize,
+            warmup: args.warmup.unwrap_or(default_warmup) as usize,
+            iterations: args.iterations.unwrap_or(default_iterations) as usize,
             seed: args.seed.unwrap_or(0),
         };
         benchmark(args, backend.as_mut(), &weights, plan)?;
@@ -224,24 +228,25 @@ fn benchmark(
 ) -> Result<(), Error> {
     let config = weights.config();
     let bar = progress_bar(args, (plan.warmup + plan.iterations) as u64, "timing");
-    let times = time_forward(backend, config.input, plan, |done, _| {
+    let run = time_forward(backend, config.input, plan, |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    let millis: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1e3).collect();
+    let millis: Vec<f64> = run.wall.iter().map(|t| t.as_secs_f64() * 1e3).collect();
     let Some(latency) = LatencyStats::from_millis(&millis) else {
         return Err(Error::Invalid {
             what: "--iterations",
             message: "no timed iterations".into(),
         });
     };
-    let total: Duration = times.iter().sum();
-    let images = (plan.batch * times.len()) as f64;
+    let total: Duration = run.wall.iter().sum();
+    let images = (plan.batch * run.wall.len()) as f64;
     let throughput = images / total.as_secs_f64();
     let gflop_per_image = config.flops_per_image()? as f64 / 1e9;
     let tflops = throughput * gflop_per_image / 1e3;
+    let stages = StageSummary::new(&run.stages);
     if args.json {
-        let report = json!({
+        let mut report = json!({
             "device": backend.device_name(),
             "precision": backend.precision().to_string(),
             "config": config.name,
@@ -253,6 +258,13 @@ fn benchmark(
             "gflop_per_image": gflop_per_image,
             "achieved_tflops": tflops,
         });
+        if let Some(stages) = &stages {
+            report["stage_ms"] = json!({
+                "h2d": stages.h2d,
+                "compute": stages.compute,
+                "d2h": stages.d2h,
+            });
+        }
         println!("{report}");
         return Ok(());
     }
@@ -279,7 +291,41 @@ fn benchmark(
         "latency/image : {:.3} ms (mean batch latency / batch)",
         latency.mean / plan.batch as f64
     );
+    if let Some(stages) = &stages {
+        for (name, s) in [
+            ("H2D", stages.h2d),
+            ("compute", stages.compute),
+            ("D2H", stages.d2h),
+        ] {
+            println!(
+                "{:<14}: mean {:.3} ms, median {:.3} ms (CUDA events)",
+                format!("GPU {name}"),
+                s.mean,
+                s.p50
+            );
+        }
+    }
     Ok(())
+}
+
+/// Upload / compute / download latencies of the timed batches (GPU backends only).
+struct StageSummary {
+    h2d: LatencyStats,
+    compute: LatencyStats,
+    d2h: LatencyStats,
+}
+
+impl StageSummary {
+    fn new(stages: &[StageTimings]) -> Option<Self> {
+        let of = |f: fn(&StageTimings) -> f64| {
+            LatencyStats::from_millis(&stages.iter().map(f).collect::<Vec<_>>())
+        };
+        Some(StageSummary {
+            h2d: of(|s| s.h2d_ms)?,
+            compute: of(|s| s.compute_ms)?,
+            d2h: of(|s| s.d2h_ms)?,
+        })
+    }
 }
 
 fn backend_classes(backend: &dyn Backend) -> usize {
