@@ -349,6 +349,14 @@ fn relu_softmax_topk() {
     );
     assert_eq!(top_k(row.view(), 5).unwrap().len(), 5);
     assert!(top_k(row.view(), 0).is_err() && top_k(row.view(), 6).is_err());
+    // NaN of either sign ranks first (a negative NaN is what x86 makes of inf - inf).
+    let negative_nan = -f32::NAN;
+    assert!(negative_nan.is_sign_negative());
+    let with_nan = arr1(&[0.5f32, negative_nan, 0.9]);
+    let top = top_k(with_nan.view(), 2).unwrap();
+    assert_eq!(top[0].0, 1);
+    assert!(top[0].1.is_nan());
+    assert_eq!(top[1], (2, 0.9));
 }
 
 #[test]

@@ -44,8 +44,14 @@ pub fn top_k(row: ArrayView1<'_, f32>, k: usize) -> Result<Vec<(usize, f32)>> {
         ));
     }
     let mut entries: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
-    let by_value_desc =
-        |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    // NaN of either sign first (x86 makes negative NaNs, which total_cmp ranks below -inf), then
+    // values descending, then the lower index: the GPU's softmax_topk uses the same order.
+    let by_value_desc = |a: &(usize, f32), b: &(usize, f32)| {
+        b.1.is_nan()
+            .cmp(&a.1.is_nan())
+            .then(b.1.total_cmp(&a.1))
+            .then(a.0.cmp(&b.0))
+    };
     if k < entries.len() {
         entries.select_nth_unstable_by(k - 1, by_value_desc);
         entries.truncate(k);

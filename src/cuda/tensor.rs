@@ -184,8 +184,9 @@ impl<T: GpuFloat> GpuTensor<T> {
         &self.data
     }
 
-    /// The device buffer, mutably.
-    pub fn data_mut(&mut self) -> &mut CudaSlice<T> {
+    /// The device buffer, mutably. Crate-only: safe code outside could swap in a buffer of
+    /// another length, and every launcher relies on the length matching the shape.
+    pub(crate) fn data_mut(&mut self) -> &mut CudaSlice<T> {
         &mut self.data
     }
 }
