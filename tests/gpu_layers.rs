@@ -18,7 +18,7 @@ use alexnet_cuda::cuda::{
 };
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::Error;
-use common::formula_values;
+use common::{check, formula_values};
 use half::f16;
 use image::RgbImage;
 use ndarray::{s, Array, Array1, Array2, Array4, ArrayD, Dimension, ShapeBuilder};
@@ -50,29 +50,6 @@ fn random<Sh: ShapeBuilder>(shape: Sh, stream: u64, scale: f64) -> Array<f32, Sh
 
 fn round_f16<D: Dimension>(a: &Array<f32, D>) -> Array<f32, D> {
     a.mapv(|v| f16::from_f32(v).to_f32())
-}
-
-/// max |got - want| / max |want|; infinite on any NaN in `got` or a shape mismatch.
-fn rel_err(got: &ArrayD<f32>, want: &ArrayD<f32>) -> f64 {
-    if got.shape() != want.shape() {
-        return f64::INFINITY;
-    }
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-    let mut err = 0.0f64;
-    for (g, w) in got.iter().zip(want.iter()) {
-        if g.is_nan() {
-            return f64::INFINITY;
-        }
-        err = err.max((*g as f64 - *w as f64).abs());
-    }
-    err / scale.max(f64::MIN_POSITIVE)
-}
-
-fn check(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, tol: f64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let err = rel_err(got, want);
-    eprintln!("{what}: relative error {err:.3e} (tolerance {tol:e})");
-    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:e}");
 }
 
 fn upload<T: GpuFloat, D: Dimension>(gpu: &Gpu, a: &Array<f32, D>, layout: Layout) -> GpuTensor<T> {

@@ -17,7 +17,7 @@ use alexnet_cuda::cuda::{CudaModel, CudaOptions};
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::timing::synthetic_batch;
 use alexnet_cuda::{open_backend, AlexNetConfig, DeviceChoice, Precision, Weights};
-use common::{formula_values, formula_weights};
+use common::{check, formula_values, formula_weights};
 use image::RgbImage;
 use ndarray::{Array2, Array4, ArrayD};
 
@@ -37,28 +37,6 @@ fn seed(test: &str) -> u64 {
 
 fn cuda_model(weights: &Weights, precision: Precision) -> CudaModel {
     CudaModel::new(weights, precision, CudaOptions::default()).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn rel_err(got: &ArrayD<f32>, want: &ArrayD<f32>) -> f64 {
-    if got.shape() != want.shape() {
-        return f64::INFINITY;
-    }
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-    let mut err = 0.0f64;
-    for (g, w) in got.iter().zip(want.iter()) {
-        if g.is_nan() {
-            return f64::INFINITY;
-        }
-        err = err.max((*g as f64 - *w as f64).abs());
-    }
-    err / scale.max(f64::MIN_POSITIVE)
-}
-
-fn check(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, tol: f64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let err = rel_err(got, want);
-    eprintln!("{what}: relative error {err:.3e} (tolerance {tol:e})");
-    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:e}");
 }
 
 fn argmax(row: ndarray::ArrayView1<'_, f32>) -> usize {

@@ -83,3 +83,21 @@ pub fn json_f64s(value: &serde_json::Value) -> Vec<f64> {
         .map(|v| v.as_f64().expect("a number"))
         .collect()
 }
+
+/// max |got - want| / max |want| of two f32 tensors; infinite on any NaN in `got` or a shape
+/// mismatch.
+pub fn rel_err(got: &ndarray::ArrayD<f32>, want: &ndarray::ArrayD<f32>) -> f64 {
+    if got.shape() != want.shape() {
+        return f64::INFINITY;
+    }
+    let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    rel_max_error(got.as_standard_layout().as_slice().unwrap_or(&[]), &want64)
+}
+
+/// Asserts `rel_err(got, want) <= tol`, printing the error either way.
+pub fn check(what: &str, got: &ndarray::ArrayD<f32>, want: &ndarray::ArrayD<f32>, tol: f64) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let err = rel_err(got, want);
+    eprintln!("{what}: relative error {err:.3e} (tolerance {tol:e})");
+    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:e}");
+}
