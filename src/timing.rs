@@ -59,9 +59,19 @@ pub fn synthetic_batch(batch: usize, input: InputShape, seed: u64) -> Array4<f32
     })
 }
 
+/// The largest batch the timing helpers build (a 4096-image u8 batch is 600 MiB): larger asks
+/// are a typed error rather than an allocation that aborts the process.
+pub const MAX_TIMING_BATCH: usize = 4096;
+
 /// A seeded batch of random 8-bit images (`crop x crop x 3` each), what the image loader
 /// produces: timing from it measures the whole path from host bytes to logits.
 pub fn synthetic_u8_batch(batch: usize, crop: u32, seed: u64) -> Result<U8Batch> {
+    if batch == 0 || batch > MAX_TIMING_BATCH {
+        return Err(Error::invalid(
+            "batch",
+            format!("{batch} images (the timing helpers take 1 to {MAX_TIMING_BATCH})"),
+        ));
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = U8Batch::with_capacity(crop, batch);
     for _ in 0..batch {
@@ -100,10 +110,10 @@ pub fn time_forward(
     plan: TimingPlan,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<TimingRun> {
-    if plan.batch == 0 || plan.iterations == 0 {
+    if plan.batch == 0 || plan.batch > MAX_TIMING_BATCH || plan.iterations == 0 {
         return Err(Error::invalid(
             "timing plan",
-            "batch and iterations must be at least 1",
+            format!("batch must be 1 to {MAX_TIMING_BATCH} and iterations at least 1"),
         ));
     }
     if input.channels != 3 || input.height != input.width {

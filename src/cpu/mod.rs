@@ -16,5 +16,5 @@ pub use conv::Conv2d;
 pub use dropout::{keep_draw, Dropout};
 pub use linear::Linear;
 pub use lrn::Lrn;
-pub use model::CpuModel;
+pub use model::{CpuModel, CHUNK_IMAGES};
 pub use pool::MaxPool2d;

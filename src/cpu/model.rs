@@ -1,6 +1,6 @@
 //! The whole network on the CPU: the reference every other backend is checked against.
 
-use ndarray::{Array2, Array4, ArrayView4, ArrayViewD, Ix2};
+use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, Ix2};
 
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use crate::backend::Precision;
@@ -24,12 +24,20 @@ struct LinearStage {
     dropout: Option<Dropout>,
 }
 
+/// Images per pass of [`CpuModel::forward`]: enough to keep both cores' GEMMs busy, few enough
+/// that the largest activation (conv1's output) stays near 37 MiB.
+pub const CHUNK_IMAGES: usize = 32;
+
 /// AlexNet on the CPU, built from [`Weights`].
 ///
 /// `Precision::Fp32` computes in f32 throughout. `Precision::Fp16` emulates a half-precision
 /// network: weights, the input and every layer's output are rounded to f16, while each layer
 /// still computes (accumulates) in f32 — the same contract as the GPU's fp16 mode (f16 storage,
 /// f32 accumulation).
+///
+/// Thread safety: `CpuModel` is `Send + Sync` and [`CpuModel::forward`] takes `&self`, so one
+/// model can serve several threads at once (they share rayon's pool); results do not depend on
+/// what other threads are doing.
 #[derive(Clone, Debug)]
 pub struct CpuModel {
     config: AlexNetConfig,
@@ -99,8 +107,22 @@ impl CpuModel {
     }
 
     /// Logits `[N, classes]` for a normalised NCHW batch `[N, 3, 224, 224]` (inference mode).
+    ///
+    /// Large batches run [`CHUNK_IMAGES`] images at a time, so memory stays bounded whatever the
+    /// batch size (the logits are the same: images never interact).
     pub fn forward(&self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
-        self.forward_observed(input, |_, _| {})
+        let n = input.dim().0;
+        if n <= CHUNK_IMAGES {
+            return self.forward_observed(input, |_, _| {});
+        }
+        let mut logits = Array2::zeros((n, self.config.num_classes()));
+        for start in (0..n).step_by(CHUNK_IMAGES) {
+            let end = (start + CHUNK_IMAGES).min(n);
+            let chunk =
+                self.forward_observed(input.slice(s![start..end, .., .., ..]), |_, _| {})?;
+            logits.slice_mut(s![start..end, ..]).assign(&chunk);
+        }
+        Ok(logits)
     }
 
     /// Like [`CpuModel::forward`], calling `observe(stage, activation)` after every stage
