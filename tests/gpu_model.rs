@@ -16,7 +16,7 @@ use alexnet_cuda::cpu::{softmax, top_k, CpuModel};
 use alexnet_cuda::cuda::{CudaModel, CudaOptions};
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::timing::synthetic_batch;
-use alexnet_cuda::{open_backend, AlexNetConfig, DeviceChoice, Precision, Weights};
+use alexnet_cuda::{open_backend, AlexNetConfig, DeviceChoice, Error, Precision, Weights};
 use common::{check, formula_values, formula_weights};
 use image::RgbImage;
 use ndarray::{Array2, Array4, ArrayD};
@@ -411,4 +411,28 @@ fn open_backend_picks_the_gpu_and_the_trait_paths_agree() {
         1e-4,
     );
     assert!(cuda.last_stage_timings().is_some());
+}
+
+/// A batch far beyond the card's memory is a typed error, and the same model then still runs a
+/// smaller batch correctly.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn out_of_memory_is_a_typed_error_and_the_model_recovers() {
+    let config = AlexNetConfig::torchvision();
+    let weights = formula_weights(&config);
+    let mut model = cuda_model(&weights, Precision::Fp32);
+    // 2^20 images: the input alone would need 600 GB.
+    match model.prepare(1 << 20) {
+        Err(Error::Cuda { .. }) => {}
+        other => panic!("expected a typed CUDA error for 2^20 images, got {other:?}"),
+    }
+    let batch = random_u8_batch(2, 224, seed("out_of_memory"));
+    let got = model
+        .forward_u8(&batch)
+        .unwrap_or_else(|e| panic!("after OOM: {e}"));
+    let cpu = CpuModel::new(&weights, Precision::Fp32).unwrap();
+    let want = cpu
+        .forward(batch.to_nchw_f32(&Preprocess::default()).view())
+        .unwrap();
+    check("forward after OOM", &got.into_dyn(), &want.into_dyn(), 1e-4);
 }
