@@ -29,7 +29,7 @@ const EXIT_FATAL: u8 = 1;
     about = "AlexNet inference: classify images or time synthetic batches"
 )]
 struct Args {
-    /// Images per forward pass (at most 1024, which already needs ~10 GiB on the CPU).
+    /// Images per forward pass (1 to 1024).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     batch: u64,
     /// Numeric mode.
