@@ -149,8 +149,9 @@ fn unavailable(message: impl Into<String>) -> Error {
     Error::DeviceUnavailable(message.into())
 }
 
-pub(crate) fn driver_err(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
-    let op = op.into();
+/// Maps a driver error to `Error::Cuda` naming `op`. Takes a `&'static str` so that the hot path
+/// (every launch builds one of these) allocates nothing unless an error actually happens.
+pub(crate) fn driver_err(op: &'static str) -> impl FnOnce(DriverError) -> Error {
     move |e| Error::cuda(op, format!("{e:?}"))
 }
 

@@ -47,7 +47,7 @@ fn upload<T: GpuFloat>(gpu: &Gpu, values: &[T], what: &str) -> Result<CudaSlice<
     }
     gpu.stream()
         .clone_htod(values)
-        .map_err(driver_err(format!("uploading {what}")))
+        .map_err(|e| Error::cuda(format!("uploading {what}"), format!("{e:?}")))
 }
 
 /// `x += bias[channel]`, then ReLU if `relu`, in place, with the `bias_act` kernel. The channel
@@ -363,13 +363,12 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         drop(handle);
         let bytes = needed.max(best.workspace);
         let workspace = if bytes > 0 {
-            Some(
-                gpu.stream()
-                    .alloc_zeros::<u8>(bytes)
-                    .map_err(driver_err(format!(
-                        "allocating a {bytes}-byte cuDNN workspace"
-                    )))?,
-            )
+            Some(gpu.stream().alloc_zeros::<u8>(bytes).map_err(|e| {
+                Error::cuda(
+                    format!("allocating a {bytes}-byte cuDNN workspace"),
+                    format!("{e:?}"),
+                )
+            })?)
         } else {
             None
         };

@@ -97,6 +97,7 @@ impl Weights {
         origin: &Path,
         config: Option<&AlexNetConfig>,
     ) -> Result<Weights> {
+        check_data_end(bytes, origin)?;
         let file = SafeTensors::deserialize(bytes).map_err(|e| format_error(origin, bytes, &e))?;
         let tensors = index_tensors(&file, origin)?;
         let config = match config {
@@ -274,6 +275,31 @@ fn header_entries(bytes: &[u8]) -> Option<(usize, Vec<(String, TensorInfo)>)> {
         .collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     Some((n, entries))
+}
+
+/// Rejects a header whose data offsets end so far out that `safetensors` would overflow adding
+/// the header length to them (it does so unchecked: a panic where overflow checks are on, found
+/// while writing the fuzz targets; see `tests/fuzz_regressions.rs`). Other headers are left to `safetensors`.
+fn check_data_end(bytes: &[u8], origin: &Path) -> Result<()> {
+    let Some((n, entries)) = header_entries(bytes) else {
+        return Ok(());
+    };
+    let data_end = entries
+        .iter()
+        .map(|(_, info)| info.data_offsets.1)
+        .max()
+        .unwrap_or(0);
+    if data_end.checked_add(n).and_then(|end| end.checked_add(8)).is_some() {
+        return Ok(());
+    }
+    Err(Error::WeightsFormat {
+        path: origin.to_path_buf(),
+        message: format!(
+            "the header's data offsets reach byte {data_end} of the data, beyond any file size \
+             (the file is {} bytes)",
+            bytes.len()
+        ),
+    })
 }
 
 /// Bytes a tensor of this shape and dtype occupies; `None` on overflow.
