@@ -277,9 +277,10 @@ fn header_entries(bytes: &[u8]) -> Option<(usize, Vec<(String, TensorInfo)>)> {
     Some((n, entries))
 }
 
-/// Rejects a header whose data offsets end so far out that `safetensors` would overflow adding
-/// the header length to them (it does so unchecked: a panic where overflow checks are on, found
-/// while writing the fuzz targets; see `tests/fuzz_regressions.rs`). Other headers are left to `safetensors`.
+/// Rejects a header whose data offsets end so far out that `safetensors` (0.8.0) would overflow
+/// adding the header length to them: it does so unchecked, a panic where overflow checks are on
+/// (found while writing the fuzz targets; see `tests/fuzz_regressions.rs`). Other headers are
+/// left to `safetensors`.
 fn check_data_end(bytes: &[u8], origin: &Path) -> Result<()> {
     let Some((n, entries)) = header_entries(bytes) else {
         return Ok(());
@@ -289,7 +290,8 @@ fn check_data_end(bytes: &[u8], origin: &Path) -> Result<()> {
         .map(|(_, info)| info.data_offsets.1)
         .max()
         .unwrap_or(0);
-    if data_end.checked_add(n).and_then(|end| end.checked_add(8)).is_some() {
+    let file_end = data_end.checked_add(n).and_then(|end| end.checked_add(8));
+    if file_end.is_some() {
         return Ok(());
     }
     Err(Error::WeightsFormat {
