@@ -16,11 +16,10 @@ use alexnet_cuda::cuda::{
     softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, Gpu, GpuFloat, GpuTensor, Layout, LinearGpu,
     LrnGpu, MaxPoolGpu, PrepareInput, TopK,
 };
-use alexnet_cuda::image::{Preprocess, U8Batch};
+use alexnet_cuda::image::Preprocess;
 use alexnet_cuda::Error;
-use common::{check, formula_values};
+use common::{check, formula_values, random_u8_batch};
 use half::f16;
-use image::RgbImage;
 use ndarray::{s, Array, Array1, Array2, Array4, ArrayD, Dimension, ShapeBuilder};
 
 fn gpu() -> Gpu {
@@ -512,20 +511,6 @@ fn softmax_and_top_k_match_cpu() {
             "k = {bad_k}"
         );
     }
-}
-
-fn random_u8_batch(n: usize, side: u32, seed: u64) -> U8Batch {
-    let mut batch = U8Batch::new(side);
-    for i in 0..n {
-        let bytes: Vec<u8> = formula_values(seed + i as u64, (side * side * 3) as usize, 1.0)
-            .into_iter()
-            .map(|v| ((v + 1.0) * 127.99) as u8)
-            .collect();
-        batch
-            .push(&RgbImage::from_raw(side, side, bytes).unwrap())
-            .unwrap();
-    }
-    batch
 }
 
 #[test]

@@ -17,8 +17,7 @@ use alexnet_cuda::cuda::{CudaModel, CudaOptions};
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::timing::synthetic_batch;
 use alexnet_cuda::{open_backend, AlexNetConfig, DeviceChoice, Error, Precision, Weights};
-use common::{check, formula_values, formula_weights};
-use image::RgbImage;
+use common::{check, formula_weights, random_u8_batch};
 use ndarray::{Array2, Array4, ArrayD};
 
 fn seed(test: &str) -> u64 {
@@ -153,20 +152,6 @@ fn classic_dropout_scales_at_inference_like_the_cpu() {
     let mut config = AlexNetConfig::paper();
     config.dropout_mode = DropoutMode::Classic;
     network_against_cpu(config, Precision::Fp32, 1e-4);
-}
-
-fn random_u8_batch(n: usize, side: u32, seed: u64) -> U8Batch {
-    let mut batch = U8Batch::new(side);
-    for i in 0..n {
-        let bytes: Vec<u8> = formula_values(seed + i as u64, (side * side * 3) as usize, 1.0)
-            .into_iter()
-            .map(|v| ((v + 1.0) * 127.99) as u8)
-            .collect();
-        batch
-            .push(&RgbImage::from_raw(side, side, bytes).unwrap())
-            .unwrap();
-    }
-    batch
 }
 
 #[test]

@@ -101,3 +101,17 @@ pub fn check(what: &str, got: &ndarray::ArrayD<f32>, want: &ndarray::ArrayD<f32>
     eprintln!("{what}: relative error {err:.3e} (tolerance {tol:e})");
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:e}");
 }
+
+/// `n` formula-filled 8-bit RGB images of `side` x `side`, from stream `seed + i` for image i.
+pub fn random_u8_batch(n: usize, side: u32, seed: u64) -> alexnet_cuda::image::U8Batch {
+    let mut batch = alexnet_cuda::image::U8Batch::new(side);
+    for i in 0..n {
+        let bytes: Vec<u8> = formula_values(seed + i as u64, (side * side * 3) as usize, 1.0)
+            .into_iter()
+            .map(|v| ((v + 1.0) * 127.99) as u8)
+            .collect();
+        let image = image::RgbImage::from_raw(side, side, bytes).expect("side*side*3 bytes");
+        batch.push(&image).expect("image of the batch's size");
+    }
+    batch
+}
