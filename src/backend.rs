@@ -1,51 +1,15 @@
-//! What every backend shares: the precision and device choices, and the [`Backend`] trait the
-//! CLI and benchmarks drive.
-
-use std::fmt;
-use std::str::FromStr;
+//! What every backend shares: the device choice, the [`Backend`] trait the CLI and benchmarks
+//! drive, and [`open_backend`]. Each model implements the trait beside its own code.
 
 use ndarray::{Array2, ArrayView4};
 use serde::Serialize;
 
-use crate::config::AlexNetConfig;
+use crate::config::{AlexNetConfig, Precision};
 use crate::cpu::CpuModel;
 use crate::cuda::{CudaModel, CudaOptions};
 use crate::error::{Error, Result};
 use crate::image::{Preprocess, U8Batch};
 use crate::weights::Weights;
-
-/// Numeric mode of a model.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Precision {
-    /// f32 storage and arithmetic.
-    #[default]
-    Fp32,
-    /// f16 storage (weights and activations) with f32 accumulation.
-    Fp16,
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-        })
-    }
-}
-
-impl FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp32" | "f32" => Ok(Precision::Fp32),
-            "fp16" | "f16" => Ok(Precision::Fp16),
-            other => Err(Error::invalid(
-                "precision",
-                format!("`{other}` (expected fp32 or fp16)"),
-            )),
-        }
-    }
-}
 
 /// Which device to run on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,24 +57,6 @@ pub struct StageTimings {
     pub h2d_ms: f64,
     pub compute_ms: f64,
     pub d2h_ms: f64,
-}
-
-impl Backend for crate::cpu::CpuModel {
-    fn device_name(&self) -> String {
-        format!("CPU ({} threads)", rayon::current_num_threads())
-    }
-
-    fn precision(&self) -> Precision {
-        crate::cpu::CpuModel::precision(self)
-    }
-
-    fn config(&self) -> &AlexNetConfig {
-        crate::cpu::CpuModel::config(self)
-    }
-
-    fn forward(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
-        crate::cpu::CpuModel::forward(self, input)
-    }
 }
 
 /// A backend ready to run, and a one-line notice when the choice was not the one asked for.

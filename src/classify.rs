@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
-use crate::cpu::{softmax, top_k};
 use crate::error::{Error, Result};
 use crate::image::{load_batch, Preprocess};
+use crate::postprocess::{softmax, top_k};
 
 /// One classified image.
 #[derive(Clone, Debug)]

@@ -2,8 +2,42 @@
 //! specs, and the shape and parameter arithmetic derived from them (nothing here is typed in).
 
 use std::fmt;
+use std::str::FromStr;
 
 use crate::error::{Error, Result};
+
+/// Numeric mode of a model: how weights and activations are stored and computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 storage and arithmetic.
+    #[default]
+    Fp32,
+    /// f16 storage (weights and activations) with f32 accumulation.
+    Fp16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+        })
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" | "f32" => Ok(Precision::Fp32),
+            "fp16" | "f16" => Ok(Precision::Fp16),
+            other => Err(Error::invalid(
+                "precision",
+                format!("`{other}` (expected fp32 or fp16)"),
+            )),
+        }
+    }
+}
 
 /// Inter-channel local response normalisation, in the paper's convention:
 /// `b_c = a_c / (k + alpha * sum_{j in window(c)} a_j^2)^beta`, the window holding `size` channels

@@ -6,7 +6,8 @@
 //! Data flows one way: files -> [`Weights`] / image batch -> a backend's model -> logits -> top-k.
 //!
 //! ```
-//! use alexnet_cuda::cpu::{softmax, top_k, CpuModel};
+//! use alexnet_cuda::cpu::CpuModel;
+//! use alexnet_cuda::postprocess::{softmax, top_k};
 //! use alexnet_cuda::timing::synthetic_batch;
 //! use alexnet_cuda::{AlexNetConfig, Precision, Weights};
 //!
@@ -54,12 +55,14 @@ pub mod cuda;
 pub mod error;
 pub mod image;
 pub mod labels;
+pub mod postprocess;
 pub mod timing;
 pub mod weights;
 
 pub use crate::image::{collect_image_paths, load_batch, LoadedBatch, Preprocess, U8Batch};
-pub use backend::{open_backend, Backend, DeviceChoice, OpenedBackend, Precision};
+pub use backend::{open_backend, Backend, DeviceChoice, OpenedBackend};
 pub use config::AlexNetConfig;
+pub use config::Precision;
 pub use error::{Error, Result};
 pub use labels::{class_name, imagenet_classes};
 pub use weights::Weights;

@@ -4,9 +4,8 @@
 mod common;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams};
-use alexnet_cuda::cpu::{
-    keep_draw, relu_inplace, softmax, top_k, Conv2d, Dropout, Linear, Lrn, MaxPool2d,
-};
+use alexnet_cuda::cpu::{keep_draw, relu_inplace, Conv2d, Dropout, Linear, Lrn, MaxPool2d};
+use alexnet_cuda::postprocess::{softmax, top_k};
 use common::formula_values;
 use ndarray::{arr1, Array, Array1, Array2, Array4, ArrayView4, Dimension, ShapeBuilder};
 

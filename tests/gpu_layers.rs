@@ -11,12 +11,13 @@
 mod common;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams};
-use alexnet_cuda::cpu::{softmax, top_k, Conv2d, Dropout, Linear, Lrn, MaxPool2d};
+use alexnet_cuda::cpu::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use alexnet_cuda::cuda::{
     softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, Gpu, GpuFloat, GpuTensor, Layout, LinearGpu,
     LrnGpu, MaxPoolGpu, PrepareInput, TopK,
 };
 use alexnet_cuda::image::Preprocess;
+use alexnet_cuda::postprocess::{softmax, top_k};
 use alexnet_cuda::Error;
 use common::{check, formula_values, random_u8_batch};
 use half::f16;

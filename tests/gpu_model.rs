@@ -12,9 +12,10 @@
 mod common;
 
 use alexnet_cuda::config::DropoutMode;
-use alexnet_cuda::cpu::{softmax, top_k, CpuModel};
+use alexnet_cuda::cpu::CpuModel;
 use alexnet_cuda::cuda::{CudaModel, CudaOptions};
 use alexnet_cuda::image::{Preprocess, U8Batch};
+use alexnet_cuda::postprocess::{softmax, top_k};
 use alexnet_cuda::timing::synthetic_batch;
 use alexnet_cuda::{open_backend, AlexNetConfig, DeviceChoice, Error, Precision, Weights};
 use common::{check, formula_weights, random_u8_batch};

@@ -11,7 +11,7 @@ mod lrn;
 mod model;
 mod pool;
 
-pub use activation::{relu_inplace, softmax, top_k};
+pub use activation::relu_inplace;
 pub use conv::Conv2d;
 pub use dropout::{keep_draw, Dropout};
 pub use linear::Linear;

@@ -3,8 +3,8 @@
 use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, Ix2};
 
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
-use crate::backend::Precision;
-use crate::config::AlexNetConfig;
+use crate::backend::Backend;
+use crate::config::{AlexNetConfig, Precision};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
@@ -192,5 +192,23 @@ impl CpuModel {
             a.par_mapv_inplace(|v| half::f16::from_f32(v).to_f32());
         }
         a
+    }
+}
+
+impl Backend for CpuModel {
+    fn device_name(&self) -> String {
+        format!("CPU ({} threads)", rayon::current_num_threads())
+    }
+
+    fn precision(&self) -> Precision {
+        CpuModel::precision(self)
+    }
+
+    fn config(&self) -> &AlexNetConfig {
+        CpuModel::config(self)
+    }
+
+    fn forward(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        CpuModel::forward(self, input)
     }
 }

@@ -13,8 +13,8 @@ use super::layers::{
 use super::pinned::{alloc_readback, alloc_upload};
 use super::pipeline::Pipeline;
 use super::tensor::{to_physical, GpuTensor, Layout};
-use crate::backend::{Precision, StageTimings};
-use crate::config::{AlexNetConfig, LayerKind};
+use crate::backend::StageTimings;
+use crate::config::{AlexNetConfig, LayerKind, Precision};
 use crate::error::{Error, Result};
 use crate::image::U8Batch;
 use crate::weights::Weights;
