@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::activation;
 use super::gemm::{gemm_accumulate, MatRef, Threads};
+use crate::config::window_output;
 use crate::error::{Error, Result};
 
 /// A 2-D convolution with square kernels, PyTorch semantics (cross-correlation, zero padding,
@@ -65,10 +66,7 @@ impl Conv2d {
     /// Output `(height, width)` for an input of `(height, width)`, or an error if the kernel does
     /// not fit.
     pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
-        let out = |len: usize| {
-            let padded = len + 2 * self.padding;
-            (padded >= self.kernel).then(|| (padded - self.kernel) / self.stride + 1)
-        };
+        let out = |len| window_output(len, self.kernel, self.stride, self.padding);
         match (out(height), out(width)) {
             (Some(h), Some(w)) => Ok((h, w)),
             _ => Err(Error::Shape {

@@ -4,24 +4,30 @@ use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, Ix2};
 
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use crate::backend::Backend;
-use crate::config::{AlexNetConfig, Precision};
+use crate::config::{AlexNetConfig, Precision, StageOp};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
-/// One convolution stage: conv + bias + ReLU (fused), then optional LRN and max-pool.
+/// The layer that runs one stage of the plan.
 #[derive(Clone, Debug)]
-struct ConvStage {
-    conv: Conv2d,
-    lrn: Option<Lrn>,
-    pool: Option<MaxPool2d>,
+enum Layer {
+    /// Conv + bias + ReLU, fused.
+    Conv(Conv2d),
+    Lrn(Lrn),
+    Pool(MaxPool2d),
+    /// Linear (+ ReLU), then dropout at inference.
+    Linear {
+        linear: Linear,
+        relu: bool,
+        dropout: Option<Dropout>,
+    },
 }
 
-/// One fully connected stage: linear (+ ReLU), then dropout at inference.
+/// One stage: its plan name (`conv1`, `lrn1`, ...) and layer.
 #[derive(Clone, Debug)]
-struct LinearStage {
-    linear: Linear,
-    relu: bool,
-    dropout: Option<Dropout>,
+struct Stage {
+    name: String,
+    layer: Layer,
 }
 
 /// Images per pass of [`CpuModel::forward`]: enough to keep both cores' GEMMs busy, few enough
@@ -42,8 +48,7 @@ pub const CHUNK_IMAGES: usize = 32;
 pub struct CpuModel {
     config: AlexNetConfig,
     precision: Precision,
-    convs: Vec<ConvStage>,
-    fcs: Vec<LinearStage>,
+    stages: Vec<Stage>,
 }
 
 impl CpuModel {
@@ -57,44 +62,49 @@ impl CpuModel {
             }
         };
         let config = weights.config().clone();
-        config.layers()?;
-        let convs = config
-            .convs
+        let plan = config.plan()?;
+        let mut convs = weights.convs().iter();
+        let mut fcs = weights.fcs().iter();
+        let missing = |name: &str| Error::invalid("weights", format!("no parameters for {name}"));
+        let stages = plan
+            .stages
             .iter()
-            .zip(weights.convs())
-            .map(|(spec, params)| {
-                Ok(ConvStage {
-                    conv: Conv2d::new(
-                        params.weight.view(),
-                        &params.bias,
-                        spec.stride,
-                        spec.padding,
-                    )?,
-                    lrn: spec.lrn.map(Lrn::new).transpose()?,
-                    pool: spec.pool.map(MaxPool2d::from),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let fcs = config
-            .fcs
-            .iter()
-            .zip(weights.fcs())
-            .map(|(spec, params)| {
-                Ok(LinearStage {
-                    linear: Linear::new(params.weight.view(), &params.bias)?,
-                    relu: spec.relu,
-                    dropout: spec
-                        .dropout
-                        .map(|p| Dropout::new(p, config.dropout_mode))
-                        .transpose()?,
+            .map(|stage| {
+                let layer = match stage.op {
+                    StageOp::Conv {
+                        stride, padding, ..
+                    } => {
+                        let params = convs.next().ok_or_else(|| missing(&stage.name))?;
+                        Layer::Conv(Conv2d::new(
+                            params.weight.view(),
+                            &params.bias,
+                            stride,
+                            padding,
+                        )?)
+                    }
+                    StageOp::Lrn(params) => Layer::Lrn(Lrn::new(params)?),
+                    StageOp::MaxPool(spec) => Layer::Pool(MaxPool2d::from(spec)),
+                    StageOp::Linear { relu, dropout, .. } => {
+                        let params = fcs.next().ok_or_else(|| missing(&stage.name))?;
+                        Layer::Linear {
+                            linear: Linear::new(params.weight.view(), &params.bias)?,
+                            relu,
+                            dropout: dropout
+                                .map(|p| Dropout::new(p, plan.dropout_mode))
+                                .transpose()?,
+                        }
+                    }
+                };
+                Ok(Stage {
+                    name: stage.name.clone(),
+                    layer,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(CpuModel {
             config,
             precision,
-            convs,
-            fcs,
+            stages,
         })
     }
 
@@ -146,41 +156,48 @@ impl CpuModel {
             });
         }
         let mut x: Array4<f32> = self.round(input.to_owned());
-        let mut pools = 0;
-        for (i, stage) in self.convs.iter().enumerate() {
-            x = self.round(stage.conv.forward_relu(x.view())?);
-            observe(&format!("conv{}", i + 1), x.view().into_dyn());
-            if let Some(lrn) = &stage.lrn {
-                x = self.round(lrn.forward(x.view())?);
-                observe(&format!("lrn{}", i + 1), x.view().into_dyn());
+        let mut y: Option<Array2<f32>> = None; // the flattened activation, from fc1 on
+        for stage in &self.stages {
+            match &stage.layer {
+                Layer::Conv(conv) => x = self.round(conv.forward_relu(x.view())?),
+                Layer::Lrn(lrn) => x = self.round(lrn.forward(x.view())?),
+                // The max of f16 values is an f16 value: no rounding.
+                Layer::Pool(pool) => x = pool.forward(x.view())?,
+                Layer::Linear {
+                    linear,
+                    relu,
+                    dropout,
+                } => {
+                    let flat = match y.take() {
+                        Some(flat) => flat,
+                        // Flatten in (C, H, W) order: NCHW standard layout already is.
+                        None => {
+                            let features = x.len() / n;
+                            std::mem::take(&mut x)
+                                .into_shape_with_order((n, features))
+                                .map_err(|e| Error::invalid("flatten", e.to_string()))?
+                        }
+                    };
+                    let mut out = if *relu {
+                        linear.forward_relu(flat.view())?
+                    } else {
+                        linear.forward(flat.view())?
+                    };
+                    if let Some(dropout) = dropout {
+                        out = dropout
+                            .forward_eval(out.view().into_dyn())
+                            .into_dimensionality::<Ix2>()
+                            .map_err(|e| Error::invalid("dropout", e.to_string()))?;
+                    }
+                    y = Some(self.round(out));
+                }
             }
-            if let Some(pool) = &stage.pool {
-                pools += 1;
-                x = pool.forward(x.view())?; // max of f16 values is an f16 value: no rounding
-                observe(&format!("pool{pools}"), x.view().into_dyn());
+            match &y {
+                Some(flat) => observe(&stage.name, flat.view().into_dyn()),
+                None => observe(&stage.name, x.view().into_dyn()),
             }
         }
-        // Flatten in (C, H, W) order: NCHW standard layout already is.
-        let features = x.len() / n;
-        let mut y = x
-            .into_shape_with_order((n, features))
-            .map_err(|e| Error::invalid("flatten", e.to_string()))?;
-        for (i, stage) in self.fcs.iter().enumerate() {
-            y = if stage.relu {
-                stage.linear.forward_relu(y.view())?
-            } else {
-                stage.linear.forward(y.view())?
-            };
-            if let Some(dropout) = &stage.dropout {
-                y = dropout
-                    .forward_eval(y.view().into_dyn())
-                    .into_dimensionality::<Ix2>()
-                    .map_err(|e| Error::invalid("dropout", e.to_string()))?;
-            }
-            y = self.round(y);
-            observe(&format!("fc{}", i + 1), y.view().into_dyn());
-        }
-        Ok(y)
+        y.ok_or_else(|| Error::invalid("config", "the network has no linear layer"))
     }
 
     /// Rounds to f16 precision in fp16 mode; the identity in fp32 mode.

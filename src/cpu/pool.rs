@@ -3,7 +3,7 @@
 use ndarray::{Array4, ArrayView4};
 use rayon::prelude::*;
 
-use crate::config::PoolSpec;
+use crate::config::{window_output, PoolSpec};
 use crate::error::{Error, Result};
 
 /// Max-pooling; overlapping when `stride < kernel` (the paper's 3x3, stride 2).
@@ -24,20 +24,18 @@ impl From<PoolSpec> for MaxPool2d {
 
 impl MaxPool2d {
     pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
-        if self.kernel == 0 || self.stride == 0 || height < self.kernel || width < self.kernel {
-            return Err(Error::Shape {
+        let out = |len| window_output(len, self.kernel, self.stride, 0);
+        match (out(height), out(width)) {
+            (Some(h), Some(w)) => Ok((h, w)),
+            _ => Err(Error::Shape {
                 op: "MaxPool2d",
                 expected: format!(
                     "spatial size >= kernel {} (kernel and stride > 0)",
                     self.kernel
                 ),
                 found: vec![height, width],
-            });
+            }),
         }
-        Ok((
-            (height - self.kernel) / self.stride + 1,
-            (width - self.kernel) / self.stride + 1,
-        ))
     }
 
     /// `[N, C, H, W] -> [N, C, OH, OW]`. A NaN in a window makes that output NaN.

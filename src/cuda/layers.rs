@@ -23,7 +23,7 @@ use super::dtype::{GpuDtype, GpuFloat};
 use super::launch::{abi_shape, grid_1d, grid_rows, to_i32, to_u32};
 use super::pinned::alloc_readback;
 use super::tensor::{GpuTensor, Layout};
-use crate::config::{DropoutMode, LrnParams};
+use crate::config::{window_output, DropoutMode, LrnParams};
 use crate::error::{Error, Result};
 
 fn shape_err(op: &'static str, expected: impl Into<String>, found: &[usize]) -> Error {
@@ -256,12 +256,9 @@ impl<T: GpuFloat> Conv2dGpu<T> {
     /// Output `(height, width)` for an input of `(height, width)`.
     pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
         let (k, s, p) = (self.kernel, self.options.stride, self.options.padding);
-        let out = |len: usize| {
-            let padded = len + 2 * p;
-            (padded >= k).then(|| (padded - k) / s + 1)
-        };
+        let out = |len| window_output(len, k, s, p);
         match (out(height), out(width)) {
-            (Some(h), Some(w)) if h > 0 && w > 0 => Ok((h, w)),
+            (Some(h), Some(w)) => Ok((h, w)),
             _ => Err(shape_err(
                 "Conv2dGpu",
                 format!("spatial size >= {k} after padding {p}"),
@@ -560,17 +557,15 @@ impl MaxPoolGpu {
     }
 
     pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
-        if height < self.kernel || width < self.kernel {
-            return Err(shape_err(
+        let out = |len| window_output(len, self.kernel, self.stride, 0);
+        match (out(height), out(width)) {
+            (Some(h), Some(w)) => Ok((h, w)),
+            _ => Err(shape_err(
                 "MaxPoolGpu",
                 format!("spatial size >= kernel {}", self.kernel),
                 &[height, width],
-            ));
+            )),
         }
-        Ok((
-            (height - self.kernel) / self.stride + 1,
-            (width - self.kernel) / self.stride + 1,
-        ))
     }
 
     /// `x` `[n, c, h, w]` to `y` `[n, c, oh, ow]`, same layout.

@@ -14,7 +14,7 @@ use super::pinned::{alloc_readback, alloc_upload};
 use super::pipeline::Pipeline;
 use super::tensor::{to_physical, GpuTensor, Layout};
 use crate::backend::StageTimings;
-use crate::config::{AlexNetConfig, LayerKind, Precision};
+use crate::config::{AlexNetConfig, Precision};
 use crate::error::{Error, Result};
 use crate::image::U8Batch;
 use crate::weights::Weights;
@@ -114,7 +114,7 @@ type HostObserver<'a> = dyn FnMut(&str, ArrayViewD<'_, f32>) + 'a;
 impl<T: GpuFloat> NetT<T> {
     fn build(gpu: &Gpu, weights: &Weights, layout: Layout, allow_tf32: bool) -> Result<Self> {
         let config = weights.config();
-        let rows = config.layers()?;
+        let plan = config.plan()?;
         let input = config.input;
         let input_channels = match layout {
             Layout::Nchw => input.channels,
@@ -146,12 +146,7 @@ impl<T: GpuFloat> NetT<T> {
             });
         }
         // The last convolution stage's output [C, H, W], flattened before fc1.
-        let flat = rows
-            .iter()
-            .rev()
-            .find(|r| r.kind != LayerKind::Linear)
-            .map(|r| r.output.clone())
-            .ok_or_else(|| Error::invalid("config", "no convolution stage"))?;
+        let flat = plan.flatten_shape();
         let fcs = config
             .fcs
             .iter()
@@ -161,7 +156,7 @@ impl<T: GpuFloat> NetT<T> {
                 let linear = if i == 0 && layout == Layout::Nhwc {
                     // NHWC activations flatten in (H, W, C) order: reorder fc1's columns from
                     // PyTorch's (C, H, W) so the result is the CPU's.
-                    let permuted = chw_columns_to_hwc(params.weight.view(), &flat)?;
+                    let permuted = chw_columns_to_hwc(params.weight.view(), flat)?;
                     LinearGpu::new(gpu, permuted.view(), params.bias.view(), allow_tf32)?
                 } else {
                     LinearGpu::new(gpu, params.weight.view(), params.bias.view(), allow_tf32)?
@@ -411,10 +406,10 @@ impl<T: GpuFloat> NetT<T> {
 }
 
 /// `weight` `[out, C*H*W]` with its columns reordered from (C, H, W) to (H, W, C) order.
-fn chw_columns_to_hwc(weight: ndarray::ArrayView2<'_, f32>, chw: &[usize]) -> Result<Array2<f32>> {
-    let &[c, h, w] = chw else {
-        return Err(Error::invalid("model", format!("flatten shape {chw:?}")));
-    };
+fn chw_columns_to_hwc(
+    weight: ndarray::ArrayView2<'_, f32>,
+    [c, h, w]: [usize; 3],
+) -> Result<Array2<f32>> {
     let (out, features) = weight.dim();
     if features != c * h * w {
         return Err(Error::Shape {
@@ -540,7 +535,7 @@ impl CudaModel {
         options: CudaOptions,
     ) -> Result<Self> {
         let config = weights.config().clone();
-        config.layers()?;
+        config.plan()?;
         PrepareInput::new(options.normalization.mean, options.normalization.std)?;
         let net = match precision {
             Precision::Fp32 => Net::F32(NetT::build(
@@ -897,7 +892,7 @@ mod tests {
         let (c, h, w) = (3, 2, 4);
         // Weight row 0 holds each column's own (C, H, W) index.
         let weight = Array2::from_shape_fn((2, c * h * w), |(o, f)| (o * 1000 + f) as f32);
-        let permuted = chw_columns_to_hwc(weight.view(), &[c, h, w]).unwrap();
+        let permuted = chw_columns_to_hwc(weight.view(), [c, h, w]).unwrap();
         // An activation a[ch, y, x] flattened NCHW at ch*h*w + y*w + x and NHWC at
         // (y*w + x)*c + ch must meet the same weight.
         for ch in 0..c {

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::config::AlexNetConfig;
+use crate::config::{AlexNetConfig, ParamSpec, StageOp};
 use crate::error::{Error, Result};
 
 /// Weight and bias of one convolution.
@@ -95,59 +95,59 @@ impl Weights {
     }
 
     /// Assembles weights from `(name, shape, values)` triples under the crate's names, checking
-    /// each against the configuration.
+    /// each against the configuration's plan (names, shapes and order).
     pub(crate) fn from_tensors(
         config: &AlexNetConfig,
         tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
     ) -> Result<Self> {
-        let expected = config.parameter_shapes()?;
-        if tensors.len() != expected.len() {
+        let plan = config.plan()?;
+        let expected = plan.parameters().count();
+        if tensors.len() != expected {
             return Err(Error::invalid(
                 "weights",
                 format!(
-                    "{} tensors given, the {} architecture has {}",
+                    "{} tensors given, the {} architecture has {expected}",
                     tensors.len(),
                     config.name,
-                    expected.len()
                 ),
             ));
         }
         let mut convs = Vec::with_capacity(config.convs.len());
         let mut fcs = Vec::with_capacity(config.fcs.len());
-        let mut pending_weight = None;
-        for ((name, shape, values), (want_name, want_shape)) in tensors.into_iter().zip(expected) {
-            if name != want_name
-                || shape != want_shape
-                || values.len() != want_shape.iter().product::<usize>()
-            {
+        let mut tensors = tensors.into_iter();
+        let mut take = |want: &ParamSpec| -> Result<Vec<f32>> {
+            let (name, shape, values) = tensors
+                .next()
+                .ok_or_else(|| Error::invalid("weights", format!("`{}` is missing", want.name)))?;
+            if name != want.name || shape != want.shape || values.len() != want.len() {
                 return Err(Error::invalid(
                     "weights",
                     format!(
-                        "tensor `{name}` {shape:?} with {} values where `{want_name}` {want_shape:?} was expected",
-                        values.len()
+                        "tensor `{name}` {shape:?} with {} values where `{}` {:?} was expected",
+                        values.len(),
+                        want.name,
+                        want.shape
                     ),
                 ));
             }
-            if name.ends_with(".weight") {
-                pending_weight = Some((shape, values));
+            Ok(values)
+        };
+        for stage in &plan.stages {
+            let Some(params) = &stage.params else {
                 continue;
-            }
-            let Some((w_shape, w_values)) = pending_weight.take() else {
-                return Err(Error::invalid(
-                    "weights",
-                    format!("bias `{name}` without its weight"),
-                ));
             };
-            let bias = Array1::from(values);
+            let weight = take(&params.weight)?;
+            let bias = Array1::from(take(&params.bias)?);
+            let shape = &params.weight.shape;
             let shape_err =
-                |e: ndarray::ShapeError| Error::invalid("weights", format!("{name}: {e}"));
-            if name.starts_with("conv") {
-                let dims = [w_shape[0], w_shape[1], w_shape[2], w_shape[3]];
-                let weight = Array4::from_shape_vec(dims, w_values).map_err(shape_err)?;
+                |e: ndarray::ShapeError| Error::invalid("weights", format!("{}: {e}", stage.name));
+            if let StageOp::Conv { .. } = stage.op {
+                let dims = [shape[0], shape[1], shape[2], shape[3]];
+                let weight = Array4::from_shape_vec(dims, weight).map_err(shape_err)?;
                 convs.push(ConvParams { weight, bias });
             } else {
-                let weight = Array2::from_shape_vec([w_shape[0], w_shape[1]], w_values)
-                    .map_err(shape_err)?;
+                let weight =
+                    Array2::from_shape_vec([shape[0], shape[1]], weight).map_err(shape_err)?;
                 fcs.push(LinearParams { weight, bias });
             }
         }
@@ -175,28 +175,29 @@ impl Weights {
 
     /// Every tensor under the crate's names, in network order, with its shape and values.
     pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Cow<'_, [f32]>)> {
-        let mut out = Vec::with_capacity(2 * (self.convs.len() + self.fcs.len()));
-        for (i, c) in self.convs.iter().enumerate() {
-            out.push(tensor_entry(
-                format!("conv{}.weight", i + 1),
-                c.weight.view().into_dyn(),
-            ));
-            out.push(tensor_entry(
-                format!("conv{}.bias", i + 1),
-                c.bias.view().into_dyn(),
-            ));
-        }
-        for (i, l) in self.fcs.iter().enumerate() {
-            out.push(tensor_entry(
-                format!("fc{}.weight", i + 1),
-                l.weight.view().into_dyn(),
-            ));
-            out.push(tensor_entry(
-                format!("fc{}.bias", i + 1),
-                l.bias.view().into_dyn(),
-            ));
-        }
-        out
+        let layers = self
+            .convs
+            .iter()
+            .map(|c| (c.weight.view().into_dyn(), c.bias.view().into_dyn()))
+            .chain(
+                self.fcs
+                    .iter()
+                    .map(|l| (l.weight.view().into_dyn(), l.bias.view().into_dyn())),
+            );
+        // Weights only exist for a configuration whose plan was built (`from_tensors`), and
+        // the plan lists the parameters in the same (network) order as the layers.
+        let names = self.config.plan().map(|plan| {
+            plan.parameters()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+        });
+        let names = names.unwrap_or_default();
+        let arrays = layers.flat_map(|(weight, bias)| [weight, bias]);
+        names
+            .into_iter()
+            .zip(arrays)
+            .map(|(name, array)| tensor_entry(name, array))
+            .collect()
     }
 
     /// Total number of parameters held.

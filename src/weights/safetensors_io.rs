@@ -17,7 +17,7 @@ use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensorError, SafeTensors, View};
 
 use super::Weights;
-use crate::config::AlexNetConfig;
+use crate::config::{AlexNetConfig, Plan};
 use crate::error::{Error, Result};
 
 /// On-disk dtype for [`crate::Weights::save`].
@@ -408,10 +408,11 @@ fn out_width(tensors: &TensorIndex<'_>, layer: &str) -> Option<usize> {
     })
 }
 
-/// The conv channels of the file's five convolutions (`None` where the file does not say).
-fn file_conv_channels(tensors: &TensorIndex<'_>) -> Vec<Option<usize>> {
-    (1..=5)
-        .map(|i| out_width(tensors, &format!("conv{i}")))
+/// The file's output channels for each convolution of `plan` (`None` where the file does not
+/// say), looked up under the plan's layer names.
+fn file_conv_channels(tensors: &TensorIndex<'_>, plan: &Plan) -> Vec<Option<usize>> {
+    plan.convs()
+        .map(|stage| out_width(tensors, &stage.name))
         .collect()
 }
 
@@ -432,8 +433,10 @@ fn channel_list(channels: &[Option<usize>]) -> String {
 /// tensors are left to the full check, which names them with their expected shapes), and the
 /// fully connected widths come from the file.
 fn detect_config(tensors: &TensorIndex<'_>, origin: &Path) -> Result<AlexNetConfig> {
-    let channels = file_conv_channels(tensors);
     let presets = [AlexNetConfig::paper(), AlexNetConfig::torchvision()];
+    // Both presets name their layers alike (conv1..conv5, fc1..fc3).
+    let names = presets[0].plan()?;
+    let channels = file_conv_channels(tensors, &names);
     let matching: Vec<&AlexNetConfig> = presets
         .iter()
         .filter(|preset| {
@@ -467,8 +470,8 @@ fn detect_config(tensors: &TensorIndex<'_>, origin: &Path) -> Result<AlexNetConf
         }
     };
     let mut config = preset.clone();
-    for (i, fc) in config.fcs.iter_mut().enumerate() {
-        if let Some(width) = out_width(tensors, &format!("fc{}", i + 1)) {
+    for (fc, stage) in config.fcs.iter_mut().zip(names.linears()) {
+        if let Some(width) = out_width(tensors, &stage.name) {
             fc.out_features = width;
         }
     }
@@ -485,7 +488,10 @@ fn check_preset_swap(
     if config.convs.len() != 5 {
         return Ok(());
     }
-    let Some(found) = file_conv_channels(tensors)
+    let Ok(plan) = config.plan() else {
+        return Ok(()); // the full check reports a malformed config
+    };
+    let Some(found) = file_conv_channels(tensors, &plan)
         .into_iter()
         .collect::<Option<Vec<_>>>()
     else {
