@@ -4,9 +4,13 @@
 //! Layouts are PyTorch's: convolution weights `[out, in, kh, kw]` (OIHW), linear weights
 //! `[out, in]`.
 
-mod safetensors_io;
+mod architecture;
+mod diagnostics;
+mod names;
+mod read;
+mod write;
 
-pub use safetensors_io::StorageDtype;
+pub use write::StorageDtype;
 
 use std::borrow::Cow;
 

@@ -1,0 +1,51 @@
+//! Image decoding and torchvision's ImageNet eval preprocessing.
+//!
+//! The pipeline, per image, is exactly torchvision's
+//! `Compose([Resize(256), CenterCrop(224), ToTensor(), Normalize(mean, std)])` applied to a PIL
+//! image opened with `Image.open(path).convert("RGB")`:
+//!
+//! 1. [`decode_image_file`] / [`decode_image_bytes`]: the format is guessed from the content (not
+//!    the extension); grayscale, palette, RGBA, 16-bit, ... all become 8-bit RGB (alpha is dropped,
+//!    not blended, like PIL's `convert("RGB")`). EXIF orientation is *not* applied (PIL does not
+//!    apply it either). Decoding runs under [`Limits`] ([`MAX_IMAGE_DIMENSION`],
+//!    [`MAX_DECODE_ALLOC`]) so a file whose header claims a huge size is an
+//!    [`Error::ImageTooLarge`], not an abort.
+//! 2. [`Preprocess::resize_and_crop`]: shorter side to [`Preprocess::resize_shorter`] (the other
+//!    side `int(resize_shorter * long / short)`, truncated), bilinear with antialiasing, then the
+//!    centre `crop x crop` window. The resampler is a re-implementation of Pillow's
+//!    `ImagingResample` (same filter support scaling, same 22-bit fixed-point coefficients, same
+//!    horizontal-then-vertical passes with an 8-bit intermediate), so on the same decoded pixels it
+//!    reproduces torchvision's crops bit for bit. Only the pixels inside the crop window are
+//!    computed. The result is a `crop x crop` 8-bit RGB image.
+//! 3. [`Preprocess::normalize_into`] / [`U8Batch::to_nchw_f32`]: CHW `f32`,
+//!    `(x as f32 / 255.0 - mean) / std`, computed in `f32` like torchvision.
+//!
+//! Batches are kept as [`U8Batch`] (N images, HWC `u8`, contiguous): 4x fewer bytes than `f32`,
+//! which is what a GPU backend uploads before normalising on the device.
+
+mod batch;
+mod decode;
+mod preprocess;
+mod resize;
+
+pub use batch::{collect_image_paths, load_batch, LoadedBatch, U8Batch};
+pub use decode::{decode_image_bytes, decode_image_file};
+pub use preprocess::Preprocess;
+pub use resize::{center_crop, resize_bilinear};
+
+#[cfg(doc)]
+use crate::error::Error;
+
+/// ImageNet per-channel mean (RGB), as used by torchvision's pretrained models.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet per-channel standard deviation (RGB), as used by torchvision's pretrained models.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Largest width and largest height (in pixels) the decoders accept; a file claiming more is an
+/// [`Error::ImageTooLarge`].
+pub const MAX_IMAGE_DIMENSION: u32 = 16384;
+/// Most bytes a decoder may allocate for one image (512 MiB); a file needing more is an
+/// [`Error::ImageTooLarge`]. The decoded image itself counts (an 8-bit RGB image of
+/// 16384 x 10922 pixels is about the largest that fits). The conversion to 8-bit RGB that follows
+/// decoding (e.g. from grayscale) is not counted.
+pub const MAX_DECODE_ALLOC: u64 = 512 * 1024 * 1024;

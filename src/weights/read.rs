@@ -1,0 +1,256 @@
+//! Reading [`Weights`] from safetensors files.
+//!
+//! Files hold one tensor per parameter, in PyTorch layout (conv OIHW, linear `[out, in]`), under
+//! the crate's names (`conv1.weight`, ..., `fc3.bias`). For the 5-conv/3-fc skeleton, torchvision's
+//! names (`features.0.weight`, ..., `classifier.6.bias`) are read as well, so torchvision's
+//! pretrained `state_dict` saved with `safetensors.torch.save_file` loads unchanged.
+//!
+//! Loading is strict: every tensor in the file must map to exactly one parameter and every
+//! parameter must be present with the right shape and a float dtype (F32, F16 or BF16). Every
+//! error names the file, and the tensor where there is one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use super::architecture::{check_preset_swap, detect_config};
+use super::diagnostics::{check_data_end, format_error};
+use super::names::torchvision_alias;
+use super::Weights;
+use crate::config::AlexNetConfig;
+use crate::error::{Error, Result};
+
+impl Weights {
+    /// Loads weights from a safetensors file.
+    ///
+    /// With `config`, every tensor must match it. Without one, the architecture is read off the
+    /// tensor shapes: the conv channels pick the paper or torchvision preset, and the fully
+    /// connected widths (including the number of classes) are taken from the file; the config
+    /// keeps the preset's name even when the head differs. The crate's tensor names and, for the
+    /// 5-conv/3-fc skeleton, torchvision's (`features.0.weight`, ...) are accepted. Tensors may be
+    /// F32, F16 or BF16 and are converted to f32 exactly.
+    ///
+    /// Errors: [`Error::Io`] if the file cannot be read, [`Error::WeightsFormat`] if it is not a
+    /// valid safetensors file, [`Error::MissingTensor`], [`Error::UnexpectedTensor`],
+    /// [`Error::TensorShape`], [`Error::TensorDtype`] for tensors that do not fit, and
+    /// [`Error::Architecture`] when the architecture cannot be told or a parameter is given twice.
+    pub fn load(path: impl AsRef<Path>, config: Option<&AlexNetConfig>) -> Result<Weights> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_safetensors_bytes(&bytes, path, config)
+    }
+
+    /// Like [`Weights::load`], from the bytes of a safetensors file; `origin` names the bytes in
+    /// error messages. The buffer need not be aligned.
+    pub fn from_safetensors_bytes(
+        bytes: &[u8],
+        origin: &Path,
+        config: Option<&AlexNetConfig>,
+    ) -> Result<Weights> {
+        check_data_end(bytes, origin)?;
+        let file = SafeTensors::deserialize(bytes).map_err(|e| format_error(origin, bytes, &e))?;
+        let tensors = index_tensors(&file, origin)?;
+        let config = match config {
+            Some(config) => {
+                check_preset_swap(config, &tensors, origin)?;
+                config.clone()
+            }
+            None => detect_config(&tensors, origin)?,
+        };
+        let expected = validate(&config, &tensors, origin)?;
+        let values = expected
+            .into_iter()
+            .map(|(name, shape)| {
+                let tensor = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+                    path: origin.to_path_buf(),
+                    name: name.clone(),
+                    expected: shape.clone(),
+                })?;
+                let data = decode(tensor, origin)?;
+                Ok((name, shape, data))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Every name and shape was checked above, so this only fails on a bug; still name the file.
+        Weights::from_tensors(&config, values).map_err(|e| Error::Architecture {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// A tensor of the file, filed under the crate's name for it.
+pub(super) struct FileTensor<'a> {
+    /// The name as spelled in the file.
+    file_name: String,
+    /// The crate's name for the parameter.
+    name: String,
+    /// Whether `file_name` is torchvision's spelling.
+    torchvision: bool,
+    view: TensorView<'a>,
+}
+
+impl FileTensor<'_> {
+    /// The name for messages: the file's spelling, plus the crate's name when they differ.
+    fn label(&self) -> String {
+        if self.torchvision {
+            format!("{} (= {})", self.file_name, self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+
+    pub(super) fn shape(&self) -> &[usize] {
+        self.view.shape()
+    }
+}
+
+/// Tensors of a file keyed by the crate's names.
+pub(super) type TensorIndex<'a> = HashMap<String, FileTensor<'a>>;
+
+/// Files every tensor under the crate's name; two tensors naming one parameter are an error.
+fn index_tensors<'a>(file: &SafeTensors<'a>, origin: &Path) -> Result<TensorIndex<'a>> {
+    // Sorted so that which duplicate is reported does not depend on hash order.
+    let mut entries: Vec<_> = file.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    let mut index = TensorIndex::with_capacity(entries.len());
+    for (file_name, view) in entries {
+        let alias = torchvision_alias(file_name);
+        let tensor = FileTensor {
+            file_name: file_name.to_string(),
+            torchvision: alias.is_some(),
+            name: alias.unwrap_or_else(|| file_name.to_string()),
+            view,
+        };
+        if let Some(previous) = index.get(&tensor.name) {
+            return Err(Error::Architecture {
+                path: origin.to_path_buf(),
+                message: format!(
+                    "tensors `{}` and `{}` both hold the parameter `{}` (crate and torchvision \
+                     spellings); keep only one",
+                    previous.file_name, tensor.file_name, tensor.name
+                ),
+            });
+        }
+        index.insert(tensor.name.clone(), tensor);
+    }
+    Ok(index)
+}
+
+/// Checks names, shapes and dtypes of every tensor against `config` before anything is
+/// converted; returns the config's parameter shapes in network order.
+fn validate(
+    config: &AlexNetConfig,
+    tensors: &TensorIndex<'_>,
+    origin: &Path,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    let expected = config.parameter_shapes().map_err(|e| Error::Architecture {
+        path: origin.to_path_buf(),
+        message: format!("the architecture `{}` is not usable: {e}", config.name),
+    })?;
+    check_no_unexpected(config, &expected, tensors, origin)?;
+    for (name, shape) in &expected {
+        let tensor = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: origin.to_path_buf(),
+            name: name.clone(),
+            expected: shape.clone(),
+        })?;
+        if tensor.shape() != shape.as_slice() {
+            return Err(Error::TensorShape {
+                path: origin.to_path_buf(),
+                name: tensor.label(),
+                expected: shape.clone(),
+                found: tensor.shape().to_vec(),
+            });
+        }
+        if bytes_per_value(tensor.view.dtype()).is_none() {
+            return Err(Error::TensorDtype {
+                path: origin.to_path_buf(),
+                name: tensor.label(),
+                found: tensor.view.dtype().to_string(),
+            });
+        }
+    }
+    Ok(expected)
+}
+
+/// Every tensor of the file must be a parameter of `config`; torchvision's spellings only count
+/// for the 5-conv/3-fc skeleton they were written for.
+fn check_no_unexpected(
+    config: &AlexNetConfig,
+    expected: &[(String, Vec<usize>)],
+    tensors: &TensorIndex<'_>,
+    origin: &Path,
+) -> Result<()> {
+    let torchvision_layout = config.convs.len() == 5 && config.fcs.len() == 3;
+    let mut unexpected: Vec<&FileTensor<'_>> = tensors
+        .values()
+        .filter(|t| {
+            !expected.iter().any(|(name, _)| *name == t.name)
+                || (t.torchvision && !torchvision_layout)
+        })
+        .collect();
+    // Report the same tensor every time, whatever the hash order.
+    unexpected.sort_by(|a, b| a.file_name.cmp(&b.file_name));
+    match unexpected.first() {
+        Some(tensor) => Err(Error::UnexpectedTensor {
+            path: origin.to_path_buf(),
+            name: tensor.file_name.clone(),
+            shape: tensor.shape().to_vec(),
+            config: config.name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Bytes per element of the dtypes this crate reads; `None` for the others.
+fn bytes_per_value(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// The tensor's values as f32 (exact for all three dtypes), read byte-wise because the data need
+/// not be aligned.
+fn decode(tensor: &FileTensor<'_>, origin: &Path) -> Result<Vec<f32>> {
+    let dtype = tensor.view.dtype();
+    let data = tensor.view.data();
+    let count: usize = tensor.shape().iter().product();
+    let dtype_error = || Error::TensorDtype {
+        path: origin.to_path_buf(),
+        name: tensor.label(),
+        found: dtype.to_string(),
+    };
+    let width = bytes_per_value(dtype).ok_or_else(dtype_error)?;
+    // safetensors checks this already; a mismatch here would mean a corrupt file, not a panic.
+    if count.checked_mul(width) != Some(data.len()) {
+        return Err(Error::WeightsFormat {
+            path: origin.to_path_buf(),
+            message: format!(
+                "tensor `{}` holds {} bytes, its shape {:?} and dtype {dtype} need {count} x {width}",
+                tensor.label(),
+                data.len(),
+                tensor.shape()
+            ),
+        });
+    }
+    let values = match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return Err(dtype_error()),
+    };
+    Ok(values)
+}
