@@ -98,7 +98,9 @@ pub fn open_backend(
                 notice: None,
             }),
             // No usable GPU (or a CUDA failure while setting it up): the CPU computes the same.
-            Err(e @ (Error::DeviceUnavailable(_) | Error::Cuda { .. })) => Ok(OpenedBackend {
+            Err(
+                e @ (Error::DeviceUnavailable(_) | Error::Cuda { .. } | Error::OutOfMemory { .. }),
+            ) => Ok(OpenedBackend {
                 backend: cpu()?,
                 notice: Some(format!("CUDA is not usable ({e}); running on the CPU")),
             }),

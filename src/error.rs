@@ -87,9 +87,77 @@ pub enum Error {
     DeviceUnavailable(String),
 
     /// A CUDA call (driver, cuBLAS, cuDNN, NVRTC or a kernel launch) failed on a usable device;
-    /// `op` names the operation (layer, kernel or library call).
-    #[error("CUDA error in {op}: {message}")]
-    Cuda { op: String, message: String },
+    /// `op` names the operation (layer, kernel or library call), `source` is the library's error.
+    #[error("CUDA error in {op}: {source}")]
+    Cuda {
+        op: String,
+        #[source]
+        source: CudaError,
+    },
+
+    /// The GPU ran out of memory in `op` (an allocation, or a library that needed workspace).
+    /// The model stays usable: free memory or run a smaller batch.
+    #[error("out of GPU memory in {op}: {source}")]
+    OutOfMemory {
+        op: String,
+        #[source]
+        source: CudaError,
+    },
+}
+
+/// What a CUDA library reported, kept as the library's own error value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS: {:?}", .0.0)]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+    #[error("cuDNN: {:?}", .0.0)]
+    Cudnn(#[from] cudarc::cudnn::result::CudnnError),
+    #[error("NVRTC: {:?}", .0.0)]
+    Nvrtc(#[from] cudarc::nvrtc::result::NvrtcError),
+    /// NVRTC rejected a kernel source; `log` is the compiler's output.
+    #[error("NVRTC: {:?}: {log}", .source.0)]
+    NvrtcCompile {
+        source: cudarc::nvrtc::result::NvrtcError,
+        log: String,
+    },
+    /// A check of the crate's own on what a library or the device returned (e.g. cuDNN's output
+    /// shape disagreeing with the layer's, a kernel missing from a module).
+    #[error("{0}")]
+    Check(String),
+}
+
+impl CudaError {
+    /// Whether the library ran out of device (or pinned host) memory.
+    pub fn is_out_of_memory(&self) -> bool {
+        use cudarc::cublas::sys::cublasStatus_t;
+        use cudarc::cudnn::sys::cudnnStatus_t;
+        use cudarc::driver::sys::CUresult;
+        match self {
+            CudaError::Driver(e) => e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            CudaError::Cublas(e) => e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+            CudaError::Cudnn(e) => matches!(
+                e.0,
+                cudnnStatus_t::CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED
+                    | cudnnStatus_t::CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl From<String> for CudaError {
+    fn from(message: String) -> Self {
+        CudaError::Check(message)
+    }
+}
+
+impl From<&str> for CudaError {
+    fn from(message: &str) -> Self {
+        CudaError::Check(message.to_string())
+    }
 }
 
 impl Error {
@@ -107,10 +175,67 @@ impl Error {
         }
     }
 
-    pub(crate) fn cuda(op: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Error::Cuda {
-            op: op.into(),
-            message: message.to_string(),
+    /// A CUDA failure in `op`; [`Error::OutOfMemory`] when the library ran out of memory.
+    pub(crate) fn cuda(op: impl Into<String>, source: impl Into<CudaError>) -> Self {
+        let (op, source) = (op.into(), source.into());
+        if source.is_out_of_memory() {
+            Error::OutOfMemory { op, source }
+        } else {
+            Error::Cuda { op, source }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::cublas::result::CublasError;
+    use cudarc::cublas::sys::cublasStatus_t;
+    use cudarc::cudnn::result::CudnnError;
+    use cudarc::cudnn::sys::cudnnStatus_t;
+    use cudarc::driver::sys::CUresult;
+    use cudarc::driver::DriverError;
+
+    // No error here is formatted: a DriverError's Display asks the driver for its text.
+    #[test]
+    fn out_of_memory_from_any_library_is_its_own_variant() {
+        let oom: [CudaError; 3] = [
+            DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY).into(),
+            CublasError(cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED).into(),
+            CudnnError(cudnnStatus_t::CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED).into(),
+        ];
+        for source in oom {
+            assert!(matches!(
+                Error::cuda("op", source),
+                Error::OutOfMemory { .. }
+            ));
+        }
+        let other: [CudaError; 3] = [
+            DriverError(CUresult::CUDA_ERROR_INVALID_VALUE).into(),
+            CublasError(cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE).into(),
+            "a check".into(),
+        ];
+        for source in other {
+            assert!(matches!(Error::cuda("op", source), Error::Cuda { .. }));
+        }
+    }
+
+    #[test]
+    fn the_source_is_kept_not_stringified() {
+        let error = Error::cuda(
+            "cublasGemmEx",
+            CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED),
+        );
+        let source = std::error::Error::source(&error).expect("a source");
+        assert!(matches!(
+            source.downcast_ref::<CudaError>(),
+            Some(CudaError::Cublas(CublasError(
+                cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED
+            )))
+        ));
+        assert_eq!(
+            error.to_string(),
+            "CUDA error in cublasGemmEx: cuBLAS: CUBLAS_STATUS_NOT_SUPPORTED"
+        );
     }
 }

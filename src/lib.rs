@@ -63,6 +63,6 @@ pub use crate::image::{collect_image_paths, load_batch, LoadedBatch, Preprocess,
 pub use backend::{open_backend, Backend, DeviceChoice, OpenedBackend};
 pub use config::AlexNetConfig;
 pub use config::Precision;
-pub use error::{Error, Result};
+pub use error::{CudaError, Error, Result};
 pub use labels::{class_name, imagenet_classes};
 pub use weights::Weights;

@@ -409,8 +409,8 @@ fn out_of_memory_is_a_typed_error_and_the_model_recovers() {
     let mut model = cuda_model(&weights, Precision::Fp32);
     // 2^20 images: the input alone would need 600 GB.
     match model.prepare(1 << 20) {
-        Err(Error::Cuda { .. }) => {}
-        other => panic!("expected a typed CUDA error for 2^20 images, got {other:?}"),
+        Err(Error::OutOfMemory { .. }) => {}
+        other => panic!("expected Error::OutOfMemory for 2^20 images, got {other:?}"),
     }
     let batch = random_u8_batch(2, 224, seed("out_of_memory"));
     let got = model

@@ -8,7 +8,7 @@ use cudarc::driver::CudaStream;
 use crate::error::{Error, Result};
 
 fn err(op: &str) -> impl Fn(result::CudnnError) -> Error + '_ {
-    move |e| Error::cuda(op, format!("{:?}", e.0))
+    move |e| Error::cuda(op, e)
 }
 
 /// A cuDNN handle bound to one stream.

@@ -152,7 +152,7 @@ fn unavailable(message: impl Into<String>) -> Error {
 /// Maps a driver error to `Error::Cuda` naming `op`. Takes a `&'static str` so that the hot path
 /// (every launch builds one of these) allocates nothing unless an error actually happens.
 pub(crate) fn driver_err(op: &'static str) -> impl FnOnce(DriverError) -> Error {
-    move |e| Error::cuda(op, format!("{e:?}"))
+    move |e| Error::cuda(op, e)
 }
 
 impl Gpu {
@@ -210,8 +210,7 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
         let copy_stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
 
-        let blas = CudaBlas::new(stream.clone())
-            .map_err(|e| Error::cuda("cublasCreate", format!("{e:?}")))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
         // True fp32 unless a layer asks for TF32 explicitly (through its compute type): the
         // default math mode never lowers fp32 precision; f16 GEMMs still use tensor cores.
         // SAFETY: the handle is alive (owned by `blas`).
@@ -222,7 +221,7 @@ impl Gpu {
             )
         }
         .result()
-        .map_err(|e| Error::cuda("cublasSetMathMode", format!("{e:?}")))?;
+        .map_err(|e| Error::cuda("cublasSetMathMode", e))?;
         let cudnn = CudnnHandle::new(&stream)?;
 
         let (modules, kernel_origin) = load_modules(&ctx, compute_capability)?;
@@ -374,15 +373,15 @@ fn load_ptx(ctx: &Arc<CudaContext>, module: &str, text: &str) -> Result<Arc<Cuda
         use cudarc::driver::sys::CUresult;
         let hint = match e.0 {
             CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
-                ": the PTX comes from a CUDA toolkit newer than this driver supports; update the \
-                 NVIDIA driver"
+                " (the PTX comes from a CUDA toolkit newer than this driver supports; update the \
+                 NVIDIA driver)"
             }
             CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU | CUresult::CUDA_ERROR_INVALID_PTX => {
-                ": the PTX targets an architecture this GPU cannot run"
+                " (the PTX targets an architecture this GPU cannot run)"
             }
             _ => "",
         };
-        Error::cuda(op, format!("{e:?}{hint}"))
+        Error::cuda(format!("{op}{hint}"), e)
     })
 }
 

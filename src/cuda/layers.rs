@@ -47,7 +47,7 @@ fn upload<T: GpuFloat>(gpu: &Gpu, values: &[T], what: &str) -> Result<CudaSlice<
     }
     gpu.stream()
         .clone_htod(values)
-        .map_err(|e| Error::cuda(format!("uploading {what}"), format!("{e:?}")))
+        .map_err(|e| Error::cuda(format!("uploading {what}"), e))
 }
 
 /// `x += bias[channel]`, then ReLU if `relu`, in place, with the `bias_act` kernel. The channel
@@ -356,15 +356,12 @@ impl<T: GpuFloat> Conv2dGpu<T> {
                 best.algo,
             )
         }
-        .map_err(|e| Error::cuda("cudnnGetConvolutionForwardWorkspaceSize", format!("{e:?}")))?;
+        .map_err(|e| Error::cuda("cudnnGetConvolutionForwardWorkspaceSize", e))?;
         drop(handle);
         let bytes = needed.max(best.workspace);
         let workspace = if bytes > 0 {
             Some(gpu.stream().alloc_zeros::<u8>(bytes).map_err(|e| {
-                Error::cuda(
-                    format!("allocating a {bytes}-byte cuDNN workspace"),
-                    format!("{e:?}"),
-                )
+                Error::cuda(format!("allocating a {bytes}-byte cuDNN workspace"), e)
             })?)
         } else {
             None
@@ -463,7 +460,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
                     y_ptr as *mut c_void,
                 )
             }
-            .map_err(|e| Error::cuda("cudnnConvolutionForward", format!("{e:?}")))?;
+            .map_err(|e| Error::cuda("cudnnConvolutionForward", e))?;
         }
         bias_act(gpu, y, &self.bias, relu)
     }
@@ -741,7 +738,7 @@ impl<T: GpuFloat> LinearGpu<T> {
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
-            .map_err(|e| Error::cuda("cublasGemmEx", format!("{e:?}")))?;
+            .map_err(|e| Error::cuda("cublasGemmEx", e))?;
         }
         bias_act(gpu, y, &self.bias, relu)
     }

@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use cudarc::nvrtc::{result, sys};
 
 use super::ptx;
-use crate::error::{Error, Result};
+use crate::error::{CudaError, Error, Result};
 
 /// The headers the kernel sources may `#include`, as `(include name, contents)`. The embedded
 /// module sources have them inlined already ([`ptx::module_source`]); passing them as well
@@ -71,18 +71,20 @@ pub(crate) fn compile(
             name_ptrs.as_ptr(),
         )
         .result()
-        .map_err(|e| Error::cuda(op.clone(), format!("nvrtcCreateProgram: {e:?}")))?;
+        .map_err(|e| Error::cuda(format!("{op}: nvrtcCreateProgram"), e))?;
         Program(raw.assume_init())
     };
 
     let (major, minor) = arch;
     let with_arch = vec![format!("--gpu-architecture=compute_{major}{minor}")];
-    let attempt = |options: &[String]| -> std::result::Result<(), String> {
+    let attempt = |options: &[String]| -> std::result::Result<(), CudaError> {
         // SAFETY: `program.0` is a live program (destroyed only by `Program::drop`).
-        match unsafe { result::compile_program(program.0, options) } {
-            Ok(()) => Ok(()),
-            Err(e) => Err(format!("{e:?}: {}", log(&program))),
-        }
+        unsafe { result::compile_program(program.0, options) }.map_err(|source| {
+            CudaError::NvrtcCompile {
+                source,
+                log: log(&program),
+            }
+        })
     };
     if let Err(first) = attempt(&with_arch) {
         // An NVRTC older than the GPU does not know its architecture: the crate's baseline
@@ -90,17 +92,17 @@ pub(crate) fn compile(
         let baseline = vec![format!("--gpu-architecture={}", ptx::NVRTC_ARCH)];
         attempt(&baseline).map_err(|second| {
             Error::cuda(
-                op.clone(),
                 format!(
-                    "failed for compute_{major}{minor} ({first}) and for {} ({second})",
+                    "{op} (for compute_{major}{minor}: {first}; then for {})",
                     ptx::NVRTC_ARCH
                 ),
+                second,
             )
         })?;
     }
     // SAFETY: the program compiled successfully just above and is still alive.
     let ptx = unsafe { result::get_ptx(program.0) }
-        .map_err(|e| Error::cuda(op.clone(), format!("nvrtcGetPTX: {e:?}")))?;
+        .map_err(|e| Error::cuda(format!("{op}: nvrtcGetPTX"), e))?;
     let bytes: Vec<u8> = ptx
         .into_iter()
         .map(|c| c as u8)
@@ -151,7 +153,10 @@ mod tests {
         compile("probe", include, kernel_headers(), (99, 9)).unwrap();
         // A broken source is a typed error carrying the compiler's log.
         match compile("broken", "this is not CUDA", kernel_headers(), (9, 0)) {
-            Err(Error::Cuda { message, .. }) => assert!(message.contains("error"), "{message}"),
+            Err(Error::Cuda {
+                source: CudaError::NvrtcCompile { log, .. },
+                ..
+            }) => assert!(log.contains("error"), "{log}"),
             other => panic!("expected a compile error, got {other:?}"),
         }
     }

@@ -59,9 +59,10 @@ impl<T: GpuFloat> GpuTensor<T> {
     pub fn zeros(gpu: &Gpu, shape: &[usize], layout: Layout) -> Result<Self> {
         check_layout(shape, layout, "GpuTensor::zeros")?;
         let len = element_count(shape, "GpuTensor::zeros")?;
-        let data = gpu.stream().alloc_zeros::<T>(len).map_err(|e| {
-            Error::cuda(format!("allocating {shape:?} on the GPU"), format!("{e:?}"))
-        })?;
+        let data = gpu
+            .stream()
+            .alloc_zeros::<T>(len)
+            .map_err(|e| Error::cuda(format!("allocating {shape:?} on the GPU"), e))?;
         Ok(GpuTensor {
             data,
             shape: shape.to_vec(),
