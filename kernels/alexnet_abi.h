@@ -125,9 +125,8 @@ typedef struct AlexnetSoftmaxParams {
 } AlexnetSoftmaxParams;
 
 /*
- * convert_f32_to_f16(const float *src, unsigned short *dst, AlexnetConvertParams p)
  * convert_f16_to_f32(const unsigned short *src, float *dst, AlexnetConvertParams p)
- * Round-to-nearest-even; one thread per element.
+ * Exact widening; one thread per element.
  */
 typedef struct AlexnetConvertParams {
     unsigned long long len;

@@ -1,5 +1,6 @@
 /*
  * lrn.cu — the paper's inter-channel local response normalisation (see AlexnetLrnParams).
+ * CPU twin: `cpu::Lrn` (src/cpu/lrn.rs); launcher: src/cuda/ops/lrn.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"

@@ -1,5 +1,6 @@
 /*
  * pool.cu — max-pooling over square windows, no padding, floor mode (see AlexnetPoolParams).
+ * CPU twin: `cpu::MaxPool2d` (src/cpu/pool.rs); launcher: src/cuda/ops/pool.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"

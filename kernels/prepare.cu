@@ -1,12 +1,14 @@
 /*
  * prepare.cu — u8 HWC images -> the network's normalised input tensor (see AlexnetPrepareParams).
+ * CPU twin: `U8Batch::to_nchw_f32` (src/image/batch.rs, normalising like
+ * `Preprocess::normalize_into`); launcher: src/cuda/ops/prepare.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
 
 /*
  * One thread per output element: (x / 255 - mean[c]) / std[c] for c < 3, 0 for the padding
- * channels. The expression and its order of operations are the CPU's (`image::normalize_hwc`),
+ * channels. The expression and its order of operations are the CPU's (`image::preprocess::normalize_hwc`),
  * and none of it can be contracted into an FMA, so f32 results are bit-identical to the CPU's.
  */
 template <typename T, typename I>

@@ -1,5 +1,7 @@
 /*
  * softmax.cu — per-row softmax and top-k of the logits (see AlexnetSoftmaxParams).
+ * CPU twin: `postprocess::{softmax, top_k}` (src/postprocess.rs); launcher:
+ * src/cuda/ops/softmax.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
@@ -61,7 +63,7 @@ alexnet_block_max_u64(unsigned long long v, unsigned long long *scratch)
 }
 
 /*
- * A probability's rank as an unsigned key: larger key = earlier in `cpu::top_k`'s order. Every
+ * A probability's rank as an unsigned key: larger key = earlier in `postprocess::top_k`'s order. Every
  * NaN ranks first; other values by the IEEE total order (the sign-magnitude bits made monotone).
  */
 static __device__ __forceinline__ unsigned int alexnet_rank_key(float v)
@@ -84,7 +86,7 @@ static __device__ __forceinline__ float alexnet_rank_value(unsigned int key)
  * One block per row (grid-stride over rows). Softmax as the CPU computes it: max (NaN ignored,
  * like f32::max), exp(x - max), divided by the sum. Top-k by k rounds of a block argmax: an
  * entry's 64-bit key is (rank key << 32 | ~index), unique per entry and ordered like
- * `cpu::top_k` (higher probability first, ties to the lower index), so round r takes the
+ * `postprocess::top_k` (higher probability first, ties to the lower index), so round r takes the
  * largest key below round r-1's (round 0 the largest: a NaN at index 0 has key ~0). Probabilities are recomputed in each round (the same
  * expression, so the same bits) rather than stored: no shared memory sized by `classes`.
  */

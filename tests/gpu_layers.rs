@@ -6,7 +6,7 @@
 //! These need an NVIDIA GPU, its driver, cuBLAS and cuDNN 9, so they are ignored by default:
 //! `cargo test --release --test gpu_layers -- --include-ignored` on a GPU machine. Run that way
 //! on a machine without a GPU they FAIL with the "device unavailable" message (they never pass
-//! without running). The seed is printed; set ALEXNET_TEST_SEED to replay one.
+//! without running). Inputs come from a fixed seed (printed); set ALEXNET_TEST_SEED to vary it.
 
 mod common;
 
@@ -27,19 +27,8 @@ fn gpu() -> Gpu {
     Gpu::new(0).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A fresh seed per run (or ALEXNET_TEST_SEED), printed so a failure can be replayed.
 fn seed(test: &str) -> u64 {
-    let seed = std::env::var("ALEXNET_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64 & 0xFFFF_FFFF)
-                .unwrap_or(1)
-        });
-    eprintln!("{test}: ALEXNET_TEST_SEED={seed}");
-    seed
+    common::test_seed(test)
 }
 
 /// Uniform values in (-scale, scale) from `stream`.

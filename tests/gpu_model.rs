@@ -7,7 +7,7 @@
 //! These need an NVIDIA GPU, its driver, cuBLAS and cuDNN 9, so they are ignored by default:
 //! `cargo test --release --test gpu_model -- --include-ignored` on a GPU machine. Run that way
 //! on a machine without a GPU they FAIL with the "device unavailable" message (they never pass
-//! without running). The seed is printed; set ALEXNET_TEST_SEED to replay one.
+//! without running). Inputs come from a fixed seed (printed); set ALEXNET_TEST_SEED to vary it.
 
 mod common;
 
@@ -22,17 +22,7 @@ use common::{check, formula_weights, random_u8_batch};
 use ndarray::{Array2, Array4, ArrayD};
 
 fn seed(test: &str) -> u64 {
-    let seed = std::env::var("ALEXNET_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64 & 0xFFFF_FFFF)
-                .unwrap_or(1)
-        });
-    eprintln!("{test}: ALEXNET_TEST_SEED={seed}");
-    seed
+    common::test_seed(test)
 }
 
 fn cuda_model(weights: &Weights, precision: Precision) -> CudaModel {
@@ -421,4 +411,42 @@ fn out_of_memory_is_a_typed_error_and_the_model_recovers() {
         .forward(batch.to_nchw_f32(&Preprocess::default()).view())
         .unwrap();
     check("forward after OOM", &got.into_dyn(), &want.into_dyn(), 1e-4);
+}
+
+/// `Backend::forward_u8` normalises with the `Preprocess` it is given for that call only: the
+/// model's own normalisation (what `CudaModel::forward_u8` uses) stays as it was.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn backend_forward_u8_leaves_the_models_normalisation_alone() {
+    use alexnet_cuda::Backend;
+    let config = AlexNetConfig::torchvision();
+    let weights = formula_weights(&config);
+    let mut model = cuda_model(&weights, Precision::Fp32);
+    let before = *model.options();
+    let batch = random_u8_batch(2, 224, seed("normalisation"));
+    let odd = Preprocess {
+        mean: [0.5, 0.25, 0.75],
+        std: [0.3, 0.6, 0.9],
+        ..Preprocess::default()
+    };
+    let cpu = CpuModel::new(&weights, Precision::Fp32).unwrap();
+    let via_trait = Backend::forward_u8(&mut model, &batch, &odd).unwrap();
+    assert_eq!(*model.options(), before, "the options changed");
+    let want_odd = cpu.forward(batch.to_nchw_f32(&odd).view()).unwrap();
+    check(
+        "Backend::forward_u8 with its own normalisation",
+        &via_trait.into_dyn(),
+        &want_odd.into_dyn(),
+        1e-4,
+    );
+    let plain = model.forward_u8(&batch).unwrap();
+    let want = cpu
+        .forward(batch.to_nchw_f32(&Preprocess::default()).view())
+        .unwrap();
+    check(
+        "CudaModel::forward_u8 afterwards (the model's normalisation)",
+        &plain.into_dyn(),
+        &want.into_dyn(),
+        1e-4,
+    );
 }

@@ -1,12 +1,12 @@
 //! Every module's embedded source (`cuda::ptx::module_source`, headers inlined) compiles with
-//! NVRTC for compute_75 — the run-time path of builds made without nvcc — and the PTX it makes
-//! matches `cuda::kernel_table` as nvcc's does. No GPU needed, but NVRTC is: libnvrtc.so.13 and
+//! NVRTC for compute_75 through the crate's own NVRTC path (`cuda::nvrtc::compile`, the one
+//! `Gpu::new` uses for builds made without nvcc), and the PTX it makes matches
+//! `cuda::registry` as nvcc's does. No GPU needed, but NVRTC is: libnvrtc.so.13 and
 //! libnvrtc-builtins.so.13.0 on the loader path (the `nvidia-cuda-nvrtc` wheel's
 //! `nvidia/cu13/lib`; see README). Without them this test fails with that message.
 
-use alexnet_cuda::cuda::kernel_table::MODULES;
-use alexnet_cuda::cuda::ptx;
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use alexnet_cuda::cuda::registry::MODULES;
+use alexnet_cuda::cuda::{nvrtc, ptx};
 
 fn require_nvrtc() {
     // SAFETY: only tries to dlopen libnvrtc under its usual names; no NVRTC function is called.
@@ -23,27 +23,13 @@ fn require_nvrtc() {
 fn compile(module: &str) -> String {
     let source = ptx::module_source(module)
         .unwrap_or_else(|| panic!("module {module:?} has no embedded source"));
-    let options = CompileOptions {
-        arch: Some(ptx::NVRTC_ARCH),
-        name: Some(format!("{module}.cu")),
-        ..Default::default()
-    };
-    match compile_ptx_with_opts(source, options) {
-        Ok(ptx) => ptx.to_src(),
-        Err(cudarc::nvrtc::CompileError::CompileError {
-            nvrtc,
-            options,
-            log,
-        }) => panic!(
-            "NVRTC failed to compile {module}.cu ({nvrtc:?}, options {options:?}):\n{}",
-            log.to_string_lossy()
-        ),
-        Err(e) => panic!("NVRTC failed on {module}.cu: {e}"),
-    }
+    // compute_75: the crate's baseline target, as nvcc's PTX.
+    nvrtc::compile(module, source, nvrtc::kernel_headers(), (7, 5))
+        .unwrap_or_else(|e| panic!("NVRTC failed to compile {module}.cu: {e:?}"))
 }
 
 #[test]
-fn every_module_compiles_with_nvrtc_and_matches_the_table() {
+fn every_module_compiles_with_nvrtc_and_matches_the_registry() {
     require_nvrtc();
     let mut problems = Vec::new();
     for module in MODULES {
@@ -64,7 +50,7 @@ fn every_module_compiles_with_nvrtc_and_matches_the_table() {
     }
     assert!(
         problems.is_empty(),
-        "NVRTC's PTX disagrees with kernel_table.rs:\n  {}",
+        "NVRTC's PTX disagrees with src/cuda/registry.rs:\n  {}",
         problems.join("\n  ")
     );
 }

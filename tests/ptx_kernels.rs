@@ -1,4 +1,4 @@
-//! The PTX nvcc made at build time against `cuda::kernel_table`: every kernel the launchers use
+//! The PTX nvcc made at build time against `cuda::registry`: every kernel the launchers use
 //! exists in its module with the parameters they pass (count, pointers as `.u64`, parameter
 //! structs by value with the Rust struct's size), no module defines a kernel the table lacks,
 //! and the PTX is loadable by the target driver (ISA <= 9.0, CUDA 13.0's). No GPU needed.
@@ -6,8 +6,8 @@
 //! Needs nvcc at build time (set `NVCC` or `CUDA_HOME`, or put nvcc on PATH; see README): built
 //! without it, this test fails rather than pass without checking anything.
 
-use alexnet_cuda::cuda::kernel_table::{KERNELS, MODULES};
 use alexnet_cuda::cuda::ptx;
+use alexnet_cuda::cuda::registry::{KERNELS, MODULES};
 
 /// PTX ISA of CUDA 13.0, the newest that driver 580 (the GPU machines') accepts.
 const NEWEST_PTX_ISA: (u32, u32) = (9, 0);
@@ -29,7 +29,7 @@ fn modules_are_the_kernel_files() {
     let embedded: Vec<&str> = ptx::modules().collect();
     assert_eq!(
         table, embedded,
-        "kernel_table::MODULES must list exactly the kernels/*.cu files"
+        "registry::MODULES must list exactly the kernels/*.cu files"
     );
     for spec in KERNELS {
         assert!(
@@ -42,7 +42,7 @@ fn modules_are_the_kernel_files() {
 }
 
 #[test]
-fn ptx_matches_kernel_table() {
+fn ptx_matches_the_registry() {
     let mut problems = Vec::new();
     for module in MODULES {
         if let Err(found) = ptx::check_module(module, prebuilt(module)) {
@@ -51,7 +51,7 @@ fn ptx_matches_kernel_table() {
     }
     assert!(
         problems.is_empty(),
-        "nvcc's PTX disagrees with kernel_table.rs:\n  {}",
+        "nvcc's PTX disagrees with src/cuda/registry.rs:\n  {}",
         problems.join("\n  ")
     );
 }
@@ -102,13 +102,13 @@ fn parser_reads_nvcc_signatures() {
 #[test]
 fn check_module_reports_every_mismatch() {
     // dropout_f32 with a 16-byte struct (AlexnetDropoutParams is 24), the module's other
-    // kernels missing, and a kernel the table does not know.
+    // kernel missing, and a kernel the registry does not know.
     let ptx = ".visible .entry dropout_f32(\n\t.param .u64 p0,\n\t.param .align 8 .b8 p1[16]\n)\n\
                {\n}\n.visible .entry stray_f32(\n\t.param .u64 p0\n)\n{\n}\n";
-    let problems = ptx::check_module("elementwise", ptx).unwrap_err();
+    let problems = ptx::check_module("dropout", ptx).unwrap_err();
     let has = |needle: &str| problems.iter().any(|p| p.contains(needle));
     assert!(has("dropout_f32 parameter 1"), "{problems:#?}");
-    assert!(has("bias_act_f32 is missing"), "{problems:#?}");
-    assert!(has("stray_f32 is not in kernel_table"), "{problems:#?}");
-    assert_eq!(problems.len(), 1 + 5 + 1, "{problems:#?}");
+    assert!(has("dropout_f16 is missing"), "{problems:#?}");
+    assert!(has("stray_f32 is not in the registry"), "{problems:#?}");
+    assert_eq!(problems.len(), 1 + 1 + 1, "{problems:#?}");
 }

@@ -3,7 +3,7 @@
 use ndarray::{Array1, Array4, ArrayView4};
 use rayon::prelude::*;
 
-use super::activation;
+use super::bias_act;
 use super::gemm::{gemm_accumulate, MatRef, Threads};
 use crate::config::window_output;
 use crate::error::{Error, Result};
@@ -131,7 +131,7 @@ impl Conv2d {
             im2col(&geometry, image, col);
             self.gemm_image(col, out, oh * ow, threads);
             if relu {
-                out.iter_mut().for_each(|v| *v = activation::relu(*v));
+                out.iter_mut().for_each(|v| *v = bias_act::relu(*v));
             }
         };
         if n >= rayon::current_num_threads() {

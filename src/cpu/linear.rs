@@ -3,7 +3,7 @@
 use ndarray::{s, Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
-use super::activation;
+use super::bias_act;
 use super::gemm::{gemm_accumulate, MatRef, Threads};
 use crate::error::{Error, Result};
 
@@ -85,7 +85,7 @@ impl Linear {
             );
         }
         if relu {
-            out.mapv_inplace(activation::relu);
+            out.mapv_inplace(bias_act::relu);
         }
         Ok(out)
     }

@@ -2,7 +2,7 @@
 //! the GPU backend is checked against and the fallback on machines without a GPU. Convolutions
 //! and linear layers run as GEMMs (the `gemm` crate, threaded with rayon).
 
-mod activation;
+mod bias_act;
 mod conv;
 mod dropout;
 mod gemm;
@@ -11,7 +11,7 @@ mod lrn;
 mod model;
 mod pool;
 
-pub use activation::relu_inplace;
+pub use bias_act::{bias_act_inplace, relu_inplace};
 pub use conv::Conv2d;
 pub use dropout::{keep_draw, Dropout};
 pub use linear::Linear;

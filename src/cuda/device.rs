@@ -10,8 +10,9 @@ use cudarc::nvrtc::Ptx;
 
 use super::cudnn::CudnnHandle;
 use super::dtype::GpuDtype;
-use super::launch::{KernelSet, Kernels};
-use super::{kernel_table, nvrtc, ptx};
+use super::launch::Kernels;
+use super::registry::{self, Kernel, KernelSpec};
+use super::{nvrtc, ptx};
 use crate::error::{Error, Result};
 
 /// The CUDA libraries this backend loads at run time.
@@ -301,12 +302,13 @@ impl Gpu {
             .map_err(driver_err("cuCtxSetCurrent"))
     }
 
-    pub(crate) fn kernels(&self, dtype: GpuDtype) -> &KernelSet {
-        self.kernels.set(dtype)
-    }
-
-    pub(crate) fn all_kernels(&self) -> &Kernels {
-        &self.kernels
+    /// The registry entry and loaded function of `kernel` for `dtype`.
+    pub(crate) fn kernel(
+        &self,
+        kernel: Kernel,
+        dtype: GpuDtype,
+    ) -> Result<(&'static KernelSpec, &cudarc::driver::CudaFunction)> {
+        self.kernels.get(kernel, dtype)
     }
 
     pub(crate) fn blas(&self) -> &CudaBlas {
@@ -328,7 +330,7 @@ fn load_modules(
 ) -> Result<(HashMap<&'static str, Arc<CudaModule>>, KernelOrigin)> {
     let mut modules = HashMap::new();
     let mut origin = KernelOrigin::BuildTimePtx;
-    for &module in kernel_table::MODULES {
+    for &module in registry::MODULES {
         let ptx_problem = match ptx::module_ptx(module) {
             Some(text) => match load_ptx(ctx, module, text) {
                 Ok(loaded) => {

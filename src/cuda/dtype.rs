@@ -1,5 +1,6 @@
-//! The element types the GPU layers run on, and what each maps to: kernel names, cuDNN and
-//! cuBLAS data types. Call sites never build a kernel name from pieces; they ask the type.
+//! The element types the GPU layers run on, and what each maps to in cuDNN and cuBLAS. Kernel
+//! names come from the registry (`super::registry`), keyed by [`GpuDtype`]: call sites never
+//! build a kernel name from pieces.
 
 use std::fmt::Debug;
 
@@ -17,51 +18,9 @@ pub enum GpuDtype {
     F16,
 }
 
-/// The `extern "C"` names of one dtype's kernels (see `kernels/alexnet_abi.h`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelNames {
-    pub prepare_input: &'static str,
-    pub bias_act: &'static str,
-    pub dropout: &'static str,
-    pub lrn: &'static str,
-    pub maxpool: &'static str,
-    pub softmax_topk: &'static str,
-}
-
-const F32_KERNELS: KernelNames = KernelNames {
-    prepare_input: "prepare_input_f32",
-    bias_act: "bias_act_f32",
-    dropout: "dropout_f32",
-    lrn: "lrn_f32",
-    maxpool: "maxpool_f32",
-    softmax_topk: "softmax_topk_f32",
-};
-
-const F16_KERNELS: KernelNames = KernelNames {
-    prepare_input: "prepare_input_f16",
-    bias_act: "bias_act_f16",
-    dropout: "dropout_f16",
-    lrn: "lrn_f16",
-    maxpool: "maxpool_f16",
-    softmax_topk: "softmax_topk_f16",
-};
-
-/// The kernel converting `f32` to `f16` (round to nearest even).
-pub const CONVERT_F32_TO_F16: &str = "convert_f32_to_f16";
-/// The kernel converting `f16` to `f32` (exact).
-pub const CONVERT_F16_TO_F32: &str = "convert_f16_to_f32";
-
 impl GpuDtype {
     /// Both dtypes, in a fixed order.
     pub const ALL: [GpuDtype; 2] = [GpuDtype::F32, GpuDtype::F16];
-
-    /// This dtype's kernel names.
-    pub const fn kernels(self) -> &'static KernelNames {
-        match self {
-            GpuDtype::F32 => &F32_KERNELS,
-            GpuDtype::F16 => &F16_KERNELS,
-        }
-    }
 
     /// Bytes per element.
     pub const fn size(self) -> usize {
@@ -109,7 +68,7 @@ pub trait GpuFloat:
     + 'static
     + sealed::Sealed
 {
-    /// The dtype tag (kernel names, library data types).
+    /// The dtype tag (registry entries, library data types).
     const DTYPE: GpuDtype;
 
     /// Rounds an `f32` to this type (round to nearest even for `f16`).
@@ -117,11 +76,6 @@ pub trait GpuFloat:
 
     /// Widens to `f32` (exact).
     fn to_f32(self) -> f32;
-
-    /// This type's kernel names.
-    fn kernels() -> &'static KernelNames {
-        Self::DTYPE.kernels()
-    }
 }
 
 impl GpuFloat for f32 {

@@ -1,15 +1,18 @@
-//! Kernel functions looked up once per context, the parameter structs made passable by value,
-//! and the launch-size arithmetic shared by every launcher.
+//! Kernel functions looked up once per context, the checked [`Launch`] every launcher goes
+//! through, the parameter structs made passable by value, and the launch-size arithmetic.
 
 use std::collections::HashMap;
 use std::mem::size_of;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, DeviceRepr, LaunchConfig};
+use cudarc::driver::{
+    CudaFunction, CudaModule, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
 use super::abi::*;
-use super::dtype::{GpuDtype, KernelNames, CONVERT_F16_TO_F32, CONVERT_F32_TO_F16};
-use super::kernel_table::{self, Param};
+use super::device::Gpu;
+use super::dtype::GpuDtype;
+use super::registry::{Kernel, KernelSpec, Param, KERNELS};
 use crate::error::{Error, Result};
 
 // SAFETY: each is a `#[repr(C)]` plain-old-data struct from `kernels/alexnet_abi.h` (integers and
@@ -31,128 +34,139 @@ unsafe impl DeviceRepr for AlexnetSoftmaxParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetConvertParams {}
 
-/// What each launcher passes, in order: the table entry of every kernel must say the same.
-fn expected_params(family: Family) -> Vec<Param> {
-    use Param::{Ptr, Struct};
-    match family {
-        Family::PrepareInput => vec![Ptr, Ptr, Struct(size_of::<AlexnetPrepareParams>())],
-        Family::BiasAct => vec![Ptr, Ptr, Struct(size_of::<AlexnetBiasActParams>())],
-        Family::Dropout => vec![Ptr, Struct(size_of::<AlexnetDropoutParams>())],
-        Family::Lrn => vec![Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())],
-        Family::MaxPool => vec![Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())],
-        Family::SoftmaxTopk => vec![
-            Ptr,
-            Ptr,
-            Ptr,
-            Ptr,
-            Struct(size_of::<AlexnetSoftmaxParams>()),
-        ],
-        Family::Convert => vec![Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())],
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    PrepareInput,
-    BiasAct,
-    Dropout,
-    Lrn,
-    MaxPool,
-    SoftmaxTopk,
-    Convert,
-}
-
-/// One dtype's kernels.
-#[derive(Debug)]
-pub(crate) struct KernelSet {
-    pub prepare_input: CudaFunction,
-    pub bias_act: CudaFunction,
-    pub dropout: CudaFunction,
-    pub lrn: CudaFunction,
-    pub maxpool: CudaFunction,
-    pub softmax_topk: CudaFunction,
-}
-
-/// Every kernel of the crate, looked up once.
+/// Every kernel of the registry, looked up once per context, in [`KERNELS`] order.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    pub f32: KernelSet,
-    pub f16: KernelSet,
-    pub convert_f32_to_f16: CudaFunction,
-    pub convert_f16_to_f32: CudaFunction,
+    functions: Vec<CudaFunction>,
 }
 
 impl Kernels {
-    /// Looks every kernel up in `modules` (module name -> loaded module), checking each against
-    /// the kernel table first.
+    /// Looks every registry entry up in `modules` (module name -> loaded module).
     pub fn load(modules: &HashMap<&'static str, Arc<CudaModule>>) -> Result<Self> {
-        let set = |dtype: GpuDtype| -> Result<KernelSet> {
-            let KernelNames {
-                prepare_input,
-                bias_act,
-                dropout,
-                lrn,
-                maxpool,
-                softmax_topk,
-            } = *dtype.kernels();
-            Ok(KernelSet {
-                prepare_input: function(modules, prepare_input, Family::PrepareInput)?,
-                bias_act: function(modules, bias_act, Family::BiasAct)?,
-                dropout: function(modules, dropout, Family::Dropout)?,
-                lrn: function(modules, lrn, Family::Lrn)?,
-                maxpool: function(modules, maxpool, Family::MaxPool)?,
-                softmax_topk: function(modules, softmax_topk, Family::SoftmaxTopk)?,
+        let functions = KERNELS
+            .iter()
+            .map(|spec| {
+                let op = || format!("kernel {} of kernels/{}.cu", spec.name, spec.module);
+                let module = modules
+                    .get(spec.module)
+                    .ok_or_else(|| Error::cuda(op(), "its module was not loaded"))?;
+                module
+                    .load_function(spec.name)
+                    .map_err(|e| Error::cuda(op(), e))
             })
-        };
-        Ok(Kernels {
-            f32: set(GpuDtype::F32)?,
-            f16: set(GpuDtype::F16)?,
-            convert_f32_to_f16: function(modules, CONVERT_F32_TO_F16, Family::Convert)?,
-            convert_f16_to_f32: function(modules, CONVERT_F16_TO_F32, Family::Convert)?,
-        })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Kernels { functions })
     }
 
-    pub fn set(&self, dtype: GpuDtype) -> &KernelSet {
-        match dtype {
-            GpuDtype::F32 => &self.f32,
-            GpuDtype::F16 => &self.f16,
-        }
+    /// The registry entry and loaded function of `kernel` for `dtype`.
+    pub fn get(
+        &self,
+        kernel: Kernel,
+        dtype: GpuDtype,
+    ) -> Result<(&'static KernelSpec, &CudaFunction)> {
+        KERNELS
+            .iter()
+            .zip(&self.functions)
+            .find(|(spec, _)| spec.kernel == kernel && spec.dtype == dtype)
+            .ok_or_else(|| {
+                Error::cuda(
+                    format!("kernel {kernel:?}"),
+                    format!("not compiled for {dtype:?} (see src/cuda/registry.rs)"),
+                )
+            })
     }
 }
 
-fn function(
-    modules: &HashMap<&'static str, Arc<CudaModule>>,
-    name: &'static str,
-    family: Family,
-) -> Result<CudaFunction> {
-    let spec = kernel_table::kernel(name).ok_or_else(|| {
-        Error::cuda(
-            format!("kernel {name}"),
-            "not in src/cuda/kernel_table.rs (launcher and kernel table disagree)",
-        )
-    })?;
-    let expected = expected_params(family);
-    if spec.params != expected.as_slice() {
-        return Err(Error::cuda(
-            format!("kernel {name}"),
-            format!(
-                "the kernel table lists parameters {:?}, the launcher passes {expected:?}",
-                spec.params
-            ),
-        ));
+/// Most parameters a kernel of the registry takes.
+const MAX_PARAMS: usize = 8;
+
+/// One kernel launch on the compute stream whose arguments are checked against the registry
+/// entry (count, kind and struct sizes) before it runs: a launcher that disagrees with the
+/// kernel's declared signature gets an error, never a launch with a misread parameter block.
+pub(crate) struct Launch<'a> {
+    args: LaunchArgs<'a>,
+    spec: &'static KernelSpec,
+    passed: [Param; MAX_PARAMS],
+    count: usize,
+}
+
+impl<'a> Launch<'a> {
+    pub fn new(gpu: &'a Gpu, kernel: Kernel, dtype: GpuDtype) -> Result<Self> {
+        let (spec, function) = gpu.kernel(kernel, dtype)?;
+        Ok(Launch {
+            args: gpu.stream().launch_builder(function),
+            spec,
+            passed: [Param::Ptr; MAX_PARAMS],
+            count: 0,
+        })
     }
-    let module = modules.get(spec.module).ok_or_else(|| {
-        Error::cuda(
-            format!("kernel {name}"),
-            format!("module `{}` was not loaded", spec.module),
-        )
-    })?;
-    module.load_function(name).map_err(|e| {
-        Error::cuda(
-            format!("kernel {name}"),
-            format!("not found in module `{}`: {e}", spec.module),
-        )
-    })
+
+    fn record(&mut self, param: Param) {
+        if let Some(slot) = self.passed.get_mut(self.count) {
+            *slot = param;
+        }
+        self.count += 1;
+    }
+
+    /// A device buffer (a pointer parameter).
+    pub fn buffer<A>(&mut self, arg: A) -> &mut Self
+    where
+        LaunchArgs<'a>: PushKernelArg<A>,
+    {
+        self.args.arg(arg);
+        self.record(Param::Ptr);
+        self
+    }
+
+    /// A null pointer parameter (where the kernel's ABI allows one).
+    pub fn null_buffer(&mut self) -> &mut Self {
+        static NULL: u64 = 0;
+        self.args.arg(&NULL);
+        self.record(Param::Ptr);
+        self
+    }
+
+    /// A parameter struct passed by value.
+    pub fn params<P: DeviceRepr>(&mut self, params: &'a P) -> &mut Self {
+        self.args.arg(params);
+        self.record(Param::Struct(size_of::<P>()));
+        self
+    }
+
+    /// Checks the arguments against the registry and launches.
+    ///
+    /// # Safety
+    /// The caller guarantees what the registry cannot see: every buffer holds as many elements
+    /// as the kernel will touch for these parameters and `cfg`, and buffers the kernel writes do
+    /// not alias buffers it reads unless its ABI says they may.
+    pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
+        check_arguments(
+            self.spec,
+            &self.passed[..self.count.min(MAX_PARAMS)],
+            self.count,
+        )?;
+        // SAFETY: the argument kinds and sizes match the kernel's declared signature (checked
+        // just above; the registry is checked against the compiled PTX by the tests); the
+        // caller vouches for the buffers' sizes and aliasing.
+        unsafe { self.args.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| Error::cuda(format!("launching {}", self.spec.name), e))
+    }
+}
+
+/// The registry's parameter list for `spec` against what a launcher passed (`count` arguments,
+/// the first of which are `passed`).
+fn check_arguments(spec: &KernelSpec, passed: &[Param], count: usize) -> Result<()> {
+    if count == passed.len() && passed == spec.params {
+        return Ok(());
+    }
+    Err(Error::cuda(
+        format!("launching {}", spec.name),
+        format!(
+            "the launcher passes {count} arguments {passed:?}, src/cuda/registry.rs declares {:?}",
+            spec.params
+        ),
+    ))
 }
 
 /// Largest grid x-dimension CUDA allows.
@@ -249,24 +263,20 @@ mod tests {
     }
 
     #[test]
-    fn every_kernel_of_both_dtypes_is_in_the_table_with_the_launchers_parameters() {
-        for dtype in GpuDtype::ALL {
-            let k = dtype.kernels();
-            for (name, family) in [
-                (k.prepare_input, Family::PrepareInput),
-                (k.bias_act, Family::BiasAct),
-                (k.dropout, Family::Dropout),
-                (k.lrn, Family::Lrn),
-                (k.maxpool, Family::MaxPool),
-                (k.softmax_topk, Family::SoftmaxTopk),
-            ] {
-                let spec = kernel_table::kernel(name).expect(name);
-                assert_eq!(spec.params, expected_params(family).as_slice(), "{name}");
-            }
-        }
-        for name in [CONVERT_F32_TO_F16, CONVERT_F16_TO_F32] {
-            let spec = kernel_table::kernel(name).expect(name);
-            assert_eq!(spec.params, expected_params(Family::Convert).as_slice());
-        }
+    fn a_launcher_that_disagrees_with_the_registry_is_refused() {
+        use Param::{Ptr, Struct};
+        let spec = Kernel::Lrn.spec(GpuDtype::F32).unwrap();
+        let right = [Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
+        assert!(check_arguments(spec, &right, 3).is_ok());
+        // One pointer short, a struct of the wrong size, and one argument too many.
+        assert!(check_arguments(spec, &right[..2], 2).is_err());
+        assert!(check_arguments(spec, &[Ptr, Ptr, Struct(4)], 3).is_err());
+        assert!(check_arguments(
+            spec,
+            &[Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>()), Ptr],
+            4
+        )
+        .is_err());
+        assert!(check_arguments(spec, &right, 9).is_err());
     }
 }

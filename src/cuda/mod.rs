@@ -63,17 +63,21 @@
 //! }
 //! ```
 
+#[doc(hidden)]
 pub mod abi;
-pub mod kernel_table;
+#[doc(hidden)]
+pub mod nvrtc;
+#[doc(hidden)]
 pub mod ptx;
+pub mod registry;
 
 mod cudnn;
 mod device;
 mod dtype;
+mod events;
 mod launch;
-mod layers;
 mod model;
-mod nvrtc;
+mod ops;
 mod pinned;
 mod pipeline;
 mod tensor;
@@ -81,12 +85,12 @@ mod tensor;
 pub use device::{
     driver_version, probe_libraries, CudaLibrary, Gpu, KernelOrigin, MIN_DRIVER_VERSION,
 };
-pub use dtype::{GpuDtype, GpuFloat, KernelNames};
-pub use layers::{
-    bias_act, convert_f16_to_f32, convert_f32_to_f16, softmax_top_k, Conv2dGpu, ConvOptions,
-    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, TopK,
-};
+pub use dtype::{GpuDtype, GpuFloat};
 pub use model::{CudaModel, CudaOptions};
+pub use ops::{
+    bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu,
+    LrnGpu, MaxPoolGpu, PrepareInput, TopK,
+};
 pub use pinned::{alloc_readback, alloc_upload};
 pub use pipeline::{Pipeline, PipelineOutput};
 pub use tensor::{GpuTensor, Layout};

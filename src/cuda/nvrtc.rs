@@ -15,7 +15,7 @@ use crate::error::{CudaError, Error, Result};
 /// The headers the kernel sources may `#include`, as `(include name, contents)`. The embedded
 /// module sources have them inlined already ([`ptx::module_source`]); passing them as well
 /// costs nothing and keeps sources that still include them compilable.
-pub(crate) fn kernel_headers() -> &'static [(&'static str, &'static str)] {
+pub fn kernel_headers() -> &'static [(&'static str, &'static str)] {
     ptx::headers()
 }
 
@@ -32,7 +32,7 @@ impl Drop for Program {
 /// Compiles `source` (the `.cu` text of `module`) to PTX for compute capability
 /// `(major, minor)`, with `headers` resolvable by `#include "name"`. Falls back to NVRTC's
 /// default architecture when this NVRTC does not know the device's.
-pub(crate) fn compile(
+pub fn compile(
     module: &str,
     source: &str,
     headers: &[(&str, &str)],
@@ -130,7 +130,7 @@ fn log(program: &Program) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::device::CudaLibrary;
-    use super::super::kernel_table::MODULES;
+    use super::super::registry::MODULES;
     use super::*;
 
     /// Needs NVRTC (not a GPU); without it there is nothing to check here.

@@ -7,7 +7,8 @@ use cudarc::driver::{CudaSlice, PinnedHostSlice};
 use ndarray::Array2;
 
 use super::device::driver_err;
-use super::model::{record, CudaModel, StageEvents};
+use super::events::{record, StageEvents};
+use super::model::CudaModel;
 use super::pinned::{alloc_readback, alloc_upload};
 use crate::backend::StageTimings;
 use crate::error::{Error, Result};
@@ -59,8 +60,16 @@ pub struct Pipeline<'m> {
     in_flight: VecDeque<usize>,
 }
 
+impl CudaModel {
+    /// An overlapped pipeline for batches of up to `max_batch` images: two page-locked input
+    /// slots, uploads on the copy stream overlapping the previous batch's compute.
+    pub fn pipeline(&mut self, max_batch: usize) -> Result<Pipeline<'_>> {
+        Pipeline::new(self, max_batch)
+    }
+}
+
 impl<'m> Pipeline<'m> {
-    pub(crate) fn new(model: &'m mut CudaModel, max_batch: usize) -> Result<Self> {
+    fn new(model: &'m mut CudaModel, max_batch: usize) -> Result<Self> {
         if max_batch == 0 {
             return Err(Error::invalid("pipeline batch", "must be at least 1"));
         }
@@ -192,7 +201,7 @@ impl<'m> Pipeline<'m> {
             let mut dst = slot
                 .device_input
                 .try_slice_mut(..bytes)
-                .ok_or_else(|| Error::cuda("Pipeline", "input slot too small (internal)"))?;
+                .ok_or_else(|| Error::invalid("pipeline batch", "larger than the input slot"))?;
             copy.memcpy_htod(src, &mut dst)
                 .map_err(driver_err("cuMemcpyHtoDAsync (images)"))?;
         }
@@ -204,15 +213,13 @@ impl<'m> Pipeline<'m> {
         let src = slot
             .device_input
             .try_slice(..bytes)
-            .ok_or_else(|| Error::cuda("Pipeline", "input slot too small (internal)"))?;
-        self.model.compute_device_u8(&src, n)?;
-        let stream = self.model.gpu().stream();
-        record(&slot.events.compute_end, stream)?;
+            .ok_or_else(|| Error::invalid("pipeline batch", "larger than the input slot"))?;
         let dst = &mut slot
             .host_logits
             .as_mut_slice()
             .map_err(driver_err("cuEventSynchronize"))?[..logits];
-        self.model.download_logits_into(dst)?;
+        self.model
+            .compute_device_u8(&src, n, dst, &slot.events.compute_end)?;
         record(&slot.events.d2h_end, self.model.gpu().stream())?;
         slot.n = n;
         self.in_flight.push_back(index);

@@ -2,7 +2,7 @@
 //! was found at build time, its PTX for `compute_75`.
 //!
 //! A module is a `.cu` file under `kernels/`, named by its stem (`"lrn"` for `kernels/lrn.cu`);
-//! [`super::kernel_table::MODULES`] lists them. The runtime loads [`module_ptx`] when present
+//! [`super::registry::MODULES`] lists them. The runtime loads [`module_ptx`] when present
 //! and otherwise compiles [`module_source`] with NVRTC (see [`NVRTC_ARCH`]).
 
 mod generated {
@@ -123,13 +123,13 @@ pub fn ptx_isa_version(ptx: &str) -> Option<(u32, u32)> {
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
-/// Checks a compiled module against [`super::kernel_table::KERNELS`]: every kernel of `module`
+/// Checks a compiled module against [`super::registry::KERNELS`]: every kernel of `module`
 /// is defined, with as many parameters as its launcher passes, a `.u64` for each
-/// [`Param::Ptr`](super::kernel_table::Param::Ptr) and a byte array of exactly the struct's size
-/// for each [`Param::Struct`](super::kernel_table::Param::Struct); and the module defines no
+/// [`Param::Ptr`](super::registry::Param::Ptr) and a byte array of exactly the struct's size
+/// for each [`Param::Struct`](super::registry::Param::Struct); and the module defines no
 /// kernel the table lacks (a kernel nothing can launch). Returns every problem found.
 pub fn check_module(module: &str, ptx: &str) -> Result<(), Vec<String>> {
-    use super::kernel_table::{Param, KERNELS};
+    use super::registry::{Param, KERNELS};
     let entries = ptx_entries(ptx);
     let mut problems = Vec::new();
     for spec in KERNELS.iter().filter(|k| k.module == module) {
@@ -166,7 +166,7 @@ pub fn check_module(module: &str, ptx: &str) -> Result<(), Vec<String>> {
             .any(|k| k.module == module && k.name == entry.name)
         {
             problems.push(format!(
-                "{module}: kernel {} is not in kernel_table::KERNELS (add it, or make it a \
+                "{module}: kernel {} is not in the registry (src/cuda/registry.rs: add it, or make it a \
                  __device__ function)",
                 entry.name
             ));

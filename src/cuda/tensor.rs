@@ -163,22 +163,6 @@ impl<T: GpuFloat> GpuTensor<T> {
         }
     }
 
-    /// Changes the logical shape (same element count) and layout without moving data: e.g.
-    /// `[N, C, H, W]` NCHW to `[N, C*H*W]`.
-    pub fn reshape(&mut self, shape: &[usize], layout: Layout) -> Result<()> {
-        check_layout(shape, layout, "GpuTensor::reshape")?;
-        if element_count(shape, "GpuTensor::reshape")? != self.data.len() {
-            return Err(Error::Shape {
-                op: "GpuTensor::reshape",
-                expected: format!("{} elements", self.data.len()),
-                found: shape.to_vec(),
-            });
-        }
-        self.shape = shape.to_vec();
-        self.layout = layout;
-        Ok(())
-    }
-
     /// The device buffer, in this tensor's memory order.
     pub fn data(&self) -> &CudaSlice<T> {
         &self.data

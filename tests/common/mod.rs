@@ -115,3 +115,20 @@ pub fn random_u8_batch(n: usize, side: u32, seed: u64) -> alexnet_cuda::image::U
     }
     batch
 }
+
+/// The seed GPU tests draw their random inputs from: [`DEFAULT_TEST_SEED`] so that a failure
+/// replays exactly, or `ALEXNET_TEST_SEED` to vary it. Printed either way.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = match std::env::var("ALEXNET_TEST_SEED") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("ALEXNET_TEST_SEED={text:?} is not an unsigned integer")),
+        Err(_) => DEFAULT_TEST_SEED,
+    };
+    eprintln!("{test}: ALEXNET_TEST_SEED={seed}");
+    seed
+}
+
+/// The seed GPU tests use unless `ALEXNET_TEST_SEED` says otherwise.
+pub const DEFAULT_TEST_SEED: u64 = 20_121_203;

@@ -1,0 +1,53 @@
+//! CUDA events around the three phases of one batch (upload, compute, download), shared by the
+//! model's plain path and the overlapped [`super::Pipeline`].
+
+use cudarc::driver::{CudaEvent, CudaStream};
+
+use super::device::{driver_err, Gpu};
+use crate::backend::StageTimings;
+use crate::error::Result;
+
+/// CUDA events (with timing) around the three phases of one batch.
+pub(crate) struct StageEvents {
+    pub h2d_start: CudaEvent,
+    pub h2d_end: CudaEvent,
+    pub compute_start: CudaEvent,
+    pub compute_end: CudaEvent,
+    pub d2h_end: CudaEvent,
+}
+
+impl StageEvents {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let event = || {
+            gpu.context()
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver_err("cuEventCreate"))
+        };
+        Ok(StageEvents {
+            h2d_start: event()?,
+            h2d_end: event()?,
+            compute_start: event()?,
+            compute_end: event()?,
+            d2h_end: event()?,
+        })
+    }
+
+    /// The three durations; waits for the last event.
+    pub fn timings(&self) -> Result<StageTimings> {
+        let ms = |a: &CudaEvent, b: &CudaEvent| {
+            a.elapsed_ms(b)
+                .map(f64::from)
+                .map_err(driver_err("cuEventElapsedTime"))
+        };
+        Ok(StageTimings {
+            h2d_ms: ms(&self.h2d_start, &self.h2d_end)?,
+            compute_ms: ms(&self.compute_start, &self.compute_end)?,
+            d2h_ms: ms(&self.compute_end, &self.d2h_end)?,
+        })
+    }
+}
+
+/// Records `event` on `stream`.
+pub(crate) fn record(event: &CudaEvent, stream: &CudaStream) -> Result<()> {
+    event.record(stream).map_err(driver_err("cuEventRecord"))
+}

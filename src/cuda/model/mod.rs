@@ -1,0 +1,438 @@
+//! The whole network on the GPU, built from the same [`Weights`] as the CPU model.
+
+mod net;
+
+use cudarc::driver::{CudaEvent, CudaStream, CudaView, PinnedHostSlice};
+use half::f16;
+use ndarray::{Array2, ArrayView4, ArrayViewD};
+
+use self::net::Net;
+use super::device::{driver_err, Gpu};
+use super::events::{record, StageEvents};
+use super::ops::{PrepareInput, TopK};
+use super::tensor::Layout;
+use crate::backend::{Backend, StageTimings};
+use crate::config::{AlexNetConfig, Precision};
+use crate::error::{Error, Result};
+use crate::image::{Preprocess, U8Batch};
+use crate::weights::Weights;
+
+/// Settings of a [`CudaModel`]. The default: device 0, true fp32, ImageNet normalisation.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CudaOptions {
+    /// CUDA device ordinal.
+    pub device: usize,
+    /// fp32 only: let convolutions and GEMMs use TF32 tensor cores (about 1e-3 relative error,
+    /// much faster). Off by default: fp32 is true fp32.
+    pub allow_tf32: bool,
+    /// The normalisation [`CudaModel::forward_u8`] applies on the GPU (torchvision's ImageNet
+    /// mean and std by default).
+    pub normalization: PrepareInput,
+}
+
+/// The network in the model's storage type.
+enum TypedNet {
+    F32(Net<f32>),
+    F16(Net<f16>),
+}
+
+/// Runs `$body` with `$net` bound to the network of either storage type.
+macro_rules! with_net {
+    ($typed:expr, $net:ident => $body:expr) => {
+        match $typed {
+            TypedNet::F32($net) => $body,
+            TypedNet::F16($net) => $body,
+        }
+    };
+}
+
+/// The user's observer of [`CudaModel::forward_f32_observed`].
+type HostObserver<'a> = dyn FnMut(&str, ArrayViewD<'_, f32>) + 'a;
+
+/// AlexNet on one GPU, built from the same [`Weights`] as [`crate::cpu::CpuModel`] and
+/// computing the same function (checked layer by layer in `tests/gpu_*.rs`).
+///
+/// - [`Precision::Fp32`]: f32 NCHW activations, true fp32 math (cuDNN `CUDNN_FMA_MATH`, cuBLAS
+///   `CUBLAS_COMPUTE_32F`) unless [`CudaOptions::allow_tf32`].
+/// - [`Precision::Fp16`]: f16 NHWC activations (the input padded to 8 channels, conv1's weights
+///   with zero filters for them) on the tensor cores with f32 accumulation; fc1's weight
+///   columns are reordered at load so the (H, W, C) flatten gives the CPU's result.
+///
+/// Buffers are allocated on the first batch of a size and reused until the size changes;
+/// convolution algorithms are chosen once per batch size ([`CudaModel::prepare`] does both
+/// ahead of time). A steady-state forward allocates nothing on the device, creates no
+/// descriptor and synchronises once, to hand back the result.
+pub struct CudaModel {
+    net: TypedNet,
+    events: StageEvents,
+    last_timings: Option<StageTimings>,
+    config: AlexNetConfig,
+    precision: Precision,
+    options: CudaOptions,
+    // Last: dropped after every buffer and descriptor that lives on it.
+    gpu: Gpu,
+}
+
+impl std::fmt::Debug for CudaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaModel")
+            .field("gpu", &self.gpu)
+            .field("config", &self.config.name)
+            .field("precision", &self.precision)
+            .field("options", &self.options)
+            .field("batch", &self.batch_size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaModel {
+    /// Opens GPU `options.device` and uploads `weights` (rounded to f16 in fp16 mode).
+    /// [`Error::DeviceUnavailable`] when there is no usable GPU or library.
+    pub fn new(weights: &Weights, precision: Precision, options: CudaOptions) -> Result<Self> {
+        let gpu = Gpu::new(options.device)?;
+        Self::with_gpu(gpu, weights, precision, options)
+    }
+
+    /// Like [`CudaModel::new`] on an already opened [`Gpu`] (`options.device` is ignored).
+    pub fn with_gpu(
+        gpu: Gpu,
+        weights: &Weights,
+        precision: Precision,
+        options: CudaOptions,
+    ) -> Result<Self> {
+        let config = weights.config().clone();
+        config.plan()?;
+        PrepareInput::new(options.normalization.mean, options.normalization.std)?;
+        let net = match precision {
+            Precision::Fp32 => {
+                TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, options.allow_tf32)?)
+            }
+            Precision::Fp16 => TypedNet::F16(Net::build(&gpu, weights, Layout::Nhwc, false)?),
+        };
+        let events = StageEvents::new(&gpu)?;
+        Ok(CudaModel {
+            net,
+            events,
+            last_timings: None,
+            config,
+            precision,
+            options,
+            gpu,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn config(&self) -> &AlexNetConfig {
+        &self.config
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn options(&self) -> &CudaOptions {
+        &self.options
+    }
+
+    /// The GPU's name.
+    pub fn device_name(&self) -> &str {
+        self.gpu.name()
+    }
+
+    /// Sets the normalisation [`CudaModel::forward_u8`] applies.
+    pub fn set_normalization(&mut self, normalization: PrepareInput) -> Result<()> {
+        self.options.normalization = PrepareInput::new(normalization.mean, normalization.std)?;
+        Ok(())
+    }
+
+    /// The batch size the buffers are allocated for, if any.
+    pub fn batch_size(&self) -> Option<usize> {
+        with_net!(&self.net, net => net.batch_size())
+    }
+
+    /// Allocates every buffer for batch `n` and chooses the convolution algorithms, so the
+    /// first timed forward of that size does no set-up. Called by every forward.
+    pub fn prepare(&mut self, n: usize) -> Result<()> {
+        check_batch(n)?;
+        let gpu = &self.gpu;
+        with_net!(&mut self.net, net => net.ready(gpu, n).map(|_| ()))
+    }
+
+    /// Allocates the buffers for batch `n` if needed and fills every activation buffer (input
+    /// included) with NaN, so that in a test a stage that fails to write part of its output
+    /// shows up as NaN downstream. Not needed in normal use.
+    #[doc(hidden)]
+    pub fn poison_buffers(&mut self, n: usize) -> Result<()> {
+        check_batch(n)?;
+        let gpu = &self.gpu;
+        with_net!(&mut self.net, net => {
+            let (layers, bufs) = net.ready(gpu, n)?;
+            layers.poison(gpu, bufs)
+        })
+    }
+
+    fn check_f32_input(&self, input: &ArrayView4<'_, f32>) -> Result<usize> {
+        let want = self.config.input;
+        let (n, c, h, w) = input.dim();
+        if (c, h, w) != (want.channels, want.height, want.width) || n == 0 {
+            return Err(Error::Shape {
+                op: "CudaModel::forward_f32",
+                expected: format!(
+                    "[N >= 1, {}, {}, {}]",
+                    want.channels, want.height, want.width
+                ),
+                found: input.shape().to_vec(),
+            });
+        }
+        Ok(n)
+    }
+
+    /// Logits `[N, classes]` for a normalised NCHW batch from the host (the path for checking
+    /// against the CPU; [`CudaModel::forward_u8`] is the fast one).
+    pub fn forward_f32(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        self.forward_f32_impl(input, None)
+    }
+
+    /// Like [`CudaModel::forward_f32`], calling `observe(stage, activation)` after every stage
+    /// with the same names and meaning as [`crate::cpu::CpuModel::forward_observed`] ("conv1"
+    /// after its ReLU, "lrn1", "pool1", ..., "fc3"), activations downloaded as logical NCHW f32.
+    /// Synchronises after every stage: for debugging and tests, not for speed.
+    pub fn forward_f32_observed(
+        &mut self,
+        input: ArrayView4<'_, f32>,
+        mut observe: impl FnMut(&str, ArrayViewD<'_, f32>),
+    ) -> Result<Array2<f32>> {
+        self.forward_f32_impl(input, Some(&mut observe))
+    }
+
+    fn forward_f32_impl(
+        &mut self,
+        input: ArrayView4<'_, f32>,
+        observe: Option<&mut HostObserver<'_>>,
+    ) -> Result<Array2<f32>> {
+        let n = self.check_f32_input(&input)?;
+        let (gpu, events) = (&self.gpu, &self.events);
+        let stream = gpu.stream();
+        let logits = with_net!(&mut self.net, net => {
+            let (layers, bufs) = net.ready(gpu, n)?;
+            record(&events.h2d_start, stream)?;
+            layers.upload_f32(gpu, bufs, input)?;
+            record(&events.h2d_end, stream)?;
+            record(&events.compute_start, stream)?;
+            match observe {
+                None => layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?,
+                Some(user) => layers.run(gpu, bufs, &mut |name, t, relu| {
+                    let mut host = t.to_host(gpu)?;
+                    if relu {
+                        host.mapv_inplace(|v| if v < 0.0 { 0.0 } else { v });
+                    }
+                    user(name, host.view());
+                    Ok(())
+                })?,
+            }
+            record(&events.compute_end, stream)?;
+            layers.download_logits_to_host(gpu, bufs)?;
+            finish_logits(stream, events, &bufs.host_logits, n, self.config.num_classes())?
+        });
+        self.last_timings = Some(self.events.timings()?);
+        Ok(logits)
+    }
+
+    /// Checks that `batch` fits the model's input and returns its size.
+    pub(crate) fn check_u8_batch(&self, batch: &U8Batch, op: &'static str) -> Result<usize> {
+        let want = self.config.input;
+        let side = batch.crop() as usize;
+        if want.channels != 3 || side != want.height || side != want.width || batch.is_empty() {
+            return Err(Error::Shape {
+                op,
+                expected: format!(
+                    "N >= 1 RGB images of {}x{} (the model's input {}x{}x{})",
+                    want.height, want.width, want.channels, want.height, want.width
+                ),
+                found: batch.shape().to_vec(),
+            });
+        }
+        Ok(batch.len())
+    }
+
+    /// Logits `[N, classes]` for a batch of u8 HWC images (the fast path: 4x fewer bytes
+    /// uploaded through page-locked memory, normalised on the GPU with
+    /// [`CudaOptions::normalization`]).
+    pub fn forward_u8(&mut self, batch: &U8Batch) -> Result<Array2<f32>> {
+        let norm = self.options.normalization;
+        self.forward_u8_with(batch, &norm)
+    }
+
+    /// [`CudaModel::forward_u8`] with the normalisation `norm` for this batch only.
+    fn forward_u8_with(&mut self, batch: &U8Batch, norm: &PrepareInput) -> Result<Array2<f32>> {
+        let n = self.check_u8_batch(batch, "CudaModel::forward_u8")?;
+        let (gpu, events) = (&self.gpu, &self.events);
+        let stream = gpu.stream();
+        let logits = with_net!(&mut self.net, net => {
+            let (layers, bufs) = net.ready(gpu, n)?;
+            record(&events.h2d_start, stream)?;
+            layers.upload_u8(gpu, bufs, batch.as_slice())?;
+            record(&events.h2d_end, stream)?;
+            record(&events.compute_start, stream)?;
+            layers.prepare_uploaded(gpu, bufs, norm)?;
+            layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?;
+            record(&events.compute_end, stream)?;
+            layers.download_logits_to_host(gpu, bufs)?;
+            finish_logits(stream, events, &bufs.host_logits, n, self.config.num_classes())?
+        });
+        self.last_timings = Some(self.events.timings()?);
+        Ok(logits)
+    }
+
+    /// The `k` most probable classes of every image, most probable first, as
+    /// `(class, probability)`: softmax and top-k run on the GPU and only these leave it.
+    /// `1 <= k <= min(classes, 32)`.
+    pub fn top_k_u8(&mut self, batch: &U8Batch, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
+        let classes = self.config.num_classes();
+        if k == 0 || k > classes.min(TopK::MAX_K) {
+            return Err(Error::invalid(
+                "top-k",
+                format!(
+                    "k = {k} (need 1 <= k <= {} on the GPU)",
+                    classes.min(TopK::MAX_K)
+                ),
+            ));
+        }
+        let n = self.check_u8_batch(batch, "CudaModel::top_k_u8")?;
+        let norm = self.options.normalization;
+        let (gpu, events) = (&self.gpu, &self.events);
+        let stream = gpu.stream();
+        let top = with_net!(&mut self.net, net => {
+            let (layers, bufs) = net.ready(gpu, n)?;
+            record(&events.h2d_start, stream)?;
+            layers.upload_u8(gpu, bufs, batch.as_slice())?;
+            record(&events.h2d_end, stream)?;
+            record(&events.compute_start, stream)?;
+            layers.prepare_uploaded(gpu, bufs, &norm)?;
+            layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?;
+            layers.top_k(gpu, bufs, k)?;
+            record(&events.compute_end, stream)?;
+            bufs.topk.start_download(gpu)?;
+            record(&events.d2h_end, stream)?;
+            events
+                .d2h_end
+                .synchronize()
+                .map_err(driver_err("cuEventSynchronize"))?;
+            bufs.topk.read_downloaded()?
+        });
+        self.last_timings = Some(self.events.timings()?);
+        Ok(top)
+    }
+
+    /// CUDA-event timings of the last batch: upload, compute (input preparation to logits),
+    /// download.
+    pub fn last_timings(&self) -> Option<StageTimings> {
+        self.last_timings
+    }
+
+    // --- for the pipeline -------------------------------------------------------------------
+
+    pub(crate) fn set_last_timings(&mut self, t: StageTimings) {
+        self.last_timings = Some(t);
+    }
+
+    /// Runs the network on `n` u8 images already on the device and queues the logits'
+    /// download into `dst` (asynchronous; `n` must fit `dst`).
+    pub(crate) fn compute_device_u8(
+        &mut self,
+        src: &CudaView<'_, u8>,
+        n: usize,
+        dst: &mut [f32],
+        compute_end: &CudaEvent,
+    ) -> Result<()> {
+        check_batch(n)?;
+        let gpu = &self.gpu;
+        let norm = self.options.normalization;
+        with_net!(&mut self.net, net => {
+            let (layers, bufs) = net.ready(gpu, n)?;
+            layers.prepare_from(gpu, bufs, src, &norm)?;
+            layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?;
+            record(compute_end, gpu.stream())?;
+            layers.download_logits(gpu, bufs, dst)
+        })
+    }
+}
+
+fn check_batch(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid("batch", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Records the end of the download on `stream`, waits for it and returns the `[n, classes]`
+/// logits from the page-locked `host` buffer.
+fn finish_logits(
+    stream: &CudaStream,
+    events: &StageEvents,
+    host: &PinnedHostSlice<f32>,
+    n: usize,
+    classes: usize,
+) -> Result<Array2<f32>> {
+    record(&events.d2h_end, stream)?;
+    events
+        .d2h_end
+        .synchronize()
+        .map_err(driver_err("cuEventSynchronize"))?;
+    let values = host.as_slice().map_err(driver_err("cuEventSynchronize"))?;
+    let values = values.get(..n * classes).ok_or_else(|| {
+        Error::invalid("logits", format!("{n} x {classes} do not fit the buffer"))
+    })?;
+    Array2::from_shape_vec((n, classes), values.to_vec())
+        .map_err(|e| Error::invalid("logits", e.to_string()))
+}
+
+impl Backend for CudaModel {
+    fn device_name(&self) -> String {
+        self.gpu.name().to_string()
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn config(&self) -> &AlexNetConfig {
+        &self.config
+    }
+
+    fn forward(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        self.forward_f32(input)
+    }
+
+    /// Normalises with `pre`'s mean and std for this batch only: the model's own
+    /// [`CudaOptions::normalization`] is left as it was.
+    fn forward_u8(&mut self, batch: &U8Batch, pre: &Preprocess) -> Result<Array2<f32>> {
+        let norm = PrepareInput::new(pre.mean, pre.std)?;
+        self.forward_u8_with(batch, &norm)
+    }
+
+    fn last_stage_timings(&self) -> Option<StageTimings> {
+        self.last_timings
+    }
+
+    fn is_gpu(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        fn sync<T: Sync>() {}
+        send::<CudaModel>();
+        send::<Gpu>();
+        sync::<Gpu>();
+    }
+}

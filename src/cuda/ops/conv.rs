@@ -1,0 +1,412 @@
+//! 2-D convolutions in cuDNN (then `bias_act`); CPU twin [`crate::cpu::Conv2d`].
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use cudarc::cudnn::sys::{
+    cudnnConvolutionFwdAlgo_t, cudnnDataType_t, cudnnMathType_t, cudnnTensorFormat_t,
+};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use ndarray::{ArrayView1, ArrayView4};
+
+use super::{bias_act, layout_err, shape_err, upload};
+use crate::config::window_output;
+use crate::cuda::cudnn::{find_forward_algorithms, ConvDesc, FilterDesc, FwdAlgoPerf, TensorDesc};
+use crate::cuda::device::Gpu;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
+use crate::cuda::launch::to_i32;
+use crate::cuda::tensor::{GpuTensor, Layout};
+use crate::error::{Error, Result};
+
+/// Settings of a [`Conv2dGpu`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvOptions {
+    pub stride: usize,
+    pub padding: usize,
+    /// Layout of the input and output (the weights are stored to match: OIHW for NCHW, OHWI
+    /// for NHWC).
+    pub layout: Layout,
+    /// Input channels the layer accepts, at least the weights' own: the extra ones get zero
+    /// filters (e.g. 8 for conv1 in fp16 NHWC, whose RGB input is padded to 8 channels for the
+    /// tensor cores). `None`: the weights' own.
+    pub in_channels: Option<usize>,
+    /// fp32 only: let cuDNN use TF32 tensor cores (about 1e-3 relative error). Off by default:
+    /// fp32 convolutions run with `CUDNN_FMA_MATH`, true fp32. fp16 always uses tensor cores
+    /// with f32 accumulation.
+    pub allow_tf32: bool,
+}
+
+impl ConvOptions {
+    /// `stride`, `padding` and `layout`; no channel padding, no TF32.
+    pub fn new(stride: usize, padding: usize, layout: Layout) -> Self {
+        ConvOptions {
+            stride,
+            padding,
+            layout,
+            in_channels: None,
+            allow_tf32: false,
+        }
+    }
+}
+
+/// A chosen algorithm for one input shape, with its descriptors and workspace.
+#[derive(Debug)]
+struct ConvPlan {
+    conv: ConvDesc,
+    x: TensorDesc,
+    y: TensorDesc,
+    algo: cudnnConvolutionFwdAlgo_t,
+    workspace: Option<CudaSlice<u8>>,
+}
+
+/// 2-D convolution + bias (+ ReLU) in cuDNN: cross-correlation with square kernels, zero
+/// padding, PyTorch's output size. The algorithm is chosen once per input shape by measuring
+/// them all (`cudnnFindConvolutionForwardAlgorithm`, deterministic ones preferred) and cached
+/// with its workspace; [`Conv2dGpu::prepare`] does that ahead of time.
+///
+/// Math: fp16 uses tensor cores (`CUDNN_TENSOR_OP_MATH`) with f32 accumulation; fp32 is true
+/// fp32 (`CUDNN_FMA_MATH`, GEMM-family algorithms only: no FFT or Winograd) unless
+/// [`ConvOptions::allow_tf32`].
+#[derive(Debug)]
+pub struct Conv2dGpu<T: GpuFloat> {
+    weight: CudaSlice<T>,
+    bias: CudaSlice<T>,
+    filter: FilterDesc,
+    out_channels: usize,
+    in_channels: usize,
+    kernel: usize,
+    options: ConvOptions,
+    math: cudnnMathType_t,
+    plans: HashMap<[usize; 3], ConvPlan>,
+}
+
+impl<T: GpuFloat> Conv2dGpu<T> {
+    /// `weight` is OIHW `[out, in, k, k]`, `bias` is `[out]` (PyTorch's layout, as in
+    /// [`crate::weights::ConvParams`]); both are rounded to `T`.
+    pub fn new(
+        gpu: &Gpu,
+        weight: ArrayView4<'_, f32>,
+        bias: ArrayView1<'_, f32>,
+        options: ConvOptions,
+    ) -> Result<Self> {
+        const OP: &str = "Conv2dGpu::new";
+        let (out_channels, weight_in, kh, kw) = weight.dim();
+        if kh != kw || kh == 0 || out_channels == 0 || weight_in == 0 {
+            return Err(shape_err(
+                OP,
+                "a square, non-empty kernel [out, in, k, k]",
+                weight.shape(),
+            ));
+        }
+        if bias.len() != out_channels {
+            return Err(shape_err(
+                OP,
+                format!("a bias of {out_channels}"),
+                bias.shape(),
+            ));
+        }
+        if options.stride == 0 {
+            return Err(Error::invalid("Conv2d stride", "must be positive"));
+        }
+        let in_channels = options.in_channels.unwrap_or(weight_in);
+        if in_channels < weight_in {
+            return Err(Error::invalid(
+                "Conv2d in_channels",
+                format!("{in_channels} is fewer than the weights' {weight_in}"),
+            ));
+        }
+        let k = kh;
+        // Every size handed to cuDNN must fit an i32.
+        for (what, v) in [
+            ("out channels", out_channels),
+            ("in channels", in_channels),
+            ("kernel", k),
+            ("stride", options.stride),
+            ("padding", options.padding),
+        ] {
+            to_i32(OP, what, v)?;
+        }
+        let mut host = vec![T::from_f32(0.0); out_channels * in_channels * k * k];
+        for ((o, c, i, j), &v) in weight.indexed_iter() {
+            let index = match options.layout {
+                Layout::Nchw => ((o * in_channels + c) * k + i) * k + j,
+                Layout::Nhwc => ((o * k + i) * k + j) * in_channels + c,
+            };
+            host[index] = T::from_f32(v);
+        }
+        let bias_host: Vec<T> = bias.iter().map(|&v| T::from_f32(v)).collect();
+        let math = match (T::DTYPE, options.allow_tf32) {
+            (GpuDtype::F16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+            (GpuDtype::F32, false) => cudnnMathType_t::CUDNN_FMA_MATH,
+            (GpuDtype::F32, true) => cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        };
+        gpu.bind()?;
+        let filter = FilterDesc::new(
+            T::DTYPE.cudnn(),
+            cudnn_format(options.layout),
+            [out_channels, in_channels, k, k].map(|v| v as i32),
+        )?;
+        Ok(Conv2dGpu {
+            weight: upload(gpu, &host, "convolution weights")?,
+            bias: upload(gpu, &bias_host, "convolution bias")?,
+            filter,
+            out_channels,
+            in_channels,
+            kernel: k,
+            options,
+            math,
+            plans: HashMap::new(),
+        })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// Input channels accepted (the weights' own, or the padded count).
+    pub fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    pub fn options(&self) -> ConvOptions {
+        self.options
+    }
+
+    /// Output `(height, width)` for an input of `(height, width)`.
+    pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+        let (k, s, p) = (self.kernel, self.options.stride, self.options.padding);
+        let out = |len| window_output(len, k, s, p);
+        match (out(height), out(width)) {
+            (Some(h), Some(w)) => Ok((h, w)),
+            _ => Err(shape_err(
+                "Conv2dGpu",
+                format!("spatial size >= {k} after padding {p}"),
+                &[height, width],
+            )),
+        }
+    }
+
+    /// Chooses and caches the algorithm (and allocates its workspace) for inputs
+    /// `[n, in_channels, height, width]`. Runs every candidate once on the GPU; called by
+    /// [`Conv2dGpu::forward`] on a new shape, or ahead of time to keep that out of the timed
+    /// loop.
+    pub fn prepare(&mut self, gpu: &Gpu, n: usize, height: usize, width: usize) -> Result<()> {
+        let key = [n, height, width];
+        if !self.plans.contains_key(&key) {
+            let plan = self.make_plan(gpu, n, height, width)?;
+            self.plans.insert(key, plan);
+        }
+        Ok(())
+    }
+
+    /// Chooses the algorithm for inputs `[n, in_channels, height, width]` and allocates its
+    /// workspace.
+    fn make_plan(&self, gpu: &Gpu, n: usize, height: usize, width: usize) -> Result<ConvPlan> {
+        const OP: &str = "Conv2dGpu::prepare";
+        let (oh, ow) = self.output_size(height, width)?;
+        let dims = |v: [usize; 4]| -> Result<[i32; 4]> {
+            Ok([
+                to_i32(OP, "n", v[0])?,
+                to_i32(OP, "c", v[1])?,
+                to_i32(OP, "h", v[2])?,
+                to_i32(OP, "w", v[3])?,
+            ])
+        };
+        let x_dims = dims([n, self.in_channels, height, width])?;
+        let y_dims = dims([n, self.out_channels, oh, ow])?;
+        gpu.bind()?;
+        let format = cudnn_format(self.options.layout);
+        let x = TensorDesc::new(T::DTYPE.cudnn(), format, x_dims)?;
+        let y = TensorDesc::new(T::DTYPE.cudnn(), format, y_dims)?;
+        // Accumulation is f32 for both storage types (fp16: cuDNN's "pseudo-half" config).
+        let conv = ConvDesc::new(
+            self.options.padding as i32,
+            self.options.stride as i32,
+            cudnnDataType_t::CUDNN_DATA_FLOAT,
+            self.math,
+        )?;
+        let cudnn_dims = conv.output_dims(&x, &self.filter)?;
+        if cudnn_dims != y_dims {
+            return Err(Error::cuda(
+                OP,
+                format!("cuDNN computes an output of {cudnn_dims:?}, the layer expects {y_dims:?}"),
+            ));
+        }
+        let handle = gpu.cudnn()?;
+        let candidates = find_forward_algorithms(&handle, &x, &self.filter, &conv, &y)?;
+        // True fp32 also rules out the transform-domain algorithms (FFT, Winograd), whose
+        // extra roundings cost about an order of magnitude of accuracy.
+        let true_fp32 = self.math == cudnnMathType_t::CUDNN_FMA_MATH;
+        let allowed = |p: &&FwdAlgoPerf| {
+            use cudnnConvolutionFwdAlgo_t::*;
+            !true_fp32
+                || (matches!(
+                    p.math,
+                    cudnnMathType_t::CUDNN_FMA_MATH | cudnnMathType_t::CUDNN_DEFAULT_MATH
+                ) && matches!(
+                    p.algo,
+                    CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
+                        | CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+                        | CUDNN_CONVOLUTION_FWD_ALGO_GEMM
+                        | CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
+                ))
+        };
+        let best = candidates
+            .iter()
+            .filter(allowed)
+            .find(|p| p.deterministic)
+            .or_else(|| candidates.iter().find(allowed))
+            .copied()
+            .ok_or_else(|| {
+                Error::cuda(
+                    OP,
+                    format!(
+                        "cuDNN has no usable forward algorithm for input {x_dims:?} \
+                         ({:?}, {:?}); candidates: {candidates:?}",
+                        T::DTYPE,
+                        self.options.layout
+                    ),
+                )
+            })?;
+        if !true_fp32 {
+            // The math type Find measured the winner with (tensor ops or not) is the one to run.
+            conv.set_math(best.math)?;
+        }
+        // SAFETY: handle and descriptors are alive; the call only computes a size.
+        let needed = unsafe {
+            cudarc::cudnn::result::get_convolution_forward_workspace_size(
+                handle.0,
+                x.0,
+                self.filter.0,
+                conv.0,
+                y.0,
+                best.algo,
+            )
+        }
+        .map_err(|e| Error::cuda("cudnnGetConvolutionForwardWorkspaceSize", e))?;
+        drop(handle);
+        let bytes = needed.max(best.workspace);
+        let workspace = if bytes > 0 {
+            Some(gpu.stream().alloc_zeros::<u8>(bytes).map_err(|e| {
+                Error::cuda(format!("allocating a {bytes}-byte cuDNN workspace"), e)
+            })?)
+        } else {
+            None
+        };
+        Ok(ConvPlan {
+            conv,
+            x,
+            y,
+            algo: best.algo,
+            workspace,
+        })
+    }
+
+    /// The cuDNN algorithm chosen for inputs `[n, in_channels, height, width]`, if prepared.
+    pub fn algorithm(&self, n: usize, height: usize, width: usize) -> Option<String> {
+        self.plans
+            .get(&[n, height, width])
+            .map(|p| format!("{:?}", p.algo))
+    }
+
+    /// `y = conv(x) + bias`, then ReLU if `relu`. `x` is `[n, in_channels, h, w]`, `y` is
+    /// `[n, out_channels, oh, ow]`, both in the layer's layout.
+    pub fn forward(
+        &mut self,
+        gpu: &Gpu,
+        x: &GpuTensor<T>,
+        y: &mut GpuTensor<T>,
+        relu: bool,
+    ) -> Result<()> {
+        const OP: &str = "Conv2dGpu::forward";
+        let layout = self.options.layout;
+        if x.layout() != layout {
+            return Err(layout_err(OP, layout, x.layout()));
+        }
+        if y.layout() != layout {
+            return Err(layout_err(OP, layout, y.layout()));
+        }
+        let [n, c, h, w] = x.dims4(OP)?;
+        if c != self.in_channels {
+            return Err(shape_err(
+                OP,
+                format!("input [N, {}, H, W]", self.in_channels),
+                x.shape(),
+            ));
+        }
+        let (oh, ow) = self.output_size(h, w)?;
+        let want = [n, self.out_channels, oh, ow];
+        if y.shape() != want.as_slice() {
+            return Err(shape_err(OP, format!("output {want:?}"), y.shape()));
+        }
+        // The plan leaves the cache while it runs (made on first use) and goes back either way.
+        let key = [n, h, w];
+        let mut plan = match self.plans.remove(&key) {
+            Some(plan) => plan,
+            None => self.make_plan(gpu, n, h, w)?,
+        };
+        let result = self.run_plan(gpu, &mut plan, x, y);
+        self.plans.insert(key, plan);
+        result?;
+        bias_act(gpu, y, &self.bias, relu)
+    }
+
+    /// `y = conv(x)` with `plan` (shapes already checked against it).
+    fn run_plan(
+        &self,
+        gpu: &Gpu,
+        plan: &mut ConvPlan,
+        x: &GpuTensor<T>,
+        y: &mut GpuTensor<T>,
+    ) -> Result<()> {
+        gpu.bind()?;
+        {
+            let handle = gpu.cudnn()?;
+            let stream = gpu.stream();
+            let (x_ptr, _x_done) = x.data().device_ptr(stream);
+            let (w_ptr, _w_done) = self.weight.device_ptr(stream);
+            let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
+            let (ws_ptr, ws_bytes, _ws_done) = match plan.workspace.as_mut() {
+                Some(ws) => {
+                    let bytes = ws.len();
+                    let (ptr, done) = ws.device_ptr_mut(stream);
+                    (ptr as *mut c_void, bytes, Some(done))
+                }
+                None => (std::ptr::null_mut(), 0, None),
+            };
+            // Scaling factors are f32 for both storage types (f32 compute).
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // SAFETY: the handle runs on `stream`, where the pointers were made ready
+            // (device_ptr waits for earlier writers); `x`, `y`, the weights and the workspace
+            // match the plan's descriptors (shapes, dtype and layout checked above, the
+            // workspace sized by cuDNN for this algorithm); alpha and beta are host f32 values
+            // alive for the call; the guards record the uses when they drop after it.
+            unsafe {
+                cudarc::cudnn::result::convolution_forward(
+                    handle.0,
+                    (&alpha as *const f32).cast(),
+                    plan.x.0,
+                    x_ptr as *const c_void,
+                    self.filter.0,
+                    w_ptr as *const c_void,
+                    plan.conv.0,
+                    plan.algo,
+                    ws_ptr,
+                    ws_bytes,
+                    (&beta as *const f32).cast(),
+                    plan.y.0,
+                    y_ptr as *mut c_void,
+                )
+            }
+            .map_err(|e| Error::cuda("cudnnConvolutionForward", e))?;
+        }
+        Ok(())
+    }
+}
+
+fn cudnn_format(layout: Layout) -> cudnnTensorFormat_t {
+    match layout {
+        Layout::Nchw => cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        Layout::Nhwc => cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+    }
+}

@@ -1,0 +1,64 @@
+//! The paper's inter-channel LRN: launcher of `kernels/lrn.cu`; CPU twin [`crate::cpu::Lrn`].
+
+use super::{layout_err, shape_err};
+use crate::config::LrnParams;
+use crate::cuda::abi::AlexnetLrnParams;
+use crate::cuda::device::Gpu;
+use crate::cuda::dtype::GpuFloat;
+use crate::cuda::launch::{abi_shape, grid_1d, to_u32, Launch};
+use crate::cuda::registry::Kernel;
+use crate::cuda::tensor::{GpuTensor, Layout};
+use crate::error::{Error, Result};
+
+/// The paper's inter-channel LRN (see [`LrnParams`]) with the `lrn` kernel; optionally applies
+/// the ReLU before it (so the convolution in front can skip its own).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LrnGpu {
+    pub params: LrnParams,
+}
+
+impl LrnGpu {
+    pub fn new(params: LrnParams) -> Result<Self> {
+        if params.size == 0 {
+            return Err(Error::invalid("LRN size", "must be positive"));
+        }
+        Ok(LrnGpu { params })
+    }
+
+    /// `y = lrn(relu_first ? max(x, 0) : x)`; `x` and `y` have the same 4-D shape and layout.
+    pub fn forward<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuTensor<T>,
+        y: &mut GpuTensor<T>,
+        relu_first: bool,
+    ) -> Result<()> {
+        const OP: &str = "LrnGpu::forward";
+        let dims = x.dims4(OP)?;
+        if y.shape() != x.shape() {
+            return Err(shape_err(OP, format!("output {:?}", x.shape()), y.shape()));
+        }
+        if y.layout() != x.layout() {
+            return Err(layout_err(OP, x.layout(), y.layout()));
+        }
+        let params = AlexnetLrnParams {
+            shape: abi_shape(OP, dims, x.layout() == Layout::Nhwc)?,
+            size: to_u32(OP, "size", self.params.size)?,
+            k: self.params.k,
+            alpha: self.params.alpha,
+            beta: self.params.beta,
+            relu_first: u32::from(relu_first),
+        };
+        let cfg = grid_1d(OP, x.len() as u64)?;
+        // SAFETY: lrn(const T *src, T *dst, AlexnetLrnParams); `x` and `y` both hold
+        // n*c*h*w elements of `params.shape` (checked above) and are distinct buffers (one is
+        // borrowed shared, the other exclusively); one thread per element.
+        unsafe {
+            Launch::new(gpu, Kernel::Lrn, T::DTYPE)?
+                .buffer(x.data())
+                .buffer(y.data_mut())
+                .params(&params)
+                .launch(cfg)
+        }
+    }
+}

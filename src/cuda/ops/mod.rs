@@ -1,0 +1,71 @@
+//! The layers on the GPU, one file per operation, each usable on its own and generic over `f32`
+//! and `f16` storage. Every operation has a CPU twin it is tested against and, unless a library
+//! runs it, a kernel of the same name:
+//!
+//! | operation | CPU twin                                   | launcher (here)  | kernel / library       |
+//! |-----------|--------------------------------------------|------------------|------------------------|
+//! | conv      | `src/cpu/conv.rs`                          | `conv.rs`        | cuDNN (`../cudnn.rs`)  |
+//! | linear    | `src/cpu/linear.rs`                        | `linear.rs`      | cuBLAS                 |
+//! | bias_act  | `src/cpu/bias_act.rs`                      | `bias_act.rs`    | `kernels/bias_act.cu`  |
+//! | lrn       | `src/cpu/lrn.rs`                           | `lrn.rs`         | `kernels/lrn.cu`       |
+//! | pool      | `src/cpu/pool.rs`                          | `pool.rs`        | `kernels/pool.cu`      |
+//! | dropout   | `src/cpu/dropout.rs`                       | `dropout.rs`     | `kernels/dropout.cu`   |
+//! | softmax   | `src/postprocess.rs` (softmax, top-k)      | `softmax.rs`     | `kernels/softmax.cu`   |
+//! | prepare   | `src/image/batch.rs` (`U8Batch::to_nchw_f32`) | `prepare.rs`  | `kernels/prepare.cu`   |
+//! | convert   | `half::f16::to_f32`                        | `convert.rs`     | `kernels/convert.cu`   |
+//!
+//! Every launcher checks shapes, layouts and buffer lengths before it launches; a mismatch is an
+//! [`Error::Shape`], never an out-of-bounds access. Kernels launch through
+//! [`super::launch::Launch`], which checks the arguments against `src/cuda/registry.rs`.
+
+mod bias_act;
+mod conv;
+mod convert;
+mod dropout;
+mod linear;
+mod lrn;
+mod pool;
+mod prepare;
+mod softmax;
+
+pub use bias_act::bias_act;
+pub use conv::{Conv2dGpu, ConvOptions};
+pub use convert::convert_f16_to_f32;
+pub use dropout::DropoutGpu;
+pub use linear::LinearGpu;
+pub use lrn::LrnGpu;
+pub use pool::MaxPoolGpu;
+pub use prepare::PrepareInput;
+pub use softmax::{softmax_top_k, TopK};
+
+use cudarc::driver::CudaSlice;
+
+use super::device::Gpu;
+use super::dtype::GpuFloat;
+use super::tensor::Layout;
+use crate::error::{Error, Result};
+
+fn shape_err(op: &'static str, expected: impl Into<String>, found: &[usize]) -> Error {
+    Error::Shape {
+        op,
+        expected: expected.into(),
+        found: found.to_vec(),
+    }
+}
+
+fn layout_err(op: &'static str, expected: Layout, found: Layout) -> Error {
+    Error::invalid(
+        "tensor layout",
+        format!("{op}: expected {expected:?}, found {found:?}"),
+    )
+}
+
+/// Copies a layer's parameters to a new device buffer.
+fn upload<T: GpuFloat>(gpu: &Gpu, values: &[T], what: &str) -> Result<CudaSlice<T>> {
+    if values.is_empty() {
+        return Err(Error::invalid("upload", format!("{what} is empty")));
+    }
+    gpu.stream()
+        .clone_htod(values)
+        .map_err(|e| Error::cuda(format!("uploading {what}"), e))
+}

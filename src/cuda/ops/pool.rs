@@ -1,0 +1,80 @@
+//! Max-pooling: launcher of `kernels/pool.cu`; CPU twin [`crate::cpu::MaxPool2d`].
+
+use super::{layout_err, shape_err};
+use crate::config::window_output;
+use crate::cuda::abi::AlexnetPoolParams;
+use crate::cuda::device::Gpu;
+use crate::cuda::dtype::GpuFloat;
+use crate::cuda::launch::{abi_shape, grid_1d, to_u32, Launch};
+use crate::cuda::registry::Kernel;
+use crate::cuda::tensor::{GpuTensor, Layout};
+use crate::error::{Error, Result};
+
+/// Max-pooling over square windows (no padding, floor mode; NaN propagates) with the `maxpool`
+/// kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPoolGpu {
+    pub kernel: usize,
+    pub stride: usize,
+}
+
+impl MaxPoolGpu {
+    pub fn new(kernel: usize, stride: usize) -> Result<Self> {
+        if kernel == 0 || stride == 0 {
+            return Err(Error::invalid(
+                "max-pool",
+                "kernel and stride must be positive",
+            ));
+        }
+        Ok(MaxPoolGpu { kernel, stride })
+    }
+
+    pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+        let out = |len| window_output(len, self.kernel, self.stride, 0);
+        match (out(height), out(width)) {
+            (Some(h), Some(w)) => Ok((h, w)),
+            _ => Err(shape_err(
+                "MaxPoolGpu",
+                format!("spatial size >= kernel {}", self.kernel),
+                &[height, width],
+            )),
+        }
+    }
+
+    /// `x` `[n, c, h, w]` to `y` `[n, c, oh, ow]`, same layout.
+    pub fn forward<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuTensor<T>,
+        y: &mut GpuTensor<T>,
+    ) -> Result<()> {
+        const OP: &str = "MaxPoolGpu::forward";
+        let [n, c, h, w] = x.dims4(OP)?;
+        let (oh, ow) = self.output_size(h, w)?;
+        let want = [n, c, oh, ow];
+        if y.shape() != want.as_slice() {
+            return Err(shape_err(OP, format!("output {want:?}"), y.shape()));
+        }
+        if y.layout() != x.layout() {
+            return Err(layout_err(OP, x.layout(), y.layout()));
+        }
+        let params = AlexnetPoolParams {
+            in_: abi_shape(OP, [n, c, h, w], x.layout() == Layout::Nhwc)?,
+            out_h: to_u32(OP, "out_h", oh)?,
+            out_w: to_u32(OP, "out_w", ow)?,
+            kernel: to_u32(OP, "kernel", self.kernel)?,
+            stride: to_u32(OP, "stride", self.stride)?,
+        };
+        let cfg = grid_1d(OP, y.len() as u64)?;
+        // SAFETY: maxpool(const T *src, T *dst, AlexnetPoolParams); `x` holds n*c*h*w and `y`
+        // n*c*oh*ow elements with oh, ow the floor-mode sizes for the window (checked above),
+        // so every window lies inside `x`; one thread per output element; distinct buffers.
+        unsafe {
+            Launch::new(gpu, Kernel::MaxPool, T::DTYPE)?
+                .buffer(x.data())
+                .buffer(y.data_mut())
+                .params(&params)
+                .launch(cfg)
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! u8 HWC images to the network's normalised input: launcher of `kernels/prepare.cu`; CPU twin
+//! [`crate::image::U8Batch::to_nchw_f32`].
+
+use cudarc::driver::CudaView;
+
+use super::shape_err;
+use crate::cuda::abi::AlexnetPrepareParams;
+use crate::cuda::device::Gpu;
+use crate::cuda::dtype::GpuFloat;
+use crate::cuda::launch::{abi_shape, grid_1d, Launch};
+use crate::cuda::registry::Kernel;
+use crate::cuda::tensor::{GpuTensor, Layout};
+use crate::error::{Error, Result};
+
+/// u8 HWC images (a [`crate::image::U8Batch`]'s pixels) to a normalised tensor with the
+/// `prepare_input` kernel: `(x / 255 - mean[c]) / std[c]`, into NCHW or NHWC of any `C >= 3`
+/// (channels past 3 are written as zeros: e.g. 8 for the fp16 tensor-core path).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrepareInput {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for PrepareInput {
+    /// torchvision's ImageNet normalisation.
+    fn default() -> Self {
+        PrepareInput {
+            mean: crate::image::IMAGENET_MEAN,
+            std: crate::image::IMAGENET_STD,
+        }
+    }
+}
+
+impl PrepareInput {
+    pub fn new(mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
+        if mean.iter().any(|m| !m.is_finite()) || std.iter().any(|s| !s.is_finite() || *s == 0.0) {
+            return Err(Error::invalid(
+                "normalisation",
+                format!("mean {mean:?} must be finite, std {std:?} finite and non-zero"),
+            ));
+        }
+        Ok(PrepareInput { mean, std })
+    }
+
+    /// `src` holds `n` images of `h x w x 3` bytes, where `dst` is `[n, c, h, w]` (`c >= 3`).
+    pub fn forward<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        src: &CudaView<'_, u8>,
+        dst: &mut GpuTensor<T>,
+    ) -> Result<()> {
+        const OP: &str = "PrepareInput::forward";
+        let [n, c, h, w] = dst.dims4(OP)?;
+        if c < 3 {
+            return Err(shape_err(
+                OP,
+                "an output of at least 3 channels",
+                dst.shape(),
+            ));
+        }
+        let want = n * h * w * 3;
+        if src.len() != want {
+            return Err(shape_err(
+                OP,
+                format!("{n} images of {h}x{w}x3 bytes = {want} bytes"),
+                &[src.len()],
+            ));
+        }
+        let params = AlexnetPrepareParams {
+            out: abi_shape(OP, [n, c, h, w], dst.layout() == Layout::Nhwc)?,
+            mean: self.mean,
+            std: self.std,
+        };
+        let cfg = grid_1d(OP, dst.len() as u64)?;
+        // SAFETY: prepare_input(const unsigned char *src, T *dst, AlexnetPrepareParams); `src`
+        // holds n*h*w*3 bytes and `dst` n*c*h*w elements of `params.out` (checked above); one
+        // thread per output element.
+        unsafe {
+            Launch::new(gpu, Kernel::PrepareInput, T::DTYPE)?
+                .buffer(src)
+                .buffer(dst.data_mut())
+                .params(&params)
+                .launch(cfg)
+        }
+    }
+}

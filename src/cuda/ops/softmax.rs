@@ -1,0 +1,206 @@
+//! Row-wise softmax and top-k of the logits on the GPU, so only the best classes leave it:
+//! launcher of `kernels/softmax.cu`; CPU twin [`crate::postprocess::softmax`] and
+//! [`crate::postprocess::top_k`].
+
+use cudarc::driver::{CudaSlice, DevicePtrMut, PinnedHostSlice};
+
+use super::{layout_err, shape_err};
+use crate::cuda::abi::{AlexnetSoftmaxParams, ALEXNET_TOPK_MAX};
+use crate::cuda::device::{driver_err, Gpu};
+use crate::cuda::dtype::GpuFloat;
+use crate::cuda::launch::{grid_rows, to_u32, Launch};
+use crate::cuda::pinned::alloc_readback;
+use crate::cuda::registry::Kernel;
+use crate::cuda::tensor::{GpuTensor, Layout};
+use crate::error::{Error, Result};
+
+/// Device and page-locked host buffers for the `k <= ALEXNET_TOPK_MAX` best classes of up to
+/// `rows` rows, filled by [`softmax_top_k`]: only these leave the GPU.
+#[derive(Debug)]
+pub struct TopK {
+    class: CudaSlice<u32>,
+    prob: CudaSlice<f32>,
+    host_class: PinnedHostSlice<u32>,
+    host_prob: PinnedHostSlice<f32>,
+    rows: usize,
+    /// `(rows, k)` of the last launch.
+    filled: Option<(usize, usize)>,
+}
+
+impl TopK {
+    /// The largest `k` the kernel returns.
+    pub const MAX_K: usize = ALEXNET_TOPK_MAX as usize;
+
+    /// Buffers for up to `rows` rows.
+    pub fn new(gpu: &Gpu, rows: usize) -> Result<Self> {
+        let len = rows
+            .checked_mul(Self::MAX_K)
+            .filter(|&l| l > 0)
+            .ok_or_else(|| Error::invalid("top-k rows", format!("{rows}")))?;
+        let stream = gpu.stream();
+        Ok(TopK {
+            class: stream
+                .alloc_zeros(len)
+                .map_err(driver_err("allocating top-k classes"))?,
+            prob: stream
+                .alloc_zeros(len)
+                .map_err(driver_err("allocating top-k probabilities"))?,
+            host_class: alloc_readback(gpu.context(), len)?,
+            host_prob: alloc_readback(gpu.context(), len)?,
+            rows,
+            filled: None,
+        })
+    }
+
+    /// Row capacity.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Fills the device buffers with 0xFF bytes (class `u32::MAX`, probability NaN), so slots
+    /// the kernel does not write show up.
+    pub fn poison(&mut self, gpu: &Gpu) -> Result<()> {
+        let stream = gpu.stream();
+        for (ptr, bytes, _done) in [
+            {
+                let bytes = self.class.num_bytes();
+                let (p, d) = self.class.device_ptr_mut(stream);
+                (p, bytes, d)
+            },
+            {
+                let bytes = self.prob.num_bytes();
+                let (p, d) = self.prob.device_ptr_mut(stream);
+                (p, bytes, d)
+            },
+        ] {
+            // SAFETY: `ptr` addresses `bytes` bytes of a live buffer, ordered on `stream`; any
+            // bit pattern is a valid u32 / f32.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream())
+            }
+            .map_err(driver_err("cuMemsetD8Async"))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the last launch's `(class, probability)` lists to the host, one per row, most
+    /// probable first. Waits for the GPU.
+    pub fn to_host(&mut self, gpu: &Gpu) -> Result<Vec<Vec<(usize, f32)>>> {
+        self.start_download(gpu)?;
+        self.read_downloaded()
+    }
+
+    /// Queues the copies of the last launch's results into the page-locked host buffers.
+    pub(crate) fn start_download(&mut self, gpu: &Gpu) -> Result<()> {
+        let (rows, k) = self.filled.ok_or_else(|| {
+            Error::invalid("top-k", "no softmax_top_k has run into these buffers")
+        })?;
+        let len = rows * k;
+        let stream = gpu.stream();
+        let class = self
+            .class
+            .try_slice(..len)
+            .ok_or_else(|| Error::cuda("TopK::to_host", "class buffer too short"))?;
+        let prob = self
+            .prob
+            .try_slice(..len)
+            .ok_or_else(|| Error::cuda("TopK::to_host", "probability buffer too short"))?;
+        // The host buffers hold rows * MAX_K >= len elements.
+        stream
+            .memcpy_dtoh(&class, &mut self.host_class)
+            .map_err(driver_err("cuMemcpyDtoH (top-k classes)"))?;
+        stream
+            .memcpy_dtoh(&prob, &mut self.host_prob)
+            .map_err(driver_err("cuMemcpyDtoH (top-k probabilities)"))
+    }
+
+    /// Waits for [`TopK::start_download`]'s copies and reads them.
+    pub(crate) fn read_downloaded(&self) -> Result<Vec<Vec<(usize, f32)>>> {
+        let (rows, k) = self.filled.ok_or_else(|| {
+            Error::invalid("top-k", "no softmax_top_k has run into these buffers")
+        })?;
+        let classes = self
+            .host_class
+            .as_slice()
+            .map_err(driver_err("cuEventSynchronize"))?;
+        let probs = self
+            .host_prob
+            .as_slice()
+            .map_err(driver_err("cuEventSynchronize"))?;
+        Ok((0..rows)
+            .map(|r| {
+                (0..k)
+                    .map(|j| (classes[r * k + j] as usize, probs[r * k + j]))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// Row-wise softmax of `logits` `[rows, classes]` and its `k` most probable classes (ties to
+/// the lower index) into `out`, with the `softmax_topk` kernel. `probs` (`[rows, classes]`,
+/// f32) receives the full softmax when given; otherwise only the top-k are written.
+pub fn softmax_top_k<T: GpuFloat>(
+    gpu: &Gpu,
+    logits: &GpuTensor<T>,
+    k: usize,
+    probs: Option<&mut GpuTensor<f32>>,
+    out: &mut TopK,
+) -> Result<()> {
+    const OP: &str = "softmax_top_k";
+    let &[rows, classes] = logits.shape() else {
+        return Err(shape_err(OP, "logits [rows, classes]", logits.shape()));
+    };
+    if logits.layout() != Layout::Nchw {
+        return Err(layout_err(OP, Layout::Nchw, logits.layout()));
+    }
+    if k == 0 || k > TopK::MAX_K || k > classes {
+        return Err(Error::invalid(
+            "top-k",
+            format!(
+                "k = {k} with {classes} classes (need 1 <= k <= min(classes, {}))",
+                TopK::MAX_K
+            ),
+        ));
+    }
+    if rows > out.rows {
+        return Err(shape_err(
+            OP,
+            format!("at most {} rows (the TopK buffers' capacity)", out.rows),
+            logits.shape(),
+        ));
+    }
+    if let Some(p) = &probs {
+        if p.shape() != logits.shape() || p.layout() != Layout::Nchw {
+            return Err(shape_err(
+                OP,
+                format!("probabilities {:?}", logits.shape()),
+                p.shape(),
+            ));
+        }
+    }
+    let params = AlexnetSoftmaxParams {
+        rows: to_u32(OP, "rows", rows)?,
+        classes: to_u32(OP, "classes", classes)?,
+        k: k as u32,
+        write_probs: u32::from(probs.is_some()),
+    };
+    let cfg = grid_rows(OP, params.rows)?;
+    let mut launch = Launch::new(gpu, Kernel::SoftmaxTopk, T::DTYPE)?;
+    launch.buffer(logits.data());
+    match probs {
+        Some(p) => launch.buffer(p.data_mut()),
+        None => launch.null_buffer(),
+    };
+    launch
+        .buffer(&mut out.class)
+        .buffer(&mut out.prob)
+        .params(&params);
+    // SAFETY: softmax_topk(const T *logits, float *probs, unsigned *top_class, float *top_prob,
+    // AlexnetSoftmaxParams); `logits` (and `probs` when given, else a null pointer with
+    // write_probs = 0, as the ABI allows) hold rows*classes elements; the top-k buffers hold
+    // rows_capacity * ALEXNET_TOPK_MAX >= rows*k; one block per row.
+    unsafe { launch.launch(cfg) }?;
+    out.filled = Some((rows, k));
+    Ok(())
+}

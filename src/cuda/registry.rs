@@ -1,0 +1,151 @@
+//! The one list of the crate's CUDA kernels. Each entry says which `.cu` module (file stem
+//! under `kernels/`) defines the family, for which storage types (the `extern "C"` name is the
+//! family name plus `_f32` / `_f16`) and which parameters its launcher passes, in order.
+//! Everything else is derived from it: [`Kernel`], [`MODULES`], [`KERNELS`], the lookup at load
+//! time (`Gpu::new` finds every entry in its module) and the argument check of every launch.
+//! `tests/ptx_kernels.rs` and `tests/nvrtc_compile.rs` check the compiled PTX against it (names,
+//! parameter counts, struct sizes) and that [`MODULES`] are exactly the `kernels/*.cu` files.
+//!
+//! Adding a kernel: write it in `kernels/<module>.cu`, add its line here, its launcher in
+//! `src/cuda/ops/`, and its host-executed test.
+
+use std::mem::size_of;
+
+use super::abi::*;
+use super::dtype::GpuDtype;
+
+/// One kernel parameter as the launcher passes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// A device pointer (`.u64` in PTX).
+    Ptr,
+    /// A struct passed by value, of this many bytes (`.b8 name[size]` in PTX).
+    Struct(usize),
+}
+
+/// One compiled kernel: its family, storage type, module, `extern "C"` name and parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSpec {
+    pub kernel: Kernel,
+    pub dtype: GpuDtype,
+    pub module: &'static str,
+    pub name: &'static str,
+    pub params: &'static [Param],
+}
+
+macro_rules! dtype {
+    (f32) => {
+        GpuDtype::F32
+    };
+    (f16) => {
+        GpuDtype::F16
+    };
+}
+
+macro_rules! kernel_registry {
+    ($(
+        $module:literal => {$(
+            $(#[$doc:meta])*
+            $kernel:ident = $family:literal for [$($dtype:ident),+] $params:expr;
+        )+}
+    )+) => {
+        /// A kernel family: one operation, compiled once per storage type it supports.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Kernel {$($(
+            $(#[$doc])*
+            $kernel,
+        )+)+}
+
+        /// The `.cu` modules (file stems under `kernels/`), in load order.
+        pub const MODULES: &[&str] = &[$($module),+];
+
+        /// Every compiled kernel.
+        pub const KERNELS: &[KernelSpec] = &[$($($(
+            KernelSpec {
+                kernel: Kernel::$kernel,
+                dtype: dtype!($dtype),
+                module: $module,
+                name: concat!($family, "_", stringify!($dtype)),
+                params: &$params,
+            },
+        )+)+)+];
+    };
+}
+
+use Param::{Ptr, Struct};
+
+kernel_registry! {
+    "prepare" => {
+        /// u8 HWC images to the normalised input tensor (`ops::prepare`).
+        PrepareInput = "prepare_input" for [f32, f16]
+            [Ptr, Ptr, Struct(size_of::<AlexnetPrepareParams>())];
+    }
+    "bias_act" => {
+        /// Bias + optional ReLU in place (`ops::bias_act`).
+        BiasAct = "bias_act" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetBiasActParams>())];
+    }
+    "dropout" => {
+        /// Training-mode dropout in place with the CPU's mask (`ops::dropout`).
+        Dropout = "dropout" for [f32, f16] [Ptr, Struct(size_of::<AlexnetDropoutParams>())];
+    }
+    "convert" => {
+        /// f16 to the named type: `convert_f16_to_f32` widens f16 logits (`ops::convert`).
+        ConvertF16To = "convert_f16_to" for [f32]
+            [Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
+    }
+    "lrn" => {
+        /// The paper's LRN, optionally after a fused ReLU (`ops::lrn`).
+        Lrn = "lrn" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
+    }
+    "pool" => {
+        /// Max-pooling, no padding, floor mode (`ops::pool`).
+        MaxPool = "maxpool" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
+    }
+    "softmax" => {
+        /// Row-wise softmax and top-k (`ops::softmax`).
+        SoftmaxTopk = "softmax_topk" for [f32, f16]
+            [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSoftmaxParams>())];
+    }
+}
+
+impl Kernel {
+    /// The entry of this family for `dtype`, or `None` when it is not compiled for it.
+    pub fn spec(self, dtype: GpuDtype) -> Option<&'static KernelSpec> {
+        KERNELS
+            .iter()
+            .find(|k| k.kernel == self && k.dtype == dtype)
+    }
+}
+
+/// The entry named `name` (e.g. `"lrn_f16"`).
+pub fn kernel(name: &str) -> Option<&'static KernelSpec> {
+    KERNELS.iter().find(|k| k.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_family_and_dtype_convention() {
+        let lrn = Kernel::Lrn.spec(GpuDtype::F16).unwrap();
+        assert_eq!((lrn.name, lrn.module), ("lrn_f16", "lrn"));
+        assert_eq!(
+            Kernel::ConvertF16To.spec(GpuDtype::F32).unwrap().name,
+            "convert_f16_to_f32"
+        );
+        assert!(Kernel::ConvertF16To.spec(GpuDtype::F16).is_none());
+        assert_eq!(kernel("maxpool_f32").unwrap().kernel, Kernel::MaxPool);
+    }
+
+    #[test]
+    fn every_entry_is_unique_and_in_a_listed_module() {
+        for (i, a) in KERNELS.iter().enumerate() {
+            assert!(MODULES.contains(&a.module), "{}", a.name);
+            for b in &KERNELS[i + 1..] {
+                assert_ne!(a.name, b.name);
+                assert!((a.kernel, a.dtype) != (b.kernel, b.dtype), "{}", a.name);
+            }
+        }
+    }
+}
