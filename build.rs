@@ -1,3 +1,5 @@
+//! (One file of about 400 lines: Cargo builds a build script as a crate of its own.)
+//!
 //! Embeds the CUDA kernels (`kernels/*.cu`) in the crate and, when nvcc is available, compiles
 //! them to PTX for `compute_75` (Turing and every later GPU, through the driver's JIT).
 //!
@@ -11,6 +13,20 @@
 //! - `HEADERS`: (file name, text) of every `kernels/` header;
 //! - `PTX`: (module, PTX) — empty without nvcc;
 //! - `NVCC_VERSION`: nvcc's release (e.g. "13.0"), if nvcc was used.
+//!
+//! Without the `cuda` feature nothing is embedded (src/cuda is not compiled).
+//!
+//! It also tells the tests which CUDA tools this machine has, as cfgs the toolchain-dependent
+//! tests read (`#[cfg_attr(not(alexnet_nvcc), ignore = "...")]`), so that `cargo test` shows them
+//! as ignored with the reason instead of passing without checking anything:
+//! - `alexnet_nvcc`: nvcc was found (the PTX is embedded);
+//! - `alexnet_nvrtc`: libnvrtc is on the loader path (LD_LIBRARY_PATH, CUDA_HOME/CUDA_PATH, the
+//!   loader cache);
+//! - `alexnet_libclang`: libclang is where bindgen looks (LIBCLANG_PATH, the loader cache, LLVM's
+//!   usual directories).
+//!
+//! With `ALEXNET_REQUIRE_CUDA_TOOLS=1` (set by `tools/test.sh` and CI) all three are set whatever
+//! is found, so those tests run, and fail with their message when a tool is missing.
 //!
 //! No libclang and no CUDA library is needed here.
 
@@ -44,8 +60,20 @@ fn run() -> Result<(), String> {
 
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={}", kernel_dir.display());
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "LD_LIBRARY_PATH",
+        "LIBCLANG_PATH",
+        REQUIRE_TOOLS,
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
+    }
+    tool_cfgs();
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return Ok(()); // no CUDA backend in this build: nothing to embed
     }
 
     let mut modules = BTreeMap::new(); // stem -> path of the .cu
@@ -141,6 +169,96 @@ fn run() -> Result<(), String> {
         _ => generated.push_str("None;\n"),
     }
     write_if_changed(&out_dir.join("kernels.rs"), &generated)
+}
+
+/// The environment variable that makes the toolchain-dependent tests run (and fail) even where
+/// a tool is missing.
+const REQUIRE_TOOLS: &str = "ALEXNET_REQUIRE_CUDA_TOOLS";
+
+/// Declares and sets the `alexnet_nvcc`, `alexnet_nvrtc` and `alexnet_libclang` cfgs.
+fn tool_cfgs() {
+    let required = env::var(REQUIRE_TOOLS).is_ok_and(|v| v == "1");
+    let found = [
+        ("alexnet_nvcc", find_nvcc().is_ok()),
+        ("alexnet_nvrtc", find_library("libnvrtc.so", &nvrtc_dirs())),
+        (
+            "alexnet_libclang",
+            find_library("libclang", &libclang_dirs()),
+        ),
+    ];
+    for (cfg, present) in found {
+        println!("cargo:rustc-check-cfg=cfg({cfg})");
+        if present || required {
+            println!("cargo:rustc-cfg={cfg}");
+        }
+    }
+}
+
+/// Directories the dynamic loader searches for NVRTC, as `is_culib_present` will at run time.
+fn nvrtc_dirs() -> Vec<PathBuf> {
+    let mut dirs = env_paths("LD_LIBRARY_PATH");
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = env::var_os(var) {
+            dirs.push(Path::new(&root).join("lib64"));
+            dirs.push(Path::new(&root).join("lib"));
+        }
+    }
+    dirs.extend(loader_cache_dirs());
+    dirs
+}
+
+/// Where bindgen (clang-sys) looks for libclang.
+fn libclang_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(path) = env::var_os("LIBCLANG_PATH").map(PathBuf::from) {
+        // A directory, or the library file itself.
+        dirs.push(if path.is_file() {
+            path.parent().map(Path::to_path_buf).unwrap_or_default()
+        } else {
+            path
+        });
+    }
+    dirs.extend(env_paths("LD_LIBRARY_PATH"));
+    dirs.extend(loader_cache_dirs());
+    if let Ok(entries) = fs::read_dir("/usr/lib") {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("llvm-") {
+                dirs.push(entry.path().join("lib"));
+            }
+        }
+    }
+    dirs
+}
+
+fn env_paths(var: &str) -> Vec<PathBuf> {
+    env::var_os(var)
+        .map(|v| env::split_paths(&v).collect())
+        .unwrap_or_default()
+}
+
+/// The directories of the libraries in the loader cache (`ldconfig -p`).
+fn loader_cache_dirs() -> Vec<PathBuf> {
+    let Ok(output) = Command::new("ldconfig").arg("-p").output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split(" => ").nth(1))
+        .filter_map(|path| Path::new(path.trim()).parent().map(Path::to_path_buf))
+        .collect()
+}
+
+/// Whether a file whose name starts with `prefix` and contains `.so` is in one of `dirs`.
+fn find_library(prefix: &str, dirs: &[PathBuf]) -> bool {
+    dirs.iter().any(|dir| {
+        fs::read_dir(dir).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(prefix) && name.contains(".so")
+            })
+        })
+    })
 }
 
 fn read(path: &Path) -> Result<String, String> {

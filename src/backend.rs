@@ -6,7 +6,6 @@ use serde::Serialize;
 
 use crate::config::{AlexNetConfig, Precision};
 use crate::cpu::CpuModel;
-use crate::cuda::{CudaModel, CudaOptions};
 use crate::error::{Error, Result};
 use crate::image::{Preprocess, U8Batch};
 use crate::weights::Weights;
@@ -76,13 +75,7 @@ pub fn open_backend(
     precision: Precision,
 ) -> Result<OpenedBackend> {
     let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(CpuModel::new(weights, precision)?)) };
-    let cuda = || -> Result<Box<dyn Backend>> {
-        Ok(Box::new(CudaModel::new(
-            weights,
-            precision,
-            CudaOptions::default(),
-        )?))
-    };
+    let cuda = || open_cuda(weights, precision);
     match choice {
         DeviceChoice::Cpu => Ok(OpenedBackend {
             backend: cpu()?,
@@ -107,4 +100,23 @@ pub fn open_backend(
             Err(e) => Err(e),
         },
     }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(weights: &Weights, precision: Precision) -> Result<Box<dyn Backend>> {
+    use crate::cuda::{CudaModel, CudaOptions};
+    Ok(Box::new(CudaModel::new(
+        weights,
+        precision,
+        CudaOptions::default(),
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_weights: &Weights, _precision: Precision) -> Result<Box<dyn Backend>> {
+    Err(Error::DeviceUnavailable(
+        "this build of alexnet-cuda has no CUDA backend (its `cuda` feature is off); rebuild \
+         with default features, or use --device cpu"
+            .to_string(),
+    ))
 }

@@ -109,14 +109,19 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CudaError {
+    #[cfg(feature = "cuda")]
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    #[cfg(feature = "cuda")]
     #[error("cuBLAS: {:?}", .0.0)]
     Cublas(#[from] cudarc::cublas::result::CublasError),
+    #[cfg(feature = "cuda")]
     #[error("cuDNN: {:?}", .0.0)]
     Cudnn(#[from] cudarc::cudnn::result::CudnnError),
+    #[cfg(feature = "cuda")]
     #[error("NVRTC: {:?}", .0.0)]
     Nvrtc(#[from] cudarc::nvrtc::result::NvrtcError),
+    #[cfg(feature = "cuda")]
     /// NVRTC rejected a kernel source; `log` is the compiler's output.
     #[error("NVRTC: {:?}: {log}", .source.0)]
     NvrtcCompile {
@@ -132,12 +137,18 @@ pub enum CudaError {
 impl CudaError {
     /// Whether the library ran out of device (or pinned host) memory.
     pub fn is_out_of_memory(&self) -> bool {
+        #[cfg(feature = "cuda")]
         use cudarc::cublas::sys::cublasStatus_t;
+        #[cfg(feature = "cuda")]
         use cudarc::cudnn::sys::cudnnStatus_t;
+        #[cfg(feature = "cuda")]
         use cudarc::driver::sys::CUresult;
         match self {
+            #[cfg(feature = "cuda")]
             CudaError::Driver(e) => e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            #[cfg(feature = "cuda")]
             CudaError::Cublas(e) => e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+            #[cfg(feature = "cuda")]
             CudaError::Cudnn(e) => matches!(
                 e.0,
                 cudnnStatus_t::CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED
@@ -176,6 +187,7 @@ impl Error {
     }
 
     /// A CUDA failure in `op`; [`Error::OutOfMemory`] when the library ran out of memory.
+    #[cfg(feature = "cuda")]
     pub(crate) fn cuda(op: impl Into<String>, source: impl Into<CudaError>) -> Self {
         let (op, source) = (op.into(), source.into());
         if source.is_out_of_memory() {
@@ -186,7 +198,7 @@ impl Error {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::*;
     use cudarc::cublas::result::CublasError;

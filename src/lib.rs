@@ -51,6 +51,7 @@ pub mod backend;
 pub mod classify;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
 pub mod image;

@@ -128,7 +128,10 @@ fn bad_weights_stop_with_the_error_message() {
 /// With one (a GPU machine): both run on it.
 #[test]
 fn cuda_device_choice_follows_the_machine() {
+    #[cfg(feature = "cuda")]
     let gpu_usable = alexnet_cuda::cuda::Gpu::new(0).is_ok();
+    #[cfg(not(feature = "cuda"))]
+    let gpu_usable = false;
     let out = infer(&[
         "--device",
         "cuda",

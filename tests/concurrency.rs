@@ -8,6 +8,7 @@ use alexnet_cuda::timing::synthetic_batch;
 use alexnet_cuda::{AlexNetConfig, Precision, Weights};
 
 fn assert_send_sync<T: Send + Sync>() {}
+#[cfg(feature = "cuda")]
 fn assert_send<T: Send>() {}
 
 #[test]
@@ -16,8 +17,11 @@ fn documented_thread_safety() {
     assert_send_sync::<Weights>();
     assert_send_sync::<AlexNetConfig>();
     assert_send_sync::<alexnet_cuda::image::U8Batch>();
-    assert_send::<alexnet_cuda::cuda::CudaModel>();
-    assert_send_sync::<alexnet_cuda::cuda::Gpu>();
+    #[cfg(feature = "cuda")]
+    {
+        assert_send::<alexnet_cuda::cuda::CudaModel>();
+        assert_send_sync::<alexnet_cuda::cuda::Gpu>();
+    }
 }
 
 #[test]

@@ -8,6 +8,8 @@
 //! on a machine without a GPU they FAIL with the "device unavailable" message (they never pass
 //! without running). Inputs come from a fixed seed (printed); set ALEXNET_TEST_SEED to vary it.
 
+#![cfg(feature = "cuda")]
+
 mod common;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams};

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 # eval "$(...)" would not.
 cuda_env=$(tools/cuda-env.sh)
 eval "$cuda_env"
+# The toolchain-dependent tests run (and fail if a tool is missing) instead of being ignored.
+export ALEXNET_REQUIRE_CUDA_TOOLS=1
 exec cargo test --release "$@"

@@ -76,16 +76,16 @@ mod device;
 mod dtype;
 mod events;
 mod launch;
+mod libraries;
 mod model;
 mod ops;
 mod pinned;
 mod pipeline;
 mod tensor;
 
-pub use device::{
-    driver_version, probe_libraries, CudaLibrary, Gpu, KernelOrigin, MIN_DRIVER_VERSION,
-};
+pub use device::{Gpu, KernelOrigin};
 pub use dtype::{GpuDtype, GpuFloat};
+pub use libraries::{driver_version, probe_libraries, CudaLibrary, MIN_DRIVER_VERSION};
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
     bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu,

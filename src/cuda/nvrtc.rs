@@ -129,17 +129,23 @@ fn log(program: &Program) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::device::CudaLibrary;
+    use super::super::libraries::CudaLibrary;
     use super::super::registry::MODULES;
     use super::*;
 
-    /// Needs NVRTC (not a GPU); without it there is nothing to check here.
+    /// Needs NVRTC (not a GPU): ignored with the reason where there is none, and failing with
+    /// it under ALEXNET_REQUIRE_CUDA_TOOLS=1.
     #[test]
+    #[cfg_attr(
+        not(alexnet_nvrtc),
+        ignore = "needs NVRTC (libnvrtc.so.13) on the loader path, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+    )]
     fn the_header_aware_path_compiles_every_module() {
-        if !CudaLibrary::Nvrtc.is_present() {
-            eprintln!("NVRTC cannot be loaded here: nothing to compile");
-            return;
-        }
+        assert!(
+            CudaLibrary::Nvrtc.is_present(),
+            "NVRTC (libnvrtc.so.13) cannot be loaded: install it (tools/cuda-env.sh does) and \
+             put it on LD_LIBRARY_PATH"
+        );
         for module in MODULES {
             let source = ptx::module_source(module).expect("embedded source");
             let text = compile(module, source, kernel_headers(), (9, 0)).unwrap();

@@ -121,6 +121,7 @@ impl<T: GpuFloat> GpuTensor<T> {
 
     /// Fills every byte with 0xFF: NaN in `f32` and `f16`. Done before a kernel runs in tests,
     /// so an element the kernel forgot to write shows up.
+    #[doc(hidden)]
     pub fn poison(&mut self, gpu: &Gpu) -> Result<()> {
         let bytes = self.data.num_bytes();
         let stream = gpu.stream();

@@ -1,20 +1,24 @@
 //! The whole network on the GPU, built from the same [`Weights`] as the CPU model.
 
+mod backend;
+mod buffers;
 mod net;
 
 use cudarc::driver::{CudaEvent, CudaStream, CudaView, PinnedHostSlice};
 use half::f16;
 use ndarray::{Array2, ArrayView4, ArrayViewD};
 
-use self::net::Net;
+use self::buffers::Buffers;
+use self::net::{Layers, Net};
 use super::device::{driver_err, Gpu};
+use super::dtype::GpuFloat;
 use super::events::{record, StageEvents};
 use super::ops::{PrepareInput, TopK};
 use super::tensor::Layout;
-use crate::backend::{Backend, StageTimings};
+use crate::backend::StageTimings;
 use crate::config::{AlexNetConfig, Precision};
 use crate::error::{Error, Result};
-use crate::image::{Preprocess, U8Batch};
+use crate::image::U8Batch;
 use crate::weights::Weights;
 
 /// Settings of a [`CudaModel`]. The default: device 0, true fp32, ImageNet normalisation.
@@ -169,8 +173,8 @@ impl CudaModel {
         check_batch(n)?;
         let gpu = &self.gpu;
         with_net!(&mut self.net, net => {
-            let (layers, bufs) = net.ready(gpu, n)?;
-            layers.poison(gpu, bufs)
+            let (_, bufs) = net.ready(gpu, n)?;
+            bufs.poison(gpu)
         })
     }
 
@@ -234,7 +238,7 @@ impl CudaModel {
                 })?,
             }
             record(&events.compute_end, stream)?;
-            layers.download_logits_to_host(gpu, bufs)?;
+            bufs.download_logits_to_host(gpu)?;
             finish_logits(stream, events, &bufs.host_logits, n, self.config.num_classes())?
         });
         self.last_timings = Some(self.events.timings()?);
@@ -267,20 +271,19 @@ impl CudaModel {
     }
 
     /// [`CudaModel::forward_u8`] with the normalisation `norm` for this batch only.
-    fn forward_u8_with(&mut self, batch: &U8Batch, norm: &PrepareInput) -> Result<Array2<f32>> {
+    pub(super) fn forward_u8_with(
+        &mut self,
+        batch: &U8Batch,
+        norm: &PrepareInput,
+    ) -> Result<Array2<f32>> {
         let n = self.check_u8_batch(batch, "CudaModel::forward_u8")?;
         let (gpu, events) = (&self.gpu, &self.events);
         let stream = gpu.stream();
         let logits = with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
-            record(&events.h2d_start, stream)?;
-            layers.upload_u8(gpu, bufs, batch.as_slice())?;
-            record(&events.h2d_end, stream)?;
-            record(&events.compute_start, stream)?;
-            layers.prepare_uploaded(gpu, bufs, norm)?;
-            layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?;
+            run_u8(gpu, events, layers, bufs, batch, norm)?;
             record(&events.compute_end, stream)?;
-            layers.download_logits_to_host(gpu, bufs)?;
+            bufs.download_logits_to_host(gpu)?;
             finish_logits(stream, events, &bufs.host_logits, n, self.config.num_classes())?
         });
         self.last_timings = Some(self.events.timings()?);
@@ -307,13 +310,8 @@ impl CudaModel {
         let stream = gpu.stream();
         let top = with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
-            record(&events.h2d_start, stream)?;
-            layers.upload_u8(gpu, bufs, batch.as_slice())?;
-            record(&events.h2d_end, stream)?;
-            record(&events.compute_start, stream)?;
-            layers.prepare_uploaded(gpu, bufs, &norm)?;
-            layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?;
-            layers.top_k(gpu, bufs, k)?;
+            run_u8(gpu, events, layers, bufs, batch, &norm)?;
+            bufs.top_k(gpu, k)?;
             record(&events.compute_end, stream)?;
             bufs.topk.start_download(gpu)?;
             record(&events.d2h_end, stream)?;
@@ -353,12 +351,31 @@ impl CudaModel {
         let norm = self.options.normalization;
         with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
-            layers.prepare_from(gpu, bufs, src, &norm)?;
+            bufs.prepare_from(gpu, src, &norm)?;
             layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?;
             record(compute_end, gpu.stream())?;
-            layers.download_logits(gpu, bufs, dst)
+            bufs.download_logits(gpu, dst)
         })
     }
+}
+
+/// Uploads `batch` through the page-locked buffer, normalises it with `norm` and runs every
+/// layer, recording the upload and compute-start events (not the compute end).
+fn run_u8<T: GpuFloat>(
+    gpu: &Gpu,
+    events: &StageEvents,
+    layers: &mut Layers<T>,
+    bufs: &mut Buffers<T>,
+    batch: &U8Batch,
+    norm: &PrepareInput,
+) -> Result<()> {
+    let stream = gpu.stream();
+    record(&events.h2d_start, stream)?;
+    bufs.upload_u8(gpu, batch.as_slice())?;
+    record(&events.h2d_end, stream)?;
+    record(&events.compute_start, stream)?;
+    bufs.prepare_uploaded(gpu, norm)?;
+    layers.run(gpu, bufs, &mut |_, _, _| Ok(()))
 }
 
 fn check_batch(n: usize) -> Result<()> {
@@ -388,39 +405,6 @@ fn finish_logits(
     })?;
     Array2::from_shape_vec((n, classes), values.to_vec())
         .map_err(|e| Error::invalid("logits", e.to_string()))
-}
-
-impl Backend for CudaModel {
-    fn device_name(&self) -> String {
-        self.gpu.name().to_string()
-    }
-
-    fn precision(&self) -> Precision {
-        self.precision
-    }
-
-    fn config(&self) -> &AlexNetConfig {
-        &self.config
-    }
-
-    fn forward(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
-        self.forward_f32(input)
-    }
-
-    /// Normalises with `pre`'s mean and std for this batch only: the model's own
-    /// [`CudaOptions::normalization`] is left as it was.
-    fn forward_u8(&mut self, batch: &U8Batch, pre: &Preprocess) -> Result<Array2<f32>> {
-        let norm = PrepareInput::new(pre.mean, pre.std)?;
-        self.forward_u8_with(batch, &norm)
-    }
-
-    fn last_stage_timings(&self) -> Option<StageTimings> {
-        self.last_timings
-    }
-
-    fn is_gpu(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]

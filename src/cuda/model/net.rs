@@ -1,20 +1,16 @@
-//! The network of one storage type on the GPU: the plan's stages as GPU layers ([`Layers`]) and
-//! every buffer of one batch size ([`Buffers`]), allocated once and reused until the size
-//! changes.
+//! The network of one storage type on the GPU: the plan's stages as GPU layers ([`Layers`]),
+//! and its [`Buffers`] for one batch size, allocated once and reused until the size changes.
 
-use cudarc::driver::{CudaSlice, CudaView, HostSlice, PinnedHostSlice};
-use half::f16;
 use ndarray::{Array2, Array4, ArrayView4};
 
 use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
-use crate::cuda::dtype::{GpuDtype, GpuFloat};
-use crate::cuda::ops::{
-    convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu,
-    MaxPoolGpu, PrepareInput, TopK,
-};
+use crate::cuda::dtype::GpuFloat;
+use crate::cuda::ops::{Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, TopK};
 use crate::cuda::pinned::{alloc_readback, alloc_upload};
 use crate::cuda::tensor::{to_physical, GpuTensor, Layout};
+
+use super::buffers::Buffers;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
@@ -60,24 +56,6 @@ pub(super) struct Layers<T: GpuFloat> {
     width: usize,
     classes: usize,
     stages: Vec<Stage<T>>,
-}
-
-/// Every buffer for one batch size.
-pub(super) struct Buffers<T: GpuFloat> {
-    pub n: usize,
-    /// The network's input tensor.
-    input: GpuTensor<T>,
-    /// One per stage, in order; the last holds the logits.
-    outputs: Vec<GpuTensor<T>>,
-    /// The logits widened to f32 for the download (fp16 mode; unused in fp32).
-    logits_f32: CudaSlice<f32>,
-    /// u8 HWC images on the device, before normalisation.
-    device_u8: CudaSlice<u8>,
-    /// Write-combined: written by the host, read by the upload only.
-    host_u8: PinnedHostSlice<u8>,
-    /// Cached page-locked memory: fast for the host to read.
-    pub host_logits: PinnedHostSlice<f32>,
-    pub topk: TopK,
 }
 
 /// The layers and, once a batch size is known, its buffers.
@@ -268,52 +246,6 @@ impl<T: GpuFloat> Layers<T> {
         bufs.input.upload_physical(gpu, &host)
     }
 
-    /// Copies u8 HWC images into the write-combined buffer and queues their upload to the
-    /// device (waiting first for the previous upload from that buffer).
-    pub fn upload_u8(&self, gpu: &Gpu, bufs: &mut Buffers<T>, pixels: &[u8]) -> Result<()> {
-        let host = bufs
-            .host_u8
-            .as_mut_slice()
-            .map_err(driver_err("cuEventSynchronize"))?;
-        if pixels.len() != host.len() {
-            return Err(Error::Shape {
-                op: "CudaModel (u8 upload)",
-                expected: format!("{} bytes", host.len()),
-                found: vec![pixels.len()],
-            });
-        }
-        // A sequential copy into write-combined memory, never read back.
-        host.copy_from_slice(pixels);
-        gpu.stream()
-            .memcpy_htod(&bufs.host_u8, &mut bufs.device_u8)
-            .map_err(driver_err("cuMemcpyHtoDAsync (images)"))
-    }
-
-    /// Normalises the images of [`Layers::upload_u8`] into the input tensor.
-    pub fn prepare_uploaded(
-        &self,
-        gpu: &Gpu,
-        bufs: &mut Buffers<T>,
-        norm: &PrepareInput,
-    ) -> Result<()> {
-        let Buffers {
-            device_u8, input, ..
-        } = bufs;
-        norm.forward(gpu, &device_u8.as_view(), input)
-    }
-
-    /// Normalises `n` u8 HWC images already on the device (e.g. a pipeline slot) into the
-    /// input tensor.
-    pub fn prepare_from(
-        &self,
-        gpu: &Gpu,
-        bufs: &mut Buffers<T>,
-        src: &CudaView<'_, u8>,
-        norm: &PrepareInput,
-    ) -> Result<()> {
-        norm.forward(gpu, src, &mut bufs.input)
-    }
-
     /// Runs every stage from the input tensor to the logits, calling `observe` after each.
     pub fn run(
         &mut self,
@@ -358,93 +290,6 @@ impl<T: GpuFloat> Layers<T> {
             observe(&stage.name, y, relu_pending)?;
         }
         Ok(())
-    }
-
-    /// Queues the copy of the logits (as f32) into `dst` on the compute stream.
-    pub fn download_logits<D: HostSlice<f32> + ?Sized>(
-        &self,
-        gpu: &Gpu,
-        bufs: &mut Buffers<T>,
-        dst: &mut D,
-    ) -> Result<()> {
-        let Buffers {
-            outputs,
-            logits_f32,
-            ..
-        } = bufs;
-        download_logits(gpu, last(outputs)?, logits_f32, dst)
-    }
-
-    /// Queues the logits' download into the buffers' own page-locked `host_logits`.
-    pub fn download_logits_to_host(&self, gpu: &Gpu, bufs: &mut Buffers<T>) -> Result<()> {
-        let Buffers {
-            outputs,
-            logits_f32,
-            host_logits,
-            ..
-        } = bufs;
-        download_logits(gpu, last(outputs)?, logits_f32, host_logits)
-    }
-
-    /// Softmax and top-k of the logits into the buffers' `topk`.
-    pub fn top_k(&self, gpu: &Gpu, bufs: &mut Buffers<T>, k: usize) -> Result<()> {
-        let Buffers { outputs, topk, .. } = bufs;
-        softmax_top_k(gpu, last(outputs)?, k, None, topk)
-    }
-
-    /// Fills every activation buffer (input included) with NaN.
-    pub fn poison(&self, gpu: &Gpu, bufs: &mut Buffers<T>) -> Result<()> {
-        bufs.input.poison(gpu)?;
-        for t in &mut bufs.outputs {
-            t.poison(gpu)?;
-        }
-        Ok(())
-    }
-}
-
-/// The logits tensor `[n, classes]`: the last stage's output.
-fn last<T: GpuFloat>(outputs: &[GpuTensor<T>]) -> Result<&GpuTensor<T>> {
-    outputs
-        .last()
-        .ok_or_else(|| Error::invalid("config", "the network has no stage"))
-}
-
-/// Queues the copy of `logits` (as f32, widened through `wide` in fp16 mode) into `dst` on the
-/// compute stream.
-fn download_logits<T: GpuFloat, D: HostSlice<f32> + ?Sized>(
-    gpu: &Gpu,
-    logits: &GpuTensor<T>,
-    wide: &mut CudaSlice<f32>,
-    dst: &mut D,
-) -> Result<()> {
-    let len = logits.len();
-    if dst.len() < len {
-        return Err(Error::Shape {
-            op: "CudaModel (logits download)",
-            expected: format!("room for {len} logits"),
-            found: vec![dst.len()],
-        });
-    }
-    let stream = gpu.stream();
-    let view_err = || Error::cuda("CudaModel", "logits view");
-    match T::DTYPE {
-        GpuDtype::F32 => {
-            // SAFETY: `T::DTYPE == F32` holds only for `T = f32` (GpuFloat is sealed), so the
-            // buffer holds `len` f32 values.
-            let view = unsafe { logits.data().transmute::<f32>(len) }.ok_or_else(view_err)?;
-            stream
-                .memcpy_dtoh(&view, dst)
-                .map_err(driver_err("cuMemcpyDtoH (logits)"))
-        }
-        GpuDtype::F16 => {
-            // SAFETY: `T::DTYPE == F16` holds only for `T = half::f16`.
-            let view = unsafe { logits.data().transmute::<f16>(len) }.ok_or_else(view_err)?;
-            convert_f16_to_f32(gpu, &view, wide)?;
-            let wide = wide.try_slice(..len).ok_or_else(view_err)?;
-            stream
-                .memcpy_dtoh(&wide, dst)
-                .map_err(driver_err("cuMemcpyDtoH (logits)"))
-        }
     }
 }
 

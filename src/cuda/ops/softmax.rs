@@ -59,6 +59,7 @@ impl TopK {
 
     /// Fills the device buffers with 0xFF bytes (class `u32::MAX`, probability NaN), so slots
     /// the kernel does not write show up.
+    #[doc(hidden)]
     pub fn poison(&mut self, gpu: &Gpu) -> Result<()> {
         let stream = gpu.stream();
         for (ptr, bytes, _done) in [

@@ -1,0 +1,111 @@
+//! The command line: flags, their values and the usage errors clap reports.
+
+use std::path::PathBuf;
+
+use alexnet_cuda::{AlexNetConfig, DeviceChoice, Precision};
+use clap::{CommandFactory, Parser, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "AlexNet inference: classify images or time synthetic batches"
+)]
+pub struct Args {
+    /// Images per forward pass (1 to 1024).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub batch: u64,
+    /// Numeric mode.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    pub precision: PrecisionArg,
+    /// Where to run: auto picks CUDA when usable, else the CPU (with a notice).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Architecture. Default: read off --weights, else `paper`. Given with --weights, the file
+    /// must match it.
+    #[arg(long, value_enum)]
+    pub config: Option<ConfigArg>,
+    /// safetensors weights (crate or torchvision names; F32, F16 or BF16). Default: the paper's
+    /// initialisation from --seed.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Seed for the initialisation (without --weights) and the synthetic batches [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Image files or directories (directory entries in sorted name order). Without it, time
+    /// synthetic batches.
+    #[arg(long, num_args = 1..)]
+    pub images: Vec<PathBuf>,
+    /// Timed batches, synthetic mode only [default: 100 on a GPU, 10 on the CPU].
+    #[arg(long, conflicts_with = "images", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub iterations: Option<u64>,
+    /// Untimed batches before timing, synthetic mode only [default: 10 on a GPU, 2 on the CPU].
+    #[arg(long, conflicts_with = "images", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub warmup: Option<u64>,
+    /// Labels printed per image (at most the number of classes).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub top: u64,
+    /// Print one JSON object instead of text (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+    /// Write the logits as float32 [N, classes] .npy, one row per input image in order (NaN rows
+    /// for images that failed).
+    #[arg(long, value_name = "FILE.npy", requires = "images")]
+    pub dump_logits: Option<PathBuf>,
+    /// Print the layer table (shapes and parameter counts) and exit.
+    #[arg(long, conflicts_with_all = ["images", "json", "dump_logits"])]
+    pub summary: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PrecisionArg {
+    Fp32,
+    Fp16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ConfigArg {
+    Paper,
+    Torchvision,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Fp16 => Precision::Fp16,
+        }
+    }
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
+}
+
+impl ConfigArg {
+    pub fn config(self) -> AlexNetConfig {
+        match self {
+            ConfigArg::Paper => AlexNetConfig::paper(),
+            ConfigArg::Torchvision => AlexNetConfig::torchvision(),
+        }
+    }
+}
+
+/// Reports a bad argument the way clap does (usage line, exit code 2) and exits.
+pub fn usage_error(message: String) -> ! {
+    Args::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}

@@ -1,0 +1,120 @@
+//! Timing synthetic batches and printing the trtexec-style report.
+
+use std::time::Duration;
+
+use alexnet_cuda::backend::StageTimings;
+use alexnet_cuda::config::thousands;
+use alexnet_cuda::timing::{time_forward, LatencyStats, TimingPlan};
+use alexnet_cuda::{Backend, Error, Weights};
+use serde_json::json;
+
+use crate::args::Args;
+use crate::progress::progress_bar;
+
+pub fn benchmark(
+    args: &Args,
+    backend: &mut dyn Backend,
+    weights: &Weights,
+    plan: TimingPlan,
+) -> Result<(), Error> {
+    let config = weights.config();
+    let bar = progress_bar(args, (plan.warmup + plan.iterations) as u64, "timing");
+    let run = time_forward(backend, config.input, plan, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    let millis: Vec<f64> = run.wall.iter().map(|t| t.as_secs_f64() * 1e3).collect();
+    let Some(latency) = LatencyStats::from_millis(&millis) else {
+        return Err(Error::Invalid {
+            what: "--iterations",
+            message: "no timed iterations".into(),
+        });
+    };
+    let total: Duration = run.wall.iter().sum();
+    let images = (plan.batch * run.wall.len()) as f64;
+    let throughput = images / total.as_secs_f64();
+    let gflop_per_image = config.flops_per_image()? as f64 / 1e9;
+    let tflops = throughput * gflop_per_image / 1e3;
+    let stages = StageSummary::new(&run.stages);
+    if args.json {
+        let mut report = json!({
+            "device": backend.device_name(),
+            "precision": backend.precision().to_string(),
+            "config": config.name,
+            "batch": plan.batch,
+            "warmup": plan.warmup,
+            "iterations": plan.iterations,
+            "throughput_img_per_s": throughput,
+            "latency_ms": latency,
+            "gflop_per_image": gflop_per_image,
+            "achieved_tflops": tflops,
+        });
+        if let Some(stages) = &stages {
+            report["stage_ms"] = json!({
+                "h2d": stages.h2d,
+                "compute": stages.compute,
+                "d2h": stages.d2h,
+            });
+        }
+        println!("{report}");
+        return Ok(());
+    }
+    println!("=== alexnet-cuda inference benchmark ===");
+    println!("device        : {}", backend.device_name());
+    println!(
+        "model         : {} ({} parameters, {:.3} GFLOP/image)",
+        config.name,
+        thousands(config.param_count()?),
+        gflop_per_image
+    );
+    println!("precision     : {}", backend.precision());
+    println!("batch         : {}", plan.batch);
+    println!(
+        "iterations    : {} timed after {} warm-up",
+        plan.iterations, plan.warmup
+    );
+    println!("throughput    : {throughput:.1} images/s ({tflops:.3} TFLOP/s)");
+    println!(
+        "latency/batch : min {:.2} ms, mean {:.2} ms, median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latency.min, latency.mean, latency.p50, latency.p90, latency.p99, latency.max
+    );
+    println!(
+        "latency/image : {:.3} ms (mean batch latency / batch)",
+        latency.mean / plan.batch as f64
+    );
+    if let Some(stages) = &stages {
+        for (name, s) in [
+            ("H2D", stages.h2d),
+            ("compute", stages.compute),
+            ("D2H", stages.d2h),
+        ] {
+            println!(
+                "{:<14}: mean {:.3} ms, median {:.3} ms (CUDA events)",
+                format!("GPU {name}"),
+                s.mean,
+                s.p50
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Upload / compute / download latencies of the timed batches (GPU backends only).
+struct StageSummary {
+    h2d: LatencyStats,
+    compute: LatencyStats,
+    d2h: LatencyStats,
+}
+
+impl StageSummary {
+    fn new(stages: &[StageTimings]) -> Option<Self> {
+        let of = |f: fn(&StageTimings) -> f64| {
+            LatencyStats::from_millis(&stages.iter().map(f).collect::<Vec<_>>())
+        };
+        Some(StageSummary {
+            h2d: of(|s| s.h2d_ms)?,
+            compute: of(|s| s.compute_ms)?,
+            d2h: of(|s| s.d2h_ms)?,
+        })
+    }
+}

@@ -1,0 +1,99 @@
+//! `infer`: run AlexNet on images or time it on synthetic batches. Argument parsing and
+//! reporting only; the work is done by library calls.
+
+mod args;
+mod benchmark;
+mod classify;
+mod progress;
+
+use std::process::ExitCode;
+
+use alexnet_cuda::timing::TimingPlan;
+use alexnet_cuda::{open_backend, AlexNetConfig, Error, Weights};
+use clap::Parser;
+
+use args::{usage_error, Args, ConfigArg};
+use benchmark::benchmark;
+use classify::classify;
+
+/// Exit code when some images could not be read or decoded (the rest were classified).
+pub const EXIT_SOME_INPUTS_FAILED: u8 = 3;
+/// Exit code for a fatal error (bad weights, unusable device, unreadable output path).
+pub const EXIT_FATAL: u8 = 1;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FATAL)
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<ExitCode, Error> {
+    let explicit_config = args.config.map(ConfigArg::config);
+    if args.summary {
+        let config = match (&args.weights, &explicit_config) {
+            (Some(path), _) => Weights::load(path, explicit_config.as_ref())?
+                .config()
+                .clone(),
+            (None, Some(config)) => config.clone(),
+            (None, None) => AlexNetConfig::paper(),
+        };
+        println!(
+            "AlexNet ({}), input {}x{}x{}",
+            config.name, config.input.channels, config.input.height, config.input.width
+        );
+        println!("{}", config.summary()?);
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let weights = match &args.weights {
+        Some(path) => Weights::load(path, explicit_config.as_ref())?,
+        None => {
+            let config = explicit_config.unwrap_or_else(AlexNetConfig::paper);
+            Weights::paper_init(&config, args.seed.unwrap_or(0))?
+        }
+    };
+    let classes = weights.config().num_classes();
+    if args.top as usize > classes {
+        usage_error(format!(
+            "--top {} is more than the model's {classes} classes",
+            args.top
+        ));
+    }
+    let opened = open_backend(&weights, args.device.into(), args.precision.into())?;
+    if let Some(notice) = &opened.notice {
+        eprintln!("note: {notice}");
+    }
+    let mut backend = opened.backend;
+    let batch = args.batch as usize;
+
+    if args.images.is_empty() {
+        // A GPU batch takes milliseconds, a CPU batch seconds.
+        let (default_warmup, default_iterations) =
+            if backend.is_gpu() { (10, 100) } else { (2, 10) };
+        let plan = TimingPlan {
+            batch,
+            warmup: args.warmup.unwrap_or(default_warmup) as usize,
+            iterations: args.iterations.unwrap_or(default_iterations) as usize,
+            seed: args.seed.unwrap_or(0),
+        };
+        benchmark(args, backend.as_mut(), &weights, plan)?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        match (&args.weights, args.seed) {
+            (None, seed) => eprintln!(
+                "note: no --weights given: the paper's random initialisation (seed {}) makes the labels meaningless",
+                seed.unwrap_or(0)
+            ),
+            (Some(_), Some(_)) => {
+                eprintln!("note: --seed has no effect when classifying images with --weights")
+            }
+            (Some(_), None) => {}
+        }
+        classify(args, backend.as_mut(), batch)
+    }
+}

@@ -1,0 +1,43 @@
+//! [`Backend`] for [`CudaModel`]: what the CLI and benchmarks drive.
+
+use ndarray::{Array2, ArrayView4};
+
+use super::CudaModel;
+use crate::backend::{Backend, StageTimings};
+use crate::config::{AlexNetConfig, Precision};
+use crate::cuda::ops::PrepareInput;
+use crate::error::Result;
+use crate::image::{Preprocess, U8Batch};
+
+impl Backend for CudaModel {
+    fn device_name(&self) -> String {
+        self.gpu.name().to_string()
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn config(&self) -> &AlexNetConfig {
+        &self.config
+    }
+
+    fn forward(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        self.forward_f32(input)
+    }
+
+    /// Normalises with `pre`'s mean and std for this batch only: the model's own
+    /// [`CudaOptions::normalization`] is left as it was.
+    fn forward_u8(&mut self, batch: &U8Batch, pre: &Preprocess) -> Result<Array2<f32>> {
+        let norm = PrepareInput::new(pre.mean, pre.std)?;
+        self.forward_u8_with(batch, &norm)
+    }
+
+    fn last_stage_timings(&self) -> Option<StageTimings> {
+        self.last_timings
+    }
+
+    fn is_gpu(&self) -> bool {
+        true
+    }
+}
