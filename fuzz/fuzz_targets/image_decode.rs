@@ -1,6 +1,6 @@
 //! Arbitrary bytes into the image decoder (format guessed from the content: PNG, JPEG, BMP, GIF,
 //! WebP, TIFF), then, for what decodes, torchvision's resize + centre crop and the normalisation.
-//! Must never panic, abort or hang; memory stays bounded by the decoder limits in src/image.rs
+//! Must never panic, abort or hang; memory stays bounded by the decoder limits in src/image/mod.rs
 //! (run with `-rss_limit_mb=2048`).
 #![no_main]
 
