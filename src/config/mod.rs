@@ -135,6 +135,24 @@ pub struct InputShape {
     pub width: usize,
 }
 
+impl InputShape {
+    /// The batch size of an `[N, C, H, W]` input `shape` that matches this input, or
+    /// [`Error::Shape`] naming `op` when it does not (or `N` is 0).
+    pub fn check_batch(&self, op: &'static str, shape: &[usize]) -> Result<usize> {
+        match *shape {
+            [n, c, h, w] if n > 0 && (c, h, w) == (self.channels, self.height, self.width) => Ok(n),
+            _ => Err(Error::Shape {
+                op,
+                expected: format!(
+                    "[N >= 1, {}, {}, {}]",
+                    self.channels, self.height, self.width
+                ),
+                found: shape.to_vec(),
+            }),
+        }
+    }
+}
+
 /// The whole network: the input shape, the convolution stages and the fully connected stages.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AlexNetConfig {

@@ -143,18 +143,10 @@ impl CpuModel {
         input: ArrayView4<'_, f32>,
         mut observe: impl FnMut(&str, ArrayViewD<'_, f32>),
     ) -> Result<Array2<f32>> {
-        let want = self.config.input;
-        let (n, c, h, w) = input.dim();
-        if (c, h, w) != (want.channels, want.height, want.width) || n == 0 {
-            return Err(Error::Shape {
-                op: "CpuModel::forward",
-                expected: format!(
-                    "[N >= 1, {}, {}, {}]",
-                    want.channels, want.height, want.width
-                ),
-                found: input.shape().to_vec(),
-            });
-        }
+        let n = self
+            .config
+            .input
+            .check_batch("CpuModel::forward", input.shape())?;
         let mut x: Array4<f32> = self.round(input.to_owned());
         let mut y: Option<Array2<f32>> = None; // the flattened activation, from fc1 on
         for stage in &self.stages {

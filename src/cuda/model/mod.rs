@@ -178,22 +178,6 @@ impl CudaModel {
         })
     }
 
-    fn check_f32_input(&self, input: &ArrayView4<'_, f32>) -> Result<usize> {
-        let want = self.config.input;
-        let (n, c, h, w) = input.dim();
-        if (c, h, w) != (want.channels, want.height, want.width) || n == 0 {
-            return Err(Error::Shape {
-                op: "CudaModel::forward_f32",
-                expected: format!(
-                    "[N >= 1, {}, {}, {}]",
-                    want.channels, want.height, want.width
-                ),
-                found: input.shape().to_vec(),
-            });
-        }
-        Ok(n)
-    }
-
     /// Logits `[N, classes]` for a normalised NCHW batch from the host (the path for checking
     /// against the CPU; [`CudaModel::forward_u8`] is the fast one).
     pub fn forward_f32(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
@@ -217,7 +201,10 @@ impl CudaModel {
         input: ArrayView4<'_, f32>,
         observe: Option<&mut HostObserver<'_>>,
     ) -> Result<Array2<f32>> {
-        let n = self.check_f32_input(&input)?;
+        let n = self
+            .config
+            .input
+            .check_batch("CudaModel::forward_f32", input.shape())?;
         let (gpu, events) = (&self.gpu, &self.events);
         let stream = gpu.stream();
         let logits = with_net!(&mut self.net, net => {
