@@ -23,7 +23,9 @@
 //! - `alexnet_nvrtc`: libnvrtc is on the loader path (LD_LIBRARY_PATH, CUDA_HOME/CUDA_PATH, the
 //!   loader cache);
 //! - `alexnet_libclang`: libclang is where bindgen looks (LIBCLANG_PATH, the loader cache, LLVM's
-//!   usual directories).
+//!   usual directories);
+//! - `alexnet_cxx`: a C++ compiler (`$CXX`, else c++, g++ or clang++ on PATH), which the
+//!   `alexnet-host-kernels` test crate needs to run the kernels on the CPU.
 //!
 //! With `ALEXNET_REQUIRE_CUDA_TOOLS=1` (set by `tools/test.sh` and CI) all three are set whatever
 //! is found, so those tests run, and fail with their message when a tool is missing.
@@ -67,6 +69,7 @@ fn run() -> Result<(), String> {
         "PATH",
         "LD_LIBRARY_PATH",
         "LIBCLANG_PATH",
+        "CXX",
         REQUIRE_TOOLS,
     ] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -95,6 +98,8 @@ fn run() -> Result<(), String> {
                 println!("cargo:rerun-if-changed={}", path.display());
                 modules.insert(stem.to_string(), path);
             }
+            // The host emulation header is for the host-executed tests only (host-kernels/).
+            "h" | "cuh" if path.file_name().is_some_and(|n| n == HOST_ONLY_HEADER) => {}
             "h" | "cuh" => {
                 println!("cargo:rerun-if-changed={}", path.display());
                 let name = format!("{stem}.{ext}");
@@ -171,11 +176,15 @@ fn run() -> Result<(), String> {
     write_if_changed(&out_dir.join("kernels.rs"), &generated)
 }
 
+/// The header that turns the kernels into host C++ (used by host-kernels/, never by nvcc or NVRTC).
+const HOST_ONLY_HEADER: &str = "alexnet_host.h";
+
 /// The environment variable that makes the toolchain-dependent tests run (and fail) even where
 /// a tool is missing.
 const REQUIRE_TOOLS: &str = "ALEXNET_REQUIRE_CUDA_TOOLS";
 
-/// Declares and sets the `alexnet_nvcc`, `alexnet_nvrtc` and `alexnet_libclang` cfgs.
+/// Declares and sets the `alexnet_nvcc`, `alexnet_nvrtc`, `alexnet_libclang` and `alexnet_cxx`
+/// cfgs.
 fn tool_cfgs() {
     let required = env::var(REQUIRE_TOOLS).is_ok_and(|v| v == "1");
     let found = [
@@ -185,6 +194,7 @@ fn tool_cfgs() {
             "alexnet_libclang",
             find_library("libclang", &libclang_dirs()),
         ),
+        ("alexnet_cxx", find_cxx()),
     ];
     for (cfg, present) in found {
         println!("cargo:rustc-check-cfg=cfg({cfg})");
@@ -192,6 +202,24 @@ fn tool_cfgs() {
             println!("cargo:rustc-cfg={cfg}");
         }
     }
+}
+
+/// Whether a C++ compiler is at hand, where the `cc` crate looks for one.
+fn find_cxx() -> bool {
+    if let Some(cxx) = env::var_os("CXX").filter(|v| !v.is_empty()) {
+        let cxx = PathBuf::from(cxx);
+        return cxx.is_file() || in_path(&cxx);
+    }
+    ["c++", "g++", "clang++"]
+        .iter()
+        .any(|name| in_path(Path::new(name)))
+}
+
+/// Whether `program` (a bare name) is a file in one of PATH's directories.
+fn in_path(program: &Path) -> bool {
+    env_paths("PATH")
+        .iter()
+        .any(|dir| dir.join(program).is_file())
 }
 
 /// Directories the dynamic loader searches for NVRTC, as `is_culib_present` will at run time.

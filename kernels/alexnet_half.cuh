@@ -5,6 +5,8 @@
  * The f16 conversions are inline PTX rather than cuda_fp16.h, which NVRTC cannot find without an
  * include path to the toolkit: with this file the kernels compile with nvcc and with NVRTC from
  * an embedded source alone. Arithmetic always happens in f32; only loads and stores convert.
+ * Compiled as host C++ for the tests (alexnet_host.h defines ALEXNET_HOST_EMULATION), the
+ * conversions use that header's software twins instead of the PTX.
  */
 #ifndef ALEXNET_HALF_CUH
 #define ALEXNET_HALF_CUH
@@ -14,17 +16,25 @@
 /* binary16 bits -> f32 (exact). */
 static __device__ __forceinline__ float alexnet_h2f(unsigned short h)
 {
+#ifdef ALEXNET_HOST_EMULATION
+    return alexnet_host::half_to_float(h); /* the host twin (alexnet_host.h) */
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 /* f32 -> binary16 bits, round to nearest even (overflow gives infinity, NaN stays NaN). */
 static __device__ __forceinline__ unsigned short alexnet_f2h(float f)
 {
+#ifdef ALEXNET_HOST_EMULATION
+    return alexnet_host::float_to_half(f);
+#else
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 /* Load any storage type as f32. */

@@ -211,6 +211,13 @@ pub(crate) fn grid_rows(op: &str, rows: u32) -> Result<LaunchConfig> {
     })
 }
 
+/// The number of elements of a tensor of `dims`, as a launch size (checked: no overflow).
+pub(crate) fn element_count(dims: &[usize]) -> Result<u64> {
+    dims.iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .ok_or_else(|| Error::invalid("launch size", format!("{dims:?} overflows")))
+}
+
 /// `v` as a `u32` kernel parameter, or an error naming `what`.
 pub(crate) fn to_u32(op: &str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| {

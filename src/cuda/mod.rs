@@ -91,6 +91,13 @@ pub use ops::{
     bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu,
     LrnGpu, MaxPoolGpu, PrepareInput, TopK,
 };
+
+/// The kernels' arguments exactly as the launchers build them (parameter structs and launch
+/// shapes), for the tests that run the kernels' own source on the CPU (`tests/host_kernels.rs`).
+#[doc(hidden)]
+pub mod kernel_args {
+    pub use super::ops::{bias_act_args, convert_args, softmax_top_k_args};
+}
 pub use pinned::{alloc_readback, alloc_upload};
 pub use pipeline::{Pipeline, PipelineOutput};
 pub use tensor::{GpuTensor, Layout};

@@ -5,6 +5,8 @@ use crate::config::DropoutMode;
 use crate::cuda::abi::AlexnetDropoutParams;
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
+use cudarc::driver::LaunchConfig;
+
 use crate::cuda::launch::{grid_1d, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::GpuTensor;
@@ -30,6 +32,31 @@ impl DropoutGpu {
         (self.p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32
     }
 
+    /// The kernel's parameters and launch shape for training mode over `len` elements with
+    /// `seed`: what [`DropoutGpu::forward_train`] passes.
+    #[doc(hidden)]
+    pub fn train_args(
+        &self,
+        len: usize,
+        seed: u64,
+    ) -> Result<(AlexnetDropoutParams, LaunchConfig)> {
+        let scale = match self.mode {
+            DropoutMode::Inverted => 1.0 / (1.0 - self.p),
+            DropoutMode::Classic => 1.0,
+        };
+        args(len, seed, self.threshold(), scale)
+    }
+
+    /// The inference-mode parameters (classic mode: keep every element, scale by `1 - p`);
+    /// `None` for inverted dropout, which launches nothing.
+    #[doc(hidden)]
+    pub fn eval_args(&self, len: usize) -> Result<Option<(AlexnetDropoutParams, LaunchConfig)>> {
+        match self.mode {
+            DropoutMode::Inverted => Ok(None),
+            DropoutMode::Classic => args(len, 0, 0, 1.0 - self.p).map(Some),
+        }
+    }
+
     /// Training mode, in place: zero with probability `p`, scale survivors by `1/(1-p)`
     /// (inverted) or keep them (classic).
     pub fn forward_train<T: GpuFloat>(
@@ -38,40 +65,42 @@ impl DropoutGpu {
         x: &mut GpuTensor<T>,
         seed: u64,
     ) -> Result<()> {
-        let scale = match self.mode {
-            DropoutMode::Inverted => 1.0 / (1.0 - self.p),
-            DropoutMode::Classic => 1.0,
-        };
-        launch_dropout(gpu, x, seed, self.threshold(), scale)
+        let args = self.train_args(x.len(), seed)?;
+        launch_dropout(gpu, x, args)
     }
 
     /// Inference mode, in place: the identity (inverted; nothing is launched) or a
     /// multiplication by `1 - p` (classic: the kernel with threshold 0 keeps every element).
     pub fn forward_eval<T: GpuFloat>(&self, gpu: &Gpu, x: &mut GpuTensor<T>) -> Result<()> {
-        match self.mode {
-            DropoutMode::Inverted => Ok(()),
-            DropoutMode::Classic => launch_dropout(gpu, x, 0, 0, 1.0 - self.p),
+        match self.eval_args(x.len())? {
+            None => Ok(()),
+            Some(args) => launch_dropout(gpu, x, args),
         }
     }
+}
+
+fn args(
+    len: usize,
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+) -> Result<(AlexnetDropoutParams, LaunchConfig)> {
+    let params = AlexnetDropoutParams {
+        len: len as u64,
+        seed,
+        threshold,
+        scale,
+    };
+    Ok((params, grid_1d("DropoutGpu", params.len)?))
 }
 
 fn launch_dropout<T: GpuFloat>(
     gpu: &Gpu,
     x: &mut GpuTensor<T>,
-    seed: u64,
-    threshold: u32,
-    scale: f32,
+    (params, cfg): (AlexnetDropoutParams, LaunchConfig),
 ) -> Result<()> {
-    const OP: &str = "DropoutGpu";
-    let params = AlexnetDropoutParams {
-        len: x.len() as u64,
-        seed,
-        threshold,
-        scale,
-    };
-    let cfg = grid_1d(OP, params.len)?;
-    // SAFETY: dropout(T *x, AlexnetDropoutParams); `x` holds `len` elements; one thread per
-    // element.
+    // SAFETY: dropout(T *x, AlexnetDropoutParams); `x` holds `len` elements (the parameters
+    // were made from its length); one thread per element.
     unsafe {
         Launch::new(gpu, Kernel::Dropout, T::DTYPE)?
             .buffer(x.data_mut())

@@ -5,7 +5,9 @@ use crate::config::LrnParams;
 use crate::cuda::abi::AlexnetLrnParams;
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::launch::{abi_shape, grid_1d, to_u32, Launch};
+use cudarc::driver::LaunchConfig;
+
+use crate::cuda::launch::{abi_shape, element_count, grid_1d, to_u32, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
@@ -25,6 +27,27 @@ impl LrnGpu {
         Ok(LrnGpu { params })
     }
 
+    /// The kernel's parameters and launch shape for a `[n, c, h, w]` input in `layout`: what
+    /// [`LrnGpu::forward`] passes (the host-executed tests run the kernel with exactly these).
+    #[doc(hidden)]
+    pub fn args(
+        &self,
+        dims: [usize; 4],
+        layout: Layout,
+        relu_first: bool,
+    ) -> Result<(AlexnetLrnParams, LaunchConfig)> {
+        const OP: &str = "LrnGpu::forward";
+        let params = AlexnetLrnParams {
+            shape: abi_shape(OP, dims, layout == Layout::Nhwc)?,
+            size: to_u32(OP, "size", self.params.size)?,
+            k: self.params.k,
+            alpha: self.params.alpha,
+            beta: self.params.beta,
+            relu_first: u32::from(relu_first),
+        };
+        Ok((params, grid_1d(OP, element_count(&dims)?)?))
+    }
+
     /// `y = lrn(relu_first ? max(x, 0) : x)`; `x` and `y` have the same 4-D shape and layout.
     pub fn forward<T: GpuFloat>(
         &self,
@@ -34,22 +57,13 @@ impl LrnGpu {
         relu_first: bool,
     ) -> Result<()> {
         const OP: &str = "LrnGpu::forward";
-        let dims = x.dims4(OP)?;
         if y.shape() != x.shape() {
             return Err(shape_err(OP, format!("output {:?}", x.shape()), y.shape()));
         }
         if y.layout() != x.layout() {
             return Err(layout_err(OP, x.layout(), y.layout()));
         }
-        let params = AlexnetLrnParams {
-            shape: abi_shape(OP, dims, x.layout() == Layout::Nhwc)?,
-            size: to_u32(OP, "size", self.params.size)?,
-            k: self.params.k,
-            alpha: self.params.alpha,
-            beta: self.params.beta,
-            relu_first: u32::from(relu_first),
-        };
-        let cfg = grid_1d(OP, x.len() as u64)?;
+        let (params, cfg) = self.args(x.dims4(OP)?, x.layout(), relu_first)?;
         // SAFETY: lrn(const T *src, T *dst, AlexnetLrnParams); `x` and `y` both hold
         // n*c*h*w elements of `params.shape` (checked above) and are distinct buffers (one is
         // borrowed shared, the other exclusively); one thread per element.

@@ -28,15 +28,15 @@ mod pool;
 mod prepare;
 mod softmax;
 
-pub use bias_act::bias_act;
+pub use bias_act::{bias_act, bias_act_args};
 pub use conv::{Conv2dGpu, ConvOptions};
-pub use convert::convert_f16_to_f32;
+pub use convert::{convert_args, convert_f16_to_f32};
 pub use dropout::DropoutGpu;
 pub use linear::LinearGpu;
 pub use lrn::LrnGpu;
 pub use pool::MaxPoolGpu;
 pub use prepare::PrepareInput;
-pub use softmax::{softmax_top_k, TopK};
+pub use softmax::{softmax_top_k, softmax_top_k_args, TopK};
 
 use cudarc::driver::CudaSlice;
 

@@ -5,7 +5,9 @@ use crate::config::window_output;
 use crate::cuda::abi::AlexnetPoolParams;
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::launch::{abi_shape, grid_1d, to_u32, Launch};
+use cudarc::driver::LaunchConfig;
+
+use crate::cuda::launch::{abi_shape, element_count, grid_1d, to_u32, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
@@ -41,6 +43,27 @@ impl MaxPoolGpu {
         }
     }
 
+    /// The kernel's parameters, launch shape and output dims for a `[n, c, h, w]` input in
+    /// `layout`: what [`MaxPoolGpu::forward`] passes.
+    #[doc(hidden)]
+    pub fn args(
+        &self,
+        [n, c, h, w]: [usize; 4],
+        layout: Layout,
+    ) -> Result<(AlexnetPoolParams, LaunchConfig, [usize; 4])> {
+        const OP: &str = "MaxPoolGpu::forward";
+        let (oh, ow) = self.output_size(h, w)?;
+        let out = [n, c, oh, ow];
+        let params = AlexnetPoolParams {
+            in_: abi_shape(OP, [n, c, h, w], layout == Layout::Nhwc)?,
+            out_h: to_u32(OP, "out_h", oh)?,
+            out_w: to_u32(OP, "out_w", ow)?,
+            kernel: to_u32(OP, "kernel", self.kernel)?,
+            stride: to_u32(OP, "stride", self.stride)?,
+        };
+        Ok((params, grid_1d(OP, element_count(&out)?)?, out))
+    }
+
     /// `x` `[n, c, h, w]` to `y` `[n, c, oh, ow]`, same layout.
     pub fn forward<T: GpuFloat>(
         &self,
@@ -49,23 +72,13 @@ impl MaxPoolGpu {
         y: &mut GpuTensor<T>,
     ) -> Result<()> {
         const OP: &str = "MaxPoolGpu::forward";
-        let [n, c, h, w] = x.dims4(OP)?;
-        let (oh, ow) = self.output_size(h, w)?;
-        let want = [n, c, oh, ow];
+        let (params, cfg, want) = self.args(x.dims4(OP)?, x.layout())?;
         if y.shape() != want.as_slice() {
             return Err(shape_err(OP, format!("output {want:?}"), y.shape()));
         }
         if y.layout() != x.layout() {
             return Err(layout_err(OP, x.layout(), y.layout()));
         }
-        let params = AlexnetPoolParams {
-            in_: abi_shape(OP, [n, c, h, w], x.layout() == Layout::Nhwc)?,
-            out_h: to_u32(OP, "out_h", oh)?,
-            out_w: to_u32(OP, "out_w", ow)?,
-            kernel: to_u32(OP, "kernel", self.kernel)?,
-            stride: to_u32(OP, "stride", self.stride)?,
-        };
-        let cfg = grid_1d(OP, y.len() as u64)?;
         // SAFETY: maxpool(const T *src, T *dst, AlexnetPoolParams); `x` holds n*c*h*w and `y`
         // n*c*oh*ow elements with oh, ow the floor-mode sizes for the window (checked above),
         // so every window lies inside `x`; one thread per output element; distinct buffers.

@@ -1,13 +1,13 @@
 //! u8 HWC images to the network's normalised input: launcher of `kernels/prepare.cu`; CPU twin
 //! [`crate::image::U8Batch::to_nchw_f32`].
 
-use cudarc::driver::CudaView;
+use cudarc::driver::{CudaView, LaunchConfig};
 
 use super::shape_err;
 use crate::cuda::abi::AlexnetPrepareParams;
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::launch::{abi_shape, grid_1d, Launch};
+use crate::cuda::launch::{abi_shape, element_count, grid_1d, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
@@ -42,6 +42,40 @@ impl PrepareInput {
         Ok(PrepareInput { mean, std })
     }
 
+    /// The kernel's parameters and launch shape for `src_len` bytes of images into a
+    /// `[n, c, h, w]` output in `layout`: what [`PrepareInput::forward`] passes, after checking
+    /// that the bytes are `n` images of `h x w x 3` and that `c >= 3`.
+    #[doc(hidden)]
+    pub fn args(
+        &self,
+        [n, c, h, w]: [usize; 4],
+        layout: Layout,
+        src_len: usize,
+    ) -> Result<(AlexnetPrepareParams, LaunchConfig)> {
+        const OP: &str = "PrepareInput::forward";
+        if c < 3 {
+            return Err(shape_err(
+                OP,
+                "an output of at least 3 channels",
+                &[n, c, h, w],
+            ));
+        }
+        let want = element_count(&[n, h, w, 3])?;
+        if src_len as u64 != want {
+            return Err(shape_err(
+                OP,
+                format!("{n} images of {h}x{w}x3 bytes = {want} bytes"),
+                &[src_len],
+            ));
+        }
+        let params = AlexnetPrepareParams {
+            out: abi_shape(OP, [n, c, h, w], layout == Layout::Nhwc)?,
+            mean: self.mean,
+            std: self.std,
+        };
+        Ok((params, grid_1d(OP, element_count(&[n, c, h, w])?)?))
+    }
+
     /// `src` holds `n` images of `h x w x 3` bytes, where `dst` is `[n, c, h, w]` (`c >= 3`).
     pub fn forward<T: GpuFloat>(
         &self,
@@ -50,28 +84,7 @@ impl PrepareInput {
         dst: &mut GpuTensor<T>,
     ) -> Result<()> {
         const OP: &str = "PrepareInput::forward";
-        let [n, c, h, w] = dst.dims4(OP)?;
-        if c < 3 {
-            return Err(shape_err(
-                OP,
-                "an output of at least 3 channels",
-                dst.shape(),
-            ));
-        }
-        let want = n * h * w * 3;
-        if src.len() != want {
-            return Err(shape_err(
-                OP,
-                format!("{n} images of {h}x{w}x3 bytes = {want} bytes"),
-                &[src.len()],
-            ));
-        }
-        let params = AlexnetPrepareParams {
-            out: abi_shape(OP, [n, c, h, w], dst.layout() == Layout::Nhwc)?,
-            mean: self.mean,
-            std: self.std,
-        };
-        let cfg = grid_1d(OP, dst.len() as u64)?;
+        let (params, cfg) = self.args(dst.dims4(OP)?, dst.layout(), src.len())?;
         // SAFETY: prepare_input(const unsigned char *src, T *dst, AlexnetPrepareParams); `src`
         // holds n*h*w*3 bytes and `dst` n*c*h*w elements of `params.out` (checked above); one
         // thread per output element.

@@ -2,7 +2,7 @@
 //! launcher of `kernels/softmax.cu`; CPU twin [`crate::postprocess::softmax`] and
 //! [`crate::postprocess::top_k`].
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, PinnedHostSlice};
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PinnedHostSlice};
 
 use super::{layout_err, shape_err};
 use crate::cuda::abi::{AlexnetSoftmaxParams, ALEXNET_TOPK_MAX};
@@ -138,6 +138,34 @@ impl TopK {
     }
 }
 
+/// The kernel's parameters and launch shape for `rows` x `classes` logits and the best `k`:
+/// what [`softmax_top_k`] passes.
+#[doc(hidden)]
+pub fn softmax_top_k_args(
+    rows: usize,
+    classes: usize,
+    k: usize,
+    write_probs: bool,
+) -> Result<(AlexnetSoftmaxParams, LaunchConfig)> {
+    const OP: &str = "softmax_top_k";
+    if k == 0 || k > TopK::MAX_K || k > classes {
+        return Err(Error::invalid(
+            "top-k",
+            format!(
+                "k = {k} with {classes} classes (need 1 <= k <= min(classes, {}))",
+                TopK::MAX_K
+            ),
+        ));
+    }
+    let params = AlexnetSoftmaxParams {
+        rows: to_u32(OP, "rows", rows)?,
+        classes: to_u32(OP, "classes", classes)?,
+        k: k as u32,
+        write_probs: u32::from(write_probs),
+    };
+    Ok((params, grid_rows(OP, params.rows)?))
+}
+
 /// Row-wise softmax of `logits` `[rows, classes]` and its `k` most probable classes (ties to
 /// the lower index) into `out`, with the `softmax_topk` kernel. `probs` (`[rows, classes]`,
 /// f32) receives the full softmax when given; otherwise only the top-k are written.
@@ -155,15 +183,7 @@ pub fn softmax_top_k<T: GpuFloat>(
     if logits.layout() != Layout::Nchw {
         return Err(layout_err(OP, Layout::Nchw, logits.layout()));
     }
-    if k == 0 || k > TopK::MAX_K || k > classes {
-        return Err(Error::invalid(
-            "top-k",
-            format!(
-                "k = {k} with {classes} classes (need 1 <= k <= min(classes, {}))",
-                TopK::MAX_K
-            ),
-        ));
-    }
+    let (params, cfg) = softmax_top_k_args(rows, classes, k, probs.is_some())?;
     if rows > out.rows {
         return Err(shape_err(
             OP,
@@ -180,13 +200,6 @@ pub fn softmax_top_k<T: GpuFloat>(
             ));
         }
     }
-    let params = AlexnetSoftmaxParams {
-        rows: to_u32(OP, "rows", rows)?,
-        classes: to_u32(OP, "classes", classes)?,
-        k: k as u32,
-        write_probs: u32::from(probs.is_some()),
-    };
-    let cfg = grid_rows(OP, params.rows)?;
     let mut launch = Launch::new(gpu, Kernel::SoftmaxTopk, T::DTYPE)?;
     launch.buffer(logits.data());
     match probs {

@@ -1,0 +1,54 @@
+//! Test support for alexnet-cuda: every kernel of `kernels/*.cu` compiled as host C++ through
+//! `kernels/alexnet_host.h` and callable on the CPU, with its arguments given as cuLaunchKernel
+//! takes them. The kernels' arithmetic and indexing run for real (grid walk, block barriers,
+//! warp shuffles); speed and the GPU memory model are not what this proves.
+//!
+//! Only alexnet-cuda's tests use this crate (a dev-dependency), so users of alexnet-cuda never
+//! need a C++ compiler. Where none exists, [`unavailable`] says so and no kernel can run.
+
+use core::ffi::c_void;
+
+type Entry = unsafe extern "C" fn(u32, u32, *mut *mut c_void) -> i32;
+
+include!(concat!(env!("OUT_DIR"), "/entries.rs"));
+
+/// Why the kernels could not be compiled here (no C++20 compiler), or `None` when they were.
+pub fn unavailable() -> Option<&'static str> {
+    BUILD_ERROR
+}
+
+/// The compiled kernels as `(module, name)`, e.g. `("lrn", "lrn_f32")`.
+pub fn kernels() -> impl Iterator<Item = (&'static str, &'static str)> {
+    ENTRIES.iter().map(|&(module, name, _)| (module, name))
+}
+
+/// Runs kernel `name` over `grid` blocks of `block` threads (1-D, at most 1024 threads), one
+/// block after another, each block's threads concurrently. Launches are serialised.
+///
+/// # Safety
+/// `args` must hold exactly one pointer per kernel parameter, in order, each pointing to a
+/// value of that parameter's type (for a device pointer parameter: a pointer to the host pointer
+/// the kernel will use), and every buffer must be large enough for what the kernel touches with
+/// these parameters, exactly as for a launch on a GPU.
+pub unsafe fn launch(
+    name: &str,
+    grid: u32,
+    block: u32,
+    args: &mut [*mut c_void],
+) -> Result<(), String> {
+    if let Some(why) = BUILD_ERROR {
+        return Err(why.to_string());
+    }
+    let &(_, _, entry) = ENTRIES
+        .iter()
+        .find(|(_, n, _)| *n == name)
+        .ok_or_else(|| format!("no host-compiled kernel named {name}"))?;
+    // SAFETY: the caller vouches for the arguments (see above); the entry point only reads
+    // `args[..count]`, where count is the kernel's parameter count.
+    match unsafe { entry(grid, block, args.as_mut_ptr()) } {
+        0 => Ok(()),
+        _ => Err(format!(
+            "{name}: launch of {grid} x {block} threads refused (need 1 ..= 1024 threads per block)"
+        )),
+    }
+}

@@ -1,0 +1,660 @@
+//! Every CUDA kernel's own source, compiled as host C++ (`kernels/alexnet_host.h`, built by the
+//! `alexnet-host-kernels` dev-dependency), run on the CPU against the CPU backend: the kernels'
+//! arithmetic and indexing executed on every CI run, without a GPU. Each kernel gets exactly the
+//! parameter struct and launch shape its Rust launcher builds (`cuda::kernel_args` and the layers'
+//! `args` methods), and then a small grid of odd-sized blocks too, so grid-stride loops wrap.
+//! Outputs are poisoned (all bits set: NaN) before every launch, so an unwritten element shows.
+//!
+//! Shapes are chosen to break indexing: channel edges for LRN, ragged and gapped pooling
+//! windows, batch 1 and 3, sizes that are not multiples of the block, NHWC and NCHW, top-k ties
+//! and NaN. What this does not prove: speed, and the GPU memory model.
+//!
+//! Needs a C++20 compiler (g++ or clang++): without one these tests are ignored with that reason,
+//! and with `ALEXNET_REQUIRE_CUDA_TOOLS=1` (tools/test.sh, CI) they fail instead.
+
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::ffi::c_void;
+
+use alexnet_cuda::config::{DropoutMode, LrnParams, PoolSpec};
+use alexnet_cuda::cpu::{bias_act_inplace, Dropout, Lrn, MaxPool2d};
+use alexnet_cuda::cuda::abi::ALEXNET_TOPK_MAX;
+use alexnet_cuda::cuda::kernel_args::{bias_act_args, convert_args, softmax_top_k_args};
+use alexnet_cuda::cuda::registry::KERNELS;
+use alexnet_cuda::cuda::{DropoutGpu, Layout, LrnGpu, MaxPoolGpu, PrepareInput};
+use alexnet_cuda::image::{Preprocess, U8Batch};
+use alexnet_cuda::postprocess::{softmax, top_k};
+use common::formula_values;
+use cudarc::driver::LaunchConfig;
+use half::f16;
+use ndarray::{Array, Array2, Array4, ArrayD, Dimension, IxDyn, ShapeBuilder};
+
+/// The kernels these tests run; a kernel added to the registry must be added here with its test.
+const COVERED: &[&str] = &[
+    "prepare_input_f32",
+    "prepare_input_f16",
+    "bias_act_f32",
+    "bias_act_f16",
+    "dropout_f32",
+    "dropout_f16",
+    "convert_f16_to_f32",
+    "lrn_f32",
+    "lrn_f16",
+    "maxpool_f32",
+    "maxpool_f16",
+    "softmax_topk_f32",
+    "softmax_topk_f16",
+];
+
+fn require_host_kernels() {
+    if let Some(why) = alexnet_host_kernels::unavailable() {
+        panic!("the host-compiled kernels are not available: {why}");
+    }
+}
+
+// --- buffers and launches ------------------------------------------------------------------
+
+/// A storage type the kernels read and write: f32, or f16 bits.
+trait Elem: Copy + std::fmt::Debug {
+    const SUFFIX: &'static str;
+    /// All bits set: NaN in both types.
+    const POISON: Self;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+    const POISON: Self = f32::from_bits(u32::MAX);
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    const SUFFIX: &'static str = "f16";
+    const POISON: Self = f16::from_bits(u16::MAX);
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// One kernel argument as cuLaunchKernel takes it: a pointer to the value passed.
+enum Arg<'a> {
+    /// A device buffer: the kernel receives its address.
+    Buffer(*mut c_void, std::marker::PhantomData<&'a mut ()>),
+    /// A parameter struct passed by value.
+    Params(*mut c_void),
+}
+
+fn buf<T>(data: &mut [T]) -> Arg<'_> {
+    Arg::Buffer(data.as_mut_ptr().cast(), std::marker::PhantomData)
+}
+
+fn null<'a>() -> Arg<'a> {
+    Arg::Buffer(std::ptr::null_mut(), std::marker::PhantomData)
+}
+
+fn params<P>(p: &mut P) -> Arg<'_> {
+    Arg::Params((p as *mut P).cast())
+}
+
+/// Runs `name` with `args` over the launcher's grid and block.
+fn launch(name: &str, cfg: LaunchConfig, args: Vec<Arg<'_>>) {
+    launch_grid(name, cfg.grid_dim.0, cfg.block_dim.0, args)
+}
+
+fn launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) {
+    // The addresses of buffers live here while the kernel runs; each argument slot points at
+    // one of them (buffers) or at the caller's struct (parameters).
+    let mut addresses: Vec<*mut c_void> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Buffer(ptr, _) => *ptr,
+            Arg::Params(_) => std::ptr::null_mut(),
+        })
+        .collect();
+    let mut slots: Vec<*mut c_void> = args
+        .iter()
+        .zip(addresses.iter_mut())
+        .map(|(a, address)| match a {
+            Arg::Buffer(..) => (address as *mut *mut c_void).cast(),
+            Arg::Params(p) => *p,
+        })
+        .collect();
+    // SAFETY: every slot points to a live value of the kernel's parameter type, in order (the
+    // structs come from the same builders the Rust launchers use), and every buffer is sized
+    // by the test for what the kernel touches with these parameters.
+    unsafe { alexnet_host_kernels::launch(name, grid, block, &mut slots) }
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A launch shape with few, odd-sized blocks: grid-stride loops go round several times.
+fn small_grid(block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (3, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn random<Sh: ShapeBuilder>(shape: Sh, stream: u64, scale: f64) -> Array<f32, Sh::Dim> {
+    let zeros = Array::<f32, _>::zeros(shape);
+    Array::from_shape_vec(zeros.raw_dim(), formula_values(stream, zeros.len(), scale)).unwrap()
+}
+
+/// Values rounded to `T` and back: what the kernel actually reads.
+fn rounded<T: Elem, D: Dimension>(a: &Array<f32, D>) -> Array<f32, D> {
+    a.mapv(|v| T::from_f32(v).to_f32())
+}
+
+/// Logical NCHW `a` in `layout`'s memory order, as `T`.
+fn physical<T: Elem>(a: &Array4<f32>, layout: Layout) -> Vec<T> {
+    let view = match layout {
+        Layout::Nchw => a.view(),
+        Layout::Nhwc => a.view().permuted_axes([0, 2, 3, 1]),
+    };
+    view.iter().map(|&v| T::from_f32(v)).collect()
+}
+
+/// `values` in `layout`'s memory order back to logical NCHW `[n, c, h, w]`.
+fn logical<T: Elem>(values: &[T], [n, c, h, w]: [usize; 4], layout: Layout) -> Array4<f32> {
+    let f: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+    match layout {
+        Layout::Nchw => Array4::from_shape_vec((n, c, h, w), f).unwrap(),
+        Layout::Nhwc => Array4::from_shape_vec((n, h, w, c), f)
+            .unwrap()
+            .permuted_axes([0, 3, 1, 2])
+            .as_standard_layout()
+            .into_owned(),
+    }
+}
+
+/// Bit-for-bit equality, NaN matching NaN; names the first difference.
+fn assert_same(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+        let same = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
+        assert!(same, "{what}: element {i} is {g:e}, expected {w:e}");
+    }
+}
+
+/// max |got - want| / max |want|; infinite on NaN in `got`.
+fn rel_err(got: &ArrayD<f32>, want: &ArrayD<f32>) -> f64 {
+    let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    common::rel_max_error(got.as_standard_layout().as_slice().unwrap(), &want64)
+}
+
+const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
+
+// --- the kernels ---------------------------------------------------------------------------
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn every_registry_kernel_is_host_compiled_and_tested_here() {
+    require_host_kernels();
+    let host: Vec<&str> = alexnet_host_kernels::kernels().map(|(_, n)| n).collect();
+    for spec in KERNELS {
+        assert!(
+            host.contains(&spec.name),
+            "{} is not host-compiled",
+            spec.name
+        );
+        assert!(
+            COVERED.contains(&spec.name),
+            "{} has no host-executed test in tests/host_kernels.rs",
+            spec.name
+        );
+    }
+    assert_eq!(
+        COVERED.len(),
+        KERNELS.len(),
+        "COVERED lists a kernel the registry lacks"
+    );
+}
+
+fn bias_act_case<T: Elem>(shape: &[usize], layout: Layout, relu: bool, seed: u64) {
+    let name = format!("bias_act_{}", T::SUFFIX);
+    let logical_x = rounded::<T, _>(&random(IxDyn(shape), seed, 2.0));
+    let bias: Vec<f32> = formula_values(seed + 1, shape[1], 1.0)
+        .into_iter()
+        .map(|v| T::from_f32(v).to_f32())
+        .collect();
+    // The CPU twin, on the same rounded inputs, rounded like the kernel's store.
+    let mut want = logical_x.clone();
+    bias_act_inplace(want.view_mut(), &bias, relu).unwrap();
+    let want = rounded::<T, _>(&want);
+    let (mut p, cfg) = bias_act_args(shape, layout, bias.len(), relu).unwrap();
+    let to_phys = |a: &ArrayD<f32>| -> Vec<T> {
+        match shape {
+            &[n, c, h, w] => physical::<T>(
+                &a.clone().into_shape_with_order((n, c, h, w)).unwrap(),
+                layout,
+            ),
+            _ => a.iter().map(|&v| T::from_f32(v)).collect(),
+        }
+    };
+    let mut bias_t: Vec<T> = bias.iter().map(|&v| T::from_f32(v)).collect();
+    for grid in [cfg, small_grid(96)] {
+        let mut x = to_phys(&logical_x);
+        launch(
+            &name,
+            grid,
+            vec![buf(&mut x), buf(&mut bias_t), params(&mut p)],
+        );
+        let got = match shape {
+            &[n, c, h, w] => logical(&x, [n, c, h, w], layout).into_dyn(),
+            _ => ArrayD::from_shape_vec(IxDyn(shape), x.iter().map(|v| v.to_f32()).collect())
+                .unwrap(),
+        };
+        assert_same(
+            &format!("{name} {shape:?} {layout:?} relu={relu} grid={grid:?}"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn bias_act_matches_the_cpu_bit_for_bit() {
+    require_host_kernels();
+    for (i, shape) in [vec![3, 5, 7, 9], vec![1, 96, 3, 3], vec![4, 37]]
+        .iter()
+        .enumerate()
+    {
+        for layout in LAYOUTS {
+            if shape.len() == 2 && layout == Layout::Nhwc {
+                continue;
+            }
+            for relu in [false, true] {
+                bias_act_case::<f32>(shape, layout, relu, 10 + i as u64);
+                bias_act_case::<f16>(shape, layout, relu, 20 + i as u64);
+            }
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn dropout_draws_the_cpu_mask_in_both_modes() {
+    require_host_kernels();
+    let len = 12_347; // not a multiple of any block size
+    let x = random(IxDyn(&[len]), 31, 3.0);
+    for mode in [DropoutMode::Inverted, DropoutMode::Classic] {
+        let cpu = Dropout::new(0.5, mode).unwrap();
+        let gpu = DropoutGpu::new(0.5, mode).unwrap();
+        let seed = 0xA1E7_2012;
+        let want_train = cpu.forward_train(x.view(), seed);
+        let want_eval = cpu.forward_eval(x.view());
+        let (mut p, cfg) = gpu.train_args(len, seed).unwrap();
+        for grid in [cfg, small_grid(100)] {
+            let mut data: Vec<f32> = x.iter().copied().collect();
+            launch("dropout_f32", grid, vec![buf(&mut data), params(&mut p)]);
+            let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
+            assert_same(&format!("dropout_f32 train {mode:?}"), &got, &want_train);
+            // f16 storage: the same mask, the product rounded once.
+            let mut half: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let want16 = rounded::<f16, _>(&cpu.forward_train(rounded::<f16, _>(&x).view(), seed));
+            launch("dropout_f16", grid, vec![buf(&mut half), params(&mut p)]);
+            let got16 =
+                ArrayD::from_shape_vec(IxDyn(&[len]), half.iter().map(|v| v.to_f32()).collect())
+                    .unwrap();
+            assert_same(&format!("dropout_f16 train {mode:?}"), &got16, &want16);
+        }
+        match (mode, gpu.eval_args(len).unwrap()) {
+            (DropoutMode::Inverted, None) => {} // the identity: nothing is launched
+            (DropoutMode::Classic, Some((mut p, cfg))) => {
+                let mut data: Vec<f32> = x.iter().copied().collect();
+                launch("dropout_f32", cfg, vec![buf(&mut data), params(&mut p)]);
+                let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
+                assert_same("dropout_f32 eval (classic)", &got, &want_eval);
+            }
+            (mode, other) => panic!("{mode:?}: unexpected eval launch {other:?}"),
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn convert_widens_every_f16_exactly() {
+    require_host_kernels();
+    // Every bit pattern: zeros, subnormals, normals, infinities, NaNs.
+    let mut src: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+    let want = ArrayD::from_shape_vec(
+        IxDyn(&[src.len()]),
+        src.iter().map(|v| v.to_f32()).collect(),
+    )
+    .unwrap();
+    let (mut p, cfg) = convert_args(src.len()).unwrap();
+    for grid in [cfg, small_grid(33)] {
+        let mut dst = vec![f32::POISON; src.len()];
+        launch(
+            "convert_f16_to_f32",
+            grid,
+            vec![buf(&mut src), buf(&mut dst), params(&mut p)],
+        );
+        let got = ArrayD::from_shape_vec(IxDyn(&[dst.len()]), dst).unwrap();
+        assert_same("convert_f16_to_f32", &got, &want);
+    }
+}
+
+fn lrn_case<T: Elem>(
+    dims: [usize; 4],
+    layout: Layout,
+    lrn: LrnParams,
+    relu_first: bool,
+    seed: u64,
+) {
+    let name = format!("lrn_{}", T::SUFFIX);
+    let [n, c, h, w] = dims;
+    let x = rounded::<T, _>(&random((n, c, h, w), seed, 3.0));
+    let cpu_in = if relu_first {
+        x.mapv(|v| if v < 0.0 { 0.0 } else { v })
+    } else {
+        x.clone()
+    };
+    let want = rounded::<T, _>(&Lrn::new(lrn).unwrap().forward(cpu_in.view()).unwrap()).into_dyn();
+    let layer = LrnGpu::new(lrn).unwrap();
+    let (mut p, cfg) = layer.args(dims, layout, relu_first).unwrap();
+    for grid in [cfg, small_grid(128)] {
+        let mut src = physical::<T>(&x, layout);
+        let mut dst = vec![T::POISON; src.len()];
+        launch(
+            &name,
+            grid,
+            vec![buf(&mut src), buf(&mut dst), params(&mut p)],
+        );
+        let got = logical(&dst, dims, layout).into_dyn();
+        let what = format!(
+            "{name} {dims:?} {layout:?} size={} relu_first={relu_first}",
+            lrn.size
+        );
+        if lrn.beta == 0.75 {
+            // The kernel computes in the CPU's order with the CPU's two square roots.
+            assert_same(&what, &got, &want);
+        } else {
+            let err = rel_err(&got, &want);
+            assert!(err <= 1e-6, "{what}: relative error {err:e}");
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn lrn_matches_the_cpu_at_the_channel_edges() {
+    require_host_kernels();
+    let even = LrnParams {
+        size: 4,
+        ..LrnParams::PAPER
+    };
+    let one = LrnParams {
+        size: 1,
+        beta: 0.5,
+        ..LrnParams::PAPER
+    };
+    let cases = [
+        ([1, 5, 3, 4], LrnParams::PAPER),
+        ([3, 7, 5, 2], even),
+        ([2, 96, 3, 5], LrnParams::PAPER),
+        ([1, 3, 2, 2], one),
+    ];
+    for (i, (dims, lrn)) in cases.into_iter().enumerate() {
+        for layout in LAYOUTS {
+            for relu_first in [false, true] {
+                lrn_case::<f32>(dims, layout, lrn, relu_first, 40 + i as u64);
+                lrn_case::<f16>(dims, layout, lrn, relu_first, 50 + i as u64);
+            }
+        }
+    }
+}
+
+fn pool_case<T: Elem>(dims: [usize; 4], spec: PoolSpec, layout: Layout, seed: u64, nan: bool) {
+    let name = format!("maxpool_{}", T::SUFFIX);
+    let [n, c, h, w] = dims;
+    let mut x = rounded::<T, _>(&random((n, c, h, w), seed, 5.0));
+    if nan {
+        x[[n - 1, c - 1, h / 2, w / 2]] = f32::NAN;
+    }
+    let want = MaxPool2d::from(spec).forward(x.view()).unwrap().into_dyn();
+    let layer = MaxPoolGpu::new(spec.kernel, spec.stride).unwrap();
+    let (mut p, cfg, out) = layer.args(dims, layout).unwrap();
+    assert_eq!(&out[..], want.shape(), "{name}: output dims");
+    for grid in [cfg, small_grid(64)] {
+        let mut src = physical::<T>(&x, layout);
+        let mut dst = vec![T::POISON; out.iter().product()];
+        launch(
+            &name,
+            grid,
+            vec![buf(&mut src), buf(&mut dst), params(&mut p)],
+        );
+        let got = logical(&dst, out, layout).into_dyn();
+        assert_same(
+            &format!("{name} {dims:?} {spec:?} {layout:?} nan={nan}"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn maxpool_matches_the_cpu_on_ragged_and_gapped_windows() {
+    require_host_kernels();
+    let cases = [
+        ([3, 5, 13, 11], PoolSpec::OVERLAPPING), // ragged: the last window is short of the edge
+        (
+            [1, 4, 10, 9],
+            PoolSpec {
+                kernel: 2,
+                stride: 3,
+            },
+        ), // gaps between windows
+        (
+            [2, 3, 3, 3],
+            PoolSpec {
+                kernel: 3,
+                stride: 1,
+            },
+        ), // one window
+    ];
+    for (i, (dims, spec)) in cases.into_iter().enumerate() {
+        for layout in LAYOUTS {
+            for nan in [false, true] {
+                pool_case::<f32>(dims, spec, layout, 60 + i as u64, nan);
+                pool_case::<f16>(dims, spec, layout, 70 + i as u64, nan);
+            }
+        }
+    }
+}
+
+fn prepare_case<T: Elem>(n: usize, channels: usize, side: u32, layout: Layout, pre: &Preprocess) {
+    let name = format!("prepare_input_{}", T::SUFFIX);
+    let batch: U8Batch = common::random_u8_batch(n, side, 80 + n as u64);
+    let s = side as usize;
+    let mut want = Array4::<f32>::zeros((n, channels, s, s));
+    want.slice_mut(ndarray::s![.., ..3, .., ..])
+        .assign(&batch.to_nchw_f32(pre));
+    let want = rounded::<T, _>(&want).into_dyn();
+    let norm = PrepareInput::new(pre.mean, pre.std).unwrap();
+    let dims = [n, channels, s, s];
+    let (mut p, cfg) = norm.args(dims, layout, batch.as_slice().len()).unwrap();
+    for grid in [cfg, small_grid(160)] {
+        let mut src = batch.as_slice().to_vec();
+        let mut dst = vec![T::POISON; n * channels * s * s];
+        launch(
+            &name,
+            grid,
+            vec![buf(&mut src), buf(&mut dst), params(&mut p)],
+        );
+        let got = logical(&dst, dims, layout).into_dyn();
+        assert_same(
+            &format!("{name} n={n} c={channels} {side}x{side} {layout:?}"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn prepare_input_matches_the_cpu_normalisation_bit_for_bit() {
+    require_host_kernels();
+    let odd = Preprocess {
+        mean: [0.5, 0.25, 0.75],
+        std: [0.3, 0.6, 0.9],
+        ..Preprocess::default()
+    };
+    for pre in [Preprocess::default(), odd] {
+        for layout in LAYOUTS {
+            for (n, channels) in [(1, 3), (3, 8)] {
+                prepare_case::<f32>(n, channels, 7, layout, &pre);
+                prepare_case::<f16>(n, channels, 7, layout, &pre);
+            }
+        }
+    }
+    // Malformed byte counts are refused before any launch.
+    let norm = PrepareInput::default();
+    assert!(norm
+        .args([2, 3, 7, 7], Layout::Nchw, 2 * 7 * 7 * 3 - 1)
+        .is_err());
+    assert!(norm
+        .args([2, 2, 7, 7], Layout::Nchw, 2 * 7 * 7 * 3)
+        .is_err());
+}
+
+fn softmax_case<T: Elem>(logits: &Array2<f32>, k: usize, block: u32) {
+    let name = format!("softmax_topk_{}", T::SUFFIX);
+    let (rows, classes) = logits.dim();
+    let x = rounded::<T, _>(logits);
+    let want_probs = softmax(x.view());
+    let (mut p, cfg) = softmax_top_k_args(rows, classes, k, true).unwrap();
+    let grid = LaunchConfig {
+        block_dim: (block, 1, 1),
+        ..cfg
+    };
+    let mut src: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let mut probs = vec![f32::POISON; rows * classes];
+    let slots = rows * ALEXNET_TOPK_MAX as usize;
+    let mut top_class = vec![u32::MAX; slots];
+    let mut top_prob = vec![f32::POISON; slots];
+    launch(
+        &name,
+        grid,
+        vec![
+            buf(&mut src),
+            buf(&mut probs),
+            buf(&mut top_class),
+            buf(&mut top_prob),
+            params(&mut p),
+        ],
+    );
+    let probs = Array2::from_shape_vec((rows, classes), probs).unwrap();
+    let what = format!("{name} {rows}x{classes} k={k} block={block}");
+    // Probabilities: the CPU's softmax up to the host's expf.
+    let finite_rows: Vec<usize> = (0..rows)
+        .filter(|&r| x.row(r).iter().all(|v| !v.is_nan()))
+        .collect();
+    for &r in &finite_rows {
+        let err = rel_err(
+            &probs.row(r).to_owned().into_dyn(),
+            &want_probs.row(r).to_owned().into_dyn(),
+        );
+        assert!(err <= 1e-6, "{what}: row {r} probabilities off by {err:e}");
+    }
+    // Top-k: exactly the CPU's top_k of the probabilities the kernel computed (order, ties to
+    // the lower index, NaN first).
+    for r in 0..rows {
+        let want = top_k(probs.row(r), k).unwrap();
+        for (j, &(class, prob)) in want.iter().enumerate() {
+            let slot = r * k + j;
+            assert_eq!(
+                top_class[slot] as usize, class,
+                "{what}: row {r} rank {j} class"
+            );
+            assert!(
+                top_prob[slot].to_bits() == prob.to_bits()
+                    || (top_prob[slot].is_nan() && prob.is_nan()),
+                "{what}: row {r} rank {j} probability {} vs {prob}",
+                top_prob[slot]
+            );
+        }
+    }
+    // Without probabilities (the model's path): the same top-k, probs left untouched.
+    let (mut p, _) = softmax_top_k_args(rows, classes, k, false).unwrap();
+    let mut class2 = vec![u32::MAX; slots];
+    let mut prob2 = vec![f32::POISON; slots];
+    launch(
+        &name,
+        grid,
+        vec![
+            buf(&mut src),
+            null(),
+            buf(&mut class2),
+            buf(&mut prob2),
+            params(&mut p),
+        ],
+    );
+    assert_eq!(
+        class2[..rows * k],
+        top_class[..rows * k],
+        "{what}: top-k without probabilities"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn softmax_topk_matches_the_cpu_with_ties_and_nan() {
+    require_host_kernels();
+    // Batch 3 of 1000 classes, scaled like logits.
+    let wide = random((3, 1000), 90, 8.0);
+    // Ties: every class value appears twice; the lower index must win.
+    let mut ties = Array2::<f32>::zeros((1, 37));
+    for (j, v) in ties.iter_mut().enumerate() {
+        *v = (j / 2) as f32 * 0.25;
+    }
+    // A NaN logit ranks first; the row's other probabilities are NaN too, as on the CPU.
+    let mut nan = random((2, 37), 91, 2.0);
+    nan[[1, 5]] = f32::NAN;
+    for block in [256, 64] {
+        for k in [1, 5, 32] {
+            softmax_case::<f32>(&wide, k, block);
+            softmax_case::<f16>(&wide, k, block);
+            softmax_case::<f32>(&ties, k, block);
+            softmax_case::<f16>(&ties, k, block);
+            softmax_case::<f32>(&nan, k, block);
+        }
+    }
+}
