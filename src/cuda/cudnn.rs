@@ -5,6 +5,7 @@
 use cudarc::cudnn::{result, sys};
 use cudarc::driver::CudaStream;
 
+use super::ops::ConvCall;
 use crate::error::{Error, Result};
 
 fn err(op: &str) -> impl Fn(result::CudnnError) -> Error + '_ {
@@ -106,9 +107,9 @@ pub(crate) struct ConvDesc(pub(crate) sys::cudnnConvolutionDescriptor_t);
 unsafe impl Send for ConvDesc {}
 
 impl ConvDesc {
+    /// The convolution descriptor of `call` (its padding, strides and dilations).
     pub fn new(
-        padding: i32,
-        stride: i32,
+        call: &ConvCall,
         compute: sys::cudnnDataType_t,
         math: sys::cudnnMathType_t,
     ) -> Result<Self> {
@@ -120,12 +121,12 @@ impl ConvDesc {
         unsafe {
             result::set_convolution2d_descriptor(
                 desc.0,
-                padding,
-                padding,
-                stride,
-                stride,
-                1,
-                1,
+                call.padding[0],
+                call.padding[1],
+                call.stride[0],
+                call.stride[1],
+                call.dilation[0],
+                call.dilation[1],
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
                 compute,
             )
@@ -174,6 +175,36 @@ pub(crate) struct FwdAlgoPerf {
     pub math: sys::cudnnMathType_t,
 }
 
+/// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
+/// deterministic one, else the fastest. For true fp32 (`CUDNN_FMA_MATH`) only GEMM-family and
+/// direct algorithms measured without tensor-op math qualify: the transform-domain ones (FFT,
+/// Winograd) cost about an order of magnitude of accuracy through their extra roundings.
+pub(crate) fn choose_forward_algorithm(
+    candidates: &[FwdAlgoPerf],
+    true_fp32: bool,
+) -> Option<FwdAlgoPerf> {
+    use sys::cudnnConvolutionFwdAlgo_t::*;
+    let allowed = |p: &&FwdAlgoPerf| {
+        !true_fp32
+            || (matches!(
+                p.math,
+                sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+            ) && matches!(
+                p.algo,
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
+                    | CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+                    | CUDNN_CONVOLUTION_FWD_ALGO_GEMM
+                    | CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
+            ))
+    };
+    candidates
+        .iter()
+        .filter(allowed)
+        .find(|p| p.deterministic)
+        .or_else(|| candidates.iter().find(allowed))
+        .copied()
+}
+
 /// Runs every forward algorithm once on scratch buffers cuDNN allocates itself and returns the
 /// successful ones, fastest first.
 pub(crate) fn find_forward_algorithms(
@@ -217,4 +248,57 @@ pub(crate) fn find_forward_algorithms(
             math: p.mathType,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnConvolutionFwdAlgo_t::*;
+    use sys::cudnnMathType_t::*;
+
+    fn perf(
+        algo: sys::cudnnConvolutionFwdAlgo_t,
+        math: sys::cudnnMathType_t,
+        deterministic: bool,
+    ) -> FwdAlgoPerf {
+        FwdAlgoPerf {
+            algo,
+            time_ms: 1.0,
+            workspace: 0,
+            deterministic,
+            math,
+        }
+    }
+
+    #[test]
+    fn true_fp32_takes_no_transform_or_tensor_op_algorithm() {
+        let fastest_first = [
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                CUDNN_FMA_MATH,
+                true,
+            ),
+            perf(CUDNN_CONVOLUTION_FWD_ALGO_FFT, CUDNN_DEFAULT_MATH, true),
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                CUDNN_TENSOR_OP_MATH,
+                true,
+            ),
+            perf(CUDNN_CONVOLUTION_FWD_ALGO_GEMM, CUDNN_FMA_MATH, false),
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                CUDNN_DEFAULT_MATH,
+                true,
+            ),
+        ];
+        let chosen = choose_forward_algorithm(&fastest_first, true).unwrap();
+        assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
+        // Without the fp32 rule the fastest deterministic one wins.
+        let chosen = choose_forward_algorithm(&fastest_first, false).unwrap();
+        assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
+        // No deterministic qualifier: the fastest that qualifies.
+        let chosen = choose_forward_algorithm(&fastest_first[..4], true).unwrap();
+        assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
+        assert!(choose_forward_algorithm(&fastest_first[..3], true).is_none());
+    }
 }

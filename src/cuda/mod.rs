@@ -98,6 +98,12 @@ pub use ops::{
 pub mod kernel_args {
     pub use super::ops::{bias_act_args, convert_args, softmax_top_k_args};
 }
+
+/// The cuDNN and cuBLAS calls' arguments as data, for `tests/library_calls.rs`.
+#[doc(hidden)]
+pub mod library_calls {
+    pub use super::ops::{chw_columns_to_hwc, pack_conv_weights, ConvCall, GemmCall};
+}
 pub use pinned::{alloc_readback, alloc_upload};
 pub use pipeline::{Pipeline, PipelineOutput};
 pub use tensor::{GpuTensor, Layout};

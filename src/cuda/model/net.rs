@@ -1,12 +1,14 @@
 //! The network of one storage type on the GPU: the plan's stages as GPU layers ([`Layers`]),
 //! and its [`Buffers`] for one batch size, allocated once and reused until the size changes.
 
-use ndarray::{Array2, Array4, ArrayView4};
+use ndarray::{Array4, ArrayView4};
 
 use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::ops::{Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, TopK};
+use crate::cuda::ops::{
+    chw_columns_to_hwc, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, TopK,
+};
 use crate::cuda::pinned::{alloc_readback, alloc_upload};
 use crate::cuda::tensor::{to_physical, GpuTensor, Layout};
 
@@ -290,51 +292,5 @@ impl<T: GpuFloat> Layers<T> {
             observe(&stage.name, y, relu_pending)?;
         }
         Ok(())
-    }
-}
-
-/// `weight` `[out, C*H*W]` with its columns reordered from (C, H, W) to (H, W, C) order.
-fn chw_columns_to_hwc(
-    weight: ndarray::ArrayView2<'_, f32>,
-    [c, h, w]: [usize; 3],
-) -> Result<Array2<f32>> {
-    let (out, features) = weight.dim();
-    if features != c * h * w {
-        return Err(Error::Shape {
-            op: "fc1 weight",
-            expected: format!("[{out}, {}] ({c} x {h} x {w} features)", c * h * w),
-            found: vec![out, features],
-        });
-    }
-    Ok(Array2::from_shape_fn((out, features), |(o, g)| {
-        // Column g of the NHWC flatten is (y, x, ch) with g = (y * w + x) * c + ch.
-        let ch = g % c;
-        let x = (g / c) % w;
-        let y = g / (c * w);
-        weight[[o, (ch * h + y) * w + x]]
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fc1_columns_follow_the_nhwc_flatten() {
-        let (c, h, w) = (3, 2, 4);
-        // Weight row 0 holds each column's own (C, H, W) index.
-        let weight = Array2::from_shape_fn((2, c * h * w), |(o, f)| (o * 1000 + f) as f32);
-        let permuted = chw_columns_to_hwc(weight.view(), [c, h, w]).unwrap();
-        // An activation a[ch, y, x] flattened NCHW at ch*h*w + y*w + x and NHWC at
-        // (y*w + x)*c + ch must meet the same weight.
-        for ch in 0..c {
-            for y in 0..h {
-                for x in 0..w {
-                    let chw = (ch * h + y) * w + x;
-                    let hwc = (y * w + x) * c + ch;
-                    assert_eq!(permuted[[1, hwc]], weight[[1, chw]]);
-                }
-            }
-        }
     }
 }

@@ -9,9 +9,12 @@ use cudarc::cudnn::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use ndarray::{ArrayView1, ArrayView4};
 
+use super::calls::{pack_conv_weights, ConvCall};
 use super::{bias_act, layout_err, shape_err, upload};
 use crate::config::window_output;
-use crate::cuda::cudnn::{find_forward_algorithms, ConvDesc, FilterDesc, FwdAlgoPerf, TensorDesc};
+use crate::cuda::cudnn::{
+    choose_forward_algorithm, find_forward_algorithms, ConvDesc, FilterDesc, TensorDesc,
+};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::to_i32;
@@ -37,6 +40,29 @@ pub struct ConvOptions {
 }
 
 impl ConvOptions {
+    /// The cuDNN call of a layer with these options, `out_channels` square `kernel` filters
+    /// over `in_channels` (the weights' own or the padded count), on inputs
+    /// `[n, in_channels, height, width]`: what [`Conv2dGpu`] passes (`tests/library_calls.rs`
+    /// replays it on the CPU).
+    #[doc(hidden)]
+    pub fn call(
+        &self,
+        out_channels: usize,
+        in_channels: usize,
+        kernel: usize,
+        [n, height, width]: [usize; 3],
+    ) -> Result<ConvCall> {
+        ConvCall::new(
+            self.layout,
+            [n, height, width],
+            in_channels,
+            out_channels,
+            kernel,
+            self.stride,
+            self.padding,
+        )
+    }
+
     /// `stride`, `padding` and `layout`; no channel padding, no TF32.
     pub fn new(stride: usize, padding: usize, layout: Layout) -> Self {
         ConvOptions {
@@ -126,14 +152,10 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         ] {
             to_i32(OP, what, v)?;
         }
-        let mut host = vec![T::from_f32(0.0); out_channels * in_channels * k * k];
-        for ((o, c, i, j), &v) in weight.indexed_iter() {
-            let index = match options.layout {
-                Layout::Nchw => ((o * in_channels + c) * k + i) * k + j,
-                Layout::Nhwc => ((o * k + i) * k + j) * in_channels + c,
-            };
-            host[index] = T::from_f32(v);
-        }
+        let host: Vec<T> = pack_conv_weights(weight, in_channels, options.layout)?
+            .into_iter()
+            .map(T::from_f32)
+            .collect();
         let bias_host: Vec<T> = bias.iter().map(|&v| T::from_f32(v)).collect();
         let math = match (T::DTYPE, options.allow_tf32) {
             (GpuDtype::F16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
@@ -144,7 +166,16 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         let filter = FilterDesc::new(
             T::DTYPE.cudnn(),
             cudnn_format(options.layout),
-            [out_channels, in_channels, k, k].map(|v| v as i32),
+            ConvCall::new(
+                options.layout,
+                [1, k, k],
+                in_channels,
+                out_channels,
+                k,
+                1,
+                0,
+            )?
+            .filter,
         )?;
         Ok(Conv2dGpu {
             weight: upload(gpu, &host, "convolution weights")?,
@@ -199,32 +230,30 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         Ok(())
     }
 
+    /// The cuDNN call for inputs `[n, in_channels, height, width]`, as data (replayed on the CPU
+    /// by `tests/library_calls.rs`).
+    #[doc(hidden)]
+    pub fn call(&self, n: usize, height: usize, width: usize) -> Result<ConvCall> {
+        self.options.call(
+            self.out_channels,
+            self.in_channels,
+            self.kernel,
+            [n, height, width],
+        )
+    }
+
     /// Chooses the algorithm for inputs `[n, in_channels, height, width]` and allocates its
     /// workspace.
     fn make_plan(&self, gpu: &Gpu, n: usize, height: usize, width: usize) -> Result<ConvPlan> {
         const OP: &str = "Conv2dGpu::prepare";
-        let (oh, ow) = self.output_size(height, width)?;
-        let dims = |v: [usize; 4]| -> Result<[i32; 4]> {
-            Ok([
-                to_i32(OP, "n", v[0])?,
-                to_i32(OP, "c", v[1])?,
-                to_i32(OP, "h", v[2])?,
-                to_i32(OP, "w", v[3])?,
-            ])
-        };
-        let x_dims = dims([n, self.in_channels, height, width])?;
-        let y_dims = dims([n, self.out_channels, oh, ow])?;
+        let call = self.call(n, height, width)?;
+        let (x_dims, y_dims) = (call.x, call.y);
         gpu.bind()?;
-        let format = cudnn_format(self.options.layout);
-        let x = TensorDesc::new(T::DTYPE.cudnn(), format, x_dims)?;
-        let y = TensorDesc::new(T::DTYPE.cudnn(), format, y_dims)?;
+        let format = cudnn_format(call.layout);
+        let x = TensorDesc::new(T::DTYPE.cudnn(), format, call.x)?;
+        let y = TensorDesc::new(T::DTYPE.cudnn(), format, call.y)?;
         // Accumulation is f32 for both storage types (fp16: cuDNN's "pseudo-half" config).
-        let conv = ConvDesc::new(
-            self.options.padding as i32,
-            self.options.stride as i32,
-            cudnnDataType_t::CUDNN_DATA_FLOAT,
-            self.math,
-        )?;
+        let conv = ConvDesc::new(&call, cudnnDataType_t::CUDNN_DATA_FLOAT, self.math)?;
         let cudnn_dims = conv.output_dims(&x, &self.filter)?;
         if cudnn_dims != y_dims {
             return Err(Error::cuda(
@@ -234,40 +263,18 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         }
         let handle = gpu.cudnn()?;
         let candidates = find_forward_algorithms(&handle, &x, &self.filter, &conv, &y)?;
-        // True fp32 also rules out the transform-domain algorithms (FFT, Winograd), whose
-        // extra roundings cost about an order of magnitude of accuracy.
         let true_fp32 = self.math == cudnnMathType_t::CUDNN_FMA_MATH;
-        let allowed = |p: &&FwdAlgoPerf| {
-            use cudnnConvolutionFwdAlgo_t::*;
-            !true_fp32
-                || (matches!(
-                    p.math,
-                    cudnnMathType_t::CUDNN_FMA_MATH | cudnnMathType_t::CUDNN_DEFAULT_MATH
-                ) && matches!(
-                    p.algo,
-                    CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
-                        | CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
-                        | CUDNN_CONVOLUTION_FWD_ALGO_GEMM
-                        | CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
-                ))
-        };
-        let best = candidates
-            .iter()
-            .filter(allowed)
-            .find(|p| p.deterministic)
-            .or_else(|| candidates.iter().find(allowed))
-            .copied()
-            .ok_or_else(|| {
-                Error::cuda(
-                    OP,
-                    format!(
-                        "cuDNN has no usable forward algorithm for input {x_dims:?} \
+        let best = choose_forward_algorithm(&candidates, true_fp32).ok_or_else(|| {
+            Error::cuda(
+                OP,
+                format!(
+                    "cuDNN has no usable forward algorithm for input {x_dims:?} \
                          ({:?}, {:?}); candidates: {candidates:?}",
-                        T::DTYPE,
-                        self.options.layout
-                    ),
-                )
-            })?;
+                    T::DTYPE,
+                    self.options.layout
+                ),
+            )
+        })?;
         if !true_fp32 {
             // The math type Find measured the winner with (tensor ops or not) is the one to run.
             conv.set_math(best.math)?;

@@ -6,6 +6,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use ndarray::{ArrayView1, ArrayView2};
 
+use super::calls::GemmCall;
 use super::{bias_act, shape_err, upload};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -64,6 +65,13 @@ impl<T: GpuFloat> LinearGpu<T> {
         self.out_features
     }
 
+    /// The cuBLAS call for `rows` inputs, as data (replayed on the CPU by
+    /// `tests/library_calls.rs`).
+    #[doc(hidden)]
+    pub fn call(&self, rows: usize) -> Result<GemmCall> {
+        GemmCall::linear(self.out_features, self.in_features, rows)
+    }
+
     /// `x` is any tensor of `rows = shape[0]` rows holding `rows * in_features` elements, read
     /// as `[rows, in_features]` in memory order (an NCHW activation flattens in (C, H, W) order,
     /// an NHWC one in (H, W, C) order); `y` is `[rows, out_features]`.
@@ -94,9 +102,11 @@ impl<T: GpuFloat> LinearGpu<T> {
                 y.shape(),
             ));
         }
-        let m = to_i32(OP, "out_features", self.out_features)?;
-        let n = to_i32(OP, "rows", rows)?;
-        let k = to_i32(OP, "in_features", self.in_features)?;
+        let call = self.call(rows)?;
+        let op = |transpose| match transpose {
+            true => cublasOperation_t::CUBLAS_OP_T,
+            false => cublasOperation_t::CUBLAS_OP_N,
+        };
         let compute = match (T::DTYPE, self.allow_tf32) {
             (GpuDtype::F32, true) => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
             _ => cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -109,10 +119,8 @@ impl<T: GpuFloat> LinearGpu<T> {
             let (x_ptr, _x_done) = x.data().device_ptr(stream);
             let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
             let (alpha, beta) = (1.0f32, 0.0f32);
-            // Column-major view: y^T [out, rows] = W [out, in] * x^T [in, rows], where W is the
-            // row-major [out, in] buffer read transposed (lda = in), x^T is the row-major
-            // [rows, in] buffer as is (ldb = in), and y^T is the row-major [rows, out] output
-            // (ldc = out).
+            // Column-major view: y^T [out, rows] = W [out, in] * x^T [in, rows] (see
+            // GemmCall::linear, whose arguments tests/library_calls.rs replays on the CPU).
             // SAFETY: the cuBLAS handle runs on `stream`, where the pointers were made ready;
             // the weight holds out*in, `x` rows*in and `y` rows*out elements of `dtype`
             // (checked above and at construction); alpha/beta are host f32 values matching the
@@ -120,22 +128,22 @@ impl<T: GpuFloat> LinearGpu<T> {
             unsafe {
                 cudarc::cublas::result::gemm_ex(
                     *gpu.blas().handle(),
-                    cublasOperation_t::CUBLAS_OP_T,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    m,
-                    n,
-                    k,
+                    op(call.transa),
+                    op(call.transb),
+                    call.m,
+                    call.n,
+                    call.k,
                     (&alpha as *const f32).cast(),
                     w_ptr as *const c_void,
                     dtype,
-                    k,
+                    call.lda,
                     x_ptr as *const c_void,
                     dtype,
-                    k,
+                    call.ldb,
                     (&beta as *const f32).cast(),
                     y_ptr as *mut c_void,
                     dtype,
-                    m,
+                    call.ldc,
                     compute,
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )

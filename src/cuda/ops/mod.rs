@@ -19,6 +19,7 @@
 //! [`super::launch::Launch`], which checks the arguments against `src/cuda/registry.rs`.
 
 mod bias_act;
+mod calls;
 mod conv;
 mod convert;
 mod dropout;
@@ -29,6 +30,7 @@ mod prepare;
 mod softmax;
 
 pub use bias_act::{bias_act, bias_act_args};
+pub use calls::{chw_columns_to_hwc, pack_conv_weights, ConvCall, GemmCall};
 pub use conv::{Conv2dGpu, ConvOptions};
 pub use convert::{convert_args, convert_f16_to_f32};
 pub use dropout::DropoutGpu;

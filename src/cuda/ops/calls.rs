@@ -1,0 +1,197 @@
+//! The arguments of the cuDNN and cuBLAS calls the layers make, as plain data: built by pure
+//! functions from a layer's settings, used by the layers to create the descriptors and make
+//! the calls, and replayed on the CPU by `tests/library_calls.rs`, where a naive convolution and
+//! a naive GEMM read memory exactly as these arguments tell the library to, and must reproduce
+//! the CPU layers. The likeliest first-run failures are here (transposes, leading dimensions,
+//! descriptor dims, the KRSC filter layout, padded channels, the fc1 permutation), not in the
+//! crate's own kernels.
+
+use ndarray::{Array2, ArrayView2, ArrayView4};
+
+use crate::config::window_output;
+use crate::cuda::launch::to_i32;
+use crate::cuda::tensor::Layout;
+use crate::error::{Error, Result};
+
+/// What `cudnnConvolutionForward` is told, for one input shape.
+///
+/// Memory order follows `layout` for the input, the output and the filter, as cuDNN reads a
+/// `CUDNN_TENSOR_NCHW` / `CUDNN_TENSOR_NHWC` descriptor: `x` is NCHW or NHWC, the filter KCRS or
+/// KRSC. Cross-correlation (no kernel flip), zero padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvCall {
+    pub layout: Layout,
+    /// Input dims `[n, c, h, w]` (`c` includes zero-padded channels).
+    pub x: [i32; 4],
+    /// Filter dims `[k, c, r, s]`.
+    pub filter: [i32; 4],
+    /// `[pad_h, pad_w]`, `[stride_h, stride_w]`, `[dilation_h, dilation_w]`.
+    pub padding: [i32; 2],
+    pub stride: [i32; 2],
+    pub dilation: [i32; 2],
+    /// Output dims `[n, k, oh, ow]` the layer expects (cuDNN's own answer is checked against
+    /// them when the plan is made).
+    pub y: [i32; 4],
+}
+
+impl ConvCall {
+    /// The call for a square `kernel` with `in_channels` (padded) input channels and
+    /// `out_channels` filters, on inputs `[n, in_channels, height, width]` in `layout`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        layout: Layout,
+        [n, height, width]: [usize; 3],
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        const OP: &str = "Conv2dGpu (cuDNN call)";
+        let out = |len| window_output(len, kernel, stride, padding);
+        let (Some(oh), Some(ow)) = (out(height), out(width)) else {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("spatial size >= {kernel} after padding {padding}"),
+                found: vec![height, width],
+            });
+        };
+        let i = |what, v| to_i32(OP, what, v);
+        Ok(ConvCall {
+            layout,
+            x: [
+                i("n", n)?,
+                i("c", in_channels)?,
+                i("h", height)?,
+                i("w", width)?,
+            ],
+            filter: [
+                i("k", out_channels)?,
+                i("c", in_channels)?,
+                i("r", kernel)?,
+                i("s", kernel)?,
+            ],
+            padding: [i("padding", padding)?; 2],
+            stride: [i("stride", stride)?; 2],
+            dilation: [1, 1],
+            y: [
+                i("n", n)?,
+                i("k", out_channels)?,
+                i("oh", oh)?,
+                i("ow", ow)?,
+            ],
+        })
+    }
+}
+
+/// OIHW weights `[out, in, k, k]` in the memory order of a `layout` filter descriptor (KCRS for
+/// NCHW, KRSC for NHWC) with `in_channels >= in` input channels: the extra ones get zero
+/// filters (the fp16 path pads the RGB input to 8 channels for the tensor cores).
+pub fn pack_conv_weights(
+    weight: ArrayView4<'_, f32>,
+    in_channels: usize,
+    layout: Layout,
+) -> Result<Vec<f32>> {
+    let (out, weight_in, k, k2) = weight.dim();
+    if k != k2 || in_channels < weight_in {
+        return Err(Error::Shape {
+            op: "Conv2dGpu (weights)",
+            expected: format!("a square kernel with at most {in_channels} input channels"),
+            found: weight.shape().to_vec(),
+        });
+    }
+    let mut packed = vec![0.0; out * in_channels * k * k];
+    for ((o, c, i, j), &v) in weight.indexed_iter() {
+        let index = match layout {
+            Layout::Nchw => ((o * in_channels + c) * k + i) * k + j,
+            Layout::Nhwc => ((o * k + i) * k + j) * in_channels + c,
+        };
+        packed[index] = v;
+    }
+    Ok(packed)
+}
+
+/// What `cublasGemmEx` is told, in its column-major terms: `C[m x n] = op(A)[m x k] *
+/// op(B)[k x n]` with leading dimensions `lda`, `ldb`, `ldc` (alpha 1, beta 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmCall {
+    /// `op(A) = A^T` when set (`CUBLAS_OP_T`), else `A` (`CUBLAS_OP_N`); likewise `B`.
+    pub transa: bool,
+    pub transb: bool,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub lda: i32,
+    pub ldb: i32,
+    pub ldc: i32,
+}
+
+impl GemmCall {
+    /// A linear layer's GEMM for `rows` inputs: with the weight row-major `[out, in]` as `A`,
+    /// the input row-major `[rows, in]` as `B` and the output row-major `[rows, out]` as `C`,
+    /// column-major cuBLAS computes `y^T [out, rows] = W [out, in] * x^T [in, rows]`: `A` read
+    /// transposed (its column-major view is `W^T`), `B` as is (its view is `x^T`).
+    pub fn linear(out_features: usize, in_features: usize, rows: usize) -> Result<Self> {
+        const OP: &str = "LinearGpu (cuBLAS call)";
+        let m = to_i32(OP, "out_features", out_features)?;
+        let n = to_i32(OP, "rows", rows)?;
+        let k = to_i32(OP, "in_features", in_features)?;
+        Ok(GemmCall {
+            transa: true,
+            transb: false,
+            m,
+            n,
+            k,
+            lda: k,
+            ldb: k,
+            ldc: m,
+        })
+    }
+}
+
+/// `weight` `[out, C*H*W]` with its columns reordered from (C, H, W) to (H, W, C) order: fc1's
+/// weights for NHWC activations, whose flatten is (H, W, C).
+pub fn chw_columns_to_hwc(
+    weight: ArrayView2<'_, f32>,
+    [c, h, w]: [usize; 3],
+) -> Result<Array2<f32>> {
+    let (out, features) = weight.dim();
+    if Some(features) != c.checked_mul(h).and_then(|ch| ch.checked_mul(w)) {
+        return Err(Error::Shape {
+            op: "fc1 weight",
+            expected: format!("[{out}, {c} x {h} x {w}] features"),
+            found: vec![out, features],
+        });
+    }
+    Ok(Array2::from_shape_fn((out, features), |(o, g)| {
+        // Column g of the NHWC flatten is (y, x, ch) with g = (y * w + x) * c + ch.
+        let ch = g % c;
+        let x = (g / c) % w;
+        let y = g / (c * w);
+        weight[[o, (ch * h + y) * w + x]]
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fc1_columns_follow_the_nhwc_flatten() {
+        let (c, h, w) = (3, 2, 4);
+        // Weight row 0 holds each column's own (C, H, W) index.
+        let weight = Array2::from_shape_fn((2, c * h * w), |(o, f)| (o * 1000 + f) as f32);
+        let permuted = chw_columns_to_hwc(weight.view(), [c, h, w]).unwrap();
+        // An activation a[ch, y, x] flattened NCHW at ch*h*w + y*w + x and NHWC at
+        // (y*w + x)*c + ch must meet the same weight.
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    let chw = (ch * h + y) * w + x;
+                    let hwc = (y * w + x) * c + ch;
+                    assert_eq!(permuted[[1, hwc]], weight[[1, chw]]);
+                }
+            }
+        }
+    }
+}
