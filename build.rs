@@ -1,7 +1,9 @@
 //! (One file of about 400 lines: Cargo builds a build script as a crate of its own.)
 //!
 //! Embeds the CUDA kernels (`kernels/*.cu`) in the crate and, when nvcc is available, compiles
-//! them to PTX for `compute_75` (Turing and every later GPU, through the driver's JIT).
+//! each module twice: a fatbin with machine code for today's cards (sm_80 to sm_120, see
+//! [`SASS_ARCHS`]) plus compute_75 PTX, which the runtime loads first, and the PTX text alone,
+//! which the tests check against the kernel registry and the runtime falls back to.
 //!
 //! nvcc is looked for in `$NVCC` (authoritative when set: a missing file there means "no nvcc"),
 //! then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, then `PATH`. Without nvcc the build succeeds with one
@@ -12,6 +14,8 @@
 //! - `SOURCES`: (module, source with the `kernels/` headers inlined): self-contained for NVRTC;
 //! - `HEADERS`: (file name, text) of every `kernels/` header;
 //! - `PTX`: (module, PTX) — empty without nvcc;
+//! - `FATBIN`: (module, fatbin bytes) — empty without nvcc; `FATBIN_SASS`: its machine-code
+//!   architectures;
 //! - `NVCC_VERSION`: nvcc's release (e.g. "13.0"), if nvcc was used.
 //!
 //! Without the `cuda` feature nothing is embedded (src/cuda is not compiled).
@@ -41,6 +45,12 @@ use std::process::{Command, ExitCode};
 
 /// nvcc's target: virtual architecture compute_75, so the PTX JIT-compiles on sm_75 and newer.
 const ARCH: &str = "compute_75";
+/// The architectures the fatbin carries machine code (SASS) for: Ampere (A100, RTX 30), Ada
+/// (RTX 40, L4, L40), Hopper (H100, H200), Blackwell (B200, RTX 50). Machine code runs on later
+/// minor versions of its major (sm_86 on sm_87, sm_100 on sm_103, sm_120 on sm_121); every
+/// other GPU from sm_75 on JIT-compiles the compute_75 PTX that the fatbin carries too.
+const SASS_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"];
+
 /// The newest toolkit whose PTX the target machines' driver (580, CUDA 13.0) accepts.
 const NEWEST_SUPPORTED: (u32, u32) = (13, 0);
 
@@ -160,13 +170,24 @@ fn run() -> Result<(), String> {
         let _ = writeln!(generated, "    ({name:?}, {text:?}),");
     }
     generated.push_str("];\n\npub(crate) static PTX: &[(&str, &str)] = &[\n");
-    if let Some((ptx, _)) = &ptx {
-        for (stem, path) in ptx {
+    if let Some((built, _)) = &ptx {
+        for (stem, (path, _)) in built {
             let path = path.to_str().ok_or("OUT_DIR is not valid UTF-8")?;
             let _ = writeln!(generated, "    ({stem:?}, include_str!({path:?})),");
         }
     }
-    generated.push_str("];\n\npub(crate) static NVCC_VERSION: Option<&str> = ");
+    generated.push_str("];\n\npub(crate) static FATBIN: &[(&str, &[u8])] = &[\n");
+    if let Some((built, _)) = &ptx {
+        for (stem, (_, path)) in built {
+            let path = path.to_str().ok_or("OUT_DIR is not valid UTF-8")?;
+            let _ = writeln!(generated, "    ({stem:?}, include_bytes!({path:?})),");
+        }
+    }
+    let _ = writeln!(
+        generated,
+        "];\n\npub(crate) static FATBIN_SASS: &[&str] = &{SASS_ARCHS:?};"
+    );
+    generated.push_str("\npub(crate) static NVCC_VERSION: Option<&str> = ");
     match &ptx {
         Some((_, Some((major, minor)))) => {
             let _ = writeln!(generated, "Some(\"{major}.{minor}\");");
@@ -382,14 +403,17 @@ fn compile_all(
     kernel_dir: &Path,
     modules: &BTreeMap<String, PathBuf>,
     out_dir: &Path,
-) -> Result<BTreeMap<String, PathBuf>, String> {
-    let results: Vec<Result<(String, PathBuf), String>> = std::thread::scope(|scope| {
+) -> Result<BTreeMap<String, Compiled>, String> {
+    let results: Vec<Result<(String, Compiled), String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = modules
             .iter()
             .map(|(stem, source)| {
                 scope.spawn(move || {
                     let ptx = out_dir.join(format!("{stem}.ptx"));
-                    compile_one(nvcc, kernel_dir, source, &ptx).map(|()| (stem.clone(), ptx))
+                    let fatbin = out_dir.join(format!("{stem}.fatbin"));
+                    compile_one(nvcc, kernel_dir, source, &ptx, Output::Ptx)?;
+                    compile_one(nvcc, kernel_dir, source, &fatbin, Output::Fatbin)?;
+                    Ok((stem.clone(), (ptx, fatbin)))
                 })
             })
             .collect();
@@ -418,16 +442,49 @@ fn compile_all(
     }
 }
 
-fn compile_one(nvcc: &Path, kernel_dir: &Path, source: &Path, ptx: &Path) -> Result<(), String> {
+/// A module's PTX and fatbin files.
+type Compiled = (PathBuf, PathBuf);
+
+/// What [`compile_one`] makes.
+#[derive(Clone, Copy)]
+enum Output {
+    /// PTX text for compute_75: what the PTX-against-registry tests read, and the JIT fallback.
+    Ptx,
+    /// One fatbin: machine code for every architecture of [`SASS_ARCHS`] and compute_75 PTX.
+    Fatbin,
+}
+
+fn compile_one(
+    nvcc: &Path,
+    kernel_dir: &Path,
+    source: &Path,
+    out: &Path,
+    kind: Output,
+) -> Result<(), String> {
     let mut command = Command::new(nvcc);
+    match kind {
+        Output::Ptx => {
+            command.arg("--ptx").arg(format!("-arch={ARCH}"));
+        }
+        Output::Fatbin => {
+            command.arg("--fatbin");
+            for sm in SASS_ARCHS {
+                let number = sm.trim_start_matches("sm_");
+                command
+                    .arg("-gencode")
+                    .arg(format!("arch=compute_{number},code={sm}"));
+            }
+            command
+                .arg("-gencode")
+                .arg(format!("arch={ARCH},code={ARCH}"));
+        }
+    }
     command
-        .arg("--ptx")
-        .arg(format!("-arch={ARCH}"))
         .arg("-O3")
         .arg("-I")
         .arg(kernel_dir)
         .arg("-o")
-        .arg(ptx)
+        .arg(out)
         .arg(source);
     let output = command
         .output()

@@ -90,6 +90,58 @@ fn ptx_targets_compute_75_and_an_old_enough_isa() {
     }
 }
 
+/// cuobjdump, beside the nvcc that built the crate (tools/cuda-env.sh installs both).
+fn cuobjdump() -> std::path::PathBuf {
+    let nvcc = std::env::var_os("NVCC")
+        .expect("NVCC is not set: run through tools/test.sh, which installs nvcc and cuobjdump");
+    let path = std::path::Path::new(&nvcc).with_file_name("cuobjdump");
+    assert!(
+        path.is_file(),
+        "{} is missing: tools/cuda-env.sh installs it (nvidia-cuda-cuobjdump)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_nvcc),
+    ignore = "needs nvcc at build time, and none was found (see README, Building the CUDA kernels; tools/test.sh installs it); ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn fatbins_carry_machine_code_for_todays_cards_and_compute_75_ptx() {
+    let dir = tempfile::tempdir().unwrap();
+    for module in MODULES {
+        let fatbin = ptx::module_fatbin(module).unwrap_or_else(|| {
+            panic!("no fatbin for {module:?}: the crate was built without nvcc")
+        });
+        let file = dir.path().join(format!("{module}.fatbin"));
+        std::fs::write(&file, fatbin).unwrap();
+        let list = |flag: &str| {
+            let out = std::process::Command::new(cuobjdump())
+                .arg(flag)
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "cuobjdump {flag} failed on {module}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let elf = list("--list-elf");
+        for sm in ptx::fatbin_sass() {
+            assert!(
+                elf.contains(&format!(".{sm}.cubin")),
+                "{module}: no {sm} machine code in the fatbin:\n{elf}"
+            );
+        }
+        let ptx_list = list("--list-ptx");
+        assert!(
+            ptx_list.contains(".sm_75.ptx"),
+            "{module}: no compute_75 PTX in the fatbin:\n{ptx_list}"
+        );
+    }
+    // Hopper (the H200 the first GPU run has) and Blackwell are among them.
+    assert!(ptx::fatbin_sass().contains(&"sm_90") && ptx::fatbin_sass().contains(&"sm_100"));
+}
+
 #[test]
 fn parser_reads_nvcc_signatures() {
     let sample = "\

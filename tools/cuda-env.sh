@@ -28,6 +28,8 @@ CUDA_PACKAGES=(
     "nvidia-nvvm==13.0.88"
     "nvidia-cuda-cccl==13.0.*"
     "nvidia-cuda-nvrtc==13.0.*"
+    # Only reads fatbins (tests/ptx_kernels.rs lists their machine code); no 13.0 wheel exists.
+    "nvidia-cuda-cuobjdump==13.2.*"
 )
 CUDA_DIR="${ALEXNET_CUDA_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/alexnet-cuda/cuda-13.0}"
 CUDA_STAMP="$CUDA_DIR/.alexnet-packages"
@@ -48,6 +50,7 @@ export NVCC="$CUDA_ROOT/bin/nvcc"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$NVCC" --version | grep release || fail "$NVCC does not run"
 [ -e "$CUDA_ROOT/lib/libnvrtc-builtins.so.13.0" ] || fail "NVRTC 13.0 missing from $CUDA_ROOT/lib"
+[ -x "$CUDA_ROOT/bin/cuobjdump" ] || fail "cuobjdump missing from $CUDA_ROOT/bin"
 
 # --- System packages: libclang (bindgen, tests/abi_bindgen.rs) and g++ (nvcc's preprocessor) -
 echo "== system packages (libclang, g++)"

@@ -19,13 +19,19 @@ use super::registry::{self, Kernel, KernelSpec};
 use super::{nvrtc, ptx};
 use crate::error::{Error, Result};
 
-/// Where the kernels of a [`Gpu`] came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the kernels of a [`Gpu`] came from, best first (for several modules: the furthest
+/// fallback any of them needed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KernelOrigin {
-    /// PTX compiled by nvcc at build time.
+    /// nvcc's fatbin, built with the crate: machine code for this GPU if it is one of the
+    /// fatbin's architectures, otherwise its compute_75 PTX JIT-compiled by the driver.
+    BuildTimeFatbin,
+    /// nvcc's PTX, built with the crate, JIT-compiled by the driver (the fatbin was rejected).
     BuildTimePtx,
-    /// Compiled at run time by NVRTC (no PTX in the build, or the driver rejected it).
-    Nvrtc,
+    /// Compiled at run time by NVRTC to machine code for this GPU (no nvcc at build time).
+    NvrtcCubin,
+    /// Compiled at run time by NVRTC to PTX (NVRTC does not know this GPU's architecture).
+    NvrtcPtx,
 }
 
 /// One CUDA device ready to run layers: a context, a compute stream (all kernels, cuBLAS and
@@ -230,45 +236,71 @@ impl Gpu {
     }
 }
 
-/// Loads every module of the kernel table: the build's PTX where the driver accepts it, else
-/// the source compiled by NVRTC.
+/// Loads every module of the registry, the best code first: the build's fatbin (machine code
+/// for this GPU where it has it), then the build's PTX (JIT-compiled by the driver), then the
+/// embedded source compiled by NVRTC for this GPU (machine code, or PTX where NVRTC does not
+/// know the architecture). Returns the modules and the furthest fallback any module needed.
 fn load_modules(
     ctx: &Arc<CudaContext>,
     arch: (i32, i32),
 ) -> Result<(HashMap<&'static str, Arc<CudaModule>>, KernelOrigin)> {
     let mut modules = HashMap::new();
-    let mut origin = KernelOrigin::BuildTimePtx;
+    let mut origin = KernelOrigin::BuildTimeFatbin;
     for &module in registry::MODULES {
-        let ptx_problem = match ptx::module_ptx(module) {
-            Some(text) => match load_ptx(ctx, module, text) {
-                Ok(loaded) => {
-                    modules.insert(module, loaded);
-                    continue;
-                }
-                Err(e) => format!("its build-time PTX was rejected ({e})"),
-            },
-            None => "this build has no PTX for it (nvcc was not found at build time)".to_string(),
-        };
-        let Some(source) = ptx::module_source(module) else {
-            return Err(unavailable(format!(
-                "kernels/{module}.cu: {ptx_problem}, and its source is not embedded for NVRTC: \
-                 install the CUDA toolkit (nvcc) and rebuild with `cargo build --release`"
-            )));
-        };
-        if !CudaLibrary::Nvrtc.is_present() {
-            return Err(unavailable(format!(
-                "kernels/{module}.cu: {ptx_problem}, and NVRTC (libnvrtc.so) could not be loaded \
-                 to compile it: install the CUDA toolkit (nvcc) and rebuild with `cargo build \
-                 --release`, or install NVRTC (e.g. `apt install cuda-nvrtc-13-0`, or `pip \
-                 install nvidia-cuda-nvrtc-cu12`) and put it on LD_LIBRARY_PATH"
-            )));
-        }
-        let compiled = nvrtc::compile(module, source, nvrtc::kernel_headers(), arch)?;
-        let loaded = load_ptx(ctx, module, &compiled)?;
+        let (loaded, from) = load_module(ctx, module, arch)?;
         modules.insert(module, loaded);
-        origin = KernelOrigin::Nvrtc;
+        origin = origin.max(from);
     }
     Ok((modules, origin))
+}
+
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    module: &'static str,
+    arch: (i32, i32),
+) -> Result<(Arc<CudaModule>, KernelOrigin)> {
+    let mut problems = Vec::new();
+    match ptx::module_fatbin(module) {
+        // A copy: the driver wants the image aligned, which an embedded byte string need not be.
+        Some(fatbin) => match load_image(ctx, module, "fatbin", fatbin.to_vec()) {
+            Ok(loaded) => return Ok((loaded, KernelOrigin::BuildTimeFatbin)),
+            Err(e) => problems.push(format!("its build-time fatbin was rejected ({e})")),
+        },
+        None => problems.push("this build has no fatbin (nvcc was not found at build time)".into()),
+    }
+    if let Some(text) = ptx::module_ptx(module) {
+        match load_ptx(ctx, module, text) {
+            Ok(loaded) => return Ok((loaded, KernelOrigin::BuildTimePtx)),
+            Err(e) => problems.push(format!("its build-time PTX was rejected ({e})")),
+        }
+    }
+    let problems = problems.join("; ");
+    if !CudaLibrary::Nvrtc.is_present() {
+        return Err(unavailable(format!(
+            "kernels/{module}.cu: {problems}, and NVRTC (libnvrtc.so.13) could not be loaded to \
+             compile it: rebuild with the CUDA 13.0 toolkit's nvcc found (see README, \
+             \"Building the CUDA kernels\"), or install NVRTC (`pip install \
+             \"nvidia-cuda-nvrtc==13.0.*\"`, or `apt install cuda-nvrtc-13-0`)"
+        )));
+    }
+    match &*nvrtc::compile_for_device(module, arch)? {
+        nvrtc::Compiled::Cubin(cubin) => {
+            let loaded = load_image(ctx, module, "NVRTC's CUBIN", cubin.clone())?;
+            Ok((loaded, KernelOrigin::NvrtcCubin))
+        }
+        nvrtc::Compiled::Ptx(text) => Ok((load_ptx(ctx, module, text)?, KernelOrigin::NvrtcPtx)),
+    }
+}
+
+/// Loads a binary image (fatbin or CUBIN) with `cuModuleLoadData`.
+fn load_image(
+    ctx: &Arc<CudaContext>,
+    module: &str,
+    what: &str,
+    image: Vec<u8>,
+) -> Result<Arc<CudaModule>> {
+    ctx.load_module(Ptx::from_binary(image))
+        .map_err(|e| Error::cuda(format!("loading the {what} of kernels/{module}.cu"), e))
 }
 
 fn load_ptx(ctx: &Arc<CudaContext>, module: &str, text: &str) -> Result<Arc<CudaModule>> {

@@ -1,5 +1,6 @@
 //! The CUDA kernels as embedded by `build.rs`: every module's source (for NVRTC) and, when nvcc
-//! was found at build time, its PTX for `compute_75`.
+//! was found at build time, its fatbin (machine code for today's cards plus compute_75 PTX) and
+//! its PTX for `compute_75` alone.
 //!
 //! A module is a `.cu` file under `kernels/`, named by its stem (`"lrn"` for `kernels/lrn.cu`);
 //! [`super::registry::MODULES`] lists them. The runtime loads [`module_ptx`] when present
@@ -30,6 +31,20 @@ pub fn module_source(module: &str) -> Option<&'static str> {
 /// (see [`has_prebuilt_ptx`]); then compile [`module_source`] with NVRTC.
 pub fn module_ptx(module: &str) -> Option<&'static str> {
     lookup(generated::PTX, module)
+}
+
+/// The fatbin nvcc produced for `module` at build time: machine code for every architecture of
+/// [`fatbin_sass`] plus compute_75 PTX. `None` without nvcc at build time.
+pub fn module_fatbin(module: &str) -> Option<&'static [u8]> {
+    generated::FATBIN
+        .iter()
+        .find(|(k, _)| *k == module)
+        .map(|&(_, v)| v)
+}
+
+/// The architectures the embedded fatbins carry machine code for (`sm_80`, ...).
+pub fn fatbin_sass() -> &'static [&'static str] {
+    generated::FATBIN_SASS
 }
 
 /// Whether the build found nvcc and embedded PTX for every module.
