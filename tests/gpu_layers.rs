@@ -130,6 +130,7 @@ fn conv_case(i: usize, seed: u64) -> ConvCase {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn conv_fp32_matches_cpu_for_every_alexnet_shape() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("conv_fp32");
     for (i, ConvShape { name, .. }) in CONVS.iter().enumerate() {
@@ -161,6 +162,7 @@ fn conv_fp32_matches_cpu_for_every_alexnet_shape() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn conv_fp16_nhwc_matches_cpu_for_every_alexnet_shape() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("conv_fp16");
     for (i, ConvShape { name, .. }) in CONVS.iter().enumerate() {
@@ -195,6 +197,7 @@ fn conv_fp16_nhwc_matches_cpu_for_every_alexnet_shape() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn conv_tf32_is_opt_in_and_close() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("conv_tf32");
     let case = conv_case(2, seed);
@@ -217,6 +220,7 @@ const LRN_SHAPES: [[usize; 4]; 2] = [[2, 96, 55, 55], [3, 7, 5, 9]];
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn lrn_matches_cpu_with_and_without_the_fused_relu() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("lrn");
     let cpu = Lrn::new(LrnParams::PAPER).unwrap();
@@ -263,6 +267,7 @@ fn lrn_matches_cpu_with_and_without_the_fused_relu() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn maxpool_matches_cpu_exactly_and_propagates_nan() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("maxpool");
     // (input, kernel, stride): conv1's and conv5's outputs with overlapping 3x3/2 pooling, an
@@ -311,6 +316,7 @@ fn maxpool_matches_cpu_exactly_and_propagates_nan() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn linear_matches_cpu_fp32_and_fp16() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("linear");
     // (rows, in, out): fc1 (fed a 4-D pool5-shaped tensor, flattened), fc2, fc3, an odd one.
@@ -379,6 +385,7 @@ fn linear_matches_cpu_fp32_and_fp16() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn dropout_draws_the_cpu_mask() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("dropout");
     for (mode, p) in [
@@ -432,6 +439,7 @@ fn dropout_draws_the_cpu_mask() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn softmax_and_top_k_match_cpu() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("softmax_topk");
     let rows = 5;
@@ -508,6 +516,7 @@ fn softmax_and_top_k_match_cpu() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn prepare_input_matches_the_cpu_normalisation() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = seed("prepare_input");
     let pre = Preprocess::default();
@@ -555,6 +564,7 @@ fn prepare_input_matches_the_cpu_normalisation() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn launchers_refuse_mismatched_shapes() {
+    let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let w = Array4::<f32>::zeros((4, 3, 3, 3));
     let b = Array1::<f32>::zeros(4);

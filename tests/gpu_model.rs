@@ -118,30 +118,35 @@ fn network_against_cpu(config: AlexNetConfig, precision: Precision, tol: f64) {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn paper_network_fp32_matches_cpu_stage_by_stage() {
+    let _gpu = common::exclusive_gpu();
     network_against_cpu(AlexNetConfig::paper(), Precision::Fp32, 1e-4);
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn torchvision_network_fp32_matches_cpu_stage_by_stage() {
+    let _gpu = common::exclusive_gpu();
     network_against_cpu(AlexNetConfig::torchvision(), Precision::Fp32, 1e-4);
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn paper_network_fp16_matches_cpu_fp16() {
+    let _gpu = common::exclusive_gpu();
     network_against_cpu(AlexNetConfig::paper(), Precision::Fp16, 1e-2);
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn torchvision_network_fp16_matches_cpu_fp16() {
+    let _gpu = common::exclusive_gpu();
     network_against_cpu(AlexNetConfig::torchvision(), Precision::Fp16, 1e-2);
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn classic_dropout_scales_at_inference_like_the_cpu() {
+    let _gpu = common::exclusive_gpu();
     let mut config = AlexNetConfig::paper();
     config.dropout_mode = DropoutMode::Classic;
     network_against_cpu(config, Precision::Fp32, 1e-4);
@@ -150,6 +155,7 @@ fn classic_dropout_scales_at_inference_like_the_cpu() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn u8_path_matches_the_f32_path_and_the_cpu() {
+    let _gpu = common::exclusive_gpu();
     let seed = seed("u8 path");
     let config = AlexNetConfig::paper();
     let weights = formula_weights(&config);
@@ -192,6 +198,7 @@ fn u8_path_matches_the_f32_path_and_the_cpu() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn top_k_on_the_gpu_matches_cpu_softmax_and_top_k() {
+    let _gpu = common::exclusive_gpu();
     let seed = seed("top-k");
     let config = AlexNetConfig::paper();
     let weights = formula_weights(&config);
@@ -232,6 +239,7 @@ fn top_k_on_the_gpu_matches_cpu_softmax_and_top_k() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn pipeline_gives_the_plain_paths_logits() {
+    let _gpu = common::exclusive_gpu();
     let seed = seed("pipeline");
     let config = AlexNetConfig::paper();
     let weights = formula_weights(&config);
@@ -292,6 +300,7 @@ fn pipeline_gives_the_plain_paths_logits() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn repeated_runs_are_bit_identical() {
+    let _gpu = common::exclusive_gpu();
     let seed = seed("repeat");
     let config = AlexNetConfig::paper();
     let weights = formula_weights(&config);
@@ -325,6 +334,7 @@ fn repeated_runs_are_bit_identical() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn batch_size_changes_reallocate_and_stay_correct() {
+    let _gpu = common::exclusive_gpu();
     let seed = seed("batch sizes");
     let config = AlexNetConfig::torchvision();
     let weights = formula_weights(&config);
@@ -347,6 +357,7 @@ fn batch_size_changes_reallocate_and_stay_correct() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn open_backend_picks_the_gpu_and_the_trait_paths_agree() {
+    let _gpu = common::exclusive_gpu();
     let seed = seed("backend");
     let config = AlexNetConfig::paper();
     let weights = formula_weights(&config);
@@ -396,6 +407,7 @@ fn open_backend_picks_the_gpu_and_the_trait_paths_agree() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn out_of_memory_is_a_typed_error_and_the_model_recovers() {
+    let _gpu = common::exclusive_gpu();
     let config = AlexNetConfig::torchvision();
     let weights = formula_weights(&config);
     let mut model = cuda_model(&weights, Precision::Fp32);
@@ -420,6 +432,7 @@ fn out_of_memory_is_a_typed_error_and_the_model_recovers() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn backend_forward_u8_leaves_the_models_normalisation_alone() {
+    let _gpu = common::exclusive_gpu();
     use alexnet_cuda::Backend;
     let config = AlexNetConfig::torchvision();
     let weights = formula_weights(&config);

@@ -63,6 +63,7 @@ fn soak_cpu_200_batches() {
 #[test]
 #[ignore = "soak: 10,000 batches on an NVIDIA GPU; tools/test.sh --test soak -- --ignored on a GPU machine"]
 fn soak_gpu_10000_batches() {
+    let _gpu = common::exclusive_gpu();
     let weights = common::formula_weights(&AlexNetConfig::paper());
     let mut opened = open_backend(&weights, DeviceChoice::Cuda, Precision::Fp16)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -5,17 +5,19 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
+use super::blas::BlasHandle;
 use super::cudnn::CudnnHandle;
 use super::dtype::GpuDtype;
 use super::launch::Kernels;
 use super::libraries::{
-    driver_version, probe_libraries, unavailable, CudaLibrary, MIN_DRIVER_VERSION,
+    check_versions, driver_version, probe_libraries, unavailable, CudaLibrary, LibraryVersions,
+    MIN_DRIVER_VERSION,
 };
 use super::registry::{self, Kernel, KernelSpec};
+use super::self_test;
 use super::{nvrtc, ptx};
 use crate::error::{Error, Result};
 
@@ -43,7 +45,7 @@ pub enum KernelOrigin {
 pub struct Gpu {
     // Field order is drop order: handles and kernels go before the streams and the context.
     cudnn: Mutex<CudnnHandle>,
-    blas: CudaBlas,
+    blas: Mutex<BlasHandle>,
     kernels: Kernels,
     kernel_origin: KernelOrigin,
     copy_stream: Arc<CudaStream>,
@@ -51,6 +53,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     name: String,
     compute_capability: (i32, i32),
+    libraries: LibraryVersions,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -89,10 +92,17 @@ impl Gpu {
             )));
         }
         let count = CudaContext::device_count().map_err(|e| {
-            unavailable(format!(
-                "the NVIDIA driver could not be initialised ({e:?}); check that `nvidia-smi` \
-                 lists a GPU, or use --device cpu"
-            ))
+            let stub = e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_STUB_LIBRARY;
+            unavailable(if stub {
+                "a stub libcuda.so (the CUDA toolkit's lib64/stubs) was loaded instead of the \
+                 NVIDIA driver's: remove the stubs directory from LD_LIBRARY_PATH"
+                    .to_string()
+            } else {
+                format!(
+                    "the NVIDIA driver could not be initialised ({e:?}); check that \
+                     `nvidia-smi` lists a GPU, or use --device cpu"
+                )
+            })
         })?;
         if count <= 0 {
             return Err(unavailable(
@@ -105,13 +115,7 @@ impl Gpu {
             )));
         }
         probe_libraries()?;
-        let version = cudarc::cudnn::result::get_version();
-        if version < 90000 {
-            return Err(unavailable(format!(
-                "cuDNN {version} was loaded but this build needs cuDNN 9: {}",
-                CudaLibrary::Cudnn.install_hint()
-            )));
-        }
+        let libraries = check_versions()?;
 
         let ctx = CudaContext::new(ordinal).map_err(|e| {
             unavailable(format!(
@@ -125,25 +129,16 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
         let copy_stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
 
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
-        // True fp32 unless a layer asks for TF32 explicitly (through its compute type): the
-        // default math mode never lowers fp32 precision; f16 GEMMs still use tensor cores.
-        // SAFETY: the handle is alive (owned by `blas`).
-        unsafe {
-            cudarc::cublas::sys::cublasSetMathMode(
-                *blas.handle(),
-                cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-            )
-        }
-        .result()
-        .map_err(|e| Error::cuda("cublasSetMathMode", e))?;
+        ctx.bind_to_thread()
+            .map_err(driver_err("cuCtxSetCurrent"))?;
+        let blas = BlasHandle::new(&stream)?;
         let cudnn = CudnnHandle::new(&stream)?;
 
         let (modules, kernel_origin) = load_modules(&ctx, compute_capability)?;
         let kernels = Kernels::load(&modules)?;
-        Ok(Gpu {
+        let gpu = Gpu {
             cudnn: Mutex::new(cudnn),
-            blas,
+            blas: Mutex::new(blas),
             kernels,
             kernel_origin,
             copy_stream,
@@ -151,7 +146,12 @@ impl Gpu {
             ctx,
             name,
             compute_capability,
-        })
+            libraries,
+        };
+        // A broken install (a cuDNN engine library missing, a cuBLAS that cannot run here) shows
+        // now, as a reason to fall back to the CPU, instead of inside the first forward.
+        self_test::run(&gpu)?;
+        Ok(gpu)
     }
 
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -225,8 +225,15 @@ impl Gpu {
         self.kernels.get(kernel, dtype)
     }
 
-    pub(crate) fn blas(&self) -> &CudaBlas {
-        &self.blas
+    pub(crate) fn blas(&self) -> Result<MutexGuard<'_, BlasHandle>> {
+        self.blas
+            .lock()
+            .map_err(|_| Error::cuda("cuBLAS handle", "poisoned by a panic on another thread"))
+    }
+
+    /// The versions of cuBLAS, cuBLASLt and cuDNN in use, and the files they were loaded from.
+    pub fn libraries(&self) -> &LibraryVersions {
+        &self.libraries
     }
 
     pub(crate) fn cudnn(&self) -> Result<MutexGuard<'_, CudnnHandle>> {

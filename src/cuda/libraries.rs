@@ -1,7 +1,11 @@
-//! The CUDA libraries this backend loads at run time, probed before anything calls into them
-//! (cudarc panics on the first call into a library it cannot load), and what to install when
-//! one is missing.
+//! The CUDA libraries this backend loads at run time: found where users have them
+//! ([`super::discovery`]), probed before anything calls into them (cudarc panics on the first
+//! call into a library it cannot load), their versions checked once loaded, and what to install
+//! when one is missing.
 
+use std::path::PathBuf;
+
+use super::discovery::{discovery, loaded_files, Discovery};
 use crate::error::{Error, Result};
 
 /// The CUDA libraries this backend loads at run time.
@@ -32,48 +36,233 @@ impl CudaLibrary {
         }
     }
 
-    /// What to install when the library is missing.
+    /// What to install when the library is missing (CUDA 13 packages).
     pub fn install_hint(self) -> &'static str {
         match self {
             CudaLibrary::Driver => {
                 "no NVIDIA driver: libcuda.so could not be loaded. Run on a machine with an NVIDIA \
                  GPU and its driver installed (nvidia-smi should list the GPU), or use --device cpu"
             }
-            CudaLibrary::Cublas => {
-                "cuBLAS (libcublas.so.13 or .12) could not be loaded: install the CUDA toolkit's \
-                 cuBLAS (e.g. `apt install libcublas-13-0`, or `pip install nvidia-cublas-cu12`) \
-                 and put its lib directory on LD_LIBRARY_PATH"
-            }
-            CudaLibrary::CublasLt => {
-                "cuBLASLt (libcublasLt.so.13 or .12, needed by cuBLAS) could not be loaded: \
-                 install the CUDA toolkit's cuBLAS (it ships both libraries) and put its lib \
-                 directory on LD_LIBRARY_PATH"
+            CudaLibrary::Cublas | CudaLibrary::CublasLt => {
+                "install cuBLAS 13 (it ships libcublas.so.13 and libcublasLt.so.13): `pip install \
+                 nvidia-cublas` (CUDA 13 wheels), or `apt install libcublas-13-0`; or point \
+                 ALEXNET_CUDA_LIB_DIRS at the directory that holds them"
             }
             CudaLibrary::Cudnn => {
-                "cuDNN 9 (libcudnn.so.9) could not be loaded: install cuDNN 9 for your CUDA \
-                 version (e.g. `apt install libcudnn9-cuda-12`, or `pip install \
-                 nvidia-cudnn-cu12`) and put its lib directory on LD_LIBRARY_PATH"
+                "install cuDNN 9 for CUDA 13: `pip install nvidia-cudnn-cu13`, or `apt install \
+                 libcudnn9-cuda-13`; or point ALEXNET_CUDA_LIB_DIRS at the directory that holds \
+                 libcudnn.so.9 and its sub-libraries"
             }
-            CudaLibrary::Nvrtc => "NVRTC (libnvrtc.so) could not be loaded",
+            CudaLibrary::Nvrtc => {
+                "install NVRTC 13.0: `pip install \"nvidia-cuda-nvrtc==13.0.*\"`, or `apt install \
+                 cuda-nvrtc-13-0`; or point ALEXNET_CUDA_LIB_DIRS at its directory"
+            }
+        }
+    }
+
+    /// The library's name and the file this build wants, for messages.
+    pub fn file(self) -> &'static str {
+        match self {
+            CudaLibrary::Driver => "the NVIDIA driver (libcuda.so.1)",
+            CudaLibrary::Cublas => "cuBLAS 13 (libcublas.so.13)",
+            CudaLibrary::CublasLt => "cuBLASLt 13 (libcublasLt.so.13)",
+            CudaLibrary::Cudnn => "cuDNN 9 (libcudnn.so.9)",
+            CudaLibrary::Nvrtc => "NVRTC 13 (libnvrtc.so.13)",
+        }
+    }
+
+    /// The whole message for a library that cannot be loaded: what is missing, where it was
+    /// looked for, what to install.
+    pub fn missing_message(self, search: &Discovery) -> String {
+        match self {
+            CudaLibrary::Driver => self.install_hint().to_string(),
+            _ => format!(
+                "{} could not be loaded. Searched: {}. {}",
+                self.file(),
+                search.searched(),
+                self.install_hint()
+            ),
         }
     }
 }
 
-/// Checks, without touching any GPU, that the driver, cuBLAS(Lt) and cuDNN can be loaded;
-/// [`Error::DeviceUnavailable`] naming the first that cannot. (NVRTC is only needed when a
-/// build has no PTX; [`Gpu::new`] checks it then.)
+/// Checks, without touching any GPU, that the driver, cuBLAS(Lt) and cuDNN can be loaded, after
+/// searching the usual places for them and loading what was found ([`discovery`]);
+/// [`Error::DeviceUnavailable`] naming the first that cannot, where it was looked for and what
+/// to install. (NVRTC is only needed when a build has no machine code; [`super::Gpu::new`]
+/// checks it then.)
 pub fn probe_libraries() -> Result<()> {
+    let search = discovery();
     for lib in [
         CudaLibrary::Driver,
-        CudaLibrary::Cublas,
         CudaLibrary::CublasLt,
+        CudaLibrary::Cublas,
         CudaLibrary::Cudnn,
     ] {
         if !lib.is_present() {
-            return Err(Error::DeviceUnavailable(lib.install_hint().to_string()));
+            return Err(Error::DeviceUnavailable(lib.missing_message(search)));
         }
     }
     Ok(())
+}
+
+/// The versions of the libraries in use, read from the libraries themselves after loading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LibraryVersions {
+    /// `(major, minor, patch)`.
+    pub cublas: (i32, i32, i32),
+    pub cublas_lt: (i32, i32, i32),
+    /// cuDNN's `major * 10000 + minor * 100 + patch` (9.x: 90000 and up).
+    pub cudnn: usize,
+    /// The CUDA runtime cuDNN was built against (e.g. 13000).
+    pub cudnn_cudart: usize,
+    /// The files the loader actually gave cudarc (from `/proc/self/maps`).
+    pub files: Vec<PathBuf>,
+}
+
+impl LibraryVersions {
+    /// One line for reports: `cuBLAS 13.0.2, cuBLASLt 13.0.2, cuDNN 9.13.1 (CUDA 13.0)`.
+    pub fn summary(&self) -> String {
+        let (a, b, c) = self.cublas;
+        let (d, e, f) = self.cublas_lt;
+        format!(
+            "cuBLAS {a}.{b}.{c}, cuBLASLt {d}.{e}.{f}, cuDNN {}.{}.{} (built for CUDA {}.{})",
+            self.cudnn / 10000,
+            self.cudnn / 100 % 100,
+            self.cudnn % 100,
+            self.cudnn_cudart / 1000,
+            self.cudnn_cudart % 1000 / 10
+        )
+    }
+}
+
+/// `(major, minor, patch)` of the cuBLAS (or cuBLASLt, when `lt`) cudarc loaded.
+fn cublas_version(lt: bool) -> Result<(i32, i32, i32)> {
+    use cudarc::cublas::sys as blas;
+    use cudarc::cublaslt::sys as blas_lt;
+    let mut v = [0i32; 3];
+    for (i, value) in v.iter_mut().enumerate() {
+        // SAFETY: the library loads (probed before); each call writes one int through a valid
+        // pointer.
+        let ok = unsafe {
+            if lt {
+                let which = [
+                    blas_lt::libraryPropertyType::MAJOR_VERSION,
+                    blas_lt::libraryPropertyType::MINOR_VERSION,
+                    blas_lt::libraryPropertyType::PATCH_LEVEL,
+                ][i];
+                blas_lt::cublasLtGetProperty(which, value)
+                    == blas_lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            } else {
+                let which = [
+                    blas::libraryPropertyType::MAJOR_VERSION,
+                    blas::libraryPropertyType::MINOR_VERSION,
+                    blas::libraryPropertyType::PATCH_LEVEL,
+                ][i];
+                blas::cublasGetProperty(which, value) == blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            }
+        };
+        if !ok {
+            let name = if lt { "cuBLASLt" } else { "cuBLAS" };
+            return Err(unavailable(format!("{name} did not report its version")));
+        }
+    }
+    Ok((v[0], v[1], v[2]))
+}
+
+/// Reads the versions of the libraries cudarc loaded and checks they are the ones this build
+/// needs (cuBLAS and cuBLASLt 13, cuDNN 9 with its graph, ops and cnn sub-libraries loadable).
+/// Call only after [`probe_libraries`] succeeded (it loads the libraries). A mismatch is
+/// [`Error::DeviceUnavailable`] naming the file that was loaded and the one that was found.
+pub fn check_versions() -> Result<LibraryVersions> {
+    let search = discovery();
+    let cublas = cublas_version(false)?;
+    let mismatch = |what: &str, found: String, prefix: &str, wanted: &str| {
+        let loaded = loaded_files(prefix);
+        let loaded = match loaded.as_slice() {
+            [] => "an unknown file".to_string(),
+            files => files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let preferred = match search.path_of(wanted) {
+            Some(path) => format!("{wanted} was found at {}", path.display()),
+            None => format!("{wanted} was not found (searched: {})", search.searched()),
+        };
+        unavailable(format!(
+            "{what} {found} was loaded ({loaded}), but this build needs {wanted}; {preferred}. \
+             Another version comes first on the loader path (cudarc asks for the unversioned \
+             name first): remove it from LD_LIBRARY_PATH, or set ALEXNET_CUDA_LIB_DIRS"
+        ))
+    };
+    if cublas.0 != 13 {
+        let found = format!("{}.{}", cublas.0, cublas.1);
+        return Err(mismatch("cuBLAS", found, "libcublas.", "libcublas.so.13"));
+    }
+    let cublas_lt = cublas_version(true)?;
+    if cublas_lt.0 != 13 {
+        let found = format!("{}.{}", cublas_lt.0, cublas_lt.1);
+        return Err(mismatch(
+            "cuBLASLt",
+            found,
+            "libcublasLt.",
+            "libcublasLt.so.13",
+        ));
+    }
+    let cudnn = cudarc::cudnn::result::get_version();
+    if !(90000..100000).contains(&cudnn) {
+        return Err(mismatch(
+            "cuDNN",
+            cudnn.to_string(),
+            "libcudnn.",
+            "libcudnn.so.9",
+        ));
+    }
+    // cuDNN 9 is a shim over sub-libraries it loads on demand: load them now, so a broken
+    // install shows here instead of inside the first convolution.
+    for (name, check) in [
+        (
+            "libcudnn_graph.so.9",
+            cudarc::cudnn::sys::cudnnGraphVersionCheck as unsafe fn() -> _,
+        ),
+        (
+            "libcudnn_ops.so.9",
+            cudarc::cudnn::sys::cudnnOpsVersionCheck,
+        ),
+        (
+            "libcudnn_cnn.so.9",
+            cudarc::cudnn::sys::cudnnCnnVersionCheck,
+        ),
+    ] {
+        // SAFETY: cuDNN loads (probed before); each check takes no argument and only loads and
+        // compares its sub-library's version.
+        let status = unsafe { check() };
+        if let Err(e) = status.result() {
+            return Err(unavailable(format!(
+                "cuDNN {}.{}.{} is installed but its sub-library {name} is missing or of another \
+                 version ({:?}). Searched: {}. {}",
+                cudnn / 10000,
+                cudnn / 100 % 100,
+                cudnn % 100,
+                e.0,
+                search.searched(),
+                CudaLibrary::Cudnn.install_hint()
+            )));
+        }
+    }
+    let mut files = Vec::new();
+    for prefix in ["libcublas.", "libcublasLt.", "libcudnn"] {
+        files.extend(loaded_files(prefix));
+    }
+    Ok(LibraryVersions {
+        cublas,
+        cublas_lt,
+        cudnn,
+        cudnn_cudart: cudarc::cudnn::result::get_cudart_version(),
+        files,
+    })
 }
 
 /// The oldest driver this build runs on (as `cuDriverGetVersion` reports it): cudarc's

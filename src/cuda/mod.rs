@@ -71,8 +71,10 @@ pub mod nvrtc;
 pub mod ptx;
 pub mod registry;
 
+mod blas;
 mod cudnn;
 mod device;
+mod discovery;
 mod dtype;
 mod events;
 mod launch;
@@ -81,11 +83,15 @@ mod model;
 mod ops;
 mod pinned;
 mod pipeline;
+mod self_test;
 mod tensor;
 
 pub use device::{Gpu, KernelOrigin};
+pub use discovery::{search_dirs, Discovery, SearchDir, SearchEnv};
 pub use dtype::{GpuDtype, GpuFloat};
-pub use libraries::{driver_version, probe_libraries, CudaLibrary, MIN_DRIVER_VERSION};
+pub use libraries::{
+    driver_version, probe_libraries, CudaLibrary, LibraryVersions, MIN_DRIVER_VERSION,
+};
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
     bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu,

@@ -2,6 +2,7 @@
 //! copy stream, and the host fills the other page-locked slot.
 
 use std::collections::VecDeque;
+use std::mem::ManuallyDrop;
 
 use cudarc::driver::{CudaSlice, PinnedHostSlice};
 use ndarray::Array2;
@@ -49,7 +50,8 @@ pub struct PipelineOutput {
 /// batch straight into the next slot's page-locked buffer ([`Pipeline::input_buffer`], e.g.
 /// from the image loader) instead of copying a [`U8Batch`] in.
 pub struct Pipeline<'m> {
-    slots: [Slot; 2],
+    /// Freed in `Drop` only once their copies are known to be done (see there).
+    slots: ManuallyDrop<[Slot; 2]>,
     model: &'m mut CudaModel,
     max_batch: usize,
     image_bytes: usize,
@@ -101,7 +103,7 @@ impl<'m> Pipeline<'m> {
                 n: 0,
             })
         };
-        let slots = [slot()?, slot()?];
+        let slots = ManuallyDrop::new([slot()?, slot()?]);
         Ok(Pipeline {
             slots,
             model,
@@ -142,7 +144,8 @@ impl<'m> Pipeline<'m> {
     /// `i * image_bytes()` (HWC RGB, as in [`U8Batch`]). Write-combined memory: write it
     /// sequentially, do not read it. Then call [`Pipeline::submit_written`].
     pub fn input_buffer(&mut self) -> Result<&mut [u8]> {
-        let slot = &mut self.slots[self.free_slot()?];
+        let index = self.free_slot()?;
+        let slot = &mut self.slots[index];
         // The slot is free, so its last upload was waited for in `finish`; wait again anyway:
         // the host must never write while a DMA reads this memory.
         slot.events
@@ -254,8 +257,17 @@ impl<'m> Pipeline<'m> {
 
 impl Drop for Pipeline<'_> {
     fn drop(&mut self) {
-        // Copies into and out of the slots' page-locked memory are not tracked by cudarc:
-        // wait for both streams before that memory is freed.
-        let _ = self.model.gpu().synchronize();
+        // Copies into and out of the slots' page-locked memory are not tracked by cudarc: a
+        // slot's memory may be freed only once its last upload and download are done. Wait on
+        // exactly those events; if a wait fails (a device error), the copies' state is unknown,
+        // so the slots are leaked rather than freed under a DMA. Never panics.
+        let done = self.slots.iter().all(|slot| {
+            slot.events.h2d_end.synchronize().is_ok() && slot.events.d2h_end.synchronize().is_ok()
+        });
+        if done {
+            // SAFETY: the slots are dropped exactly once, here, and no copy uses them any more
+            // (both of each slot's last copies completed above).
+            unsafe { ManuallyDrop::drop(&mut self.slots) };
+        }
     }
 }

@@ -132,3 +132,12 @@ pub fn test_seed(test: &str) -> u64 {
 
 /// The seed GPU tests use unless `ALEXNET_TEST_SEED` says otherwise.
 pub const DEFAULT_TEST_SEED: u64 = 20_121_203;
+
+/// Holds the GPU for one test: the GPU tests of a binary take turns, so none shares the device
+/// with another (timings, cuDNN's algorithm search and out-of-memory tests would otherwise
+/// disturb each other). Cargo runs test binaries one after another already.
+pub fn exclusive_gpu() -> std::sync::MutexGuard<'static, ()> {
+    static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked while holding the GPU leaves it usable for the next one.
+    GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

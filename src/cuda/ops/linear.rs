@@ -114,6 +114,7 @@ impl<T: GpuFloat> LinearGpu<T> {
         let dtype = T::DTYPE.cublas();
         gpu.bind()?;
         {
+            let blas = gpu.blas()?;
             let stream = gpu.stream();
             let (w_ptr, _w_done) = self.weight.device_ptr(stream);
             let (x_ptr, _x_done) = x.data().device_ptr(stream);
@@ -127,7 +128,7 @@ impl<T: GpuFloat> LinearGpu<T> {
             // f32 compute type; the guards record the uses after the call.
             unsafe {
                 cudarc::cublas::result::gemm_ex(
-                    *gpu.blas().handle(),
+                    blas.0,
                     op(call.transa),
                     op(call.transb),
                     call.m,

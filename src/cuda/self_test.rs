@@ -1,0 +1,120 @@
+//! A few tiny computations run when a [`Gpu`] is opened, in each precision the models use, so
+//! that a broken install (a cuDNN engine sub-library missing, a cuBLAS that cannot run on this
+//! card, kernels the driver cannot load) is [`Error::DeviceUnavailable`] at open — where
+//! `--device auto` can still fall back to the CPU — instead of an error inside the first forward.
+//! Each result is checked against the CPU layer, so a library that runs but computes garbage
+//! is caught too. Costs a few milliseconds (plus cuDNN's algorithm search on these shapes).
+
+use half::f16;
+use ndarray::{Array1, Array2, Array4};
+
+use super::device::Gpu;
+use super::dtype::GpuFloat;
+use super::ops::{Conv2dGpu, ConvOptions, LinearGpu};
+use super::tensor::{GpuTensor, Layout};
+use crate::cpu::{Conv2d, Linear};
+use crate::error::{Error, Result};
+
+/// Runs every check; the first failure is `DeviceUnavailable` naming the library and step.
+pub(super) fn run(gpu: &Gpu) -> Result<()> {
+    let fail = |what: &str, e: Error| {
+        Error::DeviceUnavailable(format!(
+            "the GPU opened, but {what} failed its test when the device was opened: {e}. \
+             Reinstall the library named (see README, \"GPU set-up\"), or use --device cpu"
+        ))
+    };
+    conv::<f32>(gpu, Layout::Nchw).map_err(|e| fail("cuDNN's fp32 convolution", e))?;
+    conv::<f16>(gpu, Layout::Nhwc).map_err(|e| fail("cuDNN's fp16 NHWC convolution", e))?;
+    linear::<f32>(gpu).map_err(|e| fail("cuBLAS's fp32 GEMM", e))?;
+    linear::<f16>(gpu).map_err(|e| fail("cuBLAS's fp16 GEMM", e))?;
+    gpu.synchronize().map_err(|e| fail("the device", e))
+}
+
+/// Small values with a pattern (no two equal neighbours), exact in f16.
+fn pattern(len: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7 + 3) % 17) as f32 / 16.0 * scale - scale / 2.0)
+        .collect()
+}
+
+/// `got` within `tolerance` of the largest value of `want`, or an error saying how far off.
+fn check(what: &str, got: &[f32], want: &[f32], tolerance: f32) -> Result<()> {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let error = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| {
+            if g.is_finite() {
+                (g - w).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0f32, f32::max);
+    if got.len() == want.len() && error <= tolerance * scale {
+        Ok(())
+    } else {
+        Err(Error::cuda(
+            what,
+            format!(
+                "wrong result: relative error {} (at most {tolerance})",
+                error / scale
+            ),
+        ))
+    }
+}
+
+/// A 3x3 convolution of one 8-channel 8x8 image (tensor-core friendly sizes) with bias + ReLU.
+fn conv<T: GpuFloat>(gpu: &Gpu, layout: Layout) -> Result<()> {
+    let (c, side, out) = (8, 8, 8);
+    let x = Array4::from_shape_vec((1, c, side, side), pattern(c * side * side, 2.0))
+        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
+    let w = Array4::from_shape_vec((out, c, 3, 3), pattern(out * c * 9, 0.5))
+        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
+    let b = Array1::from(pattern(out, 0.25));
+    let want = Conv2d::new(w.view(), &b, 1, 1)?.forward_relu(x.view())?;
+    let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), ConvOptions::new(1, 1, layout))?;
+    let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), layout)?;
+    let mut output = GpuTensor::<T>::zeros(gpu, &[1, out, side, side], layout)?;
+    layer.forward(gpu, &input, &mut output, true)?;
+    let got = output.to_host(gpu)?;
+    let got: Vec<f32> = got.iter().copied().collect();
+    let want: Vec<f32> = want.iter().copied().collect();
+    check("test convolution", &got, &want, 1e-2)
+}
+
+/// A 16 -> 8 linear layer on 8 rows.
+fn linear<T: GpuFloat>(gpu: &Gpu) -> Result<()> {
+    let (rows, inputs, outputs) = (8, 16, 8);
+    let x = Array2::from_shape_vec((rows, inputs), pattern(rows * inputs, 2.0))
+        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
+    let w = Array2::from_shape_vec((outputs, inputs), pattern(outputs * inputs, 0.5))
+        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
+    let b = Array1::from(pattern(outputs, 0.25));
+    let want = Linear::new(w.view(), &b)?.forward(x.view())?;
+    let layer = LinearGpu::<T>::new(gpu, w.view(), b.view(), false)?;
+    let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), Layout::Nchw)?;
+    let mut output = GpuTensor::<T>::zeros(gpu, &[rows, outputs], Layout::Nchw)?;
+    layer.forward(gpu, &input, &mut output, false)?;
+    let got: Vec<f32> = output.to_host(gpu)?.iter().copied().collect();
+    let want: Vec<f32> = want.iter().copied().collect();
+    check("test GEMM", &got, &want, 1e-2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_accepts_close_results_and_rejects_wrong_or_nan_ones() {
+        let want = [1.0, -2.0, 4.0];
+        assert!(check("t", &[1.0, -2.0, 4.01], &want, 1e-2).is_ok());
+        assert!(check("t", &[1.0, -2.0, 4.1], &want, 1e-2).is_err());
+        assert!(check("t", &[1.0, f32::NAN, 4.0], &want, 1e-2).is_err());
+        assert!(check("t", &[1.0, -2.0], &want, 1e-2).is_err());
+        // The pattern is exact in f16 and has no two equal neighbours.
+        let p = pattern(40, 2.0);
+        assert!(p.iter().all(|&v| f16::from_f32(v).to_f32() == v));
+        assert!(p.windows(2).all(|w| w[0] != w[1]));
+    }
+}
