@@ -37,6 +37,12 @@ pub trait Backend {
         self.forward(batch.to_nchw_f32(pre).view())
     }
 
+    /// What runs the device, for reports: on a GPU the compute capability, the CUDA libraries'
+    /// versions and where the kernels came from; `None` on the CPU.
+    fn device_details(&self) -> Option<String> {
+        None
+    }
+
     /// Whether this backend runs on a GPU (picks the CLI's default iteration counts).
     fn is_gpu(&self) -> bool {
         false

@@ -20,9 +20,14 @@ pub enum CudaLibrary {
 }
 
 impl CudaLibrary {
-    /// Whether the shared library can be loaded. Only tries to open it: calls nothing in it,
-    /// so it cannot panic the way a call into a missing library does.
+    /// Whether the shared library can be loaded, after the search of [`super::discovery`] (run
+    /// once per process) loaded what it found. Only tries to open it: calls nothing in it, so
+    /// it cannot panic the way a call into a missing library does.
     pub fn is_present(self) -> bool {
+        // Whatever the search finds is loaded first, so the bare-name probe below finds it.
+        if self != CudaLibrary::Driver {
+            discovery();
+        }
         // SAFETY: each `is_culib_present` only attempts `dlopen` on candidate file names and
         // drops the handle; no symbol of the library is called.
         unsafe {

@@ -49,6 +49,9 @@ pub fn benchmark(
             "gflop_per_image": gflop_per_image,
             "achieved_tflops": tflops,
         });
+        if let Some(details) = backend.device_details() {
+            report["device_details"] = json!(details);
+        }
         if let Some(stages) = &stages {
             report["stage_ms"] = json!({
                 "h2d": stages.h2d,
@@ -61,6 +64,9 @@ pub fn benchmark(
     }
     println!("=== alexnet-cuda inference benchmark ===");
     println!("device        : {}", backend.device_name());
+    if let Some(details) = backend.device_details() {
+        println!("libraries     : {details}");
+    }
     println!(
         "model         : {} ({} parameters, {:.3} GFLOP/image)",
         config.name,

@@ -37,6 +37,16 @@ impl Backend for CudaModel {
         self.last_timings
     }
 
+    fn device_details(&self) -> Option<String> {
+        let gpu = self.gpu();
+        let (major, minor) = gpu.compute_capability();
+        Some(format!(
+            "sm_{major}{minor}; {}; kernels: {:?}",
+            gpu.libraries().summary(),
+            gpu.kernel_origin()
+        ))
+    }
+
     fn is_gpu(&self) -> bool {
         true
     }

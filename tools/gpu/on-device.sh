@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Runs the GPU suite on a GPU machine, over what tools/gpu/bundle.sh packed into .gpu/, from the
+# repository root:   bash .gpu/on-device.sh [WORDS]     (logs under $OUT, default .gpu/out)
+#
+# Words (default: info libs tests infer anchor):
+#   info     the card, its driver, the CUDA libraries on the machine
+#   libs     opens the GPU with the plain environment: the crate's own library search
+#            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
+#   tests    every GPU test, one at a time (--test-threads=1), each result listed; never stops at
+#            a failure (not the 10,000-batch soak)
+#   infer    infer --batch $BATCH in fp32 and fp16 (and fp32 with TF32 off/on: INFER_ARGS)
+#   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
+#   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
+#   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU tests
+#   soak     the 10,000-batch GPU soak
+# Prints one summary table at the end (also $OUT/summary.txt).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=.gpu
+OUT=${OUT:-$G/out}
+mkdir -p "$OUT"
+words=${*:-info libs tests infer anchor}
+BATCH=${BATCH:-128}
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+export RUST_BACKTRACE=1
+export CARGO_MANIFEST_DIR=$PWD   # tests find tests/data through it
+
+note "commit: $(cat $G/commit.txt 2>/dev/null | paste -sd' ')"
+for w in $words; do
+    case $w in
+    info)
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/info.txt" 2>&1
+        note "card, driver, memory: $(head -1 "$OUT/info.txt")"
+        python3 - >> "$OUT/info.txt" 2>&1 <<'PY'
+import glob, site
+for d in site.getsitepackages():
+    for f in sorted(glob.glob(d + "/nvidia/*/lib/lib*.so*")):
+        print(f)
+PY
+        note "CUDA libraries in site-packages: $(grep -c '\.so' "$OUT/info.txt") files (info.txt)"
+        ;;
+    libs)
+        # The plain environment: no LD_LIBRARY_PATH help, the crate must find the libraries.
+        timeout 120 $G/bin/bin-infer --device cuda --batch 1 --iterations 1 --warmup 0 > "$OUT/libs.txt" 2>&1
+        rc=$?
+        note "libs (crate's own search) rc=$rc: $(grep -E 'libraries|error' "$OUT/libs.txt" | head -1)"
+        ;;
+    tests)
+        : > "$OUT/tests.log"
+        for t in $G/bin/unit-alexnet_cuda $G/bin/test-gpu_layers $G/bin/test-gpu_model; do
+            [ -x "$t" ] || { note "tests $(basename "$t"): missing"; continue; }
+            echo "### $t" >> "$OUT/tests.log"
+            timeout 420 "$t" --include-ignored --test-threads=1 >> "$OUT/tests.log" 2>&1
+            rc=$?
+            note "tests $(basename "$t"): rc=$rc $(grep -E '^test result:' "$OUT/tests.log" | tail -1 | sed 's/test result: //')"
+        done
+        grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$OUT/tests.log" | sed 's/^test /  /' > "$OUT/test-results.txt"
+        while read -r line; do summary+=("$line"); done < "$OUT/test-results.txt"
+        ;;
+    infer)
+        for p in fp32 fp16; do
+            timeout 240 $G/bin/bin-infer --device cuda --batch "$BATCH" --precision $p ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
+            rc=$?
+            note "infer $p batch $BATCH rc=$rc: $(grep -E 'throughput|error' "$OUT/infer-$p.txt" | head -1)"
+            grep -E 'GPU (H2D|compute|D2H)' "$OUT/infer-$p.txt" | sed 's/^/  /'
+        done
+        ;;
+    anchor)
+        timeout 300 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,tf32,fp16 --json "$OUT/anchor.json" > "$OUT/anchor.txt" 2>&1
+        rc=$?
+        note "anchor (PyTorch eager) rc=$rc: $(grep -cE 'img/s' "$OUT/anchor.txt") figures (anchor.txt)"
+        grep -E 'img/s' "$OUT/anchor.txt" | sed 's/^/  /' | while read -r l; do echo "$l"; done
+        ;;
+    compile)
+        timeout 400 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,fp16 --compile --compile-mode reduce-overhead > "$OUT/anchor-compile.txt" 2>&1
+        rc=$?
+        note "anchor (torch.compile) rc=$rc (anchor-compile.txt)"
+        ;;
+    sanitize)
+        if command -v compute-sanitizer >/dev/null; then
+            for tool in memcheck racecheck synccheck initcheck; do
+                timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 $G/bin/test-gpu_layers --include-ignored --test-threads=1 > "$OUT/sanitize-$tool.log" 2>&1
+                rc=$?
+                note "sanitize $tool gpu_layers rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize-$tool.log" | tail -1)"
+            done
+        else
+            note "sanitize: compute-sanitizer not found"
+        fi
+        ;;
+    soak)
+        timeout 580 $G/bin/test-soak --include-ignored --exact soak_gpu_10000_batches > "$OUT/soak.log" 2>&1
+        rc=$?
+        note "soak rc=$rc $(grep -E '^test result:' "$OUT/soak.log" | tail -1)"
+        ;;
+    *) note "unknown word: $w" ;;
+    esac
+done
+
+echo
+echo "================ summary ================"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
