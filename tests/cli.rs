@@ -355,3 +355,184 @@ fn same_seed_same_logits() {
     assert_eq!(a, b, "same seed, same logits");
     assert_ne!(a, c, "another seed, other weights");
 }
+
+/// Runs infer with its standard output going to `stdout` (a closed pipe, /dev/full, ...).
+fn infer_to(args: &[&str], stdout: std::process::Stdio) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infer"))
+        .args(args)
+        .stdout(stdout)
+        .output()
+        .expect("the infer binary runs")
+}
+
+#[test]
+fn a_dump_that_is_also_an_input_is_refused_and_the_input_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("v.png");
+    std::fs::copy(data_path("images/coffee.png"), &image).unwrap();
+    let before = std::fs::read(&image).unwrap();
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--images",
+        path_str(&image),
+        "--dump-logits",
+        path_str(&image),
+    ]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is also an input"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        before,
+        "the input was changed"
+    );
+}
+
+#[test]
+fn a_dump_inside_the_images_directory_is_never_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        data_path("images/coffee.png"),
+        dir.path().join("coffee.png"),
+    )
+    .unwrap();
+    let dump = dir.path().join("logits.npy");
+    let args = [
+        "--device",
+        "cpu",
+        "--images",
+        path_str(dir.path()),
+        "--dump-logits",
+        path_str(&dump),
+    ];
+    for run in 0..2 {
+        let out = infer(&args);
+        assert_no_panic(&out);
+        assert_eq!(out.status.code(), Some(0), "run {run}: {}", stderr(&out));
+        let logits: Array2<f32> = ndarray_npy::read_npy(&dump).unwrap();
+        assert_eq!(
+            logits.dim(),
+            (1, 1000),
+            "run {run}: the dump was read as an input"
+        );
+    }
+}
+
+#[test]
+fn a_failed_run_leaves_the_previous_dump_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let dump = dir.path().join("logits.npy");
+    std::fs::write(&dump, b"the previous results").unwrap();
+    // An empty image directory: an error, and nothing written.
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--images",
+        path_str(&empty),
+        "--dump-logits",
+        path_str(&dump),
+    ]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&dump).unwrap(), b"the previous results");
+    // No temporary file is left beside it.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
+#[test]
+fn flags_that_do_not_apply_to_the_mode_are_usage_errors() {
+    let image = data_path("images/coffee.png");
+    let cases: [&[&str]; 6] = [
+        &["--dump-logits", "x.npy", "--iterations", "1"],
+        &["--dump-logits", "x.npy", "--warmup", "0"],
+        &["--summary", "--iterations", "3"],
+        &["--summary", "--top", "3"],
+        &["--summary", "--images", path_str(&image)],
+        &["--top", "3", "--iterations", "1"],
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for args in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_infer"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_no_panic(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        // Ours, or clap's own for the pairs it already knows.
+        let text = stderr(&out);
+        assert!(
+            text.contains("does not apply") || text.contains("cannot be used with"),
+            "{args:?}: {text}"
+        );
+    }
+    assert!(!dir.path().join("x.npy").exists(), "nothing is written");
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    for args in [
+        &["--summary"][..],
+        &[
+            "--device",
+            "cpu",
+            "--images",
+            path_str(&data_path("images/coffee.png")),
+        ][..],
+        &[
+            "--device",
+            "cpu",
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // the reader is gone before infer writes anything
+        let out = infer_to(args, writer.into());
+        assert_no_panic(&out);
+        assert_eq!(
+            stderr(&out).lines().filter(|l| l.contains("error")).count(),
+            0,
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn a_full_disk_is_one_error_line_and_exit_1() {
+    let full = std::fs::File::create("/dev/full").unwrap();
+    let out = infer_to(&["--summary"], full.into());
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{}", stderr(&out));
+    assert!(errors[0].contains("No space left"), "{}", errors[0]);
+}
+
+#[test]
+fn a_run_where_every_image_failed_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.jpg");
+    let out = infer(&["--device", "cpu", "--images", path_str(&missing)]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("none of the 1 images"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use alexnet_cuda::{AlexNetConfig, DeviceChoice, Precision};
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, Parser, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -99,6 +100,61 @@ impl ConfigArg {
         match self {
             ConfigArg::Paper => AlexNetConfig::paper(),
             ConfigArg::Torchvision => AlexNetConfig::torchvision(),
+        }
+    }
+}
+
+/// What this run does, from the flags: print the table, classify images, or time batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Summary,
+    Classify,
+    Benchmark,
+}
+
+impl Args {
+    pub fn mode(&self) -> Mode {
+        if self.summary {
+            Mode::Summary
+        } else if self.images.is_empty() {
+            Mode::Benchmark
+        } else {
+            Mode::Classify
+        }
+    }
+}
+
+/// Refuses flags given on the command line that this run's mode does not use (a usage error,
+/// exit 2): nothing a user asked for is silently ignored.
+pub fn check_flags(matches: &ArgMatches, args: &Args) {
+    let mode = args.mode();
+    let unused: &[&str] = match mode {
+        Mode::Summary => &[
+            "batch",
+            "precision",
+            "device",
+            "seed",
+            "images",
+            "iterations",
+            "warmup",
+            "top",
+            "json",
+            "dump_logits",
+        ],
+        Mode::Classify => &["iterations", "warmup"],
+        Mode::Benchmark => &["top", "dump_logits"],
+    };
+    let what = match mode {
+        Mode::Summary => "--summary (it only prints the layer table)",
+        Mode::Classify => "classifying --images",
+        Mode::Benchmark => "timing synthetic batches (no --images given)",
+    };
+    for id in unused {
+        if matches.value_source(id) == Some(ValueSource::CommandLine) {
+            usage_error(format!(
+                "--{} does not apply to {what}",
+                id.replace('_', "-")
+            ));
         }
     }
 }

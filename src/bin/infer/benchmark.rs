@@ -9,6 +9,7 @@ use alexnet_cuda::{Backend, Error, Weights};
 use serde_json::json;
 
 use crate::args::Args;
+use crate::output::say;
 use crate::progress::progress_bar;
 
 pub fn benchmark(
@@ -59,32 +60,33 @@ pub fn benchmark(
                 "d2h": stages.d2h,
             });
         }
-        println!("{report}");
+        say!("{report}");
         return Ok(());
     }
-    println!("=== alexnet-cuda inference benchmark ===");
-    println!("device        : {}", backend.device_name());
+    say!("=== alexnet-cuda inference benchmark ===");
+    say!("device        : {}", backend.device_name());
     if let Some(details) = backend.device_details() {
-        println!("libraries     : {details}");
+        say!("libraries     : {details}");
     }
-    println!(
+    say!(
         "model         : {} ({} parameters, {:.3} GFLOP/image)",
         config.name,
         thousands(config.param_count()?),
         gflop_per_image
     );
-    println!("precision     : {}", backend.precision());
-    println!("batch         : {}", plan.batch);
-    println!(
+    say!("precision     : {}", backend.precision());
+    say!("batch         : {}", plan.batch);
+    say!(
         "iterations    : {} timed after {} warm-up",
-        plan.iterations, plan.warmup
+        plan.iterations,
+        plan.warmup
     );
-    println!("throughput    : {throughput:.1} images/s ({tflops:.3} TFLOP/s)");
-    println!(
+    say!("throughput    : {throughput:.1} images/s ({tflops:.3} TFLOP/s)");
+    say!(
         "latency/batch : min {:.2} ms, mean {:.2} ms, median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         latency.min, latency.mean, latency.p50, latency.p90, latency.p99, latency.max
     );
-    println!(
+    say!(
         "latency/image : {:.3} ms (mean batch latency / batch)",
         latency.mean / plan.batch as f64
     );
@@ -94,7 +96,7 @@ pub fn benchmark(
             ("compute", stages.compute),
             ("D2H", stages.d2h),
         ] {
-            println!(
+            say!(
                 "{:<14}: mean {:.3} ms, median {:.3} ms (CUDA events)",
                 format!("GPU {name}"),
                 s.mean,

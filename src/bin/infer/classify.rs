@@ -10,21 +10,27 @@ use ndarray::Array2;
 use serde_json::json;
 
 use crate::args::Args;
+use crate::dump::DumpFile;
+use crate::output::say;
 use crate::progress::progress_bar;
-use crate::EXIT_SOME_INPUTS_FAILED;
+use crate::{EXIT_FATAL, EXIT_SOME_INPUTS_FAILED};
 
 fn backend_classes(backend: &dyn Backend) -> usize {
     backend.config().num_classes()
 }
 
 pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<ExitCode, Error> {
-    let paths = collect_image_paths(&args.images)?;
-    // Fail on an unwritable output before the run, not after it.
-    if let Some(path) = &args.dump_logits {
-        std::fs::File::create(path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+    // Checked before any image is read; nothing is written until the end.
+    let dump = args
+        .dump_logits
+        .as_deref()
+        .map(|path| DumpFile::check(path, &args.images))
+        .transpose()?;
+    let mut paths = collect_image_paths(&args.images)?;
+    if let Some(dump) = &dump {
+        // The run's own output (e.g. a previous dump inside an --images directory) is never
+        // one of its inputs.
+        paths.retain(|p| !dump.is(p));
     }
     if paths.is_empty() {
         return Err(Error::Invalid {
@@ -61,9 +67,9 @@ pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<
                     }));
                 } else {
                     bar.suspend(|| {
-                        println!("{}", c.path.display());
+                        say!("{}", c.path.display());
                         for &(class, p) in &c.top {
-                            println!(
+                            say!(
                                 "  {:>6.2}%  {:>4}  {}",
                                 p * 100.0,
                                 class,
@@ -88,16 +94,17 @@ pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<
     )?;
     bar.finish_and_clear();
     if args.json {
-        println!(
+        say!(
             "{}",
             json!({"device": backend.device_name(), "precision": backend.precision().to_string(), "images": results})
         );
     }
-    if let Some(path) = &args.dump_logits {
-        ndarray_npy::write_npy(path, &logits).map_err(|e| Error::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    if let Some(dump) = &dump {
+        dump.write(&logits)?;
+    }
+    if failures == paths.len() {
+        eprintln!("none of the {} images could be classified", paths.len());
+        return Ok(ExitCode::from(EXIT_FATAL));
     }
     if failures > 0 {
         eprintln!(

@@ -4,17 +4,20 @@
 mod args;
 mod benchmark;
 mod classify;
+mod dump;
+mod output;
 mod progress;
 
 use std::process::ExitCode;
 
 use alexnet_cuda::timing::TimingPlan;
 use alexnet_cuda::{open_backend, AlexNetConfig, Error, Weights};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
-use args::{usage_error, Args, ConfigArg};
+use args::{check_flags, usage_error, Args, ConfigArg};
 use benchmark::benchmark;
 use classify::classify;
+use output::say;
 
 /// Exit code when some images could not be read or decoded (the rest were classified).
 pub const EXIT_SOME_INPUTS_FAILED: u8 = 3;
@@ -22,7 +25,9 @@ pub const EXIT_SOME_INPUTS_FAILED: u8 = 3;
 pub const EXIT_FATAL: u8 = 1;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    check_flags(&matches, &args);
     match run(&args) {
         Ok(code) => code,
         Err(e) => {
@@ -42,11 +47,14 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
             (None, Some(config)) => config.clone(),
             (None, None) => AlexNetConfig::paper(),
         };
-        println!(
+        say!(
             "AlexNet ({}), input {}x{}x{}",
-            config.name, config.input.channels, config.input.height, config.input.width
+            config.name,
+            config.input.channels,
+            config.input.height,
+            config.input.width
         );
-        println!("{}", config.summary()?);
+        say!("{}", config.summary()?);
         return Ok(ExitCode::SUCCESS);
     }
 
