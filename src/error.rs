@@ -41,13 +41,15 @@ pub enum Error {
         config: String,
     },
 
-    /// A tensor has the wrong shape for the architecture.
-    #[error("{}: tensor `{name}` has shape {found:?}, expected {expected:?}", path.display())]
+    /// A tensor has the wrong shape for the architecture; `hint` says what the shape looks like
+    /// when it is recognisable (transposed, another framework's layout).
+    #[error("{}: tensor `{name}` has shape {found:?}, expected {expected:?}{}", path.display(), suffix(hint))]
     TensorShape {
         path: PathBuf,
         name: String,
         expected: Vec<usize>,
         found: Vec<usize>,
+        hint: Option<String>,
     },
 
     /// A tensor is stored in a dtype this crate does not read.
@@ -169,6 +171,11 @@ impl From<&str> for CudaError {
     fn from(message: &str) -> Self {
         CudaError::Check(message.to_string())
     }
+}
+
+/// `": hint"`, or nothing.
+fn suffix(hint: &Option<String>) -> String {
+    hint.as_ref().map(|h| format!(": {h}")).unwrap_or_default()
 }
 
 impl Error {

@@ -1047,3 +1047,129 @@ fn absurd_zero_element_widths_are_errors_not_overflows() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Errors that name the real problem
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_transposed_linear_weight_is_named_with_the_real_expectation() {
+    // With an explicit config: fc1 is [16, 24] stored as [24, 16].
+    let mut entries = tiny_entries();
+    for e in &mut entries {
+        if e.name == "fc1.weight" {
+            e.shape = vec![24, 16];
+        }
+    }
+    let (err, _path, _dir) = tiny_error(entries);
+    match &err {
+        Error::TensorShape {
+            name,
+            expected,
+            found,
+            hint,
+            ..
+        } => {
+            assert_eq!(
+                (name.as_str(), expected.as_slice(), found.as_slice()),
+                ("fc1.weight", &[16, 24][..], &[24, 16][..])
+            );
+            assert!(
+                hint.as_deref().is_some_and(|h| h.contains("transposed")),
+                "{err}"
+            );
+        }
+        other => panic!("expected TensorShape, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_transposed_fc_in_a_real_file_is_reported_against_the_other_tensors() {
+    // torchvision's state dict with fc3 stored [4096, 1000]: the widths are read off the tensors
+    // that agree, so the expectation is [1000, 4096], not [4096, 4096].
+    let mut shapes = TORCHVISION_STATE_DICT;
+    shapes[14].1 = &[4096, 1000];
+    let bytes = preset_file(&shapes, |_, _| 0.25);
+    let err =
+        Weights::from_safetensors_bytes(&bytes, Path::new("t.safetensors"), None).unwrap_err();
+    match &err {
+        Error::TensorShape {
+            expected,
+            found,
+            hint,
+            ..
+        } => {
+            assert_eq!(
+                (expected.as_slice(), found.as_slice()),
+                (&[1000, 4096][..], &[4096, 1000][..]),
+                "{err}"
+            );
+            assert!(
+                hint.as_deref().is_some_and(|h| h.contains("transposed")),
+                "{err}"
+            );
+            assert!(err.to_string().contains("classifier.6.weight"), "{err}");
+        }
+        other => panic!("expected TensorShape, got {other:?}"),
+    }
+}
+
+#[test]
+fn hwio_conv_weights_are_recognised() {
+    // Without a config: only conv1, in TensorFlow's HWIO layout.
+    let bytes = serialize(vec![f32_entry(
+        "features.0.weight",
+        &[11, 11, 3, 64],
+        &vec![0.5; 11 * 11 * 3 * 64],
+    )]);
+    let err =
+        Weights::from_safetensors_bytes(&bytes, Path::new("keras.safetensors"), None).unwrap_err();
+    assert!(matches!(err, Error::Architecture { .. }), "{err:?}");
+    assert!(err.to_string().contains("HWIO"), "{err}");
+    // With one: the shape error says the same.
+    let mut entries = tiny_entries();
+    for e in &mut entries {
+        if e.name == "conv2.weight" {
+            e.shape = vec![5, 5, 4, 6];
+        }
+    }
+    let (err, _path, _dir) = tiny_error(entries);
+    assert!(err.to_string().contains("HWIO"), "{err}");
+}
+
+#[test]
+fn a_data_parallel_state_dict_loads() {
+    let weights = varied_weights(&tiny_config());
+    let mut entries = entries_of(&weights);
+    for e in &mut entries {
+        e.name = format!("module.{}", e.name);
+    }
+    let bytes = serialize(entries);
+    let loaded =
+        Weights::from_safetensors_bytes(&bytes, Path::new("dp.safetensors"), Some(&tiny_config()))
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded, weights);
+}
+
+#[test]
+fn messages_without_a_config_name_the_cli_flag() {
+    let bytes = varied_weights(&tiny_config())
+        .to_safetensors_bytes(StorageDtype::F32)
+        .unwrap();
+    let err =
+        Weights::from_safetensors_bytes(&bytes, Path::new("tiny.safetensors"), None).unwrap_err();
+    assert!(err.to_string().contains("--config"), "{err}");
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn an_endless_stream_is_refused_at_once() {
+    let started = std::time::Instant::now();
+    let err = Weights::load("/dev/zero", None).unwrap_err();
+    assert!(matches!(err, Error::WeightsFormat { .. }), "{err:?}");
+    assert!(
+        started.elapsed().as_secs() < 5,
+        "it read for {:?}",
+        started.elapsed()
+    );
+}

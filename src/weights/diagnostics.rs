@@ -10,7 +10,7 @@ use safetensors::SafeTensorError;
 use crate::error::{Error, Result};
 
 /// Largest header `safetensors` accepts; only quoted in messages.
-const MAX_HEADER_BYTES: u64 = 100_000_000;
+pub(super) const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Turns a `safetensors` parse error into [`Error::WeightsFormat`], saying what the header claims
 /// where that explains the failure.
@@ -63,19 +63,27 @@ fn header_entries(bytes: &[u8]) -> Option<(usize, Vec<(String, TensorInfo)>)> {
     Some((n, entries))
 }
 
+/// Bytes of tensor data the header of `bytes` (length field and header, at least) describes:
+/// the largest end offset. `None` when the header cannot be read.
+pub(super) fn data_end(bytes: &[u8]) -> Option<usize> {
+    let (_, entries) = header_entries(bytes)?;
+    Some(
+        entries
+            .iter()
+            .map(|(_, info)| info.data_offsets.1)
+            .max()
+            .unwrap_or(0),
+    )
+}
+
 /// Rejects a header whose data offsets end so far out that `safetensors` (0.8.0) would overflow
 /// adding the header length to them: it does so unchecked, a panic where overflow checks are on
 /// (found while writing the fuzz targets; see `tests/fuzz_regressions.rs`). Other headers are
 /// left to `safetensors`.
 pub(super) fn check_data_end(bytes: &[u8], origin: &Path) -> Result<()> {
-    let Some((n, entries)) = header_entries(bytes) else {
+    let (Some((n, _)), Some(data_end)) = (header_entries(bytes), data_end(bytes)) else {
         return Ok(());
     };
-    let data_end = entries
-        .iter()
-        .map(|(_, info)| info.data_offsets.1)
-        .max()
-        .unwrap_or(0);
     let file_end = data_end.checked_add(n).and_then(|end| end.checked_add(8));
     if file_end.is_some() {
         return Ok(());
@@ -122,12 +130,8 @@ fn explain_bad_tensor(bytes: &[u8]) -> Option<String> {
 
 /// Says how far the file's length is from the one its header describes.
 fn explain_size_mismatch(bytes: &[u8]) -> Option<String> {
-    let (n, entries) = header_entries(bytes)?;
-    let data_end = entries
-        .iter()
-        .map(|(_, info)| info.data_offsets.1)
-        .max()
-        .unwrap_or(0);
+    let (n, _) = header_entries(bytes)?;
+    let data_end = data_end(bytes)?;
     let described = data_end.checked_add(n)?.checked_add(8)?;
     let len = bytes.len();
     Some(if len < described {

@@ -10,6 +10,7 @@ mod names;
 mod read;
 mod write;
 
+pub use read::MAX_STREAMED_WEIGHTS_BYTES;
 pub use write::StorageDtype;
 
 use std::borrow::Cow;

@@ -23,3 +23,29 @@ pub(super) fn torchvision_alias(file_name: &str) -> Option<String> {
         .find(|(theirs, _)| *theirs == module)
         .map(|(_, ours)| format!("{ours}.{param}"))
 }
+
+/// A state dict saved from `nn.DataParallel` or `DistributedDataParallel` prefixes every name
+/// with `module.`; the parameter is the same.
+pub(super) fn without_wrapper_prefix(file_name: &str) -> &str {
+    file_name.strip_prefix("module.").unwrap_or(file_name)
+}
+
+/// What a tensor of shape `found`, where `expected` was wanted, looks like when it is a known
+/// mistake: a transposed linear weight, or a convolution weight in TensorFlow/Keras's HWIO.
+pub(super) fn layout_hint(expected: &[usize], found: &[usize]) -> Option<String> {
+    match (expected, found) {
+        (&[out, inp], &[a, b]) if (a, b) == (inp, out) && out != inp => Some(format!(
+            "it looks transposed (a linear weight is stored [out, in] = [{out}, {inp}], as \
+             PyTorch's nn.Linear does)"
+        )),
+        (&[o, i, kh, kw], &[a, b, c, d])
+            if (a, b, c, d) == (kh, kw, i, o) && (o, i) != (kh, kw) =>
+        {
+            Some(format!(
+                "it looks like HWIO (TensorFlow/Keras's layout); this crate reads PyTorch's OIHW \
+                 [{o}, {i}, {kh}, {kw}]: permute the axes (3, 2, 0, 1) when exporting"
+            ))
+        }
+        _ => None,
+    }
+}

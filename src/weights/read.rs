@@ -10,17 +10,25 @@
 //! error names the file, and the tensor where there is one.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
+
+use memmap2::Mmap;
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::architecture::{check_preset_swap, detect_config};
-use super::diagnostics::{check_data_end, format_error};
-use super::names::torchvision_alias;
+use super::diagnostics::{check_data_end, data_end, format_error, MAX_HEADER_BYTES};
+use super::names::{layout_hint, torchvision_alias, without_wrapper_prefix};
 use super::Weights;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
+
+/// Most bytes [`Weights::load`] reads from something that is not a regular file (a pipe, a
+/// device): AlexNet's weights are 250 MB in f32.
+pub const MAX_STREAMED_WEIGHTS_BYTES: u64 = 4 << 30;
 
 impl Weights {
     /// Loads weights from a safetensors file.
@@ -36,10 +44,30 @@ impl Weights {
     /// valid safetensors file, [`Error::MissingTensor`], [`Error::UnexpectedTensor`],
     /// [`Error::TensorShape`], [`Error::TensorDtype`] for tensors that do not fit, and
     /// [`Error::Architecture`] when the architecture cannot be told or a parameter is given twice.
+    ///
+    /// A regular file is memory-mapped, not read into memory: loading holds the file once (as
+    /// the f32 tensors it copies out), whatever its size. The file must not be truncated by
+    /// another process while it loads (the tensors are copied out of the map during this call;
+    /// afterwards the file is not touched). Anything else (a pipe, a device such as /dev/zero)
+    /// is read up to [`MAX_STREAMED_WEIGHTS_BYTES`] and refused beyond.
     pub fn load(path: impl AsRef<Path>, config: Option<&AlexNetConfig>) -> Result<Weights> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_safetensors_bytes(&bytes, path, config)
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
+        if metadata.is_file() {
+            if metadata.len() == 0 {
+                // An empty file cannot be mapped; it is simply not a safetensors file.
+                return Self::from_safetensors_bytes(&[], path, config);
+            }
+            // SAFETY: the map is read-only and dropped before this function returns; the
+            // tensors are copied out of it during the call. The one hazard, another process
+            // truncating the file meanwhile (SIGBUS), is documented above.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            Self::from_safetensors_bytes(&map, path, config)
+        } else {
+            let bytes = read_stream(file, path)?;
+            Self::from_safetensors_bytes(&bytes, path, config)
+        }
     }
 
     /// Like [`Weights::load`], from the bytes of a safetensors file; `origin` names the bytes in
@@ -93,8 +121,8 @@ pub(super) struct FileTensor<'a> {
 
 impl FileTensor<'_> {
     /// The name for messages: the file's spelling, plus the crate's name when they differ.
-    fn label(&self) -> String {
-        if self.torchvision {
+    pub(super) fn label(&self) -> String {
+        if self.file_name != self.name {
             format!("{} (= {})", self.file_name, self.name)
         } else {
             self.name.clone()
@@ -109,6 +137,48 @@ impl FileTensor<'_> {
 /// Tensors of a file keyed by the crate's names.
 pub(super) type TensorIndex<'a> = HashMap<String, FileTensor<'a>>;
 
+/// Reads a safetensors stream (not a regular file) no further than its header says it goes,
+/// and never past [`MAX_STREAMED_WEIGHTS_BYTES`]: `/dev/zero` is refused after 8 bytes, an
+/// endless or huge stream after the cap.
+fn read_stream(file: File, path: &Path) -> Result<Vec<u8>> {
+    let mut reader = file.take(MAX_STREAMED_WEIGHTS_BYTES);
+    let mut bytes = vec![0u8; 8];
+    let short = |bytes: &[u8]| Error::WeightsFormat {
+        path: path.to_path_buf(),
+        message: format!(
+            "the stream ended after {} bytes, inside the header",
+            bytes.len()
+        ),
+    };
+    reader.read_exact(&mut bytes).map_err(|_| short(&bytes))?;
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+    if header == 0 || header > MAX_HEADER_BYTES {
+        // Let the parser say what is wrong with such a header.
+        return Ok(bytes);
+    }
+    let header_end = 8 + header as usize;
+    bytes.resize(header_end, 0);
+    reader
+        .read_exact(&mut bytes[8..])
+        .map_err(|_| short(&bytes))?;
+    let total = data_end(&bytes)
+        .and_then(|end| end.checked_add(header_end))
+        .filter(|&total| total as u64 <= MAX_STREAMED_WEIGHTS_BYTES)
+        .ok_or_else(|| Error::WeightsFormat {
+            path: path.to_path_buf(),
+            message: format!(
+                "not a regular file, and its header describes more than {} GiB or cannot be \
+                 read: refusing to read further",
+                MAX_STREAMED_WEIGHTS_BYTES >> 30
+            ),
+        })?;
+    (&mut reader)
+        .take((total - header_end) as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
 /// Files every tensor under the crate's name; two tensors naming one parameter are an error.
 fn index_tensors<'a>(file: &SafeTensors<'a>, origin: &Path) -> Result<TensorIndex<'a>> {
     // Sorted so that which duplicate is reported does not depend on hash order.
@@ -116,19 +186,20 @@ fn index_tensors<'a>(file: &SafeTensors<'a>, origin: &Path) -> Result<TensorInde
     entries.sort_by(|a, b| a.0.cmp(b.0));
     let mut index = TensorIndex::with_capacity(entries.len());
     for (file_name, view) in entries {
-        let alias = torchvision_alias(file_name);
+        let bare = without_wrapper_prefix(file_name);
+        let alias = torchvision_alias(bare);
         let tensor = FileTensor {
             file_name: file_name.to_string(),
             torchvision: alias.is_some(),
-            name: alias.unwrap_or_else(|| file_name.to_string()),
+            name: alias.unwrap_or_else(|| bare.to_string()),
             view,
         };
         if let Some(previous) = index.get(&tensor.name) {
             return Err(Error::Architecture {
                 path: origin.to_path_buf(),
                 message: format!(
-                    "tensors `{}` and `{}` both hold the parameter `{}` (crate and torchvision \
-                     spellings); keep only one",
+                    "tensors `{}` and `{}` both hold the parameter `{}` (two spellings of one \
+                     name); keep only one",
                     previous.file_name, tensor.file_name, tensor.name
                 ),
             });
@@ -162,6 +233,7 @@ fn validate(
                 name: tensor.label(),
                 expected: shape.clone(),
                 found: tensor.shape().to_vec(),
+                hint: layout_hint(shape, tensor.shape()),
             });
         }
         if bytes_per_value(tensor.view.dtype()).is_none() {
