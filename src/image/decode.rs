@@ -5,6 +5,7 @@ use std::path::Path;
 
 use image::{DynamicImage, ImageError, ImageReader, Limits, RgbImage};
 
+use super::read::{sniff_format, ImageFile, ImageLimits};
 use super::{MAX_DECODE_ALLOC, MAX_IMAGE_DIMENSION};
 use crate::error::{Error, Result};
 
@@ -30,13 +31,24 @@ fn image_error(path: &Path, err: ImageError) -> Error {
     }
 }
 
-/// Reads and decodes an image file into 8-bit RGB (see [`decode_image_bytes`]).
+/// Reads and decodes an image file into 8-bit RGB (see [`decode_image_bytes`]), under the
+/// default [`ImageLimits`] (at most 256 MiB read); see [`decode_image_file_with`].
+pub fn decode_image_file(path: &Path) -> Result<RgbImage> {
+    decode_image_file_with(path, &ImageLimits::default())
+}
+
+/// Reads and decodes an image file into 8-bit RGB (see [`decode_image_bytes`]), reading at most
+/// `limits.max_file_bytes` bytes.
+///
+/// The first bytes are read first: unless they show a supported format the file is an
+/// [`Error::ImageDecode`] without reading the rest. A regular file larger than the cap is an
+/// [`Error::ImageTooLarge`] without reading it; a pipe or device is read up to the cap.
 ///
 /// A file that cannot be read is an [`Error::Io`]; one that cannot be decoded (empty, truncated,
 /// not an image, unsupported format) an [`Error::ImageDecode`]; one over the limits an
 /// [`Error::ImageTooLarge`]. Every error names `path`.
-pub fn decode_image_file(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+pub fn decode_image_file_with(path: &Path, limits: &ImageLimits) -> Result<RgbImage> {
+    let bytes = ImageFile::open(path, limits)?.read_all()?;
     decode_image_bytes(&bytes, path)
 }
 
@@ -55,17 +67,13 @@ pub fn decode_image_file(path: &Path) -> Result<RgbImage> {
 /// Note: for 16-bit *grayscale* PNGs PIL's `convert("RGB")` clips the 16-bit value to 255 instead
 /// of scaling it, so PyTorch pipelines see a different (mostly white) image there.
 pub fn decode_image_bytes(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
-    if bytes.is_empty() {
-        return Err(Error::ImageDecode {
-            path: origin.to_path_buf(),
-            message: "file is empty".into(),
-        });
-    }
-    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(origin, e))?;
+    let format = sniff_format(bytes).map_err(|message| Error::ImageDecode {
+        path: origin.to_path_buf(),
+        message,
+    })?;
+    let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
     reader.limits(decode_limits());
-    if reader.format() == Some(image::ImageFormat::Jpeg) {
+    if format == image::ImageFormat::Jpeg {
         // The JPEG decoder fills missing data with grey instead of failing; PIL raises
         // "image file is truncated". Check the marker structure first.
         check_jpeg_complete(bytes).map_err(|message| Error::ImageDecode {

@@ -5,7 +5,10 @@
 //! image opened with `Image.open(path).convert("RGB")`:
 //!
 //! 1. [`decode_image_file`] / [`decode_image_bytes`]: the format is guessed from the content (not
-//!    the extension); grayscale, palette, RGBA, 16-bit, ... all become 8-bit RGB (alpha is dropped,
+//!    the extension). A file is read only after its first bytes showed a supported format, and
+//!    never past [`ImageLimits::max_file_bytes`] ([`DEFAULT_MAX_FILE_BYTES`], 256 MiB; raise it
+//!    with [`decode_image_file_with`] or [`Preprocess::limits`]), so a huge non-image, a pipe or
+//!    `/dev/zero` costs a few bytes and a bounded read. Grayscale, palette, RGBA, 16-bit, ... all become 8-bit RGB (alpha is dropped,
 //!    not blended, like PIL's `convert("RGB")`). EXIF orientation is *not* applied (PIL does not
 //!    apply it either). Decoding runs under [`Limits`] ([`MAX_IMAGE_DIMENSION`],
 //!    [`MAX_DECODE_ALLOC`]) so a file whose header claims a huge size is an
@@ -26,11 +29,13 @@
 mod batch;
 mod decode;
 mod preprocess;
+mod read;
 mod resize;
 
 pub use batch::{collect_image_paths, load_batch, LoadedBatch, U8Batch};
-pub use decode::{decode_image_bytes, decode_image_file};
+pub use decode::{decode_image_bytes, decode_image_file, decode_image_file_with};
 pub use preprocess::Preprocess;
+pub use read::{ImageLimits, DEFAULT_MAX_FILE_BYTES};
 pub use resize::{center_crop, resize_bilinear};
 
 #[cfg(doc)]

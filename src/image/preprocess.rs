@@ -6,7 +6,8 @@ use std::path::Path;
 
 use image::{ImageBuffer, Rgb, RgbImage};
 
-use super::decode::decode_image_file;
+use super::decode::decode_image_file_with;
+use super::read::ImageLimits;
 use super::resize::{resample_window, CropAxis};
 use super::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
@@ -23,22 +24,30 @@ pub struct Preprocess {
     pub mean: [f32; 3],
     /// Per-channel standard deviation (RGB) divided by after subtracting the mean.
     pub std: [f32; 3],
+    /// Limits on reading each image file ([`Preprocess::load`], [`load_batch`]): by default at
+    /// most 256 MiB are read per image. Not part of torchvision's transform.
+    ///
+    /// [`load_batch`]: super::load_batch
+    pub limits: ImageLimits,
 }
 
 impl Default for Preprocess {
-    /// torchvision's ImageNet eval transform: 256, 224, [`IMAGENET_MEAN`], [`IMAGENET_STD`].
+    /// torchvision's ImageNet eval transform: 256, 224, [`IMAGENET_MEAN`], [`IMAGENET_STD`];
+    /// the default [`ImageLimits`].
     fn default() -> Self {
         Preprocess {
             resize_shorter: 256,
             crop: 224,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
+            limits: ImageLimits::default(),
         }
     }
 }
 
 impl Preprocess {
-    /// Checks the parameters: sizes non-zero, mean finite, std finite and non-zero.
+    /// Checks the parameters: sizes non-zero, mean finite, std finite and non-zero, a byte cap of
+    /// at least 1.
     pub fn validate(&self) -> Result<()> {
         if self.resize_shorter == 0 {
             return Err(Error::invalid(
@@ -61,7 +70,7 @@ impl Preprocess {
                 format!("must be finite and non-zero, got {:?}", self.std),
             ));
         }
-        Ok(())
+        self.limits.validate()
     }
 
     /// The `(width, height)` torchvision's `Resize(resize_shorter)` gives an image of
@@ -90,10 +99,11 @@ impl Preprocess {
     }
 
     /// Decodes the file at `path` and returns its `crop x crop` preprocessed crop
-    /// ([`decode_image_file`] then [`Preprocess::resize_and_crop`]).
+    /// ([`decode_image_file_with`] under [`Preprocess::limits`], then
+    /// [`Preprocess::resize_and_crop`]).
     pub fn load(&self, path: &Path) -> Result<RgbImage> {
         self.validate()?;
-        let img = decode_image_file(path)?;
+        let img = decode_image_file_with(path, &self.limits)?;
         self.resize_and_crop(&img)
     }
 
