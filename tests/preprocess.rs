@@ -150,6 +150,33 @@ fn constant_image_stays_constant() {
     }
 }
 
+/// A GIF's first frame is composed onto its logical screen as PIL does (see
+/// `tools/gif_reference.py`, which wrote the GIFs and PIL's `convert("RGB")` of each): the
+/// uncovered area is palette index 0, or the transparency index when the frame has one; a frame
+/// reaching past the screen enlarges the canvas; indices past the palette are black; only the
+/// first frame counts. Pixel for pixel, and through the crop too.
+#[test]
+fn gif_first_frame_is_composed_like_pil() {
+    let pre = Preprocess::default();
+    for name in [
+        "offset",
+        "offset_transparent",
+        "overflow",
+        "local_palette",
+        "short_palette",
+        "no_palette",
+        "interlaced",
+    ] {
+        let ours = decode_image_file(&data(&format!("gif/{name}.gif"))).unwrap();
+        let pil = decode_image_file(&data(&format!("reference/gif_{name}_rgb.png"))).unwrap();
+        assert_eq!(ours.dimensions(), pil.dimensions(), "{name}");
+        let (max, mean) = diff(&ours, &pil);
+        assert!(max == 0, "{name}: max |diff| {max}, mean {mean}");
+        let crop = pre.load(&data(&format!("gif/{name}.gif"))).unwrap();
+        assert_eq!(crop, pre.resize_and_crop(&pil).unwrap(), "{name}");
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Colour conversion
 // ------------------------------------------------------------------------------------------

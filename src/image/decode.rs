@@ -5,6 +5,7 @@ use std::path::Path;
 
 use image::{DynamicImage, ImageError, ImageReader, Limits, RgbImage};
 
+use super::gif::{self, GifFailure};
 use super::read::{sniff_format, ImageFile, ImageLimits};
 use super::{MAX_DECODE_ALLOC, MAX_IMAGE_DIMENSION};
 use crate::error::{Error, Result};
@@ -57,7 +58,7 @@ pub fn decode_image_file_with(path: &Path, limits: &ImageLimits) -> Result<RgbIm
 /// The format is guessed from the content (PNG, JPEG, BMP, GIF, WebP, TIFF), never from
 /// `origin`'s extension. Grayscale becomes three equal channels, alpha is dropped (not
 /// blended), 16-bit samples are scaled to 8 bits, and only the first frame of an animation is
-/// kept. Limits: [`MAX_IMAGE_DIMENSION`] per side and [`MAX_DECODE_ALLOC`] bytes.
+/// kept; a GIF's first frame is composed onto its canvas as PIL does (see `image/gif.rs`). Limits: [`MAX_IMAGE_DIMENSION`] per side and [`MAX_DECODE_ALLOC`] bytes.
 ///
 /// A JPEG must reach its end-of-image marker: a truncated JPEG is an [`Error::ImageDecode`]
 /// (the underlying decoder would silently fill the missing part with grey; PIL reports
@@ -71,6 +72,18 @@ pub fn decode_image_bytes(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         path: origin.to_path_buf(),
         message,
     })?;
+    if format == image::ImageFormat::Gif {
+        return gif::decode_first_frame(bytes).map_err(|failure| match failure {
+            GifFailure::Corrupt(message) => Error::ImageDecode {
+                path: origin.to_path_buf(),
+                message,
+            },
+            GifFailure::TooLarge(message) => Error::ImageTooLarge {
+                path: origin.to_path_buf(),
+                message,
+            },
+        });
+    }
     let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
     reader.limits(decode_limits());
     if format == image::ImageFormat::Jpeg {

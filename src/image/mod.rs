@@ -28,6 +28,7 @@
 
 mod batch;
 mod decode;
+mod gif;
 mod preprocess;
 mod read;
 mod resize;
