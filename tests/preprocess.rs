@@ -729,3 +729,37 @@ fn collect_image_paths_keeps_missing_files_for_per_image_reporting() {
         Vec::<PathBuf>::new()
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Grey images are resampled as one channel
+// ------------------------------------------------------------------------------------------
+
+/// `Preprocess::load` resamples grey images (8-bit, with alpha, 16-bit) before widening them to
+/// RGB; the crop must be byte for byte the crop of the widened image, which is what
+/// `decode_image_file` returns and what PIL's `convert("RGB")` hands torchvision.
+#[test]
+fn grey_images_resampled_narrow_match_the_widened_image() {
+    use image::{DynamicImage, ImageBuffer, Luma, LumaA};
+    let dir = tempfile::tempdir().unwrap();
+    let pre = Preprocess::default();
+    let pattern = |x: u32, y: u32| ((x * 7 + y * 13 + (x * y) % 31) % 256) as u8;
+    for (w, h) in [(640u32, 427u32), (300, 1000), (257, 256), (100, 60)] {
+        let grey = ImageBuffer::from_fn(w, h, |x, y| Luma([pattern(x, y)]));
+        let grey_alpha = ImageBuffer::from_fn(w, h, |x, y| LumaA([pattern(x, y), (x % 256) as u8]));
+        let grey16 = ImageBuffer::from_fn(w, h, |x, y| Luma([u16::from(pattern(x, y)) * 251 + 3]));
+        let cases = [
+            ("l8", DynamicImage::ImageLuma8(grey)),
+            ("la8", DynamicImage::ImageLumaA8(grey_alpha)),
+            ("l16", DynamicImage::ImageLuma16(grey16)),
+        ];
+        for (name, img) in cases {
+            let path = dir.path().join(format!("{name}_{w}x{h}.png"));
+            img.save(&path).unwrap();
+            let widened = decode_image_file(&path).unwrap();
+            assert_eq!(widened, img.to_rgb8(), "{name} {w}x{h}: decode");
+            let want = pre.resize_and_crop(&widened).unwrap();
+            let got = pre.load(&path).unwrap();
+            assert_eq!(got, want, "{name} {w}x{h}: crop");
+        }
+    }
+}

@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use std::io::Cursor;
 use std::num::NonZeroU64;
 
-use gif::{ColorOutput, DecodeOptions, DecodingError, MemoryLimit};
+use gif::{ColorOutput, DecodeOptions, Decoder, DecodingError, Frame, MemoryLimit};
 use image::RgbImage;
 
 use super::{MAX_DECODE_ALLOC, MAX_IMAGE_DIMENSION};
@@ -41,25 +41,21 @@ fn failure(err: DecodingError) -> GifFailure {
     }
 }
 
-/// Decodes the first frame of the GIF in `bytes` onto its canvas, as RGB.
-pub(super) fn decode_first_frame(bytes: &[u8]) -> Result<RgbImage, GifFailure> {
+/// Opens a GIF decoder on `bytes` (with a grey table added if it has none).
+fn open(bytes: &[u8]) -> Result<Decoder<Cursor<&[u8]>>, GifFailure> {
     let mut options = DecodeOptions::new();
     options.set_color_output(ColorOutput::Indexed);
     if let Some(limit) = NonZeroU64::new(MAX_DECODE_ALLOC) {
         options.set_memory_limit(MemoryLimit::Bytes(limit));
     }
-    let bytes = with_grey_global_table(bytes);
-    let mut decoder = options.read_info(Cursor::new(&bytes[..])).map_err(failure)?;
-    let screen = (u32::from(decoder.width()), u32::from(decoder.height()));
-    let global_palette = decoder.global_palette().map(<[u8]>::to_vec);
-    let Some(frame) = decoder.read_next_frame().map_err(failure)? else {
-        return Err(GifFailure::Corrupt("GIF has no image in it".into()));
-    };
-    let left = u32::from(frame.left);
-    let top = u32::from(frame.top);
-    let (frame_w, frame_h) = (u32::from(frame.width), u32::from(frame.height));
-    let width = screen.0.max(left + frame_w);
-    let height = screen.1.max(top + frame_h);
+    options.read_info(Cursor::new(bytes)).map_err(failure)
+}
+
+/// The canvas a first frame at `left, top` of `frame_w x frame_h` makes on a `screen`, checked
+/// against the limits.
+fn canvas_size(screen: (u16, u16), frame: &Frame<'_>) -> Result<(u32, u32), GifFailure> {
+    let width = u32::from(screen.0).max(u32::from(frame.left) + u32::from(frame.width));
+    let height = u32::from(screen.1).max(u32::from(frame.top) + u32::from(frame.height));
     if width > MAX_IMAGE_DIMENSION || height > MAX_IMAGE_DIMENSION {
         return Err(GifFailure::TooLarge(format!(
             "GIF canvas of {width}x{height} pixels is over {MAX_IMAGE_DIMENSION} per side"
@@ -75,6 +71,34 @@ pub(super) fn decode_first_frame(bytes: &[u8]) -> Result<RgbImage, GifFailure> {
             "image has no pixels ({width}x{height})"
         )));
     }
+    Ok((width, height))
+}
+
+/// The canvas size of the first frame and the bytes its indices take, from the headers only.
+pub(super) fn first_frame_size(bytes: &[u8]) -> Result<(u32, u32, u64), GifFailure> {
+    let bytes = with_grey_global_table(bytes);
+    let mut decoder = open(&bytes)?;
+    let screen = (decoder.width(), decoder.height());
+    let Some(frame) = decoder.next_frame_info().map_err(failure)? else {
+        return Err(GifFailure::Corrupt("GIF has no image in it".into()));
+    };
+    let (width, height) = canvas_size(screen, frame)?;
+    let indices = u64::from(frame.width) * u64::from(frame.height);
+    Ok((width, height, indices))
+}
+
+/// Decodes the first frame of the GIF in `bytes` onto its canvas, as RGB.
+pub(super) fn decode_first_frame(bytes: &[u8]) -> Result<RgbImage, GifFailure> {
+    let bytes = with_grey_global_table(bytes);
+    let mut decoder = open(&bytes)?;
+    let screen = (decoder.width(), decoder.height());
+    let global_palette = decoder.global_palette().map(<[u8]>::to_vec);
+    let Some(frame) = decoder.read_next_frame().map_err(failure)? else {
+        return Err(GifFailure::Corrupt("GIF has no image in it".into()));
+    };
+    let (width, height) = canvas_size(screen, frame)?;
+    let (left, top) = (u32::from(frame.left), u32::from(frame.top));
+    let (frame_w, frame_h) = (u32::from(frame.width), u32::from(frame.height));
     let palette = frame.palette.as_deref().or(global_palette.as_deref());
     let colour = |index: u8| -> [u8; 3] {
         let at = 3 * usize::from(index);

@@ -10,9 +10,10 @@
 //!    with [`decode_image_file_with`] or [`Preprocess::limits`]), so a huge non-image, a pipe or
 //!    `/dev/zero` costs a few bytes and a bounded read. Grayscale, palette, RGBA, 16-bit, ... all become 8-bit RGB (alpha is dropped,
 //!    not blended, like PIL's `convert("RGB")`). EXIF orientation is *not* applied (PIL does not
-//!    apply it either). Decoding runs under [`Limits`] ([`MAX_IMAGE_DIMENSION`],
+//!    apply it either). Decoding runs under [`image::Limits`] ([`MAX_IMAGE_DIMENSION`],
 //!    [`MAX_DECODE_ALLOC`]) so a file whose header claims a huge size is an
-//!    [`Error::ImageTooLarge`], not an abort.
+//!    [`Error::ImageTooLarge`], not an abort, and every decode in the process holds its memory
+//!    from one [`DECODE_MEMORY_BUDGET`] (2 GiB), whatever the thread count.
 //! 2. [`Preprocess::resize_and_crop`]: shorter side to [`Preprocess::resize_shorter`] (the other
 //!    side `int(resize_shorter * long / short)`, truncated), bilinear with antialiasing, then the
 //!    centre `crop x crop` window. The resampler is a re-implementation of Pillow's
@@ -27,6 +28,7 @@
 //! which is what a GPU backend uploads before normalising on the device.
 
 mod batch;
+mod budget;
 mod decode;
 mod gif;
 mod preprocess;
@@ -34,6 +36,7 @@ mod read;
 mod resize;
 
 pub use batch::{collect_image_paths, load_batch, LoadedBatch, U8Batch};
+pub use budget::DECODE_MEMORY_BUDGET;
 pub use decode::{decode_image_bytes, decode_image_file, decode_image_file_with};
 pub use preprocess::Preprocess;
 pub use read::{ImageLimits, DEFAULT_MAX_FILE_BYTES};
@@ -52,6 +55,6 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 pub const MAX_IMAGE_DIMENSION: u32 = 16384;
 /// Most bytes a decoder may allocate for one image (512 MiB); a file needing more is an
 /// [`Error::ImageTooLarge`]. The decoded image itself counts (an 8-bit RGB image of
-/// 16384 x 10922 pixels is about the largest that fits). The conversion to 8-bit RGB that follows
-/// decoding (e.g. from grayscale) is not counted.
+/// 16384 x 10922 pixels is about the largest that fits). What the whole process holds for
+/// decoding, conversions included, is bounded by [`DECODE_MEMORY_BUDGET`].
 pub const MAX_DECODE_ALLOC: u64 = 512 * 1024 * 1024;

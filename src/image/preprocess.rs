@@ -6,9 +6,14 @@ use std::path::Path;
 
 use image::{ImageBuffer, Rgb, RgbImage};
 
+use super::budget::DecodeBudget;
+#[cfg(doc)]
+use super::budget::DECODE_MEMORY_BUDGET;
+#[cfg(doc)]
 use super::decode::decode_image_file_with;
+use super::decode::{with_decoded, ImageSize, Pixels};
 use super::read::ImageLimits;
-use super::resize::{resample_window, CropAxis};
+use super::resize::{resample_window, resample_work_bytes, CropAxis};
 use super::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
 
@@ -98,19 +103,64 @@ impl Preprocess {
         }
     }
 
-    /// Decodes the file at `path` and returns its `crop x crop` preprocessed crop
-    /// ([`decode_image_file_with`] under [`Preprocess::limits`], then
-    /// [`Preprocess::resize_and_crop`]).
+    /// Decodes the file at `path` and returns its `crop x crop` preprocessed crop: the same
+    /// pixels as [`decode_image_file_with`] under [`Preprocess::limits`], then
+    /// [`Preprocess::resize_and_crop`].
+    ///
+    /// Everything it allocates is held from the process-wide [`DECODE_MEMORY_BUDGET`], so
+    /// loading on many threads waits rather than exceeding it. A grey image is resampled before
+    /// it is widened to RGB (the same bytes, a third of the memory).
     pub fn load(&self, path: &Path) -> Result<RgbImage> {
         self.validate()?;
-        let img = decode_image_file_with(path, &self.limits)?;
-        self.resize_and_crop(&img)
+        let work = |size: ImageSize| {
+            resample_work_bytes(size.height, self.crop, if size.grey { 1 } else { 3 })
+        };
+        with_decoded(path, &self.limits, DecodeBudget::global(), work, |pixels| {
+            self.crop_pixels(&pixels)
+        })
+    }
+
+    /// [`Preprocess::resize_and_crop`] on decoded pixels, resampling grey images as one
+    /// channel.
+    fn crop_pixels(&self, pixels: &Pixels) -> Result<RgbImage> {
+        match pixels {
+            Pixels::Rgb(rgb) => self.resize_and_crop(rgb),
+            Pixels::Grey(grey) => {
+                let crop = self.window::<1>(grey.as_raw(), grey.dimensions())?;
+                let rgb = crop.iter().flat_map(|&v| [v, v, v]).collect();
+                RgbImage::from_raw(self.crop, self.crop, rgb).ok_or_else(|| {
+                    Error::invalid("image", "grey crop has the wrong size (internal error)")
+                })
+            }
+        }
+    }
+
+    /// The `crop x crop` window of `src` (`C` channels) resized and cropped.
+    fn window<const C: usize>(&self, src: &[u8], (w, h): (u32, u32)) -> Result<Vec<u8>> {
+        if w == 0 || h == 0 {
+            return Err(Error::invalid(
+                "image",
+                format!("image has no pixels ({w}x{h})"),
+            ));
+        }
+        let (nw, nh) = self.resized_size(w, h);
+        let cx = CropAxis::new(nw, self.crop);
+        let cy = CropAxis::new(nh, self.crop);
+        Ok(resample_window::<C>(
+            src,
+            (w, h),
+            nw,
+            nh,
+            &cx,
+            &cy,
+            self.crop,
+        ))
     }
 
     /// torchvision's `Resize(resize_shorter)` then `CenterCrop(crop)`: returns the
     /// `crop x crop` 8-bit crop.
     ///
-    /// - Resize: see [`Preprocess::resized_size`] for the size and [`resize_bilinear`] for the
+    /// - Resize: see [`Preprocess::resized_size`] for the size and [`resize_bilinear`](super::resize_bilinear) for the
     ///   pixels (Pillow's antialiased bilinear, bit-exact). If the image already has the target
     ///   size there is no resampling at all.
     /// - Crop: top = `round((h - crop) / 2)`, left = `round((w - crop) / 2)` with Python's
@@ -125,17 +175,9 @@ impl Preprocess {
     /// Errors: [`Error::Invalid`] for invalid parameters or an image with no pixels.
     pub fn resize_and_crop(&self, img: &RgbImage) -> Result<RgbImage> {
         self.validate()?;
-        let (w, h) = img.dimensions();
-        if w == 0 || h == 0 {
-            return Err(Error::invalid(
-                "image",
-                format!("image has no pixels ({w}x{h})"),
-            ));
-        }
-        let (nw, nh) = self.resized_size(w, h);
-        let cx = CropAxis::new(nw, self.crop);
-        let cy = CropAxis::new(nh, self.crop);
-        Ok(resample_window(img, nw, nh, &cx, &cy, self.crop))
+        let crop = self.window::<3>(img.as_raw(), img.dimensions())?;
+        RgbImage::from_raw(self.crop, self.crop, crop)
+            .ok_or_else(|| Error::invalid("image", "crop has the wrong size (internal error)"))
     }
 
     /// Normalises one `crop x crop` image into `out` in CHW order:

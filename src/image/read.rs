@@ -123,6 +123,11 @@ impl ImageFile {
         })
     }
 
+    /// The size of a regular file; `None` for a pipe or device, which cannot be read twice.
+    pub(super) fn len(&self) -> Option<u64> {
+        self.len
+    }
+
     /// All of the file's bytes (at most the cap; an [`Error::ImageTooLarge`] if there are more).
     pub(super) fn read_all(&mut self) -> Result<Vec<u8>> {
         let path = &self.path;

@@ -89,9 +89,9 @@ fn clip8(acc: i64) -> u8 {
 
 const ROUND_HALF: i64 = 1 << (PRECISION_BITS - 1);
 
-/// Horizontal pass: rows `rows` of `src` (width `src_w`), output columns `cols` of an image
-/// `out_w` wide. Returns `rows.len() x cols.len()` RGB bytes.
-fn resample_horizontal(
+/// Horizontal pass: rows `rows` of `src` (width `src_w`, `C` channels), output columns `cols`
+/// of an image `out_w` wide. Returns `rows.len() x cols.len() x C` bytes.
+fn resample_horizontal<const C: usize>(
     src: &[u8],
     src_w: u32,
     rows: Range<usize>,
@@ -100,31 +100,31 @@ fn resample_horizontal(
 ) -> Vec<u8> {
     let coeffs = Coeffs::new(src_w, out_w, cols.clone());
     let n = cols.len();
-    let stride = src_w as usize * 3;
-    let mut out = vec![0u8; rows.len() * n * 3];
-    for (row_out, y) in out.chunks_exact_mut(n * 3).zip(rows) {
+    let stride = src_w as usize * C;
+    let mut out = vec![0u8; rows.len() * n * C];
+    for (row_out, y) in out.chunks_exact_mut(n * C).zip(rows) {
         let row = &src[y * stride..(y + 1) * stride];
-        for (i, px) in row_out.chunks_exact_mut(3).enumerate() {
+        for (i, px) in row_out.chunks_exact_mut(C).enumerate() {
             let (start, k) = coeffs.taps(i);
-            let (mut s0, mut s1, mut s2) = (ROUND_HALF, ROUND_HALF, ROUND_HALF);
+            let mut sums = [ROUND_HALF; C];
             for (j, &kx) in k.iter().enumerate() {
-                let p = &row[(start + j) * 3..(start + j) * 3 + 3];
+                let p = &row[(start + j) * C..(start + j + 1) * C];
                 let kx = kx as i64;
-                s0 += p[0] as i64 * kx;
-                s1 += p[1] as i64 * kx;
-                s2 += p[2] as i64 * kx;
+                for (sum, &v) in sums.iter_mut().zip(p) {
+                    *sum += v as i64 * kx;
+                }
             }
-            px[0] = clip8(s0);
-            px[1] = clip8(s1);
-            px[2] = clip8(s2);
+            for (o, &sum) in px.iter_mut().zip(&sums) {
+                *o = clip8(sum);
+            }
         }
     }
     out
 }
 
-/// Vertical pass over `src` (`src_h` rows of `width` pixels, of which rows `row0..` are stored in
-/// `src` starting at row 0), output rows `rows` of an image `out_h` high.
-fn resample_vertical(
+/// Vertical pass over `src` (`src_h` rows of `width` pixels of `C` channels, of which rows
+/// `row0..` are stored in `src` starting at row 0), output rows `rows` of an image `out_h` high.
+fn resample_vertical<const C: usize>(
     src: &[u8],
     row0: usize,
     width: usize,
@@ -133,7 +133,7 @@ fn resample_vertical(
     rows: Range<u32>,
 ) -> Vec<u8> {
     let coeffs = Coeffs::new(src_h, out_h, rows.clone());
-    let stride = width * 3;
+    let stride = width * C;
     let mut out = vec![0u8; rows.len() * stride];
     let mut acc = vec![0i64; stride];
     for (i, row_out) in out.chunks_exact_mut(stride).enumerate() {
@@ -177,21 +177,24 @@ pub fn resize_bilinear(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         width > 0 && height > 0 && img.width() > 0 && img.height() > 0,
         "resize_bilinear: empty image or target size"
     );
-    let buf = resample_region(img, width, height, &(0..width), &(0..height));
+    let (w, h) = img.dimensions();
+    let buf = resample_region::<3>(img.as_raw(), w, h, width, height, &(0..width), &(0..height));
     RgbImage::from_raw(width, height, buf).expect("buffer size matches")
 }
 
-/// Resamples `img` to a virtual `out_w x out_h` image and returns only the window
-/// `cols x rows` of it (RGB bytes, `rows.len() * cols.len() * 3`).
-fn resample_region(
-    img: &RgbImage,
+/// Resamples `src` (`w x h` pixels of `C` channels) to a virtual `out_w x out_h` image and
+/// returns only the window `cols x rows` of it (`rows.len() * cols.len() * C` bytes). Channels
+/// are independent, so a grey image resampled with `C = 1` and then widened is bit for bit the
+/// widened image resampled with `C = 3`.
+fn resample_region<const C: usize>(
+    src: &[u8],
+    w: u32,
+    h: u32,
     out_w: u32,
     out_h: u32,
     cols: &Range<u32>,
     rows: &Range<u32>,
 ) -> Vec<u8> {
-    let (w, h) = img.dimensions();
-    let src = img.as_raw();
     let need_h = out_w != w;
     let need_v = out_h != h;
     // Source rows the vertical pass will read (all of `rows` when there is no vertical pass).
@@ -202,7 +205,7 @@ fn resample_region(
     };
     let ncols = cols.len();
     let tmp: Cow<[u8]> = if need_h {
-        Cow::Owned(resample_horizontal(
+        Cow::Owned(resample_horizontal::<C>(
             src,
             w,
             src_rows.clone(),
@@ -211,22 +214,28 @@ fn resample_region(
         ))
     } else if cols.start == 0 && cols.end == w && src_rows.start == 0 && src_rows.end == h as usize
     {
-        Cow::Borrowed(&src[..])
+        Cow::Borrowed(src)
     } else {
         // No horizontal resampling: copy the needed columns of the needed rows.
-        let stride = w as usize * 3;
-        let mut v = Vec::with_capacity(src_rows.len() * ncols * 3);
+        let stride = w as usize * C;
+        let mut v = Vec::with_capacity(src_rows.len() * ncols * C);
         for y in src_rows.clone() {
             let row = &src[y * stride..(y + 1) * stride];
-            v.extend_from_slice(&row[cols.start as usize * 3..cols.end as usize * 3]);
+            v.extend_from_slice(&row[cols.start as usize * C..cols.end as usize * C]);
         }
         Cow::Owned(v)
     };
     if need_v {
-        resample_vertical(&tmp, src_rows.start, ncols, h, out_h, rows.clone())
+        resample_vertical::<C>(&tmp, src_rows.start, ncols, h, out_h, rows.clone())
     } else {
         tmp.into_owned()
     }
+}
+
+/// The bytes the resampling of one image to a `crop`-wide window allocates at most, beyond the
+/// image itself: the horizontal pass's rows (at most every source row) and the window.
+pub(super) fn resample_work_bytes(height: u32, crop: u32, channels: usize) -> u64 {
+    (u64::from(height) + u64::from(crop)) * u64::from(crop) * channels as u64 * 2
 }
 
 /// One axis of torchvision's `center_crop` (with its zero padding) on an axis of length `size`.
@@ -266,27 +275,27 @@ fn round_half_even_div2(d: u32) -> u32 {
     }
 }
 
-/// Resamples `img` to `out_w x out_h` and centre-crops `crop x crop` (zero-padded), computing only
-/// the window.
-pub(super) fn resample_window(
-    img: &RgbImage,
+/// Resamples `src` (`w x h` pixels of `C` channels) to `out_w x out_h` and centre-crops
+/// `crop x crop` (zero-padded), computing only the window. Returns `crop * crop * C` bytes.
+pub(super) fn resample_window<const C: usize>(
+    src: &[u8],
+    (w, h): (u32, u32),
     out_w: u32,
     out_h: u32,
     cx: &CropAxis,
     cy: &CropAxis,
     crop: u32,
-) -> RgbImage {
-    let window = resample_region(img, out_w, out_h, &cx.src, &cy.src);
+) -> Vec<u8> {
+    let window = resample_region::<C>(src, w, h, out_w, out_h, &cx.src, &cy.src);
     let (ww, wh) = (cx.src.len(), cy.src.len());
     if ww == crop as usize && wh == crop as usize {
-        return RgbImage::from_raw(crop, crop, window).expect("buffer size matches");
+        return window;
     }
-    let mut out = RgbImage::new(crop, crop);
-    let stride = crop as usize * 3;
-    let dst = &mut *out;
+    let stride = crop as usize * C;
+    let mut out = vec![0u8; crop as usize * stride];
     for y in 0..wh {
-        let d0 = (cy.out_start as usize + y) * stride + cx.out_start as usize * 3;
-        dst[d0..d0 + ww * 3].copy_from_slice(&window[y * ww * 3..(y + 1) * ww * 3]);
+        let d0 = (cy.out_start as usize + y) * stride + cx.out_start as usize * C;
+        out[d0..d0 + ww * C].copy_from_slice(&window[y * ww * C..(y + 1) * ww * C]);
     }
     out
 }
