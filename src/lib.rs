@@ -53,6 +53,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod diagnose;
 pub mod error;
 pub mod image;
 pub mod labels;

@@ -536,3 +536,168 @@ fn a_run_where_every_image_failed_exits_1() {
         stderr(&out)
     );
 }
+
+/// A torchvision-shaped model with a `classes`-way head, saved to `dir/name`.
+fn head_weights(dir: &Path, name: &str, classes: usize) -> std::path::PathBuf {
+    let mut config = AlexNetConfig::torchvision();
+    if let Some(last) = config.fcs.last_mut() {
+        last.out_features = classes;
+    }
+    let path = dir.join(name);
+    alexnet_cuda::Weights::paper_init(&config, 7)
+        .unwrap()
+        .save(&path, StorageDtype::F32)
+        .unwrap();
+    path
+}
+
+/// ImageNet's names belong to 1000-class heads only: a 10-class head prints class indices, or
+/// the names of `--labels FILE`, whose line count must match.
+#[test]
+fn a_ten_class_head_gets_indices_or_its_own_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = head_weights(dir.path(), "ten.safetensors", 10);
+    let image = data_path("images/coffee.png");
+    let base = [
+        "--device",
+        "cpu",
+        "--weights",
+        path_str(&weights),
+        "--images",
+        path_str(&image),
+        "--top",
+        "3",
+    ];
+    let out = infer(&base);
+    assert_no_panic(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    for row in &rows {
+        // "  12.34%     7": a probability and an index, no ImageNet name ("tench", "hen", ...).
+        assert_eq!(row.split_whitespace().count(), 2, "{row:?} in {text}");
+    }
+
+    let names: Vec<String> = (0..10).map(|i| format!("kind-{i}")).collect();
+    let labels = dir.path().join("labels.txt");
+    std::fs::write(&labels, names.join("\n") + "\n").unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--labels", path_str(&labels), "--json"]);
+    let out = infer(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    for entry in v["images"][0]["top"].as_array().unwrap() {
+        let class = entry["class"].as_u64().unwrap() as usize;
+        assert_eq!(entry["label"], names[class].as_str(), "{v}");
+    }
+
+    // 9 names for 10 classes: a usage error naming both counts, before any image is read.
+    std::fs::write(&labels, names[..9].join("\n")).unwrap();
+    let out = infer(&args);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("9 lines") && err.contains("10 classes"),
+        "{err}"
+    );
+}
+
+/// A 1000-class model keeps ImageNet's names without --labels (the default stays).
+#[test]
+fn a_thousand_class_head_keeps_imagenet_names() {
+    let image = data_path("images/coffee.png");
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--images",
+        path_str(&image),
+        "--top",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row = stdout(&out).lines().nth(1).unwrap_or_default().to_string();
+    assert!(row.split_whitespace().count() >= 3, "{row:?}");
+}
+
+/// Weights holding a NaN: a warning naming the first layer whose output is not finite (and the
+/// tensor), and JSON that shows the NaN instead of `null` under a valid-looking class.
+#[test]
+fn nan_logits_are_explained_and_stay_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = AlexNetConfig::torchvision();
+    let clean = alexnet_cuda::Weights::paper_init(&config, 3).unwrap();
+    let values: std::collections::HashMap<String, Vec<f32>> = clean
+        .named_tensors()
+        .into_iter()
+        .map(|(name, _, v)| (name, v.into_owned()))
+        .collect();
+    // One NaN in conv3's weights (the third convolution): conv1 and conv2 stay finite.
+    let weights = alexnet_cuda::Weights::from_fn(&config, |_, name, _| {
+        let mut v = values[name].clone();
+        if name == "conv3.weight" {
+            v[17] = f32::NAN;
+        }
+        v
+    })
+    .unwrap();
+    let path = dir.path().join("nan.safetensors");
+    weights.save(&path, StorageDtype::F32).unwrap();
+    let image = data_path("images/coffee.png");
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--weights",
+        path_str(&path),
+        "--images",
+        path_str(&image),
+        "--json",
+    ]);
+    assert_no_panic(&out);
+    let err = stderr(&out);
+    assert!(err.contains("not finite") && err.contains("conv3"), "{err}");
+    assert!(err.contains("conv3.weight (1 values)"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let image = &v["images"][0];
+    assert_eq!(image["finite"], false, "{v}");
+    for entry in image["top"].as_array().unwrap() {
+        assert_eq!(entry["probability"], "NaN", "{v}");
+    }
+}
+
+/// `--max-image-bytes` lowers (or raises) the per-image read cap; a file over it is reported
+/// by name and the rest classified.
+#[test]
+fn max_image_bytes_caps_each_file() {
+    let small = data_path("images/coffee.png");
+    let size = std::fs::metadata(&small).unwrap().len();
+    let cap = (size - 1).to_string();
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--images",
+        path_str(&small),
+        "--max-image-bytes",
+        &cap,
+    ]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("coffee.png") && err.contains("too large"),
+        "{err}"
+    );
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--images",
+        path_str(&small),
+        "--max-image-bytes",
+        &size.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Timing synthetic batches reads no image: the flag is a usage error there.
+    let out = infer(&["--max-image-bytes", "10", "--iterations", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

@@ -1,6 +1,6 @@
 //! The model description: [`AlexNetConfig`] with the paper's and torchvision's presets, the layer
-//! specs and [`Precision`]; [`plan`] unrolls a configuration into the stages every backend runs,
-//! with all shape and parameter arithmetic (nothing is typed in); [`summary`] prints the seed's
+//! specs and [`Precision`]; [`AlexNetConfig::plan`] unrolls a configuration into the stages every backend runs,
+//! with all shape and parameter arithmetic (nothing is typed in); [`AlexNetConfig::summary`] prints the seed's
 //! table from it.
 
 mod plan;

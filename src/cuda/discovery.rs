@@ -112,7 +112,7 @@ pub fn search_dirs(env: &SearchEnv) -> Vec<SearchDir> {
 #[derive(Clone, Debug, Default)]
 pub struct Discovery {
     pub dirs: Vec<SearchDir>,
-    /// `(soname, path)` for each file of [`WANTED`] that was found.
+    /// `(soname, path)` for each file of `WANTED` that was found.
     pub found: Vec<(&'static str, PathBuf)>,
     /// Files found but not loadable (`path: error`), e.g. a wrong architecture or a missing
     /// dependency.
@@ -120,7 +120,7 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// Looks for every file of [`WANTED`] in `env`'s directories (reads the file system only).
+    /// Looks for every file of `WANTED` in `env`'s directories (reads the file system only).
     pub fn search(env: &SearchEnv) -> Self {
         let dirs = search_dirs(env);
         let found = WANTED

@@ -20,7 +20,7 @@ pub enum CudaLibrary {
 }
 
 impl CudaLibrary {
-    /// Whether the shared library can be loaded, after the search of [`super::discovery`] (run
+    /// Whether the shared library can be loaded, after the search of `cuda::discovery` (run
     /// once per process) loaded what it found. Only tries to open it: calls nothing in it, so
     /// it cannot panic the way a call into a missing library does.
     pub fn is_present(self) -> bool {
@@ -92,7 +92,7 @@ impl CudaLibrary {
 }
 
 /// Checks, without touching any GPU, that the driver, cuBLAS(Lt) and cuDNN can be loaded, after
-/// searching the usual places for them and loading what was found ([`discovery`]);
+/// searching the usual places for them and loading what was found (`cuda::discovery`);
 /// [`Error::DeviceUnavailable`] naming the first that cannot, where it was looked for and what
 /// to install. (NVRTC is only needed when a build has no machine code; [`super::Gpu::new`]
 /// checks it then.)

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use alexnet_cuda::image::DEFAULT_MAX_FILE_BYTES;
 use alexnet_cuda::{AlexNetConfig, DeviceChoice, Precision};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, Parser, ValueEnum};
@@ -45,6 +46,14 @@ pub struct Args {
     /// Labels printed per image (at most the number of classes).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub top: u64,
+    /// Class names, one per line in logit order (as many lines as the model has classes).
+    /// Default: ImageNet's names for a 1000-class model, class indices only otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// Most bytes read from one image file; a larger file is reported and skipped.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FILE_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_image_bytes: u64,
     /// Print one JSON object instead of text (no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -140,9 +149,11 @@ pub fn check_flags(matches: &ArgMatches, args: &Args) {
             "top",
             "json",
             "dump_logits",
+            "labels",
+            "max_image_bytes",
         ],
         Mode::Classify => &["iterations", "warmup"],
-        Mode::Benchmark => &["top", "dump_logits"],
+        Mode::Benchmark => &["top", "dump_logits", "labels", "max_image_bytes"],
     };
     let what = match mode {
         Mode::Summary => "--summary (it only prints the layer table)",

@@ -2,14 +2,17 @@
 
 use std::process::ExitCode;
 
-use alexnet_cuda::classify::{classify_files, ClassifyEvent};
-use alexnet_cuda::image::{collect_image_paths, Preprocess};
-use alexnet_cuda::labels::class_name;
-use alexnet_cuda::{Backend, Error};
-use ndarray::Array2;
-use serde_json::json;
+use std::path::Path;
 
-use crate::args::Args;
+use alexnet_cuda::classify::{classify_files, Classification, ClassifyEvent};
+use alexnet_cuda::diagnose::diagnose_non_finite;
+use alexnet_cuda::image::{collect_image_paths, ImageLimits, Preprocess, U8Batch};
+use alexnet_cuda::labels::{default_labels, read_labels};
+use alexnet_cuda::{Backend, Error, Weights};
+use ndarray::Array2;
+use serde_json::{json, Value};
+
+use crate::args::{usage_error, Args};
 use crate::dump::DumpFile;
 use crate::output::say;
 use crate::progress::progress_bar;
@@ -19,7 +22,57 @@ fn backend_classes(backend: &dyn Backend) -> usize {
     backend.config().num_classes()
 }
 
-pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<ExitCode, Error> {
+/// The class names to print: `--labels FILE` (its line count must be the class count),
+/// ImageNet's for a 1000-class model, or none (indices only).
+fn class_names(args: &Args, classes: usize) -> Result<Option<Vec<String>>, Error> {
+    match &args.labels {
+        Some(path) => {
+            let labels = read_labels(path)?;
+            if labels.len() != classes {
+                usage_error(format!(
+                    "--labels {} has {} lines, but the model has {classes} classes \
+                     (one name per line, in logit order)",
+                    path.display(),
+                    labels.len()
+                ));
+            }
+            Ok(Some(labels))
+        }
+        None => Ok(default_labels(classes)
+            .map(|names| names.iter().map(|name| name.to_string()).collect())),
+    }
+}
+
+/// A probability for JSON: a number, or the string "NaN" / "inf" so that a non-finite value
+/// stays visible (JSON numbers cannot hold it; serde would write `null`).
+fn json_probability(p: f32) -> Value {
+    if p.is_finite() {
+        json!(p)
+    } else {
+        json!(p.to_string())
+    }
+}
+
+/// Explains the first image whose logits are not finite: its weights and the first layer
+/// whose output is not finite (re-run on the CPU reference).
+fn explain_non_finite(weights: &Weights, pre: &Preprocess, path: &Path) -> String {
+    let diagnosis = pre.load(path).and_then(|crop| {
+        let mut one = U8Batch::with_capacity(pre.crop, 1);
+        one.push(&crop)?;
+        diagnose_non_finite(weights, &one, pre)
+    });
+    match diagnosis {
+        Ok(diagnosis) => diagnosis.to_string(),
+        Err(e) => format!("(the CPU re-run to find the layer failed: {e})"),
+    }
+}
+
+pub fn classify(
+    args: &Args,
+    backend: &mut dyn Backend,
+    batch: usize,
+    weights: &Weights,
+) -> Result<ExitCode, Error> {
     // Checked before any image is read; nothing is written until the end.
     let dump = args
         .dump_logits
@@ -38,9 +91,22 @@ pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<
             message: "no image files found".into(),
         });
     }
-    let bar = progress_bar(args, paths.len() as u64, "classifying");
-    let pre = Preprocess::default();
     let num_classes = backend_classes(backend);
+    let names = class_names(args, num_classes)?;
+    let label = |class: usize| {
+        names
+            .as_ref()
+            .and_then(|n| n.get(class))
+            .map(String::as_str)
+    };
+    let bar = progress_bar(args, paths.len() as u64, "classifying");
+    let pre = Preprocess {
+        limits: ImageLimits {
+            max_file_bytes: args.max_image_bytes,
+        },
+        ..Preprocess::default()
+    };
+    let mut non_finite = 0usize;
     // NaN rows stay for images that fail, so row i is always input i.
     let mut logits = Array2::from_elem((paths.len(), num_classes), f32::NAN);
     let mut failures = 0usize;
@@ -56,27 +122,24 @@ pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<
                 logits
                     .row_mut(c.index)
                     .assign(&ndarray::ArrayView1::from(&c.logits[..]));
+                let finite = c.logits.iter().all(|v| v.is_finite());
+                if !finite {
+                    non_finite += 1;
+                    if non_finite == 1 {
+                        let why = explain_non_finite(weights, &pre, c.path);
+                        bar.suspend(|| {
+                            eprintln!(
+                                "warning: {}: the logits are not finite (NaN or infinity), so \
+                                 the probabilities are meaningless; {why}",
+                                c.path.display()
+                            )
+                        });
+                    }
+                }
                 if args.json {
-                    results.push(json!({
-                        "path": c.path.display().to_string(),
-                        "top": c.top.iter().map(|&(class, p)| json!({
-                            "class": class,
-                            "label": class_name(class).unwrap_or("?"),
-                            "probability": p,
-                        })).collect::<Vec<_>>(),
-                    }));
+                    results.push(json_result(&c, finite, &label));
                 } else {
-                    bar.suspend(|| {
-                        say!("{}", c.path.display());
-                        for &(class, p) in &c.top {
-                            say!(
-                                "  {:>6.2}%  {:>4}  {}",
-                                p * 100.0,
-                                class,
-                                class_name(class).unwrap_or("?")
-                            );
-                        }
-                    });
+                    bar.suspend(|| print_result(&c, &label));
                 }
                 bar.inc(1);
             }
@@ -102,6 +165,12 @@ pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<
     if let Some(dump) = &dump {
         dump.write(&logits)?;
     }
+    if non_finite > 0 {
+        eprintln!(
+            "warning: {non_finite} of {} images have logits that are not finite",
+            paths.len()
+        );
+    }
     if failures == paths.len() {
         eprintln!("none of the {} images could be classified", paths.len());
         return Ok(ExitCode::from(EXIT_FATAL));
@@ -114,4 +183,30 @@ pub fn classify(args: &Args, backend: &mut dyn Backend, batch: usize) -> Result<
         return Ok(ExitCode::from(EXIT_SOME_INPUTS_FAILED));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn json_result<'a>(
+    c: &Classification<'_>,
+    finite: bool,
+    label: &impl Fn(usize) -> Option<&'a str>,
+) -> Value {
+    json!({
+        "path": c.path.display().to_string(),
+        "finite": finite,
+        "top": c.top.iter().map(|&(class, p)| json!({
+            "class": class,
+            "label": label(class),
+            "probability": json_probability(p),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_result<'a>(c: &Classification<'_>, label: &impl Fn(usize) -> Option<&'a str>) {
+    say!("{}", c.path.display());
+    for &(class, p) in &c.top {
+        match label(class) {
+            Some(name) => say!("  {:>6.2}%  {:>4}  {}", p * 100.0, class, name),
+            None => say!("  {:>6.2}%  {:>4}", p * 100.0, class),
+        }
+    }
 }

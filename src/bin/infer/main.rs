@@ -102,6 +102,6 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
             }
             (Some(_), None) => {}
         }
-        classify(args, backend.as_mut(), batch)
+        classify(args, backend.as_mut(), batch, &weights)
     }
 }

@@ -26,7 +26,7 @@ fn exit_on(e: std::io::Error) -> ! {
     std::process::exit(1)
 }
 
-/// `println!` that goes through [`line`].
+/// `println!` that goes through [`line()`].
 macro_rules! say {
     ($($arg:tt)*) => {
         $crate::output::line(format_args!($($arg)*))

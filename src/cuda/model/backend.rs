@@ -27,7 +27,7 @@ impl Backend for CudaModel {
     }
 
     /// Normalises with `pre`'s mean and std for this batch only: the model's own
-    /// [`CudaOptions::normalization`] is left as it was.
+    /// [`CudaOptions::normalization`](super::CudaOptions::normalization) is left as it was.
     fn forward_u8(&mut self, batch: &U8Batch, pre: &Preprocess) -> Result<Array2<f32>> {
         let norm = PrepareInput::new(pre.mean, pre.std)?;
         self.forward_u8_with(batch, &norm)
