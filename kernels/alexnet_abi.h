@@ -97,6 +97,20 @@ typedef struct AlexnetPoolParams {
 } AlexnetPoolParams;
 
 /*
+ * conv_epilogue_{f32,f16}(const T *src, const T *bias, T *dst, AlexnetConvEpilogueParams p)
+ * Everything between a convolution and the next layer in one pass: dst = maxpool(lrn(relu(src +
+ * bias[c]))) (the LRN only if `has_lrn` != 0), with `lrn.shape` the convolution's output and
+ * `pool.in` equal to it. Each intermediate is rounded to T exactly where the separate kernels
+ * (bias_act, lrn, maxpool) store it, so the result is theirs bit for bit. One thread per output
+ * element of the pooling; src and dst must not overlap.
+ */
+typedef struct AlexnetConvEpilogueParams {
+    AlexnetLrnParams lrn;
+    AlexnetPoolParams pool;
+    unsigned int has_lrn;
+} AlexnetConvEpilogueParams;
+
+/*
  * dropout_{f32,f16}(T *x, AlexnetDropoutParams p)
  * In place, training mode: element i is kept when draw(seed, i) >= threshold (threshold = p * 2^32)
  * and multiplied by `scale` (1/(1-p) inverted, 1 classic), else set to 0. draw() is the same

@@ -465,3 +465,38 @@ fn backend_forward_u8_leaves_the_models_normalisation_alone() {
         1e-4,
     );
 }
+
+/// The fused path (each convolution's bias, ReLU, LRN and pooling as one kernel: `forward_f32`,
+/// `forward_u8`) and the stage-by-stage path (`forward_f32_observed`) give the same logits bit
+/// for bit, in both precisions and both presets, and the fused logits match the CPU.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn fused_epilogues_give_the_stage_by_stage_logits_exactly() {
+    let _gpu = common::exclusive_gpu();
+    for config in [AlexNetConfig::paper(), AlexNetConfig::torchvision()] {
+        for (precision, tol) in [(Precision::Fp32, 1e-4), (Precision::Fp16, 1e-2)] {
+            let what = format!("{} {precision}", config.name);
+            let weights = formula_weights(&config);
+            let cpu = CpuModel::new(&weights, precision).unwrap();
+            let mut gpu = cuda_model(&weights, precision);
+            let input = synthetic_batch(3, config.input, seed(&format!("fused {what}")));
+            gpu.poison_buffers(3).unwrap();
+            let fused = gpu.forward_f32(input.view()).unwrap();
+            gpu.poison_buffers(3).unwrap();
+            let staged = gpu.forward_f32_observed(input.view(), |_, _| {}).unwrap();
+            let same = fused
+                .iter()
+                .zip(&staged)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{what}: fused and stage-by-stage logits differ");
+            let want = cpu.forward(input.view()).unwrap();
+            check(
+                &format!("{what} fused logits"),
+                &fused.clone().into_dyn(),
+                &want.clone().into_dyn(),
+                tol,
+            );
+            check_top1(&what, &fused, &want, tol);
+        }
+    }
+}

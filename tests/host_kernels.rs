@@ -23,7 +23,7 @@ use alexnet_cuda::cpu::{bias_act_inplace, Dropout, Lrn, MaxPool2d};
 use alexnet_cuda::cuda::abi::ALEXNET_TOPK_MAX;
 use alexnet_cuda::cuda::kernel_args::{bias_act_args, convert_args, softmax_top_k_args};
 use alexnet_cuda::cuda::registry::KERNELS;
-use alexnet_cuda::cuda::{DropoutGpu, Layout, LrnGpu, MaxPoolGpu, PrepareInput};
+use alexnet_cuda::cuda::{ConvEpilogueGpu, DropoutGpu, Layout, LrnGpu, MaxPoolGpu, PrepareInput};
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::postprocess::{softmax, top_k};
 use common::formula_values;
@@ -44,6 +44,8 @@ const COVERED: &[&str] = &[
     "lrn_f16",
     "maxpool_f32",
     "maxpool_f16",
+    "conv_epilogue_f32",
+    "conv_epilogue_f16",
     "softmax_topk_f32",
     "softmax_topk_f16",
 ];
@@ -489,6 +491,104 @@ fn maxpool_matches_the_cpu_on_ragged_and_gapped_windows() {
             for nan in [false, true] {
                 pool_case::<f32>(dims, spec, layout, 60 + i as u64, nan);
                 pool_case::<f16>(dims, spec, layout, 70 + i as u64, nan);
+            }
+        }
+    }
+}
+
+fn conv_epilogue_case<T: Elem>(
+    dims: [usize; 4],
+    lrn: Option<LrnParams>,
+    spec: PoolSpec,
+    layout: Layout,
+    seed: u64,
+    nan: bool,
+) {
+    let name = format!("conv_epilogue_{}", T::SUFFIX);
+    let [n, c, h, w] = dims;
+    // Raw convolution outputs of both signs, so the ReLU matters.
+    let mut x = rounded::<T, _>(&random((n, c, h, w), seed, 4.0));
+    if nan {
+        x[[n - 1, c / 2, h / 2, w / 2]] = f32::NAN;
+    }
+    let bias: Vec<f32> = formula_values(seed + 1, c, 1.0)
+        .into_iter()
+        .map(|v| T::from_f32(v).to_f32())
+        .collect();
+    // The CPU's stages one after another, each result rounded where its kernel stores it.
+    let mut biased = x.clone().into_dyn();
+    bias_act_inplace(biased.view_mut(), &bias, true).unwrap();
+    let mut staged = rounded::<T, _>(&biased)
+        .into_dimensionality::<ndarray::Ix4>()
+        .unwrap();
+    if let Some(lrn) = lrn {
+        staged = rounded::<T, _>(&Lrn::new(lrn).unwrap().forward(staged.view()).unwrap());
+    }
+    let want = MaxPool2d::from(spec)
+        .forward(staged.view())
+        .unwrap()
+        .into_dyn();
+    let layer = ConvEpilogueGpu {
+        lrn: lrn.map(|p| LrnGpu::new(p).unwrap()),
+        pool: MaxPoolGpu::new(spec.kernel, spec.stride).unwrap(),
+    };
+    let (mut p, cfg, out) = layer.args(dims, layout).unwrap();
+    assert_eq!(&out[..], want.shape(), "{name}: output dims");
+    let mut bias_t: Vec<T> = bias.iter().map(|&v| T::from_f32(v)).collect();
+    for grid in [cfg, small_grid(96)] {
+        let mut src = physical::<T>(&x, layout);
+        let mut dst = vec![T::POISON; out.iter().product()];
+        launch(
+            &name,
+            grid,
+            vec![
+                buf(&mut src),
+                buf(&mut bias_t),
+                buf(&mut dst),
+                params(&mut p),
+            ],
+        );
+        let got = logical(&dst, out, layout).into_dyn();
+        assert_same(
+            &format!(
+                "{name} {dims:?} lrn={} {spec:?} {layout:?} nan={nan}",
+                lrn.is_some()
+            ),
+            &got,
+            &want,
+        );
+    }
+}
+
+/// The fused epilogue is the CPU's bias + ReLU (+ LRN) + max-pool combined, bit for bit: after
+/// conv1/conv2 (with the LRN, channel edges included) and after conv5 (without), ragged pooling
+/// windows, both layouts, both storage types, and a NaN that must reach the output.
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn conv_epilogue_is_the_cpu_stages_combined() {
+    require_host_kernels();
+    let gapped = PoolSpec {
+        kernel: 2,
+        stride: 3,
+    };
+    let cases = [
+        (
+            [2, 7, 13, 11],
+            Some(LrnParams::PAPER),
+            PoolSpec::OVERLAPPING,
+        ),
+        ([1, 3, 7, 7], Some(LrnParams::PAPER), PoolSpec::OVERLAPPING), // fewer channels than the window
+        ([3, 5, 9, 10], None, PoolSpec::OVERLAPPING),
+        ([1, 4, 10, 9], None, gapped),
+    ];
+    for (i, (dims, lrn, spec)) in cases.into_iter().enumerate() {
+        for layout in LAYOUTS {
+            for nan in [false, true] {
+                conv_epilogue_case::<f32>(dims, lrn, spec, layout, 90 + i as u64, nan);
+                conv_epilogue_case::<f16>(dims, lrn, spec, layout, 95 + i as u64, nan);
             }
         }
     }

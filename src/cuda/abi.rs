@@ -124,6 +124,26 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetConvEpilogueParams {
+    pub lrn: AlexnetLrnParams,
+    pub pool: AlexnetPoolParams,
+    pub has_lrn: ::core::ffi::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetConvEpilogueParams"]
+        [::core::mem::size_of::<AlexnetConvEpilogueParams>() - 80usize];
+    ["Alignment of AlexnetConvEpilogueParams"]
+        [::core::mem::align_of::<AlexnetConvEpilogueParams>() - 4usize];
+    ["Offset of field: AlexnetConvEpilogueParams::lrn"]
+        [::core::mem::offset_of!(AlexnetConvEpilogueParams, lrn) - 0usize];
+    ["Offset of field: AlexnetConvEpilogueParams::pool"]
+        [::core::mem::offset_of!(AlexnetConvEpilogueParams, pool) - 40usize];
+    ["Offset of field: AlexnetConvEpilogueParams::has_lrn"]
+        [::core::mem::offset_of!(AlexnetConvEpilogueParams, has_lrn) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetDropoutParams {
     pub len: ::core::ffi::c_ulonglong,
     pub seed: ::core::ffi::c_ulonglong,

@@ -27,6 +27,8 @@ unsafe impl DeviceRepr for AlexnetBiasActParams {}
 unsafe impl DeviceRepr for AlexnetLrnParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetPoolParams {}
+// SAFETY: as above (two of the structs above and an integer).
+unsafe impl DeviceRepr for AlexnetConvEpilogueParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetDropoutParams {}
 // SAFETY: as above.

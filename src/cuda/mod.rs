@@ -94,8 +94,8 @@ pub use libraries::{
 };
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
-    bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu,
-    LrnGpu, MaxPoolGpu, PrepareInput, TopK,
+    bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvEpilogueGpu, ConvOptions,
+    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, TopK,
 };
 
 /// The kernels' arguments exactly as the launchers build them (parameter structs and launch

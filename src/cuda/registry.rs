@@ -101,6 +101,12 @@ kernel_registry! {
         /// Max-pooling, no padding, floor mode (`ops::pool`).
         MaxPool = "maxpool" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
     }
+    "conv_epilogue" => {
+        /// Bias, ReLU, optional LRN and max-pooling after a convolution in one pass
+        /// (`ops::conv_epilogue`).
+        ConvEpilogue = "conv_epilogue" for [f32, f16]
+            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetConvEpilogueParams>())];
+    }
     "softmax" => {
         /// Row-wise softmax and top-k (`ops::softmax`).
         SoftmaxTopk = "softmax_topk" for [f32, f16]

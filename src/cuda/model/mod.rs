@@ -187,7 +187,9 @@ impl CudaModel {
     /// Like [`CudaModel::forward_f32`], calling `observe(stage, activation)` after every stage
     /// with the same names and meaning as [`crate::cpu::CpuModel::forward_observed`] ("conv1"
     /// after its ReLU, "lrn1", "pool1", ..., "fc3"), activations downloaded as logical NCHW f32.
-    /// Synchronises after every stage: for debugging and tests, not for speed.
+    /// Synchronises after every stage: for debugging and tests, not for speed. It runs one
+    /// kernel per stage, where every other forward runs each convolution's bias, ReLU, LRN and
+    /// pooling as one kernel (`ops::ConvEpilogueGpu`); both give the same logits bit for bit.
     pub fn forward_f32_observed(
         &mut self,
         input: ArrayView4<'_, f32>,
@@ -214,7 +216,7 @@ impl CudaModel {
             record(&events.h2d_end, stream)?;
             record(&events.compute_start, stream)?;
             match observe {
-                None => layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?,
+                None => layers.run_fused(gpu, bufs)?,
                 Some(user) => layers.run(gpu, bufs, &mut |name, t, relu| {
                     let mut host = t.to_host(gpu)?;
                     if relu {
@@ -339,7 +341,7 @@ impl CudaModel {
         with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
             bufs.prepare_from(gpu, src, &norm)?;
-            layers.run(gpu, bufs, &mut |_, _, _| Ok(()))?;
+            layers.run_fused(gpu, bufs)?;
             record(compute_end, gpu.stream())?;
             bufs.download_logits(gpu, dst)
         })
@@ -362,7 +364,7 @@ fn run_u8<T: GpuFloat>(
     record(&events.h2d_end, stream)?;
     record(&events.compute_start, stream)?;
     bufs.prepare_uploaded(gpu, norm)?;
-    layers.run(gpu, bufs, &mut |_, _, _| Ok(()))
+    layers.run_fused(gpu, bufs)
 }
 
 fn check_batch(n: usize) -> Result<()> {

@@ -7,7 +7,8 @@ use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
 use crate::cuda::ops::{
-    chw_columns_to_hwc, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, TopK,
+    chw_columns_to_hwc, Conv2dGpu, ConvEpilogueGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu,
+    MaxPoolGpu, TopK,
 };
 use crate::cuda::pinned::{alloc_readback, alloc_upload};
 use crate::cuda::tensor::{to_physical, GpuTensor, Layout};
@@ -49,6 +50,13 @@ struct Stage<T: GpuFloat> {
 /// to be applied (the GPU fuses it into the LRN that follows the convolution).
 pub(super) type Observer<'a, T> = dyn FnMut(&str, &GpuTensor<T>, bool) -> Result<()> + 'a;
 
+/// A convolution's bias, ReLU, LRN (if any) and max-pooling run as one kernel: the stages from
+/// the convolution up to `last` (the pooling), with [`ConvEpilogueGpu`].
+struct FusedEpilogue {
+    op: ConvEpilogueGpu,
+    last: usize,
+}
+
 /// The network's layers for one storage type, built from the plan.
 pub(super) struct Layers<T: GpuFloat> {
     layout: Layout,
@@ -58,6 +66,9 @@ pub(super) struct Layers<T: GpuFloat> {
     width: usize,
     classes: usize,
     stages: Vec<Stage<T>>,
+    /// Per stage: the fused epilogue that starts at it (a convolution followed by an optional
+    /// LRN and a max-pooling), used by [`Layers::run_fused`].
+    fused: Vec<Option<FusedEpilogue>>,
 }
 
 /// The layers and, once a batch size is known, its buffers.
@@ -172,6 +183,9 @@ impl<T: GpuFloat> Layers<T> {
                 output: spec.output.clone(),
             });
         }
+        let fused = (0..stages.len())
+            .map(|i| fused_epilogue(&stages, i))
+            .collect();
         Ok(Layers {
             layout,
             input_channels,
@@ -179,6 +193,7 @@ impl<T: GpuFloat> Layers<T> {
             width: input.width,
             classes: plan.num_classes(),
             stages,
+            fused,
         })
     }
 
@@ -248,49 +263,104 @@ impl<T: GpuFloat> Layers<T> {
         bufs.input.upload_physical(gpu, &host)
     }
 
-    /// Runs every stage from the input tensor to the logits, calling `observe` after each.
+    /// Runs the network from the input tensor to the logits, each convolution's bias, ReLU, LRN
+    /// and pooling as one kernel ([`ConvEpilogueGpu`]; bit for bit [`Layers::run`]'s result).
+    /// The buffers of the stages inside a fused group are left unwritten.
+    pub fn run_fused(&mut self, gpu: &Gpu, bufs: &mut Buffers<T>) -> Result<()> {
+        let mut i = 0;
+        while i < self.stages.len() {
+            let (Some(fused), Layer::Conv { conv, .. }) =
+                (&self.fused[i], &mut self.stages[i].layer)
+            else {
+                self.run_stage(gpu, bufs, i)?;
+                i += 1;
+                continue;
+            };
+            let (before, rest) = bufs.outputs.split_at_mut(i);
+            let x = before.last().unwrap_or(&bufs.input);
+            let (raw, after) = rest.split_first_mut().ok_or_else(foreign_buffers)?;
+            let pooled = after
+                .get_mut(fused.last - i - 1)
+                .ok_or_else(foreign_buffers)?;
+            conv.forward_unbiased(gpu, x, raw)?;
+            fused.op.forward(gpu, raw, conv.bias(), pooled)?;
+            i = fused.last + 1;
+        }
+        Ok(())
+    }
+
+    /// Runs stage `i` alone, reading the previous stage's output; returns whether the ReLU is
+    /// still pending in its output (the LRN after a convolution applies it).
+    fn run_stage(&mut self, gpu: &Gpu, bufs: &mut Buffers<T>, i: usize) -> Result<bool> {
+        let (before, rest) = bufs.outputs.split_at_mut(i);
+        let x = before.last().unwrap_or(&bufs.input);
+        let (y, _) = rest.split_first_mut().ok_or_else(foreign_buffers)?;
+        let stage = self.stages.get_mut(i).ok_or_else(foreign_buffers)?;
+        Ok(match &mut stage.layer {
+            Layer::Conv { conv, relu_in_next } => {
+                conv.forward(gpu, x, y, !*relu_in_next)?;
+                *relu_in_next
+            }
+            Layer::Lrn { lrn, relu_first } => {
+                lrn.forward(gpu, x, y, *relu_first)?;
+                false
+            }
+            Layer::Pool(pool) => {
+                pool.forward(gpu, x, y)?;
+                false
+            }
+            Layer::Linear {
+                linear,
+                relu,
+                eval_dropout,
+            } => {
+                linear.forward(gpu, x, y, *relu)?;
+                if let Some(dropout) = eval_dropout {
+                    dropout.forward_eval(gpu, y)?;
+                }
+                false
+            }
+        })
+    }
+
+    /// Runs every stage from the input tensor to the logits, one kernel (or library call) per
+    /// stage, calling `observe` after each.
     pub fn run(
         &mut self,
         gpu: &Gpu,
         bufs: &mut Buffers<T>,
         observe: &mut Observer<'_, T>,
     ) -> Result<()> {
-        for (i, stage) in self.stages.iter_mut().enumerate() {
-            let (before, rest) = bufs.outputs.split_at_mut(i);
-            let x = before.last().unwrap_or(&bufs.input);
-            let Some((y, _)) = rest.split_first_mut() else {
-                return Err(Error::invalid(
-                    "CudaModel",
-                    "activation buffers of another network",
-                ));
-            };
-            let relu_pending = match &mut stage.layer {
-                Layer::Conv { conv, relu_in_next } => {
-                    conv.forward(gpu, x, y, !*relu_in_next)?;
-                    *relu_in_next
-                }
-                Layer::Lrn { lrn, relu_first } => {
-                    lrn.forward(gpu, x, y, *relu_first)?;
-                    false
-                }
-                Layer::Pool(pool) => {
-                    pool.forward(gpu, x, y)?;
-                    false
-                }
-                Layer::Linear {
-                    linear,
-                    relu,
-                    eval_dropout,
-                } => {
-                    linear.forward(gpu, x, y, *relu)?;
-                    if let Some(dropout) = eval_dropout {
-                        dropout.forward_eval(gpu, y)?;
-                    }
-                    false
-                }
-            };
-            observe(&stage.name, y, relu_pending)?;
+        for i in 0..self.stages.len() {
+            let relu_pending = self.run_stage(gpu, bufs, i)?;
+            if let (Some(stage), Some(y)) = (self.stages.get(i), bufs.outputs.get(i)) {
+                observe(&stage.name, y, relu_pending)?;
+            }
         }
         Ok(())
+    }
+}
+
+fn foreign_buffers() -> Error {
+    Error::invalid("CudaModel", "activation buffers of another network")
+}
+
+/// The fused epilogue starting at stage `i`, if it is a convolution followed by an optional LRN
+/// and a max-pooling.
+fn fused_epilogue<T: GpuFloat>(stages: &[Stage<T>], i: usize) -> Option<FusedEpilogue> {
+    let layer = |j: usize| stages.get(j).map(|s| &s.layer);
+    if !matches!(layer(i), Some(Layer::Conv { .. })) {
+        return None;
+    }
+    let (lrn, pool_at) = match layer(i + 1) {
+        Some(Layer::Lrn { lrn, .. }) => (Some(*lrn), i + 2),
+        _ => (None, i + 1),
+    };
+    match layer(pool_at) {
+        Some(Layer::Pool(pool)) => Some(FusedEpilogue {
+            op: ConvEpilogueGpu { lrn, pool: *pool },
+            last: pool_at,
+        }),
+        _ => None,
     }
 }

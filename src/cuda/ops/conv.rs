@@ -1,4 +1,9 @@
-//! 2-D convolutions in cuDNN (then `bias_act`); CPU twin [`crate::cpu::Conv2d`].
+//! 2-D convolutions in cuDNN (then `bias_act`, or a fused epilogue); CPU twin
+//! [`crate::cpu::Conv2d`].
+//!
+//! Over 400 lines on purpose: the layer owns its cuDNN descriptors, its per-shape plan cache and
+//! the algorithm choice, which only make sense together; the pure description of the call (what
+//! the tests replay on the CPU) already lives in `calls.rs`.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -325,6 +330,24 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         y: &mut GpuTensor<T>,
         relu: bool,
     ) -> Result<()> {
+        self.forward_unbiased(gpu, x, y)?;
+        bias_act(gpu, y, &self.bias, relu)
+    }
+
+    /// The layer's bias on the device (for an epilogue that adds it, see
+    /// [`Conv2dGpu::forward_unbiased`]).
+    pub fn bias(&self) -> &CudaSlice<T> {
+        &self.bias
+    }
+
+    /// `y = conv(x)` without the bias: for a fused epilogue that adds it
+    /// ([`super::ConvEpilogueGpu`]). Shapes as for [`Conv2dGpu::forward`].
+    pub fn forward_unbiased(
+        &mut self,
+        gpu: &Gpu,
+        x: &GpuTensor<T>,
+        y: &mut GpuTensor<T>,
+    ) -> Result<()> {
         const OP: &str = "Conv2dGpu::forward";
         let layout = self.options.layout;
         if x.layout() != layout {
@@ -354,8 +377,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         };
         let result = self.run_plan(gpu, &mut plan, x, y);
         self.plans.insert(key, plan);
-        result?;
-        bias_act(gpu, y, &self.bias, relu)
+        result
     }
 
     /// `y = conv(x)` with `plan` (shapes already checked against it).

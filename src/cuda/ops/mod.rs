@@ -9,6 +9,7 @@
 //! | bias_act  | `src/cpu/bias_act.rs`                      | `bias_act.rs`    | `kernels/bias_act.cu`  |
 //! | lrn       | `src/cpu/lrn.rs`                           | `lrn.rs`         | `kernels/lrn.cu`       |
 //! | pool      | `src/cpu/pool.rs`                          | `pool.rs`        | `kernels/pool.cu`      |
+//! | conv_epilogue | bias_act + lrn + pool above, combined  | `conv_epilogue.rs` | `kernels/conv_epilogue.cu` |
 //! | dropout   | `src/cpu/dropout.rs`                       | `dropout.rs`     | `kernels/dropout.cu`   |
 //! | softmax   | `src/postprocess.rs` (softmax, top-k)      | `softmax.rs`     | `kernels/softmax.cu`   |
 //! | prepare   | `src/image/batch.rs` (`U8Batch::to_nchw_f32`) | `prepare.rs`  | `kernels/prepare.cu`   |
@@ -21,6 +22,7 @@
 mod bias_act;
 mod calls;
 mod conv;
+mod conv_epilogue;
 mod convert;
 mod dropout;
 mod linear;
@@ -32,6 +34,7 @@ mod softmax;
 pub use bias_act::{bias_act, bias_act_args};
 pub use calls::{chw_columns_to_hwc, pack_conv_weights, ConvCall, GemmCall};
 pub use conv::{Conv2dGpu, ConvOptions};
+pub use conv_epilogue::ConvEpilogueGpu;
 pub use convert::{convert_args, convert_f16_to_f32};
 pub use dropout::DropoutGpu;
 pub use linear::LinearGpu;
