@@ -1,5 +1,8 @@
 //! CUDA events around the three phases of one batch (upload, compute, download), shared by the
-//! model's plain path and the overlapped [`super::Pipeline`].
+//! model's plain path and the overlapped [`super::Pipeline`]. They are also what the host waits
+//! on before it touches page-locked memory (cudarc's own per-buffer events are off, see
+//! `Gpu::new`), so they are created with blocking sync: a wait sleeps instead of spinning a core
+//! the image loader needs.
 
 use cudarc::driver::{CudaEvent, CudaStream};
 
@@ -20,7 +23,10 @@ impl StageEvents {
     pub fn new(gpu: &Gpu) -> Result<Self> {
         let event = || {
             gpu.context()
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                // Timing on (no DISABLE_TIMING), waits block rather than spin.
+                .new_event(Some(
+                    cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
+                ))
                 .map_err(driver_err("cuEventCreate"))
         };
         Ok(StageEvents {

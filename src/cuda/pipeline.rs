@@ -104,6 +104,11 @@ impl<'m> Pipeline<'m> {
             })
         };
         let slots = ManuallyDrop::new([slot()?, slot()?]);
+        // The slots' device inputs were allocated (and zeroed) on the compute stream and are
+        // written on the copy stream: nothing orders the two but this wait (no event tracking).
+        gpu.stream()
+            .synchronize()
+            .map_err(driver_err("cuStreamSynchronize"))?;
         Ok(Pipeline {
             slots,
             model,

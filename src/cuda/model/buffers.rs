@@ -30,7 +30,8 @@ pub(crate) struct Buffers<T: GpuFloat> {
 
 impl<T: GpuFloat> Buffers<T> {
     /// Copies u8 HWC images into the write-combined buffer and queues their upload to the
-    /// device (waiting first for the previous upload from that buffer).
+    /// device. The caller has waited for the previous upload from that buffer (`run_u8` waits
+    /// on its `h2d_end` event).
     pub fn upload_u8(&mut self, gpu: &Gpu, pixels: &[u8]) -> Result<()> {
         let host = self
             .host_u8

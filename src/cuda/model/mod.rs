@@ -359,6 +359,12 @@ fn run_u8<T: GpuFloat>(
     norm: &PrepareInput,
 ) -> Result<()> {
     let stream = gpu.stream();
+    // The host must not rewrite the page-locked input while its last upload may still read it
+    // (cudarc's own event for it is off; see `Gpu::new`).
+    events
+        .h2d_end
+        .synchronize()
+        .map_err(driver_err("cuEventSynchronize"))?;
     record(&events.h2d_start, stream)?;
     bufs.upload_u8(gpu, batch.as_slice())?;
     record(&events.h2d_end, stream)?;
