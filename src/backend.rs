@@ -85,7 +85,7 @@ pub fn open_backend(
     match choice {
         DeviceChoice::Cpu => Ok(OpenedBackend {
             backend: cpu()?,
-            notice: None,
+            notice: cpu_precision_notice(precision),
         }),
         DeviceChoice::Cuda => Ok(OpenedBackend {
             backend: cuda()?,
@@ -101,11 +101,22 @@ pub fn open_backend(
                 e @ (Error::DeviceUnavailable(_) | Error::Cuda { .. } | Error::OutOfMemory { .. }),
             ) => Ok(OpenedBackend {
                 backend: cpu()?,
-                notice: Some(format!("CUDA is not usable ({e}); running on the CPU")),
+                notice: Some(match cpu_precision_notice(precision) {
+                    Some(also) => format!("CUDA is not usable ({e}); running on the CPU; {also}"),
+                    None => format!("CUDA is not usable ({e}); running on the CPU"),
+                }),
             }),
             Err(e) => Err(e),
         },
     }
+}
+
+/// What the CPU says when it computes another precision than the one asked for.
+fn cpu_precision_notice(precision: Precision) -> Option<String> {
+    let computed = precision.on_cpu();
+    (computed != precision).then(|| {
+        format!("{precision} is a GPU math mode: the CPU computes {computed} (exact f32 math)")
+    })
 }
 
 #[cfg(feature = "cuda")]
@@ -125,4 +136,43 @@ fn open_cuda(_weights: &Weights, _precision: Precision) -> Result<Box<dyn Backen
          with default features, or use --device cpu"
             .to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tf32 on the CPU is fp32, and the caller is told: the backend reports fp32, the logits
+    /// are the fp32 model's bit for bit, and the notice names both precisions.
+    #[test]
+    fn tf32_on_the_cpu_is_fp32_and_says_so() {
+        let mut config = AlexNetConfig::torchvision();
+        config.input.height = 67;
+        config.input.width = 67;
+        let weights = Weights::paper_init(&config, 5).unwrap();
+        let opened = open_backend(&weights, DeviceChoice::Cpu, Precision::Tf32).unwrap();
+        assert_eq!(opened.backend.precision(), Precision::Fp32);
+        let notice = opened.notice.unwrap_or_default();
+        assert!(
+            notice.contains("tf32") && notice.contains("fp32"),
+            "{notice}"
+        );
+        let input = crate::timing::synthetic_batch(2, config.input, 9);
+        let fp32 = CpuModel::new(&weights, Precision::Fp32).unwrap();
+        let tf32 = CpuModel::new(&weights, Precision::Tf32).unwrap();
+        assert_eq!(
+            tf32.forward(input.view()).unwrap(),
+            fp32.forward(input.view()).unwrap()
+        );
+        let plain = open_backend(&weights, DeviceChoice::Cpu, Precision::Fp32).unwrap();
+        assert!(plain.notice.is_none());
+    }
+
+    #[test]
+    fn precisions_parse_and_print_alike() {
+        for p in [Precision::Fp32, Precision::Fp16, Precision::Tf32] {
+            assert_eq!(p.to_string().parse::<Precision>().unwrap(), p);
+        }
+        assert!("bf8".parse::<Precision>().is_err());
+    }
 }

@@ -701,3 +701,26 @@ fn max_image_bytes_caps_each_file() {
     let out = infer(&["--max-image-bytes", "10", "--iterations", "1"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// `--precision tf32` is a GPU math mode: on the CPU the run says it computes fp32 and reports
+/// fp32 (never a silent substitution).
+#[test]
+fn tf32_on_the_cpu_is_reported_as_fp32() {
+    let out = infer(&[
+        "--device",
+        "cpu",
+        "--precision",
+        "tf32",
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert_no_panic(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("tf32 is a GPU math mode"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["precision"], "fp32", "{v}");
+}

@@ -129,6 +129,15 @@ fn torchvision_network_fp32_matches_cpu_stage_by_stage() {
     network_against_cpu(AlexNetConfig::torchvision(), Precision::Fp32, 1e-4);
 }
 
+/// TF32 math: fp32 storage, 10-bit mantissa products; every stage within 1e-2 of the CPU's
+/// fp32 (the CPU computes tf32 as fp32), same top-1 where the margin allows.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn paper_network_tf32_matches_cpu_fp32() {
+    let _gpu = common::exclusive_gpu();
+    network_against_cpu(AlexNetConfig::paper(), Precision::Tf32, 1e-2);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn paper_network_fp16_matches_cpu_fp16() {

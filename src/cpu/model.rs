@@ -52,10 +52,13 @@ pub struct CpuModel {
 }
 
 impl CpuModel {
+    /// The model in `precision`; [`Precision::Tf32`], a GPU math mode, is computed (and
+    /// reported by [`CpuModel::precision`]) as [`Precision::Fp32`].
     pub fn new(weights: &Weights, precision: Precision) -> Result<Self> {
+        let precision = precision.on_cpu();
         let rounded;
         let weights = match precision {
-            Precision::Fp32 => weights,
+            Precision::Fp32 | Precision::Tf32 => weights,
             Precision::Fp16 => {
                 rounded = weights.rounded_to_f16();
                 &rounded

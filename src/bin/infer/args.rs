@@ -70,6 +70,8 @@ pub struct Args {
 pub enum PrecisionArg {
     Fp32,
     Fp16,
+    /// fp32 storage, TF32 tensor-core math on the GPU (the CPU computes fp32).
+    Tf32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -90,6 +92,7 @@ impl From<PrecisionArg> for Precision {
         match p {
             PrecisionArg::Fp32 => Precision::Fp32,
             PrecisionArg::Fp16 => Precision::Fp16,
+            PrecisionArg::Tf32 => Precision::Tf32,
         }
     }
 }

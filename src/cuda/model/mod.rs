@@ -58,6 +58,8 @@ type HostObserver<'a> = dyn FnMut(&str, ArrayViewD<'_, f32>) + 'a;
 ///
 /// - [`Precision::Fp32`]: f32 NCHW activations, true fp32 math (cuDNN `CUDNN_FMA_MATH`, cuBLAS
 ///   `CUBLAS_COMPUTE_32F`) unless [`CudaOptions::allow_tf32`].
+/// - [`Precision::Tf32`]: as fp32, with cuDNN's and cuBLAS's TF32 math (what
+///   [`CudaOptions::allow_tf32`] turns on for fp32).
 /// - [`Precision::Fp16`]: f16 NHWC activations (the input padded to 8 channels, conv1's weights
 ///   with zero filters for them) on the tensor cores with f32 accumulation; fc1's weight
 ///   columns are reordered at load so the (H, W, C) flatten gives the CPU's result.
@@ -111,6 +113,7 @@ impl CudaModel {
             Precision::Fp32 => {
                 TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, options.allow_tf32)?)
             }
+            Precision::Tf32 => TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, true)?),
             Precision::Fp16 => TypedNet::F16(Net::build(&gpu, weights, Layout::Nhwc, false)?),
         };
         let events = StageEvents::new(&gpu)?;
