@@ -14,12 +14,13 @@ eval "$cuda_env"
 export ALEXNET_REQUIRE_CUDA_TOOLS=1
 
 rm -rf .gpu && mkdir -p .gpu/bin
-cargo build --release --lib --tests --bins --examples --message-format=json-render-diagnostics \
+cargo build --release --lib --tests --bins --examples --benches --message-format=json-render-diagnostics \
     > .gpu/build.json
 python3 - .gpu/build.json > .gpu/executables.txt <<'PY'
 import json, sys
 wanted = {("unit", "alexnet_cuda"), ("test", "gpu_layers"), ("test", "gpu_model"),
-          ("test", "soak"), ("bin", "infer"), ("example", "pipeline")}
+          ("test", "soak"), ("bin", "infer"), ("example", "pipeline"),
+          ("bench", "gpu_forward")}
 seen = set()
 for line in open(sys.argv[1]):
     try:
@@ -29,7 +30,7 @@ for line in open(sys.argv[1]):
     if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
         continue
     kinds = msg["target"]["kind"]
-    kind = next((k for k in ("test", "example", "bin") if k in kinds), "lib")
+    kind = next((k for k in ("test", "bench", "example", "bin") if k in kinds), "lib")
     if msg["profile"].get("test") and kind in ("lib", "bin"):
         kind = "unit"
     key = (kind, msg["target"]["name"])

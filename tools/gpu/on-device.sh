@@ -8,7 +8,9 @@
 #            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
 #   tests    every GPU test, one at a time (--test-threads=1), each result listed; never stops at
 #            a failure (not the 10,000-batch soak)
-#   infer    infer --batch $BATCH in fp32 and fp16 (and fp32 with TF32 off/on: INFER_ARGS)
+#   infer    infer --batch $BATCH in fp32, tf32 and fp16 (extra flags: INFER_ARGS)
+#   bench    the criterion GPU benches (benches/gpu_forward.rs: forward_u8 at batch 1 to 256,
+#            the pipeline at 128), about three minutes
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU tests
@@ -59,12 +61,18 @@ PY
         while read -r line; do summary+=("$line"); done < "$OUT/test-results.txt"
         ;;
     infer)
-        for p in fp32 fp16; do
+        for p in fp32 tf32 fp16; do
             timeout 240 $G/bin/bin-infer --device cuda --batch "$BATCH" --precision $p ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
             rc=$?
             note "infer $p batch $BATCH rc=$rc: $(grep -E 'throughput|error' "$OUT/infer-$p.txt" | head -1)"
             grep -E 'GPU (H2D|compute|D2H)' "$OUT/infer-$p.txt" | sed 's/^/  /'
         done
+        ;;
+    bench)
+        timeout 400 $G/bin/bench-gpu_forward --bench > "$OUT/bench.txt" 2>&1
+        rc=$?
+        note "bench gpu_forward rc=$rc: $(grep -cE 'thrpt' "$OUT/bench.txt") figures (bench.txt) $(grep -m1 SKIPPED "$OUT/bench.txt")"
+        grep -B2 -E 'thrpt' "$OUT/bench.txt" | grep -E '^gpu_|thrpt' | sed 's/^/  /' | while read -r l; do echo "$l"; done
         ;;
     anchor)
         timeout 300 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,tf32,fp16 --json "$OUT/anchor.json" > "$OUT/anchor.txt" 2>&1

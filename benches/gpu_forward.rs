@@ -1,0 +1,91 @@
+//! Whole-network forward on the GPU: fp32, tf32 and fp16, batch 1, 32, 128 and 256, from u8
+//! images in host memory to logits on the host (`forward_u8`); and end to end through the
+//! overlapped pinned [`Pipeline`](alexnet_cuda::cuda::Pipeline) with two batches in flight.
+//! Reported in images/s. `cargo bench --bench gpu_forward`.
+//!
+//! Without a usable GPU it prints one `SKIPPED` line with the reason and measures nothing.
+//! (Graph capture does not exist yet: every figure here is the eager path.)
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use alexnet_cuda::cuda::{CudaModel, CudaOptions};
+use alexnet_cuda::timing::synthetic_u8_batch;
+use alexnet_cuda::{AlexNetConfig, Precision, Weights};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const PRECISIONS: [Precision; 3] = [Precision::Fp32, Precision::Tf32, Precision::Fp16];
+
+/// The paper model on the GPU in `precision`, or why there is none.
+fn model(weights: &Weights, precision: Precision) -> Result<CudaModel, String> {
+    CudaModel::new(weights, precision, CudaOptions::default()).map_err(|e| e.to_string())
+}
+
+fn gpu_benches(c: &mut Criterion) {
+    let config = AlexNetConfig::paper();
+    let weights = match Weights::paper_init(&config, 0) {
+        Ok(w) => w,
+        Err(e) => panic!("initialising the weights: {e}"),
+    };
+    if let Err(why) = model(&weights, Precision::Fp32) {
+        eprintln!("gpu_forward: SKIPPED, no usable GPU: {why}");
+        return;
+    }
+    let side = config.input.height as u32;
+
+    let mut group = c.benchmark_group("gpu_forward");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    for precision in PRECISIONS {
+        let Ok(mut gpu) = model(&weights, precision) else {
+            continue;
+        };
+        for batch in [1usize, 32, 128, 256] {
+            let Ok(images) = synthetic_u8_batch(batch, side, 1) else {
+                continue;
+            };
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_function(BenchmarkId::new(format!("paper/{precision}"), batch), |b| {
+                b.iter(|| black_box(gpu.forward_u8(&images).expect("forward_u8")))
+            });
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("gpu_pipeline");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let Ok(mut gpu) = model(&weights, precision) else {
+            continue;
+        };
+        let batch = 128usize;
+        let Ok(images) = synthetic_u8_batch(batch, side, 2) else {
+            continue;
+        };
+        let Ok(mut pipeline) = gpu.pipeline(batch) else {
+            continue;
+        };
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new(format!("paper/{precision}"), batch), |b| {
+            // `iters` batches with two in flight: submit the next before waiting for the oldest.
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                pipeline.submit(&images).expect("submit");
+                for i in 0..iters {
+                    if i + 1 < iters {
+                        pipeline.submit(&images).expect("submit");
+                    }
+                    black_box(pipeline.finish().expect("finish"));
+                }
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gpu_benches);
+criterion_main!(benches);
