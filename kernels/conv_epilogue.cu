@@ -9,6 +9,7 @@
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
+#include "alexnet_lrn.cuh"
 
 /* A value as the separate kernels leave it in memory: rounded to T (the identity for f32). */
 template <typename T> static __device__ __forceinline__ float alexnet_round(float v)
@@ -26,33 +27,21 @@ static __device__ __forceinline__ float biased(const T *__restrict__ src, const 
     return alexnet_round<T>(alexnet_relu(v));
 }
 
-/* The LRN of channel c at (n, y, x), in lrn.cu's order and rounding. */
+/* The LRN of channel c at (n, y, x), as lrn.cu computes it (alexnet_lrn.cuh). */
 template <typename T, typename I>
 static __device__ __forceinline__ float normalised(const T *__restrict__ src,
                                                    const T *__restrict__ bias,
                                                    const AlexnetLrnParams &p, I n, I c, I y, I x)
 {
-    const unsigned int before = p.size / 2;
-    const unsigned int after = p.size > 0 ? (p.size - 1) / 2 : 0;
-    const unsigned int cc = (unsigned int)c;
-    const unsigned int first = cc > before ? cc - before : 0;
-    const unsigned long long last_wide = (unsigned long long)cc + after;
-    const unsigned int last = last_wide < p.shape.c ? (unsigned int)last_wide : p.shape.c - 1;
+    unsigned int first, last;
+    alexnet_lrn_window((unsigned int)c, p, first, last);
     float sum = 0.0f;
     for (unsigned int j = first; j <= last; ++j) {
         const float a = biased<T, I>(src, bias, p.shape, n, (I)j, y, x);
         sum = __fadd_rn(sum, __fmul_rn(a, a));
     }
     const float a = biased<T, I>(src, bias, p.shape, n, c, y, x);
-    const float base = __fadd_rn(p.k, __fmul_rn(p.alpha, sum));
-    float out;
-    if (p.beta == 0.75f) {
-        const float r = sqrtf(base);
-        out = a / __fmul_rn(r, sqrtf(r));
-    } else {
-        out = a / powf(base, p.beta);
-    }
-    return alexnet_round<T>(out);
+    return alexnet_round<T>(alexnet_lrn_value(a, sum, p));
 }
 
 template <typename T, typename I>

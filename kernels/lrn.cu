@@ -4,12 +4,11 @@
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
+#include "alexnet_lrn.cuh"
 
 /*
- * One thread per element: the sum of squares over the channel window [c - size/2,
- * c + (size-1)/2] (clipped), then a_c / (k + alpha * sum)^beta. Products and sums use
- * __fmul_rn/__fadd_rn (never contracted into FMAs) in the CPU's order (`cpu::Lrn`), and
- * beta = 0.75 takes the CPU's two square roots, so f32 results match the CPU bit for bit.
+ * One thread per element: the sum of squares over the channel window, then a_c / (k + alpha *
+ * sum)^beta (alexnet_lrn.cuh: the CPU's order and rounding, bit for bit in f32).
  */
 template <typename T, typename I>
 static __device__ __forceinline__ void lrn(const T *__restrict__ src, T *__restrict__ dst,
@@ -18,15 +17,12 @@ static __device__ __forceinline__ void lrn(const T *__restrict__ src, T *__restr
     const AlexnetTensorShape s = p.shape;
     const I plane = (I)s.h * s.w;
     const I channel_stride = s.layout == ALEXNET_LAYOUT_NHWC ? (I)1 : plane;
-    const unsigned int before = p.size / 2;
-    const unsigned int after = p.size > 0 ? (p.size - 1) / 2 : 0;
     ALEXNET_GRID_STRIDE(I, i, total)
     {
         const unsigned int c =
             (unsigned int)(s.layout == ALEXNET_LAYOUT_NHWC ? i % s.c : (i / plane) % s.c);
-        const unsigned int first = c > before ? c - before : 0;
-        const unsigned long long last_wide = (unsigned long long)c + after;
-        const unsigned int last = last_wide < s.c ? (unsigned int)last_wide : s.c - 1;
+        unsigned int first, last;
+        alexnet_lrn_window(c, p, first, last);
         const T *channel0 = src + (i - (I)c * channel_stride);
         float sum = 0.0f;
         for (unsigned int j = first; j <= last; ++j) {
@@ -38,15 +34,7 @@ static __device__ __forceinline__ void lrn(const T *__restrict__ src, T *__restr
         float a = alexnet_load(src[i]);
         if (p.relu_first)
             a = alexnet_relu(a);
-        const float base = __fadd_rn(p.k, __fmul_rn(p.alpha, sum));
-        float out;
-        if (p.beta == 0.75f) {
-            const float r = sqrtf(base);
-            out = a / __fmul_rn(r, sqrtf(r));
-        } else {
-            out = a / powf(base, p.beta);
-        }
-        dst[i] = alexnet_store<T>(out);
+        dst[i] = alexnet_store<T>(alexnet_lrn_value(a, sum, p));
     }
 }
 
