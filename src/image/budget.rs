@@ -8,6 +8,11 @@
 //! only when the bytes are free at once ([`Reservation::try_grow`]); otherwise it gives back
 //! what it holds and asks for the whole amount in one request. Requests are served in arrival
 //! order, so a large image is not starved by a stream of small ones.
+//!
+//! What runs under a reservation (decoding, the crop) must not wait on rayon work: a rayon worker
+//! waiting in a join may pick up another image's load from the pool, which would then wait for
+//! the budget while its thread holds a reservation. The decoders and the resampler use no rayon
+//! (checked for image 0.25's decoders); `load_batch` parallelises only across images.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
