@@ -8,6 +8,7 @@ use crate::config::{AlexNetConfig, Precision};
 use crate::cpu::CpuModel;
 use crate::error::{Error, Result};
 use crate::image::{Preprocess, U8Batch};
+use crate::stream::{drive, BatchStream, HostQueue};
 use crate::weights::Weights;
 
 /// Which device to run on.
@@ -46,6 +47,20 @@ pub trait Backend {
     /// Whether this backend runs on a GPU (picks the CLI's default iteration counts).
     fn is_gpu(&self) -> bool {
         false
+    }
+
+    /// Runs the batches `stream` writes, `max_batch` images at most each, normalised with
+    /// `pre`'s mean and std, and hands their logits back in order (see [`crate::stream`]). On
+    /// a GPU the next batch is written into a page-locked slot while the previous one computes;
+    /// the default computes each batch on the host as it is submitted.
+    fn run_stream(
+        &mut self,
+        max_batch: usize,
+        pre: &Preprocess,
+        stream: &mut dyn BatchStream,
+    ) -> Result<()> {
+        let mut queue = HostQueue::new(self, pre, max_batch, 1)?;
+        drive(&mut queue, stream)
     }
 
     /// Device-side timings of the last batch (upload, compute, download), where the backend

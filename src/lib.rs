@@ -58,6 +58,7 @@ pub mod error;
 pub mod image;
 pub mod labels;
 pub mod postprocess;
+pub mod stream;
 pub mod timing;
 pub mod weights;
 

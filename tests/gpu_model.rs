@@ -308,6 +308,79 @@ fn pipeline_gives_the_plain_paths_logits() {
     }
 }
 
+/// `Backend::run_stream` on a GPU (what `infer` and `classify_files` use): the batches
+/// written straight into the pipeline's page-locked slots give the plain path's logits, in
+/// order, with device timings for each.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn run_stream_gives_the_plain_paths_logits_in_order() {
+    use alexnet_cuda::stream::{BatchStream, InputSlot, StreamedBatch};
+    use alexnet_cuda::{Backend, Result};
+
+    struct Batches {
+        batches: Vec<U8Batch>,
+        next: usize,
+        out: Vec<StreamedBatch>,
+    }
+    impl BatchStream for Batches {
+        fn fill(&mut self, slot: InputSlot<'_>) -> Result<usize> {
+            let Some(batch) = self.batches.get(self.next) else {
+                return Ok(0);
+            };
+            self.next += 1;
+            slot.bytes[..batch.as_slice().len()].copy_from_slice(batch.as_slice());
+            Ok(batch.len())
+        }
+        fn take(&mut self, batch: StreamedBatch) -> Result<()> {
+            self.out.push(batch);
+            Ok(())
+        }
+    }
+
+    let _gpu = common::exclusive_gpu();
+    let seed = seed("run_stream");
+    let config = AlexNetConfig::paper();
+    let weights = formula_weights(&config);
+    // Not the model's own normalisation: the stream's must be the one applied.
+    let pre = Preprocess {
+        mean: [0.5, 0.4, 0.3],
+        std: [0.2, 0.3, 0.25],
+        ..Preprocess::default()
+    };
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let mut gpu = cuda_model(&weights, precision);
+        let batches: Vec<U8Batch> = [3, 3, 1, 2, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| random_u8_batch(n, 224, seed + 7 * i as u64))
+            .collect();
+        let plain: Vec<Array2<f32>> = batches
+            .iter()
+            .map(|b| Backend::forward_u8(&mut gpu, b, &pre).unwrap())
+            .collect();
+        let mut stream = Batches {
+            batches,
+            next: 0,
+            out: Vec::new(),
+        };
+        gpu.run_stream(3, &pre, &mut stream).unwrap();
+        assert_eq!(stream.out.len(), plain.len());
+        for (i, (out, want)) in stream.out.iter().zip(&plain).enumerate() {
+            assert!(
+                out.logits.dim() == want.dim()
+                    && out
+                        .logits
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{precision} batch {i}: the stream's logits differ from forward_u8's"
+            );
+            let t = out.timings.expect("a GPU times its stages");
+            assert!(t.compute_ms > 0.0, "{t:?}");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn repeated_runs_are_bit_identical() {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use alexnet_cuda::image::{
     center_crop, collect_image_paths, decode_image_bytes, decode_image_file, load_batch,
-    resize_bilinear, Preprocess, U8Batch, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_DIMENSION,
+    load_batch_into, resize_bilinear, Preprocess, U8Batch, IMAGENET_MEAN, IMAGENET_STD,
+    MAX_IMAGE_DIMENSION,
 };
 use alexnet_cuda::Error;
 use image::{GrayImage, Luma, Rgb, RgbImage, Rgba, RgbaImage};
@@ -519,6 +520,35 @@ fn load_batch_keeps_order_and_reports_failures() {
     }
     let empty = load_batch(&[], &pre);
     assert!(empty.batch.is_empty() && empty.sources.is_empty() && empty.failures.is_empty());
+}
+
+/// Straight into a caller's buffer: the same rows as `load_batch`, packed from row 0, the
+/// bytes past them untouched; a buffer too small is refused before anything is decoded.
+#[test]
+fn load_batch_into_writes_the_rows_load_batch_makes() {
+    let pre = Preprocess::default();
+    let paths = vec![
+        data("bad/truncated.jpg"),
+        data("images/chelsea.png"),
+        data("bad/does_not_exist.png"),
+        data("images/coffee.png"),
+    ];
+    let per = 224 * 224 * 3;
+    let mut out = vec![0xA5u8; paths.len() * per];
+    let rows = load_batch_into(&paths, &pre, &mut out).unwrap();
+    let loaded = load_batch(&paths, &pre);
+    assert_eq!(rows.sources, loaded.sources);
+    assert_eq!(rows.sources, vec![1, 3]);
+    let failed: Vec<usize> = rows.failures.iter().map(|(i, _)| *i).collect();
+    assert_eq!(failed, vec![0, 2]);
+    assert_eq!(&out[..2 * per], loaded.batch.as_slice());
+    assert!(out[2 * per..].iter().all(|&b| b == 0xA5));
+
+    let mut small = vec![0u8; paths.len() * per - 1];
+    assert!(matches!(
+        load_batch_into(&paths, &pre, &mut small),
+        Err(Error::Shape { .. })
+    ));
 }
 
 // ------------------------------------------------------------------------------------------

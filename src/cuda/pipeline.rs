@@ -10,10 +10,12 @@ use ndarray::Array2;
 use super::device::driver_err;
 use super::events::{record, StageEvents};
 use super::model::CudaModel;
+use super::ops::PrepareInput;
 use super::pinned::{alloc_readback, alloc_upload};
 use crate::backend::StageTimings;
 use crate::error::{Error, Result};
 use crate::image::U8Batch;
+use crate::stream::BatchQueue;
 
 /// One of the two buffers sets a batch travels through.
 struct Slot {
@@ -60,18 +62,27 @@ pub struct Pipeline<'m> {
     next: usize,
     /// Slots with a batch in flight, oldest first.
     in_flight: VecDeque<usize>,
+    /// The normalisation applied on the GPU to every batch.
+    norm: PrepareInput,
 }
 
 impl CudaModel {
     /// An overlapped pipeline for batches of up to `max_batch` images: two page-locked input
     /// slots, uploads on the copy stream overlapping the previous batch's compute.
     pub fn pipeline(&mut self, max_batch: usize) -> Result<Pipeline<'_>> {
-        Pipeline::new(self, max_batch)
+        let norm = self.options().normalization;
+        Pipeline::new(self, max_batch, norm)
+    }
+
+    /// [`CudaModel::pipeline`] normalising with `norm` instead of
+    /// [`CudaOptions::normalization`](super::CudaOptions::normalization).
+    pub fn pipeline_with(&mut self, max_batch: usize, norm: PrepareInput) -> Result<Pipeline<'_>> {
+        Pipeline::new(self, max_batch, norm)
     }
 }
 
 impl<'m> Pipeline<'m> {
-    fn new(model: &'m mut CudaModel, max_batch: usize) -> Result<Self> {
+    fn new(model: &'m mut CudaModel, max_batch: usize, norm: PrepareInput) -> Result<Self> {
         if max_batch == 0 {
             return Err(Error::invalid("pipeline batch", "must be at least 1"));
         }
@@ -117,6 +128,7 @@ impl<'m> Pipeline<'m> {
             classes,
             next: 0,
             in_flight: VecDeque::with_capacity(2),
+            norm,
         })
     }
 
@@ -227,7 +239,7 @@ impl<'m> Pipeline<'m> {
             .as_mut_slice()
             .map_err(driver_err("cuEventSynchronize"))?[..logits];
         self.model
-            .compute_device_u8(&src, n, dst, &slot.events.compute_end)?;
+            .compute_device_u8(&src, n, &self.norm, dst, &slot.events.compute_end)?;
         record(&slot.events.d2h_end, self.model.gpu().stream())?;
         slot.n = n;
         self.in_flight.push_back(index);
@@ -257,6 +269,39 @@ impl<'m> Pipeline<'m> {
         let logits = Array2::from_shape_vec((n, self.classes), values)
             .map_err(|e| Error::invalid("logits", e.to_string()))?;
         Ok(PipelineOutput { logits, timings })
+    }
+}
+
+/// The pipeline drives [`crate::Backend::run_stream`] on a GPU: two page-locked slots.
+impl BatchQueue for Pipeline<'_> {
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn image_bytes(&self) -> usize {
+        self.image_bytes
+    }
+
+    fn depth(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn next_input(&mut self) -> Result<(usize, &mut [u8])> {
+        let slot = self.free_slot()?;
+        Ok((slot, self.input_buffer()?))
+    }
+
+    fn submit(&mut self, n: usize) -> Result<()> {
+        self.submit_written(n)
+    }
+
+    fn finish(&mut self) -> Result<(Array2<f32>, Option<StageTimings>)> {
+        let out = Pipeline::finish(self)?;
+        Ok((out.logits, Some(out.timings)))
     }
 }
 

@@ -39,6 +39,25 @@ impl U8Batch {
         b
     }
 
+    /// A batch over `data`: `N` images of `crop x crop x 3` bytes each, HWC, back to back.
+    /// [`Error::Shape`] unless `data.len()` is a whole number of images.
+    pub fn from_raw(crop: u32, data: Vec<u8>) -> Result<Self> {
+        let batch = U8Batch::new(crop);
+        let per = batch.image_bytes();
+        if per == 0 || !data.len().is_multiple_of(per) {
+            return Err(Error::Shape {
+                op: "U8Batch::from_raw",
+                expected: format!("a multiple of {per} bytes ({crop}x{crop}x3 images)"),
+                found: vec![data.len()],
+            });
+        }
+        Ok(U8Batch {
+            crop,
+            len: data.len() / per,
+            data,
+        })
+    }
+
     /// Side of each (square) image.
     pub fn crop(&self) -> u32 {
         self.crop
@@ -174,20 +193,79 @@ pub struct LoadedBatch {
 /// [`LoadedBatch::failures`] and left out of the batch; [`LoadedBatch::sources`] maps batch rows
 /// back to input indices.
 pub fn load_batch(paths: &[PathBuf], pre: &Preprocess) -> LoadedBatch {
-    let results: Vec<Result<RgbImage>> = paths.par_iter().map(|p| pre.load(p)).collect();
+    let results = decode_in_parallel(paths, pre);
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let mut batch = U8Batch::with_capacity(pre.crop, ok);
-    let mut sources = Vec::with_capacity(ok);
+    let rows = place_in_order(results, |img| batch.push(img));
+    LoadedBatch {
+        batch,
+        sources: rows.sources,
+        failures: rows.failures,
+    }
+}
+
+/// Where the rows written by [`load_batch_into`] came from.
+#[derive(Debug)]
+pub struct LoadedRows {
+    /// Row `r` of the output holds input `sources[r]` (strictly increasing).
+    pub sources: Vec<usize>,
+    /// The inputs that failed, `(index in paths, error naming the path)`, in input order.
+    pub failures: Vec<(usize, Error)>,
+}
+
+/// [`load_batch`] writing straight into `out` (e.g. a pipeline's page-locked input slot): the
+/// images that decode go to rows `0, 1, ...` (`crop * crop * 3` bytes each, HWC), written once
+/// and sequentially, never read back. [`Error::Shape`] when `out` has room for fewer than
+/// `paths.len()` images; nothing is decoded then.
+pub fn load_batch_into(paths: &[PathBuf], pre: &Preprocess, out: &mut [u8]) -> Result<LoadedRows> {
+    let per = U8Batch::new(pre.crop).image_bytes();
+    if paths
+        .len()
+        .checked_mul(per)
+        .is_none_or(|need| need > out.len())
+    {
+        return Err(Error::Shape {
+            op: "load_batch_into",
+            expected: format!("room for {} images of {per} bytes", paths.len()),
+            found: vec![out.len()],
+        });
+    }
+    let results = decode_in_parallel(paths, pre);
+    let mut rows = out.chunks_exact_mut(per);
+    Ok(place_in_order(results, |img| {
+        // Checked before a row is taken: a failed image must not leave a hole.
+        if img.dimensions() != (pre.crop, pre.crop) || img.as_raw().len() != per {
+            return Err(Error::Shape {
+                op: "load_batch_into",
+                expected: format!("a {0}x{0} RGB image", pre.crop),
+                found: vec![img.height() as usize, img.width() as usize, 3],
+            });
+        }
+        let row = rows
+            .next()
+            .ok_or_else(|| Error::invalid("load_batch_into", "more images than rows"))?;
+        row.copy_from_slice(img.as_raw());
+        Ok(())
+    }))
+}
+
+fn decode_in_parallel(paths: &[PathBuf], pre: &Preprocess) -> Vec<Result<RgbImage>> {
+    paths.par_iter().map(|p| pre.load(p)).collect()
+}
+
+/// Hands each decoded image to `place` in input order and records which inputs became rows
+/// and which failed (to decode, or to be placed).
+fn place_in_order(
+    results: Vec<Result<RgbImage>>,
+    mut place: impl FnMut(&RgbImage) -> Result<()>,
+) -> LoadedRows {
+    let mut sources = Vec::with_capacity(results.len());
     let mut failures = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
-        match r.and_then(|img| batch.push(&img)) {
+        match r.and_then(|img| place(&img)) {
             Ok(()) => sources.push(i),
             Err(e) => failures.push((i, e)),
         }
     }
-    LoadedBatch {
-        batch,
-        sources,
-        failures,
-    }
+    LoadedRows { sources, failures }
 }

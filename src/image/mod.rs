@@ -35,7 +35,9 @@ mod preprocess;
 mod read;
 mod resize;
 
-pub use batch::{collect_image_paths, load_batch, LoadedBatch, U8Batch};
+pub use batch::{
+    collect_image_paths, load_batch, load_batch_into, LoadedBatch, LoadedRows, U8Batch,
+};
 pub use budget::DECODE_MEMORY_BUDGET;
 pub use decode::{decode_image_bytes, decode_image_file, decode_image_file_with};
 pub use preprocess::Preprocess;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use alexnet_cuda::backend::StageTimings;
 use alexnet_cuda::config::thousands;
-use alexnet_cuda::timing::{time_forward, LatencyStats, TimingPlan};
+use alexnet_cuda::timing::{bottleneck, time_forward, Bottleneck, LatencyStats, TimingPlan};
 use alexnet_cuda::{Backend, Error, Weights};
 use serde_json::json;
 
@@ -24,19 +24,35 @@ pub fn benchmark(
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    let millis: Vec<f64> = run.wall.iter().map(|t| t.as_secs_f64() * 1e3).collect();
-    let Some(latency) = LatencyStats::from_millis(&millis) else {
+    let ms = |samples: &[Duration]| -> Vec<f64> {
+        samples.iter().map(|t| t.as_secs_f64() * 1e3).collect()
+    };
+    let (Some(latency), Some(interval), Some(fill)) = (
+        LatencyStats::from_millis(&ms(&run.latency)),
+        LatencyStats::from_millis(&ms(&run.interval)),
+        LatencyStats::from_millis(&ms(&run.fill)),
+    ) else {
         return Err(Error::Invalid {
             what: "--iterations",
             message: "no timed iterations".into(),
         });
     };
-    let total: Duration = run.wall.iter().sum();
-    let images = (plan.batch * run.wall.len()) as f64;
+    let total: Duration = run.interval.iter().sum();
+    let images = (plan.batch * run.interval.len()) as f64;
     let throughput = images / total.as_secs_f64();
     let gflop_per_image = config.flops_per_image()? as f64 / 1e9;
     let tflops = throughput * gflop_per_image / 1e3;
     let stages = StageSummary::new(&run.stages);
+    let bound = stages.as_ref().map(|s| {
+        bottleneck(
+            interval.mean,
+            &StageTimings {
+                h2d_ms: s.h2d.mean,
+                compute_ms: s.compute.mean,
+                d2h_ms: s.d2h.mean,
+            },
+        )
+    });
     if args.json {
         let mut report = json!({
             "device": backend.device_name(),
@@ -47,6 +63,8 @@ pub fn benchmark(
             "iterations": plan.iterations,
             "throughput_img_per_s": throughput,
             "latency_ms": latency,
+            "interval_ms": interval,
+            "fill_ms": fill,
             "gflop_per_image": gflop_per_image,
             "achieved_tflops": tflops,
         });
@@ -59,6 +77,10 @@ pub fn benchmark(
                 "compute": stages.compute,
                 "d2h": stages.d2h,
             });
+        }
+        if let Some((bound, share)) = bound {
+            report["bound"] = json!(bound);
+            report["busiest_stream_share"] = json!(share);
         }
         say!("{report}");
         return Ok(());
@@ -87,8 +109,13 @@ pub fn benchmark(
         latency.min, latency.mean, latency.p50, latency.p90, latency.p99, latency.max
     );
     say!(
-        "latency/image : {:.3} ms (mean batch latency / batch)",
-        latency.mean / plan.batch as f64
+        "interval      : mean {:.2} ms, median {:.2} ms (logits to logits; throughput = batch / interval)",
+        interval.mean,
+        interval.p50
+    );
+    say!(
+        "host fill     : mean {:.3} ms per batch (writing the images into the input buffer)",
+        fill.mean
     );
     if let Some(stages) = &stages {
         for (name, s) in [
@@ -103,6 +130,17 @@ pub fn benchmark(
                 s.p50
             );
         }
+    }
+    if let Some((bound, share)) = bound {
+        let why = match bound {
+            Bottleneck::Compute => "the compute stream",
+            Bottleneck::Transfer => "the upload",
+            Bottleneck::Host => "the GPU waits for the host; the busiest stream",
+        };
+        say!(
+            "bound         : {bound} ({why} is busy {:.0}% of each interval)",
+            share * 100.0
+        );
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use crate::config::{AlexNetConfig, Precision};
 use crate::cuda::ops::PrepareInput;
 use crate::error::Result;
 use crate::image::{Preprocess, U8Batch};
+use crate::stream::{drive, BatchStream};
 
 impl Backend for CudaModel {
     fn device_name(&self) -> String {
@@ -31,6 +32,19 @@ impl Backend for CudaModel {
     fn forward_u8(&mut self, batch: &U8Batch, pre: &Preprocess) -> Result<Array2<f32>> {
         let norm = PrepareInput::new(pre.mean, pre.std)?;
         self.forward_u8_with(batch, &norm)
+    }
+
+    /// Through the overlapped [`Pipeline`](crate::cuda::Pipeline): the stream writes each
+    /// batch straight into a page-locked slot while the GPU computes the previous one.
+    fn run_stream(
+        &mut self,
+        max_batch: usize,
+        pre: &Preprocess,
+        stream: &mut dyn BatchStream,
+    ) -> Result<()> {
+        let norm = PrepareInput::new(pre.mean, pre.std)?;
+        let mut pipeline = self.pipeline_with(max_batch, norm)?;
+        drive(&mut pipeline, stream)
     }
 
     fn last_stage_timings(&self) -> Option<StageTimings> {

@@ -329,21 +329,21 @@ impl CudaModel {
         self.last_timings = Some(t);
     }
 
-    /// Runs the network on `n` u8 images already on the device and queues the logits'
-    /// download into `dst` (asynchronous; `n` must fit `dst`).
+    /// Runs the network on `n` u8 images already on the device, normalised with `norm`, and
+    /// queues the logits' download into `dst` (asynchronous; `n` must fit `dst`).
     pub(crate) fn compute_device_u8(
         &mut self,
         src: &CudaView<'_, u8>,
         n: usize,
+        norm: &PrepareInput,
         dst: &mut [f32],
         compute_end: &CudaEvent,
     ) -> Result<()> {
         check_batch(n)?;
         let gpu = &self.gpu;
-        let norm = self.options.normalization;
         with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
-            bufs.prepare_from(gpu, src, &norm)?;
+            bufs.prepare_from(gpu, src, norm)?;
             layers.run_fused(gpu, bufs)?;
             record(compute_end, gpu.stream())?;
             bufs.download_logits(gpu, dst)
