@@ -381,6 +381,46 @@ fn run_stream_gives_the_plain_paths_logits_in_order() {
     }
 }
 
+/// One cuDNN workspace shared by every convolution, under the cap, and algorithm choices for one
+/// batch size at a time: after batch 2 then batch 3 only batch 3's plans remain, none needs
+/// more than the cap, the workspace is exactly the most they need, and the logits still match
+/// the CPU's — also with no workspace at all.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn one_capped_workspace_and_one_batch_size_of_plans() {
+    let _gpu = common::exclusive_gpu();
+    let seed = seed("workspace");
+    let config = AlexNetConfig::paper();
+    let weights = formula_weights(&config);
+    let cpu = CpuModel::new(&weights, Precision::Fp32).unwrap();
+    let input = synthetic_batch(3, config.input, seed);
+    let want = cpu.forward(input.view()).unwrap();
+    for cap in [0usize, 64 << 20] {
+        let options = CudaOptions {
+            conv_workspace_limit: Some(cap),
+            ..CudaOptions::default()
+        };
+        let mut gpu = CudaModel::new(&weights, Precision::Fp32, options).unwrap();
+        assert_eq!(gpu.gpu().conv_workspace_limit().unwrap(), cap);
+        gpu.forward_f32(input.slice(ndarray::s![..2, .., .., ..]))
+            .unwrap();
+        let logits = gpu.forward_f32(input.view()).unwrap();
+        let plans = gpu.conv_plans();
+        eprintln!("cap {cap}: {plans:?}");
+        assert_eq!(plans.len(), 5, "one plan per convolution: {plans:?}");
+        assert!(plans.iter().all(|(_, p)| p.input[0] == 3), "{plans:?}");
+        let most = plans.iter().map(|(_, p)| p.workspace_bytes).max().unwrap();
+        assert!(most <= cap, "cap {cap}: {plans:?}");
+        assert_eq!(gpu.gpu().conv_workspace_bytes().unwrap(), most);
+        check(
+            &format!("fp32 with a {cap}-byte workspace"),
+            &logits.into_dyn(),
+            &want.clone().into_dyn(),
+            1e-4,
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn repeated_runs_are_bit_identical() {

@@ -2,6 +2,8 @@
 //! algorithm search. cudarc's safe cuDNN types keep their raw descriptors private, and
 //! `cudnnFind*` needs them, so the convolution layer uses these instead.
 
+use std::ffi::c_void;
+
 use cudarc::cudnn::{result, sys};
 use cudarc::driver::CudaStream;
 
@@ -178,24 +180,27 @@ pub(crate) struct FwdAlgoPerf {
 /// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
 /// deterministic one, else the fastest. For true fp32 (`CUDNN_FMA_MATH`) only GEMM-family and
 /// direct algorithms measured without tensor-op math qualify: the transform-domain ones (FFT,
-/// Winograd) cost about an order of magnitude of accuracy through their extra roundings.
+/// Winograd) cost about an order of magnitude of accuracy through their extra roundings. None
+/// needing more than `max_workspace` bytes qualifies.
 pub(crate) fn choose_forward_algorithm(
     candidates: &[FwdAlgoPerf],
     true_fp32: bool,
+    max_workspace: usize,
 ) -> Option<FwdAlgoPerf> {
     use sys::cudnnConvolutionFwdAlgo_t::*;
     let allowed = |p: &&FwdAlgoPerf| {
-        !true_fp32
-            || (matches!(
-                p.math,
-                sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-            ) && matches!(
-                p.algo,
-                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
-                    | CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
-                    | CUDNN_CONVOLUTION_FWD_ALGO_GEMM
-                    | CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
-            ))
+        p.workspace <= max_workspace
+            && (!true_fp32
+                || (matches!(
+                    p.math,
+                    sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+                ) && matches!(
+                    p.algo,
+                    CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
+                        | CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+                        | CUDNN_CONVOLUTION_FWD_ALGO_GEMM
+                        | CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
+                )))
     };
     candidates
         .iter()
@@ -205,37 +210,61 @@ pub(crate) fn choose_forward_algorithm(
         .copied()
 }
 
-/// Runs every forward algorithm once on scratch buffers cuDNN allocates itself and returns the
-/// successful ones, fastest first.
-pub(crate) fn find_forward_algorithms(
+/// The buffers [`find_forward_algorithms`] measures on: the layer's real input, weights and
+/// output, and the shared workspace.
+pub(crate) struct FindBuffers {
+    pub x: *const c_void,
+    pub w: *const c_void,
+    /// Overwritten by the measurements.
+    pub y: *mut c_void,
+    pub workspace: *mut c_void,
+    pub workspace_bytes: usize,
+}
+
+/// Runs every forward algorithm that fits `buffers.workspace_bytes` once on the real buffers
+/// (`cudnnFindConvolutionForwardAlgorithmEx`) and returns the successful ones, fastest first.
+///
+/// # Safety
+/// The pointers are device memory on the handle's device, matching the descriptors (`x` and
+/// `w` readable, `y` and the workspace writable, the workspace `workspace_bytes` long), and no
+/// other work uses `y` or the workspace until the call returns (cuDNN synchronises it).
+pub(crate) unsafe fn find_forward_algorithms(
     handle: &CudnnHandle,
     x: &TensorDesc,
     w: &FilterDesc,
     conv: &ConvDesc,
     y: &TensorDesc,
+    buffers: &FindBuffers,
 ) -> Result<Vec<FwdAlgoPerf>> {
+    // Twice the algorithm count: cuDNN may report an algorithm once with tensor-op math and
+    // once without, and the true-fp32 rule needs the latter even when it is slow.
     const REQUESTED: usize =
-        sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+        2 * sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
     // SAFETY: an all-zero perf struct is valid (every enum field has a 0 variant), and only the
     // `returned` first entries are read below, all written by cuDNN.
     let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; REQUESTED] = unsafe { std::mem::zeroed() };
     let mut returned: i32 = 0;
-    // SAFETY: handle and descriptors are alive; `perf` has room for REQUESTED entries and
-    // `returned` is a valid out-pointer.
+    // SAFETY: handle and descriptors are alive; the buffers are as the caller guarantees;
+    // `perf` has room for REQUESTED entries and `returned` is a valid out-pointer.
     unsafe {
-        sys::cudnnFindConvolutionForwardAlgorithm(
+        sys::cudnnFindConvolutionForwardAlgorithmEx(
             handle.0,
             x.0,
+            buffers.x,
             w.0,
+            buffers.w,
             conv.0,
             y.0,
+            buffers.y,
             REQUESTED as i32,
             &mut returned,
             perf.as_mut_ptr(),
+            buffers.workspace,
+            buffers.workspace_bytes,
         )
     }
     .result()
-    .map_err(err("cudnnFindConvolutionForwardAlgorithm"))?;
+    .map_err(err("cudnnFindConvolutionForwardAlgorithmEx"))?;
     let returned = usize::try_from(returned).unwrap_or(0).min(REQUESTED);
     Ok(perf[..returned]
         .iter()
@@ -291,14 +320,38 @@ mod tests {
                 true,
             ),
         ];
-        let chosen = choose_forward_algorithm(&fastest_first, true).unwrap();
+        let chosen = choose_forward_algorithm(&fastest_first, true, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
         // Without the fp32 rule the fastest deterministic one wins.
-        let chosen = choose_forward_algorithm(&fastest_first, false).unwrap();
+        let chosen = choose_forward_algorithm(&fastest_first, false, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
         // No deterministic qualifier: the fastest that qualifies.
-        let chosen = choose_forward_algorithm(&fastest_first[..4], true).unwrap();
+        let chosen = choose_forward_algorithm(&fastest_first[..4], true, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
-        assert!(choose_forward_algorithm(&fastest_first[..3], true).is_none());
+        assert!(choose_forward_algorithm(&fastest_first[..3], true, usize::MAX).is_none());
+    }
+
+    /// The cap on the shared workspace is a hard limit: a faster algorithm needing more loses
+    /// to a slower one that fits, and nothing fits below every candidate's need.
+    #[test]
+    fn no_algorithm_needing_more_than_the_cap_is_chosen() {
+        let with_workspace = |algo, workspace| FwdAlgoPerf {
+            workspace,
+            ..perf(algo, CUDNN_DEFAULT_MATH, true)
+        };
+        let fastest_first = [
+            with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_FFT, 900 << 20),
+            with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, 4 << 20),
+            with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, 0),
+        ];
+        let pick = |cap| choose_forward_algorithm(&fastest_first, false, cap).map(|p| p.algo);
+        assert_eq!(pick(1 << 30), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
+        assert_eq!(pick(900 << 20), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
+        assert_eq!(
+            pick(512 << 20),
+            Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM)
+        );
+        assert_eq!(pick(0), Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM));
+        assert!(choose_forward_algorithm(&fastest_first[..2], false, (4 << 20) - 1).is_none());
     }
 }

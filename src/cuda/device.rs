@@ -18,6 +18,7 @@ use super::libraries::{
 };
 use super::registry::{self, Kernel, KernelSpec};
 use super::self_test;
+use super::workspace::{ConvWorkspace, DEFAULT_CONV_WORKSPACE_LIMIT};
 use super::{nvrtc, ptx};
 use crate::error::{Error, Result};
 
@@ -45,6 +46,8 @@ pub enum KernelOrigin {
 pub struct Gpu {
     // Field order is drop order: handles and kernels go before the streams and the context.
     cudnn: Mutex<CudnnHandle>,
+    /// Shared by every convolution on this GPU.
+    conv_workspace: Mutex<ConvWorkspace>,
     blas: Mutex<BlasHandle>,
     kernels: Kernels,
     kernel_origin: KernelOrigin,
@@ -151,6 +154,7 @@ impl Gpu {
         let kernels = Kernels::load(&modules)?;
         let gpu = Gpu {
             cudnn: Mutex::new(cudnn),
+            conv_workspace: Mutex::new(ConvWorkspace::new(DEFAULT_CONV_WORKSPACE_LIMIT)),
             blas: Mutex::new(blas),
             kernels,
             kernel_origin,
@@ -247,6 +251,30 @@ impl Gpu {
     /// The versions of cuBLAS, cuBLASLt and cuDNN in use, and the files they were loaded from.
     pub fn libraries(&self) -> &LibraryVersions {
         &self.libraries
+    }
+
+    /// The convolution workspace every layer on this GPU shares.
+    pub(crate) fn conv_workspace(&self) -> Result<MutexGuard<'_, ConvWorkspace>> {
+        self.conv_workspace
+            .lock()
+            .map_err(|_| Error::cuda("cuDNN workspace", "poisoned by a panic on another thread"))
+    }
+
+    /// The cap on the convolution workspace shared by every layer (default
+    /// [`DEFAULT_CONV_WORKSPACE_LIMIT`]): algorithms needing more are not considered.
+    pub fn conv_workspace_limit(&self) -> Result<usize> {
+        Ok(self.conv_workspace()?.limit())
+    }
+
+    /// Bytes the shared convolution workspace holds now: the most any chosen algorithm needs.
+    pub fn conv_workspace_bytes(&self) -> Result<usize> {
+        Ok(self.conv_workspace()?.allocated())
+    }
+
+    /// Sets the cap for algorithms chosen from now on.
+    pub fn set_conv_workspace_limit(&self, bytes: usize) -> Result<()> {
+        self.conv_workspace()?.set_limit(bytes);
+        Ok(())
     }
 
     pub(crate) fn cudnn(&self) -> Result<MutexGuard<'_, CudnnHandle>> {

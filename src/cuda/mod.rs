@@ -85,6 +85,7 @@ mod pinned;
 mod pipeline;
 mod self_test;
 mod tensor;
+mod workspace;
 
 pub use device::{Gpu, KernelOrigin};
 pub use discovery::{search_dirs, Discovery, SearchDir, SearchEnv};
@@ -95,7 +96,7 @@ pub use libraries::{
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
     bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvEpilogueGpu, ConvOptions,
-    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, TopK,
+    ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, TopK,
 };
 
 /// The kernels' arguments exactly as the launchers build them (parameter structs and launch
@@ -113,6 +114,7 @@ pub mod library_calls {
 pub use pinned::{alloc_readback, alloc_upload};
 pub use pipeline::{Pipeline, PipelineOutput};
 pub use tensor::{GpuTensor, Layout};
+pub use workspace::DEFAULT_CONV_WORKSPACE_LIMIT;
 
 pub use crate::backend::StageTimings;
 

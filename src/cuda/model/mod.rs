@@ -13,7 +13,7 @@ use self::net::{Layers, Net};
 use super::device::{driver_err, Gpu};
 use super::dtype::GpuFloat;
 use super::events::{record, StageEvents};
-use super::ops::{PrepareInput, TopK};
+use super::ops::{ConvPlanInfo, PrepareInput, TopK};
 use super::tensor::Layout;
 use crate::backend::StageTimings;
 use crate::config::{AlexNetConfig, Precision};
@@ -32,6 +32,10 @@ pub struct CudaOptions {
     /// The normalisation [`CudaModel::forward_u8`] applies on the GPU (torchvision's ImageNet
     /// mean and std by default).
     pub normalization: PrepareInput,
+    /// The cap on the one cuDNN workspace all convolutions share; `None`:
+    /// [`DEFAULT_CONV_WORKSPACE_LIMIT`](crate::cuda::DEFAULT_CONV_WORKSPACE_LIMIT) (512 MiB).
+    /// Algorithms needing more are not considered; a lower cap trades speed for memory.
+    pub conv_workspace_limit: Option<usize>,
 }
 
 /// The network in the model's storage type.
@@ -108,6 +112,9 @@ impl CudaModel {
     ) -> Result<Self> {
         let config = weights.config().clone();
         config.plan()?;
+        if let Some(limit) = options.conv_workspace_limit {
+            gpu.set_conv_workspace_limit(limit)?;
+        }
         PrepareInput::new(options.normalization.mean, options.normalization.std)?;
         let net = match precision {
             Precision::Fp32 => {
@@ -315,6 +322,12 @@ impl CudaModel {
         });
         self.last_timings = Some(self.events.timings()?);
         Ok(top)
+    }
+
+    /// The cuDNN algorithm each convolution chose, by stage name, for the batch size the
+    /// buffers are allocated for (choices for other sizes are dropped with their buffers).
+    pub fn conv_plans(&self) -> Vec<(String, ConvPlanInfo)> {
+        with_net!(&self.net, net => net.layers().conv_plans())
     }
 
     /// CUDA-event timings of the last batch: upload, compute (input preparation to logits),

@@ -7,8 +7,8 @@ use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
 use crate::cuda::ops::{
-    chw_columns_to_hwc, Conv2dGpu, ConvEpilogueGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu,
-    MaxPoolGpu, TopK,
+    chw_columns_to_hwc, Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu,
+    LinearGpu, LrnGpu, MaxPoolGpu, TopK,
 };
 use crate::cuda::pinned::{alloc_readback, alloc_upload};
 use crate::cuda::tensor::{to_physical, GpuTensor, Layout};
@@ -85,18 +85,28 @@ impl<T: GpuFloat> Net<T> {
         })
     }
 
+    pub fn layers(&self) -> &Layers<T> {
+        &self.layers
+    }
+
     /// The batch size the buffers are allocated for, if any.
     pub fn batch_size(&self) -> Option<usize> {
         self.buffers.as_ref().map(|b| b.n)
     }
 
     /// The layers and the buffers for batch `n`, allocated (and every convolution's algorithm
-    /// chosen) on the first call for that size; the buffers of another size are freed first.
+    /// chosen) on the first call for that size; the buffers, algorithm choices and shared
+    /// convolution workspace of another size are freed first.
     pub fn ready(&mut self, gpu: &Gpu, n: usize) -> Result<(&mut Layers<T>, &mut Buffers<T>)> {
         let buffers = match self.buffers.take() {
             Some(buffers) if buffers.n == n => buffers,
             other => {
-                drop(other); // free the old size before allocating the new one
+                // One batch size at a time: the old size's buffers, algorithm choices and
+                // workspace go before the new size's are made, so memory does not grow with
+                // every size ever run.
+                drop(other);
+                self.layers.clear_plans();
+                gpu.conv_workspace()?.reset();
                 self.layers.allocate(gpu, n)?
             }
         };
@@ -197,6 +207,27 @@ impl<T: GpuFloat> Layers<T> {
         })
     }
 
+    /// Every convolution's chosen algorithms, by stage name.
+    pub fn conv_plans(&self) -> Vec<(String, ConvPlanInfo)> {
+        self.stages
+            .iter()
+            .filter_map(|stage| match &stage.layer {
+                Layer::Conv { conv, .. } => Some((stage.name.clone(), conv.plans())),
+                _ => None,
+            })
+            .flat_map(|(name, plans)| plans.into_iter().map(move |p| (name.clone(), p)))
+            .collect()
+    }
+
+    /// Forgets every convolution's algorithm choices.
+    fn clear_plans(&mut self) {
+        for stage in &mut self.stages {
+            if let Layer::Conv { conv, .. } = &mut stage.layer {
+                conv.clear_plans();
+            }
+        }
+    }
+
     /// Every buffer for batch `n`, with each convolution's algorithm chosen for it.
     fn allocate(&mut self, gpu: &Gpu, n: usize) -> Result<Buffers<T>> {
         let input = GpuTensor::zeros(
@@ -205,22 +236,26 @@ impl<T: GpuFloat> Layers<T> {
             self.layout,
         )?;
         let mut outputs = Vec::with_capacity(self.stages.len());
-        let (mut h, mut w) = (self.height, self.width);
-        for stage in &mut self.stages {
+        for stage in &self.stages {
             let shape: Vec<usize> = std::iter::once(n)
                 .chain(stage.output.iter().copied())
                 .collect();
-            if let Layer::Conv { conv, .. } = &mut stage.layer {
-                conv.prepare(gpu, n, h, w)?;
-            }
-            let layout = match shape.as_slice() {
-                &[_, _, oh, ow] => {
-                    (h, w) = (oh, ow);
-                    self.layout
-                }
+            // Images keep the model's layout; flat features are [n, features].
+            let layout = match shape.len() {
+                4 => self.layout,
                 _ => Layout::Nchw,
             };
             outputs.push(GpuTensor::zeros(gpu, &shape, layout)?);
+        }
+        // Each convolution's algorithm is measured on the very buffers it will run on.
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            if let Layer::Conv { conv, .. } = &mut stage.layer {
+                let (before, rest) = outputs.split_at_mut(i);
+                let x = before.last().unwrap_or(&input);
+                if let Some(y) = rest.first_mut() {
+                    conv.prepare_on(gpu, x, y)?;
+                }
+            }
         }
         let too_big = || Error::invalid("batch", format!("{n} images overflow the buffer sizes"));
         let logits = n.checked_mul(self.classes).ok_or_else(too_big)?;

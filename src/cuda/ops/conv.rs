@@ -18,7 +18,8 @@ use super::calls::{pack_conv_weights, ConvCall};
 use super::{bias_act, layout_err, shape_err, upload};
 use crate::config::window_output;
 use crate::cuda::cudnn::{
-    choose_forward_algorithm, find_forward_algorithms, ConvDesc, FilterDesc, TensorDesc,
+    choose_forward_algorithm, find_forward_algorithms, ConvDesc, FilterDesc, FindBuffers,
+    TensorDesc,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -80,20 +81,35 @@ impl ConvOptions {
     }
 }
 
-/// A chosen algorithm for one input shape, with its descriptors and workspace.
+/// A chosen algorithm for one input shape, with its descriptors and the bytes of the shared
+/// workspace it needs.
 #[derive(Debug)]
 struct ConvPlan {
     conv: ConvDesc,
     x: TensorDesc,
     y: TensorDesc,
     algo: cudnnConvolutionFwdAlgo_t,
-    workspace: Option<CudaSlice<u8>>,
+    workspace_bytes: usize,
+}
+
+/// One algorithm a [`Conv2dGpu`] chose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvPlanInfo {
+    /// The input shape it was chosen for, `[n, height, width]`.
+    pub input: [usize; 3],
+    /// cuDNN's name for it, e.g. `CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM`.
+    pub algorithm: String,
+    /// Bytes of the shared workspace it needs.
+    pub workspace_bytes: usize,
 }
 
 /// 2-D convolution + bias (+ ReLU) in cuDNN: cross-correlation with square kernels, zero
 /// padding, PyTorch's output size. The algorithm is chosen once per input shape by measuring
-/// them all (`cudnnFindConvolutionForwardAlgorithm`, deterministic ones preferred) and cached
-/// with its workspace; [`Conv2dGpu::prepare`] does that ahead of time.
+/// them all on the real buffers (`cudnnFindConvolutionForwardAlgorithmEx`, deterministic ones
+/// preferred, none needing more workspace than the GPU's cap, see
+/// [`Gpu::set_conv_workspace_limit`]) and cached; [`Conv2dGpu::prepare`] does that ahead of
+/// time, [`Conv2dGpu::clear_plans`] forgets the choices. Every convolution on a GPU runs with
+/// the one workspace the [`Gpu`] holds, sized to the most any chosen algorithm needs.
 ///
 /// Math: fp16 uses tensor cores (`CUDNN_TENSOR_OP_MATH`) with f32 accumulation; fp32 is true
 /// fp32 (`CUDNN_FMA_MATH`, GEMM-family algorithms only: no FFT or Winograd) unless
@@ -222,17 +238,50 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         }
     }
 
-    /// Chooses and caches the algorithm (and allocates its workspace) for inputs
-    /// `[n, in_channels, height, width]`. Runs every candidate once on the GPU; called by
-    /// [`Conv2dGpu::forward`] on a new shape, or ahead of time to keep that out of the timed
-    /// loop.
+    /// Chooses and caches the algorithm for inputs `[n, in_channels, height, width]`, measured
+    /// on scratch tensors of that shape. Called ahead of time to keep the measuring out of a
+    /// timed loop; [`Conv2dGpu::prepare_on`] measures on the buffers the layer will run on.
     pub fn prepare(&mut self, gpu: &Gpu, n: usize, height: usize, width: usize) -> Result<()> {
-        let key = [n, height, width];
-        if !self.plans.contains_key(&key) {
-            let plan = self.make_plan(gpu, n, height, width)?;
-            self.plans.insert(key, plan);
+        if self.plans.contains_key(&[n, height, width]) {
+            return Ok(());
+        }
+        let layout = self.options.layout;
+        let x = GpuTensor::zeros(gpu, &[n, self.in_channels, height, width], layout)?;
+        let (oh, ow) = self.output_size(height, width)?;
+        let mut y = GpuTensor::zeros(gpu, &[n, self.out_channels, oh, ow], layout)?;
+        self.prepare_on(gpu, &x, &mut y)
+    }
+
+    /// Chooses and caches the algorithm for `x`'s shape, measured on `x` and `y` themselves
+    /// (`y` is overwritten). Shapes as for [`Conv2dGpu::forward`].
+    pub fn prepare_on(&mut self, gpu: &Gpu, x: &GpuTensor<T>, y: &mut GpuTensor<T>) -> Result<()> {
+        let [n, h, w] = self.check_shapes("Conv2dGpu::prepare_on", x, y)?;
+        if !self.plans.contains_key(&[n, h, w]) {
+            let plan = self.make_plan(gpu, x, y)?;
+            self.plans.insert([n, h, w], plan);
         }
         Ok(())
+    }
+
+    /// Forgets every chosen algorithm (e.g. when the batch size changes for good); the next
+    /// forward of a shape measures again.
+    pub fn clear_plans(&mut self) {
+        self.plans.clear();
+    }
+
+    /// Every algorithm chosen so far, one per input shape, sorted by shape.
+    pub fn plans(&self) -> Vec<ConvPlanInfo> {
+        let mut plans: Vec<ConvPlanInfo> = self
+            .plans
+            .iter()
+            .map(|(&input, plan)| ConvPlanInfo {
+                input,
+                algorithm: format!("{:?}", plan.algo),
+                workspace_bytes: plan.workspace_bytes,
+            })
+            .collect();
+        plans.sort_by_key(|p| p.input);
+        plans
     }
 
     /// The cuDNN call for inputs `[n, in_channels, height, width]`, as data (replayed on the CPU
@@ -247,39 +296,69 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         )
     }
 
-    /// Chooses the algorithm for inputs `[n, in_channels, height, width]` and allocates its
-    /// workspace.
-    fn make_plan(&self, gpu: &Gpu, n: usize, height: usize, width: usize) -> Result<ConvPlan> {
+    /// Chooses the algorithm for `x`'s shape by measuring the candidates on `x`, the weights,
+    /// `y` and the shared workspace (made as large as the cap allows for the search, then
+    /// shrunk to the most any chosen algorithm needs).
+    fn make_plan(&self, gpu: &Gpu, x: &GpuTensor<T>, y: &mut GpuTensor<T>) -> Result<ConvPlan> {
         const OP: &str = "Conv2dGpu::prepare";
+        let [n, height, width] = self.check_shapes(OP, x, y)?;
         let call = self.call(n, height, width)?;
         let (x_dims, y_dims) = (call.x, call.y);
         gpu.bind()?;
         let format = cudnn_format(call.layout);
-        let x = TensorDesc::new(T::DTYPE.cudnn(), format, call.x)?;
-        let y = TensorDesc::new(T::DTYPE.cudnn(), format, call.y)?;
+        let x_desc = TensorDesc::new(T::DTYPE.cudnn(), format, call.x)?;
+        let y_desc = TensorDesc::new(T::DTYPE.cudnn(), format, call.y)?;
         // Accumulation is f32 for both storage types (fp16: cuDNN's "pseudo-half" config).
         let conv = ConvDesc::new(&call, cudnnDataType_t::CUDNN_DATA_FLOAT, self.math)?;
-        let cudnn_dims = conv.output_dims(&x, &self.filter)?;
+        let cudnn_dims = conv.output_dims(&x_desc, &self.filter)?;
         if cudnn_dims != y_dims {
             return Err(Error::cuda(
                 OP,
                 format!("cuDNN computes an output of {cudnn_dims:?}, the layer expects {y_dims:?}"),
             ));
         }
+        let stream = gpu.stream();
         let handle = gpu.cudnn()?;
-        let candidates = find_forward_algorithms(&handle, &x, &self.filter, &conv, &y)?;
+        let mut workspace = gpu.conv_workspace()?;
+        let search_bytes = workspace.for_search(stream)?;
+        // Measured on an idle device: nothing queued before may still use these buffers or
+        // slow the candidates down.
+        stream
+            .synchronize()
+            .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
+        let candidates = {
+            let (x_ptr, _x_done) = x.data().device_ptr(stream);
+            let (w_ptr, _w_done) = self.weight.device_ptr(stream);
+            let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
+            let (ws_ptr, ws_bytes, _ws_done) = workspace.device_ptr(stream);
+            let buffers = FindBuffers {
+                x: x_ptr as *const c_void,
+                w: w_ptr as *const c_void,
+                y: y_ptr as *mut c_void,
+                workspace: ws_ptr,
+                workspace_bytes: ws_bytes,
+            };
+            // SAFETY: `x`, the weights and `y` match the descriptors (shapes checked above,
+            // dtype and layout are the layer's), the workspace is `ws_bytes` long, all on this
+            // GPU; the stream is idle and the call returns only once cuDNN is done with them.
+            unsafe {
+                find_forward_algorithms(&handle, &x_desc, &self.filter, &conv, &y_desc, &buffers)
+            }?
+        };
         let true_fp32 = self.math == cudnnMathType_t::CUDNN_FMA_MATH;
-        let best = choose_forward_algorithm(&candidates, true_fp32).ok_or_else(|| {
-            Error::cuda(
-                OP,
-                format!(
-                    "cuDNN has no usable forward algorithm for input {x_dims:?} \
-                         ({:?}, {:?}); candidates: {candidates:?}",
-                    T::DTYPE,
-                    self.options.layout
-                ),
-            )
-        })?;
+        let best =
+            choose_forward_algorithm(&candidates, true_fp32, search_bytes).ok_or_else(|| {
+                Error::cuda(
+                    OP,
+                    format!(
+                        "cuDNN has no usable forward algorithm for input {x_dims:?} \
+                         ({:?}, {:?}) within a {search_bytes}-byte workspace; candidates: \
+                         {candidates:?}",
+                        T::DTYPE,
+                        self.options.layout
+                    ),
+                )
+            })?;
         if !true_fp32 {
             // The math type Find measured the winner with (tensor ops or not) is the one to run.
             conv.set_math(best.math)?;
@@ -288,30 +367,54 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         let needed = unsafe {
             cudarc::cudnn::result::get_convolution_forward_workspace_size(
                 handle.0,
-                x.0,
+                x_desc.0,
                 self.filter.0,
                 conv.0,
-                y.0,
+                y_desc.0,
                 best.algo,
             )
         }
         .map_err(|e| Error::cuda("cudnnGetConvolutionForwardWorkspaceSize", e))?;
-        drop(handle);
-        let bytes = needed.max(best.workspace);
-        let workspace = if bytes > 0 {
-            Some(gpu.stream().alloc_zeros::<u8>(bytes).map_err(|e| {
-                Error::cuda(format!("allocating a {bytes}-byte cuDNN workspace"), e)
-            })?)
-        } else {
-            None
-        };
+        let workspace_bytes = needed.max(best.workspace);
+        workspace.settle(stream, workspace_bytes)?;
         Ok(ConvPlan {
             conv,
-            x,
-            y,
+            x: x_desc,
+            y: y_desc,
             algo: best.algo,
-            workspace,
+            workspace_bytes,
         })
+    }
+
+    /// Checks `x` and `y` against the layer (layout, channels, output size) and returns the
+    /// input's `[n, height, width]`.
+    fn check_shapes(
+        &self,
+        op: &'static str,
+        x: &GpuTensor<T>,
+        y: &GpuTensor<T>,
+    ) -> Result<[usize; 3]> {
+        let layout = self.options.layout;
+        if x.layout() != layout {
+            return Err(layout_err(op, layout, x.layout()));
+        }
+        if y.layout() != layout {
+            return Err(layout_err(op, layout, y.layout()));
+        }
+        let [n, c, h, w] = x.dims4(op)?;
+        if c != self.in_channels {
+            return Err(shape_err(
+                op,
+                format!("input [N, {}, H, W]", self.in_channels),
+                x.shape(),
+            ));
+        }
+        let (oh, ow) = self.output_size(h, w)?;
+        let want = [n, self.out_channels, oh, ow];
+        if y.shape() != want.as_slice() {
+            return Err(shape_err(op, format!("output {want:?}"), y.shape()));
+        }
+        Ok([n, h, w])
     }
 
     /// The cuDNN algorithm chosen for inputs `[n, in_channels, height, width]`, if prepared.
@@ -348,32 +451,12 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         x: &GpuTensor<T>,
         y: &mut GpuTensor<T>,
     ) -> Result<()> {
-        const OP: &str = "Conv2dGpu::forward";
-        let layout = self.options.layout;
-        if x.layout() != layout {
-            return Err(layout_err(OP, layout, x.layout()));
-        }
-        if y.layout() != layout {
-            return Err(layout_err(OP, layout, y.layout()));
-        }
-        let [n, c, h, w] = x.dims4(OP)?;
-        if c != self.in_channels {
-            return Err(shape_err(
-                OP,
-                format!("input [N, {}, H, W]", self.in_channels),
-                x.shape(),
-            ));
-        }
-        let (oh, ow) = self.output_size(h, w)?;
-        let want = [n, self.out_channels, oh, ow];
-        if y.shape() != want.as_slice() {
-            return Err(shape_err(OP, format!("output {want:?}"), y.shape()));
-        }
+        let [n, h, w] = self.check_shapes("Conv2dGpu::forward", x, y)?;
         // The plan leaves the cache while it runs (made on first use) and goes back either way.
         let key = [n, h, w];
         let mut plan = match self.plans.remove(&key) {
             Some(plan) => plan,
-            None => self.make_plan(gpu, n, h, w)?,
+            None => self.make_plan(gpu, x, y)?,
         };
         let result = self.run_plan(gpu, &mut plan, x, y);
         self.plans.insert(key, plan);
@@ -395,14 +478,10 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             let (x_ptr, _x_done) = x.data().device_ptr(stream);
             let (w_ptr, _w_done) = self.weight.device_ptr(stream);
             let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
-            let (ws_ptr, ws_bytes, _ws_done) = match plan.workspace.as_mut() {
-                Some(ws) => {
-                    let bytes = ws.len();
-                    let (ptr, done) = ws.device_ptr_mut(stream);
-                    (ptr as *mut c_void, bytes, Some(done))
-                }
-                None => (std::ptr::null_mut(), 0, None),
-            };
+            let mut workspace = gpu.conv_workspace()?;
+            // Another shape's plan or a reset may have left it smaller (grown only then).
+            workspace.ensure(stream, plan.workspace_bytes)?;
+            let (ws_ptr, ws_bytes, _ws_done) = workspace.device_ptr(stream);
             // Scaling factors are f32 for both storage types (f32 compute).
             let (alpha, beta) = (1.0f32, 0.0f32);
             // SAFETY: the handle runs on `stream`, where the pointers were made ready

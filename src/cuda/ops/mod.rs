@@ -33,7 +33,7 @@ mod softmax;
 
 pub use bias_act::{bias_act, bias_act_args};
 pub use calls::{chw_columns_to_hwc, pack_conv_weights, ConvCall, GemmCall};
-pub use conv::{Conv2dGpu, ConvOptions};
+pub use conv::{Conv2dGpu, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
 pub use convert::{convert_args, convert_f16_to_f32};
 pub use dropout::DropoutGpu;

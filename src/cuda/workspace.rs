@@ -1,0 +1,137 @@
+//! One cuDNN workspace per GPU, shared by every convolution (they all run one after another on
+//! the compute stream): as large as the cap while algorithms are measured, then only as large
+//! as the most any chosen algorithm needs.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, SyncOnDrop};
+
+use super::device::driver_err;
+use crate::error::{Error, Result};
+
+/// The default cap on the shared convolution workspace: 512 MiB.
+pub const DEFAULT_CONV_WORKSPACE_LIMIT: usize = 512 << 20;
+
+/// The shared workspace: a device buffer, its cap, and the most any algorithm chosen since the
+/// last [`ConvWorkspace::reset`] needs.
+#[derive(Debug)]
+pub(crate) struct ConvWorkspace {
+    buffer: Option<CudaSlice<u8>>,
+    limit: usize,
+    high_water: usize,
+}
+
+/// The sizes to try for measuring algorithms, largest first: the cap, then smaller ones where
+/// the device has less free memory, down to no workspace at all (algorithms that need none).
+pub(crate) fn search_sizes(limit: usize) -> [usize; 4] {
+    [limit, limit / 4, limit / 16, 0]
+}
+
+impl ConvWorkspace {
+    pub fn new(limit: usize) -> Self {
+        ConvWorkspace {
+            buffer: None,
+            limit,
+            high_water: 0,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A new cap; algorithms chosen before keep their workspace.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
+    /// Bytes allocated now.
+    pub fn allocated(&self) -> usize {
+        self.buffer.as_ref().map_or(0, CudaSlice::len)
+    }
+
+    /// Makes the workspace as large as the cap allows for measuring algorithms (smaller where
+    /// memory is short) and returns its size: candidates needing more are not measured.
+    pub fn for_search(&mut self, stream: &Arc<CudaStream>) -> Result<usize> {
+        let mut last_error = None;
+        for bytes in search_sizes(self.limit) {
+            let bytes = bytes.max(self.high_water);
+            match self.resize(stream, bytes) {
+                Ok(()) => return Ok(bytes),
+                Err(e @ Error::OutOfMemory { .. }) => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::invalid("cuDNN workspace", "no size fits")))
+    }
+
+    /// Records that a chosen algorithm needs `need` bytes and shrinks the workspace to the most
+    /// any chosen algorithm needs.
+    pub fn settle(&mut self, stream: &Arc<CudaStream>, need: usize) -> Result<()> {
+        self.high_water = self.high_water.max(need);
+        self.resize(stream, self.high_water)
+    }
+
+    /// At least `need` bytes, for running an algorithm chosen earlier.
+    pub fn ensure(&mut self, stream: &Arc<CudaStream>, need: usize) -> Result<()> {
+        if self.allocated() < need {
+            self.high_water = self.high_water.max(need);
+            self.resize(stream, need)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every choice (their plans were dropped) and frees the buffer.
+    pub fn reset(&mut self) {
+        self.high_water = 0;
+        self.buffer = None;
+    }
+
+    /// The buffer's address and size for a cuDNN call on `stream` (null and 0 when empty), and
+    /// the guard that must outlive the call.
+    pub fn device_ptr<'a>(
+        &'a mut self,
+        stream: &'a Arc<CudaStream>,
+    ) -> (*mut c_void, usize, Option<SyncOnDrop<'a>>) {
+        match self.buffer.as_mut() {
+            Some(buffer) => {
+                let bytes = buffer.len();
+                let (ptr, guard) = buffer.device_ptr_mut(stream);
+                (ptr as *mut c_void, bytes, Some(guard))
+            }
+            None => (std::ptr::null_mut(), 0, None),
+        }
+    }
+
+    /// Exactly `bytes` (none for 0). The old buffer is freed on the compute stream, after every
+    /// convolution queued before that used it.
+    fn resize(&mut self, stream: &Arc<CudaStream>, bytes: usize) -> Result<()> {
+        if self.allocated() == bytes {
+            return Ok(());
+        }
+        self.buffer = None;
+        if bytes > 0 {
+            // SAFETY: cuDNN only ever writes the workspace before reading it, so it needs no
+            // initialisation.
+            let buffer = unsafe { stream.alloc::<u8>(bytes) }
+                .map_err(driver_err("allocating the shared cuDNN workspace"))?;
+            self.buffer = Some(buffer);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_search_tries_the_cap_first_and_ends_with_no_workspace() {
+        let sizes = search_sizes(DEFAULT_CONV_WORKSPACE_LIMIT);
+        assert_eq!(sizes[0], 512 << 20);
+        assert!(sizes.windows(2).all(|w| w[0] > w[1]), "{sizes:?}");
+        assert_eq!(sizes[3], 0);
+        assert_eq!(search_sizes(0), [0; 4]);
+    }
+}
