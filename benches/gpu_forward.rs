@@ -1,10 +1,10 @@
 //! Whole-network forward on the GPU: fp32, tf32 and fp16, batch 1, 32, 128 and 256, from u8
-//! images in host memory to logits on the host (`forward_u8`); and end to end through the
-//! overlapped pinned [`Pipeline`](alexnet_cuda::cuda::Pipeline) with two batches in flight.
+//! images in host memory to logits on the host (`forward_u8`), replaying the CUDA graph
+//! (`paper/...`) and launching kernel by kernel (`paper-eager/...`); and end to end through
+//! the overlapped pinned [`Pipeline`](alexnet_cuda::cuda::Pipeline) with two batches in flight.
 //! Reported in images/s. `cargo bench --bench gpu_forward`.
 //!
 //! Without a usable GPU it prints one `SKIPPED` line with the reason and measures nothing.
-//! (Graph capture does not exist yet: every figure here is the eager path.)
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -19,6 +19,15 @@ const PRECISIONS: [Precision; 3] = [Precision::Fp32, Precision::Tf32, Precision:
 /// The paper model on the GPU in `precision`, or why there is none.
 fn model(weights: &Weights, precision: Precision) -> Result<CudaModel, String> {
     CudaModel::new(weights, precision, CudaOptions::default()).map_err(|e| e.to_string())
+}
+
+/// The same, launching every kernel eagerly (no CUDA graph).
+fn eager_model(weights: &Weights, precision: Precision) -> Result<CudaModel, String> {
+    let options = CudaOptions {
+        eager: true,
+        ..CudaOptions::default()
+    };
+    CudaModel::new(weights, precision, options).map_err(|e| e.to_string())
 }
 
 fn gpu_benches(c: &mut Criterion) {
@@ -37,18 +46,27 @@ fn gpu_benches(c: &mut Criterion) {
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(5));
-    for precision in PRECISIONS {
-        let Ok(mut gpu) = model(&weights, precision) else {
-            continue;
-        };
-        for batch in [1usize, 32, 128, 256] {
-            let Ok(images) = synthetic_u8_batch(batch, side, 1) else {
+    for (name, open) in [
+        (
+            "paper",
+            model as fn(&Weights, Precision) -> Result<CudaModel, String>,
+        ),
+        ("paper-eager", eager_model),
+    ] {
+        for precision in PRECISIONS {
+            let Ok(mut gpu) = open(&weights, precision) else {
                 continue;
             };
-            group.throughput(Throughput::Elements(batch as u64));
-            group.bench_function(BenchmarkId::new(format!("paper/{precision}"), batch), |b| {
-                b.iter(|| black_box(gpu.forward_u8(&images).expect("forward_u8")))
-            });
+            for batch in [1usize, 32, 128, 256] {
+                let Ok(images) = synthetic_u8_batch(batch, side, 1) else {
+                    continue;
+                };
+                group.throughput(Throughput::Elements(batch as u64));
+                group.bench_function(
+                    BenchmarkId::new(format!("{name}/{precision}"), batch),
+                    |b| b.iter(|| black_box(gpu.forward_u8(&images).expect("forward_u8"))),
+                );
+            }
         }
     }
     group.finish();

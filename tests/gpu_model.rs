@@ -421,6 +421,61 @@ fn one_capped_workspace_and_one_batch_size_of_plans() {
     }
 }
 
+/// CUDA graphs: the first forward at a batch size runs eagerly, the second is captured and
+/// launched, later ones replay it; each gives, for its own input, the eager path's logits bit
+/// for bit (same model, so the same algorithms), and with `eager` nothing is replayed.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn graph_replay_gives_the_eager_logits() {
+    use alexnet_cuda::cuda::GraphStatus;
+    let _gpu = common::exclusive_gpu();
+    let seed = seed("graph");
+    let config = AlexNetConfig::paper();
+    let weights = formula_weights(&config);
+    let inputs: Vec<Array4<f32>> = (0..3)
+        .map(|i| synthetic_batch(4, config.input, seed + i))
+        .collect();
+    let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let mut gpu = cuda_model(&weights, precision);
+        assert_eq!(gpu.graph_status(), None);
+        let mut graphed = Vec::new();
+        let mut statuses = Vec::new();
+        // Eager, captured, replayed, replayed again on the first input.
+        for input in inputs.iter().chain(std::iter::once(&inputs[0])) {
+            graphed.push(gpu.forward_f32(input.view()).unwrap());
+            statuses.push(gpu.graph_status());
+        }
+        assert_eq!(
+            statuses,
+            [
+                Some(GraphStatus::NotCaptured),
+                Some(GraphStatus::Replaying),
+                Some(GraphStatus::Replaying),
+                Some(GraphStatus::Replaying),
+            ],
+            "{precision}"
+        );
+        gpu.set_eager(true);
+        assert_eq!(gpu.graph_status(), Some(GraphStatus::Disabled));
+        for (i, input) in inputs.iter().enumerate() {
+            let eager = gpu.forward_f32(input.view()).unwrap();
+            assert!(
+                bits(&eager) == bits(&graphed[i]),
+                "{precision} input {i}: the graph's logits differ from the eager ones"
+            );
+        }
+        assert!(
+            bits(&graphed[3]) == bits(&graphed[0]),
+            "{precision}: replay of input 0"
+        );
+        assert!(
+            bits(&graphed[1]) != bits(&graphed[0]),
+            "{precision}: different inputs gave the same logits (the replay ignored its input?)"
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn repeated_runs_are_bit_identical() {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
-use super::blas::BlasHandle;
+use super::blas::{blas_workspace_bytes, BlasHandle};
 use super::cudnn::CudnnHandle;
 use super::dtype::GpuDtype;
 use super::launch::Kernels;
@@ -49,6 +49,8 @@ pub struct Gpu {
     /// Shared by every convolution on this GPU.
     conv_workspace: Mutex<ConvWorkspace>,
     blas: Mutex<BlasHandle>,
+    /// cuBLAS's workspace (see `blas_workspace_bytes`); freed after the handle.
+    _blas_workspace: CudaSlice<u8>,
     kernels: Kernels,
     kernel_origin: KernelOrigin,
     copy_stream: Arc<CudaStream>,
@@ -148,6 +150,10 @@ impl Gpu {
         ctx.bind_to_thread()
             .map_err(driver_err("cuCtxSetCurrent"))?;
         let blas = BlasHandle::new(&stream)?;
+        let mut blas_workspace = stream
+            .alloc_zeros::<u8>(blas_workspace_bytes(compute_capability.0))
+            .map_err(driver_err("allocating the cuBLAS workspace"))?;
+        blas.set_workspace(&mut blas_workspace, &stream)?;
         let cudnn = CudnnHandle::new(&stream)?;
 
         let (modules, kernel_origin) = load_modules(&ctx, compute_capability)?;
@@ -156,6 +162,7 @@ impl Gpu {
             cudnn: Mutex::new(cudnn),
             conv_workspace: Mutex::new(ConvWorkspace::new(DEFAULT_CONV_WORKSPACE_LIMIT)),
             blas: Mutex::new(blas),
+            _blas_workspace: blas_workspace,
             kernels,
             kernel_origin,
             copy_stream,

@@ -77,6 +77,7 @@ mod device;
 mod discovery;
 mod dtype;
 mod events;
+mod graph;
 mod launch;
 mod libraries;
 mod model;
@@ -90,6 +91,7 @@ mod workspace;
 pub use device::{Gpu, KernelOrigin};
 pub use discovery::{search_dirs, Discovery, SearchDir, SearchEnv};
 pub use dtype::{GpuDtype, GpuFloat};
+pub use graph::GraphStatus;
 pub use libraries::{
     driver_version, probe_libraries, CudaLibrary, LibraryVersions, MIN_DRIVER_VERSION,
 };

@@ -20,6 +20,9 @@ pub(crate) struct ConvWorkspace {
     buffer: Option<CudaSlice<u8>>,
     limit: usize,
     high_water: usize,
+    /// Bumped whenever the buffer moves: a CUDA graph captured with the old address must not
+    /// be replayed.
+    generation: u64,
 }
 
 /// The sizes to try for measuring algorithms, largest first: the cap, then smaller ones where
@@ -34,6 +37,7 @@ impl ConvWorkspace {
             buffer: None,
             limit,
             high_water: 0,
+            generation: 0,
         }
     }
 
@@ -44,6 +48,11 @@ impl ConvWorkspace {
     /// A new cap; algorithms chosen before keep their workspace.
     pub fn set_limit(&mut self, limit: usize) {
         self.limit = limit;
+    }
+
+    /// Changes whenever the buffer is reallocated or freed.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Bytes allocated now.
@@ -85,7 +94,9 @@ impl ConvWorkspace {
     /// Forgets every choice (their plans were dropped) and frees the buffer.
     pub fn reset(&mut self) {
         self.high_water = 0;
-        self.buffer = None;
+        if self.buffer.take().is_some() {
+            self.generation += 1;
+        }
     }
 
     /// The buffer's address and size for a cuDNN call on `stream` (null and 0 when empty), and
@@ -111,6 +122,7 @@ impl ConvWorkspace {
             return Ok(());
         }
         self.buffer = None;
+        self.generation += 1;
         if bytes > 0 {
             // SAFETY: cuDNN only ever writes the workspace before reading it, so it needs no
             // initialisation.

@@ -6,6 +6,7 @@ use super::CudaModel;
 use crate::backend::{Backend, StageTimings};
 use crate::config::{AlexNetConfig, Precision};
 use crate::cuda::ops::PrepareInput;
+use crate::cuda::GraphStatus;
 use crate::error::Result;
 use crate::image::{Preprocess, U8Batch};
 use crate::stream::{drive, BatchStream};
@@ -54,8 +55,14 @@ impl Backend for CudaModel {
     fn device_details(&self) -> Option<String> {
         let gpu = self.gpu();
         let (major, minor) = gpu.compute_capability();
+        let graphs = match self.graph_status() {
+            Some(GraphStatus::Disabled) => "off (eager)".to_string(),
+            Some(GraphStatus::Unsupported(why)) => format!("capture failed, eager ({why})"),
+            Some(GraphStatus::Replaying) => "replaying".to_string(),
+            Some(GraphStatus::NotCaptured) | None => "on".to_string(),
+        };
         Some(format!(
-            "sm_{major}{minor}; {}; kernels: {:?}",
+            "sm_{major}{minor}; {}; kernels: {:?}; CUDA graphs: {graphs}",
             gpu.libraries().summary(),
             gpu.kernel_origin()
         ))

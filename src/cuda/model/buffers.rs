@@ -6,12 +6,15 @@ use half::f16;
 
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
+use crate::cuda::graph::GraphState;
 use crate::cuda::ops::{convert_f16_to_f32, softmax_top_k, PrepareInput, TopK};
 use crate::cuda::tensor::GpuTensor;
 use crate::error::{Error, Result};
 
 /// Every buffer for one batch size.
 pub(crate) struct Buffers<T: GpuFloat> {
+    /// First, so that it is dropped before the buffers whose addresses it holds.
+    pub(super) graph: GraphState,
     pub(super) n: usize,
     /// The network's input tensor.
     pub(super) input: GpuTensor<T>,

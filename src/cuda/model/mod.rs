@@ -13,6 +13,7 @@ use self::net::{Layers, Net};
 use super::device::{driver_err, Gpu};
 use super::dtype::GpuFloat;
 use super::events::{record, StageEvents};
+use super::graph::GraphStatus;
 use super::ops::{ConvPlanInfo, PrepareInput, TopK};
 use super::tensor::Layout;
 use crate::backend::StageTimings;
@@ -36,6 +37,10 @@ pub struct CudaOptions {
     /// [`DEFAULT_CONV_WORKSPACE_LIMIT`](crate::cuda::DEFAULT_CONV_WORKSPACE_LIMIT) (512 MiB).
     /// Algorithms needing more are not considered; a lower cap trades speed for memory.
     pub conv_workspace_limit: Option<usize>,
+    /// Launch every forward kernel by kernel instead of replaying a CUDA graph (for profiling
+    /// and debugging; the logits are the same). Off by default: the first forward at a batch
+    /// size runs eagerly, the second is captured, later ones replay the graph.
+    pub eager: bool,
 }
 
 /// The network in the model's storage type.
@@ -217,7 +222,7 @@ impl CudaModel {
             .config
             .input
             .check_batch("CudaModel::forward_f32", input.shape())?;
-        let (gpu, events) = (&self.gpu, &self.events);
+        let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);
         let stream = gpu.stream();
         let logits = with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
@@ -226,7 +231,7 @@ impl CudaModel {
             record(&events.h2d_end, stream)?;
             record(&events.compute_start, stream)?;
             match observe {
-                None => layers.run_fused(gpu, bufs)?,
+                None => layers.run_forward(gpu, bufs, eager)?,
                 Some(user) => layers.run(gpu, bufs, &mut |name, t, relu| {
                     let mut host = t.to_host(gpu)?;
                     if relu {
@@ -276,11 +281,11 @@ impl CudaModel {
         norm: &PrepareInput,
     ) -> Result<Array2<f32>> {
         let n = self.check_u8_batch(batch, "CudaModel::forward_u8")?;
-        let (gpu, events) = (&self.gpu, &self.events);
+        let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);
         let stream = gpu.stream();
         let logits = with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
-            run_u8(gpu, events, layers, bufs, batch, norm)?;
+            run_u8(gpu, events, layers, bufs, batch, norm, eager)?;
             record(&events.compute_end, stream)?;
             bufs.download_logits_to_host(gpu)?;
             finish_logits(stream, events, &bufs.host_logits, n, self.config.num_classes())?
@@ -305,11 +310,11 @@ impl CudaModel {
         }
         let n = self.check_u8_batch(batch, "CudaModel::top_k_u8")?;
         let norm = self.options.normalization;
-        let (gpu, events) = (&self.gpu, &self.events);
+        let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);
         let stream = gpu.stream();
         let top = with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
-            run_u8(gpu, events, layers, bufs, batch, &norm)?;
+            run_u8(gpu, events, layers, bufs, batch, &norm, eager)?;
             bufs.top_k(gpu, k)?;
             record(&events.compute_end, stream)?;
             bufs.topk.start_download(gpu)?;
@@ -322,6 +327,21 @@ impl CudaModel {
         });
         self.last_timings = Some(self.events.timings()?);
         Ok(top)
+    }
+
+    /// Switches CUDA graphs off (`true`) or back on for the forwards that follow (see
+    /// [`CudaOptions::eager`]); a graph already captured is kept for when they are back on.
+    pub fn set_eager(&mut self, eager: bool) {
+        self.options.eager = eager;
+    }
+
+    /// Whether forwards at the current batch size replay a CUDA graph (see
+    /// [`CudaOptions::eager`]); `None` before the first forward.
+    pub fn graph_status(&self) -> Option<GraphStatus> {
+        if self.options.eager {
+            return Some(GraphStatus::Disabled);
+        }
+        with_net!(&self.net, net => net.graph_status())
     }
 
     /// The cuDNN algorithm each convolution chose, by stage name, for the batch size the
@@ -353,11 +373,11 @@ impl CudaModel {
         compute_end: &CudaEvent,
     ) -> Result<()> {
         check_batch(n)?;
-        let gpu = &self.gpu;
+        let (gpu, eager) = (&self.gpu, self.options.eager);
         with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
             bufs.prepare_from(gpu, src, norm)?;
-            layers.run_fused(gpu, bufs)?;
+            layers.run_forward(gpu, bufs, eager)?;
             record(compute_end, gpu.stream())?;
             bufs.download_logits(gpu, dst)
         })
@@ -373,6 +393,7 @@ fn run_u8<T: GpuFloat>(
     bufs: &mut Buffers<T>,
     batch: &U8Batch,
     norm: &PrepareInput,
+    eager: bool,
 ) -> Result<()> {
     let stream = gpu.stream();
     // The host must not rewrite the page-locked input while its last upload may still read it
@@ -386,7 +407,7 @@ fn run_u8<T: GpuFloat>(
     record(&events.h2d_end, stream)?;
     record(&events.compute_start, stream)?;
     bufs.prepare_uploaded(gpu, norm)?;
-    layers.run_fused(gpu, bufs)
+    layers.run_forward(gpu, bufs, eager)
 }
 
 fn check_batch(n: usize) -> Result<()> {

@@ -6,6 +6,7 @@ use ndarray::{Array4, ArrayView4};
 use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
+use crate::cuda::graph::{capture, GraphState, GraphStatus};
 use crate::cuda::ops::{
     chw_columns_to_hwc, Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu,
     LinearGpu, LrnGpu, MaxPoolGpu, TopK,
@@ -87,6 +88,11 @@ impl<T: GpuFloat> Net<T> {
 
     pub fn layers(&self) -> &Layers<T> {
         &self.layers
+    }
+
+    /// The CUDA graph's state at the current batch size, if buffers exist.
+    pub fn graph_status(&self) -> Option<GraphStatus> {
+        self.buffers.as_ref().map(|b| b.graph.status())
     }
 
     /// The batch size the buffers are allocated for, if any.
@@ -263,6 +269,7 @@ impl<T: GpuFloat> Layers<T> {
         let pixels = n.checked_mul(image_bytes).ok_or_else(too_big)?;
         let stream = gpu.stream();
         Ok(Buffers {
+            graph: GraphState::Fresh,
             n,
             input,
             outputs,
@@ -322,6 +329,58 @@ impl<T: GpuFloat> Layers<T> {
             i = fused.last + 1;
         }
         Ok(())
+    }
+
+    /// The forward from the input tensor to the logits, as [`Layers::run_fused`] runs it:
+    /// eagerly when `eager`, else through the batch size's CUDA graph — eager on the first
+    /// run, captured and launched on the second, replayed after (re-captured if the shared
+    /// convolution workspace moved; eager for good if capturing fails).
+    pub fn run_forward(&mut self, gpu: &Gpu, bufs: &mut Buffers<T>, eager: bool) -> Result<()> {
+        if eager {
+            return self.run_fused(gpu, bufs);
+        }
+        let generation = gpu.conv_workspace()?.generation();
+        let (next, result) = match std::mem::replace(&mut bufs.graph, GraphState::Fresh) {
+            GraphState::Ready {
+                graph,
+                workspace_generation,
+            } if workspace_generation == generation => {
+                let launched = graph.launch();
+                (
+                    GraphState::Ready {
+                        graph,
+                        workspace_generation,
+                    },
+                    launched,
+                )
+            }
+            GraphState::Unsupported(why) => {
+                (GraphState::Unsupported(why), self.run_fused(gpu, bufs))
+            }
+            GraphState::Warm => match capture(gpu.stream(), || self.run_fused(gpu, bufs)) {
+                Ok(graph) => {
+                    // Capturing recorded the work without running it.
+                    let launched = graph.launch();
+                    (
+                        GraphState::Ready {
+                            graph,
+                            workspace_generation: generation,
+                        },
+                        launched,
+                    )
+                }
+                Err(e) => (
+                    GraphState::Unsupported(e.to_string()),
+                    self.run_fused(gpu, bufs),
+                ),
+            },
+            // First run at this size, or the graph's workspace address is stale.
+            GraphState::Fresh | GraphState::Ready { .. } => {
+                (GraphState::Warm, self.run_fused(gpu, bufs))
+            }
+        };
+        bufs.graph = next;
+        result
     }
 
     /// Runs stage `i` alone, reading the previous stage's output; returns whether the ReLU is
