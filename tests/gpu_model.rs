@@ -27,6 +27,21 @@ fn seed(test: &str) -> u64 {
     common::test_seed(test)
 }
 
+/// `batch` filled up to `to` images with copies of its first image.
+fn padded(batch: &U8Batch, to: usize) -> U8Batch {
+    let mut bytes = batch.as_slice().to_vec();
+    let first = batch.as_slice()[..batch.image_bytes()].to_vec();
+    for _ in batch.len()..to {
+        bytes.extend_from_slice(&first);
+    }
+    U8Batch::from_raw(batch.crop(), bytes).unwrap()
+}
+
+/// The first `n` rows.
+fn first_rows(a: Array2<f32>, n: usize) -> Array2<f32> {
+    a.slice(ndarray::s![..n, ..]).to_owned()
+}
+
 fn cuda_model(weights: &Weights, precision: Precision) -> CudaModel {
     CudaModel::new(weights, precision, CudaOptions::default()).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -261,7 +276,12 @@ fn pipeline_gives_the_plain_paths_logits() {
             .enumerate()
             .map(|(i, &n)| random_u8_batch(n, 224, seed + 100 * i as u64))
             .collect();
-        let plain: Vec<Array2<f32>> = batches.iter().map(|b| gpu.forward_u8(b).unwrap()).collect();
+        // The pipeline runs every batch at its full size (4): the reference is the plain path
+        // on batches of 4 holding the same images first.
+        let plain: Vec<Array2<f32>> = batches
+            .iter()
+            .map(|b| first_rows(gpu.forward_u8(&padded(b, 4)).unwrap(), b.len()))
+            .collect();
 
         let mut pipeline = gpu.pipeline(4).unwrap();
         let mut results = Vec::new();
@@ -354,9 +374,14 @@ fn run_stream_gives_the_plain_paths_logits_in_order() {
             .enumerate()
             .map(|(i, &n)| random_u8_batch(n, 224, seed + 7 * i as u64))
             .collect();
+        // Every batch runs at the stream's full size (3): the reference is the plain path on
+        // batches of 3 holding the same images first.
         let plain: Vec<Array2<f32>> = batches
             .iter()
-            .map(|b| Backend::forward_u8(&mut gpu, b, &pre).unwrap())
+            .map(|b| {
+                let full = Backend::forward_u8(&mut gpu, &padded(b, 3), &pre).unwrap();
+                first_rows(full, b.len())
+            })
             .collect();
         let mut stream = Batches {
             batches,

@@ -149,10 +149,12 @@ impl Gpu {
 
         ctx.bind_to_thread()
             .map_err(driver_err("cuCtxSetCurrent"))?;
-        let blas = BlasHandle::new(&stream)?;
+        // Allocated before the handle, so that on an early return below the handle (dropped
+        // first, as the later local) never outlives its workspace.
         let mut blas_workspace = stream
             .alloc_zeros::<u8>(blas_workspace_bytes(compute_capability.0))
             .map_err(driver_err("allocating the cuBLAS workspace"))?;
+        let blas = BlasHandle::new(&stream)?;
         blas.set_workspace(&mut blas_workspace, &stream)?;
         let cudnn = CudnnHandle::new(&stream)?;
 

@@ -65,17 +65,28 @@ impl SendGraph {
 }
 
 /// Records what `record` queues on `stream` into a graph instead of running it. The capture is
-/// ended whatever `record` returns (a stream left capturing would fail every later call); the
-/// capture mode is thread-local, so work queued by other threads is not swept in.
+/// ended whatever `record` returns (a stream left capturing would fail every later call). The
+/// thread-local mode makes only this thread's capture-unsafe calls (allocations,
+/// synchronisation) errors; nothing else may queue work on the compute stream meanwhile (the
+/// model is borrowed mutably).
 pub(crate) fn capture(
     stream: &Arc<CudaStream>,
     record: impl FnOnce() -> Result<()>,
 ) -> Result<SendGraph> {
+    // A pending error from an earlier asynchronous failure would make cudarc's end_capture
+    // fail before it ends the capture: surface it now, before capturing.
+    stream
+        .context()
+        .check_err()
+        .map_err(|e| Error::cuda("an earlier CUDA call", e))?;
     stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| Error::cuda("cuStreamBeginCapture", e))?;
     let recorded = record();
     let ended = stream.end_capture(CUgraphInstantiate_flags_enum(0));
+    if ended.is_err() {
+        end_abandoned_capture(stream);
+    }
     recorded?;
     match ended {
         Ok(Some(graph)) => Ok(SendGraph(graph)),
@@ -84,5 +95,26 @@ pub(crate) fn capture(
             "the capture recorded nothing",
         )),
         Err(e) => Err(Error::cuda("cuStreamEndCapture", e)),
+    }
+}
+
+/// Ends a capture cudarc's `end_capture` may have left open (it can return before ending it)
+/// and destroys what was recorded, so that the stream runs work again. Errors are ignored:
+/// this only cleans up after one that is already being returned.
+fn end_abandoned_capture(stream: &CudaStream) {
+    use cudarc::driver::result;
+    use cudarc::driver::sys::CUstreamCaptureStatus;
+    // SAFETY: the stream handle is alive (borrowed); these calls only query and end its
+    // capture, and destroy the graph handle that ending returns, which nothing else holds.
+    unsafe {
+        let capturing = result::stream::is_capturing(stream.cu_stream())
+            .is_ok_and(|s| s != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+        if capturing {
+            if let Ok(graph) = result::stream::end_capture(stream.cu_stream()) {
+                if !graph.is_null() {
+                    let _ = result::graph::destroy(graph);
+                }
+            }
+        }
     }
 }

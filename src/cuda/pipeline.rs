@@ -47,8 +47,10 @@ pub struct PipelineOutput {
 /// submit(b2) ...
 /// ```
 ///
-/// At most two batches are in flight; [`Pipeline::finish`] returns the oldest. Results are
-/// the same logits as [`CudaModel::forward_u8`] on the same batches. The host can write a
+/// At most two batches are in flight; [`Pipeline::finish`] returns the oldest. Every batch
+/// runs at `max_batch` images (a smaller one is padded with whatever the slot held before, and
+/// only its own rows come back), so the model keeps one batch size: results are the logits
+/// [`CudaModel::forward_u8`] gives those images in a batch of `max_batch`. The host can write a
 /// batch straight into the next slot's page-locked buffer ([`Pipeline::input_buffer`], e.g.
 /// from the image loader) instead of copying a [`U8Batch`] in.
 pub struct Pipeline<'m> {
@@ -201,9 +203,14 @@ impl<'m> Pipeline<'m> {
         }
         let index = self.free_slot()?;
         let bytes = n * self.image_bytes;
-        let logits = n * self.classes;
-        // Buffers and algorithms for this size first: allocation is not to be overlapped.
-        self.model.prepare(n)?;
+        // Every batch runs at the slot's full size; the rows past `n` hold earlier images and
+        // their logits are never read. One batch size means one set of buffers, algorithms and
+        // CUDA graph: a partial last batch, or one with failed images, costs the time of a full
+        // batch instead of new buffers, new measurements and a new capture. (Each image's
+        // logits depend on its own row only.)
+        let run = self.max_batch;
+        // Buffers and algorithms first: allocation is not to be overlapped.
+        self.model.prepare(run)?;
         let slot = &mut self.slots[index];
         let gpu = self.model.gpu();
         let copy = gpu.copy_stream();
@@ -230,16 +237,13 @@ impl<'m> Pipeline<'m> {
             .wait(&slot.events.h2d_end)
             .map_err(driver_err("cuStreamWaitEvent"))?;
         record(&slot.events.compute_start, stream)?;
-        let src = slot
-            .device_input
-            .try_slice(..bytes)
-            .ok_or_else(|| Error::invalid("pipeline batch", "larger than the input slot"))?;
-        let dst = &mut slot
+        let src = slot.device_input.as_view();
+        let dst = slot
             .host_logits
             .as_mut_slice()
-            .map_err(driver_err("cuEventSynchronize"))?[..logits];
+            .map_err(driver_err("cuEventSynchronize"))?;
         self.model
-            .compute_device_u8(&src, n, &self.norm, dst, &slot.events.compute_end)?;
+            .compute_device_u8(&src, run, &self.norm, dst, &slot.events.compute_end)?;
         record(&slot.events.d2h_end, self.model.gpu().stream())?;
         slot.n = n;
         self.in_flight.push_back(index);

@@ -5,6 +5,7 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUstreamCaptureStatus;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, SyncOnDrop};
 
 use super::device::driver_err;
@@ -91,12 +92,10 @@ impl ConvWorkspace {
         Ok(())
     }
 
-    /// Forgets every choice (their plans were dropped) and frees the buffer.
-    pub fn reset(&mut self) {
-        self.high_water = 0;
-        if self.buffer.take().is_some() {
-            self.generation += 1;
-        }
+    /// Some choices were forgotten: `need` is the most the remaining ones need.
+    pub fn shrink_to(&mut self, stream: &Arc<CudaStream>, need: usize) -> Result<()> {
+        self.high_water = need;
+        self.resize(stream, need)
     }
 
     /// The buffer's address and size for a cuDNN call on `stream` (null and 0 when empty), and
@@ -121,6 +120,7 @@ impl ConvWorkspace {
         if self.allocated() == bytes {
             return Ok(());
         }
+        refuse_during_capture(stream, "resizing the shared cuDNN workspace")?;
         self.buffer = None;
         self.generation += 1;
         if bytes > 0 {
@@ -131,6 +131,22 @@ impl ConvWorkspace {
             self.buffer = Some(buffer);
         }
         Ok(())
+    }
+}
+
+/// An error if `stream` is capturing a CUDA graph: an allocation or a free there would become
+/// part of the graph (or invalidate the capture) instead of happening now.
+pub(crate) fn refuse_during_capture(stream: &CudaStream, what: &str) -> Result<()> {
+    let status = stream
+        .capture_status()
+        .map_err(|e| Error::cuda("cuStreamIsCapturing", e))?;
+    if status == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        Ok(())
+    } else {
+        Err(Error::cuda(
+            what.to_string(),
+            "not allowed while a CUDA graph is being captured",
+        ))
     }
 }
 

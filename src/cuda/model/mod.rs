@@ -100,6 +100,15 @@ impl std::fmt::Debug for CudaModel {
     }
 }
 
+impl Drop for CudaModel {
+    fn drop(&mut self) {
+        // The fields are dropped next; a CUDA graph among them is destroyed by cudarc without
+        // binding its context, so make it current on this thread first. A failure leaves
+        // nothing better to do (and must not panic).
+        let _ = self.gpu.bind();
+    }
+}
+
 impl CudaModel {
     /// Opens GPU `options.device` and uploads `weights` (rounded to f16 in fp16 mode).
     /// [`Error::DeviceUnavailable`] when there is no usable GPU or library.

@@ -1,6 +1,8 @@
 //! The network of one storage type on the GPU: the plan's stages as GPU layers ([`Layers`]),
 //! and its [`Buffers`] for one batch size, allocated once and reused until the size changes.
 
+use std::collections::VecDeque;
+
 use ndarray::{Array4, ArrayView4};
 
 use crate::config::{DropoutMode, StageOp};
@@ -72,10 +74,16 @@ pub(super) struct Layers<T: GpuFloat> {
     fused: Vec<Option<FusedEpilogue>>,
 }
 
+/// How many batch sizes' algorithm choices a network keeps (descriptors only: the buffers
+/// exist for one size at a time).
+pub const PLANNED_SIZES: usize = 4;
+
 /// The layers and, once a batch size is known, its buffers.
 pub(super) struct Net<T: GpuFloat> {
     layers: Layers<T>,
     buffers: Option<Buffers<T>>,
+    /// Batch sizes with algorithm choices, least recently used first.
+    planned_sizes: VecDeque<usize>,
 }
 
 impl<T: GpuFloat> Net<T> {
@@ -83,11 +91,34 @@ impl<T: GpuFloat> Net<T> {
         Ok(Net {
             layers: Layers::build(gpu, weights, layout, allow_tf32)?,
             buffers: None,
+            planned_sizes: VecDeque::new(),
         })
     }
 
     pub fn layers(&self) -> &Layers<T> {
         &self.layers
+    }
+
+    /// Marks `n` as the most recent batch size and forgets the algorithm choices of the
+    /// sizes beyond the last [`PLANNED_SIZES`], shrinking the shared workspace to what the
+    /// remaining choices need. Coming back to a remembered size reuses its algorithms: the
+    /// same size always computes with the same algorithms (bit-identical results), and
+    /// alternating sizes does not measure again.
+    fn remember_size(&mut self, gpu: &Gpu, n: usize) -> Result<()> {
+        self.planned_sizes.retain(|&s| s != n);
+        self.planned_sizes.push_back(n);
+        let mut forgot = false;
+        while self.planned_sizes.len() > PLANNED_SIZES {
+            if let Some(old) = self.planned_sizes.pop_front() {
+                self.layers.forget_plans(old);
+                forgot = true;
+            }
+        }
+        if forgot {
+            let need = self.layers.workspace_need();
+            gpu.conv_workspace()?.shrink_to(gpu.stream(), need)?;
+        }
+        Ok(())
     }
 
     /// The CUDA graph's state at the current batch size, if buffers exist.
@@ -101,18 +132,18 @@ impl<T: GpuFloat> Net<T> {
     }
 
     /// The layers and the buffers for batch `n`, allocated (and every convolution's algorithm
-    /// chosen) on the first call for that size; the buffers, algorithm choices and shared
-    /// convolution workspace of another size are freed first.
+    /// chosen, unless it was for one of the last [`PLANNED_SIZES`] sizes) on the first call for
+    /// that size; the buffers of another size are freed first.
     pub fn ready(&mut self, gpu: &Gpu, n: usize) -> Result<(&mut Layers<T>, &mut Buffers<T>)> {
         let buffers = match self.buffers.take() {
             Some(buffers) if buffers.n == n => buffers,
             other => {
-                // One batch size at a time: the old size's buffers, algorithm choices and
-                // workspace go before the new size's are made, so memory does not grow with
-                // every size ever run.
+                // One batch size of buffers at a time, so memory does not grow with every
+                // size ever run. The graph among them is destroyed with this thread's context
+                // current (cudarc's graph destructor does not bind it).
+                gpu.bind()?;
                 drop(other);
-                self.layers.clear_plans();
-                gpu.conv_workspace()?.reset();
+                self.remember_size(gpu, n)?;
                 self.layers.allocate(gpu, n)?
             }
         };
@@ -225,13 +256,22 @@ impl<T: GpuFloat> Layers<T> {
             .collect()
     }
 
-    /// Forgets every convolution's algorithm choices.
-    fn clear_plans(&mut self) {
+    /// Forgets every convolution's algorithm choices for batch size `n`.
+    fn forget_plans(&mut self, n: usize) {
         for stage in &mut self.stages {
             if let Layer::Conv { conv, .. } = &mut stage.layer {
-                conv.clear_plans();
+                conv.forget_plans(n);
             }
         }
+    }
+
+    /// The most workspace any remembered algorithm choice needs.
+    fn workspace_need(&self) -> usize {
+        self.conv_plans()
+            .iter()
+            .map(|(_, plan)| plan.workspace_bytes)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Every buffer for batch `n`, with each convolution's algorithm chosen for it.

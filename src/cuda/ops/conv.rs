@@ -25,6 +25,7 @@ use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::to_i32;
 use crate::cuda::tensor::{GpuTensor, Layout};
+use crate::cuda::workspace::refuse_during_capture;
 use crate::error::{Error, Result};
 
 /// Settings of a [`Conv2dGpu`].
@@ -263,10 +264,14 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         Ok(())
     }
 
-    /// Forgets every chosen algorithm (e.g. when the batch size changes for good); the next
-    /// forward of a shape measures again.
+    /// Forgets every chosen algorithm; the next forward of a shape measures again.
     pub fn clear_plans(&mut self) {
         self.plans.clear();
+    }
+
+    /// Forgets the algorithms chosen for batch size `n`.
+    pub fn forget_plans(&mut self, n: usize) {
+        self.plans.retain(|&[batch, _, _], _| batch != n);
     }
 
     /// Every algorithm chosen so far, one per input shape, sorted by shape.
@@ -318,6 +323,9 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             ));
         }
         let stream = gpu.stream();
+        // Measuring synchronises and allocates: never inside a CUDA graph capture (the eager
+        // run before a capture chooses every algorithm).
+        refuse_during_capture(stream, "choosing a convolution algorithm")?;
         let handle = gpu.cudnn()?;
         let mut workspace = gpu.conv_workspace()?;
         let search_bytes = workspace.for_search(stream)?;
