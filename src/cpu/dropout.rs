@@ -44,6 +44,13 @@ impl Dropout {
         out
     }
 
+    /// The training-mode backward: the gradient goes through the very mask (and scale)
+    /// [`Dropout::forward_train`] drew from `seed`; dropped elements pass none.
+    pub fn backward_train(&self, grad_out: ArrayViewD<'_, f32>, seed: u64) -> ArrayD<f32> {
+        // The forward is linear in its input for a fixed mask: its backward is itself.
+        self.forward_train(grad_out, seed)
+    }
+
     /// Inference mode: the identity (inverted) or a multiplication by `1 - p` (classic).
     pub fn forward_eval(&self, input: ArrayViewD<'_, f32>) -> ArrayD<f32> {
         match self.mode {

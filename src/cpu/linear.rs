@@ -16,6 +16,17 @@ pub struct Linear {
     out_features: usize,
 }
 
+/// A linear layer's gradients for one batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearGrads {
+    /// `[N, in]`.
+    pub input: Array2<f32>,
+    /// `[out, in]`, summed over the batch.
+    pub weight: Array2<f32>,
+    /// `[out]`, summed over the batch.
+    pub bias: Array1<f32>,
+}
+
 /// Output features per task in [`Linear::forward`].
 const OUTPUT_BLOCK: usize = 256;
 
@@ -88,6 +99,53 @@ impl Linear {
             out.mapv_inplace(bias_act::relu);
         }
         Ok(out)
+    }
+
+    /// The backward for inputs `input` `[N, in]` and the output's gradient `grad_out`
+    /// `[N, out]`: `dx = g W`, `dW = g^T x`, `db = sum_n g` (threaded GEMMs).
+    pub fn backward(
+        &self,
+        input: ArrayView2<'_, f32>,
+        grad_out: ArrayView2<'_, f32>,
+    ) -> Result<LinearGrads> {
+        let (n, features) = input.dim();
+        if features != self.in_features || grad_out.dim() != (n, self.out_features) {
+            return Err(Error::Shape {
+                op: "Linear::backward",
+                expected: format!(
+                    "input [N, {}] and gradient [N, {}]",
+                    self.in_features, self.out_features
+                ),
+                found: [input.shape(), grad_out.shape()].concat(),
+            });
+        }
+        let input = input.as_standard_layout();
+        let grad_out = grad_out.as_standard_layout();
+        let (x, g) = (
+            input.as_slice().unwrap_or(&[]),
+            grad_out.as_slice().unwrap_or(&[]),
+        );
+        let (inputs, outputs) = (self.in_features, self.out_features);
+        let mut dx = vec![0.0f32; n * inputs];
+        gemm_accumulate(
+            &mut dx,
+            MatRef::row_major(g, n, outputs),
+            MatRef::row_major(&self.weight, outputs, inputs),
+            Threads::All,
+        );
+        let mut dw = vec![0.0f32; outputs * inputs];
+        gemm_accumulate(
+            &mut dw,
+            MatRef::transposed(g, outputs, n),
+            MatRef::row_major(x, n, inputs),
+            Threads::All,
+        );
+        let shape_err = |e: ndarray::ShapeError| Error::invalid("Linear gradient", e.to_string());
+        Ok(LinearGrads {
+            input: Array2::from_shape_vec((n, inputs), dx).map_err(shape_err)?,
+            weight: Array2::from_shape_vec((outputs, inputs), dw).map_err(shape_err)?,
+            bias: grad_out.sum_axis(ndarray::Axis(0)),
+        })
     }
 
     /// `bias + x[n, in] * W[first..first + width, :]^T` as a row-major `[n, width]` buffer.

@@ -7,14 +7,16 @@ mod conv;
 mod dropout;
 mod gemm;
 mod linear;
+mod loss;
 mod lrn;
 mod model;
 mod pool;
 
-pub use bias_act::{bias_act_inplace, relu_inplace};
+pub use bias_act::{bias_act_inplace, relu_backward, relu_inplace};
 pub use conv::Conv2d;
 pub use dropout::{keep_draw, Dropout};
-pub use linear::Linear;
+pub use linear::{Linear, LinearGrads};
+pub use loss::{softmax_cross_entropy, CrossEntropy};
 pub use lrn::Lrn;
 pub use model::{CpuModel, CHUNK_IMAGES};
 pub use pool::MaxPool2d;

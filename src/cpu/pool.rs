@@ -54,6 +54,72 @@ impl MaxPool2d {
             .map_err(|e| Error::invalid("MaxPool2d output", e.to_string()))
     }
 
+    /// The backward: each output's gradient goes to the input its window took the maximum
+    /// from (the first in row-major window order on ties, the last NaN where there are NaNs,
+    /// as in PyTorch); overlapping windows add up. `input` is the forward's input, `grad_out` is
+    /// shaped like its output.
+    pub fn backward(
+        &self,
+        input: ArrayView4<'_, f32>,
+        grad_out: ArrayView4<'_, f32>,
+    ) -> Result<Array4<f32>> {
+        let (n, c, h, w) = input.dim();
+        let (oh, ow) = self.output_size(h, w)?;
+        if grad_out.dim() != (n, c, oh, ow) {
+            return Err(Error::Shape {
+                op: "MaxPool2d::backward",
+                expected: format!("a gradient of [{n}, {c}, {oh}, {ow}]"),
+                found: grad_out.shape().to_vec(),
+            });
+        }
+        let input = input.as_standard_layout();
+        let grad_out = grad_out.as_standard_layout();
+        let (src, grad) = (
+            input.as_slice().unwrap_or(&[]),
+            grad_out.as_slice().unwrap_or(&[]),
+        );
+        let mut out = vec![0.0f32; n * c * h * w];
+        if !out.is_empty() && oh * ow > 0 {
+            out.par_chunks_exact_mut(h * w)
+                .zip(src.par_chunks_exact(h * w))
+                .zip(grad.par_chunks_exact(oh * ow))
+                .for_each(|((dst, plane), g)| self.unpool_plane(plane, w, g, ow, dst));
+        }
+        Array4::from_shape_vec((n, c, h, w), out)
+            .map_err(|e| Error::invalid("MaxPool2d gradient", e.to_string()))
+    }
+
+    /// Adds each output gradient of one plane to its window's maximum in `dst`.
+    fn unpool_plane(
+        &self,
+        plane: &[f32],
+        width: usize,
+        grad: &[f32],
+        out_width: usize,
+        dst: &mut [f32],
+    ) {
+        let (k, s) = (self.kernel, self.stride);
+        for (oy, grad_row) in grad.chunks_exact(out_width).enumerate() {
+            for (ox, &g) in grad_row.iter().enumerate() {
+                let mut best = f32::NEG_INFINITY;
+                let mut at = (oy * s) * width + ox * s;
+                for ky in 0..k {
+                    let row = (oy * s + ky) * width;
+                    for kx in 0..k {
+                        let index = row + ox * s + kx;
+                        let v = plane[index];
+                        // PyTorch's rule: a strictly larger value or any NaN takes over.
+                        if v > best || v.is_nan() {
+                            best = v;
+                            at = index;
+                        }
+                    }
+                }
+                dst[at] += g;
+            }
+        }
+    }
+
     fn pool_plane(&self, plane: &[f32], width: usize, dst: &mut [f32], out_width: usize) {
         let (k, s) = (self.kernel, self.stride);
         for (oy, out_row) in dst.chunks_exact_mut(out_width).enumerate() {
