@@ -152,26 +152,18 @@ impl<'b, B: Backend + ?Sized> HostQueue<'b, B> {
         max_batch: usize,
         depth: usize,
     ) -> Result<Self> {
-        let input = backend.config().input;
-        if input.channels != 3 || input.height != input.width {
-            return Err(Error::invalid(
-                "stream",
-                format!(
-                    "8-bit images are square RGB; the model takes {}x{}x{}",
-                    input.channels, input.height, input.width
-                ),
-            ));
-        }
+        let side_len = backend.config().input.square_rgb_side("stream")?;
         if max_batch == 0 || depth == 0 {
             return Err(Error::invalid(
                 "stream",
                 "batch and depth must be at least 1",
             ));
         }
-        let side = u32::try_from(input.height)
+        let side = u32::try_from(side_len)
             .map_err(|_| Error::invalid("stream", "input side does not fit u32"))?;
-        let bytes = max_batch
-            .checked_mul(input.height * input.width * 3)
+        let bytes = side_len
+            .checked_mul(side_len * 3)
+            .and_then(|image| image.checked_mul(max_batch))
             .ok_or_else(|| Error::invalid("stream batch", format!("{max_batch} overflows")))?;
         let mut buffers = Vec::new();
         buffers

@@ -125,21 +125,14 @@ pub fn time_forward(
             format!("batch must be 1 to {MAX_TIMING_BATCH} and iterations at least 1"),
         ));
     }
-    if input.channels != 3 || input.height != input.width {
-        return Err(Error::invalid(
-            "timing plan",
-            format!(
-                "synthetic images are square RGB; the model takes {}x{}x{}",
-                input.channels, input.height, input.width
-            ),
-        ));
-    }
+    let side = input.square_rgb_side("timing plan")?;
     let total = plan
         .warmup
         .checked_add(plan.iterations)
         .ok_or_else(|| Error::invalid("timing plan", "warm-up + iterations overflows"))?;
     let pre = Preprocess {
-        crop: input.height as u32,
+        crop: u32::try_from(side)
+            .map_err(|_| Error::invalid("timing plan", "input side does not fit u32"))?,
         ..Preprocess::default()
     };
     let mut stream = TimedStream {

@@ -152,6 +152,21 @@ pub struct InputShape {
 }
 
 impl InputShape {
+    /// The side of the square RGB images this input takes (what 8-bit image batches hold), or
+    /// [`Error::Invalid`] naming `what` for any other input.
+    pub fn square_rgb_side(&self, what: &'static str) -> Result<usize> {
+        if self.channels != 3 || self.height != self.width {
+            return Err(Error::invalid(
+                what,
+                format!(
+                    "8-bit images are square RGB; the model takes {}x{}x{}",
+                    self.channels, self.height, self.width
+                ),
+            ));
+        }
+        Ok(self.height)
+    }
+
     /// The batch size of an `[N, C, H, W]` input `shape` that matches this input, or
     /// [`Error::Shape`] naming `op` when it does not (or `N` is 0).
     pub fn check_batch(&self, op: &'static str, shape: &[usize]) -> Result<usize> {

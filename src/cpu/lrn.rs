@@ -36,24 +36,12 @@ impl Lrn {
                 alpha,
                 beta,
             } = self.params;
-            // Window [c - n/2, c + (n-1)/2]: PyTorch's rule, symmetric for the paper's odd n.
-            let before = size / 2;
-            let after = (size - 1) / 2;
             out.par_chunks_exact_mut(plane)
                 .enumerate()
                 .for_each(|(index, dst)| {
                     let (image, channel) = (index / c, index % c);
                     let image_src = &src[image * c * plane..(image + 1) * c * plane];
-                    let first = channel.saturating_sub(before);
-                    let last = (channel + after).min(c - 1);
-                    // Sum of squares over the window, plane by plane (contiguous, vectorised).
-                    dst.fill(0.0);
-                    for j in first..=last {
-                        let neighbour = &image_src[j * plane..(j + 1) * plane];
-                        for (d, &a) in dst.iter_mut().zip(neighbour) {
-                            *d += a * a;
-                        }
-                    }
+                    sum_of_squares(image_src, plane, window(channel, c, size), dst);
                     let centre = &image_src[channel * plane..(channel + 1) * plane];
                     normalise(dst, centre, k, alpha, beta);
                 });
@@ -96,20 +84,14 @@ impl Lrn {
                 alpha,
                 beta,
             } = self.params;
-            let (before, after) = (size / 2, (size - 1) / 2);
             out.par_chunks_exact_mut(image)
                 .zip(src.par_chunks_exact(image))
                 .zip(grad.par_chunks_exact(image))
                 .for_each(|((dst, a), g)| {
                     // D_c per element, then t_c = g_c a_c D_c^(-beta-1).
                     let mut denom = vec![0.0f32; image];
-                    for ch in 0..c {
-                        let d = &mut denom[ch * plane..(ch + 1) * plane];
-                        for j in ch.saturating_sub(before)..=(ch + after).min(c - 1) {
-                            for (d, &v) in d.iter_mut().zip(&a[j * plane..(j + 1) * plane]) {
-                                *d += v * v;
-                            }
-                        }
+                    for (ch, d) in denom.chunks_exact_mut(plane).enumerate() {
+                        sum_of_squares(a, plane, window(ch, c, size), d);
                         d.iter_mut().for_each(|d| *d = k + alpha * *d);
                     }
                     let t: Vec<f32> = (0..image)
@@ -117,6 +99,7 @@ impl Lrn {
                         .collect();
                     for i in 0..c {
                         // The channels whose window holds i: c in [i - after, i + before].
+                        let (before, after) = (size / 2, (size - 1) / 2);
                         let first = i.saturating_sub(after);
                         let last = (i + before).min(c - 1);
                         let dst = &mut dst[i * plane..(i + 1) * plane];
@@ -140,6 +123,28 @@ impl Lrn {
         }
         Array4::from_shape_vec((n, c, h, w), out)
             .map_err(|e| Error::invalid("LRN gradient", e.to_string()))
+    }
+}
+
+/// The channels channel `channel`'s sum runs over (of `channels`, window `size`):
+/// `[c - n/2, c + (n-1)/2]` clipped, PyTorch's rule, symmetric for the paper's odd n.
+fn window(channel: usize, channels: usize, size: usize) -> std::ops::RangeInclusive<usize> {
+    channel.saturating_sub(size / 2)..=(channel + (size - 1) / 2).min(channels - 1)
+}
+
+/// `dst[p] = sum_{j in window} image[j][p]^2` over one image's `plane`-sized channel planes,
+/// plane by plane (contiguous, vectorised).
+fn sum_of_squares(
+    image: &[f32],
+    plane: usize,
+    window: std::ops::RangeInclusive<usize>,
+    dst: &mut [f32],
+) {
+    dst.fill(0.0);
+    for j in window {
+        for (d, &a) in dst.iter_mut().zip(&image[j * plane..(j + 1) * plane]) {
+            *d += a * a;
+        }
     }
 }
 
