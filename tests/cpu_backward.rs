@@ -6,7 +6,9 @@
 mod common;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams};
-use alexnet_cuda::cpu::{relu_backward, softmax_cross_entropy, Dropout, Linear, Lrn, MaxPool2d};
+use alexnet_cuda::cpu::{
+    relu_backward, softmax_cross_entropy, Conv2d, Dropout, InputGradient, Linear, Lrn, MaxPool2d,
+};
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 
 /// `n` values in [-scale, scale], exactly representable in f32.
@@ -95,6 +97,42 @@ fn max_pool_f64(a: &[f64], [n, c, h, w]: [usize; 4], k: usize, s: usize) -> Vec<
     out
 }
 
+/// Cross-correlation with zero padding, plus bias: `x` NCHW, `w` OIHW.
+fn conv_f64(
+    x: &[f64],
+    w: &[f64],
+    b: &[f64],
+    [n, c, h, wd]: [usize; 4],
+    [o, k, s, p]: [usize; 4],
+) -> Vec<f64> {
+    let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+    let mut out = Vec::with_capacity(n * o * oh * ow);
+    for img in 0..n {
+        for oc in 0..o {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut sum = b[oc];
+                    for ic in 0..c {
+                        for ki in 0..k {
+                            for kj in 0..k {
+                                let y = (oy * s + ki) as isize - p as isize;
+                                let xx = (ox * s + kj) as isize - p as isize;
+                                if y < 0 || xx < 0 || y >= h as isize || xx >= wd as isize {
+                                    continue;
+                                }
+                                let xi = ((img * c + ic) * h + y as usize) * wd + xx as usize;
+                                sum += x[xi] * w[((oc * c + ic) * k + ki) * k + kj];
+                            }
+                        }
+                    }
+                    out.push(sum);
+                }
+            }
+        }
+    }
+    out
+}
+
 // --- the checks --------------------------------------------------------------------------
 
 #[test]
@@ -129,6 +167,88 @@ fn lrn_backward_matches_finite_differences() {
             1e-5,
         );
     }
+}
+
+#[test]
+fn conv_backward_matches_finite_differences() {
+    // [n, c, h, w] and [out, kernel, stride, padding]: odd sizes, strides that skip input
+    // columns, padding wider than a stride, batches below and above the thread count.
+    for (i, (shape, [o, k, s, p])) in [
+        ([3, 3, 9, 8], [4, 3, 2, 1]),
+        ([1, 2, 11, 10], [3, 5, 4, 2]),
+        ([5, 4, 6, 7], [2, 3, 1, 1]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let [n, c, h, wd] = shape;
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+        let stream = 40 + 4 * i as u64;
+        let x = values(stream, n * c * h * wd, 2.0);
+        let w = values(stream + 1, o * c * k * k, 0.5);
+        let b = values(stream + 2, o, 0.5);
+        let g = values(stream + 3, n * o * oh * ow, 1.0);
+        let conv = Conv2d::new(
+            Array4::from_shape_vec([o, c, k, k], w.clone())
+                .unwrap()
+                .view(),
+            &Array1::from(b.clone()),
+            s,
+            p,
+        )
+        .unwrap();
+        let x4 = Array4::from_shape_vec(shape, x.clone()).unwrap();
+        let g4 = Array4::from_shape_vec([n, o, oh, ow], g.clone()).unwrap();
+        let got = conv
+            .backward(x4.view(), g4.view(), InputGradient::Compute)
+            .unwrap();
+        let (x64, w64, b64, g64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&g));
+        let geometry = [o, k, s, p];
+        let what = |t: &str| format!("conv {shape:?} {geometry:?}: {t}");
+        let want_x = numerical_grad(&x64, 1e-4, |a| {
+            dot(&g64, &conv_f64(a, &w64, &b64, shape, geometry))
+        });
+        let input = got.input.as_ref().expect("input gradient was asked for");
+        assert_close(&what("input"), input.as_slice().unwrap(), &want_x, 1e-5);
+        let want_w = numerical_grad(&w64, 1e-4, |a| {
+            dot(&g64, &conv_f64(&x64, a, &b64, shape, geometry))
+        });
+        assert_close(
+            &what("weight"),
+            got.weight.as_slice().unwrap(),
+            &want_w,
+            1e-5,
+        );
+        let want_b = numerical_grad(&b64, 1e-4, |a| {
+            dot(&g64, &conv_f64(&x64, &w64, a, shape, geometry))
+        });
+        assert_close(&what("bias"), got.bias.as_slice().unwrap(), &want_b, 1e-5);
+
+        // Skipping the input's gradient leaves the parameters' gradients exactly as they were.
+        let params_only = conv
+            .backward(x4.view(), g4.view(), InputGradient::Skip)
+            .unwrap();
+        assert!(params_only.input.is_none());
+        assert_eq!(params_only.weight, got.weight);
+        assert_eq!(params_only.bias, got.bias);
+    }
+}
+
+#[test]
+fn conv_backward_rejects_a_gradient_of_the_wrong_shape() {
+    let conv = Conv2d::new(
+        Array4::<f32>::zeros([2, 3, 3, 3]).view(),
+        &Array1::zeros(2),
+        1,
+        0,
+    )
+    .unwrap();
+    let x = Array4::<f32>::zeros([1, 3, 5, 5]);
+    let wrong = Array4::<f32>::zeros([1, 2, 4, 3]);
+    let err = conv
+        .backward(x.view(), wrong.view(), InputGradient::Compute)
+        .unwrap_err();
+    assert!(err.to_string().contains("[1, 2, 3, 3]"), "{err}");
 }
 
 #[test]

@@ -63,6 +63,21 @@ impl Conv2d {
         self.out_channels
     }
 
+    pub fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    /// The weight, OIHW in C order, and the bias.
+    pub fn parameters(&self) -> [&[f32]; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    /// The weight and bias for an optimiser to update in place (the same layout as
+    /// [`Conv2d::parameters`]; the lengths cannot change).
+    pub fn parameters_mut(&mut self) -> [&mut [f32]; 2] {
+        [&mut self.weight, &mut self.bias]
+    }
+
     /// Output `(height, width)` for an input of `(height, width)`, or an error if the kernel does
     /// not fit.
     pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
@@ -90,23 +105,40 @@ impl Conv2d {
         self.run(input, true)
     }
 
-    fn run(&self, input: ArrayView4<'_, f32>, relu: bool) -> Result<Array4<f32>> {
-        let (n, c, h, w) = input.dim();
+    /// The geometry of one image of `input`, after checking its shape.
+    fn geometry(&self, op: &'static str, input: &ArrayView4<'_, f32>) -> Result<Geometry> {
+        let (_, c, h, w) = input.dim();
         if c != self.in_channels {
             return Err(Error::Shape {
-                op: "Conv2d",
+                op,
                 expected: format!("[N, {}, H, W]", self.in_channels),
                 found: input.shape().to_vec(),
             });
         }
         if c * h * w == 0 {
             return Err(Error::Shape {
-                op: "Conv2d",
+                op,
                 expected: "non-empty images [N, C > 0, H > 0, W > 0]".into(),
                 found: input.shape().to_vec(),
             });
         }
         let (oh, ow) = self.output_size(h, w)?;
+        Ok(Geometry {
+            channels: c,
+            height: h,
+            width: w,
+            out_height: oh,
+            out_width: ow,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        })
+    }
+
+    fn run(&self, input: ArrayView4<'_, f32>, relu: bool) -> Result<Array4<f32>> {
+        let geometry = self.geometry("Conv2d", &input)?;
+        let (n, c, h, w) = input.dim();
+        let (oh, ow) = (geometry.out_height, geometry.out_width);
         let input = input.as_standard_layout();
         let input = input.as_slice().unwrap_or(&[]);
         let in_len = c * h * w;
@@ -116,16 +148,6 @@ impl Conv2d {
             return Array4::from_shape_vec((n, self.out_channels, oh, ow), output)
                 .map_err(|e| Error::invalid("Conv2d output", e.to_string()));
         }
-        let geometry = Geometry {
-            channels: c,
-            height: h,
-            width: w,
-            out_height: oh,
-            out_width: ow,
-            kernel: self.kernel,
-            stride: self.stride,
-            padding: self.padding,
-        };
         let col_len = geometry.col_rows() * oh * ow;
         let per_image = |col: &mut Vec<f32>, (image, out): (&[f32], &mut [f32]), threads| {
             im2col(&geometry, image, col);
@@ -166,6 +188,169 @@ impl Conv2d {
             MatRef::row_major(col, k, positions),
             threads,
         );
+    }
+}
+
+impl Conv2d {
+    /// The backward of [`Conv2d::forward`] (convolution plus bias, before any ReLU) at `input`
+    /// for the output's gradient `grad_out`: per image `dW += g col^T`, `db += sum g`,
+    /// `dcol = W^T g` folded back onto the input (col2im). The input's gradient is skipped with
+    /// [`InputGradient::Skip`] (the first layer, whose input is the data, needs none).
+    pub fn backward(
+        &self,
+        input: ArrayView4<'_, f32>,
+        grad_out: ArrayView4<'_, f32>,
+        input_gradient: InputGradient,
+    ) -> Result<Conv2dGrads> {
+        let geometry = self.geometry("Conv2d::backward", &input)?;
+        let (n, c, h, w) = input.dim();
+        let (o, positions) = (self.out_channels, geometry.out_height * geometry.out_width);
+        if grad_out.dim() != (n, o, geometry.out_height, geometry.out_width) {
+            return Err(Error::Shape {
+                op: "Conv2d::backward",
+                expected: format!(
+                    "a gradient of [{n}, {o}, {}, {}]",
+                    geometry.out_height, geometry.out_width
+                ),
+                found: grad_out.shape().to_vec(),
+            });
+        }
+        let input = input.as_standard_layout();
+        let grad_out = grad_out.as_standard_layout();
+        let (x, g) = (
+            input.as_slice().unwrap_or(&[]),
+            grad_out.as_slice().unwrap_or(&[]),
+        );
+        let (in_len, out_len) = (c * h * w, o * positions);
+        let want_input = input_gradient == InputGradient::Compute;
+        let mut dx = vec![0.0f32; if want_input { n * in_len } else { 0 }];
+        let k = geometry.col_rows();
+        let scratch = || (vec![0.0f32; k * positions], ParamSums::new(o * k, o));
+        // One image: its weight and bias gradients into `sums`, its input gradient into `dx`.
+        let per_image = |(col, sums): &mut (Vec<f32>, ParamSums),
+                         image: &[f32],
+                         grad: &[f32],
+                         dx: Option<&mut [f32]>,
+                         threads: Threads| {
+            im2col(&geometry, image, col);
+            gemm_accumulate(
+                &mut sums.weight,
+                MatRef::row_major(grad, o, positions),
+                MatRef::transposed(col, positions, k),
+                threads,
+            );
+            for (b, row) in sums.bias.iter_mut().zip(grad.chunks_exact(positions)) {
+                *b += row.iter().map(|&v| v as f64).sum::<f64>();
+            }
+            if let Some(dx) = dx {
+                col.fill(0.0);
+                gemm_accumulate(
+                    col,
+                    MatRef::transposed(&self.weight, k, o),
+                    MatRef::row_major(grad, o, positions),
+                    threads,
+                );
+                col2im_add(&geometry, col, dx);
+            }
+        };
+        // Images in one contiguous group per thread (a fixed split, so the sums are the same
+        // from run to run), each group summing into its own gradients, added up in order.
+        let threads = rayon::current_num_threads().max(1);
+        let group = n.div_ceil(threads).max(1);
+        let gemm_threads = if n >= threads {
+            Threads::One
+        } else {
+            Threads::All
+        };
+        let mut dx_groups = dx.chunks_mut(group * in_len);
+        let groups: Vec<_> = x
+            .chunks(group * in_len)
+            .zip(g.chunks((group * out_len).max(1)))
+            .map(|(xs, gs)| (xs, gs, dx_groups.next()))
+            .collect();
+        let sum_group = |(xs, gs, mut dxs): (&[f32], &[f32], Option<&mut [f32]>)| {
+            let mut acc = scratch();
+            for (i, (image, grad)) in xs
+                .chunks_exact(in_len)
+                .zip(gs.chunks_exact(out_len))
+                .enumerate()
+            {
+                let dx = dxs
+                    .as_deref_mut()
+                    .map(|d| &mut d[i * in_len..(i + 1) * in_len]);
+                per_image(&mut acc, image, grad, dx, gemm_threads);
+            }
+            acc.1
+        };
+        let partials: Vec<ParamSums> = if n == 0 || out_len == 0 {
+            Vec::new() // (chunks of length 0 would panic) nothing to sum
+        } else if gemm_threads == Threads::One {
+            groups.into_par_iter().map(sum_group).collect()
+        } else {
+            groups.into_iter().map(sum_group).collect()
+        };
+        let sums = partials
+            .into_iter()
+            .reduce(ParamSums::add)
+            .unwrap_or_else(|| scratch().1);
+        let shape_err = |e: ndarray::ShapeError| Error::invalid("Conv2d gradient", e.to_string());
+        Ok(Conv2dGrads {
+            input: if want_input {
+                Some(Array4::from_shape_vec((n, c, h, w), dx).map_err(shape_err)?)
+            } else {
+                None
+            },
+            weight: Array4::from_shape_vec((o, c, self.kernel, self.kernel), sums.weight)
+                .map_err(shape_err)?,
+            bias: sums.bias.iter().map(|&b| b as f32).collect(),
+        })
+    }
+}
+
+/// Whether [`Conv2d::backward`] computes the gradient with respect to its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputGradient {
+    Compute,
+    /// The input is data (the first layer): only the parameters' gradients are needed.
+    Skip,
+}
+
+/// A convolution's gradients for one batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv2dGrads {
+    /// `[N, C, H, W]`, or `None` when skipped.
+    pub input: Option<Array4<f32>>,
+    /// `[out, in, k, k]`, summed over the batch.
+    pub weight: Array4<f32>,
+    /// `[out]`, summed over the batch.
+    pub bias: Array1<f32>,
+}
+
+/// Weight and bias gradients being summed over images (the bias in f64: it adds up every
+/// position of every image).
+struct ParamSums {
+    weight: Vec<f32>,
+    bias: Vec<f64>,
+}
+
+impl ParamSums {
+    fn new(weights: usize, biases: usize) -> Self {
+        ParamSums {
+            weight: vec![0.0; weights],
+            bias: vec![0.0; biases],
+        }
+    }
+
+    fn add(mut self, other: Self) -> Self {
+        self.weight
+            .iter_mut()
+            .zip(&other.weight)
+            .for_each(|(a, b)| *a += b);
+        self.bias
+            .iter_mut()
+            .zip(&other.bias)
+            .for_each(|(a, b)| *a += b);
+        self
     }
 }
 
@@ -237,5 +422,39 @@ fn copy_row(src: &[f32], dst: &mut [f32], offset: isize, stride: usize) {
         .zip(src[start..].iter().step_by(stride as usize))
     {
         *d = *s;
+    }
+}
+
+/// The adjoint of [`im2col`]: adds `col[(c, ki, kj), (oy, ox)]` onto the image position each
+/// entry was copied from (entries over the padding are dropped).
+fn col2im_add(g: &Geometry, col: &[f32], image: &mut [f32]) {
+    let positions = g.out_height * g.out_width;
+    let mut rows = col.chunks_exact(positions);
+    for c in 0..g.channels {
+        let plane = &mut image[c * g.height * g.width..(c + 1) * g.height * g.width];
+        for ki in 0..g.kernel {
+            for kj in 0..g.kernel {
+                let Some(row) = rows.next() else { return };
+                for (oy, col_row) in row.chunks_exact(g.out_width).enumerate() {
+                    let y = (oy * g.stride + ki) as isize - g.padding as isize;
+                    if y < 0 || y >= g.height as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[y as usize * g.width..(y as usize + 1) * g.width];
+                    add_row(col_row, dst, kj as isize - g.padding as isize, g.stride);
+                }
+            }
+        }
+    }
+}
+
+/// `dst[ox * stride + offset] += src[ox]` wherever that lies inside `dst` (the adjoint of
+/// [`copy_row`]).
+fn add_row(src: &[f32], dst: &mut [f32], offset: isize, stride: usize) {
+    for (ox, &v) in src.iter().enumerate() {
+        let x = ox as isize * stride as isize + offset;
+        if x >= 0 && (x as usize) < dst.len() {
+            dst[x as usize] += v;
+        }
     }
 }

@@ -13,7 +13,7 @@ mod model;
 mod pool;
 
 pub use bias_act::{bias_act_inplace, relu_backward, relu_inplace};
-pub use conv::Conv2d;
+pub use conv::{Conv2d, Conv2dGrads, InputGradient};
 pub use dropout::{keep_draw, Dropout};
 pub use linear::{Linear, LinearGrads};
 pub use loss::{softmax_cross_entropy, CrossEntropy};
