@@ -60,6 +60,7 @@ pub mod labels;
 pub mod postprocess;
 pub mod stream;
 pub mod timing;
+pub mod train;
 pub mod weights;
 
 pub use crate::image::{collect_image_paths, load_batch, LoadedBatch, Preprocess, U8Batch};

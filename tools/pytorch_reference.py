@@ -51,6 +51,8 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
+from formula import uniform_pm1
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 IMAGES_DIR = os.path.join(REPO, "tests", "data", "images")
 CROPS_DIR = os.path.join(REPO, "tests", "data", "reference")
@@ -72,22 +74,7 @@ INPUT_SCALE = 2.0
 # Deterministic weight formula (mirrored bit-exactly by the Rust tests).
 # ---------------------------------------------------------------------------
 
-def splitmix64(x):
-    """splitmix64 finaliser on a numpy uint64 array (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def uniform_pm1(stream, n):
-    """n float64 values in (-1, 1): top 24 bits of splitmix64(stream*2^40 + i)."""
-    i = np.arange(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = np.uint64(stream) * np.uint64(2**40) + i
-    u = splitmix64(x) >> np.uint64(40)
-    return (u.astype(np.float64) + 0.5) / 2.0**24 * 2.0 - 1.0
+# splitmix64 and uniform_pm1 live in tools/formula.py (shared with the training fixtures).
 
 
 # ---------------------------------------------------------------------------

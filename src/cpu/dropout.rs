@@ -65,6 +65,15 @@ impl Dropout {
     }
 }
 
+/// The mask seed of the `layer`-th dropout layer (counting from 0 in network order) in a
+/// training step seeded `step_seed`: distinct layers and steps draw unrelated masks.
+pub fn layer_seed(step_seed: u64, layer: u64) -> u64 {
+    let mut z = step_seed ^ layer.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A uniform 32-bit draw for element `index` under `seed`: splitmix64's finaliser over a
 /// combined counter. Cheap, stateless and identical on every device.
 pub fn keep_draw(seed: u64, index: u64) -> u32 {

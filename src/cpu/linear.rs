@@ -56,6 +56,17 @@ impl Linear {
         self.out_features
     }
 
+    /// The weight, `[out, in]` in C order, and the bias.
+    pub fn parameters(&self) -> [&[f32]; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    /// The weight and bias for an optimiser to update in place (the same layout as
+    /// [`Linear::parameters`]; the lengths cannot change).
+    pub fn parameters_mut(&mut self) -> [&mut [f32]; 2] {
+        [&mut self.weight, &mut self.bias]
+    }
+
     /// `[N, in] -> [N, out]`.
     pub fn forward(&self, input: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         self.run(input, false)

@@ -11,12 +11,14 @@ mod loss;
 mod lrn;
 mod model;
 mod pool;
+mod training;
 
 pub use bias_act::{bias_act_inplace, relu_backward, relu_inplace};
 pub use conv::{Conv2d, Conv2dGrads, InputGradient};
-pub use dropout::{keep_draw, Dropout};
+pub use dropout::{keep_draw, layer_seed, Dropout};
 pub use linear::{Linear, LinearGrads};
 pub use loss::{softmax_cross_entropy, CrossEntropy};
 pub use lrn::Lrn;
 pub use model::{CpuModel, CHUNK_IMAGES};
 pub use pool::MaxPool2d;
+pub use training::{Gradient, Gradients, Tape};

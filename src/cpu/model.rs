@@ -10,7 +10,7 @@ use crate::weights::Weights;
 
 /// The layer that runs one stage of the plan.
 #[derive(Clone, Debug)]
-enum Layer {
+pub(super) enum Layer {
     /// Conv + bias + ReLU, fused.
     Conv(Conv2d),
     Lrn(Lrn),
@@ -25,9 +25,9 @@ enum Layer {
 
 /// One stage: its plan name (`conv1`, `lrn1`, ...) and layer.
 #[derive(Clone, Debug)]
-struct Stage {
-    name: String,
-    layer: Layer,
+pub(super) struct Stage {
+    pub(super) name: String,
+    pub(super) layer: Layer,
 }
 
 /// Images per pass of [`CpuModel::forward`]: enough to keep both cores' GEMMs busy, few enough
@@ -48,7 +48,7 @@ pub const CHUNK_IMAGES: usize = 32;
 pub struct CpuModel {
     config: AlexNetConfig,
     precision: Precision,
-    stages: Vec<Stage>,
+    pub(super) stages: Vec<Stage>,
 }
 
 impl CpuModel {

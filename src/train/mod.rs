@@ -1,0 +1,77 @@
+//! Training: the optimiser and one training step (forward with dropout, softmax
+//! cross-entropy, backward, update). The layers' backward passes live beside their forwards
+//! in [`crate::cpu`].
+//!
+//! ```
+//! use alexnet_cuda::config::{AlexNetConfig, InputShape, LinearSpec};
+//! use alexnet_cuda::cpu::CpuModel;
+//! use alexnet_cuda::train::{CpuTrainer, SgdConfig, Trainer};
+//! use alexnet_cuda::{Precision, Weights};
+//!
+//! # fn main() -> alexnet_cuda::Result<()> {
+//! // A small AlexNet-shaped network (the presets work the same, only slower).
+//! let mut config = AlexNetConfig::five_conv_three_fc("tiny", [8, 12, 10, 9, 8], None);
+//! config.input = InputShape { channels: 3, height: 67, width: 67 };
+//! for (fc, width) in config.fcs.iter_mut().zip([32, 24, 5]) {
+//!     fc.out_features = width;
+//! }
+//! let weights = Weights::paper_init(&config, 7)?;
+//! let model = CpuModel::new(&weights, Precision::Fp32)?;
+//! let mut trainer = CpuTrainer::new(model, SgdConfig::default())?;
+//! let batch = ndarray::Array4::<f32>::ones((4, 3, 67, 67));
+//! let loss = trainer.step(batch.view(), &[0, 1, 2, 3], 0)?;
+//! assert!(loss.is_finite());
+//! # Ok(())
+//! # }
+//! ```
+
+mod sgd;
+
+pub use sgd::{Sgd, SgdConfig, UpdateRule};
+
+use ndarray::ArrayView4;
+
+use crate::cpu::{softmax_cross_entropy, CpuModel};
+use crate::error::Result;
+
+/// A backend that trains: one step of SGD on a batch. The CPU implements it here; the GPU
+/// backend will implement the same steps.
+pub trait Trainer {
+    /// Forward in training mode (dropout masks from `step_seed`), the mean softmax
+    /// cross-entropy against `labels`, backward, and one optimiser update. Returns the loss
+    /// before the update.
+    fn step(&mut self, batch: ArrayView4<'_, f32>, labels: &[usize], step_seed: u64)
+        -> Result<f32>;
+}
+
+/// The CPU model with its optimiser.
+#[derive(Clone, Debug)]
+pub struct CpuTrainer {
+    pub model: CpuModel,
+    pub optimiser: Sgd,
+}
+
+impl CpuTrainer {
+    pub fn new(model: CpuModel, optimiser: SgdConfig) -> Result<Self> {
+        Ok(CpuTrainer {
+            model,
+            optimiser: Sgd::new(optimiser)?,
+        })
+    }
+}
+
+impl Trainer for CpuTrainer {
+    fn step(
+        &mut self,
+        batch: ArrayView4<'_, f32>,
+        labels: &[usize],
+        step_seed: u64,
+    ) -> Result<f32> {
+        let tape = self.model.forward_train(batch, step_seed)?;
+        let loss = softmax_cross_entropy(tape.logits()?, labels)?;
+        let grads = self.model.backward(&tape, loss.grad.view())?;
+        drop(tape); // every stage's activation: free it before the update touches memory
+        self.optimiser.step(self.model.parameters_mut(), &grads)?;
+        Ok(loss.loss)
+    }
+}

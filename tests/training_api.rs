@@ -1,0 +1,171 @@
+//! The training API's contracts: typed errors for what a caller can get wrong, the training
+//! forward against the inference forward, and steps that repeat bit for bit.
+
+mod common;
+
+use alexnet_cuda::config::{AlexNetConfig, InputShape, LrnParams};
+use alexnet_cuda::cpu::{softmax_cross_entropy, CpuModel, Gradient, Gradients};
+use alexnet_cuda::train::{CpuTrainer, Sgd, SgdConfig, Trainer};
+use alexnet_cuda::{Error, Precision};
+use ndarray::Array4;
+
+/// A small AlexNet-shaped network (LRN, dropout) that trains in milliseconds.
+fn small_config(dropout: Option<f32>) -> AlexNetConfig {
+    let mut config =
+        AlexNetConfig::five_conv_three_fc("small", [6, 8, 8, 7, 6], Some(LrnParams::PAPER));
+    config.input = InputShape {
+        channels: 3,
+        height: 67,
+        width: 67,
+    };
+    for (fc, width) in config.fcs.iter_mut().zip([16, 12, 5]) {
+        fc.out_features = width;
+        fc.dropout = fc.dropout.and(dropout);
+    }
+    config
+}
+
+fn batch(n: usize, stream: u64) -> Array4<f32> {
+    Array4::from_shape_vec(
+        (n, 3, 67, 67),
+        common::formula_values(stream, n * 3 * 67 * 67, 2.0),
+    )
+    .unwrap()
+}
+
+#[test]
+fn sgd_rejects_settings_that_cannot_train() {
+    for bad in [
+        SgdConfig {
+            learning_rate: f32::NAN,
+            ..SgdConfig::default()
+        },
+        SgdConfig {
+            momentum: -0.9,
+            ..SgdConfig::default()
+        },
+        SgdConfig {
+            weight_decay: f32::INFINITY,
+            ..SgdConfig::default()
+        },
+    ] {
+        assert!(
+            matches!(Sgd::new(bad), Err(Error::Invalid { .. })),
+            "{bad:?} was accepted"
+        );
+    }
+    let mut sgd = Sgd::new(SgdConfig::default()).unwrap();
+    assert!(sgd.set_learning_rate(-0.1).is_err());
+    assert_eq!(
+        sgd.config().learning_rate,
+        0.01,
+        "a refused rate changes nothing"
+    );
+}
+
+fn refs(p: &mut [Vec<f32>]) -> Vec<&mut [f32]> {
+    p.iter_mut().map(|v| v.as_mut_slice()).collect()
+}
+
+#[test]
+fn sgd_step_rejects_gradients_of_another_shape() {
+    let mut params = vec![vec![1.0f32; 3], vec![0.0; 2]];
+    let grads = |lens: &[usize]| Gradients {
+        tensors: lens
+            .iter()
+            .map(|&n| Gradient {
+                name: "x.weight".into(),
+                shape: vec![n],
+                values: vec![0.5; n],
+            })
+            .collect(),
+    };
+    let mut sgd = Sgd::new(SgdConfig::default()).unwrap();
+    assert!(sgd.step(refs(&mut params), &grads(&[3])).is_err());
+    assert!(sgd.step(refs(&mut params), &grads(&[3, 4])).is_err());
+    assert_eq!(
+        params,
+        vec![vec![1.0; 3], vec![0.0; 2]],
+        "a refused step changes nothing"
+    );
+    sgd.step(refs(&mut params), &grads(&[3, 2])).unwrap();
+    // v = g + wd w; w -= lr v (PyTorch's rule, first step).
+    let want = 1.0 - 0.01 * (0.5 + 5e-4 * 1.0);
+    assert!(
+        (params[0][0] - want).abs() < 1e-7,
+        "{} vs {want}",
+        params[0][0]
+    );
+    // Momentum buffers sized for this network refuse another one.
+    let mut other = vec![vec![0.0f32; 4]];
+    assert!(sgd.step(refs(&mut other), &grads(&[4])).is_err());
+}
+
+#[test]
+fn training_refuses_an_fp16_model_and_a_foreign_tape() {
+    let config = small_config(Some(0.5));
+    let weights = common::formula_weights(&config);
+    let half = CpuModel::new(&weights, Precision::Fp16).unwrap();
+    assert!(matches!(
+        half.forward_train(batch(2, 1).view(), 0),
+        Err(Error::Invalid { .. })
+    ));
+    let model = CpuModel::new(&weights, Precision::Fp32).unwrap();
+    let tape = model.forward_train(batch(2, 1).view(), 0).unwrap();
+    let mut other_config = small_config(Some(0.5));
+    other_config.convs[2].lrn = Some(LrnParams::PAPER); // one more stage
+    let other = CpuModel::new(&common::formula_weights(&other_config), Precision::Fp32).unwrap();
+    let grad = ndarray::Array2::<f32>::zeros((2, 5));
+    assert!(other.backward(&tape, grad.view()).is_err());
+    // A gradient that is not shaped like the logits.
+    let wrong = ndarray::Array2::<f32>::zeros((2, 4));
+    assert!(matches!(
+        model.backward(&tape, wrong.view()),
+        Err(Error::Shape { .. })
+    ));
+}
+
+#[test]
+fn without_dropout_the_training_forward_is_the_inference_forward() {
+    let config = small_config(None);
+    let model = CpuModel::new(&common::formula_weights(&config), Precision::Fp32).unwrap();
+    let x = batch(3, 2);
+    let tape = model.forward_train(x.view(), 7).unwrap();
+    assert_eq!(tape.logits().unwrap(), model.forward(x.view()).unwrap());
+}
+
+/// Thirty steps on one batch of eight from the formula weights: the losses and the weights.
+fn thirty_steps(dropout: Option<f32>) -> (Vec<f32>, alexnet_cuda::Weights) {
+    let config = small_config(dropout);
+    let model = CpuModel::new(&common::formula_weights(&config), Precision::Fp32).unwrap();
+    let mut trainer = CpuTrainer::new(model, SgdConfig::default()).unwrap();
+    let x = batch(8, 3);
+    let losses = (0..30)
+        .map(|step| trainer.step(x.view(), &LABELS, step).unwrap())
+        .collect();
+    (losses, trainer.model.weights().unwrap())
+}
+
+const LABELS: [usize; 8] = [0, 1, 2, 3, 4, 0, 1, 2];
+
+#[test]
+fn training_steps_repeat_bit_for_bit() {
+    let (losses, weights) = thirty_steps(Some(0.5));
+    let (again, weights_again) = thirty_steps(Some(0.5));
+    assert_eq!(losses, again, "the same steps give the same losses");
+    assert_eq!(weights, weights_again, "and the same weights");
+}
+
+#[test]
+fn training_on_one_batch_drives_its_loss_down() {
+    let (losses, weights) = thirty_steps(None);
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < 0.5 * first, "loss {first} -> {last}: {losses:?}");
+    let model = CpuModel::new(&weights, Precision::Fp32).unwrap();
+    let logits = model.forward(batch(8, 3).view()).unwrap();
+    let ce = softmax_cross_entropy(logits.view(), &LABELS).unwrap();
+    assert!(
+        ce.loss < 0.5 * first,
+        "the exported weights carry the training"
+    );
+}
