@@ -179,14 +179,16 @@ fn suffix(hint: &Option<String>) -> String {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// [`Error::Io`] on `path` (also for programs built on the crate, such as its binaries).
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
     }
 
-    pub(crate) fn invalid(what: &'static str, message: impl Into<String>) -> Self {
+    /// [`Error::Invalid`]: `what` was given a value it cannot take, `message` says why.
+    pub fn invalid(what: &'static str, message: impl Into<String>) -> Self {
         Error::Invalid {
             what,
             message: message.into(),

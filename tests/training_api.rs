@@ -5,8 +5,9 @@ mod common;
 
 use alexnet_cuda::config::{AlexNetConfig, InputShape, LrnParams};
 use alexnet_cuda::cpu::{softmax_cross_entropy, CpuModel, Gradient, Gradients};
-use alexnet_cuda::train::{CpuTrainer, Sgd, SgdConfig, Trainer};
-use alexnet_cuda::{Error, Precision};
+use alexnet_cuda::train::{Checkpoint, CpuTrainer, Sgd, SgdConfig, TrainState, Trainer};
+use alexnet_cuda::weights::StorageDtype;
+use alexnet_cuda::{Error, Precision, Weights};
 use ndarray::Array4;
 
 /// A small AlexNet-shaped network (LRN, dropout) that trains in milliseconds.
@@ -168,4 +169,132 @@ fn training_on_one_batch_drives_its_loss_down() {
         ce.loss < 0.5 * first,
         "the exported weights carry the training"
     );
+}
+
+/// A trainer on the small network from the formula weights, dropout on.
+fn small_trainer() -> CpuTrainer {
+    let config = small_config(Some(0.5));
+    let model = CpuModel::new(&common::formula_weights(&config), Precision::Fp32).unwrap();
+    CpuTrainer::new(model, SgdConfig::default()).unwrap()
+}
+
+fn state(step: u64) -> TrainState {
+    TrainState {
+        step,
+        epoch: 0,
+        learning_rate: 0.01,
+        best_val_error: Some(0.25),
+        epochs_without_improvement: 1,
+        classes: (0..5).map(|c| format!("class {c}")).collect(),
+        settings: serde_json::json!({"seed": 3}),
+    }
+}
+
+#[test]
+fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
+    let x = batch(8, 3);
+    let mut uninterrupted = small_trainer();
+    let mut interrupted = small_trainer();
+    for step in 0..3 {
+        uninterrupted.step(x.view(), &LABELS, step).unwrap();
+        interrupted.step(x.view(), &LABELS, step).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ckpt.safetensors");
+    Checkpoint {
+        weights: interrupted.model.weights().unwrap(),
+        velocity: interrupted.optimiser.velocity().to_vec(),
+        state: state(3),
+    }
+    .save(&path)
+    .unwrap();
+    drop(interrupted);
+
+    let config = small_config(Some(0.5));
+    let loaded = Checkpoint::load(&path, Some(&config)).unwrap();
+    assert_eq!(loaded.state, state(3));
+    let model = CpuModel::new(&loaded.weights, Precision::Fp32).unwrap();
+    let mut resumed = CpuTrainer::new(model, SgdConfig::default()).unwrap();
+    resumed.optimiser.set_velocity(loaded.velocity);
+    for step in 3..6 {
+        let a = uninterrupted.step(x.view(), &LABELS, step).unwrap();
+        let b = resumed.step(x.view(), &LABELS, step).unwrap();
+        assert_eq!(a, b, "step {step}");
+    }
+    assert_eq!(
+        uninterrupted.model.weights().unwrap(),
+        resumed.model.weights().unwrap()
+    );
+    // The momentum matters: without it the same steps end elsewhere.
+    let mut forgetful = CpuTrainer::new(
+        CpuModel::new(
+            &Checkpoint::load(&path, Some(&config)).unwrap().weights,
+            Precision::Fp32,
+        )
+        .unwrap(),
+        SgdConfig::default(),
+    )
+    .unwrap();
+    for step in 3..6 {
+        forgetful.step(x.view(), &LABELS, step).unwrap();
+    }
+    assert_ne!(
+        uninterrupted.model.weights().unwrap(),
+        forgetful.model.weights().unwrap()
+    );
+    // A checkpoint's weights load as weights.
+    let weights = Weights::load(&path, Some(&config)).unwrap();
+    assert_eq!(weights, uninterrupted_weights_at_3(&x));
+}
+
+/// The weights after the first three steps, recomputed.
+fn uninterrupted_weights_at_3(x: &Array4<f32>) -> Weights {
+    let mut trainer = small_trainer();
+    for step in 0..3 {
+        trainer.step(x.view(), &LABELS, step).unwrap();
+    }
+    trainer.model.weights().unwrap()
+}
+
+#[test]
+fn a_checkpoint_refuses_a_weights_file_and_mismatched_momentum() {
+    let config = small_config(Some(0.5));
+    let weights = common::formula_weights(&config);
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    weights.save(&plain, StorageDtype::F32).unwrap();
+    let err = Checkpoint::load(&plain, Some(&config)).unwrap_err();
+    assert!(err.to_string().contains("no training state"), "{err}");
+    let bad = Checkpoint {
+        weights,
+        velocity: vec![vec![0.0; 3]],
+        state: state(1),
+    };
+    assert!(bad.save(dir.path().join("bad.safetensors")).is_err());
+    assert!(
+        !dir.path().join("bad.safetensors").exists(),
+        "nothing written"
+    );
+}
+
+#[test]
+fn saved_class_names_come_back_from_the_file() {
+    let config = small_config(None);
+    let weights = common::formula_weights(&config);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("named.safetensors");
+    let names: Vec<String> = ["ant", "bee", "cat", "dog", "eel"]
+        .map(String::from)
+        .to_vec();
+    weights
+        .save_with_classes(&path, StorageDtype::F32, &names)
+        .unwrap();
+    assert_eq!(Weights::class_names_in(&path).unwrap(), Some(names.clone()));
+    assert_eq!(Weights::load(&path, Some(&config)).unwrap(), weights);
+    assert!(weights
+        .save_with_classes(dir.path().join("x"), StorageDtype::F32, &names[..4])
+        .is_err());
+    let plain = dir.path().join("plain.safetensors");
+    weights.save(&plain, StorageDtype::F32).unwrap();
+    assert_eq!(Weights::class_names_in(&plain).unwrap(), None);
 }

@@ -1,6 +1,7 @@
-//! Training: the optimiser and one training step (forward with dropout, softmax
-//! cross-entropy, backward, update). The layers' backward passes live beside their forwards
-//! in [`crate::cpu`].
+//! Training: the optimiser, one training step (forward with dropout, softmax cross-entropy,
+//! backward, update), the data (an image folder, its order, the paper's augmentation),
+//! validation and checkpoints. The layers' backward passes live beside their forwards in
+//! [`crate::cpu`]; the `train` binary drives all of it.
 //!
 //! ```
 //! use alexnet_cuda::config::{AlexNetConfig, InputShape, LinearSpec};
@@ -25,8 +26,17 @@
 //! # }
 //! ```
 
+mod checkpoint;
+mod data;
+mod evaluate;
 mod sgd;
 
+pub use checkpoint::{Checkpoint, TrainState, MOMENTUM_PREFIX, TRAIN_STATE_KEY};
+pub use data::{
+    Augmentation, Batch, BatchMaker, Draw, ImageFolder, Sample, SampleOrder,
+    IMAGENET_PCA_EIGENVALUES, IMAGENET_PCA_EIGENVECTORS,
+};
+pub use evaluate::{evaluate, Evaluation};
 pub use sgd::{Sgd, SgdConfig, UpdateRule};
 
 use ndarray::ArrayView4;

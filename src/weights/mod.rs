@@ -10,7 +10,7 @@ mod names;
 mod read;
 mod write;
 
-pub use read::MAX_STREAMED_WEIGHTS_BYTES;
+pub use read::{CLASSES_METADATA_KEY, MAX_STREAMED_WEIGHTS_BYTES};
 pub use write::StorageDtype;
 
 use std::borrow::Cow;

@@ -77,9 +77,30 @@ impl Weights {
         origin: &Path,
         config: Option<&AlexNetConfig>,
     ) -> Result<Weights> {
+        // A training checkpoint is a weights file plus momentum buffers: read its weights.
+        let checkpoint = SafeTensors::read_metadata(bytes).is_ok_and(|(_, metadata)| {
+            metadata
+                .metadata()
+                .as_ref()
+                .is_some_and(|m| m.contains_key(crate::train::TRAIN_STATE_KEY))
+        });
+        Self::from_safetensors_bytes_where(bytes, origin, config, |name| {
+            !(checkpoint && name.starts_with(crate::train::MOMENTUM_PREFIX))
+        })
+    }
+
+    /// [`Weights::from_safetensors_bytes`] over the tensors whose file name `keep` accepts
+    /// (a checkpoint's weights beside its momentum buffers).
+    pub(crate) fn from_safetensors_bytes_where(
+        bytes: &[u8],
+        origin: &Path,
+        config: Option<&AlexNetConfig>,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Weights> {
         check_data_end(bytes, origin)?;
         let file = SafeTensors::deserialize(bytes).map_err(|e| format_error(origin, bytes, &e))?;
-        let tensors = index_tensors(&file, origin)?;
+        let mut tensors = index_tensors(&file, origin)?;
+        tensors.retain(|_, tensor| keep(&tensor.file_name));
         let config = match config {
             Some(config) => {
                 check_preset_swap(config, &tensors, origin)?;
@@ -136,6 +157,49 @@ impl FileTensor<'_> {
 
 /// Tensors of a file keyed by the crate's names.
 pub(super) type TensorIndex<'a> = HashMap<String, FileTensor<'a>>;
+
+/// The metadata key under which [`Weights::save_with_classes`] keeps the class names (a JSON
+/// array of strings, in label order).
+pub const CLASSES_METADATA_KEY: &str = "classes";
+
+impl Weights {
+    /// The class names a weights file carries in its metadata ([`Weights::save_with_classes`]),
+    /// or `None` when it carries none. Reads the header only.
+    ///
+    /// Errors: [`Error::Io`] when the file cannot be read, [`Error::WeightsFormat`] when its
+    /// header is not a safetensors header or the names are not a JSON list of strings.
+    pub fn class_names_in(path: impl AsRef<Path>) -> Result<Option<Vec<String>>> {
+        let path = path.as_ref();
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut length = [0u8; 8];
+        file.read_exact(&mut length)
+            .map_err(|e| Error::io(path, e))?;
+        let length = u64::from_le_bytes(length);
+        let bad = |message: String| Error::WeightsFormat {
+            path: path.to_path_buf(),
+            message,
+        };
+        if length > MAX_HEADER_BYTES {
+            return Err(bad(format!("a header of {length} bytes is not plausible")));
+        }
+        let mut header = vec![0u8; length as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(path, e))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let Some(names) = header
+            .get("__metadata__")
+            .and_then(|m| m.get(CLASSES_METADATA_KEY))
+        else {
+            return Ok(None);
+        };
+        let names = names
+            .as_str()
+            .and_then(|text| serde_json::from_str::<Vec<String>>(text).ok())
+            .ok_or_else(|| bad("the class names are not a JSON list of strings".into()))?;
+        Ok(Some(names))
+    }
+}
 
 /// Reads a safetensors stream (not a regular file) no further than its header says it goes,
 /// and never past [`MAX_STREAMED_WEIGHTS_BYTES`]: `/dev/zero` is refused after 8 bytes, an

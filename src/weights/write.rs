@@ -6,6 +6,7 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensorError, View};
 
+use super::read::CLASSES_METADATA_KEY;
 use super::Weights;
 use crate::error::{Error, Result};
 
@@ -58,6 +59,40 @@ impl Weights {
                     message: format!("cannot serialize: {other}"),
                 },
             })
+    }
+
+    /// [`Weights::save`] with the class names (label order) in the metadata, where
+    /// [`Weights::class_names_in`] and `infer` find them. Their count must be the model's.
+    pub fn save_with_classes(
+        &self,
+        path: impl AsRef<Path>,
+        dtype: StorageDtype,
+        classes: &[String],
+    ) -> Result<()> {
+        let path = path.as_ref();
+        if classes.len() != self.config().num_classes() {
+            return Err(Error::invalid(
+                "class names",
+                format!(
+                    "{} names for a {}-class model",
+                    classes.len(),
+                    self.config().num_classes()
+                ),
+            ));
+        }
+        let names = serde_json::to_string(classes)
+            .map_err(|e| Error::invalid("class names", e.to_string()))?;
+        let mut metadata = self.file_metadata();
+        metadata.insert(CLASSES_METADATA_KEY.to_string(), names);
+        safetensors::serialize_to_file(self.encoded(dtype), Some(metadata), path).map_err(|e| {
+            match e {
+                SafeTensorError::IoError(source) => Error::io(path, source),
+                other => Error::WeightsFormat {
+                    path: path.to_path_buf(),
+                    message: format!("cannot serialize: {other}"),
+                },
+            }
+        })
     }
 
     /// The bytes [`Weights::save`] would write.

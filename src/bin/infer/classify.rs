@@ -22,8 +22,9 @@ fn backend_classes(backend: &dyn Backend) -> usize {
     backend.config().num_classes()
 }
 
-/// The class names to print: `--labels FILE` (its line count must be the class count),
-/// ImageNet's for a 1000-class model, or none (indices only).
+/// The class names to print: `--labels FILE` (its line count must be the class count), the
+/// names the weights file carries (`train --save` writes them), ImageNet's for a 1000-class
+/// model, or none (indices only).
 fn class_names(args: &Args, classes: usize) -> Result<Option<Vec<String>>, Error> {
     match &args.labels {
         Some(path) => {
@@ -38,8 +39,17 @@ fn class_names(args: &Args, classes: usize) -> Result<Option<Vec<String>>, Error
             }
             Ok(Some(labels))
         }
-        None => Ok(default_labels(classes)
-            .map(|names| names.iter().map(|name| name.to_string()).collect())),
+        None => {
+            let from_file = match &args.weights {
+                Some(path) => Weights::class_names_in(path)?,
+                None => None,
+            };
+            if let Some(names) = from_file.filter(|names| names.len() == classes) {
+                return Ok(Some(names));
+            }
+            Ok(default_labels(classes)
+                .map(|names| names.iter().map(|name| name.to_string()).collect()))
+        }
     }
 }
 

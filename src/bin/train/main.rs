@@ -1,0 +1,25 @@
+//! `train`: SGD on an image folder, the paper's recipe by default. Argument handling,
+//! the loop's bookkeeping (epochs, schedule, checkpoints, log) and reporting; the work is done
+//! by library calls.
+
+mod args;
+mod log;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches};
+
+use args::Args;
+
+fn main() -> ExitCode {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run::train(&args, &matches) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

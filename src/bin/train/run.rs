@@ -1,0 +1,590 @@
+//! One training run: set-up (fresh or resumed), the step loop with data decoded ahead on
+//! another thread, and at every epoch's end validation, the schedule, the log and a
+//! checkpoint.
+
+use std::path::Path;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use alexnet_cuda::cpu::CpuModel;
+use alexnet_cuda::image::Preprocess;
+use alexnet_cuda::train::{
+    evaluate, Augmentation, Batch, BatchMaker, Checkpoint, CpuTrainer, ImageFolder, SgdConfig,
+    TrainState, Trainer,
+};
+use alexnet_cuda::weights::StorageDtype;
+use alexnet_cuda::{AlexNetConfig, Error, Precision, Weights};
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+use serde::{Deserialize, Serialize};
+
+use crate::args::{Args, DeviceArg, RuleArg};
+use crate::log::{append_row, progress_bar, EpochRow};
+
+/// The paper's epochs when neither --epochs nor --steps is given.
+const DEFAULT_EPOCHS: u64 = 90;
+
+/// What shapes a run. Checkpoints record it and a resumed run keeps it: resuming with
+/// different values would not continue the same run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Settings {
+    seed: u64,
+    batch: usize,
+    shuffle: bool,
+    augment: bool,
+    /// The learning rate the run started with (the current one is in the train state).
+    learning_rate: f32,
+    momentum: f32,
+    weight_decay: f32,
+    paper_rule: bool,
+    decay_biases: bool,
+    lr_steps: Vec<u64>,
+    patience: u32,
+    /// Dropout of the hidden linear layers (None: the architecture's).
+    dropout: Option<f32>,
+    /// Where the run ends: after `epochs` epochs or `steps` steps.
+    epochs: Option<u64>,
+    steps: Option<u64>,
+}
+
+impl Settings {
+    fn from_args(args: &Args) -> Self {
+        Settings {
+            seed: args.seed.unwrap_or(0),
+            batch: args.batch as usize,
+            shuffle: !args.no_shuffle,
+            augment: !args.no_augment,
+            learning_rate: args.lr,
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+            paper_rule: matches!(args.update_rule, RuleArg::Paper),
+            decay_biases: !args.no_bias_decay,
+            lr_steps: args.lr_steps.clone(),
+            patience: args.patience,
+            dropout: args.dropout,
+            epochs: args
+                .epochs
+                .or(args.steps.is_none().then_some(DEFAULT_EPOCHS)),
+            steps: args.steps,
+        }
+    }
+
+    fn sgd(&self, learning_rate: f32) -> SgdConfig {
+        SgdConfig {
+            learning_rate,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            rule: if self.paper_rule {
+                alexnet_cuda::train::UpdateRule::Paper
+            } else {
+                alexnet_cuda::train::UpdateRule::PyTorch
+            },
+            decay_biases: self.decay_biases,
+        }
+    }
+
+    /// Steps the whole run takes over `images` training images.
+    fn total_steps(&self, images: usize) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(steps), _) => steps,
+            (None, epochs) => {
+                let images = epochs.unwrap_or(DEFAULT_EPOCHS) * images as u64;
+                images.div_ceil(self.batch as u64)
+            }
+        }
+    }
+
+    /// The dropout mask seed of step `step`: distinct per step and per run seed.
+    fn step_seed(&self, step: u64) -> u64 {
+        self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+/// Flags that are part of [`Settings`]: on --resume, giving one with another value than the
+/// checkpoint's is a usage error.
+const SETTING_FLAGS: [&str; 12] = [
+    "seed",
+    "batch",
+    "no_shuffle",
+    "no_augment",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "update_rule",
+    "no_bias_decay",
+    "lr_steps",
+    "patience",
+    "dropout",
+];
+
+pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
+    match args.device {
+        DeviceArg::Cuda => crate::args::usage_error(
+            "--device cuda: training on the GPU is not built yet; use --device cpu".into(),
+        ),
+        DeviceArg::Auto => {
+            eprintln!("note: training runs on the CPU (GPU training is not built yet)")
+        }
+        DeviceArg::Cpu => {}
+    }
+    let checkpoint_path = args
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| args.save.with_extension("ckpt.safetensors"));
+    refuse_clobbering(args, &checkpoint_path)?;
+    let folder = Arc::new(ImageFolder::open(&args.data)?);
+    let val = args.val.as_ref().map(ImageFolder::open).transpose()?;
+    if let Some(val) = &val {
+        if val.classes() != folder.classes() {
+            return Err(Error::invalid(
+                "--val",
+                "its class directories differ from --data's (the labels would not match)",
+            ));
+        }
+    }
+    let (mut trainer, mut state, settings) = match &args.resume {
+        Some(path) => resume(args, matches, path, &folder)?,
+        None => start(args, &folder)?,
+    };
+    let side = trainer
+        .model
+        .config()
+        .input
+        .square_rgb_side("training images")? as u32;
+    let preprocess = Preprocess {
+        resize_shorter: side * 8 / 7, // 256 for 224, as the paper and torchvision
+        crop: side,
+        ..Preprocess::default()
+    };
+    let augmentation = if settings.augment {
+        Augmentation::Paper { lighting_std: 0.1 }
+    } else {
+        Augmentation::None
+    };
+    let maker = BatchMaker::new(
+        folder.clone(),
+        settings.batch,
+        settings.shuffle,
+        augmentation,
+        preprocess,
+        settings.seed,
+    )?;
+    let total = settings.total_steps(folder.len());
+    println!(
+        "training {} ({} classes, {} images{}) for {} steps of {} from step {}, lr {}",
+        trainer.model.config().name,
+        folder.classes().len(),
+        folder.len(),
+        val.as_ref().map_or(String::new(), |v| format!(
+            ", {} validation images",
+            v.len()
+        )),
+        total,
+        settings.batch,
+        state.step,
+        trainer.optimiser.config().learning_rate
+    );
+    if val.is_none() && settings.lr_steps.is_empty() {
+        eprintln!("note: no --val and no --lr-steps: the learning rate stays constant");
+    }
+    let mut run = Run {
+        args,
+        settings: &settings,
+        checkpoint_path: &checkpoint_path,
+        folder: &folder,
+        val: val.as_ref(),
+        eval: preprocess,
+    };
+    run.steps(&mut trainer, &mut state, maker, total)?;
+    trainer
+        .model
+        .weights()?
+        .save_with_classes(&args.save, StorageDtype::F32, folder.classes())?;
+    println!(
+        "saved {} (and the checkpoint {})",
+        args.save.display(),
+        checkpoint_path.display()
+    );
+    Ok(())
+}
+
+/// Refuses output paths that would destroy an input or another run's checkpoint.
+fn refuse_clobbering(args: &Args, checkpoint: &Path) -> Result<(), Error> {
+    let same = |a: &Path, b: &Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    for input in [&args.weights, &args.resume].into_iter().flatten() {
+        if same(&args.save, input) {
+            crate::args::usage_error(format!(
+                "--save {} would overwrite the run's starting point; choose another file",
+                args.save.display()
+            ));
+        }
+    }
+    if checkpoint.exists() && !args.resume.as_deref().is_some_and(|r| same(r, checkpoint)) {
+        crate::args::usage_error(format!(
+            "the checkpoint {} exists (from another run?): continue it with --resume, or pass \
+             another --checkpoint",
+            checkpoint.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh run: weights from --weights or the paper's initialisation, the head replaced with
+/// --classes, dropout from --dropout.
+fn start(args: &Args, folder: &ImageFolder) -> Result<(CpuTrainer, TrainState, Settings), Error> {
+    let settings = Settings::from_args(args);
+    let mut weights = match &args.weights {
+        Some(path) => Weights::load(path, None)?,
+        None => {
+            let config = args
+                .config
+                .map_or_else(AlexNetConfig::paper, |c| c.config());
+            Weights::paper_init(&config, settings.seed)?
+        }
+    };
+    if let Some(classes) = args.classes {
+        weights = with_new_head(&weights, classes as usize, settings.seed)?;
+    }
+    let data_classes = folder.classes().len();
+    let model_classes = weights.config().num_classes();
+    if data_classes != model_classes {
+        crate::args::usage_error(format!(
+            "the data has {data_classes} classes and the model {model_classes}: pass --classes \
+             {data_classes} to train a new {data_classes}-way last layer"
+        ));
+    }
+    let weights = with_dropout(&weights, settings.dropout)?;
+    let model = CpuModel::new(&weights, Precision::Fp32)?;
+    let trainer = CpuTrainer::new(model, settings.sgd(settings.learning_rate))?;
+    let state = TrainState {
+        step: 0,
+        epoch: 0,
+        learning_rate: settings.learning_rate,
+        best_val_error: None,
+        epochs_without_improvement: 0,
+        classes: folder.classes().to_vec(),
+        settings: serde_json::to_value(&settings)
+            .map_err(|e| Error::invalid("settings", e.to_string()))?,
+    };
+    Ok((trainer, state, settings))
+}
+
+/// A resumed run: the checkpoint's weights, momentum, state and settings; --epochs/--steps
+/// may move the end.
+fn resume(
+    args: &Args,
+    matches: &ArgMatches,
+    path: &Path,
+    folder: &ImageFolder,
+) -> Result<(CpuTrainer, TrainState, Settings), Error> {
+    let checkpoint = Checkpoint::load(path, None)?;
+    let mut settings: Settings = serde_json::from_value(checkpoint.state.settings.clone())
+        .map_err(|e| Error::invalid("checkpoint settings", e.to_string()))?;
+    let given = Settings::from_args(args);
+    for flag in SETTING_FLAGS {
+        if matches.value_source(flag) != Some(ValueSource::CommandLine) {
+            continue;
+        }
+        let mut probe = settings.clone();
+        apply_flag(&mut probe, &given, flag);
+        if probe != settings {
+            crate::args::usage_error(format!(
+                "--{} differs from the checkpoint's run ({}); a resumed run keeps its settings",
+                flag.replace('_', "-"),
+                checkpoint.state.settings
+            ));
+        }
+    }
+    if args.epochs.is_some() || args.steps.is_some() {
+        settings.epochs = args.epochs;
+        settings.steps = args.steps;
+    }
+    if checkpoint.state.classes != folder.classes() {
+        return Err(Error::invalid(
+            "--data",
+            "its classes differ from the checkpoint's run",
+        ));
+    }
+    let weights = with_dropout(&checkpoint.weights, settings.dropout)?;
+    let model = CpuModel::new(&weights, Precision::Fp32)?;
+    let mut trainer = CpuTrainer::new(model, settings.sgd(checkpoint.state.learning_rate))?;
+    trainer.optimiser.set_velocity(checkpoint.velocity);
+    Ok((trainer, checkpoint.state, settings))
+}
+
+/// Copies one flag's value from `given` into `settings`.
+fn apply_flag(settings: &mut Settings, given: &Settings, flag: &str) {
+    match flag {
+        "seed" => settings.seed = given.seed,
+        "batch" => settings.batch = given.batch,
+        "no_shuffle" => settings.shuffle = given.shuffle,
+        "no_augment" => settings.augment = given.augment,
+        "lr" => settings.learning_rate = given.learning_rate,
+        "momentum" => settings.momentum = given.momentum,
+        "weight_decay" => settings.weight_decay = given.weight_decay,
+        "update_rule" => settings.paper_rule = given.paper_rule,
+        "no_bias_decay" => settings.decay_biases = given.decay_biases,
+        "lr_steps" => settings.lr_steps = given.lr_steps.clone(),
+        "patience" => settings.patience = given.patience,
+        "dropout" => settings.dropout = given.dropout,
+        _ => {}
+    }
+}
+
+/// `weights` with the last layer replaced by the paper's initialisation for `classes` outputs.
+fn with_new_head(weights: &Weights, classes: usize, seed: u64) -> Result<Weights, Error> {
+    let mut config = weights.config().clone();
+    if let Some(last) = config.fcs.last_mut() {
+        last.out_features = classes;
+    }
+    let fresh = Weights::paper_init(&config, seed)?;
+    let old = weights.named_tensors();
+    let new = fresh.named_tensors();
+    let head = new.len().saturating_sub(2); // the last layer's weight and bias
+    Weights::from_fn(&config, |index, _, _| {
+        let source = if index >= head { &new } else { &old };
+        source[index].2.to_vec()
+    })
+}
+
+/// `weights` under a config whose hidden linear layers drop with probability `dropout`.
+fn with_dropout(weights: &Weights, dropout: Option<f32>) -> Result<Weights, Error> {
+    let Some(p) = dropout else {
+        return Ok(weights.clone());
+    };
+    let mut config = weights.config().clone();
+    for fc in &mut config.fcs {
+        if fc.dropout.is_some() {
+            fc.dropout = Some(p);
+        }
+    }
+    let tensors = weights.named_tensors();
+    Weights::from_fn(&config, |index, _, _| tensors[index].2.to_vec())
+}
+
+/// What the loop needs besides the trainer and its state.
+struct Run<'a> {
+    args: &'a Args,
+    settings: &'a Settings,
+    checkpoint_path: &'a Path,
+    folder: &'a ImageFolder,
+    val: Option<&'a ImageFolder>,
+    eval: Preprocess,
+}
+
+/// Epoch figures being gathered.
+struct EpochTally {
+    loss_sum: f64,
+    steps: u64,
+    images: u64,
+    started: Instant,
+}
+
+impl EpochTally {
+    fn new() -> Self {
+        EpochTally {
+            loss_sum: 0.0,
+            steps: 0,
+            images: 0,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Run<'_> {
+    fn steps(
+        &mut self,
+        trainer: &mut CpuTrainer,
+        state: &mut TrainState,
+        maker: BatchMaker,
+        total: u64,
+    ) -> Result<(), Error> {
+        let bar = progress_bar(total, state.step);
+        let mut loader = Loader::start(maker, state.step, total);
+        let mut tally = EpochTally::new();
+        let mut last_checkpoint = state.step;
+        while state.step < total {
+            let batch = match loader.next() {
+                Ok(batch) => batch,
+                Err(e) => {
+                    self.checkpoint(trainer, state)?;
+                    return Err(e);
+                }
+            };
+            let loss = trainer.step(
+                batch.images.view(),
+                &batch.labels,
+                self.settings.step_seed(state.step),
+            )?;
+            if !loss.is_finite() {
+                return Err(Error::invalid(
+                    "training",
+                    format!(
+                        "the loss became {loss} at step {}; the checkpoint {} holds the weights \
+                         from step {last_checkpoint} (try a lower --lr)",
+                        state.step,
+                        self.checkpoint_path.display()
+                    ),
+                ));
+            }
+            state.step += 1;
+            tally.loss_sum += loss as f64;
+            tally.steps += 1;
+            tally.images += batch.labels.len() as u64;
+            bar.set_position(state.step);
+            let rate = tally.images as f64 / tally.started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "epoch {} loss {loss:.4} {rate:.1} img/s",
+                state.epoch + 1
+            ));
+            let epochs_done = state.step * self.settings.batch as u64 / self.folder.len() as u64;
+            let mut saved = false;
+            while state.epoch < epochs_done {
+                state.epoch += 1;
+                bar.suspend(|| self.end_epoch(trainer, state, &tally))?;
+                tally = EpochTally::new();
+                saved = true;
+            }
+            let due = self
+                .args
+                .checkpoint_every
+                .is_some_and(|every| state.step.is_multiple_of(every));
+            if saved || due || state.step == total {
+                self.checkpoint(trainer, state)?;
+                last_checkpoint = state.step;
+            }
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// Validation, the schedule, the log line and CSV row of the epoch just completed.
+    fn end_epoch(
+        &mut self,
+        trainer: &mut CpuTrainer,
+        state: &mut TrainState,
+        tally: &EpochTally,
+    ) -> Result<(), Error> {
+        let train_loss = tally.loss_sum / tally.steps.max(1) as f64;
+        let images_per_second =
+            tally.images as f64 / tally.started.elapsed().as_secs_f64().max(1e-9);
+        let mut errors = None;
+        if let Some(val) = self.val {
+            let result = evaluate(&mut trainer.model, val, &self.eval, self.settings.batch)?;
+            if let Some((path, error)) = result.failures.first() {
+                eprintln!(
+                    "warning: {} validation images could not be read (first: {}: {error})",
+                    result.failures.len(),
+                    path.display()
+                );
+            }
+            // With five classes or fewer every label is in the top five: no top-5 figure.
+            let top5 = (val.classes().len() > 5).then(|| result.top5_error());
+            errors = Some((result.top1_error(), top5));
+        }
+        let learning_rate = trainer.optimiser.config().learning_rate;
+        let row = EpochRow {
+            epoch: state.epoch,
+            step: state.step,
+            train_loss,
+            val_top1_error: errors.map(|e| e.0),
+            val_top5_error: errors.and_then(|e| e.1),
+            learning_rate,
+            images_per_second,
+        };
+        let val_text = errors.map_or(String::new(), |(top1, top5)| {
+            let top5 = top5.map_or(String::new(), |e| format!(" top-5 {:.2}%", 100.0 * e));
+            format!(", val top-1 error {:.2}%{top5}", 100.0 * top1)
+        });
+        println!(
+            "epoch {}: train loss {train_loss:.4}{val_text}, lr {learning_rate}, {images_per_second:.1} img/s",
+            state.epoch
+        );
+        if let Some(log) = &self.args.log {
+            append_row(log, &row)?;
+        }
+        if self.lower_learning_rate(state, errors.map(|e| e.0)) {
+            let lowered = learning_rate / 10.0;
+            trainer.optimiser.set_learning_rate(lowered)?;
+            println!("learning rate {learning_rate} -> {lowered}");
+        }
+        state.learning_rate = trainer.optimiser.config().learning_rate;
+        Ok(())
+    }
+
+    /// The schedule: fixed epochs (--lr-steps) or the validation error's plateau (--patience).
+    fn lower_learning_rate(&self, state: &mut TrainState, val_error: Option<f64>) -> bool {
+        if !self.settings.lr_steps.is_empty() {
+            return self.settings.lr_steps.contains(&state.epoch);
+        }
+        let Some(error) = val_error.filter(|e| e.is_finite()) else {
+            return false;
+        };
+        if state.best_val_error.is_none_or(|best| error < best) {
+            state.best_val_error = Some(error);
+            state.epochs_without_improvement = 0;
+            return false;
+        }
+        state.epochs_without_improvement += 1;
+        if state.epochs_without_improvement >= self.settings.patience {
+            state.epochs_without_improvement = 0;
+            return true;
+        }
+        false
+    }
+
+    fn checkpoint(&self, trainer: &CpuTrainer, state: &TrainState) -> Result<(), Error> {
+        Checkpoint {
+            weights: trainer.model.weights()?,
+            velocity: trainer.optimiser.velocity().to_vec(),
+            state: state.clone(),
+        }
+        .save(self.checkpoint_path)
+    }
+}
+
+/// Batches made on another thread, one step ahead of the trainer.
+struct Loader {
+    batches: Option<mpsc::Receiver<Result<Batch, Error>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Loader {
+    fn start(mut maker: BatchMaker, first: u64, end: u64) -> Self {
+        let (send, batches) = mpsc::sync_channel(1);
+        let thread = std::thread::spawn(move || {
+            for step in first..end {
+                let batch = maker.make(step);
+                let failed = batch.is_err();
+                // The trainer has stopped listening (done or failed): stop too.
+                if send.send(batch).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Loader {
+            batches: Some(batches),
+            thread: Some(thread),
+        }
+    }
+
+    fn next(&mut self) -> Result<Batch, Error> {
+        self.batches
+            .as_ref()
+            .and_then(|b| b.recv().ok())
+            .unwrap_or_else(|| Err(Error::invalid("data loader", "it stopped early")))
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the channel first lets a thread blocked on sending finish.
+        self.batches = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

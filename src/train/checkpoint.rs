@@ -1,0 +1,195 @@
+//! Checkpoints: the weights, the optimiser's momentum buffers and where the run stands, in one
+//! safetensors file, so a run resumes exactly where it stopped.
+//!
+//! Layout: the weights under the crate's names (F32), each momentum buffer as
+//! `momentum.<name>` (F32), and the [`TrainState`] as JSON under the metadata key
+//! `alexnet_cuda.train_state`. [`Weights::load`] (and so `infer --weights`) reads a checkpoint's
+//! weights and passes over its momentum.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AlexNetConfig;
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// The metadata key of the run's state.
+pub const TRAIN_STATE_KEY: &str = "alexnet_cuda.train_state";
+/// The prefix of the momentum buffers' tensor names.
+pub const MOMENTUM_PREFIX: &str = "momentum.";
+
+/// Where a run stands: everything besides weights and momentum that resuming needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps done (the next step's number).
+    pub step: u64,
+    /// Epochs completed.
+    pub epoch: u64,
+    pub learning_rate: f32,
+    /// The lowest validation top-1 error so far, and the epochs since it last improved (the
+    /// plateau schedule's memory).
+    pub best_val_error: Option<f64>,
+    pub epochs_without_improvement: u32,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// The settings the run was started with (seed, batch, data order, optimiser, ...), as
+    /// the trainer recorded them: a resumed run must use the same.
+    pub settings: serde_json::Value,
+}
+
+/// Weights, momentum buffers (network order; empty before the first step) and state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub weights: Weights,
+    pub velocity: Vec<Vec<f32>>,
+    pub state: TrainState,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint to `path` through a temporary sibling renamed over it, so an
+    /// interrupted save leaves the previous checkpoint whole.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tensors = self.weights.named_tensors();
+        if !self.velocity.is_empty()
+            && (self.velocity.len() != tensors.len()
+                || self
+                    .velocity
+                    .iter()
+                    .zip(&tensors)
+                    .any(|(v, (_, _, w))| v.len() != w.len()))
+        {
+            return Err(Error::invalid(
+                "checkpoint",
+                "the momentum buffers do not match the weights",
+            ));
+        }
+        let encode =
+            |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (i, (name, shape, values)) in tensors.iter().enumerate() {
+            entries.push((name.clone(), shape.clone(), encode(values)));
+            if let Some(v) = self.velocity.get(i) {
+                entries.push((format!("{MOMENTUM_PREFIX}{name}"), shape.clone(), encode(v)));
+            }
+        }
+        let views = entries
+            .iter()
+            .map(|(name, shape, bytes)| {
+                TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map(|view| (name.clone(), view))
+                    .map_err(|e| Error::invalid("checkpoint", e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let state = serde_json::to_string(&self.state)
+            .map_err(|e| Error::invalid("checkpoint state", e.to_string()))?;
+        let metadata = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("config".to_string(), self.weights.config().name.clone()),
+            (TRAIN_STATE_KEY.to_string(), state),
+        ]);
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| Error::invalid("checkpoint", e.to_string()))?;
+        write_replacing(path, &bytes)
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::save`], its architecture read off the
+    /// tensors (a preset's) or given as `config` (as [`Weights::load`]). A file without the
+    /// train state (a plain weights file) is [`Error::Invalid`]; so are momentum buffers that
+    /// do not match the weights.
+    pub fn load(path: impl AsRef<Path>, config: Option<&AlexNetConfig>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, metadata) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| Error::WeightsFormat {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let state_json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(TRAIN_STATE_KEY))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "{} holds no training state (a weights file, not a checkpoint)",
+                        path.display()
+                    ),
+                )
+            })?;
+        let state: TrainState = serde_json::from_str(state_json).map_err(|e| {
+            Error::invalid(
+                "checkpoint",
+                format!("{}: train state: {e}", path.display()),
+            )
+        })?;
+        let weights = Weights::from_safetensors_bytes_where(&bytes, path, config, |name| {
+            !name.starts_with(MOMENTUM_PREFIX)
+        })?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::WeightsFormat {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mut velocity = Vec::new();
+        for (name, shape, values) in weights.named_tensors() {
+            let Ok(view) = file.tensor(&format!("{MOMENTUM_PREFIX}{name}")) else {
+                continue;
+            };
+            if view.dtype() != Dtype::F32 || view.shape() != shape.as_slice() {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "{}: the momentum of `{name}` is not F32 {shape:?}",
+                        path.display()
+                    ),
+                ));
+            }
+            let v: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            debug_assert_eq!(v.len(), values.len());
+            velocity.push(v);
+        }
+        if !velocity.is_empty() && velocity.len() != weights.named_tensors().len() {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!(
+                    "{}: momentum buffers for only some parameters",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Checkpoint {
+            weights,
+            velocity,
+            state,
+        })
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it over `path`.
+fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().ok_or_else(|| {
+        Error::invalid(
+            "checkpoint path",
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    let mut temporary = name.to_os_string();
+    temporary.push(format!(".partial-{}", std::process::id()));
+    let temporary = path.with_file_name(temporary);
+    let written =
+        std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, path));
+    written.map_err(|e| {
+        // Best effort: a failed write should not leave its partial file behind.
+        let _ = std::fs::remove_file(&temporary);
+        Error::io(path, e)
+    })
+}

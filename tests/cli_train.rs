@@ -1,0 +1,259 @@
+//! The `train` binary end to end on a tiny image folder: its steps are the library's, a resumed
+//! run ends bit-identical to an uninterrupted one, the saved file carries the class names that
+//! `infer` prints, and what a user can get wrong is a usage error before any work.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use alexnet_cuda::cpu::CpuModel;
+use alexnet_cuda::image::Preprocess;
+use alexnet_cuda::train::{Augmentation, BatchMaker, CpuTrainer, ImageFolder, SgdConfig, Trainer};
+use alexnet_cuda::{AlexNetConfig, Precision, Weights};
+use image::RgbImage;
+
+const CLASSES: [&str; 3] = ["ants", "bees", "cats"];
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .output()
+        .expect("the train binary runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// ROOT/<class>/<i>.png: two images per class, each its own pattern and size.
+fn dataset(root: &Path) -> PathBuf {
+    for (c, class) in CLASSES.iter().enumerate() {
+        let dir = root.join("data").join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..2u32 {
+            let (w, h) = (260 + 20 * i + 7 * c as u32, 240 + 10 * c as u32);
+            let bytes =
+                common::formula_values(50 + 2 * c as u64 + i as u64, (w * h * 3) as usize, 1.0)
+                    .into_iter()
+                    .map(|v| ((v + 1.0) * 127.9) as u8)
+                    .collect();
+            RgbImage::from_raw(w, h, bytes)
+                .unwrap()
+                .save(dir.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    root.join("data")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn two_steps_of_train_are_two_steps_of_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let save = dir.path().join("out.safetensors");
+    let out = train(&[
+        "--data",
+        path(&data),
+        "--classes",
+        "3",
+        "--seed",
+        "0",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--no-augment",
+        "--no-shuffle",
+        "--dropout",
+        "0",
+        "--device",
+        "cpu",
+        "--save",
+        path(&save),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The same two steps through the library: the paper's initialisation with a 3-way head
+    // (each tensor has its own stream, so the head is what paper_init gives a 3-class config).
+    let mut config = AlexNetConfig::paper();
+    config.fcs.last_mut().unwrap().out_features = 3;
+    for fc in &mut config.fcs {
+        fc.dropout = fc.dropout.map(|_| 0.0);
+    }
+    let model = CpuModel::new(&Weights::paper_init(&config, 0).unwrap(), Precision::Fp32).unwrap();
+    let mut trainer = CpuTrainer::new(model, SgdConfig::default()).unwrap();
+    let folder = Arc::new(ImageFolder::open(&data).unwrap());
+    let mut maker = BatchMaker::new(
+        folder,
+        2,
+        false,
+        Augmentation::None,
+        Preprocess::default(),
+        0,
+    )
+    .unwrap();
+    for step in 0..2 {
+        let batch = maker.make(step).unwrap();
+        trainer
+            .step(batch.images.view(), &batch.labels, 99)
+            .unwrap();
+    }
+    let saved = Weights::load(&save, None).unwrap();
+    assert_eq!(
+        saved.named_tensors(),
+        trainer.model.weights().unwrap().named_tensors()
+    );
+    let names = Weights::class_names_in(&save)
+        .unwrap()
+        .expect("class names saved");
+    assert_eq!(names, CLASSES);
+
+    // infer prints those names for that file.
+    let image = data.join("bees").join("0.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_infer"))
+        .args([
+            "--weights",
+            path(&save),
+            "--images",
+            path(&image),
+            "--top",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(CLASSES.iter().all(|c| stdout.contains(c)), "{stdout}");
+}
+
+#[test]
+fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let file = |name: &str| dir.path().join(name);
+    // Augmentation, shuffling and dropout on: everything random must resume exactly.
+    // (--classes shapes a fresh run only: a resumed run takes its head from the checkpoint.)
+    let common = [
+        "--data",
+        path(&data),
+        "--val",
+        path(&data),
+        "--batch",
+        "2",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+    ];
+    let run = |extra: &[&str]| {
+        let out = train(&[&common[..], extra].concat());
+        assert!(out.status.success(), "{}", text(&out));
+        out
+    };
+    let full = run(&[
+        "--classes",
+        "3",
+        "--steps",
+        "4",
+        "--save",
+        path(&file("full.safetensors")),
+        "--log",
+        path(&file("full.csv")),
+    ]);
+    run(&[
+        "--classes",
+        "3",
+        "--steps",
+        "2",
+        "--save",
+        path(&file("half.safetensors")),
+        "--checkpoint",
+        path(&file("half.ckpt")),
+    ]);
+    let resumed = run(&[
+        "--resume",
+        path(&file("half.ckpt")),
+        "--steps",
+        "4",
+        "--save",
+        path(&file("resumed.safetensors")),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&resumed.stdout).contains("from step 2"),
+        "{}",
+        text(&resumed)
+    );
+    let a = Weights::load(file("full.safetensors"), None).unwrap();
+    let b = Weights::load(file("resumed.safetensors"), None).unwrap();
+    assert!(
+        a == b,
+        "the resumed run's weights differ from the uninterrupted run's"
+    );
+    // Six images, batches of two: step 3 ends the first epoch, which the log records.
+    let log = std::fs::read_to_string(file("full.csv")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(
+        lines[0].starts_with("epoch,step,train_loss,val_top1_error"),
+        "{log}"
+    );
+    assert!(lines[1].starts_with("1,3,"), "{log}");
+    assert!(
+        String::from_utf8_lossy(&full.stdout).contains("epoch 1: train loss"),
+        "{}",
+        text(&full)
+    );
+}
+
+#[test]
+fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let save = dir.path().join("out.safetensors");
+    let base = ["--data", path(&data), "--steps", "1", "--save", path(&save)];
+    let refused = |extra: &[&str], says: &str| {
+        let out = train(&[&base[..], extra].concat());
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "expected {says:?}: {}", text(&out));
+    };
+    refused(&["--device", "cuda"], "not built yet");
+    refused(&[], "--classes 3"); // 1000-class model, 3-class data
+    let weights = dir.path().join("start.safetensors");
+    Weights::paper_init(&AlexNetConfig::torchvision(), 0)
+        .unwrap()
+        .save(&weights, alexnet_cuda::weights::StorageDtype::F32)
+        .unwrap();
+    let out = train(&[
+        "--data",
+        path(&data),
+        "--steps",
+        "1",
+        "--classes",
+        "3",
+        "--weights",
+        path(&weights),
+        "--save",
+        path(&weights),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("overwrite"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(dir.path().join("out.ckpt.safetensors"), b"a previous run").unwrap();
+    refused(&["--classes", "3"], "exists");
+    assert!(!save.exists(), "nothing was written");
+}
