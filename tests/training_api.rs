@@ -298,3 +298,59 @@ fn saved_class_names_come_back_from_the_file() {
     weights.save(&plain, StorageDtype::F32).unwrap();
     assert_eq!(Weights::class_names_in(&plain).unwrap(), None);
 }
+
+#[test]
+fn frozen_layers_keep_their_weights_and_the_rest_trains_as_unfrozen() {
+    let x = batch(4, 5);
+    let labels = [0, 1, 2, 3];
+    let mut frozen = small_trainer();
+    frozen.frozen_layers = 5; // conv1..conv5
+    let start = frozen.model.weights().unwrap().named_tensors().len();
+    assert_eq!(start, 16);
+    let reference = small_trainer(); // the same weights, nothing frozen
+    let mut manual = small_trainer();
+    let mut sgd = alexnet_cuda::train::Sgd::new(SgdConfig::default()).unwrap();
+    for step in 0..2 {
+        frozen.step(x.view(), &labels, step).unwrap();
+        // The reference: the full backward, the update applied to the linear layers only.
+        let tape = manual.model.forward_train(x.view(), step).unwrap();
+        let loss = softmax_cross_entropy(tape.logits().unwrap(), &labels).unwrap();
+        let mut grads = manual.model.backward(&tape, loss.grad.view()).unwrap();
+        let fc = grads.tensors.split_off(10);
+        let mut params = manual.model.parameters_mut();
+        let tail = params.split_off(10);
+        sgd.step(tail, &Gradients { tensors: fc }).unwrap();
+    }
+    let got = frozen.model.parameters();
+    let untouched = reference.model.parameters();
+    let want = manual.model.parameters();
+    for i in 0..16 {
+        if i < 10 {
+            assert_eq!(got[i], untouched[i], "frozen tensor {i} changed");
+        } else {
+            assert_eq!(got[i], want[i], "tensor {i}");
+            assert_ne!(got[i], untouched[i], "tensor {i} did not train");
+        }
+    }
+    assert_eq!(
+        frozen.optimiser.velocity().len(),
+        6,
+        "momentum for the trained tensors"
+    );
+    // Its checkpoint keeps the momentum of the trained tensors and reads back.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("frozen.ckpt");
+    Checkpoint {
+        weights: frozen.model.weights().unwrap(),
+        velocity: frozen.optimiser.velocity().to_vec(),
+        state: state(2),
+    }
+    .save(&path)
+    .unwrap();
+    let config = small_config(Some(0.5));
+    let loaded = Checkpoint::load(&path, Some(&config)).unwrap();
+    assert_eq!(loaded.velocity, frozen.optimiser.velocity());
+    // Freezing every layer would train nothing.
+    frozen.frozen_layers = 8;
+    assert!(frozen.step(x.view(), &labels, 2).is_err());
+}

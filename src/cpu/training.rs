@@ -120,7 +120,30 @@ impl CpuModel {
     /// instance [`crate::cpu::softmax_cross_entropy`]'s) and the tape of the forward that
     /// produced them.
     pub fn backward(&self, tape: &Tape, grad_logits: ArrayView2<'_, f32>) -> Result<Gradients> {
+        self.backward_trainable(tape, grad_logits, 0)
+    }
+
+    /// [`CpuModel::backward`] with the first `frozen_layers` layers that have parameters
+    /// (conv1, conv2, ... in network order) frozen: the gradients of the layers after them
+    /// only, in network order, and nothing computed in front of the first trainable layer.
+    /// Freezing every layer is an error (nothing would train).
+    pub fn backward_trainable(
+        &self,
+        tape: &Tape,
+        grad_logits: ArrayView2<'_, f32>,
+        frozen_layers: usize,
+    ) -> Result<Gradients> {
         self.check_trainable()?;
+        let layers = self.parameter_layers();
+        if frozen_layers >= layers.len() {
+            return Err(Error::invalid(
+                "frozen layers",
+                format!(
+                    "{frozen_layers} of the model's {} layers with parameters: nothing would train",
+                    layers.len()
+                ),
+            ));
+        }
         if tape.activations.len() != self.stages.len() + 1 {
             return Err(Error::invalid(
                 "tape",
@@ -157,7 +180,13 @@ impl CpuModel {
             Ok(())
         };
         let mut grad: ArrayD<f32> = grad_logits.to_owned().into_dyn();
+        let mut layer = layers.len(); // parameterised layers not yet passed, counting backwards
         for (i, stage) in self.stages.iter().enumerate().rev() {
+            if matches!(stage.layer, Layer::Conv(_) | Layer::Linear { .. }) {
+                layer -= 1;
+            }
+            // The first trainable layer needs no input gradient: nothing in front of it learns.
+            let first_trainable = layer == frozen_layers;
             let input = &tape.activations[i];
             let output = &tape.activations[i + 1];
             grad = match &stage.layer {
@@ -166,7 +195,7 @@ impl CpuModel {
                     let g = g
                         .into_dimensionality::<Ix4>()
                         .map_err(|e| Error::invalid("conv gradient", e.to_string()))?;
-                    let wanted = if i == 0 {
+                    let wanted = if i == 0 || first_trainable {
                         InputGradient::Skip
                     } else {
                         InputGradient::Compute
@@ -201,6 +230,9 @@ impl CpuModel {
                     let grads = linear.backward(flat(input, n)?, g.view())?;
                     push(grads.bias.to_vec())?;
                     push(grads.weight.into_raw_vec_and_offset().0)?;
+                    if first_trainable {
+                        break;
+                    }
                     // Unflattened back to the stage input's shape.
                     grads
                         .input
@@ -211,6 +243,16 @@ impl CpuModel {
         }
         tensors.reverse();
         Ok(Gradients { tensors })
+    }
+
+    /// The names of the layers with parameters (`conv1`, ..., `fc3`), in network order: what
+    /// [`CpuModel::backward_trainable`]'s `frozen_layers` counts.
+    pub fn parameter_layers(&self) -> Vec<&str> {
+        self.stages
+            .iter()
+            .filter(|stage| matches!(stage.layer, Layer::Conv(_) | Layer::Linear { .. }))
+            .map(|stage| stage.name.as_str())
+            .collect()
     }
 
     /// Every parameter tensor, in network order (`conv1.weight`, `conv1.bias`, ...).

@@ -41,7 +41,9 @@ pub struct TrainState {
     pub settings: serde_json::Value,
 }
 
-/// Weights, momentum buffers (network order; empty before the first step) and state.
+/// Weights, momentum buffers and state. The momentum buffers belong to the last
+/// `velocity.len()` parameter tensors in network order (all of them, or those after frozen
+/// layers; none before the first step).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub weights: Weights,
@@ -55,14 +57,14 @@ impl Checkpoint {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let tensors = self.weights.named_tensors();
-        if !self.velocity.is_empty()
-            && (self.velocity.len() != tensors.len()
-                || self
-                    .velocity
-                    .iter()
-                    .zip(&tensors)
-                    .any(|(v, (_, _, w))| v.len() != w.len()))
-        {
+        let first_with_momentum = tensors.len().checked_sub(self.velocity.len());
+        let matches = first_with_momentum.is_some_and(|first| {
+            self.velocity
+                .iter()
+                .zip(&tensors[first..])
+                .all(|(v, (_, _, w))| v.len() == w.len())
+        });
+        if !matches {
             return Err(Error::invalid(
                 "checkpoint",
                 "the momentum buffers do not match the weights",
@@ -71,9 +73,13 @@ impl Checkpoint {
         let encode =
             |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
         let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let first_with_momentum = first_with_momentum.unwrap_or(0);
         for (i, (name, shape, values)) in tensors.iter().enumerate() {
             entries.push((name.clone(), shape.clone(), encode(values)));
-            if let Some(v) = self.velocity.get(i) {
+            if let Some(v) = i
+                .checked_sub(first_with_momentum)
+                .and_then(|j| self.velocity.get(j))
+            {
                 entries.push((format!("{MOMENTUM_PREFIX}{name}"), shape.clone(), encode(v)));
             }
         }
@@ -138,6 +144,15 @@ impl Checkpoint {
         let mut velocity = Vec::new();
         for (name, shape, values) in weights.named_tensors() {
             let Ok(view) = file.tensor(&format!("{MOMENTUM_PREFIX}{name}")) else {
+                if !velocity.is_empty() {
+                    return Err(Error::invalid(
+                        "checkpoint",
+                        format!(
+                            "{}: `{name}` has no momentum but a tensor before it has",
+                            path.display()
+                        ),
+                    ));
+                }
                 continue;
             };
             if view.dtype() != Dtype::F32 || view.shape() != shape.as_slice() {
@@ -156,15 +171,6 @@ impl Checkpoint {
                 .collect();
             debug_assert_eq!(v.len(), values.len());
             velocity.push(v);
-        }
-        if !velocity.is_empty() && velocity.len() != weights.named_tensors().len() {
-            return Err(Error::invalid(
-                "checkpoint",
-                format!(
-                    "{}: momentum buffers for only some parameters",
-                    path.display()
-                ),
-            ));
         }
         Ok(Checkpoint {
             weights,

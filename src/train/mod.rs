@@ -58,7 +58,11 @@ pub trait Trainer {
 #[derive(Clone, Debug)]
 pub struct CpuTrainer {
     pub model: CpuModel,
+    /// Its momentum buffers are those of the trainable tensors (after the frozen layers).
     pub optimiser: Sgd,
+    /// The first `frozen_layers` layers with parameters (conv1, conv2, ...) keep their
+    /// weights: fine-tuning trains only what follows them.
+    pub frozen_layers: usize,
 }
 
 impl CpuTrainer {
@@ -66,6 +70,7 @@ impl CpuTrainer {
         Ok(CpuTrainer {
             model,
             optimiser: Sgd::new(optimiser)?,
+            frozen_layers: 0,
         })
     }
 }
@@ -79,9 +84,13 @@ impl Trainer for CpuTrainer {
     ) -> Result<f32> {
         let tape = self.model.forward_train(batch, step_seed)?;
         let loss = softmax_cross_entropy(tape.logits()?, labels)?;
-        let grads = self.model.backward(&tape, loss.grad.view())?;
+        let grads = self
+            .model
+            .backward_trainable(&tape, loss.grad.view(), self.frozen_layers)?;
         drop(tape); // every stage's activation: free it before the update touches memory
-        self.optimiser.step(self.model.parameters_mut(), &grads)?;
+        let mut params = self.model.parameters_mut();
+        let trainable = params.split_off(params.len().saturating_sub(grads.tensors.len()));
+        self.optimiser.step(trainable, &grads)?;
         Ok(loss.loss)
     }
 }

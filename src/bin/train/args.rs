@@ -64,6 +64,10 @@ pub struct Args {
     /// epochs (needs --val).
     #[arg(long, default_value_t = 2, conflicts_with = "lr_steps")]
     pub patience: u32,
+    /// Keep the layers up to this one fixed and train only those after it: `conv5` (or
+    /// `conv1..conv5`) fine-tunes the linear layers alone. A resumed run keeps its own.
+    #[arg(long, value_name = "LAYER", conflicts_with = "resume")]
+    pub freeze: Option<String>,
     /// Dropout probability of the hidden linear layers [default: the model's, 0.5].
     #[arg(long)]
     pub dropout: Option<f32>,

@@ -43,6 +43,9 @@ struct Settings {
     patience: u32,
     /// Dropout of the hidden linear layers (None: the architecture's).
     dropout: Option<f32>,
+    /// Layers with parameters kept fixed, counted from conv1 (--freeze).
+    #[serde(default)]
+    frozen_layers: usize,
     /// Where the run ends: after `epochs` epochs or `steps` steps.
     epochs: Option<u64>,
     steps: Option<u64>,
@@ -63,6 +66,7 @@ impl Settings {
             lr_steps: args.lr_steps.clone(),
             patience: args.patience,
             dropout: args.dropout,
+            frozen_layers: 0, // resolved against the model's layers in `start`
             epochs: args
                 .epochs
                 .or(args.steps.is_none().then_some(DEFAULT_EPOCHS)),
@@ -235,7 +239,7 @@ fn refuse_clobbering(args: &Args, checkpoint: &Path) -> Result<(), Error> {
 /// A fresh run: weights from --weights or the paper's initialisation, the head replaced with
 /// --classes, dropout from --dropout.
 fn start(args: &Args, folder: &ImageFolder) -> Result<(CpuTrainer, TrainState, Settings), Error> {
-    let settings = Settings::from_args(args);
+    let mut settings = Settings::from_args(args);
     let mut weights = match &args.weights {
         Some(path) => Weights::load(path, None)?,
         None => {
@@ -258,7 +262,11 @@ fn start(args: &Args, folder: &ImageFolder) -> Result<(CpuTrainer, TrainState, S
     }
     let weights = with_dropout(&weights, settings.dropout)?;
     let model = CpuModel::new(&weights, Precision::Fp32)?;
-    let trainer = CpuTrainer::new(model, settings.sgd(settings.learning_rate))?;
+    if let Some(layer) = &args.freeze {
+        settings.frozen_layers = frozen_layers(&model.parameter_layers(), layer);
+    }
+    let mut trainer = CpuTrainer::new(model, settings.sgd(settings.learning_rate))?;
+    trainer.frozen_layers = settings.frozen_layers;
     let state = TrainState {
         step: 0,
         epoch: 0,
@@ -312,7 +320,33 @@ fn resume(
     let model = CpuModel::new(&weights, Precision::Fp32)?;
     let mut trainer = CpuTrainer::new(model, settings.sgd(checkpoint.state.learning_rate))?;
     trainer.optimiser.set_velocity(checkpoint.velocity);
+    trainer.frozen_layers = settings.frozen_layers;
     Ok((trainer, checkpoint.state, settings))
+}
+
+/// How many layers `--freeze LAYER` (or `FIRST..LAYER`, FIRST being the first layer) keeps
+/// fixed: LAYER and every layer before it. A usage error for an unknown layer, or for the
+/// last one (nothing would train).
+fn frozen_layers(layers: &[&str], spec: &str) -> usize {
+    let (first, last) = match spec.split_once("..") {
+        Some((first, last)) => (Some(first), last),
+        None => (None, spec),
+    };
+    let listed = layers.join(", ");
+    if first.is_some_and(|f| layers.first() != Some(&f)) {
+        crate::args::usage_error(format!(
+            "--freeze {spec}: a frozen range starts at the first layer ({listed})"
+        ));
+    }
+    match layers.iter().position(|&l| l == last) {
+        Some(i) if i + 1 < layers.len() => i + 1,
+        Some(_) => crate::args::usage_error(format!(
+            "--freeze {spec} would freeze every layer: nothing would train"
+        )),
+        None => crate::args::usage_error(format!(
+            "--freeze {spec}: no layer `{last}` (the layers are {listed})"
+        )),
+    }
 }
 
 /// Copies one flag's value from `given` into `settings`.
