@@ -7,7 +7,9 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
 
-use crate::image::{load_batch_into, LoadedRows, Preprocess, U8Batch};
+use ndarray::{Array2, Axis};
+
+use crate::image::{load_batch_into, load_ten_crops_into, LoadedRows, Preprocess, U8Batch};
 use crate::postprocess::{softmax, top_k};
 use crate::stream::{BatchStream, InputSlot, StreamedBatch};
 
@@ -19,8 +21,31 @@ pub struct Classification<'a> {
     pub path: &'a Path,
     /// `(class, probability)`, most probable first.
     pub top: Vec<(usize, f32)>,
-    /// The raw logits, one per class.
+    /// The raw logits, one per class; with [`Crops::Ten`], the logarithms of the averaged
+    /// probabilities (whose softmax is those probabilities again).
     pub logits: Vec<f32>,
+}
+
+/// Which patches of each image the model sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Crops {
+    /// The eval transform's centre crop: one forward row per image.
+    #[default]
+    Centre,
+    /// The paper's ten-crop test: the four corners and centre of the central
+    /// `resize_shorter` square and their mirrors ([`crate::image::ten_crop`]), the ten
+    /// softmax outputs averaged. Ten forward rows per image.
+    Ten,
+}
+
+impl Crops {
+    /// Forward rows per image.
+    pub fn rows_per_image(self) -> usize {
+        match self {
+            Crops::Centre => 1,
+            Crops::Ten => crate::image::TEN,
+        }
+    }
 }
 
 /// What happened to one input.
@@ -49,6 +74,20 @@ pub fn classify_files<'a>(
     k: usize,
     on_event: impl FnMut(ClassifyEvent<'a>),
 ) -> Result<()> {
+    classify_files_with(backend, paths, batch, pre, k, Crops::Centre, on_event)
+}
+
+/// [`classify_files`] with a choice of [`Crops`]: `batch` counts images, so with
+/// [`Crops::Ten`] each forward computes `10 * batch` rows.
+pub fn classify_files_with<'a>(
+    backend: &mut dyn Backend,
+    paths: &'a [PathBuf],
+    batch: usize,
+    pre: &Preprocess,
+    k: usize,
+    crops: Crops,
+    on_event: impl FnMut(ClassifyEvent<'a>),
+) -> Result<()> {
     if batch == 0 {
         return Err(Error::invalid("batch", "must be at least 1"));
     }
@@ -57,11 +96,12 @@ pub fn classify_files<'a>(
         batch,
         pre,
         k,
+        crops,
         next: 0,
         filled: VecDeque::new(),
         on_event,
     };
-    backend.run_stream(batch, pre, &mut stream)?;
+    backend.run_stream(batch * crops.rows_per_image(), pre, &mut stream)?;
     // Chunks after the last batch with an image (all of whose images failed).
     stream.report_failed_chunks();
     if let Some(chunk) = stream.filled.front() {
@@ -87,6 +127,7 @@ struct ClassifyStream<'a, 'p, F> {
     batch: usize,
     pre: &'p Preprocess,
     k: usize,
+    crops: Crops,
     /// The first input not yet decoded.
     next: usize,
     /// Chunks decoded and not yet reported, oldest first: every one but the last has either
@@ -131,17 +172,31 @@ impl<'a, F: FnMut(ClassifyEvent<'a>)> BatchStream for ClassifyStream<'a, '_, F> 
                 found: vec![self.pre.crop as usize, self.pre.crop as usize, 3],
             });
         }
-        let size = self.batch.min(slot.capacity);
+        let per_image = self.crops.rows_per_image();
+        let size = self.batch.min(slot.capacity / per_image);
+        if size == 0 {
+            return Err(Error::invalid(
+                "classify",
+                format!(
+                    "a slot of {} rows holds no {per_image}-crop image",
+                    slot.capacity
+                ),
+            ));
+        }
         // A chunk whose images all fail leaves the slot empty: decode the next one into it.
         while self.next < self.paths.len() {
             let start = self.next;
             let end = (start + size).min(self.paths.len());
             self.next = end;
-            let rows = load_batch_into(&self.paths[start..end], self.pre, slot.bytes)?;
+            let paths = &self.paths[start..end];
+            let rows = match self.crops {
+                Crops::Centre => load_batch_into(paths, self.pre, slot.bytes)?,
+                Crops::Ten => load_ten_crops_into(paths, self.pre, slot.bytes)?,
+            };
             let n = rows.sources.len();
             self.filled.push_back(FilledChunk { start, rows });
             if n > 0 {
-                return Ok(n);
+                return Ok(n * per_image);
             }
         }
         Ok(0)
@@ -153,15 +208,23 @@ impl<'a, F: FnMut(ClassifyEvent<'a>)> BatchStream for ClassifyStream<'a, '_, F> 
             .filled
             .pop_front()
             .ok_or_else(|| Error::invalid("classify", "logits for a batch never filled"))?;
-        let rows = chunk.rows.sources.len();
+        let per_image = self.crops.rows_per_image();
+        let rows = chunk.rows.sources.len() * per_image;
         if batch.logits.nrows() != rows {
             return Err(Error::Shape {
                 op: "classify",
-                expected: format!("logits for {rows} images"),
+                expected: format!("logits for {rows} rows"),
                 found: batch.logits.shape().to_vec(),
             });
         }
-        let probabilities = softmax(batch.logits.view());
+        let (probabilities, logits) = match self.crops {
+            Crops::Centre => (softmax(batch.logits.view()), batch.logits.to_owned()),
+            Crops::Ten => {
+                let averaged = average_groups(&softmax(batch.logits.view()), per_image);
+                let logs = averaged.mapv(f32::ln);
+                (averaged, logs)
+            }
+        };
         let mut failures = chunk.rows.failures.into_iter().peekable();
         let mut sources = chunk.rows.sources.iter().enumerate().peekable();
         // Merge successes and failures back into input order.
@@ -176,7 +239,7 @@ impl<'a, F: FnMut(ClassifyEvent<'a>)> BatchStream for ClassifyStream<'a, '_, F> 
                             index,
                             path: &self.paths[index],
                             top: top_k(probabilities.row(row), self.k)?,
-                            logits: batch.logits.row(row).to_vec(),
+                            logits: logits.row(row).to_vec(),
                         }));
                     }
                 }
@@ -196,4 +259,21 @@ impl<'a, F: FnMut(ClassifyEvent<'a>)> BatchStream for ClassifyStream<'a, '_, F> 
         self.report_failed_chunks();
         Ok(())
     }
+}
+
+/// The mean of each group of `group` consecutive rows (one image's crops).
+fn average_groups(rows: &Array2<f32>, group: usize) -> Array2<f32> {
+    let (n, classes) = rows.dim();
+    let mut out = Array2::zeros((n / group, classes));
+    for (mut mean, crops) in out
+        .outer_iter_mut()
+        .zip(rows.axis_chunks_iter(Axis(0), group))
+    {
+        // Summed in f64: ten probabilities of up to 1000 classes lose nothing.
+        for (c, m) in mean.iter_mut().enumerate() {
+            let sum: f64 = crops.column(c).iter().map(|&p| p as f64).sum();
+            *m = (sum / group as f64) as f32;
+        }
+    }
+    out
 }

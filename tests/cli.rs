@@ -724,3 +724,46 @@ fn tf32_on_the_cpu_is_reported_as_fp32() {
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(v["precision"], "fp32", "{v}");
 }
+
+/// `--ten-crop` end to end: the dumped log-probabilities are PyTorch's ten-crop averages
+/// (tools/ten_crop_reference.py), and the flag is refused where it means nothing.
+#[test]
+fn ten_crop_gives_pytorchs_averaged_probabilities() {
+    let text = std::fs::read_to_string(data_path("ten_crop_reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let weights_path = dir.path().join("paper.safetensors");
+    formula_weights(&AlexNetConfig::paper())
+        .save(&weights_path, StorageDtype::F32)
+        .unwrap();
+    let dump = dir.path().join("ten.npy");
+    let photos = ["chelsea.png", "coffee.png", "camera.png"];
+    let photo_paths: Vec<String> = photos
+        .iter()
+        .map(|p| path_str(&data_path(&format!("images/{p}"))).to_string())
+        .collect();
+    let mut args = vec![
+        "--device",
+        "cpu",
+        "--weights",
+        path_str(&weights_path),
+        "--ten-crop",
+        "--dump-logits",
+        path_str(&dump),
+        "--batch",
+        "2",
+        "--images",
+    ];
+    args.extend(photo_paths.iter().map(String::as_str));
+    let out = infer(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let logs: Array2<f32> = ndarray_npy::read_npy(&dump).unwrap();
+    for (row, photo) in photos.iter().enumerate() {
+        let probabilities: Vec<f32> = logs.row(row).iter().map(|l| l.exp()).collect();
+        let want = json_f64s(&reference["photos"][photo]["probabilities"]);
+        let err = rel_max_error(&probabilities, &want);
+        assert!(err < 1e-5, "{photo}: {err:.2e}");
+    }
+    let out = infer(&["--ten-crop", "--batch", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

@@ -253,9 +253,15 @@ fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
         "{}",
         text(&out)
     );
-    refused(&["--classes", "3", "--freeze", "fc3"], "nothing would train");
+    refused(
+        &["--classes", "3", "--freeze", "fc3"],
+        "nothing would train",
+    );
     refused(&["--classes", "3", "--freeze", "conv9"], "no layer `conv9`");
-    refused(&["--classes", "3", "--freeze", "conv2..conv4"], "starts at the first layer");
+    refused(
+        &["--classes", "3", "--freeze", "conv2..conv4"],
+        "starts at the first layer",
+    );
     std::fs::write(dir.path().join("out.ckpt.safetensors"), b"a previous run").unwrap();
     refused(&["--classes", "3"], "exists");
     assert!(!save.exists(), "nothing was written");

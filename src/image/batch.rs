@@ -249,6 +249,59 @@ pub fn load_batch_into(paths: &[PathBuf], pre: &Preprocess, out: &mut [u8]) -> R
     }))
 }
 
+/// [`load_batch_into`] for ten-crop evaluation: each image that decodes becomes
+/// [`TEN`](super::TEN) consecutive rows, the [`ten_crop`](super::ten_crop) of its central
+/// `resize_shorter` square (the paper's 256x256 patch), `pre.crop` on a side.
+/// [`Error::Shape`] when `out` has room for fewer than `10 * paths.len()` images;
+/// [`Error::Invalid`] when `pre.resize_shorter < pre.crop`.
+pub fn load_ten_crops_into(
+    paths: &[PathBuf],
+    pre: &Preprocess,
+    out: &mut [u8],
+) -> Result<LoadedRows> {
+    let per = U8Batch::new(pre.crop).image_bytes();
+    if paths
+        .len()
+        .checked_mul(super::TEN * per)
+        .is_none_or(|need| need > out.len())
+    {
+        return Err(Error::Shape {
+            op: "load_ten_crops_into",
+            expected: format!(
+                "room for {} images of {per} bytes",
+                super::TEN * paths.len()
+            ),
+            found: vec![out.len()],
+        });
+    }
+    if pre.resize_shorter < pre.crop {
+        return Err(Error::invalid(
+            "ten-crop",
+            format!(
+                "the patch ({}) is smaller than the crop ({})",
+                pre.resize_shorter, pre.crop
+            ),
+        ));
+    }
+    let patch = Preprocess {
+        crop: pre.resize_shorter,
+        ..*pre
+    };
+    let results = decode_in_parallel(paths, &patch);
+    let mut rows = out.chunks_exact_mut(per);
+    Ok(place_in_order(results, |img| {
+        // All ten are cut before a row is written: a failure leaves no partial image.
+        let crops = super::ten_crop(img, pre.crop)?;
+        for crop in crops {
+            let row = rows
+                .next()
+                .ok_or_else(|| Error::invalid("load_ten_crops_into", "more crops than rows"))?;
+            row.copy_from_slice(crop.as_raw());
+        }
+        Ok(())
+    }))
+}
+
 fn decode_in_parallel(paths: &[PathBuf], pre: &Preprocess) -> Vec<Result<RgbImage>> {
     paths.par_iter().map(|p| pre.load(p)).collect()
 }

@@ -34,15 +34,18 @@ mod gif;
 mod preprocess;
 mod read;
 mod resize;
+mod ten_crop;
 
 pub use batch::{
-    collect_image_paths, load_batch, load_batch_into, LoadedBatch, LoadedRows, U8Batch,
+    collect_image_paths, load_batch, load_batch_into, load_ten_crops_into, LoadedBatch, LoadedRows,
+    U8Batch,
 };
 pub use budget::DECODE_MEMORY_BUDGET;
 pub use decode::{decode_image_bytes, decode_image_file, decode_image_file_with};
 pub use preprocess::Preprocess;
 pub use read::{ImageLimits, DEFAULT_MAX_FILE_BYTES};
 pub use resize::{center_crop, resize_bilinear};
+pub use ten_crop::{ten_crop, TEN};
 
 #[cfg(doc)]
 use crate::error::Error;

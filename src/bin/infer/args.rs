@@ -61,6 +61,12 @@ pub struct Args {
     /// for images that failed).
     #[arg(long, value_name = "FILE.npy", requires = "images")]
     pub dump_logits: Option<PathBuf>,
+    /// The paper's ten-crop test: average the softmax of the four corners and the centre of
+    /// each image's central 256x256 patch and of their mirrors (ten forward rows per image;
+    /// --batch still counts images). --dump-logits then holds the log of the averaged
+    /// probabilities.
+    #[arg(long, requires = "images")]
+    pub ten_crop: bool,
     /// Print the layer table (shapes and parameter counts) and exit.
     #[arg(long, conflicts_with_all = ["images", "json", "dump_logits"])]
     pub summary: bool,
@@ -154,6 +160,7 @@ pub fn check_flags(matches: &ArgMatches, args: &Args) {
             "dump_logits",
             "labels",
             "max_image_bytes",
+            "ten_crop",
         ],
         Mode::Classify => &["iterations", "warmup"],
         Mode::Benchmark => &["top", "dump_logits", "labels", "max_image_bytes"],

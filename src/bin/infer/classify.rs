@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use std::path::Path;
 
-use alexnet_cuda::classify::{classify_files, Classification, ClassifyEvent};
+use alexnet_cuda::classify::{classify_files_with, Classification, ClassifyEvent, Crops};
 use alexnet_cuda::diagnose::diagnose_non_finite;
 use alexnet_cuda::image::{collect_image_paths, ImageLimits, Preprocess, U8Batch};
 use alexnet_cuda::labels::{default_labels, read_labels};
@@ -121,12 +121,18 @@ pub fn classify(
     let mut logits = Array2::from_elem((paths.len(), num_classes), f32::NAN);
     let mut failures = 0usize;
     let mut results = Vec::new();
-    classify_files(
+    let crops = if args.ten_crop {
+        Crops::Ten
+    } else {
+        Crops::Centre
+    };
+    classify_files_with(
         backend,
         &paths,
         batch,
         &pre,
         args.top as usize,
+        crops,
         |event| match event {
             ClassifyEvent::Classified(c) => {
                 logits
