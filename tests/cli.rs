@@ -287,6 +287,14 @@ fn an_unwritable_dump_path_fails_before_the_run() {
     );
 }
 
+/// The paths of sample photos under tests/data/images, as arguments.
+fn photo_paths(photos: &[&str]) -> Vec<String> {
+    photos
+        .iter()
+        .map(|p| path_str(&data_path(&format!("images/{p}"))).to_string())
+        .collect()
+}
+
 /// The whole CLI path (weights file, decoding, resize, crop, normalise, model, dump) against
 /// PyTorch's logits for the photos.
 #[test]
@@ -302,10 +310,7 @@ fn dumped_logits_match_pytorch_on_photos() {
         formula_weights(&config).save(&weights_path, dtype).unwrap();
         let dump = dir.path().join(format!("{name}.npy"));
         let photos = ["chelsea.png", "coffee.png", "rocket.jpg"];
-        let photo_paths: Vec<String> = photos
-            .iter()
-            .map(|p| path_str(&data_path(&format!("images/{p}"))).to_string())
-            .collect();
+        let photo_paths = photo_paths(&photos);
         let mut args = vec![
             "--device",
             "cpu",
@@ -738,10 +743,7 @@ fn ten_crop_gives_pytorchs_averaged_probabilities() {
         .unwrap();
     let dump = dir.path().join("ten.npy");
     let photos = ["chelsea.png", "coffee.png", "camera.png"];
-    let photo_paths: Vec<String> = photos
-        .iter()
-        .map(|p| path_str(&data_path(&format!("images/{p}"))).to_string())
-        .collect();
+    let photo_paths = photo_paths(&photos);
     let mut args = vec![
         "--device",
         "cpu",

@@ -209,6 +209,10 @@ fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
         "{log}"
     );
     assert!(lines[1].starts_with("1,3,"), "{log}");
+    // The curves beside the log: an SVG with both charts and a point per epoch.
+    let svg = std::fs::read_to_string(file("full.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg:.200}");
+    assert!(svg.contains("training loss") && svg.contains("validation error"));
     assert!(
         String::from_utf8_lossy(&full.stdout).contains("epoch 1: train loss"),
         "{}",

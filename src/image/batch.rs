@@ -274,19 +274,7 @@ pub fn load_ten_crops_into(
             found: vec![out.len()],
         });
     }
-    if pre.resize_shorter < pre.crop {
-        return Err(Error::invalid(
-            "ten-crop",
-            format!(
-                "the patch ({}) is smaller than the crop ({})",
-                pre.resize_shorter, pre.crop
-            ),
-        ));
-    }
-    let patch = Preprocess {
-        crop: pre.resize_shorter,
-        ..*pre
-    };
+    let patch = pre.central_patch("ten-crop")?;
     let results = decode_in_parallel(paths, &patch);
     let mut rows = out.chunks_exact_mut(per);
     Ok(place_in_order(results, |img| {

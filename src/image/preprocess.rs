@@ -103,6 +103,26 @@ impl Preprocess {
         }
     }
 
+    /// The preprocessing of the central `resize_shorter` square, the paper's 256x256 patch
+    /// that training crops and the ten test crops are cut from: the same with
+    /// `crop = resize_shorter`. [`Error::Invalid`] naming `what` when that square is smaller
+    /// than `crop`.
+    pub fn central_patch(&self, what: &'static str) -> Result<Preprocess> {
+        if self.resize_shorter < self.crop {
+            return Err(Error::invalid(
+                what,
+                format!(
+                    "the patch ({}) is smaller than the crop ({})",
+                    self.resize_shorter, self.crop
+                ),
+            ));
+        }
+        Ok(Preprocess {
+            crop: self.resize_shorter,
+            ..*self
+        })
+    }
+
     /// Decodes the file at `path` and returns its `crop x crop` preprocessed crop: the same
     /// pixels as [`decode_image_file_with`] under [`Preprocess::limits`], then
     /// [`Preprocess::resize_and_crop`].

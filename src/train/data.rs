@@ -260,15 +260,7 @@ impl BatchMaker {
                     format!("sigma {lighting_std} must be finite and >= 0"),
                 ));
             }
-            if preprocess.resize_shorter < preprocess.crop {
-                return Err(Error::invalid(
-                    "augmentation",
-                    format!(
-                        "the patch ({}) is smaller than the crop ({})",
-                        preprocess.resize_shorter, preprocess.crop
-                    ),
-                ));
-            }
+            preprocess.central_patch("augmentation")?;
         }
         Ok(BatchMaker {
             order: SampleOrder::new(folder.len(), shuffle, seed)?,
@@ -312,11 +304,8 @@ impl BatchMaker {
         let (patch, source) = match self.augmentation {
             Augmentation::None => (pre.crop, pre.load(path)?),
             Augmentation::Paper { .. } => {
-                let square = Preprocess {
-                    crop: pre.resize_shorter,
-                    ..*pre
-                };
-                (pre.resize_shorter, square.load(path)?)
+                let square = pre.central_patch("augmentation")?;
+                (square.crop, square.load(path)?)
             }
         };
         let draw = self

@@ -94,7 +94,8 @@ pub struct Args {
     /// extend it).
     #[arg(long, value_name = "CKPT")]
     pub resume: Option<PathBuf>,
-    /// Append one CSV row per epoch: epoch, step, train loss, validation errors, learning rate.
+    /// Append one CSV row per epoch: epoch, step, train loss, validation errors, learning rate;
+    /// the curves are redrawn beside it as an SVG of the same name (FILE.svg).
     #[arg(long, value_name = "FILE.csv")]
     pub log: Option<PathBuf>,
 }

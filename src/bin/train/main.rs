@@ -4,6 +4,7 @@
 
 mod args;
 mod log;
+mod plot;
 mod run;
 
 use std::process::ExitCode;

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::args::{Args, DeviceArg, RuleArg};
 use crate::log::{append_row, progress_bar, EpochRow};
+use crate::plot::{plot_log, plot_path};
 
 /// The paper's epochs when neither --epochs nor --steps is given.
 const DEFAULT_EPOCHS: u64 = 90;
@@ -539,6 +540,11 @@ impl Run<'_> {
         );
         if let Some(log) = &self.args.log {
             append_row(log, &row)?;
+            let picture = plot_path(log);
+            // The curves are a convenience: a failure to draw them is said, not fatal.
+            if let Err(e) = plot_log(log, &picture) {
+                eprintln!("warning: could not draw {}: {e}", picture.display());
+            }
         }
         if self.lower_learning_rate(state, errors.map(|e| e.0)) {
             let lowered = learning_rate / 10.0;
