@@ -354,3 +354,47 @@ fn frozen_layers_keep_their_weights_and_the_rest_trains_as_unfrozen() {
     frozen.frozen_layers = 8;
     assert!(frozen.step(x.view(), &labels, 2).is_err());
 }
+
+#[test]
+fn weights_saved_under_torchvisions_names_are_its_state_dict_keys() {
+    use alexnet_cuda::weights::{SaveOptions, TensorNames};
+    let config = AlexNetConfig::torchvision();
+    let weights = Weights::paper_init(&config, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tv.safetensors");
+    let options = SaveOptions {
+        names: TensorNames::Torchvision,
+        ..SaveOptions::default()
+    };
+    weights.save_with(&path, &options).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(String::from).collect();
+    names.sort();
+    // torchvision.models.alexnet().state_dict().keys(), printed by torchvision 0.29, sorted.
+    let mut want = [
+        "features.0.weight",
+        "features.0.bias",
+        "features.3.weight",
+        "features.3.bias",
+        "features.6.weight",
+        "features.6.bias",
+        "features.8.weight",
+        "features.8.bias",
+        "features.10.weight",
+        "features.10.bias",
+        "classifier.1.weight",
+        "classifier.1.bias",
+        "classifier.4.weight",
+        "classifier.4.bias",
+        "classifier.6.weight",
+        "classifier.6.bias",
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(
+        Weights::load(&path, None).unwrap(),
+        weights,
+        "and they load back"
+    );
+}

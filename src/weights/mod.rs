@@ -11,7 +11,7 @@ mod read;
 mod write;
 
 pub use read::{CLASSES_METADATA_KEY, MAX_STREAMED_WEIGHTS_BYTES};
-pub use write::StorageDtype;
+pub use write::{SaveOptions, StorageDtype, TensorNames};
 
 use std::borrow::Cow;
 

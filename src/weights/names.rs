@@ -24,6 +24,15 @@ pub(super) fn torchvision_alias(file_name: &str) -> Option<String> {
         .map(|(_, ours)| format!("{ours}.{param}"))
 }
 
+/// torchvision's spelling of the crate's parameter `name` (`conv2.bias` -> `features.3.bias`).
+pub(super) fn torchvision_name(name: &str) -> Option<String> {
+    let (layer, param) = name.rsplit_once('.')?;
+    TORCHVISION_LAYERS
+        .iter()
+        .find(|(_, ours)| *ours == layer)
+        .map(|(theirs, _)| format!("{theirs}.{param}"))
+}
+
 /// A state dict saved from `nn.DataParallel` or `DistributedDataParallel` prefixes every name
 /// with `module.`; the parameter is the same.
 pub(super) fn without_wrapper_prefix(file_name: &str) -> &str {

@@ -6,13 +6,15 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensorError, View};
 
+use super::names::torchvision_name;
 use super::read::CLASSES_METADATA_KEY;
 use super::Weights;
 use crate::error::{Error, Result};
 
 /// On-disk dtype for [`crate::Weights::save`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StorageDtype {
+    #[default]
     F32,
     F16,
     BF16,
@@ -45,53 +47,90 @@ impl StorageDtype {
     }
 }
 
+/// Whose names the tensors of a saved file carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TensorNames {
+    /// The crate's: `conv1.weight`, ..., `fc3.bias`.
+    #[default]
+    Crate,
+    /// torchvision's `alexnet` state-dict keys (`features.0.weight`, ...,
+    /// `classifier.6.bias`), so `torchvision.models.alexnet().load_state_dict` takes a
+    /// torchvision-preset file as it is.
+    Torchvision,
+}
+
+/// How [`Weights::save_with`] writes a file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SaveOptions<'a> {
+    pub dtype: StorageDtype,
+    pub names: TensorNames,
+    /// Class names (label order) for the metadata, where [`Weights::class_names_in`] and
+    /// `infer` find them; their count must be the model's.
+    pub classes: Option<&'a [String]>,
+}
+
 impl Weights {
     /// Saves the weights as a safetensors file under the crate's names, in PyTorch layout, with
     /// metadata `{"format": "pt", "config": <config name>}`. The file is written to a temporary
     /// sibling and renamed, so an existing file is never left half-written.
     pub fn save(&self, path: impl AsRef<Path>, dtype: StorageDtype) -> Result<()> {
-        let path = path.as_ref();
-        safetensors::serialize_to_file(self.encoded(dtype), Some(self.file_metadata()), path)
-            .map_err(|e| match e {
-                SafeTensorError::IoError(source) => Error::io(path, source),
-                other => Error::WeightsFormat {
-                    path: path.to_path_buf(),
-                    message: format!("cannot serialize: {other}"),
-                },
-            })
+        self.save_with(
+            path,
+            &SaveOptions {
+                dtype,
+                ..SaveOptions::default()
+            },
+        )
     }
 
-    /// [`Weights::save`] with the class names (label order) in the metadata, where
-    /// [`Weights::class_names_in`] and `infer` find them. Their count must be the model's.
+    /// [`Weights::save`] with the class names (label order) in the metadata.
     pub fn save_with_classes(
         &self,
         path: impl AsRef<Path>,
         dtype: StorageDtype,
         classes: &[String],
     ) -> Result<()> {
+        self.save_with(
+            path,
+            &SaveOptions {
+                dtype,
+                classes: Some(classes),
+                ..SaveOptions::default()
+            },
+        )
+    }
+
+    /// Saves the weights as `options` says (dtype, tensor names, class names); otherwise as
+    /// [`Weights::save`].
+    pub fn save_with(&self, path: impl AsRef<Path>, options: &SaveOptions<'_>) -> Result<()> {
         let path = path.as_ref();
-        if classes.len() != self.config().num_classes() {
-            return Err(Error::invalid(
-                "class names",
-                format!(
-                    "{} names for a {}-class model",
-                    classes.len(),
-                    self.config().num_classes()
-                ),
-            ));
-        }
-        let names = serde_json::to_string(classes)
-            .map_err(|e| Error::invalid("class names", e.to_string()))?;
         let mut metadata = self.file_metadata();
-        metadata.insert(CLASSES_METADATA_KEY.to_string(), names);
-        safetensors::serialize_to_file(self.encoded(dtype), Some(metadata), path).map_err(|e| {
-            match e {
-                SafeTensorError::IoError(source) => Error::io(path, source),
-                other => Error::WeightsFormat {
-                    path: path.to_path_buf(),
-                    message: format!("cannot serialize: {other}"),
-                },
+        if let Some(classes) = options.classes {
+            if classes.len() != self.config().num_classes() {
+                return Err(Error::invalid(
+                    "class names",
+                    format!(
+                        "{} names for a {}-class model",
+                        classes.len(),
+                        self.config().num_classes()
+                    ),
+                ));
             }
+            let names = serde_json::to_string(classes)
+                .map_err(|e| Error::invalid("class names", e.to_string()))?;
+            metadata.insert(CLASSES_METADATA_KEY.to_string(), names);
+        }
+        let tensors = self
+            .encoded(options.dtype)
+            .into_iter()
+            .map(|(name, tensor)| Ok((external_name(&name, options.names)?, tensor)))
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| match e {
+            SafeTensorError::IoError(source) => Error::io(path, source),
+            other => Error::WeightsFormat {
+                path: path.to_path_buf(),
+                message: format!("cannot serialize: {other}"),
+            },
         })
     }
 
@@ -122,6 +161,20 @@ impl Weights {
             ("format".to_string(), "pt".to_string()),
             ("config".to_string(), self.config().name.clone()),
         ])
+    }
+}
+
+/// `name` (the crate's) as `names` spells it; [`Error::Invalid`] when torchvision has no
+/// name for it (a network with more layers than AlexNet's eight).
+fn external_name(name: &str, names: TensorNames) -> Result<String> {
+    match names {
+        TensorNames::Crate => Ok(name.to_string()),
+        TensorNames::Torchvision => torchvision_name(name).ok_or_else(|| {
+            Error::invalid(
+                "torchvision names",
+                format!("torchvision's alexnet has no parameter for `{name}`"),
+            )
+        }),
     }
 }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use alexnet_cuda::train::UpdateRule;
+use alexnet_cuda::weights::TensorNames;
 use alexnet_cuda::AlexNetConfig;
 use clap::{CommandFactory, Parser, ValueEnum};
 
@@ -84,7 +85,11 @@ pub struct Args {
     /// Where the trained weights go (safetensors, crate names, class names in the metadata).
     #[arg(long, value_name = "FILE")]
     pub save: PathBuf,
-    /// Checkpoint file (weights, momentum, step, learning rate) [default: <save>.ckpt].
+    /// Tensor names in the --save file: the crate's, or torchvision's (`features.0.weight`,
+    /// ...) so `torchvision.models.alexnet().load_state_dict` takes a torchvision-preset file.
+    #[arg(long, value_enum, default_value_t = NamesArg::Crate)]
+    pub names: NamesArg,
+    /// Checkpoint file (weights, momentum, step, learning rate) [default: <save> with .ckpt.safetensors].
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,
     /// Also checkpoint every this many steps (always at the end of every epoch and of the run).
@@ -111,6 +116,21 @@ impl ConfigArg {
         match self {
             ConfigArg::Paper => AlexNetConfig::paper(),
             ConfigArg::Torchvision => AlexNetConfig::torchvision(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum NamesArg {
+    Crate,
+    Torchvision,
+}
+
+impl From<NamesArg> for TensorNames {
+    fn from(names: NamesArg) -> Self {
+        match names {
+            NamesArg::Crate => TensorNames::Crate,
+            NamesArg::Torchvision => TensorNames::Torchvision,
         }
     }
 }

@@ -13,7 +13,7 @@ use alexnet_cuda::train::{
     evaluate, Augmentation, Batch, BatchMaker, Checkpoint, CpuTrainer, ImageFolder, SgdConfig,
     TrainState, Trainer,
 };
-use alexnet_cuda::weights::StorageDtype;
+use alexnet_cuda::weights::{SaveOptions, StorageDtype};
 use alexnet_cuda::{AlexNetConfig, Error, Precision, Weights};
 use clap::parser::ValueSource;
 use clap::ArgMatches;
@@ -202,10 +202,12 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
         eval: preprocess,
     };
     run.steps(&mut trainer, &mut state, maker, total)?;
-    trainer
-        .model
-        .weights()?
-        .save_with_classes(&args.save, StorageDtype::F32, folder.classes())?;
+    let options = SaveOptions {
+        dtype: StorageDtype::F32,
+        names: args.names.into(),
+        classes: Some(folder.classes()),
+    };
+    trainer.model.weights()?.save_with(&args.save, &options)?;
     println!(
         "saved {} (and the checkpoint {})",
         args.save.display(),
