@@ -4,7 +4,7 @@ use ndarray::{Array1, Array4, ArrayView4};
 use rayon::prelude::*;
 
 use super::bias_act;
-use super::gemm::{gemm_accumulate, MatRef, Threads};
+use super::gemm::{gemm_accumulate, gemm_overwrite, MatRef, Threads};
 use crate::config::window_output;
 use crate::error::{Error, Result};
 
@@ -226,14 +226,21 @@ impl Conv2d {
         let mut dx = vec![0.0f32; if want_input { n * in_len } else { 0 }];
         let k = geometry.col_rows();
         let scratch = || (vec![0.0f32; k * positions], ParamSums::new(o * k, o));
-        // One image: its weight and bias gradients into `sums`, its input gradient into `dx`.
+        // One image: its weight and bias gradients into `sums` (the first image of a group
+        // writes them, the others add), its input gradient into `dx`.
         let per_image = |(col, sums): &mut (Vec<f32>, ParamSums),
                          image: &[f32],
                          grad: &[f32],
                          dx: Option<&mut [f32]>,
+                         first: bool,
                          threads: Threads| {
             im2col(&geometry, image, col);
-            gemm_accumulate(
+            let weight_sum = if first {
+                gemm_overwrite
+            } else {
+                gemm_accumulate
+            };
+            weight_sum(
                 &mut sums.weight,
                 MatRef::row_major(grad, o, positions),
                 MatRef::transposed(col, positions, k),
@@ -243,13 +250,14 @@ impl Conv2d {
                 *b += row.iter().map(|&v| v as f64).sum::<f64>();
             }
             if let Some(dx) = dx {
-                col.fill(0.0);
-                gemm_accumulate(
+                gemm_overwrite(
                     col,
                     MatRef::transposed(&self.weight, k, o),
                     MatRef::row_major(grad, o, positions),
                     threads,
                 );
+                // Written before it is read (see `gemm_overwrite` on fresh zeroed buffers).
+                dx.fill(0.0);
                 col2im_add(&geometry, col, dx);
             }
         };
@@ -278,7 +286,7 @@ impl Conv2d {
                 let dx = dxs
                     .as_deref_mut()
                     .map(|d| &mut d[i * in_len..(i + 1) * in_len]);
-                per_image(&mut acc, image, grad, dx, gemm_threads);
+                per_image(&mut acc, image, grad, dx, i == 0, gemm_threads);
             }
             acc.1
         };
@@ -451,6 +459,20 @@ fn col2im_add(g: &Geometry, col: &[f32], image: &mut [f32]) {
 /// `dst[ox * stride + offset] += src[ox]` wherever that lies inside `dst` (the adjoint of
 /// [`copy_row`]).
 fn add_row(src: &[f32], dst: &mut [f32], offset: isize, stride: usize) {
+    if stride == 1 {
+        // Contiguous: the columns that land inside `dst` form one range, added in one
+        // vectorised pass (every layer after the first has stride 1).
+        let first = (-offset).clamp(0, src.len() as isize) as usize;
+        let last = (dst.len() as isize - offset).clamp(first as isize, src.len() as isize) as usize;
+        let start = (first as isize + offset) as usize;
+        for (d, &v) in dst[start..start + (last - first)]
+            .iter_mut()
+            .zip(&src[first..last])
+        {
+            *d += v;
+        }
+        return;
+    }
     for (ox, &v) in src.iter().enumerate() {
         let x = ox as isize * stride as isize + offset;
         if x >= 0 && (x as usize) < dst.len() {

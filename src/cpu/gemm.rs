@@ -69,6 +69,18 @@ impl<'a> MatRef<'a> {
 /// Panics only on a programming error inside this crate (mismatched internal shapes); every
 /// user-facing shape is checked before the layers call this.
 pub(crate) fn gemm_accumulate(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, threads: Threads) {
+    gemm_into(dst, a, b, threads, true);
+}
+
+/// `dst[m x n] (row-major) = a[m x k] * b[k x n]`, never reading `dst`. For fresh buffers: a
+/// zeroed allocation is mapped to the kernel's shared zero page until written, and reading it
+/// first makes every page fault twice, the second time with a TLB shootdown across cores (a
+/// third of a training step went there before the gradients were written this way).
+pub(crate) fn gemm_overwrite(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, threads: Threads) {
+    gemm_into(dst, a, b, threads, false);
+}
+
+fn gemm_into(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, threads: Threads, read_dst: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(
         b.rows == k
@@ -93,7 +105,7 @@ pub(crate) fn gemm_accumulate(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, thr
             dst.as_mut_ptr(),
             1,
             n as isize,
-            true,
+            read_dst,
             a.data.as_ptr(),
             a.col_stride as isize,
             a.row_stride as isize,

@@ -4,7 +4,7 @@ use ndarray::{s, Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
 use super::bias_act;
-use super::gemm::{gemm_accumulate, MatRef, Threads};
+use super::gemm::{gemm_accumulate, gemm_overwrite, MatRef, Threads};
 use crate::error::{Error, Result};
 
 /// A linear layer with PyTorch's layout: weight `[out_features, in_features]`.
@@ -137,15 +137,16 @@ impl Linear {
             grad_out.as_slice().unwrap_or(&[]),
         );
         let (inputs, outputs) = (self.in_features, self.out_features);
+        // Fresh buffers, written without being read first (see `gemm_overwrite`).
         let mut dx = vec![0.0f32; n * inputs];
-        gemm_accumulate(
+        gemm_overwrite(
             &mut dx,
             MatRef::row_major(g, n, outputs),
             MatRef::row_major(&self.weight, outputs, inputs),
             Threads::All,
         );
         let mut dw = vec![0.0f32; outputs * inputs];
-        gemm_accumulate(
+        gemm_overwrite(
             &mut dw,
             MatRef::transposed(g, outputs, n),
             MatRef::row_major(x, n, inputs),

@@ -84,19 +84,33 @@ impl Lrn {
                 alpha,
                 beta,
             } = self.params;
+            // Per thread, reused image to image: D_c, then D_c^-beta, then t_c.
+            let scratch = || {
+                [
+                    vec![0.0f32; image],
+                    vec![0.0f32; image],
+                    vec![0.0f32; image],
+                ]
+            };
             out.par_chunks_exact_mut(image)
                 .zip(src.par_chunks_exact(image))
                 .zip(grad.par_chunks_exact(image))
-                .for_each(|((dst, a), g)| {
-                    // D_c per element, then t_c = g_c a_c D_c^(-beta-1).
-                    let mut denom = vec![0.0f32; image];
+                .for_each_init(scratch, |[denom, scale, t], ((dst, a), g)| {
                     for (ch, d) in denom.chunks_exact_mut(plane).enumerate() {
                         sum_of_squares(a, plane, window(ch, c, size), d);
                         d.iter_mut().for_each(|d| *d = k + alpha * *d);
                     }
-                    let t: Vec<f32> = (0..image)
-                        .map(|p| g[p] * a[p] * denom[p].powf(-beta - 1.0))
-                        .collect();
+                    scale.copy_from_slice(denom);
+                    inverse_powers(scale, beta);
+                    // t_c = g_c a_c D_c^(-beta-1) = g_c a_c D_c^-beta / D_c.
+                    for (((t, &gq), &aq), (&sq, &dq)) in t
+                        .iter_mut()
+                        .zip(g.iter())
+                        .zip(a.iter())
+                        .zip(scale.iter().zip(denom.iter()))
+                    {
+                        *t = gq * aq * sq / dq;
+                    }
                     for i in 0..c {
                         // The channels whose window holds i: c in [i - after, i + before].
                         let (before, after) = (size / 2, (size - 1) / 2);
@@ -110,13 +124,13 @@ impl Lrn {
                             }
                         }
                         let range = i * plane..(i + 1) * plane;
-                        for (((d, &gq), &dq), &aq) in dst
+                        for (((d, &gq), &sq), &aq) in dst
                             .iter_mut()
                             .zip(&g[range.clone()])
-                            .zip(&denom[range.clone()])
+                            .zip(&scale[range.clone()])
                             .zip(&a[range])
                         {
-                            *d = gq * dq.powf(-beta) - 2.0 * alpha * beta * aq * *d;
+                            *d = gq * sq - 2.0 * alpha * beta * aq * *d;
                         }
                     }
                 });
@@ -161,6 +175,21 @@ fn normalise(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
     } else {
         for (d, &a) in dst.iter_mut().zip(centre) {
             *d = a / (k + alpha * *d).powf(beta);
+        }
+    }
+}
+
+/// `v = v^-beta` in place, with the paper's beta = 0.75 as two square roots (as in
+/// [`normalise`]: several times faster than `powf`, and as accurate).
+fn inverse_powers(values: &mut [f32], beta: f32) {
+    if beta == 0.75 {
+        for v in values.iter_mut() {
+            let s = v.sqrt();
+            *v = 1.0 / (s * s.sqrt());
+        }
+    } else {
+        for v in values.iter_mut() {
+            *v = v.powf(-beta);
         }
     }
 }

@@ -83,7 +83,12 @@ impl MaxPool2d {
             out.par_chunks_exact_mut(h * w)
                 .zip(src.par_chunks_exact(h * w))
                 .zip(grad.par_chunks_exact(oh * ow))
-                .for_each(|((dst, plane), g)| self.unpool_plane(plane, w, g, ow, dst));
+                .for_each(|((dst, plane), g)| {
+                    // Written before the scattered adds read it: a zeroed allocation read
+                    // first faults twice per page (see `gemm_overwrite`).
+                    dst.fill(0.0);
+                    self.unpool_plane(plane, w, g, ow, dst)
+                });
         }
         Array4::from_shape_vec((n, c, h, w), out)
             .map_err(|e| Error::invalid("MaxPool2d gradient", e.to_string()))

@@ -118,7 +118,10 @@ impl Sgd {
                 "the gradients do not match the parameters (count or length)",
             ));
         }
-        if self.velocity.is_empty() {
+        // The first step starts the momentum at its first term, as torch.optim.SGD does (and
+        // without reading the fresh buffers: see the CPU GEMM's note on zeroed allocations).
+        let first_step = self.velocity.is_empty();
+        if first_step {
             self.velocity = params.iter().map(|p| vec![0.0; p.len()]).collect();
         }
         let velocity_matches = self.velocity.len() == params.len()
@@ -155,13 +158,14 @@ impl Sgd {
                 .zip(v.par_chunks_mut(UPDATE_CHUNK))
                 .for_each(|((w, g), v)| {
                     for ((w, &g), v) in w.iter_mut().zip(g).zip(v) {
+                        let previous = if first_step { 0.0 } else { *v };
                         match rule {
                             UpdateRule::PyTorch => {
-                                *v = m * *v + (g + wd * *w);
+                                *v = m * previous + (g + wd * *w);
                                 *w -= lr * *v;
                             }
                             UpdateRule::Paper => {
-                                *v = m * *v - wd * lr * *w - lr * g;
+                                *v = m * previous - wd * lr * *w - lr * g;
                                 *w += *v;
                             }
                         }
