@@ -213,6 +213,21 @@ fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
     let svg = std::fs::read_to_string(file("full.svg")).unwrap();
     assert!(svg.starts_with("<svg"), "{svg:.200}");
     assert!(svg.contains("training loss") && svg.contains("validation error"));
+    // And a PNG: the loss line (blue), the top-1 line (red) and text (the captions, drawn
+    // with the font compiled into the binary) are all on it.
+    let png = image::open(file("full.png")).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (800, 600));
+    let count = |wanted: fn(&image::Rgb<u8>) -> bool, rows: std::ops::Range<u32>| {
+        png.enumerate_pixels()
+            .filter(|(_, y, p)| rows.contains(y) && wanted(p))
+            .count()
+    };
+    let blue = |p: &image::Rgb<u8>| p.0[2] > 200 && p.0[0] < 80 && p.0[1] < 80;
+    let red = |p: &image::Rgb<u8>| p.0[0] > 200 && p.0[1] < 80 && p.0[2] < 80;
+    let ink = |p: &image::Rgb<u8>| p.0.iter().all(|&c| c < 100);
+    assert!(count(blue, 0..300) > 0, "no loss line in the upper chart");
+    assert!(count(red, 300..600) > 0, "no top-1 line in the lower chart");
+    assert!(count(ink, 0..30) > 20, "no caption text at the top");
     assert!(
         String::from_utf8_lossy(&full.stdout).contains("epoch 1: train loss"),
         "{}",
@@ -266,6 +281,20 @@ fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
         &["--classes", "3", "--freeze", "conv2..conv4"],
         "starts at the first layer",
     );
+    // The log's pictures: never over the log itself, never over someone else's picture.
+    let picture_log = dir.path().join("curves.png");
+    refused(
+        &["--classes", "3", "--log", path(&picture_log)],
+        "overwritten by its own picture",
+    );
+    let photo = dir.path().join("holiday.png");
+    std::fs::write(&photo, b"a user's picture").unwrap();
+    let log = dir.path().join("holiday.csv");
+    refused(
+        &["--classes", "3", "--log", path(&log)],
+        "holiday.png exists",
+    );
+    assert_eq!(std::fs::read(&photo).unwrap(), b"a user's picture");
     std::fs::write(dir.path().join("out.ckpt.safetensors"), b"a previous run").unwrap();
     refused(&["--classes", "3"], "exists");
     assert!(!save.exists(), "nothing was written");

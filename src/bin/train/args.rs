@@ -92,7 +92,8 @@ pub struct Args {
     /// Checkpoint file (weights, momentum, step, learning rate) [default: SAVE with `.ckpt.safetensors`].
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,
-    /// Also checkpoint every this many steps (always at the end of every epoch and of the run).
+    /// Also checkpoint every this many steps (always at the end of the run, and at the end of an
+    /// epoch when the last checkpoint is a minute old).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: Option<u64>,
     /// Continue the run saved in this checkpoint (its settings apply; --epochs or --steps may
@@ -100,7 +101,7 @@ pub struct Args {
     #[arg(long, value_name = "CKPT")]
     pub resume: Option<PathBuf>,
     /// Append one CSV row per epoch: epoch, step, train loss, validation errors, learning rate;
-    /// the curves are redrawn beside it as an SVG of the same name (FILE.svg).
+    /// the curves are redrawn beside it as FILE.png and FILE.svg.
     #[arg(long, value_name = "FILE.csv")]
     pub log: Option<PathBuf>,
 }

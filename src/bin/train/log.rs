@@ -32,10 +32,20 @@ impl EpochRow {
             self.train_loss,
             opt(self.val_top1_error),
             opt(self.val_top5_error),
-            self.learning_rate,
+            rate(self.learning_rate),
             self.images_per_second
         )
     }
+}
+
+/// A learning rate as people write it: f32's division by 10 leaves 9.999999e-6 where 1e-5 was
+/// meant, so six significant digits, then the shortest form of that (`0.00001`, not
+/// `0.000009999999`).
+pub fn rate(learning_rate: f32) -> String {
+    let rounded: f64 = format!("{learning_rate:.5e}")
+        .parse()
+        .unwrap_or(learning_rate as f64);
+    rounded.to_string()
 }
 
 /// Appends `row` to the CSV at `path`, writing the header first into an empty or new file.
@@ -71,4 +81,22 @@ pub fn progress_bar(total: u64, done: u64) -> ProgressBar {
     }
     bar.set_position(done);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rate;
+
+    #[test]
+    fn learning_rates_print_as_people_write_them() {
+        let mut lr = 0.01f32;
+        let mut shown = vec![rate(lr)];
+        for _ in 0..4 {
+            lr /= 10.0;
+            shown.push(rate(lr));
+        }
+        assert_eq!(shown, ["0.01", "0.001", "0.0001", "0.00001", "0.000001"]);
+        assert_eq!(rate(0.0125), "0.0125");
+        assert_eq!(rate(3e-9), "0.000000003");
+    }
 }

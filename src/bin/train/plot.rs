@@ -1,11 +1,16 @@
-//! The training curves as an SVG beside the CSV log: the training loss above, the validation
-//! errors below, one point per epoch, redrawn from the whole log after every epoch (so a
-//! resumed run's picture holds the run from its start).
+//! The training curves as a PNG and an SVG beside the CSV log: the training loss above, the
+//! validation errors below, one point per epoch, redrawn from the whole log after every epoch
+//! (so a resumed run's picture holds the run from its start).
 
 use std::path::{Path, PathBuf};
 
 use alexnet_cuda::Error;
+use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+
+/// The extensions of the pictures drawn beside a log.
+pub const PICTURES: [&str; 2] = ["png", "svg"];
 
 /// One parsed row of the CSV log.
 struct Point {
@@ -15,20 +20,32 @@ struct Point {
     top5: Option<f64>,
 }
 
-/// Where the plot of the log at `log` goes: the same name with `.svg`.
-pub fn plot_path(log: &Path) -> PathBuf {
-    log.with_extension("svg")
+/// Where the pictures of the log at `log` go: the same name with `.png` and `.svg`.
+pub fn plot_paths(log: &Path) -> [PathBuf; 2] {
+    PICTURES.map(|extension| log.with_extension(extension))
 }
 
-/// Redraws the plot of the CSV log at `log` into `out`.
-pub fn plot_log(log: &Path, out: &Path) -> Result<(), Error> {
+/// Redraws the pictures of the CSV log at `log` (the paths of [`plot_paths`]).
+pub fn plot_log(log: &Path) -> Result<(), Error> {
     let text = std::fs::read_to_string(log).map_err(|e| Error::io(log, e))?;
     let points: Vec<Point> = text.lines().skip(1).filter_map(parse_row).collect();
     if points.is_empty() {
         return Ok(());
     }
-    draw(&points, out).map_err(|e| Error::io(out, std::io::Error::other(e.to_string())))
+    let [png, svg] = plot_paths(log);
+    let failed = |out: &Path| {
+        let out = out.to_path_buf();
+        move |e: Box<dyn std::error::Error>| Error::io(&out, std::io::Error::other(e.to_string()))
+    };
+    // Text is measured (and, in the PNG, drawn) with this font whatever the backend.
+    register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| failed(&png)("the embedded font did not parse".into()))?;
+    draw(BitMapBackend::new(&png, SIZE).into_drawing_area(), &points).map_err(failed(&png))?;
+    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), &points).map_err(failed(&svg))
 }
+
+/// The pictures' size in pixels.
+const SIZE: (u32, u32) = (800, 600);
 
 fn parse_row(line: &str) -> Option<Point> {
     let fields: Vec<&str> = line.split(',').collect();
@@ -41,8 +58,13 @@ fn parse_row(line: &str) -> Option<Point> {
     })
 }
 
-fn draw(points: &[Point], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(out, (800, 600)).into_drawing_area();
+fn draw<B: DrawingBackend>(
+    root: DrawingArea<B, Shift>,
+    points: &[Point],
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    B::ErrorType: 'static,
+{
     root.fill(&WHITE)?;
     let (upper, lower) = root.split_vertically(300);
     let last_epoch = points.iter().map(|p| p.epoch).fold(1.0, f64::max);
@@ -60,12 +82,14 @@ fn draw(points: &[Point], out: &Path) -> Result<(), Box<dyn std::error::Error>> 
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last_epoch, 0.0..max_loss * 1.05)?;
     loss.configure_mesh().x_desc("epoch").draw()?;
-    loss.draw_series(LineSeries::new(
-        points
-            .iter()
-            .filter_map(|p| Some((p.epoch, finite(p.train_loss)?))),
-        &BLUE,
-    ))?;
+    let losses: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| Some((p.epoch, finite(p.train_loss)?)))
+        .collect();
+    loss.draw_series(LineSeries::new(losses.clone(), &BLUE))?;
+    // A dot per epoch too: a line needs two epochs, and the first epoch's picture should
+    // show something.
+    loss.draw_series(losses.into_iter().map(|p| Circle::new(p, 3, BLUE.filled())))?;
 
     let mut errors = ChartBuilder::on(&lower)
         .caption("validation error (%)", ("sans-serif", 18))
@@ -74,21 +98,33 @@ fn draw(points: &[Point], out: &Path) -> Result<(), Box<dyn std::error::Error>> 
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last_epoch, 0.0..100.0)?;
     errors.configure_mesh().x_desc("epoch").draw()?;
+    let mut drawn = 0;
     for (series, colour, label) in [(0, &RED, "top-1"), (1, &GREEN, "top-5")] {
-        let line = points.iter().filter_map(|p| {
-            let value = if series == 0 { p.top1 } else { p.top5 };
-            Some((p.epoch, 100.0 * value?))
-        });
+        let line: Vec<(f64, f64)> = points
+            .iter()
+            .filter_map(|p| {
+                let value = if series == 0 { p.top1 } else { p.top5 };
+                Some((p.epoch, 100.0 * value?))
+            })
+            .collect();
+        if line.is_empty() {
+            continue; // (no validation, or no top-5 with five classes or fewer): no legend
+        }
+        drawn += 1;
+        errors.draw_series(line.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
         errors
             .draw_series(LineSeries::new(line, colour))?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
     }
-    errors
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    if drawn > 0 {
+        errors
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
     root.present()?;
     Ok(())
 }

@@ -20,8 +20,8 @@ use clap::ArgMatches;
 use serde::{Deserialize, Serialize};
 
 use crate::args::{Args, DeviceArg, RuleArg};
-use crate::log::{append_row, progress_bar, EpochRow};
-use crate::plot::{plot_log, plot_path};
+use crate::log::{append_row, progress_bar, rate, EpochRow};
+use crate::plot::{plot_log, plot_paths, PICTURES};
 
 /// The paper's epochs when neither --epochs nor --steps is given.
 const DEFAULT_EPOCHS: u64 = 90;
@@ -188,7 +188,7 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
         total,
         settings.batch,
         state.step,
-        trainer.optimiser.config().learning_rate
+        rate(trainer.optimiser.config().learning_rate)
     );
     if val.is_none() && settings.lr_steps.is_empty() {
         eprintln!("note: no --val and no --lr-steps: the learning rate stays constant");
@@ -227,6 +227,27 @@ fn refuse_clobbering(args: &Args, checkpoint: &Path) -> Result<(), Error> {
                 "--save {} would overwrite the run's starting point; choose another file",
                 args.save.display()
             ));
+        }
+    }
+    if let Some(log) = &args.log {
+        let extension = log.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if PICTURES.contains(&extension.to_ascii_lowercase().as_str()) {
+            crate::args::usage_error(format!(
+                "--log {} would be overwritten by its own picture: name the log FILE.csv",
+                log.display()
+            ));
+        }
+        // A log that exists is this run's (continued); without one, a picture beside it
+        // would be someone else's.
+        if !log.exists() {
+            if let Some(picture) = plot_paths(log).into_iter().find(|p| p.exists()) {
+                crate::args::usage_error(format!(
+                    "{} exists and would be overwritten by the curves of --log {}; move it or \
+                     choose another log name",
+                    picture.display(),
+                    log.display()
+                ));
+            }
         }
     }
     if checkpoint.exists() && !args.resume.as_deref().is_some_and(|r| same(r, checkpoint)) {
@@ -443,6 +464,7 @@ impl Run<'_> {
         let mut loader = Loader::start(maker, state.step, total);
         let mut tally = EpochTally::new();
         let mut last_checkpoint = state.step;
+        let mut last_checkpoint_at = Instant::now();
         while state.step < total {
             let batch = match loader.next() {
                 Ok(batch) => batch,
@@ -489,9 +511,13 @@ impl Run<'_> {
                 .args
                 .checkpoint_every
                 .is_some_and(|every| state.step.is_multiple_of(every));
-            if saved || due || state.step == total {
+            // A checkpoint is half a gigabyte (weights and momentum): on a small dataset whose
+            // epochs take seconds, writing one per epoch would cost more than the training.
+            let epoch_due = saved && last_checkpoint_at.elapsed() >= EPOCH_CHECKPOINT_INTERVAL;
+            if epoch_due || due || state.step == total {
                 self.checkpoint(trainer, state)?;
                 last_checkpoint = state.step;
+                last_checkpoint_at = Instant::now();
             }
         }
         bar.finish_and_clear();
@@ -537,21 +563,21 @@ impl Run<'_> {
             format!(", val top-1 error {:.2}%{top5}", 100.0 * top1)
         });
         println!(
-            "epoch {}: train loss {train_loss:.4}{val_text}, lr {learning_rate}, {images_per_second:.1} img/s",
-            state.epoch
+            "epoch {}: train loss {train_loss:.4}{val_text}, lr {}, {images_per_second:.1} img/s",
+            state.epoch,
+            rate(learning_rate)
         );
         if let Some(log) = &self.args.log {
             append_row(log, &row)?;
-            let picture = plot_path(log);
             // The curves are a convenience: a failure to draw them is said, not fatal.
-            if let Err(e) = plot_log(log, &picture) {
-                eprintln!("warning: could not draw {}: {e}", picture.display());
+            if let Err(e) = plot_log(log) {
+                eprintln!("warning: could not draw the curves: {e}");
             }
         }
         if self.lower_learning_rate(state, errors.map(|e| e.0)) {
             let lowered = learning_rate / 10.0;
             trainer.optimiser.set_learning_rate(lowered)?;
-            println!("learning rate {learning_rate} -> {lowered}");
+            println!("learning rate {} -> {}", rate(learning_rate), rate(lowered));
         }
         state.learning_rate = trainer.optimiser.config().learning_rate;
         Ok(())
@@ -587,6 +613,10 @@ impl Run<'_> {
         .save(self.checkpoint_path)
     }
 }
+
+/// Epoch ends write a checkpoint when the last one is at least this old (--checkpoint-every
+/// and the end of the run always write one).
+const EPOCH_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Batches made on another thread, one step ahead of the trainer.
 struct Loader {
