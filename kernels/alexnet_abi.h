@@ -146,6 +146,69 @@ typedef struct AlexnetConvertParams {
     unsigned long long len;
 } AlexnetConvertParams;
 
+
+/*
+ * maxpool_backward_f32(const float *src, const float *grad_out, float *grad_in,
+ *                      AlexnetPoolParams p)
+ * The backward of maxpool for training: src is the forward's input, grad_out shaped like its
+ * output, grad_in like src. Each input element gets the sum of the output gradients of the
+ * windows whose maximum it is (the first strictly larger value, or the last NaN), windows in
+ * (oy, ox) order. One thread per input element; no buffer may overlap another.
+ *
+ * lrn_backward_f32(const float *src, const float *grad_out, float *grad_in, AlexnetLrnParams p)
+ * The backward of the LRN: src is its input (relu_first must be 0), grad_out and grad_in are
+ * shaped like it. With D_c = k + alpha * (window sum of squares) and b_c = a_c D_c^-beta:
+ * grad_in_i = g_i D_i^-beta - 2 alpha beta a_i sum_{c : i in window(c)} g_c a_c D_c^-beta / D_c.
+ * One thread per element; no buffer may overlap another.
+ */
+
+/*
+ * relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams p)
+ * In place: grad = output > 0 ? grad : 0 over `len` elements (NaN output passes nothing).
+ */
+typedef struct AlexnetReluBackwardParams {
+    unsigned long long len;
+} AlexnetReluBackwardParams;
+
+/*
+ * softmax_xent_f32(const float *logits, const unsigned int *labels, float *grad,
+ *                  double *row_loss, AlexnetSoftmaxXentParams p)
+ * Softmax cross-entropy of `rows` rows of `classes` logits against labels[row], computed in f64:
+ * row_loss[row] = log(sum_j exp(z_j)) - z[label] and grad = (softmax - onehot(label)) / rows
+ * (the gradient of the batch mean). One block per row, blockDim.x a power of two no larger than
+ * ALEXNET_SOFTMAX_BLOCK. A label >= classes makes its row's loss and gradient NaN.
+ */
+typedef struct AlexnetSoftmaxXentParams {
+    unsigned int rows;
+    unsigned int classes;
+} AlexnetSoftmaxXentParams;
+
+/* SGD update rules (AlexnetSgdParams.rule). */
+#define ALEXNET_SGD_PYTORCH 0
+#define ALEXNET_SGD_PAPER 1
+/* Most parameter tensors one sgd launch updates. */
+#define ALEXNET_SGD_SEGMENTS 32
+
+/*
+ * sgd_f32(float *weights, const float *grads, float *velocity, AlexnetSgdParams p)
+ * One SGD step with momentum over `len` parameters laid end to end (the same layout in all
+ * three buffers). Segment s holds the elements below ends[s] (and from ends[s-1]); it is
+ * decayed with `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w),
+ * w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old
+ * velocity is taken as 0 without being read. 1 <= segments <= ALEXNET_SGD_SEGMENTS.
+ */
+typedef struct AlexnetSgdParams {
+    unsigned long long len;
+    unsigned long long ends[ALEXNET_SGD_SEGMENTS];
+    unsigned int decay[ALEXNET_SGD_SEGMENTS];
+    unsigned int segments;
+    unsigned int rule;
+    unsigned int first_step;
+    float learning_rate;
+    float momentum;
+    float weight_decay;
+} AlexnetSgdParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -43,3 +43,20 @@ extern "C" __global__ void bias_act_f16(unsigned short *x, const unsigned short 
 {
     bias_act_dispatch<unsigned short>(x, bias, p);
 }
+
+/* ---- ReLU backward (training, f32) ----------------------------------------------------- */
+
+/*
+ * relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams p): in place,
+ * grad = output > 0 ? grad : 0 (a NaN output passes nothing, as on the CPU).
+ */
+extern "C" __global__ void relu_backward_f32(const float *output, float *grad,
+                                             AlexnetReluBackwardParams p)
+{
+    ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
+    {
+        if (!(output[i] > 0.0f))
+            grad[i] = 0.0f;
+    }
+}
+

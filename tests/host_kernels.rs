@@ -19,13 +19,22 @@ mod common;
 use std::ffi::c_void;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams, PoolSpec};
-use alexnet_cuda::cpu::{bias_act_inplace, Dropout, Lrn, MaxPool2d};
-use alexnet_cuda::cuda::abi::ALEXNET_TOPK_MAX;
-use alexnet_cuda::cuda::kernel_args::{bias_act_args, convert_args, softmax_top_k_args};
+use alexnet_cuda::cpu::{
+    bias_act_inplace, relu_backward, softmax_cross_entropy, Dropout, Gradient, Gradients, Lrn,
+    MaxPool2d,
+};
+use alexnet_cuda::cuda::abi::{ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
+use alexnet_cuda::cuda::kernel_args::{
+    bias_act_args, convert_args, relu_backward_args, sgd_args, softmax_top_k_args,
+    softmax_xent_args,
+};
 use alexnet_cuda::cuda::registry::KERNELS;
-use alexnet_cuda::cuda::{ConvEpilogueGpu, DropoutGpu, Layout, LrnGpu, MaxPoolGpu, PrepareInput};
+use alexnet_cuda::cuda::{
+    ConvEpilogueGpu, DropoutGpu, Layout, LrnGpu, MaxPoolGpu, PrepareInput, SgdSegment,
+};
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::postprocess::{softmax, top_k};
+use alexnet_cuda::train::{Sgd, SgdConfig, UpdateRule};
 use common::formula_values;
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -48,6 +57,11 @@ const COVERED: &[&str] = &[
     "conv_epilogue_f16",
     "softmax_topk_f32",
     "softmax_topk_f16",
+    "maxpool_backward_f32",
+    "lrn_backward_f32",
+    "relu_backward_f32",
+    "softmax_xent_f32",
+    "sgd_f32",
 ];
 
 fn require_host_kernels() {
@@ -757,4 +771,349 @@ fn softmax_topk_matches_the_cpu_with_ties_and_nan() {
             softmax_case::<f32>(&nan, k, block);
         }
     }
+}
+
+// --- training kernels (f32) ----------------------------------------------------------------
+
+fn pool_backward_case(dims: [usize; 4], spec: PoolSpec, layout: Layout, seed: u64, ties: bool) {
+    let name = "maxpool_backward_f32";
+    let [n, c, h, w] = dims;
+    let mut x = random((n, c, h, w), seed, 5.0);
+    if ties {
+        // Exact ties (the first maximum takes the gradient), a NaN (the last NaN takes it) and
+        // a -infinity plane (nothing beats it: the window's first element takes it).
+        x.slice_mut(ndarray::s![0, 0, .., ..]).fill(1.5);
+        x[[n - 1, c - 1, h / 2, w / 2]] = f32::NAN;
+        x.slice_mut(ndarray::s![n - 1, 0, .., ..])
+            .fill(f32::NEG_INFINITY);
+    }
+    let pool = MaxPool2d::from(spec);
+    let (oh, ow) = pool.output_size(h, w).unwrap();
+    let dy = random((n, c, oh, ow), seed + 500, 1.0);
+    let want = pool.backward(x.view(), dy.view()).unwrap().into_dyn();
+    let layer = MaxPoolGpu::new(spec.kernel, spec.stride).unwrap();
+    let (mut p, cfg, out) = layer.backward_args(dims, layout).unwrap();
+    assert_eq!(out, [n, c, oh, ow]);
+    for grid in [cfg, small_grid(64)] {
+        let mut src = physical::<f32>(&x, layout);
+        let mut grad_out = physical::<f32>(&dy, layout);
+        let mut grad_in = vec![f32::POISON; src.len()];
+        launch(
+            name,
+            grid,
+            vec![
+                buf(&mut src),
+                buf(&mut grad_out),
+                buf(&mut grad_in),
+                params(&mut p),
+            ],
+        );
+        let got = logical(&grad_in, dims, layout).into_dyn();
+        assert_same(
+            &format!("{name} {dims:?} {spec:?} {layout:?} ties={ties}"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn maxpool_backward_matches_the_cpu_with_overlaps_ties_and_nan() {
+    require_host_kernels();
+    let cases = [
+        ([3, 5, 13, 11], PoolSpec::OVERLAPPING), // overlapping windows, a ragged edge
+        (
+            [1, 4, 10, 9],
+            PoolSpec {
+                kernel: 2,
+                stride: 3,
+            },
+        ), // gaps: some inputs are in no window
+        (
+            [2, 3, 3, 3],
+            PoolSpec {
+                kernel: 3,
+                stride: 1,
+            },
+        ), // one window
+        ([2, 2, 27, 27], PoolSpec::OVERLAPPING), // AlexNet's pool2 plane
+    ];
+    for (i, (dims, spec)) in cases.into_iter().enumerate() {
+        for layout in LAYOUTS {
+            for ties in [false, true] {
+                pool_backward_case(dims, spec, layout, 200 + i as u64, ties);
+            }
+        }
+    }
+}
+
+fn lrn_backward_case(dims: [usize; 4], layout: Layout, lrn: LrnParams, seed: u64) {
+    let name = "lrn_backward_f32";
+    let [n, c, h, w] = dims;
+    // The LRN follows a ReLU: non-negative inputs with exact zeros, as in the network.
+    let x = random((n, c, h, w), seed, 3.0).mapv(|v| v.max(0.0));
+    let dy = random((n, c, h, w), seed + 500, 1.0);
+    let want = Lrn::new(lrn)
+        .unwrap()
+        .backward(x.view(), dy.view())
+        .unwrap()
+        .into_dyn();
+    let layer = LrnGpu::new(lrn).unwrap();
+    let (mut p, cfg) = layer.backward_args(dims, layout).unwrap();
+    for grid in [cfg, small_grid(128)] {
+        let mut src = physical::<f32>(&x, layout);
+        let mut grad_out = physical::<f32>(&dy, layout);
+        let mut grad_in = vec![f32::POISON; src.len()];
+        launch(
+            name,
+            grid,
+            vec![
+                buf(&mut src),
+                buf(&mut grad_out),
+                buf(&mut grad_in),
+                params(&mut p),
+            ],
+        );
+        let got = logical(&grad_in, dims, layout).into_dyn();
+        let what = format!("{name} {dims:?} {layout:?} size={}", lrn.size);
+        if lrn.beta == 0.75 {
+            // The CPU's order and its square roots: the same bits.
+            assert_same(&what, &got, &want);
+        } else {
+            let err = rel_err(&got, &want);
+            assert!(err <= 1e-6, "{what}: relative error {err:e}");
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn lrn_backward_matches_the_cpu_at_the_channel_edges() {
+    require_host_kernels();
+    let even = LrnParams {
+        size: 4,
+        ..LrnParams::PAPER
+    };
+    let one = LrnParams {
+        size: 1,
+        beta: 0.5,
+        ..LrnParams::PAPER
+    };
+    let cases = [
+        ([1, 5, 3, 4], LrnParams::PAPER),
+        ([3, 7, 5, 2], even),
+        ([2, 96, 3, 5], LrnParams::PAPER),
+        ([1, 3, 2, 2], one),
+    ];
+    for (i, (dims, lrn)) in cases.into_iter().enumerate() {
+        for layout in LAYOUTS {
+            lrn_backward_case(dims, layout, lrn, 220 + i as u64);
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn relu_backward_matches_the_cpu() {
+    require_host_kernels();
+    let mut output = random((3, 7, 5, 3), 240, 2.0).mapv(|v| v.max(0.0));
+    output[[0, 0, 0, 0]] = f32::NAN;
+    output[[2, 6, 4, 2]] = -0.0;
+    let grad = random((3, 7, 5, 3), 241, 1.0);
+    let want = relu_backward(output.view().into_dyn(), grad.view().into_dyn()).unwrap();
+    let (mut p, cfg) = relu_backward_args(output.len()).unwrap();
+    for grid in [cfg, small_grid(32)] {
+        let mut y: Vec<f32> = output.iter().copied().collect();
+        let mut g: Vec<f32> = grad.iter().copied().collect();
+        launch(
+            "relu_backward_f32",
+            grid,
+            vec![buf(&mut y), buf(&mut g), params(&mut p)],
+        );
+        let got = ArrayD::from_shape_vec(IxDyn(output.shape()), g).unwrap();
+        assert_same("relu_backward_f32", &got, &want);
+    }
+}
+
+fn softmax_xent_case(logits: &Array2<f32>, labels: &[usize], block: u32) {
+    let name = "softmax_xent_f32";
+    let (rows, classes) = logits.dim();
+    let want = softmax_cross_entropy(logits.view(), labels).unwrap();
+    let (mut p, cfg) = softmax_xent_args(rows, classes).unwrap();
+    let grid = LaunchConfig {
+        block_dim: (block, 1, 1),
+        ..cfg
+    };
+    let mut z: Vec<f32> = logits.iter().copied().collect();
+    let mut label_buf: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let mut grad = vec![f32::POISON; rows * classes];
+    let mut row_loss = vec![f64::NAN; rows];
+    launch(
+        name,
+        grid,
+        vec![
+            buf(&mut z),
+            buf(&mut label_buf),
+            buf(&mut grad),
+            buf(&mut row_loss),
+            params(&mut p),
+        ],
+    );
+    let what = format!("{name} {rows}x{classes} block={block}");
+    let got = Array2::from_shape_vec((rows, classes), grad)
+        .unwrap()
+        .into_dyn();
+    // f64 throughout like the CPU; only the order of the sums of exponentials differs.
+    let err = rel_err(&got, &want.grad.clone().into_dyn());
+    assert!(err <= 1e-6, "{what}: gradient off by {err:e}");
+    let loss = (row_loss.iter().sum::<f64>() / rows as f64) as f32;
+    let loss_err = ((loss - want.loss) / want.loss).abs();
+    assert!(
+        loss_err <= 1e-6,
+        "{what}: loss {loss} against {}",
+        want.loss
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn softmax_cross_entropy_matches_the_cpu() {
+    require_host_kernels();
+    let wide = random((3, 1000), 250, 8.0);
+    softmax_xent_case(&wide, &[0, 999, 517], ALEXNET_SOFTMAX_BLOCK);
+    softmax_xent_case(&wide, &[5, 6, 7], 64);
+    // Fewer classes than threads, and a row far from 0 (the maximum is subtracted first).
+    let mut narrow = random((4, 7), 251, 3.0);
+    narrow.row_mut(2).mapv_inplace(|v| v + 300.0);
+    softmax_xent_case(&narrow, &[6, 0, 3, 3], 32);
+    // A label the launcher's caller failed to check: NaN, not a read out of bounds.
+    let (mut p, cfg) = softmax_xent_args(1, 4).unwrap();
+    let mut z = vec![0.0f32; 4];
+    let mut labels = vec![4u32];
+    let mut grad = vec![0.0f32; 4];
+    let mut row_loss = vec![0.0f64];
+    launch(
+        "softmax_xent_f32",
+        cfg,
+        vec![
+            buf(&mut z),
+            buf(&mut labels),
+            buf(&mut grad),
+            buf(&mut row_loss),
+            params(&mut p),
+        ],
+    );
+    assert!(row_loss[0].is_nan() && grad.iter().all(|g| g.is_nan()));
+}
+
+/// The parameter tensors of a tiny network (name, length): weights and biases alternating.
+const SGD_TENSORS: [(&str, usize); 4] = [
+    ("conv1.weight", 37),
+    ("conv1.bias", 5),
+    ("fc1.weight", 300),
+    ("fc1.bias", 11),
+];
+
+fn sgd_case(config: SgdConfig, seed: u64) {
+    let what = format!("sgd_f32 {config:?}");
+    let lens: Vec<usize> = SGD_TENSORS.iter().map(|t| t.1).collect();
+    let total: usize = lens.iter().sum();
+    let segments: Vec<SgdSegment> = SGD_TENSORS
+        .iter()
+        .map(|&(name, len)| SgdSegment::named(name, len, &config))
+        .collect();
+    let split = |flat: &[f32]| -> Vec<Vec<f32>> {
+        let mut at = 0;
+        lens.iter()
+            .map(|&len| {
+                at += len;
+                flat[at - len..at].to_vec()
+            })
+            .collect()
+    };
+    let mut cpu_weights = split(&formula_values(seed, total, 0.5));
+    let mut sgd = Sgd::new(config).unwrap();
+    let mut gpu_weights = formula_values(seed, total, 0.5);
+    let mut velocity = vec![f32::POISON; total]; // the first step must not read it
+    for step in 0..3u64 {
+        let flat_grads = formula_values(seed + 1 + step, total, 2.0);
+        let grads = Gradients {
+            tensors: SGD_TENSORS
+                .iter()
+                .zip(split(&flat_grads))
+                .map(|(&(name, len), values)| Gradient {
+                    name: name.to_string(),
+                    shape: vec![len],
+                    values,
+                })
+                .collect(),
+        };
+        sgd.step(cpu_weights.iter_mut().map(|w| &mut w[..]).collect(), &grads)
+            .unwrap();
+        let (mut p, cfg) = sgd_args(&config, &segments, step == 0).unwrap();
+        let mut g = flat_grads.clone();
+        let grid = if step == 1 { small_grid(32) } else { cfg };
+        launch(
+            "sgd_f32",
+            grid,
+            vec![
+                buf(&mut gpu_weights),
+                buf(&mut g),
+                buf(&mut velocity),
+                params(&mut p),
+            ],
+        );
+        let want_w = ArrayD::from_shape_vec(IxDyn(&[total]), cpu_weights.concat()).unwrap();
+        let got_w = ArrayD::from_shape_vec(IxDyn(&[total]), gpu_weights.clone()).unwrap();
+        assert_same(&format!("{what} step {step} weights"), &got_w, &want_w);
+        let want_v = ArrayD::from_shape_vec(IxDyn(&[total]), sgd.velocity().concat()).unwrap();
+        let got_v = ArrayD::from_shape_vec(IxDyn(&[total]), velocity.clone()).unwrap();
+        assert_same(&format!("{what} step {step} velocity"), &got_v, &want_v);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn sgd_matches_the_cpu_optimiser_in_both_rules() {
+    require_host_kernels();
+    for (i, rule) in [UpdateRule::PyTorch, UpdateRule::Paper]
+        .into_iter()
+        .enumerate()
+    {
+        for decay_biases in [true, false] {
+            let config = SgdConfig {
+                learning_rate: 0.05,
+                momentum: 0.9,
+                weight_decay: 0.01,
+                rule,
+                decay_biases,
+            };
+            sgd_case(config, 260 + 10 * i as u64);
+        }
+    }
+    // Too many tensors for one launch is an error, not a truncated update.
+    let many = vec![
+        SgdSegment {
+            len: 1,
+            decayed: true
+        };
+        33
+    ];
+    assert!(sgd_args(&SgdConfig::default(), &many, false).is_err());
 }

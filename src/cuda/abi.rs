@@ -8,6 +8,9 @@ pub const ALEXNET_SOFTMAX_BLOCK: u32 = 256;
 pub const ALEXNET_TOPK_MAX: u32 = 32;
 pub const ALEXNET_LAYOUT_NCHW: u32 = 0;
 pub const ALEXNET_LAYOUT_NHWC: u32 = 1;
+pub const ALEXNET_SGD_PYTORCH: u32 = 0;
+pub const ALEXNET_SGD_PAPER: u32 = 1;
+pub const ALEXNET_SGD_SEGMENTS: u32 = 32;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetTensorShape {
@@ -195,4 +198,71 @@ const _: () = {
     ["Alignment of AlexnetConvertParams"][::core::mem::align_of::<AlexnetConvertParams>() - 8usize];
     ["Offset of field: AlexnetConvertParams::len"]
         [::core::mem::offset_of!(AlexnetConvertParams, len) - 0usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetReluBackwardParams {
+    pub len: ::core::ffi::c_ulonglong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetReluBackwardParams"]
+        [::core::mem::size_of::<AlexnetReluBackwardParams>() - 8usize];
+    ["Alignment of AlexnetReluBackwardParams"]
+        [::core::mem::align_of::<AlexnetReluBackwardParams>() - 8usize];
+    ["Offset of field: AlexnetReluBackwardParams::len"]
+        [::core::mem::offset_of!(AlexnetReluBackwardParams, len) - 0usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetSoftmaxXentParams {
+    pub rows: ::core::ffi::c_uint,
+    pub classes: ::core::ffi::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetSoftmaxXentParams"]
+        [::core::mem::size_of::<AlexnetSoftmaxXentParams>() - 8usize];
+    ["Alignment of AlexnetSoftmaxXentParams"]
+        [::core::mem::align_of::<AlexnetSoftmaxXentParams>() - 4usize];
+    ["Offset of field: AlexnetSoftmaxXentParams::rows"]
+        [::core::mem::offset_of!(AlexnetSoftmaxXentParams, rows) - 0usize];
+    ["Offset of field: AlexnetSoftmaxXentParams::classes"]
+        [::core::mem::offset_of!(AlexnetSoftmaxXentParams, classes) - 4usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetSgdParams {
+    pub len: ::core::ffi::c_ulonglong,
+    pub ends: [::core::ffi::c_ulonglong; 32usize],
+    pub decay: [::core::ffi::c_uint; 32usize],
+    pub segments: ::core::ffi::c_uint,
+    pub rule: ::core::ffi::c_uint,
+    pub first_step: ::core::ffi::c_uint,
+    pub learning_rate: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetSgdParams"][::core::mem::size_of::<AlexnetSgdParams>() - 416usize];
+    ["Alignment of AlexnetSgdParams"][::core::mem::align_of::<AlexnetSgdParams>() - 8usize];
+    ["Offset of field: AlexnetSgdParams::len"]
+        [::core::mem::offset_of!(AlexnetSgdParams, len) - 0usize];
+    ["Offset of field: AlexnetSgdParams::ends"]
+        [::core::mem::offset_of!(AlexnetSgdParams, ends) - 8usize];
+    ["Offset of field: AlexnetSgdParams::decay"]
+        [::core::mem::offset_of!(AlexnetSgdParams, decay) - 264usize];
+    ["Offset of field: AlexnetSgdParams::segments"]
+        [::core::mem::offset_of!(AlexnetSgdParams, segments) - 392usize];
+    ["Offset of field: AlexnetSgdParams::rule"]
+        [::core::mem::offset_of!(AlexnetSgdParams, rule) - 396usize];
+    ["Offset of field: AlexnetSgdParams::first_step"]
+        [::core::mem::offset_of!(AlexnetSgdParams, first_step) - 400usize];
+    ["Offset of field: AlexnetSgdParams::learning_rate"]
+        [::core::mem::offset_of!(AlexnetSgdParams, learning_rate) - 404usize];
+    ["Offset of field: AlexnetSgdParams::momentum"]
+        [::core::mem::offset_of!(AlexnetSgdParams, momentum) - 408usize];
+    ["Offset of field: AlexnetSgdParams::weight_decay"]
+        [::core::mem::offset_of!(AlexnetSgdParams, weight_decay) - 412usize];
 };

@@ -35,6 +35,12 @@ unsafe impl DeviceRepr for AlexnetDropoutParams {}
 unsafe impl DeviceRepr for AlexnetSoftmaxParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetConvertParams {}
+// SAFETY: as above: plain `repr(C)` integers and floats, no pointers or padding-sensitive fields.
+unsafe impl DeviceRepr for AlexnetReluBackwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AlexnetSoftmaxXentParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AlexnetSgdParams {}
 
 /// Every kernel of the registry, looked up once per context, in [`KERNELS`] order.
 #[derive(Debug)]

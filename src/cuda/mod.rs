@@ -97,15 +97,19 @@ pub use libraries::{
 };
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
-    bias_act, convert_f16_to_f32, softmax_top_k, Conv2dGpu, ConvEpilogueGpu, ConvOptions,
-    ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, TopK,
+    bias_act, convert_f16_to_f32, relu_backward, sgd_step, softmax_cross_entropy, softmax_top_k,
+    Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu,
+    MaxPoolGpu, PrepareInput, SgdSegment, TopK,
 };
 
 /// The kernels' arguments exactly as the launchers build them (parameter structs and launch
 /// shapes), for the tests that run the kernels' own source on the CPU (`tests/host_kernels.rs`).
 #[doc(hidden)]
 pub mod kernel_args {
-    pub use super::ops::{bias_act_args, convert_args, softmax_top_k_args};
+    pub use super::ops::{
+        bias_act_args, convert_args, relu_backward_args, sgd_args, softmax_top_k_args,
+        softmax_xent_args,
+    };
 }
 
 /// The cuDNN and cuBLAS calls' arguments as data, for `tests/library_calls.rs`.

@@ -83,6 +83,9 @@ kernel_registry! {
     "bias_act" => {
         /// Bias + optional ReLU in place (`ops::bias_act`).
         BiasAct = "bias_act" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetBiasActParams>())];
+        /// The ReLU's backward in place (`ops::bias_act`, training).
+        ReluBackward = "relu_backward" for [f32]
+            [Ptr, Ptr, Struct(size_of::<AlexnetReluBackwardParams>())];
     }
     "dropout" => {
         /// Training-mode dropout in place with the CPU's mask (`ops::dropout`).
@@ -96,10 +99,16 @@ kernel_registry! {
     "lrn" => {
         /// The paper's LRN, optionally after a fused ReLU (`ops::lrn`).
         Lrn = "lrn" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
+        /// The LRN's backward (`ops::lrn`, training).
+        LrnBackward = "lrn_backward" for [f32]
+            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
     }
     "pool" => {
         /// Max-pooling, no padding, floor mode (`ops::pool`).
         MaxPool = "maxpool" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
+        /// Max-pooling's backward, gathered per input element (`ops::pool`, training).
+        MaxPoolBackward = "maxpool_backward" for [f32]
+            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
     }
     "conv_epilogue" => {
         /// Bias, ReLU, optional LRN and max-pooling after a convolution in one pass
@@ -111,6 +120,15 @@ kernel_registry! {
         /// Row-wise softmax and top-k (`ops::softmax`).
         SoftmaxTopk = "softmax_topk" for [f32, f16]
             [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSoftmaxParams>())];
+    }
+    "loss" => {
+        /// Softmax cross-entropy and its gradient (`ops::loss`, training).
+        SoftmaxXent = "softmax_xent" for [f32]
+            [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSoftmaxXentParams>())];
+    }
+    "sgd" => {
+        /// One SGD step over every parameter (`ops::sgd`, training).
+        Sgd = "sgd" for [f32] [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
     }
 }
 

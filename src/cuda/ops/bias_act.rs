@@ -4,9 +4,9 @@
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::shape_err;
-use crate::cuda::abi::AlexnetBiasActParams;
+use crate::cuda::abi::{AlexnetBiasActParams, AlexnetReluBackwardParams};
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::GpuFloat;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::{element_count, grid_1d, to_u32, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::{GpuTensor, Layout};
@@ -56,6 +56,36 @@ pub fn bias_act<T: GpuFloat>(
         Launch::new(gpu, Kernel::BiasAct, T::DTYPE)?
             .buffer(x.data_mut())
             .buffer(bias)
+            .params(&params)
+            .launch(cfg)
+    }
+}
+
+/// The `relu_backward` kernel's parameters and launch shape for `len` elements: what
+/// [`relu_backward`] passes.
+#[doc(hidden)]
+pub fn relu_backward_args(len: usize) -> Result<(AlexnetReluBackwardParams, LaunchConfig)> {
+    let params = AlexnetReluBackwardParams { len: len as u64 };
+    Ok((params, grid_1d("relu_backward", params.len)?))
+}
+
+/// The ReLU's backward for training, in place: `grad` is zeroed wherever the ReLU's `output`
+/// is not positive (as [`crate::cpu::relu_backward`]); both the same shape.
+pub fn relu_backward(gpu: &Gpu, output: &GpuTensor<f32>, grad: &mut GpuTensor<f32>) -> Result<()> {
+    if grad.shape() != output.shape() || grad.layout() != output.layout() {
+        return Err(shape_err(
+            "relu_backward",
+            format!("a gradient shaped like the output {:?}", output.shape()),
+            grad.shape(),
+        ));
+    }
+    let (params, cfg) = relu_backward_args(output.len())?;
+    // SAFETY: relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams);
+    // both hold `len` elements (same shape, checked above); `grad` is borrowed exclusively.
+    unsafe {
+        Launch::new(gpu, Kernel::ReluBackward, GpuDtype::F32)?
+            .buffer(output.data())
+            .buffer(grad.data_mut())
             .params(&params)
             .launch(cfg)
     }

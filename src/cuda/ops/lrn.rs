@@ -4,7 +4,7 @@ use super::{layout_err, shape_err};
 use crate::config::LrnParams;
 use crate::cuda::abi::AlexnetLrnParams;
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::GpuFloat;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use cudarc::driver::LaunchConfig;
 
 use crate::cuda::launch::{abi_shape, element_count, grid_1d, to_u32, Launch};
@@ -71,6 +71,55 @@ impl LrnGpu {
             Launch::new(gpu, Kernel::Lrn, T::DTYPE)?
                 .buffer(x.data())
                 .buffer(y.data_mut())
+                .params(&params)
+                .launch(cfg)
+        }
+    }
+}
+
+impl LrnGpu {
+    /// The `lrn_backward` kernel's parameters and launch shape for an input of `[n, c, h, w]`
+    /// in `layout`: what [`LrnGpu::backward`] passes.
+    #[doc(hidden)]
+    pub fn backward_args(
+        &self,
+        dims: [usize; 4],
+        layout: Layout,
+    ) -> Result<(AlexnetLrnParams, LaunchConfig)> {
+        self.args(dims, layout, false)
+    }
+
+    /// The backward of [`LrnGpu::forward`] (without the fused ReLU) for training (f32): `dx`
+    /// from the LRN's input `x` and the output's gradient `dy`, all three the same shape and
+    /// layout, as [`crate::cpu::Lrn::backward`] computes it.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        x: &GpuTensor<f32>,
+        dy: &GpuTensor<f32>,
+        dx: &mut GpuTensor<f32>,
+    ) -> Result<()> {
+        const OP: &str = "LrnGpu::backward";
+        for t in [dy.shape(), dx.shape()] {
+            if t != x.shape() {
+                return Err(shape_err(OP, format!("{:?}", x.shape()), t));
+            }
+        }
+        for layout in [dy.layout(), dx.layout()] {
+            if layout != x.layout() {
+                return Err(layout_err(OP, x.layout(), layout));
+            }
+        }
+        let (params, cfg) = self.backward_args(x.dims4(OP)?, x.layout())?;
+        // SAFETY: lrn_backward_f32(const float *src, const float *grad_out, float *grad_in,
+        // AlexnetLrnParams); all three hold n*c*h*w elements of `params.shape` (checked
+        // above), `dx` is borrowed exclusively so it overlaps neither input; relu_first is 0;
+        // one thread per element.
+        unsafe {
+            Launch::new(gpu, Kernel::LrnBackward, GpuDtype::F32)?
+                .buffer(x.data())
+                .buffer(dy.data())
+                .buffer(dx.data_mut())
                 .params(&params)
                 .launch(cfg)
         }

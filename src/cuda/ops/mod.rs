@@ -14,6 +14,11 @@
 //! | softmax   | `src/postprocess.rs` (softmax, top-k)      | `softmax.rs`     | `kernels/softmax.cu`   |
 //! | prepare   | `src/image/batch.rs` (`U8Batch::to_nchw_f32`) | `prepare.rs`  | `kernels/prepare.cu`   |
 //! | convert   | `half::f16::to_f32`                        | `convert.rs`     | `kernels/convert.cu`   |
+//! | loss      | `src/cpu/loss.rs` (training)               | `loss.rs`        | `kernels/loss.cu`      |
+//! | sgd       | `src/train/sgd.rs` (training)              | `sgd.rs`         | `kernels/sgd.cu`       |
+//!
+//! The training backward of pool, LRN and ReLU sits beside the forward (`backward` methods,
+//! `relu_backward`), with its kernel in the same `.cu` file; f32 only.
 //!
 //! Every launcher checks shapes, layouts and buffer lengths before it launches; a mismatch is an
 //! [`Error::Shape`], never an out-of-bounds access. Kernels launch through
@@ -26,21 +31,25 @@ mod conv_epilogue;
 mod convert;
 mod dropout;
 mod linear;
+mod loss;
 mod lrn;
 mod pool;
 mod prepare;
+mod sgd;
 mod softmax;
 
-pub use bias_act::{bias_act, bias_act_args};
+pub use bias_act::{bias_act, bias_act_args, relu_backward, relu_backward_args};
 pub use calls::{chw_columns_to_hwc, pack_conv_weights, ConvCall, GemmCall};
 pub use conv::{Conv2dGpu, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
 pub use convert::{convert_args, convert_f16_to_f32};
 pub use dropout::DropoutGpu;
 pub use linear::LinearGpu;
+pub use loss::{softmax_cross_entropy, softmax_xent_args};
 pub use lrn::LrnGpu;
 pub use pool::MaxPoolGpu;
 pub use prepare::PrepareInput;
+pub use sgd::{sgd_args, sgd_step, SgdSegment};
 pub use softmax::{softmax_top_k, softmax_top_k_args, TopK};
 
 use cudarc::driver::CudaSlice;

@@ -4,7 +4,7 @@ use super::{layout_err, shape_err};
 use crate::config::window_output;
 use crate::cuda::abi::AlexnetPoolParams;
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::GpuFloat;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use cudarc::driver::LaunchConfig;
 
 use crate::cuda::launch::{abi_shape, element_count, grid_1d, to_u32, Launch};
@@ -86,6 +86,62 @@ impl MaxPoolGpu {
             Launch::new(gpu, Kernel::MaxPool, T::DTYPE)?
                 .buffer(x.data())
                 .buffer(y.data_mut())
+                .params(&params)
+                .launch(cfg)
+        }
+    }
+}
+
+impl MaxPoolGpu {
+    /// The `maxpool_backward` kernel's parameters and launch shape (one thread per input
+    /// element) for a forward input of `[n, c, h, w]` in `layout`: what
+    /// [`MaxPoolGpu::backward`] passes.
+    #[doc(hidden)]
+    pub fn backward_args(
+        &self,
+        dims: [usize; 4],
+        layout: Layout,
+    ) -> Result<(AlexnetPoolParams, LaunchConfig, [usize; 4])> {
+        let (params, _, out) = self.args(dims, layout)?;
+        Ok((
+            params,
+            grid_1d("MaxPoolGpu::backward", element_count(&dims)?)?,
+            out,
+        ))
+    }
+
+    /// The backward of [`MaxPoolGpu::forward`] for training (f32): `dx`, shaped like the
+    /// forward's input `x`, gets every output gradient of `dy` at its window's maximum, as
+    /// [`crate::cpu::MaxPool2d::backward`] does (the same rule for ties and NaN, the same sums).
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        x: &GpuTensor<f32>,
+        dy: &GpuTensor<f32>,
+        dx: &mut GpuTensor<f32>,
+    ) -> Result<()> {
+        const OP: &str = "MaxPoolGpu::backward";
+        let (params, cfg, out) = self.backward_args(x.dims4(OP)?, x.layout())?;
+        if dy.shape() != out.as_slice() {
+            return Err(shape_err(OP, format!("a gradient of {out:?}"), dy.shape()));
+        }
+        if dx.shape() != x.shape() {
+            return Err(shape_err(OP, format!("{:?}", x.shape()), dx.shape()));
+        }
+        for layout in [dy.layout(), dx.layout()] {
+            if layout != x.layout() {
+                return Err(layout_err(OP, x.layout(), layout));
+            }
+        }
+        // SAFETY: maxpool_backward_f32(const float *src, const float *grad_out, float
+        // *grad_in, AlexnetPoolParams); `x` and `dx` hold n*c*h*w elements and `dy` n*c*oh*ow
+        // (checked above), the windows lie inside `x` (floor-mode sizes); `dx` is borrowed
+        // exclusively, so it overlaps neither input; one thread per input element.
+        unsafe {
+            Launch::new(gpu, Kernel::MaxPoolBackward, GpuDtype::F32)?
+                .buffer(x.data())
+                .buffer(dy.data())
+                .buffer(dx.data_mut())
                 .params(&params)
                 .launch(cfg)
         }

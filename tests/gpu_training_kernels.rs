@@ -1,0 +1,234 @@
+//! The training kernels on a GPU against their CPU twins, at AlexNet's shapes: the backward of
+//! max-pooling, LRN and ReLU, softmax cross-entropy and the fused SGD step. The same kernels
+//! run as host C++ on every CI run (tests/host_kernels.rs, bit for bit); what only a GPU shows
+//! is the device compiler's code and the device's math library, so the tolerances here allow
+//! the last bits: max |gpu - cpu| / max |cpu| <= 1e-6, except SGD, whose __fmul_rn/__fadd_rn
+//! arithmetic must match exactly.
+//!
+//! They need an NVIDIA GPU and its driver, so they are ignored by default: `cargo test
+//! --release --test gpu_training_kernels -- --include-ignored` on a GPU machine (without one
+//! they FAIL with the "device unavailable" message; they never pass without running).
+
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use alexnet_cuda::config::{LrnParams, PoolSpec};
+use alexnet_cuda::cpu::{
+    relu_backward, softmax_cross_entropy, Gradient, Gradients, Lrn, MaxPool2d,
+};
+use alexnet_cuda::cuda::{
+    relu_backward as relu_backward_gpu, sgd_step, softmax_cross_entropy as xent_gpu, Gpu,
+    GpuTensor, Layout, LrnGpu, MaxPoolGpu, SgdSegment,
+};
+use alexnet_cuda::train::{Sgd, SgdConfig, UpdateRule};
+use common::{check, formula_values};
+use ndarray::{Array, Array2, ArrayD, IxDyn, ShapeBuilder};
+
+fn gpu() -> Gpu {
+    Gpu::new(0).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn random<Sh: ShapeBuilder>(shape: Sh, stream: u64, scale: f64) -> Array<f32, Sh::Dim> {
+    let zeros = Array::<f32, _>::zeros(shape);
+    Array::from_shape_vec(zeros.raw_dim(), formula_values(stream, zeros.len(), scale)).unwrap()
+}
+
+fn upload(gpu: &Gpu, a: &ArrayD<f32>, layout: Layout) -> GpuTensor<f32> {
+    GpuTensor::from_host(gpu, a.view(), layout).unwrap()
+}
+
+fn poisoned(gpu: &Gpu, shape: &[usize], layout: Layout) -> GpuTensor<f32> {
+    let mut t = GpuTensor::zeros(gpu, shape, layout).unwrap();
+    t.poison(gpu).unwrap();
+    t
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes() {
+    let _gpu = common::exclusive_gpu();
+    let gpu = gpu();
+    let seed = common::test_seed("pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes");
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        // conv1's and conv2's outputs at batch 4: ReLU, then LRN, then the overlapping pool.
+        for (i, dims) in [[4, 96, 55, 55], [4, 256, 27, 27]].into_iter().enumerate() {
+            let s = seed + 10 * i as u64;
+            let x = random(dims, s, 3.0).mapv(|v| v.max(0.0)).into_dyn();
+            let dy = random(dims, s + 1, 1.0).into_dyn();
+
+            let lrn = Lrn::new(LrnParams::PAPER).unwrap();
+            let want = lrn
+                .backward(
+                    x.view().into_dimensionality().unwrap(),
+                    dy.view().into_dimensionality().unwrap(),
+                )
+                .unwrap()
+                .into_dyn();
+            let mut dx = poisoned(&gpu, &dims, layout);
+            LrnGpu::new(LrnParams::PAPER)
+                .unwrap()
+                .backward(
+                    &gpu,
+                    &upload(&gpu, &x, layout),
+                    &upload(&gpu, &dy, layout),
+                    &mut dx,
+                )
+                .unwrap();
+            check(
+                &format!("lrn backward {dims:?} {layout:?}"),
+                &dx.to_host(&gpu).unwrap(),
+                &want,
+                1e-6,
+            );
+
+            let pool = MaxPool2d::from(PoolSpec::OVERLAPPING);
+            let (oh, ow) = pool.output_size(dims[2], dims[3]).unwrap();
+            let pool_dy = random((dims[0], dims[1], oh, ow), s + 2, 1.0).into_dyn();
+            let want = pool
+                .backward(
+                    x.view().into_dimensionality().unwrap(),
+                    pool_dy.view().into_dimensionality().unwrap(),
+                )
+                .unwrap()
+                .into_dyn();
+            let mut dx = poisoned(&gpu, &dims, layout);
+            MaxPoolGpu::new(3, 2)
+                .unwrap()
+                .backward(
+                    &gpu,
+                    &upload(&gpu, &x, layout),
+                    &upload(&gpu, &pool_dy, layout),
+                    &mut dx,
+                )
+                .unwrap();
+            check(
+                &format!("maxpool backward {dims:?} {layout:?}"),
+                &dx.to_host(&gpu).unwrap(),
+                &want,
+                0.0,
+            );
+
+            let want = relu_backward(x.view(), dy.view()).unwrap();
+            let mut grad = upload(&gpu, &dy, layout);
+            relu_backward_gpu(&gpu, &upload(&gpu, &x, layout), &mut grad).unwrap();
+            check(
+                &format!("relu backward {dims:?} {layout:?}"),
+                &grad.to_host(&gpu).unwrap(),
+                &want,
+                0.0,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn softmax_cross_entropy_matches_the_cpu_at_batch_128() {
+    let _gpu = common::exclusive_gpu();
+    let gpu = gpu();
+    let seed = common::test_seed("softmax_cross_entropy_matches_the_cpu_at_batch_128");
+    let logits: Array2<f32> = random((128, 1000), seed, 8.0);
+    let labels: Vec<usize> = (0..128).map(|i| (i * 7919) % 1000).collect();
+    let want = softmax_cross_entropy(logits.view(), &labels).unwrap();
+    let stream = gpu.stream();
+    let labels_dev = stream
+        .clone_htod(&labels.iter().map(|&l| l as u32).collect::<Vec<u32>>())
+        .unwrap();
+    let mut row_loss = stream.alloc_zeros::<f64>(128).unwrap();
+    let mut grad = poisoned(&gpu, &[128, 1000], Layout::Nchw);
+    xent_gpu(
+        &gpu,
+        &upload(&gpu, &logits.clone().into_dyn(), Layout::Nchw),
+        &labels_dev,
+        &mut grad,
+        &mut row_loss,
+    )
+    .unwrap();
+    check(
+        "softmax cross-entropy gradient",
+        &grad.to_host(&gpu).unwrap(),
+        &want.grad.into_dyn(),
+        1e-6,
+    );
+    let rows = stream.clone_dtoh(&row_loss).unwrap();
+    let loss = (rows.iter().sum::<f64>() / 128.0) as f32;
+    assert!(
+        ((loss - want.loss) / want.loss).abs() <= 1e-6,
+        "loss {loss} against {}",
+        want.loss
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn sgd_step_matches_the_cpu_optimiser_exactly() {
+    let _gpu = common::exclusive_gpu();
+    let gpu = gpu();
+    let seed = common::test_seed("sgd_step_matches_the_cpu_optimiser_exactly");
+    let tensors = [
+        ("conv1.weight", 34_848),
+        ("conv1.bias", 96),
+        ("fc1.weight", 1 << 20),
+        ("fc1.bias", 4096),
+    ];
+    for rule in [UpdateRule::PyTorch, UpdateRule::Paper] {
+        let config = SgdConfig {
+            rule,
+            decay_biases: false,
+            ..SgdConfig::default()
+        };
+        let lens: Vec<usize> = tensors.iter().map(|t| t.1).collect();
+        let total: usize = lens.iter().sum();
+        let segments: Vec<SgdSegment> = tensors
+            .iter()
+            .map(|&(n, len)| SgdSegment::named(n, len, &config))
+            .collect();
+        let split = |flat: &[f32]| -> Vec<Vec<f32>> {
+            let mut at = 0;
+            lens.iter()
+                .map(|&len| {
+                    at += len;
+                    flat[at - len..at].to_vec()
+                })
+                .collect()
+        };
+        let start = formula_values(seed, total, 0.1);
+        let mut cpu = split(&start);
+        let mut sgd = Sgd::new(config).unwrap();
+        let stream = gpu.stream();
+        let mut weights = stream.clone_htod(&start).unwrap();
+        let mut velocity = stream.alloc_zeros::<f32>(total).unwrap();
+        for step in 0..3u64 {
+            let flat = formula_values(seed + 1 + step, total, 1.0);
+            let grads = Gradients {
+                tensors: tensors
+                    .iter()
+                    .zip(split(&flat))
+                    .map(|(&(name, len), values)| Gradient {
+                        name: name.into(),
+                        shape: vec![len],
+                        values,
+                    })
+                    .collect(),
+            };
+            sgd.step(cpu.iter_mut().map(|w| &mut w[..]).collect(), &grads)
+                .unwrap();
+            let g = stream.clone_htod(&flat).unwrap();
+            sgd_step(
+                &gpu,
+                &config,
+                &segments,
+                step == 0,
+                &mut weights,
+                &g,
+                &mut velocity,
+            )
+            .unwrap();
+            let got = ArrayD::from_shape_vec(IxDyn(&[total]), stream.clone_dtoh(&weights).unwrap())
+                .unwrap();
+            let want = ArrayD::from_shape_vec(IxDyn(&[total]), cpu.concat()).unwrap();
+            check(&format!("sgd {rule:?} step {step}"), &got, &want, 0.0);
+        }
+    }
+}
