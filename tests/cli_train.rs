@@ -3,9 +3,11 @@
 //! `infer` prints, and what a user can get wrong is a usage error before any work.
 
 mod common;
+#[path = "common/train_cli.rs"]
+mod train_cli;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 
 use alexnet_cuda::cpu::CpuModel;
@@ -13,24 +15,9 @@ use alexnet_cuda::image::Preprocess;
 use alexnet_cuda::train::{Augmentation, BatchMaker, CpuTrainer, ImageFolder, SgdConfig, Trainer};
 use alexnet_cuda::{AlexNetConfig, Precision, Weights};
 use image::RgbImage;
+use train_cli::{path, text, train};
 
 const CLASSES: [&str; 3] = ["ants", "bees", "cats"];
-
-fn train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .output()
-        .expect("the train binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// ROOT/<class>/<i>.png: two images per class, each its own pattern and size.
 fn dataset(root: &Path) -> PathBuf {
@@ -51,10 +38,6 @@ fn dataset(root: &Path) -> PathBuf {
         }
     }
     root.join("data")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

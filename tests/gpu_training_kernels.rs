@@ -14,9 +14,7 @@
 mod common;
 
 use alexnet_cuda::config::{LrnParams, PoolSpec};
-use alexnet_cuda::cpu::{
-    relu_backward, softmax_cross_entropy, Gradient, Gradients, Lrn, MaxPool2d,
-};
+use alexnet_cuda::cpu::{relu_backward, softmax_cross_entropy, Lrn, MaxPool2d};
 use alexnet_cuda::cuda::{
     relu_backward as relu_backward_gpu, sgd_step, softmax_cross_entropy as xent_gpu, Gpu,
     GpuTensor, Layout, LrnGpu, MaxPoolGpu, SgdSegment,
@@ -184,34 +182,15 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             .iter()
             .map(|&(n, len)| SgdSegment::named(n, len, &config))
             .collect();
-        let split = |flat: &[f32]| -> Vec<Vec<f32>> {
-            let mut at = 0;
-            lens.iter()
-                .map(|&len| {
-                    at += len;
-                    flat[at - len..at].to_vec()
-                })
-                .collect()
-        };
         let start = formula_values(seed, total, 0.1);
-        let mut cpu = split(&start);
+        let mut cpu = common::split_flat(&start, &lens);
         let mut sgd = Sgd::new(config).unwrap();
         let stream = gpu.stream();
         let mut weights = stream.clone_htod(&start).unwrap();
         let mut velocity = stream.alloc_zeros::<f32>(total).unwrap();
         for step in 0..3u64 {
             let flat = formula_values(seed + 1 + step, total, 1.0);
-            let grads = Gradients {
-                tensors: tensors
-                    .iter()
-                    .zip(split(&flat))
-                    .map(|(&(name, len), values)| Gradient {
-                        name: name.into(),
-                        shape: vec![len],
-                        values,
-                    })
-                    .collect(),
-            };
+            let grads = common::flat_gradients(&tensors, &flat);
             sgd.step(cpu.iter_mut().map(|w| &mut w[..]).collect(), &grads)
                 .unwrap();
             let g = stream.clone_htod(&flat).unwrap();

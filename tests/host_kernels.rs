@@ -20,8 +20,7 @@ use std::ffi::c_void;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams, PoolSpec};
 use alexnet_cuda::cpu::{
-    bias_act_inplace, relu_backward, softmax_cross_entropy, Dropout, Gradient, Gradients, Lrn,
-    MaxPool2d,
+    bias_act_inplace, relu_backward, softmax_cross_entropy, Dropout, Lrn, MaxPool2d,
 };
 use alexnet_cuda::cuda::abi::{ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
 use alexnet_cuda::cuda::kernel_args::{
@@ -375,6 +374,27 @@ fn convert_widens_every_f16_exactly() {
     }
 }
 
+/// LRN shapes and parameters that break indexing: the window clipped at both channel edges,
+/// an even window (PyTorch's asymmetric rule), AlexNet's 96 channels, a one-channel window with
+/// another beta (powf instead of the square roots).
+fn lrn_cases() -> [([usize; 4], LrnParams); 4] {
+    let even = LrnParams {
+        size: 4,
+        ..LrnParams::PAPER
+    };
+    let one = LrnParams {
+        size: 1,
+        beta: 0.5,
+        ..LrnParams::PAPER
+    };
+    [
+        ([1, 5, 3, 4], LrnParams::PAPER),
+        ([3, 7, 5, 2], even),
+        ([2, 96, 3, 5], LrnParams::PAPER),
+        ([1, 3, 2, 2], one),
+    ]
+}
+
 fn lrn_case<T: Elem>(
     dims: [usize; 4],
     layout: Layout,
@@ -423,21 +443,7 @@ fn lrn_case<T: Elem>(
 )]
 fn lrn_matches_the_cpu_at_the_channel_edges() {
     require_host_kernels();
-    let even = LrnParams {
-        size: 4,
-        ..LrnParams::PAPER
-    };
-    let one = LrnParams {
-        size: 1,
-        beta: 0.5,
-        ..LrnParams::PAPER
-    };
-    let cases = [
-        ([1, 5, 3, 4], LrnParams::PAPER),
-        ([3, 7, 5, 2], even),
-        ([2, 96, 3, 5], LrnParams::PAPER),
-        ([1, 3, 2, 2], one),
-    ];
+    let cases = lrn_cases();
     for (i, (dims, lrn)) in cases.into_iter().enumerate() {
         for layout in LAYOUTS {
             for relu_first in [false, true] {
@@ -446,6 +452,25 @@ fn lrn_matches_the_cpu_at_the_channel_edges() {
             }
         }
     }
+}
+
+/// Pooling shapes that break indexing: overlapping windows with a ragged last one, gaps between
+/// windows (some inputs in none), a single window, and AlexNet's pool2 plane.
+fn pool_cases() -> [([usize; 4], PoolSpec); 4] {
+    let gapped = PoolSpec {
+        kernel: 2,
+        stride: 3,
+    };
+    let single = PoolSpec {
+        kernel: 3,
+        stride: 1,
+    };
+    [
+        ([3, 5, 13, 11], PoolSpec::OVERLAPPING),
+        ([1, 4, 10, 9], gapped),
+        ([2, 3, 3, 3], single),
+        ([2, 2, 27, 27], PoolSpec::OVERLAPPING),
+    ]
 }
 
 fn pool_case<T: Elem>(dims: [usize; 4], spec: PoolSpec, layout: Layout, seed: u64, nan: bool) {
@@ -483,23 +508,7 @@ fn pool_case<T: Elem>(dims: [usize; 4], spec: PoolSpec, layout: Layout, seed: u6
 )]
 fn maxpool_matches_the_cpu_on_ragged_and_gapped_windows() {
     require_host_kernels();
-    let cases = [
-        ([3, 5, 13, 11], PoolSpec::OVERLAPPING), // ragged: the last window is short of the edge
-        (
-            [1, 4, 10, 9],
-            PoolSpec {
-                kernel: 2,
-                stride: 3,
-            },
-        ), // gaps between windows
-        (
-            [2, 3, 3, 3],
-            PoolSpec {
-                kernel: 3,
-                stride: 1,
-            },
-        ), // one window
-    ];
+    let cases = pool_cases();
     for (i, (dims, spec)) in cases.into_iter().enumerate() {
         for layout in LAYOUTS {
             for nan in [false, true] {
@@ -824,24 +833,7 @@ fn pool_backward_case(dims: [usize; 4], spec: PoolSpec, layout: Layout, seed: u6
 )]
 fn maxpool_backward_matches_the_cpu_with_overlaps_ties_and_nan() {
     require_host_kernels();
-    let cases = [
-        ([3, 5, 13, 11], PoolSpec::OVERLAPPING), // overlapping windows, a ragged edge
-        (
-            [1, 4, 10, 9],
-            PoolSpec {
-                kernel: 2,
-                stride: 3,
-            },
-        ), // gaps: some inputs are in no window
-        (
-            [2, 3, 3, 3],
-            PoolSpec {
-                kernel: 3,
-                stride: 1,
-            },
-        ), // one window
-        ([2, 2, 27, 27], PoolSpec::OVERLAPPING), // AlexNet's pool2 plane
-    ];
+    let cases = pool_cases();
     for (i, (dims, spec)) in cases.into_iter().enumerate() {
         for layout in LAYOUTS {
             for ties in [false, true] {
@@ -897,21 +889,7 @@ fn lrn_backward_case(dims: [usize; 4], layout: Layout, lrn: LrnParams, seed: u64
 )]
 fn lrn_backward_matches_the_cpu_at_the_channel_edges() {
     require_host_kernels();
-    let even = LrnParams {
-        size: 4,
-        ..LrnParams::PAPER
-    };
-    let one = LrnParams {
-        size: 1,
-        beta: 0.5,
-        ..LrnParams::PAPER
-    };
-    let cases = [
-        ([1, 5, 3, 4], LrnParams::PAPER),
-        ([3, 7, 5, 2], even),
-        ([2, 96, 3, 5], LrnParams::PAPER),
-        ([1, 3, 2, 2], one),
-    ];
+    let cases = lrn_cases();
     for (i, (dims, lrn)) in cases.into_iter().enumerate() {
         for layout in LAYOUTS {
             lrn_backward_case(dims, layout, lrn, 220 + i as u64);
@@ -1035,32 +1013,13 @@ fn sgd_case(config: SgdConfig, seed: u64) {
         .iter()
         .map(|&(name, len)| SgdSegment::named(name, len, &config))
         .collect();
-    let split = |flat: &[f32]| -> Vec<Vec<f32>> {
-        let mut at = 0;
-        lens.iter()
-            .map(|&len| {
-                at += len;
-                flat[at - len..at].to_vec()
-            })
-            .collect()
-    };
-    let mut cpu_weights = split(&formula_values(seed, total, 0.5));
+    let mut cpu_weights = common::split_flat(&formula_values(seed, total, 0.5), &lens);
     let mut sgd = Sgd::new(config).unwrap();
     let mut gpu_weights = formula_values(seed, total, 0.5);
     let mut velocity = vec![f32::POISON; total]; // the first step must not read it
     for step in 0..3u64 {
         let flat_grads = formula_values(seed + 1 + step, total, 2.0);
-        let grads = Gradients {
-            tensors: SGD_TENSORS
-                .iter()
-                .zip(split(&flat_grads))
-                .map(|(&(name, len), values)| Gradient {
-                    name: name.to_string(),
-                    shape: vec![len],
-                    values,
-                })
-                .collect(),
-        };
+        let grads = common::flat_gradients(&SGD_TENSORS, &flat_grads);
         sgd.step(cpu_weights.iter_mut().map(|w| &mut w[..]).collect(), &grads)
             .unwrap();
         let (mut p, cfg) = sgd_args(&config, &segments, step == 0).unwrap();

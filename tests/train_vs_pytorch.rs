@@ -6,32 +6,14 @@
 //! falls below a stated threshold within a stated number of steps.
 
 mod common;
+#[path = "common/train_cli.rs"]
+mod train_cli;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use alexnet_cuda::weights::StorageDtype;
 use alexnet_cuda::{AlexNetConfig, Weights};
-
-fn train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .output()
-        .expect("the train binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("a UTF-8 temp path")
-}
+use train_cli::{path, text, train};
 
 fn shapes(split: &str) -> PathBuf {
     common::data_path("shapes").join(split)

@@ -46,6 +46,34 @@ pub fn formula_values(stream: u64, n: usize, scale: f64) -> Vec<f32> {
     uniform_pm1(stream, n).map(|v| (v * scale) as f32).collect()
 }
 
+/// `flat` cut into consecutive pieces of `lens` (parameter tensors laid end to end).
+pub fn split_flat(flat: &[f32], lens: &[usize]) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&len| {
+            at += len;
+            flat[at - len..at].to_vec()
+        })
+        .collect()
+}
+
+/// The gradients of the 1-D parameter `tensors` (name, length) whose values lie end to end in
+/// `flat`, in that order.
+pub fn flat_gradients(tensors: &[(&str, usize)], flat: &[f32]) -> alexnet_cuda::cpu::Gradients {
+    let lens: Vec<usize> = tensors.iter().map(|t| t.1).collect();
+    alexnet_cuda::cpu::Gradients {
+        tensors: tensors
+            .iter()
+            .zip(split_flat(flat, &lens))
+            .map(|(&(name, len), values)| alexnet_cuda::cpu::Gradient {
+                name: name.to_string(),
+                shape: vec![len],
+                values,
+            })
+            .collect(),
+    }
+}
+
 /// `max |a - b| / max |b|`; infinite when `a` holds a NaN or the lengths differ.
 pub fn rel_max_error(a: &[f32], reference: &[f64]) -> f64 {
     if a.len() != reference.len() || a.iter().any(|v| !v.is_finite()) {

@@ -1,6 +1,6 @@
 //! The paper's inter-channel LRN: launcher of `kernels/lrn.cu`; CPU twin [`crate::cpu::Lrn`].
 
-use super::{layout_err, shape_err};
+use super::{expect_like, layout_err, shape_err};
 use crate::config::LrnParams;
 use crate::cuda::abi::AlexnetLrnParams;
 use crate::cuda::device::Gpu;
@@ -100,15 +100,8 @@ impl LrnGpu {
         dx: &mut GpuTensor<f32>,
     ) -> Result<()> {
         const OP: &str = "LrnGpu::backward";
-        for t in [dy.shape(), dx.shape()] {
-            if t != x.shape() {
-                return Err(shape_err(OP, format!("{:?}", x.shape()), t));
-            }
-        }
-        for layout in [dy.layout(), dx.layout()] {
-            if layout != x.layout() {
-                return Err(layout_err(OP, x.layout(), layout));
-            }
+        for tensor in [(dy.shape(), dy.layout()), (dx.shape(), dx.layout())] {
+            expect_like(OP, x.shape(), x.layout(), tensor)?;
         }
         let (params, cfg) = self.backward_args(x.dims4(OP)?, x.layout())?;
         // SAFETY: lrn_backward_f32(const float *src, const float *grad_out, float *grad_in,

@@ -74,6 +74,22 @@ fn layout_err(op: &'static str, expected: Layout, found: Layout) -> Error {
     )
 }
 
+/// One of a launch's tensors, `(shape, layout)`, against the shape and layout the others imply.
+fn expect_like(
+    op: &'static str,
+    shape: &[usize],
+    layout: Layout,
+    (found_shape, found_layout): (&[usize], Layout),
+) -> Result<()> {
+    if found_shape != shape {
+        return Err(shape_err(op, format!("{shape:?}"), found_shape));
+    }
+    if found_layout != layout {
+        return Err(layout_err(op, layout, found_layout));
+    }
+    Ok(())
+}
+
 /// Copies a layer's parameters to a new device buffer.
 fn upload<T: GpuFloat>(gpu: &Gpu, values: &[T], what: &str) -> Result<CudaSlice<T>> {
     if values.is_empty() {

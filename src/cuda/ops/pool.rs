@@ -1,6 +1,6 @@
 //! Max-pooling: launcher of `kernels/pool.cu`; CPU twin [`crate::cpu::MaxPool2d`].
 
-use super::{layout_err, shape_err};
+use super::{expect_like, layout_err, shape_err};
 use crate::config::window_output;
 use crate::cuda::abi::AlexnetPoolParams;
 use crate::cuda::device::Gpu;
@@ -122,17 +122,8 @@ impl MaxPoolGpu {
     ) -> Result<()> {
         const OP: &str = "MaxPoolGpu::backward";
         let (params, cfg, out) = self.backward_args(x.dims4(OP)?, x.layout())?;
-        if dy.shape() != out.as_slice() {
-            return Err(shape_err(OP, format!("a gradient of {out:?}"), dy.shape()));
-        }
-        if dx.shape() != x.shape() {
-            return Err(shape_err(OP, format!("{:?}", x.shape()), dx.shape()));
-        }
-        for layout in [dy.layout(), dx.layout()] {
-            if layout != x.layout() {
-                return Err(layout_err(OP, x.layout(), layout));
-            }
-        }
+        expect_like(OP, &out, x.layout(), (dy.shape(), dy.layout()))?;
+        expect_like(OP, x.shape(), x.layout(), (dx.shape(), dx.layout()))?;
         // SAFETY: maxpool_backward_f32(const float *src, const float *grad_out, float
         // *grad_in, AlexnetPoolParams); `x` and `dx` hold n*c*h*w elements and `dy` n*c*oh*ow
         // (checked above), the windows lie inside `x` (floor-mode sizes); `dx` is borrowed
