@@ -170,6 +170,23 @@ typedef struct AlexnetReluBackwardParams {
     unsigned long long len;
 } AlexnetReluBackwardParams;
 
+/* Threads per block of bias_grad (one block per channel). */
+#define ALEXNET_BIAS_GRAD_BLOCK 256
+
+/*
+ * bias_grad_{f32,f16}(const T *grad, float *bias_grad, AlexnetBiasGradParams p)
+ * A bias's gradient for training: bias_grad[c] = the sum over o < outer and i < inner of
+ * grad[(o * channels + c) * inner + i], summed in f64 in a fixed order and written (not added)
+ * as f32. An NCHW convolution's gradient has outer = N, inner = H * W; an NHWC one outer =
+ * N * H * W, inner = 1; a linear layer's [rows, cols] outer = rows, inner = 1. One block of
+ * ALEXNET_BIAS_GRAD_BLOCK threads per channel (grid-stride over channels).
+ */
+typedef struct AlexnetBiasGradParams {
+    unsigned long long outer;
+    unsigned long long inner;
+    unsigned int channels;
+} AlexnetBiasGradParams;
+
 /*
  * softmax_xent_f32(const float *logits, const unsigned int *labels, float *grad,
  *                  double *row_loss, AlexnetSoftmaxXentParams p)

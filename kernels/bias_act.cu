@@ -1,10 +1,12 @@
 /*
- * bias_act.cu — bias + optional ReLU in place, one thread per element, grid-stride loop (any grid
- * size is correct). CPU twin: `cpu::bias_act` (src/cpu/bias_act.rs); launcher:
- * src/cuda/ops/bias_act.rs.
+ * bias_act.cu — bias + optional ReLU in place (one thread per element, grid-stride loop: any grid
+ * size is correct), and for training the ReLU's backward and the bias gradient (one block per
+ * channel). CPU twins: `cpu::bias_act`, `cpu::relu_backward` (src/cpu/bias_act.rs) and the layers'
+ * backward bias sums; launcher: src/cuda/ops/bias_act.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
+#include "alexnet_reduce.cuh"
 
 /* x[i] += bias[(i / inner) % channels], then ReLU (NaN kept) if p.relu != 0. In place. */
 template <typename T, typename I>
@@ -60,3 +62,43 @@ extern "C" __global__ void relu_backward_f32(const float *output, float *grad,
     }
 }
 
+
+/* ---- Bias gradient (training) ---------------------------------------------------------- */
+
+/* Channel c's gradient: every position of every image, one f64 sum per thread, then the block's
+ * fixed-order tree (alexnet_reduce.cuh). `scratch` holds blockDim.x doubles of shared memory. */
+template <typename T>
+static __device__ __forceinline__ void bias_grad_sum(const T *__restrict__ grad,
+                                                     float *__restrict__ out,
+                                                     const AlexnetBiasGradParams &p,
+                                                     double *scratch)
+{
+    const unsigned long long positions = p.outer * p.inner;
+    for (unsigned int c = blockIdx.x; c < p.channels; c += gridDim.x) {
+        double sum = 0.0;
+        for (unsigned long long j = threadIdx.x; j < positions; j += blockDim.x) {
+            const unsigned long long o = p.inner == 1 ? j : j / p.inner;
+            const unsigned long long i = p.inner == 1 ? 0 : j % p.inner;
+            sum += (double)alexnet_load(grad[(o * p.channels + c) * p.inner + i]);
+        }
+        sum = alexnet_block_reduce<false>(sum, scratch);
+        if (threadIdx.x == 0)
+            out[c] = (float)sum;
+    }
+}
+
+/* The bias gradient of f32 gradients. */
+extern "C" __global__ void bias_grad_f32(const float *grad, float *bias_grad,
+                                         AlexnetBiasGradParams p)
+{
+    __shared__ double scratch[ALEXNET_BIAS_GRAD_BLOCK];
+    bias_grad_sum<float>(grad, bias_grad, p, scratch);
+}
+
+/* The bias gradient of f16 gradients (mixed precision), summed in f64 into f32. */
+extern "C" __global__ void bias_grad_f16(const unsigned short *grad, float *bias_grad,
+                                         AlexnetBiasGradParams p)
+{
+    __shared__ double scratch[ALEXNET_BIAS_GRAD_BLOCK];
+    bias_grad_sum<unsigned short>(grad, bias_grad, p, scratch);
+}

@@ -4,25 +4,7 @@
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
-
-/* The block's reduction of `v` (max or sum) in a fixed tree order: every thread gets it. */
-template <bool Max>
-static __device__ __forceinline__ double block_reduce(double v, double *scratch)
-{
-    scratch[threadIdx.x] = v;
-    __syncthreads();
-    for (unsigned int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) {
-            const double other = scratch[threadIdx.x + half];
-            const double mine = scratch[threadIdx.x];
-            scratch[threadIdx.x] = Max ? (other > mine ? other : mine) : mine + other;
-        }
-        __syncthreads();
-    }
-    const double result = scratch[0];
-    __syncthreads();
-    return result;
-}
+#include "alexnet_reduce.cuh"
 
 /*
  * softmax_xent_f32(const float *logits, const unsigned int *labels, float *grad,
@@ -45,11 +27,11 @@ extern "C" __global__ void softmax_xent_f32(const float *logits, const unsigned 
         float local_max = __int_as_float(0xff800000);
         for (unsigned int j = threadIdx.x; j < p.classes; j += blockDim.x)
             local_max = z[j] > local_max ? z[j] : local_max;
-        const double max = block_reduce<true>((double)local_max, scratch);
+        const double max = alexnet_block_reduce<true>((double)local_max, scratch);
         double local_sum = 0.0;
         for (unsigned int j = threadIdx.x; j < p.classes; j += blockDim.x)
             local_sum += exp((double)z[j] - max);
-        const double log_sum = max + log(block_reduce<false>(local_sum, scratch));
+        const double log_sum = max + log(alexnet_block_reduce<false>(local_sum, scratch));
         const unsigned int label = labels[row];
         const bool valid = label < p.classes;
         for (unsigned int j = threadIdx.x; j < p.classes; j += blockDim.x) {

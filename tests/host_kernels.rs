@@ -20,11 +20,12 @@ use std::ffi::c_void;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams, PoolSpec};
 use alexnet_cuda::cpu::{
-    bias_act_inplace, relu_backward, softmax_cross_entropy, Dropout, Lrn, MaxPool2d,
+    bias_act_inplace, relu_backward, softmax_cross_entropy, Conv2d, Dropout, InputGradient, Linear,
+    Lrn, MaxPool2d,
 };
 use alexnet_cuda::cuda::abi::{ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
 use alexnet_cuda::cuda::kernel_args::{
-    bias_act_args, convert_args, relu_backward_args, sgd_args, softmax_top_k_args,
+    bias_act_args, bias_grad_args, convert_args, relu_backward_args, sgd_args, softmax_top_k_args,
     softmax_xent_args,
 };
 use alexnet_cuda::cuda::registry::KERNELS;
@@ -61,6 +62,8 @@ const COVERED: &[&str] = &[
     "relu_backward_f32",
     "softmax_xent_f32",
     "sgd_f32",
+    "bias_grad_f32",
+    "bias_grad_f16",
 ];
 
 fn require_host_kernels() {
@@ -921,6 +924,70 @@ fn relu_backward_matches_the_cpu() {
         let got = ArrayD::from_shape_vec(IxDyn(output.shape()), g).unwrap();
         assert_same("relu_backward_f32", &got, &want);
     }
+}
+
+/// `bias_grad` on the gradient `grad` (logical shape `shape`, stored in `layout`) against
+/// `want`, the CPU layer's bias gradient, with the launcher's grid and a small one.
+fn bias_grad_case<T: Elem>(grad: &ArrayD<f32>, layout: Layout, want: &ArrayD<f32>) {
+    let name = format!("bias_grad_{}", T::SUFFIX);
+    let stored: Vec<T> = match grad.ndim() {
+        4 => physical::<T>(&grad.clone().into_dimensionality().unwrap(), layout),
+        _ => grad.iter().map(|&v| T::from_f32(v)).collect(),
+    };
+    let (mut p, cfg) = bias_grad_args(grad.shape(), layout).unwrap();
+    // The f16 kernel sums what it reads: the gradient rounded to f16 (the CPU twin is f32).
+    let tolerance = if T::SUFFIX == "f16" { 2e-3 } else { 1e-6 };
+    for grid in [cfg, small_grid(64)] {
+        let mut g = stored.clone();
+        let mut out = vec![f32::POISON; want.len()];
+        launch(
+            &name,
+            grid,
+            vec![buf(&mut g), buf(&mut out), params(&mut p)],
+        );
+        let got = ArrayD::from_shape_vec(IxDyn(&[out.len()]), out).unwrap();
+        let err = rel_err(&got, want);
+        let what = format!(
+            "{name} {:?} {layout:?} blocks={}",
+            grad.shape(),
+            grid.grid_dim.0
+        );
+        assert!(err <= tolerance, "{what}: off by {err:e}");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn bias_gradients_match_the_cpu_layers() {
+    require_host_kernels();
+    // A convolution's: Conv2d::backward on a [3, 4, 9, 7] input, 5 filters, 3x3 pad 1.
+    let input = random((3, 4, 9, 7), 260, 1.0);
+    let weight = random((5, 4, 3, 3), 261, 0.5);
+    let conv = Conv2d::new(weight.view(), &random(5, 262, 0.1), 1, 1).unwrap();
+    // Gradients of one sign in a channel, so a dropped position shows.
+    let grad_out = random((3, 5, 9, 7), 263, 1.0).mapv(|v| v.abs() + 0.25);
+    let cpu = conv
+        .backward(input.view(), grad_out.view(), InputGradient::Skip)
+        .unwrap();
+    let want = cpu.bias.into_dyn();
+    for layout in LAYOUTS {
+        bias_grad_case::<f32>(&grad_out.clone().into_dyn(), layout, &want);
+        bias_grad_case::<f16>(&grad_out.clone().into_dyn(), layout, &want);
+    }
+    // A linear layer's: Linear::backward, 6 rows of 37 outputs.
+    let x = random((6, 11), 264, 1.0);
+    let linear = Linear::new(random((37, 11), 265, 0.5).view(), &random(37, 266, 0.1)).unwrap();
+    let grad_rows = random((6, 37), 267, 1.0).mapv(|v| v.abs() + 0.25);
+    let want = linear
+        .backward(x.view(), grad_rows.view())
+        .unwrap()
+        .bias
+        .into_dyn();
+    bias_grad_case::<f32>(&grad_rows.clone().into_dyn(), Layout::Nchw, &want);
+    bias_grad_case::<f16>(&grad_rows.into_dyn(), Layout::Nchw, &want);
 }
 
 fn softmax_xent_case(logits: &Array2<f32>, labels: &[usize], block: u32) {

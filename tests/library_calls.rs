@@ -5,15 +5,17 @@
 //! library to, and must reproduce the CPU layers on odd shapes, in both precisions' layouts
 //! (NCHW/KCRS for fp32, NHWC/KRSC with the input padded to 8 channels for fp16), including fc1's
 //! column permutation for NHWC activations. No GPU needed: this catches transposes, leading
-//! dimensions, descriptor dims and layouts before the first GPU run does.
+//! dimensions, descriptor dims and layouts before the first GPU run does. The training calls
+//! (`cudnnConvolutionBackwardData` / `BackwardFilter` with the forward's descriptors, the two
+//! GEMMs of a linear layer's backward) are replayed against the CPU layers' backward the same way.
 
 #![cfg(feature = "cuda")]
 
 mod common;
 
-use alexnet_cuda::cpu::{Conv2d, Linear};
+use alexnet_cuda::cpu::{Conv2d, InputGradient, Linear};
 use alexnet_cuda::cuda::library_calls::{
-    chw_columns_to_hwc, pack_conv_weights, ConvCall, GemmCall,
+    chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall,
 };
 use alexnet_cuda::cuda::{ConvOptions, Layout};
 use common::formula_values;
@@ -37,17 +39,16 @@ fn physical(a: &Array4<f32>, layout: Layout) -> Vec<f32> {
     }
 }
 
-/// A naive cross-correlation that reads `x`, the filter and writes `y` exactly as cuDNN does for
-/// these descriptors: dims from the call, memory order from its format (NCHW/KCRS or
-/// NHWC/KRSC), zero padding, strides and dilations. f64 accumulation.
-fn conv_by_call(call: &ConvCall, x: &[f32], filter: &[f32]) -> Vec<f32> {
+/// Every (input, filter, output) element triple a convolution multiplies, as memory indices
+/// into the buffers `call` describes, exactly as cuDNN reads them: dims from the call, memory
+/// order from its format (NCHW/KCRS or NHWC/KRSC), zero padding (taps outside the input are
+/// skipped), strides and dilations. The one walk the forward and both backward replays share.
+fn for_each_tap(call: &ConvCall, mut tap: impl FnMut(usize, usize, usize)) {
     let u = |v: i32| usize::try_from(v).expect("non-negative descriptor value");
     let [n, c, h, w] = call.x.map(u);
     let [k, fc, r, s] = call.filter.map(u);
     let [yn, yk, oh, ow] = call.y.map(u);
     assert_eq!((fc, yn, yk), (c, n, k), "descriptors disagree: {call:?}");
-    assert_eq!(x.len(), n * c * h * w, "input buffer vs descriptor");
-    assert_eq!(filter.len(), k * c * r * s, "filter buffer vs descriptor");
     let nhwc = call.layout == Layout::Nhwc;
     let xi = |b, ch, y, xx| {
         if nhwc {
@@ -70,12 +71,10 @@ fn conv_by_call(call: &ConvCall, x: &[f32], filter: &[f32]) -> Vec<f32> {
             ((b * k + o) * oh + y) * ow + xx
         }
     };
-    let mut out = vec![f32::NAN; n * k * oh * ow];
     for b in 0..n {
         for o in 0..k {
             for oy in 0..oh {
                 for ox in 0..ow {
-                    let mut acc = 0.0f64;
                     for ch in 0..c {
                         for i in 0..r {
                             for j in 0..s {
@@ -88,17 +87,58 @@ fn conv_by_call(call: &ConvCall, x: &[f32], filter: &[f32]) -> Vec<f32> {
                                 if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
                                     continue;
                                 }
-                                let xv = x[xi(b, ch, iy as usize, ix as usize)] as f64;
-                                acc += xv * filter[fi(o, ch, i, j)] as f64;
+                                tap(
+                                    xi(b, ch, iy as usize, ix as usize),
+                                    fi(o, ch, i, j),
+                                    yi(b, o, oy, ox),
+                                );
                             }
                         }
                     }
-                    out[yi(b, o, oy, ox)] = acc as f32;
                 }
             }
         }
     }
-    out
+}
+
+/// Elements of the tensors a call describes: `x`, the filter, `y`.
+fn conv_lengths(call: &ConvCall) -> [usize; 3] {
+    let len = |dims: [i32; 4]| dims.iter().map(|&d| d as usize).product();
+    [len(call.x), len(call.filter), len(call.y)]
+}
+
+/// `cudnnConvolutionForward` replayed: a naive cross-correlation, f64 accumulation.
+fn conv_by_call(call: &ConvCall, x: &[f32], filter: &[f32]) -> Vec<f32> {
+    let [x_len, f_len, y_len] = conv_lengths(call);
+    assert_eq!(x.len(), x_len, "input buffer vs descriptor");
+    assert_eq!(filter.len(), f_len, "filter buffer vs descriptor");
+    let mut y = vec![0.0f64; y_len];
+    for_each_tap(call, |xi, fi, yi| y[yi] += x[xi] as f64 * filter[fi] as f64);
+    y.into_iter().map(|v| v as f32).collect()
+}
+
+/// `cudnnConvolutionBackwardData` replayed: every output gradient sent back along the taps
+/// that produced its output, `dx = W^T dy`, f64 accumulation.
+fn conv_backward_data_by_call(call: &ConvCall, filter: &[f32], dy: &[f32]) -> Vec<f32> {
+    let [x_len, f_len, y_len] = conv_lengths(call);
+    assert_eq!(filter.len(), f_len, "filter buffer vs descriptor");
+    assert_eq!(dy.len(), y_len, "output gradient vs descriptor");
+    let mut dx = vec![0.0f64; x_len];
+    for_each_tap(call, |xi, fi, yi| {
+        dx[xi] += filter[fi] as f64 * dy[yi] as f64
+    });
+    dx.into_iter().map(|v| v as f32).collect()
+}
+
+/// `cudnnConvolutionBackwardFilter` replayed: `dW = dy x^T` summed over the batch, written in
+/// the filter descriptor's order, f64 accumulation.
+fn conv_backward_filter_by_call(call: &ConvCall, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let [x_len, f_len, y_len] = conv_lengths(call);
+    assert_eq!(x.len(), x_len, "input buffer vs descriptor");
+    assert_eq!(dy.len(), y_len, "output gradient vs descriptor");
+    let mut dw = vec![0.0f64; f_len];
+    for_each_tap(call, |xi, fi, yi| dw[fi] += x[xi] as f64 * dy[yi] as f64);
+    dw.into_iter().map(|v| v as f32).collect()
 }
 
 /// A naive column-major GEMM exactly as cuBLAS reads its arguments: `C = op(A) op(B)`, `C` of
@@ -236,6 +276,93 @@ fn conv_case(case: &ConvCase, layout: Layout, padded_channels: Option<usize>, se
     assert!(err <= 1e-5, "{what}: relative error {err:e}");
 }
 
+/// Both backward calls of `case` replayed against the CPU layer's backward: the input gradient
+/// in the layout's order (zero for padded channels), the filter gradient unpacked to OIHW (and
+/// exactly zero for padded channels, whose inputs are zero: the update leaves them alone).
+fn conv_backward_case(case: &ConvCase, layout: Layout, padded_channels: Option<usize>, seed: u64) {
+    let [n, c, h, w] = case.input;
+    let x = random((n, c, h, w), seed, 1.0);
+    let weight = random((case.out, c, case.kernel, case.kernel), seed + 1, 0.5);
+    let cpu = Conv2d::new(
+        weight.view(),
+        &Array1::zeros(case.out),
+        case.stride,
+        case.padding,
+    )
+    .unwrap();
+    let y_dims = cpu.forward(x.view()).unwrap().dim();
+    let dy = random(y_dims, seed + 2, 1.0);
+    let want = cpu
+        .backward(x.view(), dy.view(), InputGradient::Compute)
+        .unwrap();
+    let want_dx = want.input.expect("input gradient computed");
+
+    let in_channels = padded_channels.unwrap_or(c);
+    let call = ConvOptions {
+        in_channels: padded_channels,
+        ..ConvOptions::new(case.stride, case.padding, layout)
+    }
+    .call(case.out, in_channels, case.kernel, [n, h, w])
+    .unwrap();
+    let what = format!(
+        "{} backward {layout:?} in_channels={in_channels}",
+        case.name
+    );
+    let pad = |a: &Array4<f32>| {
+        let mut padded = Array4::<f32>::zeros((n, in_channels, h, w));
+        padded.slice_mut(s![.., ..c, .., ..]).assign(a);
+        padded
+    };
+    let filter = pack_conv_weights(weight.view(), in_channels, layout).unwrap();
+    let dy_stored = physical(&dy, layout);
+
+    let dx = conv_backward_data_by_call(&call, &filter, &dy_stored);
+    let err = rel_err(&dx, &physical(&pad(&want_dx), layout));
+    eprintln!("{what}: input gradient relative error {err:.2e}");
+    assert!(err <= 1e-5, "{what}: input gradient relative error {err:e}");
+
+    let dw = conv_backward_filter_by_call(&call, &physical(&pad(&x), layout), &dy_stored);
+    let dims = [case.out, c, case.kernel];
+    let got = unpack_conv_weights(&dw, dims, in_channels, layout).unwrap();
+    let err = rel_err(got.as_slice().unwrap(), want.weight.as_slice().unwrap());
+    eprintln!("{what}: filter gradient relative error {err:.2e}");
+    assert!(
+        err <= 1e-5,
+        "{what}: filter gradient relative error {err:e}"
+    );
+    // Everything outside the real channels is exactly zero.
+    let real = pack_conv_weights(got.view(), in_channels, layout).unwrap();
+    for (i, (&packed, &kept)) in dw.iter().zip(&real).enumerate() {
+        if kept == 0.0 {
+            assert_eq!(packed, 0.0, "{what}: padded filter gradient {i}");
+        }
+    }
+}
+
+#[test]
+fn convolution_backward_calls_reproduce_the_cpu_layer_in_both_layouts() {
+    for (i, case) in CONV_CASES.iter().enumerate() {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            conv_backward_case(case, layout, None, 500 + i as u64);
+        }
+        if case.input[1] <= 8 {
+            conv_backward_case(case, Layout::Nhwc, Some(8), 600 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn unpacking_a_filter_inverts_packing() {
+    let weight = random((3, 5, 2, 2), 700, 1.0);
+    for (layout, in_channels) in [(Layout::Nchw, 5), (Layout::Nhwc, 5), (Layout::Nhwc, 8)] {
+        let packed = pack_conv_weights(weight.view(), in_channels, layout).unwrap();
+        let back = unpack_conv_weights(&packed, [3, 5, 2], in_channels, layout).unwrap();
+        assert_eq!(back, weight, "{layout:?} {in_channels}");
+    }
+    assert!(unpack_conv_weights(&[0.0; 10], [3, 5, 2], 5, Layout::Nchw).is_err());
+    assert!(unpack_conv_weights(&[0.0; 60], [3, 5, 2], 4, Layout::Nchw).is_err());
+}
+
 #[test]
 fn convolution_calls_reproduce_the_cpu_layer_in_both_layouts() {
     for (i, case) in CONV_CASES.iter().enumerate() {
@@ -290,6 +417,63 @@ fn linear_calls_reproduce_the_cpu_layer() {
             "linear {rows}x{features}->{out}: relative error {err:e}"
         );
     }
+}
+
+#[test]
+fn linear_backward_calls_reproduce_the_cpu_layer() {
+    for (i, &(rows, features, out)) in [(1, 9, 7), (3, 37, 5), (4, 256, 33)].iter().enumerate() {
+        let x = random((rows, features), 800 + i as u64, 1.0);
+        let weight = random((out, features), 810 + i as u64, 0.3);
+        let dy = random((rows, out), 820 + i as u64, 1.0);
+        let want = Linear::new(weight.view(), &Array1::zeros(out))
+            .unwrap()
+            .backward(x.view(), dy.view())
+            .unwrap();
+        let what = format!("linear backward {rows}x{features}->{out}");
+        // A: the row-major weight, B: the row-major dy; C: row-major dx [rows, in].
+        let call = GemmCall::linear_backward_input(out, features, rows).unwrap();
+        let dx = gemm_by_call(&call, weight.as_slice().unwrap(), dy.as_slice().unwrap());
+        let err = rel_err(&dx, want.input.as_slice().unwrap());
+        assert!(err <= 1e-5, "{what}: input gradient relative error {err:e}");
+        // A: the row-major input, B: the row-major dy; C: row-major dW [out, in].
+        let call = GemmCall::linear_backward_weight(out, features, rows).unwrap();
+        let dw = gemm_by_call(&call, x.as_slice().unwrap(), dy.as_slice().unwrap());
+        let err = rel_err(&dw, want.weight.as_slice().unwrap());
+        assert!(
+            err <= 1e-5,
+            "{what}: weight gradient relative error {err:e}"
+        );
+    }
+}
+
+#[test]
+fn fc1_backward_on_nhwc_activations_gives_the_cpus_gradients() {
+    // With fc1's columns permuted for NHWC activations, the input gradient comes out in NHWC
+    // order and the weight gradient in the permuted column order.
+    let (n, c, h, w, out) = (3, 5, 4, 3, 7);
+    let activations = random((n, c, h, w), 830, 1.0);
+    let weight = random((out, c * h * w), 831, 0.3);
+    let dy = random((n, out), 832, 1.0);
+    let nchw_rows = activations
+        .clone()
+        .into_shape_with_order((n, c * h * w))
+        .unwrap();
+    let want = Linear::new(weight.view(), &Array1::zeros(out))
+        .unwrap()
+        .backward(nchw_rows.view(), dy.view())
+        .unwrap();
+    let permuted = chw_columns_to_hwc(weight.view(), [c, h, w]).unwrap();
+    let call = GemmCall::linear_backward_input(out, c * h * w, n).unwrap();
+    let dx = gemm_by_call(&call, permuted.as_slice().unwrap(), dy.as_slice().unwrap());
+    let want_dx = want.input.into_shape_with_order((n, c, h, w)).unwrap();
+    let err = rel_err(&dx, &physical(&want_dx, Layout::Nhwc));
+    assert!(err <= 1e-5, "fc1 backward on NHWC: input gradient {err:e}");
+    let call = GemmCall::linear_backward_weight(out, c * h * w, n).unwrap();
+    let nhwc = physical(&activations, Layout::Nhwc);
+    let dw = gemm_by_call(&call, &nhwc, dy.as_slice().unwrap());
+    let want_dw = chw_columns_to_hwc(want.weight.view(), [c, h, w]).unwrap();
+    let err = rel_err(&dw, want_dw.as_slice().unwrap());
+    assert!(err <= 1e-5, "fc1 backward on NHWC: weight gradient {err:e}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub const ALEXNET_SOFTMAX_BLOCK: u32 = 256;
 pub const ALEXNET_TOPK_MAX: u32 = 32;
 pub const ALEXNET_LAYOUT_NCHW: u32 = 0;
 pub const ALEXNET_LAYOUT_NHWC: u32 = 1;
+pub const ALEXNET_BIAS_GRAD_BLOCK: u32 = 256;
 pub const ALEXNET_SGD_PYTORCH: u32 = 0;
 pub const ALEXNET_SGD_PAPER: u32 = 1;
 pub const ALEXNET_SGD_SEGMENTS: u32 = 32;
@@ -212,6 +213,25 @@ const _: () = {
         [::core::mem::align_of::<AlexnetReluBackwardParams>() - 8usize];
     ["Offset of field: AlexnetReluBackwardParams::len"]
         [::core::mem::offset_of!(AlexnetReluBackwardParams, len) - 0usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetBiasGradParams {
+    pub outer: ::core::ffi::c_ulonglong,
+    pub inner: ::core::ffi::c_ulonglong,
+    pub channels: ::core::ffi::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetBiasGradParams"][::core::mem::size_of::<AlexnetBiasGradParams>() - 24usize];
+    ["Alignment of AlexnetBiasGradParams"]
+        [::core::mem::align_of::<AlexnetBiasGradParams>() - 8usize];
+    ["Offset of field: AlexnetBiasGradParams::outer"]
+        [::core::mem::offset_of!(AlexnetBiasGradParams, outer) - 0usize];
+    ["Offset of field: AlexnetBiasGradParams::inner"]
+        [::core::mem::offset_of!(AlexnetBiasGradParams, inner) - 8usize];
+    ["Offset of field: AlexnetBiasGradParams::channels"]
+        [::core::mem::offset_of!(AlexnetBiasGradParams, channels) - 16usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -41,6 +41,8 @@ unsafe impl DeviceRepr for AlexnetReluBackwardParams {}
 unsafe impl DeviceRepr for AlexnetSoftmaxXentParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetSgdParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AlexnetBiasGradParams {}
 
 /// Every kernel of the registry, looked up once per context, in [`KERNELS`] order.
 #[derive(Debug)]

@@ -97,9 +97,9 @@ pub use libraries::{
 };
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
-    bias_act, convert_f16_to_f32, relu_backward, sgd_step, softmax_cross_entropy, softmax_top_k,
-    Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu,
-    MaxPoolGpu, PrepareInput, SgdSegment, TopK,
+    bias_act, bias_grad, convert_f16_to_f32, relu_backward, sgd_step, softmax_cross_entropy,
+    softmax_top_k, Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu,
+    LrnGpu, MaxPoolGpu, PrepareInput, SgdSegment, TopK,
 };
 
 /// The kernels' arguments exactly as the launchers build them (parameter structs and launch
@@ -107,15 +107,17 @@ pub use ops::{
 #[doc(hidden)]
 pub mod kernel_args {
     pub use super::ops::{
-        bias_act_args, convert_args, relu_backward_args, sgd_args, softmax_top_k_args,
-        softmax_xent_args,
+        bias_act_args, bias_grad_args, convert_args, relu_backward_args, sgd_args,
+        softmax_top_k_args, softmax_xent_args,
     };
 }
 
 /// The cuDNN and cuBLAS calls' arguments as data, for `tests/library_calls.rs`.
 #[doc(hidden)]
 pub mod library_calls {
-    pub use super::ops::{chw_columns_to_hwc, pack_conv_weights, ConvCall, GemmCall};
+    pub use super::ops::{
+        chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall,
+    };
 }
 pub use pinned::{alloc_readback, alloc_upload};
 pub use pipeline::{Pipeline, PipelineOutput};

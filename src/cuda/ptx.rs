@@ -18,9 +18,9 @@ fn lookup(table: &'static [(&'static str, &'static str)], key: &str) -> Option<&
     table.iter().find(|(k, _)| *k == key).map(|&(_, v)| v)
 }
 
-/// The source of `module`, self-contained: the `kernels/` headers it includes
-/// (`alexnet_abi.h`, `alexnet_half.cuh`, `alexnet_lrn.cuh`) are inlined, with `#line` markers so compiler messages
-/// name the original files. Compile it with NVRTC as it is, no include path or header list
+/// The source of `module`, self-contained: the `kernels/` headers it includes (`alexnet_abi.h`,
+/// `alexnet_half.cuh`, `alexnet_lrn.cuh`, `alexnet_reduce.cuh`) are inlined, with `#line`
+/// markers so compiler messages name the original files. Compile it with NVRTC as it is, no include path or header list
 /// needed. `None` for an unknown module.
 pub fn module_source(module: &str) -> Option<&'static str> {
     lookup(generated::SOURCES, module)

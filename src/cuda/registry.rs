@@ -86,6 +86,9 @@ kernel_registry! {
         /// The ReLU's backward in place (`ops::bias_act`, training).
         ReluBackward = "relu_backward" for [f32]
             [Ptr, Ptr, Struct(size_of::<AlexnetReluBackwardParams>())];
+        /// A bias's gradient, summed per channel into f32 (`ops::bias_act`, training).
+        BiasGrad = "bias_grad" for [f32, f16]
+            [Ptr, Ptr, Struct(size_of::<AlexnetBiasGradParams>())];
     }
     "dropout" => {
         /// Training-mode dropout in place with the CPU's mask (`ops::dropout`).

@@ -1,13 +1,15 @@
 //! Bias + optional ReLU in place: launcher of `kernels/bias_act.cu`; CPU twin
 //! [`crate::cpu::bias_act_inplace`].
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig};
 
 use super::shape_err;
-use crate::cuda::abi::{AlexnetBiasActParams, AlexnetReluBackwardParams};
+use crate::cuda::abi::{
+    AlexnetBiasActParams, AlexnetBiasGradParams, AlexnetReluBackwardParams, ALEXNET_BIAS_GRAD_BLOCK,
+};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
-use crate::cuda::launch::{element_count, grid_1d, to_u32, Launch};
+use crate::cuda::launch::{element_count, grid_1d, grid_rows, to_u32, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::Result;
@@ -22,12 +24,7 @@ pub fn bias_act_args(
     relu: bool,
 ) -> Result<(AlexnetBiasActParams, LaunchConfig)> {
     const OP: &str = "bias_act";
-    let (channels, inner) = match (shape, layout) {
-        (&[_, c, h, w], Layout::Nchw) => (c, h * w),
-        (&[_, c, _, _], Layout::Nhwc) => (c, 1),
-        (&[_, cols], Layout::Nchw) => (cols, 1),
-        (other, _) => return Err(shape_err(OP, "[N, C, H, W] or [rows, cols]", other)),
-    };
+    let [_, channels, inner] = channel_axis(OP, shape, layout)?;
     if bias_len != channels {
         return Err(shape_err(OP, format!("a bias of {channels}"), &[bias_len]));
     }
@@ -38,6 +35,18 @@ pub fn bias_act_args(
         relu: u32::from(relu),
     };
     Ok((params, grid_1d(OP, params.len)?))
+}
+
+/// `[outer, channels, inner]`: the channel axis of a tensor of `shape` in `layout` (C of a 4-D
+/// tensor in either layout, the columns of a 2-D `[rows, cols]` one) and the element counts
+/// outside and inside it in memory order.
+fn channel_axis(op: &'static str, shape: &[usize], layout: Layout) -> Result<[usize; 3]> {
+    Ok(match (shape, layout) {
+        (&[n, c, h, w], Layout::Nchw) => [n, c, h * w],
+        (&[n, c, h, w], Layout::Nhwc) => [n * h * w, c, 1],
+        (&[rows, cols], Layout::Nchw) => [rows, cols, 1],
+        (other, _) => return Err(shape_err(op, "[N, C, H, W] or [rows, cols]", other)),
+    })
 }
 
 /// `x += bias[channel]`, then ReLU if `relu`, in place, with the `bias_act` kernel. The channel
@@ -86,6 +95,54 @@ pub fn relu_backward(gpu: &Gpu, output: &GpuTensor<f32>, grad: &mut GpuTensor<f3
         Launch::new(gpu, Kernel::ReluBackward, GpuDtype::F32)?
             .buffer(output.data())
             .buffer(grad.data_mut())
+            .params(&params)
+            .launch(cfg)
+    }
+}
+
+/// The `bias_grad` kernel's parameters and launch shape for a gradient of `shape` in `layout`
+/// (channel axis as for [`bias_act`]): what [`bias_grad`] passes. One block per channel.
+#[doc(hidden)]
+pub fn bias_grad_args(
+    shape: &[usize],
+    layout: Layout,
+) -> Result<(AlexnetBiasGradParams, LaunchConfig)> {
+    const OP: &str = "bias_grad";
+    let [outer, channels, inner] = channel_axis(OP, shape, layout)?;
+    element_count(shape)?; // the index arithmetic below cannot overflow
+    let params = AlexnetBiasGradParams {
+        outer: outer as u64,
+        inner: inner as u64,
+        channels: to_u32(OP, "channels", channels)?,
+    };
+    let mut cfg = grid_rows(OP, params.channels)?;
+    cfg.block_dim = (ALEXNET_BIAS_GRAD_BLOCK, 1, 1);
+    Ok((params, cfg))
+}
+
+/// A bias's gradient for training: `out[c]` = the sum of `grad` over every position of channel
+/// `c` (every image, every pixel; every row of a 2-D gradient), in f64, written as f32 (the
+/// master gradient, also for f16 gradients). `out` holds one value per channel.
+pub fn bias_grad<T: GpuFloat>(
+    gpu: &Gpu,
+    grad: &GpuTensor<T>,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (params, cfg) = bias_grad_args(grad.shape(), grad.layout())?;
+    if out.len() != params.channels as usize {
+        return Err(shape_err(
+            "bias_grad",
+            format!("{} bias gradients", params.channels),
+            &[out.len()],
+        ));
+    }
+    // SAFETY: bias_grad(const T *grad, float *bias_grad, AlexnetBiasGradParams): `grad` holds
+    // outer * channels * inner elements (its own shape) and `out` exactly `channels` (checked
+    // above); `out` is borrowed exclusively, so it overlaps nothing the kernel reads.
+    unsafe {
+        Launch::new(gpu, Kernel::BiasGrad, T::DTYPE)?
+            .buffer(grad.data())
+            .buffer(out)
             .params(&params)
             .launch(cfg)
     }

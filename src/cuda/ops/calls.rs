@@ -6,14 +6,18 @@
 //! descriptor dims, the KRSC filter layout, padded channels, the fc1 permutation), not in the
 //! crate's own kernels.
 
-use ndarray::{Array2, ArrayView2, ArrayView4};
+use ndarray::{Array2, Array4, ArrayView2, ArrayView4};
 
 use crate::config::window_output;
 use crate::cuda::launch::to_i32;
 use crate::cuda::tensor::Layout;
 use crate::error::{Error, Result};
 
-/// What `cudnnConvolutionForward` is told, for one input shape.
+/// What `cudnnConvolutionForward` is told, for one input shape, and its two backward calls
+/// with the same descriptors: `cudnnConvolutionBackwardData` reads the filter and the output's
+/// gradient (shaped `y`) and writes the input's (shaped `x`); `cudnnConvolutionBackwardFilter`
+/// reads `x` and the output's gradient and writes the filter's (shaped and ordered as the
+/// filter).
 ///
 /// Memory order follows `layout` for the input, the output and the filter, as cuDNN reads a
 /// `CUDNN_TENSOR_NCHW` / `CUDNN_TENSOR_NHWC` descriptor: `x` is NCHW or NHWC, the filter KCRS or
@@ -111,6 +115,36 @@ pub fn pack_conv_weights(
     Ok(packed)
 }
 
+/// OIHW weights `[out, in, k, k]` back from the memory order of a `layout` filter descriptor
+/// with `in_channels >= in` channels (the inverse of [`pack_conv_weights`]; the zero-padded
+/// channels are dropped): a filter gradient from `cudnnConvolutionBackwardFilter` in the
+/// layout of a checkpoint and the CPU.
+pub fn unpack_conv_weights(
+    packed: &[f32],
+    [out, weight_in, k]: [usize; 3],
+    in_channels: usize,
+    layout: Layout,
+) -> Result<Array4<f32>> {
+    if in_channels < weight_in || packed.len() != out * in_channels * k * k {
+        return Err(Error::Shape {
+            op: "Conv2dGpu (filter gradient)",
+            expected: format!(
+                "{out} x {in_channels} x {k} x {k} values holding {weight_in} real channels"
+            ),
+            found: vec![packed.len()],
+        });
+    }
+    Ok(Array4::from_shape_fn(
+        (out, weight_in, k, k),
+        |(o, c, i, j)| {
+            packed[match layout {
+                Layout::Nchw => ((o * in_channels + c) * k + i) * k + j,
+                Layout::Nhwc => ((o * k + i) * k + j) * in_channels + c,
+            }]
+        },
+    ))
+}
+
 /// What `cublasGemmEx` is told, in its column-major terms: `C[m x n] = op(A)[m x k] *
 /// op(B)[k x n]` with leading dimensions `lda`, `ldb`, `ldc` (alpha 1, beta 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +179,52 @@ impl GemmCall {
             lda: k,
             ldb: k,
             ldc: m,
+        })
+    }
+
+    /// The input gradient of a linear layer for `rows` rows: row-major `dx [rows, in] =
+    /// dy [rows, out] W [out, in]`, so column-major `dx^T [in, rows] = W^T [in, out] *
+    /// dy^T [out, rows]`. `A` is the weight buffer, whose column-major view (leading dimension
+    /// `in`) already is `W^T`; `B` is `dy`, whose view (leading dimension `out`) is `dy^T`:
+    /// neither is transposed.
+    pub fn linear_backward_input(
+        out_features: usize,
+        in_features: usize,
+        rows: usize,
+    ) -> Result<Self> {
+        let call = GemmCall::linear(out_features, in_features, rows)?;
+        Ok(GemmCall {
+            transa: false,
+            transb: false,
+            m: call.k,
+            n: call.n,
+            k: call.m,
+            lda: call.k,
+            ldb: call.m,
+            ldc: call.k,
+        })
+    }
+
+    /// The weight gradient of a linear layer summed over `rows` rows: row-major
+    /// `dW [out, in] = dy^T [out, rows] x [rows, in]`, so column-major `dW^T [in, out] =
+    /// x^T [in, rows] * dy [rows, out]`. `A` is the input buffer (its view, leading dimension
+    /// `in`, is `x^T`: as is); `B` is `dy` (its view, leading dimension `out`, is `dy^T`: read
+    /// transposed). The result is row-major `[out, in]`, the weight's own layout.
+    pub fn linear_backward_weight(
+        out_features: usize,
+        in_features: usize,
+        rows: usize,
+    ) -> Result<Self> {
+        let call = GemmCall::linear(out_features, in_features, rows)?;
+        Ok(GemmCall {
+            transa: false,
+            transb: true,
+            m: call.k,
+            n: call.m,
+            k: call.n,
+            lda: call.k,
+            ldb: call.m,
+            ldc: call.k,
         })
     }
 }
