@@ -1,5 +1,7 @@
 //! The training kernels on a GPU against their CPU twins, at AlexNet's shapes: the backward of
-//! max-pooling, LRN and ReLU, softmax cross-entropy and the fused SGD step. The same kernels
+//! max-pooling, LRN and ReLU, softmax cross-entropy and the fused SGD step, and the layers'
+//! backward through cuDNN and cuBLAS with the bias-gradient kernel (fp32 within 1e-5 of the
+//! largest gradient, fp16 within 1e-2). The same kernels
 //! run as host C++ on every CI run (tests/host_kernels.rs, bit for bit); what only a GPU shows
 //! is the device compiler's code and the device's math library, so the tolerances here allow
 //! the last bits: max |gpu - cpu| / max |cpu| <= 1e-6, except SGD, whose __fmul_rn/__fadd_rn
@@ -14,14 +16,18 @@
 mod common;
 
 use alexnet_cuda::config::{LrnParams, PoolSpec};
-use alexnet_cuda::cpu::{relu_backward, softmax_cross_entropy, Lrn, MaxPool2d};
+use alexnet_cuda::cpu::{
+    relu_backward, softmax_cross_entropy, Conv2d, InputGradient, Linear, Lrn, MaxPool2d,
+};
+use alexnet_cuda::cuda::library_calls::unpack_conv_weights;
 use alexnet_cuda::cuda::{
-    relu_backward as relu_backward_gpu, sgd_step, softmax_cross_entropy as xent_gpu, Gpu,
-    GpuTensor, Layout, LrnGpu, MaxPoolGpu, SgdSegment,
+    relu_backward as relu_backward_gpu, sgd_step, softmax_cross_entropy as xent_gpu, Conv2dGpu,
+    ConvOptions, Gpu, GpuFloat, GpuTensor, Layout, LinearGpu, LrnGpu, MaxPoolGpu, SgdSegment,
 };
 use alexnet_cuda::train::{Sgd, SgdConfig, UpdateRule};
 use common::{check, formula_values};
-use ndarray::{Array, Array2, ArrayD, IxDyn, ShapeBuilder};
+use half::f16;
+use ndarray::{s, Array, Array2, Array4, ArrayD, IxDyn, ShapeBuilder};
 
 fn gpu() -> Gpu {
     Gpu::new(0).unwrap_or_else(|e| panic!("{e}"))
@@ -209,5 +215,169 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             let want = ArrayD::from_shape_vec(IxDyn(&[total]), cpu.concat()).unwrap();
             check(&format!("sgd {rule:?} step {step}"), &got, &want, 0.0);
         }
+    }
+}
+
+/// One convolution's backward on the GPU against `Conv2d::backward`: input, filter and bias
+/// gradients within `tol` of each one's largest value.
+#[allow(clippy::too_many_arguments)]
+fn conv_backward_case<T: GpuFloat>(
+    gpu: &Gpu,
+    name: &str,
+    input: [usize; 4],
+    out: usize,
+    [kernel, stride, padding]: [usize; 3],
+    options: ConvOptions,
+    input_gradient: InputGradient,
+    tol: f64,
+    seed: u64,
+) {
+    let [n, c, h, w] = input;
+    let x = random((n, c, h, w), seed, 1.0);
+    let weight = random((out, c, kernel, kernel), seed + 1, 0.05);
+    let bias = random(out, seed + 2, 0.1);
+    let cpu = Conv2d::new(weight.view(), &bias, stride, padding).unwrap();
+    let dy = random(cpu.forward(x.view()).unwrap().raw_dim(), seed + 3, 1.0);
+    let want = cpu.backward(x.view(), dy.view(), input_gradient).unwrap();
+
+    let layout = options.layout;
+    let mut layer = Conv2dGpu::<T>::new(gpu, weight.view(), bias.view(), options).unwrap();
+    let in_channels = layer.in_channels();
+    let mut padded = Array4::<f32>::zeros((n, in_channels, h, w));
+    padded.slice_mut(s![.., ..c, .., ..]).assign(&x);
+    let x_gpu = GpuTensor::<T>::from_host(gpu, padded.view().into_dyn(), layout).unwrap();
+    let dy_gpu = GpuTensor::<T>::from_host(gpu, dy.view().into_dyn(), layout).unwrap();
+    let stream = gpu.stream();
+    let mut dw = stream
+        .alloc_zeros::<T>(out * in_channels * kernel * kernel)
+        .unwrap();
+    let mut db = stream.alloc_zeros::<f32>(out).unwrap();
+    let mut dx = match input_gradient {
+        InputGradient::Compute => {
+            let mut t = GpuTensor::<T>::zeros(gpu, &[n, in_channels, h, w], layout).unwrap();
+            t.poison(gpu).unwrap();
+            Some(t)
+        }
+        InputGradient::Skip => None,
+    };
+    // Twice: the first call chooses the algorithms, the second runs the chosen ones.
+    for round in 0..2 {
+        layer
+            .backward(
+                gpu,
+                &x_gpu,
+                &dy_gpu,
+                dx.as_mut(),
+                &mut dw.slice_mut(..),
+                &mut db.slice_mut(..),
+            )
+            .unwrap();
+        let what = format!("{name} {layout:?} round {round}");
+        let packed: Vec<f32> = stream
+            .clone_dtoh(&dw)
+            .unwrap()
+            .into_iter()
+            .map(|v: T| v.to_f32())
+            .collect();
+        let got_dw = unpack_conv_weights(&packed, [out, c, kernel], in_channels, layout).unwrap();
+        check(
+            &format!("{what}: filter gradient"),
+            &got_dw.into_dyn(),
+            &want.weight.clone().into_dyn(),
+            tol,
+        );
+        let got_db = ArrayD::from_shape_vec(IxDyn(&[out]), stream.clone_dtoh(&db).unwrap());
+        check(
+            &format!("{what}: bias gradient"),
+            &got_db.unwrap(),
+            &want.bias.clone().into_dyn(),
+            tol,
+        );
+        if let (Some(dx), Some(want_dx)) = (&dx, &want.input) {
+            let got = dx.to_host(gpu).unwrap();
+            let got = got.slice(s![.., ..c, .., ..]).to_owned().into_dyn();
+            check(
+                &format!("{what}: input gradient"),
+                &got,
+                &want_dx.clone().into_dyn(),
+                tol,
+            );
+        }
+    }
+    eprintln!("{name}: {:?}", layer.plans());
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn conv_and_linear_backward_match_the_cpu_at_alexnet_shapes() {
+    let _gpu = common::exclusive_gpu();
+    let gpu = gpu();
+    let seed = common::test_seed("conv_and_linear_backward_match_the_cpu_at_alexnet_shapes");
+    // conv1 (no input gradient: its input is the data) and a conv2-like layer, batch 2, true
+    // fp32 NCHW (the 1e-5 of the largest gradient), then fp16 NHWC with conv1's input
+    // padded to 8 channels (mixed precision's 1e-2).
+    let conv1 = ([2, 3, 227, 227], 96, [11, 4, 0], InputGradient::Skip);
+    let conv2 = ([2, 96, 27, 27], 64, [5, 1, 2], InputGradient::Compute);
+    for (i, (name, (input, out, geometry, grad))) in
+        [("conv1", conv1), ("conv2", conv2)].into_iter().enumerate()
+    {
+        let [_, stride, padding] = geometry;
+        let s = seed + 10 * i as u64;
+        let fp32 = ConvOptions::new(stride, padding, Layout::Nchw);
+        conv_backward_case::<f32>(&gpu, name, input, out, geometry, fp32, grad, 1e-5, s);
+        let fp16 = ConvOptions {
+            in_channels: (input[1] < 8).then_some(8),
+            ..ConvOptions::new(stride, padding, Layout::Nhwc)
+        };
+        conv_backward_case::<f16>(&gpu, name, input, out, geometry, fp16, grad, 1e-2, s);
+    }
+
+    // fc1-like and fc3 at batch 128: weight, bias and input gradients.
+    for (i, (inputs, outputs)) in [(9216, 512), (4096, 1000)].into_iter().enumerate() {
+        let s = seed + 100 + 10 * i as u64;
+        let rows = 128;
+        let x = random((rows, inputs), s, 1.0);
+        let weight = random((outputs, inputs), s + 1, 0.01);
+        let bias = random(outputs, s + 2, 0.1);
+        let dy = random((rows, outputs), s + 3, 1.0);
+        let want = Linear::new(weight.view(), &bias)
+            .unwrap()
+            .backward(x.view(), dy.view())
+            .unwrap();
+        let layer = LinearGpu::<f32>::new(&gpu, weight.view(), bias.view(), false).unwrap();
+        let stream = gpu.stream();
+        let mut dw = stream.alloc_zeros::<f32>(outputs * inputs).unwrap();
+        let mut db = stream.alloc_zeros::<f32>(outputs).unwrap();
+        let mut dx = poisoned(&gpu, &[rows, inputs], Layout::Nchw);
+        layer
+            .backward(
+                &gpu,
+                &upload(&gpu, &x.clone().into_dyn(), Layout::Nchw),
+                &upload(&gpu, &dy.clone().into_dyn(), Layout::Nchw),
+                Some(&mut dx),
+                &mut dw.slice_mut(..),
+                &mut db.slice_mut(..),
+            )
+            .unwrap();
+        let what = format!("linear {inputs}->{outputs}");
+        let host = |v: Vec<f32>, shape: &[usize]| ArrayD::from_shape_vec(IxDyn(shape), v).unwrap();
+        check(
+            &format!("{what}: weight gradient"),
+            &host(stream.clone_dtoh(&dw).unwrap(), &[outputs, inputs]),
+            &want.weight.into_dyn(),
+            1e-5,
+        );
+        check(
+            &format!("{what}: bias gradient"),
+            &host(stream.clone_dtoh(&db).unwrap(), &[outputs]),
+            &want.bias.into_dyn(),
+            1e-5,
+        );
+        check(
+            &format!("{what}: input gradient"),
+            &dx.to_host(&gpu).unwrap(),
+            &want.input.into_dyn(),
+            1e-5,
+        );
     }
 }

@@ -166,10 +166,11 @@ impl Drop for ConvDesc {
     }
 }
 
-/// One candidate of `cudnnFindConvolutionForwardAlgorithm`, measured on the device.
+/// One candidate of a `cudnnFindConvolution*AlgorithmEx` search, measured on the device: a
+/// forward (`A = cudnnConvolutionFwdAlgo_t`), backward-data or backward-filter algorithm.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct FwdAlgoPerf {
-    pub algo: sys::cudnnConvolutionFwdAlgo_t,
+pub(crate) struct AlgoPerf<A> {
+    pub algo: A,
     #[allow(dead_code)] // kept for Debug output in error messages
     pub time_ms: f32,
     pub workspace: usize,
@@ -177,30 +178,93 @@ pub(crate) struct FwdAlgoPerf {
     pub math: sys::cudnnMathType_t,
 }
 
+/// A forward candidate.
+pub(crate) type FwdAlgoPerf = AlgoPerf<sys::cudnnConvolutionFwdAlgo_t>;
+
+/// The algorithms of one kind of convolution call and what the algorithm choice needs to
+/// know about them.
+pub(crate) trait ConvAlgorithm: Copy + std::fmt::Debug {
+    /// cuDNN's result record for this kind of call.
+    type Perf;
+    /// Algorithms of this kind (the size of a full result list).
+    const COUNT: usize;
+    /// Whether true fp32 may run it: GEMM-family and direct algorithms only; the transform-domain
+    /// ones (FFT, Winograd) cost about an order of magnitude of accuracy through their extra
+    /// roundings.
+    fn keeps_fp32_accuracy(self) -> bool;
+    /// A successful record as an [`AlgoPerf`]; `None` for a failed one.
+    fn from_record(record: &Self::Perf) -> Option<AlgoPerf<Self>>;
+}
+
+macro_rules! conv_algorithm {
+    ($algo:ty, $perf:ty, $count:expr, [$($fp32:ident),+ $(,)?]) => {
+        impl ConvAlgorithm for $algo {
+            type Perf = $perf;
+            const COUNT: usize = $count as usize;
+            fn keeps_fp32_accuracy(self) -> bool {
+                use $algo::*;
+                matches!(self, $($fp32)|+)
+            }
+            fn from_record(p: &$perf) -> Option<AlgoPerf<Self>> {
+                (p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS).then(|| AlgoPerf {
+                    algo: p.algo,
+                    time_ms: p.time,
+                    workspace: p.memory,
+                    deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+                    math: p.mathType,
+                })
+            }
+        }
+    };
+}
+
+conv_algorithm!(
+    sys::cudnnConvolutionFwdAlgo_t,
+    sys::cudnnConvolutionFwdAlgoPerf_t,
+    sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
+    [
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+    ]
+);
+conv_algorithm!(
+    sys::cudnnConvolutionBwdDataAlgo_t,
+    sys::cudnnConvolutionBwdDataAlgoPerf_t,
+    sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT,
+    [
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+    ]
+);
+conv_algorithm!(
+    sys::cudnnConvolutionBwdFilterAlgo_t,
+    sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+    sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
+    [
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+    ]
+);
+
 /// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
-/// deterministic one, else the fastest. For true fp32 (`CUDNN_FMA_MATH`) only GEMM-family and
-/// direct algorithms measured without tensor-op math qualify: the transform-domain ones (FFT,
-/// Winograd) cost about an order of magnitude of accuracy through their extra roundings. None
-/// needing more than `max_workspace` bytes qualifies.
-pub(crate) fn choose_forward_algorithm(
-    candidates: &[FwdAlgoPerf],
+/// deterministic one, else the fastest. For true fp32 (`CUDNN_FMA_MATH`) only algorithms that
+/// keep fp32 accuracy ([`ConvAlgorithm::keeps_fp32_accuracy`]) measured without tensor-op math
+/// qualify. None needing more than `max_workspace` bytes qualifies.
+pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
+    candidates: &[AlgoPerf<A>],
     true_fp32: bool,
     max_workspace: usize,
-) -> Option<FwdAlgoPerf> {
-    use sys::cudnnConvolutionFwdAlgo_t::*;
-    let allowed = |p: &&FwdAlgoPerf| {
+) -> Option<AlgoPerf<A>> {
+    let allowed = |p: &&AlgoPerf<A>| {
         p.workspace <= max_workspace
             && (!true_fp32
                 || (matches!(
                     p.math,
                     sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-                ) && matches!(
-                    p.algo,
-                    CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
-                        | CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
-                        | CUDNN_CONVOLUTION_FWD_ALGO_GEMM
-                        | CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
-                )))
+                ) && p.algo.keeps_fp32_accuracy()))
     };
     candidates
         .iter()
@@ -210,15 +274,29 @@ pub(crate) fn choose_forward_algorithm(
         .copied()
 }
 
-/// The buffers [`find_forward_algorithms`] measures on: the layer's real input, weights and
-/// output, and the shared workspace.
+/// The buffers a `Find` search measures on, in the order of the call's arguments: the two it
+/// reads (forward: `x`, `w`; backward data: `w`, `dy`; backward filter: `x`, `dy`), the one it
+/// writes (`y`, `dx`, `dw`: overwritten by the measurements), and the shared workspace.
 pub(crate) struct FindBuffers {
-    pub x: *const c_void,
-    pub w: *const c_void,
-    /// Overwritten by the measurements.
-    pub y: *mut c_void,
+    pub read: [*const c_void; 2],
+    pub written: *mut c_void,
     pub workspace: *mut c_void,
     pub workspace_bytes: usize,
+}
+
+/// Twice the algorithm count: cuDNN may report an algorithm once with tensor-op math and once
+/// without, and the true-fp32 rule needs the latter even when it is slow.
+const fn requested(count: usize) -> usize {
+    2 * count
+}
+
+/// The successful records among the first `returned` of `records`, as [`AlgoPerf`]s.
+fn successes<A: ConvAlgorithm>(records: &[A::Perf], returned: i32) -> Vec<AlgoPerf<A>> {
+    let returned = usize::try_from(returned).unwrap_or(0).min(records.len());
+    records[..returned]
+        .iter()
+        .filter_map(A::from_record)
+        .collect()
 }
 
 /// Runs every forward algorithm that fits `buffers.workspace_bytes` once on the real buffers
@@ -236,12 +314,10 @@ pub(crate) unsafe fn find_forward_algorithms(
     y: &TensorDesc,
     buffers: &FindBuffers,
 ) -> Result<Vec<FwdAlgoPerf>> {
-    // Twice the algorithm count: cuDNN may report an algorithm once with tensor-op math and
-    // once without, and the true-fp32 rule needs the latter even when it is slow.
-    const REQUESTED: usize =
-        2 * sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+    type A = sys::cudnnConvolutionFwdAlgo_t;
+    const REQUESTED: usize = requested(<A as ConvAlgorithm>::COUNT);
     // SAFETY: an all-zero perf struct is valid (every enum field has a 0 variant), and only the
-    // `returned` first entries are read below, all written by cuDNN.
+    // `returned` first entries are read, all written by cuDNN.
     let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; REQUESTED] = unsafe { std::mem::zeroed() };
     let mut returned: i32 = 0;
     // SAFETY: handle and descriptors are alive; the buffers are as the caller guarantees;
@@ -250,12 +326,12 @@ pub(crate) unsafe fn find_forward_algorithms(
         sys::cudnnFindConvolutionForwardAlgorithmEx(
             handle.0,
             x.0,
-            buffers.x,
+            buffers.read[0],
             w.0,
-            buffers.w,
+            buffers.read[1],
             conv.0,
             y.0,
-            buffers.y,
+            buffers.written,
             REQUESTED as i32,
             &mut returned,
             perf.as_mut_ptr(),
@@ -265,18 +341,93 @@ pub(crate) unsafe fn find_forward_algorithms(
     }
     .result()
     .map_err(err("cudnnFindConvolutionForwardAlgorithmEx"))?;
-    let returned = usize::try_from(returned).unwrap_or(0).min(REQUESTED);
-    Ok(perf[..returned]
-        .iter()
-        .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-        .map(|p| FwdAlgoPerf {
-            algo: p.algo,
-            time_ms: p.time,
-            workspace: p.memory,
-            deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
-            math: p.mathType,
-        })
-        .collect())
+    Ok(successes::<A>(&perf, returned))
+}
+
+/// Runs every backward-data algorithm that fits once on the real buffers
+/// (`cudnnFindConvolutionBackwardDataAlgorithmEx`: reads `w` and `dy`, writes `dx`) and returns
+/// the successful ones, fastest first.
+///
+/// # Safety
+/// As for [`find_forward_algorithms`], with `w` and `dy` read and `dx` written.
+pub(crate) unsafe fn find_backward_data_algorithms(
+    handle: &CudnnHandle,
+    w: &FilterDesc,
+    dy: &TensorDesc,
+    conv: &ConvDesc,
+    dx: &TensorDesc,
+    buffers: &FindBuffers,
+) -> Result<Vec<AlgoPerf<sys::cudnnConvolutionBwdDataAlgo_t>>> {
+    type A = sys::cudnnConvolutionBwdDataAlgo_t;
+    const REQUESTED: usize = requested(<A as ConvAlgorithm>::COUNT);
+    // SAFETY: as in `find_forward_algorithms`.
+    let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; REQUESTED] =
+        unsafe { std::mem::zeroed() };
+    let mut returned: i32 = 0;
+    // SAFETY: as in `find_forward_algorithms`.
+    unsafe {
+        sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
+            handle.0,
+            w.0,
+            buffers.read[0],
+            dy.0,
+            buffers.read[1],
+            conv.0,
+            dx.0,
+            buffers.written,
+            REQUESTED as i32,
+            &mut returned,
+            perf.as_mut_ptr(),
+            buffers.workspace,
+            buffers.workspace_bytes,
+        )
+    }
+    .result()
+    .map_err(err("cudnnFindConvolutionBackwardDataAlgorithmEx"))?;
+    Ok(successes::<A>(&perf, returned))
+}
+
+/// Runs every backward-filter algorithm that fits once on the real buffers
+/// (`cudnnFindConvolutionBackwardFilterAlgorithmEx`: reads `x` and `dy`, writes `dw`) and
+/// returns the successful ones, fastest first.
+///
+/// # Safety
+/// As for [`find_forward_algorithms`], with `x` and `dy` read and `dw` written.
+pub(crate) unsafe fn find_backward_filter_algorithms(
+    handle: &CudnnHandle,
+    x: &TensorDesc,
+    dy: &TensorDesc,
+    conv: &ConvDesc,
+    dw: &FilterDesc,
+    buffers: &FindBuffers,
+) -> Result<Vec<AlgoPerf<sys::cudnnConvolutionBwdFilterAlgo_t>>> {
+    type A = sys::cudnnConvolutionBwdFilterAlgo_t;
+    const REQUESTED: usize = requested(<A as ConvAlgorithm>::COUNT);
+    // SAFETY: as in `find_forward_algorithms`.
+    let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; REQUESTED] =
+        unsafe { std::mem::zeroed() };
+    let mut returned: i32 = 0;
+    // SAFETY: as in `find_forward_algorithms`.
+    unsafe {
+        sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
+            handle.0,
+            x.0,
+            buffers.read[0],
+            dy.0,
+            buffers.read[1],
+            conv.0,
+            dw.0,
+            buffers.written,
+            REQUESTED as i32,
+            &mut returned,
+            perf.as_mut_ptr(),
+            buffers.workspace,
+            buffers.workspace_bytes,
+        )
+    }
+    .result()
+    .map_err(err("cudnnFindConvolutionBackwardFilterAlgorithmEx"))?;
+    Ok(successes::<A>(&perf, returned))
 }
 
 #[cfg(test)]
@@ -320,15 +471,15 @@ mod tests {
                 true,
             ),
         ];
-        let chosen = choose_forward_algorithm(&fastest_first, true, usize::MAX).unwrap();
+        let chosen = choose_algorithm(&fastest_first, true, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
         // Without the fp32 rule the fastest deterministic one wins.
-        let chosen = choose_forward_algorithm(&fastest_first, false, usize::MAX).unwrap();
+        let chosen = choose_algorithm(&fastest_first, false, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
         // No deterministic qualifier: the fastest that qualifies.
-        let chosen = choose_forward_algorithm(&fastest_first[..4], true, usize::MAX).unwrap();
+        let chosen = choose_algorithm(&fastest_first[..4], true, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
-        assert!(choose_forward_algorithm(&fastest_first[..3], true, usize::MAX).is_none());
+        assert!(choose_algorithm(&fastest_first[..3], true, usize::MAX).is_none());
     }
 
     /// The cap on the shared workspace is a hard limit: a faster algorithm needing more loses
@@ -344,7 +495,7 @@ mod tests {
             with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, 4 << 20),
             with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, 0),
         ];
-        let pick = |cap| choose_forward_algorithm(&fastest_first, false, cap).map(|p| p.algo);
+        let pick = |cap| choose_algorithm(&fastest_first, false, cap).map(|p| p.algo);
         assert_eq!(pick(1 << 30), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
         assert_eq!(pick(900 << 20), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
         assert_eq!(
@@ -352,6 +503,47 @@ mod tests {
             Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM)
         );
         assert_eq!(pick(0), Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM));
-        assert!(choose_forward_algorithm(&fastest_first[..2], false, (4 << 20) - 1).is_none());
+        assert!(choose_algorithm(&fastest_first[..2], false, (4 << 20) - 1).is_none());
+    }
+
+    /// The backward kinds follow the same rules: no transform-domain algorithm for true fp32,
+    /// deterministic ones first.
+    #[test]
+    fn backward_choices_follow_the_same_rules() {
+        use sys::cudnnConvolutionBwdDataAlgo_t::*;
+        use sys::cudnnConvolutionBwdFilterAlgo_t::*;
+        let data = |algo, deterministic| AlgoPerf {
+            algo,
+            time_ms: 1.0,
+            workspace: 0,
+            deterministic,
+            math: CUDNN_DEFAULT_MATH,
+        };
+        let fastest_first = [
+            data(CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED, true),
+            data(CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, false),
+            data(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, true),
+        ];
+        let pick = |fp32| choose_algorithm(&fastest_first, fp32, usize::MAX).map(|p| p.algo);
+        assert_eq!(pick(true), Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1));
+        assert_eq!(
+            pick(false),
+            Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED)
+        );
+        let filter = |algo, deterministic| AlgoPerf {
+            algo,
+            time_ms: 1.0,
+            workspace: 0,
+            deterministic,
+            math: CUDNN_FMA_MATH,
+        };
+        let fastest_first = [
+            filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT, true),
+            filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3, false),
+            filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0, false),
+        ];
+        let chosen = choose_algorithm(&fastest_first, true, usize::MAX).unwrap();
+        assert_eq!(chosen.algo, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3);
+        assert!(choose_algorithm(&fastest_first[..1], true, usize::MAX).is_none());
     }
 }

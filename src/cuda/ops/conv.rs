@@ -14,12 +14,16 @@ use cudarc::cudnn::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use ndarray::{ArrayView1, ArrayView4};
 
+mod backward;
+
+use backward::BackwardPlan;
+
 use super::calls::{pack_conv_weights, ConvCall};
 use super::{bias_act, layout_err, shape_err, upload};
 use crate::config::window_output;
 use crate::cuda::cudnn::{
-    choose_forward_algorithm, find_forward_algorithms, ConvDesc, FilterDesc, FindBuffers,
-    TensorDesc,
+    choose_algorithm, find_forward_algorithms, AlgoPerf, ConvAlgorithm, ConvDesc, CudnnHandle,
+    FilterDesc, FindBuffers, TensorDesc,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -83,13 +87,23 @@ impl ConvOptions {
 }
 
 /// A chosen algorithm for one input shape, with its descriptors and the bytes of the shared
-/// workspace it needs.
+/// workspace it needs, and the backward's algorithms once chosen.
 #[derive(Debug)]
 struct ConvPlan {
     conv: ConvDesc,
     x: TensorDesc,
     y: TensorDesc,
     algo: cudnnConvolutionFwdAlgo_t,
+    workspace_bytes: usize,
+    backward: BackwardPlan,
+}
+
+/// One call's chosen algorithm, the convolution descriptor to run it with (carrying the math
+/// type it was measured with) and the bytes of the shared workspace it needs.
+#[derive(Debug)]
+struct Chosen<A> {
+    conv: ConvDesc,
+    algo: A,
     workspace_bytes: usize,
 }
 
@@ -302,26 +316,89 @@ impl<T: GpuFloat> Conv2dGpu<T> {
     }
 
     /// Chooses the algorithm for `x`'s shape by measuring the candidates on `x`, the weights,
-    /// `y` and the shared workspace (made as large as the cap allows for the search, then
-    /// shrunk to the most any chosen algorithm needs).
+    /// `y` and the shared workspace (see [`Conv2dGpu::measure`]).
     fn make_plan(&self, gpu: &Gpu, x: &GpuTensor<T>, y: &mut GpuTensor<T>) -> Result<ConvPlan> {
         const OP: &str = "Conv2dGpu::prepare";
         let [n, height, width] = self.check_shapes(OP, x, y)?;
         let call = self.call(n, height, width)?;
-        let (x_dims, y_dims) = (call.x, call.y);
         gpu.bind()?;
         let format = cudnn_format(call.layout);
         let x_desc = TensorDesc::new(T::DTYPE.cudnn(), format, call.x)?;
         let y_desc = TensorDesc::new(T::DTYPE.cudnn(), format, call.y)?;
+        let chosen = self.measure(
+            gpu,
+            &call,
+            |handle, conv, workspace, workspace_bytes| {
+                let cudnn_dims = conv.output_dims(&x_desc, &self.filter)?;
+                if cudnn_dims != call.y {
+                    return Err(Error::cuda(
+                        OP,
+                        format!(
+                            "cuDNN computes an output of {cudnn_dims:?}, the layer expects {:?}",
+                            call.y
+                        ),
+                    ));
+                }
+                let stream = gpu.stream();
+                let (x_ptr, _x_done) = x.data().device_ptr(stream);
+                let (w_ptr, _w_done) = self.weight.device_ptr(stream);
+                let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
+                let buffers = FindBuffers {
+                    read: [x_ptr as *const c_void, w_ptr as *const c_void],
+                    written: y_ptr as *mut c_void,
+                    workspace,
+                    workspace_bytes,
+                };
+                // SAFETY: `x`, the weights and `y` match the descriptors (shapes checked above,
+                // dtype and layout are the layer's), the workspace is `workspace_bytes` long,
+                // all on this GPU; the stream is idle and the call returns only once cuDNN is
+                // done with them.
+                unsafe {
+                    find_forward_algorithms(handle, &x_desc, &self.filter, conv, &y_desc, &buffers)
+                }
+            },
+            |handle, conv, algo| {
+                // SAFETY: handle and descriptors are alive; the call only computes a size.
+                unsafe {
+                    cudarc::cudnn::result::get_convolution_forward_workspace_size(
+                        handle.0,
+                        x_desc.0,
+                        self.filter.0,
+                        conv.0,
+                        y_desc.0,
+                        algo,
+                    )
+                }
+                .map_err(|e| Error::cuda("cudnnGetConvolutionForwardWorkspaceSize", e))
+            },
+        )?;
+        Ok(ConvPlan {
+            conv: chosen.conv,
+            x: x_desc,
+            y: y_desc,
+            algo: chosen.algo,
+            workspace_bytes: chosen.workspace_bytes,
+            backward: BackwardPlan::default(),
+        })
+    }
+
+    /// Chooses the algorithm of one of the layer's calls on `call`'s shapes: `search` runs
+    /// cuDNN's `Find` for that call on the real buffers (given the handle, a fresh convolution
+    /// descriptor with the layer's math type, and the shared workspace made as large as the cap
+    /// allows), the rules of [`choose_algorithm`] pick one, `workspace_size` asks what it needs,
+    /// and the workspace shrinks to the most any chosen algorithm needs. The descriptor returned
+    /// carries the math type the winner was measured with.
+    fn measure<A: ConvAlgorithm>(
+        &self,
+        gpu: &Gpu,
+        call: &ConvCall,
+        search: impl FnOnce(&CudnnHandle, &ConvDesc, *mut c_void, usize) -> Result<Vec<AlgoPerf<A>>>,
+        workspace_size: impl FnOnce(&CudnnHandle, &ConvDesc, A) -> Result<usize>,
+    ) -> Result<Chosen<A>> {
+        const OP: &str = "Conv2dGpu (algorithm choice)";
+        gpu.bind()?;
         // Accumulation is f32 for both storage types (fp16: cuDNN's "pseudo-half" config).
-        let conv = ConvDesc::new(&call, cudnnDataType_t::CUDNN_DATA_FLOAT, self.math)?;
-        let cudnn_dims = conv.output_dims(&x_desc, &self.filter)?;
-        if cudnn_dims != y_dims {
-            return Err(Error::cuda(
-                OP,
-                format!("cuDNN computes an output of {cudnn_dims:?}, the layer expects {y_dims:?}"),
-            ));
-        }
+        let conv = ConvDesc::new(call, cudnnDataType_t::CUDNN_DATA_FLOAT, self.math)?;
         let stream = gpu.stream();
         // Measuring synchronises and allocates: never inside a CUDA graph capture (the eager
         // run before a capture chooses every algorithm).
@@ -335,60 +412,30 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             .synchronize()
             .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
         let candidates = {
-            let (x_ptr, _x_done) = x.data().device_ptr(stream);
-            let (w_ptr, _w_done) = self.weight.device_ptr(stream);
-            let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
             let (ws_ptr, ws_bytes, _ws_done) = workspace.device_ptr(stream);
-            let buffers = FindBuffers {
-                x: x_ptr as *const c_void,
-                w: w_ptr as *const c_void,
-                y: y_ptr as *mut c_void,
-                workspace: ws_ptr,
-                workspace_bytes: ws_bytes,
-            };
-            // SAFETY: `x`, the weights and `y` match the descriptors (shapes checked above,
-            // dtype and layout are the layer's), the workspace is `ws_bytes` long, all on this
-            // GPU; the stream is idle and the call returns only once cuDNN is done with them.
-            unsafe {
-                find_forward_algorithms(&handle, &x_desc, &self.filter, &conv, &y_desc, &buffers)
-            }?
+            search(&handle, &conv, ws_ptr, ws_bytes)?
         };
         let true_fp32 = self.math == cudnnMathType_t::CUDNN_FMA_MATH;
-        let best =
-            choose_forward_algorithm(&candidates, true_fp32, search_bytes).ok_or_else(|| {
-                Error::cuda(
-                    OP,
-                    format!(
-                        "cuDNN has no usable forward algorithm for input {x_dims:?} \
-                         ({:?}, {:?}) within a {search_bytes}-byte workspace; candidates: \
-                         {candidates:?}",
-                        T::DTYPE,
-                        self.options.layout
-                    ),
-                )
-            })?;
+        let best = choose_algorithm(&candidates, true_fp32, search_bytes).ok_or_else(|| {
+            Error::cuda(
+                OP,
+                format!(
+                    "cuDNN has no usable algorithm for input {:?} ({:?}, {:?}) within a \
+                         {search_bytes}-byte workspace; candidates: {candidates:?}",
+                    call.x,
+                    T::DTYPE,
+                    self.options.layout
+                ),
+            )
+        })?;
         if !true_fp32 {
             // The math type Find measured the winner with (tensor ops or not) is the one to run.
             conv.set_math(best.math)?;
         }
-        // SAFETY: handle and descriptors are alive; the call only computes a size.
-        let needed = unsafe {
-            cudarc::cudnn::result::get_convolution_forward_workspace_size(
-                handle.0,
-                x_desc.0,
-                self.filter.0,
-                conv.0,
-                y_desc.0,
-                best.algo,
-            )
-        }
-        .map_err(|e| Error::cuda("cudnnGetConvolutionForwardWorkspaceSize", e))?;
-        let workspace_bytes = needed.max(best.workspace);
+        let workspace_bytes = workspace_size(&handle, &conv, best.algo)?.max(best.workspace);
         workspace.settle(stream, workspace_bytes)?;
-        Ok(ConvPlan {
+        Ok(Chosen {
             conv,
-            x: x_desc,
-            y: y_desc,
             algo: best.algo,
             workspace_bytes,
         })

@@ -3,11 +3,12 @@
 use std::ffi::c_void;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut};
 use ndarray::{ArrayView1, ArrayView2};
 
 use super::calls::GemmCall;
-use super::{bias_act, shape_err, upload};
+use super::{bias_act, bias_grad, shape_err, upload};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::to_i32;
@@ -103,6 +104,97 @@ impl<T: GpuFloat> LinearGpu<T> {
             ));
         }
         let call = self.call(rows)?;
+        {
+            let stream = gpu.stream();
+            let (w_ptr, _w_done) = self.weight.device_ptr(stream);
+            let (x_ptr, _x_done) = x.data().device_ptr(stream);
+            let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
+            // Column-major view: y^T [out, rows] = W [out, in] * x^T [in, rows] (see
+            // GemmCall::linear, whose arguments tests/library_calls.rs replays on the CPU).
+            // SAFETY: the weight holds out*in, `x` rows*in and `y` rows*out elements of T
+            // (checked above and at construction), what the call reads and writes; the guards
+            // record the uses after the call.
+            unsafe { self.gemm(gpu, &call, w_ptr, x_ptr, y_ptr) }?;
+        }
+        bias_act(gpu, y, &self.bias, relu)
+    }
+
+    /// The gradients of the linear map of [`LinearGpu::forward`] (before any ReLU: `dy` is the
+    /// gradient after the ReLU's backward) at the input `x` (read as `[rows, in]` in memory
+    /// order, as the forward reads it), every output overwritten: the weight's into `dw`
+    /// (row-major `[out, in]`, the weight's own layout, summed over the rows), the bias's into
+    /// `db` (f32, the `bias_grad` kernel), the input's into `dx` (shaped like `x`) unless
+    /// `None`. Two cuBLAS GEMMs ([`GemmCall::linear_backward_weight`] and
+    /// [`GemmCall::linear_backward_input`], replayed on the CPU by `tests/library_calls.rs`).
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        x: &GpuTensor<T>,
+        dy: &GpuTensor<T>,
+        dx: Option<&mut GpuTensor<T>>,
+        dw: &mut CudaViewMut<'_, T>,
+        db: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        const OP: &str = "LinearGpu::backward";
+        let rows = x.shape()[0];
+        let (inputs, outputs) = (self.in_features, self.out_features);
+        let dx_ok = dx
+            .as_deref()
+            .is_none_or(|dx| dx.shape() == x.shape() && dx.layout() == x.layout());
+        if rows.checked_mul(inputs) != Some(x.len())
+            || dy.shape() != [rows, outputs].as_slice()
+            || !dx_ok
+            || dw.len() != outputs * inputs
+            || db.len() != outputs
+        {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "x [N, {inputs}] (any shape with N * {inputs} elements), dy [N, {outputs}], \
+                     dx shaped like x, {} weight and {outputs} bias gradients",
+                    outputs * inputs
+                ),
+                &[x.shape(), dy.shape(), &[dw.len(), db.len()]].concat(),
+            ));
+        }
+        {
+            let stream = gpu.stream();
+            let call = GemmCall::linear_backward_weight(outputs, inputs, rows)?;
+            let (x_ptr, _x_done) = x.data().device_ptr(stream);
+            let (dy_ptr, _dy_done) = dy.data().device_ptr(stream);
+            let (dw_ptr, _dw_done) = dw.device_ptr_mut(stream);
+            // dW^T [in, out] = x^T [in, rows] * dy [rows, out] in column-major terms.
+            // SAFETY: `x` holds rows*in, `dy` rows*out and `dw` out*in elements of T (checked
+            // above), what the call reads and writes.
+            unsafe { self.gemm(gpu, &call, x_ptr, dy_ptr, dw_ptr) }?;
+            if let Some(dx) = dx {
+                let call = GemmCall::linear_backward_input(outputs, inputs, rows)?;
+                let (w_ptr, _w_done) = self.weight.device_ptr(stream);
+                let (dx_ptr, _dx_done) = dx.data_mut().device_ptr_mut(stream);
+                // dx^T [in, rows] = W^T [in, out] * dy^T [out, rows] in column-major terms.
+                // SAFETY: the weight holds out*in, `dy` rows*out and `dx` rows*in elements of
+                // T (checked above).
+                unsafe { self.gemm(gpu, &call, w_ptr, dy_ptr, dx_ptr) }?;
+            }
+        }
+        bias_grad(gpu, dy, db)
+    }
+
+    /// `C = op(A) op(B)` as `call` says (alpha 1, beta 0) in the layer's storage type with f32
+    /// compute (TF32 where allowed), on the compute stream.
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` are device pointers on this GPU, ready on the compute stream, holding
+    /// at least what `call`'s dimensions and leading dimensions make cuBLAS read (`a`, `b`) and
+    /// write (`c`) in `T`; `c` overlaps neither input.
+    unsafe fn gemm(
+        &self,
+        gpu: &Gpu,
+        call: &GemmCall,
+        a: CUdeviceptr,
+        b: CUdeviceptr,
+        c: CUdeviceptr,
+    ) -> Result<()> {
         let op = |transpose| match transpose {
             true => cublasOperation_t::CUBLAS_OP_T,
             false => cublasOperation_t::CUBLAS_OP_N,
@@ -113,44 +205,33 @@ impl<T: GpuFloat> LinearGpu<T> {
         };
         let dtype = T::DTYPE.cublas();
         gpu.bind()?;
-        {
-            let blas = gpu.blas()?;
-            let stream = gpu.stream();
-            let (w_ptr, _w_done) = self.weight.device_ptr(stream);
-            let (x_ptr, _x_done) = x.data().device_ptr(stream);
-            let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            // Column-major view: y^T [out, rows] = W [out, in] * x^T [in, rows] (see
-            // GemmCall::linear, whose arguments tests/library_calls.rs replays on the CPU).
-            // SAFETY: the cuBLAS handle runs on `stream`, where the pointers were made ready;
-            // the weight holds out*in, `x` rows*in and `y` rows*out elements of `dtype`
-            // (checked above and at construction); alpha/beta are host f32 values matching the
-            // f32 compute type; the guards record the uses after the call.
-            unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    blas.0,
-                    op(call.transa),
-                    op(call.transb),
-                    call.m,
-                    call.n,
-                    call.k,
-                    (&alpha as *const f32).cast(),
-                    w_ptr as *const c_void,
-                    dtype,
-                    call.lda,
-                    x_ptr as *const c_void,
-                    dtype,
-                    call.ldb,
-                    (&beta as *const f32).cast(),
-                    y_ptr as *mut c_void,
-                    dtype,
-                    call.ldc,
-                    compute,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| Error::cuda("cublasGemmEx", e))?;
+        let blas = gpu.blas()?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the cuBLAS handle runs on the compute stream; the buffers are as the caller
+        // guarantees; alpha/beta are host f32 values matching the f32 compute type.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                blas.0,
+                op(call.transa),
+                op(call.transb),
+                call.m,
+                call.n,
+                call.k,
+                (&alpha as *const f32).cast(),
+                a as *const c_void,
+                dtype,
+                call.lda,
+                b as *const c_void,
+                dtype,
+                call.ldb,
+                (&beta as *const f32).cast(),
+                c as *mut c_void,
+                dtype,
+                call.ldc,
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
         }
-        bias_act(gpu, y, &self.bias, relu)
+        .map_err(|e| Error::cuda("cublasGemmEx", e))
     }
 }
