@@ -207,16 +207,20 @@ typedef struct AlexnetSoftmaxXentParams {
 #define ALEXNET_SGD_SEGMENTS 32
 
 /*
- * sgd_f32(float *weights, const float *grads, float *velocity, AlexnetSgdParams p)
- * One SGD step with momentum over `len` parameters laid end to end (the same layout in all
- * three buffers). Segment s holds the elements below ends[s] (and from ends[s-1]); it is
- * decayed with `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w),
- * w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old
- * velocity is taken as 0 without being read. 1 <= segments <= ALEXNET_SGD_SEGMENTS.
+ * sgd_f32(const float *grads, float *velocity, AlexnetSgdParams p)
+ * One SGD step with momentum over `len` parameters in up to ALEXNET_SGD_SEGMENTS tensors. The
+ * gradients and velocities lie end to end in `grads` and `velocity`: segment s holds the elements
+ * below ends[s] (and from ends[s-1]). Each tensor's weights stay wherever their layer keeps them:
+ * weights[s] is the device address of segment s's first weight. Segment s is decayed with
+ * `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w), w -= lr v;
+ * ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old velocity
+ * is taken as 0 without being read. 1 <= segments <= ALEXNET_SGD_SEGMENTS; no weight tensor may
+ * overlap another or the two flat buffers.
  */
 typedef struct AlexnetSgdParams {
     unsigned long long len;
     unsigned long long ends[ALEXNET_SGD_SEGMENTS];
+    unsigned long long weights[ALEXNET_SGD_SEGMENTS];
     unsigned int decay[ALEXNET_SGD_SEGMENTS];
     unsigned int segments;
     unsigned int rule;

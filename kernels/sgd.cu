@@ -1,5 +1,6 @@
 /*
- * sgd.cu — one SGD step over every parameter in a single launch (see AlexnetSgdParams).
+ * sgd.cu — one SGD step over every parameter in a single launch (see AlexnetSgdParams): the
+ * gradients and velocities flat, the weights where their layers keep them (an address table).
  * CPU twin: `train::Sgd::step` (src/train/sgd.rs); launcher: src/cuda/ops/sgd.rs.
  * Products and sums use __fmul_rn/__fadd_rn in the CPU's order (never contracted into FMAs), so
  * the host build matches the CPU bit for bit.
@@ -8,23 +9,25 @@
 #include "alexnet_half.cuh"
 
 /*
- * sgd_f32(float *weights, const float *grads, float *velocity, AlexnetSgdParams p)
- * One step over every parameter at once (the tensors laid end to end in all three buffers),
- * the CPU's `train::Sgd::step`: rule ALEXNET_SGD_PYTORCH: v = m v + (g + wd w), w -= lr v;
- * ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. Segment s (elements up to ends[s]) uses
- * weight decay `weight_decay` if decay[s] != 0, else none. On the first step (`first_step`)
- * the old velocity is taken as 0 without being read.
+ * sgd_f32(const float *grads, float *velocity, AlexnetSgdParams p)
+ * One step over every parameter at once: the gradients and velocities laid end to end, each
+ * tensor's weights at its own address (p.weights[segment]); the CPU's `train::Sgd::step`: rule
+ * ALEXNET_SGD_PYTORCH: v = m v + (g + wd w), w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w -
+ * lr g, w += v. Segment s (elements up to ends[s]) uses weight decay `weight_decay` if
+ * decay[s] != 0, else none. On the first step (`first_step`) the old velocity is taken as 0
+ * without being read.
  */
-extern "C" __global__ void sgd_f32(float *weights, const float *grads, float *velocity,
-                                   AlexnetSgdParams p)
+extern "C" __global__ void sgd_f32(const float *grads, float *velocity, AlexnetSgdParams p)
 {
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
         unsigned int segment = 0;
         while (segment + 1 < p.segments && i >= p.ends[segment])
             ++segment;
+        const unsigned long long start = segment == 0 ? 0 : p.ends[segment - 1];
+        float *weight = (float *)p.weights[segment] + (i - start);
         const float wd = p.decay[segment] ? p.weight_decay : 0.0f;
-        const float w = weights[i];
+        const float w = *weight;
         const float g = grads[i];
         const float previous = p.first_step ? 0.0f : velocity[i];
         float v;
@@ -32,10 +35,10 @@ extern "C" __global__ void sgd_f32(float *weights, const float *grads, float *ve
             v = __fadd_rn(__fadd_rn(__fmul_rn(p.momentum, previous),
                                     -__fmul_rn(__fmul_rn(wd, p.learning_rate), w)),
                           -__fmul_rn(p.learning_rate, g));
-            weights[i] = __fadd_rn(w, v);
+            *weight = __fadd_rn(w, v);
         } else {
             v = __fadd_rn(__fmul_rn(p.momentum, previous), __fadd_rn(g, __fmul_rn(wd, w)));
-            weights[i] = __fadd_rn(w, -__fmul_rn(p.learning_rate, v));
+            *weight = __fadd_rn(w, -__fmul_rn(p.learning_rate, v));
         }
         velocity[i] = v;
     }

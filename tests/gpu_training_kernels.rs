@@ -192,7 +192,10 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
         let mut cpu = common::split_flat(&start, &lens);
         let mut sgd = Sgd::new(config).unwrap();
         let stream = gpu.stream();
-        let mut weights = stream.clone_htod(&start).unwrap();
+        let mut weights: Vec<_> = common::split_flat(&start, &lens)
+            .iter()
+            .map(|w| stream.clone_htod(w).unwrap())
+            .collect();
         let mut velocity = stream.alloc_zeros::<f32>(total).unwrap();
         for step in 0..3u64 {
             let flat = formula_values(seed + 1 + step, total, 1.0);
@@ -205,13 +208,16 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
                 &config,
                 &segments,
                 step == 0,
-                &mut weights,
+                &mut weights.iter_mut().collect::<Vec<_>>(),
                 &g,
                 &mut velocity,
             )
             .unwrap();
-            let got = ArrayD::from_shape_vec(IxDyn(&[total]), stream.clone_dtoh(&weights).unwrap())
-                .unwrap();
+            let got: Vec<f32> = weights
+                .iter()
+                .flat_map(|w| stream.clone_dtoh(w).unwrap())
+                .collect();
+            let got = ArrayD::from_shape_vec(IxDyn(&[total]), got).unwrap();
             let want = ArrayD::from_shape_vec(IxDyn(&[total]), cpu.concat()).unwrap();
             check(&format!("sgd {rule:?} step {step}"), &got, &want, 0.0);
         }

@@ -1082,7 +1082,8 @@ fn sgd_case(config: SgdConfig, seed: u64) {
         .collect();
     let mut cpu_weights = common::split_flat(&formula_values(seed, total, 0.5), &lens);
     let mut sgd = Sgd::new(config).unwrap();
-    let mut gpu_weights = formula_values(seed, total, 0.5);
+    // Each tensor in its own allocation, as layers keep them; the kernel gets their addresses.
+    let mut gpu_weights = common::split_flat(&formula_values(seed, total, 0.5), &lens);
     let mut velocity = vec![f32::POISON; total]; // the first step must not read it
     for step in 0..3u64 {
         let flat_grads = formula_values(seed + 1 + step, total, 2.0);
@@ -1090,20 +1091,18 @@ fn sgd_case(config: SgdConfig, seed: u64) {
         sgd.step(cpu_weights.iter_mut().map(|w| &mut w[..]).collect(), &grads)
             .unwrap();
         let (mut p, cfg) = sgd_args(&config, &segments, step == 0).unwrap();
+        for (address, w) in p.weights.iter_mut().zip(gpu_weights.iter_mut()) {
+            *address = w.as_mut_ptr() as u64;
+        }
         let mut g = flat_grads.clone();
         let grid = if step == 1 { small_grid(32) } else { cfg };
         launch(
             "sgd_f32",
             grid,
-            vec![
-                buf(&mut gpu_weights),
-                buf(&mut g),
-                buf(&mut velocity),
-                params(&mut p),
-            ],
+            vec![buf(&mut g), buf(&mut velocity), params(&mut p)],
         );
         let want_w = ArrayD::from_shape_vec(IxDyn(&[total]), cpu_weights.concat()).unwrap();
-        let got_w = ArrayD::from_shape_vec(IxDyn(&[total]), gpu_weights.clone()).unwrap();
+        let got_w = ArrayD::from_shape_vec(IxDyn(&[total]), gpu_weights.concat()).unwrap();
         assert_same(&format!("{what} step {step} weights"), &got_w, &want_w);
         let want_v = ArrayD::from_shape_vec(IxDyn(&[total]), sgd.velocity().concat()).unwrap();
         let got_v = ArrayD::from_shape_vec(IxDyn(&[total]), velocity.clone()).unwrap();

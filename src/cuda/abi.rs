@@ -255,6 +255,7 @@ const _: () = {
 pub struct AlexnetSgdParams {
     pub len: ::core::ffi::c_ulonglong,
     pub ends: [::core::ffi::c_ulonglong; 32usize],
+    pub weights: [::core::ffi::c_ulonglong; 32usize],
     pub decay: [::core::ffi::c_uint; 32usize],
     pub segments: ::core::ffi::c_uint,
     pub rule: ::core::ffi::c_uint,
@@ -265,24 +266,26 @@ pub struct AlexnetSgdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AlexnetSgdParams"][::core::mem::size_of::<AlexnetSgdParams>() - 416usize];
+    ["Size of AlexnetSgdParams"][::core::mem::size_of::<AlexnetSgdParams>() - 672usize];
     ["Alignment of AlexnetSgdParams"][::core::mem::align_of::<AlexnetSgdParams>() - 8usize];
     ["Offset of field: AlexnetSgdParams::len"]
         [::core::mem::offset_of!(AlexnetSgdParams, len) - 0usize];
     ["Offset of field: AlexnetSgdParams::ends"]
         [::core::mem::offset_of!(AlexnetSgdParams, ends) - 8usize];
+    ["Offset of field: AlexnetSgdParams::weights"]
+        [::core::mem::offset_of!(AlexnetSgdParams, weights) - 264usize];
     ["Offset of field: AlexnetSgdParams::decay"]
-        [::core::mem::offset_of!(AlexnetSgdParams, decay) - 264usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, decay) - 520usize];
     ["Offset of field: AlexnetSgdParams::segments"]
-        [::core::mem::offset_of!(AlexnetSgdParams, segments) - 392usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, segments) - 648usize];
     ["Offset of field: AlexnetSgdParams::rule"]
-        [::core::mem::offset_of!(AlexnetSgdParams, rule) - 396usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, rule) - 652usize];
     ["Offset of field: AlexnetSgdParams::first_step"]
-        [::core::mem::offset_of!(AlexnetSgdParams, first_step) - 400usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, first_step) - 656usize];
     ["Offset of field: AlexnetSgdParams::learning_rate"]
-        [::core::mem::offset_of!(AlexnetSgdParams, learning_rate) - 404usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, learning_rate) - 660usize];
     ["Offset of field: AlexnetSgdParams::momentum"]
-        [::core::mem::offset_of!(AlexnetSgdParams, momentum) - 408usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, momentum) - 664usize];
     ["Offset of field: AlexnetSgdParams::weight_decay"]
-        [::core::mem::offset_of!(AlexnetSgdParams, weight_decay) - 412usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, weight_decay) - 668usize];
 };

@@ -131,7 +131,7 @@ kernel_registry! {
     }
     "sgd" => {
         /// One SGD step over every parameter (`ops::sgd`, training).
-        Sgd = "sgd" for [f32] [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
+        Sgd = "sgd" for [f32] [Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
     }
 }
 

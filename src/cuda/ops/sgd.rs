@@ -1,7 +1,7 @@
 //! The SGD step over every parameter in one launch: launcher of `kernels/sgd.cu`; CPU twin
 //! [`crate::train::Sgd::step`].
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
 
 use super::shape_err;
 use crate::cuda::abi::{
@@ -14,8 +14,8 @@ use crate::cuda::registry::Kernel;
 use crate::error::{Error, Result};
 use crate::train::{SgdConfig, UpdateRule};
 
-/// One parameter tensor of the flat buffers [`sgd_step`] updates: its length and whether
-/// weight decay applies to it.
+/// One parameter tensor [`sgd_step`] updates: its length and whether weight decay applies to
+/// it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SgdSegment {
     pub len: usize,
@@ -34,7 +34,8 @@ impl SgdSegment {
 }
 
 /// The `sgd` kernel's parameters and launch shape for `segments` laid end to end: what
-/// [`sgd_step`] passes. `first_step`: the velocity is taken as 0 without being read.
+/// [`sgd_step`] passes, once it has filled in the weights' addresses (left 0 here).
+/// `first_step`: the velocity is taken as 0 without being read.
 #[doc(hidden)]
 pub fn sgd_args(
     config: &SgdConfig,
@@ -74,37 +75,55 @@ pub fn sgd_args(
     Ok((params, grid_1d("sgd_step", end)?))
 }
 
-/// One SGD step with momentum over the parameters `weights` (the tensors of `segments` laid
-/// end to end), their gradients `grads` and momentum `velocity` (the same layout), as
-/// [`crate::train::Sgd::step`] under `config`. `first_step` says the velocity holds nothing
-/// yet (it is written, not read).
+/// One SGD step with momentum, as [`crate::train::Sgd::step`] under `config`, in one launch:
+/// `weights` are the parameter tensors of `segments` (each where its layer keeps it, one per
+/// segment, in order), `grads` and `velocity` their gradients and momentum laid end to end in
+/// the same order. `first_step` says the velocity holds nothing yet (it is written, not read).
 pub fn sgd_step(
     gpu: &Gpu,
     config: &SgdConfig,
     segments: &[SgdSegment],
     first_step: bool,
-    weights: &mut CudaSlice<f32>,
+    weights: &mut [&mut CudaSlice<f32>],
     grads: &CudaSlice<f32>,
     velocity: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let (params, cfg) = sgd_args(config, segments, first_step)?;
+    let (mut params, cfg) = sgd_args(config, segments, first_step)?;
     let len = params.len as usize;
-    if weights.len() != len || grads.len() != len || velocity.len() != len {
+    let lens_match = weights.len() == segments.len()
+        && weights.iter().zip(segments).all(|(w, s)| w.len() == s.len);
+    if !lens_match || grads.len() != len || velocity.len() != len {
+        let mut found: Vec<usize> = weights.iter().map(|w| w.len()).collect();
+        found.extend([grads.len(), velocity.len()]);
         return Err(shape_err(
             "sgd_step",
-            format!("{len} weights, gradients and velocities"),
-            &[weights.len(), grads.len(), velocity.len()],
+            format!(
+                "one weight tensor per segment {:?}, then {len} gradients and velocities",
+                segments.iter().map(|s| s.len).collect::<Vec<_>>()
+            ),
+            &found,
         ));
     }
-    // SAFETY: sgd_f32(float *weights, const float *grads, float *velocity, AlexnetSgdParams);
-    // all three hold exactly `len` = ends[segments - 1] elements (checked above); `weights`
-    // and `velocity` are borrowed exclusively, so no buffer overlaps another.
-    unsafe {
+    let stream = gpu.stream();
+    // The guards record the weights' use on the stream when they drop, after the launch.
+    let mut guards = Vec::with_capacity(weights.len());
+    for (address, w) in params.weights.iter_mut().zip(weights.iter_mut()) {
+        let (ptr, guard) = w.device_ptr_mut(stream);
+        *address = ptr;
+        guards.push(guard);
+    }
+    // SAFETY: sgd_f32(const float *grads, float *velocity, AlexnetSgdParams); `grads` and
+    // `velocity` hold exactly `len` = ends[segments - 1] elements and weight tensor s exactly
+    // segment s's length (checked above), at the address in params.weights[s], made ready on
+    // this stream; every buffer is borrowed separately (the weights and `velocity`
+    // exclusively), so none overlaps another.
+    let launched = unsafe {
         Launch::new(gpu, Kernel::Sgd, GpuDtype::F32)?
-            .buffer(weights)
             .buffer(grads)
             .buffer(velocity)
             .params(&params)
             .launch(cfg)
-    }
+    };
+    drop(guards);
+    launched
 }
