@@ -218,6 +218,66 @@ fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
     );
 }
 
+/// Without a usable GPU, `--device cuda` is a clear error naming why (no work done, nothing
+/// saved) and the default `auto` trains on the CPU with a note; with one (a GPU machine) both
+/// train on it.
+#[test]
+fn train_device_choice_follows_the_machine() {
+    #[cfg(feature = "cuda")]
+    let gpu_usable = alexnet_cuda::cuda::Gpu::new(0).is_ok();
+    #[cfg(not(feature = "cuda"))]
+    let gpu_usable = false;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let save = dir.path().join("out.safetensors");
+    let run = |device: &str| {
+        train(&[
+            "--data",
+            path(&data),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--classes",
+            "3",
+            "--config",
+            "torchvision",
+            "--device",
+            device,
+            "--save",
+            path(&save),
+        ])
+    };
+    let out = run("cuda");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "{}", text(&out));
+    if gpu_usable {
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(stderr.contains("training on"), "{}", text(&out));
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    let says = "device unavailable";
+    #[cfg(not(feature = "cuda"))]
+    let says = "no GPU support";
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)) && stderr.contains(says),
+        "expected a failure saying {says:?}: {}",
+        text(&out)
+    );
+    assert!(
+        !save.exists(),
+        "nothing is saved by a run that did not start"
+    );
+    let out = run("auto");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("training on the CPU"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,7 +290,6 @@ fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "expected {says:?}: {}", text(&out));
     };
-    refused(&["--device", "cuda"], "not built yet");
     refused(&[], "--classes 3"); // 1000-class model, 3-class data
     let weights = dir.path().join("start.safetensors");
     Weights::paper_init(&AlexNetConfig::torchvision(), 0)

@@ -3,36 +3,14 @@
 
 mod common;
 
-use alexnet_cuda::config::{AlexNetConfig, InputShape, LrnParams};
+use alexnet_cuda::config::{AlexNetConfig, LrnParams};
 use alexnet_cuda::cpu::{softmax_cross_entropy, CpuModel, Gradient, Gradients};
 use alexnet_cuda::train::{Checkpoint, CpuTrainer, Sgd, SgdConfig, TrainState, Trainer};
 use alexnet_cuda::weights::StorageDtype;
 use alexnet_cuda::{Error, Precision, Weights};
 use ndarray::Array4;
 
-/// A small AlexNet-shaped network (LRN, dropout) that trains in milliseconds.
-fn small_config(dropout: Option<f32>) -> AlexNetConfig {
-    let mut config =
-        AlexNetConfig::five_conv_three_fc("small", [6, 8, 8, 7, 6], Some(LrnParams::PAPER));
-    config.input = InputShape {
-        channels: 3,
-        height: 67,
-        width: 67,
-    };
-    for (fc, width) in config.fcs.iter_mut().zip([16, 12, 5]) {
-        fc.out_features = width;
-        fc.dropout = fc.dropout.and(dropout);
-    }
-    config
-}
-
-fn batch(n: usize, stream: u64) -> Array4<f32> {
-    Array4::from_shape_vec(
-        (n, 3, 67, 67),
-        common::formula_values(stream, n * 3 * 67 * 67, 2.0),
-    )
-    .unwrap()
-}
+use common::{small_training_batch as batch, small_training_config as small_config};
 
 #[test]
 fn sgd_rejects_settings_that_cannot_train() {

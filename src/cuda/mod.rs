@@ -86,6 +86,7 @@ mod pinned;
 mod pipeline;
 mod self_test;
 mod tensor;
+mod trainer;
 mod workspace;
 
 pub use device::{Gpu, KernelOrigin};
@@ -101,6 +102,7 @@ pub use ops::{
     softmax_top_k, Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu,
     LrnGpu, MaxPoolGpu, PrepareInput, SgdSegment, TopK,
 };
+pub use trainer::CudaTrainer;
 
 /// The kernels' arguments exactly as the launchers build them (parameter structs and launch
 /// shapes), for the tests that run the kernels' own source on the CPU (`tests/host_kernels.rs`).

@@ -41,17 +41,49 @@ pub use sgd::{Sgd, SgdConfig, UpdateRule};
 
 use ndarray::ArrayView4;
 
+use crate::config::AlexNetConfig;
 use crate::cpu::{softmax_cross_entropy, CpuModel};
 use crate::error::Result;
+use crate::image::Preprocess;
+use crate::weights::Weights;
 
-/// A backend that trains: one step of SGD on a batch. The CPU implements it here; the GPU
-/// backend will implement the same steps.
+/// A backend that trains: one step of SGD on a batch, and the state a run saves and restores.
+/// [`CpuTrainer`] implements it here, `cuda::CudaTrainer` on the GPU; both keep their weights
+/// and momentum in the same names, order and layout, so a checkpoint written by one resumes on
+/// the other.
 pub trait Trainer {
     /// Forward in training mode (dropout masks from `step_seed`), the mean softmax
     /// cross-entropy against `labels`, backward, and one optimiser update. Returns the loss
     /// before the update.
     fn step(&mut self, batch: ArrayView4<'_, f32>, labels: &[usize], step_seed: u64)
         -> Result<f32>;
+
+    /// The network being trained.
+    fn config(&self) -> &AlexNetConfig;
+
+    /// The learning rate of the next step.
+    fn learning_rate(&self) -> f32;
+
+    /// A new learning rate for the next steps (a schedule); the momentum is kept.
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()>;
+
+    /// The current parameters (to save, to evaluate, or to go on training elsewhere).
+    fn weights(&self) -> Result<Weights>;
+
+    /// The momentum of every trainable tensor in network order (none before the first step).
+    fn velocity(&self) -> Result<Vec<Vec<f32>>>;
+
+    /// Restores the momentum (from a checkpoint): one vector per trainable tensor, or none.
+    fn set_velocity(&mut self, velocity: Vec<Vec<f32>>) -> Result<()>;
+
+    /// Top-1/top-5 of the current parameters on `folder` (inference mode), in batches of
+    /// `batch`.
+    fn evaluate(
+        &mut self,
+        folder: &ImageFolder,
+        preprocess: &Preprocess,
+        batch: usize,
+    ) -> Result<Evaluation>;
 }
 
 /// The CPU model with its optimiser.
@@ -92,5 +124,39 @@ impl Trainer for CpuTrainer {
         let trainable = params.split_off(params.len().saturating_sub(grads.tensors.len()));
         self.optimiser.step(trainable, &grads)?;
         Ok(loss.loss)
+    }
+
+    fn config(&self) -> &AlexNetConfig {
+        self.model.config()
+    }
+
+    fn learning_rate(&self) -> f32 {
+        self.optimiser.config().learning_rate
+    }
+
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
+        self.optimiser.set_learning_rate(learning_rate)
+    }
+
+    fn weights(&self) -> Result<Weights> {
+        self.model.weights()
+    }
+
+    fn velocity(&self) -> Result<Vec<Vec<f32>>> {
+        Ok(self.optimiser.velocity().to_vec())
+    }
+
+    fn set_velocity(&mut self, velocity: Vec<Vec<f32>>) -> Result<()> {
+        self.optimiser.set_velocity(velocity);
+        Ok(())
+    }
+
+    fn evaluate(
+        &mut self,
+        folder: &ImageFolder,
+        preprocess: &Preprocess,
+        batch: usize,
+    ) -> Result<Evaluation> {
+        evaluate(&mut self.model, folder, preprocess, batch)
     }
 }

@@ -19,7 +19,7 @@ cargo build --release --lib --tests --bins --examples --benches --message-format
 python3 - .gpu/build.json > .gpu/executables.txt <<'PY'
 import json, sys
 wanted = {("unit", "alexnet_cuda"), ("test", "gpu_layers"), ("test", "gpu_model"),
-          ("test", "gpu_training_kernels"),
+          ("test", "gpu_training_kernels"), ("test", "gpu_training"),
           ("test", "soak"), ("bin", "infer"), ("example", "pipeline"),
           ("bench", "gpu_forward")}
 seen = set()

@@ -51,7 +51,7 @@ PY
     tests)
         : > "$OUT/tests.log"
         for t in $G/bin/unit-alexnet_cuda $G/bin/test-gpu_layers $G/bin/test-gpu_model \
-            $G/bin/test-gpu_training_kernels; do
+            $G/bin/test-gpu_training_kernels $G/bin/test-gpu_training; do
             [ -x "$t" ] || { note "tests $(basename "$t"): missing"; continue; }
             echo "### $t" >> "$OUT/tests.log"
             timeout 420 "$t" --include-ignored --test-threads=1 >> "$OUT/tests.log" 2>&1

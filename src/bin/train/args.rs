@@ -79,7 +79,7 @@ pub struct Args {
     /// Keep the folder's order (batches run on and wrap around) instead of shuffling per epoch.
     #[arg(long)]
     pub no_shuffle: bool,
-    /// Where to train. Only the CPU trains today; auto says so and uses it.
+    /// Where to train: auto takes the GPU where one is usable (and says so), else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// Where the trained weights go (safetensors, crate names, class names in the metadata).

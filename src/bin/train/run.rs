@@ -10,8 +10,8 @@ use std::time::Instant;
 use alexnet_cuda::cpu::CpuModel;
 use alexnet_cuda::image::Preprocess;
 use alexnet_cuda::train::{
-    evaluate, Augmentation, Batch, BatchMaker, Checkpoint, CpuTrainer, ImageFolder, SgdConfig,
-    TrainState, Trainer,
+    Augmentation, Batch, BatchMaker, Checkpoint, CpuTrainer, ImageFolder, SgdConfig, TrainState,
+    Trainer,
 };
 use alexnet_cuda::weights::{SaveOptions, StorageDtype};
 use alexnet_cuda::{AlexNetConfig, Error, Precision, Weights};
@@ -124,15 +124,6 @@ const SETTING_FLAGS: [&str; 12] = [
 ];
 
 pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
-    match args.device {
-        DeviceArg::Cuda => crate::args::usage_error(
-            "--device cuda: training on the GPU is not built yet; use --device cpu".into(),
-        ),
-        DeviceArg::Auto => {
-            eprintln!("note: training runs on the CPU (GPU training is not built yet)")
-        }
-        DeviceArg::Cpu => {}
-    }
     let checkpoint_path = args
         .checkpoint
         .clone()
@@ -152,11 +143,7 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
         Some(path) => resume(args, matches, path, &folder)?,
         None => start(args, &folder)?,
     };
-    let side = trainer
-        .model
-        .config()
-        .input
-        .square_rgb_side("training images")? as u32;
+    let side = trainer.config().input.square_rgb_side("training images")? as u32;
     let preprocess = Preprocess {
         resize_shorter: side * 8 / 7, // 256 for 224, as the paper and torchvision
         crop: side,
@@ -178,7 +165,7 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
     let total = settings.total_steps(folder.len());
     println!(
         "training {} ({} classes, {} images{}) for {} steps of {} from step {}, lr {}",
-        trainer.model.config().name,
+        trainer.config().name,
         folder.classes().len(),
         folder.len(),
         val.as_ref().map_or(String::new(), |v| format!(
@@ -188,7 +175,7 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
         total,
         settings.batch,
         state.step,
-        rate(trainer.optimiser.config().learning_rate)
+        rate(trainer.learning_rate())
     );
     if val.is_none() && settings.lr_steps.is_empty() {
         eprintln!("note: no --val and no --lr-steps: the learning rate stays constant");
@@ -201,13 +188,13 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
         val: val.as_ref(),
         eval: preprocess,
     };
-    run.steps(&mut trainer, &mut state, maker, total)?;
+    run.steps(trainer.as_mut(), &mut state, maker, total)?;
     let options = SaveOptions {
         dtype: StorageDtype::F32,
         names: args.names.into(),
         classes: Some(folder.classes()),
     };
-    trainer.model.weights()?.save_with(&args.save, &options)?;
+    trainer.weights()?.save_with(&args.save, &options)?;
     println!(
         "saved {} (and the checkpoint {})",
         args.save.display(),
@@ -262,7 +249,10 @@ fn refuse_clobbering(args: &Args, checkpoint: &Path) -> Result<(), Error> {
 
 /// A fresh run: weights from --weights or the paper's initialisation, the head replaced with
 /// --classes, dropout from --dropout.
-fn start(args: &Args, folder: &ImageFolder) -> Result<(CpuTrainer, TrainState, Settings), Error> {
+fn start(
+    args: &Args,
+    folder: &ImageFolder,
+) -> Result<(Box<dyn Trainer>, TrainState, Settings), Error> {
     let mut settings = Settings::from_args(args);
     let mut weights = match &args.weights {
         Some(path) => Weights::load(path, None)?,
@@ -285,12 +275,17 @@ fn start(args: &Args, folder: &ImageFolder) -> Result<(CpuTrainer, TrainState, S
         ));
     }
     let weights = with_dropout(&weights, settings.dropout)?;
-    let model = CpuModel::new(&weights, Precision::Fp32)?;
     if let Some(layer) = &args.freeze {
-        settings.frozen_layers = frozen_layers(&model.parameter_layers(), layer);
+        let layers = parameter_layers(weights.config())?;
+        let names: Vec<&str> = layers.iter().map(String::as_str).collect();
+        settings.frozen_layers = frozen_layers(&names, layer);
     }
-    let mut trainer = CpuTrainer::new(model, settings.sgd(settings.learning_rate))?;
-    trainer.frozen_layers = settings.frozen_layers;
+    let trainer = make_trainer(
+        args.device,
+        &weights,
+        settings.sgd(settings.learning_rate),
+        settings.frozen_layers,
+    )?;
     let state = TrainState {
         step: 0,
         epoch: 0,
@@ -311,7 +306,7 @@ fn resume(
     matches: &ArgMatches,
     path: &Path,
     folder: &ImageFolder,
-) -> Result<(CpuTrainer, TrainState, Settings), Error> {
+) -> Result<(Box<dyn Trainer>, TrainState, Settings), Error> {
     let checkpoint = Checkpoint::load(path, None)?;
     let mut settings: Settings = serde_json::from_value(checkpoint.state.settings.clone())
         .map_err(|e| Error::invalid("checkpoint settings", e.to_string()))?;
@@ -341,11 +336,63 @@ fn resume(
         ));
     }
     let weights = with_dropout(&checkpoint.weights, settings.dropout)?;
-    let model = CpuModel::new(&weights, Precision::Fp32)?;
-    let mut trainer = CpuTrainer::new(model, settings.sgd(checkpoint.state.learning_rate))?;
-    trainer.optimiser.set_velocity(checkpoint.velocity);
-    trainer.frozen_layers = settings.frozen_layers;
+    let mut trainer = make_trainer(
+        args.device,
+        &weights,
+        settings.sgd(checkpoint.state.learning_rate),
+        settings.frozen_layers,
+    )?;
+    trainer.set_velocity(checkpoint.velocity)?;
     Ok((trainer, checkpoint.state, settings))
+}
+
+/// The trainer `--device` asks for: the GPU's for `cuda` (an error without a usable GPU), the
+/// GPU's for `auto` where one is usable (else the CPU's, with a note), the CPU's for `cpu`.
+fn make_trainer(
+    device: DeviceArg,
+    weights: &Weights,
+    sgd: SgdConfig,
+    frozen_layers: usize,
+) -> Result<Box<dyn Trainer>, Error> {
+    #[cfg(feature = "cuda")]
+    if device != DeviceArg::Cpu {
+        match alexnet_cuda::cuda::CudaTrainer::with_frozen_layers(weights, sgd, frozen_layers, 0) {
+            Ok(trainer) => {
+                eprintln!(
+                    "training on {} (GPU training has not yet run on a real GPU in this crate's \
+                     tests; --device cpu is the verified path)",
+                    trainer.gpu().name()
+                );
+                return Ok(Box::new(trainer));
+            }
+            Err(Error::DeviceUnavailable(why)) if device == DeviceArg::Auto => {
+                eprintln!("note: no usable GPU ({why}); training on the CPU")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if device == DeviceArg::Cuda {
+        crate::args::usage_error(
+            "--device cuda: this build has no GPU support (built without the `cuda` feature)"
+                .into(),
+        );
+    }
+    let model = CpuModel::new(weights, Precision::Fp32)?;
+    let mut trainer = CpuTrainer::new(model, sgd)?;
+    trainer.frozen_layers = frozen_layers;
+    Ok(Box::new(trainer))
+}
+
+/// The names of the layers with parameters (`conv1`, ..., `fc3`), in network order.
+fn parameter_layers(config: &AlexNetConfig) -> Result<Vec<String>, Error> {
+    Ok(config
+        .plan()?
+        .stages
+        .into_iter()
+        .filter(|stage| stage.params.is_some())
+        .map(|stage| stage.name)
+        .collect())
 }
 
 /// How many layers `--freeze LAYER` (or `FIRST..LAYER`, FIRST being the first layer) keeps
@@ -455,7 +502,7 @@ impl EpochTally {
 impl Run<'_> {
     fn steps(
         &mut self,
-        trainer: &mut CpuTrainer,
+        trainer: &mut dyn Trainer,
         state: &mut TrainState,
         maker: BatchMaker,
         total: u64,
@@ -527,7 +574,7 @@ impl Run<'_> {
     /// Validation, the schedule, the log line and CSV row of the epoch just completed.
     fn end_epoch(
         &mut self,
-        trainer: &mut CpuTrainer,
+        trainer: &mut dyn Trainer,
         state: &mut TrainState,
         tally: &EpochTally,
     ) -> Result<(), Error> {
@@ -536,7 +583,7 @@ impl Run<'_> {
             tally.images as f64 / tally.started.elapsed().as_secs_f64().max(1e-9);
         let mut errors = None;
         if let Some(val) = self.val {
-            let result = evaluate(&mut trainer.model, val, &self.eval, self.settings.batch)?;
+            let result = trainer.evaluate(val, &self.eval, self.settings.batch)?;
             if let Some((path, error)) = result.failures.first() {
                 eprintln!(
                     "warning: {} validation images could not be read (first: {}: {error})",
@@ -548,7 +595,7 @@ impl Run<'_> {
             let top5 = (val.classes().len() > 5).then(|| result.top5_error());
             errors = Some((result.top1_error(), top5));
         }
-        let learning_rate = trainer.optimiser.config().learning_rate;
+        let learning_rate = trainer.learning_rate();
         let row = EpochRow {
             epoch: state.epoch,
             step: state.step,
@@ -576,10 +623,10 @@ impl Run<'_> {
         }
         if self.lower_learning_rate(state, errors.map(|e| e.0)) {
             let lowered = learning_rate / 10.0;
-            trainer.optimiser.set_learning_rate(lowered)?;
+            trainer.set_learning_rate(lowered)?;
             println!("learning rate {} -> {}", rate(learning_rate), rate(lowered));
         }
-        state.learning_rate = trainer.optimiser.config().learning_rate;
+        state.learning_rate = trainer.learning_rate();
         Ok(())
     }
 
@@ -604,10 +651,10 @@ impl Run<'_> {
         false
     }
 
-    fn checkpoint(&self, trainer: &CpuTrainer, state: &TrainState) -> Result<(), Error> {
+    fn checkpoint(&self, trainer: &dyn Trainer, state: &TrainState) -> Result<(), Error> {
         Checkpoint {
-            weights: trainer.model.weights()?,
-            velocity: trainer.optimiser.velocity().to_vec(),
+            weights: trainer.weights()?,
+            velocity: trainer.velocity()?,
             state: state.clone(),
         }
         .save(self.checkpoint_path)

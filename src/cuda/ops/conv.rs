@@ -239,6 +239,22 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         self.options
     }
 
+    /// The filters' side length.
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+
+    /// The weights (in the filter layout, see [`Conv2dGpu::backward`]) and the bias on the
+    /// device, for reading them back.
+    pub(crate) fn parameters(&self) -> [&CudaSlice<T>; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    /// The weights and the bias for an optimiser to update in place.
+    pub(crate) fn parameters_mut(&mut self) -> [&mut CudaSlice<T>; 2] {
+        [&mut self.weight, &mut self.bias]
+    }
+
     /// Output `(height, width)` for an input of `(height, width)`.
     pub fn output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
         let (k, s, p) = (self.kernel, self.options.stride, self.options.padding);

@@ -66,6 +66,16 @@ impl<T: GpuFloat> LinearGpu<T> {
         self.out_features
     }
 
+    /// The weight (row-major `[out, in]`) and the bias on the device, for reading them back.
+    pub(crate) fn parameters(&self) -> [&CudaSlice<T>; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    /// The weight and the bias for an optimiser to update in place.
+    pub(crate) fn parameters_mut(&mut self) -> [&mut CudaSlice<T>; 2] {
+        [&mut self.weight, &mut self.bias]
+    }
+
     /// The cuBLAS call for `rows` inputs, as data (replayed on the CPU by
     /// `tests/library_calls.rs`).
     #[doc(hidden)]

@@ -1,0 +1,192 @@
+//! The GPU trainer against the CPU trainer: the same steps from the same weights on the same
+//! batches (dropout on, the same masks) give the same losses and the same updates, frozen layers
+//! stay bit for bit, and a run moves between the devices through its weights and momentum.
+//!
+//! Tolerances: the loss within 1e-5; each tensor's update (after - before) within 1e-3 of its
+//! largest element (the gradients agree to ~1e-6 of the largest, but an update of a few ulps of
+//! its weight loses digits to the f32 subtraction); the weights themselves within 1e-6.
+//!
+//! They need an NVIDIA GPU and its driver, so they are ignored by default: `cargo test
+//! --release --test gpu_training -- --include-ignored` on a GPU machine (without one they FAIL
+//! with the "device unavailable" message; they never pass without running).
+
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use alexnet_cuda::cpu::CpuModel;
+use alexnet_cuda::cuda::CudaTrainer;
+use alexnet_cuda::train::{CpuTrainer, SgdConfig, Trainer};
+use alexnet_cuda::{AlexNetConfig, Precision, Weights};
+use common::{check, small_training_batch, small_training_config};
+use ndarray::{Array4, ArrayD, IxDyn};
+
+fn cuda_trainer(weights: &Weights, frozen_layers: usize) -> CudaTrainer {
+    CudaTrainer::with_frozen_layers(weights, SgdConfig::default(), frozen_layers, 0)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn cpu_trainer(weights: &Weights, frozen_layers: usize) -> CpuTrainer {
+    let model = CpuModel::new(weights, Precision::Fp32).unwrap();
+    let mut trainer = CpuTrainer::new(model, SgdConfig::default()).unwrap();
+    trainer.frozen_layers = frozen_layers;
+    trainer
+}
+
+fn tensor(values: &[f32]) -> ArrayD<f32> {
+    ArrayD::from_shape_vec(IxDyn(&[values.len()]), values.to_vec()).unwrap()
+}
+
+/// Every tensor of `got` against `want`, both updated from `before`: the weights within 1e-6
+/// and the updates within 1e-3 of their largest element.
+fn check_updates(what: &str, before: &Weights, got: &Weights, want: &Weights) {
+    let before = before.named_tensors();
+    for ((name, _, b), ((_, _, g), (_, _, w))) in before
+        .iter()
+        .zip(got.named_tensors().iter().zip(want.named_tensors().iter()))
+    {
+        check(&format!("{what} {name}"), &tensor(g), &tensor(w), 1e-6);
+        let update = |after: &[f32]| -> Vec<f32> {
+            after.iter().zip(b.iter()).map(|(a, b)| a - b).collect()
+        };
+        let want_update = update(w);
+        if want_update.iter().all(|&u| u == 0.0) {
+            assert!(
+                update(g).iter().all(|&u| u == 0.0),
+                "{what} {name}: the CPU left it unchanged, the GPU did not"
+            );
+            continue;
+        }
+        check(
+            &format!("{what} {name} update"),
+            &tensor(&update(g)),
+            &tensor(&want_update),
+            1e-3,
+        );
+    }
+}
+
+fn labels(n: usize, classes: usize) -> Vec<usize> {
+    (0..n).map(|i| (i * 7 + 3) % classes).collect()
+}
+
+/// `steps` steps of both trainers from `weights` on formula batches, comparing the losses and
+/// the weights after every step, and the momentum at the end.
+fn steps_match(config: &AlexNetConfig, weights: &Weights, frozen: usize, n: usize, steps: u64) {
+    let mut gpu = cuda_trainer(weights, frozen);
+    let mut cpu = cpu_trainer(weights, frozen);
+    let input = config.input;
+    let labels = labels(n, config.num_classes());
+    let mut before = weights.clone();
+    for step in 0..steps {
+        let values = common::formula_values(
+            100 + step,
+            n * input.channels * input.height * input.width,
+            2.0,
+        );
+        let batch =
+            Array4::from_shape_vec((n, input.channels, input.height, input.width), values).unwrap();
+        let seed = 1000 + step;
+        let gpu_loss = gpu.step(batch.view(), &labels, seed).unwrap();
+        let cpu_loss = cpu.step(batch.view(), &labels, seed).unwrap();
+        let what = format!("{} frozen={frozen} step {step}", config.name);
+        assert!(
+            ((gpu_loss - cpu_loss) / cpu_loss).abs() <= 1e-5,
+            "{what}: loss {gpu_loss} on the GPU, {cpu_loss} on the CPU"
+        );
+        let after = cpu.model.weights().unwrap();
+        check_updates(&what, &before, &gpu.weights().unwrap(), &after);
+        before = after;
+    }
+    let (gpu_v, cpu_v) = (gpu.velocity().unwrap(), cpu.optimiser.velocity().to_vec());
+    assert_eq!(gpu_v.len(), cpu_v.len(), "momentum tensors");
+    for (i, (g, c)) in gpu_v.iter().zip(&cpu_v).enumerate() {
+        check(&format!("momentum {i}"), &tensor(g), &tensor(c), 1e-4);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn gpu_steps_match_the_cpu_trainer() {
+    let _gpu = common::exclusive_gpu();
+    // The small network with dropout, every layer trained, then the first two frozen.
+    let config = small_training_config(Some(0.5));
+    let weights = Weights::paper_init(&config, 3).unwrap();
+    steps_match(&config, &weights, 0, 4, 3);
+    steps_match(&config, &weights, 2, 4, 2);
+    // The paper's network at batch 8, one step.
+    let paper = AlexNetConfig::paper();
+    let weights = Weights::paper_init(&paper, 5).unwrap();
+    steps_match(&paper, &weights, 0, 8, 1);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn a_run_moves_between_the_gpu_and_the_cpu() {
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let start = Weights::paper_init(&config, 9).unwrap();
+    let labels = labels(4, config.num_classes());
+    let batches: Vec<Array4<f32>> = (0..3).map(|s| small_training_batch(4, 200 + s)).collect();
+
+    // Two steps on the GPU, the third on the CPU from the GPU's weights and momentum ...
+    let mut gpu = cuda_trainer(&start, 0);
+    for (step, batch) in batches[..2].iter().enumerate() {
+        gpu.step(batch.view(), &labels, step as u64).unwrap();
+    }
+    let mut resumed_on_cpu = cpu_trainer(&gpu.weights().unwrap(), 0);
+    resumed_on_cpu
+        .optimiser
+        .set_velocity(gpu.velocity().unwrap());
+    resumed_on_cpu.step(batches[2].view(), &labels, 2).unwrap();
+    // ... against three steps on the CPU.
+    let mut cpu = cpu_trainer(&start, 0);
+    for (step, batch) in batches.iter().enumerate() {
+        cpu.step(batch.view(), &labels, step as u64).unwrap();
+    }
+    let want = cpu.model.weights().unwrap();
+    check_updates(
+        "GPU then CPU",
+        &start,
+        &resumed_on_cpu.model.weights().unwrap(),
+        &want,
+    );
+
+    // Two steps on the CPU, the third on the GPU.
+    let mut cpu = cpu_trainer(&start, 0);
+    for (step, batch) in batches[..2].iter().enumerate() {
+        cpu.step(batch.view(), &labels, step as u64).unwrap();
+    }
+    let mut resumed_on_gpu = cuda_trainer(&cpu.model.weights().unwrap(), 0);
+    resumed_on_gpu
+        .set_velocity(cpu.optimiser.velocity().to_vec())
+        .unwrap();
+    resumed_on_gpu.step(batches[2].view(), &labels, 2).unwrap();
+    check_updates(
+        "CPU then GPU",
+        &start,
+        &resumed_on_gpu.weights().unwrap(),
+        &want,
+    );
+}
+
+/// Runs everywhere: without a GPU (no driver, or no device) the trainer is a typed
+/// `DeviceUnavailable` error saying so, never a panic; with one it is built.
+#[test]
+fn without_a_gpu_the_trainer_is_a_typed_error() {
+    let weights = Weights::paper_init(&small_training_config(None), 1).unwrap();
+    match (
+        alexnet_cuda::cuda::Gpu::new(0),
+        CudaTrainer::new(&weights, SgdConfig::default(), 0),
+    ) {
+        (Err(_), Err(alexnet_cuda::Error::DeviceUnavailable(why))) => {
+            eprintln!("no GPU here, as expected: {why}")
+        }
+        (Ok(_), Ok(trainer)) => eprintln!("built on {}", trainer.gpu().name()),
+        (gpu, trainer) => panic!(
+            "the trainer disagrees with the device: Gpu::new {:?}, CudaTrainer::new {:?}",
+            gpu.err(),
+            trainer.err()
+        ),
+    }
+}
