@@ -341,20 +341,23 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         let format = cudnn_format(call.layout);
         let x_desc = TensorDesc::new(T::DTYPE.cudnn(), format, call.x)?;
         let y_desc = TensorDesc::new(T::DTYPE.cudnn(), format, call.y)?;
+        // cuDNN's own output size must be the layer's, checked before any workspace grows.
+        let cudnn_dims = ConvDesc::new(&call, cudnnDataType_t::CUDNN_DATA_FLOAT, self.math)?
+            .output_dims(&x_desc, &self.filter)?;
+        if cudnn_dims != call.y {
+            return Err(Error::cuda(
+                OP,
+                format!(
+                    "cuDNN computes an output of {cudnn_dims:?}, the layer expects {:?}",
+                    call.y
+                ),
+            ));
+        }
         let chosen = self.measure(
             gpu,
+            "forward",
             &call,
             |handle, conv, workspace, workspace_bytes| {
-                let cudnn_dims = conv.output_dims(&x_desc, &self.filter)?;
-                if cudnn_dims != call.y {
-                    return Err(Error::cuda(
-                        OP,
-                        format!(
-                            "cuDNN computes an output of {cudnn_dims:?}, the layer expects {:?}",
-                            call.y
-                        ),
-                    ));
-                }
                 let stream = gpu.stream();
                 let (x_ptr, _x_done) = x.data().device_ptr(stream);
                 let (w_ptr, _w_done) = self.weight.device_ptr(stream);
@@ -398,7 +401,8 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         })
     }
 
-    /// Chooses the algorithm of one of the layer's calls on `call`'s shapes: `search` runs
+    /// Chooses the algorithm of one of the layer's calls (`what`: "forward", "backward data",
+    /// "backward filter", for messages) on `call`'s shapes: `search` runs
     /// cuDNN's `Find` for that call on the real buffers (given the handle, a fresh convolution
     /// descriptor with the layer's math type, and the shared workspace made as large as the cap
     /// allows), the rules of [`choose_algorithm`] pick one, `workspace_size` asks what it needs,
@@ -407,6 +411,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
     fn measure<A: ConvAlgorithm>(
         &self,
         gpu: &Gpu,
+        what: &str,
         call: &ConvCall,
         search: impl FnOnce(&CudnnHandle, &ConvDesc, *mut c_void, usize) -> Result<Vec<AlgoPerf<A>>>,
         workspace_size: impl FnOnce(&CudnnHandle, &ConvDesc, A) -> Result<usize>,
@@ -436,7 +441,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             Error::cuda(
                 OP,
                 format!(
-                    "cuDNN has no usable algorithm for input {:?} ({:?}, {:?}) within a \
+                    "cuDNN has no usable {what} algorithm for input {:?} ({:?}, {:?}) within a \
                          {search_bytes}-byte workspace; candidates: {candidates:?}",
                     call.x,
                     T::DTYPE,

@@ -95,6 +95,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
     ) -> Result<()> {
         let [n, h, w] = self.check_shapes("Conv2dGpu::backward", x, dy)?;
         let call = self.call(n, h, w)?;
+        gpu.bind()?; // this thread may not have made the context current yet
         let stream = gpu.stream();
         let ConvPlan {
             x: x_desc,
@@ -105,6 +106,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         if backward.filter.is_none() {
             let chosen = self.measure(
                 gpu,
+                "backward filter",
                 &call,
                 |handle, conv, workspace, workspace_bytes| {
                     let (x_ptr, _x_done) = x.data().device_ptr(stream);
@@ -189,6 +191,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         if backward.data.is_none() {
             let chosen = self.measure(
                 gpu,
+                "backward data",
                 &call,
                 |handle, conv, workspace, workspace_bytes| {
                     let (w_ptr, _w_done) = self.weight.device_ptr(stream);
