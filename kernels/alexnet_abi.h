@@ -200,6 +200,20 @@ typedef struct AlexnetSoftmaxXentParams {
     unsigned int classes;
 } AlexnetSoftmaxXentParams;
 
+/*
+ * grad_unscale_{f32,f16}(const T *src, float *dst, unsigned int *found_nonfinite,
+ *                        AlexnetGradUnscaleParams p)
+ * Mixed precision's gradient unscaling: dst[i] = (float)src[i] * inv_scale over `len` elements
+ * (one f32 rounding), and *found_nonfinite |= 1 if any src[i] is infinite or NaN (the loss scale
+ * overflowed: the caller skips the step and lowers the scale). *found_nonfinite is only ever set,
+ * never cleared: zero it before the first launch of a step. For f32, src and dst may be the same
+ * buffer (each element is read, then written by one thread).
+ */
+typedef struct AlexnetGradUnscaleParams {
+    unsigned long long len;
+    float inv_scale;
+} AlexnetGradUnscaleParams;
+
 /* SGD update rules (AlexnetSgdParams.rule). */
 #define ALEXNET_SGD_PYTORCH 0
 #define ALEXNET_SGD_PAPER 1

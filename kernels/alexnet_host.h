@@ -7,6 +7,7 @@
  *  - `__syncthreads()` is a barrier across the block's threads;
  *  - `__shfl_xor_sync` exchanges values through a per-warp slot array between two warp barriers;
  *  - `__shared__` variables are static (one block runs at a time, and launches are serialised);
+ *  - `atomicOr` is a std::atomic_ref read-modify-write;
  *  - the f16 conversions of alexnet_half.cuh use the software fallbacks below (bit-exact
  *    round-to-nearest-even), and `__fadd_rn`/`__fmul_rn` are plain operations (the host build
  *    uses -ffp-contract=off, so nothing is fused).
@@ -22,6 +23,7 @@
 
 #define ALEXNET_HOST_EMULATION 1
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -183,6 +185,12 @@ template <typename T> T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane
         std::memcpy(&out, &(*s.shuffle)[from], sizeof(T));
     (*s.warps)[warp]->arrive_and_wait();
     return out;
+}
+
+/* The device's atomic OR, as an atomic read-modify-write on the host thread's view. */
+inline unsigned int atomicOr(unsigned int *address, unsigned int value)
+{
+    return std::atomic_ref<unsigned int>(*address).fetch_or(value);
 }
 
 inline float __fadd_rn(float a, float b) { return a + b; }

@@ -25,8 +25,8 @@ use alexnet_cuda::cpu::{
 };
 use alexnet_cuda::cuda::abi::{ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
 use alexnet_cuda::cuda::kernel_args::{
-    bias_act_args, bias_grad_args, convert_args, relu_backward_args, sgd_args, softmax_top_k_args,
-    softmax_xent_args,
+    bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relu_backward_args, sgd_args,
+    softmax_top_k_args, softmax_xent_args,
 };
 use alexnet_cuda::cuda::registry::KERNELS;
 use alexnet_cuda::cuda::{
@@ -34,7 +34,7 @@ use alexnet_cuda::cuda::{
 };
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::postprocess::{softmax, top_k};
-use alexnet_cuda::train::{Sgd, SgdConfig, UpdateRule};
+use alexnet_cuda::train::{unscale_gradients, Sgd, SgdConfig, UpdateRule};
 use common::formula_values;
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -64,6 +64,8 @@ const COVERED: &[&str] = &[
     "sgd_f32",
     "bias_grad_f32",
     "bias_grad_f16",
+    "grad_unscale_f32",
+    "grad_unscale_f16",
 ];
 
 fn require_host_kernels() {
@@ -1141,4 +1143,58 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
         33
     ];
     assert!(sgd_args(&SgdConfig::default(), &many, false).is_err());
+}
+
+/// `grad_unscale` on `values` (rounded to `T` first: what a `T` backward produces) against the
+/// CPU twin, with the launcher's grid and a small one; `flag_before` is the flag's value going
+/// in (it is only ever set).
+fn grad_unscale_case<T: Elem>(values: &[f32], scale: f32, flag_before: u32) {
+    let name = format!("grad_unscale_{}", T::SUFFIX);
+    let stored: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
+    let read: Vec<f32> = stored.iter().map(|v| v.to_f32()).collect();
+    let (want, overflowed) = unscale_gradients(&read, scale);
+    let (mut p, cfg) = grad_unscale_args(values.len(), scale).unwrap();
+    for grid in [cfg, small_grid(32)] {
+        let mut src = stored.clone();
+        let mut dst = vec![f32::POISON; values.len()];
+        let mut flag = vec![flag_before];
+        launch(
+            &name,
+            grid,
+            vec![buf(&mut src), buf(&mut dst), buf(&mut flag), params(&mut p)],
+        );
+        let what = format!("{name} scale {scale} blocks={}", grid.grid_dim.0);
+        let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
+        assert_same(&what, &as_array(dst), &as_array(want.clone()));
+        let want_flag = u32::from(overflowed) | flag_before;
+        assert_eq!(flag[0], want_flag, "{what}: overflow flag");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn gradient_unscaling_matches_the_cpu_and_flags_overflow() {
+    require_host_kernels();
+    // Scaled gradients as a backward under loss scale 2^16 gives them, 1000 of them (several
+    // blocks' worth for the small grid); then the same with an overflow at each end.
+    let values = formula_values(280, 1000, 60000.0);
+    for scale in [65536.0, 3.0] {
+        grad_unscale_case::<f32>(&values, scale, 0);
+        grad_unscale_case::<f16>(&values, scale, 0);
+    }
+    let mut overflowing = values.clone();
+    overflowing[0] = f32::INFINITY;
+    overflowing[999] = f32::NAN;
+    grad_unscale_case::<f32>(&overflowing, 65536.0, 0);
+    // f16 overflows where f32 does not: 70000 is beyond f16's largest finite value.
+    let mut beyond_f16 = values.clone();
+    beyond_f16[500] = 70000.0;
+    grad_unscale_case::<f16>(&beyond_f16, 65536.0, 0);
+    // A flag set by an earlier launch of the same step stays set.
+    grad_unscale_case::<f32>(&values, 65536.0, 1);
+    assert!(grad_unscale_args(10, 0.0).is_err());
+    assert!(grad_unscale_args(10, f32::INFINITY).is_err());
 }

@@ -252,6 +252,23 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetGradUnscaleParams {
+    pub len: ::core::ffi::c_ulonglong,
+    pub inv_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetGradUnscaleParams"]
+        [::core::mem::size_of::<AlexnetGradUnscaleParams>() - 16usize];
+    ["Alignment of AlexnetGradUnscaleParams"]
+        [::core::mem::align_of::<AlexnetGradUnscaleParams>() - 8usize];
+    ["Offset of field: AlexnetGradUnscaleParams::len"]
+        [::core::mem::offset_of!(AlexnetGradUnscaleParams, len) - 0usize];
+    ["Offset of field: AlexnetGradUnscaleParams::inv_scale"]
+        [::core::mem::offset_of!(AlexnetGradUnscaleParams, inv_scale) - 8usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetSgdParams {
     pub len: ::core::ffi::c_ulonglong,
     pub ends: [::core::ffi::c_ulonglong; 32usize],

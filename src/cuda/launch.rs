@@ -43,6 +43,8 @@ unsafe impl DeviceRepr for AlexnetSoftmaxXentParams {}
 unsafe impl DeviceRepr for AlexnetSgdParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetBiasGradParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AlexnetGradUnscaleParams {}
 
 /// Every kernel of the registry, looked up once per context, in [`KERNELS`] order.
 #[derive(Debug)]

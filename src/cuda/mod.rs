@@ -99,8 +99,8 @@ pub use libraries::{
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
     bias_act, bias_grad, convert_f16_to_f32, relu_backward, sgd_step, softmax_cross_entropy,
-    softmax_top_k, Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu,
-    LrnGpu, MaxPoolGpu, PrepareInput, SgdSegment, TopK,
+    softmax_top_k, unscale_gradients, Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo,
+    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, SgdSegment, TopK,
 };
 pub use trainer::CudaTrainer;
 
@@ -109,8 +109,8 @@ pub use trainer::CudaTrainer;
 #[doc(hidden)]
 pub mod kernel_args {
     pub use super::ops::{
-        bias_act_args, bias_grad_args, convert_args, relu_backward_args, sgd_args,
-        softmax_top_k_args, softmax_xent_args,
+        bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relu_backward_args,
+        sgd_args, softmax_top_k_args, softmax_xent_args,
     };
 }
 

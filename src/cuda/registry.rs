@@ -129,6 +129,12 @@ kernel_registry! {
         SoftmaxXent = "softmax_xent" for [f32]
             [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSoftmaxXentParams>())];
     }
+    "grad_scale" => {
+        /// Mixed precision: gradients times 1/scale into f32, with the overflow check
+        /// (`ops::grad_scale`, training).
+        GradUnscale = "grad_unscale" for [f32, f16]
+            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetGradUnscaleParams>())];
+    }
     "sgd" => {
         /// One SGD step over every parameter (`ops::sgd`, training).
         Sgd = "sgd" for [f32] [Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];

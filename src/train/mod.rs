@@ -29,6 +29,7 @@
 mod checkpoint;
 mod data;
 mod evaluate;
+mod loss_scale;
 mod sgd;
 
 pub use checkpoint::{Checkpoint, TrainState, MOMENTUM_PREFIX, TRAIN_STATE_KEY};
@@ -37,6 +38,7 @@ pub use data::{
     IMAGENET_PCA_EIGENVALUES, IMAGENET_PCA_EIGENVECTORS,
 };
 pub use evaluate::{evaluate, Evaluation};
+pub use loss_scale::{unscale_gradients, LossScale};
 pub use sgd::{Sgd, SgdConfig, UpdateRule};
 
 use ndarray::ArrayView4;

@@ -16,9 +16,11 @@
 //! | convert   | `half::f16::to_f32`                        | `convert.rs`     | `kernels/convert.cu`   |
 //! | loss      | `src/cpu/loss.rs` (training)               | `loss.rs`        | `kernels/loss.cu`      |
 //! | sgd       | `src/train/sgd.rs` (training)              | `sgd.rs`         | `kernels/sgd.cu`       |
+//! | grad_scale | `src/train/loss_scale.rs` (training)      | `grad_scale.rs`  | `kernels/grad_scale.cu` |
 //!
-//! The training backward of pool, LRN and ReLU sits beside the forward (`backward` methods,
-//! `relu_backward`), with its kernel in the same `.cu` file; f32 only.
+//! The training backward of every layer sits beside its forward (`backward` methods,
+//! `relu_backward`, `bias_grad`), with its kernel in the same `.cu` file; the convolution's in
+//! `conv/backward.rs` (cuDNN). The pool, LRN and ReLU backward are f32 only.
 //!
 //! Every launcher checks shapes, layouts and buffer lengths before it launches; a mismatch is an
 //! [`Error::Shape`], never an out-of-bounds access. Kernels launch through
@@ -30,6 +32,7 @@ mod conv;
 mod conv_epilogue;
 mod convert;
 mod dropout;
+mod grad_scale;
 mod linear;
 mod loss;
 mod lrn;
@@ -46,6 +49,7 @@ pub use conv::{Conv2dGpu, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
 pub use convert::{convert_args, convert_f16_to_f32};
 pub use dropout::DropoutGpu;
+pub use grad_scale::{grad_unscale_args, unscale_gradients};
 pub use linear::LinearGpu;
 pub use loss::{softmax_cross_entropy, softmax_xent_args};
 pub use lrn::LrnGpu;

@@ -1,0 +1,41 @@
+/*
+ * grad_scale.cu — mixed precision's gradient unscaling with the overflow check (see
+ * AlexnetGradUnscaleParams), one thread per element, grid-stride loop. CPU twin:
+ * `train::unscale_gradients` (src/train/loss_scale.rs); launcher: src/cuda/ops/grad_scale.rs.
+ */
+#include "alexnet_abi.h"
+#include "alexnet_half.cuh"
+
+template <typename T>
+static __device__ __forceinline__ void grad_unscale(const T *src, float *dst,
+                                                    unsigned int *found_nonfinite,
+                                                    const AlexnetGradUnscaleParams &p)
+{
+    bool nonfinite = false;
+    ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
+    {
+        const float g = alexnet_load(src[i]);
+        /* Infinite or NaN: every exponent bit set. */
+        nonfinite |= (__float_as_uint(g) & 0x7f800000u) == 0x7f800000u;
+        dst[i] = __fmul_rn(g, p.inv_scale);
+    }
+    /* One atomic per thread that saw an overflow, not per element. */
+    if (nonfinite)
+        atomicOr(found_nonfinite, 1u);
+}
+
+/* f32 gradients (src may be dst). */
+extern "C" __global__ void grad_unscale_f32(const float *src, float *dst,
+                                            unsigned int *found_nonfinite,
+                                            AlexnetGradUnscaleParams p)
+{
+    grad_unscale<float>(src, dst, found_nonfinite, p);
+}
+
+/* f16 gradients widened into the f32 master gradients. */
+extern "C" __global__ void grad_unscale_f16(const unsigned short *src, float *dst,
+                                            unsigned int *found_nonfinite,
+                                            AlexnetGradUnscaleParams p)
+{
+    grad_unscale<unsigned short>(src, dst, found_nonfinite, p);
+}

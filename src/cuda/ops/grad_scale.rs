@@ -1,0 +1,64 @@
+//! Mixed precision's gradient unscaling with the overflow check: launcher of
+//! `kernels/grad_scale.cu`; CPU twin [`crate::train::unscale_gradients`].
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+
+use super::shape_err;
+use crate::cuda::abi::AlexnetGradUnscaleParams;
+use crate::cuda::device::Gpu;
+use crate::cuda::dtype::GpuFloat;
+use crate::cuda::launch::{grid_1d, Launch};
+use crate::cuda::registry::Kernel;
+use crate::error::{Error, Result};
+
+/// The `grad_unscale` kernel's parameters and launch shape for `len` gradients under loss scale
+/// `scale`: what [`unscale_gradients`] passes.
+#[doc(hidden)]
+pub fn grad_unscale_args(
+    len: usize,
+    scale: f32,
+) -> Result<(AlexnetGradUnscaleParams, LaunchConfig)> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::invalid(
+            "loss scale",
+            format!("{scale} (must be finite and positive)"),
+        ));
+    }
+    let params = AlexnetGradUnscaleParams {
+        len: len as u64,
+        inv_scale: 1.0 / scale,
+    };
+    Ok((params, grid_1d("grad_unscale", params.len)?))
+}
+
+/// `dst = src / scale` in f32 (the master gradients from the scaled gradients of a
+/// mixed-precision backward), setting `found_nonfinite[0]` to 1 if any element of `src` is
+/// infinite or NaN (it is never cleared here: zero it once per step, check it after the last
+/// launch). `src` and `dst` hold the same number of elements.
+pub fn unscale_gradients<T: GpuFloat>(
+    gpu: &Gpu,
+    src: &CudaView<'_, T>,
+    dst: &mut CudaViewMut<'_, f32>,
+    found_nonfinite: &mut CudaSlice<u32>,
+    scale: f32,
+) -> Result<()> {
+    if src.len() != dst.len() || found_nonfinite.is_empty() {
+        return Err(shape_err(
+            "unscale_gradients",
+            format!("{} gradients in and out, and one flag", src.len()),
+            &[src.len(), dst.len(), found_nonfinite.len()],
+        ));
+    }
+    let (params, cfg) = grad_unscale_args(src.len(), scale)?;
+    // SAFETY: grad_unscale(const T *src, float *dst, unsigned int *found_nonfinite,
+    // AlexnetGradUnscaleParams): `src` and `dst` hold `len` elements and the flag at least one
+    // (checked above); `dst` and the flag are borrowed exclusively, so neither overlaps `src`.
+    unsafe {
+        Launch::new(gpu, Kernel::GradUnscale, T::DTYPE)?
+            .buffer(src)
+            .buffer(dst)
+            .buffer(found_nonfinite)
+            .params(&params)
+            .launch(cfg)
+    }
+}

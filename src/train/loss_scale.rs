@@ -1,0 +1,166 @@
+//! Dynamic loss scaling for mixed-precision training, as PyTorch's `torch.amp.GradScaler`: the
+//! loss is multiplied by a large scale before the backward so that small f16 gradients do not
+//! flush to zero; the gradients are divided by it again into the f32 master gradients; a step
+//! whose gradients overflowed (an infinity or NaN) is skipped and the scale halved, and after
+//! `growth_interval` good steps in a row the scale doubles.
+
+use crate::error::{Error, Result};
+
+/// The scale and its schedule. [`Default`] is PyTorch's: 2^16, doubled after 2000 good steps,
+/// halved on an overflow.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScale {
+    scale: f32,
+    growth_factor: f32,
+    backoff_factor: f32,
+    growth_interval: u32,
+    /// Good steps since the scale last changed.
+    good_steps: u32,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale {
+            scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            good_steps: 0,
+        }
+    }
+}
+
+impl LossScale {
+    /// A schedule starting at `scale`: multiplied by `growth_factor` (> 1) after
+    /// `growth_interval` (>= 1) good steps in a row, by `backoff_factor` (in (0, 1)) on an
+    /// overflow.
+    pub fn new(
+        scale: f32,
+        growth_factor: f32,
+        backoff_factor: f32,
+        growth_interval: u32,
+    ) -> Result<Self> {
+        let valid = scale.is_finite()
+            && scale > 0.0
+            && growth_factor.is_finite()
+            && growth_factor > 1.0
+            && backoff_factor > 0.0
+            && backoff_factor < 1.0
+            && growth_interval >= 1;
+        if !valid {
+            return Err(Error::invalid(
+                "loss scale",
+                format!(
+                    "scale {scale}, growth {growth_factor}, backoff {backoff_factor}, interval \
+                     {growth_interval}: need a finite positive scale, growth > 1, backoff in \
+                     (0, 1) and an interval of at least 1"
+                ),
+            ));
+        }
+        Ok(LossScale {
+            scale,
+            growth_factor,
+            backoff_factor,
+            growth_interval,
+            good_steps: 0,
+        })
+    }
+
+    /// The scale to multiply the next step's loss (its gradient) by.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// Records whether this step's gradients overflowed and moves the scale; returns whether
+    /// the step is to be applied (false: skip the update, as GradScaler does). The scale never
+    /// grows to infinity and never shrinks to zero.
+    pub fn update(&mut self, overflowed: bool) -> bool {
+        if overflowed {
+            self.scale = (self.scale * self.backoff_factor).max(f32::MIN_POSITIVE);
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps >= self.growth_interval {
+            let grown = self.scale * self.growth_factor;
+            if grown.is_finite() {
+                self.scale = grown;
+            }
+            self.good_steps = 0;
+        }
+        true
+    }
+}
+
+/// The CPU twin of the `grad_unscale` kernel: every gradient times `1 / scale` in f32 (one
+/// rounding), and whether any was infinite or NaN.
+pub fn unscale_gradients(gradients: &[f32], scale: f32) -> (Vec<f32>, bool) {
+    let inv_scale = 1.0 / scale;
+    let overflowed = gradients.iter().any(|g| !g.is_finite());
+    (
+        gradients.iter().map(|g| g * inv_scale).collect(),
+        overflowed,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GradScaler's schedule, step by step: growth after the interval, backoff and a restarted
+    /// count on an overflow, skipped steps reported.
+    #[test]
+    fn the_scale_follows_grad_scalers_schedule() {
+        let mut scale = LossScale::new(1024.0, 2.0, 0.5, 3).unwrap();
+        let mut seen = Vec::new();
+        for overflowed in [false, false, true, false, false, false, false] {
+            let applied = scale.update(overflowed);
+            seen.push((applied, scale.scale()));
+        }
+        assert_eq!(
+            seen,
+            [
+                (true, 1024.0),
+                (true, 1024.0),
+                (false, 512.0), // overflow: halved, count restarted
+                (true, 512.0),
+                (true, 512.0),
+                (true, 1024.0), // three good steps: doubled
+                (true, 1024.0),
+            ]
+        );
+        assert_eq!(LossScale::default().scale(), 65536.0);
+    }
+
+    #[test]
+    fn the_scale_stays_finite_and_positive() {
+        let mut scale = LossScale::new(f32::MAX, 2.0, 0.5, 1).unwrap();
+        scale.update(false);
+        assert_eq!(scale.scale(), f32::MAX);
+        let mut scale = LossScale::new(f32::MIN_POSITIVE, 2.0, 0.5, 1).unwrap();
+        scale.update(true);
+        assert_eq!(scale.scale(), f32::MIN_POSITIVE);
+        for bad in [
+            (0.0, 2.0, 0.5, 1),
+            (1.0, 1.0, 0.5, 1),
+            (1.0, 2.0, 1.0, 1),
+            (1.0, 2.0, 0.5, 0),
+        ] {
+            assert!(
+                LossScale::new(bad.0, bad.1, bad.2, bad.3).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unscaling_divides_and_reports_overflow() {
+        let (g, overflowed) = unscale_gradients(&[1024.0, -3.0, 0.5], 1024.0);
+        assert_eq!(
+            (g, overflowed),
+            (vec![1.0, -3.0 / 1024.0, 0.5 / 1024.0], false)
+        );
+        assert!(unscale_gradients(&[1.0, f32::INFINITY], 2.0).1);
+        assert!(unscale_gradients(&[f32::NAN], 2.0).1);
+    }
+}
