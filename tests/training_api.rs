@@ -193,7 +193,19 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(loaded.state, state(3));
     let model = CpuModel::new(&loaded.weights, Precision::Fp32).unwrap();
     let mut resumed = CpuTrainer::new(model, SgdConfig::default()).unwrap();
-    resumed.optimiser.set_velocity(loaded.velocity);
+    // Another network's momentum (one tensor short, or a tensor of another size) is refused
+    // where it is restored; the run's own is taken through the Trainer interface.
+    let mut short = loaded.velocity.clone();
+    short.pop();
+    let mut resized = loaded.velocity.clone();
+    resized[0].push(0.0);
+    for wrong in [short, resized] {
+        assert!(matches!(
+            Trainer::set_velocity(&mut resumed, wrong),
+            Err(Error::Shape { .. })
+        ));
+    }
+    Trainer::set_velocity(&mut resumed, loaded.velocity).unwrap();
     for step in 3..6 {
         let a = uninterrupted.step(x.view(), &LABELS, step).unwrap();
         let b = resumed.step(x.view(), &LABELS, step).unwrap();

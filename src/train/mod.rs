@@ -149,6 +149,19 @@ impl Trainer for CpuTrainer {
     }
 
     fn set_velocity(&mut self, velocity: Vec<Vec<f32>>) -> Result<()> {
+        // One buffer per trainable tensor (those after the frozen layers' weight and bias), or
+        // none: checked here, not at the next step, so a wrong checkpoint fails where it loads.
+        let params = self.model.parameters();
+        let trainable = &params[(2 * self.frozen_layers).min(params.len())..];
+        let want: Vec<usize> = trainable.iter().map(|p| p.len()).collect();
+        let found: Vec<usize> = velocity.iter().map(Vec::len).collect();
+        if !velocity.is_empty() && found != want {
+            return Err(crate::Error::Shape {
+                op: "CpuTrainer::set_velocity",
+                expected: format!("momentum tensors of {want:?}"),
+                found,
+            });
+        }
         self.optimiser.set_velocity(velocity);
         Ok(())
     }
