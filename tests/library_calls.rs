@@ -239,7 +239,23 @@ const CONV_CASES: &[ConvCase] = &[
     },
 ];
 
-fn conv_case(case: &ConvCase, layout: Layout, padded_channels: Option<usize>, seed: u64) {
+/// A case as both sides see it: the input and weights, the CPU layer (zero bias) and the GPU
+/// layer's call in `layout` with the input padded to `padded_channels`.
+struct ConvSetup {
+    x: Array4<f32>,
+    weight: Array4<f32>,
+    cpu: Conv2d,
+    call: ConvCall,
+    in_channels: usize,
+    what: String,
+}
+
+fn conv_setup(
+    case: &ConvCase,
+    layout: Layout,
+    padded_channels: Option<usize>,
+    seed: u64,
+) -> ConvSetup {
     let [n, c, h, w] = case.input;
     let x = random((n, c, h, w), seed, 1.0);
     let weight = random((case.out, c, case.kernel, case.kernel), seed + 1, 0.5);
@@ -250,27 +266,59 @@ fn conv_case(case: &ConvCase, layout: Layout, padded_channels: Option<usize>, se
         case.padding,
     )
     .unwrap();
-    let want = cpu.forward(x.view()).unwrap();
-
-    let options = ConvOptions {
+    let in_channels = padded_channels.unwrap_or(c);
+    let call = ConvOptions {
         in_channels: padded_channels,
         ..ConvOptions::new(case.stride, case.padding, layout)
-    };
-    let in_channels = padded_channels.unwrap_or(c);
-    let call = options
-        .call(case.out, in_channels, case.kernel, [n, h, w])
-        .unwrap();
+    }
+    .call(case.out, in_channels, case.kernel, [n, h, w])
+    .unwrap();
     let what = format!("{} {layout:?} in_channels={in_channels}", case.name);
+    ConvSetup {
+        x,
+        weight,
+        cpu,
+        call,
+        in_channels,
+        what,
+    }
+}
+
+/// `a` `[n, c, h, w]` with zero channels appended up to `in_channels`, as the layer holds it.
+fn pad_channels(a: &Array4<f32>, in_channels: usize) -> Array4<f32> {
+    let (n, c, h, w) = a.dim();
+    let mut padded = Array4::<f32>::zeros((n, in_channels, h, w));
+    padded.slice_mut(s![.., ..c, .., ..]).assign(a);
+    padded
+}
+
+/// `check` on every case in both layouts, and in NHWC with the input padded to 8 channels (the
+/// fp16 path, zero filters for the extra channels) where the case has at most 8; seeds from
+/// `seed`.
+fn each_conv_variant(seed: u64, check: impl Fn(&ConvCase, Layout, Option<usize>, u64)) {
+    for (i, case) in CONV_CASES.iter().enumerate() {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            check(case, layout, None, seed + i as u64);
+        }
+        if case.input[1] <= 8 {
+            check(case, Layout::Nhwc, Some(8), seed + 100 + i as u64);
+        }
+    }
+}
+
+fn conv_case(case: &ConvCase, layout: Layout, padded_channels: Option<usize>, seed: u64) {
+    let setup = conv_setup(case, layout, padded_channels, seed);
+    let (call, what) = (&setup.call, &setup.what);
+    let want = setup.cpu.forward(setup.x.view()).unwrap();
+    let [n, ..] = case.input;
     assert_eq!(
         call.y.map(|v| v as usize),
         [n, case.out, want.dim().2, want.dim().3],
         "{what}: output descriptor"
     );
-    // The input as the layer holds it: padded channels zero, in the layout's order.
-    let mut padded = Array4::<f32>::zeros((n, in_channels, h, w));
-    padded.slice_mut(s![.., ..c, .., ..]).assign(&x);
-    let filter = pack_conv_weights(weight.view(), in_channels, layout).unwrap();
-    let y = conv_by_call(&call, &physical(&padded, layout), &filter);
+    let filter = pack_conv_weights(setup.weight.view(), setup.in_channels, layout).unwrap();
+    let padded = pad_channels(&setup.x, setup.in_channels);
+    let y = conv_by_call(call, &physical(&padded, layout), &filter);
     let err = rel_err(&y, &physical(&want, layout));
     eprintln!("{what}: relative error {err:.2e}");
     assert!(err <= 1e-5, "{what}: relative error {err:e}");
@@ -280,49 +328,26 @@ fn conv_case(case: &ConvCase, layout: Layout, padded_channels: Option<usize>, se
 /// in the layout's order (zero for padded channels), the filter gradient unpacked to OIHW (and
 /// exactly zero for padded channels, whose inputs are zero: the update leaves them alone).
 fn conv_backward_case(case: &ConvCase, layout: Layout, padded_channels: Option<usize>, seed: u64) {
-    let [n, c, h, w] = case.input;
-    let x = random((n, c, h, w), seed, 1.0);
-    let weight = random((case.out, c, case.kernel, case.kernel), seed + 1, 0.5);
-    let cpu = Conv2d::new(
-        weight.view(),
-        &Array1::zeros(case.out),
-        case.stride,
-        case.padding,
-    )
-    .unwrap();
-    let y_dims = cpu.forward(x.view()).unwrap().dim();
-    let dy = random(y_dims, seed + 2, 1.0);
+    let setup = conv_setup(case, layout, padded_channels, seed);
+    let (call, in_channels) = (&setup.call, setup.in_channels);
+    let what = format!("{} backward", setup.what);
+    let (x, cpu) = (&setup.x, &setup.cpu);
+    let dy = random(cpu.forward(x.view()).unwrap().dim(), seed + 2, 1.0);
     let want = cpu
         .backward(x.view(), dy.view(), InputGradient::Compute)
         .unwrap();
     let want_dx = want.input.expect("input gradient computed");
-
-    let in_channels = padded_channels.unwrap_or(c);
-    let call = ConvOptions {
-        in_channels: padded_channels,
-        ..ConvOptions::new(case.stride, case.padding, layout)
-    }
-    .call(case.out, in_channels, case.kernel, [n, h, w])
-    .unwrap();
-    let what = format!(
-        "{} backward {layout:?} in_channels={in_channels}",
-        case.name
-    );
-    let pad = |a: &Array4<f32>| {
-        let mut padded = Array4::<f32>::zeros((n, in_channels, h, w));
-        padded.slice_mut(s![.., ..c, .., ..]).assign(a);
-        padded
-    };
-    let filter = pack_conv_weights(weight.view(), in_channels, layout).unwrap();
+    let pad = |a: &Array4<f32>| pad_channels(a, in_channels);
+    let filter = pack_conv_weights(setup.weight.view(), in_channels, layout).unwrap();
     let dy_stored = physical(&dy, layout);
 
-    let dx = conv_backward_data_by_call(&call, &filter, &dy_stored);
+    let dx = conv_backward_data_by_call(call, &filter, &dy_stored);
     let err = rel_err(&dx, &physical(&pad(&want_dx), layout));
     eprintln!("{what}: input gradient relative error {err:.2e}");
     assert!(err <= 1e-5, "{what}: input gradient relative error {err:e}");
 
-    let dw = conv_backward_filter_by_call(&call, &physical(&pad(&x), layout), &dy_stored);
-    let dims = [case.out, c, case.kernel];
+    let dw = conv_backward_filter_by_call(call, &physical(&pad(x), layout), &dy_stored);
+    let dims = [case.out, case.input[1], case.kernel];
     let got = unpack_conv_weights(&dw, dims, in_channels, layout).unwrap();
     let err = rel_err(got.as_slice().unwrap(), want.weight.as_slice().unwrap());
     eprintln!("{what}: filter gradient relative error {err:.2e}");
@@ -341,14 +366,7 @@ fn conv_backward_case(case: &ConvCase, layout: Layout, padded_channels: Option<u
 
 #[test]
 fn convolution_backward_calls_reproduce_the_cpu_layer_in_both_layouts() {
-    for (i, case) in CONV_CASES.iter().enumerate() {
-        for layout in [Layout::Nchw, Layout::Nhwc] {
-            conv_backward_case(case, layout, None, 500 + i as u64);
-        }
-        if case.input[1] <= 8 {
-            conv_backward_case(case, Layout::Nhwc, Some(8), 600 + i as u64);
-        }
-    }
+    each_conv_variant(500, conv_backward_case);
 }
 
 #[test]
@@ -365,15 +383,7 @@ fn unpacking_a_filter_inverts_packing() {
 
 #[test]
 fn convolution_calls_reproduce_the_cpu_layer_in_both_layouts() {
-    for (i, case) in CONV_CASES.iter().enumerate() {
-        for layout in [Layout::Nchw, Layout::Nhwc] {
-            conv_case(case, layout, None, 100 + i as u64);
-        }
-        // The fp16 path: NHWC with the input padded to 8 channels (zero filters for the rest).
-        if case.input[1] <= 8 {
-            conv_case(case, Layout::Nhwc, Some(8), 200 + i as u64);
-        }
-    }
+    each_conv_variant(100, conv_case);
 }
 
 #[test]

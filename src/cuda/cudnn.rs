@@ -178,9 +178,6 @@ pub(crate) struct AlgoPerf<A> {
     pub math: sys::cudnnMathType_t,
 }
 
-/// A forward candidate.
-pub(crate) type FwdAlgoPerf = AlgoPerf<sys::cudnnConvolutionFwdAlgo_t>;
-
 /// The algorithms of one kind of convolution call and what the algorithm choice needs to
 /// know about them.
 pub(crate) trait ConvAlgorithm: Copy + std::fmt::Debug {
@@ -299,142 +296,108 @@ fn successes<A: ConvAlgorithm>(records: &[A::Perf], returned: i32) -> Vec<AlgoPe
         .collect()
 }
 
-/// Runs every forward algorithm that fits `buffers.workspace_bytes` once on the real buffers
-/// (`cudnnFindConvolutionForwardAlgorithmEx`) and returns the successful ones, fastest first.
-///
-/// # Safety
-/// The pointers are device memory on the handle's device, matching the descriptors (`x` and
-/// `w` readable, `y` and the workspace writable, the workspace `workspace_bytes` long), and no
-/// other work uses `y` or the workspace until the call returns (cuDNN synchronises it).
-pub(crate) unsafe fn find_forward_algorithms(
-    handle: &CudnnHandle,
-    x: &TensorDesc,
-    w: &FilterDesc,
-    conv: &ConvDesc,
-    y: &TensorDesc,
-    buffers: &FindBuffers,
-) -> Result<Vec<FwdAlgoPerf>> {
-    type A = sys::cudnnConvolutionFwdAlgo_t;
-    const REQUESTED: usize = requested(<A as ConvAlgorithm>::COUNT);
-    // SAFETY: an all-zero perf struct is valid (every enum field has a 0 variant), and only the
-    // `returned` first entries are read, all written by cuDNN.
-    let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; REQUESTED] = unsafe { std::mem::zeroed() };
-    let mut returned: i32 = 0;
-    // SAFETY: handle and descriptors are alive; the buffers are as the caller guarantees;
-    // `perf` has room for REQUESTED entries and `returned` is a valid out-pointer.
-    unsafe {
-        sys::cudnnFindConvolutionForwardAlgorithmEx(
-            handle.0,
-            x.0,
-            buffers.read[0],
-            w.0,
-            buffers.read[1],
-            conv.0,
-            y.0,
-            buffers.written,
-            REQUESTED as i32,
-            &mut returned,
-            perf.as_mut_ptr(),
-            buffers.workspace,
-            buffers.workspace_bytes,
-        )
-    }
-    .result()
-    .map_err(err("cudnnFindConvolutionForwardAlgorithmEx"))?;
-    Ok(successes::<A>(&perf, returned))
+/// The three `cudnnFind*AlgorithmEx` calls differ only in the function, the kind of algorithm
+/// and their descriptors (two read, one written, in the call's order); each is written once here.
+macro_rules! find_algorithms {
+    ($(#[$doc:meta])* $name:ident, $algo:ty, $find:ident,
+     $read0:ident: $read0_desc:ty, $read1:ident: $read1_desc:ty, $written:ident: $written_desc:ty) => {
+        $(#[$doc])*
+        pub(crate) unsafe fn $name(
+            handle: &CudnnHandle,
+            $read0: &$read0_desc,
+            $read1: &$read1_desc,
+            conv: &ConvDesc,
+            $written: &$written_desc,
+            buffers: &FindBuffers,
+        ) -> Result<Vec<AlgoPerf<$algo>>> {
+            const REQUESTED: usize = requested(<$algo as ConvAlgorithm>::COUNT);
+            // SAFETY: an all-zero perf struct is valid (every enum field has a 0 variant), and
+            // only the `returned` first entries are read, all written by cuDNN.
+            let mut perf: [<$algo as ConvAlgorithm>::Perf; REQUESTED] =
+                unsafe { std::mem::zeroed() };
+            let mut returned: i32 = 0;
+            // SAFETY: handle and descriptors are alive; the buffers are as the caller
+            // guarantees; `perf` has room for REQUESTED entries and `returned` is a valid
+            // out-pointer.
+            unsafe {
+                sys::$find(
+                    handle.0,
+                    $read0.0,
+                    buffers.read[0],
+                    $read1.0,
+                    buffers.read[1],
+                    conv.0,
+                    $written.0,
+                    buffers.written,
+                    REQUESTED as i32,
+                    &mut returned,
+                    perf.as_mut_ptr(),
+                    buffers.workspace,
+                    buffers.workspace_bytes,
+                )
+            }
+            .result()
+            .map_err(err(stringify!($find)))?;
+            Ok(successes::<$algo>(&perf, returned))
+        }
+    };
 }
 
-/// Runs every backward-data algorithm that fits once on the real buffers
-/// (`cudnnFindConvolutionBackwardDataAlgorithmEx`: reads `w` and `dy`, writes `dx`) and returns
-/// the successful ones, fastest first.
-///
-/// # Safety
-/// As for [`find_forward_algorithms`], with `w` and `dy` read and `dx` written.
-pub(crate) unsafe fn find_backward_data_algorithms(
-    handle: &CudnnHandle,
-    w: &FilterDesc,
-    dy: &TensorDesc,
-    conv: &ConvDesc,
-    dx: &TensorDesc,
-    buffers: &FindBuffers,
-) -> Result<Vec<AlgoPerf<sys::cudnnConvolutionBwdDataAlgo_t>>> {
-    type A = sys::cudnnConvolutionBwdDataAlgo_t;
-    const REQUESTED: usize = requested(<A as ConvAlgorithm>::COUNT);
-    // SAFETY: as in `find_forward_algorithms`.
-    let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; REQUESTED] =
-        unsafe { std::mem::zeroed() };
-    let mut returned: i32 = 0;
-    // SAFETY: as in `find_forward_algorithms`.
-    unsafe {
-        sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
-            handle.0,
-            w.0,
-            buffers.read[0],
-            dy.0,
-            buffers.read[1],
-            conv.0,
-            dx.0,
-            buffers.written,
-            REQUESTED as i32,
-            &mut returned,
-            perf.as_mut_ptr(),
-            buffers.workspace,
-            buffers.workspace_bytes,
-        )
-    }
-    .result()
-    .map_err(err("cudnnFindConvolutionBackwardDataAlgorithmEx"))?;
-    Ok(successes::<A>(&perf, returned))
-}
+find_algorithms!(
+    /// Runs every forward algorithm that fits `buffers.workspace_bytes` once on the real
+    /// buffers (`cudnnFindConvolutionForwardAlgorithmEx`: reads `x` and `w`, writes `y`) and
+    /// returns the successful ones, fastest first.
+    ///
+    /// # Safety
+    /// The pointers are device memory on the handle's device, matching the descriptors (the
+    /// read ones readable, the written one and the workspace writable, the workspace
+    /// `workspace_bytes` long), and no other work uses the written buffer or the workspace
+    /// until the call returns (cuDNN synchronises it).
+    find_forward_algorithms,
+    sys::cudnnConvolutionFwdAlgo_t,
+    cudnnFindConvolutionForwardAlgorithmEx,
+    x: TensorDesc,
+    w: FilterDesc,
+    y: TensorDesc
+);
 
-/// Runs every backward-filter algorithm that fits once on the real buffers
-/// (`cudnnFindConvolutionBackwardFilterAlgorithmEx`: reads `x` and `dy`, writes `dw`) and
-/// returns the successful ones, fastest first.
-///
-/// # Safety
-/// As for [`find_forward_algorithms`], with `x` and `dy` read and `dw` written.
-pub(crate) unsafe fn find_backward_filter_algorithms(
-    handle: &CudnnHandle,
-    x: &TensorDesc,
-    dy: &TensorDesc,
-    conv: &ConvDesc,
-    dw: &FilterDesc,
-    buffers: &FindBuffers,
-) -> Result<Vec<AlgoPerf<sys::cudnnConvolutionBwdFilterAlgo_t>>> {
-    type A = sys::cudnnConvolutionBwdFilterAlgo_t;
-    const REQUESTED: usize = requested(<A as ConvAlgorithm>::COUNT);
-    // SAFETY: as in `find_forward_algorithms`.
-    let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; REQUESTED] =
-        unsafe { std::mem::zeroed() };
-    let mut returned: i32 = 0;
-    // SAFETY: as in `find_forward_algorithms`.
-    unsafe {
-        sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
-            handle.0,
-            x.0,
-            buffers.read[0],
-            dy.0,
-            buffers.read[1],
-            conv.0,
-            dw.0,
-            buffers.written,
-            REQUESTED as i32,
-            &mut returned,
-            perf.as_mut_ptr(),
-            buffers.workspace,
-            buffers.workspace_bytes,
-        )
-    }
-    .result()
-    .map_err(err("cudnnFindConvolutionBackwardFilterAlgorithmEx"))?;
-    Ok(successes::<A>(&perf, returned))
-}
+find_algorithms!(
+    /// Runs every backward-data algorithm that fits once on the real buffers
+    /// (`cudnnFindConvolutionBackwardDataAlgorithmEx`: reads `w` and `dy`, writes `dx`) and
+    /// returns the successful ones, fastest first.
+    ///
+    /// # Safety
+    /// As for [`find_forward_algorithms`].
+    find_backward_data_algorithms,
+    sys::cudnnConvolutionBwdDataAlgo_t,
+    cudnnFindConvolutionBackwardDataAlgorithmEx,
+    w: FilterDesc,
+    dy: TensorDesc,
+    dx: TensorDesc
+);
+
+find_algorithms!(
+    /// Runs every backward-filter algorithm that fits once on the real buffers
+    /// (`cudnnFindConvolutionBackwardFilterAlgorithmEx`: reads `x` and `dy`, writes `dw`) and
+    /// returns the successful ones, fastest first.
+    ///
+    /// # Safety
+    /// As for [`find_forward_algorithms`].
+    find_backward_filter_algorithms,
+    sys::cudnnConvolutionBwdFilterAlgo_t,
+    cudnnFindConvolutionBackwardFilterAlgorithmEx,
+    x: TensorDesc,
+    dy: TensorDesc,
+    dw: FilterDesc
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use sys::cudnnConvolutionFwdAlgo_t::*;
     use sys::cudnnMathType_t::*;
+
+    type FwdAlgoPerf = AlgoPerf<sys::cudnnConvolutionFwdAlgo_t>;
 
     fn perf(
         algo: sys::cudnnConvolutionFwdAlgo_t,
