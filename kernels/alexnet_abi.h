@@ -140,22 +140,28 @@ typedef struct AlexnetSoftmaxParams {
 
 /*
  * convert_f16_to_f32(const unsigned short *src, float *dst, AlexnetConvertParams p)
- * Exact widening; one thread per element.
+ * dst = src * scale in f32: exact widening when scale is 1.
+ * convert_f32_to_f16(const float *src, unsigned short *dst, AlexnetConvertParams p)
+ * dst = src * scale, the f32 product rounded to nearest f16 (even on ties): a training batch
+ * into f16 (scale 1), the loss gradient into the scaled f16 gradient (the loss scale).
+ * One thread per element; src and dst do not overlap.
  */
 typedef struct AlexnetConvertParams {
     unsigned long long len;
+    float scale;
 } AlexnetConvertParams;
 
 
 /*
  * maxpool_backward_f32(const float *src, const float *grad_out, float *grad_in,
- *                      AlexnetPoolParams p)
+ *                      AlexnetPoolParams p)   (and _f16: the same over f16 storage, f32 sums)
  * The backward of maxpool for training: src is the forward's input, grad_out shaped like its
  * output, grad_in like src. Each input element gets the sum of the output gradients of the
  * windows whose maximum it is (the first strictly larger value, or the last NaN), windows in
  * (oy, ox) order. One thread per input element; no buffer may overlap another.
  *
  * lrn_backward_f32(const float *src, const float *grad_out, float *grad_in, AlexnetLrnParams p)
+ * (and _f16: the same over f16 storage, f32 arithmetic, each result rounded once)
  * The backward of the LRN: src is its input (relu_first must be 0), grad_out and grad_in are
  * shaped like it. With D_c = k + alpha * (window sum of squares) and b_c = a_c D_c^-beta:
  * grad_in_i = g_i D_i^-beta - 2 alpha beta a_i sum_{c : i in window(c)} g_c a_c D_c^-beta / D_c.
@@ -163,7 +169,7 @@ typedef struct AlexnetConvertParams {
  */
 
 /*
- * relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams p)
+ * relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams p) (and _f16)
  * In place: grad = output > 0 ? grad : 0 over `len` elements (NaN output passes nothing).
  */
 typedef struct AlexnetReluBackwardParams {
@@ -221,20 +227,24 @@ typedef struct AlexnetGradUnscaleParams {
 #define ALEXNET_SGD_SEGMENTS 32
 
 /*
- * sgd_f32(const float *grads, float *velocity, AlexnetSgdParams p)
+ * sgd_f32(const float *grads, float *velocity, const unsigned int *skip, AlexnetSgdParams p)
  * One SGD step with momentum over `len` parameters in up to ALEXNET_SGD_SEGMENTS tensors. The
  * gradients and velocities lie end to end in `grads` and `velocity`: segment s holds the elements
  * below ends[s] (and from ends[s-1]). Each tensor's weights stay wherever their layer keeps them:
- * weights[s] is the device address of segment s's first weight. Segment s is decayed with
- * `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w), w -= lr v;
- * ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old velocity
- * is taken as 0 without being read. 1 <= segments <= ALEXNET_SGD_SEGMENTS; no weight tensor may
- * overlap another or the two flat buffers.
+ * weights[s] is the device address of segment s's first weight (f32: the master weights under
+ * mixed precision). If copies[s] != 0 it is the address of an f16 copy of that tensor (what an
+ * f16 layer computes with), rewritten with each new weight rounded to nearest f16. Segment s is
+ * decayed with `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w),
+ * w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old
+ * velocity is taken as 0 without being read. If `skip` is not null and *skip != 0 (a mixed-
+ * precision step whose gradients overflowed) nothing is read or written. 1 <= segments <=
+ * ALEXNET_SGD_SEGMENTS; no weight tensor or copy may overlap another or the flat buffers.
  */
 typedef struct AlexnetSgdParams {
     unsigned long long len;
     unsigned long long ends[ALEXNET_SGD_SEGMENTS];
     unsigned long long weights[ALEXNET_SGD_SEGMENTS];
+    unsigned long long copies[ALEXNET_SGD_SEGMENTS];
     unsigned int decay[ALEXNET_SGD_SEGMENTS];
     unsigned int segments;
     unsigned int rule;

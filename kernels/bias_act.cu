@@ -46,22 +46,35 @@ extern "C" __global__ void bias_act_f16(unsigned short *x, const unsigned short 
     bias_act_dispatch<unsigned short>(x, bias, p);
 }
 
-/* ---- ReLU backward (training, f32) ----------------------------------------------------- */
+/* ---- ReLU backward (training, f32 and f16) --------------------------------------------- */
 
 /*
  * relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams p): in place,
  * grad = output > 0 ? grad : 0 (a NaN output passes nothing, as on the CPU).
  */
-extern "C" __global__ void relu_backward_f32(const float *output, float *grad,
-                                             AlexnetReluBackwardParams p)
+template <typename T>
+static __device__ __forceinline__ void relu_backward(const T *output, T *grad,
+                                                     const AlexnetReluBackwardParams &p)
 {
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
-        if (!(output[i] > 0.0f))
-            grad[i] = 0.0f;
+        if (!(alexnet_load(output[i]) > 0.0f))
+            grad[i] = alexnet_store<T>(0.0f);
     }
 }
 
+extern "C" __global__ void relu_backward_f32(const float *output, float *grad,
+                                             AlexnetReluBackwardParams p)
+{
+    relu_backward<float>(output, grad, p);
+}
+
+/* The same over f16 storage. */
+extern "C" __global__ void relu_backward_f16(const unsigned short *output, unsigned short *grad,
+                                             AlexnetReluBackwardParams p)
+{
+    relu_backward<unsigned short>(output, grad, p);
+}
 
 /* ---- Bias gradient (training) ---------------------------------------------------------- */
 

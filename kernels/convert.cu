@@ -1,13 +1,28 @@
 /*
- * convert.cu — widening f16 storage to f32 (exact), one thread per element, grid-stride loop. CPU
- * twin: `half::f16::to_f32`; launcher: src/cuda/ops/convert.rs.
+ * convert.cu — between f16 and f32 storage with a scale (see AlexnetConvertParams), one thread
+ * per element, grid-stride loop. CPU twins: `half::f16::to_f32` / `half::f16::from_f32` of the
+ * f32 product; launcher: src/cuda/ops/convert.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
 
-/* f16 -> f32 (exact). */
+/* f16 -> f32, times scale (exact for scale 1). */
 extern "C" __global__ void convert_f16_to_f32(const unsigned short *__restrict__ src,
                                               float *__restrict__ dst, AlexnetConvertParams p)
 {
-    ALEXNET_GRID_STRIDE(unsigned long long, i, p.len) { dst[i] = alexnet_h2f(src[i]); }
+    ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
+    {
+        dst[i] = __fmul_rn(alexnet_h2f(src[i]), p.scale);
+    }
+}
+
+/* f32 times scale -> f16, one rounding of the f32 product. */
+extern "C" __global__ void convert_f32_to_f16(const float *__restrict__ src,
+                                              unsigned short *__restrict__ dst,
+                                              AlexnetConvertParams p)
+{
+    ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
+    {
+        dst[i] = alexnet_f2h(__fmul_rn(src[i], p.scale));
+    }
 }

@@ -60,15 +60,15 @@ extern "C" __global__ void maxpool_f16(const unsigned short *src, unsigned short
     maxpool_dispatch<unsigned short>(src, dst, p);
 }
 
-/* ---- backward (training, f32) ---------------------------------------------------------- */
+/* ---- backward (training, f32 and f16: f32 arithmetic, the sum rounded once) ------------- */
 
 /*
  * Where window (oy, ox) of plane (n, c) took its maximum, as the CPU's `unpool_plane` finds it:
  * the first strictly larger value, or the last NaN; the window's first element if nothing beat
  * -infinity.
  */
-template <typename I>
-static __device__ __forceinline__ void maxpool_argmax(const float *__restrict__ src,
+template <typename T, typename I>
+static __device__ __forceinline__ void maxpool_argmax(const T *__restrict__ src,
                                                       const AlexnetPoolParams &p, I n, I c, I oy,
                                                       I ox, I &at_y, I &at_x)
 {
@@ -80,7 +80,8 @@ static __device__ __forceinline__ void maxpool_argmax(const float *__restrict__ 
     at_x = x0;
     for (unsigned int ky = 0; ky < p.kernel; ++ky) {
         for (unsigned int kx = 0; kx < p.kernel; ++kx) {
-            const float v = src[alexnet_offset<I>(n, c, y0 + ky, x0 + kx, s.c, s.h, s.w, s.layout)];
+            const float v =
+                alexnet_load(src[alexnet_offset<I>(n, c, y0 + ky, x0 + kx, s.c, s.h, s.w, s.layout)]);
             if (v > best || alexnet_isnan(v)) {
                 best = v;
                 at_y = y0 + ky;
@@ -94,10 +95,10 @@ static __device__ __forceinline__ void maxpool_argmax(const float *__restrict__ 
  * One thread per input element: the sum of the output gradients of every window whose maximum
  * it is, windows in (oy, ox) order — the order in which the CPU adds them.
  */
-template <typename I>
-static __device__ __forceinline__ void maxpool_backward(const float *__restrict__ src,
-                                                        const float *__restrict__ grad_out,
-                                                        float *__restrict__ grad_in,
+template <typename T, typename I>
+static __device__ __forceinline__ void maxpool_backward(const T *__restrict__ src,
+                                                        const T *__restrict__ grad_out,
+                                                        T *__restrict__ grad_in,
                                                         const AlexnetPoolParams &p, I total)
 {
     const AlexnetTensorShape s = p.in;
@@ -117,14 +118,26 @@ static __device__ __forceinline__ void maxpool_backward(const float *__restrict_
         for (I oy = oy_first; oy <= oy_last && p.out_h > 0; ++oy) {
             for (I ox = ox_first; ox <= ox_last && p.out_w > 0; ++ox) {
                 I at_y, at_x;
-                maxpool_argmax<I>(src, p, n, c, oy, ox, at_y, at_x);
+                maxpool_argmax<T, I>(src, p, n, c, oy, ox, at_y, at_x);
                 if (at_y == y && at_x == x)
-                    sum = __fadd_rn(sum, grad_out[alexnet_offset<I>(n, c, oy, ox, s.c, p.out_h,
-                                                                    p.out_w, s.layout)]);
+                    sum = __fadd_rn(sum, alexnet_load(grad_out[alexnet_offset<I>(
+                                             n, c, oy, ox, s.c, p.out_h, p.out_w, s.layout)]));
             }
         }
-        grad_in[i] = sum;
+        grad_in[i] = alexnet_store<T>(sum);
     }
+}
+
+template <typename T>
+static __device__ __forceinline__ void maxpool_backward_dispatch(const T *src, const T *grad_out,
+                                                                 T *grad_in,
+                                                                 const AlexnetPoolParams &p)
+{
+    const unsigned long long total = alexnet_numel(p.in);
+    if (alexnet_fits_u32(total))
+        maxpool_backward<T, unsigned int>(src, grad_out, grad_in, p, (unsigned int)total);
+    else
+        maxpool_backward<T, unsigned long long>(src, grad_out, grad_in, p, total);
 }
 
 /*
@@ -135,10 +148,13 @@ static __device__ __forceinline__ void maxpool_backward(const float *__restrict_
 extern "C" __global__ void maxpool_backward_f32(const float *src, const float *grad_out,
                                                 float *grad_in, AlexnetPoolParams p)
 {
-    const unsigned long long total = alexnet_numel(p.in);
-    if (alexnet_fits_u32(total))
-        maxpool_backward<unsigned int>(src, grad_out, grad_in, p, (unsigned int)total);
-    else
-        maxpool_backward<unsigned long long>(src, grad_out, grad_in, p, total);
+    maxpool_backward_dispatch<float>(src, grad_out, grad_in, p);
 }
 
+/* The same over f16 storage: the f32 sum of the f16 gradients, rounded once to f16. */
+extern "C" __global__ void maxpool_backward_f16(const unsigned short *src,
+                                                const unsigned short *grad_out,
+                                                unsigned short *grad_in, AlexnetPoolParams p)
+{
+    maxpool_backward_dispatch<unsigned short>(src, grad_out, grad_in, p);
+}

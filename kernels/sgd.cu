@@ -9,16 +9,20 @@
 #include "alexnet_half.cuh"
 
 /*
- * sgd_f32(const float *grads, float *velocity, AlexnetSgdParams p)
+ * sgd_f32(const float *grads, float *velocity, const unsigned int *skip, AlexnetSgdParams p)
  * One step over every parameter at once: the gradients and velocities laid end to end, each
- * tensor's weights at its own address (p.weights[segment]); the CPU's `train::Sgd::step`: rule
- * ALEXNET_SGD_PYTORCH: v = m v + (g + wd w), w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w -
- * lr g, w += v. Segment s (elements up to ends[s]) uses weight decay `weight_decay` if
- * decay[s] != 0, else none. On the first step (`first_step`) the old velocity is taken as 0
- * without being read.
+ * tensor's weights at its own address (p.weights[segment]) and, under mixed precision, their f16
+ * copy at p.copies[segment]; the CPU's `train::Sgd::step`: rule ALEXNET_SGD_PYTORCH:
+ * v = m v + (g + wd w), w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. Segment s
+ * (elements up to ends[s]) uses weight decay `weight_decay` if decay[s] != 0, else none. On the
+ * first step (`first_step`) the old velocity is taken as 0 without being read. A set `*skip`
+ * (the overflow flag of the gradients' unscaling) leaves everything as it was.
  */
-extern "C" __global__ void sgd_f32(const float *grads, float *velocity, AlexnetSgdParams p)
+extern "C" __global__ void sgd_f32(const float *grads, float *velocity, const unsigned int *skip,
+                                   AlexnetSgdParams p)
 {
+    if (skip != 0 && *skip != 0)
+        return;
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
         unsigned int segment = 0;
@@ -30,16 +34,19 @@ extern "C" __global__ void sgd_f32(const float *grads, float *velocity, AlexnetS
         const float w = *weight;
         const float g = grads[i];
         const float previous = p.first_step ? 0.0f : velocity[i];
-        float v;
+        float v, updated;
         if (p.rule == ALEXNET_SGD_PAPER) {
             v = __fadd_rn(__fadd_rn(__fmul_rn(p.momentum, previous),
                                     -__fmul_rn(__fmul_rn(wd, p.learning_rate), w)),
                           -__fmul_rn(p.learning_rate, g));
-            *weight = __fadd_rn(w, v);
+            updated = __fadd_rn(w, v);
         } else {
             v = __fadd_rn(__fmul_rn(p.momentum, previous), __fadd_rn(g, __fmul_rn(wd, w)));
-            *weight = __fadd_rn(w, -__fmul_rn(p.learning_rate, v));
+            updated = __fadd_rn(w, -__fmul_rn(p.learning_rate, v));
         }
+        *weight = updated;
         velocity[i] = v;
+        if (p.copies[segment] != 0)
+            ((unsigned short *)p.copies[segment])[i - start] = alexnet_f2h(updated);
     }
 }

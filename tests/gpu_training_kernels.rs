@@ -22,7 +22,8 @@ use alexnet_cuda::cpu::{
 use alexnet_cuda::cuda::library_calls::unpack_conv_weights;
 use alexnet_cuda::cuda::{
     relu_backward as relu_backward_gpu, sgd_step, softmax_cross_entropy as xent_gpu, Conv2dGpu,
-    ConvOptions, Gpu, GpuFloat, GpuTensor, Layout, LinearGpu, LrnGpu, MaxPoolGpu, SgdSegment,
+    ConvOptions, Gpu, GpuFloat, GpuTensor, Layout, LinearGpu, LrnGpu, MaxPoolGpu, SgdBuffers,
+    SgdSegment,
 };
 use alexnet_cuda::train::{Sgd, SgdConfig, UpdateRule};
 use common::{check, formula_values};
@@ -48,6 +49,79 @@ fn poisoned(gpu: &Gpu, shape: &[usize], layout: Layout) -> GpuTensor<f32> {
     t
 }
 
+/// The LRN's, max-pool's and ReLU's backward in `T` at conv1's and conv2's output shapes against
+/// the CPU layers on the values rounded to `T`: exact for pooling and ReLU (which only route
+/// gradients; f16 pooling sums in f32 and rounds once), within `lrn_tol` of the largest
+/// gradient for the LRN (1e-6 in f32; f16 rounds each result once: one f16 step, 1e-3).
+fn pool_lrn_relu_backward_case<T: GpuFloat>(gpu: &Gpu, layout: Layout, seed: u64, lrn_tol: f64) {
+    let to_t = |a: ArrayD<f32>| a.mapv(|v| T::from_f32(v).to_f32());
+    let on_gpu = |a: &ArrayD<f32>| GpuTensor::<T>::from_host(gpu, a.view(), layout).unwrap();
+    let poisoned_t = |shape: &[usize]| {
+        let mut t = GpuTensor::<T>::zeros(gpu, shape, layout).unwrap();
+        t.poison(gpu).unwrap();
+        t
+    };
+    let dtype = T::DTYPE;
+    // conv1's and conv2's outputs at batch 4: ReLU, then LRN, then the overlapping pool.
+    for (i, dims) in [[4, 96, 55, 55], [4, 256, 27, 27]].into_iter().enumerate() {
+        let s = seed + 10 * i as u64;
+        let x = to_t(random(dims, s, 3.0).mapv(|v| v.max(0.0)).into_dyn());
+        let dy = to_t(random(dims, s + 1, 1.0).into_dyn());
+
+        let lrn = Lrn::new(LrnParams::PAPER).unwrap();
+        let want = lrn
+            .backward(
+                x.view().into_dimensionality().unwrap(),
+                dy.view().into_dimensionality().unwrap(),
+            )
+            .unwrap()
+            .into_dyn();
+        let mut dx = poisoned_t(&dims);
+        LrnGpu::new(LrnParams::PAPER)
+            .unwrap()
+            .backward(gpu, &on_gpu(&x), &on_gpu(&dy), &mut dx)
+            .unwrap();
+        check(
+            &format!("lrn backward {dtype:?} {dims:?} {layout:?}"),
+            &dx.to_host(gpu).unwrap(),
+            &want,
+            lrn_tol,
+        );
+
+        let pool = MaxPool2d::from(PoolSpec::OVERLAPPING);
+        let (oh, ow) = pool.output_size(dims[2], dims[3]).unwrap();
+        let pool_dy = to_t(random((dims[0], dims[1], oh, ow), s + 2, 1.0).into_dyn());
+        let want = pool
+            .backward(
+                x.view().into_dimensionality().unwrap(),
+                pool_dy.view().into_dimensionality().unwrap(),
+            )
+            .unwrap()
+            .into_dyn();
+        let mut dx = poisoned_t(&dims);
+        MaxPoolGpu::new(3, 2)
+            .unwrap()
+            .backward(gpu, &on_gpu(&x), &on_gpu(&pool_dy), &mut dx)
+            .unwrap();
+        check(
+            &format!("maxpool backward {dtype:?} {dims:?} {layout:?}"),
+            &dx.to_host(gpu).unwrap(),
+            &to_t(want),
+            0.0,
+        );
+
+        let want = relu_backward(x.view(), dy.view()).unwrap();
+        let mut grad = on_gpu(&dy);
+        relu_backward_gpu(gpu, &on_gpu(&x), &mut grad).unwrap();
+        check(
+            &format!("relu backward {dtype:?} {dims:?} {layout:?}"),
+            &grad.to_host(gpu).unwrap(),
+            &want,
+            0.0,
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes() {
@@ -55,74 +129,8 @@ fn pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes() {
     let gpu = gpu();
     let seed = common::test_seed("pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes");
     for layout in [Layout::Nchw, Layout::Nhwc] {
-        // conv1's and conv2's outputs at batch 4: ReLU, then LRN, then the overlapping pool.
-        for (i, dims) in [[4, 96, 55, 55], [4, 256, 27, 27]].into_iter().enumerate() {
-            let s = seed + 10 * i as u64;
-            let x = random(dims, s, 3.0).mapv(|v| v.max(0.0)).into_dyn();
-            let dy = random(dims, s + 1, 1.0).into_dyn();
-
-            let lrn = Lrn::new(LrnParams::PAPER).unwrap();
-            let want = lrn
-                .backward(
-                    x.view().into_dimensionality().unwrap(),
-                    dy.view().into_dimensionality().unwrap(),
-                )
-                .unwrap()
-                .into_dyn();
-            let mut dx = poisoned(&gpu, &dims, layout);
-            LrnGpu::new(LrnParams::PAPER)
-                .unwrap()
-                .backward(
-                    &gpu,
-                    &upload(&gpu, &x, layout),
-                    &upload(&gpu, &dy, layout),
-                    &mut dx,
-                )
-                .unwrap();
-            check(
-                &format!("lrn backward {dims:?} {layout:?}"),
-                &dx.to_host(&gpu).unwrap(),
-                &want,
-                1e-6,
-            );
-
-            let pool = MaxPool2d::from(PoolSpec::OVERLAPPING);
-            let (oh, ow) = pool.output_size(dims[2], dims[3]).unwrap();
-            let pool_dy = random((dims[0], dims[1], oh, ow), s + 2, 1.0).into_dyn();
-            let want = pool
-                .backward(
-                    x.view().into_dimensionality().unwrap(),
-                    pool_dy.view().into_dimensionality().unwrap(),
-                )
-                .unwrap()
-                .into_dyn();
-            let mut dx = poisoned(&gpu, &dims, layout);
-            MaxPoolGpu::new(3, 2)
-                .unwrap()
-                .backward(
-                    &gpu,
-                    &upload(&gpu, &x, layout),
-                    &upload(&gpu, &pool_dy, layout),
-                    &mut dx,
-                )
-                .unwrap();
-            check(
-                &format!("maxpool backward {dims:?} {layout:?}"),
-                &dx.to_host(&gpu).unwrap(),
-                &want,
-                0.0,
-            );
-
-            let want = relu_backward(x.view(), dy.view()).unwrap();
-            let mut grad = upload(&gpu, &dy, layout);
-            relu_backward_gpu(&gpu, &upload(&gpu, &x, layout), &mut grad).unwrap();
-            check(
-                &format!("relu backward {dims:?} {layout:?}"),
-                &grad.to_host(&gpu).unwrap(),
-                &want,
-                0.0,
-            );
-        }
+        pool_lrn_relu_backward_case::<f32>(&gpu, layout, seed, 1e-6);
+        pool_lrn_relu_backward_case::<f16>(&gpu, layout, seed, 1e-3);
     }
 }
 
@@ -208,9 +216,13 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
                 &config,
                 &segments,
                 step == 0,
-                &mut weights.iter_mut().collect::<Vec<_>>(),
-                &g,
-                &mut velocity,
+                SgdBuffers {
+                    weights: &mut weights.iter_mut().collect::<Vec<_>>(),
+                    copies: &mut [],
+                    grads: &g,
+                    velocity: &mut velocity,
+                    skip: None,
+                },
             )
             .unwrap();
             let got: Vec<f32> = weights

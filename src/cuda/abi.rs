@@ -192,13 +192,16 @@ const _: () = {
 #[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetConvertParams {
     pub len: ::core::ffi::c_ulonglong,
+    pub scale: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AlexnetConvertParams"][::core::mem::size_of::<AlexnetConvertParams>() - 8usize];
+    ["Size of AlexnetConvertParams"][::core::mem::size_of::<AlexnetConvertParams>() - 16usize];
     ["Alignment of AlexnetConvertParams"][::core::mem::align_of::<AlexnetConvertParams>() - 8usize];
     ["Offset of field: AlexnetConvertParams::len"]
         [::core::mem::offset_of!(AlexnetConvertParams, len) - 0usize];
+    ["Offset of field: AlexnetConvertParams::scale"]
+        [::core::mem::offset_of!(AlexnetConvertParams, scale) - 8usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -273,6 +276,7 @@ pub struct AlexnetSgdParams {
     pub len: ::core::ffi::c_ulonglong,
     pub ends: [::core::ffi::c_ulonglong; 32usize],
     pub weights: [::core::ffi::c_ulonglong; 32usize],
+    pub copies: [::core::ffi::c_ulonglong; 32usize],
     pub decay: [::core::ffi::c_uint; 32usize],
     pub segments: ::core::ffi::c_uint,
     pub rule: ::core::ffi::c_uint,
@@ -283,7 +287,7 @@ pub struct AlexnetSgdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AlexnetSgdParams"][::core::mem::size_of::<AlexnetSgdParams>() - 672usize];
+    ["Size of AlexnetSgdParams"][::core::mem::size_of::<AlexnetSgdParams>() - 928usize];
     ["Alignment of AlexnetSgdParams"][::core::mem::align_of::<AlexnetSgdParams>() - 8usize];
     ["Offset of field: AlexnetSgdParams::len"]
         [::core::mem::offset_of!(AlexnetSgdParams, len) - 0usize];
@@ -291,18 +295,20 @@ const _: () = {
         [::core::mem::offset_of!(AlexnetSgdParams, ends) - 8usize];
     ["Offset of field: AlexnetSgdParams::weights"]
         [::core::mem::offset_of!(AlexnetSgdParams, weights) - 264usize];
+    ["Offset of field: AlexnetSgdParams::copies"]
+        [::core::mem::offset_of!(AlexnetSgdParams, copies) - 520usize];
     ["Offset of field: AlexnetSgdParams::decay"]
-        [::core::mem::offset_of!(AlexnetSgdParams, decay) - 520usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, decay) - 776usize];
     ["Offset of field: AlexnetSgdParams::segments"]
-        [::core::mem::offset_of!(AlexnetSgdParams, segments) - 648usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, segments) - 904usize];
     ["Offset of field: AlexnetSgdParams::rule"]
-        [::core::mem::offset_of!(AlexnetSgdParams, rule) - 652usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, rule) - 908usize];
     ["Offset of field: AlexnetSgdParams::first_step"]
-        [::core::mem::offset_of!(AlexnetSgdParams, first_step) - 656usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, first_step) - 912usize];
     ["Offset of field: AlexnetSgdParams::learning_rate"]
-        [::core::mem::offset_of!(AlexnetSgdParams, learning_rate) - 660usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, learning_rate) - 916usize];
     ["Offset of field: AlexnetSgdParams::momentum"]
-        [::core::mem::offset_of!(AlexnetSgdParams, momentum) - 664usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, momentum) - 920usize];
     ["Offset of field: AlexnetSgdParams::weight_decay"]
-        [::core::mem::offset_of!(AlexnetSgdParams, weight_decay) - 668usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, weight_decay) - 924usize];
 };

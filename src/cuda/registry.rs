@@ -84,7 +84,7 @@ kernel_registry! {
         /// Bias + optional ReLU in place (`ops::bias_act`).
         BiasAct = "bias_act" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetBiasActParams>())];
         /// The ReLU's backward in place (`ops::bias_act`, training).
-        ReluBackward = "relu_backward" for [f32]
+        ReluBackward = "relu_backward" for [f32, f16]
             [Ptr, Ptr, Struct(size_of::<AlexnetReluBackwardParams>())];
         /// A bias's gradient, summed per channel into f32 (`ops::bias_act`, training).
         BiasGrad = "bias_grad" for [f32, f16]
@@ -98,19 +98,22 @@ kernel_registry! {
         /// f16 to the named type: `convert_f16_to_f32` widens f16 logits (`ops::convert`).
         ConvertF16To = "convert_f16_to" for [f32]
             [Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
+        /// f32 times a scale to the named type: `convert_f32_to_f16` (`ops::convert`, training).
+        ConvertF32To = "convert_f32_to" for [f16]
+            [Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
     }
     "lrn" => {
         /// The paper's LRN, optionally after a fused ReLU (`ops::lrn`).
         Lrn = "lrn" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
         /// The LRN's backward (`ops::lrn`, training).
-        LrnBackward = "lrn_backward" for [f32]
+        LrnBackward = "lrn_backward" for [f32, f16]
             [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
     }
     "pool" => {
         /// Max-pooling, no padding, floor mode (`ops::pool`).
         MaxPool = "maxpool" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
         /// Max-pooling's backward, gathered per input element (`ops::pool`, training).
-        MaxPoolBackward = "maxpool_backward" for [f32]
+        MaxPoolBackward = "maxpool_backward" for [f32, f16]
             [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
     }
     "conv_epilogue" => {
@@ -137,7 +140,7 @@ kernel_registry! {
     }
     "sgd" => {
         /// One SGD step over every parameter (`ops::sgd`, training).
-        Sgd = "sgd" for [f32] [Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
+        Sgd = "sgd" for [f32] [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
     }
 }
 

@@ -15,7 +15,7 @@ use super::device::{driver_err, Gpu};
 use super::model::{CudaModel, CudaOptions};
 use super::ops::{
     relu_backward, sgd_step, softmax_cross_entropy, unpack_conv_weights, Conv2dGpu, ConvOptions,
-    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, SgdSegment,
+    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, SgdBuffers, SgdSegment,
 };
 use super::tensor::{GpuTensor, Layout};
 use crate::config::{AlexNetConfig, StageOp};
@@ -424,9 +424,13 @@ impl Trainer for CudaTrainer {
             optimiser,
             segments,
             !*has_velocity,
-            &mut weights,
-            flat_gradients,
-            velocity,
+            SgdBuffers {
+                weights: &mut weights,
+                copies: &mut [],
+                grads: flat_gradients,
+                velocity,
+                skip: None,
+            },
         )?;
         *has_velocity = true;
 

@@ -8,7 +8,7 @@ use crate::cuda::abi::{
     AlexnetBiasActParams, AlexnetBiasGradParams, AlexnetReluBackwardParams, ALEXNET_BIAS_GRAD_BLOCK,
 };
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::{GpuDtype, GpuFloat};
+use crate::cuda::dtype::GpuFloat;
 use crate::cuda::launch::{element_count, grid_1d, grid_rows, to_u32, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::{GpuTensor, Layout};
@@ -79,8 +79,12 @@ pub fn relu_backward_args(len: usize) -> Result<(AlexnetReluBackwardParams, Laun
 }
 
 /// The ReLU's backward for training, in place: `grad` is zeroed wherever the ReLU's `output`
-/// is not positive (as [`crate::cpu::relu_backward`]); both the same shape.
-pub fn relu_backward(gpu: &Gpu, output: &GpuTensor<f32>, grad: &mut GpuTensor<f32>) -> Result<()> {
+/// is not positive (as [`crate::cpu::relu_backward`]); both the same shape, f32 or f16.
+pub fn relu_backward<T: GpuFloat>(
+    gpu: &Gpu,
+    output: &GpuTensor<T>,
+    grad: &mut GpuTensor<T>,
+) -> Result<()> {
     if grad.shape() != output.shape() || grad.layout() != output.layout() {
         return Err(shape_err(
             "relu_backward",
@@ -89,10 +93,10 @@ pub fn relu_backward(gpu: &Gpu, output: &GpuTensor<f32>, grad: &mut GpuTensor<f3
         ));
     }
     let (params, cfg) = relu_backward_args(output.len())?;
-    // SAFETY: relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams);
-    // both hold `len` elements (same shape, checked above); `grad` is borrowed exclusively.
+    // SAFETY: relu_backward(const T *output, T *grad, AlexnetReluBackwardParams); both hold
+    // `len` elements (same shape, checked above); `grad` is borrowed exclusively.
     unsafe {
-        Launch::new(gpu, Kernel::ReluBackward, GpuDtype::F32)?
+        Launch::new(gpu, Kernel::ReluBackward, T::DTYPE)?
             .buffer(output.data())
             .buffer(grad.data_mut())
             .params(&params)

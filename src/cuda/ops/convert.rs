@@ -1,6 +1,8 @@
-//! Widening f16 to f32: launcher of `kernels/convert.cu`; CPU twin `half::f16::to_f32`.
+//! Between f16 and f32 storage with a scale: launcher of `kernels/convert.cu`; CPU twins
+//! `half::f16::to_f32` and `half::f16::from_f32` of the f32 product.
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use half::f16;
 
 use super::shape_err;
 use crate::cuda::abi::AlexnetConvertParams;
@@ -8,21 +10,30 @@ use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuDtype;
 use crate::cuda::launch::{grid_1d, Launch};
 use crate::cuda::registry::Kernel;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// The kernel's parameters and launch shape for `len` values: what [`convert_f16_to_f32`]
-/// passes.
+/// The kernels' parameters and launch shape for `len` values times `scale` (finite): what
+/// [`convert_f16_to_f32`] (scale 1) and [`convert_f32_to_f16`] pass.
 #[doc(hidden)]
-pub fn convert_args(len: usize) -> Result<(AlexnetConvertParams, LaunchConfig)> {
-    let params = AlexnetConvertParams { len: len as u64 };
-    Ok((params, grid_1d("convert_f16_to_f32", params.len)?))
+pub fn convert_args(len: usize, scale: f32) -> Result<(AlexnetConvertParams, LaunchConfig)> {
+    if !scale.is_finite() {
+        return Err(Error::invalid(
+            "conversion scale",
+            format!("{scale} (must be finite)"),
+        ));
+    }
+    let params = AlexnetConvertParams {
+        len: len as u64,
+        scale,
+    };
+    Ok((params, grid_1d("convert", params.len)?))
 }
 
 /// `src` (f16) to f32 in `dst` (exact) with the `convert_f16_to_f32` kernel; `dst` must hold
 /// at least `src.len()` values.
 pub fn convert_f16_to_f32(
     gpu: &Gpu,
-    src: &CudaView<'_, half::f16>,
+    src: &CudaView<'_, f16>,
     dst: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const OP: &str = "convert_f16_to_f32";
@@ -33,11 +44,41 @@ pub fn convert_f16_to_f32(
             &[dst.len()],
         ));
     }
-    let (params, cfg) = convert_args(src.len())?;
+    let (params, cfg) = convert_args(src.len(), 1.0)?;
     // SAFETY: convert_f16_to_f32(const unsigned short *src, float *dst, AlexnetConvertParams);
-    // `src` holds `len` f16 values and `dst` at least `len` floats (checked above).
+    // `src` holds `len` f16 values and `dst` at least `len` floats (checked above); `dst` is
+    // borrowed exclusively, so it does not overlap `src`.
     unsafe {
         Launch::new(gpu, Kernel::ConvertF16To, GpuDtype::F32)?
+            .buffer(src)
+            .buffer(dst)
+            .params(&params)
+            .launch(cfg)
+    }
+}
+
+/// `src * scale` (f32) rounded to f16 in `dst`, which holds as many values, with the
+/// `convert_f32_to_f16` kernel: a training batch into f16 storage (scale 1), the loss gradient
+/// into the scaled f16 gradient of mixed precision (the loss scale).
+pub fn convert_f32_to_f16(
+    gpu: &Gpu,
+    src: &CudaView<'_, f32>,
+    dst: &mut CudaViewMut<'_, f16>,
+    scale: f32,
+) -> Result<()> {
+    if dst.len() != src.len() {
+        return Err(shape_err(
+            "convert_f32_to_f16",
+            format!("{} outputs, one per input", src.len()),
+            &[dst.len()],
+        ));
+    }
+    let (params, cfg) = convert_args(src.len(), scale)?;
+    // SAFETY: convert_f32_to_f16(const float *src, unsigned short *dst, AlexnetConvertParams);
+    // both hold `len` values (checked above); `dst` is borrowed exclusively, so it does not
+    // overlap `src`.
+    unsafe {
+        Launch::new(gpu, Kernel::ConvertF32To, GpuDtype::F16)?
             .buffer(src)
             .buffer(dst)
             .params(&params)

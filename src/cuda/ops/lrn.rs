@@ -4,7 +4,7 @@ use super::{expect_like, layout_err, shape_err};
 use crate::config::LrnParams;
 use crate::cuda::abi::AlexnetLrnParams;
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::{GpuDtype, GpuFloat};
+use crate::cuda::dtype::GpuFloat;
 use cudarc::driver::LaunchConfig;
 
 use crate::cuda::launch::{abi_shape, element_count, grid_1d, to_u32, Launch};
@@ -89,27 +89,26 @@ impl LrnGpu {
         self.args(dims, layout, false)
     }
 
-    /// The backward of [`LrnGpu::forward`] (without the fused ReLU) for training (f32): `dx`
-    /// from the LRN's input `x` and the output's gradient `dy`, all three the same shape and
-    /// layout, as [`crate::cpu::Lrn::backward`] computes it.
-    pub fn backward(
+    /// The backward of [`LrnGpu::forward`] (without the fused ReLU) for training (f32, or f16
+    /// with f32 arithmetic): `dx` from the LRN's input `x` and the output's gradient `dy`, all
+    /// three the same shape and layout, as [`crate::cpu::Lrn::backward`] computes it.
+    pub fn backward<T: GpuFloat>(
         &self,
         gpu: &Gpu,
-        x: &GpuTensor<f32>,
-        dy: &GpuTensor<f32>,
-        dx: &mut GpuTensor<f32>,
+        x: &GpuTensor<T>,
+        dy: &GpuTensor<T>,
+        dx: &mut GpuTensor<T>,
     ) -> Result<()> {
         const OP: &str = "LrnGpu::backward";
         for tensor in [(dy.shape(), dy.layout()), (dx.shape(), dx.layout())] {
             expect_like(OP, x.shape(), x.layout(), tensor)?;
         }
         let (params, cfg) = self.backward_args(x.dims4(OP)?, x.layout())?;
-        // SAFETY: lrn_backward_f32(const float *src, const float *grad_out, float *grad_in,
-        // AlexnetLrnParams); all three hold n*c*h*w elements of `params.shape` (checked
+        // SAFETY: lrn_backward(const T *src, const T *grad_out, T *grad_in, AlexnetLrnParams); all three hold n*c*h*w elements of `params.shape` (checked
         // above), `dx` is borrowed exclusively so it overlaps neither input; relu_first is 0;
         // one thread per element.
         unsafe {
-            Launch::new(gpu, Kernel::LrnBackward, GpuDtype::F32)?
+            Launch::new(gpu, Kernel::LrnBackward, T::DTYPE)?
                 .buffer(x.data())
                 .buffer(dy.data())
                 .buffer(dx.data_mut())

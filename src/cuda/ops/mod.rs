@@ -47,7 +47,7 @@ pub use bias_act::{
 pub use calls::{chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall};
 pub use conv::{Conv2dGpu, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
-pub use convert::{convert_args, convert_f16_to_f32};
+pub use convert::{convert_args, convert_f16_to_f32, convert_f32_to_f16};
 pub use dropout::DropoutGpu;
 pub use grad_scale::{grad_unscale_args, unscale_gradients};
 pub use linear::LinearGpu;
@@ -55,7 +55,7 @@ pub use loss::{softmax_cross_entropy, softmax_xent_args};
 pub use lrn::LrnGpu;
 pub use pool::MaxPoolGpu;
 pub use prepare::PrepareInput;
-pub use sgd::{sgd_args, sgd_step, SgdSegment};
+pub use sgd::{sgd_args, sgd_step, SgdBuffers, SgdSegment};
 pub use softmax::{softmax_top_k, softmax_top_k_args, TopK};
 
 use cudarc::driver::CudaSlice;

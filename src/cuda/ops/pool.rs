@@ -4,7 +4,7 @@ use super::{expect_like, layout_err, shape_err};
 use crate::config::window_output;
 use crate::cuda::abi::AlexnetPoolParams;
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::{GpuDtype, GpuFloat};
+use crate::cuda::dtype::GpuFloat;
 use cudarc::driver::LaunchConfig;
 
 use crate::cuda::launch::{abi_shape, element_count, grid_1d, to_u32, Launch};
@@ -110,26 +110,27 @@ impl MaxPoolGpu {
         ))
     }
 
-    /// The backward of [`MaxPoolGpu::forward`] for training (f32): `dx`, shaped like the
-    /// forward's input `x`, gets every output gradient of `dy` at its window's maximum, as
-    /// [`crate::cpu::MaxPool2d::backward`] does (the same rule for ties and NaN, the same sums).
-    pub fn backward(
+    /// The backward of [`MaxPoolGpu::forward`] for training (f32, or f16 with f32 sums): `dx`,
+    /// shaped like the forward's input `x`, gets every output gradient of `dy` at its window's
+    /// maximum, as [`crate::cpu::MaxPool2d::backward`] does (the same rule for ties and NaN, the
+    /// same sums).
+    pub fn backward<T: GpuFloat>(
         &self,
         gpu: &Gpu,
-        x: &GpuTensor<f32>,
-        dy: &GpuTensor<f32>,
-        dx: &mut GpuTensor<f32>,
+        x: &GpuTensor<T>,
+        dy: &GpuTensor<T>,
+        dx: &mut GpuTensor<T>,
     ) -> Result<()> {
         const OP: &str = "MaxPoolGpu::backward";
         let (params, cfg, out) = self.backward_args(x.dims4(OP)?, x.layout())?;
         expect_like(OP, &out, x.layout(), (dy.shape(), dy.layout()))?;
         expect_like(OP, x.shape(), x.layout(), (dx.shape(), dx.layout()))?;
-        // SAFETY: maxpool_backward_f32(const float *src, const float *grad_out, float
-        // *grad_in, AlexnetPoolParams); `x` and `dx` hold n*c*h*w elements and `dy` n*c*oh*ow
+        // SAFETY: maxpool_backward(const T *src, const T *grad_out, T *grad_in,
+        // AlexnetPoolParams); `x` and `dx` hold n*c*h*w elements and `dy` n*c*oh*ow
         // (checked above), the windows lie inside `x` (floor-mode sizes); `dx` is borrowed
         // exclusively, so it overlaps neither input; one thread per input element.
         unsafe {
-            Launch::new(gpu, Kernel::MaxPoolBackward, GpuDtype::F32)?
+            Launch::new(gpu, Kernel::MaxPoolBackward, T::DTYPE)?
                 .buffer(x.data())
                 .buffer(dy.data())
                 .buffer(dx.data_mut())

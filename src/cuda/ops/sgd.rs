@@ -2,6 +2,7 @@
 //! [`crate::train::Sgd::step`].
 
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
+use half::f16;
 
 use super::shape_err;
 use crate::cuda::abi::{
@@ -34,7 +35,7 @@ impl SgdSegment {
 }
 
 /// The `sgd` kernel's parameters and launch shape for `segments` laid end to end: what
-/// [`sgd_step`] passes, once it has filled in the weights' addresses (left 0 here).
+/// [`sgd_step`] passes, once it has filled in the weights' and copies' addresses (left 0 here).
 /// `first_step`: the velocity is taken as 0 without being read.
 #[doc(hidden)]
 pub fn sgd_args(
@@ -75,55 +76,92 @@ pub fn sgd_args(
     Ok((params, grid_1d("sgd_step", end)?))
 }
 
-/// One SGD step with momentum, as [`crate::train::Sgd::step`] under `config`, in one launch:
-/// `weights` are the parameter tensors of `segments` (each where its layer keeps it, one per
-/// segment, in order), `grads` and `velocity` their gradients and momentum laid end to end in
-/// the same order. `first_step` says the velocity holds nothing yet (it is written, not read).
+/// What one [`sgd_step`] reads and writes.
+pub struct SgdBuffers<'s, 'b> {
+    /// The f32 weights of the segments, one tensor per segment in order, each where its layer
+    /// keeps it (the master weights under mixed precision).
+    pub weights: &'s mut [&'b mut CudaSlice<f32>],
+    /// Under mixed precision, each weight tensor's f16 copy (what the layer computes with),
+    /// rewritten with the new weights rounded to f16; empty otherwise.
+    pub copies: &'s mut [&'b mut CudaSlice<f16>],
+    /// The gradients, laid end to end in segment order.
+    pub grads: &'s CudaSlice<f32>,
+    /// The momentum, laid out as the gradients.
+    pub velocity: &'s mut CudaSlice<f32>,
+    /// The overflow flag of the gradients' unscaling: when set on the device, the step changes
+    /// nothing (mixed precision's skipped step). `None`: always applied.
+    pub skip: Option<&'s CudaSlice<u32>>,
+}
+
+/// One SGD step with momentum, as [`crate::train::Sgd::step`] under `config`, in one launch
+/// over every tensor of `segments`, in `buffers`. `first_step` says the velocity holds nothing
+/// yet (it is written, not read).
 pub fn sgd_step(
     gpu: &Gpu,
     config: &SgdConfig,
     segments: &[SgdSegment],
     first_step: bool,
-    weights: &mut [&mut CudaSlice<f32>],
-    grads: &CudaSlice<f32>,
-    velocity: &mut CudaSlice<f32>,
+    buffers: SgdBuffers<'_, '_>,
 ) -> Result<()> {
+    let SgdBuffers {
+        weights,
+        copies,
+        grads,
+        velocity,
+        skip,
+    } = buffers;
     let (mut params, cfg) = sgd_args(config, segments, first_step)?;
     let len = params.len as usize;
-    let lens_match = weights.len() == segments.len()
-        && weights.iter().zip(segments).all(|(w, s)| w.len() == s.len);
-    if !lens_match || grads.len() != len || velocity.len() != len {
+    let lens_match =
+        |lens: &mut dyn Iterator<Item = usize>| lens.eq(segments.iter().map(|s| s.len));
+    let weights_match = lens_match(&mut weights.iter().map(|w| w.len()));
+    let copies_match = copies.is_empty() || lens_match(&mut copies.iter().map(|c| c.len()));
+    let skip_ok = skip.is_none_or(|flag| !flag.is_empty());
+    if !weights_match || !copies_match || !skip_ok || grads.len() != len || velocity.len() != len {
         let mut found: Vec<usize> = weights.iter().map(|w| w.len()).collect();
+        found.extend(copies.iter().map(|c| c.len()));
         found.extend([grads.len(), velocity.len()]);
         return Err(shape_err(
             "sgd_step",
             format!(
-                "one weight tensor per segment {:?}, then {len} gradients and velocities",
+                "one weight tensor (and none or one f16 copy) per segment {:?}, then {len} \
+                 gradients and velocities, and a flag if any",
                 segments.iter().map(|s| s.len).collect::<Vec<_>>()
             ),
             &found,
         ));
     }
     let stream = gpu.stream();
-    // The guards record the weights' use on the stream when they drop, after the launch.
-    let mut guards = Vec::with_capacity(weights.len());
+    // The guards record the tensors' use on the stream when they drop, after the launch.
+    let mut weight_guards = Vec::with_capacity(weights.len());
     for (address, w) in params.weights.iter_mut().zip(weights.iter_mut()) {
         let (ptr, guard) = w.device_ptr_mut(stream);
         *address = ptr;
-        guards.push(guard);
+        weight_guards.push(guard);
     }
-    // SAFETY: sgd_f32(const float *grads, float *velocity, AlexnetSgdParams); `grads` and
-    // `velocity` hold exactly `len` = ends[segments - 1] elements and weight tensor s exactly
-    // segment s's length (checked above), at the address in params.weights[s], made ready on
-    // this stream; every buffer is borrowed separately (the weights and `velocity`
-    // exclusively), so none overlaps another.
+    let mut copy_guards = Vec::with_capacity(copies.len());
+    for (address, c) in params.copies.iter_mut().zip(copies.iter_mut()) {
+        let (ptr, guard) = c.device_ptr_mut(stream);
+        *address = ptr;
+        copy_guards.push(guard);
+    }
+    // SAFETY: sgd_f32(const float *grads, float *velocity, const unsigned int *skip,
+    // AlexnetSgdParams); `grads` and `velocity` hold exactly `len` = ends[segments - 1]
+    // elements, weight tensor s (and its copy, if any) exactly segment s's length, at the
+    // addresses in params.weights[s] / params.copies[s] (0: no copy), made ready on this
+    // stream; the flag, if passed, holds at least one value (all checked above); every buffer
+    // is borrowed separately (weights, copies and `velocity` exclusively), so none overlaps
+    // another.
     let launched = unsafe {
-        Launch::new(gpu, Kernel::Sgd, GpuDtype::F32)?
-            .buffer(grads)
-            .buffer(velocity)
-            .params(&params)
-            .launch(cfg)
+        let mut launch = Launch::new(gpu, Kernel::Sgd, GpuDtype::F32)?;
+        launch.buffer(grads).buffer(velocity);
+        match skip {
+            Some(flag) => launch.buffer(flag),
+            None => launch.null_buffer(),
+        };
+        launch.params(&params).launch(cfg)
     };
-    drop(guards);
+    drop(weight_guards);
+    drop(copy_guards);
     launched
 }
