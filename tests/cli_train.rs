@@ -279,6 +279,76 @@ fn train_device_choice_follows_the_machine() {
 }
 
 #[test]
+fn mixed_precision_never_falls_back_to_fp32_and_tf32_on_the_cpu_says_so() {
+    #[cfg(feature = "cuda")]
+    let gpu_usable = alexnet_cuda::cuda::Gpu::new(0).is_ok();
+    #[cfg(not(feature = "cuda"))]
+    let gpu_usable = false;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let save = dir.path().join("out.safetensors");
+    let run = |device: &str, precision: &str| {
+        train(&[
+            "--data",
+            path(&data),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--classes",
+            "3",
+            "--config",
+            "torchvision",
+            "--device",
+            device,
+            "--precision",
+            precision,
+            "--save",
+            path(&save),
+        ])
+    };
+    // Asking the CPU for mixed precision is a usage error, whatever the machine.
+    let out = run("cpu", "fp16");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("GPU only"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !save.exists(),
+        "nothing is saved by a run that did not start"
+    );
+    // auto with fp16: the GPU, or a failure that says why; never an fp32 run on the CPU.
+    let out = run("auto", "fp16");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "{}", text(&out));
+    if gpu_usable {
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(stderr.contains("in fp16"), "{}", text(&out));
+    } else {
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)) && stderr.contains("GPU only"),
+            "{}",
+            text(&out)
+        );
+        assert!(
+            !save.exists(),
+            "nothing is saved by a run that did not start"
+        );
+    }
+    // tf32 on the CPU trains in fp32 and says so.
+    let out = run("cpu", "tf32");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the CPU trains in fp32"),
+        "{}",
+        text(&out)
+    );
+    assert!(save.exists());
+}
+
+#[test]
 fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());

@@ -103,7 +103,7 @@ pub use ops::{
     ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, SgdBuffers,
     SgdSegment, TopK,
 };
-pub use trainer::CudaTrainer;
+pub use trainer::{CudaTrainOptions, CudaTrainer};
 
 /// The kernels' arguments exactly as the launchers build them (parameter structs and launch
 /// shapes), for the tests that run the kernels' own source on the CPU (`tests/host_kernels.rs`).

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use alexnet_cuda::train::UpdateRule;
 use alexnet_cuda::weights::TensorNames;
-use alexnet_cuda::AlexNetConfig;
+use alexnet_cuda::{AlexNetConfig, Precision};
 use clap::{CommandFactory, Parser, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -82,6 +82,12 @@ pub struct Args {
     /// Where to train: auto takes the GPU where one is usable (and says so), else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// How the GPU computes: fp32 (true fp32), tf32 (TF32 tensor-core math; the CPU trains in
+    /// fp32 and says so) or fp16 (mixed precision: f16 compute, f32 master weights, dynamic
+    /// loss scaling; GPU only). Weights and checkpoints are f32 in every case, and a resumed
+    /// run may change it.
+    #[arg(long, value_enum, default_value_t = TrainPrecisionArg::Fp32)]
+    pub precision: TrainPrecisionArg,
     /// Where the trained weights go (safetensors, crate names, class names in the metadata).
     #[arg(long, value_name = "FILE")]
     pub save: PathBuf,
@@ -117,6 +123,23 @@ impl ConfigArg {
         match self {
             ConfigArg::Paper => AlexNetConfig::paper(),
             ConfigArg::Torchvision => AlexNetConfig::torchvision(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrainPrecisionArg {
+    Fp32,
+    Tf32,
+    Fp16,
+}
+
+impl From<TrainPrecisionArg> for Precision {
+    fn from(p: TrainPrecisionArg) -> Self {
+        match p {
+            TrainPrecisionArg::Fp32 => Precision::Fp32,
+            TrainPrecisionArg::Tf32 => Precision::Tf32,
+            TrainPrecisionArg::Fp16 => Precision::Fp16,
         }
     }
 }

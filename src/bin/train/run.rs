@@ -282,6 +282,7 @@ fn start(
     }
     let trainer = make_trainer(
         args.device,
+        args.precision.into(),
         &weights,
         settings.sgd(settings.learning_rate),
         settings.frozen_layers,
@@ -338,6 +339,7 @@ fn resume(
     let weights = with_dropout(&checkpoint.weights, settings.dropout)?;
     let mut trainer = make_trainer(
         args.device,
+        args.precision.into(),
         &weights,
         settings.sgd(checkpoint.state.learning_rate),
         settings.frozen_layers,
@@ -346,24 +348,45 @@ fn resume(
     Ok((trainer, checkpoint.state, settings))
 }
 
-/// The trainer `--device` asks for: the GPU's for `cuda` (an error without a usable GPU), the
-/// GPU's for `auto` where one is usable (else the CPU's, with a note), the CPU's for `cpu`.
+/// The trainer `--device` and `--precision` ask for: the GPU's for `cuda` (an error without a
+/// usable GPU), the GPU's for `auto` where one is usable (else the CPU's, with a note, unless
+/// the precision needs a GPU), the CPU's for `cpu`. Mixed precision never falls back to fp32
+/// silently: without a GPU it is an error.
 fn make_trainer(
     device: DeviceArg,
+    precision: Precision,
     weights: &Weights,
     sgd: SgdConfig,
     frozen_layers: usize,
 ) -> Result<Box<dyn Trainer>, Error> {
+    const MIXED_NEEDS_A_GPU: &str =
+        "--precision fp16 (mixed precision) trains on a GPU only; the CPU trains in fp32";
+    if device == DeviceArg::Cpu && precision == Precision::Fp16 {
+        crate::args::usage_error(format!(
+            "{MIXED_NEEDS_A_GPU}: drop --device cpu or use fp32"
+        ));
+    }
     #[cfg(feature = "cuda")]
     if device != DeviceArg::Cpu {
-        match alexnet_cuda::cuda::CudaTrainer::with_frozen_layers(weights, sgd, frozen_layers, 0) {
+        let options = alexnet_cuda::cuda::CudaTrainOptions {
+            device: 0,
+            precision,
+            frozen_layers,
+            ..Default::default()
+        };
+        match alexnet_cuda::cuda::CudaTrainer::with_options(weights, sgd, options) {
             Ok(trainer) => {
                 eprintln!(
-                    "training on {} (GPU training has not yet run on a real GPU in this crate's \
-                     tests; --device cpu is the verified path)",
+                    "training on {} in {precision} (GPU training has not yet run on a real GPU \
+                     in this crate's tests; --device cpu is the verified path)",
                     trainer.gpu().name()
                 );
                 return Ok(Box::new(trainer));
+            }
+            Err(Error::DeviceUnavailable(why)) if precision == Precision::Fp16 => {
+                return Err(Error::DeviceUnavailable(format!(
+                    "{why}; {MIXED_NEEDS_A_GPU}"
+                )));
             }
             Err(Error::DeviceUnavailable(why)) if device == DeviceArg::Auto => {
                 eprintln!("note: no usable GPU ({why}); training on the CPU")
@@ -372,11 +395,14 @@ fn make_trainer(
         }
     }
     #[cfg(not(feature = "cuda"))]
-    if device == DeviceArg::Cuda {
-        crate::args::usage_error(
-            "--device cuda: this build has no GPU support (built without the `cuda` feature)"
-                .into(),
-        );
+    if device == DeviceArg::Cuda || precision == Precision::Fp16 {
+        crate::args::usage_error(format!(
+            "--device cuda / --precision fp16: this build has no GPU support (built without the \
+             `cuda` feature); {MIXED_NEEDS_A_GPU}"
+        ));
+    }
+    if precision == Precision::Tf32 {
+        eprintln!("note: tf32 is a GPU math mode; the CPU trains in fp32");
     }
     let model = CpuModel::new(weights, Precision::Fp32)?;
     let mut trainer = CpuTrainer::new(model, sgd)?;

@@ -1,12 +1,12 @@
 //! Mixed precision's gradient unscaling with the overflow check: launcher of
 //! `kernels/grad_scale.cu`; CPU twin [`crate::train::unscale_gradients`].
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtrMut, LaunchConfig};
 
 use super::shape_err;
 use crate::cuda::abi::AlexnetGradUnscaleParams;
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::GpuFloat;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::{grid_1d, Launch};
 use crate::cuda::registry::Kernel;
 use crate::error::{Error, Result};
@@ -57,6 +57,38 @@ pub fn unscale_gradients<T: GpuFloat>(
         Launch::new(gpu, Kernel::GradUnscale, T::DTYPE)?
             .buffer(src)
             .buffer(dst)
+            .buffer(found_nonfinite)
+            .params(&params)
+            .launch(cfg)
+    }
+}
+
+/// [`unscale_gradients`] over f32 gradients in place (`grads / scale`, the same flag): the
+/// biases' gradients of a mixed-precision backward, which `bias_grad` writes in f32 already.
+pub fn unscale_gradients_in_place(
+    gpu: &Gpu,
+    grads: &mut CudaViewMut<'_, f32>,
+    found_nonfinite: &mut CudaSlice<u32>,
+    scale: f32,
+) -> Result<()> {
+    if found_nonfinite.is_empty() {
+        return Err(shape_err(
+            "unscale_gradients_in_place",
+            "one flag".to_string(),
+            &[0],
+        ));
+    }
+    let (params, cfg) = grad_unscale_args(grads.len(), scale)?;
+    let stream = gpu.stream();
+    let (ptr, _done) = grads.device_ptr_mut(stream);
+    // SAFETY: grad_unscale_f32(const float *src, float *dst, unsigned int *found_nonfinite,
+    // AlexnetGradUnscaleParams) allows src == dst (each element is read, then written, by one
+    // thread); both are `grads`, holding `len` floats; the flag holds at least one value
+    // (checked above) and is borrowed exclusively, so it does not overlap them.
+    unsafe {
+        Launch::new(gpu, Kernel::GradUnscale, GpuDtype::F32)?
+            .buffer(&ptr)
+            .buffer(&ptr)
             .buffer(found_nonfinite)
             .params(&params)
             .launch(cfg)

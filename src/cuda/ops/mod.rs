@@ -49,7 +49,7 @@ pub use conv::{Conv2dGpu, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
 pub use convert::{convert_args, convert_f16_to_f32, convert_f32_to_f16};
 pub use dropout::DropoutGpu;
-pub use grad_scale::{grad_unscale_args, unscale_gradients};
+pub use grad_scale::{grad_unscale_args, unscale_gradients, unscale_gradients_in_place};
 pub use linear::LinearGpu;
 pub use loss::{softmax_cross_entropy, softmax_xent_args};
 pub use lrn::LrnGpu;

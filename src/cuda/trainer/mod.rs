@@ -1,0 +1,327 @@
+//! Training on the GPU: [`CudaTrainer`], the GPU twin of [`crate::train::CpuTrainer`]. The same
+//! stages as the CPU model (the plan's), each keeping its input on the device for the backward;
+//! the layers' backward through cuDNN and cuBLAS and the crate's kernels; every trainable
+//! tensor's gradient in one flat f32 buffer and the momentum in another, updated by one SGD
+//! launch. The weights, the momentum and the step's dropout masks are the CPU's, so a run can
+//! move between the devices through a checkpoint.
+//!
+//! Precisions: true fp32 (the default), TF32 (fp32 storage, TF32 tensor-core math in cuDNN and
+//! cuBLAS) and mixed precision ([`Precision::Fp16`]: f16 layers, activations and gradients,
+//! f32 master weights and momentum, the loss scaled by a dynamic [`LossScale`] and a step
+//! skipped when its gradients overflow, as PyTorch's `autocast` + `GradScaler`).
+//!
+//! Not run on a GPU yet (no GPU test of this crate has run anywhere); `tests/gpu_training.rs`
+//! checks it against the CPU trainer step by step.
+
+mod net;
+mod precision;
+
+use half::f16;
+use ndarray::ArrayView4;
+
+use self::net::{Net, StepInput, StepOutcome};
+use super::device::Gpu;
+use super::model::{CudaModel, CudaOptions};
+use crate::config::AlexNetConfig;
+use crate::error::{Error, Result};
+use crate::image::Preprocess;
+use crate::train::{evaluate, Evaluation, ImageFolder, LossScale, SgdConfig, Trainer};
+use crate::weights::Weights;
+use crate::Precision;
+
+/// How a [`CudaTrainer`] trains.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CudaTrainOptions {
+    /// The GPU's ordinal.
+    pub device: usize,
+    /// `Fp32` (true fp32), `Tf32` (TF32 math) or `Fp16` (mixed precision).
+    pub precision: Precision,
+    /// The first layers with parameters (conv1, conv2, ...) kept as they are, as in
+    /// [`crate::train::CpuTrainer::frozen_layers`].
+    pub frozen_layers: usize,
+    /// Mixed precision's loss scale and its schedule (ignored in fp32 and TF32).
+    pub loss_scale: LossScale,
+}
+
+impl Default for CudaTrainOptions {
+    fn default() -> Self {
+        CudaTrainOptions {
+            device: 0,
+            precision: Precision::Fp32,
+            frozen_layers: 0,
+            loss_scale: LossScale::default(),
+        }
+    }
+}
+
+/// The network in its storage type.
+enum Network {
+    /// fp32 or TF32: f32 everywhere.
+    Wide(Net<f32>),
+    /// Mixed precision: f16 layers, f32 masters.
+    Mixed(Net<f16>),
+}
+
+/// Runs `$body` with `$net` bound to the network whatever its storage type.
+macro_rules! with_net {
+    ($network:expr, $net:ident => $body:expr) => {
+        match $network {
+            Network::Wide($net) => $body,
+            Network::Mixed($net) => $body,
+        }
+    };
+}
+
+/// The network on the GPU with its SGD optimiser: [`Trainer::step`] runs the forward in
+/// training mode, the softmax cross-entropy, the backward and the update, all on the device;
+/// only the batch goes up and the loss comes back.
+///
+/// ```no_run
+/// use alexnet_cuda::config::AlexNetConfig;
+/// use alexnet_cuda::cuda::{CudaTrainOptions, CudaTrainer};
+/// use alexnet_cuda::train::{SgdConfig, Trainer};
+/// use alexnet_cuda::{Precision, Weights};
+///
+/// # fn main() -> alexnet_cuda::Result<()> {
+/// let weights = Weights::paper_init(&AlexNetConfig::paper(), 7)?;
+/// let options = CudaTrainOptions {
+///     precision: Precision::Fp16, // mixed precision: f16 compute, f32 master weights
+///     ..CudaTrainOptions::default()
+/// };
+/// let mut trainer = CudaTrainer::with_options(&weights, SgdConfig::default(), options)?;
+/// let batch = ndarray::Array4::<f32>::zeros((8, 3, 224, 224));
+/// let loss = trainer.step(batch.view(), &[0, 1, 2, 3, 4, 5, 6, 7], 0)?;
+/// println!("loss {loss}, loss scale {:?}", trainer.loss_scale());
+/// let trained = trainer.weights()?; // f32, the same names and layout as the CPU's
+/// # Ok(())
+/// # }
+/// ```
+pub struct CudaTrainer {
+    network: Network,
+    config: AlexNetConfig,
+    optimiser: SgdConfig,
+    options: CudaTrainOptions,
+    /// Mixed precision's scale schedule (moves only in mixed precision).
+    loss_scale: LossScale,
+    /// Steps whose update was skipped because their gradients overflowed.
+    skipped_steps: u64,
+    // Last: dropped after every buffer and descriptor that lives on it.
+    gpu: Gpu,
+}
+
+impl std::fmt::Debug for CudaTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaTrainer")
+            .field("config", &self.config.name)
+            .field("optimiser", &self.optimiser)
+            .field("options", &self.options)
+            .field("device", &self.gpu.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaTrainer {
+    /// The network of `weights` on GPU `ordinal` in true fp32 (NCHW, no TF32), every layer
+    /// trainable, with the optimiser `optimiser` and no momentum yet.
+    pub fn new(weights: &Weights, optimiser: SgdConfig, ordinal: usize) -> Result<Self> {
+        Self::with_frozen_layers(weights, optimiser, 0, ordinal)
+    }
+
+    /// As [`CudaTrainer::new`], with the first `frozen_layers` layers with parameters (conv1,
+    /// conv2, ...) frozen as in [`crate::train::CpuTrainer::frozen_layers`]: no gradient is
+    /// computed for them or in front of them, and their weights never change.
+    pub fn with_frozen_layers(
+        weights: &Weights,
+        optimiser: SgdConfig,
+        frozen_layers: usize,
+        ordinal: usize,
+    ) -> Result<Self> {
+        let options = CudaTrainOptions {
+            device: ordinal,
+            frozen_layers,
+            ..CudaTrainOptions::default()
+        };
+        Self::with_options(weights, optimiser, options)
+    }
+
+    /// The network of `weights` trained as `options` say. Mixed precision keeps f32 masters of
+    /// every parameter, so [`Trainer::weights`] gives back f32 values, never f16-rounded ones.
+    pub fn with_options(
+        weights: &Weights,
+        optimiser: SgdConfig,
+        options: CudaTrainOptions,
+    ) -> Result<Self> {
+        // The same checks as the CPU optimiser (finite, non-negative settings).
+        crate::train::Sgd::new(optimiser)?;
+        let config = weights.config().clone();
+        let plan = config.plan()?;
+        let layers = plan.stages.iter().filter(|s| s.params.is_some()).count();
+        if options.frozen_layers >= layers {
+            return Err(Error::invalid(
+                "frozen layers",
+                format!(
+                    "{} of the model's {layers} layers with parameters: nothing would train",
+                    options.frozen_layers
+                ),
+            ));
+        }
+        let gpu = Gpu::new(options.device)?;
+        let frozen = options.frozen_layers;
+        let network = match options.precision {
+            Precision::Fp32 => Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, false)?),
+            Precision::Tf32 => Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, true)?),
+            Precision::Fp16 => Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, false)?),
+        };
+        Ok(CudaTrainer {
+            network,
+            config,
+            optimiser,
+            options,
+            loss_scale: options.loss_scale,
+            skipped_steps: 0,
+            gpu,
+        })
+    }
+
+    /// The GPU it trains on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn optimiser(&self) -> &SgdConfig {
+        &self.optimiser
+    }
+
+    pub fn frozen_layers(&self) -> usize {
+        self.options.frozen_layers
+    }
+
+    /// The precision it trains in.
+    pub fn precision(&self) -> Precision {
+        self.options.precision
+    }
+
+    /// Mixed precision: the loss scale of the next step (`None` in fp32 and TF32).
+    pub fn loss_scale(&self) -> Option<f32> {
+        matches!(self.network, Network::Mixed(_)).then(|| self.loss_scale.scale())
+    }
+
+    /// Mixed precision: the steps whose update was skipped because their scaled gradients
+    /// overflowed (the loss scale was halved each time); always 0 in fp32 and TF32.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
+    }
+}
+
+impl Trainer for CudaTrainer {
+    /// Also in mixed precision the returned loss is the f32 loss of the f16 logits; a step
+    /// whose gradients overflowed changes no weight and no momentum (see
+    /// [`CudaTrainer::skipped_steps`]).
+    fn step(
+        &mut self,
+        batch: ArrayView4<'_, f32>,
+        labels: &[usize],
+        step_seed: u64,
+    ) -> Result<f32> {
+        const OP: &str = "CudaTrainer::step";
+        let n = self.config.input.check_batch(OP, batch.shape())?;
+        let classes = self.config.num_classes();
+        if labels.len() != n {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{n} labels, one per image"),
+                found: vec![labels.len()],
+            });
+        }
+        let device_labels = labels
+            .iter()
+            .map(|&l| match u32::try_from(l) {
+                Ok(v) if l < classes => Ok(v),
+                _ => Err(Error::invalid(
+                    "label",
+                    format!("{l} is not a class of this {classes}-class network"),
+                )),
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let mixed = matches!(self.network, Network::Mixed(_));
+        let scale = if mixed { self.loss_scale.scale() } else { 1.0 };
+        let CudaTrainer {
+            network,
+            config,
+            optimiser,
+            gpu,
+            ..
+        } = self;
+        let input = StepInput {
+            batch,
+            labels: &device_labels,
+            step_seed,
+            optimiser,
+            scale,
+        };
+        let StepOutcome { loss, overflowed } =
+            with_net!(network, net => net.step(gpu, config, input))?;
+        if mixed {
+            self.loss_scale.update(overflowed);
+        }
+        if overflowed {
+            self.skipped_steps += 1;
+        }
+        Ok(loss)
+    }
+
+    fn config(&self) -> &AlexNetConfig {
+        &self.config
+    }
+
+    fn learning_rate(&self) -> f32 {
+        self.optimiser.learning_rate
+    }
+
+    /// A new learning rate for the next steps (a schedule); the momentum is kept.
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
+        let changed = SgdConfig {
+            learning_rate,
+            ..self.optimiser
+        };
+        crate::train::Sgd::new(changed)?;
+        self.optimiser = changed;
+        Ok(())
+    }
+
+    /// The current parameters as [`Weights`], read back from the device in the CPU's layout
+    /// and names (to save, to evaluate, or to go on training on the CPU); in mixed precision
+    /// the f32 masters.
+    fn weights(&self) -> Result<Weights> {
+        with_net!(&self.network, net => net.weights(&self.gpu, &self.config))
+    }
+
+    /// The momentum of every trainable tensor, in network order (empty before the first
+    /// applied step): what [`crate::train::Sgd::velocity`] holds on the CPU, for checkpoints.
+    fn velocity(&self) -> Result<Vec<Vec<f32>>> {
+        with_net!(&self.network, net => net.velocity(&self.gpu))
+    }
+
+    /// Restores the momentum (from a checkpoint, possibly written by the CPU trainer): one
+    /// vector per trainable tensor in network order, or none at all (no momentum yet).
+    fn set_velocity(&mut self, velocity: Vec<Vec<f32>>) -> Result<()> {
+        with_net!(&mut self.network, net => net.set_velocity(&self.gpu, velocity))
+    }
+
+    /// Evaluates with an inference model of the current weights on the same GPU in the
+    /// trainer's precision, built for the call: training keeps no inference buffers between
+    /// validations.
+    fn evaluate(
+        &mut self,
+        folder: &ImageFolder,
+        preprocess: &Preprocess,
+        batch: usize,
+    ) -> Result<Evaluation> {
+        let options = CudaOptions {
+            device: self.gpu.ordinal(),
+            ..CudaOptions::default()
+        };
+        let mut model = CudaModel::new(&self.weights()?, self.options.precision, options)?;
+        evaluate(&mut model, folder, preprocess, batch)
+    }
+}

@@ -1,0 +1,582 @@
+//! The trainer's network in one storage type `T`: the plan's stages on the device, each keeping
+//! its input for the backward, the parameter gradients, the momentum, and (mixed precision) the
+//! f32 master weights. [`super::CudaTrainer`] holds one of these per precision.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
+use ndarray::ArrayView4;
+
+use super::precision::{GradientBuffers, TrainFloat, WideBuffers};
+use crate::config::{AlexNetConfig, StageOp};
+use crate::cpu::layer_seed;
+use crate::cuda::device::{driver_err, Gpu};
+use crate::cuda::ops::{
+    pack_conv_weights, relu_backward, sgd_step, unpack_conv_weights, unscale_gradients,
+    unscale_gradients_in_place, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
+    SgdBuffers, SgdSegment,
+};
+use crate::cuda::tensor::{GpuTensor, Layout};
+use crate::error::{Error, Result};
+use crate::train::SgdConfig;
+use crate::weights::Weights;
+
+/// What one stage runs (NCHW).
+enum Layer<T: TrainFloat> {
+    /// Convolution + bias, then ReLU (as the CPU model's convolution stages).
+    Conv(Conv2dGpu<T>),
+    Lrn(LrnGpu),
+    Pool(MaxPoolGpu),
+    /// GEMM + bias (+ ReLU), then dropout with the CPU's mask.
+    Linear {
+        linear: LinearGpu<T>,
+        relu: bool,
+        dropout: Option<DropoutGpu>,
+    },
+}
+
+impl<T: TrainFloat> Layer<T> {
+    /// The lengths of its weight and bias, for the layers with parameters.
+    fn parameter_lens(&self) -> Option<(usize, usize)> {
+        match self {
+            Layer::Conv(conv) => Some((conv.parameters()[0].len(), conv.out_channels())),
+            Layer::Linear { linear, .. } => Some((
+                linear.in_features() * linear.out_features(),
+                linear.out_features(),
+            )),
+            Layer::Lrn(_) | Layer::Pool(_) => None,
+        }
+    }
+
+    fn parameters_mut(&mut self) -> Vec<&mut CudaSlice<T>> {
+        match self {
+            Layer::Conv(conv) => conv.parameters_mut().into_iter().collect(),
+            Layer::Linear { linear, .. } => linear.parameters_mut().into_iter().collect(),
+            Layer::Lrn(_) | Layer::Pool(_) => Vec::new(),
+        }
+    }
+}
+
+struct Stage<T: TrainFloat> {
+    layer: Layer<T>,
+    /// Per-image output shape (`[C, H, W]` or `[features]`).
+    output: Vec<usize>,
+    /// Where its weight gradient starts in the flat gradient buffer (its bias follows), for
+    /// the trainable layers; `None` for frozen layers and stages without parameters.
+    gradient_at: Option<usize>,
+}
+
+/// The step's device buffers for one batch size: every stage's input (the last one is the
+/// logits) and a gradient shaped like each, the labels, the per-row losses and, in mixed
+/// precision, the f32 buffers around the f16 network.
+struct StepBuffers<T: TrainFloat> {
+    batch: usize,
+    activations: Vec<GpuTensor<T>>,
+    gradients: Vec<GpuTensor<T>>,
+    labels: CudaSlice<u32>,
+    row_loss: CudaSlice<f64>,
+    wide: Option<WideBuffers>,
+}
+
+/// One step's batch, labels (checked classes, one per image), dropout seed, optimiser
+/// settings and loss scale (1 unless mixed).
+pub(super) struct StepInput<'a> {
+    pub batch: ArrayView4<'a, f32>,
+    pub labels: &'a [u32],
+    pub step_seed: u64,
+    pub optimiser: &'a SgdConfig,
+    pub scale: f32,
+}
+
+/// What one step did.
+pub(super) struct StepOutcome {
+    /// The mean loss before the update.
+    pub loss: f32,
+    /// Mixed precision: the scaled gradients overflowed and the update was skipped.
+    pub overflowed: bool,
+}
+
+pub(super) struct Net<T: TrainFloat> {
+    stages: Vec<Stage<T>>,
+    /// The trainable tensors, in network order.
+    segments: Vec<SgdSegment>,
+    /// Mixed precision: an f32 master of every parameter tensor (frozen ones too, so that
+    /// [`Net::weights`] gives back exactly what was given), in network order and the layers'
+    /// layout. Empty in fp32, where the layers' own tensors are the masters.
+    masters: Vec<CudaSlice<f32>>,
+    grads: GradientBuffers<T>,
+    velocity: CudaSlice<f32>,
+    /// Whether `velocity` holds momentum yet (not before the first applied step or a restore).
+    has_velocity: bool,
+    /// Mixed precision: set by the unscaling when a gradient overflowed; SGD then skips.
+    overflow: CudaSlice<u32>,
+    buffers: Option<StepBuffers<T>>,
+}
+
+/// Reads a device buffer back as f32.
+fn read_back<T: TrainFloat>(stream: &Arc<CudaStream>, tensor: &CudaSlice<T>) -> Result<Vec<f32>> {
+    let values = stream
+        .clone_dtoh(tensor)
+        .map_err(driver_err("read back the parameters"))?;
+    Ok(values.into_iter().map(T::to_f32).collect())
+}
+
+impl<T: TrainFloat> Net<T> {
+    /// The network of `weights` on `gpu` in NCHW, the first `frozen_layers` layers with
+    /// parameters frozen, TF32 math where `allow_tf32` (f32 only).
+    pub fn new(
+        gpu: &Gpu,
+        weights: &Weights,
+        optimiser: &SgdConfig,
+        frozen_layers: usize,
+        allow_tf32: bool,
+    ) -> Result<Self> {
+        let config = weights.config();
+        let plan = config.plan()?;
+        let mut convs = weights.convs().iter();
+        let mut fcs = weights.fcs().iter();
+        let missing = |name: &str| Error::invalid("weights", format!("no parameters for {name}"));
+        let stream = gpu.stream();
+        let upload = |values: &[f32]| {
+            stream
+                .clone_htod(values)
+                .map_err(driver_err("upload the master weights"))
+        };
+        let mut stages = Vec::with_capacity(plan.stages.len());
+        let mut segments = Vec::new();
+        let mut masters = Vec::new();
+        let mut gradient_len = 0usize;
+        let mut layer_index = 0usize;
+        for spec in &plan.stages {
+            let mut gradient_at = None;
+            if let Some(params) = &spec.params {
+                if layer_index >= frozen_layers {
+                    gradient_at = Some(gradient_len);
+                    for tensor in [&params.weight, &params.bias] {
+                        segments.push(SgdSegment::named(&tensor.name, tensor.len(), optimiser));
+                        gradient_len += tensor.len();
+                    }
+                }
+                layer_index += 1;
+            }
+            let layer = match spec.op {
+                StageOp::Conv {
+                    stride, padding, ..
+                } => {
+                    let params = convs.next().ok_or_else(|| missing(&spec.name))?;
+                    let options = ConvOptions {
+                        allow_tf32,
+                        ..ConvOptions::new(stride, padding, Layout::Nchw)
+                    };
+                    let conv =
+                        Conv2dGpu::new(gpu, params.weight.view(), params.bias.view(), options)?;
+                    if T::MIXED {
+                        let packed = pack_conv_weights(
+                            params.weight.view(),
+                            conv.in_channels(),
+                            Layout::Nchw,
+                        )?;
+                        masters.push(upload(&packed)?);
+                        masters.push(upload(&params.bias.to_vec())?);
+                    }
+                    Layer::Conv(conv)
+                }
+                StageOp::Lrn(params) => Layer::Lrn(LrnGpu::new(params)?),
+                StageOp::MaxPool(pool) => Layer::Pool(MaxPoolGpu::new(pool.kernel, pool.stride)?),
+                StageOp::Linear { relu, dropout, .. } => {
+                    let params = fcs.next().ok_or_else(|| missing(&spec.name))?;
+                    let linear =
+                        LinearGpu::new(gpu, params.weight.view(), params.bias.view(), allow_tf32)?;
+                    if T::MIXED {
+                        masters.push(upload(&params.weight.iter().copied().collect::<Vec<_>>())?);
+                        masters.push(upload(&params.bias.to_vec())?);
+                    }
+                    Layer::Linear {
+                        linear,
+                        relu,
+                        dropout: dropout
+                            .map(|p| DropoutGpu::new(p, plan.dropout_mode))
+                            .transpose()?,
+                    }
+                }
+            };
+            stages.push(Stage {
+                layer,
+                output: spec.output.clone(),
+                gradient_at,
+            });
+        }
+        let grads = GradientBuffers {
+            flat: stream
+                .alloc_zeros::<f32>(gradient_len)
+                .map_err(driver_err("allocate the parameter gradients"))?,
+            scaled: match T::MIXED {
+                true => Some(
+                    stream
+                        .alloc_zeros::<T>(gradient_len)
+                        .map_err(driver_err("allocate the scaled gradients"))?,
+                ),
+                false => None,
+            },
+        };
+        Ok(Net {
+            stages,
+            segments,
+            masters,
+            grads,
+            velocity: stream
+                .alloc_zeros::<f32>(gradient_len)
+                .map_err(driver_err("allocate the momentum"))?,
+            has_velocity: false,
+            overflow: stream
+                .alloc_zeros::<u32>(1)
+                .map_err(driver_err("allocate the overflow flag"))?,
+            buffers: None,
+        })
+    }
+
+    /// The step's buffers for batch `n` of `config`'s input, allocated when the size changes.
+    fn buffers_for(&mut self, gpu: &Gpu, config: &AlexNetConfig, n: usize) -> Result<()> {
+        if self.buffers.as_ref().is_some_and(|b| b.batch == n) {
+            return Ok(());
+        }
+        self.buffers = None; // free the old size's first
+        let input = config.input;
+        let mut shapes = vec![vec![n, input.channels, input.height, input.width]];
+        for stage in &self.stages {
+            shapes.push([&[n][..], &stage.output].concat());
+        }
+        let tensors = |shapes: &[Vec<usize>]| -> Result<Vec<GpuTensor<T>>> {
+            shapes
+                .iter()
+                .map(|shape| GpuTensor::zeros(gpu, shape, Layout::Nchw))
+                .collect()
+        };
+        let activations = tensors(&shapes)?;
+        let gradients = tensors(&shapes)?;
+        let wide = match T::MIXED {
+            true => {
+                let logits = &shapes[shapes.len() - 1];
+                Some(WideBuffers {
+                    input: GpuTensor::zeros(gpu, &shapes[0], Layout::Nchw)?,
+                    logits: GpuTensor::zeros(gpu, logits, Layout::Nchw)?,
+                    logit_grad: GpuTensor::zeros(gpu, logits, Layout::Nchw)?,
+                })
+            }
+            false => None,
+        };
+        let stream = gpu.stream();
+        self.buffers = Some(StepBuffers {
+            batch: n,
+            activations,
+            gradients,
+            labels: stream
+                .alloc_zeros::<u32>(n)
+                .map_err(driver_err("allocate the labels"))?,
+            row_loss: stream
+                .alloc_zeros::<f64>(n)
+                .map_err(driver_err("allocate the losses"))?,
+            wide,
+        });
+        Ok(())
+    }
+
+    /// One training step (the batch checked by the caller against `config`): forward in
+    /// training mode, the loss times the scale, backward, unscaling with the overflow check
+    /// (mixed), one SGD launch (skipped on the device on overflow). Reads back the loss and the
+    /// flag: the step's one sync.
+    pub fn step(
+        &mut self,
+        gpu: &Gpu,
+        config: &AlexNetConfig,
+        input: StepInput<'_>,
+    ) -> Result<StepOutcome> {
+        let StepInput {
+            batch,
+            labels,
+            step_seed,
+            optimiser,
+            scale,
+        } = input;
+        let n = labels.len();
+        self.buffers_for(gpu, config, n)?;
+        let Net {
+            stages,
+            segments,
+            masters,
+            grads,
+            velocity,
+            has_velocity,
+            overflow,
+            buffers,
+        } = self;
+        let Some(buffers) = buffers.as_mut() else {
+            return Err(Error::invalid("CudaTrainer::step", "no step buffers"));
+        };
+        let StepBuffers {
+            activations,
+            gradients,
+            labels: labels_on_device,
+            row_loss,
+            wide,
+            ..
+        } = buffers;
+        let stream = gpu.stream();
+        T::load_batch(gpu, batch, wide.as_mut(), &mut activations[0])?;
+        stream
+            .memcpy_htod(labels, labels_on_device)
+            .map_err(driver_err("upload the labels"))?;
+
+        // Forward in training mode, keeping every stage's input.
+        let mut dropout_seeds = vec![None; stages.len()];
+        let mut dropouts = 0u64;
+        for (i, stage) in stages.iter_mut().enumerate() {
+            let (done, rest) = activations.split_at_mut(i + 1);
+            let (x, y) = (&done[i], &mut rest[0]);
+            match &mut stage.layer {
+                Layer::Conv(conv) => conv.forward(gpu, x, y, true)?,
+                Layer::Lrn(lrn) => lrn.forward(gpu, x, y, false)?,
+                Layer::Pool(pool) => pool.forward(gpu, x, y)?,
+                Layer::Linear {
+                    linear,
+                    relu,
+                    dropout,
+                } => {
+                    linear.forward(gpu, x, y, *relu)?;
+                    if let Some(dropout) = dropout {
+                        let seed = layer_seed(step_seed, dropouts);
+                        dropouts += 1;
+                        dropout.forward_train(gpu, y, seed)?;
+                        dropout_seeds[i] = Some(seed);
+                    }
+                }
+            }
+        }
+        let last = stages.len();
+        T::loss_gradient(
+            gpu,
+            &activations[last],
+            labels_on_device,
+            wide.as_mut(),
+            &mut gradients[last],
+            row_loss,
+            scale,
+        )?;
+
+        // Backward, from the logits to the first trainable layer.
+        for (i, stage) in stages.iter_mut().enumerate().rev() {
+            let (before, after) = gradients.split_at_mut(i + 1);
+            let (dx, dy) = (&mut before[i], &mut after[0]);
+            let (x, y) = (&activations[i], &activations[i + 1]);
+            let first_trainable = stage.gradient_at == Some(0);
+            let lens = stage.layer.parameter_lens();
+            match &mut stage.layer {
+                Layer::Conv(conv) => {
+                    relu_backward(gpu, y, dy)?;
+                    let wants_dx = i > 0 && !first_trainable;
+                    with_gradient_views(grads, stage.gradient_at, lens, |dw, db| {
+                        conv.backward(gpu, x, dy, wants_dx.then_some(dx), dw, db)
+                    })?;
+                    if !wants_dx {
+                        break;
+                    }
+                }
+                Layer::Lrn(lrn) => lrn.backward(gpu, x, dy, dx)?,
+                Layer::Pool(pool) => pool.backward(gpu, x, dy, dx)?,
+                Layer::Linear {
+                    linear,
+                    relu,
+                    dropout,
+                } => {
+                    if let (Some(dropout), Some(seed)) = (dropout, dropout_seeds[i]) {
+                        // The same mask and scale on the gradient: dropout's backward.
+                        dropout.forward_train(gpu, dy, seed)?;
+                    }
+                    if *relu {
+                        // The stored output is after dropout, whose positive scale keeps every
+                        // sign; where it dropped a unit the gradient is already 0.
+                        relu_backward(gpu, y, dy)?;
+                    }
+                    let dx = (!first_trainable).then_some(dx);
+                    with_gradient_views(grads, stage.gradient_at, lens, |dw, db| {
+                        linear.backward(gpu, x, dy, dx, dw, db)
+                    })?;
+                    if first_trainable {
+                        break;
+                    }
+                }
+            }
+        }
+
+        // Mixed precision: the f32 gradients without the loss scale, and the overflow check.
+        if T::MIXED {
+            stream
+                .memset_zeros(overflow)
+                .map_err(driver_err("clear the overflow flag"))?;
+            let scaled = grads.scaled.as_ref().ok_or_else(|| {
+                Error::invalid("CudaTrainer", "no scaled gradients in mixed precision")
+            })?;
+            for stage in stages.iter() {
+                let (Some(at), Some((weight_len, bias_len))) =
+                    (stage.gradient_at, stage.layer.parameter_lens())
+                else {
+                    continue;
+                };
+                let weights = at..at + weight_len;
+                unscale_gradients(
+                    gpu,
+                    &scaled.slice(weights.clone()),
+                    &mut grads.flat.slice_mut(weights),
+                    overflow,
+                    scale,
+                )?;
+                let biases = at + weight_len..at + weight_len + bias_len;
+                unscale_gradients_in_place(
+                    gpu,
+                    &mut grads.flat.slice_mut(biases),
+                    overflow,
+                    scale,
+                )?;
+            }
+        }
+
+        // One SGD launch over every trainable tensor.
+        let layer_tensors: Vec<&mut CudaSlice<T>> = stages
+            .iter_mut()
+            .filter(|stage| stage.gradient_at.is_some())
+            .flat_map(|stage| stage.layer.parameters_mut())
+            .collect();
+        let (mut weights, mut copies) = T::sgd_tensors(layer_tensors, masters);
+        sgd_step(
+            gpu,
+            optimiser,
+            segments,
+            !*has_velocity,
+            SgdBuffers {
+                weights: &mut weights,
+                copies: &mut copies,
+                grads: &grads.flat,
+                velocity,
+                skip: T::MIXED.then_some(&*overflow),
+            },
+        )?;
+
+        let losses = stream
+            .clone_dtoh(row_loss)
+            .map_err(driver_err("read back the loss"))?;
+        let overflowed = T::MIXED
+            && stream
+                .clone_dtoh(overflow)
+                .map_err(driver_err("read back the overflow flag"))?
+                .first()
+                .is_some_and(|&flag| flag != 0);
+        if !overflowed {
+            *has_velocity = true;
+        }
+        Ok(StepOutcome {
+            loss: (losses.iter().sum::<f64>() / n as f64) as f32,
+            overflowed,
+        })
+    }
+
+    /// The current parameters as [`Weights`] of `config`, in the CPU's layout and names: the
+    /// masters in mixed precision, the layers' own tensors in fp32.
+    pub fn weights(&self, gpu: &Gpu, config: &AlexNetConfig) -> Result<Weights> {
+        let stream = gpu.stream();
+        let mut tensors: Vec<Vec<f32>> = Vec::new();
+        for stage in &self.stages {
+            let (layer_tensors, conv) = match &stage.layer {
+                Layer::Conv(conv) => (conv.parameters(), Some(conv)),
+                Layer::Linear { linear, .. } => (linear.parameters(), None),
+                Layer::Lrn(_) | Layer::Pool(_) => continue,
+            };
+            let at = tensors.len();
+            let [mut weight, bias] = match self.masters.get(at..at + 2) {
+                Some([weight, bias]) if T::MIXED => [
+                    read_back::<f32>(stream, weight)?,
+                    read_back::<f32>(stream, bias)?,
+                ],
+                _ => [
+                    read_back(stream, layer_tensors[0])?,
+                    read_back(stream, layer_tensors[1])?,
+                ],
+            };
+            if let Some(conv) = conv {
+                let (out, k) = (conv.out_channels(), conv.kernel());
+                let oihw = unpack_conv_weights(
+                    &weight,
+                    [out, conv.in_channels(), k],
+                    conv.in_channels(),
+                    conv.options().layout,
+                )?;
+                weight = oihw.into_raw_vec_and_offset().0;
+            }
+            tensors.push(weight);
+            tensors.push(bias);
+        }
+        Weights::from_fn(config, |index, _, _| {
+            tensors.get(index).cloned().unwrap_or_default()
+        })
+    }
+
+    /// The momentum of every trainable tensor, in network order (empty before the first
+    /// applied step).
+    pub fn velocity(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
+        if !self.has_velocity {
+            return Ok(Vec::new());
+        }
+        let flat = gpu
+            .stream()
+            .clone_dtoh(&self.velocity)
+            .map_err(driver_err("read back the momentum"))?;
+        let mut at = 0;
+        Ok(self
+            .segments
+            .iter()
+            .map(|s| {
+                at += s.len;
+                flat[at - s.len..at].to_vec()
+            })
+            .collect())
+    }
+
+    /// Restores the momentum: one vector per trainable tensor in network order, or none.
+    pub fn set_velocity(&mut self, gpu: &Gpu, velocity: Vec<Vec<f32>>) -> Result<()> {
+        if velocity.is_empty() {
+            self.has_velocity = false;
+            return Ok(());
+        }
+        let lens: Vec<usize> = velocity.iter().map(Vec::len).collect();
+        let want: Vec<usize> = self.segments.iter().map(|s| s.len).collect();
+        if lens != want {
+            return Err(Error::Shape {
+                op: "CudaTrainer::set_velocity",
+                expected: format!("momentum tensors of {want:?}"),
+                found: lens,
+            });
+        }
+        gpu.stream()
+            .memcpy_htod(&velocity.concat(), &mut self.velocity)
+            .map_err(driver_err("upload the momentum"))?;
+        self.has_velocity = true;
+        Ok(())
+    }
+}
+
+/// Runs `backward` with the views a trainable layer (`lens`: its weight's and bias's lengths)
+/// writes its gradients into, from its offset `at` (`None`: the layer is frozen, and the
+/// backward must not reach it).
+fn with_gradient_views<T: TrainFloat>(
+    grads: &mut GradientBuffers<T>,
+    at: Option<usize>,
+    lens: Option<(usize, usize)>,
+    backward: impl FnOnce(&mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, f32>) -> Result<()>,
+) -> Result<()> {
+    let (Some(at), Some(lens)) = (at, lens) else {
+        return Err(Error::invalid(
+            "CudaTrainer",
+            "the backward reached a frozen layer",
+        ));
+    };
+    T::with_gradient_views(grads, at, lens, backward)
+}

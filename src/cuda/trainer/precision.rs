@@ -1,0 +1,201 @@
+//! What the trainer's storage type changes, and nothing else: how the f32 batch gets in, how the
+//! loss gradient gets out of the logits, where the layers write their parameter gradients, and
+//! which tensors the SGD launch updates. In fp32 the layers' own tensors are the master weights
+//! and their gradients go straight into the flat f32 buffer; in mixed precision (f16) the layers
+//! compute with f16 copies, the backward runs on the loss times the loss scale, the f16 weight
+//! gradients are unscaled into the flat f32 buffer, and SGD updates f32 masters and rewrites the
+//! copies (`kernels/sgd.cu`).
+
+use cudarc::driver::{CudaSlice, CudaViewMut};
+use half::f16;
+use ndarray::ArrayView4;
+
+use crate::cuda::device::Gpu;
+use crate::cuda::dtype::GpuFloat;
+use crate::cuda::ops::{convert_f16_to_f32, convert_f32_to_f16, softmax_cross_entropy};
+use crate::cuda::tensor::GpuTensor;
+use crate::error::{Error, Result};
+
+/// f32 buffers a mixed-precision step needs beside its f16 ones, for one batch size.
+pub(super) struct WideBuffers {
+    /// The batch as given, before its conversion to f16.
+    pub input: GpuTensor<f32>,
+    /// The logits widened for the loss (computed in f32 and f64, as the CPU does).
+    pub logits: GpuTensor<f32>,
+    /// The loss's gradient before it is scaled into f16.
+    pub logit_grad: GpuTensor<f32>,
+}
+
+/// Where the backward writes the parameter gradients.
+pub(super) struct GradientBuffers<T> {
+    /// Every trainable tensor's f32 gradient laid end to end in network order: what SGD reads.
+    pub flat: CudaSlice<f32>,
+    /// Mixed precision: the weights' gradients of the f16 backward (times the loss scale), at
+    /// their offsets in `flat` (the bias slots unused: biases' gradients are f32 already).
+    pub scaled: Option<CudaSlice<T>>,
+}
+
+/// The storage types the trainer runs in: `f32` (fp32 and TF32) and `f16` (mixed precision).
+pub(super) trait TrainFloat: GpuFloat {
+    /// Whether training in this type keeps f32 master weights and scales the loss.
+    const MIXED: bool;
+
+    /// The batch into the network's input tensor (through `wide.input` where the type
+    /// differs).
+    fn load_batch(
+        gpu: &Gpu,
+        batch: ArrayView4<'_, f32>,
+        wide: Option<&mut WideBuffers>,
+        input: &mut GpuTensor<Self>,
+    ) -> Result<()>;
+
+    /// The per-row losses of `logits` against `labels` into `row_loss`, and the gradient of
+    /// the mean loss times `scale` into `grad` (`scale` is 1 unless [`TrainFloat::MIXED`]).
+    fn loss_gradient(
+        gpu: &Gpu,
+        logits: &GpuTensor<Self>,
+        labels: &CudaSlice<u32>,
+        wide: Option<&mut WideBuffers>,
+        grad: &mut GpuTensor<Self>,
+        row_loss: &mut CudaSlice<f64>,
+        scale: f32,
+    ) -> Result<()>;
+
+    /// Runs `backward` with the views a trainable layer writes its weight (in this type) and
+    /// bias (f32) gradients into, the layer's tensors starting at `at` in the flat buffer.
+    fn with_gradient_views<R>(
+        grads: &mut GradientBuffers<Self>,
+        at: usize,
+        lens: (usize, usize),
+        backward: impl FnOnce(&mut CudaViewMut<'_, Self>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+    ) -> Result<R>;
+
+    /// What the SGD launch updates: the f32 weights of the trainable tensors (the layers' own,
+    /// or the masters) and the f16 copies it rewrites (none, or the layers' own).
+    #[allow(clippy::type_complexity)]
+    fn sgd_tensors<'a>(
+        layer_tensors: Vec<&'a mut CudaSlice<Self>>,
+        masters: &'a mut [CudaSlice<f32>],
+    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f16>>);
+}
+
+fn missing_buffers() -> Error {
+    Error::invalid("CudaTrainer", "no f32 buffers for a mixed-precision step")
+}
+
+fn out_of_range() -> Error {
+    Error::invalid("CudaTrainer", "a gradient beyond the flat buffer")
+}
+
+impl TrainFloat for f32 {
+    const MIXED: bool = false;
+
+    fn load_batch(
+        gpu: &Gpu,
+        batch: ArrayView4<'_, f32>,
+        _wide: Option<&mut WideBuffers>,
+        input: &mut GpuTensor<f32>,
+    ) -> Result<()> {
+        input.upload(gpu, batch.into_dyn())
+    }
+
+    fn loss_gradient(
+        gpu: &Gpu,
+        logits: &GpuTensor<f32>,
+        labels: &CudaSlice<u32>,
+        _wide: Option<&mut WideBuffers>,
+        grad: &mut GpuTensor<f32>,
+        row_loss: &mut CudaSlice<f64>,
+        _scale: f32,
+    ) -> Result<()> {
+        softmax_cross_entropy(gpu, logits, labels, grad, row_loss)
+    }
+
+    fn with_gradient_views<R>(
+        grads: &mut GradientBuffers<f32>,
+        at: usize,
+        (weight_len, bias_len): (usize, usize),
+        backward: impl FnOnce(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+    ) -> Result<R> {
+        let end = at + weight_len + bias_len;
+        if end > grads.flat.len() {
+            return Err(out_of_range());
+        }
+        let mut layer = grads.flat.slice_mut(at..end);
+        let (mut weight, mut bias) = layer.split_at_mut(weight_len);
+        backward(&mut weight, &mut bias)
+    }
+
+    fn sgd_tensors<'a>(
+        layer_tensors: Vec<&'a mut CudaSlice<f32>>,
+        _masters: &'a mut [CudaSlice<f32>],
+    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f16>>) {
+        (layer_tensors, Vec::new())
+    }
+}
+
+impl TrainFloat for f16 {
+    const MIXED: bool = true;
+
+    fn load_batch(
+        gpu: &Gpu,
+        batch: ArrayView4<'_, f32>,
+        wide: Option<&mut WideBuffers>,
+        input: &mut GpuTensor<f16>,
+    ) -> Result<()> {
+        let wide = wide.ok_or_else(missing_buffers)?;
+        wide.input.upload(gpu, batch.into_dyn())?;
+        convert_f32_to_f16(
+            gpu,
+            &wide.input.data().slice(..),
+            &mut input.data_mut().slice_mut(..),
+            1.0,
+        )
+    }
+
+    fn loss_gradient(
+        gpu: &Gpu,
+        logits: &GpuTensor<f16>,
+        labels: &CudaSlice<u32>,
+        wide: Option<&mut WideBuffers>,
+        grad: &mut GpuTensor<f16>,
+        row_loss: &mut CudaSlice<f64>,
+        scale: f32,
+    ) -> Result<()> {
+        let wide = wide.ok_or_else(missing_buffers)?;
+        convert_f16_to_f32(gpu, &logits.data().slice(..), wide.logits.data_mut())?;
+        softmax_cross_entropy(gpu, &wide.logits, labels, &mut wide.logit_grad, row_loss)?;
+        convert_f32_to_f16(
+            gpu,
+            &wide.logit_grad.data().slice(..),
+            &mut grad.data_mut().slice_mut(..),
+            scale,
+        )
+    }
+
+    fn with_gradient_views<R>(
+        grads: &mut GradientBuffers<f16>,
+        at: usize,
+        (weight_len, bias_len): (usize, usize),
+        backward: impl FnOnce(&mut CudaViewMut<'_, f16>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+    ) -> Result<R> {
+        let end = at + weight_len + bias_len;
+        let scaled = grads.scaled.as_mut().ok_or_else(missing_buffers)?;
+        if end > grads.flat.len() || end > scaled.len() {
+            return Err(out_of_range());
+        }
+        backward(
+            &mut scaled.slice_mut(at..at + weight_len),
+            &mut grads.flat.slice_mut(at + weight_len..end),
+        )
+    }
+
+    fn sgd_tensors<'a>(
+        layer_tensors: Vec<&'a mut CudaSlice<f16>>,
+        masters: &'a mut [CudaSlice<f32>],
+    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f16>>) {
+        // The trainable tensors are the last ones: frozen layers come first.
+        let first = masters.len().saturating_sub(layer_tensors.len());
+        (masters[first..].iter_mut().collect(), layer_tensors)
+    }
+}
