@@ -6,13 +6,16 @@
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
 
-/* f16 -> f32, times scale (exact for scale 1). */
+/* f16 -> f32, times scale; scale 1 skips the multiply, which would canonicalise NaN payloads
+ * on the GPU: the widening stays bit-exact. */
 extern "C" __global__ void convert_f16_to_f32(const unsigned short *__restrict__ src,
                                               float *__restrict__ dst, AlexnetConvertParams p)
 {
+    const bool unscaled = p.scale == 1.0f;
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
-        dst[i] = __fmul_rn(alexnet_h2f(src[i]), p.scale);
+        const float v = alexnet_h2f(src[i]);
+        dst[i] = unscaled ? v : __fmul_rn(v, p.scale);
     }
 }
 

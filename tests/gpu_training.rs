@@ -52,6 +52,10 @@ struct Tolerance {
     weights: f64,
     update: f64,
     momentum: f64,
+    /// Whether a tensor that started at zero (the paper's zero biases) is held to `weights`
+    /// too. After one step such a tensor is its update, so outside fp32 (whose gradients agree
+    /// to ~1e-6) only the update tolerance can hold for it.
+    zero_start_weights: bool,
 }
 
 fn tolerance(precision: Precision) -> Tolerance {
@@ -61,18 +65,21 @@ fn tolerance(precision: Precision) -> Tolerance {
             weights: 1e-6,
             update: 1e-3,
             momentum: 1e-4,
+            zero_start_weights: true,
         },
         Precision::Tf32 => Tolerance {
             loss: 1e-3,
             weights: 1e-4,
             update: 1e-2,
             momentum: 1e-2,
+            zero_start_weights: false,
         },
         Precision::Fp16 => Tolerance {
             loss: 1e-2,
             weights: 1e-4,
             update: 1e-2,
             momentum: 1e-2,
+            zero_start_weights: false,
         },
     }
 }
@@ -108,12 +115,14 @@ fn check_updates_within(
         .iter()
         .zip(got.named_tensors().iter().zip(want.named_tensors().iter()))
     {
-        check(
-            &format!("{what} {name}"),
-            &tensor(g),
-            &tensor(w),
-            tol.weights,
-        );
+        if tol.zero_start_weights || b.iter().any(|&v| v != 0.0) {
+            check(
+                &format!("{what} {name}"),
+                &tensor(g),
+                &tensor(w),
+                tol.weights,
+            );
+        }
         let update = |after: &[f32]| -> Vec<f32> {
             after.iter().zip(b.iter()).map(|(a, b)| a - b).collect()
         };
@@ -145,7 +154,10 @@ fn steps_match(config: &AlexNetConfig, weights: &Weights, frozen: usize, n: usiz
 }
 
 /// [`steps_match`] with the GPU trainer in `precision` (the CPU's always fp32), within that
-/// precision's [`tolerance`]; no mixed-precision step may be skipped at the default loss scale.
+/// precision's [`tolerance`]. Mixed precision starts at a loss scale of 2^10, not GradScaler's
+/// 2^16: at the paper initialisation (fc biases 1, inverted dropout) fc3's scaled weight
+/// gradient passes f16's 65504 at 2^16 and the first steps would rightly be skipped; at 2^10
+/// none may be.
 fn steps_match_in(
     precision: Precision,
     config: &AlexNetConfig,
@@ -155,7 +167,8 @@ fn steps_match_in(
     steps: u64,
 ) {
     let tol = tolerance(precision);
-    let mut gpu = cuda_trainer_in(weights, precision, frozen, LossScale::default());
+    let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+    let mut gpu = cuda_trainer_in(weights, precision, frozen, scale);
     let mut cpu = cpu_trainer(weights, frozen);
     let input = config.input;
     let labels = labels(n, config.num_classes());

@@ -86,6 +86,12 @@ pub trait Trainer {
         preprocess: &Preprocess,
         batch: usize,
     ) -> Result<Evaluation>;
+
+    /// Mixed precision: the loss scale of the next step and how many steps so far were skipped
+    /// because their gradients overflowed; `None` where the loss is not scaled.
+    fn loss_scaling(&self) -> Option<(f32, u64)> {
+        None
+    }
 }
 
 /// The CPU model with its optimiser.

@@ -635,8 +635,13 @@ impl Run<'_> {
             let top5 = top5.map_or(String::new(), |e| format!(" top-5 {:.2}%", 100.0 * e));
             format!(", val top-1 error {:.2}%{top5}", 100.0 * top1)
         });
+        let scaling_text = trainer
+            .loss_scaling()
+            .map_or(String::new(), |(scale, skipped)| {
+                format!(", loss scale {scale}, {skipped} steps skipped on overflow")
+            });
         println!(
-            "epoch {}: train loss {train_loss:.4}{val_text}, lr {}, {images_per_second:.1} img/s",
+            "epoch {}: train loss {train_loss:.4}{val_text}, lr {}, {images_per_second:.1} img/s{scaling_text}",
             state.epoch,
             rate(learning_rate)
         );

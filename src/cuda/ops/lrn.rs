@@ -104,9 +104,9 @@ impl LrnGpu {
             expect_like(OP, x.shape(), x.layout(), tensor)?;
         }
         let (params, cfg) = self.backward_args(x.dims4(OP)?, x.layout())?;
-        // SAFETY: lrn_backward(const T *src, const T *grad_out, T *grad_in, AlexnetLrnParams); all three hold n*c*h*w elements of `params.shape` (checked
-        // above), `dx` is borrowed exclusively so it overlaps neither input; relu_first is 0;
-        // one thread per element.
+        // SAFETY: lrn_backward(const T *src, const T *grad_out, T *grad_in, AlexnetLrnParams);
+        // all three hold n*c*h*w elements of `params.shape` (checked above), `dx` is borrowed
+        // exclusively so it overlaps neither input; relu_first is 0; one thread per element.
         unsafe {
             Launch::new(gpu, Kernel::LrnBackward, T::DTYPE)?
                 .buffer(x.data())

@@ -324,4 +324,8 @@ impl Trainer for CudaTrainer {
         let mut model = CudaModel::new(&self.weights()?, self.options.precision, options)?;
         evaluate(&mut model, folder, preprocess, batch)
     }
+
+    fn loss_scaling(&self) -> Option<(f32, u64)> {
+        self.loss_scale().map(|scale| (scale, self.skipped_steps))
+    }
 }
