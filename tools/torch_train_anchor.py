@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""PyTorch's CPU training step, the anchor for benches/cpu_train.rs (same machine, same run).
+"""PyTorch's training step, the anchor for benches/cpu_train.rs and benches/gpu_train.rs (same
+machine, same run).
 
-    venv/bin/python tools/torch_train_anchor.py [--batch 16] [--steps 5]
+    venv/bin/python tools/torch_train_anchor.py [--batch 16] [--steps 5]            # CPU
+    python3 tools/torch_train_anchor.py --device cuda --batch 128 --precisions fp32,tf32,amp
 
 AlexNet (paper preset: LRN after conv1/conv2, or torchvision's) in float32, one step =
 forward with dropout 0.5, cross-entropy, backward, torch.optim.SGD(lr 0.01, momentum 0.9,
 weight decay 5e-4); 2 warm-up steps, then the mean of --steps timed steps, in images/s.
+
+On CUDA (cudnn.benchmark on) the precisions are fp32 (TF32 off everywhere), tf32 (TF32 on in
+cuDNN and cuBLAS) and amp (torch.autocast float16 + GradScaler: PyTorch's mixed precision).
+Two figures each: `resident` (the batch already on the GPU, one sync at the end: PyTorch's
+usual figure) and `from host` (the batch copied from pageable host memory and the loss read
+back every step: what benches/gpu_train.rs's step does).
 """
 
 import argparse
@@ -28,14 +36,13 @@ def alexnet(channels, lrn):
         nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000))
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5)
-    args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name, channels, lrn in [("paper", (96, 256, 384, 384, 256), True),
-                                ("torchvision", (64, 192, 384, 256, 256), False)]:
+PRESETS = {"paper": ((96, 256, 384, 384, 256), True),
+           "torchvision": ((64, 192, 384, 256, 256), False)}
+
+
+def cpu_run(args):
+    for name in args.presets.split(","):
+        channels, lrn = PRESETS[name]
         model = alexnet(channels, lrn).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         x = torch.randn(args.batch, 3, 224, 224)
@@ -51,6 +58,67 @@ def main():
         mean = sum(times) / len(times)
         print(f"{name} fp32 batch {args.batch}: {args.batch / mean:.1f} img/s "
               f"({mean * 1000:.0f} ms/step, {args.steps} steps)")
+
+
+def cuda_run(args):
+    torch.backends.cudnn.benchmark = True
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(0)}, cuDNN {torch.backends.cudnn.version()}")
+    for name in args.presets.split(","):
+        channels, lrn = PRESETS[name]
+        for precision in args.precisions.split(","):
+            tf32 = precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            amp = precision == "amp"
+            model = alexnet(channels, lrn).to(device).train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            scaler = torch.amp.GradScaler("cuda", enabled=amp)
+            x_host = torch.randn(args.batch, 3, 224, 224)
+            y_host = torch.randint(0, 1000, (args.batch,))
+            x_dev, y_dev = x_host.to(device), y_host.to(device)
+
+            def step(x, y):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                return loss
+
+            for _ in range(3):
+                step(x_dev, y_dev)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(x_dev, y_dev)
+            torch.cuda.synchronize()
+            resident = (time.perf_counter() - start) / args.steps
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(x_host.to(device), y_host.to(device)).item()
+            from_host = (time.perf_counter() - start) / args.steps
+            print(f"{name} {precision} batch {args.batch}: resident {args.batch / resident:.1f} "
+                  f"img/s ({resident * 1000:.1f} ms/step), from host "
+                  f"{args.batch / from_host:.1f} img/s ({from_host * 1000:.1f} ms/step), "
+                  f"{args.steps} steps")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precisions", default="fp32,tf32,amp",
+                        help="CUDA only: comma-separated fp32, tf32, amp")
+    parser.add_argument("--presets", default="paper,torchvision")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.device == "cuda":
+        cuda_run(args)
+    else:
+        cpu_run(args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 # with Rust, `tools/gpu/run.sh` does both in place.
 #
 # Packs the release executables that touch a GPU (the library's unit tests, tests/gpu_*.rs,
-# tests/soak.rs, the infer binary, the pipeline example), tools/gpu/on-device.sh and the PyTorch
-# anchor. Built with nvcc 13.0 (tools/cuda-env.sh), so the kernels carry sm_80..sm_120 machine
+# tests/soak.rs, the infer and train binaries, the pipeline example, the GPU benches),
+# tools/gpu/on-device.sh and the PyTorch anchors (inference and training). Built with nvcc 13.0 (tools/cuda-env.sh), so the kernels carry sm_80..sm_120 machine
 # code. .gpu/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,8 +20,8 @@ python3 - .gpu/build.json > .gpu/executables.txt <<'PY'
 import json, sys
 wanted = {("unit", "alexnet_cuda"), ("test", "gpu_layers"), ("test", "gpu_model"),
           ("test", "gpu_training_kernels"), ("test", "gpu_training"),
-          ("test", "soak"), ("bin", "infer"), ("example", "pipeline"),
-          ("bench", "gpu_forward")}
+          ("test", "soak"), ("bin", "infer"), ("bin", "train"), ("example", "pipeline"),
+          ("bench", "gpu_forward"), ("bench", "gpu_train")}
 seen = set()
 for line in open(sys.argv[1]):
     try:
@@ -47,7 +47,7 @@ while read -r kind name exe; do
     cp "$exe" ".gpu/bin/${kind}-${name}"
     strip --strip-debug ".gpu/bin/${kind}-${name}" 2>/dev/null || true
 done < .gpu/executables.txt
-cp tools/gpu/on-device.sh tools/gpu/torch_anchor.py .gpu/
+cp tools/gpu/on-device.sh tools/gpu/torch_anchor.py tools/torch_train_anchor.py .gpu/
 git rev-parse --short HEAD > .gpu/commit.txt 2>/dev/null || echo unknown > .gpu/commit.txt
 [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || echo "+uncommitted changes" >> .gpu/commit.txt
 size=$(du -sm .gpu | cut -f1)

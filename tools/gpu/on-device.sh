@@ -2,7 +2,7 @@
 # Runs the GPU suite on a GPU machine, over what tools/gpu/bundle.sh packed into .gpu/, from the
 # repository root:   bash .gpu/on-device.sh [WORDS]     (logs under $OUT, default .gpu/out)
 #
-# Words (default: info libs tests infer anchor):
+# Words (default: info libs tests infer anchor train):
 #   info     the card, its driver, the CUDA libraries on the machine
 #   libs     opens the GPU with the plain environment: the crate's own library search
 #            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
@@ -12,6 +12,9 @@
 #   bench    the criterion GPU benches (benches/gpu_forward.rs: forward_u8 at batch 1 to 256,
 #            the pipeline at 128), about three minutes
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
+#   train    train --device cuda for 20 steps in fp32 and fp16 on tests/data/shapes, then one
+#            training step's throughput (benches/gpu_train.rs: paper, batch 128, fp32/tf32/fp16)
+#            beside PyTorch's (torch_train_anchor.py: fp32, tf32, autocast+GradScaler)
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU tests
 #   soak     the 10,000-batch GPU soak
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 G=.gpu
 OUT=${OUT:-$G/out}
 mkdir -p "$OUT"
-words=${*:-info libs tests infer anchor}
+words=${*:-info libs tests infer anchor train}
 BATCH=${BATCH:-128}
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
@@ -80,6 +83,23 @@ PY
         rc=$?
         note "anchor (PyTorch eager) rc=$rc: $(grep -cE 'img/s' "$OUT/anchor.txt") figures (anchor.txt)"
         grep -E 'img/s' "$OUT/anchor.txt" | sed 's/^/  /' | while read -r l; do echo "$l"; done
+        ;;
+    train)
+        for p in fp32 fp16; do
+            timeout 180 $G/bin/bin-train --data tests/data/shapes/train --val tests/data/shapes/val \
+                --classes 4 --batch 16 --steps 20 --device cuda --precision $p \
+                --save "$OUT/train-$p.safetensors" --log "$OUT/train-$p.csv" > "$OUT/train-$p.txt" 2>&1
+            rc=$?
+            note "train $p 20 steps rc=$rc: $(grep -iE 'epoch|error' "$OUT/train-$p.txt" | tail -1)"
+        done
+        timeout 240 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
+        rc=$?
+        note "bench gpu_train rc=$rc: $(grep -cE 'thrpt' "$OUT/bench-train.txt") figures (bench-train.txt) $(grep -m1 SKIPPED "$OUT/bench-train.txt")"
+        while read -r l; do note "  $l"; done < <(grep -B2 -E 'thrpt|skipped' "$OUT/bench-train.txt" | grep -E '^gpu_|thrpt|skipped')
+        timeout 240 python3 $G/torch_train_anchor.py --device cuda --batch 128 --steps 10 --presets paper --precisions fp32,tf32,amp > "$OUT/anchor-train.txt" 2>&1
+        rc=$?
+        note "anchor (PyTorch training) rc=$rc (anchor-train.txt)"
+        while read -r l; do note "  $l"; done < <(grep -E 'img/s' "$OUT/anchor-train.txt")
         ;;
     compile)
         timeout 400 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,fp16 --compile --compile-mode reduce-overhead > "$OUT/anchor-compile.txt" 2>&1
