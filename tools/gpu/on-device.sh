@@ -31,6 +31,12 @@ note() { summary+=("$1"); echo "== $1"; }
 export RUST_BACKTRACE=1
 export CARGO_MANIFEST_DIR=$PWD   # tests find tests/data through it
 
+# bundle.sh packs the executables as one xz archive (see there); Python's tarfile unpacks it
+# where no xz is installed.
+if [ ! -d $G/bin ] && [ -f $G/bin.tar.xz ]; then
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' $G/bin.tar.xz $G \
+        || { echo "could not unpack $G/bin.tar.xz"; exit 3; }
+fi
 note "commit: $(cat $G/commit.txt 2>/dev/null | paste -sd' ')"
 for w in $words; do
     case $w in
