@@ -111,7 +111,9 @@ typedef struct AlexnetConvEpilogueParams {
 } AlexnetConvEpilogueParams;
 
 /*
- * dropout_{f32,f16}(T *x, AlexnetDropoutParams p)
+ * dropout_{f32,f16}(T *x, const unsigned long long *seed_at, AlexnetDropoutParams p)
+ * The seed is *seed_at if seed_at is not null (read on the device: a captured training step's
+ * seeds change every step), else p.seed.
  * In place, training mode: element i is kept when draw(seed, i) >= threshold (threshold = p * 2^32)
  * and multiplied by `scale` (1/(1-p) inverted, 1 classic), else set to 0. draw() is the same
  * counter-based hash as the CPU's `cpu::keep_draw`, so both draw the same mask from a seed.

@@ -19,22 +19,33 @@ static __device__ __forceinline__ unsigned int alexnet_keep_draw(unsigned long l
     return (unsigned int)((z ^ (z >> 31)) >> 32);
 }
 
-/* Training-mode dropout in place: keep (x * scale) when draw >= threshold, else 0. */
+/*
+ * Training-mode dropout in place: keep (x * scale) when draw >= threshold, else 0. The seed is
+ * *seed_at where given (a captured training step reads each step's seed from the device), else
+ * p.seed.
+ */
 template <typename T>
-static __device__ __forceinline__ void dropout(T *x, const AlexnetDropoutParams &p)
+static __device__ __forceinline__ void dropout(T *x, const unsigned long long *seed_at,
+                                               const AlexnetDropoutParams &p)
 {
+    const unsigned long long seed = seed_at != 0 ? *seed_at : p.seed;
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
-        const bool keep = alexnet_keep_draw(p.seed, i) >= p.threshold;
+        const bool keep = alexnet_keep_draw(seed, i) >= p.threshold;
         x[i] = alexnet_store<T>(keep ? alexnet_load(x[i]) * p.scale : 0.0f);
     }
 }
 
 /* Dropout on f32 activations. */
-extern "C" __global__ void dropout_f32(float *x, AlexnetDropoutParams p) { dropout<float>(x, p); }
+extern "C" __global__ void dropout_f32(float *x, const unsigned long long *seed_at,
+                                       AlexnetDropoutParams p)
+{
+    dropout<float>(x, seed_at, p);
+}
 
 /* Dropout on f16 activations. */
-extern "C" __global__ void dropout_f16(unsigned short *x, AlexnetDropoutParams p)
+extern "C" __global__ void dropout_f16(unsigned short *x, const unsigned long long *seed_at,
+                                       AlexnetDropoutParams p)
 {
-    dropout<unsigned short>(x, p);
+    dropout<unsigned short>(x, seed_at, p);
 }

@@ -45,6 +45,17 @@ fn cuda_trainer_in(
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+fn eager_cuda_trainer_in(weights: &Weights, precision: Precision, scale: LossScale) -> CudaTrainer {
+    let options = CudaTrainOptions {
+        precision,
+        loss_scale: scale,
+        eager: true,
+        ..CudaTrainOptions::default()
+    };
+    CudaTrainer::with_options(weights, SgdConfig::default(), options)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// How close a precision's steps must come to the fp32 CPU trainer's.
 #[derive(Clone, Copy, Debug)]
 struct Tolerance {
@@ -233,6 +244,53 @@ fn mixed_precision_and_tf32_steps_follow_the_cpu_trainer() {
         steps_match_in(precision, &config, &weights, 0, 4, 3);
         steps_match_in(precision, &config, &weights, 2, 4, 2);
         steps_match_in(precision, &paper, &paper_weights, 0, 8, 1);
+    }
+}
+
+/// Steps replayed from the captured CUDA graph against the same steps launched kernel by
+/// kernel: the same losses and updates within the precision's tolerance (the two trainers
+/// measure their cuDNN algorithms separately and may pick different ones; a replay that kept
+/// the captured dropout masks or learning rate would be far off). Dropout is on, so every step
+/// draws new masks from the seeds uploaded before the replay; a new learning rate is captured
+/// again.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn graph_replayed_steps_match_eager_steps() {
+    use alexnet_cuda::cuda::GraphStatus;
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let start = Weights::paper_init(&config, 13).unwrap();
+    let labels = labels(4, config.num_classes());
+    let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let tol = tolerance(precision);
+        let mut graph = cuda_trainer_in(&start, precision, 0, scale);
+        let mut eager = eager_cuda_trainer_in(&start, precision, scale);
+        let mut before = start.clone();
+        for step in 0..8u64 {
+            if step == 5 {
+                graph.set_learning_rate(0.005).unwrap();
+                eager.set_learning_rate(0.005).unwrap();
+            }
+            let batch = small_training_batch(4, 400 + step);
+            let graph_loss = graph.step(batch.view(), &labels, 50 + step).unwrap();
+            let eager_loss = eager.step(batch.view(), &labels, 50 + step).unwrap();
+            let what = format!("{precision} step {step} ({:?})", graph.graph_status());
+            assert!(
+                ((graph_loss - eager_loss) / eager_loss).abs() <= tol.loss,
+                "{what}: loss {graph_loss} replayed, {eager_loss} eager"
+            );
+            let after = eager.weights().unwrap();
+            check_updates_within(&what, &before, &graph.weights().unwrap(), &after, tol);
+            before = after;
+            let want_status = match step {
+                0 | 5 => GraphStatus::NotCaptured, // eager: first step, new learning rate
+                _ => GraphStatus::Replaying,
+            };
+            assert_eq!(graph.graph_status(), want_status, "{what}");
+        }
+        assert_eq!(eager.graph_status(), GraphStatus::Disabled);
+        assert_eq!(graph.skipped_steps() + eager.skipped_steps(), 0);
     }
 }
 

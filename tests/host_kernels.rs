@@ -331,13 +331,40 @@ fn dropout_draws_the_cpu_mask_in_both_modes() {
         let (mut p, cfg) = gpu.train_args(len, seed).unwrap();
         for grid in [cfg, small_grid(100)] {
             let mut data: Vec<f32> = x.iter().copied().collect();
-            launch("dropout_f32", grid, vec![buf(&mut data), params(&mut p)]);
+            launch(
+                "dropout_f32",
+                grid,
+                vec![buf(&mut data), null(), params(&mut p)],
+            );
             let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
             assert_same(&format!("dropout_f32 train {mode:?}"), &got, &want_train);
+            // The seed read from the device (a captured step's): the parameter's is ignored.
+            let (mut no_seed, _) = gpu.train_args(len, seed ^ 0xFFFF).unwrap();
+            let mut seed_on_device = vec![seed];
+            let mut data: Vec<f32> = x.iter().copied().collect();
+            launch(
+                "dropout_f32",
+                grid,
+                vec![
+                    buf(&mut data),
+                    buf(&mut seed_on_device),
+                    params(&mut no_seed),
+                ],
+            );
+            let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
+            assert_same(
+                &format!("dropout_f32 device seed {mode:?}"),
+                &got,
+                &want_train,
+            );
             // f16 storage: the same mask, the product rounded once.
             let mut half: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
             let want16 = rounded::<f16, _>(&cpu.forward_train(rounded::<f16, _>(&x).view(), seed));
-            launch("dropout_f16", grid, vec![buf(&mut half), params(&mut p)]);
+            launch(
+                "dropout_f16",
+                grid,
+                vec![buf(&mut half), null(), params(&mut p)],
+            );
             let got16 =
                 ArrayD::from_shape_vec(IxDyn(&[len]), half.iter().map(|v| v.to_f32()).collect())
                     .unwrap();
@@ -347,7 +374,11 @@ fn dropout_draws_the_cpu_mask_in_both_modes() {
             (DropoutMode::Inverted, None) => {} // the identity: nothing is launched
             (DropoutMode::Classic, Some((mut p, cfg))) => {
                 let mut data: Vec<f32> = x.iter().copied().collect();
-                launch("dropout_f32", cfg, vec![buf(&mut data), params(&mut p)]);
+                launch(
+                    "dropout_f32",
+                    cfg,
+                    vec![buf(&mut data), null(), params(&mut p)],
+                );
                 let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
                 assert_same("dropout_f32 eval (classic)", &got, &want_eval);
             }

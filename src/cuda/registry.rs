@@ -92,7 +92,8 @@ kernel_registry! {
     }
     "dropout" => {
         /// Training-mode dropout in place with the CPU's mask (`ops::dropout`).
-        Dropout = "dropout" for [f32, f16] [Ptr, Struct(size_of::<AlexnetDropoutParams>())];
+        Dropout = "dropout" for [f32, f16]
+            [Ptr, Ptr, Struct(size_of::<AlexnetDropoutParams>())];
     }
     "convert" => {
         /// f16 to the named type: `convert_f16_to_f32` widens f16 logits (`ops::convert`).

@@ -5,7 +5,7 @@ use crate::config::DropoutMode;
 use crate::cuda::abi::AlexnetDropoutParams;
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaView, LaunchConfig};
 
 use crate::cuda::launch::{grid_1d, Launch};
 use crate::cuda::registry::Kernel;
@@ -66,7 +66,27 @@ impl DropoutGpu {
         seed: u64,
     ) -> Result<()> {
         let args = self.train_args(x.len(), seed)?;
-        launch_dropout(gpu, x, args)
+        launch_dropout(gpu, x, None, args)
+    }
+
+    /// [`DropoutGpu::forward_train`] with the seed read on the device from `seed[0]` when the
+    /// kernel runs: a training step captured as a CUDA graph draws each step's mask from the
+    /// seeds uploaded before its replay.
+    pub fn forward_train_seeded<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &mut GpuTensor<T>,
+        seed: &CudaView<'_, u64>,
+    ) -> Result<()> {
+        if seed.is_empty() {
+            return Err(super::shape_err(
+                "DropoutGpu::forward_train_seeded",
+                "one seed",
+                &[0],
+            ));
+        }
+        let args = self.train_args(x.len(), 0)?;
+        launch_dropout(gpu, x, Some(seed), args)
     }
 
     /// Inference mode, in place: the identity (inverted; nothing is launched) or a
@@ -74,7 +94,7 @@ impl DropoutGpu {
     pub fn forward_eval<T: GpuFloat>(&self, gpu: &Gpu, x: &mut GpuTensor<T>) -> Result<()> {
         match self.eval_args(x.len())? {
             None => Ok(()),
-            Some(args) => launch_dropout(gpu, x, args),
+            Some(args) => launch_dropout(gpu, x, None, args),
         }
     }
 }
@@ -97,14 +117,20 @@ fn args(
 fn launch_dropout<T: GpuFloat>(
     gpu: &Gpu,
     x: &mut GpuTensor<T>,
+    seed_at: Option<&CudaView<'_, u64>>,
     (params, cfg): (AlexnetDropoutParams, LaunchConfig),
 ) -> Result<()> {
-    // SAFETY: dropout(T *x, AlexnetDropoutParams); `x` holds `len` elements (the parameters
-    // were made from its length); one thread per element.
+    // SAFETY: dropout(T *x, const unsigned long long *seed_at, AlexnetDropoutParams); `x`
+    // holds `len` elements (the parameters were made from its length); `seed_at` is null or
+    // holds at least one u64 (checked by the caller) and is a separate buffer from `x`; one
+    // thread per element.
     unsafe {
-        Launch::new(gpu, Kernel::Dropout, T::DTYPE)?
-            .buffer(x.data_mut())
-            .params(&params)
-            .launch(cfg)
+        let mut launch = Launch::new(gpu, Kernel::Dropout, T::DTYPE)?;
+        launch.buffer(x.data_mut());
+        match seed_at {
+            Some(seed) => launch.buffer(seed),
+            None => launch.null_buffer(),
+        };
+        launch.params(&params).launch(cfg)
     }
 }

@@ -10,6 +10,10 @@
 //! f32 master weights and momentum, the loss scaled by a dynamic [`LossScale`] and a step
 //! skipped when its gradients overflow, as PyTorch's `autocast` + `GradScaler`).
 //!
+//! From the second step at a batch size the step's work (forward, loss, backward, unscaling,
+//! update) is one CUDA graph launch ([`CudaTrainOptions::eager`] turns that off); a new
+//! learning rate or loss scale is captured again.
+//!
 //! Not run on a GPU yet (no GPU test of this crate has run anywhere); `tests/gpu_training.rs`
 //! checks it against the CPU trainer step by step.
 
@@ -21,6 +25,7 @@ use ndarray::ArrayView4;
 
 use self::net::{Net, StepInput, StepOutcome};
 use super::device::Gpu;
+use super::graph::GraphStatus;
 use super::model::{CudaModel, CudaOptions};
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
@@ -41,6 +46,9 @@ pub struct CudaTrainOptions {
     pub frozen_layers: usize,
     /// Mixed precision's loss scale and its schedule (ignored in fp32 and TF32).
     pub loss_scale: LossScale,
+    /// Launch every step kernel by kernel. Off by default: from the second step at a batch
+    /// size the step (forward, loss, backward, update) is one CUDA graph launch.
+    pub eager: bool,
 }
 
 impl Default for CudaTrainOptions {
@@ -50,6 +58,7 @@ impl Default for CudaTrainOptions {
             precision: Precision::Fp32,
             frozen_layers: 0,
             loss_scale: LossScale::default(),
+            eager: false,
         }
     }
 }
@@ -167,10 +176,25 @@ impl CudaTrainer {
         }
         let gpu = Gpu::new(options.device)?;
         let frozen = options.frozen_layers;
+        let graphs = !options.eager;
         let network = match options.precision {
-            Precision::Fp32 => Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, false)?),
-            Precision::Tf32 => Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, true)?),
-            Precision::Fp16 => Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, false)?),
+            Precision::Fp32 => Network::Wide(Net::new(
+                &gpu,
+                weights,
+                &optimiser,
+                frozen,
+                (false, graphs),
+            )?),
+            Precision::Tf32 => {
+                Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, (true, graphs))?)
+            }
+            Precision::Fp16 => Network::Mixed(Net::new(
+                &gpu,
+                weights,
+                &optimiser,
+                frozen,
+                (false, graphs),
+            )?),
         };
         Ok(CudaTrainer {
             network,
@@ -204,6 +228,12 @@ impl CudaTrainer {
     /// Mixed precision: the loss scale of the next step (`None` in fp32 and TF32).
     pub fn loss_scale(&self) -> Option<f32> {
         matches!(self.network, Network::Mixed(_)).then(|| self.loss_scale.scale())
+    }
+
+    /// Whether the steps at the current batch size replay a CUDA graph (see
+    /// [`CudaTrainOptions::eager`]).
+    pub fn graph_status(&self) -> GraphStatus {
+        with_net!(&self.network, net => net.graph_status())
     }
 
     /// Mixed precision: the steps whose update was skipped because their scaled gradients

@@ -1,6 +1,12 @@
 //! The trainer's network in one storage type `T`: the plan's stages on the device, each keeping
 //! its input for the backward, the parameter gradients, the momentum, and (mixed precision) the
 //! f32 master weights. [`super::CudaTrainer`] holds one of these per precision.
+//!
+//! A step is uploads (batch, labels, dropout seeds), then everything else queued on the compute
+//! stream without a sync ([`Net::compute`]), then the loss and overflow flag read back. The
+//! middle part is captured as a CUDA graph on the second step at a batch size and replayed
+//! after, as the inference forward is (`crate::cuda::graph`); the dropout kernels read their
+//! seeds on the device so that a replay draws each step's own masks.
 
 use std::sync::Arc;
 
@@ -11,6 +17,7 @@ use super::precision::{GradientBuffers, TrainFloat, WideBuffers};
 use crate::config::{AlexNetConfig, StageOp};
 use crate::cpu::layer_seed;
 use crate::cuda::device::{driver_err, Gpu};
+use crate::cuda::graph::{capture, GraphState, GraphStatus};
 use crate::cuda::ops::{
     pack_conv_weights, relu_backward, sgd_step, unpack_conv_weights, unscale_gradients,
     unscale_gradients_in_place, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
@@ -27,11 +34,12 @@ enum Layer<T: TrainFloat> {
     Conv(Conv2dGpu<T>),
     Lrn(LrnGpu),
     Pool(MaxPoolGpu),
-    /// GEMM + bias (+ ReLU), then dropout with the CPU's mask.
+    /// GEMM + bias (+ ReLU), then dropout with the CPU's mask, its seed at the given slot of
+    /// the step's device seeds (the k-th dropout layer's is `layer_seed(step_seed, k)`).
     Linear {
         linear: LinearGpu<T>,
         relu: bool,
-        dropout: Option<DropoutGpu>,
+        dropout: Option<(DropoutGpu, usize)>,
     },
 }
 
@@ -76,6 +84,9 @@ struct StepBuffers<T: TrainFloat> {
     labels: CudaSlice<u32>,
     row_loss: CudaSlice<f64>,
     wide: Option<WideBuffers>,
+    /// The step captured at this batch size, and the settings it was captured with.
+    graph: GraphState,
+    captured_for: Option<StepRun>,
 }
 
 /// One step's batch, labels (checked classes, one per image), dropout seed, optimiser
@@ -110,7 +121,25 @@ pub(super) struct Net<T: TrainFloat> {
     has_velocity: bool,
     /// Mixed precision: set by the unscaling when a gradient overflowed; SGD then skips.
     overflow: CudaSlice<u32>,
+    /// The step's dropout seeds, one per dropout layer, uploaded before each step.
+    seeds: CudaSlice<u64>,
+    dropout_layers: usize,
+    /// Whether steps run through a CUDA graph once their shapes are fixed.
+    graphs: bool,
     buffers: Option<StepBuffers<T>>,
+}
+
+/// What a captured step bakes into its kernels' parameters: the graph is replayed only while
+/// these stay the same.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct StepRun {
+    optimiser: SgdConfig,
+    scale: f32,
+    first_step: bool,
+}
+
+fn no_buffers() -> Error {
+    Error::invalid("CudaTrainer::step", "no step buffers")
 }
 
 /// Reads a device buffer back as f32.
@@ -123,13 +152,14 @@ fn read_back<T: TrainFloat>(stream: &Arc<CudaStream>, tensor: &CudaSlice<T>) -> 
 
 impl<T: TrainFloat> Net<T> {
     /// The network of `weights` on `gpu` in NCHW, the first `frozen_layers` layers with
-    /// parameters frozen, TF32 math where `allow_tf32` (f32 only).
+    /// parameters frozen, TF32 math where `allow_tf32` (f32 only), steps captured as CUDA
+    /// graphs where `graphs`.
     pub fn new(
         gpu: &Gpu,
         weights: &Weights,
         optimiser: &SgdConfig,
         frozen_layers: usize,
-        allow_tf32: bool,
+        (allow_tf32, graphs): (bool, bool),
     ) -> Result<Self> {
         let config = weights.config();
         let plan = config.plan()?;
@@ -147,6 +177,7 @@ impl<T: TrainFloat> Net<T> {
         let mut masters = Vec::new();
         let mut gradient_len = 0usize;
         let mut layer_index = 0usize;
+        let mut dropout_layers = 0usize;
         for spec in &plan.stages {
             let mut gradient_at = None;
             if let Some(params) = &spec.params {
@@ -191,12 +222,17 @@ impl<T: TrainFloat> Net<T> {
                         masters.push(upload(&params.weight.iter().copied().collect::<Vec<_>>())?);
                         masters.push(upload(&params.bias.to_vec())?);
                     }
+                    let dropout = match dropout {
+                        Some(p) => {
+                            dropout_layers += 1;
+                            Some((DropoutGpu::new(p, plan.dropout_mode)?, dropout_layers - 1))
+                        }
+                        None => None,
+                    };
                     Layer::Linear {
                         linear,
                         relu,
-                        dropout: dropout
-                            .map(|p| DropoutGpu::new(p, plan.dropout_mode))
-                            .transpose()?,
+                        dropout,
                     }
                 }
             };
@@ -231,6 +267,11 @@ impl<T: TrainFloat> Net<T> {
             overflow: stream
                 .alloc_zeros::<u32>(1)
                 .map_err(driver_err("allocate the overflow flag"))?,
+            seeds: stream
+                .alloc_zeros::<u64>(dropout_layers.max(1))
+                .map_err(driver_err("allocate the dropout seeds"))?,
+            dropout_layers,
+            graphs,
             buffers: None,
         })
     }
@@ -277,14 +318,16 @@ impl<T: TrainFloat> Net<T> {
                 .alloc_zeros::<f64>(n)
                 .map_err(driver_err("allocate the losses"))?,
             wide,
+            graph: GraphState::Fresh,
+            captured_for: None,
         });
         Ok(())
     }
 
-    /// One training step (the batch checked by the caller against `config`): forward in
-    /// training mode, the loss times the scale, backward, unscaling with the overflow check
-    /// (mixed), one SGD launch (skipped on the device on overflow). Reads back the loss and the
-    /// flag: the step's one sync.
+    /// One training step (the batch checked by the caller against `config`): the batch, labels
+    /// and dropout seeds uploaded, then [`Net::compute`] eagerly or through the batch size's
+    /// CUDA graph ([`Net::run_compute`]), then the loss and the overflow flag read back: the
+    /// step's one sync.
     pub fn step(
         &mut self,
         gpu: &Gpu,
@@ -300,36 +343,155 @@ impl<T: TrainFloat> Net<T> {
         } = input;
         let n = labels.len();
         self.buffers_for(gpu, config, n)?;
+        let stream = gpu.stream();
+        {
+            let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
+            T::load_batch(
+                gpu,
+                batch,
+                buffers.wide.as_mut(),
+                &mut buffers.activations[0],
+            )?;
+            stream
+                .memcpy_htod(labels, &mut buffers.labels)
+                .map_err(driver_err("upload the labels"))?;
+        }
+        if self.dropout_layers > 0 {
+            // Read on the device by the dropout kernels, so a replayed graph draws new masks.
+            let seeds: Vec<u64> = (0..self.dropout_layers as u64)
+                .map(|k| layer_seed(step_seed, k))
+                .collect();
+            stream
+                .memcpy_htod(&seeds, &mut self.seeds)
+                .map_err(driver_err("upload the dropout seeds"))?;
+        }
+        let run = StepRun {
+            optimiser: *optimiser,
+            scale,
+            first_step: !self.has_velocity,
+        };
+        self.run_compute(gpu, run)?;
+
+        let buffers = self.buffers.as_ref().ok_or_else(no_buffers)?;
+        let losses = stream
+            .clone_dtoh(&buffers.row_loss)
+            .map_err(driver_err("read back the loss"))?;
+        let overflowed = T::MIXED
+            && stream
+                .clone_dtoh(&self.overflow)
+                .map_err(driver_err("read back the overflow flag"))?
+                .first()
+                .is_some_and(|&flag| flag != 0);
+        if !overflowed {
+            self.has_velocity = true;
+        }
+        Ok(StepOutcome {
+            loss: (losses.iter().sum::<f64>() / n as f64) as f32,
+            overflowed,
+        })
+    }
+
+    /// Where the current batch size's graph stands.
+    pub fn graph_status(&self) -> GraphStatus {
+        match (&self.buffers, self.graphs) {
+            (_, false) => GraphStatus::Disabled,
+            (None, true) => GraphStatus::NotCaptured,
+            (Some(buffers), true) => buffers.graph.status(),
+        }
+    }
+
+    /// [`Net::compute`] eagerly, or through the batch size's CUDA graph: eager on the first
+    /// step at this size (algorithms are chosen, buffers and workspaces sized), captured and
+    /// launched on the second, replayed after. What the graph bakes in must not change under
+    /// it: a new learning rate, loss scale or first-step flag, or a moved convolution
+    /// workspace, runs that step eagerly and captures again on the next.
+    fn run_compute(&mut self, gpu: &Gpu, run: StepRun) -> Result<()> {
+        if !self.graphs {
+            return self.compute(gpu, &run);
+        }
+        let generation = gpu.conv_workspace()?.generation();
+        let (state, captured_for) = {
+            let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
+            (
+                std::mem::replace(&mut buffers.graph, GraphState::Fresh),
+                buffers.captured_for,
+            )
+        };
+        let mut captured_for_next = captured_for;
+        let (next, result) = match state {
+            GraphState::Ready {
+                graph,
+                workspace_generation,
+            } if workspace_generation == generation && captured_for == Some(run) => {
+                let launched = graph.launch();
+                let ready = GraphState::Ready {
+                    graph,
+                    workspace_generation,
+                };
+                (ready, launched)
+            }
+            GraphState::Unsupported(why) => (GraphState::Unsupported(why), self.compute(gpu, &run)),
+            GraphState::Warm => match capture(gpu.stream(), || self.compute(gpu, &run)) {
+                Ok(graph) => {
+                    // Capturing recorded the work without running it.
+                    let launched = graph.launch();
+                    captured_for_next = Some(run);
+                    let ready = GraphState::Ready {
+                        graph,
+                        workspace_generation: generation,
+                    };
+                    (ready, launched)
+                }
+                Err(e) => (
+                    GraphState::Unsupported(e.to_string()),
+                    self.compute(gpu, &run),
+                ),
+            },
+            // The first step at this size, or the graph holds other settings or addresses.
+            GraphState::Fresh | GraphState::Ready { .. } => {
+                (GraphState::Warm, self.compute(gpu, &run))
+            }
+        };
+        let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
+        buffers.graph = next;
+        buffers.captured_for = captured_for_next;
+        result
+    }
+
+    /// Everything of a step between the uploads and the read-backs, all queued on the compute
+    /// stream with nothing synchronising (so it can be captured): forward in training mode
+    /// (dropout seeds read on the device), the loss times the scale, backward, unscaling with
+    /// the overflow check (mixed), one SGD launch (skipped on the device on overflow).
+    fn compute(&mut self, gpu: &Gpu, run: &StepRun) -> Result<()> {
+        let StepRun {
+            optimiser,
+            scale,
+            first_step,
+        } = *run;
         let Net {
             stages,
             segments,
             masters,
             grads,
             velocity,
-            has_velocity,
             overflow,
+            seeds,
             buffers,
+            ..
         } = self;
-        let Some(buffers) = buffers.as_mut() else {
-            return Err(Error::invalid("CudaTrainer::step", "no step buffers"));
-        };
+        let buffers = buffers.as_mut().ok_or_else(no_buffers)?;
         let StepBuffers {
             activations,
             gradients,
-            labels: labels_on_device,
+            labels,
             row_loss,
             wide,
             ..
         } = buffers;
         let stream = gpu.stream();
-        T::load_batch(gpu, batch, wide.as_mut(), &mut activations[0])?;
-        stream
-            .memcpy_htod(labels, labels_on_device)
-            .map_err(driver_err("upload the labels"))?;
+        let seed_of = |slot: usize| seeds.slice(slot..slot + 1);
 
         // Forward in training mode, keeping every stage's input.
-        let mut dropout_seeds = vec![None; stages.len()];
-        let mut dropouts = 0u64;
         for (i, stage) in stages.iter_mut().enumerate() {
             let (done, rest) = activations.split_at_mut(i + 1);
             let (x, y) = (&done[i], &mut rest[0]);
@@ -343,11 +505,8 @@ impl<T: TrainFloat> Net<T> {
                     dropout,
                 } => {
                     linear.forward(gpu, x, y, *relu)?;
-                    if let Some(dropout) = dropout {
-                        let seed = layer_seed(step_seed, dropouts);
-                        dropouts += 1;
-                        dropout.forward_train(gpu, y, seed)?;
-                        dropout_seeds[i] = Some(seed);
+                    if let Some((dropout, slot)) = dropout {
+                        dropout.forward_train_seeded(gpu, y, &seed_of(*slot))?;
                     }
                 }
             }
@@ -356,7 +515,7 @@ impl<T: TrainFloat> Net<T> {
         T::loss_gradient(
             gpu,
             &activations[last],
-            labels_on_device,
+            labels,
             wide.as_mut(),
             &mut gradients[last],
             row_loss,
@@ -388,9 +547,9 @@ impl<T: TrainFloat> Net<T> {
                     relu,
                     dropout,
                 } => {
-                    if let (Some(dropout), Some(seed)) = (dropout, dropout_seeds[i]) {
+                    if let Some((dropout, slot)) = dropout {
                         // The same mask and scale on the gradient: dropout's backward.
-                        dropout.forward_train(gpu, dy, seed)?;
+                        dropout.forward_train_seeded(gpu, dy, &seed_of(*slot))?;
                     }
                     if *relu {
                         // The stored output is after dropout, whose positive scale keeps every
@@ -449,9 +608,9 @@ impl<T: TrainFloat> Net<T> {
         let (mut weights, mut copies) = T::sgd_tensors(layer_tensors, masters);
         sgd_step(
             gpu,
-            optimiser,
+            &optimiser,
             segments,
-            !*has_velocity,
+            first_step,
             SgdBuffers {
                 weights: &mut weights,
                 copies: &mut copies,
@@ -459,24 +618,7 @@ impl<T: TrainFloat> Net<T> {
                 velocity,
                 skip: T::MIXED.then_some(&*overflow),
             },
-        )?;
-
-        let losses = stream
-            .clone_dtoh(row_loss)
-            .map_err(driver_err("read back the loss"))?;
-        let overflowed = T::MIXED
-            && stream
-                .clone_dtoh(overflow)
-                .map_err(driver_err("read back the overflow flag"))?
-                .first()
-                .is_some_and(|&flag| flag != 0);
-        if !overflowed {
-            *has_velocity = true;
-        }
-        Ok(StepOutcome {
-            loss: (losses.iter().sum::<f64>() / n as f64) as f32,
-            overflowed,
-        })
+        )
     }
 
     /// The current parameters as [`Weights`] of `config`, in the CPU's layout and names: the
