@@ -247,8 +247,8 @@ fn mixed_precision_and_tf32_steps_follow_the_cpu_trainer() {
     }
 }
 
-/// Steps replayed from the captured CUDA graph against the same steps launched kernel by
-/// kernel: the same losses and updates within the precision's tolerance (the two trainers
+/// Steps through the CUDA graph (captured on the second step, replayed from the third, captured
+/// again after a new learning rate) against the same steps launched kernel by kernel: the same losses and updates within the precision's tolerance (the two trainers
 /// measure their cuDNN algorithms separately and may pick different ones; a replay that kept
 /// the captured dropout masks or learning rate would be far off). Dropout is on, so every step
 /// draws new masks from the seeds uploaded before the replay; a new learning rate is captured

@@ -365,6 +365,17 @@ fn dropout_draws_the_cpu_mask_in_both_modes() {
                 grid,
                 vec![buf(&mut half), null(), params(&mut p)],
             );
+            let mut half_seeded: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            launch(
+                "dropout_f16",
+                grid,
+                vec![
+                    buf(&mut half_seeded),
+                    buf(&mut seed_on_device),
+                    params(&mut no_seed),
+                ],
+            );
+            assert_eq!(half_seeded, half, "dropout_f16 device seed {mode:?}");
             let got16 =
                 ArrayD::from_shape_vec(IxDyn(&[len]), half.iter().map(|v| v.to_f32()).collect())
                     .unwrap();

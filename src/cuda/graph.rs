@@ -69,16 +69,28 @@ impl SendGraph {
 /// thread-local mode makes only this thread's capture-unsafe calls (allocations,
 /// synchronisation) errors; nothing else may queue work on the compute stream meanwhile (the
 /// model is borrowed mutably).
+///
+/// The outer error is one an earlier asynchronous call left pending (reading it clears it, so
+/// the caller must return it, not take it for this capture's failure); the inner result is the
+/// capture's own.
 pub(crate) fn capture(
     stream: &Arc<CudaStream>,
     record: impl FnOnce() -> Result<()>,
-) -> Result<SendGraph> {
+) -> Result<Result<SendGraph>> {
     // A pending error from an earlier asynchronous failure would make cudarc's end_capture
     // fail before it ends the capture: surface it now, before capturing.
     stream
         .context()
         .check_err()
         .map_err(|e| Error::cuda("an earlier CUDA call", e))?;
+    Ok(capture_clean(stream, record))
+}
+
+/// [`capture`] on a context with no pending error.
+fn capture_clean(
+    stream: &Arc<CudaStream>,
+    record: impl FnOnce() -> Result<()>,
+) -> Result<SendGraph> {
     stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| Error::cuda("cuStreamBeginCapture", e))?;

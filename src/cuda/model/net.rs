@@ -397,7 +397,7 @@ impl<T: GpuFloat> Layers<T> {
             GraphState::Unsupported(why) => {
                 (GraphState::Unsupported(why), self.run_fused(gpu, bufs))
             }
-            GraphState::Warm => match capture(gpu.stream(), || self.run_fused(gpu, bufs)) {
+            GraphState::Warm => match capture(gpu.stream(), || self.run_fused(gpu, bufs))? {
                 Ok(graph) => {
                     // Capturing recorded the work without running it.
                     let launched = graph.launch();

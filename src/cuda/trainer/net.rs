@@ -431,7 +431,7 @@ impl<T: TrainFloat> Net<T> {
                 (ready, launched)
             }
             GraphState::Unsupported(why) => (GraphState::Unsupported(why), self.compute(gpu, &run)),
-            GraphState::Warm => match capture(gpu.stream(), || self.compute(gpu, &run)) {
+            GraphState::Warm => match capture(gpu.stream(), || self.compute(gpu, &run))? {
                 Ok(graph) => {
                     // Capturing recorded the work without running it.
                     let launched = graph.launch();
