@@ -221,33 +221,42 @@ fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
 /// Without a usable GPU, `--device cuda` is a clear error naming why (no work done, nothing
 /// saved) and the default `auto` trains on the CPU with a note; with one (a GPU machine) both
 /// train on it.
+/// Whether this machine has a GPU the crate can use.
+fn gpu_usable() -> bool {
+    #[cfg(feature = "cuda")]
+    return alexnet_cuda::cuda::Gpu::new(0).is_ok();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// `train` for one step of batch 2 of the torchvision preset with a 3-class head on `data`,
+/// saving to `save`, with `extra` flags.
+fn one_step(data: &Path, save: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--data",
+        path(data),
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--classes",
+        "3",
+        "--config",
+        "torchvision",
+        "--save",
+        path(save),
+    ];
+    args.extend_from_slice(extra);
+    train(&args)
+}
+
 #[test]
 fn train_device_choice_follows_the_machine() {
-    #[cfg(feature = "cuda")]
-    let gpu_usable = alexnet_cuda::cuda::Gpu::new(0).is_ok();
-    #[cfg(not(feature = "cuda"))]
-    let gpu_usable = false;
+    let gpu_usable = gpu_usable();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let save = dir.path().join("out.safetensors");
-    let run = |device: &str| {
-        train(&[
-            "--data",
-            path(&data),
-            "--steps",
-            "1",
-            "--batch",
-            "2",
-            "--classes",
-            "3",
-            "--config",
-            "torchvision",
-            "--device",
-            device,
-            "--save",
-            path(&save),
-        ])
-    };
+    let run = |device: &str| one_step(&data, &save, &["--device", device]);
     let out = run("cuda");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!stderr.contains("panicked"), "{}", text(&out));
@@ -280,32 +289,16 @@ fn train_device_choice_follows_the_machine() {
 
 #[test]
 fn mixed_precision_never_falls_back_to_fp32_and_tf32_on_the_cpu_says_so() {
-    #[cfg(feature = "cuda")]
-    let gpu_usable = alexnet_cuda::cuda::Gpu::new(0).is_ok();
-    #[cfg(not(feature = "cuda"))]
-    let gpu_usable = false;
+    let gpu_usable = gpu_usable();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let save = dir.path().join("out.safetensors");
     let run = |device: &str, precision: &str| {
-        train(&[
-            "--data",
-            path(&data),
-            "--steps",
-            "1",
-            "--batch",
-            "2",
-            "--classes",
-            "3",
-            "--config",
-            "torchvision",
-            "--device",
-            device,
-            "--precision",
-            precision,
-            "--save",
-            path(&save),
-        ])
+        one_step(
+            &data,
+            &save,
+            &["--device", device, "--precision", precision],
+        )
     };
     // Asking the CPU for mixed precision is a usage error, whatever the machine.
     let out = run("cpu", "fp16");

@@ -176,25 +176,12 @@ impl CudaTrainer {
         }
         let gpu = Gpu::new(options.device)?;
         let frozen = options.frozen_layers;
-        let graphs = !options.eager;
+        let math = (options.precision == Precision::Tf32, !options.eager);
         let network = match options.precision {
-            Precision::Fp32 => Network::Wide(Net::new(
-                &gpu,
-                weights,
-                &optimiser,
-                frozen,
-                (false, graphs),
-            )?),
-            Precision::Tf32 => {
-                Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, (true, graphs))?)
+            Precision::Fp16 => Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, math)?),
+            Precision::Fp32 | Precision::Tf32 => {
+                Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
-            Precision::Fp16 => Network::Mixed(Net::new(
-                &gpu,
-                weights,
-                &optimiser,
-                frozen,
-                (false, graphs),
-            )?),
         };
         Ok(CudaTrainer {
             network,
