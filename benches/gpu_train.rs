@@ -1,7 +1,8 @@
 //! One training step on the GPU (the batch uploaded from host memory, forward in training mode,
 //! softmax cross-entropy, backward, the SGD update, the loss read back): paper preset, batch
 //! 128, in true fp32, TF32 and mixed precision (f16 compute, f32 master weights, loss
-//! scaling), reported in images/s. Set beside PyTorch's with `tools/torch_train_anchor.py
+//! scaling), reported in images/s; each from an ordinary array (pageable memory) and from the
+//! trainer's page-locked batch buffer (what `train` uses). Set beside PyTorch's with `tools/torch_train_anchor.py
 //! --device cuda` in the same run (tools/gpu/on-device.sh `train`). `cargo bench --bench
 //! gpu_train`.
 //!
@@ -40,7 +41,7 @@ fn gpu_train(c: &mut Criterion) {
     let mut group = c.benchmark_group("gpu_train");
     group
         .sample_size(10)
-        .measurement_time(Duration::from_secs(8));
+        .measurement_time(Duration::from_secs(6));
     group.throughput(Throughput::Elements(BATCH as u64));
     for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
         let mut trainer = match trainer(&weights, precision) {
@@ -55,6 +56,27 @@ fn gpu_train(c: &mut Criterion) {
             b.iter(|| {
                 step += 1;
                 match trainer.step(input.view(), &labels, step) {
+                    Ok(loss) => loss,
+                    Err(e) => panic!("gpu_train paper/{precision} step {step}: {e}"),
+                }
+            })
+        });
+        // What `train` does: the loader writes each batch into the trainer's page-locked
+        // buffer, which goes up with one DMA (the decode runs on the loader's thread).
+        let mut buffer = match trainer.batch_buffer(BATCH) {
+            Ok(b) => b,
+            Err(e) => panic!("gpu_train paper/{precision}: a page-locked buffer: {e}"),
+        };
+        match buffer.images_mut() {
+            Ok(images) => images.copy_from_slice(input.as_slice().expect("a contiguous batch")),
+            Err(e) => panic!("gpu_train paper/{precision}: filling the buffer: {e}"),
+        }
+        buffer.set_labels(labels.clone());
+        let pinned = format!("paper/{precision}/page-locked");
+        group.bench_function(BenchmarkId::new(pinned, BATCH), |b| {
+            b.iter(|| {
+                step += 1;
+                match trainer.step_buffer(&buffer, step) {
                     Ok(loss) => loss,
                     Err(e) => panic!("gpu_train paper/{precision} step {step}: {e}"),
                 }

@@ -296,6 +296,49 @@ fn graph_replayed_steps_match_eager_steps() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn page_locked_batches_train_as_host_arrays_do() {
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let start = Weights::paper_init(&config, 17).unwrap();
+    let labels = labels(4, config.num_classes());
+    let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let tol = tolerance(precision);
+        let mut on_buffer = cuda_trainer_in(&start, precision, 0, scale);
+        let mut on_arrays = cuda_trainer_in(&start, precision, 0, scale);
+        // One buffer for every step: each refill must wait for the previous step's upload.
+        let mut buffer = on_buffer.batch_buffer(4).unwrap();
+        assert!(buffer.is_page_locked(), "{precision}");
+        assert_eq!(buffer.shape(), [4, 3, 67, 67]);
+        let mut before = start.clone();
+        for step in 0..5u64 {
+            let batch = small_training_batch(4, 600 + step);
+            buffer
+                .images_mut()
+                .unwrap()
+                .copy_from_slice(batch.as_slice().unwrap());
+            buffer.set_labels(labels.clone());
+            let got = on_buffer.step_buffer(&buffer, 70 + step).unwrap();
+            let want = on_arrays.step(batch.view(), &labels, 70 + step).unwrap();
+            let what = format!("{precision} step {step}");
+            assert!(
+                ((got - want) / want).abs() <= tol.loss,
+                "{what}: loss {got} from the buffer, {want} from the array"
+            );
+            let after = on_arrays.weights().unwrap();
+            check_updates_within(&what, &before, &on_buffer.weights().unwrap(), &after, tol);
+            before = after;
+        }
+        // A heap buffer works too (through the driver's staging copy).
+        let mut heap = alexnet_cuda::train::BatchBuffer::on_heap([4, 3, 67, 67]).unwrap();
+        heap.images_mut().unwrap().fill(0.25);
+        heap.set_labels(labels.clone());
+        assert!(on_buffer.step_buffer(&heap, 90).unwrap().is_finite());
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn an_overflow_skips_the_step_and_halves_the_loss_scale() {
     let _gpu = common::exclusive_gpu();
     let config = small_training_config(Some(0.5));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use alexnet_cuda::image::Preprocess;
 use alexnet_cuda::train::{
-    Augmentation, BatchMaker, ImageFolder, SampleOrder, IMAGENET_PCA_EIGENVALUES,
+    Augmentation, BatchBuffer, BatchMaker, ImageFolder, SampleOrder, IMAGENET_PCA_EIGENVALUES,
     IMAGENET_PCA_EIGENVECTORS,
 };
 use alexnet_cuda::Error;
@@ -174,6 +174,43 @@ fn without_augmentation_a_batch_is_the_eval_transform() {
         pre.normalize_into(&crop, &mut want).unwrap();
         let got = batch.images.index_axis(ndarray::Axis(0), row);
         assert_eq!(got.as_slice().unwrap(), want.as_slice(), "sample {sample}");
+    }
+}
+
+#[test]
+fn filling_a_used_buffer_gives_the_eval_transform_and_its_labels() {
+    let root = tempfile::tempdir().unwrap();
+    folder(
+        root.path(),
+        &[
+            ("a", "1.png", 60, 45),
+            ("b", "2.png", 45, 70),
+            ("c", "3.png", 41, 41),
+        ],
+    );
+    let data = Arc::new(ImageFolder::open(root.path()).unwrap());
+    let pre = small_preprocess();
+    let mut maker = BatchMaker::new(data.clone(), 2, false, Augmentation::None, pre, 0).unwrap();
+    assert_eq!(maker.batch_shape(), [2, 3, 32, 32]);
+    let mut buffer = BatchBuffer::on_heap([2, 3, 32, 32]).unwrap();
+    // What a previous step left: every value must be overwritten.
+    buffer.images_mut().unwrap().fill(f32::NAN);
+    buffer.set_labels(vec![9, 9, 9]);
+    maker.fill(2, &mut buffer).unwrap(); // positions 4, 5: samples 1 and 2
+    assert_eq!(buffer.labels(), [1, 2]);
+    let images = buffer.images().unwrap();
+    for (row, sample) in [1, 2].into_iter().enumerate() {
+        let crop = pre.load(&data.samples()[sample].path).unwrap();
+        let mut want = vec![0.0f32; 3 * 32 * 32];
+        pre.normalize_into(&crop, &mut want).unwrap();
+        let got = images.index_axis(ndarray::Axis(0), row);
+        assert_eq!(got.as_slice().unwrap(), want.as_slice(), "sample {sample}");
+    }
+
+    for shape in [[3, 3, 32, 32], [2, 3, 32, 31], [2, 1, 32, 32]] {
+        let mut wrong = BatchBuffer::on_heap(shape).unwrap();
+        let err = maker.fill(0, &mut wrong).unwrap_err().to_string();
+        assert!(err.contains("[2, 3, 32, 32]"), "{shape:?}: {err}");
     }
 }
 

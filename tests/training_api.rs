@@ -149,6 +149,41 @@ fn training_on_one_batch_drives_its_loss_down() {
     );
 }
 
+#[test]
+fn stepping_on_a_reused_batch_buffer_is_stepping_on_the_array() {
+    let mut on_arrays = small_trainer();
+    let mut on_buffer = small_trainer();
+    let mut buffer = on_buffer.batch_buffer(8).unwrap();
+    assert_eq!(buffer.shape(), [8, 3, 67, 67]);
+    assert!(
+        !buffer.is_page_locked(),
+        "the CPU trainer's buffers are on the heap"
+    );
+    for step in 0..4u64 {
+        let x = batch(8, 10 + step);
+        let labels: Vec<usize> = LABELS.iter().map(|l| (l + step as usize) % 5).collect();
+        buffer
+            .images_mut()
+            .unwrap()
+            .copy_from_slice(x.as_slice().unwrap());
+        buffer.set_labels(labels.clone());
+        let want = on_arrays.step(x.view(), &labels, step).unwrap();
+        let got = on_buffer.step_buffer(&buffer, step).unwrap();
+        assert_eq!(got, want, "step {step}");
+    }
+    assert_eq!(on_buffer.weights().unwrap(), on_arrays.weights().unwrap());
+
+    // A buffer of another input, or with a label per image missing, is refused.
+    let wrong = alexnet_cuda::train::BatchBuffer::on_heap([8, 3, 64, 64]).unwrap();
+    assert!(matches!(
+        on_buffer.step_buffer(&wrong, 9),
+        Err(Error::Shape { .. })
+    ));
+    buffer.set_labels(vec![0; 7]);
+    assert!(on_buffer.step_buffer(&buffer, 9).is_err());
+    assert_eq!(on_buffer.weights().unwrap(), on_arrays.weights().unwrap());
+}
+
 /// A trainer on the small network from the formula weights, dropout on.
 fn small_trainer() -> CpuTrainer {
     let config = small_config(Some(0.5));

@@ -11,9 +11,11 @@ weight decay 5e-4); 2 warm-up steps, then the mean of --steps timed steps, in im
 
 On CUDA (cudnn.benchmark on) the precisions are fp32 (TF32 off everywhere), tf32 (TF32 on in
 cuDNN and cuBLAS) and amp (torch.autocast float16 + GradScaler: PyTorch's mixed precision).
-Two figures each: `resident` (the batch already on the GPU, one sync at the end: PyTorch's
-usual figure) and `from host` (the batch copied from pageable host memory and the loss read
-back every step: what benches/gpu_train.rs's step does).
+Three figures each: `resident` (the batch already on the GPU, one sync at the end: PyTorch's
+usual figure), `from host` (the batch copied from pageable host memory and the loss read
+back every step: benches/gpu_train.rs's `paper/<precision>`) and `from pinned` (the same from
+page-locked memory, as a DataLoader with pin_memory=True feeds it: the bench's
+`paper/<precision>/page-locked`).
 """
 
 import argparse
@@ -99,9 +101,17 @@ def cuda_run(args):
             for _ in range(args.steps):
                 step(x_host.to(device), y_host.to(device)).item()
             from_host = (time.perf_counter() - start) / args.steps
+            x_pinned, y_pinned = x_host.pin_memory(), y_host.pin_memory()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                x = x_pinned.to(device, non_blocking=True)
+                step(x, y_pinned.to(device, non_blocking=True)).item()
+            from_pinned = (time.perf_counter() - start) / args.steps
             print(f"{name} {precision} batch {args.batch}: resident {args.batch / resident:.1f} "
                   f"img/s ({resident * 1000:.1f} ms/step), from host "
                   f"{args.batch / from_host:.1f} img/s ({from_host * 1000:.1f} ms/step), "
+                  f"from pinned {args.batch / from_pinned:.1f} img/s "
+                  f"({from_pinned * 1000:.1f} ms/step), "
                   f"{args.steps} steps")
 
 

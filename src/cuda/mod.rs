@@ -89,6 +89,7 @@ mod tensor;
 mod trainer;
 mod workspace;
 
+pub(crate) use device::driver_err;
 pub use device::{Gpu, KernelOrigin};
 pub use discovery::{search_dirs, Discovery, SearchDir, SearchEnv};
 pub use dtype::{GpuDtype, GpuFloat};

@@ -1,6 +1,6 @@
 //! Device tensors: a device buffer with its logical shape and memory layout.
 
-use cudarc::driver::{CudaSlice, DevicePtrMut};
+use cudarc::driver::{CudaSlice, DevicePtrMut, PinnedHostSlice};
 use ndarray::{ArrayD, ArrayViewD, Ix4, IxDyn};
 
 use super::device::{driver_err, Gpu};
@@ -103,6 +103,27 @@ impl<T: GpuFloat> GpuTensor<T> {
         gpu.stream()
             .memcpy_htod(values, &mut self.data)
             .map_err(driver_err("cuMemcpyHtoD"))
+    }
+
+    /// Overwrites the contents from page-locked host memory holding elements in this tensor's
+    /// memory order: one asynchronous DMA on the stream, no host copy. The memory's own event
+    /// records the copy, so a host write into it ([`PinnedHostSlice::as_mut_slice`]) waits
+    /// until the copy has read it.
+    pub(crate) fn upload_page_locked(
+        &mut self,
+        gpu: &Gpu,
+        memory: &PinnedHostSlice<T>,
+    ) -> Result<()> {
+        if memory.len() != self.data.len() {
+            return Err(Error::Shape {
+                op: "GpuTensor::upload_page_locked",
+                expected: format!("{} elements", self.data.len()),
+                found: vec![memory.len()],
+            });
+        }
+        gpu.stream()
+            .memcpy_htod(memory, &mut self.data)
+            .map_err(driver_err("cuMemcpyHtoDAsync (page-locked)"))
     }
 
     /// Downloads to the host as `f32` in logical order (NCHW for 4-D tensors whatever the

@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
+use super::BatchBuffer;
 use crate::error::{Error, Result};
 use crate::image::{collect_image_paths, Preprocess};
 
@@ -279,23 +280,50 @@ impl BatchMaker {
     /// Step `step`'s batch. An image that cannot be read or decoded is an error naming its
     /// path (a training run should not quietly learn from fewer images than it was given).
     pub fn make(&mut self, step: u64) -> Result<Batch> {
-        let picks = self.order.batch(step, self.batch);
+        let [n, c, h, w] = self.batch_shape();
+        let mut images = vec![0.0f32; n * c * h * w];
+        let labels = self.write_batch(step, &mut images)?;
+        let images = Array4::from_shape_vec((n, c, h, w), images)
+            .map_err(|e| Error::invalid("batch", e.to_string()))?;
+        Ok(Batch { images, labels })
+    }
+
+    /// [`BatchMaker::make`] into a buffer of [`BatchMaker::batch_shape`] (the images and their
+    /// labels), allocating nothing: what a run's loader does with the trainer's buffers.
+    pub fn fill(&mut self, step: u64, buffer: &mut BatchBuffer) -> Result<()> {
+        if buffer.shape() != self.batch_shape() {
+            return Err(Error::Shape {
+                op: "BatchMaker::fill",
+                expected: format!("a buffer of {:?}", self.batch_shape()),
+                found: buffer.shape().to_vec(),
+            });
+        }
+        let labels = self.write_batch(step, buffer.images_mut()?)?;
+        buffer.set_labels(labels);
+        Ok(())
+    }
+
+    /// `[batch, 3, crop, crop]`: the shape of every batch it makes.
+    pub fn batch_shape(&self) -> [usize; 4] {
         let crop = self.preprocess.crop as usize;
-        let image_len = 3 * crop * crop;
-        let mut images = vec![0.0f32; picks.len() * image_len];
+        [self.batch, 3, crop, crop]
+    }
+
+    /// Step `step`'s images into `images` (NCHW, [`BatchMaker::batch_shape`]); returns their
+    /// labels.
+    fn write_batch(&mut self, step: u64, images: &mut [f32]) -> Result<Vec<usize>> {
+        let picks = self.order.batch(step, self.batch);
+        let [_, c, h, w] = self.batch_shape();
         images
-            .par_chunks_exact_mut(image_len)
+            .par_chunks_exact_mut(c * h * w)
             .zip(picks.par_iter())
             .try_for_each(|(out, &(position, index))| {
                 self.write_image(&self.folder.samples()[index].path, position, out)
             })?;
-        let labels = picks
+        Ok(picks
             .iter()
             .map(|&(_, index)| self.folder.samples()[index].label)
-            .collect();
-        let images = Array4::from_shape_vec((picks.len(), 3, crop, crop), images)
-            .map_err(|e| Error::invalid("batch", e.to_string()))?;
-        Ok(Batch { images, labels })
+            .collect())
     }
 
     /// Decodes, augments and normalises one image into `out` (CHW).

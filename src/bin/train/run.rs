@@ -10,8 +10,8 @@ use std::time::Instant;
 use alexnet_cuda::cpu::CpuModel;
 use alexnet_cuda::image::Preprocess;
 use alexnet_cuda::train::{
-    Augmentation, Batch, BatchMaker, Checkpoint, CpuTrainer, ImageFolder, SgdConfig, TrainState,
-    Trainer,
+    Augmentation, BatchBuffer, BatchMaker, Checkpoint, CpuTrainer, ImageFolder, SgdConfig,
+    TrainState, Trainer,
 };
 use alexnet_cuda::weights::{SaveOptions, StorageDtype};
 use alexnet_cuda::{AlexNetConfig, Error, Precision, Weights};
@@ -534,7 +534,10 @@ impl Run<'_> {
         total: u64,
     ) -> Result<(), Error> {
         let bar = progress_bar(total, state.step);
-        let mut loader = Loader::start(maker, state.step, total);
+        let buffers = (0..LOADER_BUFFERS)
+            .map(|_| trainer.batch_buffer(self.settings.batch))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let mut loader = Loader::start(maker, buffers, state.step, total);
         let mut tally = EpochTally::new();
         let mut last_checkpoint = state.step;
         let mut last_checkpoint_at = Instant::now();
@@ -546,11 +549,9 @@ impl Run<'_> {
                     return Err(e);
                 }
             };
-            let loss = trainer.step(
-                batch.images.view(),
-                &batch.labels,
-                self.settings.step_seed(state.step),
-            )?;
+            let loss = trainer.step_buffer(&batch, self.settings.step_seed(state.step))?;
+            let images = batch.labels().len() as u64;
+            loader.recycle(batch);
             if !loss.is_finite() {
                 return Err(Error::invalid(
                     "training",
@@ -565,7 +566,7 @@ impl Run<'_> {
             state.step += 1;
             tally.loss_sum += loss as f64;
             tally.steps += 1;
-            tally.images += batch.labels.len() as u64;
+            tally.images += images;
             bar.set_position(state.step);
             let rate = tally.images as f64 / tally.started.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
@@ -696,20 +697,34 @@ impl Run<'_> {
 /// and the end of the run always write one).
 const EPOCH_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Batches made on another thread, one step ahead of the trainer.
+/// How many batch buffers a run cycles through: one the trainer steps on while the loader
+/// fills the other.
+const LOADER_BUFFERS: usize = 2;
+
+/// Batches made on another thread, one step ahead of the trainer, each written straight into
+/// one of the trainer's own buffers (page-locked on the GPU) and handed back after its step.
 struct Loader {
-    batches: Option<mpsc::Receiver<Result<Batch, Error>>>,
+    batches: Option<mpsc::Receiver<Result<BatchBuffer, Error>>>,
+    empty: Option<mpsc::Sender<BatchBuffer>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Loader {
-    fn start(mut maker: BatchMaker, first: u64, end: u64) -> Self {
-        let (send, batches) = mpsc::sync_channel(1);
+    fn start(mut maker: BatchMaker, buffers: Vec<BatchBuffer>, first: u64, end: u64) -> Self {
+        let (send, batches) = mpsc::sync_channel(buffers.len());
+        let (empty, refill) = mpsc::channel::<BatchBuffer>();
+        for buffer in buffers {
+            // The receiver is alive (it is right here): this cannot fail.
+            let _ = empty.send(buffer);
+        }
         let thread = std::thread::spawn(move || {
             for step in first..end {
-                let batch = maker.make(step);
+                // No buffer comes back once the trainer has stopped: stop too.
+                let Ok(mut buffer) = refill.recv() else {
+                    return;
+                };
+                let batch = maker.fill(step, &mut buffer).map(|()| buffer);
                 let failed = batch.is_err();
-                // The trainer has stopped listening (done or failed): stop too.
                 if send.send(batch).is_err() || failed {
                     return;
                 }
@@ -717,22 +732,32 @@ impl Loader {
         });
         Loader {
             batches: Some(batches),
+            empty: Some(empty),
             thread: Some(thread),
         }
     }
 
-    fn next(&mut self) -> Result<Batch, Error> {
+    fn next(&mut self) -> Result<BatchBuffer, Error> {
         self.batches
             .as_ref()
             .and_then(|b| b.recv().ok())
             .unwrap_or_else(|| Err(Error::invalid("data loader", "it stopped early")))
     }
+
+    /// Gives a stepped-on buffer back to be filled again.
+    fn recycle(&mut self, buffer: BatchBuffer) {
+        if let Some(empty) = &self.empty {
+            // The loader may have finished its last step already: the buffer is then dropped.
+            let _ = empty.send(buffer);
+        }
+    }
 }
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        // Closing the channel first lets a thread blocked on sending finish.
+        // Closing the channels first lets a thread blocked on sending or waiting finish.
         self.batches = None;
+        self.empty = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

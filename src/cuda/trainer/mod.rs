@@ -24,13 +24,15 @@ use half::f16;
 use ndarray::ArrayView4;
 
 use self::net::{Net, StepInput, StepOutcome};
+use self::precision::BatchSource;
 use super::device::Gpu;
 use super::graph::GraphStatus;
 use super::model::{CudaModel, CudaOptions};
+use super::pinned::alloc_upload;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
 use crate::image::Preprocess;
-use crate::train::{evaluate, Evaluation, ImageFolder, LossScale, SgdConfig, Trainer};
+use crate::train::{evaluate, BatchBuffer, Evaluation, ImageFolder, LossScale, SgdConfig, Trainer};
 use crate::weights::Weights;
 use crate::Precision;
 
@@ -83,7 +85,9 @@ macro_rules! with_net {
 
 /// The network on the GPU with its SGD optimiser: [`Trainer::step`] runs the forward in
 /// training mode, the softmax cross-entropy, the backward and the update, all on the device;
-/// only the batch goes up and the loss comes back.
+/// only the batch goes up and the loss comes back. A loop that reuses the page-locked buffers
+/// of [`Trainer::batch_buffer`] with [`Trainer::step_buffer`] uploads each batch as one DMA,
+/// with no copy on the host.
 ///
 /// ```no_run
 /// use alexnet_cuda::config::AlexNetConfig;
@@ -230,22 +234,20 @@ impl CudaTrainer {
     }
 }
 
-impl Trainer for CudaTrainer {
-    /// Also in mixed precision the returned loss is the f32 loss of the f16 logits; a step
-    /// whose gradients overflowed changes no weight and no momentum (see
-    /// [`CudaTrainer::skipped_steps`]).
-    fn step(
+impl CudaTrainer {
+    /// The step behind [`Trainer::step`] and [`Trainer::step_buffer`]: `n` images from
+    /// `batch` (shape checked by the caller) and their labels.
+    fn step_from(
         &mut self,
-        batch: ArrayView4<'_, f32>,
+        batch: BatchSource<'_>,
+        n: usize,
         labels: &[usize],
         step_seed: u64,
     ) -> Result<f32> {
-        const OP: &str = "CudaTrainer::step";
-        let n = self.config.input.check_batch(OP, batch.shape())?;
         let classes = self.config.num_classes();
         if labels.len() != n {
             return Err(Error::Shape {
-                op: OP,
+                op: "CudaTrainer::step",
                 expected: format!("{n} labels, one per image"),
                 found: vec![labels.len()],
             });
@@ -285,6 +287,48 @@ impl Trainer for CudaTrainer {
             self.skipped_steps += 1;
         }
         Ok(loss)
+    }
+}
+
+impl Trainer for CudaTrainer {
+    /// Also in mixed precision the returned loss is the f32 loss of the f16 logits; a step
+    /// whose gradients overflowed changes no weight and no momentum (see
+    /// [`CudaTrainer::skipped_steps`]).
+    fn step(
+        &mut self,
+        batch: ArrayView4<'_, f32>,
+        labels: &[usize],
+        step_seed: u64,
+    ) -> Result<f32> {
+        let n = self
+            .config
+            .input
+            .check_batch("CudaTrainer::step", batch.shape())?;
+        self.step_from(BatchSource::Host(batch), n, labels, step_seed)
+    }
+
+    /// Page-locked (write-combined) host memory on this trainer's GPU: a step uploads it with
+    /// one asynchronous DMA and no host copy, and a refill waits for that copy by itself.
+    /// Write it, never read it back on the host (reads of write-combined memory are slow).
+    fn batch_buffer(&self, batch: usize) -> Result<BatchBuffer> {
+        let input = &self.config.input;
+        let shape = [batch, input.channels, input.height, input.width];
+        let len = shape.iter().product::<usize>();
+        BatchBuffer::page_locked(alloc_upload(self.gpu.context(), len)?, shape)
+    }
+
+    /// As [`Trainer::step`]; a page-locked buffer (from [`Trainer::batch_buffer`]) goes up
+    /// straight from its memory, any other through the driver's staging copy.
+    fn step_buffer(&mut self, buffer: &BatchBuffer, step_seed: u64) -> Result<f32> {
+        let n = self
+            .config
+            .input
+            .check_batch("CudaTrainer::step_buffer", &buffer.shape())?;
+        let source = match buffer.page_locked_images() {
+            Some(memory) => BatchSource::PageLocked(memory),
+            None => BatchSource::Host(buffer.images()?),
+        };
+        self.step_from(source, n, buffer.labels(), step_seed)
     }
 
     fn config(&self) -> &AlexNetConfig {

@@ -11,9 +11,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
-use ndarray::ArrayView4;
 
-use super::precision::{GradientBuffers, TrainFloat, WideBuffers};
+use super::precision::{BatchSource, GradientBuffers, TrainFloat, WideBuffers};
 use crate::config::{AlexNetConfig, StageOp};
 use crate::cpu::layer_seed;
 use crate::cuda::device::{driver_err, Gpu};
@@ -91,8 +90,8 @@ struct StepBuffers<T: TrainFloat> {
 
 /// One step's batch, labels (checked classes, one per image), dropout seed, optimiser
 /// settings and loss scale (1 unless mixed).
-pub(super) struct StepInput<'a> {
-    pub batch: ArrayView4<'a, f32>,
+pub(super) struct StepInput<'a, 'b> {
+    pub batch: BatchSource<'b>,
     pub labels: &'a [u32],
     pub step_seed: u64,
     pub optimiser: &'a SgdConfig,
@@ -332,7 +331,7 @@ impl<T: TrainFloat> Net<T> {
         &mut self,
         gpu: &Gpu,
         config: &AlexNetConfig,
-        input: StepInput<'_>,
+        input: StepInput<'_, '_>,
     ) -> Result<StepOutcome> {
         let StepInput {
             batch,

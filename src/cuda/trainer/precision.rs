@@ -6,14 +6,14 @@
 //! gradients are unscaled into the flat f32 buffer, and SGD updates f32 masters and rewrites the
 //! copies (`kernels/sgd.cu`).
 
-use cudarc::driver::{CudaSlice, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaViewMut, PinnedHostSlice};
 use half::f16;
 use ndarray::ArrayView4;
 
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
 use crate::cuda::ops::{convert_f16_to_f32, convert_f32_to_f16, softmax_cross_entropy};
-use crate::cuda::tensor::GpuTensor;
+use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
 
 /// f32 buffers a mixed-precision step needs beside its f16 ones, for one batch size.
@@ -35,6 +35,30 @@ pub(super) struct GradientBuffers<T> {
     pub scaled: Option<CudaSlice<T>>,
 }
 
+/// Where a step's f32 batch (NCHW) comes from.
+#[derive(Clone, Copy)]
+pub(super) enum BatchSource<'a> {
+    /// Any host array: copied through the driver's staging memory.
+    Host(ArrayView4<'a, f32>),
+    /// A [`crate::train::BatchBuffer`]'s page-locked memory: one asynchronous DMA.
+    PageLocked(&'a PinnedHostSlice<f32>),
+}
+
+impl BatchSource<'_> {
+    /// Into `tensor` (f32, NCHW like the batch).
+    fn upload_into(self, gpu: &Gpu, tensor: &mut GpuTensor<f32>) -> Result<()> {
+        match self {
+            BatchSource::Host(batch) => tensor.upload(gpu, batch.into_dyn()),
+            // The buffer is in logical NCHW order: the tensor must be too.
+            BatchSource::PageLocked(_) if tensor.layout() != Layout::Nchw => Err(Error::invalid(
+                "CudaTrainer",
+                "a page-locked batch into a tensor that is not NCHW",
+            )),
+            BatchSource::PageLocked(memory) => tensor.upload_page_locked(gpu, memory),
+        }
+    }
+}
+
 /// The storage types the trainer runs in: `f32` (fp32 and TF32) and `f16` (mixed precision).
 pub(super) trait TrainFloat: GpuFloat {
     /// Whether training in this type keeps f32 master weights and scales the loss.
@@ -44,7 +68,7 @@ pub(super) trait TrainFloat: GpuFloat {
     /// differs).
     fn load_batch(
         gpu: &Gpu,
-        batch: ArrayView4<'_, f32>,
+        batch: BatchSource<'_>,
         wide: Option<&mut WideBuffers>,
         input: &mut GpuTensor<Self>,
     ) -> Result<()>;
@@ -92,11 +116,11 @@ impl TrainFloat for f32 {
 
     fn load_batch(
         gpu: &Gpu,
-        batch: ArrayView4<'_, f32>,
+        batch: BatchSource<'_>,
         _wide: Option<&mut WideBuffers>,
         input: &mut GpuTensor<f32>,
     ) -> Result<()> {
-        input.upload(gpu, batch.into_dyn())
+        batch.upload_into(gpu, input)
     }
 
     fn loss_gradient(
@@ -139,14 +163,14 @@ impl TrainFloat for f16 {
 
     fn load_batch(
         gpu: &Gpu,
-        batch: ArrayView4<'_, f32>,
+        batch: BatchSource<'_>,
         wide: Option<&mut WideBuffers>,
         input: &mut GpuTensor<f16>,
     ) -> Result<()> {
         // Rounded on the device, not by `GpuTensor::<f16>::upload` on the host: a batch of 128
         // is 19 M values, tens of milliseconds of host time per step.
         let wide = wide.ok_or_else(missing_buffers)?;
-        wide.input.upload(gpu, batch.into_dyn())?;
+        batch.upload_into(gpu, &mut wide.input)?;
         convert_f32_to_f16(
             gpu,
             &wide.input.data().slice(..),
