@@ -98,12 +98,23 @@ pub fn open_backend(
     let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(CpuModel::new(weights, precision)?)) };
     let cuda = || open_cuda(weights, precision);
     match choice {
+        // bf16 runs on the CPU only: `auto` takes the CPU for it, and says why.
+        DeviceChoice::Auto if !precision.runs_on_gpu() => Ok(OpenedBackend {
+            backend: cpu()?,
+            notice: Some(match cpu_precision_notice(precision) {
+                Some(also) => format!("{precision} runs on the CPU only; {also}"),
+                None => format!("{precision} runs on the CPU only"),
+            }),
+        }),
         DeviceChoice::Cpu => Ok(OpenedBackend {
             backend: cpu()?,
             notice: cpu_precision_notice(precision),
         }),
         DeviceChoice::Cuda => Ok(OpenedBackend {
-            backend: cuda()?,
+            backend: {
+                precision.check_gpu()?;
+                cuda()?
+            },
             notice: None,
         }),
         DeviceChoice::Auto => match cuda() {
@@ -126,11 +137,19 @@ pub fn open_backend(
     }
 }
 
-/// What the CPU says when it computes another precision than the one asked for.
+/// What the CPU says when it computes another precision than the one asked for, or computes
+/// it without the speed the name suggests.
 fn cpu_precision_notice(precision: Precision) -> Option<String> {
     let computed = precision.on_cpu();
-    (computed != precision).then(|| {
-        format!("{precision} is a GPU math mode: the CPU computes {computed} (exact f32 math)")
+    if computed != precision {
+        return Some(format!(
+            "{precision} is a GPU math mode: the CPU computes {computed} (exact f32 math)"
+        ));
+    }
+    (precision == Precision::Bf16).then(|| {
+        "bf16 on the CPU rounds weights and activations to bf16 and multiplies in f32 (the \
+         numbers bf16 hardware gives; no AMX/AVX512-BF16 kernels yet, so about fp32's speed)"
+            .to_string()
     })
 }
 
@@ -183,9 +202,38 @@ mod tests {
         assert!(plain.notice.is_none());
     }
 
+    /// bf16 is CPU-only: `auto` takes the CPU and says so, `cuda` is a usage error naming the
+    /// way out (with or without a GPU, with or without the CUDA backend compiled in).
+    #[test]
+    fn bf16_runs_on_the_cpu_and_is_refused_on_the_gpu() {
+        let mut config = AlexNetConfig::torchvision();
+        config.input.height = 67;
+        config.input.width = 67;
+        let weights = Weights::paper_init(&config, 5).unwrap();
+        let opened = open_backend(&weights, DeviceChoice::Auto, Precision::Bf16).unwrap();
+        assert_eq!(opened.backend.precision(), Precision::Bf16);
+        assert!(opened.backend.device_name().starts_with("CPU"));
+        let notice = opened.notice.unwrap_or_default();
+        assert!(notice.contains("CPU only"), "{notice}");
+        let on_cpu = open_backend(&weights, DeviceChoice::Cpu, Precision::Bf16).unwrap();
+        assert!(on_cpu.notice.unwrap_or_default().contains("f32"));
+        match open_backend(&weights, DeviceChoice::Cuda, Precision::Bf16) {
+            Err(Error::Invalid { message, .. }) => {
+                assert!(message.contains("--device cpu"), "{message}")
+            }
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("bf16 opened on the GPU"),
+        }
+    }
+
     #[test]
     fn precisions_parse_and_print_alike() {
-        for p in [Precision::Fp32, Precision::Fp16, Precision::Tf32] {
+        for p in [
+            Precision::Fp32,
+            Precision::Fp16,
+            Precision::Bf16,
+            Precision::Tf32,
+        ] {
             assert_eq!(p.to_string().parse::<Precision>().unwrap(), p);
         }
         assert!("bf8".parse::<Precision>().is_err());

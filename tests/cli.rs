@@ -730,6 +730,35 @@ fn tf32_on_the_cpu_is_reported_as_fp32() {
     assert_eq!(v["precision"], "fp32", "{v}");
 }
 
+/// `--precision bf16` is CPU-only: `auto` (the default device) runs it on the CPU and says
+/// so, reporting bf16; `--device cuda` is a usage error (exit 2) naming the way out.
+#[test]
+fn bf16_runs_on_the_cpu_and_is_a_usage_error_on_cuda() {
+    let args = [
+        "--precision",
+        "bf16",
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    let out = infer(&args);
+    assert_no_panic(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("bf16 runs on the CPU only"),
+        "{}",
+        stderr(&out)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["precision"], "bf16", "{v}");
+    let out = infer(&[&["--device", "cuda"], &args[..]].concat());
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--device cpu"), "{}", stderr(&out));
+}
+
 /// `--ten-crop` end to end: the dumped log-probabilities are PyTorch's ten-crop averages
 /// (tools/ten_crop_reference.py), and the flag is refused where it means nothing.
 #[test]

@@ -92,6 +92,7 @@ fn tolerance(precision: Precision) -> Tolerance {
             momentum: 1e-2,
             zero_start_weights: false,
         },
+        Precision::Bf16 => panic!("the GPU trainer has no bf16"),
     }
 }
 
@@ -444,5 +445,23 @@ fn without_a_gpu_the_trainer_is_a_typed_error() {
             gpu.err(),
             trainer.err()
         ),
+    }
+}
+
+/// bf16 has no GPU backend: asking for it is a usage error, with or without a GPU.
+#[test]
+fn bf16_is_refused_before_any_gpu_is_touched() {
+    let config = small_training_config(None);
+    let weights = Weights::paper_init(&config, 3).unwrap();
+    let options = CudaTrainOptions {
+        precision: Precision::Bf16,
+        ..CudaTrainOptions::default()
+    };
+    match CudaTrainer::with_options(&weights, SgdConfig::default(), options) {
+        Err(alexnet_cuda::Error::Invalid { message, .. }) => {
+            assert!(message.contains("bf16"), "{message}")
+        }
+        Err(other) => panic!("another error: {other}"),
+        Ok(_) => panic!("a bf16 GPU trainer was built"),
     }
 }

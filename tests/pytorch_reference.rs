@@ -71,6 +71,66 @@ fn fp16_logits_within_fp16_tolerance() {
     }
 }
 
+/// bf16 mode (bf16 storage, f32 accumulation) within 2e-2 of the largest logit of PyTorch
+/// float64, with the reference's top-1 wherever its top two are further apart than that.
+#[test]
+fn bf16_logits_within_bf16_tolerance() {
+    const TOLERANCE: f64 = 2e-2;
+    let reference = pytorch_reference();
+    let mut checked_top1 = 0;
+    for name in ["paper", "torchvision"] {
+        let model = CpuModel::new(&formula_weights(&preset(name)), Precision::Bf16).unwrap();
+        assert_eq!(model.precision(), Precision::Bf16);
+        let logits = model.forward(synthetic_input().view()).unwrap();
+        for image in 0..2 {
+            let want = json_f64s(&reference["presets"][name]["logits"][image]);
+            let got = logits.row(image).to_vec();
+            let err = rel_max_error(&got, &want);
+            println!("{name} bf16 image {image}: relative error {err:.3e}");
+            assert!(err <= TOLERANCE, "{name} bf16 image {image}: {err:.3e}");
+            // bf16 keeps 8 significant bits where f16 keeps 11: its error is the larger.
+            assert!(err > 1e-4, "bf16 mode must actually round ({err:.3e})");
+            let mut order: Vec<usize> = (0..want.len()).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+            let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            if want[order[0]] - want[order[1]] > TOLERANCE * largest {
+                let top = (0..got.len())
+                    .max_by(|&a, &b| got[a].total_cmp(&got[b]))
+                    .unwrap();
+                assert_eq!(top, order[0], "{name} bf16 image {image}: top-1");
+                checked_top1 += 1;
+            }
+        }
+    }
+    println!("top-1 checked on {checked_top1} of 4 images");
+}
+
+/// bf16 mode stores every stage's output in bf16 (an f32 whose low 16 bits are zero), as bf16
+/// hardware would hand it to the next layer; fp32 mode does not (so the check can fail).
+#[test]
+fn bf16_stores_every_stage_in_bf16() {
+    let weights = formula_weights(&preset("paper"));
+    let input = synthetic_input();
+    let input = input.slice(ndarray::s![..1, .., .., ..]);
+    for (precision, want_bf16) in [(Precision::Bf16, true), (Precision::Fp32, false)] {
+        let model = CpuModel::new(&weights, precision).unwrap();
+        let mut stages = 0;
+        let mut all_bf16 = true;
+        model
+            .forward_observed(input, |stage, values| {
+                stages += 1;
+                let wide = values.iter().filter(|v| v.to_bits() & 0xFFFF != 0).count();
+                if want_bf16 {
+                    assert_eq!(wide, 0, "{stage}: {wide} values are not bf16");
+                }
+                all_bf16 &= wide == 0;
+            })
+            .unwrap();
+        assert_eq!(stages, 13, "{precision}");
+        assert_eq!(all_bf16, want_bf16, "{precision}");
+    }
+}
+
 /// Every stage's max |x| and sum for image 0 against PyTorch, so a failure names the layer.
 #[test]
 fn paper_stages_match_pytorch_float64() {

@@ -81,14 +81,16 @@ fn sgd_step_rejects_gradients_of_another_shape() {
 }
 
 #[test]
-fn training_refuses_an_fp16_model_and_a_foreign_tape() {
+fn training_refuses_fp16_and_bf16_models_and_a_foreign_tape() {
     let config = small_config(Some(0.5));
     let weights = common::formula_weights(&config);
-    let half = CpuModel::new(&weights, Precision::Fp16).unwrap();
-    assert!(matches!(
-        half.forward_train(batch(2, 1).view(), 0),
-        Err(Error::Invalid { .. })
-    ));
+    for narrow in [Precision::Fp16, Precision::Bf16] {
+        let half = CpuModel::new(&weights, narrow).unwrap();
+        assert!(matches!(
+            half.forward_train(batch(2, 1).view(), 0),
+            Err(Error::Invalid { .. })
+        ));
+    }
     let model = CpuModel::new(&weights, Precision::Fp32).unwrap();
     let tape = model.forward_train(batch(2, 1).view(), 0).unwrap();
     let mut other_config = small_config(Some(0.5));

@@ -24,6 +24,10 @@ pub enum Precision {
     Fp32,
     /// f16 storage (weights and activations) with f32 accumulation.
     Fp16,
+    /// bf16 storage (weights and activations) with f32 accumulation: f32's range with an 8-bit
+    /// significand (about 4e-3 relative rounding). CPU only for now: the GPU backend refuses
+    /// it rather than compute something else.
+    Bf16,
     /// f32 storage; convolutions and GEMMs on the GPU in TF32 math (10-bit mantissa inputs,
     /// f32 accumulation: about 1e-3 relative error, several times faster on tensor cores),
     /// PyTorch's default for convolutions. A GPU math mode: the CPU computes it as fp32.
@@ -40,11 +44,33 @@ impl Precision {
     }
 }
 
+impl Precision {
+    /// Whether the GPU backend runs this precision (bf16 is CPU-only for now).
+    pub fn runs_on_gpu(self) -> bool {
+        !matches!(self, Precision::Bf16)
+    }
+
+    /// `Ok` where [`Precision::runs_on_gpu`], else the usage error that says what to do instead
+    /// (never a silent switch to another precision).
+    pub fn check_gpu(self) -> Result<()> {
+        if self.runs_on_gpu() {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "precision",
+            format!(
+                "{self} has no GPU backend yet (cuDNN/cuBLAS bf16 is not wired up): run it on                  the CPU (--device cpu), or use fp16 or tf32 on the GPU"
+            ),
+        ))
+    }
+}
+
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
             Precision::Tf32 => "tf32",
         })
     }
@@ -56,10 +82,11 @@ impl FromStr for Precision {
         match s {
             "fp32" | "f32" => Ok(Precision::Fp32),
             "fp16" | "f16" => Ok(Precision::Fp16),
+            "bf16" => Ok(Precision::Bf16),
             "tf32" => Ok(Precision::Tf32),
             other => Err(Error::invalid(
                 "precision",
-                format!("`{other}` (expected fp32, fp16 or tf32)"),
+                format!("`{other}` (expected fp32, fp16, bf16 or tf32)"),
             )),
         }
     }

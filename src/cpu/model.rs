@@ -39,7 +39,9 @@ pub const CHUNK_IMAGES: usize = 32;
 /// `Precision::Fp32` computes in f32 throughout. `Precision::Fp16` emulates a half-precision
 /// network: weights, the input and every layer's output are rounded to f16, while each layer
 /// still computes (accumulates) in f32 — the same contract as the GPU's fp16 mode (f16 storage,
-/// f32 accumulation).
+/// f32 accumulation). `Precision::Bf16` is the same contract with bf16 rounding; a product of
+/// two bf16 values is exact in f32, so this is what bf16 dot-product hardware (AVX512-BF16,
+/// AMX) computes, up to the order of the f32 additions.
 ///
 /// Thread safety: `CpuModel` is `Send + Sync` and [`CpuModel::forward`] takes `&self`, so one
 /// model can serve several threads at once (they share rayon's pool); results do not depend on
@@ -61,6 +63,10 @@ impl CpuModel {
             Precision::Fp32 | Precision::Tf32 => weights,
             Precision::Fp16 => {
                 rounded = weights.rounded_to_f16();
+                &rounded
+            }
+            Precision::Bf16 => {
+                rounded = weights.rounded_to_bf16();
                 &rounded
             }
         };
@@ -156,7 +162,7 @@ impl CpuModel {
             match &stage.layer {
                 Layer::Conv(conv) => x = self.round(conv.forward_relu(x.view())?),
                 Layer::Lrn(lrn) => x = self.round(lrn.forward(x.view())?),
-                // The max of f16 values is an f16 value: no rounding.
+                // The max of f16 (bf16) values is one of them: no rounding.
                 Layer::Pool(pool) => x = pool.forward(x.view())?,
                 Layer::Linear {
                     linear,
@@ -195,13 +201,16 @@ impl CpuModel {
         y.ok_or_else(|| Error::invalid("config", "the network has no linear layer"))
     }
 
-    /// Rounds to f16 precision in fp16 mode; the identity in fp32 mode.
+    /// Rounds to the storage precision: f16 in fp16 mode, bf16 in bf16 mode; the identity in
+    /// fp32 mode.
     fn round<D: ndarray::Dimension>(
         &self,
         mut a: ndarray::Array<f32, D>,
     ) -> ndarray::Array<f32, D> {
-        if self.precision == Precision::Fp16 {
-            a.par_mapv_inplace(|v| half::f16::from_f32(v).to_f32());
+        match self.precision {
+            Precision::Fp16 => a.par_mapv_inplace(|v| half::f16::from_f32(v).to_f32()),
+            Precision::Bf16 => a.par_mapv_inplace(|v| half::bf16::from_f32(v).to_f32()),
+            Precision::Fp32 | Precision::Tf32 => {}
         }
         a
     }

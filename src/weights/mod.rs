@@ -212,7 +212,16 @@ impl Weights {
 
     /// A copy with every value rounded to f16 precision (what fp16 mode computes with).
     pub fn rounded_to_f16(&self) -> Self {
-        let round = |x: &f32| half::f16::from_f32(*x).to_f32();
+        self.rounded_with(|x| half::f16::from_f32(x).to_f32())
+    }
+
+    /// A copy with every value rounded to bf16 precision (what bf16 mode computes with).
+    pub fn rounded_to_bf16(&self) -> Self {
+        self.rounded_with(|x| half::bf16::from_f32(x).to_f32())
+    }
+
+    fn rounded_with(&self, round: impl Fn(f32) -> f32) -> Self {
+        let round = |x: &f32| round(*x);
         Weights {
             config: self.config.clone(),
             convs: self

@@ -76,6 +76,8 @@ pub struct Args {
 pub enum PrecisionArg {
     Fp32,
     Fp16,
+    /// bf16 storage, f32 accumulation; CPU only (auto picks the CPU, cuda is refused).
+    Bf16,
     /// fp32 storage, TF32 tensor-core math on the GPU (the CPU computes fp32).
     Tf32,
 }
@@ -98,6 +100,7 @@ impl From<PrecisionArg> for Precision {
         match p {
             PrecisionArg::Fp32 => Precision::Fp32,
             PrecisionArg::Fp16 => Precision::Fp16,
+            PrecisionArg::Bf16 => Precision::Bf16,
             PrecisionArg::Tf32 => Precision::Tf32,
         }
     }
@@ -176,6 +179,11 @@ pub fn check_flags(matches: &ArgMatches, args: &Args) {
                 "--{} does not apply to {what}",
                 id.replace('_', "-")
             ));
+        }
+    }
+    if matches!(args.device, DeviceArg::Cuda) {
+        if let Err(e) = Precision::from(args.precision).check_gpu() {
+            usage_error(e.to_string());
         }
     }
 }

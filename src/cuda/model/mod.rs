@@ -113,6 +113,7 @@ impl CudaModel {
     /// Opens GPU `options.device` and uploads `weights` (rounded to f16 in fp16 mode).
     /// [`Error::DeviceUnavailable`] when there is no usable GPU or library.
     pub fn new(weights: &Weights, precision: Precision, options: CudaOptions) -> Result<Self> {
+        precision.check_gpu()?;
         let gpu = Gpu::new(options.device)?;
         Self::with_gpu(gpu, weights, precision, options)
     }
@@ -124,6 +125,7 @@ impl CudaModel {
         precision: Precision,
         options: CudaOptions,
     ) -> Result<Self> {
+        precision.check_gpu()?;
         let config = weights.config().clone();
         config.plan()?;
         if let Some(limit) = options.conv_workspace_limit {
@@ -136,6 +138,8 @@ impl CudaModel {
             }
             Precision::Tf32 => TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, true)?),
             Precision::Fp16 => TypedNet::F16(Net::build(&gpu, weights, Layout::Nhwc, false)?),
+            // Refused by `check_gpu` above.
+            Precision::Bf16 => return Err(Error::invalid("precision", "bf16 on the GPU")),
         };
         let events = StageEvents::new(&gpu)?;
         Ok(CudaModel {

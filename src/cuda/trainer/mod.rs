@@ -166,6 +166,7 @@ impl CudaTrainer {
     ) -> Result<Self> {
         // The same checks as the CPU optimiser (finite, non-negative settings).
         crate::train::Sgd::new(optimiser)?;
+        options.precision.check_gpu()?;
         let config = weights.config().clone();
         let plan = config.plan()?;
         let layers = plan.stages.iter().filter(|s| s.params.is_some()).count();
@@ -186,6 +187,8 @@ impl CudaTrainer {
             Precision::Fp32 | Precision::Tf32 => {
                 Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
+            // Refused by `check_gpu` above.
+            Precision::Bf16 => return Err(Error::invalid("precision", "bf16 on the GPU")),
         };
         Ok(CudaTrainer {
             network,
