@@ -176,14 +176,20 @@ fn open_cuda(_weights: &Weights, _precision: Precision) -> Result<Box<dyn Backen
 mod tests {
     use super::*;
 
+    /// torchvision's network on 67x67 inputs: every layer, little work.
+    fn small_weights() -> Weights {
+        let mut config = AlexNetConfig::torchvision();
+        config.input.height = 67;
+        config.input.width = 67;
+        Weights::paper_init(&config, 5).unwrap()
+    }
+
     /// tf32 on the CPU is fp32, and the caller is told: the backend reports fp32, the logits
     /// are the fp32 model's bit for bit, and the notice names both precisions.
     #[test]
     fn tf32_on_the_cpu_is_fp32_and_says_so() {
-        let mut config = AlexNetConfig::torchvision();
-        config.input.height = 67;
-        config.input.width = 67;
-        let weights = Weights::paper_init(&config, 5).unwrap();
+        let weights = small_weights();
+        let config = weights.config().clone();
         let opened = open_backend(&weights, DeviceChoice::Cpu, Precision::Tf32).unwrap();
         assert_eq!(opened.backend.precision(), Precision::Fp32);
         let notice = opened.notice.unwrap_or_default();
@@ -206,10 +212,7 @@ mod tests {
     /// way out (with or without a GPU, with or without the CUDA backend compiled in).
     #[test]
     fn bf16_runs_on_the_cpu_and_is_refused_on_the_gpu() {
-        let mut config = AlexNetConfig::torchvision();
-        config.input.height = 67;
-        config.input.width = 67;
-        let weights = Weights::paper_init(&config, 5).unwrap();
+        let weights = small_weights();
         let opened = open_backend(&weights, DeviceChoice::Auto, Precision::Bf16).unwrap();
         assert_eq!(opened.backend.precision(), Precision::Bf16);
         assert!(opened.backend.device_name().starts_with("CPU"));

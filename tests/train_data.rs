@@ -160,53 +160,33 @@ fn without_augmentation_a_batch_is_the_eval_transform() {
         &[
             ("a", "1.png", 60, 45),
             ("b", "2.png", 45, 70),
-            ("b", "3.png", 41, 41),
-        ],
-    );
-    let data = Arc::new(ImageFolder::open(root.path()).unwrap());
-    let pre = small_preprocess();
-    let mut maker = BatchMaker::new(data.clone(), 2, false, Augmentation::None, pre, 0).unwrap();
-    let batch = maker.make(1).unwrap(); // positions 2, 3: samples 2 and 0
-    assert_eq!(batch.labels, [1, 0]);
-    for (row, sample) in [2, 0].into_iter().enumerate() {
-        let crop = pre.load(&data.samples()[sample].path).unwrap();
-        let mut want = vec![0.0f32; 3 * 32 * 32];
-        pre.normalize_into(&crop, &mut want).unwrap();
-        let got = batch.images.index_axis(ndarray::Axis(0), row);
-        assert_eq!(got.as_slice().unwrap(), want.as_slice(), "sample {sample}");
-    }
-}
-
-#[test]
-fn filling_a_used_buffer_gives_the_eval_transform_and_its_labels() {
-    let root = tempfile::tempdir().unwrap();
-    folder(
-        root.path(),
-        &[
-            ("a", "1.png", 60, 45),
-            ("b", "2.png", 45, 70),
             ("c", "3.png", 41, 41),
         ],
     );
     let data = Arc::new(ImageFolder::open(root.path()).unwrap());
     let pre = small_preprocess();
+    let is_eval_transform = |images: ndarray::ArrayView4<'_, f32>, samples: [usize; 2]| {
+        for (row, sample) in samples.into_iter().enumerate() {
+            let crop = pre.load(&data.samples()[sample].path).unwrap();
+            let mut want = vec![0.0f32; 3 * 32 * 32];
+            pre.normalize_into(&crop, &mut want).unwrap();
+            let got = images.index_axis(ndarray::Axis(0), row);
+            assert_eq!(got.as_slice().unwrap(), want.as_slice(), "sample {sample}");
+        }
+    };
     let mut maker = BatchMaker::new(data.clone(), 2, false, Augmentation::None, pre, 0).unwrap();
+    let batch = maker.make(1).unwrap(); // positions 2, 3: samples 2 and 0
+    assert_eq!(batch.labels, [2, 0]);
+    is_eval_transform(batch.images.view(), [2, 0]);
+
+    // The same into a buffer a previous step used: every value must be overwritten.
     assert_eq!(maker.batch_shape(), [2, 3, 32, 32]);
     let mut buffer = BatchBuffer::on_heap([2, 3, 32, 32]).unwrap();
-    // What a previous step left: every value must be overwritten.
     buffer.images_mut().unwrap().fill(f32::NAN);
     buffer.set_labels(vec![9, 9, 9]);
     maker.fill(2, &mut buffer).unwrap(); // positions 4, 5: samples 1 and 2
     assert_eq!(buffer.labels(), [1, 2]);
-    let images = buffer.images().unwrap();
-    for (row, sample) in [1, 2].into_iter().enumerate() {
-        let crop = pre.load(&data.samples()[sample].path).unwrap();
-        let mut want = vec![0.0f32; 3 * 32 * 32];
-        pre.normalize_into(&crop, &mut want).unwrap();
-        let got = images.index_axis(ndarray::Axis(0), row);
-        assert_eq!(got.as_slice().unwrap(), want.as_slice(), "sample {sample}");
-    }
-
+    is_eval_transform(buffer.images().unwrap(), [1, 2]);
     for shape in [[3, 3, 32, 32], [2, 3, 32, 31], [2, 1, 32, 32]] {
         let mut wrong = BatchBuffer::on_heap(shape).unwrap();
         let err = maker.fill(0, &mut wrong).unwrap_err().to_string();
