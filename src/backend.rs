@@ -146,10 +146,12 @@ fn cpu_precision_notice(precision: Precision) -> Option<String> {
             "{precision} is a GPU math mode: the CPU computes {computed} (exact f32 math)"
         ));
     }
-    (precision == Precision::Bf16).then(|| {
-        "bf16 on the CPU rounds weights and activations to bf16 and multiplies in f32 (the \
-         numbers bf16 hardware gives; no AMX/AVX512-BF16 kernels yet, so about fp32's speed)"
-            .to_string()
+    (precision == Precision::Bf16).then(|| match crate::cpu::bf16_hardware() {
+        Some(hardware) => format!("bf16 on the CPU runs on its {hardware} kernels"),
+        None => "bf16 on the CPU: this CPU has no AMX-BF16 or AVX512-BF16, so it rounds to \
+                 bf16 and multiplies with the f32 kernels (the numbers bf16 hardware gives, at \
+                 about fp32's speed)"
+            .to_string(),
     })
 }
 
@@ -218,8 +220,22 @@ mod tests {
         assert!(opened.backend.device_name().starts_with("CPU"));
         let notice = opened.notice.unwrap_or_default();
         assert!(notice.contains("CPU only"), "{notice}");
+        // The notice and the device name say what computes the products.
         let on_cpu = open_backend(&weights, DeviceChoice::Cpu, Precision::Bf16).unwrap();
-        assert!(on_cpu.notice.unwrap_or_default().contains("f32"));
+        let (notice, device) = (
+            on_cpu.notice.unwrap_or_default(),
+            on_cpu.backend.device_name(),
+        );
+        match crate::cpu::bf16_hardware() {
+            Some(hardware) => {
+                assert!(notice.contains(hardware), "{notice}");
+                assert!(device.contains(hardware), "{device}");
+            }
+            None => {
+                assert!(notice.contains("f32 kernels"), "{notice}");
+                assert!(!device.contains("bf16"), "{device}");
+            }
+        }
         match open_backend(&weights, DeviceChoice::Cuda, Precision::Bf16) {
             Err(Error::Invalid { message, .. }) => {
                 assert!(message.contains("--device cpu"), "{message}")

@@ -3,7 +3,7 @@
 
 mod common;
 
-use alexnet_cuda::cpu::CpuModel;
+use alexnet_cuda::cpu::{Bf16Kernels, CpuModel};
 use alexnet_cuda::image::{decode_image_file, Preprocess, U8Batch};
 use alexnet_cuda::{AlexNetConfig, Precision};
 use common::*;
@@ -71,38 +71,76 @@ fn fp16_logits_within_fp16_tolerance() {
     }
 }
 
+/// The bf16 model on `kernels`, or `None` (said on stdout) where numkong's kernels cannot run
+/// on this machine (AMX present but refused by the kernel).
+fn bf16_model(weights: &alexnet_cuda::Weights, kernels: Bf16Kernels) -> Option<CpuModel> {
+    match CpuModel::bf16(weights, kernels) {
+        Ok(model) => Some(model),
+        Err(e) if kernels == Bf16Kernels::Native => {
+            println!("SKIPPED bf16 on native kernels: {e}");
+            None
+        }
+        Err(e) => panic!("bf16 model on {kernels:?}: {e}"),
+    }
+}
+
 /// bf16 mode (bf16 storage, f32 accumulation) within 2e-2 of the largest logit of PyTorch
-/// float64, with the reference's top-1 wherever its top two are further apart than that.
+/// float64, with the reference's top-1 wherever its top two are further apart than that: on
+/// numkong's kernels (the bf16 hardware's where the CPU has it, portable ones elsewhere), on
+/// the emulated twin, and on what `CpuModel::new` picks.
 #[test]
 fn bf16_logits_within_bf16_tolerance() {
-    const TOLERANCE: f64 = 2e-2;
     let reference = pytorch_reference();
     let mut checked_top1 = 0;
     for name in ["paper", "torchvision"] {
-        let model = CpuModel::new(&formula_weights(&preset(name)), Precision::Bf16).unwrap();
-        assert_eq!(model.precision(), Precision::Bf16);
-        let logits = model.forward(synthetic_input().view()).unwrap();
-        for image in 0..2 {
-            let want = json_f64s(&reference["presets"][name]["logits"][image]);
-            let got = logits.row(image).to_vec();
-            let err = rel_max_error(&got, &want);
-            println!("{name} bf16 image {image}: relative error {err:.3e}");
-            assert!(err <= TOLERANCE, "{name} bf16 image {image}: {err:.3e}");
-            // bf16 keeps 8 significant bits where f16 keeps 11: its error is the larger.
-            assert!(err > 1e-4, "bf16 mode must actually round ({err:.3e})");
-            let mut order: Vec<usize> = (0..want.len()).collect();
-            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
-            let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-            if want[order[0]] - want[order[1]] > TOLERANCE * largest {
-                let top = (0..got.len())
-                    .max_by(|&a, &b| got[a].total_cmp(&got[b]))
-                    .unwrap();
-                assert_eq!(top, order[0], "{name} bf16 image {image}: top-1");
-                checked_top1 += 1;
-            }
+        let weights = formula_weights(&preset(name));
+        let models = [Bf16Kernels::Native, Bf16Kernels::Emulated]
+            .into_iter()
+            .filter_map(|kernels| bf16_model(&weights, kernels))
+            .chain([CpuModel::new(&weights, Precision::Bf16).unwrap()]);
+        for model in models {
+            let kernels = model.bf16_kernels().unwrap_or("emulated");
+            check_bf16_logits(&model, &reference, name, kernels, &mut checked_top1);
         }
     }
-    println!("top-1 checked on {checked_top1} of 4 images");
+    println!("top-1 checked on {checked_top1} of 12 image runs");
+}
+
+fn check_bf16_logits(
+    model: &CpuModel,
+    reference: &serde_json::Value,
+    name: &str,
+    kernels: &str,
+    checked_top1: &mut usize,
+) {
+    const TOLERANCE: f64 = 2e-2;
+    assert_eq!(model.precision(), Precision::Bf16);
+    let logits = model.forward(synthetic_input().view()).unwrap();
+    for image in 0..2 {
+        let want = json_f64s(&reference["presets"][name]["logits"][image]);
+        let got = logits.row(image).to_vec();
+        let err = rel_max_error(&got, &want);
+        println!("{name} bf16 ({kernels}) image {image}: relative error {err:.3e}");
+        assert!(
+            err <= TOLERANCE,
+            "{name} bf16 ({kernels}) image {image}: {err:.3e}"
+        );
+        // bf16 keeps 8 significant bits where f16 keeps 11: its error is the larger.
+        assert!(err > 1e-4, "bf16 mode must actually round ({err:.3e})");
+        let mut order: Vec<usize> = (0..want.len()).collect();
+        order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        if want[order[0]] - want[order[1]] > TOLERANCE * largest {
+            let top = (0..got.len())
+                .max_by(|&a, &b| got[a].total_cmp(&got[b]))
+                .unwrap();
+            assert_eq!(
+                top, order[0],
+                "{name} bf16 ({kernels}) image {image}: top-1"
+            );
+            *checked_top1 += 1;
+        }
+    }
 }
 
 /// bf16 mode stores every stage's output in bf16 (an f32 whose low 16 bits are zero), as bf16
@@ -112,8 +150,14 @@ fn bf16_stores_every_stage_in_bf16() {
     let weights = formula_weights(&preset("paper"));
     let input = synthetic_input();
     let input = input.slice(ndarray::s![..1, .., .., ..]);
-    for (precision, want_bf16) in [(Precision::Bf16, true), (Precision::Fp32, false)] {
-        let model = CpuModel::new(&weights, precision).unwrap();
+    let models = [
+        (bf16_model(&weights, Bf16Kernels::Native), true),
+        (bf16_model(&weights, Bf16Kernels::Emulated), true),
+        (CpuModel::new(&weights, Precision::Fp32).ok(), false),
+    ];
+    for (model, want_bf16) in models {
+        let Some(model) = model else { continue };
+        let precision = format!("{} {:?}", model.precision(), model.bf16_kernels());
         let mut stages = 0;
         let mut all_bf16 = true;
         model

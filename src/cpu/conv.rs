@@ -106,7 +106,11 @@ impl Conv2d {
     }
 
     /// The geometry of one image of `input`, after checking its shape.
-    fn geometry(&self, op: &'static str, input: &ArrayView4<'_, f32>) -> Result<Geometry> {
+    pub(super) fn geometry(
+        &self,
+        op: &'static str,
+        input: &ArrayView4<'_, f32>,
+    ) -> Result<Geometry> {
         let (_, c, h, w) = input.dim();
         if c != self.in_channels {
             return Err(Error::Shape {
@@ -363,19 +367,19 @@ impl ParamSums {
 }
 
 /// Sizes one im2col needs.
-struct Geometry {
-    channels: usize,
-    height: usize,
-    width: usize,
-    out_height: usize,
-    out_width: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
+pub(super) struct Geometry {
+    pub(super) channels: usize,
+    pub(super) height: usize,
+    pub(super) width: usize,
+    pub(super) out_height: usize,
+    pub(super) out_width: usize,
+    pub(super) kernel: usize,
+    pub(super) stride: usize,
+    pub(super) padding: usize,
 }
 
 impl Geometry {
-    fn col_rows(&self) -> usize {
+    pub(super) fn col_rows(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
 }

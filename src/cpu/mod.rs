@@ -1,7 +1,10 @@
 //! The CPU backend on ndarray: every layer on its own, and the whole model. It is the reference
 //! the GPU backend is checked against and the fallback on machines without a GPU. Convolutions
-//! and linear layers run as GEMMs (the `gemm` crate, threaded with rayon).
+//! and linear layers run as GEMMs (the `gemm` crate, threaded with rayon); in bf16 mode on CPUs
+//! with bf16 hardware, on numkong's bf16 kernels.
 
+mod bf16;
+mod bf16_layers;
 mod bias_act;
 mod conv;
 mod dropout;
@@ -13,6 +16,7 @@ mod model;
 mod pool;
 mod training;
 
+pub use bf16::{bf16_hardware, Bf16Kernels};
 pub use bias_act::{bias_act_inplace, relu_backward, relu_inplace};
 pub use conv::{Conv2d, Conv2dGrads, InputGradient};
 pub use dropout::{keep_draw, layer_seed, Dropout};

@@ -2,6 +2,8 @@
 
 use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, Ix2};
 
+use super::bf16::{bf16_bits, bf16_hardware, native_kernels_usable, Bf16Kernels, PackedBf16};
+use super::bf16_layers::{conv_forward, linear_forward, pack_conv, pack_linear};
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use crate::backend::Backend;
 use crate::config::{AlexNetConfig, Precision, StageOp};
@@ -23,11 +25,20 @@ pub(super) enum Layer {
     },
 }
 
+/// A layer's weight packed for the bf16 kernels (native bf16 mode only).
+#[derive(Clone, Debug)]
+enum Packed {
+    /// One per block of output channels (features).
+    Conv(Vec<PackedBf16>),
+    Linear(Vec<PackedBf16>),
+}
+
 /// One stage: its plan name (`conv1`, `lrn1`, ...) and layer.
 #[derive(Clone, Debug)]
 pub(super) struct Stage {
     pub(super) name: String,
     pub(super) layer: Layer,
+    packed: Option<Packed>,
 }
 
 /// Images per pass of [`CpuModel::forward`]: enough to keep both cores' GEMMs busy, few enough
@@ -41,7 +52,9 @@ pub const CHUNK_IMAGES: usize = 32;
 /// still computes (accumulates) in f32 — the same contract as the GPU's fp16 mode (f16 storage,
 /// f32 accumulation). `Precision::Bf16` is the same contract with bf16 rounding; a product of
 /// two bf16 values is exact in f32, so this is what bf16 dot-product hardware (AVX512-BF16,
-/// AMX) computes, up to the order of the f32 additions.
+/// AMX) computes, up to the order of the f32 additions. Where the CPU has such hardware, bf16
+/// mode runs its convolutions and linear layers on it (see [`Bf16Kernels`] and
+/// [`CpuModel::bf16`]); elsewhere it multiplies the rounded values with the f32 GEMM.
 ///
 /// Thread safety: `CpuModel` is `Send + Sync` and [`CpuModel::forward`] takes `&self`, so one
 /// model can serve several threads at once (they share rayon's pool); results do not depend on
@@ -51,12 +64,68 @@ pub struct CpuModel {
     config: AlexNetConfig,
     precision: Precision,
     pub(super) stages: Vec<Stage>,
+    /// What runs the bf16 products natively ("AVX512-BF16", ...); `None` when emulated or not
+    /// in bf16 mode.
+    bf16_kernels: Option<&'static str>,
 }
 
 impl CpuModel {
     /// The model in `precision`; [`Precision::Tf32`], a GPU math mode, is computed (and
     /// reported by [`CpuModel::precision`]) as [`Precision::Fp32`].
+    ///
+    /// `Precision::Bf16` chooses its kernels as [`Bf16Kernels::Auto`] does.
     pub fn new(weights: &Weights, precision: Precision) -> Result<Self> {
+        if precision == Precision::Bf16 {
+            return Self::bf16(weights, Bf16Kernels::Auto);
+        }
+        Self::build(weights, precision)
+    }
+
+    /// The model in `Precision::Bf16`, its products computed by `kernels`.
+    ///
+    /// ```
+    /// use alexnet_cuda::cpu::{Bf16Kernels, CpuModel};
+    /// use alexnet_cuda::{AlexNetConfig, Weights};
+    ///
+    /// let weights = Weights::paper_init(&AlexNetConfig::torchvision(), 0)?;
+    /// let model = CpuModel::bf16(&weights, Bf16Kernels::Auto)?;
+    /// // `Some("AVX512-BF16")` or `Some("AMX-BF16")` where the CPU has bf16 hardware.
+    /// println!("native bf16 kernels: {:?}", model.bf16_kernels());
+    /// # Ok::<(), alexnet_cuda::Error>(())
+    /// ```
+    ///
+    /// [`Bf16Kernels::Native`] is refused (an error) only where numkong's kernels cannot run:
+    /// a CPU with AMX whose kernel refuses the process AMX's tile state.
+    pub fn bf16(weights: &Weights, kernels: Bf16Kernels) -> Result<Self> {
+        let native = match kernels {
+            Bf16Kernels::Auto => bf16_hardware(),
+            Bf16Kernels::Native if native_kernels_usable() => {
+                Some(bf16_hardware().unwrap_or("numkong's portable kernels"))
+            }
+            Bf16Kernels::Native => {
+                return Err(Error::invalid(
+                    "bf16 kernels",
+                    "this CPU has AMX but Linux refused the process its tile state, so the \
+                     native bf16 kernels cannot run; use Bf16Kernels::Auto or Emulated",
+                ))
+            }
+            Bf16Kernels::Emulated => None,
+        };
+        let mut model = Self::build(weights, Precision::Bf16)?;
+        if native.is_some() {
+            for stage in &mut model.stages {
+                stage.packed = match &stage.layer {
+                    Layer::Conv(conv) => Some(Packed::Conv(pack_conv(conv))),
+                    Layer::Linear { linear, .. } => Some(Packed::Linear(pack_linear(linear))),
+                    Layer::Lrn(_) | Layer::Pool(_) => None,
+                };
+            }
+        }
+        model.bf16_kernels = native;
+        Ok(model)
+    }
+
+    fn build(weights: &Weights, precision: Precision) -> Result<Self> {
         let precision = precision.on_cpu();
         let rounded;
         let weights = match precision {
@@ -107,6 +176,7 @@ impl CpuModel {
                 Ok(Stage {
                     name: stage.name.clone(),
                     layer,
+                    packed: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -114,7 +184,15 @@ impl CpuModel {
             config,
             precision,
             stages,
+            bf16_kernels: None,
         })
+    }
+
+    /// The hardware bf16 mode's products run on ("AVX512-BF16", "AMX-BF16", or numkong's
+    /// portable kernels when forced with [`Bf16Kernels::Native`]); `None` when they are
+    /// emulated with the f32 GEMM, and in every other precision.
+    pub fn bf16_kernels(&self) -> Option<&'static str> {
+        self.bf16_kernels
     }
 
     pub fn config(&self) -> &AlexNetConfig {
@@ -159,16 +237,23 @@ impl CpuModel {
         let mut x: Array4<f32> = self.round(input.to_owned());
         let mut y: Option<Array2<f32>> = None; // the flattened activation, from fc1 on
         for stage in &self.stages {
-            match &stage.layer {
-                Layer::Conv(conv) => x = self.round(conv.forward_relu(x.view())?),
-                Layer::Lrn(lrn) => x = self.round(lrn.forward(x.view())?),
+            match (&stage.layer, &stage.packed) {
+                // Rounded to bf16 as it is written.
+                (Layer::Conv(conv), Some(Packed::Conv(packed))) => {
+                    x = conv_forward(conv, packed, x.view(), true)?
+                }
+                (Layer::Conv(conv), _) => x = self.round(conv.forward_relu(x.view())?),
+                (Layer::Lrn(lrn), _) => x = self.round(lrn.forward(x.view())?),
                 // The max of f16 (bf16) values is one of them: no rounding.
-                Layer::Pool(pool) => x = pool.forward(x.view())?,
-                Layer::Linear {
-                    linear,
-                    relu,
-                    dropout,
-                } => {
+                (Layer::Pool(pool), _) => x = pool.forward(x.view())?,
+                (
+                    Layer::Linear {
+                        linear,
+                        relu,
+                        dropout,
+                    },
+                    packed,
+                ) => {
                     let flat = match y.take() {
                         Some(flat) => flat,
                         // Flatten in (C, H, W) order: NCHW standard layout already is.
@@ -179,10 +264,12 @@ impl CpuModel {
                                 .map_err(|e| Error::invalid("flatten", e.to_string()))?
                         }
                     };
-                    let mut out = if *relu {
-                        linear.forward_relu(flat.view())?
-                    } else {
-                        linear.forward(flat.view())?
+                    let mut out = match packed {
+                        Some(Packed::Linear(blocks)) => {
+                            linear_forward(linear, blocks, flat.view(), *relu)?
+                        }
+                        _ if *relu => linear.forward_relu(flat.view())?,
+                        _ => linear.forward(flat.view())?,
                     };
                     if let Some(dropout) = dropout {
                         out = dropout
@@ -209,7 +296,9 @@ impl CpuModel {
     ) -> ndarray::Array<f32, D> {
         match self.precision {
             Precision::Fp16 => a.par_mapv_inplace(|v| half::f16::from_f32(v).to_f32()),
-            Precision::Bf16 => a.par_mapv_inplace(|v| half::bf16::from_f32(v).to_f32()),
+            Precision::Bf16 => {
+                a.par_mapv_inplace(|v| f32::from_bits(u32::from(bf16_bits(v)) << 16))
+            }
             Precision::Fp32 | Precision::Tf32 => {}
         }
         a
@@ -218,7 +307,11 @@ impl CpuModel {
 
 impl Backend for CpuModel {
     fn device_name(&self) -> String {
-        format!("CPU ({} threads)", rayon::current_num_threads())
+        let threads = rayon::current_num_threads();
+        match self.bf16_kernels {
+            Some(kernels) => format!("CPU ({threads} threads, bf16 on {kernels})"),
+            None => format!("CPU ({threads} threads)"),
+        }
     }
 
     fn precision(&self) -> Precision {

@@ -1,0 +1,394 @@
+//! Convolutions and linear layers on the bf16 kernels ([`super::bf16`]): inputs rounded to bf16
+//! once per layer, products accumulated in f32, bias and ReLU added to the f32 sums and the
+//! result rounded to bf16 in the same pass (the emulated path's numbers, up to the order of the
+//! additions).
+
+use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4};
+use rayon::prelude::*;
+
+use super::bf16::{bf16_bits, to_bf16, PackedBf16};
+use super::bias_act;
+use super::conv::Geometry;
+use super::{Conv2d, Linear};
+use crate::error::{Error, Result};
+
+/// Output features per packed block of a linear layer: each block is one task, so a small batch
+/// still streams the (large) weight once across all cores.
+const LINEAR_BLOCK: usize = 256;
+
+/// Output channels per packed block of a convolution. numkong's kernel slows down when the
+/// packed weight outgrows the L2 cache: measured on Zen 5 (one thread, 169 x 384 x 3456, conv4
+/// of the paper preset) 146 GFLOP/s as one block, 288 as blocks of 192 or 128 columns; 729 x 256
+/// x 2400 395 either way.
+const CONV_BLOCK: usize = 128;
+
+/// `act(sum + bias)` rounded to bf16, back in f32.
+#[inline]
+fn finish(sum: f32, bias: f32, relu: bool) -> f32 {
+    let v = sum + bias;
+    let v = if relu { bias_act::relu(v) } else { v };
+    half::bf16::from_bits(bf16_bits(v)).to_f32()
+}
+
+/// A batch rounded to bf16 (threaded over chunks: the conversion is a pass over memory).
+fn rounded(input: &[f32]) -> Vec<numkong::bf16> {
+    let mut out = vec![numkong::bf16::ZERO; input.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(input.par_chunks(1 << 16))
+        .for_each(|(dst, src)| to_bf16(src, dst));
+    out
+}
+
+/// A convolution's weight, permuted from OIHW to OHWI (the order [`im2row`] unfolds in) and
+/// packed for bf16 products.
+pub(super) fn pack_conv(conv: &Conv2d) -> Vec<PackedBf16> {
+    let [weight, _] = conv.parameters();
+    let (out, channels) = (conv.out_channels(), conv.in_channels());
+    let taps = weight.len() / (out * channels).max(1); // kernel * kernel
+    let mut ohwi = vec![0.0f32; weight.len()];
+    for (o, (src, dst)) in weight
+        .chunks_exact(channels * taps)
+        .zip(ohwi.chunks_exact_mut(channels * taps))
+        .enumerate()
+    {
+        debug_assert!(o < out);
+        for c in 0..channels {
+            for t in 0..taps {
+                dst[t * channels + c] = src[c * taps + t];
+            }
+        }
+    }
+    pack_blocks(&ohwi, channels * taps, CONV_BLOCK)
+}
+
+/// `b [rows, depth]` packed in blocks of at most `block` rows (output columns of the product).
+fn pack_blocks(b: &[f32], depth: usize, block: usize) -> Vec<PackedBf16> {
+    b.chunks(block * depth.max(1))
+        .map(|rows| PackedBf16::pack(rows, rows.len() / depth.max(1), depth))
+        .collect()
+}
+
+/// Per-thread buffers of [`conv_forward`]: one image in HWC bf16, its unfolded rows and the
+/// product's sums.
+struct Scratch {
+    hwc: Vec<numkong::bf16>,
+    rows: Vec<numkong::bf16>,
+    /// One `[positions, block width]` per packed block.
+    sums: Vec<Vec<f32>>,
+}
+
+/// [`Conv2d::forward`] (or `forward_relu`) with bf16 operands, the output rounded to bf16.
+pub(super) fn conv_forward(
+    conv: &Conv2d,
+    packed: &[PackedBf16],
+    input: ArrayView4<'_, f32>,
+    relu: bool,
+) -> Result<Array4<f32>> {
+    let g = conv.geometry("Conv2d (bf16)", &input)?;
+    let (n, c, h, w) = input.dim();
+    let o = conv.out_channels();
+    let threads = rayon::current_num_threads();
+    let positions = g.out_height * g.out_width;
+    let (in_len, out_len, k) = (c * h * w, o * positions, g.col_rows());
+    let mut output = vec![0.0f32; n * out_len];
+    let shape = (n, o, g.out_height, g.out_width);
+    if n > 0 && out_len > 0 {
+        let input = input.as_standard_layout();
+        let x = input.as_slice().unwrap_or(&[]);
+        let [_, bias] = conv.parameters();
+        // Per image: to HWC bf16, unfold into rows (one per output position), multiply by each
+        // block into sums `[positions, block]`, then transpose into the NCHW output with bias,
+        // ReLU and rounding.
+        let per_image = |s: &mut Scratch, image: &[f32], out: &mut [f32], split: bool| {
+            to_hwc_bf16(image, c, h * w, &mut s.hwc);
+            im2row(&g, &s.hwc, &mut s.rows);
+            let rows = &s.rows;
+            if split {
+                // One image across every thread: by blocks, then by rows where blocks are
+                // fewer than threads (each call should keep many rows: see CONV_BLOCK).
+                let row_tasks = threads.div_ceil(packed.len()).max(1);
+                let per_task = positions.div_ceil(row_tasks);
+                packed
+                    .par_iter()
+                    .zip(s.sums.par_iter_mut())
+                    .for_each(|(block, sums)| {
+                        sums.par_chunks_mut(per_task * block.width())
+                            .zip(rows.par_chunks(per_task * k))
+                            .for_each(|(sums, a)| block.multiply(a, a.len() / k, sums));
+                    });
+            } else {
+                for (block, sums) in packed.iter().zip(&mut s.sums) {
+                    block.multiply(rows, positions, sums);
+                }
+            }
+            let mut first = 0;
+            for (block, sums) in packed.iter().zip(&s.sums) {
+                let last = first + block.width();
+                let planes = &mut out[first * positions..last * positions];
+                to_chw(sums, &bias[first..last], relu, planes);
+                first = last;
+            }
+        };
+        let scratch = || Scratch {
+            hwc: vec![numkong::bf16::ZERO; in_len],
+            rows: vec![numkong::bf16::ZERO; positions * k],
+            sums: packed
+                .iter()
+                .map(|block| vec![0.0f32; positions * block.width()])
+                .collect(),
+        };
+        if n >= threads {
+            x.par_chunks_exact(in_len)
+                .zip(output.par_chunks_exact_mut(out_len))
+                .for_each_init(scratch, |s, (image, out)| per_image(s, image, out, false));
+        } else {
+            let mut s = scratch();
+            x.chunks_exact(in_len)
+                .zip(output.chunks_exact_mut(out_len))
+                .for_each(|(image, out)| per_image(&mut s, image, out, true));
+        }
+    }
+    Array4::from_shape_vec(shape, output)
+        .map_err(|e| Error::invalid("Conv2d output (bf16)", e.to_string()))
+}
+
+/// One CHW f32 image (`channels` planes of `plane` values) as HWC bf16.
+fn to_hwc_bf16(image: &[f32], channels: usize, plane: usize, hwc: &mut [numkong::bf16]) {
+    for (c, src) in image.chunks_exact(plane).enumerate() {
+        for (i, &v) in src.iter().enumerate() {
+            hwc[i * channels + c] = numkong::bf16(bf16_bits(v));
+        }
+    }
+}
+
+/// Positions per block of [`to_chw`]'s transpose: the block's sums stay in L1.
+const TRANSPOSE_BLOCK: usize = 16;
+
+/// Sums `[positions, out]` into the CHW output `[out, positions]`: bias, ReLU, bf16 rounding.
+fn to_chw(sums: &[f32], bias: &[f32], relu: bool, out: &mut [f32]) {
+    let channels = bias.len();
+    let positions = out.len() / channels.max(1);
+    for first in (0..positions).step_by(TRANSPOSE_BLOCK) {
+        let last = (first + TRANSPOSE_BLOCK).min(positions);
+        for (channel, &b) in bias.iter().enumerate() {
+            let plane = &mut out[channel * positions..(channel + 1) * positions];
+            for p in first..last {
+                plane[p] = finish(sums[p * channels + channel], b, relu);
+            }
+        }
+    }
+}
+
+/// Unfolds one HWC image into `rows[(oy, ox), (ki, kj, c)]`: one row per output position, in
+/// the OHWI weight's order, zeros over the padding. A window row inside the image is one
+/// contiguous copy of `kernel * channels` values.
+fn im2row(g: &Geometry, hwc: &[numkong::bf16], rows: &mut [numkong::bf16]) {
+    let (kernel, channels) = (g.kernel, g.channels);
+    let span = kernel * channels;
+    let line_len = g.width * channels;
+    let mut rows = rows.chunks_exact_mut(g.col_rows());
+    for oy in 0..g.out_height {
+        for ox in 0..g.out_width {
+            let Some(row) = rows.next() else { return };
+            let x0 = (ox * g.stride) as isize - g.padding as isize;
+            let inside = x0 >= 0 && x0 as usize + kernel <= g.width;
+            for (ki, dst) in row.chunks_exact_mut(span).enumerate() {
+                let y = (oy * g.stride + ki) as isize - g.padding as isize;
+                if y < 0 || y >= g.height as isize {
+                    dst.fill(numkong::bf16::ZERO);
+                    continue;
+                }
+                let line = &hwc[y as usize * line_len..(y as usize + 1) * line_len];
+                if inside {
+                    let from = x0 as usize * channels;
+                    dst.copy_from_slice(&line[from..from + span]);
+                    continue;
+                }
+                for (kj, d) in dst.chunks_exact_mut(channels).enumerate() {
+                    let x = x0 + kj as isize;
+                    if x >= 0 && (x as usize) < g.width {
+                        let from = x as usize * channels;
+                        d.copy_from_slice(&line[from..from + channels]);
+                    } else {
+                        d.fill(numkong::bf16::ZERO);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A linear layer's weight `[out, in]`, packed for bf16 products in blocks of
+/// [`LINEAR_BLOCK`] output features.
+pub(super) fn pack_linear(linear: &Linear) -> Vec<PackedBf16> {
+    let [weight, _] = linear.parameters();
+    pack_blocks(weight, linear.in_features(), LINEAR_BLOCK)
+}
+
+/// [`Linear::forward`] (or `forward_relu`) with bf16 operands, the output rounded to bf16.
+pub(super) fn linear_forward(
+    linear: &Linear,
+    packed: &[PackedBf16],
+    input: ArrayView2<'_, f32>,
+    relu: bool,
+) -> Result<Array2<f32>> {
+    let (n, features) = input.dim();
+    if features != linear.in_features() {
+        return Err(Error::Shape {
+            op: "Linear (bf16)",
+            expected: format!("[N, {}]", linear.in_features()),
+            found: input.shape().to_vec(),
+        });
+    }
+    let input = input.as_standard_layout();
+    let x = rounded(input.as_slice().unwrap_or(&[]));
+    let blocks: Vec<Vec<f32>> = packed
+        .par_iter()
+        .map(|block| {
+            let mut sums = vec![0.0f32; n * block.width()];
+            block.multiply(&x, n, &mut sums);
+            sums
+        })
+        .collect();
+    let outputs = linear.out_features();
+    let [_, bias] = linear.parameters();
+    let mut out = Array2::zeros((n, outputs));
+    let mut first = 0;
+    for (block, sums) in packed.iter().zip(&blocks) {
+        let width = block.width();
+        let bias = &bias[first..first + width];
+        let mut columns = out.slice_mut(s![.., first..first + width]);
+        for (row, sums) in columns.rows_mut().into_iter().zip(sums.chunks_exact(width)) {
+            for ((v, &sum), &b) in row.into_iter().zip(sums).zip(bias) {
+                *v = finish(sum, b, relu);
+            }
+        }
+        first += width;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array1, Array2, Array4};
+
+    use super::*;
+
+    /// bf16 rounding of one value, in f32.
+    fn round(v: f32) -> f32 {
+        half::bf16::from_f32(v).to_f32()
+    }
+
+    /// Deterministic values in about [-1, 1], rounded to bf16 (the layers' inputs and weights
+    /// in bf16 mode already are).
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| round((((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) / 1001.0))
+            .collect()
+    }
+
+    /// `got` against the emulated twin `want`: each value within one bf16 step of it (the sums
+    /// differ only in the order of their f32 additions, which can move a value across a bf16
+    /// rounding boundary), and every value a bf16.
+    fn assert_within_a_bf16_step(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut exact = 0;
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.to_bits() & 0xFFFF, 0, "{what}[{i}] = {g} is not a bf16");
+            let tolerance = w.abs() / 128.0 + largest * 1e-5;
+            assert!((g - w).abs() <= tolerance, "{what}[{i}]: {g} vs {w}");
+            exact += usize::from(g == w);
+        }
+        // Most values agree exactly: a tolerance this loose alone would hide a small bias.
+        assert!(
+            exact * 10 >= got.len() * 9,
+            "{what}: only {exact} of {} equal",
+            got.len()
+        );
+    }
+
+    /// Native convolutions against `Conv2d::forward(_relu)` on the same bf16 values, rounded:
+    /// padding, stride, a channel count that leaves a partial block, one image (split across
+    /// threads) and several (one per thread).
+    #[test]
+    fn convolutions_match_the_emulated_twin() {
+        // (images, in channels, size, kernel, stride, padding, out channels)
+        let cases = [
+            (1, 3, 23, 11, 4, 2, 64),
+            (3, 5, 13, 5, 1, 2, 130),
+            (2, 16, 9, 3, 1, 1, 257),
+            (4, 7, 6, 3, 2, 0, 9),
+        ];
+        for (i, &(n, c, size, k, stride, padding, o)) in cases.iter().enumerate() {
+            let weight = Array4::from_shape_vec((o, c, k, k), values(o * c * k * k, i)).unwrap();
+            let bias = Array1::from_vec(values(o, i + 10));
+            let input =
+                Array4::from_shape_vec((n, c, size, size), values(n * c * size * size, i + 20))
+                    .unwrap();
+            let conv = Conv2d::new(weight.view(), &bias, stride, padding).unwrap();
+            let packed = pack_conv(&conv);
+            for relu in [false, true] {
+                let got = conv_forward(&conv, &packed, input.view(), relu).unwrap();
+                let mut want = if relu {
+                    conv.forward_relu(input.view()).unwrap()
+                } else {
+                    conv.forward(input.view()).unwrap()
+                };
+                want.mapv_inplace(round);
+                assert_eq!(got.shape(), want.shape());
+                let what = format!("case {i} relu {relu}");
+                assert_within_a_bf16_step(got.as_slice().unwrap(), want.as_slice().unwrap(), &what);
+                if !relu {
+                    assert!(got.iter().any(|&v| v < 0.0), "{what}: no negative output");
+                }
+            }
+        }
+    }
+
+    /// Native linear layers against `Linear::forward(_relu)`, rounded: several blocks, the last
+    /// one partial.
+    #[test]
+    fn linear_layers_match_the_emulated_twin() {
+        for (i, &(n, inputs, outputs)) in [(1, 300, 600), (5, 1000, 257), (33, 64, 3)]
+            .iter()
+            .enumerate()
+        {
+            let weight =
+                Array2::from_shape_vec((outputs, inputs), values(outputs * inputs, i)).unwrap();
+            let bias = Array1::from_vec(values(outputs, i + 1));
+            let input = Array2::from_shape_vec((n, inputs), values(n * inputs, i + 2)).unwrap();
+            let linear = Linear::new(weight.view(), &bias).unwrap();
+            let packed = pack_linear(&linear);
+            for relu in [false, true] {
+                let got = linear_forward(&linear, &packed, input.view(), relu).unwrap();
+                let mut want = if relu {
+                    linear.forward_relu(input.view()).unwrap()
+                } else {
+                    linear.forward(input.view()).unwrap()
+                };
+                want.mapv_inplace(round);
+                assert_within_a_bf16_step(
+                    got.as_slice().unwrap(),
+                    want.as_slice().unwrap(),
+                    &format!("case {i} relu {relu}"),
+                );
+            }
+        }
+    }
+
+    /// A batch of the wrong width is a shape error, not a panic inside the kernels.
+    #[test]
+    fn wrong_shapes_are_errors() {
+        let linear = Linear::new(Array2::zeros((4, 6)).view(), &Array1::zeros(4)).unwrap();
+        let packed = pack_linear(&linear);
+        assert!(linear_forward(&linear, &packed, Array2::zeros((2, 5)).view(), true).is_err());
+        let conv =
+            Conv2d::new(Array4::zeros((4, 3, 3, 3)).view(), &Array1::zeros(4), 1, 0).unwrap();
+        let packed = pack_conv(&conv);
+        let wrong = Array4::zeros((1, 2, 5, 5));
+        assert!(conv_forward(&conv, &packed, wrong.view(), true).is_err());
+        let small = Array4::zeros((1, 3, 2, 2));
+        assert!(conv_forward(&conv, &packed, small.view(), true).is_err());
+    }
+}
