@@ -1,5 +1,6 @@
 //! Inter-channel local response normalisation (the paper's, see [`LrnParams`]).
 
+use multiversion::multiversion;
 use ndarray::{Array4, ArrayView4};
 use rayon::prelude::*;
 
@@ -147,7 +148,8 @@ fn window(channel: usize, channels: usize, size: usize) -> std::ops::RangeInclus
 }
 
 /// `dst[p] = sum_{j in window} image[j][p]^2` over one image's `plane`-sized channel planes,
-/// plane by plane (contiguous, vectorised).
+/// plane by plane (contiguous, vectorised; AVX-512 or AVX2 where the CPU has them).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn sum_of_squares(
     image: &[f32],
     plane: usize,
@@ -165,7 +167,9 @@ fn sum_of_squares(
 /// `dst[p] = centre[p] / (k + alpha * dst[p])^beta`, where `dst` holds the window's sums of
 /// squares. The paper's beta = 0.75 is computed as two square roots: several times faster than
 /// `powf`, vectorisable, and as accurate. The branch sits outside the loops so each loop stays
-/// branch-free.
+/// branch-free. AVX-512 or AVX2 where the CPU has them (IEEE square roots and divisions: the
+/// same numbers at every width).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn normalise(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
     if beta == 0.75 {
         for (d, &a) in dst.iter_mut().zip(centre) {

@@ -234,18 +234,31 @@ impl CpuModel {
             .config
             .input
             .check_batch("CpuModel::forward", input.shape())?;
-        let mut x: Array4<f32> = self.round(input.to_owned());
+        // The activation so far; `None` while it is still the caller's input, which is read in
+        // place (no copy) unless it must be rounded first: a native bf16 convolution rounds
+        // its input itself.
+        let rounds_itself = matches!(
+            self.stages.first().map(|s| &s.packed),
+            Some(Some(Packed::Conv(_)))
+        );
+        let mut x: Option<Array4<f32>> = match self.precision {
+            Precision::Fp16 | Precision::Bf16 if !rounds_itself => {
+                Some(self.round(input.to_owned()))
+            }
+            _ => None,
+        };
         let mut y: Option<Array2<f32>> = None; // the flattened activation, from fc1 on
         for stage in &self.stages {
+            let view = x.as_ref().map_or_else(|| input.view(), |a| a.view());
             match (&stage.layer, &stage.packed) {
                 // Rounded to bf16 as it is written.
                 (Layer::Conv(conv), Some(Packed::Conv(packed))) => {
-                    x = conv_forward(conv, packed, x.view(), true)?
+                    x = Some(conv_forward(conv, packed, view, true)?)
                 }
-                (Layer::Conv(conv), _) => x = self.round(conv.forward_relu(x.view())?),
-                (Layer::Lrn(lrn), _) => x = self.round(lrn.forward(x.view())?),
+                (Layer::Conv(conv), _) => x = Some(self.round(conv.forward_relu(view)?)),
+                (Layer::Lrn(lrn), _) => x = Some(self.round(lrn.forward(view)?)),
                 // The max of f16 (bf16) values is one of them: no rounding.
-                (Layer::Pool(pool), _) => x = pool.forward(x.view())?,
+                (Layer::Pool(pool), _) => x = Some(pool.forward(view)?),
                 (
                     Layer::Linear {
                         linear,
@@ -258,9 +271,9 @@ impl CpuModel {
                         Some(flat) => flat,
                         // Flatten in (C, H, W) order: NCHW standard layout already is.
                         None => {
+                            let x = x.take().unwrap_or_else(|| input.to_owned());
                             let features = x.len() / n;
-                            std::mem::take(&mut x)
-                                .into_shape_with_order((n, features))
+                            x.into_shape_with_order((n, features))
                                 .map_err(|e| Error::invalid("flatten", e.to_string()))?
                         }
                     };
@@ -280,9 +293,10 @@ impl CpuModel {
                     y = Some(self.round(out));
                 }
             }
-            match &y {
-                Some(flat) => observe(&stage.name, flat.view().into_dyn()),
-                None => observe(&stage.name, x.view().into_dyn()),
+            match (&y, &x) {
+                (Some(flat), _) => observe(&stage.name, flat.view().into_dyn()),
+                (None, Some(x)) => observe(&stage.name, x.view().into_dyn()),
+                (None, None) => observe(&stage.name, input.into_dyn()),
             }
         }
         y.ok_or_else(|| Error::invalid("config", "the network has no linear layer"))

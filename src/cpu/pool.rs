@@ -1,5 +1,6 @@
 //! Max-pooling over square windows (no padding, floor mode), one plane per task.
 
+use multiversion::multiversion;
 use ndarray::{Array4, ArrayView4};
 use rayon::prelude::*;
 
@@ -126,17 +127,29 @@ impl MaxPool2d {
     }
 
     fn pool_plane(&self, plane: &[f32], width: usize, dst: &mut [f32], out_width: usize) {
-        let (k, s) = (self.kernel, self.stride);
-        for (oy, out_row) in dst.chunks_exact_mut(out_width).enumerate() {
-            out_row.fill(f32::NEG_INFINITY);
-            for ky in 0..k {
-                let row = &plane[(oy * s + ky) * width..][..width];
-                for (ox, d) in out_row.iter_mut().enumerate() {
-                    *d = row[ox * s..ox * s + k]
-                        .iter()
-                        .fold(*d, |m, &v| nan_max(m, v));
-                }
+        pool_plane(self.kernel, self.stride, plane, width, dst, out_width);
+    }
+}
+
+/// One plane's max-pooling into `dst` (`out_width` wide), separably: the max down each column
+/// of the window's rows (a pass that vectorises; AVX-512 or AVX2 where the CPU has them), then
+/// across each window of that row. `nan_max` lets any NaN win whatever the order, and picks the
+/// same largest value otherwise.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn pool_plane(k: usize, s: usize, plane: &[f32], width: usize, dst: &mut [f32], out_width: usize) {
+    let mut column_max = vec![f32::NEG_INFINITY; width];
+    for (oy, out_row) in dst.chunks_exact_mut(out_width).enumerate() {
+        column_max.fill(f32::NEG_INFINITY);
+        for ky in 0..k {
+            let row = &plane[(oy * s + ky) * width..][..width];
+            for (m, &v) in column_max.iter_mut().zip(row) {
+                *m = nan_max(*m, v);
             }
+        }
+        for (ox, d) in out_row.iter_mut().enumerate() {
+            *d = column_max[ox * s..ox * s + k]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| nan_max(m, v));
         }
     }
 }
