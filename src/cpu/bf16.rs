@@ -70,6 +70,16 @@ pub(crate) fn native_kernels_usable() -> bool {
     detected() != Detected::AmxRefused
 }
 
+/// For tests that call numkong directly: whether they can run here, said on stdout when not.
+#[cfg(test)]
+pub(crate) fn usable_or_skip(test: &str) -> bool {
+    let usable = native_kernels_usable();
+    if !usable {
+        println!("SKIPPED {test}: AMX present but its tile state refused, numkong cannot run");
+    }
+    usable
+}
+
 /// `x` rounded to bf16, to nearest even (as `half::bf16::from_f32`), as raw bits. Branch-free
 /// apart from NaN, so the slice loops below vectorise.
 #[inline]
@@ -142,9 +152,17 @@ impl std::fmt::Debug for PackedBf16 {
 impl PackedBf16 {
     /// Packs `b` (`width * depth` values, row-major).
     ///
-    /// Panics only on a programming error inside this crate (a length that does not match).
+    /// Panics only on a programming error inside this crate: a length that does not match, or
+    /// packing where numkong's kernels cannot run (callers check [`native_kernels_usable`]).
     pub(crate) fn pack(b: &[f32], width: usize, depth: usize) -> Self {
         assert_eq!(b.len(), width * depth, "internal bf16 pack shape");
+        // numkong's dispatch points at the AMX kernels wherever the CPU has AMX, from process
+        // start; asking here (once per process) makes sure Linux has granted the tile state
+        // before any product can run, whoever packs first. Every product needs a packed matrix.
+        assert!(
+            native_kernels_usable(),
+            "internal: numkong packing on an AMX CPU whose kernel refused the tile state"
+        );
         let mut rounded = vec![numkong::bf16::ZERO; b.len()];
         to_bf16(b, &mut rounded);
         let parts = depth.div_ceil(MAX_DEPTH).max(1);
@@ -280,6 +298,9 @@ mod tests {
     /// at shapes that are not multiples of any tile (and one row, one column).
     #[test]
     fn packed_products_match_a_naive_product_of_the_rounded_values() {
+        if !usable_or_skip("packed_products_match_a_naive_product_of_the_rounded_values") {
+            return;
+        }
         // The last two are split into depth parts.
         let shapes = [
             (5, 7, 13),
