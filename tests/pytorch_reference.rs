@@ -175,6 +175,52 @@ fn bf16_stores_every_stage_in_bf16() {
     }
 }
 
+/// Native bf16 mode keeps its activations in its own layout (HWC bf16) between layers; what it
+/// hands an observer at every stage is the emulated twin's, up to the order of the f32
+/// additions (a bf16 step here and there, carried forward), and observing changes nothing.
+#[test]
+fn native_bf16_stages_match_the_emulated_twin() {
+    let input = synthetic_input();
+    for name in ["paper", "torchvision"] {
+        let weights = formula_weights(&preset(name));
+        let Some(native) = bf16_model(&weights, Bf16Kernels::Native) else {
+            return;
+        };
+        let emulated = bf16_model(&weights, Bf16Kernels::Emulated).unwrap();
+        let mut want = Vec::new();
+        emulated
+            .forward_observed(input.view(), |stage, x| {
+                want.push((stage.to_string(), x.to_owned()))
+            })
+            .unwrap();
+        let mut seen = 0;
+        let observed = native
+            .forward_observed(input.view(), |stage, x| {
+                let (want_stage, want) = &want[seen];
+                assert_eq!(stage, want_stage, "{name}: stage order");
+                assert_eq!(x.shape(), want.shape(), "{name} {stage}: shape");
+                let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = x
+                    .iter()
+                    .zip(want.iter())
+                    .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                println!(
+                    "{name} {stage}: largest difference {:.2e} of the largest value",
+                    worst / largest
+                );
+                assert!(
+                    worst <= 2e-2 * largest,
+                    "{name} {stage}: {worst} of {largest}"
+                );
+                seen += 1;
+            })
+            .unwrap();
+        assert_eq!(seen, want.len(), "{name}: stages observed");
+        let unobserved = native.forward(input.view()).unwrap();
+        assert_eq!(observed, unobserved, "{name}: observing changed the logits");
+    }
+}
+
 /// Every stage's max |x| and sum for image 0 against PyTorch, so a failure names the layer.
 #[test]
 fn paper_stages_match_pytorch_float64() {

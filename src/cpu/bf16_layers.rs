@@ -4,12 +4,14 @@
 //! additions).
 
 use multiversion::multiversion;
-use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4};
+use ndarray::{s, Array2, ArrayView2, ArrayView4};
 use rayon::prelude::*;
 
-use super::bf16::{bf16_bits, to_bf16, PackedBf16};
+use super::bf16::{bf16_bits, bf16_hardware, to_bf16, PackedBf16};
+use super::bf16_panels::{kernel_available as panels_kernel_available, Panels};
 use super::bias_act;
 use super::conv::Geometry;
+use super::hwc::HwcBf16;
 use super::{Conv2d, Linear};
 use crate::error::{Error, Result};
 
@@ -23,12 +25,21 @@ const LINEAR_BLOCK: usize = 256;
 /// x 2400 395 either way.
 const CONV_BLOCK: usize = 128;
 
+/// `act(sum + bias)`, before its rounding to bf16.
+#[inline]
+fn activate(sum: f32, bias: f32, relu: bool) -> f32 {
+    let v = sum + bias;
+    if relu {
+        bias_act::relu(v)
+    } else {
+        v
+    }
+}
+
 /// `act(sum + bias)` rounded to bf16, back in f32.
 #[inline]
 fn finish(sum: f32, bias: f32, relu: bool) -> f32 {
-    let v = sum + bias;
-    let v = if relu { bias_act::relu(v) } else { v };
-    half::bf16::from_bits(bf16_bits(v)).to_f32()
+    f32::from_bits(u32::from(bf16_bits(activate(sum, bias, relu))) << 16)
 }
 
 /// A batch rounded to bf16 (threaded over chunks: the conversion is a pass over memory).
@@ -40,26 +51,123 @@ fn rounded(input: &[f32]) -> Vec<numkong::bf16> {
     out
 }
 
+/// A convolution's weight packed for the kernels that run it.
+#[derive(Clone, Debug)]
+pub(super) enum ConvWeights {
+    /// numkong's packing, in blocks of [`CONV_BLOCK`] output channels: on AMX CPUs (numkong's
+    /// tiles) and where neither AMX nor AVX512-BF16 is present (numkong's portable loops).
+    Numkong(Vec<PackedBf16>),
+    /// Our own AVX512-BF16 kernel's panels ([`super::bf16_panels`]).
+    Panels(Panels),
+}
+
+/// Which kernels [`pack_conv`] packs for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConvKernels {
+    Numkong,
+    Panels,
+}
+
+impl ConvKernels {
+    /// The faster kernels on this CPU: AMX tiles (numkong) where present, else our
+    /// AVX512-BF16 kernel where present, else numkong's portable loops.
+    pub(super) fn best() -> Self {
+        if bf16_hardware() != Some("AMX-BF16") && panels_kernel_available() {
+            ConvKernels::Panels
+        } else {
+            ConvKernels::Numkong
+        }
+    }
+}
+
 /// A convolution's weight, permuted from OIHW to OHWI (the order [`im2row`] unfolds in) and
-/// packed for bf16 products.
-pub(super) fn pack_conv(conv: &Conv2d) -> Vec<PackedBf16> {
+/// packed for `kernels`.
+pub(super) fn pack_conv(conv: &Conv2d, kernels: ConvKernels) -> ConvWeights {
     let [weight, _] = conv.parameters();
     let (out, channels) = (conv.out_channels(), conv.in_channels());
     let taps = weight.len() / (out * channels).max(1); // kernel * kernel
     let mut ohwi = vec![0.0f32; weight.len()];
-    for (o, (src, dst)) in weight
+    for (src, dst) in weight
         .chunks_exact(channels * taps)
         .zip(ohwi.chunks_exact_mut(channels * taps))
-        .enumerate()
     {
-        debug_assert!(o < out);
         for c in 0..channels {
             for t in 0..taps {
                 dst[t * channels + c] = src[c * taps + t];
             }
         }
     }
-    pack_blocks(&ohwi, out, channels * taps, CONV_BLOCK)
+    match kernels {
+        ConvKernels::Numkong => {
+            ConvWeights::Numkong(pack_blocks(&ohwi, out, channels * taps, CONV_BLOCK))
+        }
+        ConvKernels::Panels => ConvWeights::Panels(Panels::pack(&ohwi, out, channels * taps)),
+    }
+}
+
+impl ConvWeights {
+    /// Length of one unfolded row (the depth, padded to even for the panels).
+    fn row_len(&self, depth: usize) -> usize {
+        match self {
+            ConvWeights::Numkong(_) => depth,
+            ConvWeights::Panels(panels) => panels.row_len(),
+        }
+    }
+
+    /// The sums one image's product writes, as blocks of (channels, row length).
+    fn sum_blocks(&self) -> Vec<(usize, usize)> {
+        match self {
+            ConvWeights::Numkong(blocks) => blocks.iter().map(|b| (b.width(), b.width())).collect(),
+            ConvWeights::Panels(panels) => vec![(panels.width(), panels.padded_width())],
+        }
+    }
+
+    /// One image's product: `rows [positions, row_len]` times every block into `sums` (one
+    /// per [`ConvWeights::sum_blocks`]), on the calling thread or, with `split`, across all of
+    /// rayon's threads.
+    fn multiply(
+        &self,
+        rows: &[numkong::bf16],
+        positions: usize,
+        sums: &mut [Vec<f32>],
+        split: bool,
+    ) {
+        let threads = rayon::current_num_threads();
+        let k = rows.len() / positions.max(1);
+        match self {
+            ConvWeights::Numkong(packed) if split => {
+                // By blocks, then by rows where blocks are fewer than threads (each call
+                // should keep many rows: see CONV_BLOCK).
+                let row_tasks = threads.div_ceil(packed.len()).max(1);
+                let per_task = positions.div_ceil(row_tasks).max(1);
+                packed
+                    .par_iter()
+                    .zip(sums.par_iter_mut())
+                    .for_each(|(block, sums)| {
+                        sums.par_chunks_mut(per_task * block.width())
+                            .zip(rows.par_chunks(per_task * k))
+                            .for_each(|(sums, a)| block.multiply(a, a.len() / k, sums));
+                    });
+            }
+            ConvWeights::Numkong(packed) => {
+                for (block, sums) in packed.iter().zip(sums) {
+                    block.multiply(rows, positions, sums);
+                }
+            }
+            ConvWeights::Panels(panels) => {
+                let (sums, padded) = (&mut sums[0], panels.padded_width());
+                let per_task = if split {
+                    positions.div_ceil(threads)
+                } else {
+                    positions
+                };
+                let per_task = per_task.max(1);
+                sums.par_chunks_mut(per_task * padded)
+                    .zip(rows.par_chunks(per_task * k))
+                    .for_each(|(sums, a)| panels.multiply(a, a.len() / k, sums));
+            }
+        }
+    }
 }
 
 /// `b [width, depth]` packed in blocks of at most `block` rows (output columns of the
@@ -75,97 +183,143 @@ fn pack_blocks(b: &[f32], width: usize, depth: usize, block: usize) -> Vec<Packe
         .collect()
 }
 
-/// Per-thread buffers of [`conv_forward`]: one image in HWC bf16, its unfolded rows and the
-/// product's sums.
+/// Per-thread buffers of [`conv_hwc`]: one image in HWC bf16 (when the input is NCHW), its
+/// unfolded rows and the product's sums.
 struct Scratch {
     hwc: Vec<numkong::bf16>,
     rows: Vec<numkong::bf16>,
-    /// One `[positions, block width]` per packed block.
+    /// One `[positions, row length]` per block of [`ConvWeights::sum_blocks`].
     sums: Vec<Vec<f32>>,
 }
 
-/// [`Conv2d::forward`] (or `forward_relu`) with bf16 operands, the output rounded to bf16.
-pub(super) fn conv_forward(
+/// What a native bf16 convolution reads: the network's NCHW f32 input (rounded and reordered
+/// image by image) or the HWC bf16 output of the layer before.
+#[derive(Clone, Copy)]
+pub(super) enum ConvInput<'a> {
+    Nchw(ArrayView4<'a, f32>),
+    Hwc(&'a HwcBf16),
+}
+
+/// [`Conv2d::forward`] (or `forward_relu`) with bf16 operands, the output rounded to bf16, in
+/// HWC order: the products' rows are output positions, so the output is their sums with bias,
+/// ReLU and rounding, written in place (no transpose).
+pub(super) fn conv_hwc(
     conv: &Conv2d,
-    packed: &[PackedBf16],
-    input: ArrayView4<'_, f32>,
+    packed: &ConvWeights,
+    input: ConvInput<'_>,
     relu: bool,
-) -> Result<Array4<f32>> {
-    let g = conv.geometry("Conv2d (bf16)", &input)?;
-    let (n, c, h, w) = input.dim();
+) -> Result<HwcBf16> {
+    let dims = match input {
+        ConvInput::Nchw(x) => x.dim(),
+        ConvInput::Hwc(x) => x.nchw_dim(),
+    };
+    let g = conv.geometry_of("Conv2d (bf16)", dims)?;
+    let (n, c, h, w) = dims;
     let o = conv.out_channels();
     let threads = rayon::current_num_threads();
     let positions = g.out_height * g.out_width;
-    let (in_len, out_len, k) = (c * h * w, o * positions, g.col_rows());
-    let mut output = vec![0.0f32; n * out_len];
-    let shape = (n, o, g.out_height, g.out_width);
+    let (in_len, out_len) = (c * h * w, o * positions);
+    let row_len = packed.row_len(g.col_rows());
+    let blocks = packed.sum_blocks();
+    let mut output = vec![numkong::bf16::ZERO; n * out_len];
     if n > 0 && out_len > 0 {
-        let input = input.as_standard_layout();
-        let x = input.as_slice().unwrap_or(&[]);
-        let [_, bias] = conv.parameters();
-        // Per image: to HWC bf16, unfold into rows (one per output position), multiply by each
-        // block into sums `[positions, block]`, then transpose into the NCHW output with bias,
-        // ReLU and rounding.
-        let per_image = |s: &mut Scratch, image: &[f32], out: &mut [f32], split: bool| {
-            to_hwc_bf16(image, c, h * w, &mut s.hwc);
-            im2row(&g, &s.hwc, &mut s.rows);
-            let rows = &s.rows;
-            if split {
-                // One image across every thread: by blocks, then by rows where blocks are
-                // fewer than threads (each call should keep many rows: see CONV_BLOCK).
-                let row_tasks = threads.div_ceil(packed.len()).max(1);
-                let per_task = positions.div_ceil(row_tasks);
-                packed
-                    .par_iter()
-                    .zip(s.sums.par_iter_mut())
-                    .for_each(|(block, sums)| {
-                        sums.par_chunks_mut(per_task * block.width())
-                            .zip(rows.par_chunks(per_task * k))
-                            .for_each(|(sums, a)| block.multiply(a, a.len() / k, sums));
-                    });
-            } else {
-                for (block, sums) in packed.iter().zip(&mut s.sums) {
-                    block.multiply(rows, positions, sums);
-                }
+        let standard;
+        let (nchw, hwc): (&[f32], &[numkong::bf16]) = match &input {
+            ConvInput::Nchw(x) => {
+                standard = x.as_standard_layout();
+                (standard.as_slice().unwrap_or(&[]), &[])
             }
+            ConvInput::Hwc(x) => (&[], &x.data),
+        };
+        let [_, bias] = conv.parameters();
+        // Per image: HWC bf16 (converted when the input is NCHW), unfolded into rows (one per
+        // output position), multiplied into sums `[positions, channels]`, then finished into
+        // the output's rows.
+        let per_image = |s: &mut Scratch, i: usize, out: &mut [numkong::bf16], split: bool| {
+            let image: &[numkong::bf16] = if nchw.is_empty() {
+                &hwc[i * in_len..(i + 1) * in_len]
+            } else {
+                to_hwc_bf16(&nchw[i * in_len..(i + 1) * in_len], c, h * w, &mut s.hwc);
+                &s.hwc
+            };
+            im2row(&g, image, row_len, &mut s.rows);
+            packed.multiply(&s.rows, positions, &mut s.sums, split);
             let mut first = 0;
-            for (block, sums) in packed.iter().zip(&mut s.sums) {
-                let last = first + block.width();
-                let planes = &mut out[first * positions..last * positions];
-                to_chw(sums, &bias[first..last], relu, planes);
-                first = last;
+            for (&(width, stride), sums) in blocks.iter().zip(&s.sums) {
+                finish_rows(sums, stride, &bias[first..first + width], relu, first, out);
+                first += width;
             }
         };
         let scratch = || Scratch {
-            hwc: vec![numkong::bf16::ZERO; in_len],
-            rows: vec![numkong::bf16::ZERO; positions * k],
-            sums: packed
+            hwc: vec![numkong::bf16::ZERO; if nchw.is_empty() { 0 } else { in_len }],
+            rows: vec![numkong::bf16::ZERO; positions * row_len],
+            sums: blocks
                 .iter()
-                .map(|block| vec![0.0f32; positions * block.width()])
+                .map(|&(_, stride)| vec![0.0f32; positions * stride])
                 .collect(),
         };
         if n >= threads {
-            x.par_chunks_exact(in_len)
-                .zip(output.par_chunks_exact_mut(out_len))
-                .for_each_init(scratch, |s, (image, out)| per_image(s, image, out, false));
+            output
+                .par_chunks_exact_mut(out_len)
+                .enumerate()
+                .for_each_init(scratch, |s, (i, out)| per_image(s, i, out, false));
         } else {
             let mut s = scratch();
-            x.chunks_exact(in_len)
-                .zip(output.chunks_exact_mut(out_len))
-                .for_each(|(image, out)| per_image(&mut s, image, out, true));
+            for (i, out) in output.chunks_exact_mut(out_len).enumerate() {
+                per_image(&mut s, i, out, true);
+            }
         }
     }
-    Array4::from_shape_vec(shape, output)
-        .map_err(|e| Error::invalid("Conv2d output (bf16)", e.to_string()))
+    Ok(HwcBf16 {
+        images: n,
+        height: g.out_height,
+        width: g.out_width,
+        channels: o,
+        data: output,
+    })
 }
 
-/// Side of the square tiles the transposes below go through: a tile's source rows and
+/// [`conv_hwc`] of an NCHW batch, back in NCHW f32 (what the tests compare with the emulated
+/// twin).
+#[cfg(test)]
+pub(super) fn conv_forward(
+    conv: &Conv2d,
+    packed: &ConvWeights,
+    input: ArrayView4<'_, f32>,
+    relu: bool,
+) -> Result<ndarray::Array4<f32>> {
+    conv_hwc(conv, packed, ConvInput::Nchw(input), relu)?.to_nchw()
+}
+
+/// Sums `[positions, stride]` (the first `bias.len()` of each row) into the output's rows (one
+/// per position), columns `first..`: bias, ReLU and bf16 rounding (a pass that vectorises).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn finish_rows(
+    sums: &[f32],
+    stride: usize,
+    bias: &[f32],
+    relu: bool,
+    first: usize,
+    out: &mut [numkong::bf16],
+) {
+    let channels = out.len() / (sums.len() / stride.max(1)).max(1);
+    for (row, out) in sums
+        .chunks_exact(stride)
+        .zip(out.chunks_exact_mut(channels))
+    {
+        let out = &mut out[first..first + bias.len()];
+        for ((o, &sum), &b) in out.iter_mut().zip(row).zip(bias) {
+            *o = numkong::bf16(bf16_bits(activate(sum, b, relu)));
+        }
+    }
+}
+
+/// Side of the square tiles the transpose below goes through: a tile's source rows and
 /// destination rows each stay within a few cache lines.
 const TILE: usize = 16;
 
-/// One CHW f32 image (`channels` planes of `plane` values) as HWC bf16, tile by tile (this and
-/// [`to_chw`] compiled for AVX-512 and AVX2 too, picked at run time: the crate's baseline is
-/// SSE2).
+/// One CHW f32 image (`channels` planes of `plane` values) as HWC bf16, tile by tile (compiled
+/// for AVX-512 and AVX2 too, picked at run time: the crate's baseline is SSE2).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
 fn to_hwc_bf16(image: &[f32], channels: usize, plane: usize, hwc: &mut [numkong::bf16]) {
     if channels == 3 {
@@ -198,49 +352,20 @@ fn to_hwc_bf16(image: &[f32], channels: usize, plane: usize, hwc: &mut [numkong:
     }
 }
 
-/// Sums `[positions, out]` into the CHW output `[out, positions]`: bias, ReLU and bf16
-/// rounding in place (a pass that vectorises), then a tiled transpose.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn to_chw(sums: &mut [f32], bias: &[f32], relu: bool, out: &mut [f32]) {
-    let channels = bias.len();
-    if channels == 0 {
-        return;
-    }
-    let positions = out.len() / channels;
-    for row in sums.chunks_exact_mut(channels) {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            *v = finish(*v, b, relu);
-        }
-    }
-    let mut tile = [[0.0f32; TILE]; TILE];
-    for p0 in (0..positions).step_by(TILE) {
-        let pn = TILE.min(positions - p0);
-        for c0 in (0..channels).step_by(TILE) {
-            let cn = TILE.min(channels - c0);
-            for (i, src) in sums[p0 * channels..].chunks(channels).take(pn).enumerate() {
-                for (j, &v) in src[c0..c0 + cn].iter().enumerate() {
-                    tile[j][i] = v;
-                }
-            }
-            for (j, row) in tile.iter().take(cn).enumerate() {
-                let at = (c0 + j) * positions + p0;
-                out[at..at + pn].copy_from_slice(&row[..pn]);
-            }
-        }
-    }
-}
-
-/// Unfolds one HWC image into `rows[(oy, ox), (ki, kj, c)]`: one row per output position, in
-/// the OHWI weight's order, zeros over the padding. A window row inside the image is one
-/// contiguous copy of `kernel * channels` values.
-fn im2row(g: &Geometry, hwc: &[numkong::bf16], rows: &mut [numkong::bf16]) {
+/// Unfolds one HWC image into `rows[(oy, ox), (ki, kj, c)]`: one row (of `row_len >=
+/// col_rows` values, zeros after the window) per output position, in the OHWI weight's order,
+/// zeros over the padding. A window row inside the image is one contiguous copy of `kernel *
+/// channels` values.
+fn im2row(g: &Geometry, hwc: &[numkong::bf16], row_len: usize, rows: &mut [numkong::bf16]) {
     let (kernel, channels) = (g.kernel, g.channels);
     let span = kernel * channels;
     let line_len = g.width * channels;
-    let mut rows = rows.chunks_exact_mut(g.col_rows());
+    let mut rows = rows.chunks_exact_mut(row_len);
     for oy in 0..g.out_height {
         for ox in 0..g.out_width {
             let Some(row) = rows.next() else { return };
+            let (row, after) = row.split_at_mut(g.col_rows());
+            after.fill(numkong::bf16::ZERO);
             let x0 = (ox * g.stride) as isize - g.padding as isize;
             let inside = x0 >= 0 && x0 as usize + kernel <= g.width;
             for (ki, dst) in row.chunks_exact_mut(span).enumerate() {
@@ -389,8 +514,11 @@ mod tests {
                 Array4::from_shape_vec((n, c, size, size), values(n * c * size * size, i + 20))
                     .unwrap();
             let conv = Conv2d::new(weight.view(), &bias, stride, padding).unwrap();
-            let packed = pack_conv(&conv);
-            for relu in [false, true] {
+            for (kernels, relu) in [ConvKernels::Numkong, ConvKernels::Panels]
+                .into_iter()
+                .flat_map(|k| [(k, false), (k, true)])
+            {
+                let packed = pack_conv(&conv, kernels);
                 let got = conv_forward(&conv, &packed, input.view(), relu).unwrap();
                 let mut want = if relu {
                     conv.forward_relu(input.view()).unwrap()
@@ -399,7 +527,7 @@ mod tests {
                 };
                 want.mapv_inplace(round);
                 assert_eq!(got.shape(), want.shape());
-                let what = format!("case {i} relu {relu}");
+                let what = format!("case {i} {kernels:?} relu {relu}");
                 assert_within_a_bf16_step(got.as_slice().unwrap(), want.as_slice().unwrap(), &what);
                 if !relu {
                     assert!(got.iter().any(|&v| v < 0.0), "{what}: no negative output");
@@ -454,10 +582,12 @@ mod tests {
         assert!(linear_forward(&linear, &packed, Array2::zeros((2, 5)).view(), true).is_err());
         let conv =
             Conv2d::new(Array4::zeros((4, 3, 3, 3)).view(), &Array1::zeros(4), 1, 0).unwrap();
-        let packed = pack_conv(&conv);
-        let wrong = Array4::zeros((1, 2, 5, 5));
-        assert!(conv_forward(&conv, &packed, wrong.view(), true).is_err());
-        let small = Array4::zeros((1, 3, 2, 2));
-        assert!(conv_forward(&conv, &packed, small.view(), true).is_err());
+        for kernels in [ConvKernels::Numkong, ConvKernels::Panels] {
+            let packed = pack_conv(&conv, kernels);
+            let wrong = Array4::zeros((1, 2, 5, 5));
+            assert!(conv_forward(&conv, &packed, wrong.view(), true).is_err());
+            let small = Array4::zeros((1, 3, 2, 2));
+            assert!(conv_forward(&conv, &packed, small.view(), true).is_err());
+        }
     }
 }

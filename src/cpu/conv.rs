@@ -111,19 +111,27 @@ impl Conv2d {
         op: &'static str,
         input: &ArrayView4<'_, f32>,
     ) -> Result<Geometry> {
-        let (_, c, h, w) = input.dim();
+        self.geometry_of(op, input.dim())
+    }
+
+    /// [`Conv2d::geometry`] of a batch shaped `(n, c, h, w)`, whatever its layout in memory.
+    pub(super) fn geometry_of(
+        &self,
+        op: &'static str,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Result<Geometry> {
         if c != self.in_channels {
             return Err(Error::Shape {
                 op,
                 expected: format!("[N, {}, H, W]", self.in_channels),
-                found: input.shape().to_vec(),
+                found: vec![n, c, h, w],
             });
         }
         if c * h * w == 0 {
             return Err(Error::Shape {
                 op,
                 expected: "non-empty images [N, C > 0, H > 0, W > 0]".into(),
-                found: input.shape().to_vec(),
+                found: vec![n, c, h, w],
             });
         }
         let (oh, ow) = self.output_size(h, w)?;

@@ -170,7 +170,7 @@ fn sum_of_squares(
 /// branch-free. AVX-512 or AVX2 where the CPU has them (IEEE square roots and divisions: the
 /// same numbers at every width).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn normalise(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
+pub(super) fn normalise(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
     if beta == 0.75 {
         for (d, &a) in dst.iter_mut().zip(centre) {
             let s = (k + alpha * *d).sqrt();

@@ -5,10 +5,12 @@
 
 mod bf16;
 mod bf16_layers;
+mod bf16_panels;
 mod bias_act;
 mod conv;
 mod dropout;
 mod gemm;
+mod hwc;
 mod linear;
 mod loss;
 mod lrn;

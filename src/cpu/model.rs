@@ -1,9 +1,12 @@
 //! The whole network on the CPU: the reference every other backend is checked against.
 
-use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, Ix2};
+use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, CowArray, Ix2, Ix4};
 
 use super::bf16::{bf16_bits, bf16_hardware, native_kernels_usable, Bf16Kernels, PackedBf16};
-use super::bf16_layers::{conv_forward, linear_forward, pack_conv, pack_linear};
+use super::bf16_layers::{
+    conv_hwc, linear_forward, pack_conv, pack_linear, ConvInput, ConvKernels, ConvWeights,
+};
+use super::hwc::{lrn_hwc, pool_hwc, HwcBf16};
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use crate::backend::Backend;
 use crate::config::{AlexNetConfig, Precision, StageOp};
@@ -28,8 +31,8 @@ pub(super) enum Layer {
 /// A layer's weight packed for the bf16 kernels (native bf16 mode only).
 #[derive(Clone, Debug)]
 enum Packed {
-    /// One per block of output channels (features).
-    Conv(Vec<PackedBf16>),
+    Conv(ConvWeights),
+    /// One per block of output features.
     Linear(Vec<PackedBf16>),
 }
 
@@ -113,9 +116,10 @@ impl CpuModel {
         };
         let mut model = Self::build(weights, Precision::Bf16)?;
         if native.is_some() {
+            let conv_kernels = ConvKernels::best();
             for stage in &mut model.stages {
                 stage.packed = match &stage.layer {
-                    Layer::Conv(conv) => Some(Packed::Conv(pack_conv(conv))),
+                    Layer::Conv(conv) => Some(Packed::Conv(pack_conv(conv, conv_kernels))),
                     Layer::Linear { linear, .. } => Some(Packed::Linear(pack_linear(linear))),
                     Layer::Lrn(_) | Layer::Pool(_) => None,
                 };
@@ -210,13 +214,12 @@ impl CpuModel {
     pub fn forward(&self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         let n = input.dim().0;
         if n <= CHUNK_IMAGES {
-            return self.forward_observed(input, |_, _| {});
+            return self.run(input, None);
         }
         let mut logits = Array2::zeros((n, self.config.num_classes()));
         for start in (0..n).step_by(CHUNK_IMAGES) {
             let end = (start + CHUNK_IMAGES).min(n);
-            let chunk =
-                self.forward_observed(input.slice(s![start..end, .., .., ..]), |_, _| {})?;
+            let chunk = self.run(input.slice(s![start..end, .., .., ..]), None)?;
             logits.slice_mut(s![start..end, ..]).assign(&chunk);
         }
         Ok(logits)
@@ -224,41 +227,63 @@ impl CpuModel {
 
     /// Like [`CpuModel::forward`], calling `observe(stage, activation)` after every stage
     /// ("conv1" after its ReLU, "lrn1", "pool1", ..., "fc1" after ReLU and dropout, ..., "fc3") —
-    /// for debugging and for checking other backends layer by layer.
+    /// for debugging and for checking other backends layer by layer. Activations are NCHW
+    /// (flat from fc1 on) whatever layout the model keeps them in.
     pub fn forward_observed(
         &self,
         input: ArrayView4<'_, f32>,
         mut observe: impl FnMut(&str, ArrayViewD<'_, f32>),
     ) -> Result<Array2<f32>> {
+        self.run(input, Some(&mut observe))
+    }
+
+    /// The forward, observed when `observe` is given (an unobserved run never converts
+    /// native bf16 mode's HWC activations to NCHW between layers).
+    fn run(
+        &self,
+        input: ArrayView4<'_, f32>,
+        mut observe: Option<Observer<'_>>,
+    ) -> Result<Array2<f32>> {
         let n = self
             .config
             .input
             .check_batch("CpuModel::forward", input.shape())?;
-        // The activation so far; `None` while it is still the caller's input, which is read in
-        // place (no copy) unless it must be rounded first: a native bf16 convolution rounds
-        // its input itself.
+        // The caller's input is read in place (no copy) unless it must be rounded first: a
+        // native bf16 convolution rounds its input itself.
         let rounds_itself = matches!(
             self.stages.first().map(|s| &s.packed),
             Some(Some(Packed::Conv(_)))
         );
-        let mut x: Option<Array4<f32>> = match self.precision {
+        let mut x = match self.precision {
             Precision::Fp16 | Precision::Bf16 if !rounds_itself => {
-                Some(self.round(input.to_owned()))
+                Activation::Nchw(self.round(input.to_owned()))
             }
-            _ => None,
+            _ => Activation::Input(input),
         };
-        let mut y: Option<Array2<f32>> = None; // the flattened activation, from fc1 on
         for stage in &self.stages {
-            let view = x.as_ref().map_or_else(|| input.view(), |a| a.view());
-            match (&stage.layer, &stage.packed) {
+            x = match (&stage.layer, &stage.packed) {
                 // Rounded to bf16 as it is written.
                 (Layer::Conv(conv), Some(Packed::Conv(packed))) => {
-                    x = Some(conv_forward(conv, packed, view, true)?)
+                    let out = match &x {
+                        Activation::Hwc(hwc) => conv_hwc(conv, packed, ConvInput::Hwc(hwc), true),
+                        other => {
+                            conv_hwc(conv, packed, ConvInput::Nchw(other.nchw()?.view()), true)
+                        }
+                    };
+                    Activation::Hwc(out?)
                 }
-                (Layer::Conv(conv), _) => x = Some(self.round(conv.forward_relu(view)?)),
-                (Layer::Lrn(lrn), _) => x = Some(self.round(lrn.forward(view)?)),
+                (Layer::Conv(conv), _) => {
+                    Activation::Nchw(self.round(conv.forward_relu(x.nchw()?.view())?))
+                }
+                (Layer::Lrn(lrn), _) => match &x {
+                    Activation::Hwc(hwc) => Activation::Hwc(lrn_hwc(lrn, hwc)),
+                    other => Activation::Nchw(self.round(lrn.forward(other.nchw()?.view())?)),
+                },
                 // The max of f16 (bf16) values is one of them: no rounding.
-                (Layer::Pool(pool), _) => x = Some(pool.forward(view)?),
+                (Layer::Pool(pool), _) => match &x {
+                    Activation::Hwc(hwc) => Activation::Hwc(pool_hwc(pool, hwc)?),
+                    other => Activation::Nchw(pool.forward(other.nchw()?.view())?),
+                },
                 (
                     Layer::Linear {
                         linear,
@@ -267,16 +292,7 @@ impl CpuModel {
                     },
                     packed,
                 ) => {
-                    let flat = match y.take() {
-                        Some(flat) => flat,
-                        // Flatten in (C, H, W) order: NCHW standard layout already is.
-                        None => {
-                            let x = x.take().unwrap_or_else(|| input.to_owned());
-                            let features = x.len() / n;
-                            x.into_shape_with_order((n, features))
-                                .map_err(|e| Error::invalid("flatten", e.to_string()))?
-                        }
-                    };
+                    let flat = x.into_flat(n)?;
                     let mut out = match packed {
                         Some(Packed::Linear(blocks)) => {
                             linear_forward(linear, blocks, flat.view(), *relu)?
@@ -290,16 +306,20 @@ impl CpuModel {
                             .into_dimensionality::<Ix2>()
                             .map_err(|e| Error::invalid("dropout", e.to_string()))?;
                     }
-                    y = Some(self.round(out));
+                    Activation::Flat(self.round(out))
+                }
+            };
+            if let Some(observe) = observe.as_mut() {
+                match &x {
+                    Activation::Flat(flat) => observe(&stage.name, flat.view().into_dyn()),
+                    other => observe(&stage.name, other.nchw()?.view().into_dyn()),
                 }
             }
-            match (&y, &x) {
-                (Some(flat), _) => observe(&stage.name, flat.view().into_dyn()),
-                (None, Some(x)) => observe(&stage.name, x.view().into_dyn()),
-                (None, None) => observe(&stage.name, input.into_dyn()),
-            }
         }
-        y.ok_or_else(|| Error::invalid("config", "the network has no linear layer"))
+        match x {
+            Activation::Flat(logits) => Ok(logits),
+            _ => Err(Error::invalid("config", "the network has no linear layer")),
+        }
     }
 
     /// Rounds to the storage precision: f16 in fp16 mode, bf16 in bf16 mode; the identity in
@@ -316,6 +336,51 @@ impl CpuModel {
             Precision::Fp32 | Precision::Tf32 => {}
         }
         a
+    }
+}
+
+/// What [`CpuModel::forward_observed`] calls after each stage.
+type Observer<'o> = &'o mut dyn FnMut(&str, ArrayViewD<'_, f32>);
+
+/// The activation between two stages.
+enum Activation<'a> {
+    /// The caller's input, read in place.
+    Input(ArrayView4<'a, f32>),
+    Nchw(Array4<f32>),
+    /// Native bf16 mode's, from its first convolution to the flattening.
+    Hwc(HwcBf16),
+    /// From the first linear layer on.
+    Flat(Array2<f32>),
+}
+
+impl Activation<'_> {
+    /// As an NCHW batch: borrowed where it already is one, converted from HWC.
+    fn nchw(&self) -> Result<CowArray<'_, f32, Ix4>> {
+        match self {
+            Activation::Input(x) => Ok(x.view().into()),
+            Activation::Nchw(x) => Ok(x.view().into()),
+            Activation::Hwc(x) => Ok(x.to_nchw()?.into()),
+            Activation::Flat(_) => Err(Error::invalid(
+                "config",
+                "a convolution, LRN or pooling stage after a linear layer",
+            )),
+        }
+    }
+
+    /// Flattened `[n, C * H * W]` in (C, H, W) order, as PyTorch flattens.
+    fn into_flat(self, n: usize) -> Result<Array2<f32>> {
+        let nchw = match self {
+            Activation::Flat(flat) => return Ok(flat),
+            Activation::Input(x) => x.to_owned(),
+            Activation::Nchw(x) => x,
+            Activation::Hwc(x) => x.to_nchw()?,
+        };
+        let features = nchw.len() / n.max(1);
+        // NCHW standard layout already is (C, H, W) order per image.
+        nchw.as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((n, features))
+            .map_err(|e| Error::invalid("flatten", e.to_string()))
     }
 }
 
