@@ -8,7 +8,7 @@ use ndarray::{s, Array2, ArrayView2, ArrayView4};
 use rayon::prelude::*;
 
 use super::bf16::{bf16_bits, bf16_hardware, to_bf16, PackedBf16};
-use super::bf16_panels::{kernel_available as panels_kernel_available, Panels};
+use super::bf16_panels::{kernel_available as panels_kernel_available, Panels, Rows};
 use super::bias_act;
 use super::conv::Geometry;
 use super::hwc::HwcBf16;
@@ -122,36 +122,33 @@ impl ConvWeights {
         }
     }
 
-    /// One image's product: `rows [positions, row_len]` times every block into `sums` (one
-    /// per [`ConvWeights::sum_blocks`]), on the calling thread or, with `split`, across all of
-    /// rayon's threads.
-    fn multiply(
-        &self,
-        rows: &[numkong::bf16],
-        positions: usize,
-        sums: &mut [Vec<f32>],
-        split: bool,
-    ) {
+    /// One image's product: its rows times every block into `sums` (one per
+    /// [`ConvWeights::sum_blocks`]), on the calling thread or, with `split`, across all of
+    /// rayon's threads. numkong reads rows unfolded one after another (one run each).
+    fn multiply(&self, rows: Rows<'_>, sums: &mut [Vec<f32>], split: bool) {
         let threads = rayon::current_num_threads();
-        let k = rows.len() / positions.max(1);
+        let positions = rows.starts.len();
         match self {
-            ConvWeights::Numkong(packed) if split => {
-                // By blocks, then by rows where blocks are fewer than threads (each call
-                // should keep many rows: see CONV_BLOCK).
-                let row_tasks = threads.div_ceil(packed.len()).max(1);
-                let per_task = positions.div_ceil(row_tasks).max(1);
-                packed
-                    .par_iter()
-                    .zip(sums.par_iter_mut())
-                    .for_each(|(block, sums)| {
-                        sums.par_chunks_mut(per_task * block.width())
-                            .zip(rows.par_chunks(per_task * k))
-                            .for_each(|(sums, a)| block.multiply(a, a.len() / k, sums));
-                    });
-            }
             ConvWeights::Numkong(packed) => {
-                for (block, sums) in packed.iter().zip(sums) {
-                    block.multiply(rows, positions, sums);
+                let unfolded = rows.data;
+                let k = unfolded.len() / positions.max(1);
+                if split {
+                    // By blocks, then by rows where blocks are fewer than threads (each call
+                    // should keep many rows: see CONV_BLOCK).
+                    let row_tasks = threads.div_ceil(packed.len()).max(1);
+                    let per_task = positions.div_ceil(row_tasks).max(1);
+                    packed
+                        .par_iter()
+                        .zip(sums.par_iter_mut())
+                        .for_each(|(block, sums)| {
+                            sums.par_chunks_mut(per_task * block.width())
+                                .zip(unfolded.par_chunks(per_task * k))
+                                .for_each(|(sums, a)| block.multiply(a, a.len() / k, sums));
+                        });
+                } else {
+                    for (block, sums) in packed.iter().zip(sums) {
+                        block.multiply(unfolded, positions, sums);
+                    }
                 }
             }
             ConvWeights::Panels(panels) => {
@@ -163,8 +160,8 @@ impl ConvWeights {
                 };
                 let per_task = per_task.max(1);
                 sums.par_chunks_mut(per_task * padded)
-                    .zip(rows.par_chunks(per_task * k))
-                    .for_each(|(sums, a)| panels.multiply(a, a.len() / k, sums));
+                    .zip(rows.starts.par_chunks(per_task))
+                    .for_each(|(sums, starts)| panels.multiply(&Rows { starts, ..rows }, sums));
             }
         }
     }
@@ -183,10 +180,12 @@ fn pack_blocks(b: &[f32], width: usize, depth: usize, block: usize) -> Vec<Packe
         .collect()
 }
 
-/// Per-thread buffers of [`conv_hwc`]: one image in HWC bf16 (when the input is NCHW), its
-/// unfolded rows and the product's sums.
+/// Per-thread buffers of [`conv_hwc`]: one image in HWC bf16 (when the input is NCHW), the
+/// image again inside a zero border (when read in place) or its unfolded rows, and the
+/// product's sums.
 struct Scratch {
     hwc: Vec<numkong::bf16>,
+    bordered: Vec<numkong::bf16>,
     rows: Vec<numkong::bf16>,
     /// One `[positions, row length]` per block of [`ConvWeights::sum_blocks`].
     sums: Vec<Vec<f32>>,
@@ -203,6 +202,11 @@ pub(super) enum ConvInput<'a> {
 /// [`Conv2d::forward`] (or `forward_relu`) with bf16 operands, the output rounded to bf16, in
 /// HWC order: the products' rows are output positions, so the output is their sums with bias,
 /// ReLU and rounding, written in place (no transpose).
+///
+/// Our kernel reads each output position's window in place from the HWC image (inside a zero
+/// border for the padding): one run of `kernel * channels` values per kernel row, so nothing is
+/// unfolded. Where that run is odd (conv1: 11 x 3), and for numkong, the windows are unfolded
+/// into rows first.
 pub(super) fn conv_hwc(
     conv: &Conv2d,
     packed: &ConvWeights,
@@ -221,6 +225,27 @@ pub(super) fn conv_hwc(
     let (in_len, out_len) = (c * h * w, o * positions);
     let row_len = packed.row_len(g.col_rows());
     let blocks = packed.sum_blocks();
+    let in_place = matches!(packed, ConvWeights::Panels(_)) && (g.kernel * c).is_multiple_of(2);
+    let (bordered_height, bordered_width) = (h + 2 * g.padding, w + 2 * g.padding);
+    let bordered_len = if in_place && g.padding > 0 {
+        bordered_height * bordered_width * c
+    } else {
+        0
+    };
+    // Where each output position's row starts: its window's top-left in the (bordered) image,
+    // or its unfolded row.
+    let (image_width, stride) = if g.padding > 0 {
+        (bordered_width, g.stride)
+    } else {
+        (w, g.stride)
+    };
+    let starts: Vec<usize> = if in_place {
+        (0..g.out_height)
+            .flat_map(|oy| (0..g.out_width).map(move |ox| (oy * image_width + ox) * stride * c))
+            .collect()
+    } else {
+        (0..positions).map(|r| r * row_len).collect()
+    };
     let mut output = vec![numkong::bf16::ZERO; n * out_len];
     if n > 0 && out_len > 0 {
         let standard;
@@ -232,9 +257,9 @@ pub(super) fn conv_hwc(
             ConvInput::Hwc(x) => (&[], &x.data),
         };
         let [_, bias] = conv.parameters();
-        // Per image: HWC bf16 (converted when the input is NCHW), unfolded into rows (one per
-        // output position), multiplied into sums `[positions, channels]`, then finished into
-        // the output's rows.
+        // Per image: HWC bf16 (converted when the input is NCHW), read in place or unfolded
+        // into rows (one per output position), multiplied into sums `[positions, channels]`,
+        // then finished into the output's rows.
         let per_image = |s: &mut Scratch, i: usize, out: &mut [numkong::bf16], split: bool| {
             let image: &[numkong::bf16] = if nchw.is_empty() {
                 &hwc[i * in_len..(i + 1) * in_len]
@@ -242,8 +267,34 @@ pub(super) fn conv_hwc(
                 to_hwc_bf16(&nchw[i * in_len..(i + 1) * in_len], c, h * w, &mut s.hwc);
                 &s.hwc
             };
-            im2row(&g, image, row_len, &mut s.rows);
-            packed.multiply(&s.rows, positions, &mut s.sums, split);
+            let rows = if in_place {
+                let data = if s.bordered.is_empty() {
+                    image
+                } else {
+                    // Only the inside is written: the border stays zero from the allocation.
+                    let line = bordered_width * c;
+                    for (y, src) in image.chunks_exact(w * c).enumerate() {
+                        let at = (y + g.padding) * line + g.padding * c;
+                        s.bordered[at..at + w * c].copy_from_slice(src);
+                    }
+                    &s.bordered
+                };
+                Rows {
+                    data,
+                    starts: &starts,
+                    segments: g.kernel,
+                    segment_stride: image_width * c,
+                }
+            } else {
+                im2row(&g, image, row_len, &mut s.rows);
+                Rows {
+                    data: &s.rows,
+                    starts: &starts,
+                    segments: 1,
+                    segment_stride: 0,
+                }
+            };
+            packed.multiply(rows, &mut s.sums, split);
             let mut first = 0;
             for (&(width, stride), sums) in blocks.iter().zip(&s.sums) {
                 finish_rows(sums, stride, &bias[first..first + width], relu, first, out);
@@ -252,7 +303,8 @@ pub(super) fn conv_hwc(
         };
         let scratch = || Scratch {
             hwc: vec![numkong::bf16::ZERO; if nchw.is_empty() { 0 } else { in_len }],
-            rows: vec![numkong::bf16::ZERO; positions * row_len],
+            bordered: vec![numkong::bf16::ZERO; bordered_len],
+            rows: vec![numkong::bf16::ZERO; if in_place { 0 } else { positions * row_len }],
             sums: blocks
                 .iter()
                 .map(|&(_, stride)| vec![0.0f32; positions * stride])
@@ -492,7 +544,8 @@ mod tests {
 
     /// Native convolutions against `Conv2d::forward(_relu)` on the same bf16 values, rounded:
     /// padding, stride, a channel count that leaves a partial block, one image (split across
-    /// threads) and several (one per thread).
+    /// threads) and several (one per thread), windows unfolded (odd runs, numkong) and read in
+    /// place (even runs).
     #[test]
     fn convolutions_match_the_emulated_twin() {
         if !usable_or_skip("convolutions_match_the_emulated_twin") {
@@ -506,6 +559,9 @@ mod tests {
             (4, 7, 6, 3, 2, 0, 9),
             // Depth 300 * 9 = 2700: two depth parts.
             (2, 300, 5, 3, 1, 1, 20),
+            // Even runs (kernel * channels), read in place: strided, with and without border.
+            (2, 8, 9, 3, 2, 0, 40),
+            (1, 4, 11, 5, 2, 2, 33),
         ];
         for (i, &(n, c, size, k, stride, padding, o)) in cases.iter().enumerate() {
             let weight = Array4::from_shape_vec((o, c, k, k), values(o * c * k * k, i)).unwrap();

@@ -102,44 +102,51 @@ impl Panels {
         self.pairs * 2
     }
 
-    /// `c [rows, padded_width] (row-major) = a [rows, row_len] (row-major) · Bᵀ`, on the calling
-    /// thread; on AVX512-BF16 where the CPU has it, else by the portable twin.
+    /// `c [rows, padded_width] (row-major) = A · Bᵀ`, `A`'s rows where `rows` says, on the
+    /// calling thread; on AVX512-BF16 where the CPU has it, else by the portable twin.
     ///
-    /// Panics only on a programming error inside this crate (mismatched lengths).
-    pub(crate) fn multiply(&self, a: &[numkong::bf16], rows: usize, c: &mut [f32]) {
+    /// Panics only on a programming error inside this crate (rows that do not fit their
+    /// buffer, mismatched lengths).
+    pub(crate) fn multiply(&self, rows: &Rows<'_>, c: &mut [f32]) {
+        let run = rows.run(self.row_len());
+        let last = rows.starts.iter().max().copied().unwrap_or(0);
         assert!(
-            a.len() == rows * self.row_len() && c.len() == rows * self.padded_width(),
-            "internal bf16 panel product: [{rows} x {}] · [{} x {}]ᵀ into {}",
-            self.row_len(),
-            self.width,
-            self.row_len(),
+            rows.starts.is_empty()
+                || last + (rows.segments - 1) * rows.segment_stride + run <= rows.data.len(),
+            "internal bf16 panel rows outside their buffer"
+        );
+        assert_eq!(
+            c.len(),
+            rows.starts.len() * self.padded_width(),
+            "internal bf16 panel product: {} rows into {} sums",
+            rows.starts.len(),
             c.len()
         );
         #[cfg(target_arch = "x86_64")]
         if kernel_available() {
             // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked just above), and the
-            // assert gives the lengths `multiply_avx512` relies on.
-            unsafe { self.multiply_avx512(a, rows, c) };
+            // asserts (with `Rows::run`'s) give the bounds `multiply_avx512` relies on.
+            unsafe { self.multiply_avx512(rows, run, c) };
             return;
         }
-        self.multiply_portable(a, rows, c);
+        self.multiply_portable(rows, c);
     }
 
     /// The portable twin: the same sums, one pair of products at a time.
-    pub(crate) fn multiply_portable(&self, a: &[numkong::bf16], rows: usize, c: &mut [f32]) {
+    pub(crate) fn multiply_portable(&self, rows: &Rows<'_>, c: &mut [f32]) {
         let value = |bits: u32| f32::from_bits(bits << 16);
-        let (len, padded) = (self.row_len(), self.padded_width());
-        for (row, sums) in a
-            .chunks_exact(len)
-            .zip(c.chunks_exact_mut(padded))
-            .take(rows)
-        {
+        let run = rows.run(self.row_len());
+        let padded = self.padded_width();
+        for (&start, sums) in rows.starts.iter().zip(c.chunks_exact_mut(padded)) {
             for (panel, sums) in sums.chunks_exact_mut(PANEL).enumerate() {
                 sums.fill(0.0);
-                for (k, pair) in row.chunks_exact(2).enumerate() {
-                    let (a0, a1) = (value(u32::from(pair[0].0)), value(u32::from(pair[1].0)));
-                    let at = (panel * self.pairs + k) * 2;
-                    let words = self.lines[at].0.iter().chain(&self.lines[at + 1].0);
+                for k in 0..self.pairs {
+                    let (segment, offset) = (2 * k / run.max(1), 2 * k % run.max(1));
+                    let at = start + segment * rows.segment_stride + offset;
+                    let (a0, a1) = (rows.data[at].0, rows.data[at + 1].0);
+                    let (a0, a1) = (value(u32::from(a0)), value(u32::from(a1)));
+                    let line = (panel * self.pairs + k) * 2;
+                    let words = self.lines[line].0.iter().chain(&self.lines[line + 1].0);
                     for (sum, &word) in sums.iter_mut().zip(words) {
                         *sum += a0 * value(word & 0xFFFF) + a1 * value(word >> 16);
                     }
@@ -149,27 +156,36 @@ impl Panels {
     }
 
     /// # Safety
-    /// The CPU must have AVX-512F and AVX512-BF16; `a` must hold `rows * row_len()` values and
-    /// `c` `rows * padded_width()` (as [`Panels::multiply`] asserts).
+    /// The CPU must have AVX-512F and AVX512-BF16; every row of `rows` (runs of `run` values)
+    /// must lie inside `rows.data`, `run` must be even and `segments * run == row_len()`, and
+    /// `c` must hold `rows.starts.len() * padded_width()` values (as [`Panels::multiply`]
+    /// asserts).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn multiply_avx512(&self, a: &[numkong::bf16], rows: usize, c: &mut [f32]) {
-        let (len, padded) = (self.row_len(), self.padded_width());
+    unsafe fn multiply_avx512(&self, rows: &Rows<'_>, run: usize, c: &mut [f32]) {
+        let padded = self.padded_width();
+        let count = rows.starts.len();
+        let shape = Runs {
+            segments: rows.segments,
+            stride: rows.segment_stride,
+            pairs: run / 2,
+        };
         for panel in 0..padded / PANEL {
             let b = &self.lines[panel * self.pairs * 2..(panel + 1) * self.pairs * 2];
             let mut first = 0;
-            while first < rows {
-                let tile_rows = TILE_ROWS.min(rows - first);
-                let a = &a[first * len..(first + tile_rows) * len];
+            while first < count {
+                let tile_rows = TILE_ROWS.min(count - first);
+                let starts = &rows.starts[first..first + tile_rows];
                 let c = &mut c[first * padded + panel * PANEL..];
-                // SAFETY (each arm): `a` holds `tile_rows` rows of `len = 2 * pairs` values,
-                // `b` the panel's `2 * pairs` lines, and `c` at least `(tile_rows - 1) *
-                // padded + PANEL` values (the product's rows below `first`, from this panel's
-                // first column); the CPU features are the caller's promise.
+                // SAFETY (each arm): every row of the tile lies inside `rows.data` (the
+                // caller's promise), `b` holds the panel's `2 * pairs` lines (one pair of
+                // lines per depth pair of a row), and `c` at least `(tile_rows - 1) * padded
+                // + PANEL` values (the product's rows from `first`, from this panel's first
+                // column); the CPU features are the caller's promise.
                 macro_rules! tile {
                     ($($r:literal)*) => {
                         match tile_rows {
-                            $($r => micro_tile::<$r>(a, len, b, c, padded),)*
+                            $($r => micro_tile::<$r>(rows.data, starts, &shape, b, c, padded),)*
                             _ => unreachable!("tile rows are 1..=TILE_ROWS"),
                         }
                     };
@@ -181,50 +197,96 @@ impl Panels {
     }
 }
 
-/// `ROWS` rows of `a` (row length `len`) times one panel `b`, into `c` (row length `ldc`):
-/// `2 * ROWS` accumulators, each depth pair one broadcast of `a` and two lines of `b`.
+/// Where the rows of `A` lie in a buffer: row `r` is `segments` runs of contiguous values (of
+/// equal, even length), run `s` starting at `data[starts[r] + s * segment_stride]`. Rows
+/// unfolded one after another are one run each; a convolution's windows read in place from a
+/// (zero-bordered) HWC image are one run per kernel row.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub(crate) data: &'a [numkong::bf16],
+    pub(crate) starts: &'a [usize],
+    pub(crate) segments: usize,
+    pub(crate) segment_stride: usize,
+}
+
+impl Rows<'_> {
+    /// The length of one run, for rows of `row_len` values.
+    ///
+    /// Panics only on a programming error inside this crate (runs that do not split the row
+    /// evenly into pairs).
+    fn run(&self, row_len: usize) -> usize {
+        let segments = self.segments.max(1);
+        let run = row_len / segments;
+        assert!(
+            self.segments >= 1 && run * segments == row_len && run.is_multiple_of(2),
+            "internal bf16 panel rows: {row_len} values in {} runs",
+            self.segments
+        );
+        run
+    }
+}
+
+/// The runs of a micro-tile's rows: `segments` runs of `pairs` depth pairs, `stride` apart.
+#[cfg(target_arch = "x86_64")]
+struct Runs {
+    segments: usize,
+    stride: usize,
+    pairs: usize,
+}
+
+/// `ROWS` rows of `A` (starting at `data[starts[r]]`, laid out as `runs` says) times one panel
+/// `b`, into `c` (row length `ldc`): `2 * ROWS` accumulators, each depth pair one broadcast
+/// per row and two lines of `b`.
 ///
 /// # Safety
-/// AVX-512F and AVX512-BF16; `a.len() >= ROWS * len`, `b.len() >= len` (lines: two per pair),
-/// `c.len() >= (ROWS - 1) * ldc + PANEL`, `len` even.
+/// AVX-512F and AVX512-BF16; `starts.len() == ROWS` and every row's runs inside `data`;
+/// `b.len() >= 2 * segments * pairs`; `c.len() >= (ROWS - 1) * ldc + PANEL`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 unsafe fn micro_tile<const ROWS: usize>(
-    a: &[numkong::bf16],
-    len: usize,
+    data: &[numkong::bf16],
+    starts: &[usize],
+    runs: &Runs,
     b: &[Line],
     c: &mut [f32],
     ldc: usize,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= ROWS * len && b.len() >= len && c.len() >= (ROWS - 1) * ldc + PANEL);
+    debug_assert!(starts.len() == ROWS && b.len() >= 2 * runs.segments * runs.pairs);
+    debug_assert!(c.len() >= (ROWS - 1) * ldc + PANEL);
     let mut low = [_mm512_setzero_ps(); ROWS];
     let mut high = [_mm512_setzero_ps(); ROWS];
-    let a = a.as_ptr();
-    for k in 0..len / 2 {
-        // SAFETY: lines `2k` and `2k + 1` exist (`b.len() >= len`), each 64 bytes, 64-aligned.
-        let (b_low, b_high) = unsafe {
-            (
-                _mm512_load_si512(b.as_ptr().add(2 * k).cast()),
-                _mm512_load_si512(b.as_ptr().add(2 * k + 1).cast()),
-            )
-        };
-        // SAFETY: both are 512 bits of plain data; `__m512bh` reads them as 32 bf16 values.
-        let (b_low, b_high) = unsafe {
-            (
-                std::mem::transmute::<__m512i, __m512bh>(b_low),
-                std::mem::transmute::<__m512i, __m512bh>(b_high),
-            )
-        };
-        for r in 0..ROWS {
-            // SAFETY: row `r < ROWS` has `len` values; `2k + 1 < len`. Two bf16 values read
-            // as one (unaligned) 32-bit word.
-            let pair = unsafe { a.add(r * len + 2 * k).cast::<i32>().read_unaligned() };
-            // SAFETY: 512 bits of plain data, read as 32 bf16 values.
-            let pair = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair)) };
-            low[r] = _mm512_dpbf16_ps(low[r], pair, b_low);
-            high[r] = _mm512_dpbf16_ps(high[r], pair, b_high);
+    let mut row = [data.as_ptr(); ROWS];
+    for (row, &start) in row.iter_mut().zip(starts) {
+        // SAFETY: a row's first value is inside `data` (the caller's promise).
+        *row = unsafe { row.add(start) };
+    }
+    let mut line = b.as_ptr();
+    for segment in 0..runs.segments {
+        let offset = segment * runs.stride;
+        for k in 0..runs.pairs {
+            // SAFETY: the next two lines exist (`b` holds two per depth pair), each 64 bytes
+            // and 64-aligned; `__m512bh` reads the 512 bits as 32 bf16 values.
+            let (b_low, b_high) = unsafe {
+                (
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_load_si512(line.cast())),
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_load_si512(line.add(1).cast())),
+                )
+            };
+            // SAFETY: still inside `b` (or one past its end after the last pair).
+            line = unsafe { line.add(2) };
+            for r in 0..ROWS {
+                // SAFETY: run `segment` of row `r` holds `2 * pairs` values from `offset`,
+                // inside `data` (the caller's promise). Two bf16 values read as one
+                // (unaligned) 32-bit word, broadcast as 32 bf16 values.
+                let pair = unsafe {
+                    let word = row[r].add(offset + 2 * k).cast::<i32>().read_unaligned();
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(word))
+                };
+                low[r] = _mm512_dpbf16_ps(low[r], pair, b_low);
+                high[r] = _mm512_dpbf16_ps(high[r], pair, b_high);
+            }
         }
     }
     let c = c.as_mut_ptr();
@@ -271,10 +333,17 @@ mod tests {
                 super::super::bf16::to_bf16(src, &mut row[..depth]);
             }
             let padded = panels.padded_width();
+            let starts: Vec<usize> = (0..rows).map(|r| r * len).collect();
+            let unfolded = Rows {
+                data: &a16,
+                starts: &starts,
+                segments: 1,
+                segment_stride: 0,
+            };
             let mut kernel = vec![f32::NAN; rows * padded];
             let mut portable = vec![f32::NAN; rows * padded];
-            panels.multiply(&a16, rows, &mut kernel);
-            panels.multiply_portable(&a16, rows, &mut portable);
+            panels.multiply(&unfolded, &mut kernel);
+            panels.multiply_portable(&unfolded, &mut portable);
             for (name, c) in [("kernel", &kernel), ("portable", &portable)] {
                 for r in 0..rows {
                     for col in 0..padded {
@@ -290,6 +359,54 @@ mod tests {
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                             "{name} [{rows}x{depth}]·[{width}x{depth}]ᵀ at ({r}, {col}): \
                              {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows read as windows of a buffer (several runs per row, rows overlapping, as a
+    /// convolution reads a padded image in place), kernel and twin against naive sums.
+    #[test]
+    fn windowed_rows_match_a_naive_product() {
+        let value = |i: usize| half::bf16::from_f32(((i * 7919 % 263) as f32 - 131.0) / 19.0);
+        let data: Vec<numkong::bf16> = (0..2000)
+            .map(|i| numkong::bf16(value(i).to_bits()))
+            .collect();
+        // (rows, width, segments, run, segment stride)
+        for (rows, width, segments, run, stride) in [(14, 40, 3, 10, 57), (25, 33, 5, 8, 6)] {
+            let depth = segments * run;
+            let b: Vec<f32> = (0..width * depth)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
+                .collect();
+            let starts: Vec<usize> = (0..rows).map(|r| r * 7 + r % 3).collect();
+            let rows_in = Rows {
+                data: &data,
+                starts: &starts,
+                segments,
+                segment_stride: stride,
+            };
+            let panels = Panels::pack(&b, width, depth);
+            let padded = panels.padded_width();
+            let mut kernel = vec![f32::NAN; rows * padded];
+            let mut portable = vec![f32::NAN; rows * padded];
+            panels.multiply(&rows_in, &mut kernel);
+            panels.multiply_portable(&rows_in, &mut portable);
+            for (name, c) in [("kernel", &kernel), ("portable", &portable)] {
+                for r in 0..rows {
+                    for col in 0..width {
+                        let want: f64 = (0..depth)
+                            .map(|d| {
+                                let at = starts[r] + d / run * stride + d % run;
+                                let bv = half::bf16::from_f32(b[col * depth + d]).to_f64();
+                                value(at).to_f64() * bv
+                            })
+                            .sum();
+                        let got = c[r * padded + col] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{name} windows {segments}x{run} at ({r}, {col}): {got} vs {want}"
                         );
                     }
                 }
