@@ -80,28 +80,44 @@ impl ConvKernels {
     }
 }
 
-/// A convolution's weight, permuted from OIHW to OHWI (the order [`im2row`] unfolds in) and
-/// packed for `kernels`.
+/// The window width our kernel reads for a convolution: its runs (one per kernel row,
+/// `width * channels` values) must be even, so an odd run (conv1: 11 x 3) reads one column
+/// more, whose weights are zero.
+fn window_width(kernel: usize, channels: usize) -> usize {
+    if (kernel * channels).is_multiple_of(2) {
+        kernel
+    } else {
+        kernel + 1
+    }
+}
+
+/// A convolution's weight, permuted from OIHW to OHWI (the order its windows are read in)
+/// and packed for `kernels`; for the panels, each kernel row widened to
+/// [`window_width`] with zeros.
 pub(super) fn pack_conv(conv: &Conv2d, kernels: ConvKernels) -> ConvWeights {
     let [weight, _] = conv.parameters();
-    let (out, channels) = (conv.out_channels(), conv.in_channels());
-    let taps = weight.len() / (out * channels).max(1); // kernel * kernel
-    let mut ohwi = vec![0.0f32; weight.len()];
+    let (out, channels, kernel) = (conv.out_channels(), conv.in_channels(), conv.kernel());
+    let width = match kernels {
+        ConvKernels::Numkong => kernel,
+        ConvKernels::Panels => window_width(kernel, channels),
+    };
+    let depth = kernel * width * channels;
+    let mut ohwi = vec![0.0f32; out * depth];
     for (src, dst) in weight
-        .chunks_exact(channels * taps)
-        .zip(ohwi.chunks_exact_mut(channels * taps))
+        .chunks_exact(channels * kernel * kernel)
+        .zip(ohwi.chunks_exact_mut(depth))
     {
         for c in 0..channels {
-            for t in 0..taps {
-                dst[t * channels + c] = src[c * taps + t];
+            for ki in 0..kernel {
+                for kj in 0..kernel {
+                    dst[(ki * width + kj) * channels + c] = src[(c * kernel + ki) * kernel + kj];
+                }
             }
         }
     }
     match kernels {
-        ConvKernels::Numkong => {
-            ConvWeights::Numkong(pack_blocks(&ohwi, out, channels * taps, CONV_BLOCK))
-        }
-        ConvKernels::Panels => ConvWeights::Panels(Panels::pack(&ohwi, out, channels * taps)),
+        ConvKernels::Numkong => ConvWeights::Numkong(pack_blocks(&ohwi, out, depth, CONV_BLOCK)),
+        ConvKernels::Panels => ConvWeights::Panels(Panels::pack(&ohwi, out, depth)),
     }
 }
 
@@ -204,9 +220,8 @@ pub(super) enum ConvInput<'a> {
 /// ReLU and rounding, written in place (no transpose).
 ///
 /// Our kernel reads each output position's window in place from the HWC image (inside a zero
-/// border for the padding): one run of `kernel * channels` values per kernel row, so nothing is
-/// unfolded. Where that run is odd (conv1: 11 x 3), and for numkong, the windows are unfolded
-/// into rows first.
+/// border for the padding): one run of `window_width * channels` values per kernel row, so
+/// nothing is unfolded. For numkong the windows are unfolded into rows first.
 pub(super) fn conv_hwc(
     conv: &Conv2d,
     packed: &ConvWeights,
@@ -225,23 +240,23 @@ pub(super) fn conv_hwc(
     let (in_len, out_len) = (c * h * w, o * positions);
     let row_len = packed.row_len(g.col_rows());
     let blocks = packed.sum_blocks();
-    let in_place = matches!(packed, ConvWeights::Panels(_)) && (g.kernel * c).is_multiple_of(2);
-    let (bordered_height, bordered_width) = (h + 2 * g.padding, w + 2 * g.padding);
-    let bordered_len = if in_place && g.padding > 0 {
+    let in_place = matches!(packed, ConvWeights::Panels(_));
+    let window = window_width(g.kernel, c);
+    // The border: the padding, and on the right the extra column a widened window reads.
+    let (bordered_height, bordered_width) =
+        (h + 2 * g.padding, w + 2 * g.padding + window - g.kernel);
+    let bordered = in_place && (bordered_height, bordered_width) != (h, w);
+    let bordered_len = if bordered {
         bordered_height * bordered_width * c
     } else {
         0
     };
     // Where each output position's row starts: its window's top-left in the (bordered) image,
     // or its unfolded row.
-    let (image_width, stride) = if g.padding > 0 {
-        (bordered_width, g.stride)
-    } else {
-        (w, g.stride)
-    };
+    let image_width = if bordered { bordered_width } else { w };
     let starts: Vec<usize> = if in_place {
         (0..g.out_height)
-            .flat_map(|oy| (0..g.out_width).map(move |ox| (oy * image_width + ox) * stride * c))
+            .flat_map(|oy| (0..g.out_width).map(move |ox| (oy * image_width + ox) * g.stride * c))
             .collect()
     } else {
         (0..positions).map(|r| r * row_len).collect()

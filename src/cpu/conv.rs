@@ -63,6 +63,11 @@ impl Conv2d {
         self.out_channels
     }
 
+    /// The side of the square kernel.
+    pub(super) fn kernel(&self) -> usize {
+        self.kernel
+    }
+
     pub fn in_channels(&self) -> usize {
         self.in_channels
     }
