@@ -8,8 +8,7 @@ use ndarray::{s, Array2, ArrayView2, ArrayView4};
 use rayon::prelude::*;
 
 use super::bf16::{bf16_bits, bf16_hardware, to_bf16, PackedBf16};
-use super::bf16_panels::{kernel_available as panels_kernel_available, Panels, Rows};
-use super::bias_act;
+use super::bf16_panels::{finish, kernel_available as panels_kernel_available, Panels, Rows};
 use super::conv::Geometry;
 use super::hwc::HwcBf16;
 use super::{Conv2d, Linear};
@@ -25,21 +24,10 @@ const LINEAR_BLOCK: usize = 256;
 /// x 2400 395 either way.
 const CONV_BLOCK: usize = 128;
 
-/// `act(sum + bias)`, before its rounding to bf16.
-#[inline]
-fn activate(sum: f32, bias: f32, relu: bool) -> f32 {
-    let v = sum + bias;
-    if relu {
-        bias_act::relu(v)
-    } else {
-        v
-    }
-}
-
 /// `act(sum + bias)` rounded to bf16, back in f32.
 #[inline]
-fn finish(sum: f32, bias: f32, relu: bool) -> f32 {
-    f32::from_bits(u32::from(bf16_bits(activate(sum, bias, relu))) << 16)
+fn finish_f32(sum: f32, bias: f32, relu: bool) -> f32 {
+    f32::from_bits(u32::from(finish(sum, bias, relu).0) << 16)
 }
 
 /// A batch rounded to bf16 (threaded over chunks: the conversion is a pass over memory).
@@ -130,18 +118,27 @@ impl ConvWeights {
         }
     }
 
-    /// The sums one image's product writes, as blocks of (channels, row length).
+    /// The sums one image's product writes before they are finished, as blocks of (channels,
+    /// row length): numkong's; the panels finish theirs tile by tile.
     fn sum_blocks(&self) -> Vec<(usize, usize)> {
         match self {
             ConvWeights::Numkong(blocks) => blocks.iter().map(|b| (b.width(), b.width())).collect(),
-            ConvWeights::Panels(panels) => vec![(panels.width(), panels.padded_width())],
+            ConvWeights::Panels(_) => Vec::new(),
         }
     }
 
-    /// One image's product: its rows times every block into `sums` (one per
-    /// [`ConvWeights::sum_blocks`]), on the calling thread or, with `split`, across all of
-    /// rayon's threads. numkong reads rows unfolded one after another (one run each).
-    fn multiply(&self, rows: Rows<'_>, sums: &mut [Vec<f32>], split: bool) {
+    /// One image's output rows `out [positions, channels]`: its rows times the weight, with
+    /// bias, ReLU and bf16 rounding; on the calling thread or, with `split`, across all of
+    /// rayon's threads. numkong reads rows unfolded one after another (one run each) and writes
+    /// `sums` (one per [`ConvWeights::sum_blocks`]) first.
+    fn multiply(
+        &self,
+        rows: Rows<'_>,
+        sums: &mut [Vec<f32>],
+        (bias, relu): (&[f32], bool),
+        out: &mut [numkong::bf16],
+        split: bool,
+    ) {
         let threads = rayon::current_num_threads();
         let positions = rows.starts.len();
         match self {
@@ -162,22 +159,30 @@ impl ConvWeights {
                                 .for_each(|(sums, a)| block.multiply(a, a.len() / k, sums));
                         });
                 } else {
-                    for (block, sums) in packed.iter().zip(sums) {
+                    for (block, sums) in packed.iter().zip(sums.iter_mut()) {
                         block.multiply(unfolded, positions, sums);
                     }
                 }
+                let mut first = 0;
+                for (block, sums) in packed.iter().zip(sums.iter()) {
+                    let width = block.width();
+                    finish_rows(sums, width, &bias[first..first + width], relu, first, out);
+                    first += width;
+                }
             }
             ConvWeights::Panels(panels) => {
-                let (sums, padded) = (&mut sums[0], panels.padded_width());
+                let channels = panels.width();
                 let per_task = if split {
                     positions.div_ceil(threads)
                 } else {
                     positions
                 };
                 let per_task = per_task.max(1);
-                sums.par_chunks_mut(per_task * padded)
+                out.par_chunks_mut(per_task * channels)
                     .zip(rows.starts.par_chunks(per_task))
-                    .for_each(|(sums, starts)| panels.multiply(&Rows { starts, ..rows }, sums));
+                    .for_each(|(out, starts)| {
+                        panels.multiply_finish(&Rows { starts, ..rows }, bias, relu, out)
+                    });
             }
         }
     }
@@ -309,12 +314,7 @@ pub(super) fn conv_hwc(
                     segment_stride: 0,
                 }
             };
-            packed.multiply(rows, &mut s.sums, split);
-            let mut first = 0;
-            for (&(width, stride), sums) in blocks.iter().zip(&s.sums) {
-                finish_rows(sums, stride, &bias[first..first + width], relu, first, out);
-                first += width;
-            }
+            packed.multiply(rows, &mut s.sums, (bias, relu), out, split);
         };
         let scratch = || Scratch {
             hwc: vec![numkong::bf16::ZERO; if nchw.is_empty() { 0 } else { in_len }],
@@ -376,7 +376,7 @@ fn finish_rows(
     {
         let out = &mut out[first..first + bias.len()];
         for ((o, &sum), &b) in out.iter_mut().zip(row).zip(bias) {
-            *o = numkong::bf16(bf16_bits(activate(sum, b, relu)));
+            *o = finish(sum, b, relu);
         }
     }
 }
@@ -508,7 +508,7 @@ pub(super) fn linear_forward(
         let mut columns = out.slice_mut(s![.., first..first + width]);
         for (row, sums) in columns.rows_mut().into_iter().zip(sums.chunks_exact(width)) {
             for ((v, &sum), &b) in row.into_iter().zip(sums).zip(bias) {
-                *v = finish(sum, b, relu);
+                *v = finish_f32(sum, b, relu);
             }
         }
         first += width;

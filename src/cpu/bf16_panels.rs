@@ -102,97 +102,174 @@ impl Panels {
         self.pairs * 2
     }
 
-    /// `c [rows, padded_width] (row-major) = A · Bᵀ`, `A`'s rows where `rows` says, on the
-    /// calling thread; on AVX512-BF16 where the CPU has it, else by the portable twin.
+    /// A layer's output rows: `out [rows, width]` (row-major) = `act(A · Bᵀ + bias)` rounded
+    /// to bf16 ([`finish`]), `A`'s rows where `rows` says, on the calling thread. Each
+    /// micro-tile's sums are finished while they are still in the L1 cache (no `[rows, width]`
+    /// f32 buffer goes through memory).
     ///
     /// Panics only on a programming error inside this crate (rows that do not fit their
-    /// buffer, mismatched lengths).
-    pub(crate) fn multiply(&self, rows: &Rows<'_>, c: &mut [f32]) {
-        let run = rows.run(self.row_len());
-        let last = rows.starts.iter().max().copied().unwrap_or(0);
+    /// buffer, a bias or output that does not match the width).
+    pub(crate) fn multiply_finish(
+        &self,
+        rows: &Rows<'_>,
+        bias: &[f32],
+        relu: bool,
+        out: &mut [numkong::bf16],
+    ) {
         assert!(
-            rows.starts.is_empty()
-                || last + (rows.segments - 1) * rows.segment_stride + run <= rows.data.len(),
-            "internal bf16 panel rows outside their buffer"
-        );
-        assert_eq!(
-            c.len(),
-            rows.starts.len() * self.padded_width(),
-            "internal bf16 panel product: {} rows into {} sums",
+            bias.len() == self.width && out.len() == rows.starts.len() * self.width,
+            "internal bf16 panel output: {} rows of {} into {} (bias {})",
             rows.starts.len(),
-            c.len()
+            self.width,
+            out.len(),
+            bias.len()
         );
-        #[cfg(target_arch = "x86_64")]
-        if kernel_available() {
-            // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked just above), and the
-            // asserts (with `Rows::run`'s) give the bounds `multiply_avx512` relies on.
-            unsafe { self.multiply_avx512(rows, run, c) };
-            return;
-        }
-        self.multiply_portable(rows, c);
+        let mut tile = [0.0f32; TILE_ROWS * PANEL];
+        self.each_tile(rows, &mut tile, false, |first, panel, sums| {
+            let from = panel * PANEL;
+            let bias = &bias[from..from + PANEL.min(self.width - from)];
+            let count = sums.len() / PANEL;
+            let out = &mut out[first * self.width..(first + count) * self.width];
+            finish_tile(sums, bias, relu, self.width, from, out);
+        });
     }
 
-    /// The portable twin: the same sums, one pair of products at a time.
-    pub(crate) fn multiply_portable(&self, rows: &Rows<'_>, c: &mut [f32]) {
-        let value = |bits: u32| f32::from_bits(bits << 16);
-        let run = rows.run(self.row_len());
+    /// The raw sums `c [rows, padded_width] = A · Bᵀ`, by the same micro-tiles as
+    /// [`Panels::multiply_finish`] (on the portable twin if asked): what the tests check
+    /// against naive sums.
+    #[cfg(test)]
+    pub(crate) fn multiply(&self, rows: &Rows<'_>, c: &mut [f32], portable: bool) {
         let padded = self.padded_width();
-        for (&start, sums) in rows.starts.iter().zip(c.chunks_exact_mut(padded)) {
-            for (panel, sums) in sums.chunks_exact_mut(PANEL).enumerate() {
-                sums.fill(0.0);
-                for k in 0..self.pairs {
-                    let (segment, offset) = (2 * k / run.max(1), 2 * k % run.max(1));
-                    let at = start + segment * rows.segment_stride + offset;
-                    let (a0, a1) = (rows.data[at].0, rows.data[at + 1].0);
-                    let (a0, a1) = (value(u32::from(a0)), value(u32::from(a1)));
-                    let line = (panel * self.pairs + k) * 2;
-                    let words = self.lines[line].0.iter().chain(&self.lines[line + 1].0);
-                    for (sum, &word) in sums.iter_mut().zip(words) {
-                        *sum += a0 * value(word & 0xFFFF) + a1 * value(word >> 16);
-                    }
+        assert_eq!(c.len(), rows.starts.len() * padded, "test product shape");
+        let mut tile = [0.0f32; TILE_ROWS * PANEL];
+        self.each_tile(rows, &mut tile, portable, |first, panel, sums| {
+            for (r, sums) in sums.chunks_exact(PANEL).enumerate() {
+                let at = (first + r) * padded + panel * PANEL;
+                c[at..at + PANEL].copy_from_slice(sums);
+            }
+        });
+    }
+
+    /// Every micro-tile's sums, panel by panel (so that a panel's weights stay in the L2 cache
+    /// while the rows go by): `done(first row, panel, sums)` with the tile's rows of [`PANEL`]
+    /// sums in `tile`; by the AVX512-BF16 kernel where the CPU has it (unless `portable`),
+    /// else by the twin.
+    ///
+    /// Panics only on a programming error inside this crate (rows that do not fit their
+    /// buffer).
+    fn each_tile(
+        &self,
+        rows: &Rows<'_>,
+        tile: &mut [f32; TILE_ROWS * PANEL],
+        portable: bool,
+        mut done: impl FnMut(usize, usize, &[f32]),
+    ) {
+        let run = rows.checked_run(self.row_len());
+        for panel in 0..self.padded_width() / PANEL {
+            for first in (0..rows.starts.len()).step_by(TILE_ROWS) {
+                let count = TILE_ROWS.min(rows.starts.len() - first);
+                let tile_rows = Rows {
+                    starts: &rows.starts[first..first + count],
+                    ..*rows
+                };
+                let sums = &mut tile[..count * PANEL];
+                #[cfg(target_arch = "x86_64")]
+                if kernel_available() && !portable {
+                    // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked just above); every
+                    // row lies inside its buffer in runs of `run` (`checked_run`), the tile has
+                    // `count <= TILE_ROWS` rows and `sums` holds `count * PANEL` values.
+                    unsafe { self.panel_tile_avx512(&tile_rows, run, panel, sums) };
+                } else {
+                    self.panel_tile_portable(&tile_rows, panel, sums);
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = portable;
+                    self.panel_tile_portable(&tile_rows, panel, sums);
+                }
+                done(first, panel, sums);
             }
         }
     }
 
+    /// One panel of a micro-tile's sums (`count` rows of [`PANEL`], row-major) by the kernel.
+    ///
     /// # Safety
-    /// The CPU must have AVX-512F and AVX512-BF16; every row of `rows` (runs of `run` values)
-    /// must lie inside `rows.data`, `run` must be even and `segments * run == row_len()`, and
-    /// `c` must hold `rows.starts.len() * padded_width()` values (as [`Panels::multiply`]
-    /// asserts).
+    /// AVX-512F and AVX512-BF16; `rows` at most [`TILE_ROWS`], inside their buffer, in runs of
+    /// `run`; `sums.len() == rows.starts.len() * PANEL`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn multiply_avx512(&self, rows: &Rows<'_>, run: usize, c: &mut [f32]) {
-        let padded = self.padded_width();
-        let count = rows.starts.len();
+    unsafe fn panel_tile_avx512(
+        &self,
+        rows: &Rows<'_>,
+        run: usize,
+        panel: usize,
+        sums: &mut [f32],
+    ) {
         let shape = Runs {
             segments: rows.segments,
             stride: rows.segment_stride,
             pairs: run / 2,
         };
-        for panel in 0..padded / PANEL {
-            let b = &self.lines[panel * self.pairs * 2..(panel + 1) * self.pairs * 2];
-            let mut first = 0;
-            while first < count {
-                let tile_rows = TILE_ROWS.min(count - first);
-                let starts = &rows.starts[first..first + tile_rows];
-                let c = &mut c[first * padded + panel * PANEL..];
-                // SAFETY (each arm): every row of the tile lies inside `rows.data` (the
-                // caller's promise), `b` holds the panel's `2 * pairs` lines (one pair of
-                // lines per depth pair of a row), and `c` at least `(tile_rows - 1) * padded
-                // + PANEL` values (the product's rows from `first`, from this panel's first
-                // column); the CPU features are the caller's promise.
-                macro_rules! tile {
-                    ($($r:literal)*) => {
-                        match tile_rows {
-                            $($r => micro_tile::<$r>(rows.data, starts, &shape, b, c, padded),)*
-                            _ => unreachable!("tile rows are 1..=TILE_ROWS"),
-                        }
-                    };
+        let b = &self.lines[panel * self.pairs * 2..(panel + 1) * self.pairs * 2];
+        // SAFETY (each arm): the caller's promises; `b` holds the panel's two lines per depth
+        // pair, and `sums` `(r - 1) * PANEL + PANEL` values.
+        macro_rules! tile {
+            ($($r:literal)*) => {
+                match rows.starts.len() {
+                    $($r => micro_tile::<$r>(rows.data, rows.starts, &shape, b, sums, PANEL),)*
+                    _ => unreachable!("tile rows are 1..=TILE_ROWS"),
                 }
-                unsafe { tile!(1 2 3 4 5 6 7 8 9 10 11 12) };
-                first += tile_rows;
+            };
+        }
+        unsafe { tile!(1 2 3 4 5 6 7 8 9 10 11 12) };
+    }
+
+    /// The portable twin of [`Panels::panel_tile_avx512`]: the same sums, one pair of products
+    /// at a time.
+    fn panel_tile_portable(&self, rows: &Rows<'_>, panel: usize, sums: &mut [f32]) {
+        let value = |bits: u32| f32::from_bits(bits << 16);
+        let run = rows.checked_run(self.row_len());
+        for (&start, sums) in rows.starts.iter().zip(sums.chunks_exact_mut(PANEL)) {
+            sums.fill(0.0);
+            for k in 0..self.pairs {
+                let (segment, offset) = (2 * k / run, 2 * k % run);
+                let at = start + segment * rows.segment_stride + offset;
+                let (a0, a1) = (rows.data[at].0, rows.data[at + 1].0);
+                let (a0, a1) = (value(u32::from(a0)), value(u32::from(a1)));
+                let line = (panel * self.pairs + k) * 2;
+                let words = self.lines[line].0.iter().chain(&self.lines[line + 1].0);
+                for (sum, &word) in sums.iter_mut().zip(words) {
+                    *sum += a0 * value(word & 0xFFFF) + a1 * value(word >> 16);
+                }
             }
+        }
+    }
+}
+
+/// A layer's output value: `act(sum + bias)` rounded to bf16.
+#[inline]
+pub(crate) fn finish(sum: f32, bias: f32, relu: bool) -> numkong::bf16 {
+    let v = sum + bias;
+    let v = if relu { super::bias_act::relu(v) } else { v };
+    numkong::bf16(super::bf16::bf16_bits(v))
+}
+
+/// A micro-tile's sums (rows of [`PANEL`]) finished into columns `from..from + bias.len()`
+/// of the output rows (`width` long); AVX-512 or AVX2 where the CPU has them.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn finish_tile(
+    sums: &[f32],
+    bias: &[f32],
+    relu: bool,
+    width: usize,
+    from: usize,
+    out: &mut [numkong::bf16],
+) {
+    for (sums, out) in sums.chunks_exact(PANEL).zip(out.chunks_exact_mut(width)) {
+        let out = &mut out[from..from + bias.len()];
+        for ((o, &sum), &b) in out.iter_mut().zip(sums).zip(bias) {
+            *o = finish(sum, b, relu);
         }
     }
 }
@@ -210,17 +287,23 @@ pub(crate) struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    /// The length of one run, for rows of `row_len` values.
+    /// The length of one run, for rows of `row_len` values, after checking that the runs split
+    /// each row evenly into pairs and that every row lies inside `data`.
     ///
-    /// Panics only on a programming error inside this crate (runs that do not split the row
-    /// evenly into pairs).
-    fn run(&self, row_len: usize) -> usize {
+    /// Panics only on a programming error inside this crate.
+    fn checked_run(&self, row_len: usize) -> usize {
         let segments = self.segments.max(1);
         let run = row_len / segments;
         assert!(
             self.segments >= 1 && run * segments == row_len && run.is_multiple_of(2),
             "internal bf16 panel rows: {row_len} values in {} runs",
             self.segments
+        );
+        let last = self.starts.iter().max().copied().unwrap_or(0);
+        assert!(
+            self.starts.is_empty()
+                || last + (self.segments - 1) * self.segment_stride + run <= self.data.len(),
+            "internal bf16 panel rows outside their buffer"
         );
         run
     }
@@ -342,8 +425,8 @@ mod tests {
             };
             let mut kernel = vec![f32::NAN; rows * padded];
             let mut portable = vec![f32::NAN; rows * padded];
-            panels.multiply(&unfolded, &mut kernel);
-            panels.multiply_portable(&unfolded, &mut portable);
+            panels.multiply(&unfolded, &mut kernel, false);
+            panels.multiply(&unfolded, &mut portable, true);
             for (name, c) in [("kernel", &kernel), ("portable", &portable)] {
                 for r in 0..rows {
                     for col in 0..padded {
@@ -391,8 +474,8 @@ mod tests {
             let padded = panels.padded_width();
             let mut kernel = vec![f32::NAN; rows * padded];
             let mut portable = vec![f32::NAN; rows * padded];
-            panels.multiply(&rows_in, &mut kernel);
-            panels.multiply_portable(&rows_in, &mut portable);
+            panels.multiply(&rows_in, &mut kernel, false);
+            panels.multiply(&rows_in, &mut portable, true);
             for (name, c) in [("kernel", &kernel), ("portable", &portable)] {
                 for r in 0..rows {
                     for col in 0..width {
