@@ -58,23 +58,28 @@ fn two_threads_sharing_one_cpu_model_match_one_thread() {
     );
 }
 
-/// Batches larger than one chunk are split; the split must not change any logit.
+/// Batches larger than one chunk are split (their linear layers then run on the whole batch);
+/// the split must not change any logit, in fp32 and in bf16 (native kernels where the CPU has
+/// them).
 #[test]
 fn chunked_forward_equals_per_image_forward() {
     let config = AlexNetConfig::torchvision();
-    let model = CpuModel::new(&common::formula_weights(&config), Precision::Fp32).unwrap();
+    let weights = common::formula_weights(&config);
     let n = CHUNK_IMAGES + 3;
     let input = synthetic_batch(n, config.input, 9);
-    let all = model.forward(input.view()).unwrap();
-    assert_eq!(all.dim(), (n, 1000));
-    for i in [0, CHUNK_IMAGES - 1, CHUNK_IMAGES, n - 1] {
-        let one = model
-            .forward(input.slice(ndarray::s![i..i + 1, .., .., ..]))
-            .unwrap();
-        let err = common::rel_max_error(
-            all.row(i).as_slice().unwrap(),
-            &one.row(0).iter().map(|&v| v as f64).collect::<Vec<_>>(),
-        );
-        assert!(err <= 1e-6, "image {i}: {err:e}");
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let model = CpuModel::new(&weights, precision).unwrap();
+        let all = model.forward(input.view()).unwrap();
+        assert_eq!(all.dim(), (n, 1000));
+        for i in [0, CHUNK_IMAGES - 1, CHUNK_IMAGES, n - 1] {
+            let one = model
+                .forward(input.slice(ndarray::s![i..i + 1, .., .., ..]))
+                .unwrap();
+            let err = common::rel_max_error(
+                all.row(i).as_slice().unwrap(),
+                &one.row(0).iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            );
+            assert!(err <= 1e-6, "{precision} image {i}: {err:e}");
+        }
     }
 }

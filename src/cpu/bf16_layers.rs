@@ -461,22 +461,43 @@ fn im2row(g: &Geometry, hwc: &[numkong::bf16], row_len: usize, rows: &mut [numko
     }
 }
 
-/// A linear layer's weight `[out, in]`, packed for bf16 products in blocks of
-/// [`LINEAR_BLOCK`] output features.
-pub(super) fn pack_linear(linear: &Linear) -> Vec<PackedBf16> {
+/// A linear layer's weight packed for the kernels that run it, in blocks of [`LINEAR_BLOCK`]
+/// output features (each block one task).
+#[derive(Clone, Debug)]
+pub(super) enum LinearWeights {
+    Numkong(Vec<PackedBf16>),
+    Panels(Vec<Panels>),
+}
+
+/// A linear layer's weight `[out, in]`, packed for `kernels` (the same choice as the
+/// convolutions': [`ConvKernels::best`]).
+pub(super) fn pack_linear(linear: &Linear, kernels: ConvKernels) -> LinearWeights {
     let [weight, _] = linear.parameters();
-    pack_blocks(
-        weight,
-        linear.out_features(),
-        linear.in_features(),
-        LINEAR_BLOCK,
-    )
+    let (outputs, inputs) = (linear.out_features(), linear.in_features());
+    match kernels {
+        ConvKernels::Numkong => {
+            LinearWeights::Numkong(pack_blocks(weight, outputs, inputs, LINEAR_BLOCK))
+        }
+        ConvKernels::Panels => LinearWeights::Panels(
+            (0..outputs)
+                .step_by(LINEAR_BLOCK)
+                .map(|first| {
+                    let rows = LINEAR_BLOCK.min(outputs - first);
+                    Panels::pack(
+                        &weight[first * inputs..(first + rows) * inputs],
+                        rows,
+                        inputs,
+                    )
+                })
+                .collect(),
+        ),
+    }
 }
 
 /// [`Linear::forward`] (or `forward_relu`) with bf16 operands, the output rounded to bf16.
 pub(super) fn linear_forward(
     linear: &Linear,
-    packed: &[PackedBf16],
+    packed: &LinearWeights,
     input: ArrayView2<'_, f32>,
     relu: bool,
 ) -> Result<Array2<f32>> {
@@ -490,28 +511,79 @@ pub(super) fn linear_forward(
     }
     let input = input.as_standard_layout();
     let x = rounded(input.as_slice().unwrap_or(&[]));
-    let blocks: Vec<Vec<f32>> = packed
-        .par_iter()
-        .map(|block| {
-            let mut sums = vec![0.0f32; n * block.width()];
-            block.multiply(&x, n, &mut sums);
-            sums
-        })
-        .collect();
     let outputs = linear.out_features();
     let [_, bias] = linear.parameters();
     let mut out = Array2::zeros((n, outputs));
-    let mut first = 0;
-    for (block, sums) in packed.iter().zip(&blocks) {
-        let width = block.width();
-        let bias = &bias[first..first + width];
-        let mut columns = out.slice_mut(s![.., first..first + width]);
-        for (row, sums) in columns.rows_mut().into_iter().zip(sums.chunks_exact(width)) {
-            for ((v, &sum), &b) in row.into_iter().zip(sums).zip(bias) {
-                *v = finish_f32(sum, b, relu);
+    match packed {
+        LinearWeights::Numkong(blocks) => {
+            let sums: Vec<Vec<f32>> = blocks
+                .par_iter()
+                .map(|block| {
+                    let mut sums = vec![0.0f32; n * block.width()];
+                    block.multiply(&x, n, &mut sums);
+                    sums
+                })
+                .collect();
+            let mut first = 0;
+            for (block, sums) in blocks.iter().zip(&sums) {
+                let width = block.width();
+                let bias = &bias[first..first + width];
+                let mut columns = out.slice_mut(s![.., first..first + width]);
+                for (row, sums) in columns.rows_mut().into_iter().zip(sums.chunks_exact(width)) {
+                    for ((v, &sum), &b) in row.into_iter().zip(sums).zip(bias) {
+                        *v = finish_f32(sum, b, relu);
+                    }
+                }
+                first += width;
             }
         }
-        first += width;
+        LinearWeights::Panels(blocks) => {
+            // The panels read rows of an even length: an odd feature count gets a zero.
+            let row_len = blocks.first().map_or(features, |b| b.row_len());
+            let x = if row_len == features {
+                x
+            } else {
+                let mut padded = vec![numkong::bf16::ZERO; n * row_len];
+                for (dst, src) in padded
+                    .chunks_exact_mut(row_len)
+                    .zip(x.chunks_exact(features))
+                {
+                    dst[..features].copy_from_slice(src);
+                }
+                padded
+            };
+            let starts: Vec<usize> = (0..n).map(|r| r * row_len).collect();
+            let rows = Rows {
+                data: &x,
+                starts: &starts,
+                segments: 1,
+                segment_stride: 0,
+            };
+            let outs: Vec<Vec<numkong::bf16>> = blocks
+                .par_iter()
+                .enumerate()
+                .map(|(i, block)| {
+                    let first = i * LINEAR_BLOCK;
+                    let bias = &bias[first..first + block.width()];
+                    let mut out = vec![numkong::bf16::ZERO; n * block.width()];
+                    block.multiply_finish(&rows, bias, relu, &mut out);
+                    out
+                })
+                .collect();
+            for (i, (block, values)) in blocks.iter().zip(&outs).enumerate() {
+                let (first, width) = (i * LINEAR_BLOCK, block.width());
+                let mut columns = out.slice_mut(s![.., first..first + width]);
+                for (row, values) in columns
+                    .rows_mut()
+                    .into_iter()
+                    .zip(values.chunks_exact(width))
+                {
+                    for (v, &value) in row.into_iter().zip(values) {
+                        *v = f32::from_bits(u32::from(value.0) << 16);
+                    }
+                }
+            }
+        }
     }
     Ok(out)
 }
@@ -615,17 +687,27 @@ mod tests {
             return;
         }
         // The last: no inputs at all, so the output is the bias alone.
-        for (i, &(n, inputs, outputs)) in [(1, 300, 600), (5, 1000, 257), (33, 64, 3), (2, 0, 5)]
-            .iter()
-            .enumerate()
+        // An odd input count too (the panels pad it).
+        for (i, &(n, inputs, outputs)) in [
+            (1, 300, 600),
+            (5, 1000, 257),
+            (33, 64, 3),
+            (2, 0, 5),
+            (13, 77, 40),
+        ]
+        .iter()
+        .enumerate()
         {
             let weight =
                 Array2::from_shape_vec((outputs, inputs), values(outputs * inputs, i)).unwrap();
             let bias = Array1::from_vec(values(outputs, i + 1));
             let input = Array2::from_shape_vec((n, inputs), values(n * inputs, i + 2)).unwrap();
             let linear = Linear::new(weight.view(), &bias).unwrap();
-            let packed = pack_linear(&linear);
-            for relu in [false, true] {
+            for (kernels, relu) in [ConvKernels::Numkong, ConvKernels::Panels]
+                .into_iter()
+                .flat_map(|k| [(k, false), (k, true)])
+            {
+                let packed = pack_linear(&linear, kernels);
                 let got = linear_forward(&linear, &packed, input.view(), relu).unwrap();
                 let mut want = if relu {
                     linear.forward_relu(input.view()).unwrap()
@@ -636,7 +718,7 @@ mod tests {
                 assert_within_a_bf16_step(
                     got.as_slice().unwrap(),
                     want.as_slice().unwrap(),
-                    &format!("case {i} relu {relu}"),
+                    &format!("case {i} {kernels:?} relu {relu}"),
                 );
             }
         }
@@ -649,8 +731,10 @@ mod tests {
             return;
         }
         let linear = Linear::new(Array2::zeros((4, 6)).view(), &Array1::zeros(4)).unwrap();
-        let packed = pack_linear(&linear);
-        assert!(linear_forward(&linear, &packed, Array2::zeros((2, 5)).view(), true).is_err());
+        for kernels in [ConvKernels::Numkong, ConvKernels::Panels] {
+            let packed = pack_linear(&linear, kernels);
+            assert!(linear_forward(&linear, &packed, Array2::zeros((2, 5)).view(), true).is_err());
+        }
         let conv =
             Conv2d::new(Array4::zeros((4, 3, 3, 3)).view(), &Array1::zeros(4), 1, 0).unwrap();
         for kernels in [ConvKernels::Numkong, ConvKernels::Panels] {

@@ -2,9 +2,10 @@
 
 use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, CowArray, Ix2, Ix4};
 
-use super::bf16::{bf16_bits, bf16_hardware, native_kernels_usable, Bf16Kernels, PackedBf16};
+use super::bf16::{bf16_bits, bf16_hardware, native_kernels_usable, Bf16Kernels};
 use super::bf16_layers::{
     conv_hwc, linear_forward, pack_conv, pack_linear, ConvInput, ConvKernels, ConvWeights,
+    LinearWeights,
 };
 use super::hwc::{lrn_hwc, pool_hwc, HwcBf16};
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
@@ -32,8 +33,7 @@ pub(super) enum Layer {
 #[derive(Clone, Debug)]
 enum Packed {
     Conv(ConvWeights),
-    /// One per block of output features.
-    Linear(Vec<PackedBf16>),
+    Linear(LinearWeights),
 }
 
 /// One stage: its plan name (`conv1`, `lrn1`, ...) and layer.
@@ -116,11 +116,13 @@ impl CpuModel {
         };
         let mut model = Self::build(weights, Precision::Bf16)?;
         if native.is_some() {
-            let conv_kernels = ConvKernels::best();
+            let kernels = ConvKernels::best();
             for stage in &mut model.stages {
                 stage.packed = match &stage.layer {
-                    Layer::Conv(conv) => Some(Packed::Conv(pack_conv(conv, conv_kernels))),
-                    Layer::Linear { linear, .. } => Some(Packed::Linear(pack_linear(linear))),
+                    Layer::Conv(conv) => Some(Packed::Conv(pack_conv(conv, kernels))),
+                    Layer::Linear { linear, .. } => {
+                        Some(Packed::Linear(pack_linear(linear, kernels)))
+                    }
                     Layer::Lrn(_) | Layer::Pool(_) => None,
                 };
             }
@@ -209,20 +211,38 @@ impl CpuModel {
 
     /// Logits `[N, classes]` for a normalised NCHW batch `[N, 3, 224, 224]` (inference mode).
     ///
-    /// Large batches run [`CHUNK_IMAGES`] images at a time, so memory stays bounded whatever the
-    /// batch size (the logits are the same: images never interact).
+    /// Large batches run their convolution stages [`CHUNK_IMAGES`] images at a time, so memory
+    /// stays bounded whatever the batch size, and their linear layers on the whole batch at
+    /// once, so each weight matrix is read once (the logits are the same: images never
+    /// interact).
     pub fn forward(&self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
-        let n = input.dim().0;
+        let n = self
+            .config
+            .input
+            .check_batch("CpuModel::forward", input.shape())?;
         if n <= CHUNK_IMAGES {
             return self.run(input, None);
         }
-        let mut logits = Array2::zeros((n, self.config.num_classes()));
+        let first_linear = self
+            .stages
+            .iter()
+            .position(|stage| matches!(stage.layer, Layer::Linear { .. }))
+            .unwrap_or(self.stages.len());
+        let (convolutions, linears) = self.stages.split_at(first_linear);
+        let mut features: Option<Array2<f32>> = None;
         for start in (0..n).step_by(CHUNK_IMAGES) {
             let end = (start + CHUNK_IMAGES).min(n);
-            let chunk = self.run(input.slice(s![start..end, .., .., ..]), None)?;
-            logits.slice_mut(s![start..end, ..]).assign(&chunk);
+            let chunk = input.slice(s![start..end, .., .., ..]);
+            let x = self.run_stages(self.start(chunk), convolutions, end - start, &mut None)?;
+            let flat = x.into_flat(end - start)?;
+            features
+                .get_or_insert_with(|| Array2::zeros((n, flat.ncols())))
+                .slice_mut(s![start..end, ..])
+                .assign(&flat);
         }
-        Ok(logits)
+        let features = features.unwrap_or_else(|| Array2::zeros((n, 0)));
+        self.run_stages(Activation::Flat(features), linears, n, &mut None)?
+            .into_logits()
     }
 
     /// Like [`CpuModel::forward`], calling `observe(stage, activation)` after every stage
@@ -248,19 +268,34 @@ impl CpuModel {
             .config
             .input
             .check_batch("CpuModel::forward", input.shape())?;
-        // The caller's input is read in place (no copy) unless it must be rounded first: a
-        // native bf16 convolution rounds its input itself.
+        self.run_stages(self.start(input), &self.stages, n, &mut observe)?
+            .into_logits()
+    }
+
+    /// The activation a forward starts from: the caller's input, read in place (no copy)
+    /// unless it must be rounded first (a native bf16 convolution rounds its input itself).
+    fn start<'a>(&self, input: ArrayView4<'a, f32>) -> Activation<'a> {
         let rounds_itself = matches!(
             self.stages.first().map(|s| &s.packed),
             Some(Some(Packed::Conv(_)))
         );
-        let mut x = match self.precision {
+        match self.precision {
             Precision::Fp16 | Precision::Bf16 if !rounds_itself => {
                 Activation::Nchw(self.round(input.to_owned()))
             }
             _ => Activation::Input(input),
-        };
-        for stage in &self.stages {
+        }
+    }
+
+    /// `stages` applied to `x` (`n` images), each stage's output observed when asked.
+    fn run_stages<'a>(
+        &self,
+        mut x: Activation<'a>,
+        stages: &[Stage],
+        n: usize,
+        observe: &mut Option<Observer<'_>>,
+    ) -> Result<Activation<'a>> {
+        for stage in stages {
             x = match (&stage.layer, &stage.packed) {
                 // Rounded to bf16 as it is written.
                 (Layer::Conv(conv), Some(Packed::Conv(packed))) => {
@@ -316,10 +351,7 @@ impl CpuModel {
                 }
             }
         }
-        match x {
-            Activation::Flat(logits) => Ok(logits),
-            _ => Err(Error::invalid("config", "the network has no linear layer")),
-        }
+        Ok(x)
     }
 
     /// Rounds to the storage precision: f16 in fp16 mode, bf16 in bf16 mode; the identity in
@@ -364,6 +396,14 @@ impl Activation<'_> {
                 "config",
                 "a convolution, LRN or pooling stage after a linear layer",
             )),
+        }
+    }
+
+    /// The logits, once every stage has run.
+    fn into_logits(self) -> Result<Array2<f32>> {
+        match self {
+            Activation::Flat(logits) => Ok(logits),
+            _ => Err(Error::invalid("config", "the network has no linear layer")),
         }
     }
 
