@@ -131,13 +131,7 @@ fn nan_max(m: f32, v: f32) -> f32 {
 /// in the same order as the NCHW layer adds them (zeros beyond the channels add nothing), then
 /// the same normalisation.
 pub(super) fn lrn_hwc(lrn: &Lrn, input: &HwcBf16) -> HwcBf16 {
-    let c = input.channels;
-    let LrnParams {
-        size,
-        k,
-        alpha,
-        beta,
-    } = lrn.params;
+    let (c, size) = (input.channels, lrn.params.size);
     let mut data = vec![numkong::bf16::ZERO; input.data.len()];
     if !data.is_empty() {
         // Squares padded with `size / 2` zeros before and `(size - 1) / 2` after: the window
@@ -146,36 +140,45 @@ pub(super) fn lrn_hwc(lrn: &Lrn, input: &HwcBf16) -> HwcBf16 {
         data.par_chunks_mut(c * 64)
             .zip(input.data.par_chunks(c * 64))
             .for_each_init(scratch, |(values, squares, sums), (out, src)| {
-                for (out, pixel) in out.chunks_exact_mut(c).zip(src.chunks_exact(c)) {
-                    lrn_position(pixel, size, values, squares, sums);
-                    super::lrn::normalise(sums, values, k, alpha, beta);
-                    for (o, &v) in out.iter_mut().zip(sums.iter()) {
-                        *o = numkong::bf16(bf16_bits(v));
-                    }
-                }
+                lrn_positions(src, lrn.params, values, squares, sums, out);
             });
     }
     HwcBf16 { data, ..*input }
 }
 
-/// One position's channels as f32 (`values`) and their windows' sums of squares (`sums`).
+/// LRN over positions (`src` and `out`: rows of `values.len()` channels): per position, its
+/// channels as f32 (`values`), their windows' sums of squares (`sums`), normalised and rounded.
+/// One call per chunk of positions, compiled for AVX-512 or AVX2 where the CPU has them.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn lrn_position(
-    pixel: &[numkong::bf16],
-    size: usize,
+fn lrn_positions(
+    src: &[numkong::bf16],
+    params: LrnParams,
     values: &mut [f32],
     squares: &mut [f32],
     sums: &mut [f32],
+    out: &mut [numkong::bf16],
 ) {
-    let before = size / 2;
-    for ((v, s), &x) in values.iter_mut().zip(&mut squares[before..]).zip(pixel) {
-        *v = value(x);
-        *s = *v * *v;
-    }
-    sums.fill(0.0);
-    for offset in 0..size {
-        for (d, &s) in sums.iter_mut().zip(&squares[offset..]) {
-            *d += s;
+    let LrnParams {
+        size,
+        k,
+        alpha,
+        beta,
+    } = params;
+    let (c, before) = (values.len(), size / 2);
+    for (out, pixel) in out.chunks_exact_mut(c).zip(src.chunks_exact(c)) {
+        for ((v, s), &x) in values.iter_mut().zip(&mut squares[before..]).zip(pixel) {
+            *v = value(x);
+            *s = *v * *v;
+        }
+        sums.fill(0.0);
+        for offset in 0..size {
+            for (d, &s) in sums.iter_mut().zip(&squares[offset..]) {
+                *d += s;
+            }
+        }
+        super::lrn::normalise_values(sums, values, k, alpha, beta);
+        for (o, &v) in out.iter_mut().zip(sums.iter()) {
+            *o = numkong::bf16(bf16_bits(v));
         }
     }
 }

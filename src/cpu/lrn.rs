@@ -165,12 +165,18 @@ fn sum_of_squares(
 }
 
 /// `dst[p] = centre[p] / (k + alpha * dst[p])^beta`, where `dst` holds the window's sums of
-/// squares. The paper's beta = 0.75 is computed as two square roots: several times faster than
-/// `powf`, vectorisable, and as accurate. The branch sits outside the loops so each loop stays
-/// branch-free. AVX-512 or AVX2 where the CPU has them (IEEE square roots and divisions: the
-/// same numbers at every width).
+/// squares. AVX-512 or AVX2 where the CPU has them (see [`normalise_values`]).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(super) fn normalise(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
+fn normalise(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
+    normalise_values(dst, centre, k, alpha, beta);
+}
+
+/// [`normalise`]'s loops, inlined into each caller so that they are compiled for the caller's
+/// target features. The paper's beta = 0.75 is computed as two square roots: several times
+/// faster than `powf`, vectorisable, and as accurate. The branch sits outside the loops so each
+/// loop stays branch-free. IEEE square roots and divisions: the same numbers at every width.
+#[inline(always)]
+pub(super) fn normalise_values(dst: &mut [f32], centre: &[f32], k: f32, alpha: f32, beta: f32) {
     if beta == 0.75 {
         for (d, &a) in dst.iter_mut().zip(centre) {
             let s = (k + alpha * *d).sqrt();
