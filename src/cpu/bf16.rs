@@ -1,8 +1,11 @@
-//! bf16 matrix products on bf16 hardware: the one place the CPU backend calls `numkong`, whose
-//! kernels numkong picks at run time (AMX-BF16 tiles on Sapphire Rapids and later, AVX512-BF16
-//! `vdpbf16ps` on Zen 4 and Cooper Lake; AVX2 or plain loops elsewhere). Products of two bf16
-//! values are exact in f32 and the kernels accumulate in f32, so the result is what the emulated
-//! path (bf16-rounded operands through the f32 GEMM) computes, up to the order of the additions.
+//! bf16 on the CPU's bf16 hardware: what it has ([`bf16_hardware`]) and the one place the CPU
+//! backend calls `numkong`, whose kernels numkong picks at run time (AMX-BF16 tiles on Sapphire
+//! Rapids and later, AVX512-BF16 `vdpbf16ps` on Zen 4 and Cooper Lake; AVX2 or plain loops
+//! elsewhere). numkong runs the products on AMX CPUs and where there is no bf16 hardware;
+//! where there is AVX512-BF16 without AMX our own kernel ([`super::bf16_panels`], faster there)
+//! runs them. Products of two bf16 values are exact in f32 and every kernel accumulates in f32,
+//! so the result is what the emulated path (bf16-rounded operands through the f32 GEMM)
+//! computes, up to the order of the additions.
 
 use std::sync::{Arc, OnceLock};
 
@@ -12,12 +15,12 @@ use numkong::Dots;
 /// How [`crate::cpu::CpuModel`] computes its products in `Precision::Bf16`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Bf16Kernels {
-    /// numkong's bf16 kernels where the CPU has bf16 dot-product hardware (see
-    /// [`bf16_hardware`]), the emulated path elsewhere.
+    /// The bf16 kernels where the CPU has bf16 dot-product hardware (see [`bf16_hardware`]):
+    /// numkong's AMX tiles, or our AVX512-BF16 kernel; the emulated path elsewhere.
     #[default]
     Auto,
-    /// numkong's bf16 kernels whatever the CPU: without bf16 hardware they are AVX2 or scalar
-    /// loops, correct but often slower than [`Bf16Kernels::Emulated`].
+    /// The bf16 kernels whatever the CPU: without bf16 hardware they are numkong's AVX2 or
+    /// scalar loops, correct but often slower than [`Bf16Kernels::Emulated`].
     Native,
     /// bf16-rounded operands multiplied by the f32 GEMM: the portable twin the native kernels
     /// are checked against.

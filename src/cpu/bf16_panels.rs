@@ -1,7 +1,8 @@
 //! bf16 products on AVX512-BF16 (`vdpbf16ps`) by a micro-kernel of our own, with its portable
 //! twin. numkong's kernels (see [`super::bf16`]) reached 260-400 GFLOP/s on one Zen 5 core at the
 //! convolutions' shapes (the 363-deep conv1 was the slowest); this kernel, measured the same way,
-//! 510-535. numkong keeps the linear layers (bound by memory, not arithmetic) and AMX CPUs.
+//! 510-535. It runs the convolutions and the linear layers wherever the CPU has AVX512-BF16
+//! but not AMX; numkong keeps AMX CPUs (its tile kernels, not measured here).
 //!
 //! Layout: `B [width, depth]` is packed into panels of [`PANEL`] columns, each a run of depth
 //! pairs: for pair `k`, the 32 columns' values `(B[j, 2k], B[j, 2k + 1])` side by side, the two

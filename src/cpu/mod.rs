@@ -1,7 +1,8 @@
 //! The CPU backend on ndarray: every layer on its own, and the whole model. It is the reference
 //! the GPU backend is checked against and the fallback on machines without a GPU. Convolutions
 //! and linear layers run as GEMMs (the `gemm` crate, threaded with rayon); in bf16 mode on CPUs
-//! with bf16 hardware, on numkong's bf16 kernels.
+//! with bf16 hardware, on bf16 kernels (our AVX512-BF16 micro-kernel, or numkong's AMX tiles)
+//! with activations kept as HWC bf16 between layers.
 
 mod bf16;
 mod bf16_layers;
