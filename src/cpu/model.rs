@@ -44,9 +44,11 @@ pub(super) struct Stage {
     packed: Option<Packed>,
 }
 
-/// Images per pass of [`CpuModel::forward`]: enough to keep both cores' GEMMs busy, few enough
-/// that the largest activation (conv1's output) stays near 37 MiB.
-pub const CHUNK_IMAGES: usize = 32;
+/// Images per pass of [`CpuModel::forward`]'s convolution stages: enough to keep both cores'
+/// GEMMs busy, few enough that the largest activation (conv1's output, ~18 MiB in fp32) stays
+/// near the last-level cache. Measured on a 2-core Zen 5 VM, batch 128: the paper preset 8%
+/// (bf16) and 12% (fp32) faster than with 32 images per pass, torchvision unchanged.
+pub const CHUNK_IMAGES: usize = 16;
 
 /// AlexNet on the CPU, built from [`Weights`].
 ///
