@@ -83,6 +83,19 @@ pub(crate) fn usable_or_skip(test: &str) -> bool {
     usable
 }
 
+/// Deterministic operands `a [rows, depth]` and `b [width, depth]` for the product tests
+/// (values of both signs, not bf16 yet).
+#[cfg(test)]
+pub(crate) fn test_operands(rows: usize, width: usize, depth: usize) -> (Vec<f32>, Vec<f32>) {
+    let a = (0..rows * depth)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+        .collect();
+    let b = (0..width * depth)
+        .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
+        .collect();
+    (a, b)
+}
+
 /// `x` rounded to bf16, to nearest even (as `half::bf16::from_f32`), as raw bits. Branch-free
 /// apart from NaN, so the slice loops below vectorise.
 #[inline]
@@ -314,12 +327,7 @@ mod tests {
             (3, 17, 6000),
         ];
         for (rows, width, depth) in shapes {
-            let a: Vec<f32> = (0..rows * depth)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-                .collect();
-            let b: Vec<f32> = (0..width * depth)
-                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
-                .collect();
+            let (a, b) = test_operands(rows, width, depth);
             let round = |v: &f32| half::bf16::from_f32(*v).to_f32() as f64;
             let mut a16 = vec![numkong::bf16::ZERO; a.len()];
             to_bf16(&a, &mut a16);

@@ -49,21 +49,21 @@ pub(super) enum ConvWeights {
     Panels(Panels),
 }
 
-/// Which kernels [`pack_conv`] packs for.
+/// Which kernels [`pack_conv`] and [`pack_linear`] pack for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum ConvKernels {
+pub(super) enum ProductKernels {
     Numkong,
     Panels,
 }
 
-impl ConvKernels {
+impl ProductKernels {
     /// The faster kernels on this CPU: AMX tiles (numkong) where present, else our
     /// AVX512-BF16 kernel where present, else numkong's portable loops.
     pub(super) fn best() -> Self {
         if bf16_hardware() != Some("AMX-BF16") && panels_kernel_available() {
-            ConvKernels::Panels
+            ProductKernels::Panels
         } else {
-            ConvKernels::Numkong
+            ProductKernels::Numkong
         }
     }
 }
@@ -82,12 +82,12 @@ fn window_width(kernel: usize, channels: usize) -> usize {
 /// A convolution's weight, permuted from OIHW to OHWI (the order its windows are read in)
 /// and packed for `kernels`; for the panels, each kernel row widened to
 /// [`window_width`] with zeros.
-pub(super) fn pack_conv(conv: &Conv2d, kernels: ConvKernels) -> ConvWeights {
+pub(super) fn pack_conv(conv: &Conv2d, kernels: ProductKernels) -> ConvWeights {
     let [weight, _] = conv.parameters();
     let (out, channels, kernel) = (conv.out_channels(), conv.in_channels(), conv.kernel());
     let width = match kernels {
-        ConvKernels::Numkong => kernel,
-        ConvKernels::Panels => window_width(kernel, channels),
+        ProductKernels::Numkong => kernel,
+        ProductKernels::Panels => window_width(kernel, channels),
     };
     let depth = kernel * width * channels;
     let mut ohwi = vec![0.0f32; out * depth];
@@ -104,13 +104,13 @@ pub(super) fn pack_conv(conv: &Conv2d, kernels: ConvKernels) -> ConvWeights {
         }
     }
     match kernels {
-        ConvKernels::Numkong => ConvWeights::Numkong(pack_blocks(&ohwi, out, depth, CONV_BLOCK)),
-        ConvKernels::Panels => ConvWeights::Panels(Panels::pack(&ohwi, out, depth)),
+        ProductKernels::Numkong => ConvWeights::Numkong(pack_blocks(&ohwi, out, depth, CONV_BLOCK)),
+        ProductKernels::Panels => ConvWeights::Panels(Panels::pack(&ohwi, out, depth)),
     }
 }
 
 impl ConvWeights {
-    /// Length of one unfolded row (the depth, padded to even for the panels).
+    /// Length of one row of the product (for the panels, the depth of the widened windows).
     fn row_len(&self, depth: usize) -> usize {
         match self {
             ConvWeights::Numkong(_) => depth,
@@ -278,8 +278,8 @@ pub(super) fn conv_hwc(
         };
         let [_, bias] = conv.parameters();
         // Per image: HWC bf16 (converted when the input is NCHW), read in place or unfolded
-        // into rows (one per output position), multiplied into sums `[positions, channels]`,
-        // then finished into the output's rows.
+        // into rows (one per output position), multiplied by the weight and finished (bias,
+        // ReLU, rounding) into the output's rows.
         let per_image = |s: &mut Scratch, i: usize, out: &mut [numkong::bf16], split: bool| {
             let image: &[numkong::bf16] = if nchw.is_empty() {
                 &hwc[i * in_len..(i + 1) * in_len]
@@ -469,16 +469,15 @@ pub(super) enum LinearWeights {
     Panels(Vec<Panels>),
 }
 
-/// A linear layer's weight `[out, in]`, packed for `kernels` (the same choice as the
-/// convolutions': [`ConvKernels::best`]).
-pub(super) fn pack_linear(linear: &Linear, kernels: ConvKernels) -> LinearWeights {
+/// A linear layer's weight `[out, in]`, packed for `kernels`.
+pub(super) fn pack_linear(linear: &Linear, kernels: ProductKernels) -> LinearWeights {
     let [weight, _] = linear.parameters();
     let (outputs, inputs) = (linear.out_features(), linear.in_features());
     match kernels {
-        ConvKernels::Numkong => {
+        ProductKernels::Numkong => {
             LinearWeights::Numkong(pack_blocks(weight, outputs, inputs, LINEAR_BLOCK))
         }
-        ConvKernels::Panels => LinearWeights::Panels(
+        ProductKernels::Panels => LinearWeights::Panels(
             (0..outputs)
                 .step_by(LINEAR_BLOCK)
                 .map(|first| {
@@ -631,8 +630,8 @@ mod tests {
 
     /// Native convolutions against `Conv2d::forward(_relu)` on the same bf16 values, rounded:
     /// padding, stride, a channel count that leaves a partial block, one image (split across
-    /// threads) and several (one per thread), windows unfolded (odd runs, numkong) and read in
-    /// place (even runs).
+    /// threads) and several (one per thread), windows unfolded (numkong) and read in place
+    /// (the panels; odd runs widened by a zero column).
     #[test]
     fn convolutions_match_the_emulated_twin() {
         if !usable_or_skip("convolutions_match_the_emulated_twin") {
@@ -657,7 +656,7 @@ mod tests {
                 Array4::from_shape_vec((n, c, size, size), values(n * c * size * size, i + 20))
                     .unwrap();
             let conv = Conv2d::new(weight.view(), &bias, stride, padding).unwrap();
-            for (kernels, relu) in [ConvKernels::Numkong, ConvKernels::Panels]
+            for (kernels, relu) in [ProductKernels::Numkong, ProductKernels::Panels]
                 .into_iter()
                 .flat_map(|k| [(k, false), (k, true)])
             {
@@ -703,7 +702,7 @@ mod tests {
             let bias = Array1::from_vec(values(outputs, i + 1));
             let input = Array2::from_shape_vec((n, inputs), values(n * inputs, i + 2)).unwrap();
             let linear = Linear::new(weight.view(), &bias).unwrap();
-            for (kernels, relu) in [ConvKernels::Numkong, ConvKernels::Panels]
+            for (kernels, relu) in [ProductKernels::Numkong, ProductKernels::Panels]
                 .into_iter()
                 .flat_map(|k| [(k, false), (k, true)])
             {
@@ -731,13 +730,13 @@ mod tests {
             return;
         }
         let linear = Linear::new(Array2::zeros((4, 6)).view(), &Array1::zeros(4)).unwrap();
-        for kernels in [ConvKernels::Numkong, ConvKernels::Panels] {
+        for kernels in [ProductKernels::Numkong, ProductKernels::Panels] {
             let packed = pack_linear(&linear, kernels);
             assert!(linear_forward(&linear, &packed, Array2::zeros((2, 5)).view(), true).is_err());
         }
         let conv =
             Conv2d::new(Array4::zeros((4, 3, 3, 3)).view(), &Array1::zeros(4), 1, 0).unwrap();
-        for kernels in [ConvKernels::Numkong, ConvKernels::Panels] {
+        for kernels in [ProductKernels::Numkong, ProductKernels::Panels] {
             let packed = pack_conv(&conv, kernels);
             let wrong = Array4::zeros((1, 2, 5, 5));
             assert!(conv_forward(&conv, &packed, wrong.view(), true).is_err());

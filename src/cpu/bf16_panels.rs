@@ -411,12 +411,7 @@ mod tests {
             (12, 70, 129),
         ];
         for (rows, width, depth) in shapes {
-            let a: Vec<f32> = (0..rows * depth)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-                .collect();
-            let b: Vec<f32> = (0..width * depth)
-                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
-                .collect();
+            let (a, b) = super::super::bf16::test_operands(rows, width, depth);
             let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
             let panels = Panels::pack(&b, width, depth);
             let len = panels.row_len();

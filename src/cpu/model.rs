@@ -4,8 +4,8 @@ use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, CowArray, Ix2, Ix4};
 
 use super::bf16::{bf16_bits, bf16_hardware, native_kernels_usable, Bf16Kernels};
 use super::bf16_layers::{
-    conv_hwc, linear_forward, pack_conv, pack_linear, ConvInput, ConvKernels, ConvWeights,
-    LinearWeights,
+    conv_hwc, linear_forward, pack_conv, pack_linear, ConvInput, ConvWeights, LinearWeights,
+    ProductKernels,
 };
 use super::hwc::{lrn_hwc, pool_hwc, HwcBf16};
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
@@ -118,7 +118,7 @@ impl CpuModel {
         };
         let mut model = Self::build(weights, Precision::Bf16)?;
         if native.is_some() {
-            let kernels = ConvKernels::best();
+            let kernels = ProductKernels::best();
             for stage in &mut model.stages {
                 stage.packed = match &stage.layer {
                     Layer::Conv(conv) => Some(Packed::Conv(pack_conv(conv, kernels))),
