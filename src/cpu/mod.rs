@@ -10,6 +10,7 @@ mod bf16_panels;
 mod bias_act;
 mod conv;
 mod dropout;
+mod f32_panels;
 mod gemm;
 mod hwc;
 mod linear;

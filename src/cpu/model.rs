@@ -1,12 +1,15 @@
 //! The whole network on the CPU: the reference every other backend is checked against.
 
-use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewD, CowArray, Ix2, Ix4};
+use std::sync::OnceLock;
+
+use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4, ArrayViewD, CowArray, Ix2, Ix4};
 
 use super::bf16::{bf16_bits, bf16_hardware, native_kernels_usable, Bf16Kernels};
 use super::bf16_layers::{
     conv_hwc, linear_forward, pack_conv, pack_linear, ConvInput, ConvWeights, LinearWeights,
     ProductKernels,
 };
+use super::f32_panels::{self, conv_panels, linear_panels, F32Panels};
 use super::hwc::{lrn_hwc, pool_hwc, HwcBf16};
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use crate::backend::Backend;
@@ -29,11 +32,26 @@ pub(super) enum Layer {
     },
 }
 
-/// A layer's weight packed for the bf16 kernels (native bf16 mode only).
+/// A layer's weight packed for one of our own kernels.
 #[derive(Clone, Debug)]
 enum Packed {
+    /// For the bf16 kernels (native bf16 mode).
     Conv(ConvWeights),
     Linear(LinearWeights),
+    /// For the fp32 kernel (fp32 and fp16 modes on AVX-512 CPUs).
+    ConvF32(F32Panels),
+    LinearF32(F32Panels),
+}
+
+/// Which of our own kernels a model packs its weights for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Packing {
+    /// None: every layer on the `gemm` crate.
+    Gemm,
+    /// Convolutions and linear layers on the AVX-512F fp32 kernel ([`super::f32_panels`]).
+    F32Panels,
+    /// Convolutions and linear layers on the bf16 kernels.
+    Bf16(ProductKernels),
 }
 
 /// One stage: its plan name (`conv1`, `lrn1`, ...) and layer.
@@ -41,7 +59,10 @@ enum Packed {
 pub(super) struct Stage {
     pub(super) name: String,
     pub(super) layer: Layer,
-    packed: Option<Packed>,
+    /// The layer's weight packed for the model's kernels, packed when first needed and
+    /// dropped whenever the parameters may change ([`CpuModel::parameters_mut`]), so a
+    /// forward never multiplies by stale weights.
+    packed: OnceLock<Option<Packed>>,
 }
 
 /// Images per pass of [`CpuModel::forward`]'s convolution stages: enough to keep both cores'
@@ -69,6 +90,7 @@ pub struct CpuModel {
     config: AlexNetConfig,
     precision: Precision,
     pub(super) stages: Vec<Stage>,
+    packing: Packing,
     /// What runs the bf16 products natively ("AVX512-BF16", ...); `None` when emulated or not
     /// in bf16 mode.
     bf16_kernels: Option<&'static str>,
@@ -83,7 +105,58 @@ impl CpuModel {
         if precision == Precision::Bf16 {
             return Self::bf16(weights, Bf16Kernels::Auto);
         }
+        let mut model = Self::build(weights, precision)?;
+        if f32_panels::kernel_available() {
+            model.set_packing(Packing::F32Panels);
+        }
+        Ok(model)
+    }
+
+    /// The model with every layer on the `gemm` crate (what fp32 and fp16 modes run where the
+    /// CPU has no AVX-512): the twin the tests compare our fp32 kernel with.
+    #[cfg(test)]
+    pub(super) fn on_gemm(weights: &Weights, precision: Precision) -> Result<Self> {
         Self::build(weights, precision)
+    }
+
+    /// Packs every layer's weight for `packing` now (not in the first forward).
+    fn set_packing(&mut self, packing: Packing) {
+        self.packing = packing;
+        self.drop_packed_weights();
+        for stage in &self.stages {
+            self.packed(stage);
+        }
+    }
+
+    /// Drops every packed weight (the parameters are about to change); the next forward packs
+    /// them again.
+    pub(super) fn drop_packed_weights(&mut self) {
+        for stage in &mut self.stages {
+            stage.packed.take();
+        }
+    }
+
+    /// `stage`'s weight packed for the model's kernels (`None` where its layer runs on the
+    /// `gemm` crate or has no weight).
+    fn packed<'s>(&self, stage: &'s Stage) -> Option<&'s Packed> {
+        stage
+            .packed
+            .get_or_init(|| match (self.packing, &stage.layer) {
+                (Packing::Bf16(kernels), Layer::Conv(conv)) => {
+                    Some(Packed::Conv(pack_conv(conv, kernels)))
+                }
+                (Packing::Bf16(kernels), Layer::Linear { linear, .. }) => {
+                    Some(Packed::Linear(pack_linear(linear, kernels)))
+                }
+                (Packing::F32Panels, Layer::Conv(conv)) => {
+                    Some(Packed::ConvF32(F32Panels::of(conv)))
+                }
+                (Packing::F32Panels, Layer::Linear { linear, .. }) => {
+                    Some(Packed::LinearF32(F32Panels::of_linear(linear)))
+                }
+                _ => None,
+            })
+            .as_ref()
     }
 
     /// The model in `Precision::Bf16`, its products computed by `kernels`.
@@ -118,16 +191,7 @@ impl CpuModel {
         };
         let mut model = Self::build(weights, Precision::Bf16)?;
         if native.is_some() {
-            let kernels = ProductKernels::best();
-            for stage in &mut model.stages {
-                stage.packed = match &stage.layer {
-                    Layer::Conv(conv) => Some(Packed::Conv(pack_conv(conv, kernels))),
-                    Layer::Linear { linear, .. } => {
-                        Some(Packed::Linear(pack_linear(linear, kernels)))
-                    }
-                    Layer::Lrn(_) | Layer::Pool(_) => None,
-                };
-            }
+            model.set_packing(Packing::Bf16(ProductKernels::best()));
         }
         model.bf16_kernels = native;
         Ok(model)
@@ -184,7 +248,7 @@ impl CpuModel {
                 Ok(Stage {
                     name: stage.name.clone(),
                     layer,
-                    packed: None,
+                    packed: OnceLock::new(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -192,6 +256,7 @@ impl CpuModel {
             config,
             precision,
             stages,
+            packing: Packing::Gemm,
             bf16_kernels: None,
         })
     }
@@ -278,8 +343,8 @@ impl CpuModel {
     /// unless it must be rounded first (a native bf16 convolution rounds its input itself).
     fn start<'a>(&self, input: ArrayView4<'a, f32>) -> Activation<'a> {
         let rounds_itself = matches!(
-            self.stages.first().map(|s| &s.packed),
-            Some(Some(Packed::Conv(_)))
+            self.stages.first().and_then(|s| self.packed(s)),
+            Some(Packed::Conv(_))
         );
         match self.precision {
             Precision::Fp16 | Precision::Bf16 if !rounds_itself => {
@@ -298,7 +363,7 @@ impl CpuModel {
         observe: &mut Option<Observer<'_>>,
     ) -> Result<Activation<'a>> {
         for stage in stages {
-            x = match (&stage.layer, &stage.packed) {
+            x = match (&stage.layer, self.packed(stage)) {
                 // Rounded to bf16 as it is written.
                 (Layer::Conv(conv), Some(Packed::Conv(packed))) => {
                     let out = match &x {
@@ -310,7 +375,7 @@ impl CpuModel {
                     Activation::Hwc(out?)
                 }
                 (Layer::Conv(conv), _) => {
-                    Activation::Nchw(self.round(conv.forward_relu(x.nchw()?.view())?))
+                    Activation::Nchw(self.round(self.conv_stage(stage, conv, x.nchw()?.view())?))
                 }
                 (Layer::Lrn(lrn), _) => match &x {
                     Activation::Hwc(hwc) => Activation::Hwc(lrn_hwc(lrn, hwc)),
@@ -334,8 +399,7 @@ impl CpuModel {
                         Some(Packed::Linear(blocks)) => {
                             linear_forward(linear, blocks, flat.view(), *relu)?
                         }
-                        _ if *relu => linear.forward_relu(flat.view())?,
-                        _ => linear.forward(flat.view())?,
+                        _ => self.linear_stage(stage, linear, flat.view(), *relu)?,
                     };
                     if let Some(dropout) = dropout {
                         out = dropout
@@ -354,6 +418,36 @@ impl CpuModel {
             }
         }
         Ok(x)
+    }
+
+    /// A convolution stage's output (bias and ReLU included), NCHW f32, on the kernel the
+    /// model runs it on in fp32 and fp16 modes: the training forward's too, so that it
+    /// computes what the inference forward computes.
+    pub(super) fn conv_stage(
+        &self,
+        stage: &Stage,
+        conv: &Conv2d,
+        input: ArrayView4<'_, f32>,
+    ) -> Result<Array4<f32>> {
+        match self.packed(stage) {
+            Some(Packed::ConvF32(panels)) => conv_panels(conv, panels, input, true),
+            _ => conv.forward_relu(input),
+        }
+    }
+
+    /// A linear stage's output (ReLU included when `relu`), like [`CpuModel::conv_stage`].
+    pub(super) fn linear_stage(
+        &self,
+        stage: &Stage,
+        linear: &Linear,
+        input: ArrayView2<'_, f32>,
+        relu: bool,
+    ) -> Result<Array2<f32>> {
+        match self.packed(stage) {
+            Some(Packed::LinearF32(panels)) => linear_panels(linear, panels, input, relu),
+            _ if relu => linear.forward_relu(input),
+            _ => linear.forward(input),
+        }
     }
 
     /// Rounds to the storage precision: f16 in fp16 mode, bf16 in bf16 mode; the identity in
@@ -445,5 +539,80 @@ impl Backend for CpuModel {
 
     fn forward(&mut self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         CpuModel::forward(self, input)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(images: usize) -> Array4<f32> {
+        Array4::from_shape_fn((images, 3, 224, 224), |(i, c, y, x)| {
+            (((i * 3 + c) * 7919 + y * 227 + x * 13) % 255) as f32 / 64.0 - 2.0
+        })
+    }
+
+    /// On a CPU with AVX-512, fp32 mode runs its convolutions and linear layers on our kernel:
+    /// every stage within 1e-5 of the stage's largest value of the `gemm` crate's path (the
+    /// f32 additions come in another order), at the batch sizes that split each image's
+    /// channels across the threads (1) and that thread over images (5).
+    #[test]
+    fn fp32_stages_on_our_kernel_match_the_gemm_path() {
+        if !f32_panels::kernel_available() {
+            println!("skipped: no AVX-512F here, fp32 mode runs on the gemm crate only");
+            return;
+        }
+        for config in [AlexNetConfig::paper(), AlexNetConfig::torchvision()] {
+            let weights = Weights::paper_init(&config, 3).expect("weights");
+            let ours = CpuModel::new(&weights, Precision::Fp32).expect("model");
+            let gemm = CpuModel::on_gemm(&weights, Precision::Fp32).expect("model");
+            assert_eq!(ours.packing, Packing::F32Panels);
+            for images in [1, 5] {
+                let x = input(images);
+                let mut want = Vec::new();
+                gemm.forward_observed(x.view(), |_, a| want.push(a.to_owned()))
+                    .expect("gemm forward");
+                let mut stage = 0;
+                ours.forward_observed(x.view(), |name, a| {
+                    let want = &want[stage];
+                    let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let worst = a
+                        .iter()
+                        .zip(want.iter())
+                        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                    assert!(
+                        worst <= 1e-5 * largest,
+                        "{} {name}, {images} images: {worst} of {largest}",
+                        config.name
+                    );
+                    stage += 1;
+                })
+                .expect("our forward");
+                assert_eq!(stage, want.len());
+            }
+        }
+    }
+
+    /// Weights changed through `parameters_mut` after a forward are the weights the next
+    /// forward multiplies by (the packed copies are not stale), in every mode that packs.
+    #[test]
+    fn changed_parameters_reach_the_packed_kernels() {
+        let config = AlexNetConfig::torchvision();
+        let weights = Weights::paper_init(&config, 5).expect("weights");
+        let x = input(2);
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let mut model = CpuModel::new(&weights, precision).expect("model");
+            let before = model.forward(x.view()).expect("forward");
+            for tensor in model.parameters_mut() {
+                tensor.iter_mut().for_each(|v| *v *= 1.5);
+            }
+            let after = model.forward(x.view()).expect("forward");
+            let rebuilt = CpuModel::new(&model.weights().expect("weights"), precision)
+                .expect("model")
+                .forward(x.view())
+                .expect("forward");
+            assert_ne!(before, after, "{precision:?}: the change had no effect");
+            assert_eq!(after, rebuilt, "{precision:?}: stale packed weights");
+        }
     }
 }

@@ -82,7 +82,7 @@ impl CpuModel {
                 .ok_or_else(|| Error::invalid("tape", "empty"))?;
             let mut seed = None;
             let out = match &stage.layer {
-                Layer::Conv(conv) => conv.forward_relu(image(x)?)?.into_dyn(),
+                Layer::Conv(conv) => self.conv_stage(stage, conv, image(x)?)?.into_dyn(),
                 Layer::Lrn(lrn) => lrn.forward(image(x)?)?.into_dyn(),
                 Layer::Pool(pool) => pool.forward(image(x)?)?.into_dyn(),
                 Layer::Linear {
@@ -90,12 +90,7 @@ impl CpuModel {
                     relu,
                     dropout,
                 } => {
-                    let flat = flat(x, n)?;
-                    let out = if *relu {
-                        linear.forward_relu(flat)?
-                    } else {
-                        linear.forward(flat)?
-                    };
+                    let out = self.linear_stage(stage, linear, flat(x, n)?, *relu)?;
                     match dropout {
                         Some(dropout) => {
                             let s = layer_seed(step_seed, dropouts);
@@ -269,7 +264,10 @@ impl CpuModel {
 
     /// Every parameter tensor for an optimiser to update in place, in the order of
     /// [`CpuModel::parameters`].
+    /// The weights packed for the model's own kernels are dropped here and packed again from
+    /// the updated values by the next forward.
     pub fn parameters_mut(&mut self) -> Vec<&mut [f32]> {
+        self.drop_packed_weights();
         self.stages
             .iter_mut()
             .flat_map(|stage| match &mut stage.layer {
