@@ -1,8 +1,10 @@
 //! The CPU backend on ndarray: every layer on its own, and the whole model. It is the reference
-//! the GPU backend is checked against and the fallback on machines without a GPU. Convolutions
-//! and linear layers run as GEMMs (the `gemm` crate, threaded with rayon); in bf16 mode on CPUs
-//! with bf16 hardware, on bf16 kernels (our AVX512-BF16 micro-kernel, or numkong's AMX tiles)
-//! with activations kept as HWC bf16 between layers.
+//! the GPU backend is checked against and the fallback on machines without a GPU. The layers on
+//! their own (and the training backward) run convolutions and linear layers as GEMMs (the
+//! `gemm` crate, threaded with rayon). `CpuModel` runs them on micro-kernels of our own where
+//! the CPU allows: fp32 and fp16 modes on an AVX-512F kernel (`f32_panels.rs`), bf16 mode on
+//! bf16 kernels (our AVX512-BF16 micro-kernel, or numkong's AMX tiles) with activations kept as
+//! HWC bf16 between layers.
 
 mod bf16;
 mod bf16_layers;

@@ -82,6 +82,13 @@ pub const CHUNK_IMAGES: usize = 16;
 /// mode runs its convolutions and linear layers on it (see [`Bf16Kernels`] and
 /// [`CpuModel::bf16`]); elsewhere it multiplies the rounded values with the f32 GEMM.
 ///
+/// On CPUs with AVX-512F, fp32 and fp16 modes run their convolutions and linear layers on a
+/// micro-kernel of this crate (the weights packed once, convolution windows read in place);
+/// elsewhere on the `gemm` crate. Either way the layers compute what [`Conv2d`] and [`Linear`]
+/// compute, up to the order of the f32 additions. The packed weights are a second copy of the
+/// convolution and linear weights (about 250 MB for the paper preset); they are packed again
+/// after [`CpuModel::parameters_mut`].
+///
 /// Thread safety: `CpuModel` is `Send + Sync` and [`CpuModel::forward`] takes `&self`, so one
 /// model can serve several threads at once (they share rayon's pool); results do not depend on
 /// what other threads are doing.
@@ -525,6 +532,9 @@ impl Backend for CpuModel {
         let threads = rayon::current_num_threads();
         match self.bf16_kernels {
             Some(kernels) => format!("CPU ({threads} threads, bf16 on {kernels})"),
+            None if self.packing == Packing::F32Panels => {
+                format!("CPU ({threads} threads, AVX-512 kernels)")
+            }
             None => format!("CPU ({threads} threads)"),
         }
     }
