@@ -1,5 +1,5 @@
-//! fp32 convolutions and linear layers on a micro-kernel of our own (AVX-512F FMA), with its
-//! portable twin. Each output position's window is read in place from the NCHW image inside a
+//! fp32 convolutions and linear layers on micro-kernels of our own (AVX-512F FMA, and AVX2 +
+//! FMA for CPUs without AVX-512), with their portable twin. Each output position's window is read in place from the NCHW image inside a
 //! zero border (no im2col), and the weights are packed once, when the model is built, not on
 //! every call as the `gemm` crate packs its operands. Measured on a 2-core Zen 5 VM, the
 //! torchvision preset at batch 16: 134 img/s on the `gemm` crate (~40% of the time in its
@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 /// Output channels per panel: a row's sums for one panel are two AVX-512 registers.
 const PANEL: usize = 32;
 
-/// Rows (output positions) per micro-tile: 12 x 2 accumulators, 2 registers of weights and
-/// one broadcast fit the 32 AVX-512 registers without spills.
+/// The most rows (output positions) a micro-tile has: the AVX-512 kernel's 12 x 2
+/// accumulators, 2 registers of weights and one broadcast fit its 32 registers without spills.
 const TILE_ROWS: usize = 12;
 
 /// Depth summed in registers before the partial sums go to the tile buffer and the next
@@ -56,16 +56,74 @@ impl std::fmt::Debug for F32Panels {
     }
 }
 
-/// Whether the AVX-512F kernel runs on this CPU. Where it does not, the model keeps the
-/// `gemm` crate's path (the portable twin is for the tests: it is slower than that path).
-pub(super) fn kernel_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
+/// Which code computes the micro-tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kernel {
+    /// 12 rows x 32 columns in 24 AVX-512 accumulators.
+    Avx512,
+    /// 6 rows x 16 columns in 12 AVX2 accumulators (of 16 registers), each panel in two
+    /// halves: CPUs without AVX-512 (Zen 2-3, Intel's client cores).
+    Avx2,
+    /// One product at a time: the twin the tests check the others against (slower than the
+    /// `gemm` crate, so never chosen for a model).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs; `None` without AVX-512F or AVX2 + FMA, where the
+    /// model keeps the `gemm` crate's path (the portable twin is slower than that path).
+    pub(super) fn best() -> Option<Self> {
+        [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|kernel| kernel.runs_here())
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// Whether this CPU has the instructions the kernel needs.
+    fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Kernel::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+                Kernel::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Portable
+        }
+    }
+
+    /// Rows per micro-tile.
+    fn tile_rows(self) -> usize {
+        match self {
+            Kernel::Avx512 | Kernel::Portable => TILE_ROWS,
+            Kernel::Avx2 => 6,
+        }
+    }
+
+    /// The instruction set, for the device line ("AVX-512").
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "AVX-512",
+            Kernel::Avx2 => "AVX2",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// Every kernel this CPU runs (what the tests check).
+    #[cfg(test)]
+    fn all_here() -> Vec<Self> {
+        let all = [Kernel::Avx512, Kernel::Avx2, Kernel::Portable];
+        let here: Vec<Self> = all.into_iter().filter(|k| k.runs_here()).collect();
+        if here.len() < all.len() {
+            println!("note: only {here:?} run on this CPU; the others are not checked here");
+        }
+        here
     }
 }
 
@@ -155,7 +213,7 @@ impl F32Panels {
         panels: Range<usize>,
         (bias, relu): (&[f32], bool),
         out: &mut [f32],
-        portable: bool,
+        kernel: Kernel,
     ) {
         let positions = windows.starts.len();
         let first_channel = panels.start * PANEL;
@@ -165,7 +223,7 @@ impl F32Panels {
             "internal f32 panel output: {channels} x {positions} into {}",
             out.len()
         );
-        self.each_tile(windows, panels, portable, |first, panel, sums| {
+        self.each_tile(windows, panels, kernel, |first, panel, sums| {
             let from = panel * PANEL;
             let count = sums.len() / PANEL;
             for ch in 0..PANEL.min(self.width - from) {
@@ -187,7 +245,7 @@ impl F32Panels {
         finish: (&[f32], bool),
         out: &mut [f32],
         tasks: usize,
-        portable: bool,
+        kernel: Kernel,
     ) {
         let all = self.panels();
         let per_task = all.div_ceil(tasks.max(1)).max(1);
@@ -197,26 +255,31 @@ impl F32Panels {
             .for_each(|(task, out)| {
                 let first = task * per_task;
                 let range = first..(first + per_task).min(all);
-                self.multiply_finish(windows, range, finish, out, portable);
+                self.multiply_finish(windows, range, finish, out, kernel);
             });
     }
 
     /// Every micro-tile's sums for `panels`, panel by panel (a panel's weights stay in the L2
     /// cache while the rows go by): `done(first row, panel, sums)`, `sums` rows of [`PANEL`];
-    /// by the AVX-512F kernel where the CPU has it (unless `portable`), else by the twin.
+    /// by `kernel`.
+    ///
+    /// Panics only on a programming error inside this crate (a kernel this CPU cannot run).
     fn each_tile(
         &self,
         windows: &Windows<'_>,
         panels: Range<usize>,
-        portable: bool,
+        kernel: Kernel,
         mut done: impl FnMut(usize, usize, &[f32]),
     ) {
         windows.check(self.depth);
-        let use_kernel = kernel_available() && !portable;
+        assert!(
+            kernel.runs_here(),
+            "internal: the {kernel:?} kernel on this CPU"
+        );
         // Tiles of near-equal size: a last tile of one or two rows would run its few
         // accumulators at the FMA's latency, not its throughput.
         let total = windows.starts.len();
-        let tiles = total.div_ceil(TILE_ROWS).max(1);
+        let tiles = total.div_ceil(kernel.tile_rows()).max(1);
         let tile_len = |i: usize| total / tiles + usize::from(i < total % tiles);
         let mut tile = [0.0f32; TILE_ROWS * PANEL];
         for panel in panels {
@@ -239,17 +302,16 @@ impl F32Panels {
                     };
                     let b = &b[2 * block * block_depth..];
                     let add = block > 0;
-                    if use_kernel {
+                    // SAFETY (both kernels): the CPU has the kernel's instructions (asserted
+                    // above); every row's runs lie inside `data` (`check` above), there are
+                    // 1..=tile_rows rows, `b` holds two lines per depth index of this block
+                    // and the ones after it, and `sums` `count * PANEL` values.
+                    match kernel {
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: the CPU has AVX-512F (`kernel_available`); every row's runs
-                        // lie inside `data` (`check` above), there are 1..=TILE_ROWS rows, `b`
-                        // holds two lines per depth index of this block and the ones after it,
-                        // and `sums` `count * PANEL` values.
-                        unsafe {
-                            tile_avx512(&rows, b, sums, add)
-                        };
-                    } else {
-                        tile_portable(&rows, b, sums, add);
+                        Kernel::Avx512 => unsafe { tile_avx512(&rows, b, sums, add) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => unsafe { tile_avx2(&rows, b, sums, add) },
+                        _ => tile_portable(&rows, b, sums, add),
                     }
                 }
                 done(first, panel, sums);
@@ -279,7 +341,91 @@ unsafe fn tile_avx512(rows: &Windows<'_>, b: &[Line], sums: &mut [f32], add: boo
     tile!(1 2 3 4 5 6 7 8 9 10 11 12)
 }
 
-/// The portable twin of [`tile_avx512`]: the same sums in the same order (one product at a
+/// One panel's sums for up to 6 rows by the AVX2 kernel, added to `sums` when `add`.
+///
+/// # Safety
+/// AVX2 and FMA; 1..=6 rows, every run inside `data`; `b` holds two lines per depth index
+/// (`offsets.len() * run`); `sums.len() == starts.len() * PANEL`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(rows: &Windows<'_>, b: &[Line], sums: &mut [f32], add: bool) {
+    // SAFETY (each arm): the caller's promises.
+    macro_rules! tile {
+        ($($r:literal)*) => {
+            match rows.starts.len() {
+                $($r => unsafe { micro_tile_avx2::<$r>(rows, b, sums, add) },)*
+                _ => unreachable!("AVX2 tile rows are 1..=6"),
+            }
+        };
+    }
+    tile!(1 2 3 4 5 6)
+}
+
+/// `ROWS` rows times one panel `b` into `c` (rows of [`PANEL`]), added to `c` when `add`, one
+/// half of the panel (16 columns) at a time: `2 * ROWS` AVX2 accumulators; each depth index is
+/// one line of `b` (two registers) and one broadcast per row.
+///
+/// # Safety
+/// AVX2 and FMA; `rows.starts.len() == ROWS`, every run inside `rows.data`; `b.len() >= 2 *
+/// offsets.len() * run`; `c.len() >= ROWS * PANEL`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn micro_tile_avx2<const ROWS: usize>(
+    rows: &Windows<'_>,
+    b: &[Line],
+    c: &mut [f32],
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows.starts.len() == ROWS && c.len() >= ROWS * PANEL);
+    debug_assert!(b.len() >= 2 * rows.offsets.len() * rows.run);
+    let mut row = [rows.data.as_ptr(); ROWS];
+    for (row, &start) in row.iter_mut().zip(rows.starts) {
+        // SAFETY: a row's first value is inside `data` (the caller's promise).
+        *row = unsafe { row.add(start) };
+    }
+    for half in 0..2 {
+        let mut low = [_mm256_setzero_ps(); ROWS];
+        let mut high = [_mm256_setzero_ps(); ROWS];
+        let mut depth = 0;
+        for &offset in rows.offsets {
+            for k in offset..offset + rows.run {
+                // SAFETY: line `2 * depth + half` exists (two per depth index); 64 bytes,
+                // 64-aligned, read as two aligned 32-byte registers.
+                let (b_low, b_high) = unsafe {
+                    let line = b.as_ptr().add(2 * depth + half).cast::<f32>();
+                    (_mm256_load_ps(line), _mm256_load_ps(line.add(8)))
+                };
+                depth += 1;
+                for r in 0..ROWS {
+                    // SAFETY: `start + offset + k` is inside this row's run (the caller's
+                    // promise).
+                    let a = _mm256_set1_ps(unsafe { *row[r].add(k) });
+                    low[r] = _mm256_fmadd_ps(a, b_low, low[r]);
+                    high[r] = _mm256_fmadd_ps(a, b_high, high[r]);
+                }
+            }
+        }
+        let c = c.as_mut_ptr();
+        for r in 0..ROWS {
+            // SAFETY: row `r` of `c` has `PANEL` values from `r * PANEL` (the length promise);
+            // this half is its 16 values from `16 * half`.
+            unsafe {
+                let at_low = c.add(r * PANEL + 16 * half);
+                let at_high = at_low.add(8);
+                if add {
+                    low[r] = _mm256_add_ps(_mm256_loadu_ps(at_low), low[r]);
+                    high[r] = _mm256_add_ps(_mm256_loadu_ps(at_high), high[r]);
+                }
+                _mm256_storeu_ps(at_low, low[r]);
+                _mm256_storeu_ps(at_high, high[r]);
+            }
+        }
+    }
+}
+
+/// The portable twin of [`tile_avx512`] and [`tile_avx2`]: the same sums in the same order (one product at a
 /// time, depth index by depth index): what the tests check the kernel against.
 fn tile_portable(rows: &Windows<'_>, b: &[Line], sums: &mut [f32], add: bool) {
     for (&start, sums) in rows.starts.iter().zip(sums.chunks_exact_mut(PANEL)) {
@@ -357,25 +503,16 @@ unsafe fn micro_tile<const ROWS: usize>(rows: &Windows<'_>, b: &[Line], c: &mut 
     }
 }
 
-/// [`Conv2d::forward`] (or `forward_relu`) by the panels: the same sums (up to the order of
-/// the f32 additions), NCHW in and out. Images are threaded one per task when there are at
-/// least as many as threads; otherwise each image's panels are split across the threads.
+/// [`Conv2d::forward`] (or `forward_relu`) by the panels on `kernel`: the same sums (up to
+/// the order of the f32 additions), NCHW in and out. Images are threaded one per task when
+/// there are at least as many as threads; otherwise each image's panels are split across the
+/// threads.
 pub(super) fn conv_panels(
     conv: &Conv2d,
     panels: &F32Panels,
     input: ArrayView4<'_, f32>,
     relu: bool,
-) -> Result<Array4<f32>> {
-    conv_run(conv, panels, input, relu, false)
-}
-
-/// [`conv_panels`], on the portable twin when asked (the tests check both).
-fn conv_run(
-    conv: &Conv2d,
-    panels: &F32Panels,
-    input: ArrayView4<'_, f32>,
-    relu: bool,
-    portable: bool,
+    kernel: Kernel,
 ) -> Result<Array4<f32>> {
     let g = conv.geometry("Conv2d (f32 panels)", &input)?;
     let (n, c, h, w) = input.dim();
@@ -431,7 +568,7 @@ fn conv_run(
                 run: g.kernel,
             };
             let tasks = if split { threads } else { 1 };
-            panels.planes(&windows, (bias, relu), out, tasks, portable);
+            panels.planes(&windows, (bias, relu), out, tasks, kernel);
         };
         if n >= threads {
             input
@@ -455,25 +592,15 @@ fn conv_run(
         .map_err(|e| Error::invalid("Conv2d output", e.to_string()))
 }
 
-/// [`Linear::forward`] (or `forward_relu`) by the panels: `input [n, in]` is `n` rows of one
-/// run each; the output features' panels are split across the threads, so each thread streams
-/// its share of the (large) weight from memory once whatever the batch size.
+/// [`Linear::forward`] (or `forward_relu`) by the panels on `kernel`: `input [n, in]` is `n`
+/// rows of runs; the output features' panels are split across the threads, so each thread
+/// streams its share of the (large) weight from memory once whatever the batch size.
 pub(super) fn linear_panels(
     linear: &Linear,
     panels: &F32Panels,
     input: ArrayView2<'_, f32>,
     relu: bool,
-) -> Result<Array2<f32>> {
-    linear_run(linear, panels, input, relu, false)
-}
-
-/// [`linear_panels`], on the portable twin when asked.
-fn linear_run(
-    linear: &Linear,
-    panels: &F32Panels,
-    input: ArrayView2<'_, f32>,
-    relu: bool,
-    portable: bool,
+    kernel: Kernel,
 ) -> Result<Array2<f32>> {
     let (n, features) = input.dim();
     let width = linear.out_features();
@@ -508,7 +635,7 @@ fn linear_run(
         };
         let [_, bias] = linear.parameters();
         let threads = rayon::current_num_threads();
-        panels.planes(&windows, (bias, relu), &mut planes, threads, portable);
+        panels.planes(&windows, (bias, relu), &mut planes, threads, kernel);
     } else if features == 0 {
         // No products: every output is its (activated) bias.
         let [_, bias] = linear.parameters();
@@ -537,9 +664,6 @@ mod tests {
     /// partial tiles: kernel (where the CPU has it) and twin against naive f64 sums.
     #[test]
     fn windowed_products_match_naive_sums() {
-        if !kernel_available() {
-            println!("note: no AVX-512F here; only the portable twin is checked");
-        }
         let data: Vec<f32> = (0..3000).map(|i| value(i, 263)).collect();
         // (rows, width, runs, run, run stride)
         for (rows, width, runs, run, stride) in [
@@ -562,7 +686,7 @@ mod tests {
                 run,
             };
             let panels = F32Panels::pack(&b, width, depth);
-            for portable in [false, true] {
+            for kernel in Kernel::all_here() {
                 let mut c = vec![f32::NAN; width * rows];
                 let bias = vec![0.0; width];
                 panels.multiply_finish(
@@ -570,7 +694,7 @@ mod tests {
                     0..panels.panels(),
                     (&bias, false),
                     &mut c,
-                    portable,
+                    kernel,
                 );
                 for col in 0..width {
                     for r in 0..rows {
@@ -584,7 +708,7 @@ mod tests {
                         let got = c[col * rows + r] as f64;
                         assert!(
                             (got - want).abs() <= 1e-6 * (1.0 + size),
-                            "portable {portable}, {rows} rows x {width} ({runs} runs of {run}) \
+                            "{kernel:?}, {rows} rows x {width} ({runs} runs of {run}) \
                              at ({r}, {col}): {got} vs {want}"
                         );
                     }
@@ -623,14 +747,14 @@ mod tests {
                 }
                 .expect("gemm path");
                 let largest = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                for portable in [false, true] {
+                for kernel in Kernel::all_here() {
                     let got =
-                        conv_run(&conv, &panels, input.view(), relu, portable).expect("panels");
+                        conv_panels(&conv, &panels, input.view(), relu, kernel).expect("panels");
                     assert_eq!(got.dim(), want.dim());
                     for ((at, g), w) in got.indexed_iter().zip(want.iter()) {
                         assert!(
                             (g - w).abs() <= 1e-5 * largest,
-                            "case {:?} relu {relu} portable {portable} at {at:?}: {g} vs {w}",
+                            "case {:?} relu {relu} {kernel:?} at {at:?}: {g} vs {w}",
                             (n, c, side, o, k, stride, padding)
                         );
                     }
@@ -659,14 +783,14 @@ mod tests {
                 }
                 .expect("gemm path");
                 let largest = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                for portable in [false, true] {
-                    let got =
-                        linear_run(&linear, &panels, input.view(), relu, portable).expect("panels");
+                for kernel in Kernel::all_here() {
+                    let got = linear_panels(&linear, &panels, input.view(), relu, kernel)
+                        .expect("panels");
                     assert_eq!(got.dim(), want.dim());
                     for ((at, g), w) in got.indexed_iter().zip(want.iter()) {
                         assert!(
                             (g - w).abs() <= 1e-5 * largest,
-                            "{n} x {features} -> {out}, relu {relu}, portable {portable} at \
+                            "{n} x {features} -> {out}, relu {relu}, {kernel:?} at \
                              {at:?}: {g} vs {w}"
                         );
                     }
@@ -689,14 +813,11 @@ mod tests {
         let input = ndarray::Array2::from_elem((n, features), 0.1f32);
         let want = features as f64 * f64::from(0.1f32);
         let panels = F32Panels::of_linear(&linear);
-        for portable in [false, true] {
-            let got = linear_run(&linear, &panels, input.view(), false, portable).expect("sum");
+        for kernel in Kernel::all_here() {
+            let got = linear_panels(&linear, &panels, input.view(), false, kernel).expect("sum");
             for &g in &got {
                 let error = (f64::from(g) - want).abs() / want;
-                assert!(
-                    error <= 5e-6,
-                    "portable {portable}: {g} vs {want} ({error:e})"
-                );
+                assert!(error <= 5e-6, "{kernel:?}: {g} vs {want} ({error:e})");
             }
         }
     }
@@ -714,7 +835,13 @@ mod tests {
             .expect("conv")
         };
         let input = ndarray::Array4::zeros((1, 3, 8, 8));
-        let err = conv_panels(&conv(8), &F32Panels::of(&conv(16)), input.view(), true);
+        let err = conv_panels(
+            &conv(8),
+            &F32Panels::of(&conv(16)),
+            input.view(),
+            true,
+            Kernel::Portable,
+        );
         assert!(err.is_err());
     }
 }

@@ -9,7 +9,7 @@ use super::bf16_layers::{
     conv_hwc, linear_forward, pack_conv, pack_linear, ConvInput, ConvWeights, LinearWeights,
     ProductKernels,
 };
-use super::f32_panels::{self, conv_panels, linear_panels, F32Panels};
+use super::f32_panels::{conv_panels, linear_panels, F32Panels, Kernel};
 use super::hwc::{lrn_hwc, pool_hwc, HwcBf16};
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use crate::backend::Backend;
@@ -48,8 +48,8 @@ enum Packed {
 enum Packing {
     /// None: every layer on the `gemm` crate.
     Gemm,
-    /// Convolutions and linear layers on the AVX-512F fp32 kernel ([`super::f32_panels`]).
-    F32Panels,
+    /// Convolutions and linear layers on an fp32 kernel ([`super::f32_panels`]).
+    F32Panels(Kernel),
     /// Convolutions and linear layers on the bf16 kernels.
     Bf16(ProductKernels),
 }
@@ -113,8 +113,8 @@ impl CpuModel {
             return Self::bf16(weights, Bf16Kernels::Auto);
         }
         let mut model = Self::build(weights, precision)?;
-        if f32_panels::kernel_available() {
-            model.set_packing(Packing::F32Panels);
+        if let Some(kernel) = Kernel::best() {
+            model.set_packing(Packing::F32Panels(kernel));
         }
         Ok(model)
     }
@@ -155,10 +155,10 @@ impl CpuModel {
                 (Packing::Bf16(kernels), Layer::Linear { linear, .. }) => {
                     Some(Packed::Linear(pack_linear(linear, kernels)))
                 }
-                (Packing::F32Panels, Layer::Conv(conv)) => {
+                (Packing::F32Panels(_), Layer::Conv(conv)) => {
                     Some(Packed::ConvF32(F32Panels::of(conv)))
                 }
-                (Packing::F32Panels, Layer::Linear { linear, .. }) => {
+                (Packing::F32Panels(_), Layer::Linear { linear, .. }) => {
                     Some(Packed::LinearF32(F32Panels::of_linear(linear)))
                 }
                 _ => None,
@@ -436,8 +436,10 @@ impl CpuModel {
         conv: &Conv2d,
         input: ArrayView4<'_, f32>,
     ) -> Result<Array4<f32>> {
-        match self.packed(stage) {
-            Some(Packed::ConvF32(panels)) => conv_panels(conv, panels, input, true),
+        match (self.packed(stage), self.packing) {
+            (Some(Packed::ConvF32(panels)), Packing::F32Panels(kernel)) => {
+                conv_panels(conv, panels, input, true, kernel)
+            }
             _ => conv.forward_relu(input),
         }
     }
@@ -450,8 +452,10 @@ impl CpuModel {
         input: ArrayView2<'_, f32>,
         relu: bool,
     ) -> Result<Array2<f32>> {
-        match self.packed(stage) {
-            Some(Packed::LinearF32(panels)) => linear_panels(linear, panels, input, relu),
+        match (self.packed(stage), self.packing) {
+            (Some(Packed::LinearF32(panels)), Packing::F32Panels(kernel)) => {
+                linear_panels(linear, panels, input, relu, kernel)
+            }
             _ if relu => linear.forward_relu(input),
             _ => linear.forward(input),
         }
@@ -532,10 +536,12 @@ impl Backend for CpuModel {
         let threads = rayon::current_num_threads();
         match self.bf16_kernels {
             Some(kernels) => format!("CPU ({threads} threads, bf16 on {kernels})"),
-            None if self.packing == Packing::F32Panels => {
-                format!("CPU ({threads} threads, AVX-512 kernels)")
-            }
-            None => format!("CPU ({threads} threads)"),
+            None => match self.packing {
+                Packing::F32Panels(kernel) => {
+                    format!("CPU ({threads} threads, {} kernels)", kernel.name())
+                }
+                _ => format!("CPU ({threads} threads)"),
+            },
         }
     }
 
@@ -568,15 +574,15 @@ mod tests {
     /// channels across the threads (1) and that thread over images (5).
     #[test]
     fn fp32_stages_on_our_kernel_match_the_gemm_path() {
-        if !f32_panels::kernel_available() {
-            println!("skipped: no AVX-512F here, fp32 mode runs on the gemm crate only");
+        if Kernel::best().is_none() {
+            println!("skipped: no AVX-512F or AVX2 here, fp32 mode runs on the gemm crate only");
             return;
         }
         for config in [AlexNetConfig::paper(), AlexNetConfig::torchvision()] {
             let weights = Weights::paper_init(&config, 3).expect("weights");
             let ours = CpuModel::new(&weights, Precision::Fp32).expect("model");
             let gemm = CpuModel::on_gemm(&weights, Precision::Fp32).expect("model");
-            assert_eq!(ours.packing, Packing::F32Panels);
+            assert!(matches!(ours.packing, Packing::F32Panels(_)));
             for images in [1, 5] {
                 let x = input(images);
                 let mut want = Vec::new();
