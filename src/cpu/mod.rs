@@ -2,9 +2,9 @@
 //! the GPU backend is checked against and the fallback on machines without a GPU. The layers on
 //! their own (and the training backward) run convolutions and linear layers as GEMMs (the
 //! `gemm` crate, threaded with rayon). `CpuModel` runs them on micro-kernels of our own where
-//! the CPU allows: fp32 and fp16 modes on an AVX-512F kernel (`f32_panels.rs`), bf16 mode on
-//! bf16 kernels (our AVX512-BF16 micro-kernel, or numkong's AMX tiles) with activations kept as
-//! HWC bf16 between layers.
+//! the CPU allows: fp32 and fp16 modes on AVX-512F or AVX2 kernels (`f32_panels.rs`), bf16
+//! mode on bf16 kernels (our AVX512-BF16 micro-kernel, or numkong's AMX tiles) with
+//! activations kept as HWC bf16 between layers.
 
 mod bf16;
 mod bf16_layers;

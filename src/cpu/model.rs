@@ -38,7 +38,7 @@ enum Packed {
     /// For the bf16 kernels (native bf16 mode).
     Conv(ConvWeights),
     Linear(LinearWeights),
-    /// For the fp32 kernel (fp32 and fp16 modes on AVX-512 CPUs).
+    /// For the fp32 kernels (fp32 and fp16 modes on AVX-512 or AVX2 CPUs).
     ConvF32(F32Panels),
     LinearF32(F32Panels),
 }
@@ -82,9 +82,9 @@ pub const CHUNK_IMAGES: usize = 16;
 /// mode runs its convolutions and linear layers on it (see [`Bf16Kernels`] and
 /// [`CpuModel::bf16`]); elsewhere it multiplies the rounded values with the f32 GEMM.
 ///
-/// On CPUs with AVX-512F, fp32 and fp16 modes run their convolutions and linear layers on a
-/// micro-kernel of this crate (the weights packed once, convolution windows read in place);
-/// elsewhere on the `gemm` crate. Either way the layers compute what [`Conv2d`] and [`Linear`]
+/// On CPUs with AVX-512F (or AVX2 + FMA), fp32 and fp16 modes run their convolutions and
+/// linear layers on a micro-kernel of this crate (the weights packed once, convolution windows
+/// read in place); elsewhere on the `gemm` crate. Either way the layers compute what [`Conv2d`] and [`Linear`]
 /// compute, up to the order of the f32 additions. The packed weights are a second copy of the
 /// convolution and linear weights (about 250 MB for the paper preset); they are packed again
 /// after [`CpuModel::parameters_mut`].
@@ -120,7 +120,7 @@ impl CpuModel {
     }
 
     /// The model with every layer on the `gemm` crate (what fp32 and fp16 modes run where the
-    /// CPU has no AVX-512): the twin the tests compare our fp32 kernel with.
+    /// CPU has neither AVX-512 nor AVX2): the twin the tests compare our fp32 kernel with.
     #[cfg(test)]
     pub(super) fn on_gemm(weights: &Weights, precision: Precision) -> Result<Self> {
         Self::build(weights, precision)
