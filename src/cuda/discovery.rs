@@ -14,9 +14,14 @@
 //!
 //! The loader cache (e.g. apt's `/usr/lib/x86_64-linux-gnu`) is left to the loader. glibc reuses
 //! a loaded library when a later `dlopen` asks for its soname, so cudarc then gets these. It asks
-//! for a bare `libcublas.so` first, though, which may name another version elsewhere on the
-//! loader path: `super::libraries` checks the versions actually in use after loading and says
-//! which file was loaded when it is not the expected one.
+//! for a bare `libcudnn.so` first, though, which the loader may find in another install (apt's
+//! `-dev` packages put one in its cache), and then that install is used whatever was preloaded.
+//! So first `super::loader` opens what cudarc will open; a library found that way has its
+//! companions (cuDNN's sub-libraries) preloaded from its own directory, never from another
+//! install, and only the libraries the loader cannot find come from this search, each with its
+//! companions from its own directory. An explicit `ALEXNET_CUDA_LIB_DIRS` that the loader's
+//! choice overrides is an error, not a silent substitution. `super::libraries` then checks the
+//! versions actually in use.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -114,9 +119,15 @@ pub struct Discovery {
     pub dirs: Vec<SearchDir>,
     /// `(soname, path)` for each file of `WANTED` that was found.
     pub found: Vec<(&'static str, PathBuf)>,
+    /// `(library, file)` for each library cudarc's own loader opens (see `super::loader`).
+    pub loader_picks: Vec<(&'static str, PathBuf)>,
+    /// `(soname, path)` for each file loaded by absolute path ([`Discovery::plan`]).
+    pub loaded: Vec<(&'static str, PathBuf)>,
     /// Files found but not loadable (`path: error`), e.g. a wrong architecture or a missing
     /// dependency.
     pub failed: Vec<String>,
+    /// Each library `ALEXNET_CUDA_LIB_DIRS` names that cannot be the one used, and why.
+    pub conflicts: Vec<String>,
 }
 
 impl Discovery {
@@ -135,8 +146,78 @@ impl Discovery {
         Discovery {
             dirs,
             found,
-            failed: Vec::new(),
+            ..Discovery::default()
         }
+    }
+
+    /// The files to load by absolute path, given the file cudarc's own loader opens for some
+    /// libraries (`loader_picks`, `(library, file)`), and the conflicts with an explicit
+    /// `ALEXNET_CUDA_LIB_DIRS`. A library is its `WANTED` files, its own file last (cuDNN: the
+    /// sub-libraries, then `libcudnn.so.9`). One the loader opens has its files taken from the
+    /// directory of what it opened; any other, from the directory where the search found its
+    /// own file. Files of one library never come from two directories: cuDNN refuses to run
+    /// with sub-libraries of another version.
+    pub fn plan(
+        &self,
+        loader_picks: &[(&'static str, PathBuf)],
+    ) -> (Vec<(&'static str, PathBuf)>, Vec<String>) {
+        let mut load = Vec::new();
+        let mut conflicts = Vec::new();
+        let mut libraries: Vec<&str> = WANTED.iter().map(|&(library, _)| library).collect();
+        libraries.dedup();
+        for library in libraries {
+            let files: Vec<&'static str> = WANTED
+                .iter()
+                .filter(|&&(l, _)| l == library)
+                .map(|&(_, soname)| soname)
+                .collect();
+            let Some(&own) = files.last() else { continue };
+            let found = self.path_of(own);
+            let picked = loader_picks
+                .iter()
+                .find(|(l, _)| *l == library)
+                .map(|(_, p)| p.as_path());
+            let dir = match (picked, found) {
+                (Some(picked), found) => {
+                    if let Some(found) = found.filter(|f| !same_file(f, picked)) {
+                        if self.origin_of(found) == Some("ALEXNET_CUDA_LIB_DIRS") {
+                            conflicts.push(format!(
+                                "ALEXNET_CUDA_LIB_DIRS names {}, but cudarc opens {library} by \
+                                 an unversioned name first, which the loader finds at {}: that \
+                                 install would be used. Remove its unversioned link from the \
+                                 loader's path (apt's -dev package installs it), or put a \
+                                 directory holding such a link to {} first on LD_LIBRARY_PATH",
+                                found.display(),
+                                picked.display(),
+                                found.display()
+                            ));
+                        }
+                    }
+                    // The install is where the file lives, not where a link to it is.
+                    let real = picked
+                        .canonicalize()
+                        .unwrap_or_else(|_| picked.to_path_buf());
+                    real.parent().map(Path::to_path_buf)
+                }
+                (None, Some(found)) => found.parent().map(Path::to_path_buf),
+                (None, None) => None,
+            };
+            if let Some(dir) = dir {
+                load.extend(
+                    files
+                        .iter()
+                        .map(|&soname| (soname, dir.join(soname)))
+                        .filter(|(_, path)| path.is_file()),
+                );
+            }
+        }
+        (load, conflicts)
+    }
+
+    /// Where the search directory holding `file` came from.
+    fn origin_of(&self, file: &Path) -> Option<&'static str> {
+        let dir = file.parent()?;
+        self.dirs.iter().find(|d| d.path == dir).map(|d| d.origin)
     }
 
     /// Where `soname` was found, if it was.
@@ -167,9 +248,22 @@ pub fn discovery() -> &'static Discovery {
     static DONE: OnceLock<Discovery> = OnceLock::new();
     DONE.get_or_init(|| {
         let mut found = Discovery::search(&SearchEnv::from_process());
-        found.failed = preload(&found.found);
+        // What cudarc will open is settled before anything is preloaded.
+        found.loader_picks = super::loader::loader_picks();
+        let (load, conflicts) = found.plan(&found.loader_picks);
+        found.failed = preload(&load);
+        found.loaded = load;
+        found.conflicts = conflicts;
         found
     })
+}
+
+/// Whether two paths name the same file (after links).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Loads each file by absolute path and keeps it loaded for the life of the process; returns
@@ -286,6 +380,112 @@ mod tests {
                 "/site/nvidia/cudnn/lib",
                 "/usr/local/cuda/lib64"
             ]
+        );
+    }
+
+    /// A directory holding empty files with these names.
+    fn install(root: &Path, dir: &str, files: &[&str]) -> PathBuf {
+        let dir = root.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in files {
+            std::fs::write(dir.join(file), b"").unwrap();
+        }
+        dir
+    }
+
+    const CUDNN: &[&str] = &["libcudnn.so.9", "libcudnn_ops.so.9", "libcudnn_cnn.so.9"];
+
+    fn loaded_from(load: &[(&'static str, PathBuf)], library_prefix: &str) -> Vec<PathBuf> {
+        load.iter()
+            .filter(|(soname, _)| soname.starts_with(library_prefix))
+            .map(|(_, path)| path.clone())
+            .collect()
+    }
+
+    /// The H200 machine's layout: apt's cuDNN in the loader's cache (which cudarc opens by
+    /// `libcudnn.so`) and PyTorch's newer wheel in site-packages. Every cuDNN file then comes
+    /// from apt's directory, none from the wheel.
+    #[test]
+    fn the_loaders_cudnn_gets_its_own_sub_libraries() {
+        let root = tempfile::tempdir().unwrap();
+        let apt = install(root.path(), "apt", CUDNN);
+        let site = root.path().join("site-packages");
+        let wheel = install(&site, "nvidia/cudnn/lib", CUDNN);
+        let found = Discovery::search(&SearchEnv {
+            site_packages: vec![site],
+            ..SearchEnv::default()
+        });
+        assert_eq!(
+            found.path_of("libcudnn_ops.so.9"),
+            Some(wheel.join("libcudnn_ops.so.9").as_path())
+        );
+        let picks = [("cuDNN", apt.join("libcudnn.so.9"))];
+        let (load, conflicts) = found.plan(&picks);
+        let mut want: Vec<PathBuf> = CUDNN.iter().map(|f| apt.join(f)).collect();
+        let mut got = loaded_from(&load, "libcudnn");
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        // Without a loader pick the wheel is used, all of it.
+        let (load, _) = found.plan(&[]);
+        assert!(
+            loaded_from(&load, "libcudnn")
+                .iter()
+                .all(|p| p.parent() == Some(wheel.as_path())),
+            "{load:?}"
+        );
+        assert_eq!(loaded_from(&load, "libcudnn").len(), CUDNN.len());
+    }
+
+    /// An explicit directory the loader's choice would override is an error naming both.
+    #[test]
+    fn an_overridden_explicit_choice_is_a_conflict() {
+        let root = tempfile::tempdir().unwrap();
+        let apt = install(root.path(), "apt", CUDNN);
+        let mine = install(root.path(), "mine", CUDNN);
+        let found = Discovery::search(&SearchEnv {
+            explicit: Some(mine.clone().into()),
+            ..SearchEnv::default()
+        });
+        let (_, conflicts) = found.plan(&[("cuDNN", apt.join("libcudnn.so.9"))]);
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert!(
+            conflicts[0].contains(&mine.display().to_string()),
+            "{conflicts:?}"
+        );
+        assert!(
+            conflicts[0].contains(&apt.display().to_string()),
+            "{conflicts:?}"
+        );
+        // The loader finding the explicit file itself (through a link) is no conflict.
+        #[cfg(unix)]
+        {
+            let link = root.path().join("libcudnn.so");
+            std::os::unix::fs::symlink(mine.join("libcudnn.so.9"), &link).unwrap();
+            let (load, conflicts) = found.plan(&[("cuDNN", link)]);
+            assert!(conflicts.is_empty(), "{conflicts:?}");
+            assert!(!loaded_from(&load, "libcudnn").is_empty());
+        }
+    }
+
+    /// A library's files never come from two directories: a sub-library found only elsewhere
+    /// is left out rather than mixed in.
+    #[test]
+    fn one_library_is_loaded_from_one_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let shim_only = install(root.path(), "a", &["libcudnn.so.9"]);
+        let ops_only = install(root.path(), "b", &["libcudnn_ops.so.9"]);
+        let path = std::env::join_paths([&shim_only, &ops_only]).unwrap();
+        let found = Discovery::search(&SearchEnv {
+            loader_path: Some(path),
+            ..SearchEnv::default()
+        });
+        assert!(found.path_of("libcudnn_ops.so.9").is_some());
+        let (load, _) = found.plan(&[]);
+        assert_eq!(
+            loaded_from(&load, "libcudnn"),
+            vec![shim_only.join("libcudnn.so.9")]
         );
     }
 

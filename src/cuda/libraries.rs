@@ -98,6 +98,9 @@ impl CudaLibrary {
 /// checks it then.)
 pub fn probe_libraries() -> Result<()> {
     let search = discovery();
+    if !search.conflicts.is_empty() {
+        return Err(Error::DeviceUnavailable(search.conflicts.join("; ")));
+    }
     for lib in [
         CudaLibrary::Driver,
         CudaLibrary::CublasLt,

@@ -80,6 +80,7 @@ mod events;
 mod graph;
 mod launch;
 mod libraries;
+mod loader;
 mod model;
 mod ops;
 mod pinned;
