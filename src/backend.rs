@@ -86,6 +86,15 @@ pub struct OpenedBackend {
     pub notice: Option<String>,
 }
 
+/// GPU settings [`open_backend_with`] passes on; the default is [`open_backend`]'s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// GPU fp32 only: let cuDNN also pick FFT and Winograd convolution algorithms, as
+    /// PyTorch's fp32 does (`CudaOptions::fp32_transforms`: faster, less accurate). The CPU
+    /// has no such algorithms; where the CPU runs, the notice says this had no effect.
+    pub fp32_transforms: bool,
+}
+
 /// Builds a model for `weights` on the chosen device. `Cuda` fails with
 /// [`Error::DeviceUnavailable`] when no GPU path is usable (no driver, GPU, cuBLAS, cuDNN or
 /// kernels; the message says what to install); `Auto` then falls back to the CPU and says why
@@ -95,20 +104,41 @@ pub fn open_backend(
     choice: DeviceChoice,
     precision: Precision,
 ) -> Result<OpenedBackend> {
+    open_backend_with(weights, choice, precision, BackendOptions::default())
+}
+
+/// [`open_backend`] with GPU settings beyond the defaults.
+pub fn open_backend_with(
+    weights: &Weights,
+    choice: DeviceChoice,
+    precision: Precision,
+    options: BackendOptions,
+) -> Result<OpenedBackend> {
     let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(CpuModel::new(weights, precision)?)) };
-    let cuda = || open_cuda(weights, precision);
+    let cuda = || open_cuda(weights, precision, options);
+    // Nothing asked for is dropped silently: a GPU-only setting the CPU cannot honour is said.
+    let on_cpu = |notice: Option<String>| -> Option<String> {
+        if !options.fp32_transforms {
+            return notice;
+        }
+        let unused = "fp32 transforms (FFT, Winograd) are a GPU setting: no effect on the CPU";
+        Some(match notice {
+            Some(notice) => format!("{notice}; {unused}"),
+            None => unused.to_string(),
+        })
+    };
     match choice {
         // bf16 runs on the CPU only: `auto` takes the CPU for it, and says why.
         DeviceChoice::Auto if !precision.runs_on_gpu() => Ok(OpenedBackend {
             backend: cpu()?,
-            notice: Some(match cpu_precision_notice(precision) {
+            notice: on_cpu(Some(match cpu_precision_notice(precision) {
                 Some(also) => format!("{precision} runs on the CPU only; {also}"),
                 None => format!("{precision} runs on the CPU only"),
-            }),
+            })),
         }),
         DeviceChoice::Cpu => Ok(OpenedBackend {
             backend: cpu()?,
-            notice: cpu_precision_notice(precision),
+            notice: on_cpu(cpu_precision_notice(precision)),
         }),
         DeviceChoice::Cuda => Ok(OpenedBackend {
             backend: {
@@ -127,10 +157,10 @@ pub fn open_backend(
                 e @ (Error::DeviceUnavailable(_) | Error::Cuda { .. } | Error::OutOfMemory { .. }),
             ) => Ok(OpenedBackend {
                 backend: cpu()?,
-                notice: Some(match cpu_precision_notice(precision) {
+                notice: on_cpu(Some(match cpu_precision_notice(precision) {
                     Some(also) => format!("CUDA is not usable ({e}); running on the CPU; {also}"),
                     None => format!("CUDA is not usable ({e}); running on the CPU"),
-                }),
+                })),
             }),
             Err(e) => Err(e),
         },
@@ -156,17 +186,25 @@ fn cpu_precision_notice(precision: Precision) -> Option<String> {
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(weights: &Weights, precision: Precision) -> Result<Box<dyn Backend>> {
+fn open_cuda(
+    weights: &Weights,
+    precision: Precision,
+    options: BackendOptions,
+) -> Result<Box<dyn Backend>> {
     use crate::cuda::{CudaModel, CudaOptions};
-    Ok(Box::new(CudaModel::new(
-        weights,
-        precision,
-        CudaOptions::default(),
-    )?))
+    let options = CudaOptions {
+        fp32_transforms: options.fp32_transforms,
+        ..CudaOptions::default()
+    };
+    Ok(Box::new(CudaModel::new(weights, precision, options)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_weights: &Weights, _precision: Precision) -> Result<Box<dyn Backend>> {
+fn open_cuda(
+    _weights: &Weights,
+    _precision: Precision,
+    _options: BackendOptions,
+) -> Result<Box<dyn Backend>> {
     Err(Error::DeviceUnavailable(
         "this build of alexnet-cuda has no CUDA backend (its `cuda` feature is off); rebuild \
          with default features, or use --device cpu"
@@ -184,6 +222,21 @@ mod tests {
         config.input.height = 67;
         config.input.width = 67;
         Weights::paper_init(&config, 5).unwrap()
+    }
+
+    /// A GPU-only setting given where the CPU runs is said in the notice, not dropped.
+    #[test]
+    fn fp32_transforms_on_the_cpu_are_reported() {
+        let weights = small_weights();
+        let options = BackendOptions {
+            fp32_transforms: true,
+        };
+        let opened =
+            open_backend_with(&weights, DeviceChoice::Cpu, Precision::Fp32, options).unwrap();
+        let notice = opened.notice.unwrap_or_default();
+        assert!(notice.contains("no effect on the CPU"), "{notice}");
+        let plain = open_backend(&weights, DeviceChoice::Cpu, Precision::Fp32).unwrap();
+        assert_eq!(plain.notice, None);
     }
 
     /// tf32 on the CPU is fp32, and the caller is told: the backend reports fp32, the logits

@@ -64,7 +64,9 @@ pub mod train;
 pub mod weights;
 
 pub use crate::image::{collect_image_paths, load_batch, LoadedBatch, Preprocess, U8Batch};
-pub use backend::{open_backend, Backend, DeviceChoice, OpenedBackend};
+pub use backend::{
+    open_backend, open_backend_with, Backend, BackendOptions, DeviceChoice, OpenedBackend,
+};
 pub use config::AlexNetConfig;
 pub use config::Precision;
 pub use error::{CudaError, Error, Result};

@@ -482,6 +482,39 @@ fn flags_that_do_not_apply_to_the_mode_are_usage_errors() {
     assert!(!dir.path().join("x.npy").exists(), "nothing is written");
 }
 
+/// `--fp32-transforms` is a GPU fp32 setting: refused with another precision, and said (not
+/// silently dropped) where the CPU runs.
+#[test]
+fn fp32_transforms_apply_to_gpu_fp32_only() {
+    let out = infer(&[
+        "--fp32-transforms",
+        "--precision",
+        "fp16",
+        "--device",
+        "cpu",
+    ]);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("fp32 only"), "{}", stderr(&out));
+    let out = infer(&[
+        "--fp32-transforms",
+        "--device",
+        "cpu",
+        "--config",
+        "torchvision",
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no effect on the CPU"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn a_closed_pipe_ends_quietly() {
     for args in [

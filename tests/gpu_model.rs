@@ -97,10 +97,20 @@ fn stages(
 }
 
 fn network_against_cpu(config: AlexNetConfig, precision: Precision, tol: f64) {
+    network_against_cpu_with(config, precision, CudaOptions::default(), tol);
+}
+
+/// [`network_against_cpu`] with a model built with `options`.
+fn network_against_cpu_with(
+    config: AlexNetConfig,
+    precision: Precision,
+    options: CudaOptions,
+    tol: f64,
+) {
     let seed = seed(&format!("network {} {precision}", config.name));
     let weights = formula_weights(&config);
     let cpu = CpuModel::new(&weights, precision).unwrap();
-    let mut gpu = cuda_model(&weights, precision);
+    let mut gpu = CudaModel::new(&weights, precision, options).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
         "device: {} ({:?})",
         gpu.device_name(),
@@ -142,6 +152,33 @@ fn paper_network_fp32_matches_cpu_stage_by_stage() {
 fn torchvision_network_fp32_matches_cpu_stage_by_stage() {
     let _gpu = common::exclusive_gpu();
     network_against_cpu(AlexNetConfig::torchvision(), Precision::Fp32, 1e-4);
+}
+
+/// fp32 with FFT and Winograd algorithms allowed (PyTorch's fp32): still no tensor cores, every
+/// stage within 1e-3 of the CPU's (an order of magnitude looser than the GEMM family's 1e-4).
+/// Prints the algorithms chosen at batch 128 with and without them.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn paper_network_fp32_with_transforms_matches_cpu_fp32() {
+    let _gpu = common::exclusive_gpu();
+    let transforms = CudaOptions {
+        fp32_transforms: true,
+        ..CudaOptions::default()
+    };
+    network_against_cpu_with(AlexNetConfig::paper(), Precision::Fp32, transforms, 1e-3);
+    let config = AlexNetConfig::paper();
+    let weights = formula_weights(&config);
+    let input = synthetic_batch(128, config.input, 7);
+    for options in [CudaOptions::default(), transforms] {
+        let mut gpu = CudaModel::new(&weights, Precision::Fp32, options).unwrap();
+        gpu.forward_f32(input.view()).unwrap();
+        for (stage, plan) in gpu.conv_plans() {
+            eprintln!(
+                "fp32_transforms={} batch 128 {stage}: {} ({} bytes)",
+                options.fp32_transforms, plan.algorithm, plan.workspace_bytes
+            );
+        }
+    }
 }
 
 /// TF32 math: fp32 storage, 10-bit mantissa products; every stage within 1e-2 of the CPU's
@@ -406,19 +443,23 @@ fn run_stream_gives_the_plain_paths_logits_in_order() {
     }
 }
 
-/// One cuDNN workspace shared by every convolution, under the cap, and algorithm choices for one
-/// batch size at a time: after batch 2 then batch 3 only batch 3's plans remain, none needs
+/// One cuDNN workspace shared by every convolution, under the cap, and algorithm choices kept
+/// for the last `CudaModel::PLANNED_SIZES` batch sizes: after one more size than that, the
+/// oldest size's plans are gone and the others' remain (one per convolution each), none needs
 /// more than the cap, the workspace is exactly the most they need, and the logits still match
 /// the CPU's — also with no workspace at all.
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
-fn one_capped_workspace_and_one_batch_size_of_plans() {
+fn one_capped_workspace_and_the_last_batch_sizes_plans() {
     let _gpu = common::exclusive_gpu();
     let seed = seed("workspace");
     let config = AlexNetConfig::paper();
     let weights = formula_weights(&config);
     let cpu = CpuModel::new(&weights, Precision::Fp32).unwrap();
-    let input = synthetic_batch(3, config.input, seed);
+    // Sizes 1 ..= PLANNED_SIZES + 1, the last run twice so that its logits are checked.
+    let sizes: Vec<usize> = (1..=CudaModel::PLANNED_SIZES + 1).collect();
+    let last = *sizes.last().unwrap();
+    let input = synthetic_batch(last, config.input, seed);
     let want = cpu.forward(input.view()).unwrap();
     for cap in [0usize, 64 << 20] {
         let options = CudaOptions {
@@ -427,13 +468,30 @@ fn one_capped_workspace_and_one_batch_size_of_plans() {
         };
         let mut gpu = CudaModel::new(&weights, Precision::Fp32, options).unwrap();
         assert_eq!(gpu.gpu().conv_workspace_limit().unwrap(), cap);
-        gpu.forward_f32(input.slice(ndarray::s![..2, .., .., ..]))
-            .unwrap();
+        for &n in &sizes {
+            gpu.forward_f32(input.slice(ndarray::s![..n, .., .., ..]))
+                .unwrap();
+        }
         let logits = gpu.forward_f32(input.view()).unwrap();
         let plans = gpu.conv_plans();
         eprintln!("cap {cap}: {plans:?}");
-        assert_eq!(plans.len(), 5, "one plan per convolution: {plans:?}");
-        assert!(plans.iter().all(|(_, p)| p.input[0] == 3), "{plans:?}");
+        let kept: Vec<usize> = sizes[1..].to_vec();
+        assert_eq!(
+            plans.len(),
+            5 * kept.len(),
+            "one plan per convolution and kept size: {plans:?}"
+        );
+        for n in &kept {
+            assert_eq!(
+                plans.iter().filter(|(_, p)| p.input[0] == *n).count(),
+                5,
+                "batch {n}: {plans:?}"
+            );
+        }
+        assert!(
+            plans.iter().all(|(_, p)| p.input[0] != sizes[0]),
+            "the oldest size is forgotten: {plans:?}"
+        );
         let most = plans.iter().map(|(_, p)| p.workspace_bytes).max().unwrap();
         assert!(most <= cap, "cap {cap}: {plans:?}");
         assert_eq!(gpu.gpu().conv_workspace_bytes().unwrap(), most);

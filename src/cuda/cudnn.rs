@@ -246,28 +246,47 @@ conv_algorithm!(
     ]
 );
 
+/// Which of `Find`'s candidates a convolution may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Allowed {
+    /// True fp32 (`CUDNN_FMA_MATH`), only algorithms that keep fp32 accuracy
+    /// ([`ConvAlgorithm::keeps_fp32_accuracy`]): the default for fp32.
+    ExactFp32,
+    /// True fp32, any algorithm: FFT and Winograd too (PyTorch's fp32, TF32 off).
+    Fp32,
+    /// Whatever cuDNN measured, tensor-op math included (TF32, fp16).
+    Any,
+}
+
 /// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
-/// deterministic one, else the fastest. For true fp32 (`CUDNN_FMA_MATH`) only algorithms that
-/// keep fp32 accuracy ([`ConvAlgorithm::keeps_fp32_accuracy`]) measured without tensor-op math
-/// qualify. None needing more than `max_workspace` bytes qualifies.
+/// deterministic one, else the fastest. For true fp32 ([`Allowed::ExactFp32`],
+/// [`Allowed::Fp32`]) only candidates measured without tensor-op math qualify, and for
+/// [`Allowed::ExactFp32`] only the algorithms that keep fp32 accuracy. None needing more than
+/// `max_workspace` bytes qualifies.
 pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
     candidates: &[AlgoPerf<A>],
-    true_fp32: bool,
+    allowed: Allowed,
     max_workspace: usize,
 ) -> Option<AlgoPerf<A>> {
-    let allowed = |p: &&AlgoPerf<A>| {
+    let fma = |p: &AlgoPerf<A>| {
+        matches!(
+            p.math,
+            sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+        )
+    };
+    let qualifies = |p: &&AlgoPerf<A>| {
         p.workspace <= max_workspace
-            && (!true_fp32
-                || (matches!(
-                    p.math,
-                    sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-                ) && p.algo.keeps_fp32_accuracy()))
+            && match allowed {
+                Allowed::ExactFp32 => fma(p) && p.algo.keeps_fp32_accuracy(),
+                Allowed::Fp32 => fma(p),
+                Allowed::Any => true,
+            }
     };
     candidates
         .iter()
-        .filter(allowed)
+        .filter(qualifies)
         .find(|p| p.deterministic)
-        .or_else(|| candidates.iter().find(allowed))
+        .or_else(|| candidates.iter().find(qualifies))
         .copied()
 }
 
@@ -414,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn true_fp32_takes_no_transform_or_tensor_op_algorithm() {
+    fn true_fp32_takes_no_transform_or_tensor_op_algorithm_unless_asked() {
         let fastest_first = [
             perf(
                 CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
@@ -434,15 +453,23 @@ mod tests {
                 true,
             ),
         ];
-        let chosen = choose_algorithm(&fastest_first, true, usize::MAX).unwrap();
+        let chosen = choose_algorithm(&fastest_first, Allowed::ExactFp32, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
         // Without the fp32 rule the fastest deterministic one wins.
-        let chosen = choose_algorithm(&fastest_first, false, usize::MAX).unwrap();
+        let chosen = choose_algorithm(&fastest_first, Allowed::Any, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
+        // True fp32 with transforms allowed: the fastest without tensor ops.
+        let chosen = choose_algorithm(&fastest_first, Allowed::Fp32, usize::MAX).unwrap();
+        assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
+        let chosen = choose_algorithm(&fastest_first[1..], Allowed::Fp32, usize::MAX).unwrap();
+        assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_FFT);
+        let tensor_op_first = &fastest_first[2..];
+        let chosen = choose_algorithm(tensor_op_first, Allowed::Fp32, usize::MAX).unwrap();
+        assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
         // No deterministic qualifier: the fastest that qualifies.
-        let chosen = choose_algorithm(&fastest_first[..4], true, usize::MAX).unwrap();
+        let chosen = choose_algorithm(&fastest_first[..4], Allowed::ExactFp32, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
-        assert!(choose_algorithm(&fastest_first[..3], true, usize::MAX).is_none());
+        assert!(choose_algorithm(&fastest_first[..3], Allowed::ExactFp32, usize::MAX).is_none());
     }
 
     /// The cap on the shared workspace is a hard limit: a faster algorithm needing more loses
@@ -458,7 +485,7 @@ mod tests {
             with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, 4 << 20),
             with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, 0),
         ];
-        let pick = |cap| choose_algorithm(&fastest_first, false, cap).map(|p| p.algo);
+        let pick = |cap| choose_algorithm(&fastest_first, Allowed::Any, cap).map(|p| p.algo);
         assert_eq!(pick(1 << 30), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
         assert_eq!(pick(900 << 20), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
         assert_eq!(
@@ -466,7 +493,7 @@ mod tests {
             Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM)
         );
         assert_eq!(pick(0), Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM));
-        assert!(choose_algorithm(&fastest_first[..2], false, (4 << 20) - 1).is_none());
+        assert!(choose_algorithm(&fastest_first[..2], Allowed::Any, (4 << 20) - 1).is_none());
     }
 
     /// The backward kinds follow the same rules: no transform-domain algorithm for true fp32,
@@ -487,12 +514,17 @@ mod tests {
             data(CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, false),
             data(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, true),
         ];
-        let pick = |fp32| choose_algorithm(&fastest_first, fp32, usize::MAX).map(|p| p.algo);
-        assert_eq!(pick(true), Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1));
+        let pick = |allowed| choose_algorithm(&fastest_first, allowed, usize::MAX).map(|p| p.algo);
         assert_eq!(
-            pick(false),
-            Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED)
+            pick(Allowed::ExactFp32),
+            Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1)
         );
+        for allowed in [Allowed::Fp32, Allowed::Any] {
+            assert_eq!(
+                pick(allowed),
+                Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED)
+            );
+        }
         let filter = |algo, deterministic| AlgoPerf {
             algo,
             time_ms: 1.0,
@@ -505,8 +537,8 @@ mod tests {
             filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3, false),
             filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0, false),
         ];
-        let chosen = choose_algorithm(&fastest_first, true, usize::MAX).unwrap();
+        let chosen = choose_algorithm(&fastest_first, Allowed::ExactFp32, usize::MAX).unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3);
-        assert!(choose_algorithm(&fastest_first[..1], true, usize::MAX).is_none());
+        assert!(choose_algorithm(&fastest_first[..1], Allowed::ExactFp32, usize::MAX).is_none());
     }
 }

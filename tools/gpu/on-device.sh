@@ -8,7 +8,8 @@
 #            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
 #   tests    every GPU test, one at a time (--test-threads=1), each result listed; never stops at
 #            a failure (not the 10,000-batch soak)
-#   infer    infer --batch $BATCH in fp32, tf32 and fp16 (extra flags: INFER_ARGS)
+#   infer    infer --batch $BATCH in fp32, fp32 --fp32-transforms, tf32 and fp16 (extra flags:
+#            INFER_ARGS)
 #   bench    the criterion GPU benches (benches/gpu_forward.rs: forward_u8 at batch 1 to 256,
 #            the pipeline at 128), about three minutes
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
@@ -80,8 +81,11 @@ PY
         while read -r line; do summary+=("$line"); done < "$OUT/test-results.txt"
         ;;
     infer)
-        for p in fp32 tf32 fp16; do
-            timeout "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch "$BATCH" --precision $p ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
+        # fp32x: fp32 with FFT and Winograd allowed (--fp32-transforms), PyTorch's fp32.
+        for p in fp32 fp32x tf32 fp16; do
+            flags=(--precision "$p")
+            [ "$p" = fp32x ] && flags=(--precision fp32 --fp32-transforms)
+            timeout "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch "$BATCH" "${flags[@]}" ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
             rc=$?
             note "infer $p batch $BATCH rc=$rc: $(grep -E 'throughput|error' "$OUT/infer-$p.txt" | head -1)"
             grep -E 'GPU (H2D|compute|D2H)' "$OUT/infer-$p.txt" | sed 's/^/  /'

@@ -19,6 +19,10 @@ pub struct Args {
     /// Numeric mode.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
     pub precision: PrecisionArg,
+    /// GPU fp32: let cuDNN also pick FFT and Winograd convolution algorithms, as PyTorch's fp32
+    /// does (faster, about an order of magnitude less accurate than the default GEMM family).
+    #[arg(long)]
+    pub fp32_transforms: bool,
     /// Where to run: auto picks CUDA when usable, else the CPU (with a notice).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,

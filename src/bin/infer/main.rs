@@ -11,7 +11,7 @@ mod progress;
 use std::process::ExitCode;
 
 use alexnet_cuda::timing::TimingPlan;
-use alexnet_cuda::{open_backend, AlexNetConfig, Error, Weights};
+use alexnet_cuda::{open_backend_with, AlexNetConfig, BackendOptions, Error, Precision, Weights};
 use clap::{CommandFactory, FromArgMatches};
 
 use args::{check_flags, usage_error, Args, ConfigArg};
@@ -72,7 +72,16 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
             args.top
         ));
     }
-    let opened = open_backend(&weights, args.device.into(), args.precision.into())?;
+    let precision: Precision = args.precision.into();
+    if args.fp32_transforms && precision != Precision::Fp32 {
+        usage_error(format!(
+            "--fp32-transforms applies to --precision fp32 only, not {precision}"
+        ));
+    }
+    let options = BackendOptions {
+        fp32_transforms: args.fp32_transforms,
+    };
+    let opened = open_backend_with(&weights, args.device.into(), precision, options)?;
     if let Some(notice) = &opened.notice {
         eprintln!("note: {notice}");
     }

@@ -9,7 +9,7 @@ use half::f16;
 use ndarray::{Array2, ArrayView4, ArrayViewD};
 
 use self::buffers::Buffers;
-use self::net::{Layers, Net};
+use self::net::{ConvMath, Layers, Net};
 use super::device::{driver_err, Gpu};
 use super::dtype::GpuFloat;
 use super::events::{record, StageEvents};
@@ -30,6 +30,10 @@ pub struct CudaOptions {
     /// fp32 only: let convolutions and GEMMs use TF32 tensor cores (about 1e-3 relative error,
     /// much faster). Off by default: fp32 is true fp32.
     pub allow_tf32: bool,
+    /// True fp32 only: let cuDNN also pick FFT and Winograd convolution algorithms, as
+    /// PyTorch's fp32 (TF32 off) does: still no tensor cores, often faster, about an order of
+    /// magnitude less accurate than the GEMM-family algorithms fp32 keeps to by default.
+    pub fp32_transforms: bool,
     /// The normalisation [`CudaModel::forward_u8`] applies on the GPU (torchvision's ImageNet
     /// mean and std by default).
     pub normalization: PrepareInput,
@@ -134,10 +138,21 @@ impl CudaModel {
         PrepareInput::new(options.normalization.mean, options.normalization.std)?;
         let net = match precision {
             Precision::Fp32 => {
-                TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, options.allow_tf32)?)
+                let math = ConvMath {
+                    allow_tf32: options.allow_tf32,
+                    fp32_transforms: options.fp32_transforms,
+                };
+                TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, math)?)
             }
-            Precision::Tf32 => TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, true)?),
-            Precision::Fp16 => TypedNet::F16(Net::build(&gpu, weights, Layout::Nhwc, false)?),
+            Precision::Tf32 => {
+                TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, ConvMath::TF32)?)
+            }
+            Precision::Fp16 => TypedNet::F16(Net::build(
+                &gpu,
+                weights,
+                Layout::Nhwc,
+                ConvMath::default(),
+            )?),
             // Refused by `check_gpu` above.
             Precision::Bf16 => return Err(Error::invalid("precision", "bf16 on the GPU")),
         };
@@ -357,8 +372,13 @@ impl CudaModel {
         with_net!(&self.net, net => net.graph_status())
     }
 
-    /// The cuDNN algorithm each convolution chose, by stage name, for the batch size the
-    /// buffers are allocated for (choices for other sizes are dropped with their buffers).
+    /// How many batch sizes' algorithm choices a model keeps: coming back to one of the last
+    /// this many sizes reuses its algorithms (the same size always computes the same way); older
+    /// ones are forgotten and the shared workspace shrinks to what the rest need.
+    pub const PLANNED_SIZES: usize = net::PLANNED_SIZES;
+
+    /// The cuDNN algorithm each convolution chose, by stage name, for each batch size whose
+    /// choices are kept (the last [`CudaModel::PLANNED_SIZES`] sizes run).
     pub fn conv_plans(&self) -> Vec<(String, ConvPlanInfo)> {
         with_net!(&self.net, net => net.layers().conv_plans())
     }

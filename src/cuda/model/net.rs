@@ -74,6 +74,20 @@ pub(super) struct Layers<T: GpuFloat> {
     fused: Vec<Option<FusedEpilogue>>,
 }
 
+/// The math an fp32 network's layers may use (see [`super::CudaOptions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct ConvMath {
+    pub allow_tf32: bool,
+    pub fp32_transforms: bool,
+}
+
+impl ConvMath {
+    pub const TF32: ConvMath = ConvMath {
+        allow_tf32: true,
+        fp32_transforms: false,
+    };
+}
+
 /// How many batch sizes' algorithm choices a network keeps (descriptors only: the buffers
 /// exist for one size at a time).
 pub const PLANNED_SIZES: usize = 4;
@@ -87,9 +101,9 @@ pub(super) struct Net<T: GpuFloat> {
 }
 
 impl<T: GpuFloat> Net<T> {
-    pub fn build(gpu: &Gpu, weights: &Weights, layout: Layout, allow_tf32: bool) -> Result<Self> {
+    pub fn build(gpu: &Gpu, weights: &Weights, layout: Layout, math: ConvMath) -> Result<Self> {
         Ok(Net {
-            layers: Layers::build(gpu, weights, layout, allow_tf32)?,
+            layers: Layers::build(gpu, weights, layout, math)?,
             buffers: None,
             planned_sizes: VecDeque::new(),
         })
@@ -153,7 +167,8 @@ impl<T: GpuFloat> Net<T> {
 }
 
 impl<T: GpuFloat> Layers<T> {
-    fn build(gpu: &Gpu, weights: &Weights, layout: Layout, allow_tf32: bool) -> Result<Self> {
+    fn build(gpu: &Gpu, weights: &Weights, layout: Layout, math: ConvMath) -> Result<Self> {
+        let allow_tf32 = math.allow_tf32;
         let plan = weights.config().plan()?;
         let input = plan.input;
         let input_channels = match layout {
@@ -176,6 +191,7 @@ impl<T: GpuFloat> Layers<T> {
                     let params = convs.next().ok_or_else(|| missing(&spec.name))?;
                     let mut options = ConvOptions::new(stride, padding, layout);
                     options.allow_tf32 = allow_tf32;
+                    options.fp32_transforms = math.fp32_transforms;
                     if first {
                         options.in_channels = Some(input_channels);
                     }

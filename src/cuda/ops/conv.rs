@@ -22,8 +22,8 @@ use super::calls::{pack_conv_weights, ConvCall};
 use super::{bias_act, layout_err, shape_err, upload};
 use crate::config::window_output;
 use crate::cuda::cudnn::{
-    choose_algorithm, find_forward_algorithms, AlgoPerf, ConvAlgorithm, ConvDesc, CudnnHandle,
-    FilterDesc, FindBuffers, TensorDesc,
+    choose_algorithm, find_forward_algorithms, AlgoPerf, Allowed, ConvAlgorithm, ConvDesc,
+    CudnnHandle, FilterDesc, FindBuffers, TensorDesc,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -48,6 +48,10 @@ pub struct ConvOptions {
     /// fp32 convolutions run with `CUDNN_FMA_MATH`, true fp32. fp16 always uses tensor cores
     /// with f32 accumulation.
     pub allow_tf32: bool,
+    /// True fp32 only: let cuDNN also run FFT and Winograd algorithms, as PyTorch's fp32 (TF32
+    /// off) does. Still no tensor cores, but their transforms cost about an order of magnitude
+    /// of accuracy; off by default (the GEMM family only).
+    pub fp32_transforms: bool,
 }
 
 impl ConvOptions {
@@ -82,6 +86,7 @@ impl ConvOptions {
             layout,
             in_channels: None,
             allow_tf32: false,
+            fp32_transforms: false,
         }
     }
 }
@@ -127,8 +132,8 @@ pub struct ConvPlanInfo {
 /// the one workspace the [`Gpu`] holds, sized to the most any chosen algorithm needs.
 ///
 /// Math: fp16 uses tensor cores (`CUDNN_TENSOR_OP_MATH`) with f32 accumulation; fp32 is true
-/// fp32 (`CUDNN_FMA_MATH`, GEMM-family algorithms only: no FFT or Winograd) unless
-/// [`ConvOptions::allow_tf32`].
+/// fp32 (`CUDNN_FMA_MATH`, GEMM-family algorithms only: no FFT or Winograd unless
+/// [`ConvOptions::fp32_transforms`]) unless [`ConvOptions::allow_tf32`].
 #[derive(Debug)]
 pub struct Conv2dGpu<T: GpuFloat> {
     weight: CudaSlice<T>,
@@ -437,7 +442,12 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             search(&handle, &conv, ws_ptr, ws_bytes)?
         };
         let true_fp32 = self.math == cudnnMathType_t::CUDNN_FMA_MATH;
-        let best = choose_algorithm(&candidates, true_fp32, search_bytes).ok_or_else(|| {
+        let allowed = match (true_fp32, self.options.fp32_transforms) {
+            (false, _) => Allowed::Any,
+            (true, false) => Allowed::ExactFp32,
+            (true, true) => Allowed::Fp32,
+        };
+        let best = choose_algorithm(&candidates, allowed, search_bytes).ok_or_else(|| {
             Error::cuda(
                 OP,
                 format!(
