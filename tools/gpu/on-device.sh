@@ -22,7 +22,9 @@
 # Time knobs, for a short lease: TEST_TIMEOUT (seconds per test executable, default 420),
 # INFER_TIMEOUT (seconds per infer run, default 240),
 # UNIT_FILTER (the library's unit tests to run, default "cuda::": the CPU ones run in CI),
-# TRAIN_BENCH=0 (train without the criterion bench and the PyTorch training anchor).
+# TRAIN_BENCH=0 (train without the criterion bench and the PyTorch training anchor),
+# SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_TIMEOUT (seconds
+# per tool, default 300).
 # Prints one summary table at the end (also $OUT/summary.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -128,8 +130,8 @@ PY
         ;;
     sanitize)
         if command -v compute-sanitizer >/dev/null; then
-            for tool in memcheck racecheck synccheck initcheck; do
-                timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 $G/bin/test-gpu_layers --include-ignored --test-threads=1 > "$OUT/sanitize-$tool.log" 2>&1
+            for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+                timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool $tool --error-exitcode 9 $G/bin/test-gpu_layers --include-ignored --test-threads=1 > "$OUT/sanitize-$tool.log" 2>&1
                 rc=$?
                 note "sanitize $tool gpu_layers rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize-$tool.log" | tail -1)"
             done
