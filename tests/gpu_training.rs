@@ -3,14 +3,17 @@
 //! stay bit for bit, and a run moves between the devices through its weights and momentum.
 //!
 //! Tolerances in true fp32: the loss within 1e-5; each tensor's update (after - before) within
-//! 1e-3 of its largest element (the gradients agree to ~1e-6 of the largest, but an update of a
+//! 1e-3 of its largest element, or eight times the CPU's own change under a 1e-6 nudge of the
+//! batch where that is larger (max-pooling and ReLU decisions within rounding of a tie: 1.2e-2
+//! for the paper network's conv1, 0 for the small network; see `update_sensitivity`) (the gradients agree to ~1e-6 of the largest, but an update of a
 //! few ulps of its weight loses digits to the f32 subtraction); the weights themselves within
 //! 1e-6 plus the update's tolerance at the weights' scale. TF32 and mixed precision (f16
 //! compute, f32 masters) against the same fp32 CPU trainer: the loss within 1e-3 / 1e-2, the
 //! updates within 1e-2 / 2e-2 of their largest element (the issue's per-layer mixed-precision
 //! tolerance is 1e-2, held by tests/gpu_training_kernels.rs; a whole step backpropagates through
 //! seven more f16 layers before conv1, whose update came within 1.16e-2 on an H200), the
-//! weights within 1e-4; frozen layers exactly in every mode.
+//! weights within 1e-4; frozen layers exactly in every mode. In mixed precision an update below
+//! f16's resolution (a gradient under 2^-14 after unscaling) is measured against that size.
 //!
 //! They need an NVIDIA GPU and its driver, so they are ignored by default: `cargo test
 //! --release --test gpu_training -- --include-ignored` on a GPU machine (without one they FAIL
@@ -116,42 +119,82 @@ fn tensor(values: &[f32]) -> ArrayD<f32> {
 /// (plus the update's tolerance at the weights' scale) and the updates within 1e-3 of their
 /// largest element.
 fn check_updates(what: &str, before: &Weights, got: &Weights, want: &Weights) {
-    check_updates_within(what, before, got, want, tolerance(Precision::Fp32));
+    let tol = tolerance(Precision::Fp32);
+    check_updates_within(what, before, got, want, tol, &Limits::uniform(tol));
 }
 
-/// [`check_updates`] with `tol`'s weight and update tolerances; a tensor the CPU left as it was
-/// must be exactly as it was. A tensor's weights carry its update's error at the weights' scale,
-/// so beside `tol.weights` they are allowed `tol.update` times the update's size relative to the
-/// weights (the paper's conv1 moves by ~1% of its largest weight in its first step, which a
-/// flat 1e-6 forgot: 1.0e-5 on an H200); a tensor that started at zero is its update and is held
-/// to `tol.weights` alone. Every tensor's errors are printed, and all failures reported together.
+/// Per-tensor limits of a comparison: each tensor's update tolerance (in network order), and the
+/// smallest update size an error is measured against.
+struct Limits {
+    /// The update tolerance of a tensor past the end of `update`.
+    default_update: f64,
+    update: Vec<f64>,
+    /// Mixed precision computes gradients in f16: an update below what a gradient at f16's
+    /// smallest normal value (2^-14, after unscaling) gives is below its resolution, and its
+    /// error (and that of weights smaller than it) is measured against that size instead (the
+    /// small network's zero-start conv1 bias moves by 4e-13 in its first step).
+    update_floor: f64,
+}
+
+impl Limits {
+    /// `tol.update` for every tensor, no floor.
+    fn uniform(tol: Tolerance) -> Self {
+        Limits {
+            default_update: tol.update,
+            update: Vec::new(),
+            update_floor: 0.0,
+        }
+    }
+
+    fn update_tol(&self, tensor: usize) -> f64 {
+        self.update
+            .get(tensor)
+            .copied()
+            .unwrap_or(self.default_update)
+    }
+}
+
+/// [`check_updates`] with `tol`'s weight tolerance and `limits`' update tolerances; a tensor the
+/// CPU left as it was must be exactly as it was. A tensor's weights carry its update's error at
+/// the weights' scale, so beside `tol.weights` they are allowed its update tolerance times the
+/// update's size relative to the weights (the paper's conv1 moves by ~1% of its largest weight
+/// in its first step); a tensor that started at zero is its update and is held to `tol.weights`
+/// alone. Every tensor's errors are printed, and all failures reported together.
 fn check_updates_within(
     what: &str,
     before: &Weights,
     got: &Weights,
     want: &Weights,
     tol: Tolerance,
+    limits: &Limits,
 ) {
     let largest = |v: &[f32]| v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
     let mut failures = Vec::new();
     let before = before.named_tensors();
-    for ((name, _, b), ((_, _, g), (_, _, w))) in before
+    for (i, ((name, _, b), ((_, _, g), (_, _, w)))) in before
         .iter()
         .zip(got.named_tensors().iter().zip(want.named_tensors().iter()))
+        .enumerate()
     {
+        let update_tol = limits.update_tol(i);
         let update = |after: &[f32]| -> Vec<f32> {
             after.iter().zip(b.iter()).map(|(a, b)| a - b).collect()
         };
         let want_update = update(w);
         let zero_start = b.iter().all(|&v| v == 0.0);
         if !zero_start || tol.zero_start_weights {
-            let carried = if zero_start {
-                0.0
+            // Both sizes as the errors are measured (floored in mixed precision).
+            let carried = if !zero_start {
+                update_tol * largest(&want_update).max(limits.update_floor)
+                    / largest(w).max(limits.update_floor).max(f64::MIN_POSITIVE)
+            } else if update_tol > limits.default_update {
+                // A zero-start tensor is its update: as sensitive as the update.
+                update_tol
             } else {
-                tol.update * largest(&want_update) / largest(w).max(f64::MIN_POSITIVE)
+                0.0
             };
             let allowed = tol.weights + carried;
-            let err = common::rel_err(&tensor(g), &tensor(w));
+            let err = max_diff(g, w) / largest(w).max(limits.update_floor);
             eprintln!("{what} {name}: relative error {err:.3e} (tolerance {allowed:.3e})");
             if err > allowed {
                 failures.push(format!("{name}: {err:.3e} > {allowed:.3e}"));
@@ -165,16 +208,85 @@ fn check_updates_within(
             }
             continue;
         }
-        let err = common::rel_err(&tensor(&update(g)), &tensor(&want_update));
+        let err =
+            max_diff(&update(g), &want_update) / largest(&want_update).max(limits.update_floor);
         eprintln!(
-            "{what} {name} update: relative error {err:.3e} (tolerance {:e})",
-            tol.update
+            "{what} {name} update: relative error {err:.3e} (tolerance {update_tol:.3e}, \
+             largest update {:.3e})",
+            largest(&want_update)
         );
-        if err > tol.update {
-            failures.push(format!("{name} update: {err:.3e} > {:e}", tol.update));
+        if err > update_tol {
+            failures.push(format!("{name} update: {err:.3e} > {update_tol:.3e}"));
         }
     }
     assert!(failures.is_empty(), "{what}: {}", failures.join("; "));
+}
+
+/// The largest |got - want| of two equally long tensors; infinite on a NaN in `got`.
+fn max_diff(got: &[f32], want: &[f32]) -> f64 {
+    if got.iter().any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
+}
+
+/// How much each tensor's first-step update (CPU, fp32) moves, relative to its largest
+/// element, when the batch moves by a relative 1e-6 (two noise draws, the larger): max-pooling
+/// and ReLU decisions within rounding of a tie flip, and a flipped element shifts a sum of
+/// ~N terms of either sign by ~1/sqrt(N) of it. On the paper network this reaches 1.2e-2 for
+/// conv1 (measured here on the CPU), so no two implementations can agree closer than that; on
+/// the small network it is 0.
+fn update_sensitivity(
+    config: &AlexNetConfig,
+    weights: &Weights,
+    frozen: usize,
+    batch: &Array4<f32>,
+    labels: &[usize],
+    seed: u64,
+) -> Vec<f64> {
+    let step = |batch: &Array4<f32>| {
+        let mut cpu = cpu_trainer(weights, frozen);
+        cpu.step(batch.view(), labels, seed).unwrap();
+        cpu.model.weights().unwrap()
+    };
+    let base = step(batch);
+    let mut worst = vec![0.0f64; weights.named_tensors().len()];
+    for stream in [7, 8] {
+        let noise = common::formula_values(stream, batch.len(), 1.0);
+        let mut moved = batch.clone();
+        moved
+            .iter_mut()
+            .zip(noise)
+            .for_each(|(v, e)| *v *= 1.0 + 1e-6 * e);
+        let other = step(&moved);
+        for (i, ((_, _, w0), ((_, _, a), (_, _, b)))) in weights
+            .named_tensors()
+            .iter()
+            .zip(
+                base.named_tensors()
+                    .iter()
+                    .zip(other.named_tensors().iter()),
+            )
+            .enumerate()
+        {
+            let update = |after: &[f32]| -> Vec<f32> {
+                after.iter().zip(w0.iter()).map(|(x, y)| x - y).collect()
+            };
+            let err = common::rel_err(&tensor(&update(b)), &tensor(&update(a)));
+            if err.is_finite() {
+                worst[i] = worst[i].max(err);
+            }
+        }
+    }
+    let shown: Vec<String> = worst.iter().map(|w| format!("{w:.1e}")).collect();
+    eprintln!(
+        "{}: the CPU's own update sensitivity to a 1e-6 change of the batch: {}",
+        config.name,
+        shown.join(" ")
+    );
+    worst
 }
 
 fn labels(n: usize, classes: usize) -> Vec<usize> {
@@ -201,12 +313,18 @@ fn steps_match_in(
     steps: u64,
 ) {
     let tol = tolerance(precision);
-    let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+    const LOSS_SCALE: f64 = 1024.0;
+    let scale = LossScale::new(LOSS_SCALE as f32, 2.0, 0.5, 2000).unwrap();
     let mut gpu = cuda_trainer_in(weights, precision, frozen, scale);
     let mut cpu = cpu_trainer(weights, frozen);
     let input = config.input;
     let labels = labels(n, config.num_classes());
     let mut before = weights.clone();
+    let mut limits = Limits::uniform(tol);
+    if precision == Precision::Fp16 {
+        let lr = SgdConfig::default().learning_rate as f64;
+        limits.update_floor = lr * 2f64.powi(-14) / LOSS_SCALE;
+    }
     for step in 0..steps {
         let values = common::formula_values(
             100 + step,
@@ -216,6 +334,17 @@ fn steps_match_in(
         let batch =
             Array4::from_shape_vec((n, input.channels, input.height, input.width), values).unwrap();
         let seed = 1000 + step;
+        if step == 0 {
+            // Each tensor may differ from the CPU by eight times the CPU's own sensitivity to a
+            // 1e-6 nudge of the batch, where that exceeds the precision's tolerance: the GPU
+            // rounds every layer's activations, not only the input (paper fp32 on an H200:
+            // 1.2x to 4.1x the sensitivity, conv5 the most).
+            let sensitivity = update_sensitivity(config, weights, frozen, &batch, &labels, seed);
+            limits.update = sensitivity
+                .iter()
+                .map(|s| tol.update.max(8.0 * s))
+                .collect();
+        }
         let gpu_loss = gpu.step(batch.view(), &labels, seed).unwrap();
         let cpu_loss = cpu.step(batch.view(), &labels, seed).unwrap();
         let what = format!("{} {precision} frozen={frozen} step {step}", config.name);
@@ -225,17 +354,28 @@ fn steps_match_in(
         );
         assert_eq!(gpu.skipped_steps(), 0, "{what}: a step was skipped");
         let after = cpu.model.weights().unwrap();
-        check_updates_within(&what, &before, &gpu.weights().unwrap(), &after, tol);
+        check_updates_within(
+            &what,
+            &before,
+            &gpu.weights().unwrap(),
+            &after,
+            tol,
+            &limits,
+        );
         before = after;
     }
     let (gpu_v, cpu_v) = (gpu.velocity().unwrap(), cpu.optimiser.velocity().to_vec());
     assert_eq!(gpu_v.len(), cpu_v.len(), "momentum tensors");
     for (i, (g, c)) in gpu_v.iter().zip(&cpu_v).enumerate() {
+        // The momentum is the accumulated gradient: as sensitive as the updates.
+        let sensitive = Some(limits.update_tol(i))
+            .filter(|&u| u > tol.update)
+            .unwrap_or(0.0);
         check(
             &format!("{precision} momentum {i}"),
             &tensor(g),
             &tensor(c),
-            tol.momentum,
+            tol.momentum.max(sensitive),
         );
     }
 }
@@ -304,7 +444,15 @@ fn graph_replayed_steps_match_eager_steps() {
                 "{what}: loss {graph_loss} replayed, {eager_loss} eager"
             );
             let after = eager.weights().unwrap();
-            check_updates_within(&what, &before, &graph.weights().unwrap(), &after, tol);
+            let limits = Limits::uniform(tol);
+            check_updates_within(
+                &what,
+                &before,
+                &graph.weights().unwrap(),
+                &after,
+                tol,
+                &limits,
+            );
             before = after;
             let want_status = match step {
                 0 | 5 => GraphStatus::NotCaptured, // eager: first step, new learning rate
@@ -349,7 +497,14 @@ fn page_locked_batches_train_as_host_arrays_do() {
                 "{what}: loss {got} from the buffer, {want} from the array"
             );
             let after = on_arrays.weights().unwrap();
-            check_updates_within(&what, &before, &on_buffer.weights().unwrap(), &after, tol);
+            check_updates_within(
+                &what,
+                &before,
+                &on_buffer.weights().unwrap(),
+                &after,
+                tol,
+                &Limits::uniform(tol),
+            );
             before = after;
         }
         // A heap buffer works too (through the driver's staging copy).
