@@ -79,6 +79,11 @@ PY
             rc=$?
             note "tests $(basename "$t"): rc=$rc $(grep -E '^test result:' "$OUT/tests.log" | tail -1 | sed 's/test result: //')"
         done
+        # The convolution algorithms cuDNN chose at batch 128, with and without transforms (the
+        # test prints them; a passing test's output is otherwise not kept).
+        timeout 120 $G/bin/test-gpu_model --include-ignored --exact --nocapture \
+            paper_network_fp32_with_transforms_matches_cpu_fp32 2>&1 | grep 'fp32_transforms=' > "$OUT/conv-algorithms.txt"
+        note "conv algorithms at batch 128: $(wc -l < "$OUT/conv-algorithms.txt") lines (conv-algorithms.txt)"
         grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$OUT/tests.log" | sed 's/^test /  /' > "$OUT/test-results.txt"
         while read -r line; do summary+=("$line"); done < "$OUT/test-results.txt"
         ;;
