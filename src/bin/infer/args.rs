@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
     pub precision: PrecisionArg,
     /// GPU fp32: let cuDNN also pick FFT and Winograd convolution algorithms, as PyTorch's fp32
-    /// does (faster, about an order of magnitude less accurate than the default GEMM family).
+    /// does (on an H200 about 2x faster, within 3.5e-3 of the CPU instead of 1e-4).
     #[arg(long)]
     pub fp32_transforms: bool,
     /// Where to run: auto picks CUDA when usable, else the CPU (with a notice).

@@ -31,8 +31,9 @@ pub struct CudaOptions {
     /// much faster). Off by default: fp32 is true fp32.
     pub allow_tf32: bool,
     /// True fp32 only: let cuDNN also pick FFT and Winograd convolution algorithms, as
-    /// PyTorch's fp32 (TF32 off) does: still no tensor cores, often faster, about an order of
-    /// magnitude less accurate than the GEMM-family algorithms fp32 keeps to by default.
+    /// PyTorch's fp32 (TF32 off) does: still no tensor cores, less accurate than the GEMM-family
+    /// algorithms fp32 keeps to by default (on an H200, paper batch 128: 4.97 ms a batch
+    /// against 10.40 ms, conv2 within 3.5e-3 of the CPU against 1e-4).
     pub fp32_transforms: bool,
     /// The normalisation [`CudaModel::forward_u8`] applies on the GPU (torchvision's ImageNet
     /// mean and std by default).
