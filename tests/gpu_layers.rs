@@ -613,3 +613,45 @@ fn launchers_refuse_mismatched_shapes() {
         Err(Error::Shape { .. })
     ));
 }
+
+/// Uploads of every kind come back as they went up: a standard-layout f32 array into NCHW (sent
+/// straight from the array's memory), a strided view (copied into order first), f16 (rounded)
+/// and NHWC (reordered).
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn uploads_of_any_strides_and_layouts_come_back_unchanged() {
+    let _gpu = common::exclusive_gpu();
+    let gpu = gpu();
+    let values = random((2, 5, 3, 4), seed("uploads"), 3.0);
+    // The same logical tensor from memory in another order: a permuted view of a permuted copy.
+    let stored = values
+        .view()
+        .permuted_axes([2, 0, 3, 1])
+        .as_standard_layout()
+        .to_owned();
+    let strided = stored.view().permuted_axes([1, 3, 0, 2]);
+    assert_eq!(strided, values.view());
+    assert!(
+        strided.as_slice().is_none(),
+        "the view must not be contiguous"
+    );
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        for view in [values.view(), strided] {
+            let mut t = GpuTensor::<f32>::zeros(&gpu, &[2, 5, 3, 4], layout).unwrap();
+            t.poison(&gpu).unwrap();
+            t.upload(&gpu, view.into_dyn()).unwrap();
+            assert_eq!(
+                download(&gpu, &t),
+                values.clone().into_dyn(),
+                "f32 {layout:?}"
+            );
+            let mut h = GpuTensor::<f16>::zeros(&gpu, &[2, 5, 3, 4], layout).unwrap();
+            h.upload(&gpu, view.into_dyn()).unwrap();
+            assert_eq!(
+                download(&gpu, &h),
+                round_f16(&values).into_dyn(),
+                "f16 {layout:?}"
+            );
+        }
+    }
+}

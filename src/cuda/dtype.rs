@@ -76,6 +76,10 @@ pub trait GpuFloat:
 
     /// Widens to `f32` (exact).
     fn to_f32(self) -> f32;
+
+    /// `values` as this type's elements without a conversion: `Some` for `f32` only (an upload
+    /// of f32 data then goes straight from the caller's memory).
+    fn from_f32_slice(values: &[f32]) -> Option<&[Self]>;
 }
 
 impl GpuFloat for f32 {
@@ -86,6 +90,9 @@ impl GpuFloat for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    fn from_f32_slice(values: &[f32]) -> Option<&[Self]> {
+        Some(values)
+    }
 }
 
 impl GpuFloat for f16 {
@@ -95,5 +102,8 @@ impl GpuFloat for f16 {
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    fn from_f32_slice(_: &[f32]) -> Option<&[Self]> {
+        None
     }
 }

@@ -87,6 +87,13 @@ impl<T: GpuFloat> GpuTensor<T> {
                 found: host.shape().to_vec(),
             });
         }
+        // f32 already in NCHW order (a standard-layout array) goes up from the caller's memory:
+        // no host copy of a batch that can be tens of megabytes.
+        if self.layout == Layout::Nchw {
+            if let Some(values) = host.as_slice().and_then(T::from_f32_slice) {
+                return self.upload_physical(gpu, values);
+            }
+        }
         let staged = to_physical::<T>(host, self.layout)?;
         self.upload_physical(gpu, &staged)
     }
