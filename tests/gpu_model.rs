@@ -763,3 +763,32 @@ fn fused_epilogues_give_the_stage_by_stage_logits_exactly() {
         }
     }
 }
+
+/// fp32's math settings (TF32 in fp32, FFT and Winograd) with another precision are a typed
+/// error, with or without a GPU, never ignored.
+#[test]
+fn fp32_math_settings_outside_fp32_are_refused_before_any_gpu_is_touched() {
+    let weights = formula_weights(&AlexNetConfig::paper());
+    let tf32 = CudaOptions {
+        allow_tf32: true,
+        ..CudaOptions::default()
+    };
+    let transforms = CudaOptions {
+        fp32_transforms: true,
+        ..CudaOptions::default()
+    };
+    for (precision, options, name) in [
+        (Precision::Tf32, transforms, "fp32_transforms"),
+        (Precision::Fp16, transforms, "fp32_transforms"),
+        (Precision::Fp16, tf32, "allow_tf32"),
+    ] {
+        match CudaModel::new(&weights, precision, options) {
+            Err(Error::Invalid { message, .. }) => assert!(
+                message.contains(name) && message.contains(&precision.to_string()),
+                "{message}"
+            ),
+            Err(other) => panic!("{precision} {name}: another error: {other}"),
+            Ok(_) => panic!("{precision} {name}: a model was built"),
+        }
+    }
+}

@@ -48,6 +48,23 @@ pub struct CudaOptions {
     pub eager: bool,
 }
 
+impl CudaOptions {
+    /// Settings for fp32's math are refused, not ignored, with another precision.
+    fn check(&self, precision: Precision) -> Result<()> {
+        let fp32_only = [
+            ("allow_tf32", self.allow_tf32),
+            ("fp32_transforms", self.fp32_transforms),
+        ];
+        match fp32_only.iter().find(|(_, set)| *set) {
+            Some((name, _)) if precision != Precision::Fp32 => Err(Error::invalid(
+                "CudaOptions",
+                format!("{name} applies to fp32 only, not {precision}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The network in the model's storage type.
 enum TypedNet {
     F32(Net<f32>),
@@ -119,6 +136,7 @@ impl CudaModel {
     /// [`Error::DeviceUnavailable`] when there is no usable GPU or library.
     pub fn new(weights: &Weights, precision: Precision, options: CudaOptions) -> Result<Self> {
         precision.check_gpu()?;
+        options.check(precision)?;
         let gpu = Gpu::new(options.device)?;
         Self::with_gpu(gpu, weights, precision, options)
     }
@@ -131,6 +149,7 @@ impl CudaModel {
         options: CudaOptions,
     ) -> Result<Self> {
         precision.check_gpu()?;
+        options.check(precision)?;
         let config = weights.config().clone();
         config.plan()?;
         if let Some(limit) = options.conv_workspace_limit {
