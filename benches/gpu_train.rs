@@ -1,8 +1,11 @@
 //! One training step on the GPU (the batch uploaded from host memory, forward in training mode,
 //! softmax cross-entropy, backward, the SGD update, the loss read back): paper preset, batch
-//! 128, in true fp32, TF32 and mixed precision (f16 compute, f32 master weights, loss
-//! scaling), reported in images/s; each from an ordinary array (pageable memory) and from the
-//! trainer's page-locked batch buffer (what `train` uses). Set beside PyTorch's with `tools/torch_train_anchor.py
+//! 128, in true fp32, fp32 with FFT/Winograd convolutions (`fp32+transforms`, PyTorch's fp32),
+//! TF32 and mixed precision (f16 compute, f32 master weights, loss scaling), reported in
+//! images/s; each from an ordinary array (pageable memory) and from the trainer's page-locked
+//! batch buffer (what `train` uses). After each precision's figures, one profiled step from
+//! each source prints where the step's time goes on the GPU, phase by phase
+//! (`CudaTrainer::step_profiled`). Set beside PyTorch's with `tools/torch_train_anchor.py
 //! --device cuda` in the same run (tools/gpu/on-device.sh `train`). `cargo bench --bench
 //! gpu_train`.
 //!
@@ -12,15 +15,20 @@ use std::time::Duration;
 
 use alexnet_cuda::cuda::{CudaTrainOptions, CudaTrainer};
 use alexnet_cuda::timing::synthetic_batch;
-use alexnet_cuda::train::{SgdConfig, Trainer};
+use alexnet_cuda::train::{BatchBuffer, SgdConfig, Trainer};
 use alexnet_cuda::{AlexNetConfig, Precision, Weights};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const BATCH: usize = 128;
 
-fn trainer(weights: &Weights, precision: Precision) -> Result<CudaTrainer, String> {
+fn trainer(
+    weights: &Weights,
+    precision: Precision,
+    fp32_transforms: bool,
+) -> Result<CudaTrainer, String> {
     let options = CudaTrainOptions {
         precision,
+        fp32_transforms,
         ..CudaTrainOptions::default()
     };
     CudaTrainer::with_options(weights, SgdConfig::default(), options).map_err(|e| e.to_string())
@@ -32,7 +40,7 @@ fn gpu_train(c: &mut Criterion) {
         Ok(w) => w,
         Err(e) => panic!("initialising the weights: {e}"),
     };
-    if let Err(why) = trainer(&weights, Precision::Fp32) {
+    if let Err(why) = trainer(&weights, Precision::Fp32, false) {
         eprintln!("gpu_train: SKIPPED, no usable GPU: {why}");
         return;
     }
@@ -43,21 +51,31 @@ fn gpu_train(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(6));
     group.throughput(Throughput::Elements(BATCH as u64));
-    for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
-        let mut trainer = match trainer(&weights, precision) {
+    let modes = [
+        (Precision::Fp32, false),
+        (Precision::Fp32, true),
+        (Precision::Tf32, false),
+        (Precision::Fp16, false),
+    ];
+    for (precision, transforms) in modes {
+        let mode = match transforms {
+            true => format!("{precision}+transforms"),
+            false => precision.to_string(),
+        };
+        let mut trainer = match trainer(&weights, precision, transforms) {
             Ok(t) => t,
             Err(why) => {
-                eprintln!("gpu_train paper/{precision}: SKIPPED: {why}");
+                eprintln!("gpu_train paper/{mode}: SKIPPED: {why}");
                 continue;
             }
         };
         let mut step = 0u64;
-        group.bench_function(BenchmarkId::new(format!("paper/{precision}"), BATCH), |b| {
+        group.bench_function(BenchmarkId::new(format!("paper/{mode}"), BATCH), |b| {
             b.iter(|| {
                 step += 1;
                 match trainer.step(input.view(), &labels, step) {
                     Ok(loss) => loss,
-                    Err(e) => panic!("gpu_train paper/{precision} step {step}: {e}"),
+                    Err(e) => panic!("gpu_train paper/{mode} step {step}: {e}"),
                 }
             })
         });
@@ -65,25 +83,46 @@ fn gpu_train(c: &mut Criterion) {
         // buffer, which goes up with one DMA (the decode runs on the loader's thread).
         let mut buffer = match trainer.batch_buffer(BATCH) {
             Ok(b) => b,
-            Err(e) => panic!("gpu_train paper/{precision}: a page-locked buffer: {e}"),
+            Err(e) => panic!("gpu_train paper/{mode}: a page-locked buffer: {e}"),
         };
+        let batch = input.as_slice().expect("a contiguous batch");
         match buffer.images_mut() {
-            Ok(images) => images.copy_from_slice(input.as_slice().expect("a contiguous batch")),
-            Err(e) => panic!("gpu_train paper/{precision}: filling the buffer: {e}"),
+            Ok(images) => images.copy_from_slice(batch),
+            Err(e) => panic!("gpu_train paper/{mode}: filling the buffer: {e}"),
         }
         buffer.set_labels(labels.clone());
-        let pinned = format!("paper/{precision}/page-locked");
+        let pinned = format!("paper/{mode}/page-locked");
         group.bench_function(BenchmarkId::new(pinned, BATCH), |b| {
             b.iter(|| {
                 step += 1;
                 match trainer.step_buffer(&buffer, step) {
                     Ok(loss) => loss,
-                    Err(e) => panic!("gpu_train paper/{precision} step {step}: {e}"),
+                    Err(e) => panic!("gpu_train paper/{mode} step {step}: {e}"),
                 }
             })
         });
+        // Where a step's time goes, from ordinary memory and from the page-locked buffer.
+        let mut heap = match BatchBuffer::on_heap(buffer.shape()) {
+            Ok(b) => b,
+            Err(e) => panic!("gpu_train paper/{mode}: a heap buffer: {e}"),
+        };
+        match heap.images_mut() {
+            Ok(images) => images.copy_from_slice(batch),
+            Err(e) => panic!("gpu_train paper/{mode}: filling the heap buffer: {e}"),
+        }
+        heap.set_labels(labels.clone());
+        for (source, buffer) in [("pageable", &heap), ("page-locked", &buffer)] {
+            step += 1;
+            match trainer.step_profiled(buffer, step) {
+                Ok((_, profile)) => {
+                    eprintln!("gpu_train paper/{mode}/{source} profile (one eager step):");
+                    eprintln!("{profile}");
+                }
+                Err(e) => panic!("gpu_train paper/{mode} profiled step {step}: {e}"),
+            }
+        }
         eprintln!(
-            "gpu_train paper/{precision}: {} of {step} steps skipped (loss scale {:?})",
+            "gpu_train paper/{mode}: {} of {step} steps skipped (loss scale {:?})",
             trainer.skipped_steps(),
             trainer.loss_scale()
         );

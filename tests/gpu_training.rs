@@ -299,11 +299,7 @@ fn steps_match(config: &AlexNetConfig, weights: &Weights, frozen: usize, n: usiz
     steps_match_in(Precision::Fp32, config, weights, frozen, n, steps);
 }
 
-/// [`steps_match`] with the GPU trainer in `precision` (the CPU's always fp32), within that
-/// precision's [`tolerance`]. Mixed precision starts at a loss scale of 2^10, not GradScaler's
-/// 2^16: at the paper initialisation (fc biases 1, inverted dropout) fc3's scaled weight
-/// gradient passes f16's 65504 at 2^16 and the first steps would rightly be skipped; at 2^10
-/// none may be.
+/// [`steps_match_with`] in `precision`, `frozen` layers frozen.
 fn steps_match_in(
     precision: Precision,
     config: &AlexNetConfig,
@@ -312,10 +308,34 @@ fn steps_match_in(
     n: usize,
     steps: u64,
 ) {
-    let tol = tolerance(precision);
+    let options = CudaTrainOptions {
+        precision,
+        frozen_layers: frozen,
+        ..CudaTrainOptions::default()
+    };
+    steps_match_with(options, tolerance(precision), config, weights, n, steps);
+}
+
+/// [`steps_match`] with the GPU trainer as `options` say (the CPU's always fp32), within
+/// `tol`. Mixed precision starts at a loss scale of 2^10, not GradScaler's 2^16: at the paper
+/// initialisation (fc biases 1, inverted dropout) fc3's scaled weight gradient passes f16's
+/// 65504 at 2^16 and the first steps would rightly be skipped; at 2^10 none may be.
+fn steps_match_with(
+    options: CudaTrainOptions,
+    tol: Tolerance,
+    config: &AlexNetConfig,
+    weights: &Weights,
+    n: usize,
+    steps: u64,
+) {
+    let (precision, frozen) = (options.precision, options.frozen_layers);
     const LOSS_SCALE: f64 = 1024.0;
-    let scale = LossScale::new(LOSS_SCALE as f32, 2.0, 0.5, 2000).unwrap();
-    let mut gpu = cuda_trainer_in(weights, precision, frozen, scale);
+    let options = CudaTrainOptions {
+        loss_scale: LossScale::new(LOSS_SCALE as f32, 2.0, 0.5, 2000).unwrap(),
+        ..options
+    };
+    let mut gpu = CudaTrainer::with_options(weights, SgdConfig::default(), options)
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut cpu = cpu_trainer(weights, frozen);
     let input = config.input;
     let labels = labels(n, config.num_classes());
@@ -347,7 +367,10 @@ fn steps_match_in(
         }
         let gpu_loss = gpu.step(batch.view(), &labels, seed).unwrap();
         let cpu_loss = cpu.step(batch.view(), &labels, seed).unwrap();
-        let what = format!("{} {precision} frozen={frozen} step {step}", config.name);
+        let what = format!(
+            "{} {precision} (transforms {}) frozen={frozen} step {step}",
+            config.name, options.fp32_transforms
+        );
         assert!(
             ((gpu_loss - cpu_loss) / cpu_loss).abs() <= tol.loss,
             "{what}: loss {gpu_loss} on the GPU, {cpu_loss} on the CPU"
@@ -407,6 +430,96 @@ fn mixed_precision_and_tf32_steps_follow_the_cpu_trainer() {
         steps_match_in(precision, &config, &weights, 0, 4, 3);
         steps_match_in(precision, &config, &weights, 2, 4, 2);
         steps_match_in(precision, &paper, &paper_weights, 0, 8, 1);
+    }
+}
+
+/// fp32 with FFT and Winograd convolutions (forward and backward) allowed, as PyTorch's fp32:
+/// held to TF32's tolerances, since the transforms' roundings cost about as much (the paper's
+/// conv2 forward came within 3.5e-3 of the CPU with them on an H200).
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn fp32_transform_steps_follow_the_cpu_trainer() {
+    let _gpu = common::exclusive_gpu();
+    let transforms = |frozen_layers| CudaTrainOptions {
+        fp32_transforms: true,
+        frozen_layers,
+        ..CudaTrainOptions::default()
+    };
+    let tol = tolerance(Precision::Tf32);
+    let config = small_training_config(Some(0.5));
+    let weights = Weights::paper_init(&config, 3).unwrap();
+    steps_match_with(transforms(0), tol, &config, &weights, 4, 3);
+    steps_match_with(transforms(2), tol, &config, &weights, 4, 2);
+    let paper = AlexNetConfig::paper();
+    let paper_weights = Weights::paper_init(&paper, 5).unwrap();
+    steps_match_with(transforms(0), tol, &paper, &paper_weights, 8, 1);
+}
+
+/// A profiled step is a step: the same loss and weights as an unprofiled twin's (both eager,
+/// so both run the same launches), and its profile names every phase in the order it ran,
+/// each with a finite, non-negative time.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn a_profiled_step_is_a_step_and_times_every_phase() {
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let start = Weights::paper_init(&config, 19).unwrap();
+    let labels = labels(4, config.num_classes());
+    let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+    let stages: Vec<String> = config
+        .plan()
+        .unwrap()
+        .stages
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let tol = tolerance(precision);
+        let mut profiled = eager_cuda_trainer_in(&start, precision, scale);
+        let mut plain = eager_cuda_trainer_in(&start, precision, scale);
+        let mut buffer = profiled.batch_buffer(4).unwrap();
+        buffer.set_labels(labels.clone());
+        let mut before = start.clone();
+        for step in 0..3u64 {
+            let batch = small_training_batch(4, 700 + step);
+            buffer
+                .images_mut()
+                .unwrap()
+                .copy_from_slice(batch.as_slice().unwrap());
+            let want = plain.step(batch.view(), &labels, 80 + step).unwrap();
+            let (got, profile) = profiled.step_profiled(&buffer, 80 + step).unwrap();
+            let what = format!("{precision} step {step}");
+            assert!(
+                ((got - want) / want).abs() <= tol.loss,
+                "{what}: loss {got} profiled, {want} not"
+            );
+            let after = plain.weights().unwrap();
+            check_updates_within(
+                &what,
+                &before,
+                &profiled.weights().unwrap(),
+                &after,
+                tol,
+                &Limits::uniform(tol),
+            );
+            before = after;
+
+            let mut names = vec!["batch upload".to_string()];
+            names.extend(stages.iter().map(|s| format!("{s} forward")));
+            names.push("loss".into());
+            names.extend(stages.iter().rev().map(|s| format!("{s} backward")));
+            if precision == Precision::Fp16 {
+                names.push("gradient unscaling".into());
+            }
+            names.extend(["sgd update".to_string(), "loss read-back".to_string()]);
+            let got_names: Vec<&str> = profile.phases.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(got_names, names, "{what}");
+            for phase in &profile.phases {
+                assert!(phase.ms.is_finite() && phase.ms >= 0.0, "{what}: {phase:?}");
+            }
+            assert!(profile.total_ms() > 0.0, "{what}:\n{profile}");
+            eprintln!("{what}:\n{profile}");
+        }
     }
 }
 
@@ -622,6 +735,27 @@ fn without_a_gpu_the_trainer_is_a_typed_error() {
             gpu.err(),
             trainer.err()
         ),
+    }
+}
+
+/// FFT and Winograd in true fp32 are a setting of fp32 only: with TF32 or mixed precision it is
+/// a typed error, with or without a GPU, never ignored.
+#[test]
+fn fp32_transforms_outside_fp32_are_refused_before_any_gpu_is_touched() {
+    let weights = Weights::paper_init(&small_training_config(None), 3).unwrap();
+    for precision in [Precision::Tf32, Precision::Fp16] {
+        let options = CudaTrainOptions {
+            precision,
+            fp32_transforms: true,
+            ..CudaTrainOptions::default()
+        };
+        match CudaTrainer::with_options(&weights, SgdConfig::default(), options) {
+            Err(alexnet_cuda::Error::Invalid { message, .. }) => {
+                assert!(message.contains(&precision.to_string()), "{message}")
+            }
+            Err(other) => panic!("{precision}: another error: {other}"),
+            Ok(_) => panic!("{precision}: a trainer with fp32 transforms was built"),
+        }
     }
 }
 

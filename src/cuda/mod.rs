@@ -105,7 +105,7 @@ pub use ops::{
     ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, SgdBuffers,
     SgdSegment, TopK,
 };
-pub use trainer::{CudaTrainOptions, CudaTrainer};
+pub use trainer::{CudaTrainOptions, CudaTrainer, StepPhase, StepProfile};
 
 /// The kernels' arguments exactly as the launchers build them (parameter structs and launch
 /// shapes), for the tests that run the kernels' own source on the CPU (`tests/host_kernels.rs`).

@@ -14,7 +14,8 @@
 #            the pipeline at 128), about three minutes
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
 #   train    train --device cuda for 20 steps in fp32 and fp16 on tests/data/shapes, then one
-#            training step's throughput (benches/gpu_train.rs: paper, batch 128, fp32/tf32/fp16)
+#            training step's throughput (benches/gpu_train.rs: paper, batch 128, fp32,
+#            fp32+transforms, tf32, fp16, each with a phase-by-phase profile of one step)
 #            beside PyTorch's (torch_train_anchor.py: fp32, tf32, autocast+GradScaler)
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU tests
@@ -119,10 +120,12 @@ PY
             note "train $p 20 steps rc=$rc: $(grep -iE 'epoch|error' "$OUT/train-$p.txt" | tail -1)"
         done
         [ "${TRAIN_BENCH:-1}" = 0 ] && continue
-        timeout 240 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
+        timeout 300 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
         rc=$?
         note "bench gpu_train rc=$rc: $(grep -cE 'thrpt' "$OUT/bench-train.txt") figures (bench-train.txt) $(grep -m1 SKIPPED "$OUT/bench-train.txt")"
         while read -r l; do note "  $l"; done < <(grep -B2 -E 'thrpt|skipped' "$OUT/bench-train.txt" | grep -E '^gpu_|thrpt|skipped')
+        # From each profile: the upload, all forwards, all backwards, the whole step.
+        while read -r l; do note "  $l"; done < <(grep -A60 'profile (one eager step)' "$OUT/bench-train.txt" | grep -E 'profile \(one|^batch upload|^all forwards|^all backwards|^step ')
         timeout 240 python3 $G/torch_train_anchor.py --device cuda --batch 128 --steps 10 --presets paper --precisions fp32,tf32,amp > "$OUT/anchor-train.txt" 2>&1
         rc=$?
         note "anchor (PyTorch training) rc=$rc (anchor-train.txt)"

@@ -281,8 +281,7 @@ fn start(
         settings.frozen_layers = frozen_layers(&names, layer);
     }
     let trainer = make_trainer(
-        args.device,
-        args.precision.into(),
+        args,
         &weights,
         settings.sgd(settings.learning_rate),
         settings.frozen_layers,
@@ -338,8 +337,7 @@ fn resume(
     }
     let weights = with_dropout(&checkpoint.weights, settings.dropout)?;
     let mut trainer = make_trainer(
-        args.device,
-        args.precision.into(),
+        args,
         &weights,
         settings.sgd(checkpoint.state.learning_rate),
         settings.frozen_layers,
@@ -348,22 +346,28 @@ fn resume(
     Ok((trainer, checkpoint.state, settings))
 }
 
-/// The trainer `--device` and `--precision` ask for: the GPU's for `cuda` (an error without a
-/// usable GPU), the GPU's for `auto` where one is usable (else the CPU's, with a note, unless
-/// the precision needs a GPU), the CPU's for `cpu`. Mixed precision never falls back to fp32
-/// silently: without a GPU it is an error.
+/// The trainer `--device`, `--precision` and `--fp32-transforms` ask for: the GPU's for `cuda`
+/// (an error without a usable GPU), the GPU's for `auto` where one is usable (else the CPU's,
+/// with a note, unless the precision needs a GPU), the CPU's for `cpu`. Mixed precision never
+/// falls back to fp32 silently: without a GPU it is an error; a GPU-only setting the CPU
+/// cannot honour is said.
 fn make_trainer(
-    device: DeviceArg,
-    precision: Precision,
+    args: &Args,
     weights: &Weights,
     sgd: SgdConfig,
     frozen_layers: usize,
 ) -> Result<Box<dyn Trainer>, Error> {
     const MIXED_NEEDS_A_GPU: &str =
         "--precision fp16 (mixed precision) trains on a GPU only; the CPU trains in fp32";
+    let (device, precision) = (args.device, Precision::from(args.precision));
     if device == DeviceArg::Cpu && precision == Precision::Fp16 {
         crate::args::usage_error(format!(
             "{MIXED_NEEDS_A_GPU}: drop --device cpu or use fp32"
+        ));
+    }
+    if args.fp32_transforms && precision != Precision::Fp32 {
+        crate::args::usage_error(format!(
+            "--fp32-transforms applies to --precision fp32 only, not {precision}"
         ));
     }
     #[cfg(feature = "cuda")]
@@ -371,6 +375,7 @@ fn make_trainer(
         let options = alexnet_cuda::cuda::CudaTrainOptions {
             device: 0,
             precision,
+            fp32_transforms: args.fp32_transforms,
             frozen_layers,
             ..Default::default()
         };
@@ -404,6 +409,9 @@ fn make_trainer(
     }
     if precision == Precision::Tf32 {
         eprintln!("note: tf32 is a GPU math mode; the CPU trains in fp32");
+    }
+    if args.fp32_transforms {
+        eprintln!("note: fp32 transforms (FFT, Winograd) are a GPU setting: no effect on the CPU");
     }
     let model = CpuModel::new(weights, Precision::Fp32)?;
     let mut trainer = CpuTrainer::new(model, sgd)?;

@@ -12,19 +12,23 @@
 //!
 //! From the second step at a batch size the step's work (forward, loss, backward, unscaling,
 //! update) is one CUDA graph launch ([`CudaTrainOptions::eager`] turns that off); a new
-//! learning rate or loss scale is captured again.
+//! learning rate or loss scale is captured again. [`CudaTrainer::step_profiled`] times one
+//! step phase by phase on the device ([`StepProfile`]).
 //!
 //! Not run on a GPU yet (no GPU test of this crate has run anywhere); `tests/gpu_training.rs`
 //! checks it against the CPU trainer step by step.
 
 mod net;
 mod precision;
+mod profile;
 
 use half::f16;
 use ndarray::ArrayView4;
 
-use self::net::{Net, StepInput, StepOutcome};
+use self::net::{Net, NetOptions, StepInput, StepOutcome};
 use self::precision::BatchSource;
+use self::profile::StepMarks;
+pub use self::profile::{StepPhase, StepProfile};
 use super::device::Gpu;
 use super::graph::GraphStatus;
 use super::model::{CudaModel, CudaOptions};
@@ -43,6 +47,11 @@ pub struct CudaTrainOptions {
     pub device: usize,
     /// `Fp32` (true fp32), `Tf32` (TF32 math) or `Fp16` (mixed precision).
     pub precision: Precision,
+    /// True fp32 only: let cuDNN also pick FFT and Winograd convolution algorithms, forward
+    /// and backward, as PyTorch's fp32 (TF32 off) does; see
+    /// [`CudaOptions::fp32_transforms`]. Off by default; another precision with it is an
+    /// error.
+    pub fp32_transforms: bool,
     /// The first layers with parameters (conv1, conv2, ...) kept as they are, as in
     /// [`crate::train::CpuTrainer::frozen_layers`].
     pub frozen_layers: usize,
@@ -58,6 +67,7 @@ impl Default for CudaTrainOptions {
         CudaTrainOptions {
             device: 0,
             precision: Precision::Fp32,
+            fp32_transforms: false,
             frozen_layers: 0,
             loss_scale: LossScale::default(),
             eager: false,
@@ -167,6 +177,16 @@ impl CudaTrainer {
         // The same checks as the CPU optimiser (finite, non-negative settings).
         crate::train::Sgd::new(optimiser)?;
         options.precision.check_gpu()?;
+        if options.fp32_transforms && options.precision != Precision::Fp32 {
+            return Err(Error::invalid(
+                "fp32_transforms",
+                format!(
+                    "applies to true fp32 only, not {}: TF32 and fp16 pick from every algorithm \
+                     already",
+                    options.precision
+                ),
+            ));
+        }
         let config = weights.config().clone();
         let plan = config.plan()?;
         let layers = plan.stages.iter().filter(|s| s.params.is_some()).count();
@@ -181,7 +201,11 @@ impl CudaTrainer {
         }
         let gpu = Gpu::new(options.device)?;
         let frozen = options.frozen_layers;
-        let math = (options.precision == Precision::Tf32, !options.eager);
+        let math = NetOptions {
+            allow_tf32: options.precision == Precision::Tf32,
+            fp32_transforms: options.fp32_transforms,
+            graphs: !options.eager,
+        };
         let network = match options.precision {
             Precision::Fp16 => Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, math)?),
             Precision::Fp32 | Precision::Tf32 => {
@@ -235,17 +259,59 @@ impl CudaTrainer {
     pub fn skipped_steps(&self) -> u64 {
         self.skipped_steps
     }
+
+    /// [`Trainer::step_buffer`] with the time of each of its phases on the GPU (upload, every
+    /// stage's forward and backward, loss, update; see [`StepProfile`]): a real step (the
+    /// weights move, the step counts for the loss scale), run eagerly with a CUDA event after
+    /// each phase, whatever [`CudaTrainOptions::eager`] says. Profile after at least one step
+    /// at this batch size: the first chooses the convolution algorithms, and its figures show
+    /// that search.
+    ///
+    /// ```no_run
+    /// # use alexnet_cuda::{config::AlexNetConfig, Weights};
+    /// # use alexnet_cuda::cuda::CudaTrainer;
+    /// # use alexnet_cuda::train::{SgdConfig, Trainer};
+    /// # fn main() -> alexnet_cuda::Result<()> {
+    /// # let weights = Weights::paper_init(&AlexNetConfig::paper(), 7)?;
+    /// let mut trainer = CudaTrainer::new(&weights, SgdConfig::default(), 0)?;
+    /// let mut buffer = trainer.batch_buffer(128)?; // page-locked, as `train` uses
+    /// buffer.set_labels((0..128).map(|i| i % 1000).collect());
+    /// trainer.step_buffer(&buffer, 0)?; // chooses the algorithms
+    /// let (loss, profile) = trainer.step_profiled(&buffer, 1)?;
+    /// println!("loss {loss}\n{profile}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn step_profiled(
+        &mut self,
+        buffer: &BatchBuffer,
+        step_seed: u64,
+    ) -> Result<(f32, StepProfile)> {
+        let n = self
+            .config
+            .input
+            .check_batch("CudaTrainer::step_profiled", &buffer.shape())?;
+        let source = match buffer.page_locked_images() {
+            Some(memory) => BatchSource::PageLocked(memory),
+            None => BatchSource::Host(buffer.images()?),
+        };
+        let mut marks = StepMarks::start(&self.gpu)?;
+        let loss = self.step_from(source, n, buffer.labels(), step_seed, Some(&mut marks))?;
+        Ok((loss, marks.finish()?))
+    }
 }
 
 impl CudaTrainer {
-    /// The step behind [`Trainer::step`] and [`Trainer::step_buffer`]: `n` images from
-    /// `batch` (shape checked by the caller) and their labels.
+    /// The step behind [`Trainer::step`], [`Trainer::step_buffer`] and
+    /// [`CudaTrainer::step_profiled`] (`marks`): `n` images from `batch` (shape checked by the
+    /// caller) and their labels.
     fn step_from(
         &mut self,
         batch: BatchSource<'_>,
         n: usize,
         labels: &[usize],
         step_seed: u64,
+        marks: Option<&mut StepMarks>,
     ) -> Result<f32> {
         let classes = self.config.num_classes();
         if labels.len() != n {
@@ -282,7 +348,7 @@ impl CudaTrainer {
             scale,
         };
         let StepOutcome { loss, overflowed } =
-            with_net!(network, net => net.step(gpu, config, input))?;
+            with_net!(network, net => net.step(gpu, config, input, marks))?;
         if mixed {
             self.loss_scale.update(overflowed);
         }
@@ -307,7 +373,7 @@ impl Trainer for CudaTrainer {
             .config
             .input
             .check_batch("CudaTrainer::step", batch.shape())?;
-        self.step_from(BatchSource::Host(batch), n, labels, step_seed)
+        self.step_from(BatchSource::Host(batch), n, labels, step_seed, None)
     }
 
     /// Page-locked (write-combined) host memory on this trainer's GPU: a step uploads it with
@@ -331,7 +397,7 @@ impl Trainer for CudaTrainer {
             Some(memory) => BatchSource::PageLocked(memory),
             None => BatchSource::Host(buffer.images()?),
         };
-        self.step_from(source, n, buffer.labels(), step_seed)
+        self.step_from(source, n, buffer.labels(), step_seed, None)
     }
 
     fn config(&self) -> &AlexNetConfig {
@@ -383,6 +449,7 @@ impl Trainer for CudaTrainer {
     ) -> Result<Evaluation> {
         let options = CudaOptions {
             device: self.gpu.ordinal(),
+            fp32_transforms: self.options.fp32_transforms,
             ..CudaOptions::default()
         };
         let mut model = CudaModel::new(&self.weights()?, self.options.precision, options)?;

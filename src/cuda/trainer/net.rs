@@ -13,6 +13,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
 
 use super::precision::{BatchSource, GradientBuffers, TrainFloat, WideBuffers};
+use super::profile::{mark, StepMarks};
 use crate::config::{AlexNetConfig, StageOp};
 use crate::cpu::layer_seed;
 use crate::cuda::device::{driver_err, Gpu};
@@ -65,6 +66,8 @@ impl<T: TrainFloat> Layer<T> {
 }
 
 struct Stage<T: TrainFloat> {
+    /// The plan's name for it (`conv1`, `lrn1`, ...), for profiles.
+    name: String,
     layer: Layer<T>,
     /// Per-image output shape (`[C, H, W]` or `[features]`).
     output: Vec<usize>,
@@ -128,6 +131,15 @@ pub(super) struct Net<T: TrainFloat> {
     buffers: Option<StepBuffers<T>>,
 }
 
+/// How a [`Net`] computes: TF32 math (f32 only), FFT and Winograd convolutions in true fp32
+/// (see [`crate::cuda::ConvOptions::fp32_transforms`]), steps captured as CUDA graphs.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct NetOptions {
+    pub allow_tf32: bool,
+    pub fp32_transforms: bool,
+    pub graphs: bool,
+}
+
 /// What a captured step bakes into its kernels' parameters: the graph is replayed only while
 /// these stay the same.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -151,15 +163,19 @@ fn read_back<T: TrainFloat>(stream: &Arc<CudaStream>, tensor: &CudaSlice<T>) -> 
 
 impl<T: TrainFloat> Net<T> {
     /// The network of `weights` on `gpu` in NCHW, the first `frozen_layers` layers with
-    /// parameters frozen, TF32 math where `allow_tf32` (f32 only), steps captured as CUDA
-    /// graphs where `graphs`.
+    /// parameters frozen, computing as `options` say.
     pub fn new(
         gpu: &Gpu,
         weights: &Weights,
         optimiser: &SgdConfig,
         frozen_layers: usize,
-        (allow_tf32, graphs): (bool, bool),
+        options: NetOptions,
     ) -> Result<Self> {
+        let NetOptions {
+            allow_tf32,
+            fp32_transforms,
+            graphs,
+        } = options;
         let config = weights.config();
         let plan = config.plan()?;
         let mut convs = weights.convs().iter();
@@ -196,6 +212,7 @@ impl<T: TrainFloat> Net<T> {
                     let params = convs.next().ok_or_else(|| missing(&spec.name))?;
                     let options = ConvOptions {
                         allow_tf32,
+                        fp32_transforms,
                         ..ConvOptions::new(stride, padding, Layout::Nchw)
                     };
                     let conv =
@@ -236,6 +253,7 @@ impl<T: TrainFloat> Net<T> {
                 }
             };
             stages.push(Stage {
+                name: spec.name.clone(),
                 layer,
                 output: spec.output.clone(),
                 gradient_at,
@@ -326,12 +344,14 @@ impl<T: TrainFloat> Net<T> {
     /// One training step (the batch checked by the caller against `config`): the batch, labels
     /// and dropout seeds uploaded, then [`Net::compute`] eagerly or through the batch size's
     /// CUDA graph ([`Net::run_compute`]), then the loss and the overflow flag read back: the
-    /// step's one sync.
+    /// step's one sync. With `marks` the step is profiled: it runs eagerly (the graph is left
+    /// as it is) with an event at the end of each phase.
     pub fn step(
         &mut self,
         gpu: &Gpu,
         config: &AlexNetConfig,
         input: StepInput<'_, '_>,
+        mut marks: Option<&mut StepMarks>,
     ) -> Result<StepOutcome> {
         let StepInput {
             batch,
@@ -364,12 +384,16 @@ impl<T: TrainFloat> Net<T> {
                 .memcpy_htod(&seeds, &mut self.seeds)
                 .map_err(driver_err("upload the dropout seeds"))?;
         }
+        mark(&mut marks, gpu, || "batch upload".into())?;
         let run = StepRun {
             optimiser: *optimiser,
             scale,
             first_step: !self.has_velocity,
         };
-        self.run_compute(gpu, run)?;
+        match marks.as_deref_mut() {
+            Some(marks) => self.compute(gpu, &run, Some(marks))?,
+            None => self.run_compute(gpu, run)?,
+        }
 
         let buffers = self.buffers.as_ref().ok_or_else(no_buffers)?;
         let losses = stream
@@ -381,6 +405,7 @@ impl<T: TrainFloat> Net<T> {
                 .map_err(driver_err("read back the overflow flag"))?
                 .first()
                 .is_some_and(|&flag| flag != 0);
+        mark(&mut marks, gpu, || "loss read-back".into())?;
         if !overflowed {
             self.has_velocity = true;
         }
@@ -406,7 +431,7 @@ impl<T: TrainFloat> Net<T> {
     /// workspace, runs that step eagerly and captures again on the next.
     fn run_compute(&mut self, gpu: &Gpu, run: StepRun) -> Result<()> {
         if !self.graphs {
-            return self.compute(gpu, &run);
+            return self.compute(gpu, &run, None);
         }
         let generation = gpu.conv_workspace()?.generation();
         let (state, captured_for) = {
@@ -429,8 +454,10 @@ impl<T: TrainFloat> Net<T> {
                 };
                 (ready, launched)
             }
-            GraphState::Unsupported(why) => (GraphState::Unsupported(why), self.compute(gpu, &run)),
-            GraphState::Warm => match capture(gpu.stream(), || self.compute(gpu, &run))? {
+            GraphState::Unsupported(why) => {
+                (GraphState::Unsupported(why), self.compute(gpu, &run, None))
+            }
+            GraphState::Warm => match capture(gpu.stream(), || self.compute(gpu, &run, None))? {
                 Ok(graph) => {
                     // Capturing recorded the work without running it.
                     let launched = graph.launch();
@@ -443,12 +470,12 @@ impl<T: TrainFloat> Net<T> {
                 }
                 Err(e) => (
                     GraphState::Unsupported(e.to_string()),
-                    self.compute(gpu, &run),
+                    self.compute(gpu, &run, None),
                 ),
             },
             // The first step at this size, or the graph holds other settings or addresses.
             GraphState::Fresh | GraphState::Ready { .. } => {
-                (GraphState::Warm, self.compute(gpu, &run))
+                (GraphState::Warm, self.compute(gpu, &run, None))
             }
         };
         let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
@@ -460,8 +487,14 @@ impl<T: TrainFloat> Net<T> {
     /// Everything of a step between the uploads and the read-backs, all queued on the compute
     /// stream with nothing synchronising (so it can be captured): forward in training mode
     /// (dropout seeds read on the device), the loss times the scale, backward, unscaling with
-    /// the overflow check (mixed), one SGD launch (skipped on the device on overflow).
-    fn compute(&mut self, gpu: &Gpu, run: &StepRun) -> Result<()> {
+    /// the overflow check (mixed), one SGD launch (skipped on the device on overflow). With
+    /// `marks`, an event at the end of each phase (never while capturing).
+    fn compute(
+        &mut self,
+        gpu: &Gpu,
+        run: &StepRun,
+        mut marks: Option<&mut StepMarks>,
+    ) -> Result<()> {
         let StepRun {
             optimiser,
             scale,
@@ -509,6 +542,7 @@ impl<T: TrainFloat> Net<T> {
                     }
                 }
             }
+            mark(&mut marks, gpu, || format!("{} forward", stage.name))?;
         }
         let last = stages.len();
         T::loss_gradient(
@@ -520,6 +554,7 @@ impl<T: TrainFloat> Net<T> {
             row_loss,
             scale,
         )?;
+        mark(&mut marks, gpu, || "loss".into())?;
 
         // Backward, from the logits to the first trainable layer.
         for (i, stage) in stages.iter_mut().enumerate().rev() {
@@ -528,6 +563,8 @@ impl<T: TrainFloat> Net<T> {
             let (x, y) = (&activations[i], &activations[i + 1]);
             let first_trainable = stage.gradient_at == Some(0);
             let lens = stage.layer.parameter_lens();
+            let name = &stage.name;
+            let done = || format!("{name} backward");
             match &mut stage.layer {
                 Layer::Conv(conv) => {
                     relu_backward(gpu, y, dy)?;
@@ -535,12 +572,19 @@ impl<T: TrainFloat> Net<T> {
                     with_gradient_views(grads, stage.gradient_at, lens, |dw, db| {
                         conv.backward(gpu, x, dy, wants_dx.then_some(dx), dw, db)
                     })?;
+                    mark(&mut marks, gpu, done)?;
                     if !wants_dx {
                         break;
                     }
                 }
-                Layer::Lrn(lrn) => lrn.backward(gpu, x, dy, dx)?,
-                Layer::Pool(pool) => pool.backward(gpu, x, dy, dx)?,
+                Layer::Lrn(lrn) => {
+                    lrn.backward(gpu, x, dy, dx)?;
+                    mark(&mut marks, gpu, done)?;
+                }
+                Layer::Pool(pool) => {
+                    pool.backward(gpu, x, dy, dx)?;
+                    mark(&mut marks, gpu, done)?;
+                }
                 Layer::Linear {
                     linear,
                     relu,
@@ -559,6 +603,7 @@ impl<T: TrainFloat> Net<T> {
                     with_gradient_views(grads, stage.gradient_at, lens, |dw, db| {
                         linear.backward(gpu, x, dy, dx, dw, db)
                     })?;
+                    mark(&mut marks, gpu, done)?;
                     if first_trainable {
                         break;
                     }
@@ -596,6 +641,7 @@ impl<T: TrainFloat> Net<T> {
                     scale,
                 )?;
             }
+            mark(&mut marks, gpu, || "gradient unscaling".into())?;
         }
 
         // One SGD launch over every trainable tensor.
@@ -617,7 +663,8 @@ impl<T: TrainFloat> Net<T> {
                 velocity,
                 skip: T::MIXED.then_some(&*overflow),
             },
-        )
+        )?;
+        mark(&mut marks, gpu, || "sgd update".into())
     }
 
     /// The current parameters as [`Weights`] of `config`, in the CPU's layout and names: the
