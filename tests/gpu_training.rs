@@ -738,6 +738,60 @@ fn without_a_gpu_the_trainer_is_a_typed_error() {
     }
 }
 
+/// A mixed-precision trainer restored from a checkpoint's loss scale goes on from it (scale,
+/// count towards the next growth, skipped steps), not from its own starting scale; fp32 has
+/// no scale to save and ignores one.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn the_loss_scale_goes_on_from_a_checkpoint() {
+    use alexnet_cuda::train::SavedLossScale;
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let start = Weights::paper_init(&config, 23).unwrap();
+    let labels = labels(4, config.num_classes());
+    // Growth after 2 good steps: without an overflow, three steps double the scale once and
+    // count one more. A host twin of the schedule follows what the steps reported.
+    let schedule = LossScale::new(1024.0, 2.0, 0.5, 2).unwrap();
+    let mut twin = schedule;
+    let mut first = cuda_trainer_in(&start, Precision::Fp16, 0, schedule);
+    for step in 0..3u64 {
+        let skipped = first.skipped_steps();
+        first
+            .step(small_training_batch(4, 900 + step).view(), &labels, step)
+            .unwrap();
+        twin.update(first.skipped_steps() > skipped);
+    }
+    let saved = first
+        .saved_loss_scale()
+        .expect("mixed precision saves its scale");
+    assert_eq!(
+        saved,
+        SavedLossScale {
+            scale: twin.scale(),
+            good_steps: twin.good_steps(),
+            skipped_steps: first.skipped_steps(),
+        }
+    );
+    eprintln!("saved after 3 steps: {saved:?}");
+    // Resumed from the run's weights, momentum and scale: the next step moves the scale as the
+    // uninterrupted run's does.
+    let mut resumed = cuda_trainer_in(&first.weights().unwrap(), Precision::Fp16, 0, schedule);
+    resumed.set_velocity(first.velocity().unwrap()).unwrap();
+    resumed.restore_loss_scale(saved).unwrap();
+    assert_eq!(resumed.loss_scale(), Some(saved.scale));
+    assert_eq!(resumed.skipped_steps(), saved.skipped_steps);
+    for trainer in [&mut first, &mut resumed] {
+        trainer
+            .step(small_training_batch(4, 903).view(), &labels, 3)
+            .unwrap();
+    }
+    assert_eq!(resumed.saved_loss_scale(), first.saved_loss_scale());
+    let mut fp32 = cuda_trainer(&start, 0);
+    assert_eq!(fp32.saved_loss_scale(), None);
+    fp32.restore_loss_scale(saved).unwrap();
+    assert_eq!(fp32.loss_scale(), None);
+}
+
 /// FFT and Winograd in true fp32 are a setting of fp32 only: with TF32 or mixed precision it is
 /// a typed error, with or without a GPU, never ignored.
 #[test]

@@ -5,7 +5,9 @@ mod common;
 
 use alexnet_cuda::config::{AlexNetConfig, LrnParams};
 use alexnet_cuda::cpu::{softmax_cross_entropy, CpuModel, Gradient, Gradients};
-use alexnet_cuda::train::{Checkpoint, CpuTrainer, Sgd, SgdConfig, TrainState, Trainer};
+use alexnet_cuda::train::{
+    Checkpoint, CpuTrainer, SavedLossScale, Sgd, SgdConfig, TrainState, Trainer,
+};
 use alexnet_cuda::weights::StorageDtype;
 use alexnet_cuda::{Error, Precision, Weights};
 use ndarray::Array4;
@@ -202,7 +204,49 @@ fn state(step: u64) -> TrainState {
         epochs_without_improvement: 1,
         classes: (0..5).map(|c| format!("class {c}")).collect(),
         settings: serde_json::json!({"seed": 3}),
+        loss_scale: None,
     }
+}
+
+/// A mixed-precision run's loss scale survives its checkpoint; a checkpoint written before the
+/// scale was kept (no `loss_scale` in its state) still loads, with none; and a trainer that
+/// does not scale its loss (the CPU's) takes a saved scale without complaint and has none.
+#[test]
+fn a_checkpoint_keeps_the_loss_scale_and_old_ones_still_load() {
+    let saved = SavedLossScale {
+        scale: 2048.0,
+        good_steps: 17,
+        skipped_steps: 3,
+    };
+    let trainer = small_trainer();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.ckpt.safetensors");
+    let with_scale = TrainState {
+        loss_scale: Some(saved),
+        ..state(5)
+    };
+    Checkpoint {
+        weights: trainer.model.weights().unwrap(),
+        velocity: Vec::new(),
+        state: with_scale.clone(),
+    }
+    .save(&path)
+    .unwrap();
+    let config = small_config(Some(0.5));
+    let loaded = Checkpoint::load(&path, Some(&config)).unwrap();
+    assert_eq!(loaded.state.loss_scale, Some(saved));
+    assert_eq!(loaded.state, with_scale);
+
+    let mut old = serde_json::to_value(state(5)).unwrap();
+    assert!(old.get("loss_scale").is_none(), "None is not written");
+    old.as_object_mut().unwrap().remove("loss_scale");
+    let parsed: TrainState = serde_json::from_value(old).unwrap();
+    assert_eq!(parsed, state(5));
+
+    let mut cpu = small_trainer();
+    assert_eq!(cpu.saved_loss_scale(), None);
+    cpu.restore_loss_scale(saved).unwrap();
+    assert_eq!(cpu.loss_scaling(), None);
 }
 
 #[test]

@@ -13,6 +13,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use super::SavedLossScale;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -39,6 +40,10 @@ pub struct TrainState {
     /// The settings the run was started with (seed, batch, data order, optimiser, ...), as
     /// the trainer recorded them: a resumed run must use the same.
     pub settings: serde_json::Value,
+    /// Mixed precision: where the loss scaling stood (absent in checkpoints of runs that do
+    /// not scale their loss, and in those written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<SavedLossScale>,
 }
 
 /// Weights, momentum buffers and state. The momentum buffers belong to the last

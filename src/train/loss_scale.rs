@@ -4,7 +4,21 @@
 //! whose gradients overflowed (an infinity or NaN) is skipped and the scale halved, and after
 //! `growth_interval` good steps in a row the scale doubles.
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
+
+/// Where a run's loss scaling stands, as a checkpoint keeps it: a resumed mixed-precision run
+/// goes on from this scale instead of starting again at the top and skipping steps to find it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedLossScale {
+    /// The next step's scale.
+    pub scale: f32,
+    /// Good steps since the scale last changed.
+    pub good_steps: u32,
+    /// Steps skipped so far because their gradients overflowed.
+    pub skipped_steps: u64,
+}
 
 /// The scale and its schedule. [`Default`] is PyTorch's: 2^16, doubled after 2000 good steps,
 /// halved on an overflow.
@@ -71,6 +85,32 @@ impl LossScale {
         self.scale
     }
 
+    /// Good steps since the scale last changed (the scale grows when this reaches the
+    /// interval).
+    pub fn good_steps(&self) -> u32 {
+        self.good_steps
+    }
+
+    /// This schedule, continued from a saved `scale` and count of `good_steps` (from a
+    /// checkpoint's [`SavedLossScale`]).
+    pub fn resumed(self, scale: f32, good_steps: u32) -> Result<Self> {
+        if !(scale.is_finite() && scale > 0.0) || good_steps >= self.growth_interval {
+            return Err(Error::invalid(
+                "saved loss scale",
+                format!(
+                    "scale {scale} after {good_steps} good steps: need a finite positive scale \
+                     and fewer good steps than the growth interval {}",
+                    self.growth_interval
+                ),
+            ));
+        }
+        Ok(LossScale {
+            scale,
+            good_steps,
+            ..self
+        })
+    }
+
     /// Records whether this step's gradients overflowed and moves the scale; returns whether
     /// the step is to be applied (false: skip the update, as GradScaler does). The scale never
     /// grows to infinity and never shrinks to zero.
@@ -130,6 +170,41 @@ mod tests {
             ]
         );
         assert_eq!(LossScale::default().scale(), 65536.0);
+    }
+
+    /// A schedule resumed from its scale and count goes on exactly as the uninterrupted one.
+    #[test]
+    fn a_resumed_schedule_continues_the_uninterrupted_one() {
+        let overflows = [
+            false, true, false, false, false, false, true, false, false, false,
+        ];
+        let mut whole = LossScale::new(1024.0, 2.0, 0.5, 3).unwrap();
+        let mut first = whole;
+        for &o in &overflows[..4] {
+            first.update(o);
+        }
+        // Saved between two growths: the count matters for when the next one comes.
+        assert_eq!((first.scale(), first.good_steps()), (512.0, 2));
+        let mut resumed = LossScale::new(1024.0, 2.0, 0.5, 3)
+            .unwrap()
+            .resumed(first.scale(), first.good_steps())
+            .unwrap();
+        let mut seen = (Vec::new(), Vec::new());
+        for (i, &o) in overflows.iter().enumerate() {
+            let applied = whole.update(o);
+            if i >= 4 {
+                seen.0.push((applied, whole.scale()));
+                seen.1.push((resumed.update(o), resumed.scale()));
+            }
+        }
+        assert_eq!(seen.0, seen.1);
+        assert!(seen.0.iter().any(|&(_, s)| s != 1024.0), "the scale moved");
+        // Nothing that could not have been saved is taken.
+        let schedule = LossScale::default();
+        assert!(schedule.resumed(f32::INFINITY, 0).is_err());
+        assert!(schedule.resumed(0.0, 0).is_err());
+        assert!(schedule.resumed(8.0, 2000).is_err());
+        assert_eq!(schedule.resumed(8.0, 1999).unwrap().scale(), 8.0);
     }
 
     #[test]

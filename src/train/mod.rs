@@ -48,7 +48,7 @@ pub use data::{
     IMAGENET_PCA_EIGENVALUES, IMAGENET_PCA_EIGENVECTORS,
 };
 pub use evaluate::{evaluate, Evaluation};
-pub use loss_scale::{unscale_gradients, LossScale};
+pub use loss_scale::{unscale_gradients, LossScale, SavedLossScale};
 pub use sgd::{Sgd, SgdConfig, UpdateRule};
 
 use ndarray::ArrayView4;
@@ -115,6 +115,20 @@ pub trait Trainer {
     /// because their gradients overflowed; `None` where the loss is not scaled.
     fn loss_scaling(&self) -> Option<(f32, u64)> {
         None
+    }
+
+    /// Mixed precision: the loss scale's whole state, for a checkpoint; `None` where the loss
+    /// is not scaled.
+    fn saved_loss_scale(&self) -> Option<SavedLossScale> {
+        None
+    }
+
+    /// Continues the loss scaling from a checkpoint's state. A trainer that does not scale its
+    /// loss (fp32, TF32, the CPU: a resumed run may change its precision) has nothing to
+    /// continue and ignores it.
+    fn restore_loss_scale(&mut self, saved: SavedLossScale) -> Result<()> {
+        let _ = saved;
+        Ok(())
     }
 }
 

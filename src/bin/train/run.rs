@@ -295,6 +295,7 @@ fn start(
         classes: folder.classes().to_vec(),
         settings: serde_json::to_value(&settings)
             .map_err(|e| Error::invalid("settings", e.to_string()))?,
+        loss_scale: None,
     };
     Ok((trainer, state, settings))
 }
@@ -343,6 +344,9 @@ fn resume(
         settings.frozen_layers,
     )?;
     trainer.set_velocity(checkpoint.velocity)?;
+    if let Some(saved) = checkpoint.state.loss_scale {
+        trainer.restore_loss_scale(saved)?;
+    }
     Ok((trainer, checkpoint.state, settings))
 }
 
@@ -696,7 +700,10 @@ impl Run<'_> {
         Checkpoint {
             weights: trainer.weights()?,
             velocity: trainer.velocity()?,
-            state: state.clone(),
+            state: TrainState {
+                loss_scale: trainer.saved_loss_scale(),
+                ..state.clone()
+            },
         }
         .save(self.checkpoint_path)
     }

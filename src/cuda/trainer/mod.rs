@@ -36,7 +36,9 @@ use super::pinned::alloc_upload;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
 use crate::image::Preprocess;
-use crate::train::{evaluate, BatchBuffer, Evaluation, ImageFolder, LossScale, SgdConfig, Trainer};
+use crate::train::{
+    evaluate, BatchBuffer, Evaluation, ImageFolder, LossScale, SavedLossScale, SgdConfig, Trainer,
+};
 use crate::weights::Weights;
 use crate::Precision;
 
@@ -458,5 +460,27 @@ impl Trainer for CudaTrainer {
 
     fn loss_scaling(&self) -> Option<(f32, u64)> {
         self.loss_scale().map(|scale| (scale, self.skipped_steps))
+    }
+
+    fn saved_loss_scale(&self) -> Option<SavedLossScale> {
+        matches!(self.network, Network::Mixed(_)).then(|| SavedLossScale {
+            scale: self.loss_scale.scale(),
+            good_steps: self.loss_scale.good_steps(),
+            skipped_steps: self.skipped_steps,
+        })
+    }
+
+    /// Mixed precision goes on from the saved scale (with this trainer's schedule:
+    /// [`CudaTrainOptions::loss_scale`]'s growth, backoff and interval); fp32 and TF32 ignore
+    /// it.
+    fn restore_loss_scale(&mut self, saved: SavedLossScale) -> Result<()> {
+        if matches!(self.network, Network::Mixed(_)) {
+            self.loss_scale = self
+                .options
+                .loss_scale
+                .resumed(saved.scale, saved.good_steps)?;
+            self.skipped_steps = saved.skipped_steps;
+        }
+        Ok(())
     }
 }
