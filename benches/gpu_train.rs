@@ -121,6 +121,10 @@ fn gpu_train(c: &mut Criterion) {
                 Err(e) => panic!("gpu_train paper/{mode} profiled step {step}: {e}"),
             }
         }
+        eprintln!("gpu_train paper/{mode} convolution algorithms (cuDNN's measurements):");
+        for line in trainer.conv_choices() {
+            eprintln!("  {line}");
+        }
         eprintln!(
             "gpu_train paper/{mode}: {} of {step} steps skipped (loss scale {:?})",
             trainer.skipped_steps(),

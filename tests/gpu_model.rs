@@ -175,8 +175,8 @@ fn paper_network_fp32_with_transforms_matches_cpu_fp32() {
         gpu.forward_f32(input.view()).unwrap();
         for (stage, plan) in gpu.conv_plans() {
             eprintln!(
-                "fp32_transforms={} batch 128 {stage}: {} ({} bytes)",
-                options.fp32_transforms, plan.algorithm, plan.workspace_bytes
+                "fp32_transforms={} batch 128 {stage}: {} ({} bytes): {}",
+                options.fp32_transforms, plan.algorithm, plan.workspace_bytes, plan.measured
             );
         }
     }

@@ -520,6 +520,20 @@ fn a_profiled_step_is_a_step_and_times_every_phase() {
             assert!(profile.total_ms() > 0.0, "{what}:\n{profile}");
             eprintln!("{what}:\n{profile}");
         }
+        // Every convolution's three choices at the one batch size (the first layer computes
+        // no input gradient), each with a measured time.
+        let convs = stages.iter().filter(|s| s.starts_with("conv")).count();
+        let choices = profiled.conv_choices();
+        assert_eq!(choices.len(), 3 * convs - 1, "{choices:#?}");
+        assert!(!choices
+            .iter()
+            .any(|c| c.starts_with("conv1 ") && c.contains("backward data")));
+        for choice in &choices {
+            assert!(
+                choice.contains(" ms") && choice.contains("candidates"),
+                "{choice}"
+            );
+        }
     }
 }
 

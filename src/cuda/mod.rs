@@ -101,9 +101,9 @@ pub use libraries::{
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
     bias_act, bias_grad, convert_f16_to_f32, convert_f32_to_f16, relu_backward, sgd_step,
-    softmax_cross_entropy, softmax_top_k, unscale_gradients, Conv2dGpu, ConvEpilogueGpu,
-    ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, SgdBuffers,
-    SgdSegment, TopK,
+    softmax_cross_entropy, softmax_top_k, unscale_gradients, Conv2dGpu, ConvChoice,
+    ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
+    PrepareInput, SgdBuffers, SgdSegment, TopK,
 };
 pub use trainer::{CudaTrainOptions, CudaTrainer, StepPhase, StepProfile};
 

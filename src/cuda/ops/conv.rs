@@ -22,8 +22,8 @@ use super::calls::{pack_conv_weights, ConvCall};
 use super::{bias_act, layout_err, shape_err, upload};
 use crate::config::window_output;
 use crate::cuda::cudnn::{
-    choose_algorithm, find_forward_algorithms, AlgoPerf, Allowed, ConvAlgorithm, ConvDesc,
-    CudnnHandle, FilterDesc, FindBuffers, TensorDesc,
+    choose_algorithm, describe_choice, find_forward_algorithms, AlgoPerf, Allowed, ConvAlgorithm,
+    ConvDesc, CudnnHandle, FilterDesc, FindBuffers, TensorDesc,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -101,6 +101,8 @@ struct ConvPlan {
     y: TensorDesc,
     algo: cudnnConvolutionFwdAlgo_t,
     workspace_bytes: usize,
+    /// cuDNN's measurements behind the choice ([`describe_choice`]).
+    measured: String,
     backward: BackwardPlan,
 }
 
@@ -111,6 +113,23 @@ struct Chosen<A> {
     conv: ConvDesc,
     algo: A,
     workspace_bytes: usize,
+    /// cuDNN's measurements behind the choice ([`describe_choice`]).
+    measured: String,
+}
+
+/// One of a [`Conv2dGpu`]'s algorithm choices with cuDNN's measurements behind it
+/// ([`Conv2dGpu::choices`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvChoice {
+    /// The input shape it was chosen for, `[n, height, width]`.
+    pub input: [usize; 3],
+    /// `forward`, `backward data` or `backward filter`.
+    pub call: &'static str,
+    /// The chosen algorithm and its measured time, and the fastest candidate if another one
+    /// (with why it was passed over), e.g. `CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1 3.210 ms;
+    /// fastest measured CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0 1.100 ms (non-deterministic); 4
+    /// candidates`.
+    pub measured: String,
 }
 
 /// One algorithm a [`Conv2dGpu`] chose.
@@ -122,6 +141,8 @@ pub struct ConvPlanInfo {
     pub algorithm: String,
     /// Bytes of the shared workspace it needs.
     pub workspace_bytes: usize,
+    /// cuDNN's measurements behind the choice, as in [`ConvChoice::measured`].
+    pub measured: String,
 }
 
 /// 2-D convolution + bias (+ ReLU) in cuDNN: cross-correlation with square kernels, zero
@@ -319,10 +340,40 @@ impl<T: GpuFloat> Conv2dGpu<T> {
                 input,
                 algorithm: format!("{:?}", plan.algo),
                 workspace_bytes: plan.workspace_bytes,
+                measured: plan.measured.clone(),
             })
             .collect();
         plans.sort_by_key(|p| p.input);
         plans
+    }
+
+    /// Every algorithm chosen so far (forward, and backward data and filter where a backward
+    /// ran) with cuDNN's measurements behind each, sorted by input shape: what the time of a
+    /// profiled step's convolutions comes from.
+    pub fn choices(&self) -> Vec<ConvChoice> {
+        let mut shapes: Vec<&[usize; 3]> = self.plans.keys().collect();
+        shapes.sort();
+        let mut choices = Vec::new();
+        for input in shapes {
+            let Some(plan) = self.plans.get(input) else {
+                continue;
+            };
+            let mut add = |call, measured: &str| {
+                choices.push(ConvChoice {
+                    input: *input,
+                    call,
+                    measured: measured.to_string(),
+                })
+            };
+            add("forward", &plan.measured);
+            if let Some(data) = plan.backward.data_measured() {
+                add("backward data", data);
+            }
+            if let Some(filter) = plan.backward.filter_measured() {
+                add("backward filter", filter);
+            }
+        }
+        choices
     }
 
     /// The cuDNN call for inputs `[n, in_channels, height, width]`, as data (replayed on the CPU
@@ -403,6 +454,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             y: y_desc,
             algo: chosen.algo,
             workspace_bytes: chosen.workspace_bytes,
+            measured: chosen.measured,
             backward: BackwardPlan::default(),
         })
     }
@@ -470,6 +522,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             conv,
             algo: best.algo,
             workspace_bytes,
+            measured: describe_choice(&candidates, &best),
         })
     }
 

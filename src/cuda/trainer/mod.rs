@@ -262,6 +262,16 @@ impl CudaTrainer {
         self.skipped_steps
     }
 
+    /// The convolutions' algorithm choices so far (forward, backward data, backward filter
+    /// per layer and input shape) with cuDNN's own measurements behind each, one line apiece:
+    /// the chosen algorithm's time and the fastest candidate's where another was faster, and
+    /// why that one was passed over (non-deterministic, a transform in true fp32, tensor-op
+    /// math). Empty before the first step. Beside a [`StepProfile`] it says where the
+    /// convolutions' time comes from.
+    pub fn conv_choices(&self) -> Vec<String> {
+        with_net!(&self.network, net => net.conv_choices())
+    }
+
     /// [`Trainer::step_buffer`] with the time of each of its phases on the GPU (upload, every
     /// stage's forward and backward, loss, update; see [`StepProfile`]): a real step (the
     /// weights move, the step counts for the loss scale), run eagerly with a CUDA event after

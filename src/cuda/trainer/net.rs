@@ -415,6 +415,23 @@ impl<T: TrainFloat> Net<T> {
         })
     }
 
+    /// Every convolution's algorithm choices so far with cuDNN's measurements, one line each:
+    /// `conv1 [128, 227, 227] backward filter: ...` (see [`crate::cuda::ConvChoice`]).
+    pub fn conv_choices(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for stage in &self.stages {
+            if let Layer::Conv(conv) = &stage.layer {
+                for choice in conv.choices() {
+                    lines.push(format!(
+                        "{} {:?} {}: {}",
+                        stage.name, choice.input, choice.call, choice.measured
+                    ));
+                }
+            }
+        }
+        lines
+    }
+
     /// Where the current batch size's graph stands.
     pub fn graph_status(&self) -> GraphStatus {
         match (&self.buffers, self.graphs) {

@@ -27,6 +27,18 @@ pub(super) struct BackwardPlan {
     data: Option<Chosen<cudnnConvolutionBwdDataAlgo_t>>,
 }
 
+impl BackwardPlan {
+    /// The measurements behind the filter gradient's algorithm, once chosen.
+    pub(super) fn filter_measured(&self) -> Option<&str> {
+        self.filter.as_ref().map(|c| c.measured.as_str())
+    }
+
+    /// The measurements behind the input gradient's algorithm, once chosen.
+    pub(super) fn data_measured(&self) -> Option<&str> {
+        self.data.as_ref().map(|c| c.measured.as_str())
+    }
+}
+
 impl<T: GpuFloat> Conv2dGpu<T> {
     /// The gradients of the convolution plus bias of [`Conv2dGpu::forward`] (before any ReLU:
     /// `dy` is the gradient after the ReLU's backward) at the input `x`, every output
