@@ -18,6 +18,8 @@
 #            fp32+transforms, tf32, fp16, each with a phase-by-phase profile of one step)
 #            beside PyTorch's (torch_train_anchor.py: fp32, tf32, autocast+GradScaler)
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
+#   latency  batch 1: infer in fp32 and fp16 (latency from submission to logits on the host)
+#            beside the anchor's e2e ms/batch at --batch 1 (issue 10's batch-1 target)
 #   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU tests
 #   soak     the 10,000-batch GPU soak
 # Time knobs, for a short lease: TEST_TIMEOUT (seconds per test executable, default 420),
@@ -130,6 +132,18 @@ PY
         rc=$?
         note "anchor (PyTorch training) rc=$rc (anchor-train.txt)"
         while read -r l; do note "  $l"; done < <(grep -E 'img/s' "$OUT/anchor-train.txt")
+        ;;
+    latency)
+        for p in fp32 fp16; do
+            timeout "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch 1 --precision "$p" --iterations 500 --warmup 50 > "$OUT/latency-$p.txt" 2>&1
+            rc=$?
+            note "infer $p batch 1 rc=$rc: $(grep -E '^latency|error' "$OUT/latency-$p.txt" | head -1)"
+            grep -E '^interval|GPU compute' "$OUT/latency-$p.txt" | sed 's/^/  /'
+        done
+        timeout 300 python3 $G/torch_anchor.py --batch 1 --iters 500 --warmup 50 --precisions fp32,fp16 > "$OUT/anchor-latency.txt" 2>&1
+        rc=$?
+        note "anchor batch 1 rc=$rc (anchor-latency.txt)"
+        while read -r l; do note "  $l"; done < <(grep -E 'ms/batch|fp32|fp16' "$OUT/anchor-latency.txt")
         ;;
     compile)
         timeout 400 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,fp16 --compile --compile-mode reduce-overhead > "$OUT/anchor-compile.txt" 2>&1
