@@ -124,9 +124,13 @@ impl ConvWorkspace {
         self.buffer = None;
         self.generation += 1;
         if bytes > 0 {
-            // SAFETY: cuDNN only ever writes the workspace before reading it, so it needs no
-            // initialisation.
-            let buffer = unsafe { stream.alloc::<u8>(bytes) }
+            // Zeroed, not left uninitialised: on the H200 compute-sanitizer's initcheck reported
+            // uninitialised reads inside cuDNN's own layout-conversion kernels during algorithm
+            // searches, and the workspace was the one buffer handed to cuDNN unwritten. The
+            // memset is once per resize (a fraction of a millisecond at 512 MiB), never per
+            // call, and keeps initcheck's output for our own kernels' reads.
+            let buffer = stream
+                .alloc_zeros::<u8>(bytes)
                 .map_err(driver_err("allocating the shared cuDNN workspace"))?;
             self.buffer = Some(buffer);
         }
