@@ -289,6 +289,22 @@ fn update_sensitivity(
     worst
 }
 
+/// Two GPU trainers' results for the same step from `before`, which should agree: the losses
+/// within the precision's loss tolerance, the updates within its update tolerance.
+fn check_same_step(
+    what: &str,
+    tol: Tolerance,
+    before: &Weights,
+    (got_loss, got): (f32, &Weights),
+    (want_loss, want): (f32, &Weights),
+) {
+    assert!(
+        ((got_loss - want_loss) / want_loss).abs() <= tol.loss,
+        "{what}: loss {got_loss}, against {want_loss}"
+    );
+    check_updates_within(what, before, got, want, tol, &Limits::uniform(tol));
+}
+
 fn labels(n: usize, classes: usize) -> Vec<usize> {
     (0..n).map(|i| (i * 7 + 3) % classes).collect()
 }
@@ -488,20 +504,10 @@ fn a_profiled_step_is_a_step_and_times_every_phase() {
                 .copy_from_slice(batch.as_slice().unwrap());
             let want = plain.step(batch.view(), &labels, 80 + step).unwrap();
             let (got, profile) = profiled.step_profiled(&buffer, 80 + step).unwrap();
-            let what = format!("{precision} step {step}");
-            assert!(
-                ((got - want) / want).abs() <= tol.loss,
-                "{what}: loss {got} profiled, {want} not"
-            );
+            let what = format!("{precision} step {step} (profiled, plain)");
             let after = plain.weights().unwrap();
-            check_updates_within(
-                &what,
-                &before,
-                &profiled.weights().unwrap(),
-                &after,
-                tol,
-                &Limits::uniform(tol),
-            );
+            let got_weights = profiled.weights().unwrap();
+            check_same_step(&what, tol, &before, (got, &got_weights), (want, &after));
             before = after;
 
             let mut names = vec!["batch upload".to_string()];
@@ -565,20 +571,18 @@ fn graph_replayed_steps_match_eager_steps() {
             let batch = small_training_batch(4, 400 + step);
             let graph_loss = graph.step(batch.view(), &labels, 50 + step).unwrap();
             let eager_loss = eager.step(batch.view(), &labels, 50 + step).unwrap();
-            let what = format!("{precision} step {step} ({:?})", graph.graph_status());
-            assert!(
-                ((graph_loss - eager_loss) / eager_loss).abs() <= tol.loss,
-                "{what}: loss {graph_loss} replayed, {eager_loss} eager"
+            let what = format!(
+                "{precision} step {step} ({:?}; replayed, eager)",
+                graph.graph_status()
             );
             let after = eager.weights().unwrap();
-            let limits = Limits::uniform(tol);
-            check_updates_within(
+            let replayed = graph.weights().unwrap();
+            check_same_step(
                 &what,
-                &before,
-                &graph.weights().unwrap(),
-                &after,
                 tol,
-                &limits,
+                &before,
+                (graph_loss, &replayed),
+                (eager_loss, &after),
             );
             before = after;
             let want_status = match step {
@@ -618,20 +622,10 @@ fn page_locked_batches_train_as_host_arrays_do() {
             buffer.set_labels(labels.clone());
             let got = on_buffer.step_buffer(&buffer, 70 + step).unwrap();
             let want = on_arrays.step(batch.view(), &labels, 70 + step).unwrap();
-            let what = format!("{precision} step {step}");
-            assert!(
-                ((got - want) / want).abs() <= tol.loss,
-                "{what}: loss {got} from the buffer, {want} from the array"
-            );
+            let what = format!("{precision} step {step} (from the buffer, from the array)");
             let after = on_arrays.weights().unwrap();
-            check_updates_within(
-                &what,
-                &before,
-                &on_buffer.weights().unwrap(),
-                &after,
-                tol,
-                &Limits::uniform(tol),
-            );
+            let got_weights = on_buffer.weights().unwrap();
+            check_same_step(&what, tol, &before, (got, &got_weights), (want, &after));
             before = after;
         }
         // A heap buffer works too (through the driver's staging copy).

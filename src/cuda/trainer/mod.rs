@@ -299,21 +299,31 @@ impl CudaTrainer {
         buffer: &BatchBuffer,
         step_seed: u64,
     ) -> Result<(f32, StepProfile)> {
-        let n = self
-            .config
-            .input
-            .check_batch("CudaTrainer::step_profiled", &buffer.shape())?;
-        let source = match buffer.page_locked_images() {
-            Some(memory) => BatchSource::PageLocked(memory),
-            None => BatchSource::Host(buffer.images()?),
-        };
         let mut marks = StepMarks::start(&self.gpu)?;
-        let loss = self.step_from(source, n, buffer.labels(), step_seed, Some(&mut marks))?;
+        let op = "CudaTrainer::step_profiled";
+        let loss = self.step_on_buffer(op, buffer, step_seed, Some(&mut marks))?;
         Ok((loss, marks.finish()?))
     }
 }
 
 impl CudaTrainer {
+    /// A step on `buffer` (its shape checked for `op`): page-locked memory goes up with one
+    /// DMA, any other through the driver's staging copy.
+    fn step_on_buffer(
+        &mut self,
+        op: &'static str,
+        buffer: &BatchBuffer,
+        step_seed: u64,
+        marks: Option<&mut StepMarks>,
+    ) -> Result<f32> {
+        let n = self.config.input.check_batch(op, &buffer.shape())?;
+        let source = match buffer.page_locked_images() {
+            Some(memory) => BatchSource::PageLocked(memory),
+            None => BatchSource::Host(buffer.images()?),
+        };
+        self.step_from(source, n, buffer.labels(), step_seed, marks)
+    }
+
     /// The step behind [`Trainer::step`], [`Trainer::step_buffer`] and
     /// [`CudaTrainer::step_profiled`] (`marks`): `n` images from `batch` (shape checked by the
     /// caller) and their labels.
@@ -401,15 +411,7 @@ impl Trainer for CudaTrainer {
     /// As [`Trainer::step`]; a page-locked buffer (from [`Trainer::batch_buffer`]) goes up
     /// straight from its memory, any other through the driver's staging copy.
     fn step_buffer(&mut self, buffer: &BatchBuffer, step_seed: u64) -> Result<f32> {
-        let n = self
-            .config
-            .input
-            .check_batch("CudaTrainer::step_buffer", &buffer.shape())?;
-        let source = match buffer.page_locked_images() {
-            Some(memory) => BatchSource::PageLocked(memory),
-            None => BatchSource::Host(buffer.images()?),
-        };
-        self.step_from(source, n, buffer.labels(), step_seed, None)
+        self.step_on_buffer("CudaTrainer::step_buffer", buffer, step_seed, None)
     }
 
     fn config(&self) -> &AlexNetConfig {
