@@ -15,8 +15,10 @@
 //! learning rate or loss scale is captured again. [`CudaTrainer::step_profiled`] times one
 //! step phase by phase on the device ([`StepProfile`]).
 //!
-//! Not run on a GPU yet (no GPU test of this crate has run anywhere); `tests/gpu_training.rs`
-//! checks it against the CPU trainer step by step.
+//! `tests/gpu_training.rs` checks it against the CPU trainer step by step. On an H200 (the one
+//! GPU run so far) its fp32 steps and every layer's backward matched the CPU; the
+//! mixed-precision and TF32 whole steps, fp32 transforms, profiling and a restored loss scale
+//! have not run on a GPU to the end yet.
 
 mod net;
 mod precision;
