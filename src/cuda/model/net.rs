@@ -351,13 +351,14 @@ impl<T: GpuFloat> Layers<T> {
     ) -> Result<()> {
         let padded = self.input_channels;
         let (n, c, h, w) = input.dim();
-        let host = if padded == c {
-            to_physical::<T>(input.into_dyn(), self.layout)?
-        } else {
-            let mut full = Array4::<f32>::zeros((n, padded, h, w));
-            full.slice_mut(ndarray::s![.., ..c, .., ..]).assign(&input);
-            to_physical::<T>(full.view().into_dyn(), self.layout)?
-        };
+        if padded == c {
+            // No padding: the tensor's own upload (straight from `input` for f32 NCHW, no
+            // host copy of the batch).
+            return bufs.input.upload(gpu, input.into_dyn());
+        }
+        let mut full = Array4::<f32>::zeros((n, padded, h, w));
+        full.slice_mut(ndarray::s![.., ..c, .., ..]).assign(&input);
+        let host = to_physical::<T>(full.view().into_dyn(), self.layout)?;
         bufs.input.upload_physical(gpu, &host)
     }
 
