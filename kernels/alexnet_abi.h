@@ -54,6 +54,17 @@ typedef struct AlexnetPrepareParams {
 } AlexnetPrepareParams;
 
 /*
+ * relayout_f32_to_{f32,f16}(const float *src, T *dst, AlexnetRelayoutParams p)
+ * src: an f32 NCHW tensor of out.n x src_channels x out.h x out.w values, contiguous.
+ * dst: the same values in `out` (its layout; out.c >= src_channels; channels src_channels and
+ * up written as zeros), rounded to T once. One thread per output element.
+ */
+typedef struct AlexnetRelayoutParams {
+    AlexnetTensorShape out;
+    unsigned int src_channels;
+} AlexnetRelayoutParams;
+
+/*
  * bias_act_{f32,f16}(T *x, const T *bias, AlexnetBiasActParams p)
  * In place: x += bias[channel]; then ReLU if `relu` != 0 (NaN stays NaN).
  * `channels` is the bias length; `inner` is the number of consecutive elements that share one

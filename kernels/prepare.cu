@@ -1,7 +1,9 @@
 /*
- * prepare.cu — u8 HWC images -> the network's normalised input tensor (see AlexnetPrepareParams).
- * CPU twin: `U8Batch::to_nchw_f32` (src/image/batch.rs, normalising like
- * `Preprocess::normalize_into`); launcher: src/cuda/ops/prepare.rs.
+ * prepare.cu — the network's input tensor from what a caller holds: u8 HWC images, normalised
+ * (see AlexnetPrepareParams; CPU twin `U8Batch::to_nchw_f32`, src/image/batch.rs, normalising
+ * like `Preprocess::normalize_into`), or an already normalised f32 NCHW batch, reordered and
+ * padded (see AlexnetRelayoutParams; CPU twin `cuda::tensor::to_physical` of the zero-padded
+ * batch). Launchers: src/cuda/ops/prepare.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
@@ -53,4 +55,51 @@ extern "C" __global__ void prepare_input_f16(const unsigned char *src, unsigned 
                                              AlexnetPrepareParams p)
 {
     prepare_input_dispatch<unsigned short>(src, dst, p);
+}
+
+/*
+ * One thread per output element: the f32 NCHW source's value at (n, c, y, x) for c below the
+ * source's channels, 0 for the padding channels; one rounding to T, no arithmetic.
+ */
+template <typename T, typename I>
+static __device__ __forceinline__ void relayout_f32(const float *__restrict__ src,
+                                                    T *__restrict__ dst,
+                                                    const AlexnetRelayoutParams &p, I total)
+{
+    const AlexnetTensorShape s = p.out;
+    ALEXNET_GRID_STRIDE(I, i, total)
+    {
+        I n, c, y, x;
+        alexnet_unravel<I>(i, s.c, s.h, s.w, s.layout, n, c, y, x);
+        float v = 0.0f;
+        if (c < (I)p.src_channels)
+            v = src[((n * p.src_channels + c) * s.h + y) * s.w + x];
+        dst[i] = alexnet_store<T>(v);
+    }
+}
+
+template <typename T>
+static __device__ __forceinline__ void relayout_f32_dispatch(const float *src, T *dst,
+                                                             const AlexnetRelayoutParams &p)
+{
+    const unsigned long long total = alexnet_numel(p.out);
+    if (alexnet_fits_u32(total))
+        relayout_f32<T, unsigned int>(src, dst, p, (unsigned int)total);
+    else
+        relayout_f32<T, unsigned long long>(src, dst, p, total);
+}
+
+/* An f32 NCHW batch into an f32 tensor of the output's layout and channels. */
+extern "C" __global__ void relayout_f32_to_f32(const float *src, float *dst,
+                                               AlexnetRelayoutParams p)
+{
+    relayout_f32_dispatch<float>(src, dst, p);
+}
+
+/* An f32 NCHW batch into an f16 tensor of the output's layout and channels (e.g. the fp16
+ * network's 8-channel NHWC input). */
+extern "C" __global__ void relayout_f32_to_f16(const float *src, unsigned short *dst,
+                                               AlexnetRelayoutParams p)
+{
+    relayout_f32_dispatch<unsigned short>(src, dst, p);
 }

@@ -25,8 +25,8 @@ use alexnet_cuda::cpu::{
 };
 use alexnet_cuda::cuda::abi::{ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
 use alexnet_cuda::cuda::kernel_args::{
-    bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relu_backward_args, sgd_args,
-    softmax_top_k_args, softmax_xent_args,
+    bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
+    relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args,
 };
 use alexnet_cuda::cuda::registry::KERNELS;
 use alexnet_cuda::cuda::{
@@ -44,6 +44,8 @@ use ndarray::{Array, Array2, Array4, ArrayD, Dimension, IxDyn, ShapeBuilder};
 const COVERED: &[&str] = &[
     "prepare_input_f32",
     "prepare_input_f16",
+    "relayout_f32_to_f32",
+    "relayout_f32_to_f16",
     "bias_act_f32",
     "bias_act_f16",
     "dropout_f32",
@@ -770,6 +772,61 @@ fn prepare_input_matches_the_cpu_normalisation_bit_for_bit() {
     assert!(norm
         .args([2, 2, 7, 7], Layout::Nchw, 2 * 7 * 7 * 3)
         .is_err());
+}
+
+/// An f32 NCHW batch of `src_channels` into `channels` in `layout`, rounded to `T`: the
+/// CPU's zero-padded, reordered batch exactly (values that f16 rounds, overflows or keeps as a
+/// signed zero included).
+fn relayout_case<T: Elem>(n: usize, src_channels: usize, channels: usize, layout: Layout) {
+    let name = format!("relayout_f32_to_{}", T::SUFFIX);
+    let (h, w) = (5, 3);
+    let mut values = formula_values(90 + n as u64, n * src_channels * h * w, 4.0);
+    for (i, v) in [(0, -0.0), (1, 70000.0), (2, 1e-6), (3, f32::NAN)] {
+        if let Some(slot) = values.get_mut(i * 7) {
+            *slot = v;
+        }
+    }
+    let source = Array4::from_shape_vec((n, src_channels, h, w), values.clone()).unwrap();
+    let mut want = Array4::<f32>::zeros((n, channels, h, w));
+    want.slice_mut(ndarray::s![.., ..src_channels, .., ..])
+        .assign(&source);
+    let want = rounded::<T, _>(&want).into_dyn();
+    let dims = [n, channels, h, w];
+    let (mut p, cfg) = relayout_args(dims, layout, src_channels, values.len()).unwrap();
+    for grid in [cfg, small_grid(160)] {
+        let mut src = values.clone();
+        let mut dst = vec![T::POISON; n * channels * h * w];
+        launch(
+            &name,
+            grid,
+            vec![buf(&mut src), buf(&mut dst), params(&mut p)],
+        );
+        let got = logical(&dst, dims, layout).into_dyn();
+        assert_same(
+            &format!("{name} n={n} {src_channels}->{channels} {layout:?}"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn relayout_pads_and_reorders_an_f32_batch_exactly() {
+    require_host_kernels();
+    for layout in LAYOUTS {
+        for (n, src_channels, channels) in [(1, 3, 3), (3, 3, 8), (2, 1, 4)] {
+            relayout_case::<f32>(n, src_channels, channels, layout);
+            relayout_case::<f16>(n, src_channels, channels, layout);
+        }
+    }
+    // A source of another size, or more channels than the output, is refused before a launch.
+    assert!(relayout_args([2, 8, 5, 3], Layout::Nhwc, 3, 2 * 3 * 5 * 3 - 1).is_err());
+    assert!(relayout_args([2, 2, 5, 3], Layout::Nhwc, 3, 2 * 3 * 5 * 3).is_err());
+    assert!(relayout_args([2, 8, 5, 3], Layout::Nhwc, 0, 0).is_err());
 }
 
 fn softmax_case<T: Elem>(logits: &Array2<f32>, k: usize, block: u32) {

@@ -56,6 +56,22 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetRelayoutParams {
+    pub out: AlexnetTensorShape,
+    pub src_channels: ::core::ffi::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetRelayoutParams"][::core::mem::size_of::<AlexnetRelayoutParams>() - 24usize];
+    ["Alignment of AlexnetRelayoutParams"]
+        [::core::mem::align_of::<AlexnetRelayoutParams>() - 4usize];
+    ["Offset of field: AlexnetRelayoutParams::out"]
+        [::core::mem::offset_of!(AlexnetRelayoutParams, out) - 0usize];
+    ["Offset of field: AlexnetRelayoutParams::src_channels"]
+        [::core::mem::offset_of!(AlexnetRelayoutParams, src_channels) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetBiasActParams {
     pub len: ::core::ffi::c_ulonglong,
     pub channels: ::core::ffi::c_uint,

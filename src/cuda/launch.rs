@@ -22,6 +22,8 @@ unsafe impl DeviceRepr for AlexnetTensorShape {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetPrepareParams {}
 // SAFETY: as above.
+unsafe impl DeviceRepr for AlexnetRelayoutParams {}
+// SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetBiasActParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetLrnParams {}

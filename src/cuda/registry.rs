@@ -79,6 +79,10 @@ kernel_registry! {
         /// u8 HWC images to the normalised input tensor (`ops::prepare`).
         PrepareInput = "prepare_input" for [f32, f16]
             [Ptr, Ptr, Struct(size_of::<AlexnetPrepareParams>())];
+        /// An f32 NCHW batch into the input tensor's type, layout and channels
+        /// (`ops::prepare`).
+        RelayoutF32To = "relayout_f32_to" for [f32, f16]
+            [Ptr, Ptr, Struct(size_of::<AlexnetRelayoutParams>())];
     }
     "bias_act" => {
         /// Bias + optional ReLU in place (`ops::bias_act`).

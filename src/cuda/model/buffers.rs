@@ -3,11 +3,12 @@
 
 use cudarc::driver::{CudaSlice, CudaView, HostSlice, PinnedHostSlice};
 use half::f16;
+use ndarray::ArrayView4;
 
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::graph::GraphState;
-use crate::cuda::ops::{convert_f16_to_f32, softmax_top_k, PrepareInput, TopK};
+use crate::cuda::ops::{convert_f16_to_f32, relayout_f32_input, softmax_top_k, PrepareInput, TopK};
 use crate::cuda::tensor::GpuTensor;
 use crate::error::{Error, Result};
 
@@ -28,6 +29,9 @@ pub(crate) struct Buffers<T: GpuFloat> {
     pub(super) host_u8: PinnedHostSlice<u8>,
     /// Cached page-locked memory: fast for the host to read.
     pub(super) host_logits: PinnedHostSlice<f32>,
+    /// An f32 NCHW batch from [`Buffers::upload_f32_relayout`] before the device reorders it
+    /// into the input; allocated on first use (u8-only users never pay for it).
+    pub(super) staged_f32: Option<CudaSlice<f32>>,
     pub(super) topk: TopK,
 }
 
@@ -52,6 +56,29 @@ impl<T: GpuFloat> Buffers<T> {
         gpu.stream()
             .memcpy_htod(&self.host_u8, &mut self.device_u8)
             .map_err(driver_err("cuMemcpyHtoDAsync (images)"))
+    }
+
+    /// Uploads a normalised f32 NCHW batch as it is and pads, reorders and rounds it into the
+    /// input tensor on the device (`relayout_f32_input`): for inputs whose channels or layout
+    /// differ from the batch's (the fp16 network's 8-channel NHWC input).
+    pub fn upload_f32_relayout(&mut self, gpu: &Gpu, batch: ArrayView4<'_, f32>) -> Result<()> {
+        let len = batch.len();
+        let staged = match &mut self.staged_f32 {
+            Some(staged) if staged.len() == len => staged,
+            slot => slot.insert(
+                gpu.stream()
+                    .alloc_zeros::<f32>(len)
+                    .map_err(driver_err("allocating the f32 input staging"))?,
+            ),
+        };
+        let standard = batch.as_standard_layout(); // a copy only for a strided view
+        let values = standard.as_slice().ok_or_else(|| {
+            Error::invalid("CudaModel (f32 upload)", "a batch not in standard layout")
+        })?;
+        gpu.stream()
+            .memcpy_htod(values, staged)
+            .map_err(driver_err("cuMemcpyHtoDAsync (f32 batch)"))?;
+        relayout_f32_input(gpu, &staged.as_view(), batch.dim().1, &mut self.input)
     }
 
     /// Normalises the images of [`Buffers::upload_u8`] into the input tensor.

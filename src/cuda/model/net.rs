@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use ndarray::{Array4, ArrayView4};
+use ndarray::ArrayView4;
 
 use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
@@ -14,7 +14,7 @@ use crate::cuda::ops::{
     LinearGpu, LrnGpu, MaxPoolGpu, TopK,
 };
 use crate::cuda::pinned::{alloc_readback, alloc_upload};
-use crate::cuda::tensor::{to_physical, GpuTensor, Layout};
+use crate::cuda::tensor::{GpuTensor, Layout};
 
 use super::buffers::Buffers;
 use crate::error::{Error, Result};
@@ -337,6 +337,7 @@ impl<T: GpuFloat> Layers<T> {
                 .map_err(driver_err("allocating the u8 input"))?,
             host_u8: alloc_upload(gpu.context(), pixels)?,
             host_logits: alloc_readback(gpu.context(), logits)?,
+            staged_f32: None,
             topk: TopK::new(gpu, n)?,
         })
     }
@@ -349,17 +350,14 @@ impl<T: GpuFloat> Layers<T> {
         bufs: &mut Buffers<T>,
         input: ArrayView4<'_, f32>,
     ) -> Result<()> {
-        let padded = self.input_channels;
-        let (n, c, h, w) = input.dim();
-        if padded == c {
+        if self.input_channels == input.dim().1 {
             // No padding: the tensor's own upload (straight from `input` for f32 NCHW, no
             // host copy of the batch).
             return bufs.input.upload(gpu, input.into_dyn());
         }
-        let mut full = Array4::<f32>::zeros((n, padded, h, w));
-        full.slice_mut(ndarray::s![.., ..c, .., ..]).assign(&input);
-        let host = to_physical::<T>(full.view().into_dyn(), self.layout)?;
-        bufs.input.upload_physical(gpu, &host)
+        // Padded (fp16's 8-channel NHWC input): the f32 batch goes up as it is and the device
+        // pads, reorders and rounds it, instead of a host pass over every value.
+        bufs.upload_f32_relayout(gpu, input)
     }
 
     /// Runs the network from the input tensor to the logits, each convolution's bias, ReLU, LRN

@@ -12,7 +12,7 @@
 //! | conv_epilogue | bias_act + lrn + pool above, combined  | `conv_epilogue.rs` | `kernels/conv_epilogue.cu` |
 //! | dropout   | `src/cpu/dropout.rs`                       | `dropout.rs`     | `kernels/dropout.cu`   |
 //! | softmax   | `src/postprocess.rs` (softmax, top-k)      | `softmax.rs`     | `kernels/softmax.cu`   |
-//! | prepare   | `src/image/batch.rs` (`U8Batch::to_nchw_f32`) | `prepare.rs`  | `kernels/prepare.cu`   |
+//! | prepare   | `src/image/batch.rs` (`U8Batch::to_nchw_f32`); `tensor::to_physical` (relayout) | `prepare.rs`  | `kernels/prepare.cu`   |
 //! | convert   | `half::f16::to_f32`                        | `convert.rs`     | `kernels/convert.cu`   |
 //! | loss      | `src/cpu/loss.rs` (training)               | `loss.rs`        | `kernels/loss.cu`      |
 //! | sgd       | `src/train/sgd.rs` (training)              | `sgd.rs`         | `kernels/sgd.cu`       |
@@ -54,7 +54,7 @@ pub use linear::LinearGpu;
 pub use loss::{softmax_cross_entropy, softmax_xent_args};
 pub use lrn::LrnGpu;
 pub use pool::MaxPoolGpu;
-pub use prepare::PrepareInput;
+pub use prepare::{relayout_args, relayout_f32_input, PrepareInput};
 pub use sgd::{sgd_args, sgd_step, SgdBuffers, SgdSegment};
 pub use softmax::{softmax_top_k, softmax_top_k_args, TopK};
 

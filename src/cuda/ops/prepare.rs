@@ -1,10 +1,12 @@
-//! u8 HWC images to the network's normalised input: launcher of `kernels/prepare.cu`; CPU twin
-//! [`crate::image::U8Batch::to_nchw_f32`].
+//! The network's input tensor on the device: u8 HWC images normalised ([`PrepareInput`], CPU
+//! twin [`crate::image::U8Batch::to_nchw_f32`]) or an f32 NCHW batch reordered and padded
+//! ([`relayout_f32_input`], CPU twin `tensor::to_physical` of the zero-padded batch); launchers
+//! of `kernels/prepare.cu`.
 
 use cudarc::driver::{CudaView, LaunchConfig};
 
 use super::shape_err;
-use crate::cuda::abi::AlexnetPrepareParams;
+use crate::cuda::abi::{AlexnetPrepareParams, AlexnetRelayoutParams};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
 use crate::cuda::launch::{abi_shape, element_count, grid_1d, Launch};
@@ -95,5 +97,69 @@ impl PrepareInput {
                 .params(&params)
                 .launch(cfg)
         }
+    }
+}
+
+/// The `relayout_f32_to` kernel's parameters and launch shape for an f32 NCHW source of
+/// `src_len` values with `src_channels` channels into a `[n, c, h, w]` output in `layout`: what
+/// [`relayout_f32_input`] passes, after checking that the source is `n x src_channels x h x w`
+/// and that `c >= src_channels`.
+#[doc(hidden)]
+pub fn relayout_args(
+    [n, c, h, w]: [usize; 4],
+    layout: Layout,
+    src_channels: usize,
+    src_len: usize,
+) -> Result<(AlexnetRelayoutParams, LaunchConfig)> {
+    const OP: &str = "relayout_f32_input";
+    if src_channels == 0 || c < src_channels {
+        return Err(shape_err(
+            OP,
+            format!("an output of at least the source's {src_channels} channels (and 1)"),
+            &[n, c, h, w],
+        ));
+    }
+    let want = element_count(&[n, src_channels, h, w])?;
+    if src_len as u64 != want {
+        return Err(shape_err(
+            OP,
+            format!("an f32 NCHW source of {n}x{src_channels}x{h}x{w} = {want} values"),
+            &[src_len],
+        ));
+    }
+    let params = AlexnetRelayoutParams {
+        out: abi_shape(OP, [n, c, h, w], layout == Layout::Nhwc)?,
+        src_channels: u32::try_from(src_channels)
+            .map_err(|_| shape_err(OP, "fewer than 2^32 channels", &[src_channels]))?,
+    };
+    Ok((params, grid_1d(OP, element_count(&[n, c, h, w])?)?))
+}
+
+/// `src`, an f32 NCHW batch of `src_channels` channels, into `dst` (`[n, c, h, w]`, `c >=
+/// src_channels`) with the `relayout_f32_to` kernel: rounded to `dst`'s type once, reordered to
+/// its layout, channels past the source's zero. A caller's normalised f32 batch goes up as it
+/// is and becomes, e.g., the fp16 network's 8-channel NHWC input on the device, with no host
+/// pass over it.
+pub fn relayout_f32_input<T: GpuFloat>(
+    gpu: &Gpu,
+    src: &CudaView<'_, f32>,
+    src_channels: usize,
+    dst: &mut GpuTensor<T>,
+) -> Result<()> {
+    let (params, cfg) = relayout_args(
+        dst.dims4("relayout_f32_input")?,
+        dst.layout(),
+        src_channels,
+        src.len(),
+    )?;
+    // SAFETY: relayout_f32_to(const float *src, T *dst, AlexnetRelayoutParams); `src` holds
+    // n*src_channels*h*w floats and `dst` n*c*h*w elements of `params.out` (checked above); `dst`
+    // is borrowed exclusively, so it does not overlap `src`; one thread per output element.
+    unsafe {
+        Launch::new(gpu, Kernel::RelayoutF32To, T::DTYPE)?
+            .buffer(src)
+            .buffer(dst.data_mut())
+            .params(&params)
+            .launch(cfg)
     }
 }
