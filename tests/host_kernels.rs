@@ -727,20 +727,34 @@ fn prepare_case<T: Elem>(n: usize, channels: usize, side: u32, layout: Layout, p
     let norm = PrepareInput::new(pre.mean, pre.std).unwrap();
     let dims = [n, channels, s, s];
     let (mut p, cfg) = norm.args(dims, layout, batch.as_slice().len()).unwrap();
+    let what = format!("{name} n={n} c={channels} {side}x{side} {layout:?}");
+    check_input_kernel::<_, T, _>(
+        (&name, &what),
+        cfg,
+        batch.as_slice(),
+        &mut p,
+        (dims, layout),
+        &want,
+    );
+}
+
+/// Runs the input kernel `name` from `src` into a poisoned `dims` output in `layout`, over the
+/// launcher's grid and a small wrapping one, and checks every element against `want` bit for
+/// bit (`what` names the case in a failure).
+fn check_input_kernel<S: Clone, T: Elem, P>(
+    (name, what): (&str, &str),
+    cfg: LaunchConfig,
+    src: &[S],
+    p: &mut P,
+    (dims, layout): ([usize; 4], Layout),
+    want: &ArrayD<f32>,
+) {
     for grid in [cfg, small_grid(160)] {
-        let mut src = batch.as_slice().to_vec();
-        let mut dst = vec![T::POISON; n * channels * s * s];
-        launch(
-            &name,
-            grid,
-            vec![buf(&mut src), buf(&mut dst), params(&mut p)],
-        );
+        let mut src = src.to_vec();
+        let mut dst = vec![T::POISON; dims.iter().product()];
+        launch(name, grid, vec![buf(&mut src), buf(&mut dst), params(p)]);
         let got = logical(&dst, dims, layout).into_dyn();
-        assert_same(
-            &format!("{name} n={n} c={channels} {side}x{side} {layout:?}"),
-            &got,
-            &want,
-        );
+        assert_same(what, &got, want);
     }
 }
 
@@ -793,21 +807,8 @@ fn relayout_case<T: Elem>(n: usize, src_channels: usize, channels: usize, layout
     let want = rounded::<T, _>(&want).into_dyn();
     let dims = [n, channels, h, w];
     let (mut p, cfg) = relayout_args(dims, layout, src_channels, values.len()).unwrap();
-    for grid in [cfg, small_grid(160)] {
-        let mut src = values.clone();
-        let mut dst = vec![T::POISON; n * channels * h * w];
-        launch(
-            &name,
-            grid,
-            vec![buf(&mut src), buf(&mut dst), params(&mut p)],
-        );
-        let got = logical(&dst, dims, layout).into_dyn();
-        assert_same(
-            &format!("{name} n={n} {src_channels}->{channels} {layout:?}"),
-            &got,
-            &want,
-        );
-    }
+    let what = format!("{name} n={n} {src_channels}->{channels} {layout:?}");
+    check_input_kernel::<_, T, _>((&name, &what), cfg, &values, &mut p, (dims, layout), &want);
 }
 
 #[test]
