@@ -1,7 +1,9 @@
 //! One training step on the GPU (the batch uploaded from host memory, forward in training mode,
 //! softmax cross-entropy, backward, the SGD update, the loss read back): paper preset, batch
-//! 128, in true fp32, fp32 with FFT/Winograd convolutions (`fp32+transforms`, PyTorch's fp32),
-//! TF32 and mixed precision (f16 compute, f32 master weights, loss scaling), reported in
+//! 128, in true fp32, fp32 with FFT/Winograd convolutions (`fp32+transforms`), TF32 and mixed
+//! precision (f16 compute, f32 master weights, loss scaling); the last three also with cuDNN's
+//! fastest backward algorithms whether deterministic or not (`+nondeterministic`, PyTorch's
+//! default: `fp32+transforms+nondeterministic` is the anchor's fp32 exactly), reported in
 //! images/s; each from an ordinary array (pageable memory) and from the trainer's page-locked
 //! batch buffer (what `train` uses). After each precision's figures, one profiled step from
 //! each source prints where the step's time goes on the GPU, phase by phase
@@ -21,14 +23,51 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 const BATCH: usize = 128;
 
-fn trainer(
-    weights: &Weights,
+/// One measured configuration of the trainer.
+#[derive(Clone, Copy)]
+struct Mode {
     precision: Precision,
     fp32_transforms: bool,
-) -> Result<CudaTrainer, String> {
+    deterministic: bool,
+}
+
+impl Mode {
+    const fn new(precision: Precision, fp32_transforms: bool, deterministic: bool) -> Self {
+        Mode {
+            precision,
+            fp32_transforms,
+            deterministic,
+        }
+    }
+
+    /// `fp32`, `fp32+transforms`, `fp16+nondeterministic`, ...
+    fn name(&self) -> String {
+        let mut name = self.precision.to_string();
+        if self.fp32_transforms {
+            name.push_str("+transforms");
+        }
+        if !self.deterministic {
+            name.push_str("+nondeterministic");
+        }
+        name
+    }
+}
+
+const MODES: [Mode; 7] = [
+    Mode::new(Precision::Fp32, false, true),
+    Mode::new(Precision::Fp32, true, true),
+    Mode::new(Precision::Fp32, true, false),
+    Mode::new(Precision::Tf32, false, true),
+    Mode::new(Precision::Tf32, false, false),
+    Mode::new(Precision::Fp16, false, true),
+    Mode::new(Precision::Fp16, false, false),
+];
+
+fn trainer(weights: &Weights, mode: Mode) -> Result<CudaTrainer, String> {
     let options = CudaTrainOptions {
-        precision,
-        fp32_transforms,
+        precision: mode.precision,
+        fp32_transforms: mode.fp32_transforms,
+        deterministic: mode.deterministic,
         ..CudaTrainOptions::default()
     };
     CudaTrainer::with_options(weights, SgdConfig::default(), options).map_err(|e| e.to_string())
@@ -40,7 +79,7 @@ fn gpu_train(c: &mut Criterion) {
         Ok(w) => w,
         Err(e) => panic!("initialising the weights: {e}"),
     };
-    if let Err(why) = trainer(&weights, Precision::Fp32, false) {
+    if let Err(why) = trainer(&weights, MODES[0]) {
         eprintln!("gpu_train: SKIPPED, no usable GPU: {why}");
         return;
     }
@@ -51,18 +90,9 @@ fn gpu_train(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(6));
     group.throughput(Throughput::Elements(BATCH as u64));
-    let modes = [
-        (Precision::Fp32, false),
-        (Precision::Fp32, true),
-        (Precision::Tf32, false),
-        (Precision::Fp16, false),
-    ];
-    for (precision, transforms) in modes {
-        let mode = match transforms {
-            true => format!("{precision}+transforms"),
-            false => precision.to_string(),
-        };
-        let mut trainer = match trainer(&weights, precision, transforms) {
+    for settings in MODES {
+        let mode = settings.name();
+        let mut trainer = match trainer(&weights, settings) {
             Ok(t) => t,
             Err(why) => {
                 eprintln!("gpu_train paper/{mode}: SKIPPED: {why}");

@@ -372,6 +372,23 @@ fn fp32_transforms_apply_to_gpu_fp32_training_only() {
     assert!(save.exists());
 }
 
+/// `--nondeterministic` is a GPU setting: where the CPU trains it is said, not silently dropped,
+/// and the run goes on.
+#[test]
+fn nondeterministic_is_said_to_do_nothing_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let save = dir.path().join("out.safetensors");
+    let out = one_step(&data, &save, &["--nondeterministic", "--device", "cpu"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--nondeterministic is a GPU setting"),
+        "{}",
+        text(&out)
+    );
+    assert!(save.exists());
+}
+
 #[test]
 fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
     let dir = tempfile::tempdir().unwrap();

@@ -384,8 +384,8 @@ fn steps_match_with(
         let gpu_loss = gpu.step(batch.view(), &labels, seed).unwrap();
         let cpu_loss = cpu.step(batch.view(), &labels, seed).unwrap();
         let what = format!(
-            "{} {precision} (transforms {}) frozen={frozen} step {step}",
-            config.name, options.fp32_transforms
+            "{} {precision} (transforms {}, deterministic {}) frozen={frozen} step {step}",
+            config.name, options.fp32_transforms, options.deterministic
         );
         assert!(
             ((gpu_loss - cpu_loss) / cpu_loss).abs() <= tol.loss,
@@ -469,6 +469,29 @@ fn fp32_transform_steps_follow_the_cpu_trainer() {
     let paper = AlexNetConfig::paper();
     let paper_weights = Weights::paper_init(&paper, 5).unwrap();
     steps_match_with(transforms(0), tol, &paper, &paper_weights, 8, 1);
+}
+
+/// With determinism not preferred (cuDNN's fastest backward algorithms, atomics and all, as
+/// PyTorch's default), fp32 and mixed-precision steps still follow the CPU trainer within each
+/// precision's tolerance: only the order of the sums changes.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn nondeterministic_steps_follow_the_cpu_trainer() {
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let weights = Weights::paper_init(&config, 3).unwrap();
+    let paper = AlexNetConfig::paper();
+    let paper_weights = Weights::paper_init(&paper, 5).unwrap();
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let options = CudaTrainOptions {
+            precision,
+            deterministic: false,
+            ..CudaTrainOptions::default()
+        };
+        let tol = tolerance(precision);
+        steps_match_with(options, tol, &config, &weights, 4, 3);
+        steps_match_with(options, tol, &paper, &paper_weights, 8, 1);
+    }
 }
 
 /// A profiled step is a step: the same loss and weights as an unprofiled twin's (both eager,

@@ -257,14 +257,28 @@ pub(crate) enum Allowed {
     Any,
 }
 
+/// Whether a deterministic candidate wins over a faster non-deterministic one. Forward
+/// algorithms are all deterministic; the choice matters for the backward, whose fastest
+/// algorithms often sum with atomics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Determinism {
+    /// The fastest deterministic candidate; the fastest non-deterministic one only when none
+    /// is deterministic (the crate's default: the same step gives the same weights).
+    Preferred,
+    /// The fastest candidate, deterministic or not (PyTorch with `cudnn.benchmark` on and
+    /// `cudnn.deterministic` off, its default).
+    Indifferent,
+}
+
 /// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
-/// deterministic one, else the fastest. For true fp32 ([`Allowed::ExactFp32`],
-/// [`Allowed::Fp32`]) only candidates measured without tensor-op math qualify, and for
-/// [`Allowed::ExactFp32`] only the algorithms that keep fp32 accuracy. None needing more than
-/// `max_workspace` bytes qualifies.
+/// one, deterministic ones first under [`Determinism::Preferred`]. For true fp32
+/// ([`Allowed::ExactFp32`], [`Allowed::Fp32`]) only candidates measured without tensor-op math
+/// qualify, and for [`Allowed::ExactFp32`] only the algorithms that keep fp32 accuracy. None
+/// needing more than `max_workspace` bytes qualifies.
 pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
     candidates: &[AlgoPerf<A>],
     allowed: Allowed,
+    determinism: Determinism,
     max_workspace: usize,
 ) -> Option<AlgoPerf<A>> {
     let fma = |p: &AlgoPerf<A>| {
@@ -281,12 +295,16 @@ pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
                 Allowed::Any => true,
             }
     };
-    candidates
+    let deterministic = candidates
         .iter()
         .filter(qualifies)
-        .find(|p| p.deterministic)
-        .or_else(|| candidates.iter().find(qualifies))
-        .copied()
+        .find(|p| p.deterministic);
+    match determinism {
+        Determinism::Preferred => deterministic,
+        Determinism::Indifferent => None,
+    }
+    .or_else(|| candidates.iter().find(qualifies))
+    .copied()
 }
 
 /// What a choice cost, in cuDNN's own measurements: the chosen algorithm and its time, then
@@ -497,14 +515,21 @@ mod tests {
             ),
             timed(CUDNN_CONVOLUTION_FWD_ALGO_GEMM, CUDNN_FMA_MATH, true, 4.0),
         ];
-        let chosen = choose_algorithm(&candidates, Allowed::ExactFp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &candidates,
+            Allowed::ExactFp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(
             describe_choice(&candidates, &chosen),
             "CUDNN_CONVOLUTION_FWD_ALGO_GEMM 4.000 ms; fastest measured \
              CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms (transform); 3 candidates"
         );
         let any = &candidates[1..];
-        let chosen = choose_algorithm(any, Allowed::Any, usize::MAX).unwrap();
+        let chosen =
+            choose_algorithm(any, Allowed::Any, Determinism::Preferred, usize::MAX).unwrap();
         assert_eq!(
             chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
             "deterministic first"
@@ -517,7 +542,13 @@ mod tests {
             "{}",
             describe_choice(any, &chosen)
         );
-        let chosen = choose_algorithm(&candidates, Allowed::Fp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &candidates,
+            Allowed::Fp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(
             describe_choice(&candidates, &chosen),
             "CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms (transform); the fastest measured; \
@@ -546,23 +577,65 @@ mod tests {
                 true,
             ),
         ];
-        let chosen = choose_algorithm(&fastest_first, Allowed::ExactFp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &fastest_first,
+            Allowed::ExactFp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
         // Without the fp32 rule the fastest deterministic one wins.
-        let chosen = choose_algorithm(&fastest_first, Allowed::Any, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &fastest_first,
+            Allowed::Any,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
         // True fp32 with transforms allowed: the fastest without tensor ops.
-        let chosen = choose_algorithm(&fastest_first, Allowed::Fp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &fastest_first,
+            Allowed::Fp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
-        let chosen = choose_algorithm(&fastest_first[1..], Allowed::Fp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &fastest_first[1..],
+            Allowed::Fp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_FFT);
         let tensor_op_first = &fastest_first[2..];
-        let chosen = choose_algorithm(tensor_op_first, Allowed::Fp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            tensor_op_first,
+            Allowed::Fp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
         // No deterministic qualifier: the fastest that qualifies.
-        let chosen = choose_algorithm(&fastest_first[..4], Allowed::ExactFp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &fastest_first[..4],
+            Allowed::ExactFp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
-        assert!(choose_algorithm(&fastest_first[..3], Allowed::ExactFp32, usize::MAX).is_none());
+        assert!(choose_algorithm(
+            &fastest_first[..3],
+            Allowed::ExactFp32,
+            Determinism::Preferred,
+            usize::MAX
+        )
+        .is_none());
     }
 
     /// The cap on the shared workspace is a hard limit: a faster algorithm needing more loses
@@ -578,7 +651,10 @@ mod tests {
             with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, 4 << 20),
             with_workspace(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, 0),
         ];
-        let pick = |cap| choose_algorithm(&fastest_first, Allowed::Any, cap).map(|p| p.algo);
+        let pick = |cap| {
+            choose_algorithm(&fastest_first, Allowed::Any, Determinism::Preferred, cap)
+                .map(|p| p.algo)
+        };
         assert_eq!(pick(1 << 30), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
         assert_eq!(pick(900 << 20), Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT));
         assert_eq!(
@@ -586,7 +662,87 @@ mod tests {
             Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM)
         );
         assert_eq!(pick(0), Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM));
-        assert!(choose_algorithm(&fastest_first[..2], Allowed::Any, (4 << 20) - 1).is_none());
+        assert!(choose_algorithm(
+            &fastest_first[..2],
+            Allowed::Any,
+            Determinism::Preferred,
+            (4 << 20) - 1
+        )
+        .is_none());
+    }
+
+    /// Indifferent to determinism, the fastest candidate that qualifies wins, deterministic or
+    /// not; the fp32, tensor-op and workspace rules hold as before.
+    #[test]
+    fn indifference_to_determinism_takes_the_fastest_that_qualifies() {
+        use sys::cudnnConvolutionBwdFilterAlgo_t::*;
+        use Allowed::*;
+        use Determinism::*;
+        let filter = |algo, math, deterministic, workspace| AlgoPerf {
+            algo,
+            time_ms: 1.0,
+            workspace,
+            deterministic,
+            math,
+        };
+        let fastest_first = [
+            filter(
+                CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+                CUDNN_TENSOR_OP_MATH,
+                false,
+                0,
+            ),
+            filter(
+                CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+                CUDNN_FMA_MATH,
+                true,
+                0,
+            ),
+            filter(
+                CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+                CUDNN_FMA_MATH,
+                false,
+                64 << 20,
+            ),
+            filter(
+                CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+                CUDNN_FMA_MATH,
+                false,
+                0,
+            ),
+            filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, CUDNN_FMA_MATH, true, 0),
+        ];
+        let pick = |allowed, determinism, cap| {
+            choose_algorithm(&fastest_first, allowed, determinism, cap).map(|p| (p.algo, p.math))
+        };
+        let fma = |algo| Some((algo, CUDNN_FMA_MATH));
+        assert_eq!(
+            pick(ExactFp32, Preferred, usize::MAX),
+            fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1)
+        );
+        assert_eq!(
+            pick(ExactFp32, Indifferent, usize::MAX),
+            fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3)
+        );
+        assert_eq!(
+            pick(ExactFp32, Indifferent, 1 << 20),
+            fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0),
+            "the workspace cap still holds"
+        );
+        for determinism in [Preferred, Indifferent] {
+            assert_eq!(
+                pick(Fp32, determinism, usize::MAX),
+                fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT)
+            );
+        }
+        assert_eq!(
+            pick(Any, Preferred, usize::MAX),
+            fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT)
+        );
+        assert_eq!(
+            pick(Any, Indifferent, usize::MAX),
+            Some((CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0, CUDNN_TENSOR_OP_MATH))
+        );
     }
 
     /// The backward kinds follow the same rules: no transform-domain algorithm for true fp32,
@@ -607,7 +763,10 @@ mod tests {
             data(CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, false),
             data(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, true),
         ];
-        let pick = |allowed| choose_algorithm(&fastest_first, allowed, usize::MAX).map(|p| p.algo);
+        let pick = |allowed| {
+            choose_algorithm(&fastest_first, allowed, Determinism::Preferred, usize::MAX)
+                .map(|p| p.algo)
+        };
         assert_eq!(
             pick(Allowed::ExactFp32),
             Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1)
@@ -630,8 +789,20 @@ mod tests {
             filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3, false),
             filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0, false),
         ];
-        let chosen = choose_algorithm(&fastest_first, Allowed::ExactFp32, usize::MAX).unwrap();
+        let chosen = choose_algorithm(
+            &fastest_first,
+            Allowed::ExactFp32,
+            Determinism::Preferred,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3);
-        assert!(choose_algorithm(&fastest_first[..1], Allowed::ExactFp32, usize::MAX).is_none());
+        assert!(choose_algorithm(
+            &fastest_first[..1],
+            Allowed::ExactFp32,
+            Determinism::Preferred,
+            usize::MAX
+        )
+        .is_none());
     }
 }

@@ -15,7 +15,8 @@
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
 #   train    train --device cuda for 20 steps in fp32 and fp16 on tests/data/shapes, then one
 #            training step's throughput (benches/gpu_train.rs: paper, batch 128, fp32,
-#            fp32+transforms, tf32, fp16, each with a phase-by-phase profile of one step)
+#            fp32+transforms, tf32, fp16, the last three also +nondeterministic, each with a
+#            phase-by-phase profile of one step and its cuDNN algorithm choices)
 #            beside PyTorch's (torch_train_anchor.py: fp32, tf32, autocast+GradScaler)
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   latency  batch 1: infer in fp32 and fp16 (latency from submission to logits on the host)
@@ -122,7 +123,7 @@ PY
             note "train $p 20 steps rc=$rc: $(grep -iE 'epoch|error' "$OUT/train-$p.txt" | tail -1)"
         done
         [ "${TRAIN_BENCH:-1}" = 0 ] && continue
-        timeout 300 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
+        timeout 400 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
         rc=$?
         note "bench gpu_train rc=$rc: $(grep -cE 'thrpt' "$OUT/bench-train.txt") figures (bench-train.txt) $(grep -m1 SKIPPED "$OUT/bench-train.txt")"
         while read -r l; do note "  $l"; done < <(grep -B2 -E 'thrpt|skipped' "$OUT/bench-train.txt" | grep -E '^gpu_|thrpt|skipped')

@@ -93,6 +93,12 @@ pub struct Args {
     /// came within 3.5e-3 of the CPU instead of 1e-4). No effect on the CPU (said so).
     #[arg(long)]
     pub fp32_transforms: bool,
+    /// GPU: let cuDNN's backward take its fastest measured algorithms even when they sum with
+    /// atomics, as PyTorch does by default: faster steps that are not bit for bit repeatable
+    /// from run to run. Without it the fastest deterministic ones run. No effect on the CPU,
+    /// which is deterministic either way (said so).
+    #[arg(long)]
+    pub nondeterministic: bool,
     /// Where the trained weights go (safetensors, crate names, class names in the metadata).
     #[arg(long, value_name = "FILE")]
     pub save: PathBuf,

@@ -380,6 +380,7 @@ fn make_trainer(
             device: 0,
             precision,
             fp32_transforms: args.fp32_transforms,
+            deterministic: !args.nondeterministic,
             frozen_layers,
             ..Default::default()
         };
@@ -416,6 +417,11 @@ fn make_trainer(
     }
     if args.fp32_transforms {
         eprintln!("note: fp32 transforms (FFT, Winograd) are a GPU setting: no effect on the CPU");
+    }
+    if args.nondeterministic {
+        eprintln!(
+            "note: --nondeterministic is a GPU setting: the CPU's steps are deterministic either way"
+        );
     }
     let model = CpuModel::new(weights, Precision::Fp32)?;
     let mut trainer = CpuTrainer::new(model, sgd)?;

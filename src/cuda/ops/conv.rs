@@ -23,7 +23,7 @@ use super::{bias_act, layout_err, shape_err, upload};
 use crate::config::window_output;
 use crate::cuda::cudnn::{
     choose_algorithm, describe_choice, find_forward_algorithms, AlgoPerf, Allowed, ConvAlgorithm,
-    ConvDesc, CudnnHandle, FilterDesc, FindBuffers, TensorDesc,
+    ConvDesc, CudnnHandle, Determinism, FilterDesc, FindBuffers, TensorDesc,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -53,6 +53,12 @@ pub struct ConvOptions {
     /// paper network's conv2 came within 3.5e-3 of the CPU, against 1e-4 held by the GEMM
     /// family); off by default (the GEMM family only).
     pub fp32_transforms: bool,
+    /// Prefer deterministic algorithms: the fastest deterministic one even when a
+    /// non-deterministic one (summing with atomics) measured faster, so the same step gives
+    /// the same gradients. On by default. Off: the fastest measured, as PyTorch with
+    /// `cudnn.benchmark` on does by default. Forward algorithms are deterministic either way;
+    /// this matters for the backward.
+    pub deterministic: bool,
 }
 
 impl ConvOptions {
@@ -79,7 +85,8 @@ impl ConvOptions {
         )
     }
 
-    /// `stride`, `padding` and `layout`; no channel padding, no TF32.
+    /// `stride`, `padding` and `layout`; no channel padding, no TF32, no FFT or Winograd in
+    /// true fp32, deterministic algorithms first.
     pub fn new(stride: usize, padding: usize, layout: Layout) -> Self {
         ConvOptions {
             stride,
@@ -88,6 +95,7 @@ impl ConvOptions {
             in_channels: None,
             allow_tf32: false,
             fp32_transforms: false,
+            deterministic: true,
         }
     }
 }
@@ -500,18 +508,23 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             (true, false) => Allowed::ExactFp32,
             (true, true) => Allowed::Fp32,
         };
-        let best = choose_algorithm(&candidates, allowed, search_bytes).ok_or_else(|| {
-            Error::cuda(
-                OP,
-                format!(
+        let determinism = match self.options.deterministic {
+            true => Determinism::Preferred,
+            false => Determinism::Indifferent,
+        };
+        let best =
+            choose_algorithm(&candidates, allowed, determinism, search_bytes).ok_or_else(|| {
+                Error::cuda(
+                    OP,
+                    format!(
                     "cuDNN has no usable {what} algorithm for input {:?} ({:?}, {:?}) within a \
                          {search_bytes}-byte workspace; candidates: {candidates:?}",
                     call.x,
                     T::DTYPE,
                     self.options.layout
                 ),
-            )
-        })?;
+                )
+            })?;
         if !true_fp32 {
             // The math type Find measured the winner with (tensor ops or not) is the one to run.
             conv.set_math(best.math)?;

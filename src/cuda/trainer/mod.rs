@@ -56,6 +56,12 @@ pub struct CudaTrainOptions {
     /// [`CudaOptions::fp32_transforms`]. Off by default; another precision with it is an
     /// error.
     pub fp32_transforms: bool,
+    /// Prefer deterministic convolution algorithms, so the same step gives the same weights
+    /// (see [`crate::cuda::ConvOptions::deterministic`]). On by default. Off: cuDNN's fastest
+    /// measured backward algorithms even when they sum with atomics, as PyTorch's default
+    /// (`cudnn.deterministic` off); the steps then agree with the CPU's within the same
+    /// tolerance but not bit for bit from run to run.
+    pub deterministic: bool,
     /// The first layers with parameters (conv1, conv2, ...) kept as they are, as in
     /// [`crate::train::CpuTrainer::frozen_layers`].
     pub frozen_layers: usize,
@@ -72,6 +78,7 @@ impl Default for CudaTrainOptions {
             device: 0,
             precision: Precision::Fp32,
             fp32_transforms: false,
+            deterministic: true,
             frozen_layers: 0,
             loss_scale: LossScale::default(),
             eager: false,
@@ -208,6 +215,7 @@ impl CudaTrainer {
         let math = NetOptions {
             allow_tf32: options.precision == Precision::Tf32,
             fp32_transforms: options.fp32_transforms,
+            deterministic: options.deterministic,
             graphs: !options.eager,
         };
         let network = match options.precision {

@@ -132,11 +132,13 @@ pub(super) struct Net<T: TrainFloat> {
 }
 
 /// How a [`Net`] computes: TF32 math (f32 only), FFT and Winograd convolutions in true fp32
-/// (see [`crate::cuda::ConvOptions::fp32_transforms`]), steps captured as CUDA graphs.
-#[derive(Clone, Copy, Debug, Default)]
+/// (see [`crate::cuda::ConvOptions::fp32_transforms`]), deterministic algorithms first
+/// ([`crate::cuda::ConvOptions::deterministic`]), steps captured as CUDA graphs.
+#[derive(Clone, Copy, Debug)]
 pub(super) struct NetOptions {
     pub allow_tf32: bool,
     pub fp32_transforms: bool,
+    pub deterministic: bool,
     pub graphs: bool,
 }
 
@@ -174,6 +176,7 @@ impl<T: TrainFloat> Net<T> {
         let NetOptions {
             allow_tf32,
             fp32_transforms,
+            deterministic,
             graphs,
         } = options;
         let config = weights.config();
@@ -213,6 +216,7 @@ impl<T: TrainFloat> Net<T> {
                     let options = ConvOptions {
                         allow_tf32,
                         fp32_transforms,
+                        deterministic,
                         ..ConvOptions::new(stride, padding, Layout::Nchw)
                     };
                     let conv =
