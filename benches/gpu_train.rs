@@ -4,8 +4,9 @@
 //! precision (f16 compute, f32 master weights, loss scaling); the last three also with cuDNN's
 //! fastest backward algorithms whether deterministic or not (`+nondeterministic`, PyTorch's
 //! default: `fp32+transforms+nondeterministic` is the anchor's fp32 exactly), reported in
-//! images/s; each from an ordinary array (pageable memory) and from the trainer's page-locked
-//! batch buffer (what `train` uses). After each precision's figures, one profiled step from
+//! images/s; each from an ordinary array (pageable memory), from the trainer's page-locked
+//! batch buffer, and from two such buffers taking turns with the next one sent ahead on the
+//! copy stream during each step (`sent-ahead`: what `train` does). After each mode's figures, one profiled step from
 //! each source prints where the step's time goes on the GPU, phase by phase
 //! (`CudaTrainer::step_profiled`). Set beside PyTorch's with `tools/torch_train_anchor.py
 //! --device cuda` in the same run (tools/gpu/on-device.sh `train`). `cargo bench --bench
@@ -126,6 +127,31 @@ fn gpu_train(c: &mut Criterion) {
             b.iter(|| {
                 step += 1;
                 match trainer.step_buffer(&buffer, step) {
+                    Ok(loss) => loss,
+                    Err(e) => panic!("gpu_train paper/{mode} step {step}: {e}"),
+                }
+            })
+        });
+        // What `train` does: the next batch goes up on the copy stream while this one
+        // computes (`step_buffer_prefetch`), two page-locked buffers taking turns.
+        let mut other = match trainer.batch_buffer(BATCH) {
+            Ok(b) => b,
+            Err(e) => panic!("gpu_train paper/{mode}: a second page-locked buffer: {e}"),
+        };
+        match other.images_mut() {
+            Ok(images) => images.copy_from_slice(batch),
+            Err(e) => panic!("gpu_train paper/{mode}: filling the second buffer: {e}"),
+        }
+        other.set_labels(labels.clone());
+        let sent_ahead = format!("paper/{mode}/sent-ahead");
+        group.bench_function(BenchmarkId::new(sent_ahead, BATCH), |b| {
+            b.iter(|| {
+                step += 1;
+                let (now, next) = match step % 2 {
+                    0 => (&buffer, &other),
+                    _ => (&other, &buffer),
+                };
+                match trainer.step_buffer_prefetch(now, step, Some(next)) {
                     Ok(loss) => loss,
                     Err(e) => panic!("gpu_train paper/{mode} step {step}: {e}"),
                 }

@@ -619,6 +619,71 @@ fn graph_replayed_steps_match_eager_steps() {
     }
 }
 
+/// Batches sent ahead during the previous step (`step_buffer_prefetch`: uploaded on the copy
+/// stream into a staging buffer) train as the same batches given as arrays. A staged copy
+/// serves only the buffer it was made from, as it was then: a buffer refilled after it was
+/// sent (the refill waits for that upload), a step on another buffer than the one sent, and a
+/// second step on the same buffer all upload afresh.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn batches_sent_ahead_train_as_host_arrays_do() {
+    use alexnet_cuda::train::BatchBuffer;
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let start = Weights::paper_init(&config, 19).unwrap();
+    let labels = labels(4, config.num_classes());
+    let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+    let fill = |buffer: &mut BatchBuffer, stream: u64| {
+        let batch = small_training_batch(4, stream);
+        buffer
+            .images_mut()
+            .unwrap()
+            .copy_from_slice(batch.as_slice().unwrap());
+        buffer.set_labels(labels.clone());
+        batch
+    };
+    // (the buffer stepped on, the one sent ahead, whether the stepped one is refilled first)
+    let plan = [
+        (0, Some(1), false), // uploaded by its step; 1 goes ahead
+        (1, Some(2), false), // from the staged copy; 2 goes ahead
+        (2, Some(0), true),  // refilled after it was sent: uploaded again; 0 goes ahead
+        (1, Some(2), false), // not the one sent (0): uploaded; 2 goes ahead instead
+        (2, None, false),    // from the staged copy
+        (2, None, false),    // the copy was taken by the last step: uploaded again
+    ];
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let tol = tolerance(precision);
+        let mut ahead = cuda_trainer_in(&start, precision, 0, scale);
+        let mut on_arrays = cuda_trainer_in(&start, precision, 0, scale);
+        let mut buffers: Vec<BatchBuffer> =
+            (0..3).map(|_| ahead.batch_buffer(4).unwrap()).collect();
+        let mut batches: Vec<_> = (0..3)
+            .map(|i| fill(&mut buffers[i], 700 + i as u64))
+            .collect();
+        let mut before = start.clone();
+        for (step, (current, next, refill)) in plan.into_iter().enumerate() {
+            let step = step as u64;
+            if refill {
+                batches[current] = fill(&mut buffers[current], 800 + step);
+            }
+            let next = next.map(|i| &buffers[i]);
+            let got = ahead
+                .step_buffer_prefetch(&buffers[current], 90 + step, next)
+                .unwrap();
+            let want = on_arrays
+                .step(batches[current].view(), &labels, 90 + step)
+                .unwrap();
+            let what =
+                format!("{precision} step {step} on buffer {current} (sent ahead, from the array)");
+            let after = on_arrays.weights().unwrap();
+            let got_weights = ahead.weights().unwrap();
+            check_same_step(&what, tol, &before, (got, &got_weights), (want, &after));
+            before = after;
+        }
+        assert_eq!(ahead.skipped_steps() + on_arrays.skipped_steps(), 0);
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn page_locked_batches_train_as_host_arrays_do() {

@@ -5,6 +5,8 @@
 //! with no staging copy on the host. A run keeps a few and reuses them, so a step allocates
 //! nothing.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use ndarray::ArrayView4;
 
 use crate::error::{Error, Result};
@@ -15,6 +17,28 @@ pub struct BatchBuffer {
     images: HostImages,
     shape: [usize; 4],
     labels: Vec<usize>,
+    contents: ContentsKey,
+}
+
+/// Which buffer and which filling of it: what a copy of the images made ahead of the step
+/// (`cuda::CudaTrainer`'s prefetch) is valid for. It changes whenever the images may have
+/// been written ([`BatchBuffer::images_mut`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ContentsKey {
+    /// Unique among the buffers of this process.
+    buffer: u64,
+    /// How many times the images were handed out for writing.
+    filling: u64,
+}
+
+impl ContentsKey {
+    fn fresh() -> Self {
+        static NEXT_BUFFER: AtomicU64 = AtomicU64::new(0);
+        ContentsKey {
+            buffer: NEXT_BUFFER.fetch_add(1, Ordering::Relaxed),
+            filling: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -34,6 +58,7 @@ impl BatchBuffer {
             images: HostImages::Heap(vec![0.0; len]),
             shape,
             labels: Vec::new(),
+            contents: ContentsKey::fresh(),
         })
     }
 
@@ -54,6 +79,7 @@ impl BatchBuffer {
             images: HostImages::PageLocked(memory),
             shape,
             labels: Vec::new(),
+            contents: ContentsKey::fresh(),
         })
     }
 
@@ -75,6 +101,7 @@ impl BatchBuffer {
     /// The images to write, NCHW. Page-locked memory first waits for an upload still reading
     /// it, so a buffer can be refilled as soon as its step has returned.
     pub fn images_mut(&mut self) -> Result<&mut [f32]> {
+        self.contents.filling += 1;
         match &mut self.images {
             HostImages::Heap(values) => Ok(values),
             #[cfg(feature = "cuda")]
@@ -105,6 +132,12 @@ impl BatchBuffer {
             HostImages::Heap(_) => None,
             HostImages::PageLocked(memory) => Some(memory),
         }
+    }
+
+    /// Which buffer and which filling of it the images are now (see [`ContentsKey`]).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn contents(&self) -> ContentsKey {
+        self.contents
     }
 
     /// One label per image, as written by the loader (empty until then).
@@ -150,6 +183,25 @@ mod tests {
         assert_eq!(view[[1, 2, 3, 4]], 7.0);
         assert_eq!(view[[0, 0, 0, 0]], 0.0);
         assert_eq!(buffer.labels(), &[1, 0]);
+    }
+
+    /// A copy made ahead of the step is only good for the buffer and filling it was made
+    /// from: every buffer has its own key, and handing the images out for writing changes it;
+    /// reading them or setting the labels does not.
+    #[test]
+    fn the_contents_key_changes_with_the_buffer_and_every_filling() {
+        let mut a = BatchBuffer::on_heap([1, 1, 2, 2]).unwrap();
+        let b = BatchBuffer::on_heap([1, 1, 2, 2]).unwrap();
+        assert_ne!(a.contents(), b.contents());
+        let before = a.contents();
+        a.images().unwrap();
+        a.set_labels(vec![0]);
+        assert_eq!(a.contents(), before);
+        a.images_mut().unwrap();
+        let filled = a.contents();
+        assert_ne!(filled, before);
+        a.images_mut().unwrap();
+        assert_ne!(a.contents(), filled);
     }
 
     #[test]

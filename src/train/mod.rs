@@ -42,6 +42,8 @@ mod loss_scale;
 mod sgd;
 
 pub use batch_buffer::BatchBuffer;
+#[cfg(feature = "cuda")]
+pub(crate) use batch_buffer::ContentsKey;
 pub use checkpoint::{Checkpoint, TrainState, MOMENTUM_PREFIX, TRAIN_STATE_KEY};
 pub use data::{
     Augmentation, Batch, BatchMaker, Draw, ImageFolder, Sample, SampleOrder,
@@ -82,6 +84,22 @@ pub trait Trainer {
     /// as soon as this returns.
     fn step_buffer(&mut self, buffer: &BatchBuffer, step_seed: u64) -> Result<f32> {
         self.step(buffer.images()?, buffer.labels(), step_seed)
+    }
+
+    /// [`Trainer::step_buffer`] on `buffer`, with `next` (the batch the following step will
+    /// take) sent ahead while this one computes. The GPU trainer uploads a page-locked `next`
+    /// on its copy stream during this step, so the following step on the same buffer, unless
+    /// its images were written in between ([`BatchBuffer::images_mut`]), starts computing at
+    /// once; other trainers ignore `next`. `next` stays the caller's: it may be refilled or
+    /// never stepped on, and `buffer` may be refilled as soon as this returns.
+    fn step_buffer_prefetch(
+        &mut self,
+        buffer: &BatchBuffer,
+        step_seed: u64,
+        next: Option<&BatchBuffer>,
+    ) -> Result<f32> {
+        let _ = next;
+        self.step_buffer(buffer, step_seed)
     }
 
     /// The network being trained.

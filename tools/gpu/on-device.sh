@@ -15,8 +15,9 @@
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
 #   train    train --device cuda for 20 steps in fp32 and fp16 on tests/data/shapes, then one
 #            training step's throughput (benches/gpu_train.rs: paper, batch 128, fp32,
-#            fp32+transforms, tf32, fp16, the last three also +nondeterministic, each with a
-#            phase-by-phase profile of one step and its cuDNN algorithm choices)
+#            fp32+transforms, tf32, fp16, the last three also +nondeterministic; pageable,
+#            page-locked and sent-ahead; each with a phase-by-phase profile of one step and
+#            its cuDNN algorithm choices)
 #            beside PyTorch's (torch_train_anchor.py: fp32, tf32, autocast+GradScaler)
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   latency  batch 1: infer in fp32 and fp16 (latency from submission to logits on the host)

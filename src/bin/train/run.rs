@@ -560,15 +560,22 @@ impl Run<'_> {
         let mut tally = EpochTally::new();
         let mut last_checkpoint = state.step;
         let mut last_checkpoint_at = Instant::now();
+        // The batch after the current one, taken from the loader before the current step so
+        // that it goes up while that step computes (the GPU trainer's copy stream); a failure
+        // to load it is reported when its turn comes, as without the look-ahead.
+        let mut ahead: Option<Result<BatchBuffer, Error>> = None;
         while state.step < total {
-            let batch = match loader.next() {
+            let batch = match ahead.take().unwrap_or_else(|| loader.next()) {
                 Ok(batch) => batch,
                 Err(e) => {
                     self.checkpoint(trainer, state)?;
                     return Err(e);
                 }
             };
-            let loss = trainer.step_buffer(&batch, self.settings.step_seed(state.step))?;
+            ahead = (state.step + 1 < total).then(|| loader.next());
+            let next = ahead.as_ref().and_then(|next| next.as_ref().ok());
+            let seed = self.settings.step_seed(state.step);
+            let loss = trainer.step_buffer_prefetch(&batch, seed, next)?;
             let images = batch.labels().len() as u64;
             loader.recycle(batch);
             if !loss.is_finite() {
@@ -719,11 +726,11 @@ impl Run<'_> {
 /// and the end of the run always write one).
 const EPOCH_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// How many batch buffers a run cycles through: one the trainer steps on while the loader
-/// fills the other.
-const LOADER_BUFFERS: usize = 2;
+/// How many batch buffers a run cycles through: the trainer steps on one while the next one
+/// goes up to the GPU and the loader fills the third.
+const LOADER_BUFFERS: usize = 3;
 
-/// Batches made on another thread, one step ahead of the trainer, each written straight into
+/// Batches made on another thread, ahead of the trainer, each written straight into
 /// one of the trainer's own buffers (page-locked on the GPU) and handed back after its step.
 struct Loader {
     batches: Option<mpsc::Receiver<Result<BatchBuffer, Error>>>,

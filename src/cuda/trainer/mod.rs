@@ -12,16 +12,20 @@
 //!
 //! From the second step at a batch size the step's work (forward, loss, backward, unscaling,
 //! update) is one CUDA graph launch ([`CudaTrainOptions::eager`] turns that off); a new
-//! learning rate or loss scale is captured again. [`CudaTrainer::step_profiled`] times one
-//! step phase by phase on the device ([`StepProfile`]).
+//! learning rate or loss scale is captured again. [`Trainer::step_buffer_prefetch`] uploads
+//! the next batch on the copy stream while a step computes (`prefetch`).
+//! [`CudaTrainer::step_profiled`] times one step phase by phase on the device
+//! ([`StepProfile`]).
 //!
 //! `tests/gpu_training.rs` checks it against the CPU trainer step by step. On an H200 (the one
 //! GPU run so far) its fp32 steps and every layer's backward matched the CPU; the
-//! mixed-precision and TF32 whole steps, fp32 transforms, profiling and a restored loss scale
-//! have not run on a GPU to the end yet.
+//! mixed-precision and TF32 whole steps, fp32 transforms, non-deterministic algorithms,
+//! batches sent ahead, profiling and a restored loss scale have not run on a GPU to the end
+//! yet.
 
 mod net;
 mod precision;
+mod prefetch;
 mod profile;
 
 use half::f16;
@@ -29,6 +33,7 @@ use ndarray::ArrayView4;
 
 use self::net::{Net, NetOptions, StepInput, StepOutcome};
 use self::precision::BatchSource;
+use self::prefetch::Prefetch;
 use self::profile::StepMarks;
 pub use self::profile::{StepPhase, StepProfile};
 use super::device::Gpu;
@@ -139,6 +144,8 @@ pub struct CudaTrainer {
     loss_scale: LossScale,
     /// Steps whose update was skipped because their gradients overflowed.
     skipped_steps: u64,
+    /// The next batch, uploaded during the current step ([`Trainer::step_buffer_prefetch`]).
+    prefetch: Prefetch,
     // Last: dropped after every buffer and descriptor that lives on it.
     gpu: Gpu,
 }
@@ -233,6 +240,7 @@ impl CudaTrainer {
             options,
             loss_scale: options.loss_scale,
             skipped_steps: 0,
+            prefetch: Prefetch::new(&gpu)?,
             gpu,
         })
     }
@@ -311,39 +319,53 @@ impl CudaTrainer {
     ) -> Result<(f32, StepProfile)> {
         let mut marks = StepMarks::start(&self.gpu)?;
         let op = "CudaTrainer::step_profiled";
-        let loss = self.step_on_buffer(op, buffer, step_seed, Some(&mut marks))?;
+        let loss = self.step_on_buffer(op, buffer, step_seed, Some(&mut marks), None)?;
         Ok((loss, marks.finish()?))
     }
 }
 
+/// Where a step's batch is on the host.
+#[derive(Clone, Copy)]
+enum HostBatch<'a> {
+    Array(ArrayView4<'a, f32>),
+    /// A buffer of [`Trainer::batch_buffer`]'s or any other; it may have been staged ahead.
+    Buffer(&'a BatchBuffer),
+}
+
 impl CudaTrainer {
-    /// A step on `buffer` (its shape checked for `op`): page-locked memory goes up with one
-    /// DMA, any other through the driver's staging copy.
+    /// A step on `buffer` (its shape, and `next`'s, checked for `op`), `next` uploaded ahead
+    /// during it.
     fn step_on_buffer(
         &mut self,
         op: &'static str,
         buffer: &BatchBuffer,
         step_seed: u64,
         marks: Option<&mut StepMarks>,
+        next: Option<&BatchBuffer>,
     ) -> Result<f32> {
         let n = self.config.input.check_batch(op, &buffer.shape())?;
-        let source = match buffer.page_locked_images() {
-            Some(memory) => BatchSource::PageLocked(memory),
-            None => BatchSource::Host(buffer.images()?),
-        };
-        self.step_from(source, n, buffer.labels(), step_seed, marks)
+        if let Some(next) = next {
+            self.config.input.check_batch(op, &next.shape())?;
+        }
+        let batch = HostBatch::Buffer(buffer);
+        self.step_from(batch, n, buffer.labels(), step_seed, marks, next)
     }
 
-    /// The step behind [`Trainer::step`], [`Trainer::step_buffer`] and
-    /// [`CudaTrainer::step_profiled`] (`marks`): `n` images from `batch` (shape checked by the
-    /// caller) and their labels.
+    /// The step behind [`Trainer::step`], [`Trainer::step_buffer`],
+    /// [`Trainer::step_buffer_prefetch`] and [`CudaTrainer::step_profiled`] (`marks`): `n`
+    /// images from `batch` (shape checked by the caller) and their labels. A buffer whose
+    /// copy the previous step staged on the device is read from there; any other goes up
+    /// first: page-locked memory with one DMA, anything else through the driver's staging
+    /// copy. Once the step is queued, `next` starts up on the copy stream; then the loss comes
+    /// back.
     fn step_from(
         &mut self,
-        batch: BatchSource<'_>,
+        batch: HostBatch<'_>,
         n: usize,
         labels: &[usize],
         step_seed: u64,
-        marks: Option<&mut StepMarks>,
+        mut marks: Option<&mut StepMarks>,
+        next: Option<&BatchBuffer>,
     ) -> Result<f32> {
         let classes = self.config.num_classes();
         if labels.len() != n {
@@ -369,18 +391,36 @@ impl CudaTrainer {
             network,
             config,
             optimiser,
+            prefetch,
             gpu,
             ..
         } = self;
+        if let Some(next) = next {
+            // Before the step is queued: a first allocation waits for an idle stream.
+            prefetch.prepare(gpu, next)?;
+        }
+        let source = match batch {
+            HostBatch::Array(array) => BatchSource::Host(array),
+            HostBatch::Buffer(buffer) => match prefetch.take(buffer) {
+                Some(staged) => BatchSource::Staged(staged),
+                None => match buffer.page_locked_images() {
+                    Some(memory) => BatchSource::PageLocked(memory),
+                    None => BatchSource::Host(buffer.images()?),
+                },
+            },
+        };
         let input = StepInput {
-            batch,
+            batch: source,
             labels: &device_labels,
             step_seed,
             optimiser,
             scale,
         };
-        let StepOutcome { loss, overflowed } =
-            with_net!(network, net => net.step(gpu, config, input, marks))?;
+        with_net!(&mut *network, net => net.submit(gpu, config, input, marks.as_deref_mut()))?;
+        if let Some(next) = next {
+            prefetch.send(gpu, next)?;
+        }
+        let StepOutcome { loss, overflowed } = with_net!(network, net => net.finish(gpu, marks))?;
         if mixed {
             self.loss_scale.update(overflowed);
         }
@@ -405,7 +445,7 @@ impl Trainer for CudaTrainer {
             .config
             .input
             .check_batch("CudaTrainer::step", batch.shape())?;
-        self.step_from(BatchSource::Host(batch), n, labels, step_seed, None)
+        self.step_from(HostBatch::Array(batch), n, labels, step_seed, None, None)
     }
 
     /// Page-locked (write-combined) host memory on this trainer's GPU: a step uploads it with
@@ -421,7 +461,21 @@ impl Trainer for CudaTrainer {
     /// As [`Trainer::step`]; a page-locked buffer (from [`Trainer::batch_buffer`]) goes up
     /// straight from its memory, any other through the driver's staging copy.
     fn step_buffer(&mut self, buffer: &BatchBuffer, step_seed: u64) -> Result<f32> {
-        self.step_on_buffer("CudaTrainer::step_buffer", buffer, step_seed, None)
+        self.step_on_buffer("CudaTrainer::step_buffer", buffer, step_seed, None, None)
+    }
+
+    /// As [`Trainer::step_buffer`]; a page-locked `next` (from [`Trainer::batch_buffer`])
+    /// goes up on the copy stream while this step computes, into a device buffer of one
+    /// batch (allocated on first use, once per batch shape), and the following step on it
+    /// starts from there. A `next` in ordinary memory is uploaded by its own step.
+    fn step_buffer_prefetch(
+        &mut self,
+        buffer: &BatchBuffer,
+        step_seed: u64,
+        next: Option<&BatchBuffer>,
+    ) -> Result<f32> {
+        const OP: &str = "CudaTrainer::step_buffer_prefetch";
+        self.step_on_buffer(OP, buffer, step_seed, None, next)
     }
 
     fn config(&self) -> &AlexNetConfig {

@@ -3,7 +3,8 @@
 //! f32 master weights. [`super::CudaTrainer`] holds one of these per precision.
 //!
 //! A step is uploads (batch, labels, dropout seeds), then everything else queued on the compute
-//! stream without a sync ([`Net::compute`]), then the loss and overflow flag read back. The
+//! stream without a sync ([`Net::compute`]): [`Net::submit`]; then the loss and overflow flag
+//! read back: [`Net::finish`]. The
 //! middle part is captured as a CUDA graph on the second step at a batch size and replayed
 //! after, as the inference forward is (`crate::cuda::graph`); the dropout kernels read their
 //! seeds on the device so that a replay draws each step's own masks.
@@ -345,18 +346,19 @@ impl<T: TrainFloat> Net<T> {
         Ok(())
     }
 
-    /// One training step (the batch checked by the caller against `config`): the batch, labels
-    /// and dropout seeds uploaded, then [`Net::compute`] eagerly or through the batch size's
-    /// CUDA graph ([`Net::run_compute`]), then the loss and the overflow flag read back: the
-    /// step's one sync. With `marks` the step is profiled: it runs eagerly (the graph is left
-    /// as it is) with an event at the end of each phase.
-    pub fn step(
+    /// The first half of a training step (the batch checked by the caller against `config`):
+    /// the batch, labels and dropout seeds uploaded, then [`Net::compute`] queued eagerly or
+    /// through the batch size's CUDA graph ([`Net::run_compute`]). Nothing here waits for the
+    /// device, so the host may queue other work (the next batch's upload) before
+    /// [`Net::finish`] reads the loss back. With `marks` the step is profiled: it runs eagerly
+    /// (the graph is left as it is) with an event at the end of each phase.
+    pub fn submit(
         &mut self,
         gpu: &Gpu,
         config: &AlexNetConfig,
         input: StepInput<'_, '_>,
         mut marks: Option<&mut StepMarks>,
-    ) -> Result<StepOutcome> {
+    ) -> Result<()> {
         let StepInput {
             batch,
             labels,
@@ -394,12 +396,18 @@ impl<T: TrainFloat> Net<T> {
             scale,
             first_step: !self.has_velocity,
         };
-        match marks.as_deref_mut() {
-            Some(marks) => self.compute(gpu, &run, Some(marks))?,
-            None => self.run_compute(gpu, run)?,
+        match marks {
+            Some(marks) => self.compute(gpu, &run, Some(marks)),
+            None => self.run_compute(gpu, run),
         }
+    }
 
+    /// The second half of the step [`Net::submit`] queued: its mean loss and (mixed
+    /// precision) the overflow flag read back, the step's one sync.
+    pub fn finish(&mut self, gpu: &Gpu, mut marks: Option<&mut StepMarks>) -> Result<StepOutcome> {
+        let stream = gpu.stream();
         let buffers = self.buffers.as_ref().ok_or_else(no_buffers)?;
+        let n = buffers.batch;
         let losses = stream
             .clone_dtoh(&buffers.row_loss)
             .map_err(driver_err("read back the loss"))?;

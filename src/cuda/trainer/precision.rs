@@ -10,7 +10,8 @@ use cudarc::driver::{CudaSlice, CudaViewMut, PinnedHostSlice};
 use half::f16;
 use ndarray::ArrayView4;
 
-use crate::cuda::device::Gpu;
+use super::prefetch::StagedBatch;
+use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
 use crate::cuda::ops::{convert_f16_to_f32, convert_f32_to_f16, softmax_cross_entropy};
 use crate::cuda::tensor::{GpuTensor, Layout};
@@ -42,6 +43,8 @@ pub(super) enum BatchSource<'a> {
     Host(ArrayView4<'a, f32>),
     /// A [`crate::train::BatchBuffer`]'s page-locked memory: one asynchronous DMA.
     PageLocked(&'a PinnedHostSlice<f32>),
+    /// Already on the device: uploaded ahead on the copy stream during the previous step.
+    Staged(StagedBatch<'a>),
 }
 
 impl BatchSource<'_> {
@@ -55,6 +58,23 @@ impl BatchSource<'_> {
                 "a page-locked batch into a tensor that is not NCHW",
             )),
             BatchSource::PageLocked(memory) => tensor.upload_page_locked(gpu, memory),
+            BatchSource::Staged(_) if tensor.layout() != Layout::Nchw => Err(Error::invalid(
+                "CudaTrainer",
+                "a staged batch into a tensor that is not NCHW",
+            )),
+            BatchSource::Staged(staged) => staged.read(gpu, |data| {
+                let into = tensor.data_mut();
+                if data.len() != into.len() {
+                    return Err(Error::Shape {
+                        op: "CudaTrainer (staged batch)",
+                        expected: format!("{} values", into.len()),
+                        found: vec![data.len()],
+                    });
+                }
+                gpu.stream()
+                    .memcpy_dtod(data, into)
+                    .map_err(driver_err("cuMemcpyDtoDAsync (staged batch)"))
+            }),
         }
     }
 }
@@ -169,6 +189,17 @@ impl TrainFloat for f16 {
     ) -> Result<()> {
         // Rounded on the device, not by `GpuTensor::<f16>::upload` on the host: a batch of 128
         // is 19 M values, tens of milliseconds of host time per step.
+        if let BatchSource::Staged(staged) = batch {
+            // Rounded straight from the staged copy: no f32 copy of it first.
+            return staged.read(gpu, |data| {
+                convert_f32_to_f16(
+                    gpu,
+                    &data.slice(..),
+                    &mut input.data_mut().slice_mut(..),
+                    1.0,
+                )
+            });
+        }
         let wide = wide.ok_or_else(missing_buffers)?;
         batch.upload_into(gpu, &mut wide.input)?;
         convert_f32_to_f16(

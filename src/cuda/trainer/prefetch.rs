@@ -1,0 +1,213 @@
+//! The next batch on its way while a step computes ([`Prefetch`]): a page-locked
+//! [`BatchBuffer`] goes up on the copy stream into a device staging buffer during one step, and
+//! the next step on that buffer reads the staged copy ([`StagedBatch`]) instead of uploading.
+//!
+//! cudarc's per-buffer events are off (see `Gpu::new`), so the two streams are ordered here:
+//! the compute stream waits for `uploaded` (recorded on the copy stream after the upload)
+//! before it reads the staging buffer, and records `consumed` right after that read; the copy
+//! stream waits for `consumed` before it writes the staging buffer again. The page-locked
+//! memory itself is guarded by cudarc's own event on it: a refill through
+//! [`BatchBuffer::images_mut`] waits for the upload still reading it.
+
+use cudarc::driver::{CudaEvent, CudaSlice};
+
+use crate::cuda::device::{driver_err, Gpu};
+use crate::cuda::events::record;
+use crate::error::Result;
+use crate::train::{BatchBuffer, ContentsKey};
+
+/// A batch uploaded ahead of its step, and the events that order its staging buffer.
+pub(super) struct Prefetch {
+    staging: Option<Staging>,
+    /// Recorded on the copy stream after the upload into the staging buffer.
+    uploaded: CudaEvent,
+    /// Recorded on the compute stream after the staging buffer was last read.
+    consumed: CudaEvent,
+}
+
+/// The device buffer a batch is uploaded into ahead of its step.
+struct Staging {
+    data: CudaSlice<f32>,
+    /// `[N, C, H, W]` of the batches it holds.
+    shape: [usize; 4],
+    /// The buffer and filling it holds (once `uploaded` completes); `None` once a step has
+    /// taken it, or before the first upload.
+    holds: Option<ContentsKey>,
+}
+
+/// A staged copy of a step's batch for [`super::precision::BatchSource::Staged`]: read it on the
+/// compute stream only through [`StagedBatch::read`].
+#[derive(Clone, Copy)]
+pub(super) struct StagedBatch<'a> {
+    data: &'a CudaSlice<f32>,
+    uploaded: &'a CudaEvent,
+    consumed: &'a CudaEvent,
+}
+
+impl StagedBatch<'_> {
+    /// Runs `read` (which queues work on the compute stream reading the staged batch) after
+    /// the upload has completed, and marks the staging buffer free for the next upload.
+    pub fn read(self, gpu: &Gpu, read: impl FnOnce(&CudaSlice<f32>) -> Result<()>) -> Result<()> {
+        let stream = gpu.stream();
+        stream
+            .wait(self.uploaded)
+            .map_err(driver_err("cuStreamWaitEvent (staged batch)"))?;
+        read(self.data)?;
+        record(self.consumed, stream)
+    }
+}
+
+/// Whether staging that holds `holds` for batches of `staged_shape` is a copy of `buffer` as
+/// it is now: the same buffer, not written since, of the same shape.
+fn is_copy_of(holds: Option<ContentsKey>, staged_shape: [usize; 4], buffer: &BatchBuffer) -> bool {
+    holds == Some(buffer.contents()) && staged_shape == buffer.shape()
+}
+
+impl Prefetch {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let event = || {
+            gpu.context()
+                // Only ordered on and waited for: no timing; a host wait sleeps.
+                .new_event(Some(
+                    cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
+                ))
+                .map_err(driver_err("cuEventCreate"))
+        };
+        Ok(Prefetch {
+            staging: None,
+            uploaded: event()?,
+            consumed: event()?,
+        })
+    }
+
+    /// The staged copy of `buffer` if the last [`Prefetch::send`] uploaded this buffer as it
+    /// is now; taken, so a second step on the same buffer uploads it again.
+    pub fn take(&mut self, buffer: &BatchBuffer) -> Option<StagedBatch<'_>> {
+        let staging = self.staging.as_mut()?;
+        if !is_copy_of(staging.holds, staging.shape, buffer) {
+            return None;
+        }
+        staging.holds = None;
+        Some(StagedBatch {
+            data: &staging.data,
+            uploaded: &self.uploaded,
+            consumed: &self.consumed,
+        })
+    }
+
+    /// A staging buffer of `next`'s shape, allocated if there is none (before a step is
+    /// queued, so that the allocation's sync finds the compute stream idle; [`Prefetch::send`]
+    /// does it otherwise). Any staging buffer of another shape is freed after its last upload.
+    pub fn prepare(&mut self, gpu: &Gpu, next: &BatchBuffer) -> Result<()> {
+        staging_for(&mut self.staging, &self.uploaded, gpu, next.shape()).map(|_| ())
+    }
+
+    /// Starts uploading `next` on the copy stream, after any step still reading the staging
+    /// buffer has read it. Only page-locked buffers go ahead (any other is uploaded by its
+    /// own step, through the driver's staging copy); a buffer already staged as it is now is
+    /// not sent twice.
+    pub fn send(&mut self, gpu: &Gpu, next: &BatchBuffer) -> Result<()> {
+        let Some(memory) = next.page_locked_images() else {
+            return Ok(());
+        };
+        let Prefetch {
+            staging,
+            uploaded,
+            consumed,
+        } = self;
+        let staging = staging_for(staging, uploaded, gpu, next.shape())?;
+        if is_copy_of(staging.holds, staging.shape, next) {
+            return Ok(());
+        }
+        let copy = gpu.copy_stream();
+        copy.wait(consumed)
+            .map_err(driver_err("cuStreamWaitEvent (staging buffer free)"))?;
+        // Until `uploaded` completes the staging buffer holds nothing a step may use: mark it
+        // before the copy, so a failed copy leaves nothing to take.
+        staging.holds = None;
+        copy.memcpy_htod(memory, &mut staging.data)
+            .map_err(driver_err("cuMemcpyHtoDAsync (next batch, copy stream)"))?;
+        record(uploaded, copy)?;
+        staging.holds = Some(next.contents());
+        Ok(())
+    }
+}
+
+/// The staging buffer in `slot` if it is for batches of `shape`, else a new one in its place
+/// (the old one freed once `uploaded`, its last upload, has completed).
+fn staging_for<'a>(
+    slot: &'a mut Option<Staging>,
+    uploaded: &CudaEvent,
+    gpu: &Gpu,
+    shape: [usize; 4],
+) -> Result<&'a mut Staging> {
+    let staging = match slot.take() {
+        Some(staging) if staging.shape == shape => staging,
+        old => {
+            if old.is_some() {
+                // Freed on the compute stream: its last upload must be done first.
+                uploaded
+                    .synchronize()
+                    .map_err(driver_err("cuEventSynchronize (staging buffer)"))?;
+            }
+            drop(old);
+            Staging::new(gpu, shape)?
+        }
+    };
+    Ok(slot.insert(staging))
+}
+
+impl Staging {
+    /// A device buffer for batches of `shape`, holding nothing yet.
+    fn new(gpu: &Gpu, shape: [usize; 4]) -> Result<Self> {
+        let len = shape.iter().product();
+        let stream = gpu.stream();
+        // Zeroed, though every element is uploaded before a step reads it: a memset once per
+        // batch shape keeps compute-sanitizer's initcheck quiet.
+        let data = stream
+            .alloc_zeros::<f32>(len)
+            .map_err(driver_err("allocate the staging buffer for the next batch"))?;
+        // Allocated in the compute stream's order, written on the copy stream: the allocation
+        // must be complete first.
+        stream
+            .synchronize()
+            .map_err(driver_err("cuStreamSynchronize (staging buffer)"))?;
+        Ok(Staging {
+            data,
+            shape,
+            holds: None,
+        })
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // The staging buffer is freed on the compute stream, which knows nothing of the copy
+        // stream: an upload still writing it must finish first. A failed wait (a broken
+        // context) leaves nothing better to do.
+        if self.staging.is_some() {
+            let _ = self.uploaded.synchronize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A staged copy serves only the buffer it was made from, as it was then, at its shape.
+    #[test]
+    fn a_staged_copy_serves_only_its_buffer_unchanged() {
+        let mut buffer = BatchBuffer::on_heap([2, 3, 4, 4]).unwrap();
+        let other = BatchBuffer::on_heap([2, 3, 4, 4]).unwrap();
+        let staged = Some(buffer.contents());
+        let shape = buffer.shape();
+        assert!(is_copy_of(staged, shape, &buffer));
+        assert!(!is_copy_of(None, shape, &buffer), "nothing staged");
+        assert!(!is_copy_of(staged, shape, &other), "another buffer");
+        assert!(!is_copy_of(staged, [1, 3, 4, 4], &buffer), "another shape");
+        buffer.images_mut().unwrap()[0] = 1.0;
+        assert!(!is_copy_of(staged, shape, &buffer), "written since");
+        assert!(is_copy_of(Some(buffer.contents()), shape, &buffer));
+    }
+}
