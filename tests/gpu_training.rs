@@ -572,6 +572,60 @@ fn a_profiled_step_is_a_step_and_times_every_phase() {
 /// the captured dropout masks or learning rate would be far off). Dropout is on, so every step
 /// draws new masks from the seeds uploaded before the replay; a new learning rate is captured
 /// again.
+/// Forty steps on two alternating batches (no dropout, lr 0.01, formula weights: the CPU's
+/// loss falls from 1.78 to 0.21 on this network): the GPU's loss falls the same way, step by
+/// step within 1e-3 in fp32; in mixed precision, whose roundings add up over a run, every step
+/// within 0.1 of the CPU's and the last ten within 15% on average.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn a_short_run_learns_as_the_cpu_does() {
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(None);
+    let start = common::formula_weights(&config);
+    let labels = labels(8, config.num_classes());
+    let batches: Vec<_> = (0..2).map(|s| small_training_batch(8, 300 + s)).collect();
+    let sgd = SgdConfig {
+        learning_rate: 0.01,
+        ..SgdConfig::default()
+    };
+    let run = |trainer: &mut dyn Trainer| -> Vec<f32> {
+        (0..40u64)
+            .map(|step| {
+                let batch = batches[step as usize % 2].view();
+                trainer.step(batch, &labels, 500 + step).unwrap()
+            })
+            .collect()
+    };
+    let mut cpu = CpuTrainer::new(CpuModel::new(&start, Precision::Fp32).unwrap(), sgd).unwrap();
+    let want = run(&mut cpu);
+    let learned = |losses: &[f32]| losses[losses.len() - 1] < 0.25 * losses[0];
+    assert!(learned(&want), "the CPU's run must learn: {want:?}");
+    let tail_mean = |losses: &[f32]| losses[30..].iter().sum::<f32>() / 10.0;
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let options = CudaTrainOptions {
+            precision,
+            loss_scale: LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap(),
+            ..CudaTrainOptions::default()
+        };
+        let mut gpu = CudaTrainer::with_options(&start, sgd, options).unwrap();
+        let got = run(&mut gpu);
+        assert_eq!(gpu.skipped_steps(), 0, "{precision}");
+        assert!(learned(&got), "{precision}: {got:?}");
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            let close = match precision {
+                Precision::Fp32 => ((g - w) / w).abs() <= 1e-3,
+                _ => (g - w).abs() <= 0.1,
+            };
+            assert!(close, "{precision} step {step}: loss {g}, the CPU's {w}");
+        }
+        let (g, w) = (tail_mean(&got), tail_mean(&want));
+        assert!(
+            ((g - w) / w).abs() <= 0.15,
+            "{precision}: the last ten steps' mean loss {g}, the CPU's {w}"
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn graph_replayed_steps_match_eager_steps() {
