@@ -676,7 +676,7 @@ fn graph_replayed_steps_match_eager_steps() {
 /// Batches sent ahead during the previous step (`step_buffer_prefetch`: uploaded on the copy
 /// stream into a staging buffer) train as the same batches given as arrays. A staged copy
 /// serves only the buffer it was made from, as it was then: a buffer refilled after it was
-/// sent (the refill waits for that upload), a step on another buffer than the one sent, and a
+/// sent (after the step that sent it returned), a step on another buffer than the one sent, and a
 /// second step on the same buffer all upload afresh.
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]

@@ -98,8 +98,8 @@ impl BatchBuffer {
         }
     }
 
-    /// The images to write, NCHW. Page-locked memory first waits for an upload still reading
-    /// it, so a buffer can be refilled as soon as its step has returned.
+    /// The images to write, NCHW. A buffer can be refilled as soon as the step that read it
+    /// (or sent it ahead) has returned: the GPU trainer's steps return after their uploads.
     pub fn images_mut(&mut self) -> Result<&mut [f32]> {
         self.contents.filling += 1;
         match &mut self.images {

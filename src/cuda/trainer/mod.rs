@@ -395,10 +395,17 @@ impl CudaTrainer {
             gpu,
             ..
         } = self;
-        if let Some(next) = next {
-            // Before the step is queued: a first allocation waits for an idle stream.
-            prefetch.prepare(gpu, next)?;
-        }
+        // Before the step is queued, so that a first allocation's sync finds an idle stream.
+        // Without the device memory for a staging buffer the next batch is not sent ahead: it
+        // goes up with its own step, as through `step_buffer`.
+        let next = match next {
+            Some(next) => match prefetch.prepare(gpu, next) {
+                Ok(()) => Some(next),
+                Err(Error::OutOfMemory { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
         let source = match batch {
             HostBatch::Array(array) => BatchSource::Host(array),
             HostBatch::Buffer(buffer) => match prefetch.take(buffer) {
@@ -417,16 +424,25 @@ impl CudaTrainer {
             scale,
         };
         with_net!(&mut *network, net => net.submit(gpu, config, input, marks.as_deref_mut()))?;
-        if let Some(next) = next {
-            prefetch.send(gpu, next)?;
-        }
-        let StepOutcome { loss, overflowed } = with_net!(network, net => net.finish(gpu, marks))?;
+        // The step is queued: whatever happens to the upload, its outcome is read back and
+        // counted before any error is returned.
+        let sent = next.map(|next| prefetch.send(gpu, next));
+        let finished = with_net!(network, net => net.finish(gpu, marks));
+        // The caller may refill or free `next` once this returns, and nothing else guards its
+        // page-locked memory: the upload must be over (it ran beside the step).
+        let uploaded = match sent {
+            Some(_) => prefetch.wait_for_uploads(gpu),
+            None => Ok(()),
+        };
+        let StepOutcome { loss, overflowed } = finished?;
         if mixed {
             self.loss_scale.update(overflowed);
         }
         if overflowed {
             self.skipped_steps += 1;
         }
+        sent.transpose()?;
+        uploaded?;
         Ok(loss)
     }
 }
@@ -449,7 +465,9 @@ impl Trainer for CudaTrainer {
     }
 
     /// Page-locked (write-combined) host memory on this trainer's GPU: a step uploads it with
-    /// one asynchronous DMA and no host copy, and a refill waits for that copy by itself.
+    /// one asynchronous DMA and no host copy, and returns only after every copy from it (its
+    /// own, and a batch sent ahead) has finished, so it may be refilled as soon as the step
+    /// returns.
     /// Write it, never read it back on the host (reads of write-combined memory are slow).
     fn batch_buffer(&self, batch: usize) -> Result<BatchBuffer> {
         let input = &self.config.input;
@@ -467,7 +485,9 @@ impl Trainer for CudaTrainer {
     /// As [`Trainer::step_buffer`]; a page-locked `next` (from [`Trainer::batch_buffer`])
     /// goes up on the copy stream while this step computes, into a device buffer of one
     /// batch (allocated on first use, once per batch shape), and the following step on it
-    /// starts from there. A `next` in ordinary memory is uploaded by its own step.
+    /// starts from there. The step returns once both its compute and that upload are done. A
+    /// `next` in ordinary memory, or one for which the device has no memory to spare, is
+    /// uploaded by its own step.
     fn step_buffer_prefetch(
         &mut self,
         buffer: &BatchBuffer,

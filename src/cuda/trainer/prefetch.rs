@@ -6,8 +6,9 @@
 //! the compute stream waits for `uploaded` (recorded on the copy stream after the upload)
 //! before it reads the staging buffer, and records `consumed` right after that read; the copy
 //! stream waits for `consumed` before it writes the staging buffer again. The page-locked
-//! memory itself is guarded by cudarc's own event on it: a refill through
-//! [`BatchBuffer::images_mut`] waits for the upload still reading it.
+//! memory has no guard of its own (with tracking off cudarc records no event on it either):
+//! the step that sends a batch ahead waits for the copy stream before it returns
+//! ([`Prefetch::wait_for_uploads`]), so the caller may refill or free that buffer after.
 
 use cudarc::driver::{CudaEvent, CudaSlice};
 
@@ -67,7 +68,7 @@ impl Prefetch {
     pub fn new(gpu: &Gpu) -> Result<Self> {
         let event = || {
             gpu.context()
-                // Only ordered on and waited for: no timing; a host wait sleeps.
+                // A host wait sleeps rather than spins (cudarc takes one flag: timing stays on).
                 .new_event(Some(
                     cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
                 ))
@@ -99,7 +100,20 @@ impl Prefetch {
     /// queued, so that the allocation's sync finds the compute stream idle; [`Prefetch::send`]
     /// does it otherwise). Any staging buffer of another shape is freed after its last upload.
     pub fn prepare(&mut self, gpu: &Gpu, next: &BatchBuffer) -> Result<()> {
+        if !next.is_page_locked() {
+            return Ok(()); // never sent (see `send`): no staging buffer for it
+        }
         staging_for(&mut self.staging, &self.uploaded, gpu, next.shape()).map(|_| ())
+    }
+
+    /// Waits until every upload [`Prefetch::send`] queued has finished reading its host
+    /// memory (the whole copy stream: also an upload whose `uploaded` record failed). Called
+    /// before a step that sent a batch ahead returns; by then the upload has had the whole
+    /// step to run beside it.
+    pub fn wait_for_uploads(&self, gpu: &Gpu) -> Result<()> {
+        gpu.copy_stream()
+            .synchronize()
+            .map_err(driver_err("cuStreamSynchronize (the next batch's upload)"))
     }
 
     /// Starts uploading `next` on the copy stream, after any step still reading the staging
