@@ -270,6 +270,37 @@ pub(crate) enum Determinism {
     Indifferent,
 }
 
+/// Whether a candidate was measured without tensor-op math (true fp32 arithmetic).
+fn fma_math<A>(p: &AlgoPerf<A>) -> bool {
+    matches!(
+        p.math,
+        sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+    )
+}
+
+/// The rules that rule `p` out, whatever its speed and determinism: none for a candidate that
+/// qualifies. One list for [`choose_algorithm`] and for the reasons [`describe_choice`] gives.
+fn ruled_out_by<A: ConvAlgorithm>(
+    p: &AlgoPerf<A>,
+    allowed: Allowed,
+    max_workspace: usize,
+) -> Vec<String> {
+    let mut rules = Vec::new();
+    if p.workspace > max_workspace {
+        rules.push(format!(
+            "needs {} bytes of workspace, over the {max_workspace}-byte cap",
+            p.workspace
+        ));
+    }
+    let true_fp32 = matches!(allowed, Allowed::ExactFp32 | Allowed::Fp32);
+    if true_fp32 && !fma_math(p) {
+        rules.push("tensor-op math in true fp32".to_string());
+    } else if allowed == Allowed::ExactFp32 && !p.algo.keeps_fp32_accuracy() {
+        rules.push("a transform (FFT/Winograd) in true fp32 without fp32_transforms".to_string());
+    }
+    rules
+}
+
 /// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
 /// one, deterministic ones first under [`Determinism::Preferred`]. For true fp32
 /// ([`Allowed::ExactFp32`], [`Allowed::Fp32`]) only candidates measured without tensor-op math
@@ -281,20 +312,7 @@ pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
     determinism: Determinism,
     max_workspace: usize,
 ) -> Option<AlgoPerf<A>> {
-    let fma = |p: &AlgoPerf<A>| {
-        matches!(
-            p.math,
-            sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-        )
-    };
-    let qualifies = |p: &&AlgoPerf<A>| {
-        p.workspace <= max_workspace
-            && match allowed {
-                Allowed::ExactFp32 => fma(p) && p.algo.keeps_fp32_accuracy(),
-                Allowed::Fp32 => fma(p),
-                Allowed::Any => true,
-            }
-    };
+    let qualifies = |p: &&AlgoPerf<A>| ruled_out_by(p, allowed, max_workspace).is_empty();
     let deterministic = candidates
         .iter()
         .filter(qualifies)
@@ -307,50 +325,58 @@ pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
     .copied()
 }
 
-/// What a choice cost, in cuDNN's own measurements: the chosen algorithm and its time, then
-/// the fastest candidate measured if that is another one (with what set it apart: tensor-op
-/// math, non-determinism, a transform in true fp32, a workspace over the cap), and how many
-/// candidates ran. One line for profiles and logs, e.g. `ALGO_1 3.210 ms; fastest measured
-/// ALGO_0 1.100 ms (non-deterministic); 4 candidates`.
+/// What a choice cost, in cuDNN's own measurements: the chosen algorithm, what it is
+/// (tensor-op math, a transform, non-deterministic) and its time; then the fastest candidate
+/// measured if that is another one, with the rules of [`choose_algorithm`] that passed it
+/// over; and how many candidates ran. One line for profiles and logs, e.g. `ALGO_1 3.210 ms;
+/// fastest measured ALGO_0 1.100 ms, passed over: non-deterministic (deterministic
+/// preferred); 4 candidates`.
 pub(crate) fn describe_choice<A: ConvAlgorithm>(
     candidates: &[AlgoPerf<A>],
     chosen: &AlgoPerf<A>,
+    allowed: Allowed,
+    determinism: Determinism,
+    max_workspace: usize,
 ) -> String {
-    let traits = |p: &AlgoPerf<A>| {
-        let mut traits = Vec::new();
-        if !matches!(
-            p.math,
-            sys::cudnnMathType_t::CUDNN_FMA_MATH | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-        ) {
-            traits.push("tensor-op math");
-        } else if !p.algo.keeps_fp32_accuracy() {
-            traits.push("transform");
-        }
-        if !p.deterministic {
-            traits.push("non-deterministic");
-        }
-        match traits.is_empty() {
-            true => String::new(),
-            false => format!(" ({})", traits.join(", ")),
-        }
+    let mut traits = Vec::new();
+    if !fma_math(chosen) {
+        traits.push("tensor-op math");
+    } else if !chosen.algo.keeps_fp32_accuracy() {
+        traits.push("transform");
+    }
+    if !chosen.deterministic {
+        traits.push("non-deterministic");
+    }
+    let traits = match traits.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", traits.join(", ")),
     };
-    let name = |p: &AlgoPerf<A>| format!("{:?} {:.3} ms{}", p.algo, p.time_ms, traits(p));
     let fastest = candidates
         .iter()
         .min_by(|a, b| a.time_ms.total_cmp(&b.time_ms));
     let beaten_by = match fastest {
         Some(f) if (f.algo, f.math) != (chosen.algo, chosen.math) && f.time_ms < chosen.time_ms => {
-            let over = match f.workspace > chosen.workspace {
-                true => format!(", {} bytes of workspace", f.workspace),
-                false => String::new(),
-            };
-            format!("; fastest measured {}{over}", name(f))
+            let mut rules = ruled_out_by(f, allowed, max_workspace);
+            if rules.is_empty() && !f.deterministic && determinism == Determinism::Preferred {
+                rules.push("non-deterministic (deterministic preferred)".to_string());
+            }
+            if rules.is_empty() {
+                // `choose_algorithm` takes the fastest qualifying candidate: not reached.
+                rules.push("no rule (measured slower when chosen?)".to_string());
+            }
+            format!(
+                "; fastest measured {:?} {:.3} ms, passed over: {}",
+                f.algo,
+                f.time_ms,
+                rules.join("; ")
+            )
         }
         _ => "; the fastest measured".to_string(),
     };
     format!(
-        "{}{beaten_by}; {} candidates",
-        name(chosen),
+        "{:?} {:.3} ms{traits}{beaten_by}; {} candidates",
+        chosen.algo,
+        chosen.time_ms,
         candidates.len()
     )
 }
@@ -505,6 +531,11 @@ mod tests {
             time_ms,
             ..perf(algo, math, deterministic)
         };
+        let describe = |candidates: &[FwdAlgoPerf], allowed, determinism, cap| {
+            let chosen = choose_algorithm(candidates, allowed, determinism, cap).unwrap();
+            describe_choice(candidates, &chosen, allowed, determinism, cap)
+        };
+        use Determinism::*;
         let candidates = [
             timed(CUDNN_CONVOLUTION_FWD_ALGO_FFT, CUDNN_FMA_MATH, true, 1.0),
             timed(
@@ -515,44 +546,49 @@ mod tests {
             ),
             timed(CUDNN_CONVOLUTION_FWD_ALGO_GEMM, CUDNN_FMA_MATH, true, 4.0),
         ];
-        let chosen = choose_algorithm(
-            &candidates,
-            Allowed::ExactFp32,
-            Determinism::Preferred,
-            usize::MAX,
-        )
-        .unwrap();
         assert_eq!(
-            describe_choice(&candidates, &chosen),
+            describe(&candidates, Allowed::ExactFp32, Preferred, usize::MAX),
             "CUDNN_CONVOLUTION_FWD_ALGO_GEMM 4.000 ms; fastest measured \
-             CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms (transform); 3 candidates"
+             CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms, passed over: a transform (FFT/Winograd) \
+             in true fp32 without fp32_transforms; 3 candidates"
         );
+        // Where tensor ops are allowed only the deterministic-first rule passed it over.
         let any = &candidates[1..];
-        let chosen =
-            choose_algorithm(any, Allowed::Any, Determinism::Preferred, usize::MAX).unwrap();
         assert_eq!(
-            chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-            "deterministic first"
+            describe(any, Allowed::Any, Preferred, usize::MAX),
+            "CUDNN_CONVOLUTION_FWD_ALGO_GEMM 4.000 ms; fastest measured \
+             CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM 1.500 ms, passed over: \
+             non-deterministic (deterministic preferred); 2 candidates"
         );
-        assert!(
-            describe_choice(any, &chosen).ends_with(
-                "fastest measured CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM 1.500 ms \
-                 (tensor-op math, non-deterministic); 2 candidates"
-            ),
-            "{}",
-            describe_choice(any, &chosen)
-        );
-        let chosen = choose_algorithm(
-            &candidates,
-            Allowed::Fp32,
-            Determinism::Preferred,
-            usize::MAX,
-        )
-        .unwrap();
         assert_eq!(
-            describe_choice(&candidates, &chosen),
+            describe(any, Allowed::Any, Indifferent, usize::MAX),
+            "CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM 1.500 ms (tensor-op math, \
+             non-deterministic); the fastest measured; 2 candidates"
+        );
+        assert_eq!(
+            describe(&candidates, Allowed::Fp32, Preferred, usize::MAX),
             "CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms (transform); the fastest measured; \
              3 candidates"
+        );
+        // Tensor-op math in true fp32, and a workspace over the cap.
+        assert_eq!(
+            describe(any, Allowed::ExactFp32, Indifferent, usize::MAX),
+            "CUDNN_CONVOLUTION_FWD_ALGO_GEMM 4.000 ms; fastest measured \
+             CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM 1.500 ms, passed over: \
+             tensor-op math in true fp32; 2 candidates"
+        );
+        let big_fft = [
+            FwdAlgoPerf {
+                workspace: 900 << 20,
+                ..candidates[0]
+            },
+            candidates[2],
+        ];
+        assert_eq!(
+            describe(&big_fft, Allowed::Fp32, Preferred, 512 << 20),
+            "CUDNN_CONVOLUTION_FWD_ALGO_GEMM 4.000 ms; fastest measured \
+             CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms, passed over: needs 943718400 bytes of \
+             workspace, over the 536870912-byte cap; 2 candidates"
         );
     }
 

@@ -134,9 +134,9 @@ pub struct ConvChoice {
     /// `forward`, `backward data` or `backward filter`.
     pub call: &'static str,
     /// The chosen algorithm and its measured time, and the fastest candidate if another one
-    /// (with why it was passed over), e.g. `CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1 3.210 ms;
-    /// fastest measured CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0 1.100 ms (non-deterministic); 4
-    /// candidates`.
+    /// (with the rules that passed it over), e.g. `CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1 3.210
+    /// ms; fastest measured CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0 1.100 ms, passed over:
+    /// non-deterministic (deterministic preferred); 4 candidates`.
     pub measured: String,
 }
 
@@ -535,7 +535,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             conv,
             algo: best.algo,
             workspace_bytes,
-            measured: describe_choice(&candidates, &best),
+            measured: describe_choice(&candidates, &best, allowed, determinism, search_bytes),
         })
     }
 
