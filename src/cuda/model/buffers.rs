@@ -60,8 +60,14 @@ impl<T: GpuFloat> Buffers<T> {
 
     /// Uploads a normalised f32 NCHW batch as it is and pads, reorders and rounds it into the
     /// input tensor on the device (`relayout_f32_input`): for inputs whose channels or layout
-    /// differ from the batch's (the fp16 network's 8-channel NHWC input).
-    pub fn upload_f32_relayout(&mut self, gpu: &Gpu, batch: ArrayView4<'_, f32>) -> Result<()> {
+    /// differ from the batch's (the fp16 network's 8-channel NHWC input). `copied` runs once
+    /// the copy is queued, before the relayout (the timing events go there).
+    pub fn upload_f32_relayout(
+        &mut self,
+        gpu: &Gpu,
+        batch: ArrayView4<'_, f32>,
+        copied: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         let len = batch.len();
         let staged = match &mut self.staged_f32 {
             Some(staged) if staged.len() == len => staged,
@@ -78,6 +84,7 @@ impl<T: GpuFloat> Buffers<T> {
         gpu.stream()
             .memcpy_htod(values, staged)
             .map_err(driver_err("cuMemcpyHtoDAsync (f32 batch)"))?;
+        copied()?;
         relayout_f32_input(gpu, &staged.as_view(), batch.dim().1, &mut self.input)
     }
 

@@ -266,6 +266,23 @@ impl CudaModel {
         input: ArrayView4<'_, f32>,
         observe: Option<&mut HostObserver<'_>>,
     ) -> Result<Array2<f32>> {
+        let result = self.forward_f32_queued(input, observe);
+        if result.is_err() {
+            // `input` may be page-locked memory (a `BatchBuffer`'s images) whose copy is still
+            // queued, and it is the caller's again once this returns. A failed wait leaves
+            // nothing better to do than return the first error.
+            let _ = self.gpu.stream().synchronize();
+        }
+        result
+    }
+
+    /// [`CudaModel::forward_f32_impl`] up to the logits on the host (a success waits for
+    /// everything it queued; an error may leave the batch's copy queued).
+    fn forward_f32_queued(
+        &mut self,
+        input: ArrayView4<'_, f32>,
+        observe: Option<&mut HostObserver<'_>>,
+    ) -> Result<Array2<f32>> {
         let n = self
             .config
             .input
@@ -275,9 +292,11 @@ impl CudaModel {
         let logits = with_net!(&mut self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
             record(&events.h2d_start, stream)?;
-            layers.upload_f32(gpu, bufs, input)?;
-            record(&events.h2d_end, stream)?;
-            record(&events.compute_start, stream)?;
+            // The copy ends the upload; a relayout on the device (fp16) counts as compute.
+            layers.upload_f32(gpu, bufs, input, || {
+                record(&events.h2d_end, stream)?;
+                record(&events.compute_start, stream)
+            })?;
             match observe {
                 None => layers.run_forward(gpu, bufs, eager)?,
                 Some(user) => layers.run(gpu, bufs, &mut |name, t, relu| {

@@ -343,21 +343,24 @@ impl<T: GpuFloat> Layers<T> {
     }
 
     /// Uploads a normalised NCHW f32 batch into the input tensor (rounded to `T`, reordered to
-    /// the layout, channels past the image's zero).
+    /// the layout, channels past the image's zero); `copied` runs once the host-to-device copy
+    /// is queued, before any work on the device that finishes the input.
     pub fn upload_f32(
         &self,
         gpu: &Gpu,
         bufs: &mut Buffers<T>,
         input: ArrayView4<'_, f32>,
+        copied: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         if self.input_channels == input.dim().1 {
             // No padding: the tensor's own upload (straight from `input` for f32 NCHW, no
             // host copy of the batch).
-            return bufs.input.upload(gpu, input.into_dyn());
+            bufs.input.upload(gpu, input.into_dyn())?;
+            return copied();
         }
         // Padded (fp16's 8-channel NHWC input): the f32 batch goes up as it is and the device
         // pads, reorders and rounds it, instead of a host pass over every value.
-        bufs.upload_f32_relayout(gpu, input)
+        bufs.upload_f32_relayout(gpu, input, copied)
     }
 
     /// Runs the network from the input tensor to the logits, each convolution's bias, ReLU, LRN

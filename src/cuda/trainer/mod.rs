@@ -423,7 +423,15 @@ impl CudaTrainer {
             optimiser,
             scale,
         };
-        with_net!(&mut *network, net => net.submit(gpu, config, input, marks.as_deref_mut()))?;
+        let submitted =
+            with_net!(&mut *network, net => net.submit(gpu, config, input, marks.as_deref_mut()));
+        if let Err(e) = submitted {
+            // The batch (page-locked memory too, given as an array) may still be being copied,
+            // and it is the caller's again once this returns. A failed wait adds nothing to the
+            // first error.
+            let _ = gpu.stream().synchronize();
+            return Err(e);
+        }
         // The step is queued: whatever happens to the upload, its outcome is read back and
         // counted before any error is returned.
         let sent = next.map(|next| prefetch.send(gpu, next));
