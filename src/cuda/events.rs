@@ -19,16 +19,20 @@ pub(crate) struct StageEvents {
     pub d2h_end: CudaEvent,
 }
 
+/// A CUDA event on `gpu` that can time (no `DISABLE_TIMING`) and that a host wait sleeps on
+/// rather than spins (`BLOCKING_SYNC`): the crate's one kind of event (cudarc takes a single
+/// flag, so timing cannot be turned off for the events only waited on).
+pub(crate) fn new_event(gpu: &Gpu) -> Result<CudaEvent> {
+    gpu.context()
+        .new_event(Some(
+            cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
+        ))
+        .map_err(driver_err("cuEventCreate"))
+}
+
 impl StageEvents {
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let event = || {
-            gpu.context()
-                // Timing on (no DISABLE_TIMING), waits block rather than spin.
-                .new_event(Some(
-                    cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
-                ))
-                .map_err(driver_err("cuEventCreate"))
-        };
+        let event = || new_event(gpu);
         Ok(StageEvents {
             h2d_start: event()?,
             h2d_end: event()?,

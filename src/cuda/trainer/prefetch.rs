@@ -13,7 +13,7 @@
 use cudarc::driver::{CudaEvent, CudaSlice};
 
 use crate::cuda::device::{driver_err, Gpu};
-use crate::cuda::events::record;
+use crate::cuda::events::{new_event, record};
 use crate::error::Result;
 use crate::train::{BatchBuffer, ContentsKey};
 
@@ -66,18 +66,10 @@ fn is_copy_of(holds: Option<ContentsKey>, staged_shape: [usize; 4], buffer: &Bat
 
 impl Prefetch {
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let event = || {
-            gpu.context()
-                // A host wait sleeps rather than spins (cudarc takes one flag: timing stays on).
-                .new_event(Some(
-                    cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
-                ))
-                .map_err(driver_err("cuEventCreate"))
-        };
         Ok(Prefetch {
             staging: None,
-            uploaded: event()?,
-            consumed: event()?,
+            uploaded: new_event(gpu)?,
+            consumed: new_event(gpu)?,
         })
     }
 

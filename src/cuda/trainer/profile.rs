@@ -12,7 +12,7 @@ use std::fmt;
 use cudarc::driver::{CudaEvent, CudaStream};
 
 use crate::cuda::device::{driver_err, Gpu};
-use crate::cuda::events::record;
+use crate::cuda::events::{new_event, record};
 use crate::error::Result;
 
 /// One phase of a profiled step and its device time.
@@ -87,13 +87,7 @@ impl StepMarks {
 
     /// Ends the phase `name` at the stream's current position.
     pub fn mark(&mut self, gpu: &Gpu, stream: &CudaStream, name: String) -> Result<()> {
-        let event = gpu
-            .context()
-            // Timing on; a wait on it blocks rather than spins.
-            .new_event(Some(
-                cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
-            ))
-            .map_err(driver_err("cuEventCreate"))?;
+        let event = new_event(gpu)?;
         record(&event, stream)?;
         self.events.push((name, event));
         Ok(())
