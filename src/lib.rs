@@ -57,6 +57,7 @@ pub mod diagnose;
 pub mod error;
 pub mod image;
 pub mod labels;
+pub mod peak;
 pub mod postprocess;
 pub mod stream;
 pub mod timing;

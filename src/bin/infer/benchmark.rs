@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use alexnet_cuda::backend::StageTimings;
 use alexnet_cuda::config::thousands;
+use alexnet_cuda::peak::{dense_peak, DensePeak};
 use alexnet_cuda::timing::{bottleneck, time_forward, Bottleneck, LatencyStats, TimingPlan};
 use alexnet_cuda::{Backend, Error, Weights};
 use serde_json::json;
@@ -42,6 +43,7 @@ pub fn benchmark(
     let throughput = images / total.as_secs_f64();
     let gflop_per_image = config.flops_per_image()? as f64 / 1e9;
     let tflops = throughput * gflop_per_image / 1e3;
+    let peak = dense_peak(&backend.device_name(), backend.precision());
     let stages = StageSummary::new(&run.stages);
     let bound = stages.as_ref().map(|s| {
         bottleneck(
@@ -68,6 +70,10 @@ pub fn benchmark(
             "gflop_per_image": gflop_per_image,
             "achieved_tflops": tflops,
         });
+        if let Some(peak) = peak {
+            report["dense_peak_tflops"] = json!(peak.tflops);
+            report["share_of_dense_peak"] = json!(tflops / peak.tflops);
+        }
         if let Some(details) = backend.device_details() {
             report["device_details"] = json!(details);
         }
@@ -103,7 +109,11 @@ pub fn benchmark(
         plan.iterations,
         plan.warmup
     );
-    say!("throughput    : {throughput:.1} images/s ({tflops:.3} TFLOP/s)");
+    say!(
+        "throughput    : {throughput:.1} images/s ({tflops:.3} TFLOP/s{})",
+        peak.map(|p| of_peak(tflops, p, backend.precision()))
+            .unwrap_or_default()
+    );
     say!(
         "latency/batch : min {:.2} ms, mean {:.2} ms, median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         latency.min, latency.mean, latency.p50, latency.p90, latency.p99, latency.max
@@ -162,5 +172,34 @@ impl StageSummary {
             compute: of(|s| s.compute_ms)?,
             d2h: of(|s| s.d2h_ms)?,
         })
+    }
+}
+
+/// `, 41.6% of the H200 SXM's dense fp32 peak (67 TFLOP/s)`: the achieved figure beside the
+/// datasheet's.
+fn of_peak(tflops: f64, peak: DensePeak, precision: alexnet_cuda::Precision) -> String {
+    format!(
+        ", {:.1}% of the {}'s dense {precision} peak ({} TFLOP/s)",
+        100.0 * tflops / peak.tflops,
+        peak.card,
+        peak.tflops
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The H200's fp32 forward of 2026-11-29 (27.896 TFLOP/s) against its datasheet peak.
+    #[test]
+    fn the_achieved_figure_is_set_beside_the_datasheets_peak() {
+        let peak = DensePeak {
+            card: "H200 SXM",
+            tflops: 67.0,
+        };
+        assert_eq!(
+            of_peak(27.896, peak, alexnet_cuda::Precision::Fp32),
+            ", 41.6% of the H200 SXM's dense fp32 peak (67 TFLOP/s)"
+        );
     }
 }
