@@ -89,10 +89,10 @@ pub struct OpenedBackend {
 /// GPU settings [`open_backend_with`] passes on; the default is [`open_backend`]'s.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendOptions {
-    /// GPU fp32 only: let cuDNN also pick FFT and Winograd convolution algorithms, as
-    /// PyTorch's fp32 does (`CudaOptions::fp32_transforms`: faster, less accurate). The CPU
-    /// has no such algorithms; where the CPU runs, the notice says this had no effect.
-    pub fp32_transforms: bool,
+    /// GPU fp32 only: keep cuDNN to its GEMM-family convolution algorithms, no FFT or
+    /// Winograd (`CudaOptions::fp32_gemm_only`: closer to the CPU, slower). The CPU has no
+    /// such choice; where the CPU runs, the notice says this had no effect.
+    pub fp32_gemm_only: bool,
 }
 
 /// Builds a model for `weights` on the chosen device. `Cuda` fails with
@@ -118,10 +118,10 @@ pub fn open_backend_with(
     let cuda = || open_cuda(weights, precision, options);
     // Nothing asked for is dropped silently: a GPU-only setting the CPU cannot honour is said.
     let on_cpu = |notice: Option<String>| -> Option<String> {
-        if !options.fp32_transforms {
+        if !options.fp32_gemm_only {
             return notice;
         }
-        let unused = "fp32 transforms (FFT, Winograd) are a GPU setting: no effect on the CPU";
+        let unused = "fp32 GEMM-only convolutions are a cuDNN setting: no effect on the CPU";
         Some(match notice {
             Some(notice) => format!("{notice}; {unused}"),
             None => unused.to_string(),
@@ -193,7 +193,7 @@ fn open_cuda(
 ) -> Result<Box<dyn Backend>> {
     use crate::cuda::{CudaModel, CudaOptions};
     let options = CudaOptions {
-        fp32_transforms: options.fp32_transforms,
+        fp32_gemm_only: options.fp32_gemm_only,
         ..CudaOptions::default()
     };
     Ok(Box::new(CudaModel::new(weights, precision, options)?))
@@ -226,10 +226,10 @@ mod tests {
 
     /// A GPU-only setting given where the CPU runs is said in the notice, not dropped.
     #[test]
-    fn fp32_transforms_on_the_cpu_are_reported() {
+    fn fp32_gemm_only_on_the_cpu_is_reported() {
         let weights = small_weights();
         let options = BackendOptions {
-            fp32_transforms: true,
+            fp32_gemm_only: true,
         };
         let opened =
             open_backend_with(&weights, DeviceChoice::Cpu, Precision::Fp32, options).unwrap();

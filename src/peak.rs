@@ -4,8 +4,9 @@
 //!
 //! The figures are the datasheets' at their boost clock: fp32 on the CUDA cores, TF32 and fp16
 //! (with f32 accumulation) on the tensor cores, the sparse figures halved. An fp32 run whose
-//! convolutions use FFT or Winograd (`--fp32-transforms`) does fewer operations than the direct
-//! convolution the achieved figure counts, so it can show more than 100% of the fp32 peak.
+//! convolutions use FFT or Winograd (allowed in fp32 unless `--fp32-gemm-only`) does fewer
+//! operations than the direct convolution the achieved figure counts, so it can show more than
+//! 100% of the fp32 peak.
 
 use crate::Precision;
 

@@ -482,22 +482,16 @@ fn flags_that_do_not_apply_to_the_mode_are_usage_errors() {
     assert!(!dir.path().join("x.npy").exists(), "nothing is written");
 }
 
-/// `--fp32-transforms` is a GPU fp32 setting: refused with another precision, and said (not
+/// `--fp32-gemm-only` is a GPU fp32 setting: refused with another precision, and said (not
 /// silently dropped) where the CPU runs.
 #[test]
-fn fp32_transforms_apply_to_gpu_fp32_only() {
-    let out = infer(&[
-        "--fp32-transforms",
-        "--precision",
-        "fp16",
-        "--device",
-        "cpu",
-    ]);
+fn fp32_gemm_only_applies_to_gpu_fp32_only() {
+    let out = infer(&["--fp32-gemm-only", "--precision", "fp16", "--device", "cpu"]);
     assert_no_panic(&out);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("fp32 only"), "{}", stderr(&out));
     let out = infer(&[
-        "--fp32-transforms",
+        "--fp32-gemm-only",
         "--device",
         "cpu",
         "--config",

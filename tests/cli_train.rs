@@ -341,15 +341,15 @@ fn mixed_precision_never_falls_back_to_fp32_and_tf32_on_the_cpu_says_so() {
     assert!(save.exists());
 }
 
-/// `--fp32-transforms` is a GPU fp32 setting: refused with another precision before any work,
+/// `--fp32-gemm-only` is a GPU fp32 setting: refused with another precision before any work,
 /// and said (not silently dropped) where the CPU trains.
 #[test]
-fn fp32_transforms_apply_to_gpu_fp32_training_only() {
+fn fp32_gemm_only_applies_to_gpu_fp32_training_only() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let save = dir.path().join("out.safetensors");
     for precision in ["tf32", "fp16"] {
-        let flags = ["--fp32-transforms", "--precision", precision];
+        let flags = ["--fp32-gemm-only", "--precision", precision];
         let out = one_step(&data, &save, &flags);
         assert_eq!(out.status.code(), Some(2), "{precision}: {}", text(&out));
         assert!(
@@ -362,7 +362,7 @@ fn fp32_transforms_apply_to_gpu_fp32_training_only() {
             "nothing is saved by a run that did not start"
         );
     }
-    let out = one_step(&data, &save, &["--fp32-transforms", "--device", "cpu"]);
+    let out = one_step(&data, &save, &["--fp32-gemm-only", "--device", "cpu"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no effect on the CPU"),

@@ -184,9 +184,9 @@ pub(crate) trait ConvAlgorithm: Copy + std::fmt::Debug + PartialEq {
     type Perf;
     /// Algorithms of this kind (the size of a full result list).
     const COUNT: usize;
-    /// Whether true fp32 may run it: GEMM-family and direct algorithms only; the transform-domain
-    /// ones (FFT, Winograd) cost accuracy through their extra roundings (3.5e-3 of the largest
-    /// output for the paper's conv2 on an H200).
+    /// Whether `fp32_gemm_only` may run it: GEMM-family and direct algorithms only; the
+    /// transform-domain ones (FFT, Winograd) cost accuracy through their extra roundings
+    /// (3.5e-3 of the largest output for the paper's conv2 on an H200).
     fn keeps_fp32_accuracy(self) -> bool;
     /// A successful record as an [`AlgoPerf`]; `None` for a failed one.
     fn from_record(record: &Self::Perf) -> Option<AlgoPerf<Self>>;
@@ -249,12 +249,26 @@ conv_algorithm!(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Allowed {
     /// True fp32 (`CUDNN_FMA_MATH`), only algorithms that keep fp32 accuracy
-    /// ([`ConvAlgorithm::keeps_fp32_accuracy`]): the default for fp32.
-    ExactFp32,
-    /// True fp32, any algorithm: FFT and Winograd too (PyTorch's fp32, TF32 off).
+    /// ([`ConvAlgorithm::keeps_fp32_accuracy`]): `fp32_gemm_only`.
+    Fp32GemmOnly,
+    /// True fp32, any algorithm: FFT and Winograd too (PyTorch's fp32, TF32 off): the
+    /// default for fp32.
     Fp32,
     /// Whatever cuDNN measured, tensor-op math included (TF32, fp16).
     Any,
+}
+
+impl Allowed {
+    /// What a convolution computing with `math` may run: true fp32 (`CUDNN_FMA_MATH`) any
+    /// algorithm without tensor ops, or only the GEMM family with `fp32_gemm_only`; TF32 and
+    /// fp16 whatever cuDNN measured.
+    pub fn new(math: sys::cudnnMathType_t, fp32_gemm_only: bool) -> Self {
+        match (math == sys::cudnnMathType_t::CUDNN_FMA_MATH, fp32_gemm_only) {
+            (false, _) => Allowed::Any,
+            (true, true) => Allowed::Fp32GemmOnly,
+            (true, false) => Allowed::Fp32,
+        }
+    }
 }
 
 /// Whether a deterministic candidate wins over a faster non-deterministic one. Forward
@@ -292,19 +306,19 @@ fn ruled_out_by<A: ConvAlgorithm>(
             p.workspace
         ));
     }
-    let true_fp32 = matches!(allowed, Allowed::ExactFp32 | Allowed::Fp32);
+    let true_fp32 = matches!(allowed, Allowed::Fp32GemmOnly | Allowed::Fp32);
     if true_fp32 && !fma_math(p) {
         rules.push("tensor-op math in true fp32".to_string());
-    } else if allowed == Allowed::ExactFp32 && !p.algo.keeps_fp32_accuracy() {
-        rules.push("a transform (FFT/Winograd) in true fp32 without fp32_transforms".to_string());
+    } else if allowed == Allowed::Fp32GemmOnly && !p.algo.keeps_fp32_accuracy() {
+        rules.push("a transform (FFT/Winograd) with fp32_gemm_only".to_string());
     }
     rules
 }
 
 /// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
 /// one, deterministic ones first under [`Determinism::Preferred`]. For true fp32
-/// ([`Allowed::ExactFp32`], [`Allowed::Fp32`]) only candidates measured without tensor-op math
-/// qualify, and for [`Allowed::ExactFp32`] only the algorithms that keep fp32 accuracy. None
+/// ([`Allowed::Fp32GemmOnly`], [`Allowed::Fp32`]) only candidates measured without tensor-op math
+/// qualify, and for [`Allowed::Fp32GemmOnly`] only the algorithms that keep fp32 accuracy. None
 /// needing more than `max_workspace` bytes qualifies.
 pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
     candidates: &[AlgoPerf<A>],
@@ -547,10 +561,10 @@ mod tests {
             timed(CUDNN_CONVOLUTION_FWD_ALGO_GEMM, CUDNN_FMA_MATH, true, 4.0),
         ];
         assert_eq!(
-            describe(&candidates, Allowed::ExactFp32, Preferred, usize::MAX),
+            describe(&candidates, Allowed::Fp32GemmOnly, Preferred, usize::MAX),
             "CUDNN_CONVOLUTION_FWD_ALGO_GEMM 4.000 ms; fastest measured \
              CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms, passed over: a transform (FFT/Winograd) \
-             in true fp32 without fp32_transforms; 3 candidates"
+             with fp32_gemm_only; 3 candidates"
         );
         // Where tensor ops are allowed only the deterministic-first rule passed it over.
         let any = &candidates[1..];
@@ -572,7 +586,7 @@ mod tests {
         );
         // Tensor-op math in true fp32, and a workspace over the cap.
         assert_eq!(
-            describe(any, Allowed::ExactFp32, Indifferent, usize::MAX),
+            describe(any, Allowed::Fp32GemmOnly, Indifferent, usize::MAX),
             "CUDNN_CONVOLUTION_FWD_ALGO_GEMM 4.000 ms; fastest measured \
              CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM 1.500 ms, passed over: \
              tensor-op math in true fp32; 2 candidates"
@@ -593,7 +607,7 @@ mod tests {
     }
 
     #[test]
-    fn true_fp32_takes_no_transform_or_tensor_op_algorithm_unless_asked() {
+    fn true_fp32_takes_no_tensor_op_algorithm_and_gemm_only_no_transform() {
         let fastest_first = [
             perf(
                 CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
@@ -615,7 +629,7 @@ mod tests {
         ];
         let chosen = choose_algorithm(
             &fastest_first,
-            Allowed::ExactFp32,
+            Allowed::Fp32GemmOnly,
             Determinism::Preferred,
             usize::MAX,
         )
@@ -630,7 +644,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
-        // True fp32 with transforms allowed: the fastest without tensor ops.
+        // True fp32 (the default): the fastest without tensor ops, transforms included.
         let chosen = choose_algorithm(
             &fastest_first,
             Allowed::Fp32,
@@ -659,7 +673,7 @@ mod tests {
         // No deterministic qualifier: the fastest that qualifies.
         let chosen = choose_algorithm(
             &fastest_first[..4],
-            Allowed::ExactFp32,
+            Allowed::Fp32GemmOnly,
             Determinism::Preferred,
             usize::MAX,
         )
@@ -667,11 +681,58 @@ mod tests {
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
         assert!(choose_algorithm(
             &fastest_first[..3],
-            Allowed::ExactFp32,
+            Allowed::Fp32GemmOnly,
             Determinism::Preferred,
             usize::MAX
         )
         .is_none());
+    }
+
+    /// fp32 as a convolution gets it by default takes a transform when cuDNN measured one
+    /// fastest, as PyTorch's fp32 does; with `fp32_gemm_only` it keeps to the GEMM family; with
+    /// tensor-op math (TF32, fp16) anything goes.
+    #[test]
+    fn default_fp32_takes_a_transform_and_gemm_only_does_not() {
+        use crate::cuda::{ConvOptions, Layout};
+        let default = ConvOptions::new(1, 1, Layout::Nchw);
+        let fastest_first = [
+            perf(CUDNN_CONVOLUTION_FWD_ALGO_FFT, CUDNN_FMA_MATH, true),
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                CUDNN_TENSOR_OP_MATH,
+                true,
+            ),
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                CUDNN_FMA_MATH,
+                true,
+            ),
+        ];
+        let pick = |math, gemm_only| {
+            choose_algorithm(
+                &fastest_first,
+                Allowed::new(math, gemm_only),
+                Determinism::Preferred,
+                usize::MAX,
+            )
+            .map(|p| p.algo)
+        };
+        assert_eq!(
+            pick(CUDNN_FMA_MATH, default.fp32_gemm_only),
+            Some(CUDNN_CONVOLUTION_FWD_ALGO_FFT)
+        );
+        assert_eq!(
+            pick(CUDNN_FMA_MATH, true),
+            Some(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM)
+        );
+        assert_eq!(
+            Allowed::new(CUDNN_TENSOR_OP_MATH, default.fp32_gemm_only),
+            Allowed::Any
+        );
+        assert_eq!(
+            Allowed::new(CUDNN_DEFAULT_MATH, default.fp32_gemm_only),
+            Allowed::Any
+        );
     }
 
     /// The cap on the shared workspace is a hard limit: a faster algorithm needing more loses
@@ -753,15 +814,15 @@ mod tests {
         };
         let fma = |algo| Some((algo, CUDNN_FMA_MATH));
         assert_eq!(
-            pick(ExactFp32, Preferred, usize::MAX),
+            pick(Fp32GemmOnly, Preferred, usize::MAX),
             fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1)
         );
         assert_eq!(
-            pick(ExactFp32, Indifferent, usize::MAX),
+            pick(Fp32GemmOnly, Indifferent, usize::MAX),
             fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3)
         );
         assert_eq!(
-            pick(ExactFp32, Indifferent, 1 << 20),
+            pick(Fp32GemmOnly, Indifferent, 1 << 20),
             fma(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0),
             "the workspace cap still holds"
         );
@@ -781,8 +842,8 @@ mod tests {
         );
     }
 
-    /// The backward kinds follow the same rules: no transform-domain algorithm for true fp32,
-    /// deterministic ones first.
+    /// The backward kinds follow the same rules: no transform-domain algorithm for GEMM-only
+    /// fp32, deterministic ones first.
     #[test]
     fn backward_choices_follow_the_same_rules() {
         use sys::cudnnConvolutionBwdDataAlgo_t::*;
@@ -804,7 +865,7 @@ mod tests {
                 .map(|p| p.algo)
         };
         assert_eq!(
-            pick(Allowed::ExactFp32),
+            pick(Allowed::Fp32GemmOnly),
             Some(CUDNN_CONVOLUTION_BWD_DATA_ALGO_1)
         );
         for allowed in [Allowed::Fp32, Allowed::Any] {
@@ -827,7 +888,7 @@ mod tests {
         ];
         let chosen = choose_algorithm(
             &fastest_first,
-            Allowed::ExactFp32,
+            Allowed::Fp32GemmOnly,
             Determinism::Preferred,
             usize::MAX,
         )
@@ -835,7 +896,7 @@ mod tests {
         assert_eq!(chosen.algo, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3);
         assert!(choose_algorithm(
             &fastest_first[..1],
-            Allowed::ExactFp32,
+            Allowed::Fp32GemmOnly,
             Determinism::Preferred,
             usize::MAX
         )

@@ -19,9 +19,11 @@
 //!   [`Pipeline`]: two page-locked slots, uploads overlapping compute, CUDA-event timings.
 //!
 //! # Numerics
-//! - fp32 is true fp32 by default: cuDNN with `CUDNN_FMA_MATH`, cuBLAS with
-//!   `CUBLAS_COMPUTE_32F` in the default math mode. [`CudaOptions::allow_tf32`] opts into TF32
-//!   tensor cores (about 1e-3 relative error).
+//! - fp32 is true fp32 by default: cuDNN with `CUDNN_FMA_MATH` (any algorithm without tensor
+//!   cores, FFT and Winograd included, as PyTorch's fp32; [`CudaOptions::fp32_gemm_only`]
+//!   keeps to the GEMM family, closer to the CPU), cuBLAS with `CUBLAS_COMPUTE_32F` in the
+//!   default math mode. [`CudaOptions::allow_tf32`] opts into TF32 tensor cores (about 1e-3
+//!   relative error).
 //! - fp16 stores weights and activations as f16 and accumulates in f32 (tensor cores), NHWC,
 //!   the RGB input padded to 8 channels — the contract the CPU model's fp16 mode emulates.
 //!

@@ -8,14 +8,14 @@
 #            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
 #   tests    every GPU test, one at a time (--test-threads=1), each result listed; never stops at
 #            a failure (not the 10,000-batch soak)
-#   infer    infer --batch $BATCH in fp32, fp32 --fp32-transforms, tf32 and fp16 (extra flags:
+#   infer    infer --batch $BATCH in fp32, fp32 --fp32-gemm-only, tf32 and fp16 (extra flags:
 #            INFER_ARGS)
 #   bench    the criterion GPU benches (benches/gpu_forward.rs: forward_u8 at batch 1 to 256,
 #            the pipeline at 128), about three minutes
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
 #   train    train --device cuda for 20 steps in fp32 and fp16 on tests/data/shapes, then one
 #            training step's throughput (benches/gpu_train.rs: paper, batch 128, fp32,
-#            fp32+transforms, tf32, fp16, the last three also +nondeterministic; pageable,
+#            fp32+gemm-only, fp32, tf32, fp16, the last three also +nondeterministic; pageable,
 #            page-locked and sent-ahead; each with a phase-by-phase profile of one step and
 #            its cuDNN algorithm choices)
 #            beside PyTorch's (torch_train_anchor.py: fp32, tf32, autocast+GradScaler)
@@ -84,19 +84,20 @@ PY
             rc=$?
             note "tests $(basename "$t"): rc=$rc $(grep -E '^test result:' "$OUT/tests.log" | tail -1 | sed 's/test result: //')"
         done
-        # The convolution algorithms cuDNN chose at batch 128, with and without transforms (the
-        # test prints them; a passing test's output is otherwise not kept).
+        # The convolution algorithms cuDNN chose at batch 128, GEMM family only and free to take
+        # transforms (the test prints them; a passing test's output is otherwise not kept).
         timeout 120 $G/bin/test-gpu_model --include-ignored --exact --nocapture \
-            paper_network_fp32_with_transforms_matches_cpu_fp32 2>&1 | grep 'fp32_transforms=' > "$OUT/conv-algorithms.txt"
+            paper_network_fp32_with_transforms_matches_cpu_fp32 2>&1 | grep 'fp32_gemm_only=' > "$OUT/conv-algorithms.txt"
         note "conv algorithms at batch 128: $(wc -l < "$OUT/conv-algorithms.txt") lines (conv-algorithms.txt)"
         grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$OUT/tests.log" | sed 's/^test /  /' > "$OUT/test-results.txt"
         while read -r line; do summary+=("$line"); done < "$OUT/test-results.txt"
         ;;
     infer)
-        # fp32x: fp32 with FFT and Winograd allowed (--fp32-transforms), PyTorch's fp32.
-        for p in fp32 fp32x tf32 fp16; do
+        # fp32 is PyTorch's fp32 (FFT and Winograd allowed); fp32g keeps to the GEMM family
+        # (--fp32-gemm-only), within 1e-4 of the CPU.
+        for p in fp32 fp32g tf32 fp16; do
             flags=(--precision "$p")
-            [ "$p" = fp32x ] && flags=(--precision fp32 --fp32-transforms)
+            [ "$p" = fp32g ] && flags=(--precision fp32 --fp32-gemm-only)
             timeout "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch "$BATCH" "${flags[@]}" ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
             rc=$?
             note "infer $p batch $BATCH rc=$rc: $(grep -E 'throughput|error' "$OUT/infer-$p.txt" | head -1)"

@@ -19,10 +19,11 @@ pub struct Args {
     /// Numeric mode.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
     pub precision: PrecisionArg,
-    /// GPU fp32: let cuDNN also pick FFT and Winograd convolution algorithms, as PyTorch's fp32
-    /// does (on an H200 about 2x faster, within 3.5e-3 of the CPU instead of 1e-4).
+    /// GPU fp32: keep cuDNN to its GEMM-family convolution algorithms, no FFT or Winograd
+    /// (on an H200 within 1e-4 of the CPU instead of 3.5e-3, at half the speed). Without it
+    /// fp32 picks among every algorithm without tensor cores, as PyTorch's fp32 does.
     #[arg(long)]
-    pub fp32_transforms: bool,
+    pub fp32_gemm_only: bool,
     /// Where to run: auto picks CUDA when usable, else the CPU (with a notice).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,

@@ -6,7 +6,7 @@ use alexnet_cuda::backend::StageTimings;
 use alexnet_cuda::config::thousands;
 use alexnet_cuda::peak::{dense_peak, DensePeak};
 use alexnet_cuda::timing::{bottleneck, time_forward, Bottleneck, LatencyStats, TimingPlan};
-use alexnet_cuda::{Backend, Error, Weights};
+use alexnet_cuda::{Backend, Error, Precision, Weights};
 use serde_json::json;
 
 use crate::args::Args;
@@ -59,6 +59,7 @@ pub fn benchmark(
         let mut report = json!({
             "device": backend.device_name(),
             "precision": backend.precision().to_string(),
+            "fp32_gemm_only": gemm_only_applied(args, backend),
             "config": config.name,
             "batch": plan.batch,
             "warmup": plan.warmup,
@@ -102,7 +103,11 @@ pub fn benchmark(
         thousands(config.param_count()?),
         gflop_per_image
     );
-    say!("precision     : {}", backend.precision());
+    say!(
+        "precision     : {}{}",
+        backend.precision(),
+        convolution_algorithms(args, backend)
+    );
     say!("batch         : {}", plan.batch);
     say!(
         "iterations    : {} timed after {} warm-up",
@@ -173,6 +178,23 @@ impl StageSummary {
             d2h: of(|s| s.d2h_ms)?,
         })
     }
+}
+
+/// Which convolution algorithms GPU fp32 may run, so that two reports say what they compare:
+/// every one without tensor cores (PyTorch's fp32) unless `--fp32-gemm-only`.
+fn convolution_algorithms(args: &Args, backend: &dyn Backend) -> &'static str {
+    match (backend.is_gpu(), backend.precision(), args.fp32_gemm_only) {
+        (true, Precision::Fp32, false) => {
+            " (FMA math; cuDNN may pick FFT and Winograd convolutions)"
+        }
+        (true, Precision::Fp32, true) => " (FMA math; GEMM-family convolutions only)",
+        _ => "",
+    }
+}
+
+/// Whether `--fp32-gemm-only` took effect (GPU fp32); elsewhere it was only noted.
+fn gemm_only_applied(args: &Args, backend: &dyn Backend) -> bool {
+    args.fp32_gemm_only && backend.is_gpu() && backend.precision() == Precision::Fp32
 }
 
 /// `, 41.6% of the H200 SXM's dense fp32 peak (67 TFLOP/s)`: the achieved figure beside the

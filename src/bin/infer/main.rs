@@ -73,13 +73,13 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
         ));
     }
     let precision: Precision = args.precision.into();
-    if args.fp32_transforms && precision != Precision::Fp32 {
+    if args.fp32_gemm_only && precision != Precision::Fp32 {
         usage_error(format!(
-            "--fp32-transforms applies to --precision fp32 only, not {precision}"
+            "--fp32-gemm-only applies to --precision fp32 only, not {precision}"
         ));
     }
     let options = BackendOptions {
-        fp32_transforms: args.fp32_transforms,
+        fp32_gemm_only: args.fp32_gemm_only,
     };
     let opened = open_backend_with(&weights, args.device.into(), precision, options)?;
     if let Some(notice) = &opened.notice {

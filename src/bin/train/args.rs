@@ -88,11 +88,13 @@ pub struct Args {
     /// run may change it.
     #[arg(long, value_enum, default_value_t = TrainPrecisionArg::Fp32)]
     pub precision: TrainPrecisionArg,
-    /// GPU fp32: let cuDNN also pick FFT and Winograd convolution algorithms (forward and
-    /// backward), as PyTorch's fp32 does: faster, less exact (on an H200 the inference forward
-    /// came within 3.5e-3 of the CPU instead of 1e-4). No effect on the CPU (said so).
+    /// GPU fp32: keep cuDNN to its GEMM-family convolution algorithms (forward and backward),
+    /// no FFT or Winograd: closer to the CPU, slower (on an H200 the inference forward came
+    /// within 1e-4 of the CPU instead of 3.5e-3, at half the speed). Without it fp32 picks
+    /// among every algorithm without tensor cores, as PyTorch's fp32 does. No effect on the
+    /// CPU (said so).
     #[arg(long)]
-    pub fp32_transforms: bool,
+    pub fp32_gemm_only: bool,
     /// GPU: let cuDNN's backward take its fastest measured algorithms even when they sum with
     /// atomics, as PyTorch does by default: faster steps that are not bit for bit repeatable
     /// from run to run. Without it the fastest deterministic ones run. No effect on the CPU,

@@ -350,7 +350,7 @@ fn resume(
     Ok((trainer, checkpoint.state, settings))
 }
 
-/// The trainer `--device`, `--precision` and `--fp32-transforms` ask for: the GPU's for `cuda`
+/// The trainer `--device`, `--precision` and `--fp32-gemm-only` ask for: the GPU's for `cuda`
 /// (an error without a usable GPU), the GPU's for `auto` where one is usable (else the CPU's,
 /// with a note, unless the precision needs a GPU), the CPU's for `cpu`. Mixed precision never
 /// falls back to fp32 silently: without a GPU it is an error; a GPU-only setting the CPU
@@ -369,9 +369,9 @@ fn make_trainer(
             "{MIXED_NEEDS_A_GPU}: drop --device cpu or use fp32"
         ));
     }
-    if args.fp32_transforms && precision != Precision::Fp32 {
+    if args.fp32_gemm_only && precision != Precision::Fp32 {
         crate::args::usage_error(format!(
-            "--fp32-transforms applies to --precision fp32 only, not {precision}"
+            "--fp32-gemm-only applies to --precision fp32 only, not {precision}"
         ));
     }
     #[cfg(feature = "cuda")]
@@ -379,7 +379,7 @@ fn make_trainer(
         let options = alexnet_cuda::cuda::CudaTrainOptions {
             device: 0,
             precision,
-            fp32_transforms: args.fp32_transforms,
+            fp32_gemm_only: args.fp32_gemm_only,
             deterministic: !args.nondeterministic,
             frozen_layers,
             ..Default::default()
@@ -388,8 +388,8 @@ fn make_trainer(
             Ok(trainer) => {
                 eprintln!(
                     "training on {} in {precision} (GPU training is checked against the CPU \
-                     only in part so far: its fp32 steps matched on an H200; --device cpu is the \
-                     verified path)",
+                     only in part so far: its fp32 steps with GEMM-family convolutions matched on \
+                     an H200; --device cpu is the verified path)",
                     trainer.gpu().name()
                 );
                 return Ok(Box::new(trainer));
@@ -415,8 +415,8 @@ fn make_trainer(
     if precision == Precision::Tf32 {
         eprintln!("note: tf32 is a GPU math mode; the CPU trains in fp32");
     }
-    if args.fp32_transforms {
-        eprintln!("note: fp32 transforms (FFT, Winograd) are a GPU setting: no effect on the CPU");
+    if args.fp32_gemm_only {
+        eprintln!("note: --fp32-gemm-only is a cuDNN setting: no effect on the CPU");
     }
     if args.nondeterministic {
         eprintln!(

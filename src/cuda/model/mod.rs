@@ -30,11 +30,12 @@ pub struct CudaOptions {
     /// fp32 only: let convolutions and GEMMs use TF32 tensor cores (about 1e-3 relative error,
     /// much faster). Off by default: fp32 is true fp32.
     pub allow_tf32: bool,
-    /// True fp32 only: let cuDNN also pick FFT and Winograd convolution algorithms, as
-    /// PyTorch's fp32 (TF32 off) does: still no tensor cores, less accurate than the GEMM-family
-    /// algorithms fp32 keeps to by default (on an H200, paper batch 128: 4.97 ms a batch
-    /// against 10.40 ms, conv2 within 3.5e-3 of the CPU against 1e-4).
-    pub fp32_transforms: bool,
+    /// True fp32 only: keep the convolutions to cuDNN's GEMM-family and direct algorithms, no
+    /// FFT or Winograd: closer to the CPU, about half the speed (on an H200, paper batch 128:
+    /// 10.40 ms a batch against 4.97 ms, conv2 within 1e-4 of the CPU against 3.5e-3). Off by
+    /// default: fp32 picks among every algorithm without tensor cores, as PyTorch's fp32 (TF32
+    /// off) does.
+    pub fp32_gemm_only: bool,
     /// The normalisation [`CudaModel::forward_u8`] applies on the GPU (torchvision's ImageNet
     /// mean and std by default).
     pub normalization: PrepareInput,
@@ -53,7 +54,7 @@ impl CudaOptions {
     fn check(&self, precision: Precision) -> Result<()> {
         let fp32_only = [
             ("allow_tf32", self.allow_tf32),
-            ("fp32_transforms", self.fp32_transforms),
+            ("fp32_gemm_only", self.fp32_gemm_only),
         ];
         match fp32_only.iter().find(|(_, set)| *set) {
             Some((name, _)) if precision != Precision::Fp32 => Err(Error::invalid(
@@ -87,8 +88,9 @@ type HostObserver<'a> = dyn FnMut(&str, ArrayViewD<'_, f32>) + 'a;
 /// AlexNet on one GPU, built from the same [`Weights`] as [`crate::cpu::CpuModel`] and
 /// computing the same function (checked layer by layer in `tests/gpu_*.rs`).
 ///
-/// - [`Precision::Fp32`]: f32 NCHW activations, true fp32 math (cuDNN `CUDNN_FMA_MATH`, cuBLAS
-///   `CUBLAS_COMPUTE_32F`) unless [`CudaOptions::allow_tf32`].
+/// - [`Precision::Fp32`]: f32 NCHW activations, true fp32 math (cuDNN `CUDNN_FMA_MATH`, FFT and
+///   Winograd allowed unless [`CudaOptions::fp32_gemm_only`]; cuBLAS `CUBLAS_COMPUTE_32F`)
+///   unless [`CudaOptions::allow_tf32`].
 /// - [`Precision::Tf32`]: as fp32, with cuDNN's and cuBLAS's TF32 math (what
 ///   [`CudaOptions::allow_tf32`] turns on for fp32).
 /// - [`Precision::Fp16`]: f16 NHWC activations (the input padded to 8 channels, conv1's weights
@@ -160,7 +162,7 @@ impl CudaModel {
             Precision::Fp32 => {
                 let math = ConvMath {
                     allow_tf32: options.allow_tf32,
-                    fp32_transforms: options.fp32_transforms,
+                    fp32_gemm_only: options.fp32_gemm_only,
                 };
                 TypedNet::F32(Net::build(&gpu, weights, Layout::Nchw, math)?)
             }

@@ -78,13 +78,13 @@ pub(super) struct Layers<T: GpuFloat> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct ConvMath {
     pub allow_tf32: bool,
-    pub fp32_transforms: bool,
+    pub fp32_gemm_only: bool,
 }
 
 impl ConvMath {
     pub const TF32: ConvMath = ConvMath {
         allow_tf32: true,
-        fp32_transforms: false,
+        fp32_gemm_only: false,
     };
 }
 
@@ -191,7 +191,7 @@ impl<T: GpuFloat> Layers<T> {
                     let params = convs.next().ok_or_else(|| missing(&spec.name))?;
                     let mut options = ConvOptions::new(stride, padding, layout);
                     options.allow_tf32 = allow_tf32;
-                    options.fp32_transforms = math.fp32_transforms;
+                    options.fp32_gemm_only = math.fp32_gemm_only;
                     if first {
                         options.in_channels = Some(input_channels);
                     }

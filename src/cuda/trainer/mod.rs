@@ -18,10 +18,10 @@
 //! ([`StepProfile`]).
 //!
 //! `tests/gpu_training.rs` checks it against the CPU trainer step by step. On an H200 (the one
-//! GPU run so far) its fp32 steps and every layer's backward matched the CPU; the
-//! mixed-precision and TF32 whole steps, fp32 transforms, non-deterministic algorithms,
-//! batches sent ahead, profiling and a restored loss scale have not run on a GPU to the end
-//! yet.
+//! GPU run so far) its fp32 steps kept to the GEMM-family convolutions (then the default) and
+//! every layer's backward matched the CPU; the mixed-precision and TF32 whole steps, fp32 with
+//! FFT and Winograd allowed (now the default), non-deterministic algorithms, batches sent
+//! ahead, profiling and a restored loss scale have not run on a GPU to the end yet.
 
 mod net;
 mod precision;
@@ -56,11 +56,11 @@ pub struct CudaTrainOptions {
     pub device: usize,
     /// `Fp32` (true fp32), `Tf32` (TF32 math) or `Fp16` (mixed precision).
     pub precision: Precision,
-    /// True fp32 only: let cuDNN also pick FFT and Winograd convolution algorithms, forward
-    /// and backward, as PyTorch's fp32 (TF32 off) does; see
-    /// [`CudaOptions::fp32_transforms`]. Off by default; another precision with it is an
-    /// error.
-    pub fp32_transforms: bool,
+    /// True fp32 only: keep the convolutions, forward and backward, to cuDNN's GEMM-family
+    /// algorithms, no FFT or Winograd; see [`CudaOptions::fp32_gemm_only`]. Off by default
+    /// (every algorithm without tensor cores, as PyTorch's fp32 with TF32 off); another
+    /// precision with it is an error.
+    pub fp32_gemm_only: bool,
     /// Prefer deterministic convolution algorithms, so the same step gives the same weights
     /// (see [`crate::cuda::ConvOptions::deterministic`]). On by default. Off: cuDNN's fastest
     /// measured backward algorithms even when they sum with atomics, as PyTorch's default
@@ -82,7 +82,7 @@ impl Default for CudaTrainOptions {
         CudaTrainOptions {
             device: 0,
             precision: Precision::Fp32,
-            fp32_transforms: false,
+            fp32_gemm_only: false,
             deterministic: true,
             frozen_layers: 0,
             loss_scale: LossScale::default(),
@@ -195,12 +195,11 @@ impl CudaTrainer {
         // The same checks as the CPU optimiser (finite, non-negative settings).
         crate::train::Sgd::new(optimiser)?;
         options.precision.check_gpu()?;
-        if options.fp32_transforms && options.precision != Precision::Fp32 {
+        if options.fp32_gemm_only && options.precision != Precision::Fp32 {
             return Err(Error::invalid(
-                "fp32_transforms",
+                "fp32_gemm_only",
                 format!(
-                    "applies to true fp32 only, not {}: TF32 and fp16 pick from every algorithm \
-                     already",
+                    "applies to true fp32 only, not {}: TF32 and fp16 pick from every algorithm",
                     options.precision
                 ),
             ));
@@ -221,7 +220,7 @@ impl CudaTrainer {
         let frozen = options.frozen_layers;
         let math = NetOptions {
             allow_tf32: options.precision == Precision::Tf32,
-            fp32_transforms: options.fp32_transforms,
+            fp32_gemm_only: options.fp32_gemm_only,
             deterministic: options.deterministic,
             graphs: !options.eager,
         };
@@ -283,8 +282,8 @@ impl CudaTrainer {
     /// The convolutions' algorithm choices so far (forward, backward data, backward filter
     /// per layer and input shape) with cuDNN's own measurements behind each, one line apiece:
     /// the chosen algorithm's time and the fastest candidate's where another was faster, and
-    /// why that one was passed over (non-deterministic, a transform in true fp32, tensor-op
-    /// math). Empty before the first step. Beside a [`StepProfile`] it says where the
+    /// why that one was passed over (non-deterministic, a transform with `fp32_gemm_only`,
+    /// tensor-op math in true fp32). Empty before the first step. Beside a [`StepProfile`] it says where the
     /// convolutions' time comes from.
     pub fn conv_choices(&self) -> Vec<String> {
         with_net!(&self.network, net => net.conv_choices())
@@ -555,7 +554,7 @@ impl Trainer for CudaTrainer {
     ) -> Result<Evaluation> {
         let options = CudaOptions {
             device: self.gpu.ordinal(),
-            fp32_transforms: self.options.fp32_transforms,
+            fp32_gemm_only: self.options.fp32_gemm_only,
             ..CudaOptions::default()
         };
         let mut model = CudaModel::new(&self.weights()?, self.options.precision, options)?;

@@ -132,13 +132,13 @@ pub(super) struct Net<T: TrainFloat> {
     buffers: Option<StepBuffers<T>>,
 }
 
-/// How a [`Net`] computes: TF32 math (f32 only), FFT and Winograd convolutions in true fp32
-/// (see [`crate::cuda::ConvOptions::fp32_transforms`]), deterministic algorithms first
+/// How a [`Net`] computes: TF32 math (f32 only), true fp32 kept to the GEMM-family
+/// convolutions (see [`crate::cuda::ConvOptions::fp32_gemm_only`]), deterministic algorithms first
 /// ([`crate::cuda::ConvOptions::deterministic`]), steps captured as CUDA graphs.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct NetOptions {
     pub allow_tf32: bool,
-    pub fp32_transforms: bool,
+    pub fp32_gemm_only: bool,
     pub deterministic: bool,
     pub graphs: bool,
 }
@@ -176,7 +176,7 @@ impl<T: TrainFloat> Net<T> {
     ) -> Result<Self> {
         let NetOptions {
             allow_tf32,
-            fp32_transforms,
+            fp32_gemm_only,
             deterministic,
             graphs,
         } = options;
@@ -216,7 +216,7 @@ impl<T: TrainFloat> Net<T> {
                     let params = convs.next().ok_or_else(|| missing(&spec.name))?;
                     let options = ConvOptions {
                         allow_tf32,
-                        fp32_transforms,
+                        fp32_gemm_only,
                         deterministic,
                         ..ConvOptions::new(stride, padding, Layout::Nchw)
                     };

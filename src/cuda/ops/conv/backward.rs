@@ -50,7 +50,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
     /// - `dx`: the input's, unless `None` (the first layer, whose input is the data).
     ///
     /// The algorithms are chosen per input shape on first use by measuring on these buffers,
-    /// as for the forward, under the same rules (true fp32 takes no FFT or Winograd).
+    /// as for the forward, under the same rules (with `fp32_gemm_only`, no FFT or Winograd).
     pub fn backward(
         &mut self,
         gpu: &Gpu,
