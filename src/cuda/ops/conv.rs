@@ -86,6 +86,31 @@ impl ConvOptions {
         )
     }
 
+    /// The math settings refused, not ignored, where they cannot apply: TF32 and GEMM-only are
+    /// settings of f32 storage (an f16 convolution always runs on the tensor cores), and
+    /// GEMM-only restricts true fp32, which TF32 math is not.
+    pub(crate) fn check_math(&self, dtype: GpuDtype) -> Result<()> {
+        let fp32_setting = match (self.allow_tf32, self.fp32_gemm_only) {
+            (true, true) => {
+                return Err(Error::invalid(
+                    "ConvOptions",
+                    "fp32_gemm_only restricts true fp32; with allow_tf32 (TF32 math) cuDNN \
+                     picks among every algorithm",
+                ))
+            }
+            (true, false) => Some("allow_tf32"),
+            (false, true) => Some("fp32_gemm_only"),
+            (false, false) => None,
+        };
+        match (dtype, fp32_setting) {
+            (GpuDtype::F16, Some(name)) => Err(Error::invalid(
+                "ConvOptions",
+                format!("{name} applies to f32 convolutions only, not f16 (tensor cores always)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// `stride`, `padding` and `layout`; no channel padding, no TF32, every algorithm without
     /// tensor cores in true fp32 (FFT and Winograd too), deterministic algorithms first.
     pub fn new(stride: usize, padding: usize, layout: Layout) -> Self {
@@ -206,6 +231,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         if options.stride == 0 {
             return Err(Error::invalid("Conv2d stride", "must be positive"));
         }
+        options.check_math(T::DTYPE)?;
         let in_channels = options.in_channels.unwrap_or(weight_in);
         if in_channels < weight_in {
             return Err(Error::invalid(
@@ -666,5 +692,42 @@ fn cudnn_format(layout: Layout) -> cudnnTensorFormat_t {
     match layout {
         Layout::Nchw => cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
         Layout::Nhwc => cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A math setting that cannot apply is an error naming it, never ignored.
+    #[test]
+    fn math_settings_that_cannot_apply_are_refused() {
+        let plain = ConvOptions::new(1, 1, Layout::Nchw);
+        let tf32 = ConvOptions {
+            allow_tf32: true,
+            ..plain
+        };
+        let gemm_only = ConvOptions {
+            fp32_gemm_only: true,
+            ..plain
+        };
+        let both = ConvOptions {
+            allow_tf32: true,
+            ..gemm_only
+        };
+        for options in [plain, tf32, gemm_only] {
+            assert!(options.check_math(GpuDtype::F32).is_ok(), "{options:?}");
+        }
+        assert!(plain.check_math(GpuDtype::F16).is_ok());
+        for (options, dtype, name) in [
+            (tf32, GpuDtype::F16, "allow_tf32"),
+            (gemm_only, GpuDtype::F16, "fp32_gemm_only"),
+            (both, GpuDtype::F32, "fp32_gemm_only"),
+        ] {
+            match options.check_math(dtype) {
+                Err(Error::Invalid { message, .. }) => assert!(message.contains(name), "{message}"),
+                other => panic!("{options:?} {dtype:?}: {other:?}"),
+            }
+        }
     }
 }
