@@ -79,21 +79,46 @@ extern "C" __global__ void relu_backward_f16(const unsigned short *output, unsig
 /* ---- Bias gradient (training) ---------------------------------------------------------- */
 
 /* Channel c's gradient: every position of every image, one f64 sum per thread, then the block's
- * fixed-order tree (alexnet_reduce.cuh). `scratch` holds blockDim.x doubles of shared memory. */
+ * fixed-order tree (alexnet_reduce.cuh). `scratch` holds blockDim.x doubles of shared memory.
+ * A thread visits positions j = threadIdx.x, + blockDim.x, ... as (o, i) pairs (j = o * inner
+ * + i) stepped without dividing (a 64-bit division per element cost more than the load), four
+ * positions an iteration into four sums so that four loads are in flight, all in a fixed order:
+ * the result is the same from run to run. */
 template <typename T>
 static __device__ __forceinline__ void bias_grad_sum(const T *__restrict__ grad,
                                                      float *__restrict__ out,
                                                      const AlexnetBiasGradParams &p,
                                                      double *scratch)
 {
-    const unsigned long long positions = p.outer * p.inner;
+    typedef unsigned long long U;
+    /* An empty gradient (inner or outer 0) sums nothing; inner is never a divisor of 0. */
+    const U inner = p.inner ? p.inner : 1, channels = p.channels;
+    const U positions = p.outer * p.inner;
+    const U step = blockDim.x;
+    const U step_o = step / inner, step_i = step % inner;
     for (unsigned int c = blockIdx.x; c < p.channels; c += gridDim.x) {
-        double sum = 0.0;
-        for (unsigned long long j = threadIdx.x; j < positions; j += blockDim.x) {
-            const unsigned long long o = p.inner == 1 ? j : j / p.inner;
-            const unsigned long long i = p.inner == 1 ? 0 : j % p.inner;
-            sum += (double)alexnet_load(grad[(o * p.channels + c) * p.inner + i]);
+        U o = threadIdx.x / inner, i = threadIdx.x % inner, j = threadIdx.x;
+        double sums[4] = {0.0, 0.0, 0.0, 0.0};
+        while (j < positions) {
+            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if (j < positions) {
+                    v[k] = alexnet_load(grad[(o * channels + c) * inner + i]);
+                    o += step_o;
+                    i += step_i;
+                    if (i >= inner) {
+                        i -= inner;
+                        ++o;
+                    }
+                    j += step;
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                sums[k] += (double)v[k];
         }
+        double sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
         sum = alexnet_block_reduce<false>(sum, scratch);
         if (threadIdx.x == 0)
             out[c] = (float)sum;

@@ -1154,6 +1154,23 @@ fn bias_gradients_match_the_cpu_layers() {
         bias_grad_case::<f32>(&grad_out.clone().into_dyn(), layout, &want);
         bias_grad_case::<f16>(&grad_out.clone().into_dyn(), layout, &want);
     }
+    // Gradients large enough that every thread of a 256-thread block sums several positions,
+    // stepping across image boundaries: a plane wider than the block (inner 510), one narrower
+    // (inner 77), and NHWC (inner 1); against the plain f64 sum over images and pixels.
+    for (shape, stream) in [([4, 3, 30, 17], 268), ([9, 2, 7, 11], 269)] {
+        let grad = random(shape, stream, 1.0).mapv(|v| v.abs() + 0.25);
+        let want = grad
+            .mapv(f64::from)
+            .sum_axis(ndarray::Axis(3))
+            .sum_axis(ndarray::Axis(2))
+            .sum_axis(ndarray::Axis(0))
+            .mapv(|v| v as f32)
+            .into_dyn();
+        for layout in LAYOUTS {
+            bias_grad_case::<f32>(&grad.clone().into_dyn(), layout, &want);
+            bias_grad_case::<f16>(&grad.clone().into_dyn(), layout, &want);
+        }
+    }
     // A linear layer's: Linear::backward, 6 rows of 37 outputs.
     let x = random((6, 11), 264, 1.0);
     let linear = Linear::new(random((37, 11), 265, 0.5).view(), &random(37, 266, 0.1)).unwrap();
