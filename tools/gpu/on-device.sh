@@ -13,8 +13,9 @@
 #   bench    the criterion GPU benches (benches/gpu_forward.rs: forward_u8 at batch 1 to 256,
 #            the pipeline at 128), about three minutes
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
-#   train    train --device cuda for 20 steps in fp32 and fp16 on tests/data/shapes, then one
-#            training step's throughput (benches/gpu_train.rs: paper, batch 128, fp32,
+#   train    train --device cuda for 20 steps in fp32, fp32 --fp32-gemm-only and fp16 on
+#            tests/data/shapes, the fp32 losses set beside the same run on the CPU; then one
+#            training step's throughput (benches/gpu_train.rs: paper, batch 128,
 #            fp32+gemm-only, fp32, tf32, fp16, the last three also +nondeterministic; pageable,
 #            page-locked and sent-ahead; each with a phase-by-phase profile of one step and
 #            its cuDNN algorithm choices)
@@ -117,12 +118,20 @@ PY
         grep -E 'img/s' "$OUT/anchor.txt" | sed 's/^/  /' | while read -r l; do echo "$l"; done
         ;;
     train)
-        for p in fp32 fp16; do
+        # fp32g: fp32 kept to the GEMM-family convolutions (--fp32-gemm-only). cpu: the same run
+        # on the CPU, the reference both fp32 runs' losses are set beside (per epoch).
+        for p in fp32 fp32g fp16 cpu; do
+            flags=(--device cuda --precision "$p")
+            [ "$p" = fp32g ] && flags=(--device cuda --precision fp32 --fp32-gemm-only)
+            [ "$p" = cpu ] && flags=(--device cpu --precision fp32)
             timeout 180 $G/bin/bin-train --data tests/data/shapes/train --val tests/data/shapes/val \
-                --classes 4 --batch 16 --steps 20 --device cuda --precision $p \
+                --classes 4 --batch 16 --steps 20 "${flags[@]}" \
                 --save "$OUT/train-$p.safetensors" --log "$OUT/train-$p.csv" > "$OUT/train-$p.txt" 2>&1
             rc=$?
             note "train $p 20 steps rc=$rc: $(grep -iE 'epoch|error' "$OUT/train-$p.txt" | tail -1)"
+        done
+        for p in fp32 fp32g; do
+            note "train $p against the CPU: $(python3 "$G/compare_losses.py" "$OUT/train-$p.csv" "$OUT/train-cpu.csv" 2>&1)"
         done
         [ "${TRAIN_BENCH:-1}" = 0 ] && continue
         timeout 400 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
