@@ -500,12 +500,20 @@ fn fp32_gemm_only_applies_to_gpu_fp32_only() {
         "1",
         "--warmup",
         "0",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("no effect on the CPU"),
         "{}",
         stderr(&out)
+    );
+    // The report says what ran: the setting did not apply on the CPU.
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("JSON");
+    assert_eq!(
+        report["fp32_gemm_only"],
+        serde_json::json!(false),
+        "{report}"
     );
 }
 
