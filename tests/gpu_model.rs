@@ -784,8 +784,8 @@ fn fused_epilogues_give_the_stage_by_stage_logits_exactly() {
     }
 }
 
-/// fp32's math settings (TF32 in fp32, GEMM-family convolutions only) with another precision
-/// are a typed error, with or without a GPU, never ignored.
+/// fp32's math settings (TF32 in fp32, GEMM-family convolutions only) with another precision,
+/// or together, are a typed error, with or without a GPU, never ignored.
 #[test]
 fn fp32_math_settings_outside_fp32_are_refused_before_any_gpu_is_touched() {
     let weights = formula_weights(&AlexNetConfig::paper());
@@ -797,10 +797,15 @@ fn fp32_math_settings_outside_fp32_are_refused_before_any_gpu_is_touched() {
         fp32_gemm_only: true,
         ..CudaOptions::default()
     };
+    let both = CudaOptions {
+        allow_tf32: true,
+        ..gemm_only
+    };
     for (precision, options, name) in [
         (Precision::Tf32, gemm_only, "fp32_gemm_only"),
         (Precision::Fp16, gemm_only, "fp32_gemm_only"),
         (Precision::Fp16, tf32, "allow_tf32"),
+        (Precision::Fp32, both, "fp32_gemm_only"),
     ] {
         match CudaModel::new(&weights, precision, options) {
             Err(Error::Invalid { message, .. }) => assert!(

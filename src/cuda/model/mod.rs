@@ -50,8 +50,16 @@ pub struct CudaOptions {
 }
 
 impl CudaOptions {
-    /// Settings for fp32's math are refused, not ignored, with another precision.
+    /// Settings for fp32's math are refused, not ignored, with another precision, and
+    /// GEMM-only (a restriction of true fp32) beside TF32 math.
     fn check(&self, precision: Precision) -> Result<()> {
+        if self.allow_tf32 && self.fp32_gemm_only {
+            return Err(Error::invalid(
+                "CudaOptions",
+                "fp32_gemm_only restricts true fp32; with allow_tf32 (TF32 math) cuDNN picks \
+                 among every algorithm",
+            ));
+        }
         let fp32_only = [
             ("allow_tf32", self.allow_tf32),
             ("fp32_gemm_only", self.fp32_gemm_only),
