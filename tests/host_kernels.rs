@@ -1104,16 +1104,27 @@ fn relu_backward_case<T: Elem>(output: &Array4<f32>, seed: u64) {
 }
 
 /// `bias_grad` on the gradient `grad` (logical shape `shape`, stored in `layout`) against
-/// `want`, the CPU layer's bias gradient, with the launcher's grid and a small one.
+/// `want`, the CPU layer's bias gradient, with the launcher's grid and a small one (64 threads
+/// a block), within f16's rounding of the gradient for f16 and 1e-6 for f32.
 fn bias_grad_case<T: Elem>(grad: &ArrayD<f32>, layout: Layout, want: &ArrayD<f32>) {
+    // The f16 kernel sums what it reads: the gradient rounded to f16 (the CPU twin is f32).
+    let tolerance = if T::SUFFIX == "f16" { 2e-3 } else { 1e-6 };
+    bias_grad_within::<T>(grad, layout, want, tolerance);
+}
+
+/// [`bias_grad_case`] within `tolerance`.
+fn bias_grad_within<T: Elem>(
+    grad: &ArrayD<f32>,
+    layout: Layout,
+    want: &ArrayD<f32>,
+    tolerance: f64,
+) {
     let name = format!("bias_grad_{}", T::SUFFIX);
     let stored: Vec<T> = match grad.ndim() {
         4 => physical::<T>(&grad.clone().into_dimensionality().unwrap(), layout),
         _ => grad.iter().map(|&v| T::from_f32(v)).collect(),
     };
     let (mut p, cfg) = bias_grad_args(grad.shape(), layout).unwrap();
-    // The f16 kernel sums what it reads: the gradient rounded to f16 (the CPU twin is f32).
-    let tolerance = if T::SUFFIX == "f16" { 2e-3 } else { 1e-6 };
     for grid in [cfg, small_grid(64)] {
         let mut g = stored.clone();
         let mut out = vec![f32::POISON; want.len()];
@@ -1156,19 +1167,32 @@ fn bias_gradients_match_the_cpu_layers() {
     }
     // Gradients large enough that every thread of a 256-thread block sums several positions,
     // stepping across image boundaries: a plane wider than the block (inner 510), one narrower
-    // (inner 77), and NHWC (inner 1); against the plain f64 sum over images and pixels.
-    for (shape, stream) in [([4, 3, 30, 17], 268), ([9, 2, 7, 11], 269)] {
-        let grad = random(shape, stream, 1.0).mapv(|v| v.abs() + 0.25);
-        let want = grad
-            .mapv(f64::from)
+    // (inner 77), one as wide as the small grid's 64-thread block, and NHWC (inner 1); against
+    // the plain f64 sum over images and pixels of what each kernel reads (f16: the rounded
+    // gradient), within 1e-6, so one dropped or repeated position shows.
+    let plain_sum = |grad: &Array4<f32>| {
+        grad.mapv(f64::from)
             .sum_axis(ndarray::Axis(3))
             .sum_axis(ndarray::Axis(2))
             .sum_axis(ndarray::Axis(0))
             .mapv(|v| v as f32)
-            .into_dyn();
+            .into_dyn()
+    };
+    for (shape, stream) in [
+        ([4, 3, 30, 17], 268),
+        ([9, 2, 7, 11], 269),
+        ([3, 2, 8, 8], 270),
+    ] {
+        let grad = random(shape, stream, 1.0).mapv(|v| v.abs() + 0.25);
+        let grad16 = grad.mapv(|v| f16::from_f32(v).to_f32());
         for layout in LAYOUTS {
-            bias_grad_case::<f32>(&grad.clone().into_dyn(), layout, &want);
-            bias_grad_case::<f16>(&grad.clone().into_dyn(), layout, &want);
+            bias_grad_within::<f32>(&grad.clone().into_dyn(), layout, &plain_sum(&grad), 1e-6);
+            bias_grad_within::<f16>(
+                &grad16.clone().into_dyn(),
+                layout,
+                &plain_sum(&grad16),
+                1e-6,
+            );
         }
     }
     // A linear layer's: Linear::backward, 6 rows of 37 outputs.
