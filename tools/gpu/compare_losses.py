@@ -10,6 +10,7 @@ the two runs logged different epochs.
 """
 
 import csv
+import math
 import sys
 
 
@@ -23,11 +24,15 @@ def main():
         sys.exit(f"usage: {sys.argv[0]} RUN.csv REFERENCE.csv")
     try:
         run, reference = losses(sys.argv[1]), losses(sys.argv[2])
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, TypeError, ValueError) as e:
         print(f"not compared: {e}")
         sys.exit(1)
     if not run or run.keys() != reference.keys():
         print(f"not compared: epochs {sorted(run)} against {sorted(reference)}")
+        sys.exit(1)
+    nonfinite = [e for e in sorted(run) if not (math.isfinite(run[e]) and math.isfinite(reference[e]))]
+    if nonfinite:
+        print(f"not compared: a loss that is not finite at epoch {nonfinite[0]}")
         sys.exit(1)
     diff = {e: abs(run[e] - reference[e]) / max(abs(reference[e]), 1e-30) for e in sorted(run)}
     first = min(diff)

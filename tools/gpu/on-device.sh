@@ -120,18 +120,29 @@ PY
     train)
         # fp32g: fp32 kept to the GEMM-family convolutions (--fp32-gemm-only). cpu: the same run
         # on the CPU, the reference both fp32 runs' losses are set beside (per epoch).
+        # The weights and checkpoints (~700 MB a run) go to a scratch folder, not $OUT; a rerun
+        # starts afresh (train appends to its log and refuses to overwrite a checkpoint).
+        saves=$(mktemp -d)
+        declare -A train_rc=()
         for p in fp32 fp32g fp16 cpu; do
             flags=(--device cuda --precision "$p")
             [ "$p" = fp32g ] && flags=(--device cuda --precision fp32 --fp32-gemm-only)
             [ "$p" = cpu ] && flags=(--device cpu --precision fp32)
+            rm -f "$OUT/train-$p.csv"
             timeout 180 $G/bin/bin-train --data tests/data/shapes/train --val tests/data/shapes/val \
                 --classes 4 --batch 16 --steps 20 "${flags[@]}" \
-                --save "$OUT/train-$p.safetensors" --log "$OUT/train-$p.csv" > "$OUT/train-$p.txt" 2>&1
+                --save "$saves/train-$p.safetensors" --log "$OUT/train-$p.csv" > "$OUT/train-$p.txt" 2>&1
             rc=$?
+            train_rc[$p]=$rc
             note "train $p 20 steps rc=$rc: $(grep -iE 'epoch|error' "$OUT/train-$p.txt" | tail -1)"
         done
+        rm -rf "$saves"
         for p in fp32 fp32g; do
-            note "train $p against the CPU: $(python3 "$G/compare_losses.py" "$OUT/train-$p.csv" "$OUT/train-cpu.csv" 2>&1)"
+            if [ "${train_rc[$p]}" = 0 ] && [ "${train_rc[cpu]}" = 0 ]; then
+                note "train $p against the CPU: $(python3 "$G/compare_losses.py" "$OUT/train-$p.csv" "$OUT/train-cpu.csv" 2>&1)"
+            else
+                note "train $p against the CPU: not compared (rc ${train_rc[$p]}, CPU rc ${train_rc[cpu]})"
+            fi
         done
         [ "${TRAIN_BENCH:-1}" = 0 ] && continue
         timeout 400 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
