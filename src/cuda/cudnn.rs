@@ -315,28 +315,105 @@ fn ruled_out_by<A: ConvAlgorithm>(
     rules
 }
 
-/// The algorithm to run among `Find`'s successful candidates (fastest first): the fastest
-/// one, deterministic ones first under [`Determinism::Preferred`]. For true fp32
-/// ([`Allowed::Fp32GemmOnly`], [`Allowed::Fp32`]) only candidates measured without tensor-op math
-/// qualify, and for [`Allowed::Fp32GemmOnly`] only the algorithms that keep fp32 accuracy. None
-/// needing more than `max_workspace` bytes qualifies.
+/// The candidates a convolution may run among `Find`'s successful ones (fastest first), in the
+/// order they are preferred: by speed, deterministic ones first under
+/// [`Determinism::Preferred`]. For true fp32 ([`Allowed::Fp32GemmOnly`], [`Allowed::Fp32`]) only
+/// candidates measured without tensor-op math qualify, and for [`Allowed::Fp32GemmOnly`] only
+/// the algorithms that keep fp32 accuracy. None whose measurement needed more than
+/// `max_workspace` bytes qualifies.
+pub(crate) fn ranked_candidates<A: ConvAlgorithm>(
+    candidates: &[AlgoPerf<A>],
+    allowed: Allowed,
+    determinism: Determinism,
+    max_workspace: usize,
+) -> Vec<AlgoPerf<A>> {
+    let qualifying = candidates
+        .iter()
+        .filter(|p| ruled_out_by(p, allowed, max_workspace).is_empty());
+    match determinism {
+        Determinism::Preferred => {
+            let (mut ranked, rest): (Vec<_>, Vec<_>) = qualifying.partition(|p| p.deterministic);
+            ranked.extend(rest);
+            ranked
+        }
+        Determinism::Indifferent => qualifying.copied().collect(),
+    }
+}
+
+/// The algorithm [`first_that_fits`] takes when every size query agrees with the
+/// measurement: the first of [`ranked_candidates`].
+#[cfg(test)]
 pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
     candidates: &[AlgoPerf<A>],
     allowed: Allowed,
     determinism: Determinism,
     max_workspace: usize,
 ) -> Option<AlgoPerf<A>> {
-    let qualifies = |p: &&AlgoPerf<A>| ruled_out_by(p, allowed, max_workspace).is_empty();
-    let deterministic = candidates
-        .iter()
-        .filter(qualifies)
-        .find(|p| p.deterministic);
-    match determinism {
-        Determinism::Preferred => deterministic,
-        Determinism::Indifferent => None,
+    ranked_candidates(candidates, allowed, determinism, max_workspace)
+        .first()
+        .copied()
+}
+
+/// A candidate whose workspace, as cuDNN's size query gives it for the call, is over the cap
+/// although its measurement fitted: passed over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Oversized<A> {
+    pub algo: A,
+    pub math: sys::cudnnMathType_t,
+    pub bytes: usize,
+}
+
+/// The choice made after asking each ranked candidate's workspace.
+#[derive(Clone, Debug)]
+pub(crate) struct Fitted<A> {
+    pub chosen: AlgoPerf<A>,
+    /// What the chosen algorithm runs with: the larger of its measurement's and the size
+    /// query's.
+    pub workspace_bytes: usize,
+    /// The better-ranked candidates passed over for their queried size.
+    pub oversized: Vec<Oversized<A>>,
+}
+
+/// The first of `ranked` (see [`ranked_candidates`]) whose workspace fits `max_workspace`,
+/// asking `workspace_size` (cuDNN's `Get*WorkspaceSize` for the call) for each in turn: the
+/// measurement's own figure is not the last word, and running an algorithm with more workspace
+/// than the cap would silently break it. `None` when no candidate fits.
+pub(crate) fn first_that_fits<A: ConvAlgorithm>(
+    ranked: &[AlgoPerf<A>],
+    max_workspace: usize,
+    mut workspace_size: impl FnMut(&AlgoPerf<A>) -> Result<usize>,
+) -> Result<Option<Fitted<A>>> {
+    let mut oversized = Vec::new();
+    for p in ranked {
+        let bytes = workspace_size(p)?.max(p.workspace);
+        if bytes <= max_workspace {
+            return Ok(Some(Fitted {
+                chosen: *p,
+                workspace_bytes: bytes,
+                oversized,
+            }));
+        }
+        oversized.push(Oversized {
+            algo: p.algo,
+            math: p.math,
+            bytes,
+        });
     }
-    .or_else(|| candidates.iter().find(qualifies))
-    .copied()
+    Ok(None)
+}
+
+/// The math type a convolution runs its chosen algorithm with: true fp32 (`CUDNN_FMA_MATH`)
+/// keeps FMA whatever `Find` reports (an algorithm without a tensor-op version comes back as
+/// `CUDNN_DEFAULT_MATH`, which on Ampere and newer would permit TF32); otherwise the math type
+/// the winner was measured with, as cuDNN asks.
+pub(crate) fn run_math(
+    layer: sys::cudnnMathType_t,
+    measured: sys::cudnnMathType_t,
+) -> sys::cudnnMathType_t {
+    match layer {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH => layer,
+        _ => measured,
+    }
 }
 
 /// What a choice cost, in cuDNN's own measurements: the chosen algorithm, what it is
@@ -351,11 +428,17 @@ pub(crate) fn describe_choice<A: ConvAlgorithm>(
     allowed: Allowed,
     determinism: Determinism,
     max_workspace: usize,
+    oversized: &[Oversized<A>],
 ) -> String {
     let mut traits = Vec::new();
+    let default_math = chosen.math == sys::cudnnMathType_t::CUDNN_DEFAULT_MATH;
     if !fma_math(chosen) {
         traits.push("tensor-op math");
-    } else if !chosen.algo.keeps_fp32_accuracy() {
+    } else if default_math && allowed == Allowed::Any {
+        // Run as measured (see `run_math`): cuDNN's default math permits TF32 on Ampere+.
+        traits.push("default math, tensor ops permitted");
+    }
+    if fma_math(chosen) && !chosen.algo.keeps_fp32_accuracy() {
         traits.push("transform");
     }
     if !chosen.deterministic {
@@ -371,6 +454,16 @@ pub(crate) fn describe_choice<A: ConvAlgorithm>(
     let beaten_by = match fastest {
         Some(f) if (f.algo, f.math) != (chosen.algo, chosen.math) && f.time_ms < chosen.time_ms => {
             let mut rules = ruled_out_by(f, allowed, max_workspace);
+            if let Some(o) = oversized
+                .iter()
+                .find(|o| (o.algo, o.math) == (f.algo, f.math))
+            {
+                rules.push(format!(
+                    "cuDNN's size query says it needs {} bytes of workspace, over the \
+                     {max_workspace}-byte cap",
+                    o.bytes
+                ));
+            }
             if rules.is_empty() && !f.deterministic && determinism == Determinism::Preferred {
                 rules.push("non-deterministic (deterministic preferred)".to_string());
             }
@@ -547,7 +640,7 @@ mod tests {
         };
         let describe = |candidates: &[FwdAlgoPerf], allowed, determinism, cap| {
             let chosen = choose_algorithm(candidates, allowed, determinism, cap).unwrap();
-            describe_choice(candidates, &chosen, allowed, determinism, cap)
+            describe_choice(candidates, &chosen, allowed, determinism, cap, &[])
         };
         use Determinism::*;
         let candidates = [
@@ -901,5 +994,143 @@ mod tests {
             usize::MAX
         )
         .is_none());
+    }
+
+    /// Deterministic candidates first (each group by speed) when preferred; by speed alone
+    /// otherwise; candidates that do not qualify are left out of both.
+    #[test]
+    fn candidates_are_ranked_deterministic_first_when_preferred() {
+        let fastest_first = [
+            perf(CUDNN_CONVOLUTION_FWD_ALGO_FFT, CUDNN_FMA_MATH, false),
+            perf(CUDNN_CONVOLUTION_FWD_ALGO_GEMM, CUDNN_TENSOR_OP_MATH, true),
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                CUDNN_FMA_MATH,
+                true,
+            ),
+            perf(CUDNN_CONVOLUTION_FWD_ALGO_DIRECT, CUDNN_FMA_MATH, false),
+        ];
+        let order = |allowed, determinism| {
+            ranked_candidates(&fastest_first, allowed, determinism, usize::MAX)
+                .iter()
+                .map(|p| p.algo)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            order(Allowed::Fp32, Determinism::Preferred),
+            [
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+            ]
+        );
+        assert_eq!(
+            order(Allowed::Any, Determinism::Indifferent),
+            fastest_first.map(|p| p.algo)
+        );
+    }
+
+    /// cuDNN's size query for the call, not only the measurement's figure, decides whether a
+    /// candidate fits the cap: a faster one whose query says more than the cap is passed over
+    /// (and said so), the one chosen runs with the larger of the two figures.
+    #[test]
+    fn a_candidate_whose_queried_workspace_is_over_the_cap_is_passed_over() {
+        let measured = |algo, workspace, time_ms| FwdAlgoPerf {
+            workspace,
+            time_ms,
+            ..perf(algo, CUDNN_FMA_MATH, true)
+        };
+        let fastest_first = [
+            measured(CUDNN_CONVOLUTION_FWD_ALGO_FFT, 100 << 20, 1.0),
+            measured(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                8 << 20,
+                2.0,
+            ),
+            measured(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, 0, 3.0),
+        ];
+        let cap = 512 << 20;
+        // The FFT's query says more than its measurement, over the cap; the GEMM's says less
+        // than its measurement.
+        let queried = |p: &FwdAlgoPerf| {
+            Ok(match p.algo {
+                CUDNN_CONVOLUTION_FWD_ALGO_FFT => 600 << 20,
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM => 4 << 20,
+                _ => 0,
+            })
+        };
+        let ranked = ranked_candidates(&fastest_first, Allowed::Fp32, Determinism::Preferred, cap);
+        let fitted = first_that_fits(&ranked, cap, queried).unwrap().unwrap();
+        assert_eq!(
+            fitted.chosen.algo,
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+        );
+        assert_eq!(fitted.workspace_bytes, 8 << 20);
+        assert_eq!(
+            fitted.oversized,
+            [Oversized {
+                algo: CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                math: CUDNN_FMA_MATH,
+                bytes: 600 << 20
+            }]
+        );
+        assert_eq!(
+            describe_choice(
+                &fastest_first,
+                &fitted.chosen,
+                Allowed::Fp32,
+                Determinism::Preferred,
+                cap,
+                &fitted.oversized
+            ),
+            "CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM 2.000 ms; fastest measured \
+             CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms, passed over: cuDNN's size query says it \
+             needs 629145600 bytes of workspace, over the 536870912-byte cap; 3 candidates"
+        );
+        // Nothing fits: no choice. A failing query is the error returned.
+        assert!(first_that_fits(&ranked, 0, |_| Ok(1)).unwrap().is_none());
+        let failed = first_that_fits(&ranked, cap, |_| Err(Error::invalid("query", "failed")));
+        assert!(failed.is_err());
+    }
+
+    /// True fp32 keeps FMA math whatever `Find` reports (default math would permit TF32 on
+    /// Ampere and newer); TF32 and fp16 layers run the math type measured.
+    #[test]
+    fn true_fp32_runs_fma_math_whatever_find_reports() {
+        for measured in [CUDNN_DEFAULT_MATH, CUDNN_TENSOR_OP_MATH, CUDNN_FMA_MATH] {
+            assert_eq!(run_math(CUDNN_FMA_MATH, measured), CUDNN_FMA_MATH);
+            assert_eq!(run_math(CUDNN_DEFAULT_MATH, measured), measured);
+            assert_eq!(run_math(CUDNN_TENSOR_OP_MATH, measured), measured);
+        }
+    }
+
+    /// A default-math winner where tensor ops are allowed is said to permit them.
+    #[test]
+    fn a_default_math_choice_says_tensor_ops_are_permitted_where_allowed() {
+        let candidates = [perf(
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            CUDNN_DEFAULT_MATH,
+            true,
+        )];
+        let describe = |allowed| {
+            describe_choice(
+                &candidates,
+                &candidates[0],
+                allowed,
+                Determinism::Preferred,
+                usize::MAX,
+                &[],
+            )
+        };
+        assert_eq!(
+            describe(Allowed::Any),
+            "CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM 1.000 ms (default math, tensor ops \
+             permitted); the fastest measured; 1 candidates"
+        );
+        assert_eq!(
+            describe(Allowed::Fp32),
+            "CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM 1.000 ms; the fastest measured; \
+             1 candidates"
+        );
     }
 }

@@ -32,6 +32,28 @@ pub(crate) fn search_sizes(limit: usize) -> [usize; 4] {
     [limit, limit / 4, limit / 16, 0]
 }
 
+/// One try at making room for a search: the buffer's size, and the cap a candidate's need is
+/// held to (at most the limit, also when earlier choices keep a larger buffer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SearchAttempt {
+    pub allocate: usize,
+    pub cap: usize,
+}
+
+/// The tries of [`ConvWorkspace::for_search`], largest first: each of [`search_sizes`] as the
+/// cap, with a buffer no smaller than `high_water`; a buffer size already tried (and failed)
+/// is not tried again.
+pub(crate) fn search_attempts(limit: usize, high_water: usize) -> Vec<SearchAttempt> {
+    let mut attempts: Vec<SearchAttempt> = Vec::new();
+    for cap in search_sizes(limit) {
+        let allocate = cap.max(high_water);
+        if attempts.last().is_none_or(|a| a.allocate != allocate) {
+            attempts.push(SearchAttempt { allocate, cap });
+        }
+    }
+    attempts
+}
+
 impl ConvWorkspace {
     pub fn new(limit: usize) -> Self {
         ConvWorkspace {
@@ -62,13 +84,13 @@ impl ConvWorkspace {
     }
 
     /// Makes the workspace as large as the cap allows for measuring algorithms (smaller where
-    /// memory is short) and returns its size: candidates needing more are not measured.
+    /// memory is short, never below what the algorithms chosen before need) and returns the
+    /// most a candidate may need to be chosen.
     pub fn for_search(&mut self, stream: &Arc<CudaStream>) -> Result<usize> {
         let mut last_error = None;
-        for bytes in search_sizes(self.limit) {
-            let bytes = bytes.max(self.high_water);
-            match self.resize(stream, bytes) {
-                Ok(()) => return Ok(bytes),
+        for attempt in search_attempts(self.limit, self.high_water) {
+            match self.resize(stream, attempt.allocate) {
+                Ok(()) => return Ok(attempt.cap),
                 Err(e @ Error::OutOfMemory { .. }) => last_error = Some(e),
                 Err(e) => return Err(e),
             }
@@ -165,5 +187,28 @@ mod tests {
         assert!(sizes.windows(2).all(|w| w[0] > w[1]), "{sizes:?}");
         assert_eq!(sizes[3], 0);
         assert_eq!(search_sizes(0), [0; 4]);
+    }
+
+    /// The cap never exceeds the limit, even when earlier choices keep a larger buffer (a limit
+    /// lowered after they were made), and a buffer size that failed is not tried again.
+    #[test]
+    fn the_search_cap_stays_within_the_limit_and_no_size_is_tried_twice() {
+        const MIB: usize = 1 << 20;
+        let tries = |limit, high_water| {
+            search_attempts(limit, high_water)
+                .iter()
+                .map(|a| (a.allocate / MIB, a.cap / MIB))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            tries(512 * MIB, 0),
+            [(512, 512), (128, 128), (32, 32), (0, 0)]
+        );
+        assert_eq!(
+            tries(512 * MIB, 64 * MIB),
+            [(512, 512), (128, 128), (64, 32)]
+        );
+        assert_eq!(tries(512 * MIB, 600 * MIB), [(600, 512)]);
+        assert_eq!(tries(0, 0), [(0, 0)]);
     }
 }

@@ -22,8 +22,9 @@ use super::calls::{pack_conv_weights, ConvCall};
 use super::{bias_act, layout_err, shape_err, upload};
 use crate::config::window_output;
 use crate::cuda::cudnn::{
-    choose_algorithm, describe_choice, find_forward_algorithms, AlgoPerf, Allowed, ConvAlgorithm,
-    ConvDesc, CudnnHandle, Determinism, FilterDesc, FindBuffers, TensorDesc,
+    describe_choice, find_forward_algorithms, first_that_fits, ranked_candidates, run_math,
+    AlgoPerf, Allowed, ConvAlgorithm, ConvDesc, CudnnHandle, Determinism, FilterDesc, FindBuffers,
+    TensorDesc,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -56,7 +57,10 @@ pub struct ConvOptions {
     pub fp32_gemm_only: bool,
     /// Prefer deterministic algorithms: the fastest deterministic one even when a
     /// non-deterministic one (summing with atomics) measured faster, so the same step gives
-    /// the same gradients. On by default. Off: the fastest measured, as PyTorch with
+    /// the same gradients within a process. On by default. Which algorithm is fastest is
+    /// measured anew in each process, so another run (or a resumed one) may choose another
+    /// deterministic algorithm, which rounds differently: two runs agree bit for bit only
+    /// where they chose the same algorithms (`Conv2dGpu::choices` lists them). Off: the fastest measured, as PyTorch with
     /// `cudnn.benchmark` on does by default. Forward algorithms are deterministic either way;
     /// this matters for the backward.
     pub deterministic: bool,
@@ -498,16 +502,17 @@ impl<T: GpuFloat> Conv2dGpu<T> {
     /// "backward filter", for messages) on `call`'s shapes: `search` runs
     /// cuDNN's `Find` for that call on the real buffers (given the handle, a fresh convolution
     /// descriptor with the layer's math type, and the shared workspace made as large as the cap
-    /// allows), the rules of [`choose_algorithm`] pick one, `workspace_size` asks what it needs,
-    /// and the workspace shrinks to the most any chosen algorithm needs. The descriptor returned
-    /// carries the math type the winner was measured with.
+    /// allows), the rules of [`ranked_candidates`] order the candidates, the first whose
+    /// `workspace_size` fits the cap wins, and the workspace shrinks to the most any chosen
+    /// algorithm needs (also when no choice is made). The descriptor returned carries the math
+    /// type the winner runs with ([`run_math`]).
     fn measure<A: ConvAlgorithm>(
         &self,
         gpu: &Gpu,
         what: &str,
         call: &ConvCall,
         search: impl FnOnce(&CudnnHandle, &ConvDesc, *mut c_void, usize) -> Result<Vec<AlgoPerf<A>>>,
-        workspace_size: impl FnOnce(&CudnnHandle, &ConvDesc, A) -> Result<usize>,
+        workspace_size: impl Fn(&CudnnHandle, &ConvDesc, A) -> Result<usize>,
     ) -> Result<Chosen<A>> {
         const OP: &str = "Conv2dGpu (algorithm choice)";
         gpu.bind()?;
@@ -519,46 +524,65 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         refuse_during_capture(stream, "choosing a convolution algorithm")?;
         let handle = gpu.cudnn()?;
         let mut workspace = gpu.conv_workspace()?;
-        let search_bytes = workspace.for_search(stream)?;
-        // Measured on an idle device: nothing queued before may still use these buffers or
-        // slow the candidates down.
-        stream
-            .synchronize()
-            .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
-        let candidates = {
-            let (ws_ptr, ws_bytes, _ws_done) = workspace.device_ptr(stream);
-            search(&handle, &conv, ws_ptr, ws_bytes)?
-        };
-        let true_fp32 = self.math == cudnnMathType_t::CUDNN_FMA_MATH;
         let allowed = Allowed::new(self.math, self.options.fp32_gemm_only);
         let determinism = match self.options.deterministic {
             true => Determinism::Preferred,
             false => Determinism::Indifferent,
         };
-        let best =
-            choose_algorithm(&candidates, allowed, determinism, search_bytes).ok_or_else(|| {
+        let search_bytes = workspace.for_search(stream)?;
+        let outcome = (|| {
+            // Measured on an idle device: nothing queued before may still use these buffers or
+            // slow the candidates down.
+            stream
+                .synchronize()
+                .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
+            let candidates = {
+                let (ws_ptr, ws_bytes, _ws_done) = workspace.device_ptr(stream);
+                search(&handle, &conv, ws_ptr, ws_bytes)?
+            };
+            let ranked = ranked_candidates(&candidates, allowed, determinism, search_bytes);
+            // Each candidate's size is asked with the math type it would run with.
+            let fitted = first_that_fits(&ranked, search_bytes, |p| {
+                conv.set_math(run_math(self.math, p.math))?;
+                workspace_size(&handle, &conv, p.algo)
+            })?
+            .ok_or_else(|| {
                 Error::cuda(
                     OP,
                     format!(
-                    "cuDNN has no usable {what} algorithm for input {:?} ({:?}, {:?}) within a \
+                        "cuDNN has no usable {what} algorithm for input {:?} ({:?}, {:?}) within a \
                          {search_bytes}-byte workspace; candidates: {candidates:?}",
-                    call.x,
-                    T::DTYPE,
-                    self.options.layout
-                ),
+                        call.x,
+                        T::DTYPE,
+                        self.options.layout
+                    ),
                 )
             })?;
-        if !true_fp32 {
-            // The math type Find measured the winner with (tensor ops or not) is the one to run.
-            conv.set_math(best.math)?;
-        }
-        let workspace_bytes = workspace_size(&handle, &conv, best.algo)?.max(best.workspace);
-        workspace.settle(stream, workspace_bytes)?;
+            Ok((candidates, fitted))
+        })();
+        let (candidates, fitted) = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Back to what the algorithms chosen before need; the search's error is the
+                // one to report, whatever the shrink says.
+                let _ = workspace.settle(stream, 0);
+                return Err(e);
+            }
+        };
+        // The descriptor keeps the math type of the last candidate asked: the chosen one's.
+        workspace.settle(stream, fitted.workspace_bytes)?;
         Ok(Chosen {
             conv,
-            algo: best.algo,
-            workspace_bytes,
-            measured: describe_choice(&candidates, &best, allowed, determinism, search_bytes),
+            algo: fitted.chosen.algo,
+            workspace_bytes: fitted.workspace_bytes,
+            measured: describe_choice(
+                &candidates,
+                &fitted.chosen,
+                allowed,
+                determinism,
+                search_bytes,
+                &fitted.oversized,
+            ),
         })
     }
 
