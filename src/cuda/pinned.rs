@@ -6,9 +6,11 @@
 //! - downloads ([`alloc_readback`]): ordinary cached page-locked memory (`cuMemHostAlloc` with
 //!   flags 0), fast for the host to read.
 //!
-//! Both are cudarc [`PinnedHostSlice`]s: they free themselves on drop (after the last recorded
-//! GPU use completes) and make the host wait for pending GPU copies before handing out a slice.
-//! Both are zero-filled at allocation, so no uninitialised byte is ever exposed.
+//! Both are cudarc [`PinnedHostSlice`]s, freed on drop. cudarc's own event on them is never
+//! recorded here (the crate turns its event tracking off, see `Gpu::new`), so neither a slice
+//! handed to the host nor the drop waits for a copy still in flight: whoever queues a copy from
+//! or into one waits for it (its own event, or the stream) before the host touches or drops the
+//! memory again. Both are zero-filled at allocation, so no uninitialised byte is ever exposed.
 
 use std::sync::Arc;
 

@@ -113,9 +113,10 @@ impl<T: GpuFloat> GpuTensor<T> {
     }
 
     /// Overwrites the contents from page-locked host memory holding elements in this tensor's
-    /// memory order: one asynchronous DMA on the stream, no host copy. The memory's own event
-    /// records the copy, so a host write into it ([`PinnedHostSlice::as_mut_slice`]) waits
-    /// until the copy has read it.
+    /// memory order: one asynchronous DMA on the compute stream, no host copy. Nothing records
+    /// the copy in the memory's own event (event tracking is off): the caller keeps the memory
+    /// alive and unwritten until the stream has passed the copy (the trainer reads the step's
+    /// loss back on the same stream before it hands the buffer back).
     pub(crate) fn upload_page_locked(
         &mut self,
         gpu: &Gpu,

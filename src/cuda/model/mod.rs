@@ -4,6 +4,8 @@ mod backend;
 mod buffers;
 mod net;
 
+use std::mem::ManuallyDrop;
+
 use cudarc::driver::{CudaEvent, CudaStream, CudaView, PinnedHostSlice};
 use half::f16;
 use ndarray::{Array2, ArrayView4, ArrayViewD};
@@ -110,7 +112,8 @@ type HostObserver<'a> = dyn FnMut(&str, ArrayViewD<'_, f32>) + 'a;
 /// ahead of time). A steady-state forward allocates nothing on the device, creates no
 /// descriptor and synchronises once, to hand back the result.
 pub struct CudaModel {
-    net: TypedNet,
+    /// Dropped by hand in `Drop`: only once the GPU is done with its page-locked buffers.
+    net: ManuallyDrop<TypedNet>,
     events: StageEvents,
     last_timings: Option<StageTimings>,
     config: AlexNetConfig,
@@ -138,6 +141,15 @@ impl Drop for CudaModel {
         // binding its context, so make it current on this thread first. A failure leaves
         // nothing better to do (and must not panic).
         let _ = self.gpu.bind();
+        // A forward that failed part way may have left a copy from or into the network's
+        // page-locked buffers queued (cudarc does not track them: see `Gpu::new`): they are
+        // freed only once the compute stream is idle. If that wait fails (a broken context),
+        // whether a copy still runs is unknown, so the network is leaked rather than freed
+        // under a DMA, as `Pipeline`'s slots are.
+        if self.gpu.stream().synchronize().is_ok() {
+            // SAFETY: dropped exactly once, here; nothing uses `net` after `drop` begins.
+            unsafe { ManuallyDrop::drop(&mut self.net) };
+        }
     }
 }
 
@@ -188,7 +200,7 @@ impl CudaModel {
         };
         let events = StageEvents::new(&gpu)?;
         Ok(CudaModel {
-            net,
+            net: ManuallyDrop::new(net),
             events,
             last_timings: None,
             config,
@@ -227,7 +239,7 @@ impl CudaModel {
 
     /// The batch size the buffers are allocated for, if any.
     pub fn batch_size(&self) -> Option<usize> {
-        with_net!(&self.net, net => net.batch_size())
+        with_net!(&*self.net, net => net.batch_size())
     }
 
     /// Allocates every buffer for batch `n` and chooses the convolution algorithms, so the
@@ -235,7 +247,7 @@ impl CudaModel {
     pub fn prepare(&mut self, n: usize) -> Result<()> {
         check_batch(n)?;
         let gpu = &self.gpu;
-        with_net!(&mut self.net, net => net.ready(gpu, n).map(|_| ()))
+        with_net!(&mut *self.net, net => net.ready(gpu, n).map(|_| ()))
     }
 
     /// Allocates the buffers for batch `n` if needed and fills every activation buffer (input
@@ -245,7 +257,7 @@ impl CudaModel {
     pub fn poison_buffers(&mut self, n: usize) -> Result<()> {
         check_batch(n)?;
         let gpu = &self.gpu;
-        with_net!(&mut self.net, net => {
+        with_net!(&mut *self.net, net => {
             let (_, bufs) = net.ready(gpu, n)?;
             bufs.poison(gpu)
         })
@@ -299,7 +311,7 @@ impl CudaModel {
             .check_batch("CudaModel::forward_f32", input.shape())?;
         let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);
         let stream = gpu.stream();
-        let logits = with_net!(&mut self.net, net => {
+        let logits = with_net!(&mut *self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
             record(&events.h2d_start, stream)?;
             // The copy ends the upload; a relayout on the device (fp16) counts as compute.
@@ -360,7 +372,7 @@ impl CudaModel {
         let n = self.check_u8_batch(batch, "CudaModel::forward_u8")?;
         let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);
         let stream = gpu.stream();
-        let logits = with_net!(&mut self.net, net => {
+        let logits = with_net!(&mut *self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
             run_u8(gpu, events, layers, bufs, batch, norm, eager)?;
             record(&events.compute_end, stream)?;
@@ -389,7 +401,7 @@ impl CudaModel {
         let norm = self.options.normalization;
         let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);
         let stream = gpu.stream();
-        let top = with_net!(&mut self.net, net => {
+        let top = with_net!(&mut *self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
             run_u8(gpu, events, layers, bufs, batch, &norm, eager)?;
             bufs.top_k(gpu, k)?;
@@ -418,7 +430,7 @@ impl CudaModel {
         if self.options.eager {
             return Some(GraphStatus::Disabled);
         }
-        with_net!(&self.net, net => net.graph_status())
+        with_net!(&*self.net, net => net.graph_status())
     }
 
     /// How many batch sizes' algorithm choices a model keeps: coming back to one of the last
@@ -429,7 +441,7 @@ impl CudaModel {
     /// The cuDNN algorithm each convolution chose, by stage name, for each batch size whose
     /// choices are kept (the last [`CudaModel::PLANNED_SIZES`] sizes run).
     pub fn conv_plans(&self) -> Vec<(String, ConvPlanInfo)> {
-        with_net!(&self.net, net => net.layers().conv_plans())
+        with_net!(&*self.net, net => net.layers().conv_plans())
     }
 
     /// CUDA-event timings of the last batch: upload, compute (input preparation to logits),
@@ -456,7 +468,7 @@ impl CudaModel {
     ) -> Result<()> {
         check_batch(n)?;
         let (gpu, eager) = (&self.gpu, self.options.eager);
-        with_net!(&mut self.net, net => {
+        with_net!(&mut *self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;
             bufs.prepare_from(gpu, src, norm)?;
             layers.run_forward(gpu, bufs, eager)?;

@@ -88,6 +88,9 @@ impl TopK {
     /// probable first. Waits for the GPU.
     pub fn to_host(&mut self, gpu: &Gpu) -> Result<Vec<Vec<(usize, f32)>>> {
         self.start_download(gpu)?;
+        // The page-locked buffers' own events are not recorded (event tracking is off, see
+        // `Gpu::new`): reading them waits for nothing, so wait for the copies here.
+        gpu.synchronize()?;
         self.read_downloaded()
     }
 
@@ -115,7 +118,8 @@ impl TopK {
             .map_err(driver_err("cuMemcpyDtoH (top-k probabilities)"))
     }
 
-    /// Waits for [`TopK::start_download`]'s copies and reads them.
+    /// Reads what [`TopK::start_download`] copied. The caller has waited for the copies (an
+    /// event recorded after them, or the stream): nothing here does.
     pub(crate) fn read_downloaded(&self) -> Result<Vec<Vec<(usize, f32)>>> {
         let (rows, k) = self.filled.ok_or_else(|| {
             Error::invalid("top-k", "no softmax_top_k has run into these buffers")
