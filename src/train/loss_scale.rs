@@ -92,21 +92,19 @@ impl LossScale {
     }
 
     /// This schedule, continued from a saved `scale` and count of `good_steps` (from a
-    /// checkpoint's [`SavedLossScale`]).
+    /// checkpoint's [`SavedLossScale`]). A count at or past this schedule's growth interval
+    /// (saved under a longer one: the checkpoint keeps no schedule) means the growth is due:
+    /// the next good step grows the scale.
     pub fn resumed(self, scale: f32, good_steps: u32) -> Result<Self> {
-        if !(scale.is_finite() && scale > 0.0) || good_steps >= self.growth_interval {
+        if !(scale.is_finite() && scale > 0.0) {
             return Err(Error::invalid(
                 "saved loss scale",
-                format!(
-                    "scale {scale} after {good_steps} good steps: need a finite positive scale \
-                     and fewer good steps than the growth interval {}",
-                    self.growth_interval
-                ),
+                format!("scale {scale}: need a finite positive scale"),
             ));
         }
         Ok(LossScale {
             scale,
-            good_steps,
+            good_steps: good_steps.min(self.growth_interval.saturating_sub(1)),
             ..self
         })
     }
@@ -203,8 +201,24 @@ mod tests {
         let schedule = LossScale::default();
         assert!(schedule.resumed(f32::INFINITY, 0).is_err());
         assert!(schedule.resumed(0.0, 0).is_err());
-        assert!(schedule.resumed(8.0, 2000).is_err());
         assert_eq!(schedule.resumed(8.0, 1999).unwrap().scale(), 8.0);
+    }
+
+    /// A count saved under a longer growth interval than the resuming schedule's is not an
+    /// error: the growth it has earned comes with the next good step, and an overflow still
+    /// halves the scale as usual.
+    #[test]
+    fn a_count_past_the_growth_interval_grows_the_scale_at_the_next_good_step() {
+        let schedule = LossScale::new(1024.0, 2.0, 0.5, 10).unwrap();
+        for saved_count in [10, 50, u32::MAX] {
+            let mut resumed = schedule.resumed(8.0, saved_count).unwrap();
+            assert_eq!(resumed.good_steps(), 9);
+            assert!(resumed.update(false));
+            assert_eq!((resumed.scale(), resumed.good_steps()), (16.0, 0));
+            let mut resumed = schedule.resumed(8.0, saved_count).unwrap();
+            assert!(!resumed.update(true));
+            assert_eq!((resumed.scale(), resumed.good_steps()), (4.0, 0));
+        }
     }
 
     #[test]
