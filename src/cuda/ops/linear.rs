@@ -153,6 +153,7 @@ impl<T: GpuFloat> LinearGpu<T> {
             .is_none_or(|dx| dx.shape() == x.shape() && dx.layout() == x.layout());
         if rows.checked_mul(inputs) != Some(x.len())
             || dy.shape() != [rows, outputs].as_slice()
+            || dy.layout() != Layout::Nchw
             || !dx_ok
             || dw.len() != outputs * inputs
             || db.len() != outputs
@@ -160,8 +161,8 @@ impl<T: GpuFloat> LinearGpu<T> {
             return Err(shape_err(
                 OP,
                 format!(
-                    "x [N, {inputs}] (any shape with N * {inputs} elements), dy [N, {outputs}], \
-                     dx shaped like x, {} weight and {outputs} bias gradients",
+                    "x [N, {inputs}] (any shape with N * {inputs} elements), dy [N, {outputs}] \
+                     (row-major), dx shaped like x, {} weight and {outputs} bias gradients",
                     outputs * inputs
                 ),
                 &[x.shape(), dy.shape(), &[dw.len(), db.len()]].concat(),

@@ -36,16 +36,26 @@ impl LrnGpu {
         layout: Layout,
         relu_first: bool,
     ) -> Result<(AlexnetLrnParams, LaunchConfig)> {
-        const OP: &str = "LrnGpu::forward";
+        self.launch_args("LrnGpu::forward", dims, layout, relu_first)
+    }
+
+    /// [`LrnGpu::args`], with errors naming `op`.
+    fn launch_args(
+        &self,
+        op: &'static str,
+        dims: [usize; 4],
+        layout: Layout,
+        relu_first: bool,
+    ) -> Result<(AlexnetLrnParams, LaunchConfig)> {
         let params = AlexnetLrnParams {
-            shape: abi_shape(OP, dims, layout == Layout::Nhwc)?,
-            size: to_u32(OP, "size", self.params.size)?,
+            shape: abi_shape(op, dims, layout == Layout::Nhwc)?,
+            size: to_u32(op, "size", self.params.size)?,
             k: self.params.k,
             alpha: self.params.alpha,
             beta: self.params.beta,
             relu_first: u32::from(relu_first),
         };
-        Ok((params, grid_1d(OP, element_count(&dims)?)?))
+        Ok((params, grid_1d(op, element_count(&dims)?)?))
     }
 
     /// `y = lrn(relu_first ? max(x, 0) : x)`; `x` and `y` have the same 4-D shape and layout.
@@ -86,7 +96,7 @@ impl LrnGpu {
         dims: [usize; 4],
         layout: Layout,
     ) -> Result<(AlexnetLrnParams, LaunchConfig)> {
-        self.args(dims, layout, false)
+        self.launch_args("LrnGpu::backward", dims, layout, false)
     }
 
     /// The backward of [`LrnGpu::forward`] (without the fused ReLU) for training (f32, or f16
