@@ -62,7 +62,9 @@ pub struct CudaTrainOptions {
     /// precision with it is an error.
     pub fp32_gemm_only: bool,
     /// Prefer deterministic convolution algorithms, so the same step gives the same weights
-    /// (see [`crate::cuda::ConvOptions::deterministic`]). On by default. Off: cuDNN's fastest
+    /// within a process (another process measures afresh and may choose other algorithms:
+    /// see [`crate::cuda::ConvOptions::deterministic`] and [`CudaTrainer::conv_choices`]).
+    /// On by default. Off: cuDNN's fastest
     /// measured backward algorithms even when they sum with atomics, as PyTorch's default
     /// (`cudnn.deterministic` off); the steps then agree with the CPU's within the same
     /// tolerance but not bit for bit from run to run.
