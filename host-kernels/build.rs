@@ -13,15 +13,21 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let kernel_dir = manifest.join("..").join("kernels");
-    println!("cargo:rerun-if-changed={}", kernel_dir.display());
+    // Deliberately wrong kernels that show the emulation's checks can fail (host only).
+    let check_dir = manifest.join("checks");
     println!("cargo:rerun-if-env-changed=CXX");
 
     let mut modules = Vec::new(); // (module, [kernel names])
-    let mut entries = fs::read_dir(&kernel_dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", kernel_dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect::<Vec<_>>();
-    entries.sort();
+    let mut entries = Vec::new();
+    for dir in [&kernel_dir, &check_dir] {
+        println!("cargo:rerun-if-changed={}", dir.display());
+        let mut found = fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect::<Vec<_>>();
+        found.sort();
+        entries.extend(found);
+    }
     for path in entries {
         println!("cargo:rerun-if-changed={}", path.display());
         if path.extension().and_then(|e| e.to_str()) != Some("cu") {
@@ -55,7 +61,7 @@ fn main() {
             for name in modules.iter().flat_map(|(_, k)| k) {
                 let _ = writeln!(
                     rust,
-                    "    fn alexnet_host_{name}(grid: u32, block: u32, args: *mut *mut core::ffi::c_void) -> i32;"
+                    "    fn alexnet_host_{name}(grid: u32, block: u32, args: *mut *mut core::ffi::c_void, message: *mut core::ffi::c_char, capacity: usize) -> i32;"
                 );
             }
             rust.push_str("}\n\npub(crate) static ENTRIES: &[(&str, &str, Entry)] = &[\n");
@@ -99,6 +105,7 @@ fn compile(kernel_dir: &Path, sources: &[PathBuf]) -> Result<(), String> {
         .cpp(true)
         .std("c++20")
         .include(kernel_dir)
+        .include(kernel_dir.join("..").join("host-kernels").join("checks"))
         .files(sources)
         .opt_level(2)
         // The kernels never let the compiler fuse a multiply and an add (the CPU twins do not).

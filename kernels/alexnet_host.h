@@ -4,8 +4,13 @@
  * Included before a kernel source (never by nvcc or NVRTC), it turns the CUDA keywords into C++:
  * a launch runs the grid one block at a time, each block as `blockDim.x` real threads, so
  *  - `threadIdx`/`blockIdx`/`blockDim`/`gridDim` are per-thread values set by the launcher;
- *  - `__syncthreads()` is a barrier across the block's threads;
+ *  - `__syncthreads()` is a barrier across the block's threads, which also checks that every
+ *    thread of the block arrived from the same `__syncthreads` (a barrier in divergent code, or
+ *    a thread returning before one, is an error of the launch here where a GPU hangs or
+ *    computes garbage);
  *  - `__shfl_xor_sync` exchanges values through a per-warp slot array between two warp barriers;
+ *    a mask other than the full warp's, or a block that is not whole warps, is an error of the
+ *    launch (the GPU leaves such shuffles undefined);
  *  - `__shared__` variables are static (one block runs at a time, and launches are serialised);
  *  - `atomicOr` is a std::atomic_ref read-modify-write;
  *  - the f16 conversions of alexnet_half.cuh use the software fallbacks below (bit-exact
@@ -23,6 +28,7 @@
 
 #define ALEXNET_HOST_EMULATION 1
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -30,6 +36,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -48,26 +55,105 @@ struct dim3 {
 
 namespace alexnet_host {
 
+/* Where a thread reached the block barrier: a `__syncthreads` (its file and line), or the end
+ * of the block (`file` null). */
+struct Site {
+    const char *file;
+    int line;
+};
+
+inline bool same_site(Site a, Site b)
+{
+    if (a.line != b.line || (a.file == nullptr) != (b.file == nullptr))
+        return false;
+    return a.file == b.file || std::strcmp(a.file, b.file) == 0;
+}
+
+inline std::string describe(Site site)
+{
+    if (site.file == nullptr)
+        return "the end of the block (it returned)";
+    return std::string("__syncthreads at ") + site.file + ":" + std::to_string(site.line);
+}
+
+/* The launch's first misuse of a barrier or a shuffle, if any. */
+struct Checks {
+    std::mutex lock;
+    std::string first;
+    void report(std::string what) noexcept
+    {
+        try {
+            std::lock_guard<std::mutex> guard(lock);
+            if (first.empty())
+                first = std::move(what);
+        } catch (...) {
+            /* Out of memory for the message: the launch still fails, with a shorter one. */
+            first = "misuse (message lost)";
+        }
+    }
+};
+
+/* Runs once per phase of the block barrier, when every thread has arrived: all must have come
+ * from the same place. */
+struct BlockPhase {
+    const std::vector<Site> *sites;
+    Checks *checks;
+    void operator()() noexcept
+    {
+        const auto &at = *sites;
+        for (std::size_t t = 1; t < at.size(); ++t) {
+            if (!same_site(at[0], at[t])) {
+                try {
+                    checks->report("threads 0 and " + std::to_string(t) +
+                                   " of a block met at different barriers: " +
+                                   describe(at[0]) + " and " + describe(at[t]) +
+                                   " (a __syncthreads that not every thread reaches)");
+                } catch (...) {
+                    checks->report("threads of a block met at different barriers");
+                }
+                return;
+            }
+        }
+    }
+};
+
+using BlockBarrier = std::barrier<BlockPhase>;
+
 /* What one emulated GPU thread knows about itself. */
 struct ThreadState {
     dim3 thread_idx, block_idx, block_dim, grid_dim;
-    std::barrier<> *block = nullptr;
+    BlockBarrier *block = nullptr;
+    std::vector<Site> *sites = nullptr;
+    Checks *checks = nullptr;
     std::vector<std::unique_ptr<std::barrier<>>> *warps = nullptr;
     std::vector<std::uint64_t> *shuffle = nullptr;
 };
 
+
 inline thread_local ThreadState self;
+
+/* Arrives at the block barrier from `site` and waits for the whole block. */
+inline void sync_block(Site site)
+{
+    (*self.sites)[self.thread_idx.x] = site;
+    self.block->arrive_and_wait();
+}
 
 /* Kernels share static `__shared__` storage: one launch at a time in the whole process. */
 inline std::mutex launch_lock;
 
-/* Runs `body` (one kernel invocation) for every thread of `grid` blocks of `block` threads. */
-template <typename Body> int launch(unsigned int grid, unsigned int block, Body body)
+/* Runs `body` (one kernel invocation) for every thread of `grid` blocks of `block` threads:
+ * 0 when it ran cleanly, 1 for a refused launch shape, 2 for a misuse of barriers or shuffles
+ * (described in `message`, at most `capacity` bytes with the terminating zero). */
+template <typename Body>
+int launch(unsigned int grid, unsigned int block, Body body, char *message, std::size_t capacity)
 {
     if (grid == 0 || block == 0 || block > 1024)
         return 1;
     std::lock_guard<std::mutex> guard(launch_lock);
-    std::barrier<> block_barrier(block);
+    std::vector<Site> sites(block, Site{nullptr, 0});
+    Checks checks;
+    BlockBarrier block_barrier(block, BlockPhase{&sites, &checks});
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     for (unsigned int first = 0; first < block; first += 32)
         warps.push_back(std::make_unique<std::barrier<>>(block - first < 32 ? block - first : 32));
@@ -80,18 +166,35 @@ template <typename Body> int launch(unsigned int grid, unsigned int block, Body 
             self.block_dim = dim3{block, 1, 1};
             self.grid_dim = dim3{grid, 1, 1};
             self.block = &block_barrier;
+            self.sites = &sites;
+            self.checks = &checks;
             self.warps = &warps;
             self.shuffle = &shuffle;
             for (unsigned int b = 0; b < grid; ++b) {
                 self.block_idx = dim3{b, 0, 0};
                 body();
-                block_barrier.arrive_and_wait(); /* the block ends before the next starts */
+                /* The block ends before the next starts. After its last block a thread leaves
+                 * the barrier, so that a kernel whose threads met at different barriers (and
+                 * so arrive a different number of times) fails instead of hanging. */
+                if (b + 1 < grid) {
+                    sync_block(Site{nullptr, 0});
+                } else {
+                    sites[tid] = Site{nullptr, 0};
+                    block_barrier.arrive_and_drop();
+                }
             }
         });
     }
     for (auto &t : threads)
         t.join();
-    return 0;
+    if (checks.first.empty())
+        return 0;
+    if (message != nullptr && capacity > 0) {
+        const std::size_t n = std::min(capacity - 1, checks.first.size());
+        std::memcpy(message, checks.first.data(), n);
+        message[n] = '\0';
+    }
+    return 2;
 }
 
 /* Calls kernel `k` with arguments given the way cuLaunchKernel takes them: args[i] points to
@@ -167,14 +270,21 @@ inline unsigned short float_to_half(float f)
 #define blockDim (alexnet_host::self.block_dim)
 #define gridDim (alexnet_host::self.grid_dim)
 
-inline void __syncthreads() { alexnet_host::self.block->arrive_and_wait(); }
+#define __syncthreads() alexnet_host::sync_block(alexnet_host::Site{__FILE__, __LINE__})
 
-/* Every lane of the warp takes part (the kernels pass the full mask). */
-template <typename T> T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask)
+/* Every lane of the warp takes part: a partial mask or a partial warp is reported (the launch
+ * fails), and then computed as if the missing lanes kept their own values. */
+template <typename T> T __shfl_xor_sync(unsigned int mask, T value, int lane_mask)
 {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
     auto &s = alexnet_host::self;
     const unsigned int tid = s.thread_idx.x, warp = tid / 32, lane = tid % 32;
+    if (mask != 0xffffffffu || s.block_dim.x % 32 != 0 || lane_mask < 0 || lane_mask > 31)
+        s.checks->report("__shfl_xor_sync with mask " + std::to_string(mask) + ", lane mask " +
+                         std::to_string(lane_mask) + " in a block of " +
+                         std::to_string(s.block_dim.x) +
+                         " threads: the GPU leaves a shuffle undefined unless the whole warp "
+                         "takes part");
     std::uint64_t slot = 0;
     std::memcpy(&slot, &value, sizeof(T));
     (*s.shuffle)[tid] = slot;
@@ -214,12 +324,14 @@ inline float __int_as_float(int i)
     return f;
 }
 
-/* Exposes kernel `name` as `alexnet_host_<name>(grid, block, args)`; 0 on success. */
+/* Exposes kernel `name` as `alexnet_host_<name>(grid, block, args, message, capacity)`: see
+ * `launch`. */
 #define ALEXNET_HOST_ENTRY(name)                                                                   \
-    extern "C" int alexnet_host_##name(unsigned int grid, unsigned int block, void **args)       \
+    extern "C" int alexnet_host_##name(unsigned int grid, unsigned int block, void **args,       \
+                                       char *message, std::size_t capacity)                      \
     {                                                                                              \
-        return alexnet_host::launch(grid, block,                                                   \
-                                    [args] { alexnet_host::call_kernel(name, args); });            \
+        return alexnet_host::launch(                                                               \
+            grid, block, [args] { alexnet_host::call_kernel(name, args); }, message, capacity);    \
     }
 
 #endif /* ALEXNET_HOST_H */

@@ -6,8 +6,9 @@
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
 
-/* f16 -> f32, times scale; scale 1 skips the multiply, which would canonicalise NaN payloads
- * on the GPU: the widening stays bit-exact. */
+/* f16 -> f32, times scale; scale 1 skips the multiply: the widening is exact for every value
+ * but NaN, which stays NaN (whether the hardware keeps its payload is not relied on: the host
+ * emulation keeps it, and the tests compare any NaN with any NaN). */
 extern "C" __global__ void convert_f16_to_f32(const unsigned short *__restrict__ src,
                                               float *__restrict__ dst, AlexnetConvertParams p)
 {

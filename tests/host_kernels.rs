@@ -139,6 +139,11 @@ fn launch(name: &str, cfg: LaunchConfig, args: Vec<Arg<'_>>) {
 }
 
 fn launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) {
+    try_launch_grid(name, grid, block, args).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// [`launch_grid`], with a refused launch or a misuse of barriers or shuffles as an error.
+fn try_launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) -> Result<(), String> {
     // The addresses of buffers live here while the kernel runs; each argument slot points at
     // one of them (buffers) or at the caller's struct (parameters).
     let mut addresses: Vec<*mut c_void> = args
@@ -160,7 +165,6 @@ fn launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) {
     // structs come from the same builders the Rust launchers use), and every buffer is sized
     // by the test for what the kernel touches with these parameters.
     unsafe { alexnet_host_kernels::launch(name, grid, block, &mut slots) }
-        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A launch shape with few, odd-sized blocks: grid-stride loops go round several times.
@@ -248,6 +252,45 @@ fn every_registry_kernel_is_host_compiled_and_tested_here() {
         KERNELS.len(),
         "COVERED lists a kernel the registry lacks"
     );
+}
+
+/// The emulation fails a launch whose threads meet at different barriers (some return before
+/// a `__syncthreads`, or wait at two different ones) or shuffle without the whole warp, where
+/// a GPU would hang or leave the result undefined; the correct twins pass and compute. The
+/// kernels are deliberately wrong ones in `host-kernels/checks/`, never built for a GPU.
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn the_emulation_fails_divergent_barriers_and_partial_shuffles() {
+    require_host_kernels();
+    let run = |name: &str, grid: u32, block: u32| {
+        let mut out = vec![u32::MAX; (grid * block) as usize];
+        let result = try_launch_grid(name, grid, block, vec![buf(&mut out)]);
+        (result, out)
+    };
+    let (result, out) = run("check_uniform_barrier", 3, 64);
+    assert_eq!(result, Ok(()));
+    assert!(out.iter().enumerate().all(|(i, &v)| v == i as u32 % 64));
+    let (result, out) = run("check_full_shuffle", 2, 64);
+    assert_eq!(result, Ok(()));
+    assert!(out
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == (i as u32 % 64) ^ 1));
+
+    for (name, grid, block, says) in [
+        ("check_divergent_barrier", 1, 64, "the end of the block"),
+        ("check_divergent_barrier", 3, 64, "the end of the block"),
+        ("check_split_barrier", 2, 32, "emulation_checks.cu:"),
+        ("check_partial_mask_shuffle", 1, 64, "mask 65535"),
+        ("check_full_shuffle", 1, 48, "block of 48 threads"),
+    ] {
+        let (result, _) = run(name, grid, block);
+        let error = result.expect_err(name);
+        assert!(error.contains(says), "{name}: {error}");
+    }
 }
 
 fn bias_act_case<T: Elem>(shape: &[usize], layout: Layout, relu: bool, seed: u64) {

@@ -8,7 +8,10 @@
 
 use core::ffi::c_void;
 
-type Entry = unsafe extern "C" fn(u32, u32, *mut *mut c_void) -> i32;
+type Entry = unsafe extern "C" fn(u32, u32, *mut *mut c_void, *mut core::ffi::c_char, usize) -> i32;
+
+/// Room for the description of a misuse the emulation caught.
+const MESSAGE_BYTES: usize = 1024;
 
 include!(concat!(env!("OUT_DIR"), "/entries.rs"));
 
@@ -23,7 +26,9 @@ pub fn kernels() -> impl Iterator<Item = (&'static str, &'static str)> {
 }
 
 /// Runs kernel `name` over `grid` blocks of `block` threads (1-D, at most 1024 threads), one
-/// block after another, each block's threads concurrently. Launches are serialised.
+/// block after another, each block's threads concurrently. Launches are serialised. A launch
+/// whose threads met at different `__syncthreads`, or that shuffled without the whole warp, is
+/// an error naming where (a GPU would hang or leave the result undefined).
 ///
 /// # Safety
 /// `args` must hold exactly one pointer per kernel parameter, in order, each pointing to a
@@ -43,12 +48,31 @@ pub unsafe fn launch(
         .iter()
         .find(|(_, n, _)| *n == name)
         .ok_or_else(|| format!("no host-compiled kernel named {name}"))?;
+    let mut message = [0 as core::ffi::c_char; MESSAGE_BYTES];
     // SAFETY: the caller vouches for the arguments (see above); the entry point only reads
-    // `args[..count]`, where count is the kernel's parameter count.
-    match unsafe { entry(grid, block, args.as_mut_ptr()) } {
+    // `args[..count]`, where count is the kernel's parameter count, and writes at most
+    // `MESSAGE_BYTES` bytes, zero-terminated, into `message`.
+    match unsafe {
+        entry(
+            grid,
+            block,
+            args.as_mut_ptr(),
+            message.as_mut_ptr(),
+            MESSAGE_BYTES,
+        )
+    } {
         0 => Ok(()),
-        _ => Err(format!(
+        1 => Err(format!(
             "{name}: launch of {grid} x {block} threads refused (need 1 ..= 1024 threads per block)"
         )),
+        _ => {
+            // SAFETY: the entry point zero-terminated what it wrote, within the buffer (which
+            // starts zeroed, so it is terminated even if nothing was written).
+            let what = unsafe { core::ffi::CStr::from_ptr(message.as_ptr()) };
+            Err(format!(
+                "{name} ({grid} x {block} threads): {}",
+                what.to_string_lossy()
+            ))
+        }
     }
 }
