@@ -137,6 +137,13 @@ fn network_against_cpu_with(
     );
     let input = synthetic_batch(3, config.input, seed);
     let (cpu_stages, gpu_stages, cpu_logits, gpu_logits) = stages(&cpu, &mut gpu, &input);
+    // The algorithms behind the figures below, printed before any check can fail.
+    for (stage, plan) in gpu.conv_plans() {
+        eprintln!(
+            "{} {precision} {stage}: {} ({} bytes): {}",
+            config.name, plan.algorithm, plan.workspace_bytes, plan.measured
+        );
+    }
     let names = |s: &[(String, ArrayD<f32>)]| s.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     assert_eq!(names(&gpu_stages), names(&cpu_stages), "stage names");
     for ((name, g), (_, c)) in gpu_stages.iter().zip(&cpu_stages) {
@@ -182,7 +189,6 @@ fn torchvision_network_fp32_matches_cpu_stage_by_stage() {
 fn paper_network_fp32_with_transforms_matches_cpu_fp32() {
     let _gpu = common::exclusive_gpu();
     let transforms = CudaOptions::default();
-    network_against_cpu_with(AlexNetConfig::paper(), Precision::Fp32, transforms, 1e-2);
     let config = AlexNetConfig::paper();
     let weights = formula_weights(&config);
     let input = synthetic_batch(128, config.input, 7);
@@ -196,6 +202,8 @@ fn paper_network_fp32_with_transforms_matches_cpu_fp32() {
             );
         }
     }
+    // Checked after the algorithms are printed (a failure here is read beside them).
+    network_against_cpu_with(config, Precision::Fp32, transforms, 1e-2);
 }
 
 /// TF32 math: fp32 storage, 10-bit mantissa products; every stage within 1e-2 of the CPU's

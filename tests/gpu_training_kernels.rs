@@ -295,6 +295,10 @@ fn conv_backward_case<T: GpuFloat>(
             "{name} {layout:?} gemm_only={} round {round}",
             options.fp32_gemm_only
         );
+        if round == 0 {
+            // The algorithms chosen, printed before any check can fail.
+            eprintln!("{what}: {:?}", layer.plans());
+        }
         let packed: Vec<f32> = stream
             .clone_dtoh(&dw)
             .unwrap()
@@ -326,7 +330,6 @@ fn conv_backward_case<T: GpuFloat>(
             );
         }
     }
-    eprintln!("{name}: {:?}", layer.plans());
 }
 
 #[test]
