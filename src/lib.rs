@@ -1,7 +1,8 @@
 //! AlexNet — the 2012 paper's network and torchvision's variant — on NVIDIA GPUs ([`cuda`]:
-//! kernels compiled to PTX by build.rs or NVRTC, cuDNN and cuBLAS through cudarc, fp32 and fp16)
-//! with a CPU reference backend ([`cpu`]: ndarray + a real GEMM, threaded with rayon) that every
-//! GPU result is checked against and that runs where no GPU is usable ([`open_backend`]).
+//! kernels compiled to PTX by build.rs or NVRTC, cuDNN and cuBLAS through cudarc, fp32, TF32
+//! and fp16) with a CPU reference backend ([`cpu`]: ndarray + a real GEMM, threaded with rayon;
+//! fp32 and bf16) that every GPU result is checked against and that runs where no GPU is usable
+//! ([`open_backend`]).
 //!
 //! Data flows one way: files -> [`Weights`] / image batch -> a backend's model -> logits -> top-k.
 //!
