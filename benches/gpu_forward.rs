@@ -54,12 +54,21 @@ fn gpu_benches(c: &mut Criterion) {
         ("paper-eager", eager_model),
     ] {
         for precision in PRECISIONS {
-            let Ok(mut gpu) = open(&weights, precision) else {
-                continue;
+            // A model or batch that cannot be made is said, not silently left out.
+            let mut gpu = match open(&weights, precision) {
+                Ok(gpu) => gpu,
+                Err(e) => {
+                    eprintln!("gpu_forward {name}/{precision}: skipped: {e}");
+                    continue;
+                }
             };
             for batch in [1usize, 32, 128, 256] {
-                let Ok(images) = synthetic_u8_batch(batch, side, 1) else {
-                    continue;
+                let images = match synthetic_u8_batch(batch, side, 1) {
+                    Ok(images) => images,
+                    Err(e) => {
+                        eprintln!("gpu_forward {name}/{precision}/{batch}: skipped: {e}");
+                        continue;
+                    }
                 };
                 group.throughput(Throughput::Elements(batch as u64));
                 group.bench_function(
@@ -76,15 +85,30 @@ fn gpu_benches(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(5));
     for precision in [Precision::Fp32, Precision::Fp16] {
-        let Ok(mut gpu) = model(&weights, precision) else {
-            continue;
-        };
         let batch = 128usize;
-        let Ok(images) = synthetic_u8_batch(batch, side, 2) else {
-            continue;
+        let skipped = |what: &str, e: &dyn std::fmt::Display| {
+            eprintln!("gpu_pipeline paper/{precision}/{batch}: skipped: {what}: {e}");
         };
-        let Ok(mut pipeline) = gpu.pipeline(batch) else {
-            continue;
+        let mut gpu = match model(&weights, precision) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                skipped("the model", &e);
+                continue;
+            }
+        };
+        let images = match synthetic_u8_batch(batch, side, 2) {
+            Ok(images) => images,
+            Err(e) => {
+                skipped("the batch", &e);
+                continue;
+            }
+        };
+        let mut pipeline = match gpu.pipeline(batch) {
+            Ok(pipeline) => pipeline,
+            Err(e) => {
+                skipped("the pipeline", &e);
+                continue;
+            }
         };
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new(format!("paper/{precision}"), batch), |b| {

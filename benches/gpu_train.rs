@@ -187,7 +187,11 @@ fn gpu_train(c: &mut Criterion) {
                     eprintln!("gpu_train paper/{mode}/{source} profile (one eager step):");
                     eprintln!("{profile}");
                 }
-                Err(e) => panic!("gpu_train paper/{mode} profiled step {step}: {e}"),
+                // Said and passed over: the throughput figures below matter more than one
+                // profile (step_profiled has not run on a GPU yet).
+                Err(e) => {
+                    eprintln!("gpu_train paper/{mode}/{source} profiled step {step} skipped: {e}")
+                }
             }
         }
         eprintln!("gpu_train paper/{mode} convolution algorithms (cuDNN's measurements):");

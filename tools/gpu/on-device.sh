@@ -2,7 +2,7 @@
 # Runs the GPU suite on a GPU machine, over what tools/gpu/bundle.sh packed into .gpu/, from the
 # repository root:   bash .gpu/on-device.sh [WORDS]     (logs under $OUT, default .gpu/out)
 #
-# Words (default: info libs tests infer anchor train):
+# Words (default: info libs tests infer anchor latency train):
 #   info     the card, its driver, the CUDA libraries on the machine
 #   libs     opens the GPU with the plain environment: the crate's own library search
 #            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
@@ -11,41 +11,62 @@
 #   infer    infer --batch $BATCH in fp32, fp32 --fp32-gemm-only, tf32 and fp16 (extra flags:
 #            INFER_ARGS)
 #   bench    the criterion GPU benches (benches/gpu_forward.rs: forward_u8 at batch 1 to 256,
-#            the pipeline at 128), about three minutes
+#            the pipeline at 128), about four minutes (--quick by default: BENCH_ARGS)
 #   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
 #   train    train --device cuda for 20 steps in fp32, fp32 --fp32-gemm-only and fp16 on
 #            tests/data/shapes, the fp32 losses set beside the same run on the CPU; then one
 #            training step's throughput (benches/gpu_train.rs: paper, batch 128,
 #            fp32+gemm-only, fp32, tf32, fp16, the last three also +nondeterministic; pageable,
 #            page-locked and sent-ahead; each with a phase-by-phase profile of one step and
-#            its cuDNN algorithm choices)
+#            its cuDNN algorithm choices; criterion's --quick by default: TRAIN_BENCH_ARGS)
 #            beside PyTorch's (torch_train_anchor.py: fp32, tf32, autocast+GradScaler)
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   latency  batch 1: infer in fp32 and fp16 (latency from submission to logits on the host)
 #            beside the anchor's e2e ms/batch at --batch 1 (issue 10's batch-1 target)
 #   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU tests
 #   soak     the 10,000-batch GPU soak
-# Time knobs, for a short lease: TEST_TIMEOUT (seconds per test executable, default 420),
+# Time knobs, for a short lease: BUDGET (seconds for the whole script, default 530: no step
+# runs past it, and a step with under 10 s left is skipped with a note),
+# TEST_TIMEOUT (seconds per test executable, default 420),
 # INFER_TIMEOUT (seconds per infer run, default 240),
 # UNIT_FILTER (the library's unit tests to run, default "cuda::": the CPU ones run in CI),
 # TRAIN_BENCH=0 (train without the criterion bench and the PyTorch training anchor),
+# TRAIN_BENCH_ARGS / BENCH_ARGS (criterion's arguments, default --quick: each figure after at
+# most a few seconds instead of its full measurement time),
 # SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_TIMEOUT (seconds
 # per tool, default 300).
-# Prints one summary table at the end (also $OUT/summary.txt).
+# Prints one summary table at the end; $OUT/summary.txt grows line by line as the run goes, so
+# a run cut short still leaves what it had.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.gpu
 OUT=${OUT:-$G/out}
 mkdir -p "$OUT"
-words=${*:-info libs tests infer anchor train}
+words=${*:-info libs tests infer anchor latency train}
 BATCH=${BATCH:-128}
 TEST_TIMEOUT=${TEST_TIMEOUT:-420}
 UNIT_FILTER=${UNIT_FILTER-cuda::}
 INFER_TIMEOUT=${INFER_TIMEOUT:-240}
-summary=()
-note() { summary+=("$1"); echo "== $1"; }
+deadline=$((SECONDS + ${BUDGET:-530}))
+: > "$OUT/summary.txt"
+note() { echo "$1" >> "$OUT/summary.txt"; echo "== $1"; }
+# Runs a command under `timeout` for at most $1 seconds and never past the deadline (killed 5 s
+# after the polite signal): one hanging step cannot take the rest of the lease. Exit status 125
+# without running when under 10 s are left.
+within() {
+    local want=$1 left=$((deadline - SECONDS - 5))
+    shift
+    if [ "$left" -lt 10 ]; then
+        echo "skipped: out of time (BUDGET)" >&2
+        return 125
+    fi
+    [ "$want" -gt "$left" ] && want=$left
+    timeout -k 5 "$want" "$@"
+}
 export RUST_BACKTRACE=1
-export CARGO_MANIFEST_DIR=$PWD   # tests find tests/data through it
+# Criterion's saved baselines would add comparison lines to a rerun on the same machine.
+CRITERION_HOME=$(mktemp -d)
+export CRITERION_HOME
 
 # bundle.sh packs the executables as one xz archive (see there); Python's tarfile unpacks it
 # where no xz is installed.
@@ -69,7 +90,7 @@ PY
         ;;
     libs)
         # The plain environment: no LD_LIBRARY_PATH help, the crate must find the libraries.
-        timeout 120 $G/bin/bin-infer --device cuda --batch 1 --iterations 1 --warmup 0 > "$OUT/libs.txt" 2>&1
+        within 120 $G/bin/bin-infer --device cuda --batch 1 --iterations 1 --warmup 0 > "$OUT/libs.txt" 2>&1
         rc=$?
         note "libs (crate's own search) rc=$rc: $(grep -E 'libraries|error' "$OUT/libs.txt" | head -1)"
         ;;
@@ -78,21 +99,23 @@ PY
         for t in $G/bin/unit-alexnet_cuda $G/bin/test-gpu_layers $G/bin/test-gpu_model \
             $G/bin/test-gpu_training_kernels $G/bin/test-gpu_training; do
             [ -x "$t" ] || { note "tests $(basename "$t"): missing"; continue; }
-            echo "### $t" >> "$OUT/tests.log"
+            log="$OUT/tests-$(basename "$t").log"
             filter=()
             [ "$(basename "$t")" = unit-alexnet_cuda ] && [ -n "$UNIT_FILTER" ] && filter=("$UNIT_FILTER")
             # --show-output: a passing test's margins and algorithm choices are what calibrate
-            # the tolerances, so they are kept too.
-            timeout "$TEST_TIMEOUT" "$t" --include-ignored --test-threads=1 --show-output "${filter[@]}" >> "$OUT/tests.log" 2>&1
+            # the tolerances, so they are kept too. Each executable its own log, so that one
+            # that dies before its result line is not reported with the previous one's.
+            within "$TEST_TIMEOUT" "$t" --include-ignored --test-threads=1 --show-output "${filter[@]}" > "$log" 2>&1
             rc=$?
-            note "tests $(basename "$t"): rc=$rc $(grep -E '^test result:' "$OUT/tests.log" | tail -1 | sed 's/test result: //')"
+            { echo "### $t"; cat "$log"; } >> "$OUT/tests.log"
+            note "tests $(basename "$t"): rc=$rc $(grep -E '^test result:' "$log" | tail -1 | sed 's/test result: //')"
         done
         # The convolution algorithms cuDNN chose at batch 128, GEMM family only and free to take
         # transforms (paper_network_fp32_with_transforms_matches_cpu_fp32 prints them first).
-        grep 'fp32_gemm_only=' "$OUT/tests.log" > "$OUT/conv-algorithms.txt"
+        grep 'fp32_gemm_only=.* batch 128' "$OUT/tests.log" > "$OUT/conv-algorithms.txt"
         note "conv algorithms at batch 128: $(wc -l < "$OUT/conv-algorithms.txt") lines (conv-algorithms.txt)"
         grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$OUT/tests.log" | sed 's/^test /  /' > "$OUT/test-results.txt"
-        while read -r line; do summary+=("$line"); done < "$OUT/test-results.txt"
+        cat "$OUT/test-results.txt" >> "$OUT/summary.txt"
         ;;
     infer)
         # fp32 is PyTorch's fp32 (FFT and Winograd allowed); fp32g keeps to the GEMM family
@@ -100,23 +123,24 @@ PY
         for p in fp32 fp32g tf32 fp16; do
             flags=(--precision "$p")
             [ "$p" = fp32g ] && flags=(--precision fp32 --fp32-gemm-only)
-            timeout "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch "$BATCH" "${flags[@]}" ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
+            within "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch "$BATCH" "${flags[@]}" ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
             rc=$?
             note "infer $p batch $BATCH rc=$rc: $(grep -E 'throughput|error' "$OUT/infer-$p.txt" | head -1)"
             grep -E 'GPU (H2D|compute|D2H)' "$OUT/infer-$p.txt" | sed 's/^/  /'
         done
         ;;
     bench)
-        timeout 400 $G/bin/bench-gpu_forward --bench > "$OUT/bench.txt" 2>&1
+        within 400 $G/bin/bench-gpu_forward --bench ${BENCH_ARGS---quick} > "$OUT/bench.txt" 2>&1
         rc=$?
         note "bench gpu_forward rc=$rc: $(grep -cE 'thrpt' "$OUT/bench.txt") figures (bench.txt) $(grep -m1 SKIPPED "$OUT/bench.txt")"
-        grep -B2 -E 'thrpt' "$OUT/bench.txt" | grep -E '^gpu_|thrpt' | sed 's/^/  /' | while read -r l; do echo "$l"; done
+        while read -r l; do note "  $l"; done < <(grep -B2 -E 'thrpt|skipped' "$OUT/bench.txt" | grep -E '^gpu_|thrpt|skipped')
         ;;
     anchor)
-        timeout 300 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,tf32,fp16 --json "$OUT/anchor.json" > "$OUT/anchor.txt" 2>&1
+        within 300 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,tf32,fp16 --json "$OUT/anchor.json" > "$OUT/anchor.txt" 2>&1
         rc=$?
-        note "anchor (PyTorch eager) rc=$rc: $(grep -cE 'img/s' "$OUT/anchor.txt") figures (anchor.txt)"
-        grep -E 'img/s' "$OUT/anchor.txt" | sed 's/^/  /' | while read -r l; do echo "$l"; done
+        note "anchor (PyTorch eager) rc=$rc (anchor.txt)"
+        # The table: its header and one row per precision (or why one was not measured).
+        while read -r l; do note "  $l"; done < <(grep -E 'img/s|^ *(fp32|tf32|fp16|bf16) |not measured' "$OUT/anchor.txt")
         ;;
     train)
         # fp32g: fp32 kept to the GEMM-family convolutions (--fp32-gemm-only). cpu: the same run
@@ -130,7 +154,7 @@ PY
             [ "$p" = fp32g ] && flags=(--device cuda --precision fp32 --fp32-gemm-only)
             [ "$p" = cpu ] && flags=(--device cpu --precision fp32)
             rm -f "$OUT/train-$p.csv"
-            timeout 180 $G/bin/bin-train --data tests/data/shapes/train --val tests/data/shapes/val \
+            within 180 $G/bin/bin-train --data tests/data/shapes/train --val tests/data/shapes/val \
                 --classes 4 --batch 16 --steps 20 "${flags[@]}" \
                 --save "$saves/train-$p.safetensors" --log "$OUT/train-$p.csv" > "$OUT/train-$p.txt" 2>&1
             rc=$?
@@ -146,38 +170,38 @@ PY
             fi
         done
         [ "${TRAIN_BENCH:-1}" = 0 ] && continue
-        timeout 400 $G/bin/bench-gpu_train --bench > "$OUT/bench-train.txt" 2>&1
+        within 400 $G/bin/bench-gpu_train --bench ${TRAIN_BENCH_ARGS---quick} > "$OUT/bench-train.txt" 2>&1
         rc=$?
         note "bench gpu_train rc=$rc: $(grep -cE 'thrpt' "$OUT/bench-train.txt") figures (bench-train.txt) $(grep -m1 SKIPPED "$OUT/bench-train.txt")"
         while read -r l; do note "  $l"; done < <(grep -B2 -E 'thrpt|skipped' "$OUT/bench-train.txt" | grep -E '^gpu_|thrpt|skipped')
         # From each profile: the upload, all forwards, all backwards, the whole step.
         while read -r l; do note "  $l"; done < <(grep -A60 'profile (one eager step)' "$OUT/bench-train.txt" | grep -E 'profile \(one|^batch upload|^all forwards|^all backwards|^step ')
-        timeout 240 python3 $G/torch_train_anchor.py --device cuda --batch 128 --steps 10 --presets paper --precisions fp32,tf32,amp > "$OUT/anchor-train.txt" 2>&1
+        within 240 python3 $G/torch_train_anchor.py --device cuda --batch 128 --steps 10 --presets paper --precisions fp32,tf32,amp > "$OUT/anchor-train.txt" 2>&1
         rc=$?
         note "anchor (PyTorch training) rc=$rc (anchor-train.txt)"
         while read -r l; do note "  $l"; done < <(grep -E 'img/s' "$OUT/anchor-train.txt")
         ;;
     latency)
         for p in fp32 fp16; do
-            timeout "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch 1 --precision "$p" --iterations 500 --warmup 50 > "$OUT/latency-$p.txt" 2>&1
+            within "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch 1 --precision "$p" --iterations 500 --warmup 50 > "$OUT/latency-$p.txt" 2>&1
             rc=$?
             note "infer $p batch 1 rc=$rc: $(grep -E '^latency|error' "$OUT/latency-$p.txt" | head -1)"
             grep -E '^interval|GPU compute' "$OUT/latency-$p.txt" | sed 's/^/  /'
         done
-        timeout 300 python3 $G/torch_anchor.py --batch 1 --iters 500 --warmup 50 --precisions fp32,fp16 > "$OUT/anchor-latency.txt" 2>&1
+        within 300 python3 $G/torch_anchor.py --batch 1 --iters 500 --warmup 50 --precisions fp32,fp16 > "$OUT/anchor-latency.txt" 2>&1
         rc=$?
         note "anchor batch 1 rc=$rc (anchor-latency.txt)"
         while read -r l; do note "  $l"; done < <(grep -E 'ms/batch|fp32|fp16' "$OUT/anchor-latency.txt")
         ;;
     compile)
-        timeout 400 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,fp16 --compile --compile-mode reduce-overhead > "$OUT/anchor-compile.txt" 2>&1
+        within 400 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,fp16 --compile --compile-mode reduce-overhead > "$OUT/anchor-compile.txt" 2>&1
         rc=$?
         note "anchor (torch.compile) rc=$rc (anchor-compile.txt)"
         ;;
     sanitize)
         if command -v compute-sanitizer >/dev/null; then
             for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
-                timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool $tool --error-exitcode 9 $G/bin/test-gpu_layers --include-ignored --test-threads=1 > "$OUT/sanitize-$tool.log" 2>&1
+                within "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool $tool --error-exitcode 9 $G/bin/test-gpu_layers --include-ignored --test-threads=1 > "$OUT/sanitize-$tool.log" 2>&1
                 rc=$?
                 note "sanitize $tool gpu_layers rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize-$tool.log" | tail -1)"
             done
@@ -186,7 +210,7 @@ PY
         fi
         ;;
     soak)
-        timeout 580 $G/bin/test-soak --include-ignored --exact soak_gpu_10000_batches > "$OUT/soak.log" 2>&1
+        within 580 $G/bin/test-soak --include-ignored --exact soak_gpu_10000_batches > "$OUT/soak.log" 2>&1
         rc=$?
         note "soak rc=$rc $(grep -E '^test result:' "$OUT/soak.log" | tail -1)"
         ;;
@@ -196,4 +220,4 @@ done
 
 echo
 echo "================ summary ================"
-printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+cat "$OUT/summary.txt"
