@@ -60,9 +60,9 @@ pub struct ConvOptions {
     /// the same gradients within a process. On by default. Which algorithm is fastest is
     /// measured anew in each process, so another run (or a resumed one) may choose another
     /// deterministic algorithm, which rounds differently: two runs agree bit for bit only
-    /// where they chose the same algorithms (`Conv2dGpu::choices` lists them). Off: the fastest measured, as PyTorch with
-    /// `cudnn.benchmark` on does by default. Forward algorithms are deterministic either way;
-    /// this matters for the backward.
+    /// where they chose the same algorithms (`Conv2dGpu::choices` lists them). Off: the
+    /// fastest measured, as PyTorch with `cudnn.benchmark` on does by default. Forward
+    /// algorithms are deterministic either way; this matters for the backward.
     pub deterministic: bool,
 }
 
