@@ -397,6 +397,32 @@ fn print_choices(what: &str, trainers: &[(&str, &CudaTrainer)]) {
     }
 }
 
+/// Two trainers that took the same step `step` (`what`): their algorithm choices printed after
+/// the first, then [`check_same_step`] with each measured from its own weights before the step
+/// (`before`: `(got's, want's)`, moved on to after it here).
+fn check_twin_step(
+    what: &str,
+    (precision, tol): (Precision, Tolerance),
+    step: u64,
+    before: &mut (Weights, Weights),
+    (got_name, got, got_loss): (&str, &CudaTrainer, f32),
+    (want_name, want, want_loss): (&str, &CudaTrainer, f32),
+) {
+    if step == 0 {
+        print_choices(what, &[(got_name, got), (want_name, want)]);
+    }
+    let (got_weights, want_weights) = (got.weights().unwrap(), want.weights().unwrap());
+    check_same_step(
+        what,
+        (precision, tol),
+        (&before.0, &before.1),
+        (got_loss, &got_weights),
+        (want_loss, &want_weights),
+        step + 1,
+    );
+    *before = (got_weights, want_weights);
+}
+
 /// Runs every case even when one fails, so that one GPU run shows them all (each failure's
 /// message is printed as it happens), then fails naming the cases that failed.
 fn run_cases<'a>(cases: Vec<(String, Box<dyn FnOnce() + 'a>)>) {
@@ -422,21 +448,17 @@ fn each_precision(precisions: &[Precision], body: impl FnMut(Precision)) {
 }
 
 /// Runs `body` for each named case even when one fails, then fails naming those that failed.
-fn each_case<T: Copy>(cases: &[(String, T)], mut body: impl FnMut(T)) {
-    let mut failed = Vec::new();
-    for (name, case) in cases {
-        eprintln!("--- case: {name}");
-        let run = std::panic::AssertUnwindSafe(|| body(*case));
-        if let Err(panic) = std::panic::catch_unwind(run) {
-            failed.push(format!("{name}: {}", first_line(&*panic)));
-        }
-    }
-    assert!(
-        failed.is_empty(),
-        "{} case(s) failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+fn each_case<T: Copy>(cases: &[(String, T)], body: impl FnMut(T)) {
+    let body = std::cell::RefCell::new(body);
+    let body = &body;
+    let boxed = cases
+        .iter()
+        .map(|(name, case)| {
+            let run: Box<dyn FnOnce() + '_> = Box::new(move || (body.borrow_mut())(*case));
+            (name.clone(), run)
+        })
+        .collect();
+    run_cases(boxed);
 }
 
 /// The first line of a panic's message.
@@ -740,7 +762,7 @@ fn a_profiled_step_is_a_step_and_times_every_phase() {
         let mut plain = eager_cuda_trainer_in(&start, precision, scale);
         let mut buffer = profiled.batch_buffer(4).unwrap();
         buffer.set_labels(labels.clone());
-        let (mut before_got, mut before) = (start.clone(), start.clone());
+        let mut before = (start.clone(), start.clone());
         for step in 0..3u64 {
             let batch = small_training_batch(4, 700 + step);
             buffer
@@ -750,20 +772,14 @@ fn a_profiled_step_is_a_step_and_times_every_phase() {
             let want = plain.step(batch.view(), &labels, 80 + step).unwrap();
             let (got, profile) = profiled.step_profiled(&buffer, 80 + step).unwrap();
             let what = format!("{precision} step {step} (profiled, plain)");
-            if step == 0 {
-                print_choices(&what, &[("profiled", &profiled), ("plain", &plain)]);
-            }
-            let after = plain.weights().unwrap();
-            let got_weights = profiled.weights().unwrap();
-            check_same_step(
+            check_twin_step(
                 &what,
                 (precision, tol),
-                (&before_got, &before),
-                (got, &got_weights),
-                (want, &after),
-                step + 1,
+                step,
+                &mut before,
+                ("profiled", &profiled, got),
+                ("plain", &plain, want),
             );
-            (before_got, before) = (got_weights, after);
 
             let mut names = vec!["batch upload".to_string()];
             names.extend(stages.iter().map(|s| format!("{s} forward")));
@@ -883,7 +899,7 @@ fn graph_replayed_steps_match_eager_steps() {
         let tol = tolerance(precision);
         let mut graph = cuda_trainer_in(&start, precision, 0, scale);
         let mut eager = eager_cuda_trainer_in(&start, precision, scale);
-        let (mut before_got, mut before) = (start.clone(), start.clone());
+        let mut before = (start.clone(), start.clone());
         for step in 0..8u64 {
             if step == 5 {
                 graph.set_learning_rate(0.005).unwrap();
@@ -896,20 +912,14 @@ fn graph_replayed_steps_match_eager_steps() {
                 "{precision} step {step} ({:?}; replayed, eager)",
                 graph.graph_status()
             );
-            if step == 0 {
-                print_choices(&what, &[("graph", &graph), ("eager", &eager)]);
-            }
-            let after = eager.weights().unwrap();
-            let replayed = graph.weights().unwrap();
-            check_same_step(
+            check_twin_step(
                 &what,
                 (precision, tol),
-                (&before_got, &before),
-                (graph_loss, &replayed),
-                (eager_loss, &after),
-                step + 1,
+                step,
+                &mut before,
+                ("graph", &graph, graph_loss),
+                ("eager", &eager, eager_loss),
             );
-            (before_got, before) = (replayed, after);
             let want_status = match step {
                 0 | 5 => GraphStatus::NotCaptured, // eager: first step, new learning rate
                 _ => GraphStatus::Replaying,
@@ -962,7 +972,7 @@ fn batches_sent_ahead_train_as_host_arrays_do() {
         let mut batches: Vec<_> = (0..3)
             .map(|i| fill(&mut buffers[i], 700 + i as u64))
             .collect();
-        let (mut before_got, mut before) = (start.clone(), start.clone());
+        let mut before = (start.clone(), start.clone());
         for (step, (current, next, refill)) in plan.into_iter().enumerate() {
             let step = step as u64;
             if refill {
@@ -977,20 +987,14 @@ fn batches_sent_ahead_train_as_host_arrays_do() {
                 .unwrap();
             let what =
                 format!("{precision} step {step} on buffer {current} (sent ahead, from the array)");
-            if step == 0 {
-                print_choices(&what, &[("sent ahead", &ahead), ("arrays", &on_arrays)]);
-            }
-            let after = on_arrays.weights().unwrap();
-            let got_weights = ahead.weights().unwrap();
-            check_same_step(
+            check_twin_step(
                 &what,
                 (precision, tol),
-                (&before_got, &before),
-                (got, &got_weights),
-                (want, &after),
-                step + 1,
+                step,
+                &mut before,
+                ("sent ahead", &ahead, got),
+                ("arrays", &on_arrays, want),
             );
-            (before_got, before) = (got_weights, after);
         }
         assert_eq!(ahead.skipped_steps() + on_arrays.skipped_steps(), 0);
     });
@@ -1012,7 +1016,7 @@ fn page_locked_batches_train_as_host_arrays_do() {
         let mut buffer = on_buffer.batch_buffer(4).unwrap();
         assert!(buffer.is_page_locked(), "{precision}");
         assert_eq!(buffer.shape(), [4, 3, 67, 67]);
-        let (mut before_got, mut before) = (start.clone(), start.clone());
+        let mut before = (start.clone(), start.clone());
         for step in 0..5u64 {
             let batch = small_training_batch(4, 600 + step);
             buffer
@@ -1023,20 +1027,14 @@ fn page_locked_batches_train_as_host_arrays_do() {
             let got = on_buffer.step_buffer(&buffer, 70 + step).unwrap();
             let want = on_arrays.step(batch.view(), &labels, 70 + step).unwrap();
             let what = format!("{precision} step {step} (from the buffer, from the array)");
-            if step == 0 {
-                print_choices(&what, &[("buffer", &on_buffer), ("arrays", &on_arrays)]);
-            }
-            let after = on_arrays.weights().unwrap();
-            let got_weights = on_buffer.weights().unwrap();
-            check_same_step(
+            check_twin_step(
                 &what,
                 (precision, tol),
-                (&before_got, &before),
-                (got, &got_weights),
-                (want, &after),
-                step + 1,
+                step,
+                &mut before,
+                ("buffer", &on_buffer, got),
+                ("arrays", &on_arrays, want),
             );
-            (before_got, before) = (got_weights, after);
         }
         // A heap buffer works too (through the driver's staging copy).
         let mut heap = alexnet_cuda::train::BatchBuffer::on_heap([4, 3, 67, 67]).unwrap();
