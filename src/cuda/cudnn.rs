@@ -293,7 +293,7 @@ fn fma_math<A>(p: &AlgoPerf<A>) -> bool {
 }
 
 /// The rules that rule `p` out, whatever its speed and determinism: none for a candidate that
-/// qualifies. One list for [`choose_algorithm`] and for the reasons [`describe_choice`] gives.
+/// qualifies. One list for [`ranked_candidates`] and for the reasons [`describe_choice`] gives.
 fn ruled_out_by<A: ConvAlgorithm>(
     p: &AlgoPerf<A>,
     allowed: Allowed,
@@ -354,13 +354,22 @@ pub(crate) fn choose_algorithm<A: ConvAlgorithm>(
         .copied()
 }
 
-/// A candidate whose workspace, as cuDNN's size query gives it for the call, is over the cap
-/// although its measurement fitted: passed over.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Oversized<A> {
+/// Why [`first_that_fits`] passed over a candidate that `Find` measured within the cap.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum PassedOverFor {
+    /// cuDNN's size query for the call says it needs this many bytes, over the cap.
+    Workspace(usize),
+    /// cuDNN's size query failed for it (e.g. not supported with the math type it would run
+    /// with): the error, as text.
+    SizeQuery(String),
+}
+
+/// A better-ranked candidate [`first_that_fits`] did not take, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct PassedOver<A> {
     pub algo: A,
     pub math: sys::cudnnMathType_t,
-    pub bytes: usize,
+    pub why: PassedOverFor,
 }
 
 /// The choice made after asking each ranked candidate's workspace.
@@ -370,36 +379,63 @@ pub(crate) struct Fitted<A> {
     /// What the chosen algorithm runs with: the larger of its measurement's and the size
     /// query's.
     pub workspace_bytes: usize,
-    /// The better-ranked candidates passed over for their queried size.
-    pub oversized: Vec<Oversized<A>>,
+    /// The better-ranked candidates passed over, and why.
+    pub passed_over: Vec<PassedOver<A>>,
+}
+
+/// What [`first_that_fits`] found: a candidate, or none, with every one passed over.
+#[derive(Clone, Debug)]
+pub(crate) enum Fit<A> {
+    Chosen(Fitted<A>),
+    NoneFits(Vec<PassedOver<A>>),
 }
 
 /// The first of `ranked` (see [`ranked_candidates`]) whose workspace fits `max_workspace`,
 /// asking `workspace_size` (cuDNN's `Get*WorkspaceSize` for the call) for each in turn: the
 /// measurement's own figure is not the last word, and running an algorithm with more workspace
-/// than the cap would silently break it. `None` when no candidate fits.
+/// than the cap would silently break it. A candidate whose query fails is passed over like one
+/// that does not fit (one unsupported pairing must not sink a layer another algorithm can
+/// run); when every query failed, the first failure is the error returned (the device, not a
+/// candidate, is wrong then).
 pub(crate) fn first_that_fits<A: ConvAlgorithm>(
     ranked: &[AlgoPerf<A>],
     max_workspace: usize,
     mut workspace_size: impl FnMut(&AlgoPerf<A>) -> Result<usize>,
-) -> Result<Option<Fitted<A>>> {
-    let mut oversized = Vec::new();
+) -> Result<Fit<A>> {
+    let mut passed_over = Vec::new();
+    let mut first_error = None;
     for p in ranked {
-        let bytes = workspace_size(p)?.max(p.workspace);
-        if bytes <= max_workspace {
-            return Ok(Some(Fitted {
-                chosen: *p,
-                workspace_bytes: bytes,
-                oversized,
-            }));
-        }
-        oversized.push(Oversized {
+        let why = match workspace_size(p) {
+            Ok(queried) => {
+                let bytes = queried.max(p.workspace);
+                if bytes <= max_workspace {
+                    return Ok(Fit::Chosen(Fitted {
+                        chosen: *p,
+                        workspace_bytes: bytes,
+                        passed_over,
+                    }));
+                }
+                PassedOverFor::Workspace(bytes)
+            }
+            Err(e) => {
+                let why = PassedOverFor::SizeQuery(e.to_string());
+                first_error.get_or_insert(e);
+                why
+            }
+        };
+        passed_over.push(PassedOver {
             algo: p.algo,
             math: p.math,
-            bytes,
+            why,
         });
     }
-    Ok(None)
+    let every_query_failed = passed_over
+        .iter()
+        .all(|p| matches!(p.why, PassedOverFor::SizeQuery(_)));
+    match first_error {
+        Some(e) if every_query_failed => Err(e),
+        _ => Ok(Fit::NoneFits(passed_over)),
+    }
 }
 
 /// The math type a convolution runs its chosen algorithm with: true fp32 (`CUDNN_FMA_MATH`)
@@ -418,8 +454,8 @@ pub(crate) fn run_math(
 
 /// What a choice cost, in cuDNN's own measurements: the chosen algorithm, what it is
 /// (tensor-op math, a transform, non-deterministic) and its time; then the fastest candidate
-/// measured if that is another one, with the rules of [`choose_algorithm`] that passed it
-/// over; and how many candidates ran. One line for profiles and logs, e.g. `ALGO_1 3.210 ms;
+/// measured if that is another one, with what passed it over (the rules of
+/// [`ranked_candidates`], or [`first_that_fits`]'s size query); and how many candidates ran. One line for profiles and logs, e.g. `ALGO_1 3.210 ms;
 /// fastest measured ALGO_0 1.100 ms, passed over: non-deterministic (deterministic
 /// preferred); 4 candidates`.
 pub(crate) fn describe_choice<A: ConvAlgorithm>(
@@ -428,7 +464,7 @@ pub(crate) fn describe_choice<A: ConvAlgorithm>(
     allowed: Allowed,
     determinism: Determinism,
     max_workspace: usize,
-    oversized: &[Oversized<A>],
+    passed_over: &[PassedOver<A>],
 ) -> String {
     let mut traits = Vec::new();
     let default_math = chosen.math == sys::cudnnMathType_t::CUDNN_DEFAULT_MATH;
@@ -454,21 +490,25 @@ pub(crate) fn describe_choice<A: ConvAlgorithm>(
     let beaten_by = match fastest {
         Some(f) if (f.algo, f.math) != (chosen.algo, chosen.math) && f.time_ms < chosen.time_ms => {
             let mut rules = ruled_out_by(f, allowed, max_workspace);
-            if let Some(o) = oversized
+            if let Some(o) = passed_over
                 .iter()
                 .find(|o| (o.algo, o.math) == (f.algo, f.math))
             {
-                rules.push(format!(
-                    "cuDNN's size query says it needs {} bytes of workspace, over the \
-                     {max_workspace}-byte cap",
-                    o.bytes
-                ));
+                rules.push(match &o.why {
+                    PassedOverFor::Workspace(bytes) => format!(
+                        "cuDNN's size query says it needs {bytes} bytes of workspace, over the \
+                         {max_workspace}-byte cap"
+                    ),
+                    PassedOverFor::SizeQuery(error) => {
+                        format!("cuDNN's size query failed: {error}")
+                    }
+                });
             }
             if rules.is_empty() && !f.deterministic && determinism == Determinism::Preferred {
                 rules.push("non-deterministic (deterministic preferred)".to_string());
             }
             if rules.is_empty() {
-                // `choose_algorithm` takes the fastest qualifying candidate: not reached.
+                // The fastest qualifying candidate that fits is taken: not reached.
                 rules.push("no rule (measured slower when chosen?)".to_string());
             }
             format!(
@@ -1060,18 +1100,20 @@ mod tests {
             })
         };
         let ranked = ranked_candidates(&fastest_first, Allowed::Fp32, Determinism::Preferred, cap);
-        let fitted = first_that_fits(&ranked, cap, queried).unwrap().unwrap();
+        let Fit::Chosen(fitted) = first_that_fits(&ranked, cap, queried).unwrap() else {
+            panic!("a candidate fits");
+        };
         assert_eq!(
             fitted.chosen.algo,
             CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
         );
         assert_eq!(fitted.workspace_bytes, 8 << 20);
         assert_eq!(
-            fitted.oversized,
-            [Oversized {
+            fitted.passed_over,
+            [PassedOver {
                 algo: CUDNN_CONVOLUTION_FWD_ALGO_FFT,
                 math: CUDNN_FMA_MATH,
-                bytes: 600 << 20
+                why: PassedOverFor::Workspace(600 << 20)
             }]
         );
         assert_eq!(
@@ -1081,16 +1123,74 @@ mod tests {
                 Allowed::Fp32,
                 Determinism::Preferred,
                 cap,
-                &fitted.oversized
+                &fitted.passed_over
             ),
             "CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM 2.000 ms; fastest measured \
              CUDNN_CONVOLUTION_FWD_ALGO_FFT 1.000 ms, passed over: cuDNN's size query says it \
              needs 629145600 bytes of workspace, over the 536870912-byte cap; 3 candidates"
         );
-        // Nothing fits: no choice. A failing query is the error returned.
-        assert!(first_that_fits(&ranked, 0, |_| Ok(1)).unwrap().is_none());
+        // Nothing fits: no choice, and every candidate said why.
+        let Fit::NoneFits(passed_over) = first_that_fits(&ranked, 0, |_| Ok(1)).unwrap() else {
+            panic!("nothing fits a 0-byte cap");
+        };
+        assert_eq!(passed_over.len(), ranked.len());
+    }
+
+    /// A candidate whose size query fails (cuDNN: not supported with that math type) is passed
+    /// over like one that does not fit, and the choice says so; when every query fails, the
+    /// first failure is the error (the device is wrong, not a candidate).
+    #[test]
+    fn a_candidate_whose_size_query_fails_is_passed_over() {
+        let fastest_first = [
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                CUDNN_FMA_MATH,
+                true,
+            ),
+            FwdAlgoPerf {
+                time_ms: 2.0,
+                ..perf(
+                    CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                    CUDNN_FMA_MATH,
+                    true,
+                )
+            },
+        ];
+        let cap = 64 << 20;
+        let ranked = ranked_candidates(&fastest_first, Allowed::Any, Determinism::Preferred, cap);
+        let queried = |p: &FwdAlgoPerf| match p.algo {
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED => {
+                Err(Error::invalid("size query", "not supported"))
+            }
+            _ => Ok(0),
+        };
+        let Fit::Chosen(fitted) = first_that_fits(&ranked, cap, queried).unwrap() else {
+            panic!("the GEMM fits");
+        };
+        assert_eq!(fitted.chosen.algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
+        assert!(matches!(
+            &fitted.passed_over[..],
+            [PassedOver {
+                algo: CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                why: PassedOverFor::SizeQuery(error),
+                ..
+            }] if error.contains("not supported")
+        ));
+        let line = describe_choice(
+            &fastest_first,
+            &fitted.chosen,
+            Allowed::Any,
+            Determinism::Preferred,
+            cap,
+            &fitted.passed_over,
+        );
+        assert!(
+            line.contains("passed over: cuDNN's size query failed:")
+                && line.contains("not supported"),
+            "{line}"
+        );
         let failed = first_that_fits(&ranked, cap, |_| Err(Error::invalid("query", "failed")));
-        assert!(failed.is_err());
+        assert!(matches!(failed, Err(e) if e.to_string().contains("failed")));
     }
 
     /// True fp32 keeps FMA math whatever `Find` reports (default math would permit TF32 on

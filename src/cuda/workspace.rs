@@ -33,22 +33,26 @@ pub(crate) fn search_sizes(limit: usize) -> [usize; 4] {
 }
 
 /// One try at making room for a search: the buffer's size, and the cap a candidate's need is
-/// held to (at most the limit, also when earlier choices keep a larger buffer).
+/// held to: the whole buffer (earlier choices may keep it larger than the try's size, and
+/// what is allocated anyway may as well be used), but never more than the limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SearchAttempt {
     pub allocate: usize,
     pub cap: usize,
 }
 
-/// The tries of [`ConvWorkspace::for_search`], largest first: each of [`search_sizes`] as the
-/// cap, with a buffer no smaller than `high_water`; a buffer size already tried (and failed)
-/// is not tried again.
+/// The tries of [`ConvWorkspace::for_search`], largest first: each of [`search_sizes`], with a
+/// buffer no smaller than `high_water`; a buffer size already tried (and failed) is not tried
+/// again.
 pub(crate) fn search_attempts(limit: usize, high_water: usize) -> Vec<SearchAttempt> {
     let mut attempts: Vec<SearchAttempt> = Vec::new();
-    for cap in search_sizes(limit) {
-        let allocate = cap.max(high_water);
+    for size in search_sizes(limit) {
+        let allocate = size.max(high_water);
         if attempts.last().is_none_or(|a| a.allocate != allocate) {
-            attempts.push(SearchAttempt { allocate, cap });
+            attempts.push(SearchAttempt {
+                allocate,
+                cap: allocate.min(limit),
+            });
         }
     }
     attempts
@@ -190,7 +194,8 @@ mod tests {
     }
 
     /// The cap never exceeds the limit, even when earlier choices keep a larger buffer (a limit
-    /// lowered after they were made), and a buffer size that failed is not tried again.
+    /// lowered after they were made), uses what earlier choices keep allocated within it, and a
+    /// buffer size that failed is not tried again.
     #[test]
     fn the_search_cap_stays_within_the_limit_and_no_size_is_tried_twice() {
         const MIB: usize = 1 << 20;
@@ -206,7 +211,7 @@ mod tests {
         );
         assert_eq!(
             tries(512 * MIB, 64 * MIB),
-            [(512, 512), (128, 128), (64, 32)]
+            [(512, 512), (128, 128), (64, 64)]
         );
         assert_eq!(tries(512 * MIB, 600 * MIB), [(600, 512)]);
         assert_eq!(tries(0, 0), [(0, 0)]);

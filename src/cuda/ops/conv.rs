@@ -24,7 +24,7 @@ use crate::config::window_output;
 use crate::cuda::cudnn::{
     describe_choice, find_forward_algorithms, first_that_fits, ranked_candidates, run_math,
     AlgoPerf, Allowed, ConvAlgorithm, ConvDesc, CudnnHandle, Determinism, FilterDesc, FindBuffers,
-    TensorDesc,
+    Fit, TensorDesc,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -542,22 +542,29 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             };
             let ranked = ranked_candidates(&candidates, allowed, determinism, search_bytes);
             // Each candidate's size is asked with the math type it would run with.
-            let fitted = first_that_fits(&ranked, search_bytes, |p| {
+            let fit = first_that_fits(&ranked, search_bytes, |p| {
                 conv.set_math(run_math(self.math, p.math))?;
                 workspace_size(&handle, &conv, p.algo)
-            })?
-            .ok_or_else(|| {
-                Error::cuda(
-                    OP,
-                    format!(
-                        "cuDNN has no usable {what} algorithm for input {:?} ({:?}, {:?}) within a \
-                         {search_bytes}-byte workspace; candidates: {candidates:?}",
-                        call.x,
-                        T::DTYPE,
-                        self.options.layout
-                    ),
-                )
             })?;
+            let fitted = match fit {
+                Fit::Chosen(fitted) => fitted,
+                Fit::NoneFits(passed_over) => {
+                    return Err(Error::cuda(
+                        OP,
+                        format!(
+                            "cuDNN has no usable {what} algorithm for input {:?} ({:?}, {:?}) \
+                             within a {search_bytes}-byte workspace; candidates: \
+                             {candidates:?}; passed over after the size query: {passed_over:?}",
+                            call.x,
+                            T::DTYPE,
+                            self.options.layout
+                        ),
+                    ))
+                }
+            };
+            // The descriptor runs with the chosen candidate's math type, whatever was asked
+            // last.
+            conv.set_math(run_math(self.math, fitted.chosen.math))?;
             Ok((candidates, fitted))
         })();
         let (candidates, fitted) = match outcome {
@@ -569,7 +576,6 @@ impl<T: GpuFloat> Conv2dGpu<T> {
                 return Err(e);
             }
         };
-        // The descriptor keeps the math type of the last candidate asked: the chosen one's.
         workspace.settle(stream, fitted.workspace_bytes)?;
         Ok(Chosen {
             conv,
@@ -581,7 +587,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
                 allowed,
                 determinism,
                 search_bytes,
-                &fitted.oversized,
+                &fitted.passed_over,
             ),
         })
     }
