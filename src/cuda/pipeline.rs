@@ -103,6 +103,9 @@ impl<'m> Pipeline<'m> {
         let bytes = max_batch
             .checked_mul(image_bytes)
             .ok_or_else(|| Error::invalid("pipeline batch", format!("{max_batch} overflows")))?;
+        let logit_count = max_batch
+            .checked_mul(classes)
+            .ok_or_else(|| Error::invalid("pipeline batch", format!("{max_batch} overflows")))?;
         let gpu = model.gpu();
         let slot = || -> Result<Slot> {
             Ok(Slot {
@@ -111,7 +114,7 @@ impl<'m> Pipeline<'m> {
                     .stream()
                     .alloc_zeros::<u8>(bytes)
                     .map_err(driver_err("allocating a pipeline input slot"))?,
-                host_logits: alloc_readback(gpu.context(), max_batch * classes)?,
+                host_logits: alloc_readback(gpu.context(), logit_count)?,
                 events: StageEvents::new(gpu)?,
                 n: 0,
             })
@@ -253,15 +256,18 @@ impl<'m> Pipeline<'m> {
 
     /// Waits for the oldest batch in flight and returns its logits and timings.
     pub fn finish(&mut self) -> Result<PipelineOutput> {
-        let index = self
+        let index = *self
             .in_flight
-            .pop_front()
+            .front()
             .ok_or_else(|| Error::invalid("pipeline", "finish() with no batch in flight"))?;
         let slot = &self.slots[index];
         slot.events
             .d2h_end
             .synchronize()
             .map_err(driver_err("cuEventSynchronize"))?;
+        // Only a batch known to be done leaves the flight list: a slot whose wait failed is
+        // never handed to the next upload.
+        self.in_flight.pop_front();
         let n = slot.n;
         let values = slot
             .host_logits

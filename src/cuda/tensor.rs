@@ -71,7 +71,7 @@ impl<T: GpuFloat> GpuTensor<T> {
     }
 
     /// Uploads a host `f32` tensor (logical order, any strides), rounding to `T` and reordering
-    /// to `layout`.
+    /// to `layout` (host memory as for [`GpuTensor::upload`]).
     pub fn from_host(gpu: &Gpu, host: ArrayViewD<'_, f32>, layout: Layout) -> Result<Self> {
         let mut tensor = Self::zeros(gpu, host.shape(), layout)?;
         tensor.upload(gpu, host)?;
@@ -79,6 +79,11 @@ impl<T: GpuFloat> GpuTensor<T> {
     }
 
     /// Overwrites the contents with a host tensor of the same logical shape.
+    ///
+    /// From ordinary memory the host may reuse it as soon as this returns (the driver stages
+    /// it). From page-locked memory (e.g. [`crate::cuda::alloc_readback`]'s) the copy is only
+    /// queued on the compute stream: keep that memory unchanged until the GPU has passed it
+    /// ([`Gpu::synchronize`]).
     pub fn upload(&mut self, gpu: &Gpu, host: ArrayViewD<'_, f32>) -> Result<()> {
         if host.shape() != self.shape.as_slice() {
             return Err(Error::Shape {
@@ -98,7 +103,8 @@ impl<T: GpuFloat> GpuTensor<T> {
         self.upload_physical(gpu, &staged)
     }
 
-    /// Overwrites the contents with elements already in this tensor's memory order.
+    /// Overwrites the contents with elements already in this tensor's memory order (host
+    /// memory as for [`GpuTensor::upload`]).
     pub fn upload_physical(&mut self, gpu: &Gpu, values: &[T]) -> Result<()> {
         if values.len() != self.data.len() {
             return Err(Error::Shape {

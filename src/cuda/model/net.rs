@@ -156,7 +156,16 @@ impl<T: GpuFloat> Net<T> {
                 // size ever run. The graph among them is destroyed with this thread's context
                 // current (cudarc's graph destructor does not bind it).
                 gpu.bind()?;
-                drop(other);
+                if let Some(old) = other {
+                    // A forward that failed part way may have left a copy into or out of
+                    // their page-locked buffers queued: free them once the stream is idle, or
+                    // never (leaked, as `CudaModel`'s drop does) if it cannot be waited for.
+                    if let Err(e) = gpu.stream().synchronize() {
+                        std::mem::forget(old);
+                        return Err(driver_err("cuStreamSynchronize")(e));
+                    }
+                    drop(old);
+                }
                 self.remember_size(gpu, n)?;
                 self.layers.allocate(gpu, n)?
             }

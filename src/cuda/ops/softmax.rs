@@ -87,10 +87,12 @@ impl TopK {
     /// Copies the last launch's `(class, probability)` lists to the host, one per row, most
     /// probable first. Waits for the GPU.
     pub fn to_host(&mut self, gpu: &Gpu) -> Result<Vec<Vec<(usize, f32)>>> {
-        self.start_download(gpu)?;
+        let started = self.start_download(gpu);
         // The page-locked buffers' own events are not recorded (event tracking is off, see
-        // `Gpu::new`): reading them waits for nothing, so wait for the copies here.
+        // `Gpu::new`): reading them waits for nothing, so wait for the copies here, also for
+        // the first when the second could not be queued (the buffers may be dropped next).
         gpu.synchronize()?;
+        started?;
         self.read_downloaded()
     }
 

@@ -369,18 +369,8 @@ impl<T: TrainFloat> Net<T> {
         let n = labels.len();
         self.buffers_for(gpu, config, n)?;
         let stream = gpu.stream();
-        {
-            let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
-            T::load_batch(
-                gpu,
-                batch,
-                buffers.wide.as_mut(),
-                &mut buffers.activations[0],
-            )?;
-            stream
-                .memcpy_htod(labels, &mut buffers.labels)
-                .map_err(driver_err("upload the labels"))?;
-        }
+        // The small pageable copies first: the driver may wait for the stream before staging
+        // one, which after the batch's DMA would hold the host until the batch is up.
         if self.dropout_layers > 0 {
             // Read on the device by the dropout kernels, so a replayed graph draws new masks.
             let seeds: Vec<u64> = (0..self.dropout_layers as u64)
@@ -389,6 +379,18 @@ impl<T: TrainFloat> Net<T> {
             stream
                 .memcpy_htod(&seeds, &mut self.seeds)
                 .map_err(driver_err("upload the dropout seeds"))?;
+        }
+        {
+            let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
+            stream
+                .memcpy_htod(labels, &mut buffers.labels)
+                .map_err(driver_err("upload the labels"))?;
+            T::load_batch(
+                gpu,
+                batch,
+                buffers.wide.as_mut(),
+                &mut buffers.activations[0],
+            )?;
         }
         mark(&mut marks, gpu, || "batch upload".into())?;
         let run = StepRun {
@@ -417,6 +419,12 @@ impl<T: TrainFloat> Net<T> {
                 .map_err(driver_err("read back the overflow flag"))?
                 .first()
                 .is_some_and(|&flag| flag != 0);
+        // Copies into ordinary memory return once done in practice, but the driver only says
+        // they "might be synchronous": the step is over (its batch the caller's again) only
+        // when the stream says so. Idle by now, so this costs nothing.
+        stream
+            .synchronize()
+            .map_err(driver_err("cuStreamSynchronize"))?;
         mark(&mut marks, gpu, || "loss read-back".into())?;
         if !overflowed {
             self.has_velocity = true;
