@@ -4,24 +4,29 @@
 //! by default (FFT and Winograd allowed), TF32 and mixed precision (f16 compute, f32 master
 //! weights, loss scaling); the last three also with cuDNN's fastest backward algorithms whether
 //! deterministic or not (`+nondeterministic`, PyTorch's default: `fp32+nondeterministic` is
-//! the anchor's fp32 exactly), reported in
-//! images/s; each from an ordinary array (pageable memory), from the trainer's page-locked
-//! batch buffer, and from two such buffers taking turns with the next one sent ahead on the
-//! copy stream during each step (`sent-ahead`: what `train` does). After each mode's figures, one profiled step from
-//! each source prints where the step's time goes on the GPU, phase by phase
-//! (`CudaTrainer::step_profiled`). Set beside PyTorch's with `tools/torch_train_anchor.py
-//! --device cuda` in the same run (tools/gpu/on-device.sh `train`). `cargo bench --bench
-//! gpu_train`.
+//! the anchor's fp32 exactly), reported in images/s; each from an ordinary array (pageable
+//! memory), from the trainer's page-locked batch buffer, and from two such buffers taking
+//! turns with the next one sent ahead on the copy stream during each step (`sent-ahead`: what
+//! `train` does). Before each mode's figures, after a warm-up that settles the CUDA graph and
+//! the loss scale: one profiled step from each source, printing where the step's time goes on
+//! the GPU phase by phase (`CudaTrainer::step_profiled`), the convolutions' algorithms and the
+//! graph's state; a step that fails is said and passes over its figure, not the run. Set
+//! beside PyTorch's with `tools/torch_train_anchor.py --device cuda` in the same run
+//! (tools/gpu/on-device.sh `trainbench`). `cargo bench --bench gpu_train`.
 //!
 //! Without a usable GPU it prints one `SKIPPED` line with the reason and measures nothing.
 
 use std::time::Duration;
 
-use alexnet_cuda::cuda::{CudaTrainOptions, CudaTrainer};
+use alexnet_cuda::cuda::{CudaTrainOptions, CudaTrainer, GraphStatus};
 use alexnet_cuda::timing::synthetic_batch;
 use alexnet_cuda::train::{BatchBuffer, SgdConfig, Trainer};
 use alexnet_cuda::{AlexNetConfig, Precision, Weights};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
+use ndarray::ArrayView4;
 
 const BATCH: usize = 128;
 
@@ -75,6 +80,95 @@ fn trainer(weights: &Weights, mode: Mode) -> Result<CudaTrainer, String> {
     CudaTrainer::with_options(weights, SgdConfig::default(), options).map_err(|e| e.to_string())
 }
 
+/// Steps from `input` until the CUDA graph is settled (replaying, or known not to be) and no
+/// step was skipped for three steps in a row, at most 20 steps: the first step chooses the
+/// convolution algorithms (cuDNN's Find), the second captures the graph, and mixed precision's
+/// first steps may overflow (each a skipped step, an eager one and a new capture). None of that
+/// is what a training run's steps cost.
+fn warm_up(
+    trainer: &mut CudaTrainer,
+    input: ArrayView4<'_, f32>,
+    labels: &[usize],
+    step: &mut u64,
+) -> alexnet_cuda::Result<()> {
+    let mut calm = 0;
+    for _ in 0..20 {
+        let skipped = trainer.skipped_steps();
+        *step += 1;
+        trainer.step(input, labels, *step)?;
+        let settled = trainer.graph_status() != GraphStatus::NotCaptured;
+        calm = match settled && trainer.skipped_steps() == skipped {
+            true => calm + 1,
+            false => 0,
+        };
+        if *step >= 2 && calm >= 3 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Times `one_step` as the figure `id` after one trial step. A failure is said and passes
+/// over this figure only (a panic would lose every later mode's figures and profiles): the
+/// trial's failure skips the figure, a timed step's marks it invalid.
+fn measure(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    label: &str,
+    step: &mut u64,
+    mut one_step: impl FnMut(u64) -> alexnet_cuda::Result<f32>,
+) {
+    *step += 1;
+    if let Err(e) = one_step(*step) {
+        eprintln!("gpu_train {label}: SKIPPED, its trial step failed: {e}");
+        return;
+    }
+    let mut failure = None;
+    group.bench_function(id, |b| {
+        b.iter(|| {
+            *step += 1;
+            one_step(*step).unwrap_or_else(|e| {
+                failure.get_or_insert(e.to_string());
+                f32::NAN
+            })
+        })
+    });
+    if let Some(e) = failure {
+        eprintln!("gpu_train {label}: INVALID figure, a timed step failed: {e}");
+    }
+}
+
+/// A batch buffer of `trainer`'s (page-locked) or on the heap holding `batch` and `labels`.
+fn filled(
+    buffer: alexnet_cuda::Result<BatchBuffer>,
+    batch: &[f32],
+    labels: &[usize],
+) -> alexnet_cuda::Result<BatchBuffer> {
+    let mut buffer = buffer?;
+    buffer.images_mut()?.copy_from_slice(batch);
+    buffer.set_labels(labels.to_vec());
+    Ok(buffer)
+}
+
+/// One profiled step from `buffer` (after `stage`, which may send it ahead), printed.
+fn print_profile(
+    trainer: &mut CudaTrainer,
+    label: &str,
+    step: &mut u64,
+    stage: impl FnOnce(&mut CudaTrainer, u64) -> alexnet_cuda::Result<f32>,
+    buffer: &BatchBuffer,
+) {
+    *step += 1;
+    let profiled = stage(trainer, *step).and_then(|_| {
+        *step += 1;
+        trainer.step_profiled(buffer, *step)
+    });
+    match profiled {
+        Ok((_, profile)) => eprintln!("{label} profile (one eager step):\n{profile}"),
+        Err(e) => eprintln!("{label} profiled step {step} skipped: {e}"),
+    }
+}
+
 fn gpu_train(c: &mut Criterion) {
     let config = AlexNetConfig::paper();
     let weights = match Weights::paper_init(&config, 0) {
@@ -87,6 +181,9 @@ fn gpu_train(c: &mut Criterion) {
     }
     let input = synthetic_batch(BATCH, config.input, 1);
     let labels: Vec<usize> = (0..BATCH).map(|i| i * 37 % config.num_classes()).collect();
+    let Some(batch) = input.as_slice() else {
+        panic!("synthetic_batch gives a contiguous batch");
+    };
     let mut group = c.benchmark_group("gpu_train");
     group
         .sample_size(10)
@@ -98,110 +195,104 @@ fn gpu_train(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH as u64));
     for settings in MODES {
         let mode = settings.name();
+        let label = format!("paper/{mode}");
         let mut trainer = match trainer(&weights, settings) {
             Ok(t) => t,
             Err(why) => {
-                eprintln!("gpu_train paper/{mode}: SKIPPED: {why}");
+                eprintln!("gpu_train {label}: SKIPPED: {why}");
                 continue;
             }
         };
-        // The first step chooses the convolution algorithms (cuDNN's Find), the second
-        // captures the CUDA graph: neither is what a training run's steps cost.
         let mut step = 0u64;
-        while step < 2 {
-            step += 1;
-            if let Err(e) = trainer.step(input.view(), &labels, step) {
-                panic!("gpu_train paper/{mode} step {step}: {e}");
+        if let Err(e) = warm_up(&mut trainer, input.view(), &labels, &mut step) {
+            eprintln!("gpu_train {label}: SKIPPED, warm-up step {step} failed: {e}");
+            continue;
+        }
+        // The buffers `train` uses: page-locked ones written by the loader (two taking turns
+        // when the next batch is sent ahead), and one on the heap for the pageable path.
+        let buffers = filled(trainer.batch_buffer(BATCH), batch, &labels).and_then(|buffer| {
+            let other = filled(trainer.batch_buffer(BATCH), batch, &labels)?;
+            let heap = filled(BatchBuffer::on_heap(buffer.shape()), batch, &labels)?;
+            Ok((buffer, other, heap))
+        });
+        let (buffer, other, heap) = match buffers {
+            Ok(buffers) => buffers,
+            Err(e) => {
+                eprintln!("gpu_train {label}: SKIPPED, its batch buffers: {e}");
+                continue;
             }
-        }
-        group.bench_function(BenchmarkId::new(format!("paper/{mode}"), BATCH), |b| {
-            b.iter(|| {
-                step += 1;
-                match trainer.step(input.view(), &labels, step) {
-                    Ok(loss) => loss,
-                    Err(e) => panic!("gpu_train paper/{mode} step {step}: {e}"),
-                }
-            })
-        });
-        // What `train` does: the loader writes each batch into the trainer's page-locked
-        // buffer, which goes up with one DMA (the decode runs on the loader's thread).
-        let mut buffer = match trainer.batch_buffer(BATCH) {
-            Ok(b) => b,
-            Err(e) => panic!("gpu_train paper/{mode}: a page-locked buffer: {e}"),
         };
-        let batch = input.as_slice().expect("a contiguous batch");
-        match buffer.images_mut() {
-            Ok(images) => images.copy_from_slice(batch),
-            Err(e) => panic!("gpu_train paper/{mode}: filling the buffer: {e}"),
-        }
-        buffer.set_labels(labels.clone());
-        let pinned = format!("paper/{mode}/page-locked");
-        group.bench_function(BenchmarkId::new(pinned, BATCH), |b| {
-            b.iter(|| {
-                step += 1;
-                match trainer.step_buffer(&buffer, step) {
-                    Ok(loss) => loss,
-                    Err(e) => panic!("gpu_train paper/{mode} step {step}: {e}"),
-                }
-            })
-        });
-        // What `train` does: the next batch goes up on the copy stream while this one
-        // computes (`step_buffer_prefetch`), two page-locked buffers taking turns.
-        let mut other = match trainer.batch_buffer(BATCH) {
-            Ok(b) => b,
-            Err(e) => panic!("gpu_train paper/{mode}: a second page-locked buffer: {e}"),
-        };
-        match other.images_mut() {
-            Ok(images) => images.copy_from_slice(batch),
-            Err(e) => panic!("gpu_train paper/{mode}: filling the second buffer: {e}"),
-        }
-        other.set_labels(labels.clone());
-        let sent_ahead = format!("paper/{mode}/sent-ahead");
-        group.bench_function(BenchmarkId::new(sent_ahead, BATCH), |b| {
-            b.iter(|| {
-                step += 1;
-                let (now, next) = match step % 2 {
-                    0 => (&buffer, &other),
-                    _ => (&other, &buffer),
-                };
-                match trainer.step_buffer_prefetch(now, step, Some(next)) {
-                    Ok(loss) => loss,
-                    Err(e) => panic!("gpu_train paper/{mode} step {step}: {e}"),
-                }
-            })
-        });
-        // Where a step's time goes, from ordinary memory and from the page-locked buffer.
-        let mut heap = match BatchBuffer::on_heap(buffer.shape()) {
-            Ok(b) => b,
-            Err(e) => panic!("gpu_train paper/{mode}: a heap buffer: {e}"),
-        };
-        match heap.images_mut() {
-            Ok(images) => images.copy_from_slice(batch),
-            Err(e) => panic!("gpu_train paper/{mode}: filling the heap buffer: {e}"),
-        }
-        heap.set_labels(labels.clone());
-        for (source, buffer) in [("pageable", &heap), ("page-locked", &buffer)] {
-            step += 1;
-            match trainer.step_profiled(buffer, step) {
-                Ok((_, profile)) => {
-                    eprintln!("gpu_train paper/{mode}/{source} profile (one eager step):");
-                    eprintln!("{profile}");
-                }
-                // Said and passed over: the throughput figures below matter more than one
-                // profile (step_profiled has not run on a GPU yet).
-                Err(e) => {
-                    eprintln!("gpu_train paper/{mode}/{source} profiled step {step} skipped: {e}")
-                }
-            }
-        }
-        eprintln!("gpu_train paper/{mode} convolution algorithms (cuDNN's measurements):");
+        // First what a failing figure must not take with it: where one step's time goes on
+        // the GPU, phase by phase, from each source (`sent-ahead`: the batch the previous step
+        // sent up on the copy stream), the algorithms behind it, and whether the figures
+        // replay a graph.
+        let direct = |_: &mut CudaTrainer, _| Ok(0.0);
+        print_profile(
+            &mut trainer,
+            &format!("gpu_train {label}/pageable"),
+            &mut step,
+            direct,
+            &heap,
+        );
+        print_profile(
+            &mut trainer,
+            &format!("gpu_train {label}/page-locked"),
+            &mut step,
+            direct,
+            &buffer,
+        );
+        let send_ahead = |t: &mut CudaTrainer, s| t.step_buffer_prefetch(&other, s, Some(&buffer));
+        print_profile(
+            &mut trainer,
+            &format!("gpu_train {label}/sent-ahead"),
+            &mut step,
+            send_ahead,
+            &buffer,
+        );
+        eprintln!("gpu_train {label} convolution algorithms (cuDNN's measurements):");
         for line in trainer.conv_choices() {
             eprintln!("  {line}");
         }
+        eprintln!("gpu_train {label}: graph {:?}", trainer.graph_status());
+
+        measure(
+            &mut group,
+            BenchmarkId::new(label.clone(), BATCH),
+            &label,
+            &mut step,
+            |s| trainer.step(input.view(), &labels, s),
+        );
+        // What `train` does without sending ahead: the loader writes each batch into the
+        // trainer's page-locked buffer, which goes up with one DMA.
+        let pinned = format!("{label}/page-locked");
+        measure(
+            &mut group,
+            BenchmarkId::new(pinned.clone(), BATCH),
+            &pinned,
+            &mut step,
+            |s| trainer.step_buffer(&buffer, s),
+        );
+        // What `train` does: the next batch goes up on the copy stream while this one
+        // computes (`step_buffer_prefetch`), two page-locked buffers taking turns.
+        let sent_ahead = format!("{label}/sent-ahead");
+        measure(
+            &mut group,
+            BenchmarkId::new(sent_ahead.clone(), BATCH),
+            &sent_ahead,
+            &mut step,
+            |s| {
+                let (now, next) = match s % 2 {
+                    0 => (&buffer, &other),
+                    _ => (&other, &buffer),
+                };
+                trainer.step_buffer_prefetch(now, s, Some(next))
+            },
+        );
         eprintln!(
-            "gpu_train paper/{mode}: {} of {step} steps skipped (loss scale {:?})",
+            "gpu_train {label}: {} of {step} steps skipped (loss scale {:?}), graph {:?}",
             trainer.skipped_steps(),
-            trainer.loss_scale()
+            trainer.loss_scale(),
+            trainer.graph_status()
         );
     }
     group.finish();
