@@ -15,11 +15,12 @@ mod common;
 
 use alexnet_cuda::cpu::{Conv2d, InputGradient, Linear};
 use alexnet_cuda::cuda::library_calls::{
-    chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall,
+    chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall, LinearBuffer,
 };
 use alexnet_cuda::cuda::{ConvOptions, Layout};
 use common::formula_values;
 use ndarray::{s, Array, Array1, Array2, Array4, ShapeBuilder};
+use LinearBuffer::{Input, InputGrad, Output, OutputGrad, Weight, WeightGrad};
 
 fn random<Sh: ShapeBuilder>(shape: Sh, stream: u64, scale: f64) -> Array<f32, Sh::Dim> {
     let zeros = Array::<f32, _>::zeros(shape);
@@ -142,8 +143,20 @@ fn conv_backward_filter_by_call(call: &ConvCall, x: &[f32], dy: &[f32]) -> Vec<f
 }
 
 /// A naive column-major GEMM exactly as cuBLAS reads its arguments: `C = op(A) op(B)`, `C` of
-/// `ldc x n`. f64 accumulation. Panics where a buffer is shorter than the arguments imply.
-fn gemm_by_call(call: &GemmCall, a: &[f32], b: &[f32]) -> Vec<f32> {
+/// `ldc x n`, with `A` and `B` taken from the layer's `buffers` by the roles the call gives
+/// them ([`GemmCall::operands`], as the layer does) and `C` the buffer `writes`. f64
+/// accumulation. Panics where a buffer is shorter than the arguments imply, or the call writes
+/// another buffer.
+fn gemm_by_call(
+    call: &GemmCall,
+    buffers: &[(LinearBuffer, &[f32])],
+    writes: LinearBuffer,
+) -> Vec<f32> {
+    assert_eq!(call.c, writes, "{call:?} writes another buffer");
+    let given = [buffers, &[(writes, &[][..])]].concat();
+    let (a, b, _) = call
+        .operands(&given)
+        .unwrap_or_else(|e| panic!("{call:?}: {e}"));
     let u = |v: i32| usize::try_from(v).expect("non-negative GEMM argument");
     let (m, n, k) = (u(call.m), u(call.n), u(call.k));
     let (lda, ldb, ldc) = (u(call.lda), u(call.ldb), u(call.ldc));
@@ -419,7 +432,14 @@ fn linear_calls_reproduce_the_cpu_layer() {
         let call = GemmCall::linear(out, features, rows).unwrap();
         // A: the row-major [out, in] weight; B: the row-major [rows, in] input; C: the
         // row-major [rows, out] output, as the layer passes them.
-        let c = gemm_by_call(&call, weight.as_slice().unwrap(), x.as_slice().unwrap());
+        let c = gemm_by_call(
+            &call,
+            &[
+                (Weight, weight.as_slice().unwrap()),
+                (Input, x.as_slice().unwrap()),
+            ],
+            Output,
+        );
         let got = Array2::from_shape_vec((rows, out), c).unwrap();
         let err = rel_err(got.as_slice().unwrap(), want.as_slice().unwrap());
         assert!(
@@ -441,13 +461,19 @@ fn linear_backward_calls_reproduce_the_cpu_layer() {
             .unwrap();
         let what = format!("linear backward {rows}x{features}->{out}");
         // A: the row-major weight, B: the row-major dy; C: row-major dx [rows, in].
+        // Every buffer the layer has, so that a call naming the wrong one reads it.
+        let buffers = [
+            (Weight, weight.as_slice().unwrap()),
+            (Input, x.as_slice().unwrap()),
+            (OutputGrad, dy.as_slice().unwrap()),
+        ];
         let call = GemmCall::linear_backward_input(out, features, rows).unwrap();
-        let dx = gemm_by_call(&call, weight.as_slice().unwrap(), dy.as_slice().unwrap());
+        let dx = gemm_by_call(&call, &buffers, InputGrad);
         let err = rel_err(&dx, want.input.as_slice().unwrap());
         assert!(err <= 1e-5, "{what}: input gradient relative error {err:e}");
         // A: the row-major input, B: the row-major dy; C: row-major dW [out, in].
         let call = GemmCall::linear_backward_weight(out, features, rows).unwrap();
-        let dw = gemm_by_call(&call, x.as_slice().unwrap(), dy.as_slice().unwrap());
+        let dw = gemm_by_call(&call, &buffers, WeightGrad);
         let err = rel_err(&dw, want.weight.as_slice().unwrap());
         assert!(
             err <= 1e-5,
@@ -473,14 +499,19 @@ fn fc1_backward_on_nhwc_activations_gives_the_cpus_gradients() {
         .backward(nchw_rows.view(), dy.view())
         .unwrap();
     let permuted = chw_columns_to_hwc(weight.view(), [c, h, w]).unwrap();
+    let nhwc = physical(&activations, Layout::Nhwc);
+    let buffers = [
+        (Weight, permuted.as_slice().unwrap()),
+        (Input, &nhwc[..]),
+        (OutputGrad, dy.as_slice().unwrap()),
+    ];
     let call = GemmCall::linear_backward_input(out, c * h * w, n).unwrap();
-    let dx = gemm_by_call(&call, permuted.as_slice().unwrap(), dy.as_slice().unwrap());
+    let dx = gemm_by_call(&call, &buffers, InputGrad);
     let want_dx = want.input.into_shape_with_order((n, c, h, w)).unwrap();
     let err = rel_err(&dx, &physical(&want_dx, Layout::Nhwc));
     assert!(err <= 1e-5, "fc1 backward on NHWC: input gradient {err:e}");
     let call = GemmCall::linear_backward_weight(out, c * h * w, n).unwrap();
-    let nhwc = physical(&activations, Layout::Nhwc);
-    let dw = gemm_by_call(&call, &nhwc, dy.as_slice().unwrap());
+    let dw = gemm_by_call(&call, &buffers, WeightGrad);
     let want_dw = chw_columns_to_hwc(want.weight.view(), [c, h, w]).unwrap();
     let err = rel_err(&dw, want_dw.as_slice().unwrap());
     assert!(err <= 1e-5, "fc1 backward on NHWC: weight gradient {err:e}");
@@ -504,10 +535,18 @@ fn fc1_on_nhwc_activations_gives_the_cpus_result() {
     let nhwc = physical(&activations, Layout::Nhwc); // n rows of (H, W, C)
     let permuted = chw_columns_to_hwc(weight.view(), [c, h, w]).unwrap();
     let call = GemmCall::linear(out, c * h * w, n).unwrap();
-    let got = gemm_by_call(&call, permuted.as_slice().unwrap(), &nhwc);
+    let got = gemm_by_call(
+        &call,
+        &[(Weight, permuted.as_slice().unwrap()), (Input, &nhwc)],
+        Output,
+    );
     let err = rel_err(&got, want.as_slice().unwrap());
     assert!(err <= 1e-5, "fc1 on NHWC: relative error {err:e}");
     // Without the permutation the NHWC flatten gives another function.
-    let unpermuted = gemm_by_call(&call, weight.as_slice().unwrap(), &nhwc);
+    let unpermuted = gemm_by_call(
+        &call,
+        &[(Weight, weight.as_slice().unwrap()), (Input, &nhwc)],
+        Output,
+    );
     assert!(rel_err(&unpermuted, want.as_slice().unwrap()) > 1e-2);
 }

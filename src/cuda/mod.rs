@@ -124,6 +124,7 @@ pub mod kernel_args {
 pub mod library_calls {
     pub use super::ops::{
         chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall,
+        LinearBuffer,
     };
 }
 pub use pinned::{alloc_readback, alloc_upload};

@@ -145,8 +145,28 @@ pub fn unpack_conv_weights(
     ))
 }
 
+/// A buffer of a linear layer's that one of its GEMMs reads or writes: what a [`GemmCall`]
+/// passes as `A`, `B` and `C`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearBuffer {
+    /// The weight, row-major `[out, in]`.
+    Weight,
+    /// The input `x`, row-major `[rows, in]`.
+    Input,
+    /// The output `y`, row-major `[rows, out]`.
+    Output,
+    /// The output's gradient `dy`, shaped as the output.
+    OutputGrad,
+    /// The input's gradient `dx`, shaped as the input.
+    InputGrad,
+    /// The weight's gradient `dW`, shaped as the weight.
+    WeightGrad,
+}
+
 /// What `cublasGemmEx` is told, in its column-major terms: `C[m x n] = op(A)[m x k] *
-/// op(B)[k x n]` with leading dimensions `lda`, `ldb`, `ldc` (alpha 1, beta 0).
+/// op(B)[k x n]` with leading dimensions `lda`, `ldb`, `ldc` (alpha 1, beta 0), and which of
+/// the layer's buffers `A`, `B` and `C` are: the layer passes pointers by these roles
+/// ([`GemmCall::operands`]), so a call's replay on the CPU checks the pointers too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmCall {
     /// `op(A) = A^T` when set (`CUBLAS_OP_T`), else `A` (`CUBLAS_OP_N`); likewise `B`.
@@ -158,6 +178,9 @@ pub struct GemmCall {
     pub lda: i32,
     pub ldb: i32,
     pub ldc: i32,
+    pub a: LinearBuffer,
+    pub b: LinearBuffer,
+    pub c: LinearBuffer,
 }
 
 impl GemmCall {
@@ -179,7 +202,29 @@ impl GemmCall {
             lda: k,
             ldb: k,
             ldc: m,
+            a: LinearBuffer::Weight,
+            b: LinearBuffer::Input,
+            c: LinearBuffer::Output,
         })
+    }
+
+    /// `(A, B, C)` from `buffers`, each given once with its role: the layer labels every
+    /// pointer where it takes it from a named buffer, and the call says which goes where. A
+    /// role the call needs and `buffers` lacks is an error.
+    pub fn operands<P: Copy>(&self, buffers: &[(LinearBuffer, P)]) -> Result<(P, P, P)> {
+        let find = |role: LinearBuffer| {
+            buffers
+                .iter()
+                .find(|(given, _)| *given == role)
+                .map(|&(_, buffer)| buffer)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "LinearGpu (cuBLAS call)",
+                        format!("no {role:?} buffer given for {self:?}"),
+                    )
+                })
+        };
+        Ok((find(self.a)?, find(self.b)?, find(self.c)?))
     }
 
     /// The input gradient of a linear layer for `rows` rows: row-major `dx [rows, in] =
@@ -202,6 +247,9 @@ impl GemmCall {
             lda: call.k,
             ldb: call.m,
             ldc: call.k,
+            a: LinearBuffer::Weight,
+            b: LinearBuffer::OutputGrad,
+            c: LinearBuffer::InputGrad,
         })
     }
 
@@ -225,6 +273,9 @@ impl GemmCall {
             lda: call.k,
             ldb: call.m,
             ldc: call.k,
+            a: LinearBuffer::Input,
+            b: LinearBuffer::OutputGrad,
+            c: LinearBuffer::WeightGrad,
         })
     }
 }
@@ -255,6 +306,24 @@ pub fn chw_columns_to_hwc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Operands are picked by role, whatever order the layer lists its buffers in; a role the
+    /// call needs and the layer did not give is an error, not a null pointer.
+    #[test]
+    fn gemm_operands_are_picked_by_role() {
+        let call = GemmCall::linear_backward_weight(4, 3, 2).unwrap();
+        let buffers = [
+            (LinearBuffer::WeightGrad, "dw"),
+            (LinearBuffer::OutputGrad, "dy"),
+            (LinearBuffer::Weight, "w"),
+            (LinearBuffer::Input, "x"),
+        ];
+        assert_eq!(call.operands(&buffers).unwrap(), ("x", "dy", "dw"));
+        let forward = GemmCall::linear(4, 3, 2).unwrap();
+        assert_eq!(forward.operands(&buffers[1..]).ok(), None);
+        let with_output = [(LinearBuffer::Output, "y"), buffers[2], buffers[3]];
+        assert_eq!(forward.operands(&with_output).unwrap(), ("w", "x", "y"));
+    }
 
     #[test]
     fn fc1_columns_follow_the_nhwc_flatten() {

@@ -7,7 +7,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut};
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::calls::GemmCall;
+use super::calls::{GemmCall, LinearBuffer};
 use super::{bias_act, bias_grad, shape_err, upload};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
@@ -120,11 +120,17 @@ impl<T: GpuFloat> LinearGpu<T> {
             let (x_ptr, _x_done) = x.data().device_ptr(stream);
             let (y_ptr, _y_done) = y.data_mut().device_ptr_mut(stream);
             // Column-major view: y^T [out, rows] = W [out, in] * x^T [in, rows] (see
-            // GemmCall::linear, whose arguments tests/library_calls.rs replays on the CPU).
+            // GemmCall::linear, whose arguments and operand roles tests/library_calls.rs
+            // replays on the CPU).
+            let buffers = [
+                (LinearBuffer::Weight, w_ptr),
+                (LinearBuffer::Input, x_ptr),
+                (LinearBuffer::Output, y_ptr),
+            ];
             // SAFETY: the weight holds out*in, `x` rows*in and `y` rows*out elements of T
-            // (checked above and at construction), what the call reads and writes; the guards
-            // record the uses after the call.
-            unsafe { self.gemm(gpu, &call, w_ptr, x_ptr, y_ptr) }?;
+            // (checked above and at construction), what the call reads and writes; all on the
+            // compute stream, where the call runs.
+            unsafe { self.gemm(gpu, &call, &buffers) }?;
         }
         bias_act(gpu, y, &self.bias, relu)
     }
@@ -175,37 +181,48 @@ impl<T: GpuFloat> LinearGpu<T> {
             let (dy_ptr, _dy_done) = dy.data().device_ptr(stream);
             let (dw_ptr, _dw_done) = dw.device_ptr_mut(stream);
             // dW^T [in, out] = x^T [in, rows] * dy [rows, out] in column-major terms.
+            let buffers = [
+                (LinearBuffer::Input, x_ptr),
+                (LinearBuffer::OutputGrad, dy_ptr),
+                (LinearBuffer::WeightGrad, dw_ptr),
+            ];
             // SAFETY: `x` holds rows*in, `dy` rows*out and `dw` out*in elements of T (checked
             // above), what the call reads and writes.
-            unsafe { self.gemm(gpu, &call, x_ptr, dy_ptr, dw_ptr) }?;
+            unsafe { self.gemm(gpu, &call, &buffers) }?;
             if let Some(dx) = dx {
                 let call = GemmCall::linear_backward_input(outputs, inputs, rows)?;
                 let (w_ptr, _w_done) = self.weight.device_ptr(stream);
                 let (dx_ptr, _dx_done) = dx.data_mut().device_ptr_mut(stream);
                 // dx^T [in, rows] = W^T [in, out] * dy^T [out, rows] in column-major terms.
+                let buffers = [
+                    (LinearBuffer::Weight, w_ptr),
+                    (LinearBuffer::OutputGrad, dy_ptr),
+                    (LinearBuffer::InputGrad, dx_ptr),
+                ];
                 // SAFETY: the weight holds out*in, `dy` rows*out and `dx` rows*in elements of
                 // T (checked above).
-                unsafe { self.gemm(gpu, &call, w_ptr, dy_ptr, dx_ptr) }?;
+                unsafe { self.gemm(gpu, &call, &buffers) }?;
             }
         }
         bias_grad(gpu, dy, db)
     }
 
     /// `C = op(A) op(B)` as `call` says (alpha 1, beta 0) in the layer's storage type with f32
-    /// compute (TF32 where allowed), on the compute stream.
+    /// compute (TF32 where allowed), on the compute stream, with `A`, `B` and `C` taken from
+    /// `buffers` by the roles `call` gives them.
     ///
     /// # Safety
-    /// `a`, `b` and `c` are device pointers on this GPU, ready on the compute stream, holding
-    /// at least what `call`'s dimensions and leading dimensions make cuBLAS read (`a`, `b`) and
-    /// write (`c`) in `T`; `c` overlaps neither input.
+    /// Each pointer of `buffers` is a device pointer on this GPU, ready on the compute stream,
+    /// to the buffer its role names, holding at least what `call`'s dimensions and leading
+    /// dimensions make cuBLAS read (`A`, `B`) and write (`C`) in `T`; `C` overlaps neither
+    /// input.
     unsafe fn gemm(
         &self,
         gpu: &Gpu,
         call: &GemmCall,
-        a: CUdeviceptr,
-        b: CUdeviceptr,
-        c: CUdeviceptr,
+        buffers: &[(LinearBuffer, CUdeviceptr)],
     ) -> Result<()> {
+        let (a, b, c) = call.operands(buffers)?;
         let op = |transpose| match transpose {
             true => cublasOperation_t::CUBLAS_OP_T,
             false => cublasOperation_t::CUBLAS_OP_N,

@@ -44,7 +44,9 @@ mod softmax;
 pub use bias_act::{
     bias_act, bias_act_args, bias_grad, bias_grad_args, relu_backward, relu_backward_args,
 };
-pub use calls::{chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall};
+pub use calls::{
+    chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall, LinearBuffer,
+};
 pub use conv::{Conv2dGpu, ConvChoice, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
 pub use convert::{convert_args, convert_f16_to_f32, convert_f32_to_f16};
