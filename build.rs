@@ -6,9 +6,11 @@
 //! which the tests check against the kernel registry and the runtime falls back to.
 //!
 //! nvcc is looked for in `$NVCC` (authoritative when set: a missing file there means "no nvcc"),
-//! then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, then `PATH`. Without nvcc the build succeeds with one
-//! warning and the kernels are compiled at run time with NVRTC from the embedded sources; a
-//! kernel that nvcc rejects is a build error (broken kernels must not ship).
+//! then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, then `PATH`, and must compile a probe kernel: one
+//! that cannot (a host compiler it refuses) is passed over with a warning, and an nvcc older
+//! than 12.8 gets only the architectures it knows. Without a usable nvcc the build succeeds with
+//! one warning and the kernels are compiled at run time with NVRTC from the embedded sources; a
+//! kernel that a working nvcc rejects is a build error (broken kernels must not ship).
 //!
 //! Output: `$OUT_DIR/kernels.rs`, included by `src/cuda/ptx.rs`, with
 //! - `SOURCES`: (module, source with the `kernels/` headers inlined): self-contained for NVRTC;
@@ -23,7 +25,7 @@
 //! It also tells the tests which CUDA tools this machine has, as cfgs the toolchain-dependent
 //! tests read (`#[cfg_attr(not(alexnet_nvcc), ignore = "...")]`), so that `cargo test` shows them
 //! as ignored with the reason instead of passing without checking anything:
-//! - `alexnet_nvcc`: nvcc was found (the PTX is embedded);
+//! - `alexnet_nvcc`: a usable nvcc was found (the PTX is embedded);
 //! - `alexnet_nvrtc`: libnvrtc is on the loader path (LD_LIBRARY_PATH, CUDA_HOME/CUDA_PATH, the
 //!   loader cache);
 //! - `alexnet_libclang`: libclang is where bindgen looks (LIBCLANG_PATH, the loader cache, LLVM's
@@ -84,10 +86,18 @@ fn run() -> Result<(), String> {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    tool_cfgs();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        tool_cfgs(find_nvcc().is_ok());
         return Ok(()); // no CUDA backend in this build: nothing to embed
     }
+    // An nvcc that cannot compile here (a toolkit too old for an architecture, a host compiler
+    // it does not support) must not fail the build of a crate that can compile its kernels at
+    // run time: it is said, and passed over, unless the tools are required.
+    let nvcc = match find_nvcc() {
+        Ok(path) => usable_nvcc(path, &out_dir)?,
+        Err(why) => Err(why),
+    };
+    tool_cfgs(nvcc.is_ok());
 
     let mut modules = BTreeMap::new(); // stem -> path of the .cu
     let mut headers = BTreeMap::new(); // file name -> text
@@ -131,15 +141,18 @@ fn run() -> Result<(), String> {
         );
     }
 
-    let ptx = match find_nvcc() {
-        Ok(nvcc) => {
-            let version = nvcc_version(&nvcc);
+    let ptx = match nvcc {
+        Ok(Nvcc {
+            path,
+            version,
+            sass,
+        }) => {
             if let Some((major, minor)) = version {
                 if (major, minor) > NEWEST_SUPPORTED {
                     println!(
                         "cargo:warning=nvcc {} is CUDA {major}.{minor}: its PTX needs a driver newer \
                          than CUDA {}.{} (driver 580); pin the toolkit to {}.{} (see README)",
-                        nvcc.display(),
+                        path.display(),
                         NEWEST_SUPPORTED.0,
                         NEWEST_SUPPORTED.1,
                         NEWEST_SUPPORTED.0,
@@ -147,13 +160,14 @@ fn run() -> Result<(), String> {
                     );
                 }
             }
-            let ptx = compile_all(&nvcc, &kernel_dir, &modules, &out_dir)?;
-            Some((ptx, version))
+            let built = compile_all(&path, &sass, &kernel_dir, &modules, &out_dir)?;
+            Some((built, version, sass))
         }
         Err(why) => {
             println!(
-                "cargo:warning=nvcc not found ({why}): the CUDA kernels will be compiled at run \
-                 time with NVRTC (set NVCC or CUDA_HOME, or put nvcc on PATH, to compile them now)"
+                "cargo:warning=nvcc not used ({why}): the CUDA kernels will be compiled at run \
+                 time with NVRTC (an nvcc that works here, in NVCC, CUDA_HOME/bin or PATH, \
+                 compiles them now)"
             );
             None
         }
@@ -170,26 +184,30 @@ fn run() -> Result<(), String> {
         let _ = writeln!(generated, "    ({name:?}, {text:?}),");
     }
     generated.push_str("];\n\npub(crate) static PTX: &[(&str, &str)] = &[\n");
-    if let Some((built, _)) = &ptx {
+    if let Some((built, _, _)) = &ptx {
         for (stem, (path, _)) in built {
             let path = path.to_str().ok_or("OUT_DIR is not valid UTF-8")?;
             let _ = writeln!(generated, "    ({stem:?}, include_str!({path:?})),");
         }
     }
     generated.push_str("];\n\npub(crate) static FATBIN: &[(&str, &[u8])] = &[\n");
-    if let Some((built, _)) = &ptx {
+    if let Some((built, _, _)) = &ptx {
         for (stem, (_, path)) in built {
             let path = path.to_str().ok_or("OUT_DIR is not valid UTF-8")?;
             let _ = writeln!(generated, "    ({stem:?}, include_bytes!({path:?})),");
         }
     }
+    let sass: &[&str] = match &ptx {
+        Some((_, _, sass)) => sass,
+        None => &[],
+    };
     let _ = writeln!(
         generated,
-        "];\n\npub(crate) static FATBIN_SASS: &[&str] = &{SASS_ARCHS:?};"
+        "];\n\npub(crate) static FATBIN_SASS: &[&str] = &{sass:?};"
     );
     generated.push_str("\npub(crate) static NVCC_VERSION: Option<&str> = ");
     match &ptx {
-        Some((_, Some((major, minor)))) => {
+        Some((_, Some((major, minor)), _)) => {
             let _ = writeln!(generated, "Some(\"{major}.{minor}\");");
         }
         _ => generated.push_str("None;\n"),
@@ -201,15 +219,19 @@ fn run() -> Result<(), String> {
 const HOST_ONLY_HEADER: &str = "alexnet_host.h";
 
 /// The environment variable that makes the toolchain-dependent tests run (and fail) even where
-/// a tool is missing.
+/// a tool is missing, and an nvcc that cannot compile here a build error.
 const REQUIRE_TOOLS: &str = "ALEXNET_REQUIRE_CUDA_TOOLS";
 
-/// Declares and sets the `alexnet_nvcc`, `alexnet_nvrtc`, `alexnet_libclang` and `alexnet_cxx`
-/// cfgs.
-fn tool_cfgs() {
-    let required = env::var(REQUIRE_TOOLS).is_ok_and(|v| v == "1");
+fn tools_required() -> bool {
+    env::var(REQUIRE_TOOLS).is_ok_and(|v| v == "1")
+}
+
+/// Declares and sets the `alexnet_nvcc` (`nvcc`: a usable one was found), `alexnet_nvrtc`,
+/// `alexnet_libclang` and `alexnet_cxx` cfgs.
+fn tool_cfgs(nvcc: bool) {
+    let required = tools_required();
     let found = [
-        ("alexnet_nvcc", find_nvcc().is_ok()),
+        ("alexnet_nvcc", nvcc),
         ("alexnet_nvrtc", find_library("libnvrtc.so", &nvrtc_dirs())),
         (
             "alexnet_libclang",
@@ -386,6 +408,92 @@ fn find_nvcc() -> Result<PathBuf, String> {
     Err("not in NVCC, CUDA_HOME/bin, CUDA_PATH/bin or PATH".into())
 }
 
+/// An nvcc that compiled a probe kernel here, and what it compiles for.
+struct Nvcc {
+    path: PathBuf,
+    version: Option<(u32, u32)>,
+    /// The architectures of [`SASS_ARCHS`] it knows: the fatbin's machine code.
+    sass: Vec<&'static str>,
+}
+
+/// `Ok(Ok(nvcc))` if it can compile a kernel here, for the architectures of [`SASS_ARCHS`] it
+/// knows (`nvcc --list-gpu-code`; nvcc before 12.8 knows no sm_100 or sm_120, and those cards
+/// then JIT-compile the PTX), `Ok(Err(why))` if it cannot (passed over): a probe kernel is
+/// compiled as the modules will be, so a host compiler nvcc refuses is found here, not as a
+/// failure of every kernel. With the tools required ([`REQUIRE_TOOLS`]) an nvcc that cannot
+/// compile is the build's error (`Err`).
+fn usable_nvcc(path: PathBuf, out_dir: &Path) -> Result<Result<Nvcc, String>, String> {
+    let version = nvcc_version(&path);
+    let known = known_gpu_code(&path);
+    let (sass, dropped): (Vec<&'static str>, Vec<&'static str>) = SASS_ARCHS
+        .iter()
+        .partition(|sm| known.as_ref().is_none_or(|k| k.iter().any(|c| c == *sm)));
+    if !dropped.is_empty() {
+        println!(
+            "cargo:warning=nvcc {} does not know {}: no machine code for them (those GPUs \
+             compile the kernels' PTX when first loaded); CUDA 12.8 or newer (13.0 \
+             recommended) compiles for every architecture",
+            path.display(),
+            dropped.join(", ")
+        );
+    }
+    let probe = out_dir.join("nvcc_probe.cu");
+    fs::write(
+        &probe,
+        "extern \"C\" __global__ void alexnet_probe(float *x) { x[0] = 1.0f; }\n",
+    )
+    .map_err(|e| format!("cannot write {}: {e}", probe.display()))?;
+    let probed = compile_one(
+        &path,
+        &sass,
+        out_dir,
+        &probe,
+        &out_dir.join("nvcc_probe.fatbin"),
+        Output::Fatbin,
+    );
+    match probed {
+        Ok(()) => Ok(Ok(Nvcc {
+            path,
+            version,
+            sass,
+        })),
+        Err(e) if tools_required() => {
+            Err(format!("{REQUIRE_TOOLS}=1 and nvcc cannot compile: {e}"))
+        }
+        Err(e) => {
+            // nvcc's own words (e.g. "unsupported GNU version"), without the command line
+            // (compile_one's first two lines).
+            let why: Vec<&str> = e
+                .lines()
+                .skip(2)
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(3)
+                .collect();
+            Ok(Err(format!(
+                "{} cannot compile a probe kernel here: {}",
+                path.display(),
+                why.join(" | ")
+            )))
+        }
+    }
+}
+
+/// The real architectures nvcc can compile for (`nvcc --list-gpu-code`: `sm_75`, ...), or
+/// `None` where it cannot say (then every architecture is tried).
+fn known_gpu_code(nvcc: &Path) -> Option<Vec<String>> {
+    let output = Command::new(nvcc).arg("--list-gpu-code").output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let codes: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter(|code| code.starts_with("sm_"))
+        .map(str::to_string)
+        .collect();
+    (!codes.is_empty()).then_some(codes)
+}
+
 /// nvcc's release, from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88").
 fn nvcc_version(nvcc: &Path) -> Option<(u32, u32)> {
     let output = Command::new(nvcc).arg("--version").output().ok()?;
@@ -400,6 +508,7 @@ fn nvcc_version(nvcc: &Path) -> Option<(u32, u32)> {
 /// carrying nvcc's messages.
 fn compile_all(
     nvcc: &Path,
+    sass: &[&str],
     kernel_dir: &Path,
     modules: &BTreeMap<String, PathBuf>,
     out_dir: &Path,
@@ -411,8 +520,8 @@ fn compile_all(
                 scope.spawn(move || {
                     let ptx = out_dir.join(format!("{stem}.ptx"));
                     let fatbin = out_dir.join(format!("{stem}.fatbin"));
-                    compile_one(nvcc, kernel_dir, source, &ptx, Output::Ptx)?;
-                    compile_one(nvcc, kernel_dir, source, &fatbin, Output::Fatbin)?;
+                    compile_one(nvcc, sass, kernel_dir, source, &ptx, Output::Ptx)?;
+                    compile_one(nvcc, sass, kernel_dir, source, &fatbin, Output::Fatbin)?;
                     Ok((stem.clone(), (ptx, fatbin)))
                 })
             })
@@ -450,12 +559,14 @@ type Compiled = (PathBuf, PathBuf);
 enum Output {
     /// PTX text for compute_75: what the PTX-against-registry tests read, and the JIT fallback.
     Ptx,
-    /// One fatbin: machine code for every architecture of [`SASS_ARCHS`] and compute_75 PTX.
+    /// One fatbin: machine code for the architectures given (those of [`SASS_ARCHS`] nvcc
+    /// knows) and compute_75 PTX.
     Fatbin,
 }
 
 fn compile_one(
     nvcc: &Path,
+    sass: &[&str],
     kernel_dir: &Path,
     source: &Path,
     out: &Path,
@@ -468,7 +579,7 @@ fn compile_one(
         }
         Output::Fatbin => {
             command.arg("--fatbin");
-            for sm in SASS_ARCHS {
+            for sm in sass {
                 let number = sm.trim_start_matches("sm_");
                 command
                     .arg("-gencode")
