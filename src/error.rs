@@ -99,7 +99,10 @@ pub enum Error {
 
     /// The GPU ran out of memory in `op` (an allocation, or a library that needed workspace).
     /// The model stays usable: free memory or run a smaller batch.
-    #[error("out of GPU memory in {op}: {source}")]
+    #[error(
+        "out of GPU memory in {op}: {source} (`nvidia-smi` shows what holds the GPU's memory; \
+         a smaller --batch needs less)"
+    )]
     OutOfMemory {
         op: String,
         #[source]

@@ -104,19 +104,23 @@ impl Gpu {
                     .to_string()
             } else {
                 format!(
-                    "the NVIDIA driver could not be initialised ({e:?}); check that \
-                     `nvidia-smi` lists a GPU, or use --device cpu"
+                    "the NVIDIA driver could not be initialised ({e:?}){}; check that \
+                     `nvidia-smi` lists a GPU, or use --device cpu",
+                    visible_devices_note()
                 )
             })
         })?;
         if count <= 0 {
-            return Err(unavailable(
-                "the NVIDIA driver found no CUDA device; check `nvidia-smi`, or use --device cpu",
-            ));
+            return Err(unavailable(format!(
+                "the NVIDIA driver found no CUDA device{}; check `nvidia-smi`, or use --device cpu",
+                visible_devices_note()
+            )));
         }
         if ordinal >= count as usize {
             return Err(unavailable(format!(
-                "CUDA device {ordinal} was requested but only {count} device(s) are present"
+                "CUDA device {ordinal} was requested but only {count} device(s) are present \
+                 (counted from 0){}",
+                visible_devices_note()
             )));
         }
         probe_libraries()?;
@@ -144,6 +148,7 @@ impl Gpu {
         let compute_capability = ctx
             .compute_capability()
             .map_err(driver_err("cuDeviceGetAttribute"))?;
+        supported_compute_capability(&name, compute_capability)?;
         let stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
         let copy_stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
 
@@ -384,9 +389,55 @@ fn load_ptx(ctx: &Arc<CudaContext>, module: &str, text: &str) -> Result<Arc<Cuda
     })
 }
 
+/// Where `CUDA_VISIBLE_DEVICES` is set, a note saying so: it hides and renumbers GPUs, the
+/// likeliest reason a GPU `nvidia-smi` lists is missing.
+fn visible_devices_note() -> String {
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(visible) => format!(" (CUDA_VISIBLE_DEVICES=\"{visible}\" limits the GPUs CUDA sees)"),
+        Err(_) => String::new(),
+    }
+}
+
+/// The oldest GPUs this build runs on: Turing (compute capability 7.5). CUDA 13's compilers,
+/// cuBLAS and cuDNN support none older, and the kernels' PTX targets compute_75.
+const MIN_COMPUTE_CAPABILITY: (i32, i32) = (7, 5);
+
+/// Refuses a GPU older than [`MIN_COMPUTE_CAPABILITY`] by name, before anything fails on it
+/// with a message about PTX or a library.
+fn supported_compute_capability(name: &str, capability: (i32, i32)) -> Result<()> {
+    if capability >= MIN_COMPUTE_CAPABILITY {
+        return Ok(());
+    }
+    let (major, minor) = capability;
+    let (need_major, need_minor) = MIN_COMPUTE_CAPABILITY;
+    Err(unavailable(format!(
+        "{name} has compute capability {major}.{minor}; this build needs {need_major}.{need_minor} \
+         or newer (Turing, 2018, and later: CUDA 13 and its cuBLAS and cuDNN support no older \
+         GPU); use --device cpu"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_older_than_turing_are_refused_by_name() {
+        for supported in [(7, 5), (8, 0), (9, 0), (12, 0)] {
+            assert!(supported_compute_capability("card", supported).is_ok());
+        }
+        for old in [(7, 0), (6, 1), (3, 5)] {
+            match supported_compute_capability("Tesla V100-SXM2-16GB", old) {
+                Err(Error::DeviceUnavailable(message)) => assert!(
+                    message.contains("Tesla V100")
+                        && message.contains(&format!("{}.{}", old.0, old.1))
+                        && message.contains("7.5"),
+                    "{message}"
+                ),
+                other => panic!("{old:?}: {other:?}"),
+            }
+        }
+    }
 
     /// Runs everywhere: without a GPU (or a library) opening one is a typed error, never a
     /// panic; with one it opens.

@@ -15,13 +15,16 @@ use super::tensor::{GpuTensor, Layout};
 use crate::cpu::{Conv2d, Linear};
 use crate::error::{Error, Result};
 
-/// Runs every check; the first failure is `DeviceUnavailable` naming the library and step.
+/// Runs every check; the first failure is `DeviceUnavailable` naming the library and step,
+/// except running out of memory (another process holding the GPU's memory is no broken
+/// install), which stays [`Error::OutOfMemory`].
 pub(super) fn run(gpu: &Gpu) -> Result<()> {
-    let fail = |what: &str, e: Error| {
-        Error::DeviceUnavailable(format!(
+    let fail = |what: &str, e: Error| match e {
+        out_of_memory @ Error::OutOfMemory { .. } => out_of_memory,
+        e => Error::DeviceUnavailable(format!(
             "the GPU opened, but {what} failed its test when the device was opened: {e}. \
              Reinstall the library named (see README, \"GPU set-up\"), or use --device cpu"
-        ))
+        )),
     };
     conv::<f32>(gpu, Layout::Nchw).map_err(|e| fail("cuDNN's fp32 convolution", e))?;
     conv::<f16>(gpu, Layout::Nhwc).map_err(|e| fail("cuDNN's fp16 NHWC convolution", e))?;
