@@ -93,6 +93,10 @@ pub struct BackendOptions {
     /// Winograd (`CudaOptions::fp32_gemm_only`: closer to the CPU, slower). The CPU has no
     /// such choice; where the CPU runs, the notice says this had no effect.
     pub fp32_gemm_only: bool,
+    /// The GPU to open: CUDA's device index (0, the default, is the first; see
+    /// `CudaOptions::device`). Where the CPU runs, the notice says an index other than 0 had
+    /// no effect.
+    pub gpu: usize,
 }
 
 /// Builds a model for `weights` on the chosen device. `Cuda` fails with
@@ -118,14 +122,16 @@ pub fn open_backend_with(
     let cuda = || open_cuda(weights, precision, options);
     // Nothing asked for is dropped silently: a GPU-only setting the CPU cannot honour is said.
     let on_cpu = |notice: Option<String>| -> Option<String> {
-        if !options.fp32_gemm_only {
-            return notice;
+        let mut unused = Vec::new();
+        if options.fp32_gemm_only {
+            unused.push("fp32 GEMM-only convolutions are a cuDNN setting: no effect on the CPU");
         }
-        let unused = "fp32 GEMM-only convolutions are a cuDNN setting: no effect on the CPU";
-        Some(match notice {
-            Some(notice) => format!("{notice}; {unused}"),
-            None => unused.to_string(),
-        })
+        let gpu = format!("GPU {} was asked for: no effect on the CPU", options.gpu);
+        if options.gpu != 0 {
+            unused.push(&gpu);
+        }
+        let parts: Vec<&str> = notice.as_deref().into_iter().chain(unused).collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     };
     match choice {
         // bf16 runs on the CPU only: `auto` takes the CPU for it, and says why.
@@ -194,6 +200,7 @@ fn open_cuda(
     use crate::cuda::{CudaModel, CudaOptions};
     let options = CudaOptions {
         fp32_gemm_only: options.fp32_gemm_only,
+        device: options.gpu,
         ..CudaOptions::default()
     };
     Ok(Box::new(CudaModel::new(weights, precision, options)?))
@@ -230,11 +237,20 @@ mod tests {
         let weights = small_weights();
         let options = BackendOptions {
             fp32_gemm_only: true,
+            ..BackendOptions::default()
         };
         let opened =
             open_backend_with(&weights, DeviceChoice::Cpu, Precision::Fp32, options).unwrap();
         let notice = opened.notice.unwrap_or_default();
         assert!(notice.contains("no effect on the CPU"), "{notice}");
+        // A GPU index too, beside the other setting.
+        let both = BackendOptions { gpu: 1, ..options };
+        let opened = open_backend_with(&weights, DeviceChoice::Cpu, Precision::Fp32, both).unwrap();
+        let notice = opened.notice.unwrap_or_default();
+        assert!(
+            notice.contains("GPU 1 was asked for") && notice.contains("GEMM-only"),
+            "{notice}"
+        );
         let plain = open_backend(&weights, DeviceChoice::Cpu, Precision::Fp32).unwrap();
         assert_eq!(plain.notice, None);
     }

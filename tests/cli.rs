@@ -226,7 +226,7 @@ fn json_report_has_the_documented_keys() {
 #[test]
 fn usage_errors_exit_with_code_2() {
     let image = data_path("images/coffee.png");
-    let cases: [&[&str]; 7] = [
+    let cases: [&[&str]; 9] = [
         &["--batch", "0"],
         &["--top", "0", "--iterations", "1"],
         &["--top", "1001", "--iterations", "1"],
@@ -234,6 +234,8 @@ fn usage_errors_exit_with_code_2() {
         &["--dump-logits", "x.npy"], // nothing to dump without --images
         &["--images", path_str(&image), "--iterations", "3"], // timing flags do not apply
         &["--summary", "--json"],
+        &["--device", "cpu", "--gpu", "1", "--iterations", "1"], // a GPU index for the CPU
+        &["--summary", "--gpu", "1"],
     ];
     for args in cases {
         let out = infer(args);

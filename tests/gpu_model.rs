@@ -652,6 +652,7 @@ fn open_backend_picks_the_gpu_and_the_trait_paths_agree() {
     // Kept to the GEMM family, so it is held to the CPU's 1e-4; `Auto` opens fp32's default.
     let gemm_only = BackendOptions {
         fp32_gemm_only: true,
+        ..BackendOptions::default()
     };
     let mut cuda = open_backend_with(&weights, DeviceChoice::Cuda, Precision::Fp32, gemm_only)
         .unwrap_or_else(|e| panic!("{e}"))

@@ -27,6 +27,11 @@ pub struct Args {
     /// Where to run: auto picks CUDA when usable, else the CPU (with a notice).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Which GPU: CUDA's device index, 0 being the first [default: 0]. CUDA_VISIBLE_DEVICES
+    /// limits and renumbers the GPUs; CUDA_DEVICE_ORDER=PCI_BUS_ID numbers them as nvidia-smi
+    /// does (CUDA's own order puts the fastest first).
+    #[arg(long, value_name = "INDEX")]
+    pub gpu: Option<usize>,
     /// Architecture. Default: read off --weights, else `paper`. Given with --weights, the file
     /// must match it.
     #[arg(long, value_enum)]
@@ -159,6 +164,7 @@ pub fn check_flags(matches: &ArgMatches, args: &Args) {
             "batch",
             "precision",
             "device",
+            "gpu",
             "seed",
             "images",
             "iterations",
@@ -190,6 +196,9 @@ pub fn check_flags(matches: &ArgMatches, args: &Args) {
         if let Err(e) = Precision::from(args.precision).check_gpu() {
             usage_error(e.to_string());
         }
+    }
+    if matches!(args.device, DeviceArg::Cpu) && args.gpu.is_some() {
+        usage_error("--gpu picks a GPU, and --device cpu runs on the CPU".to_string());
     }
 }
 

@@ -108,6 +108,13 @@ pub fn benchmark(
         backend.precision(),
         convolution_algorithms(args, backend)
     );
+    if backend.is_gpu() && backend.precision() == Precision::Fp32 {
+        // The comparison users make: PyTorch's defaults are not its true fp32.
+        say!(
+            "compare with  : PyTorch with torch.backends.cudnn.allow_tf32 = False (its default, \
+             True, runs convolutions in TF32; --precision tf32 runs them and the linear layers so)"
+        );
+    }
     say!("batch         : {}", plan.batch);
     say!(
         "iterations    : {} timed after {} warm-up",

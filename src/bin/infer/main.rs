@@ -80,6 +80,7 @@ fn run(args: &Args) -> Result<ExitCode, Error> {
     }
     let options = BackendOptions {
         fp32_gemm_only: args.fp32_gemm_only,
+        gpu: args.gpu.unwrap_or(0),
     };
     let opened = open_backend_with(&weights, args.device.into(), precision, options)?;
     if let Some(notice) = &opened.notice {
