@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use alexnet_cuda::cpu::CpuModel;
 use alexnet_cuda::image::Preprocess;
-use alexnet_cuda::train::{Augmentation, BatchMaker, CpuTrainer, ImageFolder, SgdConfig, Trainer};
+use alexnet_cuda::train::{
+    Augmentation, BatchMaker, Checkpoint, CpuTrainer, ImageFolder, SgdConfig, Trainer,
+};
 use alexnet_cuda::{AlexNetConfig, Precision, Weights};
 use image::RgbImage;
 use train_cli::{path, text, train};
@@ -176,6 +178,15 @@ fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
         String::from_utf8_lossy(&resumed.stdout).contains("from step 2"),
         "{}",
         text(&resumed)
+    );
+    // The resumed run's checkpoint (beside its --save) carries the end it was given, so that
+    // a later --resume of it without --steps goes on to that end, not to the first run's.
+    let continued = Checkpoint::load(file("resumed.ckpt.safetensors"), None).unwrap();
+    assert_eq!(continued.state.step, 4);
+    assert_eq!(
+        continued.state.settings["steps"], 4,
+        "{}",
+        continued.state.settings
     );
     let a = Weights::load(file("full.safetensors"), None).unwrap();
     let b = Weights::load(file("resumed.safetensors"), None).unwrap();
@@ -389,6 +400,70 @@ fn nondeterministic_is_said_to_do_nothing_on_the_cpu() {
     assert!(save.exists());
 }
 
+/// A long run says it is alive where no progress bar is drawn (stderr is a pipe here), and
+/// SIGTERM (a scheduler's pre-emption; Ctrl-C's SIGINT the same) stops it after the current
+/// step with a checkpoint of that step, exit status 130, and no --save file.
+#[test]
+fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let save = dir.path().join("long.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args([
+            "--data",
+            path(&data),
+            "--classes",
+            "3",
+            "--batch",
+            "2",
+            "--steps",
+            "100000",
+            "--device",
+            "cpu",
+            "--progress-every",
+            "0",
+            "--save",
+            path(&save),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // Two steps' lines, then the signal.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let second = line.starts_with("step 2/100000 (epoch 1): loss ");
+        seen.push(line);
+        if second {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.starts_with("step 1/100000")),
+        "no progress line: {seen:#?}"
+    );
+    let pid = child.id().to_string();
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    seen.extend(lines.map(Result::unwrap));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen:#?}");
+    assert!(
+        seen.iter().any(|l| l.starts_with("stopped at step")),
+        "{seen:#?}"
+    );
+    let checkpoint = Checkpoint::load(dir.path().join("long.ckpt.safetensors"), None).unwrap();
+    assert!(checkpoint.state.step >= 2, "{}", checkpoint.state.step);
+    assert!(!save.exists(), "an interrupted run saves no final weights");
+}
+
 #[test]
 fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -431,6 +506,10 @@ fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
     );
     refused(&["--classes", "3", "--freeze", "conv9"], "no layer `conv9`");
     refused(
+        &["--classes", "3", "--device", "cpu", "--gpu", "1"],
+        "--gpu picks a GPU",
+    );
+    refused(
         &["--classes", "3", "--freeze", "conv2..conv4"],
         "starts at the first layer",
     );
@@ -448,6 +527,14 @@ fn what_a_user_gets_wrong_is_a_usage_error_before_any_work() {
         "holiday.png exists",
     );
     assert_eq!(std::fs::read(&photo).unwrap(), b"a user's picture");
+    // A new run never adds its rows to another run's log.
+    let old_log = dir.path().join("old.csv");
+    std::fs::write(&old_log, b"epoch,step\n1,3\n").unwrap();
+    refused(
+        &["--classes", "3", "--log", path(&old_log)],
+        "a new run starts its own log",
+    );
+    assert_eq!(std::fs::read(&old_log).unwrap(), b"epoch,step\n1,3\n");
     std::fs::write(dir.path().join("out.ckpt.safetensors"), b"a previous run").unwrap();
     refused(&["--classes", "3"], "exists");
     assert!(!save.exists(), "nothing was written");

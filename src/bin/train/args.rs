@@ -82,6 +82,11 @@ pub struct Args {
     /// Where to train: auto takes the GPU where one is usable (and says so), else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Which GPU: CUDA's device index, 0 being the first [default: 0]. CUDA_VISIBLE_DEVICES
+    /// limits and renumbers the GPUs; CUDA_DEVICE_ORDER=PCI_BUS_ID numbers them as nvidia-smi
+    /// does (CUDA's own order puts the fastest first).
+    #[arg(long, value_name = "INDEX")]
+    pub gpu: Option<usize>,
     /// How the GPU computes: fp32 (true fp32), tf32 (TF32 tensor-core math; the CPU trains in
     /// fp32 and says so) or fp16 (mixed precision: f16 compute, f32 master weights, dynamic
     /// loss scaling; GPU only). Weights and checkpoints are f32 in every case, and a resumed
@@ -115,6 +120,11 @@ pub struct Args {
     /// epoch when the last checkpoint is a minute old).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: Option<u64>,
+    /// Print a progress line (step, loss, images/s) every this many seconds; 0: every step
+    /// [default: 60 when stderr is not a terminal, where no progress bar is drawn; none beside
+    /// the bar].
+    #[arg(long, value_name = "SECONDS")]
+    pub progress_every: Option<u64>,
     /// Continue the run saved in this checkpoint (its settings apply; --epochs or --steps may
     /// extend it).
     #[arg(long, value_name = "CKPT")]

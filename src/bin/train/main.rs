@@ -3,6 +3,7 @@
 //! by library calls.
 
 mod args;
+mod interrupt;
 mod log;
 mod plot;
 mod run;
@@ -17,7 +18,8 @@ fn main() -> ExitCode {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run::train(&args, &matches) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(run::Outcome::Completed) => ExitCode::SUCCESS,
+        Ok(run::Outcome::Interrupted) => ExitCode::from(interrupt::INTERRUPTED_STATUS),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use alexnet_cuda::cpu::CpuModel;
 use alexnet_cuda::image::Preprocess;
@@ -20,6 +20,7 @@ use clap::ArgMatches;
 use serde::{Deserialize, Serialize};
 
 use crate::args::{Args, DeviceArg, RuleArg};
+use crate::interrupt;
 use crate::log::{append_row, progress_bar, rate, EpochRow};
 use crate::plot::{plot_log, plot_paths, PICTURES};
 
@@ -123,7 +124,7 @@ const SETTING_FLAGS: [&str; 12] = [
     "dropout",
 ];
 
-pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
+pub fn train(args: &Args, matches: &ArgMatches) -> Result<Outcome, Error> {
     let checkpoint_path = args
         .checkpoint
         .clone()
@@ -188,7 +189,11 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
         val: val.as_ref(),
         eval: preprocess,
     };
-    run.steps(trainer.as_mut(), &mut state, maker, total)?;
+    // From here a signal stops the run with a checkpoint (before, there is nothing to lose).
+    interrupt::install();
+    if let Outcome::Interrupted = run.steps(trainer.as_mut(), &mut state, maker, total)? {
+        return Ok(Outcome::Interrupted);
+    }
     let options = SaveOptions {
         dtype: StorageDtype::F32,
         names: args.names.into(),
@@ -200,7 +205,15 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<(), Error> {
         args.save.display(),
         checkpoint_path.display()
     );
-    Ok(())
+    Ok(Outcome::Completed)
+}
+
+/// How a run that did not fail ended.
+pub enum Outcome {
+    /// Every step ran; the weights are saved.
+    Completed,
+    /// A signal stopped it between steps; the checkpoint holds its last step.
+    Interrupted,
 }
 
 /// Refuses output paths that would destroy an input or another run's checkpoint.
@@ -221,6 +234,15 @@ fn refuse_clobbering(args: &Args, checkpoint: &Path) -> Result<(), Error> {
         if PICTURES.contains(&extension.to_ascii_lowercase().as_str()) {
             crate::args::usage_error(format!(
                 "--log {} would be overwritten by its own picture: name the log FILE.csv",
+                log.display()
+            ));
+        }
+        // A log with rows is a run's: this one's when resuming, another's for a new run,
+        // whose rows would mix with them.
+        if args.resume.is_none() && log.metadata().is_ok_and(|m| m.len() > 0) {
+            crate::args::usage_error(format!(
+                "--log {} exists (from another run?): a new run starts its own log; continue \
+                 that run with --resume, or choose another log name",
                 log.display()
             ));
         }
@@ -326,11 +348,16 @@ fn resume(
             ));
         }
     }
+    let mut state = checkpoint.state;
     if args.epochs.is_some() || args.steps.is_some() {
         settings.epochs = args.epochs;
         settings.steps = args.steps;
+        // The new end goes into the checkpoints this run writes: a later --resume without
+        // the flag continues to it, not to the first run's end.
+        state.settings = serde_json::to_value(&settings)
+            .map_err(|e| Error::invalid("settings", e.to_string()))?;
     }
-    if checkpoint.state.classes != folder.classes() {
+    if state.classes != folder.classes() {
         return Err(Error::invalid(
             "--data",
             "its classes differ from the checkpoint's run",
@@ -340,14 +367,14 @@ fn resume(
     let mut trainer = make_trainer(
         args,
         &weights,
-        settings.sgd(checkpoint.state.learning_rate),
+        settings.sgd(state.learning_rate),
         settings.frozen_layers,
     )?;
     trainer.set_velocity(checkpoint.velocity)?;
-    if let Some(saved) = checkpoint.state.loss_scale {
+    if let Some(saved) = state.loss_scale {
         trainer.restore_loss_scale(saved)?;
     }
-    Ok((trainer, checkpoint.state, settings))
+    Ok((trainer, state, settings))
 }
 
 /// The trainer `--device`, `--precision` and `--fp32-gemm-only` ask for: the GPU's for `cuda`
@@ -364,6 +391,11 @@ fn make_trainer(
     const MIXED_NEEDS_A_GPU: &str =
         "--precision fp16 (mixed precision) trains on a GPU only; the CPU trains in fp32";
     let (device, precision) = (args.device, Precision::from(args.precision));
+    if device == DeviceArg::Cpu && args.gpu.is_some() {
+        crate::args::usage_error(
+            "--gpu picks a GPU, and --device cpu trains on the CPU".to_string(),
+        );
+    }
     if device == DeviceArg::Cpu && precision == Precision::Fp16 {
         crate::args::usage_error(format!(
             "{MIXED_NEEDS_A_GPU}: drop --device cpu or use fp32"
@@ -377,7 +409,7 @@ fn make_trainer(
     #[cfg(feature = "cuda")]
     if device != DeviceArg::Cpu {
         let options = alexnet_cuda::cuda::CudaTrainOptions {
-            device: 0,
+            device: args.gpu.unwrap_or(0),
             precision,
             fp32_gemm_only: args.fp32_gemm_only,
             deterministic: !args.nondeterministic,
@@ -417,6 +449,9 @@ fn make_trainer(
     }
     if args.fp32_gemm_only {
         eprintln!("note: --fp32-gemm-only is a cuDNN setting: no effect on the CPU");
+    }
+    if let Some(gpu) = args.gpu {
+        eprintln!("note: --gpu {gpu} picks a GPU: no effect on the CPU");
     }
     if args.nondeterministic {
         eprintln!(
@@ -551,8 +586,16 @@ impl Run<'_> {
         state: &mut TrainState,
         maker: BatchMaker,
         total: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<Outcome, Error> {
         let bar = progress_bar(total, state.step);
+        // Where no bar is drawn (stderr to a file, under nohup or a scheduler) a line now and
+        // then says the run is alive.
+        let progress_every = match self.args.progress_every {
+            Some(seconds) => Some(Duration::from_secs(seconds)),
+            None => bar.is_hidden().then_some(PROGRESS_LINE_INTERVAL),
+        };
+        let mut last_line = Instant::now();
+        let started_at = state.step;
         let buffers = (0..LOADER_BUFFERS)
             .map(|_| trainer.batch_buffer(self.settings.batch))
             .collect::<Result<Vec<_>, Error>>()?;
@@ -565,6 +608,18 @@ impl Run<'_> {
         // to load it is reported when its turn comes, as without the look-ahead.
         let mut ahead: Option<Result<BatchBuffer, Error>> = None;
         while state.step < total {
+            if interrupt::requested() {
+                bar.finish_and_clear();
+                if state.step > started_at {
+                    self.checkpoint(trainer, state)?;
+                }
+                eprintln!(
+                    "stopped at step {} of {total}; continue with --resume {}",
+                    state.step,
+                    self.checkpoint_path.display()
+                );
+                return Ok(Outcome::Interrupted);
+            }
             let batch = match ahead.take().unwrap_or_else(|| loader.next()) {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -599,11 +654,44 @@ impl Run<'_> {
                 "epoch {} loss {loss:.4} {rate:.1} img/s",
                 state.epoch + 1
             ));
+            if progress_every.is_some_and(|every| last_line.elapsed() >= every) {
+                let scaling = trainer
+                    .loss_scaling()
+                    .map_or(String::new(), |(scale, _)| format!(", loss scale {scale}"));
+                bar.suspend(|| {
+                    eprintln!(
+                        "step {}/{total} (epoch {}): loss {loss:.4}, {rate:.1} img/s{scaling}",
+                        state.step,
+                        state.epoch + 1
+                    )
+                });
+                last_line = Instant::now();
+            }
             let epochs_done = state.step * self.settings.batch as u64 / self.folder.len() as u64;
             let mut saved = false;
             while state.epoch < epochs_done {
+                // A failed epoch end (validation out of GPU memory, say) must not lose the
+                // epoch's training: its weights are saved with the epoch's end still to do,
+                // which a resume does after its first step.
+                let before = state.clone();
                 state.epoch += 1;
-                bar.suspend(|| self.end_epoch(trainer, state, &tally))?;
+                if let Err(e) = bar.suspend(|| self.end_epoch(trainer, state, &tally)) {
+                    match self.checkpoint(trainer, &before) {
+                        Ok(()) => eprintln!(
+                            "the end of epoch {} failed; the weights of step {} are in {}: \
+                             --resume it",
+                            state.epoch,
+                            before.step,
+                            self.checkpoint_path.display()
+                        ),
+                        Err(saving) => eprintln!(
+                            "the end of epoch {} failed, and so did saving the checkpoint: \
+                             {saving}",
+                            state.epoch
+                        ),
+                    }
+                    return Err(e);
+                }
                 tally = EpochTally::new();
                 saved = true;
             }
@@ -621,7 +709,7 @@ impl Run<'_> {
             }
         }
         bar.finish_and_clear();
-        Ok(())
+        Ok(Outcome::Completed)
     }
 
     /// Validation, the schedule, the log line and CSV row of the epoch just completed.
@@ -724,7 +812,10 @@ impl Run<'_> {
 
 /// Epoch ends write a checkpoint when the last one is at least this old (--checkpoint-every
 /// and the end of the run always write one).
-const EPOCH_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+const EPOCH_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often a run without a progress bar prints a progress line, by default.
+const PROGRESS_LINE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How many batch buffers a run cycles through: the trainer steps on one while the next one
 /// goes up to the GPU and the loader fills the third.
