@@ -74,8 +74,13 @@ fn run() -> Result<(), String> {
 
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={}", kernel_dir.display());
+    // nvcc's own settings too: they are how an nvcc that failed the probe is mended (another
+    // host compiler, -allow-unsupported-compiler), and the build must then try it again.
     for var in [
         "NVCC",
+        "NVCC_CCBIN",
+        "NVCC_APPEND_FLAGS",
+        "NVCC_PREPEND_FLAGS",
         "CUDA_HOME",
         "CUDA_PATH",
         "PATH",
@@ -94,7 +99,11 @@ fn run() -> Result<(), String> {
     // it does not support) must not fail the build of a crate that can compile its kernels at
     // run time: it is said, and passed over, unless the tools are required.
     let nvcc = match find_nvcc() {
-        Ok(path) => usable_nvcc(path, &out_dir)?,
+        Ok(path) => {
+            // A toolkit upgraded in place keeps its path: its nvcc is looked at again.
+            println!("cargo:rerun-if-changed={}", path.display());
+            usable_nvcc(path, &out_dir)?
+        }
         Err(why) => Err(why),
     };
     tool_cfgs(nvcc.is_ok());
@@ -463,13 +472,16 @@ fn usable_nvcc(path: PathBuf, out_dir: &Path) -> Result<Result<Nvcc, String>, St
         Err(e) => {
             // nvcc's own words (e.g. "unsupported GNU version"), without the command line
             // (compile_one's first two lines).
-            let why: Vec<&str> = e
+            let mut why: Vec<&str> = e
                 .lines()
                 .skip(2)
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .take(3)
                 .collect();
+            if why.is_empty() {
+                why = e.lines().take(1).collect(); // it could not be started at all
+            }
             Ok(Err(format!(
                 "{} cannot compile a probe kernel here: {}",
                 path.display(),
