@@ -400,9 +400,68 @@ fn nondeterministic_is_said_to_do_nothing_on_the_cpu() {
     assert!(save.exists());
 }
 
-/// A long run says it is alive where no progress bar is drawn (stderr is a pipe here), and
-/// SIGTERM (a scheduler's pre-emption; Ctrl-C's SIGINT the same) stops it after the current
-/// step with a checkpoint of that step, exit status 130, and no --save file.
+/// An epoch end a run left undone (its validation failed, and the checkpoint was saved just
+/// before it) is done first when the run resumes, also at the run's last step, where no step
+/// would reach it; the figures of the training it did not see are NaN in the log.
+#[test]
+fn a_resumed_run_first_does_the_epoch_end_its_checkpoint_left_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let file = |name: &str| dir.path().join(name);
+    let common = ["--data", path(&data), "--batch", "2", "--device", "cpu"];
+    // Six images, batches of two: step 3 ends epoch 1, and the run.
+    let first = train(
+        &[
+            &common[..],
+            &[
+                "--classes",
+                "3",
+                "--steps",
+                "3",
+                "--save",
+                path(&file("a.safetensors")),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(first.status.success(), "{}", text(&first));
+    let mut checkpoint = Checkpoint::load(file("a.ckpt.safetensors"), None).unwrap();
+    assert_eq!((checkpoint.state.step, checkpoint.state.epoch), (3, 1));
+    // What the failed epoch end leaves: the step done, its epoch not ended.
+    checkpoint.state.epoch = 0;
+    checkpoint.save(file("undone.ckpt")).unwrap();
+    let resumed = train(
+        &[
+            &common[..],
+            &[
+                "--val",
+                path(&data),
+                "--resume",
+                path(&file("undone.ckpt")),
+                "--save",
+                path(&file("b.safetensors")),
+                "--log",
+                path(&file("b.csv")),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let log = std::fs::read_to_string(file("b.csv")).unwrap();
+    let rows: Vec<&str> = log.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{log}");
+    assert!(rows[0].starts_with("1,3,NaN,"), "{log}");
+    assert!(
+        String::from_utf8_lossy(&resumed.stdout).contains("epoch 1: train loss NaN, val top-1"),
+        "{}",
+        text(&resumed)
+    );
+}
+
+/// A long run says it is alive where no progress bar is drawn (stderr is a pipe here);
+/// under `nohup` (SIGHUP ignored) a hang-up leaves it running; and SIGTERM (a scheduler's
+/// pre-emption; Ctrl-C's SIGINT the same) stops it after the current step with a checkpoint of
+/// that step, exit status 130, and no --save file.
 #[test]
 fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
     use std::io::{BufRead, BufReader};
@@ -410,7 +469,13 @@ fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let save = dir.path().join("long.safetensors");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
+    // As `nohup` starts it: SIGHUP ignored.
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "trap '' HUP; exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_train"),
+        ])
         .args([
             "--data",
             path(&data),
@@ -420,6 +485,8 @@ fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
             "2",
             "--steps",
             "100000",
+            "--lr", // small enough for the loss to stay finite on six images
+            "0.0001",
             "--device",
             "cpu",
             "--progress-every",
@@ -431,27 +498,35 @@ fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let pid = child.id().to_string();
+    let signal = |name: &str| {
+        let sent = Command::new("sh")
+            .args(["-c", &format!("kill -{name} {pid}")])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name}");
+    };
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
-    // Two steps' lines, then the signal.
+    // A hang-up after the first step's line; the run goes on (a caught hang-up would stop it
+    // at the next step boundary, by step 3); SIGTERM after the fourth.
     for line in lines.by_ref() {
         let line = line.unwrap();
-        let second = line.starts_with("step 2/100000 (epoch 1): loss ");
+        let step = |n: u32| line.starts_with(&format!("step {n}/100000 (epoch "));
+        let (first, fourth) = (step(1), step(4));
         seen.push(line);
-        if second {
+        if first {
+            signal("HUP");
+        }
+        if fourth {
             break;
         }
     }
     assert!(
-        seen.iter().any(|l| l.starts_with("step 1/100000")),
-        "no progress line: {seen:#?}"
+        seen.iter().any(|l| l.starts_with("step 4/100000")),
+        "no progress line after the hang-up: {seen:#?}"
     );
-    let pid = child.id().to_string();
-    let killed = Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal("TERM");
     seen.extend(lines.map(Result::unwrap));
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{seen:#?}");
@@ -460,7 +535,7 @@ fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
         "{seen:#?}"
     );
     let checkpoint = Checkpoint::load(dir.path().join("long.ckpt.safetensors"), None).unwrap();
-    assert!(checkpoint.state.step >= 2, "{}", checkpoint.state.step);
+    assert!(checkpoint.state.step >= 4, "{}", checkpoint.state.step);
     assert!(!save.exists(), "an interrupted run saves no final weights");
 }
 

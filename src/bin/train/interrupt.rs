@@ -1,34 +1,45 @@
-//! Ctrl-C and SIGTERM (a batch scheduler's pre-emption) end a run at the next step with a
-//! checkpoint, instead of losing every step since the last one; a second signal ends the
-//! process at once.
+//! Ctrl-C (SIGINT) and SIGTERM (a batch scheduler's pre-emption) end a run at the next step
+//! with a checkpoint, instead of losing every step since the last one; a second one ends the
+//! process at once. SIGHUP is left alone, so `nohup` keeps a run going when its terminal closes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::flag;
 
 /// Exit status of a run stopped by a signal (128 + SIGINT, as shells report it).
 pub const INTERRUPTED_STATUS: u8 = 130;
 
-static REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Set by the first signal; read between steps.
+pub struct StopRequest(Arc<AtomicBool>);
 
-/// Catches the signals from here on. Where they cannot be caught the run goes on without, and
-/// says what that costs.
-pub fn install() {
-    // ctrlc runs this on its own thread, not in the signal handler: printing is fine.
-    let caught = ctrlc::set_handler(|| {
-        if REQUESTED.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopped at once (second signal): no checkpoint of the current step");
-            std::process::exit(i32::from(INTERRUPTED_STATUS));
+impl StopRequest {
+    /// Catches the signals from here on. Where they cannot be caught the run goes on without,
+    /// and says what that costs.
+    pub fn install() -> Self {
+        let requested = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            // The second signal finds the flag set and exits at once, from the handler with
+            // `_exit` (no destructor runs under the main thread's feet); the first sets it.
+            let caught = flag::register_conditional_shutdown(
+                signal,
+                i32::from(INTERRUPTED_STATUS),
+                Arc::clone(&requested),
+            )
+            .and_then(|_| flag::register(signal, Arc::clone(&requested)));
+            if let Err(e) = caught {
+                eprintln!(
+                    "warning: cannot catch signal {signal} ({e}): an interrupted run loses the \
+                     steps since its last checkpoint"
+                );
+            }
         }
-        eprintln!("\nstopping after this step, with a checkpoint (signal again to stop at once)");
-    });
-    if let Err(e) = caught {
-        eprintln!(
-            "warning: cannot catch Ctrl-C or SIGTERM ({e}): an interrupted run loses the steps \
-             since its last checkpoint"
-        );
+        StopRequest(requested)
     }
-}
 
-/// Whether a signal asked the run to stop.
-pub fn requested() -> bool {
-    REQUESTED.load(Ordering::SeqCst)
+    /// Whether a signal asked the run to stop.
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }

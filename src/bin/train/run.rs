@@ -20,7 +20,7 @@ use clap::ArgMatches;
 use serde::{Deserialize, Serialize};
 
 use crate::args::{Args, DeviceArg, RuleArg};
-use crate::interrupt;
+use crate::interrupt::StopRequest;
 use crate::log::{append_row, progress_bar, rate, EpochRow};
 use crate::plot::{plot_log, plot_paths, PICTURES};
 
@@ -181,6 +181,8 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<Outcome, Error> {
     if val.is_none() && settings.lr_steps.is_empty() {
         eprintln!("note: no --val and no --lr-steps: the learning rate stays constant");
     }
+    // From here a signal stops the run with a checkpoint (before, there is nothing to lose).
+    let stop = StopRequest::install();
     let mut run = Run {
         args,
         settings: &settings,
@@ -188,9 +190,8 @@ pub fn train(args: &Args, matches: &ArgMatches) -> Result<Outcome, Error> {
         folder: &folder,
         val: val.as_ref(),
         eval: preprocess,
+        stop: &stop,
     };
-    // From here a signal stops the run with a checkpoint (before, there is nothing to lose).
-    interrupt::install();
     if let Outcome::Interrupted = run.steps(trainer.as_mut(), &mut state, maker, total)? {
         return Ok(Outcome::Interrupted);
     }
@@ -558,6 +559,7 @@ struct Run<'a> {
     folder: &'a ImageFolder,
     val: Option<&'a ImageFolder>,
     eval: Preprocess,
+    stop: &'a StopRequest,
 }
 
 /// Epoch figures being gathered.
@@ -595,7 +597,13 @@ impl Run<'_> {
             None => bar.is_hidden().then_some(PROGRESS_LINE_INTERVAL),
         };
         let mut last_line = Instant::now();
-        let started_at = state.step;
+        // An epoch end that failed in an earlier run (which saved its checkpoint just before
+        // it) is done first: at the run's last step the loop below would never reach it. Its
+        // training figures were not kept (NaN in the log).
+        while state.epoch < self.epochs_done(state.step) {
+            state.epoch += 1;
+            bar.suspend(|| self.end_epoch(trainer, state, &EpochTally::new()))?;
+        }
         let buffers = (0..LOADER_BUFFERS)
             .map(|_| trainer.batch_buffer(self.settings.batch))
             .collect::<Result<Vec<_>, Error>>()?;
@@ -608,16 +616,25 @@ impl Run<'_> {
         // to load it is reported when its turn comes, as without the look-ahead.
         let mut ahead: Option<Result<BatchBuffer, Error>> = None;
         while state.step < total {
-            if interrupt::requested() {
+            if self.stop.requested() {
                 bar.finish_and_clear();
-                if state.step > started_at {
+                if state.step > last_checkpoint {
                     self.checkpoint(trainer, state)?;
                 }
-                eprintln!(
-                    "stopped at step {} of {total}; continue with --resume {}",
-                    state.step,
-                    self.checkpoint_path.display()
-                );
+                // The checkpoint of this step: this run's, or the one it resumed when no
+                // step ran since.
+                let holder = match self.checkpoint_path.exists() {
+                    true => Some(self.checkpoint_path),
+                    false => self.args.resume.as_deref(),
+                };
+                match holder {
+                    Some(path) => eprintln!(
+                        "stopped at step {} of {total}; continue with --resume {}",
+                        state.step,
+                        path.display()
+                    ),
+                    None => eprintln!("stopped before the first step ended: nothing to save"),
+                }
                 return Ok(Outcome::Interrupted);
             }
             let batch = match ahead.take().unwrap_or_else(|| loader.next()) {
@@ -667,7 +684,7 @@ impl Run<'_> {
                 });
                 last_line = Instant::now();
             }
-            let epochs_done = state.step * self.settings.batch as u64 / self.folder.len() as u64;
+            let epochs_done = self.epochs_done(state.step);
             let mut saved = false;
             while state.epoch < epochs_done {
                 // A failed epoch end (validation out of GPU memory, say) must not lose the
@@ -712,14 +729,23 @@ impl Run<'_> {
         Ok(Outcome::Completed)
     }
 
-    /// Validation, the schedule, the log line and CSV row of the epoch just completed.
+    /// The epochs `step` steps complete.
+    fn epochs_done(&self, step: u64) -> u64 {
+        step * self.settings.batch as u64 / self.folder.len() as u64
+    }
+
+    /// Validation, the schedule, the log line and CSV row of the epoch just completed (its
+    /// training figures NaN where `tally` holds no step: an epoch end redone on resuming).
     fn end_epoch(
         &mut self,
         trainer: &mut dyn Trainer,
         state: &mut TrainState,
         tally: &EpochTally,
     ) -> Result<(), Error> {
-        let train_loss = tally.loss_sum / tally.steps.max(1) as f64;
+        let train_loss = match tally.steps {
+            0 => f64::NAN,
+            steps => tally.loss_sum / steps as f64,
+        };
         let images_per_second =
             tally.images as f64 / tally.started.elapsed().as_secs_f64().max(1e-9);
         let mut errors = None;
