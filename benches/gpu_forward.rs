@@ -70,7 +70,8 @@ fn gpu_benches(c: &mut Criterion) {
                         continue;
                     }
                 };
-                // One trial first (it also chooses the algorithms and captures the graph): a
+                // One trial first (it also chooses the algorithms; the graph is captured on
+                // the next forward): a
                 // batch the card cannot run (out of memory at 256 on a busy card) is said and
                 // passed over, not a panic that loses every later figure.
                 if let Err(e) = gpu.forward_u8(&images) {
