@@ -1,8 +1,8 @@
 //! (One file of about 400 lines: Cargo builds a build script as a crate of its own.)
 //!
 //! Embeds the CUDA kernels (`kernels/*.cu`) in the crate and, when nvcc is available, compiles
-//! each module twice: a fatbin with machine code for today's cards (sm_80 to sm_120, see
-//! [`SASS_ARCHS`]) plus compute_75 PTX, which the runtime loads first, and the PTX text alone,
+//! each module twice: a fatbin with machine code for every card this build supports (sm_75 to
+//! sm_120, see [`SASS_ARCHS`]) plus compute_75 PTX, which the runtime loads first, and the PTX text alone,
 //! which the tests check against the kernel registry and the runtime falls back to.
 //!
 //! nvcc is looked for in `$NVCC` (authoritative when set: a missing file there means "no nvcc"),
@@ -47,11 +47,15 @@ use std::process::{Command, ExitCode};
 
 /// nvcc's target: virtual architecture compute_75, so the PTX JIT-compiles on sm_75 and newer.
 const ARCH: &str = "compute_75";
-/// The architectures the fatbin carries machine code (SASS) for: Ampere (A100, RTX 30), Ada
-/// (RTX 40, L4, L40), Hopper (H100, H200), Blackwell (B200, RTX 50). Machine code runs on later
-/// minor versions of its major (sm_86 on sm_87, sm_100 on sm_103, sm_120 on sm_121); every
-/// other GPU from sm_75 on JIT-compiles the compute_75 PTX that the fatbin carries too.
-const SASS_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"];
+/// The architectures the fatbin carries machine code (SASS) for: Turing (T4, RTX 20), Ampere
+/// (A100, RTX 30), Ada (RTX 40, L4, L40), Hopper (H100, H200), Blackwell (B200, RTX 50).
+/// Machine code runs on later minor versions of its major (sm_86 on sm_87, sm_100 on sm_103,
+/// sm_120 on sm_121); any other GPU JIT-compiles the compute_75 PTX that the fatbin carries
+/// too. Turing is here because its cards (T4s in many clouds) would otherwise JIT every module
+/// on their first run.
+const SASS_ARCHS: &[&str] = &[
+    "sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120",
+];
 
 /// The newest toolkit whose PTX the target machines' driver (580, CUDA 13.0) accepts.
 const NEWEST_SUPPORTED: (u32, u32) = (13, 0);
@@ -107,6 +111,13 @@ fn run() -> Result<(), String> {
         Err(why) => Err(why),
     };
     tool_cfgs(nvcc.is_ok());
+    if let Ok(found) = &nvcc {
+        // For the tests that read the fatbins with the cuobjdump beside it.
+        println!(
+            "cargo:rustc-env=ALEXNET_BUILD_NVCC={}",
+            found.path.display()
+        );
+    }
 
     let mut modules = BTreeMap::new(); // stem -> path of the .cu
     let mut headers = BTreeMap::new(); // file name -> text

@@ -92,8 +92,12 @@ fn ptx_targets_compute_75_and_an_old_enough_isa() {
 
 /// cuobjdump, beside the nvcc that built the crate (tools/cuda-env.sh installs both).
 fn cuobjdump() -> std::path::PathBuf {
-    let nvcc = std::env::var_os("NVCC")
-        .expect("NVCC is not set: run through tools/test.sh, which installs nvcc and cuobjdump");
+    let nvcc = option_env!("ALEXNET_BUILD_NVCC")
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("NVCC"))
+        .expect(
+            "the build used no nvcc: run through tools/test.sh, which installs nvcc and cuobjdump",
+        );
     let path = std::path::Path::new(&nvcc).with_file_name("cuobjdump");
     assert!(
         path.is_file(),
@@ -138,8 +142,19 @@ fn fatbins_carry_machine_code_for_todays_cards_and_compute_75_ptx() {
             "{module}: no compute_75 PTX in the fatbin:\n{ptx_list}"
         );
     }
-    // Hopper (the H200 the first GPU run has) and Blackwell are among them.
-    assert!(ptx::fatbin_sass().contains(&"sm_90") && ptx::fatbin_sass().contains(&"sm_100"));
+    // Turing (the oldest card supported: T4s should not JIT every module), Hopper (the H200 the
+    // first GPU run has) and, from an nvcc that knows it (12.8 on), Blackwell are among them.
+    let knows_blackwell = ptx::nvcc_version()
+        .and_then(|v| v.split_once('.'))
+        .and_then(|(major, minor)| Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?)))
+        .is_some_and(|version| version >= (12, 8));
+    let mut expected = vec!["sm_75", "sm_90"];
+    if knows_blackwell {
+        expected.push("sm_100");
+    }
+    for sm in expected {
+        assert!(ptx::fatbin_sass().contains(&sm), "no {sm} machine code");
+    }
 }
 
 #[test]

@@ -42,7 +42,7 @@ pub fn module_fatbin(module: &str) -> Option<&'static [u8]> {
         .map(|&(_, v)| v)
 }
 
-/// The architectures the embedded fatbins carry machine code for (`sm_80`, ...).
+/// The architectures the embedded fatbins carry machine code for (`sm_75`, ...).
 pub fn fatbin_sass() -> &'static [&'static str] {
     generated::FATBIN_SASS
 }

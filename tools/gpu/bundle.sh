@@ -5,7 +5,7 @@
 #
 # Packs the release executables that touch a GPU (the library's unit tests, tests/gpu_*.rs,
 # tests/soak.rs, the infer and train binaries, the pipeline example, the GPU benches),
-# tools/gpu/on-device.sh and the PyTorch anchors (inference and training). Built with nvcc 13.0 (tools/cuda-env.sh), so the kernels carry sm_80..sm_120 machine
+# tools/gpu/on-device.sh and the PyTorch anchors (inference and training). Built with nvcc 13.0 (tools/cuda-env.sh), so the kernels carry sm_75..sm_120 machine
 # code. .gpu/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
