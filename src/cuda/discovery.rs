@@ -259,7 +259,7 @@ pub fn discovery() -> &'static Discovery {
 }
 
 /// Whether two paths name the same file (after links).
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,

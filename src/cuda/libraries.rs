@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::discovery::{discovery, loaded_files, Discovery};
+use super::discovery::{discovery, loaded_files, same_file, Discovery};
 use crate::error::{Error, Result};
 
 /// The CUDA libraries this backend loads at run time.
@@ -185,34 +185,35 @@ fn cublas_version(lt: bool) -> Result<(i32, i32, i32)> {
 pub fn check_versions() -> Result<LibraryVersions> {
     let search = discovery();
     let cublas = cublas_version(false)?;
-    let mismatch = |what: &str, found: String, prefix: &str, wanted: &str| {
-        let loaded = loaded_files(prefix);
-        let loaded = match loaded.as_slice() {
-            [] => "an unknown file".to_string(),
-            files => files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
-        let preferred = match search.path_of(wanted) {
-            Some(path) => format!("{wanted} was found at {}", path.display()),
-            None => format!("{wanted} was not found (searched: {})", search.searched()),
-        };
+    let mismatch = |what: &str, library: &str, found: String, prefix: &str, wanted: &str| {
+        // The file cudarc got: the loader's pick where one was made, else what is mapped.
+        let picked = search
+            .loader_picks
+            .iter()
+            .find(|(l, _)| *l == library)
+            .map(|(_, p)| vec![p.clone()]);
+        let loaded = picked.unwrap_or_else(|| loaded_files(prefix));
         unavailable(format!(
-            "{what} {found} was loaded ({loaded}), but this build needs {wanted}; {preferred}. \
-             Another version comes first on the loader path (cudarc asks for the unversioned \
-             name first): remove it from LD_LIBRARY_PATH, or set ALEXNET_CUDA_LIB_DIRS"
+            "{what} {found} was loaded ({}), but this build needs {wanted}. {}",
+            describe_files(&loaded),
+            shadowing_advice(search, wanted, &loaded)
         ))
     };
     if cublas.0 != 13 {
         let found = format!("{}.{}", cublas.0, cublas.1);
-        return Err(mismatch("cuBLAS", found, "libcublas.", "libcublas.so.13"));
+        return Err(mismatch(
+            "cuBLAS",
+            "cuBLAS",
+            found,
+            "libcublas.",
+            "libcublas.so.13",
+        ));
     }
     let cublas_lt = cublas_version(true)?;
     if cublas_lt.0 != 13 {
         let found = format!("{}.{}", cublas_lt.0, cublas_lt.1);
         return Err(mismatch(
+            "cuBLASLt",
             "cuBLASLt",
             found,
             "libcublasLt.",
@@ -223,7 +224,8 @@ pub fn check_versions() -> Result<LibraryVersions> {
     if !(90000..100000).contains(&cudnn) {
         return Err(mismatch(
             "cuDNN",
-            cudnn.to_string(),
+            "cuDNN",
+            cudnn_release(cudnn),
             "libcudnn.",
             "libcudnn.so.9",
         ));
@@ -249,11 +251,9 @@ pub fn check_versions() -> Result<LibraryVersions> {
         let status = unsafe { check() };
         if let Err(e) = status.result() {
             return Err(unavailable(format!(
-                "cuDNN {}.{}.{} is installed but its sub-library {name} is missing or of another \
+                "cuDNN {} is installed but its sub-library {name} is missing or of another \
                  version ({:?}). Searched: {}. {}",
-                cudnn / 10000,
-                cudnn / 100 % 100,
-                cudnn % 100,
+                cudnn_release(cudnn),
                 e.0,
                 search.searched(),
                 CudaLibrary::Cudnn.install_hint()
@@ -272,6 +272,91 @@ pub fn check_versions() -> Result<LibraryVersions> {
         files,
     })
 }
+
+/// `files` for a message: their paths, comma-separated.
+fn describe_files(files: &[PathBuf]) -> String {
+    match files {
+        [] => "an unknown file".to_string(),
+        files => files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// cuDNN's version number as a release: `90300` is 9.3.0; before cuDNN 9 the number was
+/// `major * 1000 + minor * 100 + patch` (`8902` is 8.9.2).
+fn cudnn_release(version: usize) -> String {
+    let (major, minor) = if version < 10000 {
+        (version / 1000, version / 100 % 10)
+    } else {
+        (version / 10000, version / 100 % 100)
+    };
+    format!("{major}.{minor}.{}", version % 100)
+}
+
+/// What to do when cudarc got another version (`loaded`) of the library of the `wanted` file.
+///
+/// cudarc asks for the unversioned name (`libcublas.so`) before `wanted`, and glibc only hands
+/// back a preloaded library for its own soname: so an unversioned link to another version on
+/// the loader's path wins over anything found or preloaded, `ALEXNET_CUDA_LIB_DIRS` included.
+/// What helps is a link of that name to the wanted file earlier on the path, or the other
+/// version's link gone; where the wanted file was not found at all, installing it.
+pub(crate) fn shadowing_advice(search: &Discovery, wanted: &str, loaded: &[PathBuf]) -> String {
+    let unversioned = match wanted.find(".so") {
+        Some(end) => &wanted[..end + ".so".len()],
+        None => wanted,
+    };
+    let Some(found) = search.path_of(wanted) else {
+        let hint = CUDA_LIBRARIES
+            .iter()
+            .find(|l| l.file().contains(&format!("({wanted})")))
+            .map_or("", |l| l.install_hint());
+        return format!(
+            "{wanted} was not found (searched: {}). {hint}",
+            search.searched()
+        );
+    };
+    let found = found.display();
+    let fix = format!(
+        "put a directory holding a link `{unversioned}` -> {found} first on LD_LIBRARY_PATH \
+         (`mkdir -p ~/.local/lib/alexnet-cuda && ln -sf {found} \
+         ~/.local/lib/alexnet-cuda/{unversioned}` and `export \
+         LD_LIBRARY_PATH=~/.local/lib/alexnet-cuda:$LD_LIBRARY_PATH`)"
+    );
+    // Which directory of LD_LIBRARY_PATH, if any, holds the name that led to the loaded file.
+    let on_loader_path = search
+        .dirs
+        .iter()
+        .filter(|d| d.origin == "LD_LIBRARY_PATH")
+        .find(|d| {
+            let link = d.path.join(unversioned);
+            link.exists() && loaded.iter().any(|f| same_file(&link, f))
+        });
+    match on_loader_path {
+        Some(dir) => format!(
+            "{wanted} was found at {found}, but cudarc opens {unversioned} first, and \
+             LD_LIBRARY_PATH's {} holds one of the other version: take that directory off \
+             LD_LIBRARY_PATH, or {fix}",
+            dir.path.display()
+        ),
+        None => format!(
+            "{wanted} was found at {found}, but cudarc opens {unversioned} first, and the \
+             loader's cache gives it the other version (`ldconfig -p | grep {unversioned}` \
+             shows it; another CUDA's -dev package installs that link). Either {fix}, or \
+             remove the other version's -dev package"
+        ),
+    }
+}
+
+/// The CUDA libraries loaded through cudarc, for lookups by name.
+const CUDA_LIBRARIES: &[CudaLibrary] = &[
+    CudaLibrary::Cublas,
+    CudaLibrary::CublasLt,
+    CudaLibrary::Cudnn,
+    CudaLibrary::Nvrtc,
+];
 
 /// The oldest driver this build runs on (as `cuDriverGetVersion` reports it): cudarc's
 /// CUDA 13.0 bindings load entry points older drivers lack (e.g. `cuEventElapsedTime_v2`,
@@ -300,6 +385,7 @@ pub(crate) fn unavailable(message: impl Into<String>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn every_library_has_an_install_hint() {
@@ -313,5 +399,94 @@ mod tests {
             assert!(!lib.install_hint().is_empty());
             let _ = lib.is_present(); // must not panic either way
         }
+    }
+
+    #[test]
+    fn cudnn_releases_read_both_numberings() {
+        assert_eq!(cudnn_release(8902), "8.9.2");
+        assert_eq!(cudnn_release(90300), "9.3.0");
+        assert_eq!(cudnn_release(91901), "9.19.1");
+    }
+
+    /// A search that found `libcublas.so.13` in `found_dir`, with `loader_dir` on
+    /// LD_LIBRARY_PATH.
+    fn search_with(found_dir: Option<&Path>, loader_dir: &Path) -> Discovery {
+        use super::super::discovery::SearchDir;
+        Discovery {
+            dirs: vec![SearchDir {
+                path: loader_dir.to_path_buf(),
+                origin: "LD_LIBRARY_PATH",
+            }],
+            found: found_dir
+                .map(|d| ("libcublas.so.13", d.join("libcublas.so.13")))
+                .into_iter()
+                .collect(),
+            ..Discovery::default()
+        }
+    }
+
+    /// cudarc got cuBLAS 12 through an unversioned link: the advice names where that link is
+    /// (LD_LIBRARY_PATH or the loader's cache) and a fix that beats it, or the install when
+    /// no cuBLAS 13 was found; never ALEXNET_CUDA_LIB_DIRS, which cannot win over the link.
+    #[test]
+    fn another_version_first_gets_advice_that_works() {
+        let root = tempfile::tempdir().unwrap();
+        let (old, wheel, path_dir) = (
+            root.path().join("cuda-12"),
+            root.path().join("cu13"),
+            root.path().join("on-path"),
+        );
+        for dir in [&old, &wheel, &path_dir] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let old_file = old.join("libcublas.so.12.4.5");
+        std::fs::write(&old_file, b"").unwrap();
+        std::fs::write(wheel.join("libcublas.so.13"), b"").unwrap();
+        let loaded = [old_file.clone()];
+
+        // The other version's link is in the loader's cache (not on LD_LIBRARY_PATH).
+        let advice = shadowing_advice(
+            &search_with(Some(&wheel), &path_dir),
+            "libcublas.so.13",
+            &loaded,
+        );
+        let wanted = wheel.join("libcublas.so.13");
+        assert!(advice.contains("loader's cache"), "{advice}");
+        assert!(
+            advice.contains("ldconfig -p | grep libcublas.so"),
+            "{advice}"
+        );
+        assert!(
+            advice.contains(&format!("ln -sf {} ", wanted.display())),
+            "{advice}"
+        );
+        assert!(advice.contains("alexnet-cuda/libcublas.so`"), "{advice}");
+        assert!(!advice.contains("ALEXNET_CUDA_LIB_DIRS"), "{advice}");
+
+        // The link is in a directory on LD_LIBRARY_PATH: that directory is named.
+        std::os::unix::fs::symlink(&old_file, path_dir.join("libcublas.so")).unwrap();
+        let advice = shadowing_advice(
+            &search_with(Some(&wheel), &path_dir),
+            "libcublas.so.13",
+            &loaded,
+        );
+        assert!(
+            advice.contains(&format!("LD_LIBRARY_PATH's {}", path_dir.display())),
+            "{advice}"
+        );
+        assert!(advice.contains("take that directory off"), "{advice}");
+
+        // No cuBLAS 13 anywhere: what to install.
+        let advice = shadowing_advice(&search_with(None, &path_dir), "libcublas.so.13", &loaded);
+        assert!(advice.contains("libcublas.so.13 was not found"), "{advice}");
+        assert!(
+            advice.contains(CudaLibrary::Cublas.install_hint()),
+            "{advice}"
+        );
+        let advice = shadowing_advice(&search_with(None, &path_dir), "libcudnn.so.9", &loaded);
+        assert!(
+            advice.contains(CudaLibrary::Cudnn.install_hint()),
+            "{advice}"
+        );
     }
 }
