@@ -348,6 +348,84 @@ fn a_checkpoint_refuses_a_weights_file_and_mismatched_momentum() {
     );
 }
 
+/// A diverged run's weights or momentum (NaN, infinite) never replace a checkpoint: the save
+/// is an error naming the first bad value, and the file there before stays as it was.
+#[test]
+fn a_checkpoint_with_non_finite_values_is_refused_and_the_old_one_kept() {
+    let config = small_config(Some(0.5));
+    let good = common::formula_weights(&config);
+    assert_eq!(good.first_non_finite(), None);
+    let shapes = config.parameter_shapes().unwrap();
+    let momentum: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|(_, shape)| vec![0.0; shape.iter().product()])
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ckpt.safetensors");
+    Checkpoint {
+        weights: good.clone(),
+        velocity: momentum.clone(),
+        state: state(1),
+    }
+    .save(&path)
+    .unwrap();
+    let before = std::fs::read(&path).unwrap();
+
+    // NaN in the third tensor's weights, at flat index 5.
+    let (third, _) = &shapes[2];
+    let diverged = Weights::from_fn(&config, |index, name, shape| {
+        let mut values = good.named_tensors()[index].2.to_vec();
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "{name}");
+        if index == 2 {
+            values[5] = f32::NAN;
+        }
+        values
+    })
+    .unwrap();
+    assert_eq!(
+        diverged.first_non_finite().map(|(name, at, _)| (name, at)),
+        Some((third.clone(), 5))
+    );
+    let err = Checkpoint {
+        weights: diverged,
+        velocity: momentum.clone(),
+        state: state(2),
+    }
+    .save(&path)
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("{third}[5] is NaN")),
+        "{err}"
+    );
+
+    // An infinite momentum value is refused the same way.
+    let mut exploded = momentum;
+    exploded[0][7] = f32::INFINITY;
+    let err = Checkpoint {
+        weights: good,
+        velocity: exploded,
+        state: state(2),
+    }
+    .save(&path)
+    .unwrap_err();
+    let (first, _) = &shapes[0];
+    assert!(
+        err.to_string()
+            .contains(&format!("momentum.{first}[7] is inf")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the old checkpoint is kept"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "no partial file: {leftovers:?}");
+}
+
 #[test]
 fn saved_class_names_come_back_from_the_file() {
     let config = small_config(None);

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::SavedLossScale;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::weights::{first_non_finite, Weights};
 
 /// The metadata key of the run's state.
 pub const TRAIN_STATE_KEY: &str = "alexnet_cuda.train_state";
@@ -75,10 +75,32 @@ impl Checkpoint {
                 "the momentum buffers do not match the weights",
             ));
         }
+        // A diverged run's weights would replace the last checkpoint worth resuming.
+        let first_with_momentum = first_with_momentum.unwrap_or(0);
+        let momentum_names: Vec<String> = tensors[first_with_momentum..]
+            .iter()
+            .map(|(name, _, _)| format!("{MOMENTUM_PREFIX}{name}"))
+            .collect();
+        let momentum = momentum_names
+            .iter()
+            .zip(&self.velocity)
+            .map(|(name, v)| (name.as_str(), v.as_slice()));
+        let weights = tensors
+            .iter()
+            .map(|(name, _, v)| (name.as_str(), v.as_ref()));
+        if let Some((name, at, value)) = first_non_finite(weights.chain(momentum)) {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!(
+                    "{name}[{at}] is {value}: the training diverged, so \
+                     {} was not written (an earlier checkpoint there is kept)",
+                    path.display()
+                ),
+            ));
+        }
         let encode =
             |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
         let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        let first_with_momentum = first_with_momentum.unwrap_or(0);
         for (i, (name, shape, values)) in tensors.iter().enumerate() {
             entries.push((name.clone(), shape.clone(), encode(values)));
             if let Some(v) = i
@@ -196,11 +218,30 @@ fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut temporary = name.to_os_string();
     temporary.push(format!(".partial-{}", std::process::id()));
     let temporary = path.with_file_name(temporary);
-    let written =
-        std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, path));
+    // On disk before the rename: after a power cut the name holds the old checkpoint or the
+    // whole new one, never a renamed file whose blocks were not written yet.
+    let written = write_synced(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, path));
     written.map_err(|e| {
         // Best effort: a failed write should not leave its partial file behind.
         let _ = std::fs::remove_file(&temporary);
         Error::io(path, e)
-    })
+    })?;
+    // The rename itself lasts once the directory is synced. Best effort: some file systems
+    // cannot sync a directory, and the checkpoint is written either way.
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if let Ok(directory) = std::fs::File::open(directory) {
+        let _ = directory.sync_all();
+    }
+    Ok(())
+}
+
+/// `bytes` written to a new file at `path` and synced to the disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }

@@ -205,6 +205,16 @@ impl Weights {
             .collect()
     }
 
+    /// The first value that is not finite (NaN or infinite), as `(tensor name, flat index,
+    /// value)` in network order: what a diverged training run leaves. `None` when all are.
+    pub fn first_non_finite(&self) -> Option<(String, usize, f32)> {
+        first_non_finite(
+            self.named_tensors()
+                .iter()
+                .map(|(name, _, values)| (name.as_str(), values.as_ref())),
+        )
+    }
+
     /// Total number of parameters held.
     pub fn param_count(&self) -> usize {
         self.named_tensors().iter().map(|(_, _, v)| v.len()).sum()
@@ -242,6 +252,17 @@ impl Weights {
                 .collect(),
         }
     }
+}
+
+/// The first non-finite value of `tensors` (`(name, values)` in order) as `(name, flat index,
+/// value)`.
+pub(crate) fn first_non_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a [f32])>,
+) -> Option<(String, usize, f32)> {
+    tensors.into_iter().find_map(|(name, values)| {
+        let at = values.iter().position(|v| !v.is_finite())?;
+        Some((name.to_string(), at, values[at]))
+    })
 }
 
 fn tensor_entry(name: String, array: ArrayViewD<'_, f32>) -> (String, Vec<usize>, Cow<'_, [f32]>) {
