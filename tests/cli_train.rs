@@ -194,6 +194,28 @@ fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
         a == b,
         "the resumed run's weights differ from the uninterrupted run's"
     );
+    // With an image added the same steps would take other images: refused, naming both counts.
+    std::fs::copy(data.join("ants/0.png"), data.join("ants/2.png")).unwrap();
+    let other = train(
+        &[
+            &common[..],
+            &[
+                "--resume",
+                path(&file("half.ckpt")),
+                "--save",
+                path(&file("other.safetensors")),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!other.status.success(), "{}", text(&other));
+    assert!(
+        String::from_utf8_lossy(&other.stderr)
+            .contains("holds 7 images, the checkpoint's run had 6"),
+        "{}",
+        text(&other)
+    );
+    assert!(!file("other.safetensors").exists());
     // Six images, batches of two: step 3 ends the first epoch, which the log records.
     let log = std::fs::read_to_string(file("full.csv")).unwrap();
     let lines: Vec<&str> = log.lines().collect();

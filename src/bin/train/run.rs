@@ -51,6 +51,10 @@ struct Settings {
     /// Where the run ends: after `epochs` epochs or `steps` steps.
     epochs: Option<u64>,
     steps: Option<u64>,
+    /// How many images --data held when the run started (absent in older checkpoints): the
+    /// epochs and the shuffled order are those of that many images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    images: Option<usize>,
 }
 
 impl Settings {
@@ -73,6 +77,7 @@ impl Settings {
                 .epochs
                 .or(args.steps.is_none().then_some(DEFAULT_EPOCHS)),
             steps: args.steps,
+            images: None, // the data's, set in `start`
         }
     }
 
@@ -277,6 +282,7 @@ fn start(
     folder: &ImageFolder,
 ) -> Result<(Box<dyn Trainer>, TrainState, Settings), Error> {
     let mut settings = Settings::from_args(args);
+    settings.images = Some(folder.len());
     let mut weights = match &args.weights {
         Some(path) => Weights::load(path, None)?,
         None => {
@@ -362,6 +368,18 @@ fn resume(
         return Err(Error::invalid(
             "--data",
             "its classes differ from the checkpoint's run",
+        ));
+    }
+    if let Some(images) = settings.images.filter(|&n| n != folder.len()) {
+        // Other steps would see other images and the epochs end elsewhere: not the same run.
+        return Err(Error::invalid(
+            "--data",
+            format!(
+                "it holds {} images, the checkpoint's run had {images}: resume with the same \
+                 data, or start a new run from the checkpoint's weights (--weights {})",
+                folder.len(),
+                path.display()
+            ),
         ));
     }
     let weights = with_dropout(&checkpoint.weights, settings.dropout)?;
