@@ -481,7 +481,8 @@ fn a_resumed_run_first_does_the_epoch_end_its_checkpoint_left_undone() {
 }
 
 /// A long run says it is alive where no progress bar is drawn (stderr is a pipe here);
-/// under `nohup` (SIGHUP ignored) a hang-up leaves it running; and SIGTERM (a scheduler's
+/// under `nohup` (SIGHUP ignored) a hang-up leaves it running, as an interrupt does a
+/// background job started with SIGINT ignored; and SIGTERM (a scheduler's
 /// pre-emption; Ctrl-C's SIGINT the same) stops it after the current step with a checkpoint of
 /// that step, exit status 130, and no --save file.
 #[test]
@@ -491,11 +492,11 @@ fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let save = dir.path().join("long.safetensors");
-    // As `nohup` starts it: SIGHUP ignored.
+    // As `nohup` starts it (SIGHUP ignored), in the background of a script (SIGINT ignored).
     let mut child = Command::new("sh")
         .args([
             "-c",
-            "trap '' HUP; exec \"$0\" \"$@\"",
+            "trap '' HUP INT; exec \"$0\" \"$@\"",
             env!("CARGO_BIN_EXE_train"),
         ])
         .args([
@@ -530,8 +531,8 @@ fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
     };
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
-    // A hang-up after the first step's line; the run goes on (a caught hang-up would stop it
-    // at the next step boundary, by step 3); SIGTERM after the fourth.
+    // A hang-up and an interrupt after the first step's line; the run goes on (a caught one
+    // would stop it at the next step boundary, by step 3); SIGTERM after the fourth.
     for line in lines.by_ref() {
         let line = line.unwrap();
         let step = |n: u32| line.starts_with(&format!("step {n}/100000 (epoch "));
@@ -539,6 +540,7 @@ fn a_run_prints_progress_and_a_signal_stops_it_with_a_checkpoint() {
         seen.push(line);
         if first {
             signal("HUP");
+            signal("INT");
         }
         if fourth {
             break;

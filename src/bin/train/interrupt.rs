@@ -1,6 +1,8 @@
 //! Ctrl-C (SIGINT) and SIGTERM (a batch scheduler's pre-emption) end a run at the next step
 //! with a checkpoint, instead of losing every step since the last one; a second one ends the
-//! process at once. SIGHUP is left alone, so `nohup` keeps a run going when its terminal closes.
+//! process at once. SIGHUP is left alone, so `nohup` keeps a run going when its terminal closes,
+//! and a signal ignored when the run starts stays ignored: a shell starts a script's background
+//! job (`train ... &`) with SIGINT ignored, so that the terminal's Ctrl-C is not meant for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +22,9 @@ impl StopRequest {
     pub fn install() -> Self {
         let requested = Arc::new(AtomicBool::new(false));
         for signal in [SIGINT, SIGTERM] {
+            if ignored(signal) {
+                continue;
+            }
             // The second signal finds the flag set and exits at once, from the handler with
             // `_exit` (no destructor runs under the main thread's feet); the first sets it.
             let caught = flag::register_conditional_shutdown(
@@ -42,4 +47,14 @@ impl StopRequest {
     pub fn requested(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// Whether `signal` is ignored in this process now (inherited from whoever started it).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: `sigaction` is plain data, for which all zeroes is a valid value.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: with a null new action `sigaction` changes nothing and only writes the current
+    // action into `current`, a valid, writable `sigaction`.
+    let read = unsafe { libc::sigaction(signal, std::ptr::null(), &mut current) };
+    read == 0 && current.sa_sigaction == libc::SIG_IGN
 }
