@@ -23,7 +23,7 @@ use alexnet_cuda::cpu::{
     bias_act_inplace, relu_backward, softmax_cross_entropy, Conv2d, Dropout, InputGradient, Linear,
     Lrn, MaxPool2d,
 };
-use alexnet_cuda::cuda::abi::{ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
+use alexnet_cuda::cuda::abi::{ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
 use alexnet_cuda::cuda::kernel_args::{
     bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
     relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args,
@@ -115,18 +115,99 @@ impl Elem for f16 {
 
 /// One kernel argument as cuLaunchKernel takes it: a pointer to the value passed.
 enum Arg<'a> {
-    /// A device buffer: the kernel receives its address.
-    Buffer(*mut c_void, std::marker::PhantomData<&'a mut ()>),
+    /// A device buffer of `bytes` bytes: the kernel receives its address, and must stay inside.
+    Buffer(*mut c_void, usize, std::marker::PhantomData<&'a mut ()>),
     /// A parameter struct passed by value.
     Params(*mut c_void),
 }
 
 fn buf<T>(data: &mut [T]) -> Arg<'_> {
-    Arg::Buffer(data.as_mut_ptr().cast(), std::marker::PhantomData)
+    Arg::Buffer(
+        data.as_mut_ptr().cast(),
+        std::mem::size_of_val(data),
+        std::marker::PhantomData,
+    )
 }
 
 fn null<'a>() -> Arg<'a> {
-    Arg::Buffer(std::ptr::null_mut(), std::marker::PhantomData)
+    Arg::Buffer(std::ptr::null_mut(), 0, std::marker::PhantomData)
+}
+
+/// Bytes of guard before and after each buffer while a kernel runs.
+const GUARD_BYTES: usize = 256;
+/// The guard, repeated: as an f32 a signalling NaN (0x7fa5a5a5), so a read outside a buffer
+/// shows in the results, and arithmetic on it writes a quiet NaN, another pattern, so a
+/// result written outside a buffer shows in the guard even where it came from one.
+const GUARD: [u8; 4] = 0x7fa5_a5a5_u32.to_le_bytes();
+
+/// A copy of one test buffer between guards, where the kernel works while it runs: what it
+/// writes outside the buffer lands in a guard, which [`Guarded::finish`] checks.
+struct Guarded {
+    /// 16-byte words, so the copy is aligned for any element type.
+    words: Vec<u128>,
+    original: *mut c_void,
+    bytes: usize,
+}
+
+impl Guarded {
+    fn new(original: *mut c_void, bytes: usize) -> Self {
+        let words = (2 * GUARD_BYTES + bytes).div_ceil(16);
+        let word = u128::from_le_bytes(std::array::from_fn(|i| GUARD[i % 4]));
+        let mut guarded = Guarded {
+            words: vec![word; words],
+            original,
+            bytes,
+        };
+        // SAFETY: `original` holds `bytes` bytes (from `buf`, a live slice); the copy has room
+        // for them after the leading guard, and the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                original.cast::<u8>(),
+                guarded.start().cast::<u8>(),
+                bytes,
+            );
+        }
+        guarded
+    }
+
+    /// Where the buffer's copy starts: what the kernel is given.
+    fn start(&mut self) -> *mut c_void {
+        // SAFETY: GUARD_BYTES is inside the allocation (it is at least 2 * GUARD_BYTES long).
+        unsafe { self.words.as_mut_ptr().cast::<u8>().add(GUARD_BYTES).cast() }
+    }
+
+    /// Copies the kernel's result back into the test's buffer; an error naming how many
+    /// guard bytes before and after it the kernel changed.
+    fn finish(mut self) -> Result<(), String> {
+        let start = self.start();
+        // SAFETY: the reverse of the copy in `new`: `bytes` bytes, both live, not overlapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                start.cast::<u8>(),
+                self.original.cast::<u8>(),
+                self.bytes,
+            );
+        }
+        // SAFETY: the words are plain bytes; the slice covers exactly their allocation.
+        let all = unsafe {
+            std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.words.len() * 16)
+        };
+        // Guard bytes that differ from the pattern at their offset.
+        let changed =
+            |range: std::ops::Range<usize>| range.filter(|&at| all[at] != GUARD[at % 4]).count();
+        let (before, after) = (
+            changed(0..GUARD_BYTES),
+            changed(GUARD_BYTES + self.bytes..all.len()),
+        );
+        if before + after > 0 {
+            return Err(format!(
+                "wrote outside a {}-byte buffer: {before} guard bytes before it and {after} \
+                 after it changed",
+                self.bytes
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn params<P>(p: &mut P) -> Arg<'_> {
@@ -142,17 +223,31 @@ fn launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) {
     try_launch_grid(name, grid, block, args).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// [`launch_grid`], with a refused launch or a misuse of barriers or shuffles as an error.
+/// [`launch_grid`], with a refused launch, a misuse of barriers or shuffles, or a write
+/// outside a buffer as an error.
 fn try_launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) -> Result<(), String> {
-    // The addresses of buffers live here while the kernel runs; each argument slot points at
-    // one of them (buffers) or at the caller's struct (parameters).
+    // Each buffer runs as a guarded copy (one per distinct buffer: an argument passed twice,
+    // as an in-place launch does, is one copy).
+    let mut copies: Vec<Guarded> = Vec::new();
     let mut addresses: Vec<*mut c_void> = args
         .iter()
-        .map(|a| match a {
-            Arg::Buffer(ptr, _) => *ptr,
+        .map(|a| match *a {
+            Arg::Buffer(ptr, _, _) if ptr.is_null() => ptr,
+            Arg::Buffer(ptr, bytes, _) => {
+                let at = match copies.iter().position(|c| c.original == ptr) {
+                    Some(at) => at,
+                    None => {
+                        copies.push(Guarded::new(ptr, bytes));
+                        copies.len() - 1
+                    }
+                };
+                copies[at].start()
+            }
             Arg::Params(_) => std::ptr::null_mut(),
         })
         .collect();
+    // The addresses live here while the kernel runs; each argument slot points at one of them
+    // (buffers) or at the caller's struct (parameters).
     let mut slots: Vec<*mut c_void> = args
         .iter()
         .zip(addresses.iter_mut())
@@ -163,8 +258,15 @@ fn try_launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) -> Res
         .collect();
     // SAFETY: every slot points to a live value of the kernel's parameter type, in order (the
     // structs come from the same builders the Rust launchers use), and every buffer is sized
-    // by the test for what the kernel touches with these parameters.
-    unsafe { alexnet_host_kernels::launch(name, grid, block, &mut slots) }
+    // by the test for what the kernel touches with these parameters (a stray write lands in
+    // a guard, checked below).
+    let launched = unsafe { alexnet_host_kernels::launch(name, grid, block, &mut slots) };
+    let guards = copies
+        .into_iter()
+        .map(Guarded::finish)
+        .collect::<Result<Vec<()>, String>>();
+    launched?;
+    guards.map(|_| ()).map_err(|e| format!("{name} {e}"))
 }
 
 /// A launch shape with few, odd-sized blocks: grid-stride loops go round several times.
@@ -358,6 +460,122 @@ fn bias_act_matches_the_cpu_bit_for_bit() {
     }
 }
 
+/// Dropout with drop probability `prob` in `mode` against the CPU layer on `x`: training mode's
+/// mask and scale (the seed passed as a parameter and read from the device) and, in classic
+/// mode, the eval scaling by `1 - prob`, in f32 and f16 storage, over the launcher's grid and a
+/// small one.
+fn dropout_case(x: &ArrayD<f32>, prob: f32, mode: DropoutMode) {
+    let len = x.len();
+    let cpu = Dropout::new(prob, mode).unwrap();
+    let gpu = DropoutGpu::new(prob, mode).unwrap();
+    let seed = 0xA1E7_2012;
+    let want_train = cpu.forward_train(x.view(), seed);
+    let want_eval = cpu.forward_eval(x.view());
+    let (mut p, cfg) = gpu.train_args(len, seed).unwrap();
+    for grid in [cfg, small_grid(100)] {
+        let mut data: Vec<f32> = x.iter().copied().collect();
+        launch(
+            "dropout_f32",
+            grid,
+            vec![buf(&mut data), null(), params(&mut p)],
+        );
+        let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
+        assert_same(
+            &format!("dropout_f32 train p={prob} {mode:?}"),
+            &got,
+            &want_train,
+        );
+        // The seed read from the device (a captured step's): the parameter's is ignored.
+        let (mut no_seed, _) = gpu.train_args(len, seed ^ 0xFFFF).unwrap();
+        let mut seed_on_device = vec![seed];
+        let mut data: Vec<f32> = x.iter().copied().collect();
+        launch(
+            "dropout_f32",
+            grid,
+            vec![
+                buf(&mut data),
+                buf(&mut seed_on_device),
+                params(&mut no_seed),
+            ],
+        );
+        let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
+        assert_same(
+            &format!("dropout_f32 device seed p={prob} {mode:?}"),
+            &got,
+            &want_train,
+        );
+        // f16 storage: the same mask, the product rounded once.
+        let mut half: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let want16 = rounded::<f16, _>(&cpu.forward_train(rounded::<f16, _>(x).view(), seed));
+        launch(
+            "dropout_f16",
+            grid,
+            vec![buf(&mut half), null(), params(&mut p)],
+        );
+        let mut half_seeded: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        launch(
+            "dropout_f16",
+            grid,
+            vec![
+                buf(&mut half_seeded),
+                buf(&mut seed_on_device),
+                params(&mut no_seed),
+            ],
+        );
+        assert_eq!(
+            half_seeded, half,
+            "dropout_f16 device seed p={prob} {mode:?}"
+        );
+        let got16 =
+            ArrayD::from_shape_vec(IxDyn(&[len]), half.iter().map(|v| v.to_f32()).collect())
+                .unwrap();
+        assert_same(
+            &format!("dropout_f16 train p={prob} {mode:?}"),
+            &got16,
+            &want16,
+        );
+    }
+    match (mode, gpu.eval_args(len).unwrap()) {
+        (DropoutMode::Inverted, None) => {} // the identity: nothing is launched
+        (DropoutMode::Classic, Some((mut p, cfg))) => {
+            for grid in [cfg, small_grid(100)] {
+                let mut data: Vec<f32> = x.iter().copied().collect();
+                launch(
+                    "dropout_f32",
+                    grid,
+                    vec![buf(&mut data), null(), params(&mut p)],
+                );
+                let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
+                assert_same(
+                    &format!("dropout_f32 eval (classic) p={prob}"),
+                    &got,
+                    &want_eval,
+                );
+                // f16 eval (the fp16 network's classic dropout at inference): x (1 - p) in f32,
+                // rounded once.
+                let mut half: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+                let want16 = rounded::<f16, _>(&cpu.forward_eval(rounded::<f16, _>(x).view()));
+                launch(
+                    "dropout_f16",
+                    grid,
+                    vec![buf(&mut half), null(), params(&mut p)],
+                );
+                let got16 = ArrayD::from_shape_vec(
+                    IxDyn(&[len]),
+                    half.iter().map(|v| v.to_f32()).collect(),
+                )
+                .unwrap();
+                assert_same(
+                    &format!("dropout_f16 eval (classic) p={prob}"),
+                    &got16,
+                    &want16,
+                );
+            }
+        }
+        (mode, other) => panic!("{mode:?} p={prob}: unexpected eval launch {other:?}"),
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(alexnet_cxx),
@@ -367,78 +585,11 @@ fn dropout_draws_the_cpu_mask_in_both_modes() {
     require_host_kernels();
     let len = 12_347; // not a multiple of any block size
     let x = random(IxDyn(&[len]), 31, 3.0);
-    for mode in [DropoutMode::Inverted, DropoutMode::Classic] {
-        let cpu = Dropout::new(0.5, mode).unwrap();
-        let gpu = DropoutGpu::new(0.5, mode).unwrap();
-        let seed = 0xA1E7_2012;
-        let want_train = cpu.forward_train(x.view(), seed);
-        let want_eval = cpu.forward_eval(x.view());
-        let (mut p, cfg) = gpu.train_args(len, seed).unwrap();
-        for grid in [cfg, small_grid(100)] {
-            let mut data: Vec<f32> = x.iter().copied().collect();
-            launch(
-                "dropout_f32",
-                grid,
-                vec![buf(&mut data), null(), params(&mut p)],
-            );
-            let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
-            assert_same(&format!("dropout_f32 train {mode:?}"), &got, &want_train);
-            // The seed read from the device (a captured step's): the parameter's is ignored.
-            let (mut no_seed, _) = gpu.train_args(len, seed ^ 0xFFFF).unwrap();
-            let mut seed_on_device = vec![seed];
-            let mut data: Vec<f32> = x.iter().copied().collect();
-            launch(
-                "dropout_f32",
-                grid,
-                vec![
-                    buf(&mut data),
-                    buf(&mut seed_on_device),
-                    params(&mut no_seed),
-                ],
-            );
-            let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
-            assert_same(
-                &format!("dropout_f32 device seed {mode:?}"),
-                &got,
-                &want_train,
-            );
-            // f16 storage: the same mask, the product rounded once.
-            let mut half: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-            let want16 = rounded::<f16, _>(&cpu.forward_train(rounded::<f16, _>(&x).view(), seed));
-            launch(
-                "dropout_f16",
-                grid,
-                vec![buf(&mut half), null(), params(&mut p)],
-            );
-            let mut half_seeded: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-            launch(
-                "dropout_f16",
-                grid,
-                vec![
-                    buf(&mut half_seeded),
-                    buf(&mut seed_on_device),
-                    params(&mut no_seed),
-                ],
-            );
-            assert_eq!(half_seeded, half, "dropout_f16 device seed {mode:?}");
-            let got16 =
-                ArrayD::from_shape_vec(IxDyn(&[len]), half.iter().map(|v| v.to_f32()).collect())
-                    .unwrap();
-            assert_same(&format!("dropout_f16 train {mode:?}"), &got16, &want16);
-        }
-        match (mode, gpu.eval_args(len).unwrap()) {
-            (DropoutMode::Inverted, None) => {} // the identity: nothing is launched
-            (DropoutMode::Classic, Some((mut p, cfg))) => {
-                let mut data: Vec<f32> = x.iter().copied().collect();
-                launch(
-                    "dropout_f32",
-                    cfg,
-                    vec![buf(&mut data), null(), params(&mut p)],
-                );
-                let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
-                assert_same("dropout_f32 eval (classic)", &got, &want_eval);
-            }
-            (mode, other) => panic!("{mode:?}: unexpected eval launch {other:?}"),
+    // Besides the paper's 0.5, p = 0.1 and 0.3: the threshold p * 2^32 and the scales are
+    // computed twice (cpu/dropout.rs, cuda/ops/dropout.rs), and 0.5 alone hides a disagreement.
+    for prob in [0.5, 0.1, 0.3] {
+        for mode in [DropoutMode::Inverted, DropoutMode::Classic] {
+            dropout_case(&x, prob, mode);
         }
     }
 }
@@ -714,14 +865,21 @@ fn conv_epilogue_case<T: Elem>(
             ],
         );
         let got = logical(&dst, out, layout).into_dyn();
-        assert_same(
-            &format!(
-                "{name} {dims:?} lrn={} {spec:?} {layout:?} nan={nan}",
-                lrn.is_some()
-            ),
-            &got,
-            &want,
+        let what = format!(
+            "{name} {dims:?} lrn={:?} {spec:?} {layout:?} nan={nan}",
+            lrn.map(|l| (l.size, l.beta))
         );
+        if lrn.is_none_or(|l| l.beta == 0.75) {
+            assert_same(&what, &got, &want);
+        } else {
+            // powf (beta != 0.75), as in `lrn_case`: NaN where the CPU has it, the rest within
+            // the LRN forward's tolerance.
+            let nan_at = |a: &ArrayD<f32>| a.iter().map(|v| v.is_nan()).collect::<Vec<bool>>();
+            assert_eq!(nan_at(&got), nan_at(&want), "{what}: NaN positions");
+            let zero_nan = |a: &ArrayD<f32>| a.mapv(|v| if v.is_nan() { 0.0 } else { v });
+            let err = rel_err(&zero_nan(&got), &zero_nan(&want));
+            assert!(err <= 1e-6, "{what}: relative error {err:e}");
+        }
     }
 }
 
@@ -739,6 +897,14 @@ fn conv_epilogue_is_the_cpu_stages_combined() {
         kernel: 2,
         stride: 3,
     };
+    let even_lrn = LrnParams {
+        size: 4,
+        ..LrnParams::PAPER
+    };
+    let beta_half = LrnParams {
+        beta: 0.5,
+        ..LrnParams::PAPER
+    };
     let cases = [
         (
             [2, 7, 13, 11],
@@ -748,6 +914,10 @@ fn conv_epilogue_is_the_cpu_stages_combined() {
         ([1, 3, 7, 7], Some(LrnParams::PAPER), PoolSpec::OVERLAPPING), // fewer channels than the window
         ([3, 5, 9, 10], None, PoolSpec::OVERLAPPING),
         ([1, 4, 10, 9], None, gapped),
+        // An even window (PyTorch's asymmetric rule) and beta 0.5 (powf, not the square
+        // roots), as `lrn_cases` gives the separate LRN kernel.
+        ([2, 6, 9, 7], Some(even_lrn), PoolSpec::OVERLAPPING),
+        ([1, 5, 7, 8], Some(beta_half), PoolSpec::OVERLAPPING),
     ];
     for (i, (dims, lrn, spec)) in cases.into_iter().enumerate() {
         for layout in LAYOUTS {
@@ -779,6 +949,29 @@ fn prepare_case<T: Elem>(n: usize, channels: usize, side: u32, layout: Layout, p
         (dims, layout),
         &want,
     );
+}
+
+/// `n` non-square `h x w` u8 HWC images (bytes stepping through 0..=255 by 37) into
+/// `[n, channels, h, w]` against a per-pixel reference written here from the kernel's formula,
+/// `(byte / 255 - mean[c]) / std[c]` in f32 (the CPU's order), rounded once to `T`, 0 in the
+/// padding channels.
+fn prepare_rect_case<T: Elem>(n: usize, channels: usize, (h, w): (usize, usize), layout: Layout) {
+    let name = format!("prepare_input_{}", T::SUFFIX);
+    let (mean, stdev) = ([0.5f32, 0.25, 0.75], [0.3f32, 0.6, 0.9]);
+    let bytes: Vec<u8> = (0..n * h * w * 3).map(|i| (i * 37 % 256) as u8).collect();
+    let want = Array4::from_shape_fn((n, channels, h, w), |(i, c, y, x)| {
+        if c < 3 {
+            (bytes[((i * h + y) * w + x) * 3 + c] as f32 / 255.0 - mean[c]) / stdev[c]
+        } else {
+            0.0
+        }
+    });
+    let want = rounded::<T, _>(&want).into_dyn();
+    let norm = PrepareInput::new(mean, stdev).unwrap();
+    let dims = [n, channels, h, w];
+    let (mut p, cfg) = norm.args(dims, layout, bytes.len()).unwrap();
+    let what = format!("{name} n={n} c={channels} {h}x{w} {layout:?}");
+    check_input_kernel::<_, T, _>((&name, &what), cfg, &bytes, &mut p, (dims, layout), &want);
 }
 
 /// Runs the input kernel `name` from `src` into a poisoned `dims` output in `layout`, over the
@@ -819,6 +1012,13 @@ fn prepare_input_matches_the_cpu_normalisation_bit_for_bit() {
                 prepare_case::<f32>(n, channels, 7, layout, &pre);
                 prepare_case::<f16>(n, channels, 7, layout, &pre);
             }
+        }
+    }
+    // Non-square images (U8Batch's are square): a swapped height and width shows.
+    for layout in LAYOUTS {
+        for (n, channels, hw) in [(2, 3, (5, 3)), (1, 8, (3, 7)), (3, 4, (4, 9))] {
+            prepare_rect_case::<f32>(n, channels, hw, layout);
+            prepare_rect_case::<f16>(n, channels, hw, layout);
         }
     }
     // Malformed byte counts are refused before any launch.
@@ -912,6 +1112,17 @@ fn softmax_case<T: Elem>(logits: &Array2<f32>, k: usize, block: u32) {
         );
         assert!(err <= 1e-6, "{what}: row {r} probabilities off by {err:e}");
     }
+    // A row with a NaN logit: every probability NaN, on the CPU and in the kernel.
+    for r in (0..rows).filter(|r| !finite_rows.contains(r)) {
+        assert!(
+            want_probs.row(r).iter().all(|v| v.is_nan()),
+            "{what}: row {r}: the CPU's softmax of a NaN row"
+        );
+        assert!(
+            probs.row(r).iter().all(|v| v.is_nan()),
+            "{what}: row {r} probabilities not all NaN"
+        );
+    }
     // Top-k: exactly the CPU's top_k of the probabilities the kernel computed (order, ties to
     // the lower index, NaN first).
     for r in 0..rows {
@@ -950,6 +1161,17 @@ fn softmax_case<T: Elem>(logits: &Array2<f32>, k: usize, block: u32) {
         top_class[..rows * k],
         "{what}: top-k without probabilities"
     );
+    // Its probabilities too, bit for bit: those checked above against the CPU's top_k.
+    for (slot, (&got, &want)) in prob2[..rows * k]
+        .iter()
+        .zip(&top_prob[..rows * k])
+        .enumerate()
+    {
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{what}: slot {slot} probability without probabilities {got} vs {want}"
+        );
+    }
 }
 
 #[test]
@@ -976,11 +1198,12 @@ fn softmax_topk_matches_the_cpu_with_ties_and_nan() {
             softmax_case::<f32>(&ties, k, block);
             softmax_case::<f16>(&ties, k, block);
             softmax_case::<f32>(&nan, k, block);
+            softmax_case::<f16>(&nan, k, block); // f16 NaN logits: loaded as NaN, ranked first
         }
     }
 }
 
-// --- training kernels (f32) ----------------------------------------------------------------
+// --- training kernels (f32 and f16; the loss and SGD f32 only) -----------------------------
 
 /// `maxpool_backward` in `T` against the CPU layer on the values rounded to `T`, its result
 /// rounded once to `T` (the kernel sums in f32 and stores once).
@@ -1289,6 +1512,21 @@ fn softmax_xent_case(logits: &Array2<f32>, labels: &[usize], block: u32) {
         "{what}: loss {loss} against {}",
         want.loss
     );
+    // Each row's loss, not only their mean (a swapped or repeated row would keep the mean
+    // close): log-sum-exp in f64 written here, minus the label's logit.
+    for (r, (row, &label)) in logits.outer_iter().zip(labels).enumerate() {
+        let max = row
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+        let sum: f64 = row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
+        let want_row = max + sum.ln() - f64::from(row[label]);
+        let err = ((row_loss[r] - want_row) / want_row.abs().max(f64::MIN_POSITIVE)).abs();
+        assert!(
+            err <= 1e-6,
+            "{what}: row {r} loss {} against {want_row}",
+            row_loss[r]
+        );
+    }
 }
 
 #[test]
@@ -1337,10 +1575,17 @@ const SGD_TENSORS: [(&str, usize); 4] = [
 /// copy (mixed precision's layer weights) on every step but the first; then a step under a set
 /// overflow flag, which must change nothing.
 fn sgd_case(config: SgdConfig, seed: u64) {
-    let what = format!("sgd_f32 {config:?}");
-    let lens: Vec<usize> = SGD_TENSORS.iter().map(|t| t.1).collect();
+    sgd_steps(&SGD_TENSORS, config, seed, false);
+}
+
+/// [`sgd_case`] over `tensors` (name, length); with `mixed`, launched as the trainer does under
+/// f16 (src/cuda/trainer/net.rs): the f16 copies and the skip flag (0 unless skipped) passed
+/// on every step, the first included.
+fn sgd_steps(tensors: &[(&str, usize)], config: SgdConfig, seed: u64, mixed: bool) {
+    let what = format!("sgd_f32 {} tensors mixed={mixed} {config:?}", tensors.len());
+    let lens: Vec<usize> = tensors.iter().map(|t| t.1).collect();
     let total: usize = lens.iter().sum();
-    let segments: Vec<SgdSegment> = SGD_TENSORS
+    let segments: Vec<SgdSegment> = tensors
         .iter()
         .map(|&(name, len)| SgdSegment::named(name, len, &config))
         .collect();
@@ -1355,7 +1600,7 @@ fn sgd_case(config: SgdConfig, seed: u64) {
         let flat_grads = formula_values(seed + 1 + step, total, 2.0);
         let skipped = step == 3;
         if !skipped {
-            let grads = common::flat_gradients(&SGD_TENSORS, &flat_grads);
+            let grads = common::flat_gradients(tensors, &flat_grads);
             sgd.step(cpu_weights.iter_mut().map(|w| &mut w[..]).collect(), &grads)
                 .unwrap();
         }
@@ -1363,7 +1608,8 @@ fn sgd_case(config: SgdConfig, seed: u64) {
         for (address, w) in p.weights.iter_mut().zip(gpu_weights.iter_mut()) {
             *address = w.as_mut_ptr() as u64;
         }
-        if step > 0 {
+        let with_copies = mixed || step > 0;
+        if with_copies {
             for (address, c) in p.copies.iter_mut().zip(copies.iter_mut()) {
                 *address = c.as_mut_ptr() as u64;
             }
@@ -1371,10 +1617,7 @@ fn sgd_case(config: SgdConfig, seed: u64) {
         let mut g = flat_grads.clone();
         let grid = if step == 1 { small_grid(32) } else { cfg };
         let mut flag = vec![u32::from(skipped)];
-        let skip = match step {
-            0 => null(),
-            _ => buf(&mut flag),
-        };
+        let skip = if with_copies { buf(&mut flag) } else { null() };
         launch(
             "sgd_f32",
             grid,
@@ -1393,7 +1636,7 @@ fn sgd_case(config: SgdConfig, seed: u64) {
             &as_array(velocity.clone()),
             &want_v,
         );
-        if step > 0 {
+        if with_copies {
             let got_copies: Vec<f32> = copies.iter().flatten().map(|h| h.to_f32()).collect();
             let want_copies = want_w.mapv(|w| f16::from_f32(w).to_f32());
             assert_same(
@@ -1425,8 +1668,34 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
                 decay_biases,
             };
             sgd_case(config, 260 + 10 * i as u64);
+            // Mixed precision's first step: first_step set, copies present, a skip flag of 0.
+            sgd_steps(&SGD_TENSORS, config, 300 + 10 * i as u64, true);
         }
     }
+    // The most tensors one launch takes (ALEXNET_SGD_SEGMENTS = 32): accepted, and every
+    // segment's end, decay and addresses used; and a single tensor (no segment boundary).
+    let names: Vec<String> = (0..32)
+        .map(|i| {
+            let kind = if i % 2 == 0 { "weight" } else { "bias" };
+            format!("layer{}.{kind}", i / 2)
+        })
+        .collect();
+    let tensors: Vec<(&str, usize)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), 1 + i * 7 % 13))
+        .collect();
+    assert_eq!(tensors.len(), ALEXNET_SGD_SEGMENTS as usize);
+    let config = SgdConfig {
+        learning_rate: 0.05,
+        momentum: 0.9,
+        weight_decay: 0.01,
+        rule: UpdateRule::PyTorch,
+        decay_biases: false,
+    };
+    sgd_steps(&tensors, config, 320, true);
+    sgd_steps(&tensors, config, 321, false);
+    sgd_steps(&[("fc.weight", 129)], config, 322, true);
     // Too many tensors for one launch is an error, not a truncated update.
     let many = vec![
         SgdSegment {
@@ -1464,6 +1733,36 @@ fn grad_unscale_case<T: Elem>(values: &[f32], scale: f32, flag_before: u32) {
     }
 }
 
+/// `grad_unscale_f32` with one buffer as both source and destination (the launch of
+/// `unscale_gradients_in_place`), against the CPU twin, with the launcher's grid and a small one.
+fn grad_unscale_in_place_case(values: &[f32], scale: f32) {
+    let (want, overflowed) = unscale_gradients(values, scale);
+    let (mut p, cfg) = grad_unscale_args(values.len(), scale).unwrap();
+    for grid in [cfg, small_grid(32)] {
+        let mut grads = values.to_vec();
+        let mut flag = vec![0u32];
+        let grads_bytes = std::mem::size_of_val(grads.as_slice());
+        let grads_ptr: *mut c_void = grads.as_mut_ptr().cast();
+        launch(
+            "grad_unscale_f32",
+            grid,
+            vec![
+                Arg::Buffer(grads_ptr, grads_bytes, std::marker::PhantomData),
+                Arg::Buffer(grads_ptr, grads_bytes, std::marker::PhantomData),
+                buf(&mut flag),
+                params(&mut p),
+            ],
+        );
+        let what = format!(
+            "grad_unscale_f32 in place, scale {scale} blocks={}",
+            grid.grid_dim.0
+        );
+        let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
+        assert_same(&what, &as_array(grads), &as_array(want.clone()));
+        assert_eq!(flag[0], u32::from(overflowed), "{what}: overflow flag");
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(alexnet_cxx),
@@ -1488,6 +1787,9 @@ fn gradient_unscaling_matches_the_cpu_and_flags_overflow() {
     grad_unscale_case::<f16>(&beyond_f16, 65536.0, 0);
     // A flag set by an earlier launch of the same step stays set.
     grad_unscale_case::<f32>(&values, 65536.0, 1);
+    // In place, as `unscale_gradients_in_place` launches it for the biases: src == dst.
+    grad_unscale_in_place_case(&values, 65536.0);
+    grad_unscale_in_place_case(&overflowing, 3.0);
     assert!(grad_unscale_args(10, 0.0).is_err());
     assert!(grad_unscale_args(10, f32::INFINITY).is_err());
 }
