@@ -226,7 +226,7 @@ fn json_report_has_the_documented_keys() {
 #[test]
 fn usage_errors_exit_with_code_2() {
     let image = data_path("images/coffee.png");
-    let cases: [&[&str]; 9] = [
+    let cases: [&[&str]; 10] = [
         &["--batch", "0"],
         &["--top", "0", "--iterations", "1"],
         &["--top", "1001", "--iterations", "1"],
@@ -236,6 +236,7 @@ fn usage_errors_exit_with_code_2() {
         &["--summary", "--json"],
         &["--device", "cpu", "--gpu", "1", "--iterations", "1"], // a GPU index for the CPU
         &["--summary", "--gpu", "1"],
+        &["--summary", "--fp32-gemm-only"], // no convolution runs
     ];
     for args in cases {
         let out = infer(args);

@@ -165,6 +165,7 @@ pub fn check_flags(matches: &ArgMatches, args: &Args) {
             "precision",
             "device",
             "gpu",
+            "fp32_gemm_only",
             "seed",
             "images",
             "iterations",
