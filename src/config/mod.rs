@@ -59,7 +59,8 @@ impl Precision {
         Err(Error::invalid(
             "precision",
             format!(
-                "{self} has no GPU backend yet (cuDNN/cuBLAS bf16 is not wired up): run it on                  the CPU (--device cpu), or use fp16 or tf32 on the GPU"
+                "{self} has no GPU backend yet (cuDNN/cuBLAS bf16 is not wired up): run it on \
+                 the CPU (--device cpu), or use fp16 or tf32 on the GPU"
             ),
         ))
     }
