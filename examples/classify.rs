@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use alexnet_cuda::image::{load_batch, Preprocess};
+use alexnet_cuda::labels::default_labels;
 use alexnet_cuda::postprocess::{softmax, top_k};
-use alexnet_cuda::{class_name, open_backend, AlexNetConfig, DeviceChoice, Precision, Weights};
+use alexnet_cuda::{open_backend, AlexNetConfig, DeviceChoice, Precision, Weights};
 
 fn main() -> ExitCode {
     match run() {
@@ -64,13 +65,28 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if loaded.batch.is_empty() {
         return Err("no image could be read".into());
     }
+    // Class names in logit order: the file's own (a `train --save` file carries them), else
+    // ImageNet's for a 1000-class model, else none (ImageNet's names on another head would be
+    // wrong, not merely missing).
+    let file_names = match &weights_path {
+        Some(path) => Weights::class_names_in(path)?,
+        None => None,
+    };
+    let imagenet = default_labels(weights.config().num_classes());
+    let name_of = |class: usize| -> &str {
+        match (&file_names, imagenet) {
+            (Some(names), _) => names.get(class).map(String::as_str),
+            (None, Some(names)) => names.get(class).copied(),
+            (None, None) => None,
+        }
+        .unwrap_or("?")
+    };
     let logits = model.forward_u8(&loaded.batch, &pre)?;
     let probabilities = softmax(logits.view());
     for (row, &source) in loaded.sources.iter().enumerate() {
         println!("{}", paths[source].display());
         for (class, p) in top_k(probabilities.row(row), 5)? {
-            let name = class_name(class).unwrap_or("?");
-            println!("  {:>6.2}%  {class:>4}  {name}", p * 100.0);
+            println!("  {:>6.2}%  {class:>4}  {}", p * 100.0, name_of(class));
         }
     }
     Ok(())
