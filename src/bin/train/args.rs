@@ -113,7 +113,8 @@ pub struct Args {
     /// ...) so `torchvision.models.alexnet().load_state_dict` takes a torchvision-preset file.
     #[arg(long, value_enum, default_value_t = NamesArg::Crate)]
     pub names: NamesArg,
-    /// Checkpoint file (weights, momentum, step, learning rate) [default: SAVE with `.ckpt.safetensors`].
+    /// Checkpoint file (weights, momentum, step, learning rate) [default: SAVE with its
+    /// extension replaced by `.ckpt.safetensors`].
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,
     /// Also checkpoint every this many steps (always at the end of the run, and at the end of an
