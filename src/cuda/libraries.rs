@@ -3,7 +3,7 @@
 //! call into a library it cannot load), their versions checked once loaded, and what to install
 //! when one is missing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::discovery::{discovery, loaded_files, same_file, Discovery};
 use crate::error::{Error, Result};
@@ -185,50 +185,38 @@ fn cublas_version(lt: bool) -> Result<(i32, i32, i32)> {
 pub fn check_versions() -> Result<LibraryVersions> {
     let search = discovery();
     let cublas = cublas_version(false)?;
-    let mismatch = |what: &str, library: &str, found: String, prefix: &str, wanted: &str| {
+    let mismatch = |library: CudaLibrary, found: String| {
+        let (name, prefix) = match library {
+            CudaLibrary::Cublas => ("cuBLAS", "libcublas."),
+            CudaLibrary::CublasLt => ("cuBLASLt", "libcublasLt."),
+            _ => ("cuDNN", "libcudnn."),
+        };
         // The file cudarc got: the loader's pick where one was made, else what is mapped.
         let picked = search
             .loader_picks
             .iter()
-            .find(|(l, _)| *l == library)
+            .find(|(l, _)| *l == name)
             .map(|(_, p)| vec![p.clone()]);
         let loaded = picked.unwrap_or_else(|| loaded_files(prefix));
         unavailable(format!(
-            "{what} {found} was loaded ({}), but this build needs {wanted}. {}",
+            "{name} {found} was loaded ({}), but this build needs {}. {}",
             describe_files(&loaded),
-            shadowing_advice(search, wanted, &loaded)
+            library.file(),
+            shadowing_advice(search, library, &loaded)
         ))
     };
     if cublas.0 != 13 {
         let found = format!("{}.{}", cublas.0, cublas.1);
-        return Err(mismatch(
-            "cuBLAS",
-            "cuBLAS",
-            found,
-            "libcublas.",
-            "libcublas.so.13",
-        ));
+        return Err(mismatch(CudaLibrary::Cublas, found));
     }
     let cublas_lt = cublas_version(true)?;
     if cublas_lt.0 != 13 {
         let found = format!("{}.{}", cublas_lt.0, cublas_lt.1);
-        return Err(mismatch(
-            "cuBLASLt",
-            "cuBLASLt",
-            found,
-            "libcublasLt.",
-            "libcublasLt.so.13",
-        ));
+        return Err(mismatch(CudaLibrary::CublasLt, found));
     }
     let cudnn = cudarc::cudnn::result::get_version();
     if !(90000..100000).contains(&cudnn) {
-        return Err(mismatch(
-            "cuDNN",
-            "cuDNN",
-            cudnn_release(cudnn),
-            "libcudnn.",
-            "libcudnn.so.9",
-        ));
+        return Err(mismatch(CudaLibrary::Cudnn, cudnn_release(cudnn)));
     }
     // cuDNN 9 is a shim over sub-libraries it loads on demand: load them now, so a broken
     // install shows here instead of inside the first convolution.
@@ -296,67 +284,94 @@ fn cudnn_release(version: usize) -> String {
     format!("{major}.{minor}.{}", version % 100)
 }
 
-/// What to do when cudarc got another version (`loaded`) of the library of the `wanted` file.
+/// What to do when cudarc got another version (`loaded`) of `library` than this build needs.
 ///
-/// cudarc asks for the unversioned name (`libcublas.so`) before `wanted`, and glibc only hands
-/// back a preloaded library for its own soname: so an unversioned link to another version on
-/// the loader's path wins over anything found or preloaded, `ALEXNET_CUDA_LIB_DIRS` included.
-/// What helps is a link of that name to the wanted file earlier on the path, or the other
-/// version's link gone; where the wanted file was not found at all, installing it.
-pub(crate) fn shadowing_advice(search: &Discovery, wanted: &str, loaded: &[PathBuf]) -> String {
-    let unversioned = match wanted.find(".so") {
-        Some(end) => &wanted[..end + ".so".len()],
-        None => wanted,
+/// cudarc asks for the unversioned name (`libcublas.so`) first, then the wanted major
+/// (`libcublas.so.13`), then older ones (`.so.12`, ...), and glibc hands back a preloaded
+/// library only for its own soname. So another version wins over anything found or preloaded
+/// (`ALEXNET_CUDA_LIB_DIRS` included) through an unversioned link on the loader's path, or
+/// through its own `.so.12` where no `.so.13` is on that path. What beats both: a directory
+/// of unversioned links to the wanted files first on `LD_LIBRARY_PATH`, with the wanted
+/// files' own directory after it (cuBLAS finds cuBLASLt there). Where the wanted file was not
+/// found at all: what to install.
+pub(crate) fn shadowing_advice(
+    search: &Discovery,
+    library: CudaLibrary,
+    loaded: &[PathBuf],
+) -> String {
+    // (unversioned name cudarc opens first, the file this build wants), for the library and
+    // the one it needs beside it.
+    let family: &[(&str, &str)] = match library {
+        CudaLibrary::Cublas | CudaLibrary::CublasLt => &[
+            ("libcublas.so", "libcublas.so.13"),
+            ("libcublasLt.so", "libcublasLt.so.13"),
+        ],
+        CudaLibrary::Cudnn => &[("libcudnn.so", "libcudnn.so.9")],
+        CudaLibrary::Driver | CudaLibrary::Nvrtc => &[],
+    };
+    let wanted = match library {
+        CudaLibrary::CublasLt => "libcublasLt.so.13",
+        _ => family.first().map_or("", |&(_, wanted)| wanted),
     };
     let Some(found) = search.path_of(wanted) else {
-        let hint = CUDA_LIBRARIES
-            .iter()
-            .find(|l| l.file().contains(&format!("({wanted})")))
-            .map_or("", |l| l.install_hint());
         return format!(
-            "{wanted} was not found (searched: {}). {hint}",
-            search.searched()
+            "{wanted} was not found (searched: {}). {}",
+            search.searched(),
+            library.install_hint()
         );
     };
-    let found = found.display();
+    // Absolute and without links, so the links made below point at the file itself.
+    let real = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let found_dir = real(found)
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let links: Vec<String> = family
+        .iter()
+        .filter_map(|&(unversioned, wanted)| {
+            let target = real(search.path_of(wanted)?);
+            Some(format!(
+                "ln -sf '{}' \"$HOME/.local/lib/alexnet-cuda/{unversioned}\"",
+                target.display()
+            ))
+        })
+        .collect();
     let fix = format!(
-        "put a directory holding a link `{unversioned}` -> {found} first on LD_LIBRARY_PATH \
-         (`mkdir -p ~/.local/lib/alexnet-cuda && ln -sf {found} \
-         ~/.local/lib/alexnet-cuda/{unversioned}` and `export \
-         LD_LIBRARY_PATH=~/.local/lib/alexnet-cuda:$LD_LIBRARY_PATH`)"
+        "`mkdir -p \"$HOME/.local/lib/alexnet-cuda\" && {}` and `export \
+         LD_LIBRARY_PATH=\"$HOME/.local/lib/alexnet-cuda:{}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\"`",
+        links.join(" && "),
+        found_dir.display()
     );
-    // Which directory of LD_LIBRARY_PATH, if any, holds the name that led to the loaded file.
+    // The directory of LD_LIBRARY_PATH, if any, holding the name that led to the loaded file
+    // (an unversioned link, or another version's own file).
+    let stem = match library {
+        CudaLibrary::Cudnn => "libcudnn",
+        _ => "libcublas",
+    };
     let on_loader_path = search
         .dirs
         .iter()
         .filter(|d| d.origin == "LD_LIBRARY_PATH")
-        .find(|d| {
-            let link = d.path.join(unversioned);
-            link.exists() && loaded.iter().any(|f| same_file(&link, f))
+        .find_map(|d| {
+            let entries = std::fs::read_dir(&d.path).ok()?;
+            entries.filter_map(|e| e.ok()).find_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                (name.starts_with(stem) && loaded.iter().any(|f| same_file(&path, f)))
+                    .then(|| format!("LD_LIBRARY_PATH's {} holds {name}", d.path.display()))
+            })
         });
-    match on_loader_path {
-        Some(dir) => format!(
-            "{wanted} was found at {found}, but cudarc opens {unversioned} first, and \
-             LD_LIBRARY_PATH's {} holds one of the other version: take that directory off \
-             LD_LIBRARY_PATH, or {fix}",
-            dir.path.display()
-        ),
-        None => format!(
-            "{wanted} was found at {found}, but cudarc opens {unversioned} first, and the \
-             loader's cache gives it the other version (`ldconfig -p | grep {unversioned}` \
-             shows it; another CUDA's -dev package installs that link). Either {fix}, or \
-             remove the other version's -dev package"
-        ),
-    }
+    let origin = on_loader_path.unwrap_or_else(|| {
+        format!(
+            "the loader's cache holds it (`ldconfig -p | grep {stem}` lists what it has: an \
+             unversioned link from another CUDA's -dev package, or that CUDA's own library)"
+        )
+    });
+    format!(
+        "{wanted} was found at {}, but cudarc opens the other version first: {origin}. Put \
+         CUDA 13's first: {fix}",
+        found.display()
+    )
 }
-
-/// The CUDA libraries loaded through cudarc, for lookups by name.
-const CUDA_LIBRARIES: &[CudaLibrary] = &[
-    CudaLibrary::Cublas,
-    CudaLibrary::CublasLt,
-    CudaLibrary::Cudnn,
-    CudaLibrary::Nvrtc,
-];
 
 /// The oldest driver this build runs on (as `cuDriverGetVersion` reports it): cudarc's
 /// CUDA 13.0 bindings load entry points older drivers lack (e.g. `cuEventElapsedTime_v2`,
@@ -385,7 +400,6 @@ pub(crate) fn unavailable(message: impl Into<String>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn every_library_has_an_install_hint() {
@@ -408,82 +422,99 @@ mod tests {
         assert_eq!(cudnn_release(91901), "9.19.1");
     }
 
-    /// A search that found `libcublas.so.13` in `found_dir`, with `loader_dir` on
-    /// LD_LIBRARY_PATH.
+    /// A search that found cuBLAS 13 (`libcublas.so.13`, `libcublasLt.so.13`) in `found_dir`,
+    /// with `loader_dir` on LD_LIBRARY_PATH.
     fn search_with(found_dir: Option<&Path>, loader_dir: &Path) -> Discovery {
         use super::super::discovery::SearchDir;
+        let found = ["libcublas.so.13", "libcublasLt.so.13"]
+            .into_iter()
+            .flat_map(|soname| found_dir.map(|d| (soname, d.join(soname))))
+            .collect();
         Discovery {
             dirs: vec![SearchDir {
                 path: loader_dir.to_path_buf(),
                 origin: "LD_LIBRARY_PATH",
             }],
-            found: found_dir
-                .map(|d| ("libcublas.so.13", d.join("libcublas.so.13")))
-                .into_iter()
-                .collect(),
+            found,
             ..Discovery::default()
         }
     }
 
-    /// cudarc got cuBLAS 12 through an unversioned link: the advice names where that link is
-    /// (LD_LIBRARY_PATH or the loader's cache) and a fix that beats it, or the install when
-    /// no cuBLAS 13 was found; never ALEXNET_CUDA_LIB_DIRS, which cannot win over the link.
+    /// cudarc got cuBLAS 12: the advice names where it came from (a directory of
+    /// LD_LIBRARY_PATH, by an unversioned link or its own file, or the loader's cache) and
+    /// one fix for every case: links of the unversioned names to the CUDA 13 files, cuBLAS's
+    /// and cuBLASLt's, first on LD_LIBRARY_PATH, their directory after them. Never
+    /// ALEXNET_CUDA_LIB_DIRS, which cannot win over the loader. Without CUDA 13: the install.
     #[test]
     fn another_version_first_gets_advice_that_works() {
         let root = tempfile::tempdir().unwrap();
+        let root_path = root.path().canonicalize().unwrap();
         let (old, wheel, path_dir) = (
-            root.path().join("cuda-12"),
-            root.path().join("cu13"),
-            root.path().join("on-path"),
+            root_path.join("cuda-12"),
+            root_path.join("cu13"),
+            root_path.join("on-path"),
         );
         for dir in [&old, &wheel, &path_dir] {
             std::fs::create_dir(dir).unwrap();
         }
         let old_file = old.join("libcublas.so.12.4.5");
         std::fs::write(&old_file, b"").unwrap();
-        std::fs::write(wheel.join("libcublas.so.13"), b"").unwrap();
+        for file in ["libcublas.so.13", "libcublasLt.so.13"] {
+            std::fs::write(wheel.join(file), b"").unwrap();
+        }
         let loaded = [old_file.clone()];
+        let advise = |found: Option<&Path>, library| {
+            shadowing_advice(&search_with(found, &path_dir), library, &loaded)
+        };
+        let fix = format!(
+            "ln -sf '{}' \"$HOME/.local/lib/alexnet-cuda/libcublas.so\" && ln -sf '{}' \
+             \"$HOME/.local/lib/alexnet-cuda/libcublasLt.so\"` and `export \
+             LD_LIBRARY_PATH=\"$HOME/.local/lib/alexnet-cuda:{}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\"`",
+            wheel.join("libcublas.so.13").display(),
+            wheel.join("libcublasLt.so.13").display(),
+            wheel.display()
+        );
 
-        // The other version's link is in the loader's cache (not on LD_LIBRARY_PATH).
-        let advice = shadowing_advice(
-            &search_with(Some(&wheel), &path_dir),
-            "libcublas.so.13",
-            &loaded,
-        );
-        let wanted = wheel.join("libcublas.so.13");
-        assert!(advice.contains("loader's cache"), "{advice}");
-        assert!(
-            advice.contains("ldconfig -p | grep libcublas.so"),
-            "{advice}"
-        );
-        assert!(
-            advice.contains(&format!("ln -sf {} ", wanted.display())),
-            "{advice}"
-        );
-        assert!(advice.contains("alexnet-cuda/libcublas.so`"), "{advice}");
-        assert!(!advice.contains("ALEXNET_CUDA_LIB_DIRS"), "{advice}");
+        // Nothing of it on LD_LIBRARY_PATH: the loader's cache.
+        for library in [CudaLibrary::Cublas, CudaLibrary::CublasLt] {
+            let advice = advise(Some(&wheel), library);
+            assert!(advice.contains("the loader's cache holds it"), "{advice}");
+            assert!(advice.contains("ldconfig -p | grep libcublas`"), "{advice}");
+            assert!(advice.contains(&fix), "{advice}");
+            assert!(!advice.contains("ALEXNET_CUDA_LIB_DIRS"), "{advice}");
+        }
 
-        // The link is in a directory on LD_LIBRARY_PATH: that directory is named.
+        // Its own versioned file in a directory of LD_LIBRARY_PATH (no unversioned link):
+        // that directory is named.
+        let own = path_dir.join("libcublas.so.12");
+        std::os::unix::fs::symlink(&old_file, &own).unwrap();
+        let advice = advise(Some(&wheel), CudaLibrary::Cublas);
+        let named = format!(
+            "LD_LIBRARY_PATH's {} holds libcublas.so.12",
+            path_dir.display()
+        );
+        assert!(advice.contains(&named), "{advice}");
+        assert!(advice.contains(&fix), "{advice}");
+        std::fs::remove_file(own).unwrap();
+
+        // An unversioned link there: named the same way.
         std::os::unix::fs::symlink(&old_file, path_dir.join("libcublas.so")).unwrap();
-        let advice = shadowing_advice(
-            &search_with(Some(&wheel), &path_dir),
-            "libcublas.so.13",
-            &loaded,
+        let advice = advise(Some(&wheel), CudaLibrary::Cublas);
+        let named = format!(
+            "LD_LIBRARY_PATH's {} holds libcublas.so",
+            path_dir.display()
         );
-        assert!(
-            advice.contains(&format!("LD_LIBRARY_PATH's {}", path_dir.display())),
-            "{advice}"
-        );
-        assert!(advice.contains("take that directory off"), "{advice}");
+        assert!(advice.contains(&named), "{advice}");
 
-        // No cuBLAS 13 anywhere: what to install.
-        let advice = shadowing_advice(&search_with(None, &path_dir), "libcublas.so.13", &loaded);
+        // No CUDA 13 anywhere: what to install.
+        let advice = advise(None, CudaLibrary::Cublas);
         assert!(advice.contains("libcublas.so.13 was not found"), "{advice}");
         assert!(
             advice.contains(CudaLibrary::Cublas.install_hint()),
             "{advice}"
         );
-        let advice = shadowing_advice(&search_with(None, &path_dir), "libcudnn.so.9", &loaded);
+        let advice = advise(None, CudaLibrary::Cudnn);
+        assert!(advice.contains("libcudnn.so.9 was not found"), "{advice}");
         assert!(
             advice.contains(CudaLibrary::Cudnn.install_hint()),
             "{advice}"
