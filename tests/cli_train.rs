@@ -216,6 +216,29 @@ fn a_resumed_run_ends_as_the_uninterrupted_run_does() {
         text(&other)
     );
     assert!(!file("other.safetensors").exists());
+    // A checkpoint from before the count was kept is not refused, and the run's own
+    // checkpoints record the count from then on.
+    let mut old = Checkpoint::load(file("half.ckpt"), None).unwrap();
+    assert_eq!(old.state.settings["images"], 6);
+    old.state.settings.as_object_mut().unwrap().remove("images");
+    old.save(file("old.ckpt")).unwrap();
+    let resumed_old = train(
+        &[
+            &common[..],
+            &[
+                "--resume",
+                path(&file("old.ckpt")),
+                "--steps",
+                "3",
+                "--save",
+                path(&file("old-run.safetensors")),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(resumed_old.status.success(), "{}", text(&resumed_old));
+    let recorded = Checkpoint::load(file("old-run.ckpt.safetensors"), None).unwrap();
+    assert_eq!(recorded.state.settings["images"], 7);
     // Six images, batches of two: step 3 ends the first epoch, which the log records.
     let log = std::fs::read_to_string(file("full.csv")).unwrap();
     let lines: Vec<&str> = log.lines().collect();

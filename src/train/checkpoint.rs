@@ -93,7 +93,7 @@ impl Checkpoint {
                 "checkpoint",
                 format!(
                     "{name}[{at}] is {value}: the training diverged, so \
-                     {} was not written (an earlier checkpoint there is kept)",
+                     {} was not written (any earlier checkpoint there is kept)",
                     path.display()
                 ),
             ));

@@ -370,6 +370,12 @@ fn resume(
             "its classes differ from the checkpoint's run",
         ));
     }
+    if settings.images.is_none() {
+        // A checkpoint from before the count was kept: this run's count is checked from now.
+        settings.images = Some(folder.len());
+        state.settings = serde_json::to_value(&settings)
+            .map_err(|e| Error::invalid("settings", e.to_string()))?;
+    }
     if let Some(images) = settings.images.filter(|&n| n != folder.len()) {
         // Other steps would see other images and the epochs end elsewhere: not the same run.
         return Err(Error::invalid(
