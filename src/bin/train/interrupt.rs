@@ -23,6 +23,15 @@ impl StopRequest {
         let requested = Arc::new(AtomicBool::new(false));
         for signal in [SIGINT, SIGTERM] {
             if ignored(signal) {
+                let stop = if signal == SIGINT {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                };
+                eprintln!(
+                    "note: signal {signal} was ignored when the run started (a background job), \
+                     so it stays ignored: {stop} stops the run with a checkpoint"
+                );
                 continue;
             }
             // The second signal finds the flag set and exits at once, from the handler with
@@ -50,6 +59,7 @@ impl StopRequest {
 }
 
 /// Whether `signal` is ignored in this process now (inherited from whoever started it).
+#[cfg(unix)]
 fn ignored(signal: i32) -> bool {
     // SAFETY: `sigaction` is plain data, for which all zeroes is a valid value.
     let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -57,4 +67,9 @@ fn ignored(signal: i32) -> bool {
     // action into `current`, a valid, writable `sigaction`.
     let read = unsafe { libc::sigaction(signal, std::ptr::null(), &mut current) };
     read == 0 && current.sa_sigaction == libc::SIG_IGN
+}
+
+#[cfg(not(unix))]
+fn ignored(_signal: i32) -> bool {
+    false
 }
