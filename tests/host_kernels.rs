@@ -234,6 +234,19 @@ fn try_launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) -> Res
         .map(|a| match *a {
             Arg::Buffer(ptr, _, _) if ptr.is_null() => ptr,
             Arg::Buffer(ptr, bytes, _) => {
+                // Separate copies of overlapping buffers would no longer alias: only the very
+                // same buffer may come twice.
+                let start = ptr as usize;
+                let overlaps = |c: &Guarded| {
+                    let other = c.original as usize;
+                    start < other + c.bytes && other < start + bytes
+                };
+                assert!(
+                    copies
+                        .iter()
+                        .all(|c| !overlaps(c) || (c.original == ptr && c.bytes == bytes)),
+                    "{name}: two buffer arguments overlap without being the same buffer"
+                );
                 let at = match copies.iter().position(|c| c.original == ptr) {
                     Some(at) => at,
                     None => {
