@@ -1618,13 +1618,24 @@ fn sgd_steps(tensors: &[(&str, usize)], config: SgdConfig, seed: u64, mixed: boo
                 .unwrap();
         }
         let (mut p, cfg) = sgd_args(&config, &segments, step == 0).unwrap();
+        // The per-tensor buffers travel in the parameters, not as arguments: guarded here.
+        let guard = |data: *mut c_void, bytes: usize| Guarded::new(data, bytes);
+        let mut guarded: Vec<Guarded> = Vec::new();
         for (address, w) in p.weights.iter_mut().zip(gpu_weights.iter_mut()) {
-            *address = w.as_mut_ptr() as u64;
+            guarded.push(guard(
+                w.as_mut_ptr().cast(),
+                std::mem::size_of_val(w.as_slice()),
+            ));
+            *address = guarded.last_mut().map_or(0, |g| g.start() as u64);
         }
         let with_copies = mixed || step > 0;
         if with_copies {
             for (address, c) in p.copies.iter_mut().zip(copies.iter_mut()) {
-                *address = c.as_mut_ptr() as u64;
+                guarded.push(guard(
+                    c.as_mut_ptr().cast(),
+                    std::mem::size_of_val(c.as_slice()),
+                ));
+                *address = guarded.last_mut().map_or(0, |g| g.start() as u64);
             }
         }
         let mut g = flat_grads.clone();
@@ -1637,6 +1648,11 @@ fn sgd_steps(tensors: &[(&str, usize)], config: SgdConfig, seed: u64, mixed: boo
             vec![buf(&mut g), buf(&mut velocity), skip, params(&mut p)],
         );
         let what = format!("{what} step {step} skipped={skipped}");
+        for tensor in guarded {
+            tensor
+                .finish()
+                .unwrap_or_else(|e| panic!("{what}: a weight or copy: {e}"));
+        }
         let want_w = as_array(cpu_weights.concat());
         assert_same(
             &format!("{what} weights"),
