@@ -426,6 +426,62 @@ fn a_checkpoint_with_non_finite_values_is_refused_and_the_old_one_kept() {
     assert_eq!(leftovers.len(), 1, "no partial file: {leftovers:?}");
 }
 
+/// A save killed mid-write (`kill -9`) leaves `<name>.partial-<pid>`; the next successful save
+/// removes it when its process has ended and nothing wrote to it for a minute, and leaves every
+/// other file alone: a live process's, a recently written one, another checkpoint's, a foreign
+/// name.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_save_removes_the_partial_files_of_killed_saves() {
+    use std::time::{Duration, SystemTime};
+
+    // Above the kernel's largest possible pid_max (2^22): no process can have these ids.
+    const ENDED: u32 = 4_194_400;
+    const ENDED_TOO: u32 = 4_194_401;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ckpt.safetensors");
+    let two_minutes_ago = SystemTime::now() - Duration::from_secs(120);
+    let leftover = |name: String, old: bool| {
+        let file = std::fs::File::create(dir.path().join(&name)).unwrap();
+        if old {
+            file.set_modified(two_minutes_ago).unwrap();
+        }
+        name
+    };
+    let abandoned = leftover(format!("run.ckpt.safetensors.partial-{ENDED}"), true);
+    let kept = [
+        // Its process may still be writing: pid 1 always runs.
+        leftover("run.ckpt.safetensors.partial-1".into(), true),
+        leftover(format!("run.ckpt.safetensors.partial-{ENDED_TOO}"), false),
+        leftover(format!("other.safetensors.partial-{ENDED}"), true),
+        leftover("run.ckpt.safetensors.partial-notes".into(), true),
+    ];
+    let config = small_config(Some(0.5));
+    let momentum: Vec<Vec<f32>> = config
+        .parameter_shapes()
+        .unwrap()
+        .iter()
+        .map(|(_, shape)| vec![0.0; shape.iter().product()])
+        .collect();
+    Checkpoint {
+        weights: common::formula_weights(&config),
+        velocity: momentum,
+        state: state(1),
+    }
+    .save(&path)
+    .unwrap();
+
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    let mut expected: Vec<String> = kept.to_vec();
+    expected.push("run.ckpt.safetensors".into());
+    expected.sort();
+    assert_eq!(left, expected, "{abandoned} alone should have gone");
+}
+
 #[test]
 fn saved_class_names_come_back_from_the_file() {
     let config = small_config(None);

@@ -58,7 +58,10 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Writes the checkpoint to `path` through a temporary sibling renamed over it, so an
-    /// interrupted save leaves the previous checkpoint whole.
+    /// interrupted save leaves the previous checkpoint whole. A successful save also removes
+    /// the temporary siblings of earlier saves of `path` that were killed mid-write (on Linux:
+    /// `<name>.partial-<pid>` whose process no longer runs and that has not been written to for
+    /// a minute), so a `kill -9` does not leave a checkpoint-sized file behind for good.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let tensors = self.weights.named_tensors();
@@ -235,7 +238,47 @@ fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Ok(directory) = std::fs::File::open(directory) {
         let _ = directory.sync_all();
     }
+    remove_abandoned_partials(directory, name);
     Ok(())
+}
+
+/// Removes `<name>.partial-<pid>` files in `directory` that a save killed mid-write left: its
+/// process no longer runs and nothing has written to the file for a minute (a save in progress
+/// writes continuously). Best effort and cautious: where a process's liveness cannot be read
+/// (not Linux, no `/proc`), nothing is removed.
+fn remove_abandoned_partials(directory: &Path, name: &std::ffi::OsStr) {
+    const QUIET_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+    let mut prefix = name.to_os_string();
+    prefix.push(".partial-");
+    let (Some(prefix), Ok(entries)) = (prefix.to_str(), std::fs::read_dir(directory)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let pid = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        let quiet = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age >= QUIET_FOR);
+        if quiet && process_has_ended(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether process `pid` has certainly ended: false wherever that cannot be told.
+fn process_has_ended(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    cfg!(target_os = "linux")
+        && pid != std::process::id()
+        && proc.join("self").exists()
+        && !proc.join(pid.to_string()).exists()
 }
 
 /// `bytes` written to a new file at `path` and synced to the disk.
