@@ -177,38 +177,79 @@ pub(crate) struct AlgoPerf<A> {
     pub math: sys::cudnnMathType_t,
 }
 
+/// One entry of a `cudnnFind*AlgorithmEx` result list (`cudnnConvolution{Fwd,BwdData,
+/// BwdFilter}AlgoPerf_t`, one layout for all three) with its enum fields as the integers cuDNN
+/// writes. Read through cudarc's Rust enums, a value missing from the headers cudarc was
+/// generated from (a status code a newer cuDNN adds for a failed candidate) would be undefined
+/// behaviour; as integers it is only a record that does not qualify.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RawAlgoPerf {
+    pub algo: u32,
+    pub status: u32,
+    pub time: f32,
+    pub memory: usize,
+    pub determinism: u32,
+    pub math_type: u32,
+    pub reserved: [std::ffi::c_int; 3],
+}
+
+/// The math type of a result record, `None` for a value cudarc's headers do not list.
+fn math_from_raw(raw: u32) -> Option<sys::cudnnMathType_t> {
+    use sys::cudnnMathType_t::*;
+    [
+        CUDNN_DEFAULT_MATH,
+        CUDNN_TENSOR_OP_MATH,
+        CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        CUDNN_FMA_MATH,
+    ]
+    .into_iter()
+    .find(|&math| math as u32 == raw)
+}
+
 /// The algorithms of one kind of convolution call and what the algorithm choice needs to
 /// know about them.
-pub(crate) trait ConvAlgorithm: Copy + std::fmt::Debug + PartialEq {
-    /// cuDNN's result record for this kind of call.
+pub(crate) trait ConvAlgorithm: Copy + std::fmt::Debug + PartialEq + 'static {
+    /// cuDNN's result record for this kind of call (laid out as [`RawAlgoPerf`]).
     type Perf;
     /// Algorithms of this kind (the size of a full result list).
     const COUNT: usize;
+    /// Every algorithm of this kind.
+    const ALL: &'static [Self];
     /// Whether `fp32_gemm_only` may run it: GEMM-family and direct algorithms only; the
     /// transform-domain ones (FFT, Winograd) cost accuracy through their extra roundings
     /// (3.5e-3 of the largest output for the paper's conv2 on an H200).
     fn keeps_fp32_accuracy(self) -> bool;
-    /// A successful record as an [`AlgoPerf`]; `None` for a failed one.
-    fn from_record(record: &Self::Perf) -> Option<AlgoPerf<Self>>;
+    /// A successful record as an [`AlgoPerf`]; `None` for a failed one, or one holding an
+    /// algorithm or math type this build does not know.
+    fn from_record(p: &RawAlgoPerf) -> Option<AlgoPerf<Self>> {
+        if p.status != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32 {
+            return None;
+        }
+        Some(AlgoPerf {
+            algo: Self::ALL.iter().copied().find(|&a| a.raw() == p.algo)?,
+            time_ms: p.time,
+            workspace: p.memory,
+            deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC as u32,
+            math: math_from_raw(p.math_type)?,
+        })
+    }
+    /// The integer cuDNN uses for this algorithm.
+    fn raw(self) -> u32;
 }
 
 macro_rules! conv_algorithm {
-    ($algo:ty, $perf:ty, $count:expr, [$($fp32:ident),+ $(,)?]) => {
+    ($algo:ty, $perf:ty, [$($any:ident),+ $(,)?], fp32: [$($fp32:ident),+ $(,)?]) => {
         impl ConvAlgorithm for $algo {
             type Perf = $perf;
-            const COUNT: usize = $count as usize;
+            const ALL: &'static [Self] = &[$(<$algo>::$any),+];
+            const COUNT: usize = Self::ALL.len();
             fn keeps_fp32_accuracy(self) -> bool {
                 use $algo::*;
                 matches!(self, $($fp32)|+)
             }
-            fn from_record(p: &$perf) -> Option<AlgoPerf<Self>> {
-                (p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS).then(|| AlgoPerf {
-                    algo: p.algo,
-                    time_ms: p.time,
-                    workspace: p.memory,
-                    deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
-                    math: p.mathType,
-                })
+            fn raw(self) -> u32 {
+                self as u32
             }
         }
     };
@@ -217,8 +258,17 @@ macro_rules! conv_algorithm {
 conv_algorithm!(
     sys::cudnnConvolutionFwdAlgo_t,
     sys::cudnnConvolutionFwdAlgoPerf_t,
-    sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
     [
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ],
+    fp32: [
         CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
         CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
         CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
@@ -228,8 +278,15 @@ conv_algorithm!(
 conv_algorithm!(
     sys::cudnnConvolutionBwdDataAlgo_t,
     sys::cudnnConvolutionBwdDataAlgoPerf_t,
-    sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT,
     [
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+    ],
+    fp32: [
         CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
         CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
     ]
@@ -237,8 +294,16 @@ conv_algorithm!(
 conv_algorithm!(
     sys::cudnnConvolutionBwdFilterAlgo_t,
     sys::cudnnConvolutionBwdFilterAlgoPerf_t,
-    sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
     [
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+    ],
+    fp32: [
         CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
         CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
         CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
@@ -305,6 +370,10 @@ fn ruled_out_by<A: ConvAlgorithm>(
             "needs {} bytes of workspace, over the {max_workspace}-byte cap",
             p.workspace
         ));
+    }
+    if p.math == sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION {
+        // Converts fp32 data to fp16 inside the call: never asked for, whatever the precision.
+        rules.push("tensor-op math converting to fp16 (ALLOW_CONVERSION)".to_string());
     }
     let true_fp32 = matches!(allowed, Allowed::Fp32GemmOnly | Allowed::Fp32);
     if true_fp32 && !fma_math(p) {
@@ -545,7 +614,7 @@ const fn requested(count: usize) -> usize {
 }
 
 /// The successful records among the first `returned` of `records`, as [`AlgoPerf`]s.
-fn successes<A: ConvAlgorithm>(records: &[A::Perf], returned: i32) -> Vec<AlgoPerf<A>> {
+fn successes<A: ConvAlgorithm>(records: &[RawAlgoPerf], returned: i32) -> Vec<AlgoPerf<A>> {
     let returned = usize::try_from(returned).unwrap_or(0).min(records.len());
     records[..returned]
         .iter()
@@ -568,14 +637,12 @@ macro_rules! find_algorithms {
             buffers: &FindBuffers,
         ) -> Result<Vec<AlgoPerf<$algo>>> {
             const REQUESTED: usize = requested(<$algo as ConvAlgorithm>::COUNT);
-            // SAFETY: an all-zero perf struct is valid (every enum field has a 0 variant), and
-            // only the `returned` first entries are read, all written by cuDNN.
-            let mut perf: [<$algo as ConvAlgorithm>::Perf; REQUESTED] =
-                unsafe { std::mem::zeroed() };
+            let mut perf = [RawAlgoPerf::default(); REQUESTED];
             let mut returned: i32 = 0;
             // SAFETY: handle and descriptors are alive; the buffers are as the caller
-            // guarantees; `perf` has room for REQUESTED entries and `returned` is a valid
-            // out-pointer.
+            // guarantees; `perf` has room for REQUESTED entries of cuDNN's record layout
+            // (`RawAlgoPerf` mirrors it field for field, checked by a unit test) and
+            // `returned` is a valid out-pointer.
             unsafe {
                 sys::$find(
                     handle.0,
@@ -588,7 +655,7 @@ macro_rules! find_algorithms {
                     buffers.written,
                     REQUESTED as i32,
                     &mut returned,
-                    perf.as_mut_ptr(),
+                    perf.as_mut_ptr().cast::<<$algo as ConvAlgorithm>::Perf>(),
                     buffers.workspace,
                     buffers.workspace_bytes,
                 )
@@ -1231,6 +1298,157 @@ mod tests {
             describe(Allowed::Fp32),
             "CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM 1.000 ms; the fastest measured; \
              1 candidates"
+        );
+    }
+
+    /// A candidate measured with ALLOW_CONVERSION (fp32 data computed in fp16) never
+    /// qualifies, at any precision, while the same algorithm measured with tensor-op math does.
+    #[test]
+    fn a_candidate_converting_to_fp16_is_never_chosen() {
+        let fastest_first = [
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+                true,
+            ),
+            perf(
+                CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                CUDNN_TENSOR_OP_MATH,
+                true,
+            ),
+        ];
+        for determinism in [Determinism::Preferred, Determinism::Indifferent] {
+            let ranked = ranked_candidates(&fastest_first, Allowed::Any, determinism, usize::MAX);
+            assert_eq!(
+                ranked.iter().map(|p| p.math).collect::<Vec<_>>(),
+                [CUDNN_TENSOR_OP_MATH],
+                "{determinism:?}"
+            );
+        }
+        assert_eq!(
+            ruled_out_by(&fastest_first[0], Allowed::Any, usize::MAX),
+            ["tensor-op math converting to fp16 (ALLOW_CONVERSION)"]
+        );
+    }
+
+    /// `RawAlgoPerf` is cuDNN's record for all three kinds of call, field for field: `Find`
+    /// writes up to REQUESTED of them into an array of it.
+    #[test]
+    fn the_raw_record_has_the_layout_of_cudnns_three_records() {
+        use std::mem::{align_of, offset_of, size_of};
+        macro_rules! same_layout {
+            ($perf:ty) => {
+                assert_eq!(size_of::<RawAlgoPerf>(), size_of::<$perf>());
+                assert_eq!(align_of::<RawAlgoPerf>(), align_of::<$perf>());
+                assert_eq!(offset_of!(RawAlgoPerf, algo), offset_of!($perf, algo));
+                assert_eq!(offset_of!(RawAlgoPerf, status), offset_of!($perf, status));
+                assert_eq!(offset_of!(RawAlgoPerf, time), offset_of!($perf, time));
+                assert_eq!(offset_of!(RawAlgoPerf, memory), offset_of!($perf, memory));
+                assert_eq!(
+                    offset_of!(RawAlgoPerf, determinism),
+                    offset_of!($perf, determinism)
+                );
+                assert_eq!(
+                    offset_of!(RawAlgoPerf, math_type),
+                    offset_of!($perf, mathType)
+                );
+                assert_eq!(
+                    offset_of!(RawAlgoPerf, reserved),
+                    offset_of!($perf, reserved)
+                );
+            };
+        }
+        same_layout!(sys::cudnnConvolutionFwdAlgoPerf_t);
+        same_layout!(sys::cudnnConvolutionBwdDataAlgoPerf_t);
+        same_layout!(sys::cudnnConvolutionBwdFilterAlgoPerf_t);
+    }
+
+    /// Each kind lists all its algorithms, with cuDNN's numbers 0..COUNT (COUNT sizes the
+    /// result list).
+    #[test]
+    fn every_algorithm_of_each_kind_is_listed() {
+        fn numbers<A: ConvAlgorithm>() -> Vec<u32> {
+            A::ALL.iter().map(|a| a.raw()).collect()
+        }
+        use sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as DATA;
+        use sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as FILTER;
+        assert_eq!(
+            numbers::<sys::cudnnConvolutionFwdAlgo_t>(),
+            (0..CUDNN_CONVOLUTION_FWD_ALGO_COUNT as u32).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            numbers::<sys::cudnnConvolutionBwdDataAlgo_t>(),
+            (0..DATA as u32).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            numbers::<sys::cudnnConvolutionBwdFilterAlgo_t>(),
+            (0..FILTER as u32).collect::<Vec<_>>()
+        );
+    }
+
+    /// Records as cuDNN writes them: a success becomes a candidate with its figures; a failed
+    /// one, and one holding a status, algorithm or math type this build does not know, does
+    /// not (no undefined enum value is ever made).
+    #[test]
+    fn only_successful_records_of_known_values_become_candidates() {
+        let record = RawAlgoPerf {
+            algo: CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD as u32,
+            status: 0,
+            time: 0.25,
+            memory: 4096,
+            determinism: sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC as u32,
+            math_type: CUDNN_FMA_MATH as u32,
+            reserved: [0; 3],
+        };
+        let records = [
+            record,
+            RawAlgoPerf {
+                status: sys::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM as u32,
+                ..record
+            },
+            RawAlgoPerf {
+                status: 987_654,
+                ..record
+            },
+            RawAlgoPerf { algo: 8, ..record },
+            RawAlgoPerf {
+                math_type: 4,
+                ..record
+            },
+            RawAlgoPerf {
+                determinism: 0,
+                math_type: CUDNN_TENSOR_OP_MATH as u32,
+                ..record
+            },
+        ];
+        let found = successes::<sys::cudnnConvolutionFwdAlgo_t>(&records, records.len() as i32);
+        let seen: Vec<_> = found
+            .iter()
+            .map(|p| (p.algo, p.time_ms, p.workspace, p.deterministic, p.math))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                    0.25,
+                    4096,
+                    true,
+                    CUDNN_FMA_MATH
+                ),
+                (
+                    CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                    0.25,
+                    4096,
+                    false,
+                    CUDNN_TENSOR_OP_MATH
+                ),
+            ]
+        );
+        // Only the first `returned` are read.
+        assert_eq!(
+            successes::<sys::cudnnConvolutionFwdAlgo_t>(&records, 0).len(),
+            0
         );
     }
 }
