@@ -47,7 +47,68 @@ enum HostImages {
     /// Write-combined page-locked memory: fast to write and to upload, slow for the host to
     /// read (only the GPU reads it on the fast path).
     #[cfg(feature = "cuda")]
-    PageLocked(cudarc::driver::PinnedHostSlice<f32>),
+    PageLocked(PageLocked),
+}
+
+impl HostImages {
+    fn values(&self) -> &[f32] {
+        match self {
+            HostImages::Heap(values) => values,
+            #[cfg(feature = "cuda")]
+            HostImages::PageLocked(memory) => memory.values(),
+        }
+    }
+
+    fn values_mut(&mut self) -> &mut [f32] {
+        match self {
+            HostImages::Heap(values) => values,
+            #[cfg(feature = "cuda")]
+            HostImages::PageLocked(memory) => memory.values_mut(),
+        }
+    }
+}
+
+/// Page-locked memory and its address, asked for once where the buffer is made: writing the
+/// images then makes no CUDA call, so the loader thread never touches the trainer's context
+/// (cudarc's slice access binds the context, which hands that thread any error cudarc deferred
+/// from a drop on the trainer's thread). The slice's own event would not order anything here
+/// anyway: the crate never has cudarc record it (event tracking is off, see `cuda::Gpu`).
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+struct PageLocked {
+    memory: cudarc::driver::PinnedHostSlice<f32>,
+    address: *mut f32,
+}
+
+// SAFETY: `address` is only dereferenced through `&self`/`&mut self` as the slice of
+// `memory`'s elements it points to, and `PinnedHostSlice` is `Send` and `Sync`: the pointer
+// adds no sharing the slice itself does not allow.
+#[cfg(feature = "cuda")]
+unsafe impl Send for PageLocked {}
+// SAFETY: as for `Send`.
+#[cfg(feature = "cuda")]
+unsafe impl Sync for PageLocked {}
+
+#[cfg(feature = "cuda")]
+impl PageLocked {
+    fn new(mut memory: cudarc::driver::PinnedHostSlice<f32>) -> Result<Self> {
+        let address = memory
+            .as_mut_ptr()
+            .map_err(crate::cuda::driver_err("page-locked batch memory"))?;
+        Ok(PageLocked { memory, address })
+    }
+
+    fn values(&self) -> &[f32] {
+        // SAFETY: `address` is the start of `memory`'s `len()` f32 elements (zero-filled at
+        // allocation, see `cuda::pinned`), which live as long as `self`. The GPU only reads
+        // them during a step, and a step returns after its uploads (see `images_mut`).
+        unsafe { std::slice::from_raw_parts(self.address, self.memory.len()) }
+    }
+
+    fn values_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `values`; `&mut self` makes this the only reference to them.
+        unsafe { std::slice::from_raw_parts_mut(self.address, self.memory.len()) }
+    }
 }
 
 impl BatchBuffer {
@@ -76,7 +137,7 @@ impl BatchBuffer {
             ));
         }
         Ok(BatchBuffer {
-            images: HostImages::PageLocked(memory),
+            images: HostImages::PageLocked(PageLocked::new(memory)?),
             shape,
             labels: Vec::new(),
             contents: ContentsKey::fresh(),
@@ -102,26 +163,13 @@ impl BatchBuffer {
     /// (or sent it ahead) has returned: the GPU trainer's steps return after their uploads.
     pub fn images_mut(&mut self) -> Result<&mut [f32]> {
         self.contents.filling += 1;
-        match &mut self.images {
-            HostImages::Heap(values) => Ok(values),
-            #[cfg(feature = "cuda")]
-            HostImages::PageLocked(memory) => memory
-                .as_mut_slice()
-                .map_err(crate::cuda::driver_err("wait for the batch's upload")),
-        }
+        Ok(self.images.values_mut())
     }
 
     /// The images as an array (on page-locked memory this reads write-combined memory:
     /// correct, but slow; the GPU trainer never does it).
     pub fn images(&self) -> Result<ArrayView4<'_, f32>> {
-        let values: Result<&[f32]> = match &self.images {
-            HostImages::Heap(values) => Ok(values),
-            #[cfg(feature = "cuda")]
-            HostImages::PageLocked(memory) => memory
-                .as_slice()
-                .map_err(crate::cuda::driver_err("wait for the batch's upload")),
-        };
-        ArrayView4::from_shape(self.shape, values?)
+        ArrayView4::from_shape(self.shape, self.images.values())
             .map_err(|e| Error::invalid("BatchBuffer", e.to_string()))
     }
 
@@ -130,7 +178,7 @@ impl BatchBuffer {
     pub(crate) fn page_locked_images(&self) -> Option<&cudarc::driver::PinnedHostSlice<f32>> {
         match &self.images {
             HostImages::Heap(_) => None,
-            HostImages::PageLocked(memory) => Some(memory),
+            HostImages::PageLocked(page_locked) => Some(&page_locked.memory),
         }
     }
 

@@ -152,6 +152,15 @@ pub struct CudaTrainer {
     gpu: Gpu,
 }
 
+impl Drop for CudaTrainer {
+    fn drop(&mut self) {
+        // The fields are dropped next; the step's CUDA graph among them is destroyed by cudarc
+        // without binding its context, so make it current on this thread first. A failure
+        // leaves nothing better to do (and must not panic).
+        let _ = self.gpu.bind();
+    }
+}
+
 impl std::fmt::Debug for CudaTrainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaTrainer")

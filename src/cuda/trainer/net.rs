@@ -11,13 +11,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaViewMut};
 
 use super::precision::{BatchSource, GradientBuffers, TrainFloat, WideBuffers};
 use super::profile::{mark, StepMarks};
 use crate::config::{AlexNetConfig, StageOp};
 use crate::cpu::layer_seed;
 use crate::cuda::device::{driver_err, Gpu};
+use crate::cuda::events::{new_event, record};
 use crate::cuda::graph::{capture, GraphState, GraphStatus};
 use crate::cuda::ops::{
     pack_conv_weights, relu_backward, sgd_step, unpack_conv_weights, unscale_gradients,
@@ -81,14 +82,16 @@ struct Stage<T: TrainFloat> {
 /// logits) and a gradient shaped like each, the labels, the per-row losses and, in mixed
 /// precision, the f32 buffers around the f16 network.
 struct StepBuffers<T: TrainFloat> {
+    /// The step captured at this batch size: first, so that it is dropped before the buffers
+    /// whose addresses it holds.
+    graph: GraphState,
     batch: usize,
     activations: Vec<GpuTensor<T>>,
     gradients: Vec<GpuTensor<T>>,
     labels: CudaSlice<u32>,
     row_loss: CudaSlice<f64>,
     wide: Option<WideBuffers>,
-    /// The step captured at this batch size, and the settings it was captured with.
-    graph: GraphState,
+    /// The settings `graph` was captured with.
     captured_for: Option<StepRun>,
 }
 
@@ -129,6 +132,9 @@ pub(super) struct Net<T: TrainFloat> {
     dropout_layers: usize,
     /// Whether steps run through a CUDA graph once their shapes are fixed.
     graphs: bool,
+    /// Recorded after a queued step; the host sleeps on it (blocking sync) until the step is
+    /// done.
+    step_done: CudaEvent,
     buffers: Option<StepBuffers<T>>,
 }
 
@@ -294,6 +300,7 @@ impl<T: TrainFloat> Net<T> {
                 .map_err(driver_err("allocate the dropout seeds"))?,
             dropout_layers,
             graphs,
+            step_done: new_event(gpu)?,
             buffers: None,
         })
     }
@@ -303,7 +310,10 @@ impl<T: TrainFloat> Net<T> {
         if self.buffers.as_ref().is_some_and(|b| b.batch == n) {
             return Ok(());
         }
-        self.buffers = None; // free the old size's first
+        // Free the old size's first. The graph among them is destroyed with this thread's
+        // context current (cudarc's graph destructor does not bind it).
+        gpu.bind()?;
+        self.buffers = None;
         let input = config.input;
         let mut shapes = vec![vec![n, input.channels, input.height, input.width]];
         for stage in &self.stages {
@@ -410,6 +420,12 @@ impl<T: TrainFloat> Net<T> {
         let stream = gpu.stream();
         let buffers = self.buffers.as_ref().ok_or_else(no_buffers)?;
         let n = buffers.batch;
+        // Sleep until the step is done: the copies below would wait for it spinning a core
+        // (the context's default scheduling) that the image loader needs.
+        record(&self.step_done, stream)?;
+        self.step_done
+            .synchronize()
+            .map_err(driver_err("cuEventSynchronize (training step)"))?;
         let losses = stream
             .clone_dtoh(&buffers.row_loss)
             .map_err(driver_err("read back the loss"))?;

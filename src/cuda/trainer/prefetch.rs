@@ -24,6 +24,9 @@ pub(super) struct Prefetch {
     uploaded: CudaEvent,
     /// Recorded on the compute stream after the staging buffer was last read.
     consumed: CudaEvent,
+    /// Recorded on the copy stream when a step waits for its uploads (blocking sync: the
+    /// host sleeps rather than spins).
+    drained: CudaEvent,
 }
 
 /// The device buffer a batch is uploaded into ahead of its step.
@@ -70,6 +73,7 @@ impl Prefetch {
             staging: None,
             uploaded: new_event(gpu)?,
             consumed: new_event(gpu)?,
+            drained: new_event(gpu)?,
         })
     }
 
@@ -99,13 +103,14 @@ impl Prefetch {
     }
 
     /// Waits until every upload [`Prefetch::send`] queued has finished reading its host
-    /// memory (the whole copy stream: also an upload whose `uploaded` record failed). Called
-    /// before a step that sent a batch ahead returns; by then the upload has had the whole
-    /// step to run beside it.
+    /// memory (all the copy stream's work: also an upload whose `uploaded` record failed).
+    /// Called before a step that sent a batch ahead returns; by then the upload has had the
+    /// whole step to run beside it.
     pub fn wait_for_uploads(&self, gpu: &Gpu) -> Result<()> {
-        gpu.copy_stream()
+        record(&self.drained, gpu.copy_stream())?;
+        self.drained
             .synchronize()
-            .map_err(driver_err("cuStreamSynchronize (the next batch's upload)"))
+            .map_err(driver_err("cuEventSynchronize (the next batch's upload)"))
     }
 
     /// Starts uploading `next` on the copy stream, after any step still reading the staging
@@ -120,6 +125,7 @@ impl Prefetch {
             staging,
             uploaded,
             consumed,
+            ..
         } = self;
         let staging = staging_for(staging, uploaded, gpu, next.shape())?;
         if is_copy_of(staging.holds, staging.shape, next) {
