@@ -61,7 +61,7 @@ fn main() {
             for name in modules.iter().flat_map(|(_, k)| k) {
                 let _ = writeln!(
                     rust,
-                    "    fn alexnet_host_{name}(grid: u32, block: u32, args: *mut *mut core::ffi::c_void, message: *mut core::ffi::c_char, capacity: usize) -> i32;"
+                    "    fn alexnet_host_{name}(grid: u32, block: u32, wide: bool, args: *mut *mut core::ffi::c_void, message: *mut core::ffi::c_char, capacity: usize) -> i32;"
                 );
             }
             rust.push_str("}\n\npub(crate) static ENTRIES: &[(&str, &str, Entry)] = &[\n");

@@ -70,6 +70,11 @@ static __device__ __forceinline__ float alexnet_relu(float v) { return v < 0.0f 
  */
 static __device__ __forceinline__ bool alexnet_fits_u32(unsigned long long len)
 {
+#ifdef ALEXNET_HOST_EMULATION
+    /* Host tests run every launch with 64-bit indices too (alexnet_host.h). */
+    if (alexnet_host::wide_indices)
+        return false;
+#endif
     unsigned long long threads = (unsigned long long)blockDim.x * gridDim.x;
     return len <= 0x80000000ull && threads <= 0x80000000ull;
 }

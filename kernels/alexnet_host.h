@@ -142,15 +142,22 @@ inline void sync_block(Site site)
 /* Kernels share static `__shared__` storage: one launch at a time in the whole process. */
 inline std::mutex launch_lock;
 
-/* Runs `body` (one kernel invocation) for every thread of `grid` blocks of `block` threads:
- * 0 when it ran cleanly, 1 for a refused launch shape, 2 for a misuse of barriers or shuffles
- * (described in `message`, at most `capacity` bytes with the terminating zero). */
+/* Set for a launch (under `launch_lock`): `alexnet_fits_u32` answers false, so the kernels take
+ * their 64-bit index path, which a GPU takes only past 2^31 elements, on small tensors too. */
+inline bool wide_indices = false;
+
+/* Runs `body` (one kernel invocation) for every thread of `grid` blocks of `block` threads,
+ * with 64-bit indices where `wide` (see `wide_indices`): 0 when it ran cleanly, 1 for a refused
+ * launch shape, 2 for a misuse of barriers or shuffles (described in `message`, at most
+ * `capacity` bytes with the terminating zero). */
 template <typename Body>
-int launch(unsigned int grid, unsigned int block, Body body, char *message, std::size_t capacity)
+int launch(unsigned int grid, unsigned int block, bool wide, Body body, char *message,
+           std::size_t capacity)
 {
     if (grid == 0 || block == 0 || block > 1024)
         return 1;
     std::lock_guard<std::mutex> guard(launch_lock);
+    wide_indices = wide;
     std::vector<Site> sites(block, Site{nullptr, 0});
     Checks checks;
     BlockBarrier block_barrier(block, BlockPhase{&sites, &checks});
@@ -324,14 +331,15 @@ inline float __int_as_float(int i)
     return f;
 }
 
-/* Exposes kernel `name` as `alexnet_host_<name>(grid, block, args, message, capacity)`: see
- * `launch`. */
+/* Exposes kernel `name` as `alexnet_host_<name>(grid, block, wide, args, message, capacity)`:
+ * see `launch`. */
 #define ALEXNET_HOST_ENTRY(name)                                                                   \
-    extern "C" int alexnet_host_##name(unsigned int grid, unsigned int block, void **args,       \
-                                       char *message, std::size_t capacity)                      \
+    extern "C" int alexnet_host_##name(unsigned int grid, unsigned int block, bool wide,         \
+                                       void **args, char *message, std::size_t capacity)         \
     {                                                                                              \
         return alexnet_host::launch(                                                               \
-            grid, block, [args] { alexnet_host::call_kernel(name, args); }, message, capacity);    \
+            grid, block, wide, [args] { alexnet_host::call_kernel(name, args); }, message,         \
+            capacity);                                                                             \
     }
 
 #endif /* ALEXNET_HOST_H */

@@ -4,6 +4,9 @@
 //! parameter struct and launch shape its Rust launcher builds (`cuda::kernel_args` and the layers'
 //! `args` methods), and then a small grid of odd-sized blocks too, so grid-stride loops wrap.
 //! Outputs are poisoned (all bits set: NaN) before every launch, so an unwritten element shows.
+//! Every buffer runs between guards that catch reads and writes outside it, and every launch
+//! runs twice, the first time with 64-bit indices (the path a GPU takes only past 2^31
+//! elements): both must write the same bits.
 //!
 //! Shapes are chosen to break indexing: channel edges for LRN, ragged and gapped pooling
 //! windows, batch 1 and 3, sizes that are not multiples of the block, NHWC and NCHW, top-k ties
@@ -35,6 +38,7 @@ use alexnet_cuda::cuda::{
 use alexnet_cuda::image::{Preprocess, U8Batch};
 use alexnet_cuda::postprocess::{softmax, top_k};
 use alexnet_cuda::train::{unscale_gradients, Sgd, SgdConfig, UpdateRule};
+use alexnet_host_kernels::Indices;
 use common::formula_values;
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -188,10 +192,20 @@ impl Guarded {
                 self.bytes,
             );
         }
+        self.check_guards()
+    }
+
+    /// The guards and the buffer's copy, as bytes.
+    fn all_bytes(&self) -> &[u8] {
         // SAFETY: the words are plain bytes; the slice covers exactly their allocation.
-        let all = unsafe {
+        unsafe {
             std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.words.len() * 16)
-        };
+        }
+    }
+
+    /// An error naming how many guard bytes before and after the buffer were changed.
+    fn check_guards(&self) -> Result<(), String> {
+        let all = self.all_bytes();
         // Guard bytes that differ from the pattern at their offset.
         let changed =
             |range: std::ops::Range<usize>| range.filter(|&at| all[at] != GUARD[at % 4]).count();
@@ -220,12 +234,26 @@ fn launch(name: &str, cfg: LaunchConfig, args: Vec<Arg<'_>>) {
 }
 
 fn launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) {
-    try_launch_grid(name, grid, block, args).unwrap_or_else(|e| panic!("{e}"));
+    try_launch_grid(name, grid, block, args, &mut []).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// [`launch`] for a kernel that also reaches buffers through its parameters (SGD's per-tensor
+/// weights): `reached` are guarded copies the caller made, put in the parameters, and checks
+/// and copies back itself after the launch.
+fn launch_reaching(name: &str, cfg: LaunchConfig, args: Vec<Arg<'_>>, reached: &mut [Guarded]) {
+    try_launch_grid(name, cfg.grid_dim.0, cfg.block_dim.0, args, reached)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// [`launch_grid`], with a refused launch, a misuse of barriers or shuffles, or a write
-/// outside a buffer as an error.
-fn try_launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) -> Result<(), String> {
+/// outside a buffer as an error. `reached`: as for [`launch_reaching`].
+fn try_launch_grid(
+    name: &str,
+    grid: u32,
+    block: u32,
+    args: Vec<Arg<'_>>,
+    reached: &mut [Guarded],
+) -> Result<(), String> {
     // Each buffer runs as a guarded copy (one per distinct buffer: an argument passed twice,
     // as an in-place launch does, is one copy).
     let mut copies: Vec<Guarded> = Vec::new();
@@ -269,17 +297,60 @@ fn try_launch_grid(name: &str, grid: u32, block: u32, args: Vec<Arg<'_>>) -> Res
             Arg::Params(p) => *p,
         })
         .collect();
-    // SAFETY: every slot points to a live value of the kernel's parameter type, in order (the
-    // structs come from the same builders the Rust launchers use), and every buffer is sized
-    // by the test for what the kernel touches with these parameters (a stray write lands in
-    // a guard, checked below).
-    let launched = unsafe { alexnet_host_kernels::launch(name, grid, block, &mut slots) };
+    // Every launch runs twice from the same inputs: first with 64-bit indices (the path a GPU
+    // takes only past 2^31 elements, which no test tensor reaches), then as on the GPU; the
+    // two must write the same bits, and the second run's results are the test's.
+    let words = |copies: &[Guarded], reached: &[Guarded]| -> Vec<Vec<u128>> {
+        copies
+            .iter()
+            .chain(reached)
+            .map(|c| c.words.clone())
+            .collect()
+    };
+    let inputs = words(&copies, reached);
+    let mut run = |indices| {
+        // SAFETY: every slot points to a live value of the kernel's parameter type, in order
+        // (the structs come from the same builders the Rust launchers use), and every buffer
+        // is sized by the test for what the kernel touches with these parameters (a stray
+        // write lands in a guard, checked after each run). Restoring a copy's words between
+        // the runs keeps their allocation, so the addresses in `slots` stay valid.
+        unsafe { alexnet_host_kernels::launch(name, grid, block, indices, &mut slots) }
+    };
+    let wide = run(Indices::Wide);
+    let wide_guards = copies
+        .iter()
+        .chain(&*reached)
+        .try_for_each(Guarded::check_guards);
+    let wide_results = words(&copies, reached);
+    for (copy, input) in copies.iter_mut().chain(reached.iter_mut()).zip(&inputs) {
+        copy.words.copy_from_slice(input);
+    }
+    let launched = run(Indices::AsOnTheGpu);
+    let differs = copies
+        .iter()
+        .chain(&*reached)
+        .zip(&wide_results)
+        .enumerate()
+        .find_map(|(i, (copy, wide))| {
+            let at = copy.words.iter().zip(wide).position(|(a, b)| a != b)?;
+            Some(format!(
+                "{name}: with 64-bit indices, buffer {i} (in argument order, then those \
+                 reached through the parameters) differs in bytes {}..{} of {} from the run \
+                 as on the GPU",
+                (16 * at) as isize - GUARD_BYTES as isize,
+                (16 * at + 16) as isize - GUARD_BYTES as isize,
+                copy.bytes
+            ))
+        });
     let guards = copies
         .into_iter()
         .map(Guarded::finish)
         .collect::<Result<Vec<()>, String>>();
     launched?;
-    guards.map(|_| ()).map_err(|e| format!("{name} {e}"))
+    guards.map_err(|e| format!("{name} {e}"))?;
+    wide.map_err(|e| format!("with 64-bit indices: {e}"))?;
+    wide_guards.map_err(|e| format!("{name} with 64-bit indices {e}"))?;
+    differs.map_or(Ok(()), Err)
 }
 
 /// A launch shape with few, odd-sized blocks: grid-stride loops go round several times.
@@ -382,7 +453,7 @@ fn the_emulation_fails_divergent_barriers_and_partial_shuffles() {
     require_host_kernels();
     let run = |name: &str, grid: u32, block: u32| {
         let mut out = vec![u32::MAX; (grid * block) as usize];
-        let result = try_launch_grid(name, grid, block, vec![buf(&mut out)]);
+        let result = try_launch_grid(name, grid, block, vec![buf(&mut out)], &mut []);
         (result, out)
     };
     let (result, out) = run("check_uniform_barrier", 3, 64);
@@ -1642,10 +1713,11 @@ fn sgd_steps(tensors: &[(&str, usize)], config: SgdConfig, seed: u64, mixed: boo
         let grid = if step == 1 { small_grid(32) } else { cfg };
         let mut flag = vec![u32::from(skipped)];
         let skip = if with_copies { buf(&mut flag) } else { null() };
-        launch(
+        launch_reaching(
             "sgd_f32",
             grid,
             vec![buf(&mut g), buf(&mut velocity), skip, params(&mut p)],
+            &mut guarded,
         );
         let what = format!("{what} step {step} skipped={skipped}");
         for tensor in guarded {

@@ -8,7 +8,17 @@
 
 use core::ffi::c_void;
 
-type Entry = unsafe extern "C" fn(u32, u32, *mut *mut c_void, *mut core::ffi::c_char, usize) -> i32;
+type Entry =
+    unsafe extern "C" fn(u32, u32, bool, *mut *mut c_void, *mut core::ffi::c_char, usize) -> i32;
+
+/// Which index arithmetic the kernels use where they choose (`alexnet_fits_u32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Indices {
+    /// As on a GPU: 32-bit where the launch's sizes allow it.
+    AsOnTheGpu,
+    /// 64-bit always: the path a GPU takes only past 2^31 elements, on any tensor.
+    Wide,
+}
 
 /// Room for the description of a misuse the emulation caught.
 const MESSAGE_BYTES: usize = 1024;
@@ -26,7 +36,8 @@ pub fn kernels() -> impl Iterator<Item = (&'static str, &'static str)> {
 }
 
 /// Runs kernel `name` over `grid` blocks of `block` threads (1-D, at most 1024 threads), one
-/// block after another, each block's threads concurrently. Launches are serialised. A launch
+/// block after another, each block's threads concurrently, with `indices` as the kernels'
+/// index arithmetic. Launches are serialised. A launch
 /// whose threads met at different `__syncthreads`, or that shuffled without the whole warp, is
 /// an error naming where (a GPU would hang or leave the result undefined).
 ///
@@ -39,6 +50,7 @@ pub unsafe fn launch(
     name: &str,
     grid: u32,
     block: u32,
+    indices: Indices,
     args: &mut [*mut c_void],
 ) -> Result<(), String> {
     if let Some(why) = BUILD_ERROR {
@@ -56,6 +68,7 @@ pub unsafe fn launch(
         entry(
             grid,
             block,
+            indices == Indices::Wide,
             args.as_mut_ptr(),
             message.as_mut_ptr(),
             MESSAGE_BYTES,
