@@ -152,11 +152,27 @@ typedef struct AlexnetSoftmaxParams {
 } AlexnetSoftmaxParams;
 
 /*
+ * AlexnetStepSettings: what a training step may change from one step to the next, in device
+ * memory. The host writes it before each step and the kernels given it (convert_f32_to_f16,
+ * grad_unscale, sgd) read it when they run, so a step captured in a CUDA graph follows a new
+ * learning rate or loss scale without being captured again. inv_loss_scale is 1 / loss_scale
+ * rounded to f32 by the host; first_step != 0: SGD's velocity holds nothing yet.
+ */
+typedef struct AlexnetStepSettings {
+    float learning_rate;
+    float loss_scale;
+    float inv_loss_scale;
+    unsigned int first_step;
+} AlexnetStepSettings;
+
+/*
  * convert_f16_to_f32(const unsigned short *src, float *dst, AlexnetConvertParams p)
  * dst = src * scale in f32: exact widening when scale is 1.
- * convert_f32_to_f16(const float *src, unsigned short *dst, AlexnetConvertParams p)
+ * convert_f32_to_f16(const float *src, unsigned short *dst, const AlexnetStepSettings *settings,
+ *                    AlexnetConvertParams p)
  * dst = src * scale, the f32 product rounded to nearest f16 (even on ties): a training batch
- * into f16 (scale 1), the loss gradient into the scaled f16 gradient (the loss scale).
+ * into f16 (scale 1), the loss gradient into the scaled f16 gradient (the loss scale). If
+ * `settings` is not null, settings->loss_scale is the scale and p.scale is not used.
  * One thread per element; src and dst do not overlap.
  */
 typedef struct AlexnetConvertParams {
@@ -221,9 +237,10 @@ typedef struct AlexnetSoftmaxXentParams {
 
 /*
  * grad_unscale_{f32,f16}(const T *src, float *dst, unsigned int *found_nonfinite,
- *                        AlexnetGradUnscaleParams p)
+ *                        const AlexnetStepSettings *settings, AlexnetGradUnscaleParams p)
  * Mixed precision's gradient unscaling: dst[i] = (float)src[i] * inv_scale over `len` elements
- * (one f32 rounding), and *found_nonfinite |= 1 if any src[i] is infinite or NaN (the loss scale
+ * (one f32 rounding; settings->inv_loss_scale instead of p.inv_scale if `settings` is not
+ * null), and *found_nonfinite |= 1 if any src[i] is infinite or NaN (the loss scale
  * overflowed: the caller skips the step and lowers the scale). *found_nonfinite is only ever set,
  * never cleared: zero it before the first launch of a step. For f32, src and dst may be the same
  * buffer (each element is read, then written by one thread).
@@ -240,7 +257,8 @@ typedef struct AlexnetGradUnscaleParams {
 #define ALEXNET_SGD_SEGMENTS 32
 
 /*
- * sgd_f32(const float *grads, float *velocity, const unsigned int *skip, AlexnetSgdParams p)
+ * sgd_f32(const float *grads, float *velocity, const unsigned int *skip,
+ *         const AlexnetStepSettings *settings, AlexnetSgdParams p)
  * One SGD step with momentum over `len` parameters in up to ALEXNET_SGD_SEGMENTS tensors. The
  * gradients and velocities lie end to end in `grads` and `velocity`: segment s holds the elements
  * below ends[s] (and from ends[s-1]). Each tensor's weights stay wherever their layer keeps them:
@@ -250,8 +268,9 @@ typedef struct AlexnetGradUnscaleParams {
  * decayed with `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w),
  * w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old
  * velocity is taken as 0 without being read. If `skip` is not null and *skip != 0 (a mixed-
- * precision step whose gradients overflowed) nothing is read or written. 1 <= segments <=
- * ALEXNET_SGD_SEGMENTS; no weight tensor or copy may overlap another or the flat buffers.
+ * precision step whose gradients overflowed) nothing is read or written. If `settings` is not
+ * null, settings->learning_rate and settings->first_step are used instead of p's. 1 <= segments
+ * <= ALEXNET_SGD_SEGMENTS; no weight tensor or copy may overlap another or the flat buffers.
  */
 typedef struct AlexnetSgdParams {
     unsigned long long len;

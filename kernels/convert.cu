@@ -20,13 +20,16 @@ extern "C" __global__ void convert_f16_to_f32(const unsigned short *__restrict__
     }
 }
 
-/* f32 times scale -> f16, one rounding of the f32 product. */
+/* f32 times scale -> f16, one rounding of the f32 product; the scale from `settings` when
+ * given (the loss scale of a captured training step). */
 extern "C" __global__ void convert_f32_to_f16(const float *__restrict__ src,
                                               unsigned short *__restrict__ dst,
+                                              const AlexnetStepSettings *settings,
                                               AlexnetConvertParams p)
 {
+    const float scale = settings != 0 ? settings->loss_scale : p.scale;
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
-        dst[i] = alexnet_f2h(__fmul_rn(src[i], p.scale));
+        dst[i] = alexnet_f2h(__fmul_rn(src[i], scale));
     }
 }

@@ -9,15 +9,17 @@
 template <typename T>
 static __device__ __forceinline__ void grad_unscale(const T *src, float *dst,
                                                     unsigned int *found_nonfinite,
+                                                    const AlexnetStepSettings *settings,
                                                     const AlexnetGradUnscaleParams &p)
 {
+    const float inv_scale = settings != 0 ? settings->inv_loss_scale : p.inv_scale;
     bool nonfinite = false;
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
         const float g = alexnet_load(src[i]);
         /* Infinite or NaN: every exponent bit set. */
         nonfinite |= (__float_as_uint(g) & 0x7f800000u) == 0x7f800000u;
-        dst[i] = __fmul_rn(g, p.inv_scale);
+        dst[i] = __fmul_rn(g, inv_scale);
     }
     /* One atomic per thread that saw an overflow, not per element. */
     if (nonfinite)
@@ -27,15 +29,17 @@ static __device__ __forceinline__ void grad_unscale(const T *src, float *dst,
 /* f32 gradients (src may be dst). */
 extern "C" __global__ void grad_unscale_f32(const float *src, float *dst,
                                             unsigned int *found_nonfinite,
+                                            const AlexnetStepSettings *settings,
                                             AlexnetGradUnscaleParams p)
 {
-    grad_unscale<float>(src, dst, found_nonfinite, p);
+    grad_unscale<float>(src, dst, found_nonfinite, settings, p);
 }
 
 /* f16 gradients widened into the f32 master gradients. */
 extern "C" __global__ void grad_unscale_f16(const unsigned short *src, float *dst,
                                             unsigned int *found_nonfinite,
+                                            const AlexnetStepSettings *settings,
                                             AlexnetGradUnscaleParams p)
 {
-    grad_unscale<unsigned short>(src, dst, found_nonfinite, p);
+    grad_unscale<unsigned short>(src, dst, found_nonfinite, settings, p);
 }

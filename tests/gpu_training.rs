@@ -880,12 +880,13 @@ fn a_short_run_learns_as_the_cpu_does() {
     });
 }
 
-/// Steps through the CUDA graph (captured on the second step, replayed from the third, captured
-/// again after a new learning rate) against the same steps launched kernel by kernel: the same
-/// losses and updates within the precision's tolerance (the two trainers measure their cuDNN
-/// algorithms separately and may pick different ones; a replay that kept the captured dropout
-/// masks or learning rate would be far off). Dropout is on, so every step draws new masks from
-/// the seeds uploaded before the replay; a new learning rate is captured again.
+/// Steps through the CUDA graph (captured on the second step, replayed from the third) against
+/// the same steps launched kernel by kernel: the same losses and updates within the precision's
+/// tolerance (the two trainers measure their cuDNN algorithms separately and may pick different
+/// ones; a replay that kept the captured dropout masks, learning rate or loss scale would be far
+/// off). Dropout is on, so every step draws new masks from the seeds uploaded before the replay;
+/// the loss scale grows at step 4 and the learning rate changes every step from step 5, and the
+/// graph is replayed through all of it (they are read on the device).
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn graph_replayed_steps_match_eager_steps() {
@@ -894,16 +895,23 @@ fn graph_replayed_steps_match_eager_steps() {
     let config = small_training_config(Some(0.5));
     let start = Weights::paper_init(&config, 13).unwrap();
     let labels = labels(4, config.num_classes());
-    let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+    // Doubled after four good steps: mixed precision's scale changes under the graph at step 4.
+    let scale = LossScale::new(1024.0, 2.0, 0.5, 4).unwrap();
     each_precision(&[Precision::Fp32, Precision::Fp16], |precision| {
         let tol = tolerance(precision);
         let mut graph = cuda_trainer_in(&start, precision, 0, scale);
         let mut eager = eager_cuda_trainer_in(&start, precision, scale);
         let mut before = (start.clone(), start.clone());
         for step in 0..8u64 {
-            if step == 5 {
-                graph.set_learning_rate(0.005).unwrap();
-                eager.set_learning_rate(0.005).unwrap();
+            if step >= 5 {
+                // A schedule that changes the learning rate every step.
+                let learning_rate = 0.005 / (step - 4) as f32;
+                graph.set_learning_rate(learning_rate).unwrap();
+                eager.set_learning_rate(learning_rate).unwrap();
+            }
+            if precision == Precision::Fp16 {
+                let want_scale = if step < 4 { 1024.0 } else { 2048.0 };
+                assert_eq!(graph.loss_scale(), Some(want_scale), "step {step}");
             }
             let batch = small_training_batch(4, 400 + step);
             let graph_loss = graph.step(batch.view(), &labels, 50 + step).unwrap();
@@ -920,8 +928,10 @@ fn graph_replayed_steps_match_eager_steps() {
                 ("graph", &graph, graph_loss),
                 ("eager", &eager, eager_loss),
             );
+            // Eager on the first step only: the learning rates and loss scales read on the
+            // device leave the graph as it is.
             let want_status = match step {
-                0 | 5 => GraphStatus::NotCaptured, // eager: first step, new learning rate
+                0 => GraphStatus::NotCaptured,
                 _ => GraphStatus::Replaying,
             };
             assert_eq!(graph.graph_status(), want_status, "{what}");

@@ -24,7 +24,7 @@ use alexnet_cuda::cuda::library_calls::unpack_conv_weights;
 use alexnet_cuda::cuda::{
     relu_backward as relu_backward_gpu, sgd_step, softmax_cross_entropy as xent_gpu, Conv2dGpu,
     ConvOptions, Gpu, GpuFloat, GpuTensor, Layout, LinearGpu, LrnGpu, MaxPoolGpu, SgdBuffers,
-    SgdSegment,
+    SgdSegment, StepSettings,
 };
 use alexnet_cuda::train::{Sgd, SgdConfig, UpdateRule};
 use common::{check, formula_values};
@@ -207,6 +207,13 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             .collect();
         let mut velocity = stream.alloc_zeros::<f32>(total).unwrap();
         for step in 0..3u64 {
+            // The third step as a captured training step launches it: a tenth of the learning
+            // rate and the first-step flag read from the device, the config left as it was.
+            let settings = (step == 2).then(|| {
+                let learning_rate = config.learning_rate / 10.0;
+                sgd.set_learning_rate(learning_rate).unwrap();
+                StepSettings::new(&gpu, learning_rate, 1.0, false).unwrap()
+            });
             let flat = formula_values(seed + 1 + step, total, 1.0);
             let grads = common::flat_gradients(&tensors, &flat);
             sgd.step(cpu.iter_mut().map(|w| &mut w[..]).collect(), &grads)
@@ -223,6 +230,7 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
                     grads: &g,
                     velocity: &mut velocity,
                     skip: None,
+                    settings: settings.as_ref(),
                 },
             )
             .unwrap();

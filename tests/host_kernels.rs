@@ -26,10 +26,12 @@ use alexnet_cuda::cpu::{
     bias_act_inplace, relu_backward, softmax_cross_entropy, Conv2d, Dropout, InputGradient, Linear,
     Lrn, MaxPool2d,
 };
-use alexnet_cuda::cuda::abi::{ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX};
+use alexnet_cuda::cuda::abi::{
+    AlexnetStepSettings, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX,
+};
 use alexnet_cuda::cuda::kernel_args::{
     bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
-    relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args,
+    relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args, step_settings_args,
 };
 use alexnet_cuda::cuda::registry::KERNELS;
 use alexnet_cuda::cuda::{
@@ -730,19 +732,27 @@ fn convert_narrows_the_scaled_f32_as_half_rounds_it() {
             .iter()
             .map(|&v| f16::from_f32(v * scale).to_f32())
             .collect();
-        let (mut p, cfg) = convert_args(values.len(), scale).unwrap();
-        for grid in [cfg, small_grid(33)] {
+        // The scale in the parameters, or (a captured training step) read from the step
+        // settings.
+        for (on_device, grid) in [false, true]
+            .into_iter()
+            .flat_map(|d| [(d, None), (d, Some(small_grid(33)))])
+        {
+            let mut settings = AlexnetStepSettings::default();
+            let (settings, by_value) = scale_source(on_device, scale, &mut settings);
+            let (mut p, cfg) = convert_args(values.len(), by_value).unwrap();
+            let grid = grid.unwrap_or(cfg);
             let mut src = values.clone();
             let mut dst = vec![f16::POISON; values.len()];
             launch(
                 "convert_f32_to_f16",
                 grid,
-                vec![buf(&mut src), buf(&mut dst), params(&mut p)],
+                vec![buf(&mut src), buf(&mut dst), settings, params(&mut p)],
             );
             let got: Vec<f32> = dst.iter().map(|h| h.to_f32()).collect();
             let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
             assert_same(
-                &format!("convert_f32_to_f16 scale {scale}"),
+                &format!("convert_f32_to_f16 scale {scale} on_device={on_device}"),
                 &as_array(got),
                 &as_array(want.clone()),
             );
@@ -1656,17 +1666,31 @@ const SGD_TENSORS: [(&str, usize); 4] = [
 ];
 
 /// Three SGD steps against the CPU optimiser, each tensor in its own allocation with an f16
-/// copy (mixed precision's layer weights) on every step but the first; then a step under a set
-/// overflow flag, which must change nothing.
+/// copy (mixed precision's layer weights) on every step but the first, the learning rate a
+/// tenth from the third (a schedule); then a step under a set overflow flag, which must change
+/// nothing. The learning rate and first-step flag in the parameters, and read from the step
+/// settings.
 fn sgd_case(config: SgdConfig, seed: u64) {
-    sgd_steps(&SGD_TENSORS, config, seed, false);
+    sgd_steps(&SGD_TENSORS, config, seed, false, false);
+    sgd_steps(&SGD_TENSORS, config, seed, false, true);
 }
 
-/// [`sgd_case`] over `tensors` (name, length); with `mixed`, launched as the trainer does under
-/// f16 (src/cuda/trainer/net.rs): the f16 copies and the skip flag (0 unless skipped) passed
-/// on every step, the first included.
-fn sgd_steps(tensors: &[(&str, usize)], config: SgdConfig, seed: u64, mixed: bool) {
-    let what = format!("sgd_f32 {} tensors mixed={mixed} {config:?}", tensors.len());
+/// [`sgd_case`] over `tensors` (name, length); with `mixed`, the f16 copies and the skip flag
+/// (0 unless skipped) passed on every step, the first included, as the trainer does under f16
+/// (src/cuda/trainer/net.rs). With `on_device` the learning rate and first-step flag are read
+/// from the step settings, the parameters holding the trainer's learning rate of 0 and no
+/// first step.
+fn sgd_steps(
+    tensors: &[(&str, usize)],
+    config: SgdConfig,
+    seed: u64,
+    mixed: bool,
+    on_device: bool,
+) {
+    let what = format!(
+        "sgd_f32 {} tensors mixed={mixed} on_device={on_device} {config:?}",
+        tensors.len()
+    );
     let lens: Vec<usize> = tensors.iter().map(|t| t.1).collect();
     let total: usize = lens.iter().sum();
     let segments: Vec<SgdSegment> = tensors
@@ -1680,15 +1704,36 @@ fn sgd_steps(tensors: &[(&str, usize)], config: SgdConfig, seed: u64, mixed: boo
     let mut copies: Vec<Vec<f16>> = lens.iter().map(|&len| vec![f16::POISON; len]).collect();
     let mut velocity = vec![f32::POISON; total]; // the first step must not read it
     let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
+    let mut learning_rate = config.learning_rate;
     for step in 0..4u64 {
         let flat_grads = formula_values(seed + 1 + step, total, 2.0);
         let skipped = step == 3;
+        if step == 2 {
+            learning_rate = config.learning_rate / 10.0;
+            sgd.set_learning_rate(learning_rate).unwrap();
+        }
         if !skipped {
             let grads = common::flat_gradients(tensors, &flat_grads);
             sgd.step(cpu_weights.iter_mut().map(|w| &mut w[..]).collect(), &grads)
                 .unwrap();
         }
-        let (mut p, cfg) = sgd_args(&config, &segments, step == 0).unwrap();
+        let now = SgdConfig {
+            learning_rate,
+            ..config
+        };
+        let mut settings = step_settings_args(learning_rate, 1.0, step == 0).unwrap();
+        let (mut p, cfg) = match on_device {
+            true => sgd_args(
+                &SgdConfig {
+                    learning_rate: 0.0,
+                    ..config
+                },
+                &segments,
+                false,
+            ),
+            false => sgd_args(&now, &segments, step == 0),
+        }
+        .unwrap();
         // The per-tensor buffers travel in the parameters, not as arguments: guarded here.
         let guard = |data: *mut c_void, bytes: usize| Guarded::new(data, bytes);
         let mut guarded: Vec<Guarded> = Vec::new();
@@ -1713,10 +1758,20 @@ fn sgd_steps(tensors: &[(&str, usize)], config: SgdConfig, seed: u64, mixed: boo
         let grid = if step == 1 { small_grid(32) } else { cfg };
         let mut flag = vec![u32::from(skipped)];
         let skip = if with_copies { buf(&mut flag) } else { null() };
+        let settings = match on_device {
+            true => buf(std::slice::from_mut(&mut settings)),
+            false => null(),
+        };
         launch_reaching(
             "sgd_f32",
             grid,
-            vec![buf(&mut g), buf(&mut velocity), skip, params(&mut p)],
+            vec![
+                buf(&mut g),
+                buf(&mut velocity),
+                skip,
+                settings,
+                params(&mut p),
+            ],
             &mut guarded,
         );
         let what = format!("{what} step {step} skipped={skipped}");
@@ -1770,7 +1825,9 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
             };
             sgd_case(config, 260 + 10 * i as u64);
             // Mixed precision's first step: first_step set, copies present, a skip flag of 0.
-            sgd_steps(&SGD_TENSORS, config, 300 + 10 * i as u64, true);
+            sgd_steps(&SGD_TENSORS, config, 300 + 10 * i as u64, true, false);
+            // As the trainer launches it under f16.
+            sgd_steps(&SGD_TENSORS, config, 305 + 10 * i as u64, true, true);
         }
     }
     // The most tensors one launch takes (ALEXNET_SGD_SEGMENTS = 32): accepted, and every
@@ -1794,9 +1851,10 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
         rule: UpdateRule::PyTorch,
         decay_biases: false,
     };
-    sgd_steps(&tensors, config, 320, true);
-    sgd_steps(&tensors, config, 321, false);
-    sgd_steps(&[("fc.weight", 129)], config, 322, true);
+    sgd_steps(&tensors, config, 320, true, false);
+    sgd_steps(&tensors, config, 321, false, false);
+    sgd_steps(&tensors, config, 323, false, true);
+    sgd_steps(&[("fc.weight", 129)], config, 322, true, false);
     // Too many tensors for one launch is an error, not a truncated update.
     let many = vec![
         SgdSegment {
@@ -1808,25 +1866,51 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
     assert!(sgd_args(&SgdConfig::default(), &many, false).is_err());
 }
 
+/// The step settings argument for a launch taking the loss scale `scale` from them
+/// (`on_device`), with the parameters' scale at the launcher's 1; or null, with the scale in
+/// the parameters. Gives the scale for the parameters.
+fn scale_source(on_device: bool, scale: f32, settings: &mut AlexnetStepSettings) -> (Arg<'_>, f32) {
+    *settings = step_settings_args(0.01, scale, false).unwrap();
+    match on_device {
+        true => (buf(std::slice::from_mut(settings)), 1.0),
+        false => (null(), scale),
+    }
+}
+
 /// `grad_unscale` on `values` (rounded to `T` first: what a `T` backward produces) against the
-/// CPU twin, with the launcher's grid and a small one; `flag_before` is the flag's value going
-/// in (it is only ever set).
+/// CPU twin, with the launcher's grid and a small one, the scale given by value and read from
+/// the step settings; `flag_before` is the flag's value going in (it is only ever set).
 fn grad_unscale_case<T: Elem>(values: &[f32], scale: f32, flag_before: u32) {
     let name = format!("grad_unscale_{}", T::SUFFIX);
     let stored: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
     let read: Vec<f32> = stored.iter().map(|v| v.to_f32()).collect();
     let (want, overflowed) = unscale_gradients(&read, scale);
-    let (mut p, cfg) = grad_unscale_args(values.len(), scale).unwrap();
-    for grid in [cfg, small_grid(32)] {
+    for (on_device, grid) in [false, true]
+        .into_iter()
+        .flat_map(|d| [(d, None), (d, Some(small_grid(32)))])
+    {
+        let mut settings = AlexnetStepSettings::default();
+        let (settings, by_value) = scale_source(on_device, scale, &mut settings);
+        let (mut p, cfg) = grad_unscale_args(values.len(), by_value).unwrap();
+        let grid = grid.unwrap_or(cfg);
         let mut src = stored.clone();
         let mut dst = vec![f32::POISON; values.len()];
         let mut flag = vec![flag_before];
         launch(
             &name,
             grid,
-            vec![buf(&mut src), buf(&mut dst), buf(&mut flag), params(&mut p)],
+            vec![
+                buf(&mut src),
+                buf(&mut dst),
+                buf(&mut flag),
+                settings,
+                params(&mut p),
+            ],
         );
-        let what = format!("{name} scale {scale} blocks={}", grid.grid_dim.0);
+        let what = format!(
+            "{name} scale {scale} on_device={on_device} blocks={}",
+            grid.grid_dim.0
+        );
         let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
         assert_same(&what, &as_array(dst), &as_array(want.clone()));
         let want_flag = u32::from(overflowed) | flag_before;
@@ -1838,8 +1922,14 @@ fn grad_unscale_case<T: Elem>(values: &[f32], scale: f32, flag_before: u32) {
 /// `unscale_gradients_in_place`), against the CPU twin, with the launcher's grid and a small one.
 fn grad_unscale_in_place_case(values: &[f32], scale: f32) {
     let (want, overflowed) = unscale_gradients(values, scale);
-    let (mut p, cfg) = grad_unscale_args(values.len(), scale).unwrap();
-    for grid in [cfg, small_grid(32)] {
+    for (on_device, grid) in [false, true]
+        .into_iter()
+        .flat_map(|d| [(d, None), (d, Some(small_grid(32)))])
+    {
+        let mut settings = AlexnetStepSettings::default();
+        let (settings, by_value) = scale_source(on_device, scale, &mut settings);
+        let (mut p, cfg) = grad_unscale_args(values.len(), by_value).unwrap();
+        let grid = grid.unwrap_or(cfg);
         let mut grads = values.to_vec();
         let mut flag = vec![0u32];
         let grads_bytes = std::mem::size_of_val(grads.as_slice());
@@ -1851,11 +1941,12 @@ fn grad_unscale_in_place_case(values: &[f32], scale: f32) {
                 Arg::Buffer(grads_ptr, grads_bytes, std::marker::PhantomData),
                 Arg::Buffer(grads_ptr, grads_bytes, std::marker::PhantomData),
                 buf(&mut flag),
+                settings,
                 params(&mut p),
             ],
         );
         let what = format!(
-            "grad_unscale_f32 in place, scale {scale} blocks={}",
+            "grad_unscale_f32 in place, scale {scale} on_device={on_device} blocks={}",
             grid.grid_dim.0
         );
         let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();

@@ -206,6 +206,27 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetStepSettings {
+    pub learning_rate: f32,
+    pub loss_scale: f32,
+    pub inv_loss_scale: f32,
+    pub first_step: ::core::ffi::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetStepSettings"][::core::mem::size_of::<AlexnetStepSettings>() - 16usize];
+    ["Alignment of AlexnetStepSettings"][::core::mem::align_of::<AlexnetStepSettings>() - 4usize];
+    ["Offset of field: AlexnetStepSettings::learning_rate"]
+        [::core::mem::offset_of!(AlexnetStepSettings, learning_rate) - 0usize];
+    ["Offset of field: AlexnetStepSettings::loss_scale"]
+        [::core::mem::offset_of!(AlexnetStepSettings, loss_scale) - 4usize];
+    ["Offset of field: AlexnetStepSettings::inv_loss_scale"]
+        [::core::mem::offset_of!(AlexnetStepSettings, inv_loss_scale) - 8usize];
+    ["Offset of field: AlexnetStepSettings::first_step"]
+        [::core::mem::offset_of!(AlexnetStepSettings, first_step) - 12usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetConvertParams {
     pub len: ::core::ffi::c_ulonglong,
     pub scale: f32,

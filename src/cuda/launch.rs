@@ -6,7 +6,7 @@ use std::mem::size_of;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaModule, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 
 use super::abi::*;
@@ -47,6 +47,9 @@ unsafe impl DeviceRepr for AlexnetSgdParams {}
 unsafe impl DeviceRepr for AlexnetBiasGradParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetGradUnscaleParams {}
+// SAFETY: as above (three floats and an integer). Also kept in device memory
+// (`ops::StepSettings`), where the kernels read it through a pointer with this layout.
+unsafe impl DeviceRepr for AlexnetStepSettings {}
 
 /// Every kernel of the registry, looked up once per context, in [`KERNELS`] order.
 #[derive(Debug)]
@@ -138,6 +141,17 @@ impl<'a> Launch<'a> {
         self.args.arg(&NULL);
         self.record(Param::Ptr);
         self
+    }
+
+    /// A pointer parameter that the kernel's ABI lets be null: the buffer, or null for `None`.
+    pub fn optional_buffer<T>(&mut self, arg: Option<&'a CudaSlice<T>>) -> &mut Self
+    where
+        LaunchArgs<'a>: PushKernelArg<&'a CudaSlice<T>>,
+    {
+        match arg {
+            Some(buffer) => self.buffer(buffer),
+            None => self.null_buffer(),
+        }
     }
 
     /// A parameter struct passed by value.

@@ -105,7 +105,7 @@ pub use ops::{
     bias_act, bias_grad, convert_f16_to_f32, convert_f32_to_f16, relayout_f32_input, relu_backward,
     sgd_step, softmax_cross_entropy, softmax_top_k, unscale_gradients, Conv2dGpu, ConvChoice,
     ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
-    PrepareInput, SgdBuffers, SgdSegment, TopK,
+    PrepareInput, Scale, SgdBuffers, SgdSegment, StepSettings, TopK,
 };
 pub use trainer::{CudaTrainOptions, CudaTrainer, StepPhase, StepProfile};
 
@@ -115,7 +115,7 @@ pub use trainer::{CudaTrainOptions, CudaTrainer, StepPhase, StepProfile};
 pub mod kernel_args {
     pub use super::ops::{
         bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
-        relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args,
+        relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args, step_settings_args,
     };
 }
 

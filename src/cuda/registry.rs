@@ -105,7 +105,7 @@ kernel_registry! {
             [Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
         /// f32 times a scale to the named type: `convert_f32_to_f16` (`ops::convert`, training).
         ConvertF32To = "convert_f32_to" for [f16]
-            [Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
+            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
     }
     "lrn" => {
         /// The paper's LRN, optionally after a fused ReLU (`ops::lrn`).
@@ -141,11 +141,11 @@ kernel_registry! {
         /// Mixed precision: gradients times 1/scale into f32, with the overflow check
         /// (`ops::grad_scale`, training).
         GradUnscale = "grad_unscale" for [f32, f16]
-            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetGradUnscaleParams>())];
+            [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetGradUnscaleParams>())];
     }
     "sgd" => {
         /// One SGD step over every parameter (`ops::sgd`, training).
-        Sgd = "sgd" for [f32] [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
+        Sgd = "sgd" for [f32] [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
     }
 }
 

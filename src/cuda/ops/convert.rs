@@ -5,6 +5,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use half::f16;
 
 use super::shape_err;
+use super::step_settings::{Scale, StepSettings};
 use crate::cuda::abi::AlexnetConvertParams;
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuDtype;
@@ -59,12 +60,13 @@ pub fn convert_f16_to_f32(
 
 /// `src * scale` (f32) rounded to f16 in `dst`, which holds as many values, with the
 /// `convert_f32_to_f16` kernel: a training batch into f16 storage (scale 1), the loss gradient
-/// into the scaled f16 gradient of mixed precision (the loss scale).
-pub fn convert_f32_to_f16(
+/// into the scaled f16 gradient of mixed precision (the loss scale, given by value or read on
+/// the device from [`super::StepSettings`]).
+pub fn convert_f32_to_f16<'s>(
     gpu: &Gpu,
     src: &CudaView<'_, f32>,
     dst: &mut CudaViewMut<'_, f16>,
-    scale: f32,
+    scale: impl Into<Scale<'s>>,
 ) -> Result<()> {
     if dst.len() != src.len() {
         return Err(shape_err(
@@ -73,14 +75,17 @@ pub fn convert_f32_to_f16(
             &[dst.len()],
         ));
     }
+    let (scale, settings) = scale.into().split();
     let (params, cfg) = convert_args(src.len(), scale)?;
-    // SAFETY: convert_f32_to_f16(const float *src, unsigned short *dst, AlexnetConvertParams);
-    // both hold `len` values (checked above); `dst` is borrowed exclusively, so it does not
-    // overlap `src`.
+    // SAFETY: convert_f32_to_f16(const float *src, unsigned short *dst,
+    // const AlexnetStepSettings *settings, AlexnetConvertParams); both hold `len` values
+    // (checked above); `dst` is borrowed exclusively, so it does not overlap `src`; the
+    // settings, if any, are one AlexnetStepSettings (null otherwise).
     unsafe {
         Launch::new(gpu, Kernel::ConvertF32To, GpuDtype::F16)?
             .buffer(src)
             .buffer(dst)
+            .optional_buffer(settings.map(StepSettings::buffer))
             .params(&params)
             .launch(cfg)
     }

@@ -18,6 +18,9 @@
 //! | sgd       | `src/train/sgd.rs` (training)              | `sgd.rs`         | `kernels/sgd.cu`       |
 //! | grad_scale | `src/train/loss_scale.rs` (training)      | `grad_scale.rs`  | `kernels/grad_scale.cu` |
 //!
+//! `step_settings.rs` holds what a training step may change between steps (learning rate, loss
+//! scale) in device memory, for the convert, grad_scale and sgd kernels to read when they run.
+//!
 //! The training backward of every layer sits beside its forward (`backward` methods,
 //! `relu_backward`, `bias_grad`), with its kernel in the same `.cu` file; the convolution's in
 //! `conv/backward.rs` (cuDNN). The pool, LRN and ReLU backward and the bias gradient have f32
@@ -43,6 +46,7 @@ mod pool;
 mod prepare;
 mod sgd;
 mod softmax;
+mod step_settings;
 
 pub use bias_act::{
     bias_act, bias_act_args, bias_grad, bias_grad_args, relu_backward, relu_backward_args,
@@ -62,6 +66,7 @@ pub use pool::MaxPoolGpu;
 pub use prepare::{relayout_args, relayout_f32_input, PrepareInput};
 pub use sgd::{sgd_args, sgd_step, SgdBuffers, SgdSegment};
 pub use softmax::{softmax_top_k, softmax_top_k_args, TopK};
+pub use step_settings::{step_settings_args, Scale, StepSettings};
 
 use cudarc::driver::CudaSlice;
 

@@ -5,6 +5,7 @@ use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
 use half::f16;
 
 use super::shape_err;
+use super::step_settings::StepSettings;
 use crate::cuda::abi::{
     AlexnetSgdParams, ALEXNET_SGD_PAPER, ALEXNET_SGD_PYTORCH, ALEXNET_SGD_SEGMENTS,
 };
@@ -91,6 +92,10 @@ pub struct SgdBuffers<'s, 'b> {
     /// The overflow flag of the gradients' unscaling: when set on the device, the step changes
     /// nothing (mixed precision's skipped step). `None`: always applied.
     pub skip: Option<&'s CudaSlice<u32>>,
+    /// Where the learning rate and the first-step flag are read on the device when the kernel
+    /// runs, in place of the config's learning rate and the `first_step` argument (a captured
+    /// training step follows them). `None`: those two are used.
+    pub settings: Option<&'s StepSettings>,
 }
 
 /// One SGD step with momentum, as [`crate::train::Sgd::step`] under `config`, in one launch
@@ -109,6 +114,7 @@ pub fn sgd_step(
         grads,
         velocity,
         skip,
+        settings,
     } = buffers;
     let (mut params, cfg) = sgd_args(config, segments, first_step)?;
     let len = params.len as usize;
@@ -146,20 +152,21 @@ pub fn sgd_step(
         copy_guards.push(guard);
     }
     // SAFETY: sgd_f32(const float *grads, float *velocity, const unsigned int *skip,
-    // AlexnetSgdParams); `grads` and `velocity` hold exactly `len` = ends[segments - 1]
-    // elements, weight tensor s (and its copy, if any) exactly segment s's length, at the
-    // addresses in params.weights[s] / params.copies[s] (0: no copy), made ready on this
-    // stream; the flag, if passed, holds at least one value (all checked above); every buffer
-    // is borrowed separately (weights, copies and `velocity` exclusively), so none overlaps
-    // another.
+    // const AlexnetStepSettings *settings, AlexnetSgdParams); `grads` and `velocity` hold
+    // exactly `len` = ends[segments - 1] elements, weight tensor s (and its copy, if any)
+    // exactly segment s's length, at the addresses in params.weights[s] / params.copies[s]
+    // (0: no copy), made ready on this stream; the flag, if passed, holds at least one value
+    // (all checked above); the settings, if passed, are one AlexnetStepSettings, only read;
+    // every buffer is borrowed separately (weights, copies and `velocity` exclusively), so
+    // none overlaps another.
     let launched = unsafe {
-        let mut launch = Launch::new(gpu, Kernel::Sgd, GpuDtype::F32)?;
-        launch.buffer(grads).buffer(velocity);
-        match skip {
-            Some(flag) => launch.buffer(flag),
-            None => launch.null_buffer(),
-        };
-        launch.params(&params).launch(cfg)
+        Launch::new(gpu, Kernel::Sgd, GpuDtype::F32)?
+            .buffer(grads)
+            .buffer(velocity)
+            .optional_buffer(skip)
+            .optional_buffer(settings.map(StepSettings::buffer))
+            .params(&params)
+            .launch(cfg)
     };
     drop(weight_guards);
     drop(copy_guards);

@@ -11,8 +11,10 @@
 //! skipped when its gradients overflow, as PyTorch's `autocast` + `GradScaler`).
 //!
 //! From the second step at a batch size the step's work (forward, loss, backward, unscaling,
-//! update) is one CUDA graph launch ([`CudaTrainOptions::eager`] turns that off); a new
-//! learning rate or loss scale is captured again. [`Trainer::step_buffer_prefetch`] uploads
+//! update) is one CUDA graph launch ([`CudaTrainOptions::eager`] turns that off). The learning
+//! rate, loss scale and first-step flag are read on the device, so a schedule that changes the
+//! rate every step, or the loss scale's growth and backoff, replays the same graph.
+//! [`Trainer::step_buffer_prefetch`] uploads
 //! the next batch on the copy stream while a step computes (`prefetch`).
 //! [`CudaTrainer::step_profiled`] times one step phase by phase on the device
 //! ([`StepProfile`]).

@@ -2,12 +2,13 @@
 //! its input for the backward, the parameter gradients, the momentum, and (mixed precision) the
 //! f32 master weights. [`super::CudaTrainer`] holds one of these per precision.
 //!
-//! A step is uploads (batch, labels, dropout seeds), then everything else queued on the compute
-//! stream without a sync ([`Net::compute`]): [`Net::submit`]; then the loss and overflow flag
-//! read back: [`Net::finish`]. The
-//! middle part is captured as a CUDA graph on the second step at a batch size and replayed
-//! after, as the inference forward is (`crate::cuda::graph`); the dropout kernels read their
-//! seeds on the device so that a replay draws each step's own masks.
+//! A step is uploads (batch, labels, dropout seeds, step settings), then everything else queued
+//! on the compute stream without a sync ([`Net::compute`]): [`Net::submit`]; then the loss and
+//! overflow flag read back: [`Net::finish`]. The middle part is captured as a CUDA graph on the
+//! second step at a batch size and replayed after, as the inference forward is
+//! (`crate::cuda::graph`); the dropout kernels read their seeds on the device so that a replay
+//! draws each step's own masks, and the loss scaling and SGD read the step's learning rate, loss
+//! scale and first-step flag there ([`StepSettings`]) so that a replay follows them.
 
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use crate::cuda::graph::{capture, GraphState, GraphStatus};
 use crate::cuda::ops::{
     pack_conv_weights, relu_backward, sgd_step, unpack_conv_weights, unscale_gradients,
     unscale_gradients_in_place, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
-    SgdBuffers, SgdSegment,
+    Scale, SgdBuffers, SgdSegment, StepSettings,
 };
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
@@ -129,6 +130,9 @@ pub(super) struct Net<T: TrainFloat> {
     overflow: CudaSlice<u32>,
     /// The step's dropout seeds, one per dropout layer, uploaded before each step.
     seeds: CudaSlice<u64>,
+    /// The step's learning rate, loss scale and first-step flag, uploaded before each step and
+    /// read on the device, so that a captured step follows them.
+    settings: StepSettings,
     dropout_layers: usize,
     /// Whether steps run through a CUDA graph once their shapes are fixed.
     graphs: bool,
@@ -150,12 +154,23 @@ pub(super) struct NetOptions {
 }
 
 /// What a captured step bakes into its kernels' parameters: the graph is replayed only while
-/// these stay the same.
+/// these stay the same. The learning rate, loss scale and first-step flag are not among them:
+/// the kernels read them on the device ([`StepSettings`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct StepRun {
+    /// The optimiser's settings but its learning rate (held at 0 here).
     optimiser: SgdConfig,
-    scale: f32,
-    first_step: bool,
+}
+
+impl StepRun {
+    fn new(optimiser: &SgdConfig) -> Self {
+        StepRun {
+            optimiser: SgdConfig {
+                learning_rate: 0.0,
+                ..*optimiser
+            },
+        }
+    }
 }
 
 fn no_buffers() -> Error {
@@ -298,6 +313,7 @@ impl<T: TrainFloat> Net<T> {
             seeds: stream
                 .alloc_zeros::<u64>(dropout_layers.max(1))
                 .map_err(driver_err("allocate the dropout seeds"))?,
+            settings: StepSettings::new(gpu, optimiser.learning_rate, 1.0, true)?,
             dropout_layers,
             graphs,
             step_done: new_event(gpu)?,
@@ -390,6 +406,8 @@ impl<T: TrainFloat> Net<T> {
                 .memcpy_htod(&seeds, &mut self.seeds)
                 .map_err(driver_err("upload the dropout seeds"))?;
         }
+        self.settings
+            .write(gpu, optimiser.learning_rate, scale, !self.has_velocity)?;
         {
             let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
             stream
@@ -403,11 +421,7 @@ impl<T: TrainFloat> Net<T> {
             )?;
         }
         mark(&mut marks, gpu, || "batch upload".into())?;
-        let run = StepRun {
-            optimiser: *optimiser,
-            scale,
-            first_step: !self.has_velocity,
-        };
+        let run = StepRun::new(optimiser);
         match marks {
             Some(marks) => self.compute(gpu, &run, Some(marks)),
             None => self.run_compute(gpu, run),
@@ -480,8 +494,8 @@ impl<T: TrainFloat> Net<T> {
     /// [`Net::compute`] eagerly, or through the batch size's CUDA graph: eager on the first
     /// step at this size (algorithms are chosen, buffers and workspaces sized), captured and
     /// launched on the second, replayed after. What the graph bakes in must not change under
-    /// it: a new learning rate, loss scale or first-step flag, or a moved convolution
-    /// workspace, runs that step eagerly and captures again on the next.
+    /// it: other optimiser settings than the learning rate ([`StepRun`]) or a moved
+    /// convolution workspace run that step eagerly and capture again on the next.
     fn run_compute(&mut self, gpu: &Gpu, run: StepRun) -> Result<()> {
         if !self.graphs {
             return self.compute(gpu, &run, None);
@@ -548,11 +562,7 @@ impl<T: TrainFloat> Net<T> {
         run: &StepRun,
         mut marks: Option<&mut StepMarks>,
     ) -> Result<()> {
-        let StepRun {
-            optimiser,
-            scale,
-            first_step,
-        } = *run;
+        let StepRun { optimiser } = *run;
         let Net {
             stages,
             segments,
@@ -561,9 +571,11 @@ impl<T: TrainFloat> Net<T> {
             velocity,
             overflow,
             seeds,
+            settings,
             buffers,
             ..
         } = self;
+        let settings = &*settings;
         let buffers = buffers.as_mut().ok_or_else(no_buffers)?;
         let StepBuffers {
             activations,
@@ -605,7 +617,7 @@ impl<T: TrainFloat> Net<T> {
             wide.as_mut(),
             &mut gradients[last],
             row_loss,
-            scale,
+            Scale::OnDevice(settings),
         )?;
         mark(&mut marks, gpu, || "loss".into())?;
 
@@ -684,14 +696,14 @@ impl<T: TrainFloat> Net<T> {
                     &scaled.slice(weights.clone()),
                     &mut grads.flat.slice_mut(weights),
                     overflow,
-                    scale,
+                    settings,
                 )?;
                 let biases = at + weight_len..at + weight_len + bias_len;
                 unscale_gradients_in_place(
                     gpu,
                     &mut grads.flat.slice_mut(biases),
                     overflow,
-                    scale,
+                    settings,
                 )?;
             }
             mark(&mut marks, gpu, || "gradient unscaling".into())?;
@@ -704,17 +716,19 @@ impl<T: TrainFloat> Net<T> {
             .flat_map(|stage| stage.layer.parameters_mut())
             .collect();
         let (mut weights, mut copies) = T::sgd_tensors(layer_tensors, masters);
+        // The learning rate and the first-step flag come from `settings` on the device.
         sgd_step(
             gpu,
             &optimiser,
             segments,
-            first_step,
+            false,
             SgdBuffers {
                 weights: &mut weights,
                 copies: &mut copies,
                 grads: &grads.flat,
                 velocity,
                 skip: T::MIXED.then_some(&*overflow),
+                settings: Some(settings),
             },
         )?;
         mark(&mut marks, gpu, || "sgd update".into())

@@ -13,7 +13,7 @@ use ndarray::ArrayView4;
 use super::prefetch::StagedBatch;
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::ops::{convert_f16_to_f32, convert_f32_to_f16, softmax_cross_entropy};
+use crate::cuda::ops::{convert_f16_to_f32, convert_f32_to_f16, softmax_cross_entropy, Scale};
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
 
@@ -94,7 +94,8 @@ pub(super) trait TrainFloat: GpuFloat {
     ) -> Result<()>;
 
     /// The per-row losses of `logits` against `labels` into `row_loss`, and the gradient of
-    /// the mean loss times `scale` into `grad` (`scale` is 1 unless [`TrainFloat::MIXED`]).
+    /// the mean loss times `scale` into `grad` (only where [`TrainFloat::MIXED`]: otherwise
+    /// the scale is 1 and `scale` is not read).
     fn loss_gradient(
         gpu: &Gpu,
         logits: &GpuTensor<Self>,
@@ -102,7 +103,7 @@ pub(super) trait TrainFloat: GpuFloat {
         wide: Option<&mut WideBuffers>,
         grad: &mut GpuTensor<Self>,
         row_loss: &mut CudaSlice<f64>,
-        scale: f32,
+        scale: Scale<'_>,
     ) -> Result<()>;
 
     /// Runs `backward` with the views a trainable layer writes its weight (in this type) and
@@ -150,7 +151,7 @@ impl TrainFloat for f32 {
         _wide: Option<&mut WideBuffers>,
         grad: &mut GpuTensor<f32>,
         row_loss: &mut CudaSlice<f64>,
-        _scale: f32,
+        _scale: Scale<'_>,
     ) -> Result<()> {
         softmax_cross_entropy(gpu, logits, labels, grad, row_loss)
     }
@@ -217,7 +218,7 @@ impl TrainFloat for f16 {
         wide: Option<&mut WideBuffers>,
         grad: &mut GpuTensor<f16>,
         row_loss: &mut CudaSlice<f64>,
-        scale: f32,
+        scale: Scale<'_>,
     ) -> Result<()> {
         let wide = wide.ok_or_else(missing_buffers)?;
         convert_f16_to_f32(gpu, &logits.data().slice(..), wide.logits.data_mut())?;
