@@ -2,12 +2,13 @@
 //! launcher of `kernels/softmax.cu`; CPU twin [`crate::postprocess::softmax`] and
 //! [`crate::postprocess::top_k`].
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, LaunchConfig, PinnedHostSlice};
 
 use super::{layout_err, shape_err};
 use crate::cuda::abi::{AlexnetSoftmaxParams, ALEXNET_TOPK_MAX};
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
+use crate::cuda::events::{new_event, record};
 use crate::cuda::launch::{grid_rows, to_u32, Launch};
 use crate::cuda::pinned::alloc_readback;
 use crate::cuda::registry::Kernel;
@@ -25,6 +26,8 @@ pub struct TopK {
     rows: usize,
     /// `(rows, k)` of the last launch.
     filled: Option<(usize, usize)>,
+    /// Recorded after [`TopK::to_host`]'s copies; the host sleeps on it (blocking sync).
+    downloaded: CudaEvent,
 }
 
 impl TopK {
@@ -49,6 +52,7 @@ impl TopK {
             host_prob: alloc_readback(gpu.context(), len)?,
             rows,
             filled: None,
+            downloaded: new_event(gpu)?,
         })
     }
 
@@ -90,8 +94,12 @@ impl TopK {
         let started = self.start_download(gpu);
         // The page-locked buffers' own events are not recorded (event tracking is off, see
         // `Gpu::new`): reading them waits for nothing, so wait for the copies here, also for
-        // the first when the second could not be queued (the buffers may be dropped next).
-        gpu.synchronize()?;
+        // the first when the second could not be queued (the buffers may be dropped next). On
+        // an event, which a wait sleeps on, not on the stream, which it spins on.
+        record(&self.downloaded, gpu.stream())?;
+        self.downloaded
+            .synchronize()
+            .map_err(driver_err("cuEventSynchronize (top-k download)"))?;
         started?;
         self.read_downloaded()
     }
