@@ -83,8 +83,8 @@ fn trainer(weights: &Weights, mode: Mode) -> Result<CudaTrainer, String> {
 /// Steps from `input` until the CUDA graph is settled (replaying, or known not to be) and no
 /// step was skipped for three steps in a row, at most 20 steps: the first step chooses the
 /// convolution algorithms (cuDNN's Find), the second captures the graph, and mixed precision's
-/// first steps may overflow (each a skipped step, an eager one and a new capture). None of that
-/// is what a training run's steps cost.
+/// first steps may overflow (each a skipped step; the graph replays on, reading the lowered
+/// scale on the device). None of that is what a training run's steps cost.
 fn warm_up(
     trainer: &mut CudaTrainer,
     input: ArrayView4<'_, f32>,

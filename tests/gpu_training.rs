@@ -1093,6 +1093,89 @@ fn an_overflow_skips_the_step_and_halves_the_loss_scale() {
     assert!(trainer.weights().unwrap().named_tensors() != start.named_tensors());
 }
 
+/// Mixed precision's loss scale and first-step flag moving under a replayed graph, against the
+/// same steps launched kernel by kernel. The scale starts far beyond f16, so the first two steps
+/// (the eager one and the one captured) overflow and are skipped, and the third, a replay, is
+/// the first applied: it must not read the momentum (the flag, read on the device, still says
+/// first step). Two good steps grow the scale beyond f16 again: the fifth step, a replay,
+/// overflows and is skipped, as is the sixth. A graph that kept the values it was captured
+/// with would overflow at the third step or read no momentum at the fourth.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn loss_scale_and_first_step_move_under_a_replayed_graph() {
+    use alexnet_cuda::cuda::GraphStatus;
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let start = Weights::paper_init(&config, 17).unwrap();
+    let labels = labels(4, config.num_classes());
+    // Grows by 2^90 after two good steps in a row, backs off by 2^-55 on an overflow.
+    let scale = LossScale::new(2f32.powi(120), 2f32.powi(90), 2f32.powi(-55), 2).unwrap();
+    let tol = tolerance(Precision::Fp16);
+    let mut graph = cuda_trainer_in(&start, Precision::Fp16, 0, scale);
+    let mut eager = eager_cuda_trainer_in(&start, Precision::Fp16, scale);
+    let mut before = (start.clone(), start.clone());
+    // (the scale the step runs at, whether it overflows)
+    let plan = [
+        (120, true),
+        (65, true),
+        (10, false),
+        (10, false),
+        (100, true),
+        (45, true),
+    ];
+    let mut skipped = 0;
+    let mut applied = 0;
+    for (step, &(exponent, overflows)) in plan.iter().enumerate() {
+        let step = step as u64;
+        let want_scale = Some(2f32.powi(exponent));
+        assert_eq!(graph.loss_scale(), want_scale, "graph, before step {step}");
+        assert_eq!(eager.loss_scale(), want_scale, "eager, before step {step}");
+        let batch = small_training_batch(4, 500 + step);
+        let graph_loss = graph.step(batch.view(), &labels, 70 + step).unwrap();
+        let eager_loss = eager.step(batch.view(), &labels, 70 + step).unwrap();
+        let what = format!(
+            "fp16 step {step} at loss scale 2^{exponent} ({:?}; replayed, eager)",
+            graph.graph_status()
+        );
+        if overflows {
+            skipped += 1;
+            assert_eq!(graph.skipped_steps(), skipped, "{what}: graph");
+            assert_eq!(eager.skipped_steps(), skipped, "{what}: eager");
+            let unchanged = |trainer: &CudaTrainer, was: &Weights| {
+                trainer.weights().unwrap().named_tensors() == was.named_tensors()
+            };
+            assert!(
+                unchanged(&graph, &before.0),
+                "{what}: the graph's weights changed"
+            );
+            assert!(
+                unchanged(&eager, &before.1),
+                "{what}: eager weights changed"
+            );
+            assert_eq!(
+                graph.velocity().unwrap().is_empty(),
+                applied == 0,
+                "{what}: momentum only after an applied step"
+            );
+        } else {
+            check_twin_step(
+                &what,
+                (Precision::Fp16, tol),
+                applied,
+                &mut before,
+                ("graph", &graph, graph_loss),
+                ("eager", &eager, eager_loss),
+            );
+            applied += 1;
+        }
+        let want_status = match step {
+            0 => GraphStatus::NotCaptured,
+            _ => GraphStatus::Replaying,
+        };
+        assert_eq!(graph.graph_status(), want_status, "{what}");
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn a_run_moves_between_the_gpu_and_the_cpu() {

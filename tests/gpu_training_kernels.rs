@@ -205,14 +205,17 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             .iter()
             .map(|w| stream.clone_htod(w).unwrap())
             .collect();
-        let mut velocity = stream.alloc_zeros::<f32>(total).unwrap();
+        // NaN until the first step writes it: that step must not read it.
+        let mut velocity = stream.clone_htod(&vec![f32::NAN; total]).unwrap();
         for step in 0..3u64 {
-            // The third step as a captured training step launches it: a tenth of the learning
-            // rate and the first-step flag read from the device, the config left as it was.
-            let settings = (step == 2).then(|| {
-                let learning_rate = config.learning_rate / 10.0;
-                sgd.set_learning_rate(learning_rate).unwrap();
-                StepSettings::new(&gpu, learning_rate, 1.0, false).unwrap()
+            // The first and third steps as a captured training step launches them: the
+            // first-step flag and (third step) a tenth of the learning rate read from the
+            // device, the arguments left as they were (no first step, the config's rate).
+            if step == 2 {
+                sgd.set_learning_rate(config.learning_rate / 10.0).unwrap();
+            }
+            let settings = (step != 1).then(|| {
+                StepSettings::new(&gpu, sgd.config().learning_rate, 1.0, step == 0).unwrap()
             });
             let flat = formula_values(seed + 1 + step, total, 1.0);
             let grads = common::flat_gradients(&tensors, &flat);
@@ -223,7 +226,7 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
                 &gpu,
                 &config,
                 &segments,
-                step == 0,
+                false,
                 SgdBuffers {
                     weights: &mut weights.iter_mut().collect::<Vec<_>>(),
                     copies: &mut [],

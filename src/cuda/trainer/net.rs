@@ -373,7 +373,7 @@ impl<T: TrainFloat> Net<T> {
     }
 
     /// The first half of a training step (the batch checked by the caller against `config`):
-    /// the batch, labels and dropout seeds uploaded, then [`Net::compute`] queued eagerly or
+    /// the batch, labels, dropout seeds and step settings uploaded, then [`Net::compute`] queued eagerly or
     /// through the batch size's CUDA graph ([`Net::run_compute`]). Nothing here waits for the
     /// device, so the host may queue other work (the next batch's upload) before
     /// [`Net::finish`] reads the loss back. With `marks` the step is profiled: it runs eagerly
