@@ -67,6 +67,7 @@ pub trait GpuFloat:
     + Unpin
     + 'static
     + sealed::Sealed
+    + super::launch::KernelElem
 {
     /// The dtype tag (registry entries, library data types).
     const DTYPE: GpuDtype;

@@ -6,13 +6,15 @@ use std::mem::size_of;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs,
+    LaunchConfig, PushKernelArg,
 };
+use half::f16;
 
 use super::abi::*;
 use super::device::Gpu;
 use super::dtype::GpuDtype;
-use super::registry::{Kernel, KernelSpec, Param, KERNELS};
+use super::registry::{Kernel, KernelSpec, Param, Pointee, KERNELS};
 use crate::error::{Error, Result};
 
 // SAFETY: each is a `#[repr(C)]` plain-old-data struct from `kernels/alexnet_abi.h` (integers and
@@ -50,6 +52,85 @@ unsafe impl DeviceRepr for AlexnetGradUnscaleParams {}
 // SAFETY: as above (three floats and an integer). Also kept in device memory
 // (`ops::StepSettings`), where the kernels read it through a pointer with this layout.
 unsafe impl DeviceRepr for AlexnetStepSettings {}
+
+/// A parameter struct of `kernels/alexnet_abi.h` passed by value, by its C name.
+pub(crate) trait AbiStruct: DeviceRepr {
+    const NAME: &'static str;
+}
+
+macro_rules! abi_structs {
+    ($($name:ident),+ $(,)?) => {$(
+        impl AbiStruct for $name {
+            const NAME: &'static str = stringify!($name);
+        }
+    )+};
+}
+
+abi_structs!(
+    AlexnetPrepareParams,
+    AlexnetRelayoutParams,
+    AlexnetBiasActParams,
+    AlexnetLrnParams,
+    AlexnetPoolParams,
+    AlexnetConvEpilogueParams,
+    AlexnetDropoutParams,
+    AlexnetSoftmaxParams,
+    AlexnetConvertParams,
+    AlexnetReluBackwardParams,
+    AlexnetSoftmaxXentParams,
+    AlexnetSgdParams,
+    AlexnetBiasGradParams,
+    AlexnetGradUnscaleParams,
+);
+
+/// A Rust element type of device buffers and what it is in the kernels' C signatures. Public
+/// only as a supertrait of [`super::GpuFloat`]; its module is private, so nothing outside the
+/// crate can name or implement it.
+pub trait KernelElem {
+    const POINTEE: Pointee;
+}
+
+macro_rules! kernel_elems {
+    ($($ty:ty => $pointee:ident),+ $(,)?) => {$(
+        impl KernelElem for $ty {
+            const POINTEE: Pointee = Pointee::$pointee;
+        }
+    )+};
+}
+
+kernel_elems!(
+    f32 => F32,
+    f16 => F16,
+    f64 => F64,
+    u8 => U8,
+    u32 => U32,
+    u64 => U64,
+    AlexnetStepSettings => StepSettings,
+);
+
+/// A device buffer a launcher passes as a pointer argument, and its element's [`Pointee`].
+pub(crate) trait DeviceBuffer {
+    const POINTEE: Pointee;
+}
+
+impl<T: KernelElem> DeviceBuffer for &CudaSlice<T> {
+    const POINTEE: Pointee = T::POINTEE;
+}
+impl<T: KernelElem> DeviceBuffer for &mut CudaSlice<T> {
+    const POINTEE: Pointee = T::POINTEE;
+}
+impl<T: KernelElem> DeviceBuffer for &CudaView<'_, T> {
+    const POINTEE: Pointee = T::POINTEE;
+}
+impl<T: KernelElem> DeviceBuffer for &mut CudaView<'_, T> {
+    const POINTEE: Pointee = T::POINTEE;
+}
+impl<T: KernelElem> DeviceBuffer for &CudaViewMut<'_, T> {
+    const POINTEE: Pointee = T::POINTEE;
+}
+impl<T: KernelElem> DeviceBuffer for &mut CudaViewMut<'_, T> {
+    const POINTEE: Pointee = T::POINTEE;
+}
 
 /// Every kernel of the registry, looked up once per context, in [`KERNELS`] order.
 #[derive(Debug)]
@@ -98,8 +179,10 @@ impl Kernels {
 const MAX_PARAMS: usize = 8;
 
 /// One kernel launch on the compute stream whose arguments are checked against the registry
-/// entry (count, kind and struct sizes) before it runs: a launcher that disagrees with the
-/// kernel's declared signature gets an error, never a launch with a misread parameter block.
+/// entry (count, each pointer's element type, each struct's name and size) before it runs: a
+/// launcher that disagrees with the kernel's declared signature gets an error, never a launch
+/// with a misread parameter block or f16 data read as f32. `tests/kernel_signatures.rs` checks
+/// the registry against the kernels' C signatures.
 pub(crate) struct Launch<'a> {
     args: LaunchArgs<'a>,
     spec: &'static KernelSpec,
@@ -113,7 +196,7 @@ impl<'a> Launch<'a> {
         Ok(Launch {
             args: gpu.stream().launch_builder(function),
             spec,
-            passed: [Param::Ptr; MAX_PARAMS],
+            passed: [Param::Ptr(Pointee::U8); MAX_PARAMS],
             count: 0,
         })
     }
@@ -125,39 +208,44 @@ impl<'a> Launch<'a> {
         self.count += 1;
     }
 
-    /// A device buffer (a pointer parameter).
-    pub fn buffer<A>(&mut self, arg: A) -> &mut Self
+    /// A device buffer (a pointer parameter to its element type).
+    pub fn buffer<A: DeviceBuffer>(&mut self, arg: A) -> &mut Self
     where
         LaunchArgs<'a>: PushKernelArg<A>,
     {
         self.args.arg(arg);
-        self.record(Param::Ptr);
+        self.record(Param::Ptr(A::POINTEE));
         self
     }
 
-    /// A null pointer parameter (where the kernel's ABI allows one).
-    pub fn null_buffer(&mut self) -> &mut Self {
-        static NULL: u64 = 0;
-        self.args.arg(&NULL);
-        self.record(Param::Ptr);
+    /// A device address of `T` values (a buffer taken apart, e.g. to pass it twice).
+    pub fn address<T: KernelElem>(&mut self, address: &'a u64) -> &mut Self {
+        self.args.arg(address);
+        self.record(Param::Ptr(T::POINTEE));
         self
+    }
+
+    /// A null pointer parameter to `T` (where the kernel's ABI allows one).
+    pub fn null_buffer<T: KernelElem>(&mut self) -> &mut Self {
+        static NULL: u64 = 0;
+        self.address::<T>(&NULL)
     }
 
     /// A pointer parameter that the kernel's ABI lets be null: the buffer, or null for `None`.
-    pub fn optional_buffer<T>(&mut self, arg: Option<&'a CudaSlice<T>>) -> &mut Self
+    pub fn optional_buffer<T: KernelElem>(&mut self, arg: Option<&'a CudaSlice<T>>) -> &mut Self
     where
         LaunchArgs<'a>: PushKernelArg<&'a CudaSlice<T>>,
     {
         match arg {
             Some(buffer) => self.buffer(buffer),
-            None => self.null_buffer(),
+            None => self.null_buffer::<T>(),
         }
     }
 
     /// A parameter struct passed by value.
-    pub fn params<P: DeviceRepr>(&mut self, params: &'a P) -> &mut Self {
+    pub fn params<P: AbiStruct>(&mut self, params: &'a P) -> &mut Self {
         self.args.arg(params);
-        self.record(Param::Struct(size_of::<P>()));
+        self.record(Param::Struct(P::NAME, size_of::<P>()));
         self
     }
 
@@ -185,14 +273,15 @@ impl<'a> Launch<'a> {
 /// The registry's parameter list for `spec` against what a launcher passed (`count` arguments,
 /// the first of which are `passed`).
 fn check_arguments(spec: &KernelSpec, passed: &[Param], count: usize) -> Result<()> {
-    if count == passed.len() && passed == spec.params {
+    let declared: Vec<Param> = spec.params.iter().map(|p| p.resolved(spec.dtype)).collect();
+    if count == passed.len() && passed == declared.as_slice() {
         return Ok(());
     }
     Err(Error::cuda(
         format!("launching {}", spec.name),
         format!(
-            "the launcher passes {count} arguments {passed:?}, src/cuda/registry.rs declares {:?}",
-            spec.params
+            "the launcher passes {count} arguments {passed:?}, src/cuda/registry.rs declares \
+             {declared:?}"
         ),
     ))
 }
@@ -300,18 +389,29 @@ mod tests {
     #[test]
     fn a_launcher_that_disagrees_with_the_registry_is_refused() {
         use Param::{Ptr, Struct};
+        use Pointee::{F16, F32};
+        let lrn = Struct("AlexnetLrnParams", size_of::<AlexnetLrnParams>());
         let spec = Kernel::Lrn.spec(GpuDtype::F32).unwrap();
-        let right = [Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
+        let right = [Ptr(F32), Ptr(F32), lrn];
         assert!(check_arguments(spec, &right, 3).is_ok());
-        // One pointer short, a struct of the wrong size, and one argument too many.
+        // One pointer short, a struct of the wrong size, another struct of the same size, and
+        // one argument too many.
         assert!(check_arguments(spec, &right[..2], 2).is_err());
-        assert!(check_arguments(spec, &[Ptr, Ptr, Struct(4)], 3).is_err());
         assert!(check_arguments(
             spec,
-            &[Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>()), Ptr],
-            4
+            &[Ptr(F32), Ptr(F32), Struct("AlexnetLrnParams", 4)],
+            3
         )
         .is_err());
+        let impostor = Struct("AlexnetPoolParams", size_of::<AlexnetLrnParams>());
+        assert!(check_arguments(spec, &[Ptr(F32), Ptr(F32), impostor], 3).is_err());
+        assert!(check_arguments(spec, &[Ptr(F32), Ptr(F32), lrn, Ptr(F32)], 4).is_err());
         assert!(check_arguments(spec, &right, 9).is_err());
+        // Buffers of the other storage type: f16 data given to the f32 kernel, and the f16
+        // entry (whose storage-typed pointers are f16) given f32 data.
+        assert!(check_arguments(spec, &[Ptr(F16), Ptr(F32), lrn], 3).is_err());
+        let lrn_f16 = Kernel::Lrn.spec(GpuDtype::F16).unwrap();
+        assert!(check_arguments(lrn_f16, &[Ptr(F16), Ptr(F16), lrn], 3).is_ok());
+        assert!(check_arguments(lrn_f16, &right, 3).is_err());
     }
 }

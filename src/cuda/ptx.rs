@@ -163,8 +163,8 @@ pub fn check_module(module: &str, ptx: &str) -> Result<(), Vec<String>> {
         }
         for (index, (want, got)) in spec.params.iter().zip(&entry.params).enumerate() {
             let ok = match (want, got) {
-                (Param::Ptr, PtxParam::U64) => true,
-                (Param::Struct(size), PtxParam::Bytes { size: got, .. }) => size == got,
+                (Param::Ptr(_), PtxParam::U64) => true,
+                (Param::Struct(_, size), PtxParam::Bytes { size: got, .. }) => size == got,
                 _ => false,
             };
             if !ok {

@@ -1,8 +1,10 @@
 //! The one list of the crate's CUDA kernels. Each entry says which `.cu` module (file stem
 //! under `kernels/`) defines the family, for which storage types (the `extern "C"` name is the
-//! family name plus `_f32` / `_f16`) and which parameters its launcher passes, in order.
-//! Everything else is derived from it: [`Kernel`], [`MODULES`], [`KERNELS`], the lookup at load
-//! time (`Gpu::new` finds every entry in its module) and the argument check of every launch.
+//! family name plus `_f32` / `_f16`) and which parameters its launcher passes, in order (each
+//! pointer with the type it points to, each struct by name). Everything else is derived from
+//! it: [`Kernel`], [`MODULES`], [`KERNELS`], the lookup at load time (`Gpu::new` finds every
+//! entry in its module) and the argument check of every launch. `tests/kernel_signatures.rs`
+//! checks it against the kernels' C signatures (every parameter's type, from the source);
 //! `tests/ptx_kernels.rs` and `tests/nvrtc_compile.rs` check the compiled PTX against it (names,
 //! parameter counts, struct sizes) and that [`MODULES`] are exactly the `kernels/*.cu` files.
 //!
@@ -14,13 +16,75 @@ use std::mem::size_of;
 use super::abi::*;
 use super::dtype::GpuDtype;
 
+/// What a pointer parameter points to, as the kernel's C signature declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pointee {
+    /// The kernel's storage type: `float` in its `_f32` entry, `unsigned short` (f16 bits) in
+    /// its `_f16` one.
+    Storage,
+    F32,
+    /// f16 bits, `unsigned short` in C.
+    F16,
+    F64,
+    U8,
+    U32,
+    U64,
+    /// `AlexnetStepSettings`.
+    StepSettings,
+}
+
+impl Pointee {
+    /// [`Pointee::Storage`] made concrete for a kernel of storage type `dtype`.
+    pub fn resolved(self, dtype: GpuDtype) -> Pointee {
+        match (self, dtype) {
+            (Pointee::Storage, GpuDtype::F32) => Pointee::F32,
+            (Pointee::Storage, GpuDtype::F16) => Pointee::F16,
+            (other, _) => other,
+        }
+    }
+
+    /// The C type pointed to, as the kernels' signatures spell it (`None` for
+    /// [`Pointee::Storage`], which depends on the entry).
+    pub fn c_type(self) -> Option<&'static str> {
+        Some(match self {
+            Pointee::Storage => return None,
+            Pointee::F32 => "float",
+            Pointee::F16 => "unsigned short",
+            Pointee::F64 => "double",
+            Pointee::U8 => "unsigned char",
+            Pointee::U32 => "unsigned int",
+            Pointee::U64 => "unsigned long long",
+            Pointee::StepSettings => "AlexnetStepSettings",
+        })
+    }
+}
+
 /// One kernel parameter as the launcher passes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Param {
-    /// A device pointer (`.u64` in PTX).
-    Ptr,
-    /// A struct passed by value, of this many bytes (`.b8 name[size]` in PTX).
-    Struct(usize),
+    /// A device pointer (`.u64` in PTX) to this type.
+    Ptr(Pointee),
+    /// A struct from `kernels/alexnet_abi.h` passed by value: its name and size in bytes
+    /// (`.b8 name[size]` in PTX).
+    Struct(&'static str, usize),
+}
+
+impl Param {
+    /// This parameter in the entry of storage type `dtype` ([`Pointee::resolved`]).
+    pub fn resolved(self, dtype: GpuDtype) -> Param {
+        match self {
+            Param::Ptr(pointee) => Param::Ptr(pointee.resolved(dtype)),
+            other => other,
+        }
+    }
+}
+
+/// A parameter struct of `kernels/alexnet_abi.h` passed by value: [`Param::Struct`] with its
+/// name and size.
+macro_rules! by_value {
+    ($abi:ident) => {
+        Param::Struct(stringify!($abi), size_of::<$abi>())
+    };
 }
 
 /// One compiled kernel: its family, storage type, module, `extern "C"` name and parameters.
@@ -72,80 +136,84 @@ macro_rules! kernel_registry {
     };
 }
 
-use Param::{Ptr, Struct};
+use Param::Ptr;
+use Pointee::{StepSettings, Storage, F16, F32, F64, U32, U64, U8};
 
 kernel_registry! {
     "prepare" => {
         /// u8 HWC images to the normalised input tensor (`ops::prepare`).
         PrepareInput = "prepare_input" for [f32, f16]
-            [Ptr, Ptr, Struct(size_of::<AlexnetPrepareParams>())];
+            [Ptr(U8), Ptr(Storage), by_value!(AlexnetPrepareParams)];
         /// An f32 NCHW batch into the input tensor's type, layout and channels
         /// (`ops::prepare`).
         RelayoutF32To = "relayout_f32_to" for [f32, f16]
-            [Ptr, Ptr, Struct(size_of::<AlexnetRelayoutParams>())];
+            [Ptr(F32), Ptr(Storage), by_value!(AlexnetRelayoutParams)];
     }
     "bias_act" => {
         /// Bias + optional ReLU in place (`ops::bias_act`).
-        BiasAct = "bias_act" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetBiasActParams>())];
+        BiasAct = "bias_act" for [f32, f16]
+            [Ptr(Storage), Ptr(Storage), by_value!(AlexnetBiasActParams)];
         /// The ReLU's backward in place (`ops::bias_act`, training).
         ReluBackward = "relu_backward" for [f32, f16]
-            [Ptr, Ptr, Struct(size_of::<AlexnetReluBackwardParams>())];
+            [Ptr(Storage), Ptr(Storage), by_value!(AlexnetReluBackwardParams)];
         /// A bias's gradient, summed per channel into f32 (`ops::bias_act`, training).
         BiasGrad = "bias_grad" for [f32, f16]
-            [Ptr, Ptr, Struct(size_of::<AlexnetBiasGradParams>())];
+            [Ptr(Storage), Ptr(F32), by_value!(AlexnetBiasGradParams)];
     }
     "dropout" => {
         /// Training-mode dropout in place with the CPU's mask (`ops::dropout`).
         Dropout = "dropout" for [f32, f16]
-            [Ptr, Ptr, Struct(size_of::<AlexnetDropoutParams>())];
+            [Ptr(Storage), Ptr(U64), by_value!(AlexnetDropoutParams)];
     }
     "convert" => {
         /// f16 to the named type: `convert_f16_to_f32` widens f16 logits (`ops::convert`).
         ConvertF16To = "convert_f16_to" for [f32]
-            [Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
+            [Ptr(F16), Ptr(Storage), by_value!(AlexnetConvertParams)];
         /// f32 times a scale to the named type: `convert_f32_to_f16` (`ops::convert`, training).
         ConvertF32To = "convert_f32_to" for [f16]
-            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetConvertParams>())];
+            [Ptr(F32), Ptr(Storage), Ptr(StepSettings), by_value!(AlexnetConvertParams)];
     }
     "lrn" => {
         /// The paper's LRN, optionally after a fused ReLU (`ops::lrn`).
-        Lrn = "lrn" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
+        Lrn = "lrn" for [f32, f16] [Ptr(Storage), Ptr(Storage), by_value!(AlexnetLrnParams)];
         /// The LRN's backward (`ops::lrn`, training).
         LrnBackward = "lrn_backward" for [f32, f16]
-            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetLrnParams>())];
+            [Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetLrnParams)];
     }
     "pool" => {
         /// Max-pooling, no padding, floor mode (`ops::pool`).
-        MaxPool = "maxpool" for [f32, f16] [Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
+        MaxPool = "maxpool" for [f32, f16]
+            [Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
         /// Max-pooling's backward, gathered per input element (`ops::pool`, training).
         MaxPoolBackward = "maxpool_backward" for [f32, f16]
-            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetPoolParams>())];
+            [Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
     }
     "conv_epilogue" => {
         /// Bias, ReLU, optional LRN and max-pooling after a convolution in one pass
         /// (`ops::conv_epilogue`).
         ConvEpilogue = "conv_epilogue" for [f32, f16]
-            [Ptr, Ptr, Ptr, Struct(size_of::<AlexnetConvEpilogueParams>())];
+            [Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetConvEpilogueParams)];
     }
     "softmax" => {
         /// Row-wise softmax and top-k (`ops::softmax`).
         SoftmaxTopk = "softmax_topk" for [f32, f16]
-            [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSoftmaxParams>())];
+            [Ptr(Storage), Ptr(F32), Ptr(U32), Ptr(F32), by_value!(AlexnetSoftmaxParams)];
     }
     "loss" => {
         /// Softmax cross-entropy and its gradient (`ops::loss`, training).
         SoftmaxXent = "softmax_xent" for [f32]
-            [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSoftmaxXentParams>())];
+            [Ptr(F32), Ptr(U32), Ptr(F32), Ptr(F64), by_value!(AlexnetSoftmaxXentParams)];
     }
     "grad_scale" => {
         /// Mixed precision: gradients times 1/scale into f32, with the overflow check
         /// (`ops::grad_scale`, training).
         GradUnscale = "grad_unscale" for [f32, f16]
-            [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetGradUnscaleParams>())];
+            [Ptr(Storage), Ptr(F32), Ptr(U32), Ptr(StepSettings), by_value!(AlexnetGradUnscaleParams)];
     }
     "sgd" => {
         /// One SGD step over every parameter (`ops::sgd`, training).
-        Sgd = "sgd" for [f32] [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AlexnetSgdParams>())];
+        Sgd = "sgd" for [f32]
+            [Ptr(F32), Ptr(F32), Ptr(U32), Ptr(StepSettings), by_value!(AlexnetSgdParams)];
     }
 }
 

@@ -129,7 +129,7 @@ fn launch_dropout<T: GpuFloat>(
         launch.buffer(x.data_mut());
         match seed_at {
             Some(seed) => launch.buffer(seed),
-            None => launch.null_buffer(),
+            None => launch.null_buffer::<u64>(),
         };
         launch.params(&params).launch(cfg)
     }

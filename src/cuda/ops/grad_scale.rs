@@ -95,8 +95,8 @@ pub fn unscale_gradients_in_place<'s>(
     // not overlap them; the settings, if any, are one AlexnetStepSettings, only read.
     unsafe {
         Launch::new(gpu, Kernel::GradUnscale, GpuDtype::F32)?
-            .buffer(&ptr)
-            .buffer(&ptr)
+            .address::<f32>(&ptr)
+            .address::<f32>(&ptr)
             .buffer(found_nonfinite)
             .optional_buffer(settings.map(StepSettings::buffer))
             .params(&params)

@@ -218,7 +218,7 @@ pub fn softmax_top_k<T: GpuFloat>(
     launch.buffer(logits.data());
     match probs {
         Some(p) => launch.buffer(p.data_mut()),
-        None => launch.null_buffer(),
+        None => launch.null_buffer::<f32>(),
     };
     launch
         .buffer(&mut out.class)
