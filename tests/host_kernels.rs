@@ -33,7 +33,7 @@ use alexnet_cuda::cuda::kernel_args::{
     bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
     relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args, step_settings_args,
 };
-use alexnet_cuda::cuda::registry::KERNELS;
+use alexnet_cuda::cuda::registry::{kernel as registry_kernel, Param, Pointee, KERNELS};
 use alexnet_cuda::cuda::{
     ConvEpilogueGpu, DropoutGpu, Layout, LrnGpu, MaxPoolGpu, PrepareInput, SgdSegment,
 };
@@ -89,7 +89,7 @@ fn require_host_kernels() {
 // --- buffers and launches ------------------------------------------------------------------
 
 /// A storage type the kernels read and write: f32, or f16 bits.
-trait Elem: Copy + std::fmt::Debug {
+trait Elem: Copy + std::fmt::Debug + HostElem {
     const SUFFIX: &'static str;
     /// All bits set: NaN in both types.
     const POISON: Self;
@@ -121,22 +121,58 @@ impl Elem for f16 {
 
 /// One kernel argument as cuLaunchKernel takes it: a pointer to the value passed.
 enum Arg<'a> {
-    /// A device buffer of `bytes` bytes: the kernel receives its address, and must stay inside.
-    Buffer(*mut c_void, usize, std::marker::PhantomData<&'a mut ()>),
-    /// A parameter struct passed by value.
-    Params(*mut c_void),
+    /// A device buffer of `bytes` bytes of `Pointee` values: the kernel receives its address,
+    /// and must stay inside.
+    Buffer(
+        *mut c_void,
+        usize,
+        Pointee,
+        std::marker::PhantomData<&'a mut ()>,
+    ),
+    /// A parameter struct passed by value: its address, C name and size.
+    Params(*mut c_void, &'static str, usize),
 }
 
-fn buf<T>(data: &mut [T]) -> Arg<'_> {
+/// A host element type as the kernels' C signatures name it (what a launcher's buffer of it
+/// is recorded as; see `src/cuda/launch.rs`).
+trait HostElem {
+    const POINTEE: Pointee;
+}
+
+macro_rules! host_elems {
+    ($($ty:ty => $pointee:ident),+ $(,)?) => {$(
+        impl HostElem for $ty {
+            const POINTEE: Pointee = Pointee::$pointee;
+        }
+    )+};
+}
+
+host_elems!(
+    f32 => F32,
+    f16 => F16,
+    f64 => F64,
+    u8 => U8,
+    u32 => U32,
+    u64 => U64,
+    AlexnetStepSettings => StepSettings,
+);
+
+fn buf<T: HostElem>(data: &mut [T]) -> Arg<'_> {
     Arg::Buffer(
         data.as_mut_ptr().cast(),
         std::mem::size_of_val(data),
+        T::POINTEE,
         std::marker::PhantomData,
     )
 }
 
-fn null<'a>() -> Arg<'a> {
-    Arg::Buffer(std::ptr::null_mut(), 0, std::marker::PhantomData)
+fn null<'a, T: HostElem>() -> Arg<'a> {
+    Arg::Buffer(
+        std::ptr::null_mut(),
+        0,
+        T::POINTEE,
+        std::marker::PhantomData,
+    )
 }
 
 /// Bytes of guard before and after each buffer while a kernel runs.
@@ -227,7 +263,41 @@ impl Guarded {
 }
 
 fn params<P>(p: &mut P) -> Arg<'_> {
-    Arg::Params((p as *mut P).cast())
+    // The struct's C name is its Rust name (src/cuda/abi.rs is bindgen's output).
+    let path = std::any::type_name::<P>();
+    let name = path.rsplit("::").next().unwrap_or(path);
+    Arg::Params((p as *mut P).cast(), name, std::mem::size_of::<P>())
+}
+
+/// `args` against the registry entry `name` (src/cuda/registry.rs), as every launcher's are
+/// (`Launch`): the same count, each buffer's element type, each struct's name and size. The
+/// registry is checked against the kernels' C signatures by `tests/kernel_signatures.rs`, so a
+/// test passing a wrong buffer to the host-compiled kernel (which takes `void **` and cannot
+/// tell) fails here.
+fn check_against_registry(name: &str, args: &[Arg<'_>]) -> Result<(), String> {
+    let Some(spec) = registry_kernel(name) else {
+        // The emulation's own deliberately wrong kernels (host-kernels/checks/) are never
+        // built for a GPU and have no entry.
+        return match name.starts_with("check_") {
+            true => Ok(()),
+            false => Err(format!("{name} is not in the registry")),
+        };
+    };
+    let passed: Vec<Param> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Buffer(_, _, pointee, _) => Param::Ptr(pointee),
+            Arg::Params(_, name, size) => Param::Struct(name, size),
+        })
+        .collect();
+    let declared: Vec<Param> = spec.params.iter().map(|p| p.resolved(spec.dtype)).collect();
+    if passed == declared {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}: the test passes {passed:?}, src/cuda/registry.rs declares {declared:?}"
+        ))
+    }
 }
 
 /// Runs `name` with `args` over the launcher's grid and block.
@@ -256,14 +326,15 @@ fn try_launch_grid(
     args: Vec<Arg<'_>>,
     reached: &mut [Guarded],
 ) -> Result<(), String> {
+    check_against_registry(name, &args)?;
     // Each buffer runs as a guarded copy (one per distinct buffer: an argument passed twice,
     // as an in-place launch does, is one copy).
     let mut copies: Vec<Guarded> = Vec::new();
     let mut addresses: Vec<*mut c_void> = args
         .iter()
         .map(|a| match *a {
-            Arg::Buffer(ptr, _, _) if ptr.is_null() => ptr,
-            Arg::Buffer(ptr, bytes, _) => {
+            Arg::Buffer(ptr, _, _, _) if ptr.is_null() => ptr,
+            Arg::Buffer(ptr, bytes, _, _) => {
                 // Separate copies of overlapping buffers would no longer alias: only the very
                 // same buffer may come twice.
                 let start = ptr as usize;
@@ -286,7 +357,7 @@ fn try_launch_grid(
                 };
                 copies[at].start()
             }
-            Arg::Params(_) => std::ptr::null_mut(),
+            Arg::Params(..) => std::ptr::null_mut(),
         })
         .collect();
     // The addresses live here while the kernel runs; each argument slot points at one of them
@@ -296,7 +367,7 @@ fn try_launch_grid(
         .zip(addresses.iter_mut())
         .map(|(a, address)| match a {
             Arg::Buffer(..) => (address as *mut *mut c_void).cast(),
-            Arg::Params(p) => *p,
+            Arg::Params(p, _, _) => *p,
         })
         .collect();
     // Every launch runs twice from the same inputs: first with 64-bit indices (the path a GPU
@@ -563,7 +634,7 @@ fn dropout_case(x: &ArrayD<f32>, prob: f32, mode: DropoutMode) {
         launch(
             "dropout_f32",
             grid,
-            vec![buf(&mut data), null(), params(&mut p)],
+            vec![buf(&mut data), null::<u64>(), params(&mut p)],
         );
         let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
         assert_same(
@@ -596,7 +667,7 @@ fn dropout_case(x: &ArrayD<f32>, prob: f32, mode: DropoutMode) {
         launch(
             "dropout_f16",
             grid,
-            vec![buf(&mut half), null(), params(&mut p)],
+            vec![buf(&mut half), null::<u64>(), params(&mut p)],
         );
         let mut half_seeded: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         launch(
@@ -629,7 +700,7 @@ fn dropout_case(x: &ArrayD<f32>, prob: f32, mode: DropoutMode) {
                 launch(
                     "dropout_f32",
                     grid,
-                    vec![buf(&mut data), null(), params(&mut p)],
+                    vec![buf(&mut data), null::<u64>(), params(&mut p)],
                 );
                 let got = ArrayD::from_shape_vec(IxDyn(&[len]), data).unwrap();
                 assert_same(
@@ -644,7 +715,7 @@ fn dropout_case(x: &ArrayD<f32>, prob: f32, mode: DropoutMode) {
                 launch(
                     "dropout_f16",
                     grid,
-                    vec![buf(&mut half), null(), params(&mut p)],
+                    vec![buf(&mut half), null::<u64>(), params(&mut p)],
                 );
                 let got16 = ArrayD::from_shape_vec(
                     IxDyn(&[len]),
@@ -1071,7 +1142,7 @@ fn prepare_rect_case<T: Elem>(n: usize, channels: usize, (h, w): (usize, usize),
 /// Runs the input kernel `name` from `src` into a poisoned `dims` output in `layout`, over the
 /// launcher's grid and a small wrapping one, and checks every element against `want` bit for
 /// bit (`what` names the case in a failure).
-fn check_input_kernel<S: Clone, T: Elem, P>(
+fn check_input_kernel<S: Clone + HostElem, T: Elem, P>(
     (name, what): (&str, &str),
     cfg: LaunchConfig,
     src: &[S],
@@ -1244,7 +1315,7 @@ fn softmax_case<T: Elem>(logits: &Array2<f32>, k: usize, block: u32) {
         grid,
         vec![
             buf(&mut src),
-            null(),
+            null::<f32>(),
             buf(&mut class2),
             buf(&mut prob2),
             params(&mut p),
@@ -1757,10 +1828,14 @@ fn sgd_steps(
         let mut g = flat_grads.clone();
         let grid = if step == 1 { small_grid(32) } else { cfg };
         let mut flag = vec![u32::from(skipped)];
-        let skip = if with_copies { buf(&mut flag) } else { null() };
+        let skip = if with_copies {
+            buf(&mut flag)
+        } else {
+            null::<u32>()
+        };
         let settings = match on_device {
             true => buf(std::slice::from_mut(&mut settings)),
-            false => null(),
+            false => null::<AlexnetStepSettings>(),
         };
         launch_reaching(
             "sgd_f32",
@@ -1873,7 +1948,7 @@ fn scale_source(on_device: bool, scale: f32, settings: &mut AlexnetStepSettings)
     *settings = step_settings_args(0.01, scale, false).unwrap();
     match on_device {
         true => (buf(std::slice::from_mut(settings)), 1.0),
-        false => (null(), scale),
+        false => (null::<AlexnetStepSettings>(), scale),
     }
 }
 
@@ -1938,8 +2013,18 @@ fn grad_unscale_in_place_case(values: &[f32], scale: f32) {
             "grad_unscale_f32",
             grid,
             vec![
-                Arg::Buffer(grads_ptr, grads_bytes, std::marker::PhantomData),
-                Arg::Buffer(grads_ptr, grads_bytes, std::marker::PhantomData),
+                Arg::Buffer(
+                    grads_ptr,
+                    grads_bytes,
+                    Pointee::F32,
+                    std::marker::PhantomData,
+                ),
+                Arg::Buffer(
+                    grads_ptr,
+                    grads_bytes,
+                    Pointee::F32,
+                    std::marker::PhantomData,
+                ),
                 buf(&mut flag),
                 settings,
                 params(&mut p),
