@@ -1096,10 +1096,10 @@ fn an_overflow_skips_the_step_and_halves_the_loss_scale() {
 /// Mixed precision's loss scale and first-step flag moving under a replayed graph, against the
 /// same steps launched kernel by kernel. The scale starts far beyond f16, so the first two steps
 /// (the eager one and the one captured) overflow and are skipped, and the third, a replay, is
-/// the first applied: it must not read the momentum (the flag, read on the device, still says
-/// first step). Two good steps grow the scale beyond f16 again: the fifth step, a replay,
-/// overflows and is skipped, as is the sixth. A graph that kept the values it was captured
-/// with would overflow at the third step or read no momentum at the fourth.
+/// the first applied, with the first-step flag set on the device. Two good steps grow the scale
+/// beyond f16 again: the fifth step, a replay, overflows and is skipped, as is the sixth. A
+/// graph that kept the values it was captured with (loss scale 2^65, first step) would
+/// overflow at the third step, or ignore the momentum at the fourth.
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn loss_scale_and_first_step_move_under_a_replayed_graph() {

@@ -111,12 +111,33 @@ fn module_source(module: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// How many times `__global__` occurs in `source` outside comments and preprocessor lines (the
+/// host emulation's header defines it away): every kernel the parser must have found.
+fn global_count(source: &str) -> usize {
+    without_comments(source)
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .map(|line| line.matches("__global__").count())
+        .sum()
+}
+
 #[test]
 fn every_registry_entry_has_the_parameters_of_its_c_signature() {
     let mut problems = Vec::new();
     let mut seen = 0;
     for module in MODULES {
-        let kernels = c_kernels(&module_source(module));
+        let source = module_source(module);
+        let kernels = c_kernels(&source);
+        // A kernel written another way (an `extern "C" {` block, a qualifier before
+        // `__global__`, a macro) would be passed over here, registry entry or not.
+        if kernels.len() != global_count(&source) {
+            problems.push(format!(
+                "{module}.cu: {} kernels read, {} `__global__` in the source: write each as \
+                 `extern \"C\" __global__ void name(...)`",
+                kernels.len(),
+                global_count(&source)
+            ));
+        }
         for spec in KERNELS.iter().filter(|k| k.module == *module) {
             let Some((_, c_params)) = kernels.iter().find(|(name, _)| name == spec.name) else {
                 problems.push(format!("{module}.cu defines no kernel {}", spec.name));
@@ -144,6 +165,29 @@ fn every_registry_entry_has_the_parameters_of_its_c_signature() {
     assert_eq!(seen, KERNELS.len(), "every entry was compared");
 }
 
+/// Kernels live in the modules only: the headers the modules include hold device functions,
+/// which no registry entry could name.
+#[test]
+fn no_header_defines_a_kernel() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut headers = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let is_header = path.extension().is_some_and(|e| e == "h" || e == "cuh");
+        if is_header {
+            headers += 1;
+            let source = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(
+                global_count(&source),
+                0,
+                "{} defines a kernel",
+                path.display()
+            );
+        }
+    }
+    assert!(headers > 0, "no header found in {}", dir.display());
+}
+
 #[test]
 fn the_parser_reads_pointers_types_and_comments() {
     let source = "/* extern \"C\" __global__ void hidden(int x) */\n\
@@ -153,6 +197,10 @@ fn the_parser_reads_pointers_types_and_comments() {
                   extern \"C\" void host_only(int x);\n";
     let found = c_kernels(source);
     assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(global_count(source), 1);
+    // A kernel the parser cannot read still counts, so the module check reports it.
+    let block = "extern \"C\" {\n__global__ void blocky(float *a) {}\n}\n#define __global__\n";
+    assert_eq!((c_kernels(block).len(), global_count(block)), (0, 1));
     let (name, params) = &found[0];
     assert_eq!(name, "k");
     let c = |ty: &str, pointer| CParam {
