@@ -32,6 +32,7 @@ use alexnet_cuda::cuda::abi::{
 use alexnet_cuda::cuda::kernel_args::{
     bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
     relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args, step_settings_args,
+    KernelElem,
 };
 use alexnet_cuda::cuda::registry::{kernel as registry_kernel, Param, Pointee, KERNELS};
 use alexnet_cuda::cuda::{
@@ -89,7 +90,7 @@ fn require_host_kernels() {
 // --- buffers and launches ------------------------------------------------------------------
 
 /// A storage type the kernels read and write: f32, or f16 bits.
-trait Elem: Copy + std::fmt::Debug + HostElem {
+trait Elem: Copy + std::fmt::Debug + KernelElem {
     const SUFFIX: &'static str;
     /// All bits set: NaN in both types.
     const POISON: Self;
@@ -133,31 +134,7 @@ enum Arg<'a> {
     Params(*mut c_void, &'static str, usize),
 }
 
-/// A host element type as the kernels' C signatures name it (what a launcher's buffer of it
-/// is recorded as; see `src/cuda/launch.rs`).
-trait HostElem {
-    const POINTEE: Pointee;
-}
-
-macro_rules! host_elems {
-    ($($ty:ty => $pointee:ident),+ $(,)?) => {$(
-        impl HostElem for $ty {
-            const POINTEE: Pointee = Pointee::$pointee;
-        }
-    )+};
-}
-
-host_elems!(
-    f32 => F32,
-    f16 => F16,
-    f64 => F64,
-    u8 => U8,
-    u32 => U32,
-    u64 => U64,
-    AlexnetStepSettings => StepSettings,
-);
-
-fn buf<T: HostElem>(data: &mut [T]) -> Arg<'_> {
+fn buf<T: KernelElem>(data: &mut [T]) -> Arg<'_> {
     Arg::Buffer(
         data.as_mut_ptr().cast(),
         std::mem::size_of_val(data),
@@ -166,7 +143,7 @@ fn buf<T: HostElem>(data: &mut [T]) -> Arg<'_> {
     )
 }
 
-fn null<'a, T: HostElem>() -> Arg<'a> {
+fn null<'a, T: KernelElem>() -> Arg<'a> {
     Arg::Buffer(
         std::ptr::null_mut(),
         0,
@@ -805,10 +782,7 @@ fn convert_narrows_the_scaled_f32_as_half_rounds_it() {
             .collect();
         // The scale in the parameters, or (a captured training step) read from the step
         // settings.
-        for (on_device, grid) in [false, true]
-            .into_iter()
-            .flat_map(|d| [(d, None), (d, Some(small_grid(33)))])
-        {
+        for (on_device, grid) in scale_runs(small_grid(33)) {
             let mut settings = AlexnetStepSettings::default();
             let (settings, by_value) = scale_source(on_device, scale, &mut settings);
             let (mut p, cfg) = convert_args(values.len(), by_value).unwrap();
@@ -1142,7 +1116,7 @@ fn prepare_rect_case<T: Elem>(n: usize, channels: usize, (h, w): (usize, usize),
 /// Runs the input kernel `name` from `src` into a poisoned `dims` output in `layout`, over the
 /// launcher's grid and a small wrapping one, and checks every element against `want` bit for
 /// bit (`what` names the case in a failure).
-fn check_input_kernel<S: Clone + HostElem, T: Elem, P>(
+fn check_input_kernel<S: Clone + KernelElem, T: Elem, P>(
     (name, what): (&str, &str),
     cfg: LaunchConfig,
     src: &[S],
@@ -1941,6 +1915,17 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
     assert!(sgd_args(&SgdConfig::default(), &many, false).is_err());
 }
 
+/// The four runs of a kernel taking a loss scale: given by value, then read from the step
+/// settings (`true`), each over the launcher's grid (`None`) and `small`.
+fn scale_runs(small: LaunchConfig) -> [(bool, Option<LaunchConfig>); 4] {
+    [
+        (false, None),
+        (false, Some(small)),
+        (true, None),
+        (true, Some(small)),
+    ]
+}
+
 /// The step settings argument for a launch taking the loss scale `scale` from them
 /// (`on_device`), with the parameters' scale at the launcher's 1; or null, with the scale in
 /// the parameters. Gives the scale for the parameters.
@@ -1960,10 +1945,7 @@ fn grad_unscale_case<T: Elem>(values: &[f32], scale: f32, flag_before: u32) {
     let stored: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
     let read: Vec<f32> = stored.iter().map(|v| v.to_f32()).collect();
     let (want, overflowed) = unscale_gradients(&read, scale);
-    for (on_device, grid) in [false, true]
-        .into_iter()
-        .flat_map(|d| [(d, None), (d, Some(small_grid(32)))])
-    {
+    for (on_device, grid) in scale_runs(small_grid(32)) {
         let mut settings = AlexnetStepSettings::default();
         let (settings, by_value) = scale_source(on_device, scale, &mut settings);
         let (mut p, cfg) = grad_unscale_args(values.len(), by_value).unwrap();
@@ -1997,10 +1979,7 @@ fn grad_unscale_case<T: Elem>(values: &[f32], scale: f32, flag_before: u32) {
 /// `unscale_gradients_in_place`), against the CPU twin, with the launcher's grid and a small one.
 fn grad_unscale_in_place_case(values: &[f32], scale: f32) {
     let (want, overflowed) = unscale_gradients(values, scale);
-    for (on_device, grid) in [false, true]
-        .into_iter()
-        .flat_map(|d| [(d, None), (d, Some(small_grid(32)))])
-    {
+    for (on_device, grid) in scale_runs(small_grid(32)) {
         let mut settings = AlexnetStepSettings::default();
         let (settings, by_value) = scale_source(on_device, scale, &mut settings);
         let (mut p, cfg) = grad_unscale_args(values.len(), by_value).unwrap();

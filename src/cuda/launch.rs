@@ -84,8 +84,8 @@ abi_structs!(
 );
 
 /// A Rust element type of device buffers and what it is in the kernels' C signatures. Public
-/// only as a supertrait of [`super::GpuFloat`]; its module is private, so nothing outside the
-/// crate can name or implement it.
+/// as a supertrait of [`super::GpuFloat`] and for the host-executed tests
+/// (`cuda::kernel_args`); implementing it for another type gives that type no launch.
 pub trait KernelElem {
     const POINTEE: Pointee;
 }

@@ -113,6 +113,9 @@ pub use trainer::{CudaTrainOptions, CudaTrainer, StepPhase, StepProfile};
 /// shapes), for the tests that run the kernels' own source on the CPU (`tests/host_kernels.rs`).
 #[doc(hidden)]
 pub mod kernel_args {
+    /// What each host buffer type is in the kernels' C signatures, for checking a test's
+    /// arguments against the registry as a launcher's are.
+    pub use super::launch::KernelElem;
     pub use super::ops::{
         bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
         relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args, step_settings_args,
