@@ -273,10 +273,17 @@ impl<'a> Launch<'a> {
 /// The registry's parameter list for `spec` against what a launcher passed (`count` arguments,
 /// the first of which are `passed`).
 fn check_arguments(spec: &KernelSpec, passed: &[Param], count: usize) -> Result<()> {
-    let declared: Vec<Param> = spec.params.iter().map(|p| p.resolved(spec.dtype)).collect();
-    if count == passed.len() && passed == declared.as_slice() {
+    // Every launch comes here: compared in place, the declared list is built only for an error.
+    let agrees = count == passed.len()
+        && passed.len() == spec.params.len()
+        && passed
+            .iter()
+            .zip(spec.params)
+            .all(|(passed, declared)| *passed == declared.resolved(spec.dtype));
+    if agrees {
         return Ok(());
     }
+    let declared: Vec<Param> = spec.params.iter().map(|p| p.resolved(spec.dtype)).collect();
     Err(Error::cuda(
         format!("launching {}", spec.name),
         format!(
