@@ -1,8 +1,9 @@
-//! The network's forward as a CUDA graph: run eagerly once for a batch size (algorithms chosen,
-//! workspaces sized), captured on the second run, replayed from the third on as one launch
-//! instead of ~20. What the graph bakes in — buffer addresses, the workspace's — must not
-//! move while it is replayed: buffers live with the graph (one batch size), and the shared
-//! convolution workspace's generation is checked before each replay.
+//! CUDA graphs for the network's forward and the training step: run eagerly once for a batch
+//! size (algorithms chosen, workspaces sized), captured on the second run, replayed from the
+//! third on as one launch instead of dozens. One state machine ([`GraphState::run`]) serves
+//! both. What a graph bakes in — buffer addresses, the workspace's, a step's optimiser
+//! settings — must not move while it is replayed: buffers live with the graph (one batch
+//! size), and the rest is compared before each replay.
 
 use std::sync::Arc;
 
@@ -11,17 +12,16 @@ use cudarc::driver::{CudaGraph, CudaStream};
 
 use crate::error::{Error, Result};
 
-/// Where a batch size's graph stands.
-pub(crate) enum GraphState {
-    /// Not run yet at this size: the next forward runs eagerly.
+/// Where a batch size's graph stands. `K` is what the captured work bakes in besides buffer
+/// addresses (which live with the graph): the shared convolution workspace's generation, and for
+/// a training step its optimiser settings. `G` is the graph (a stand-in in the tests).
+pub(crate) enum GraphState<K, G = SendGraph> {
+    /// Not run yet at this size: the next run is eager.
     Fresh,
-    /// Ran eagerly once: the next forward is captured (and run).
+    /// Ran eagerly once: the next run is captured (and launched).
     Warm,
-    /// Captured with the convolution workspace at `workspace_generation`.
-    Ready {
-        graph: SendGraph,
-        workspace_generation: u64,
-    },
+    /// Captured with `baked`; replayed while the run's own values equal them.
+    Ready { graph: G, baked: K },
     /// The capture failed (an operation that cannot be captured): eager from now on.
     Unsupported(String),
 }
@@ -39,13 +39,74 @@ pub enum GraphStatus {
     Unsupported(String),
 }
 
-impl GraphState {
+/// The work a graph records, as [`GraphState::run`] drives it.
+pub(crate) trait GraphWork {
+    type Graph;
+    /// Queues the work as it is, launch by launch.
+    fn run_eagerly(&mut self) -> Result<()>;
+    /// Records the work into a graph without running it. The outer error is one an earlier
+    /// asynchronous call left pending (the caller must see it); the inner one, the capture's.
+    fn capture(&mut self) -> Result<Result<Self::Graph>>;
+    /// Launches a captured graph.
+    fn replay(&mut self, graph: &Self::Graph) -> Result<()>;
+}
+
+impl<K: PartialEq, G> GraphState<K, G> {
     pub fn status(&self) -> GraphStatus {
         match self {
             GraphState::Fresh | GraphState::Warm => GraphStatus::NotCaptured,
             GraphState::Ready { .. } => GraphStatus::Replaying,
             GraphState::Unsupported(why) => GraphStatus::Unsupported(why.clone()),
         }
+    }
+
+    /// Runs `work` once, the way its graph stands: eager on the first run, captured and launched
+    /// on the second, replayed after while `baked` stays what the graph was captured with. A run
+    /// with other values is eager and the next one captures again; a failed capture leaves the
+    /// work eager for good. A pending earlier error is returned before anything runs, and the
+    /// state starts over (that context is not expected to run anything again).
+    pub fn run<W: GraphWork<Graph = G>>(&mut self, baked: K, work: &mut W) -> Result<()> {
+        let (next, result) = match std::mem::replace(self, GraphState::Fresh) {
+            GraphState::Ready { graph, baked: held } if held == baked => {
+                let replayed = work.replay(&graph);
+                (GraphState::Ready { graph, baked }, replayed)
+            }
+            GraphState::Unsupported(why) => (GraphState::Unsupported(why), work.run_eagerly()),
+            GraphState::Warm => match work.capture()? {
+                Ok(graph) => {
+                    // Capturing recorded the work without running it.
+                    let launched = work.replay(&graph);
+                    (GraphState::Ready { graph, baked }, launched)
+                }
+                Err(e) => (GraphState::Unsupported(e.to_string()), work.run_eagerly()),
+            },
+            // The first run at this size, or the graph holds other values.
+            GraphState::Fresh | GraphState::Ready { .. } => (GraphState::Warm, work.run_eagerly()),
+        };
+        *self = next;
+        result
+    }
+}
+
+/// Work that a closure queues on `stream`, captured with [`capture`].
+pub(crate) struct StreamWork<'a, F> {
+    pub stream: &'a Arc<CudaStream>,
+    pub queue: F,
+}
+
+impl<F: FnMut() -> Result<()>> GraphWork for StreamWork<'_, F> {
+    type Graph = SendGraph;
+
+    fn run_eagerly(&mut self) -> Result<()> {
+        (self.queue)()
+    }
+
+    fn capture(&mut self) -> Result<Result<SendGraph>> {
+        capture(self.stream, &mut self.queue)
+    }
+
+    fn replay(&mut self, graph: &SendGraph) -> Result<()> {
+        graph.launch()
     }
 }
 
@@ -128,5 +189,136 @@ fn end_abandoned_capture(stream: &CudaStream) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine on the host, with a scripted stand-in for the stream: what it runs,
+    //! captures and replays on each call, and what it reports.
+    use super::*;
+
+    /// Logs every call; a captured "graph" is the number of the capture.
+    #[derive(Default)]
+    struct Scripted {
+        log: Vec<String>,
+        captures: u32,
+        capture_fails: bool,
+        pending_error: bool,
+        replay_fails: bool,
+    }
+
+    impl GraphWork for Scripted {
+        type Graph = u32;
+
+        fn run_eagerly(&mut self) -> Result<()> {
+            self.log.push("eager".into());
+            Ok(())
+        }
+
+        fn capture(&mut self) -> Result<Result<u32>> {
+            if self.pending_error {
+                return Err(Error::cuda("an earlier CUDA call", "pending"));
+            }
+            self.captures += 1;
+            self.log.push(format!("capture {}", self.captures));
+            Ok(match self.capture_fails {
+                true => Err(Error::cuda("cuStreamEndCapture", "not capturable")),
+                false => Ok(self.captures),
+            })
+        }
+
+        fn replay(&mut self, graph: &u32) -> Result<()> {
+            self.log.push(format!("replay {graph}"));
+            match self.replay_fails {
+                true => Err(Error::cuda("cuGraphLaunch", "launch failed")),
+                false => Ok(()),
+            }
+        }
+    }
+
+    /// Runs `state` once at `baked` and returns what the work saw and the status after it.
+    fn step(state: &mut GraphState<u64, u32>, baked: u64, work: &mut Scripted) -> String {
+        work.log.clear();
+        let result = state.run(baked, work);
+        assert!(result.is_ok(), "{result:?}");
+        work.log.join(", ")
+    }
+
+    #[test]
+    fn eager_first_then_captured_then_replayed() {
+        let (mut state, mut work) = (GraphState::Fresh, Scripted::default());
+        assert_eq!(state.status(), GraphStatus::NotCaptured);
+        assert_eq!(step(&mut state, 7, &mut work), "eager");
+        assert_eq!(state.status(), GraphStatus::NotCaptured);
+        // Capturing does not run the work: the new graph is launched at once.
+        assert_eq!(step(&mut state, 7, &mut work), "capture 1, replay 1");
+        assert_eq!(state.status(), GraphStatus::Replaying);
+        for _ in 0..3 {
+            assert_eq!(step(&mut state, 7, &mut work), "replay 1");
+        }
+        assert_eq!(state.status(), GraphStatus::Replaying);
+    }
+
+    #[test]
+    fn other_baked_values_run_eagerly_then_capture_again() {
+        let (mut state, mut work) = (GraphState::Fresh, Scripted::default());
+        step(&mut state, 7, &mut work);
+        step(&mut state, 7, &mut work);
+        assert_eq!(step(&mut state, 8, &mut work), "eager");
+        assert_eq!(state.status(), GraphStatus::NotCaptured);
+        assert_eq!(step(&mut state, 8, &mut work), "capture 2, replay 2");
+        assert_eq!(step(&mut state, 8, &mut work), "replay 2");
+        // The values it was captured with are the new ones: the old ones are stale now.
+        assert_eq!(step(&mut state, 7, &mut work), "eager");
+    }
+
+    #[test]
+    fn a_failed_capture_leaves_the_work_eager_for_good() {
+        let mut work = Scripted {
+            capture_fails: true,
+            ..Scripted::default()
+        };
+        let mut state = GraphState::Fresh;
+        step(&mut state, 7, &mut work);
+        // The failed capture ran nothing, so the work runs eagerly in the same call.
+        assert_eq!(step(&mut state, 7, &mut work), "capture 1, eager");
+        let GraphStatus::Unsupported(why) = state.status() else {
+            panic!("expected Unsupported, got {:?}", state.status());
+        };
+        assert!(why.contains("not capturable"), "{why}");
+        work.capture_fails = false;
+        for baked in [7, 8, 8] {
+            assert_eq!(step(&mut state, baked, &mut work), "eager");
+        }
+        assert!(matches!(state.status(), GraphStatus::Unsupported(_)));
+    }
+
+    #[test]
+    fn a_pending_error_is_returned_before_anything_runs() {
+        let (mut state, mut work) = (GraphState::Fresh, Scripted::default());
+        step(&mut state, 7, &mut work);
+        work.pending_error = true;
+        work.log.clear();
+        let err = state.run(7, &mut work).expect_err("the pending error");
+        assert!(err.to_string().contains("pending"), "{err}");
+        assert!(work.log.is_empty(), "ran {:?}", work.log);
+        // Nothing was captured: the next run starts over.
+        work.pending_error = false;
+        assert_eq!(step(&mut state, 7, &mut work), "eager");
+        assert_eq!(step(&mut state, 7, &mut work), "capture 1, replay 1");
+    }
+
+    #[test]
+    fn a_failed_replay_is_returned_and_the_graph_kept() {
+        let (mut state, mut work) = (GraphState::Fresh, Scripted::default());
+        step(&mut state, 7, &mut work);
+        step(&mut state, 7, &mut work);
+        work.replay_fails = true;
+        let err = state.run(7, &mut work).expect_err("the failed launch");
+        assert!(err.to_string().contains("launch failed"), "{err}");
+        assert_eq!(state.status(), GraphStatus::Replaying);
+        work.replay_fails = false;
+        assert_eq!(step(&mut state, 7, &mut work), "replay 1");
     }
 }

@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 
 /// Every buffer for one batch size.
 pub(crate) struct Buffers<T: GpuFloat> {
-    /// First, so that it is dropped before the buffers whose addresses it holds.
-    pub(super) graph: GraphState,
+    /// First, so that it is dropped before the buffers whose addresses it holds. Keyed by the
+    /// shared convolution workspace's generation, the one address it bakes in from outside.
+    pub(super) graph: GraphState<u64>,
     pub(super) n: usize,
     /// The network's input tensor.
     pub(super) input: GpuTensor<T>,

@@ -8,7 +8,7 @@ use ndarray::ArrayView4;
 use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::graph::{capture, GraphState, GraphStatus};
+use crate::cuda::graph::{GraphState, GraphStatus, StreamWork};
 use crate::cuda::ops::{
     chw_columns_to_hwc, Conv2dGpu, ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu,
     LinearGpu, LrnGpu, MaxPoolGpu, TopK,
@@ -407,46 +407,16 @@ impl<T: GpuFloat> Layers<T> {
             return self.run_fused(gpu, bufs);
         }
         let generation = gpu.conv_workspace()?.generation();
-        let (next, result) = match std::mem::replace(&mut bufs.graph, GraphState::Fresh) {
-            GraphState::Ready {
-                graph,
-                workspace_generation,
-            } if workspace_generation == generation => {
-                let launched = graph.launch();
-                (
-                    GraphState::Ready {
-                        graph,
-                        workspace_generation,
-                    },
-                    launched,
-                )
-            }
-            GraphState::Unsupported(why) => {
-                (GraphState::Unsupported(why), self.run_fused(gpu, bufs))
-            }
-            GraphState::Warm => match capture(gpu.stream(), || self.run_fused(gpu, bufs))? {
-                Ok(graph) => {
-                    // Capturing recorded the work without running it.
-                    let launched = graph.launch();
-                    (
-                        GraphState::Ready {
-                            graph,
-                            workspace_generation: generation,
-                        },
-                        launched,
-                    )
-                }
-                Err(e) => (
-                    GraphState::Unsupported(e.to_string()),
-                    self.run_fused(gpu, bufs),
-                ),
+        // Out of the buffers while the work borrows them; put back whatever happens.
+        let mut graph = std::mem::replace(&mut bufs.graph, GraphState::Fresh);
+        let result = graph.run(
+            generation,
+            &mut StreamWork {
+                stream: gpu.stream(),
+                queue: || self.run_fused(gpu, bufs),
             },
-            // First run at this size, or the graph's workspace address is stale.
-            GraphState::Fresh | GraphState::Ready { .. } => {
-                (GraphState::Warm, self.run_fused(gpu, bufs))
-            }
-        };
-        bufs.graph = next;
+        );
+        bufs.graph = graph;
         result
     }
 

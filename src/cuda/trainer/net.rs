@@ -20,7 +20,7 @@ use crate::config::{AlexNetConfig, StageOp};
 use crate::cpu::layer_seed;
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::events::{new_event, record};
-use crate::cuda::graph::{capture, GraphState, GraphStatus};
+use crate::cuda::graph::{GraphState, GraphStatus, StreamWork};
 use crate::cuda::ops::{
     pack_conv_weights, relu_backward, sgd_step, unpack_conv_weights, unscale_gradients,
     unscale_gradients_in_place, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
@@ -85,15 +85,21 @@ struct Stage<T: TrainFloat> {
 struct StepBuffers<T: TrainFloat> {
     /// The step captured at this batch size: first, so that it is dropped before the buffers
     /// whose addresses it holds.
-    graph: GraphState,
+    graph: GraphState<Baked>,
     batch: usize,
     activations: Vec<GpuTensor<T>>,
     gradients: Vec<GpuTensor<T>>,
     labels: CudaSlice<u32>,
     row_loss: CudaSlice<f64>,
     wide: Option<WideBuffers>,
-    /// The settings `graph` was captured with.
-    captured_for: Option<StepRun>,
+}
+
+/// What a captured step bakes in from outside its buffers: the shared convolution workspace's
+/// address (by generation) and the settings in its kernels' parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Baked {
+    workspace_generation: u64,
+    run: StepRun,
 }
 
 /// One step's batch, labels (checked classes, one per image), dropout seed, optimiser
@@ -367,7 +373,6 @@ impl<T: TrainFloat> Net<T> {
                 .map_err(driver_err("allocate the losses"))?,
             wide,
             graph: GraphState::Fresh,
-            captured_for: None,
         });
         Ok(())
     }
@@ -500,54 +505,22 @@ impl<T: TrainFloat> Net<T> {
         if !self.graphs {
             return self.compute(gpu, &run, None);
         }
-        let generation = gpu.conv_workspace()?.generation();
-        let (state, captured_for) = {
-            let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
-            (
-                std::mem::replace(&mut buffers.graph, GraphState::Fresh),
-                buffers.captured_for,
-            )
+        let baked = Baked {
+            workspace_generation: gpu.conv_workspace()?.generation(),
+            run,
         };
-        let mut captured_for_next = captured_for;
-        let (next, result) = match state {
-            GraphState::Ready {
-                graph,
-                workspace_generation,
-            } if workspace_generation == generation && captured_for == Some(run) => {
-                let launched = graph.launch();
-                let ready = GraphState::Ready {
-                    graph,
-                    workspace_generation,
-                };
-                (ready, launched)
-            }
-            GraphState::Unsupported(why) => {
-                (GraphState::Unsupported(why), self.compute(gpu, &run, None))
-            }
-            GraphState::Warm => match capture(gpu.stream(), || self.compute(gpu, &run, None))? {
-                Ok(graph) => {
-                    // Capturing recorded the work without running it.
-                    let launched = graph.launch();
-                    captured_for_next = Some(run);
-                    let ready = GraphState::Ready {
-                        graph,
-                        workspace_generation: generation,
-                    };
-                    (ready, launched)
-                }
-                Err(e) => (
-                    GraphState::Unsupported(e.to_string()),
-                    self.compute(gpu, &run, None),
-                ),
-            },
-            // The first step at this size, or the graph holds other settings or addresses.
-            GraphState::Fresh | GraphState::Ready { .. } => {
-                (GraphState::Warm, self.compute(gpu, &run, None))
-            }
-        };
+        // Out of the buffers while the step borrows the network; put back whatever happens.
         let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
-        buffers.graph = next;
-        buffers.captured_for = captured_for_next;
+        let mut graph = std::mem::replace(&mut buffers.graph, GraphState::Fresh);
+        let result = graph.run(
+            baked,
+            &mut StreamWork {
+                stream: gpu.stream(),
+                queue: || self.compute(gpu, &run, None),
+            },
+        );
+        let buffers = self.buffers.as_mut().ok_or_else(no_buffers)?;
+        buffers.graph = graph;
         result
     }
 
