@@ -96,10 +96,18 @@ impl TopK {
         // `Gpu::new`): reading them waits for nothing, so wait for the copies here, also for
         // the first when the second could not be queued (the buffers may be dropped next). On
         // an event, which a wait sleeps on, not on the stream, which it spins on.
-        record(&self.downloaded, gpu.stream())?;
-        self.downloaded
-            .synchronize()
-            .map_err(driver_err("cuEventSynchronize (top-k download)"))?;
+        let waited = record(&self.downloaded, gpu.stream()).and_then(|()| {
+            self.downloaded
+                .synchronize()
+                .map_err(driver_err("cuEventSynchronize (top-k download)"))
+        });
+        if waited.is_err() {
+            // No event to sleep on: the copies may still be queued, and the buffers must not
+            // be freed under them, so wait for the whole stream. Its error is the same failure
+            // seen again (a context that cannot sync runs no copies either).
+            let _ = gpu.stream().synchronize();
+        }
+        waited?;
         started?;
         self.read_downloaded()
     }
