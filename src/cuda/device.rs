@@ -134,13 +134,17 @@ impl Gpu {
         // SAFETY: from here on cudarc records no event per buffer use and inserts no
         // cross-stream waits (it only affects buffers allocated afterwards: none exist yet).
         // The crate orders its two streams itself, which is all that needs:
-        // - buffers are used on the compute stream only, except a pipeline slot's device input,
-        //   written on the copy stream after `Pipeline::new` synchronised its allocation, read
-        //   on the compute stream after `cuStreamWaitEvent` on the slot's upload event, and
-        //   written again only after `finish` waited for the slot's download;
+        // - buffers are used on the compute stream only, except two written on the copy stream:
+        //   a pipeline slot's device input, written after `Pipeline::new` synchronised its
+        //   allocation, read on the compute stream after `cuStreamWaitEvent` on the slot's
+        //   upload event, and written again only after `finish` waited for the slot's download
+        //   (or, after a failed submit, both streams were synchronised); and the trainer's
+        //   staging buffer for the next batch (`Prefetch`), written after its allocation was
+        //   synchronised and the copy stream waited on `consumed`, read after `uploaded`;
         // - page-locked host memory is read or rewritten only after a host wait on the event
         //   recorded after its copy (`finish_logits`, `top_k_u8`, `Pipeline::finish` and
-        //   `input_buffer`, `run_u8`), since cudarc no longer records its own;
+        //   `input_buffer`, `run_u8`), since cudarc no longer records its own, or after a
+        //   stream sync where an error may have left that event unrecorded;
         // - buffers are freed on the stream they were allocated on, after their last use
         //   there; a pipeline's slots only after both of their copy events completed.
         unsafe { ctx.disable_event_tracking() };

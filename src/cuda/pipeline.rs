@@ -205,7 +205,6 @@ impl<'m> Pipeline<'m> {
             ));
         }
         let index = self.free_slot()?;
-        let bytes = n * self.image_bytes;
         // Every batch runs at the slot's full size; the rows past `n` hold earlier images and
         // their logits are never read. One batch size means one set of buffers, algorithms and
         // CUDA graph: a partial last batch, or one with failed images, costs the time of a full
@@ -214,6 +213,24 @@ impl<'m> Pipeline<'m> {
         let run = self.max_batch;
         // Buffers and algorithms first: allocation is not to be overlapped.
         self.model.prepare(run)?;
+        let queued = self.queue_batch(index, n, run);
+        if queued.is_err() {
+            // Part of the batch may be queued: its upload (the next submit into this slot
+            // would overwrite the device input under the network's read, ordered only by
+            // events recorded on success), the network, or the download into the slot's
+            // page-locked logits. Both streams idle, the slot is free again. A failed wait
+            // adds nothing to the first error.
+            let gpu = self.model.gpu();
+            let _ = gpu.copy_stream().synchronize();
+            let _ = gpu.stream().synchronize();
+        }
+        queued
+    }
+
+    /// Queues the upload of slot `index`'s first `n` images, the network at batch `run` and
+    /// the logits' download, and marks the slot in flight.
+    fn queue_batch(&mut self, index: usize, n: usize, run: usize) -> Result<()> {
+        let bytes = n * self.image_bytes;
         let slot = &mut self.slots[index];
         let gpu = self.model.gpu();
         let copy = gpu.copy_stream();

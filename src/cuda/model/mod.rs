@@ -288,11 +288,18 @@ impl CudaModel {
         input: ArrayView4<'_, f32>,
         observe: Option<&mut HostObserver<'_>>,
     ) -> Result<Array2<f32>> {
+        // `input` may be page-locked memory (a `BatchBuffer`'s images) whose copy is still
+        // queued after an error, and it is the caller's again once this returns.
         let result = self.forward_f32_queued(input, observe);
+        self.settled(result)
+    }
+
+    /// `result`, once the compute stream is idle if it is an error: a call that failed part
+    /// way may have left a copy queued from or into page-locked memory, the caller's or the
+    /// network's own (which the next call rewrites after waiting on an event the failure may
+    /// not have recorded; see `Gpu::new`). A failed wait adds nothing to the first error.
+    fn settled<R>(&self, result: Result<R>) -> Result<R> {
         if result.is_err() {
-            // `input` may be page-locked memory (a `BatchBuffer`'s images) whose copy is still
-            // queued, and it is the caller's again once this returns. A failed wait leaves
-            // nothing better to do than return the first error.
             let _ = self.gpu.stream().synchronize();
         }
         result
@@ -369,6 +376,13 @@ impl CudaModel {
         batch: &U8Batch,
         norm: &PrepareInput,
     ) -> Result<Array2<f32>> {
+        let result = self.forward_u8_queued(batch, norm);
+        self.settled(result)
+    }
+
+    /// [`CudaModel::forward_u8_with`] (a success waits for everything it queued; an error may
+    /// leave the upload or the download queued).
+    fn forward_u8_queued(&mut self, batch: &U8Batch, norm: &PrepareInput) -> Result<Array2<f32>> {
         let n = self.check_u8_batch(batch, "CudaModel::forward_u8")?;
         let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);
         let stream = gpu.stream();
@@ -397,6 +411,13 @@ impl CudaModel {
                 ),
             ));
         }
+        let result = self.top_k_u8_queued(batch, k);
+        self.settled(result)
+    }
+
+    /// [`CudaModel::top_k_u8`] with `k` checked (a success waits for everything it queued; an
+    /// error may leave the upload or the download queued).
+    fn top_k_u8_queued(&mut self, batch: &U8Batch, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
         let n = self.check_u8_batch(batch, "CudaModel::top_k_u8")?;
         let norm = self.options.normalization;
         let (gpu, events, eager) = (&self.gpu, &self.events, self.options.eager);

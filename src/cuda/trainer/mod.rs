@@ -454,6 +454,11 @@ impl CudaTrainer {
             Some(_) => prefetch.wait_for_uploads(gpu),
             None => Ok(()),
         };
+        if finished.is_err() {
+            // A failed wait for the step may leave it running, reading the batch (page-locked
+            // memory too) that is the caller's again once this returns.
+            let _ = gpu.stream().synchronize();
+        }
         let StepOutcome { loss, overflowed } = finished?;
         if mixed {
             self.loss_scale.update(overflowed);
