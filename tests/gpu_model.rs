@@ -24,7 +24,7 @@ use alexnet_cuda::{
     open_backend, open_backend_with, AlexNetConfig, BackendOptions, DeviceChoice, Error, Precision,
     Weights,
 };
-use common::{check, formula_weights, random_u8_batch};
+use common::{check, formula_weights, formula_weights_from, random_u8_batch};
 use ndarray::{Array2, Array4, ArrayD};
 
 fn seed(test: &str) -> u64 {
@@ -582,6 +582,90 @@ fn graph_replay_gives_the_eager_logits() {
             "{precision}: different inputs gave the same logits (the replay ignored its input?)"
         );
     }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn loaded_weights_replace_every_parameter_under_the_captured_graph() {
+    use alexnet_cuda::cuda::GraphStatus;
+    let _gpu = common::exclusive_gpu();
+    let seed = seed("load weights");
+    let config = AlexNetConfig::paper();
+    let (first, second) = (formula_weights(&config), formula_weights_from(&config, 101));
+    let input = synthetic_batch(3, config.input, seed);
+    let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (precision, tol) in [(Precision::Fp32, 1e-4), (Precision::Fp16, 1e-2)] {
+        let mut gpu = cuda_model(&first, precision);
+        // Eager, captured, replayed.
+        let mut before = gpu.forward_f32(input.view()).unwrap();
+        for _ in 0..2 {
+            before = gpu.forward_f32(input.view()).unwrap();
+        }
+        assert_eq!(
+            gpu.graph_status(),
+            Some(GraphStatus::Replaying),
+            "{precision}"
+        );
+        let plans = gpu.conv_plans();
+        gpu.load_weights(&second).unwrap();
+        let after = gpu.forward_f32(input.view()).unwrap();
+        // Still the graph captured with the first weights: it reads the second in place.
+        assert_eq!(
+            gpu.graph_status(),
+            Some(GraphStatus::Replaying),
+            "{precision}: loading weights made the model capture again"
+        );
+        let want = CpuModel::new(&second, precision)
+            .unwrap()
+            .forward(input.view())
+            .unwrap();
+        check(
+            &format!("{precision} logits after load_weights"),
+            &after.clone().into_dyn(),
+            &want.into_dyn(),
+            tol,
+        );
+        // Back to the first weights: their logits to the bit (same algorithms, same graph).
+        gpu.load_weights(&first).unwrap();
+        let again = gpu.forward_f32(input.view()).unwrap();
+        assert!(
+            bits(&again) == bits(&before),
+            "{precision}: reloading the first weights did not restore their logits"
+        );
+        // Freed buffers come back with the algorithms chosen before, so the same logits.
+        gpu.release_buffers().unwrap();
+        assert_eq!(gpu.batch_size(), None, "{precision}: buffers kept");
+        let reallocated = gpu.forward_f32(input.view()).unwrap();
+        assert!(
+            bits(&reallocated) == bits(&before),
+            "{precision}: logits changed across release_buffers"
+        );
+        assert_eq!(
+            gpu.conv_plans(),
+            plans,
+            "{precision}: the algorithm choices changed"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn load_weights_refuses_another_networks_weights() {
+    let _gpu = common::exclusive_gpu();
+    let paper = AlexNetConfig::paper();
+    let mut gpu = cuda_model(&formula_weights(&paper), Precision::Fp32);
+    let input = synthetic_batch(2, paper.input, seed("refuse weights"));
+    let before = gpu.forward_f32(input.view()).unwrap();
+    let other = formula_weights(&AlexNetConfig::torchvision());
+    match gpu.load_weights(&other) {
+        Err(Error::Invalid { message, .. }) => {
+            assert!(message.contains("another network"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing was copied: the model computes as before.
+    let after = gpu.forward_f32(input.view()).unwrap();
+    assert_eq!(after, before, "a refused load changed the model");
 }
 
 #[test]

@@ -26,6 +26,12 @@ pub fn uniform_pm1(stream: u64, n: usize) -> impl Iterator<Item = f64> {
 /// The formula weights of tools/pytorch_reference.py: He-uniform weights, biases in +-0.1,
 /// stream `index + 1` per tensor, rounded to f32.
 pub fn formula_weights(config: &AlexNetConfig) -> Weights {
+    formula_weights_from(config, 1)
+}
+
+/// [`formula_weights`] drawn from stream `index + first_stream` per tensor: another set of the
+/// same scales for `first_stream` other than 1.
+pub fn formula_weights_from(config: &AlexNetConfig, first_stream: u64) -> Weights {
     Weights::from_fn(config, |index, name, shape| {
         let n: usize = shape.iter().product();
         let scale = if name.ends_with(".weight") {
@@ -34,7 +40,7 @@ pub fn formula_weights(config: &AlexNetConfig) -> Weights {
         } else {
             0.1
         };
-        uniform_pm1(index as u64 + 1, n)
+        uniform_pm1(index as u64 + first_stream, n)
             .map(|v| (v * scale) as f32)
             .collect()
     })

@@ -459,6 +459,59 @@ impl CudaModel {
     /// ones are forgotten and the shared workspace shrinks to what the rest need.
     pub const PLANNED_SIZES: usize = net::PLANNED_SIZES;
 
+    /// Replaces every parameter with `weights`', which must be for this model's network
+    /// ([`CudaModel::config`]; another is [`Error::Invalid`]). Nothing is planned or
+    /// allocated again: the parameters are copied into the buffers they occupy, so the
+    /// algorithm choices, the batch buffers and a captured CUDA graph all stay, and the next
+    /// forward computes with the new weights (rounded to f16 in fp16 mode, as in
+    /// [`CudaModel::new`]). Much cheaper than a new model, e.g. to evaluate a checkpoint
+    /// after each epoch. If it fails part way (a device error) the model holds a mix of old
+    /// and new parameters: load again or drop it.
+    ///
+    /// ```no_run
+    /// # fn main() -> alexnet_cuda::Result<()> {
+    /// use alexnet_cuda::cuda::{CudaModel, CudaOptions};
+    /// use alexnet_cuda::{AlexNetConfig, Precision, Weights};
+    ///
+    /// let config = AlexNetConfig::paper();
+    /// let first = Weights::paper_init(&config, 0)?;
+    /// let mut model = CudaModel::new(&first, Precision::Fp16, CudaOptions::default())?;
+    /// for epoch in 1..=3 {
+    ///     let weights = Weights::load(format!("epoch-{epoch}.safetensors"), Some(&config))?;
+    ///     model.load_weights(&weights)?;
+    ///     // ... model.forward_u8(&batch) with this epoch's weights
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn load_weights(&mut self, weights: &Weights) -> Result<()> {
+        if weights.config() != &self.config {
+            return Err(Error::invalid(
+                "CudaModel::load_weights",
+                format!(
+                    "these weights are for another network than this model's ({:?} weights, \
+                     a {:?} model: names, layers, shapes or settings differ); another network \
+                     needs a new model",
+                    weights.config().name,
+                    self.config.name
+                ),
+            ));
+        }
+        let gpu = &self.gpu;
+        let loaded = with_net!(&mut *self.net, net => net.load(gpu, weights));
+        self.settled(loaded)
+    }
+
+    /// Frees the buffers of the current batch size (activations, page-locked transfer
+    /// buffers, the CUDA graph) and the convolution workspace, keeping the weights and every
+    /// algorithm choice: the next forward allocates them again (and captures a new graph)
+    /// without measuring algorithms. For a model that waits between uses, e.g. validation
+    /// between training epochs, so that only its weights hold device memory meanwhile.
+    pub fn release_buffers(&mut self) -> Result<()> {
+        let gpu = &self.gpu;
+        with_net!(&mut *self.net, net => net.release_buffers(gpu))
+    }
+
     /// The cuDNN algorithm each convolution chose, by stage name, for each batch size whose
     /// choices are kept (the last [`CudaModel::PLANNED_SIZES`] sizes run).
     pub fn conv_plans(&self) -> Vec<(String, ConvPlanInfo)> {

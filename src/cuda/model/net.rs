@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use ndarray::ArrayView4;
+use ndarray::{ArrayView2, ArrayView4, CowArray, Ix2};
 
 use crate::config::{DropoutMode, StageOp};
 use crate::cuda::device::{driver_err, Gpu};
@@ -113,6 +113,19 @@ impl<T: GpuFloat> Net<T> {
         &self.layers
     }
 
+    /// Copies `weights` into the layers in place ([`Layers::load`]).
+    pub fn load(&mut self, gpu: &Gpu, weights: &Weights) -> Result<()> {
+        self.layers.load(gpu, weights)
+    }
+
+    /// Frees the current batch size's buffers (and its graph) and the convolution workspace,
+    /// keeping the layers and their algorithm choices; the next forward allocates them again
+    /// (the workspace to what its algorithms need, before the graph is captured).
+    pub fn release_buffers(&mut self, gpu: &Gpu) -> Result<()> {
+        free_buffers(gpu, self.buffers.take())?;
+        gpu.conv_workspace()?.shrink_to(gpu.stream(), 0)
+    }
+
     /// Marks `n` as the most recent batch size and forgets the algorithm choices of the
     /// sizes beyond the last [`PLANNED_SIZES`], shrinking the shared workspace to what the
     /// remaining choices need. Coming back to a remembered size reuses its algorithms: the
@@ -153,19 +166,9 @@ impl<T: GpuFloat> Net<T> {
             Some(buffers) if buffers.n == n => buffers,
             other => {
                 // One batch size of buffers at a time, so memory does not grow with every
-                // size ever run. The graph among them is destroyed with this thread's context
-                // current (cudarc's graph destructor does not bind it).
+                // size ever run.
                 gpu.bind()?;
-                if let Some(old) = other {
-                    // A forward that failed part way may have left a copy into or out of
-                    // their page-locked buffers queued: free them once the stream is idle, or
-                    // never (leaked, as `CudaModel`'s drop does) if it cannot be waited for.
-                    if let Err(e) = gpu.stream().synchronize() {
-                        std::mem::forget(old);
-                        return Err(driver_err("cuStreamSynchronize")(e));
-                    }
-                    drop(old);
-                }
+                free_buffers(gpu, other)?;
                 self.remember_size(gpu, n)?;
                 self.layers.allocate(gpu, n)?
             }
@@ -173,6 +176,38 @@ impl<T: GpuFloat> Net<T> {
         let buffers = self.buffers.insert(buffers);
         Ok((&mut self.layers, buffers))
     }
+}
+
+/// A linear layer's weight as the GPU layer takes it: NHWC activations flatten in (H, W, C)
+/// order, so the first linear layer's columns are reordered from PyTorch's (C, H, W)
+/// (`flatten`) and the result is the CPU's.
+fn linear_weight<'a>(
+    weight: ArrayView2<'a, f32>,
+    first_linear: bool,
+    layout: Layout,
+    flatten: [usize; 3],
+) -> Result<CowArray<'a, f32, Ix2>> {
+    Ok(match first_linear && layout == Layout::Nhwc {
+        true => chw_columns_to_hwc(weight, flatten)?.into(),
+        false => weight.into(),
+    })
+}
+
+/// Frees `buffers`, if any. The graph among them is destroyed with this thread's context
+/// current (cudarc's graph destructor does not bind it). A forward that failed part way may
+/// have left a copy into or out of their page-locked buffers queued: they are freed once the
+/// stream is idle, or never (leaked, as `CudaModel`'s drop does) if it cannot be waited for.
+fn free_buffers<T: GpuFloat>(gpu: &Gpu, buffers: Option<Buffers<T>>) -> Result<()> {
+    let Some(old) = buffers else {
+        return Ok(());
+    };
+    gpu.bind()?;
+    if let Err(e) = gpu.stream().synchronize() {
+        std::mem::forget(old);
+        return Err(driver_err("cuStreamSynchronize")(e));
+    }
+    drop(old);
+    Ok(())
 }
 
 impl<T: GpuFloat> Layers<T> {
@@ -227,15 +262,10 @@ impl<T: GpuFloat> Layers<T> {
                         .iter()
                         .all(|s| !matches!(s.layer, Layer::Linear { .. }));
                     let params = fcs.next().ok_or_else(|| missing(&spec.name))?;
-                    let linear = if first && layout == Layout::Nhwc {
-                        // NHWC activations flatten in (H, W, C) order: reorder fc1's columns
-                        // from PyTorch's (C, H, W) so the result is the CPU's.
-                        let permuted =
-                            chw_columns_to_hwc(params.weight.view(), plan.flatten_shape())?;
-                        LinearGpu::new(gpu, permuted.view(), params.bias.view(), allow_tf32)?
-                    } else {
-                        LinearGpu::new(gpu, params.weight.view(), params.bias.view(), allow_tf32)?
-                    };
+                    let weight =
+                        linear_weight(params.weight.view(), first, layout, plan.flatten_shape())?;
+                    let linear =
+                        LinearGpu::new(gpu, weight.view(), params.bias.view(), allow_tf32)?;
                     let eval_dropout = match (dropout, plan.dropout_mode) {
                         (Some(p), DropoutMode::Classic) => {
                             Some(DropoutGpu::new(p, DropoutMode::Classic)?)
@@ -267,6 +297,32 @@ impl<T: GpuFloat> Layers<T> {
             stages,
             fused,
         })
+    }
+
+    /// Copies `weights` (for this network's configuration, checked by the caller) into the
+    /// layers' parameter buffers, in place: algorithm choices and captured graphs stay valid.
+    fn load(&mut self, gpu: &Gpu, weights: &Weights) -> Result<()> {
+        let flatten = weights.config().plan()?.flatten_shape();
+        let missing = |name: &str| Error::invalid("weights", format!("no parameters for {name}"));
+        let (mut convs, mut fcs) = (weights.convs().iter(), weights.fcs().iter());
+        let mut first_linear = true;
+        for stage in &mut self.stages {
+            match &mut stage.layer {
+                Layer::Conv { conv, .. } => {
+                    let params = convs.next().ok_or_else(|| missing(&stage.name))?;
+                    conv.load(gpu, params.weight.view(), params.bias.view())?;
+                }
+                Layer::Linear { linear, .. } => {
+                    let params = fcs.next().ok_or_else(|| missing(&stage.name))?;
+                    let weight =
+                        linear_weight(params.weight.view(), first_linear, self.layout, flatten)?;
+                    linear.load(gpu, weight.view(), params.bias.view())?;
+                    first_linear = false;
+                }
+                Layer::Lrn { .. } | Layer::Pool(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Every convolution's chosen algorithms, by stage name.

@@ -19,7 +19,7 @@ mod backward;
 use backward::BackwardPlan;
 
 use super::calls::{pack_conv_weights, ConvCall};
-use super::{bias_act, layout_err, shape_err, upload};
+use super::{bias_act, layout_err, shape_err, upload, upload_into};
 use crate::config::window_output;
 use crate::cuda::cudnn::{
     describe_choice, find_forward_algorithms, first_that_fits, ranked_candidates, run_math,
@@ -207,6 +207,21 @@ pub struct Conv2dGpu<T: GpuFloat> {
     plans: HashMap<[usize; 3], ConvPlan>,
 }
 
+/// The weights in `layout`'s filter order, padded to `in_channels`, and the bias, rounded to `T`.
+fn packed_parameters<T: GpuFloat>(
+    weight: ArrayView4<'_, f32>,
+    bias: ArrayView1<'_, f32>,
+    in_channels: usize,
+    layout: Layout,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let weight = pack_conv_weights(weight, in_channels, layout)?
+        .into_iter()
+        .map(T::from_f32)
+        .collect();
+    let bias = bias.iter().map(|&v| T::from_f32(v)).collect();
+    Ok((weight, bias))
+}
+
 impl<T: GpuFloat> Conv2dGpu<T> {
     /// `weight` is OIHW `[out, in, k, k]`, `bias` is `[out]` (PyTorch's layout, as in
     /// [`crate::weights::ConvParams`]); both are rounded to `T`.
@@ -254,11 +269,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         ] {
             to_i32(OP, what, v)?;
         }
-        let host: Vec<T> = pack_conv_weights(weight, in_channels, options.layout)?
-            .into_iter()
-            .map(T::from_f32)
-            .collect();
-        let bias_host: Vec<T> = bias.iter().map(|&v| T::from_f32(v)).collect();
+        let (host, bias_host) = packed_parameters(weight, bias, in_channels, options.layout)?;
         let math = match (T::DTYPE, options.allow_tf32) {
             (GpuDtype::F16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
             (GpuDtype::F32, false) => cudnnMathType_t::CUDNN_FMA_MATH,
@@ -290,6 +301,32 @@ impl<T: GpuFloat> Conv2dGpu<T> {
             math,
             plans: HashMap::new(),
         })
+    }
+
+    /// Replaces the weights and the bias (shaped as for [`Conv2dGpu::new`]) in place: the
+    /// buffers keep their addresses and the algorithm choices stay.
+    pub(crate) fn load(
+        &mut self,
+        gpu: &Gpu,
+        weight: ArrayView4<'_, f32>,
+        bias: ArrayView1<'_, f32>,
+    ) -> Result<()> {
+        let (out_channels, _, kh, kw) = weight.dim();
+        if (out_channels, kh, kw) != (self.out_channels, self.kernel, self.kernel) {
+            return Err(shape_err(
+                "Conv2dGpu::load",
+                format!(
+                    "[{}, in, {k}, {k}] as the layer's",
+                    self.out_channels,
+                    k = self.kernel
+                ),
+                weight.shape(),
+            ));
+        }
+        let (host, bias_host) =
+            packed_parameters(weight, bias, self.in_channels, self.options.layout)?;
+        upload_into(gpu, &host, &mut self.weight, "convolution weights")?;
+        upload_into(gpu, &bias_host, &mut self.bias, "convolution bias")
     }
 
     pub fn out_channels(&self) -> usize {

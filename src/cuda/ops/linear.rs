@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut};
 use ndarray::{ArrayView1, ArrayView2};
 
 use super::calls::{GemmCall, LinearBuffer};
-use super::{bias_act, bias_grad, shape_err, upload};
+use super::{bias_act, bias_grad, shape_err, upload, upload_into};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::to_i32;
@@ -56,6 +56,30 @@ impl<T: GpuFloat> LinearGpu<T> {
             out_features,
             allow_tf32,
         })
+    }
+
+    /// Replaces the weight and the bias (shaped as for [`LinearGpu::new`]) in place: the
+    /// buffers keep their addresses.
+    pub(crate) fn load(
+        &mut self,
+        gpu: &Gpu,
+        weight: ArrayView2<'_, f32>,
+        bias: ArrayView1<'_, f32>,
+    ) -> Result<()> {
+        if weight.dim() != (self.out_features, self.in_features) {
+            return Err(shape_err(
+                "LinearGpu::load",
+                format!(
+                    "[{}, {}] as the layer's",
+                    self.out_features, self.in_features
+                ),
+                weight.shape(),
+            ));
+        }
+        let w: Vec<T> = weight.iter().map(|&v| T::from_f32(v)).collect();
+        let b: Vec<T> = bias.iter().map(|&v| T::from_f32(v)).collect();
+        upload_into(gpu, &w, &mut self.weight, "linear weights")?;
+        upload_into(gpu, &b, &mut self.bias, "linear bias")
     }
 
     pub fn in_features(&self) -> usize {

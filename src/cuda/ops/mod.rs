@@ -106,6 +106,26 @@ fn expect_like(
     Ok(())
 }
 
+/// Copies a layer's new parameters into its device buffer, in the compute stream's order (after
+/// every forward queued before, which read the old ones), at the same address, so a captured
+/// CUDA graph reads the new values.
+fn upload_into<T: GpuFloat>(
+    gpu: &Gpu,
+    values: &[T],
+    buffer: &mut CudaSlice<T>,
+    what: &str,
+) -> Result<()> {
+    if values.len() != buffer.len() {
+        return Err(Error::invalid(
+            "parameters",
+            format!("{} {what} for a buffer of {}", values.len(), buffer.len()),
+        ));
+    }
+    gpu.stream()
+        .memcpy_htod(values, buffer)
+        .map_err(|e| Error::cuda(format!("uploading {what}"), e))
+}
+
 /// Copies a layer's parameters to a new device buffer.
 fn upload<T: GpuFloat>(gpu: &Gpu, values: &[T], what: &str) -> Result<CudaSlice<T>> {
     if values.is_empty() {
