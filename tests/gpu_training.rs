@@ -1379,3 +1379,103 @@ fn bf16_is_refused_before_any_gpu_is_touched() {
         Ok(_) => panic!("a bf16 GPU trainer was built"),
     }
 }
+
+/// A validation folder of `counts[c]` images in class `c` (copies of tests/data/shapes images).
+fn validation_folder(counts: &[usize]) -> (tempfile::TempDir, alexnet_cuda::train::ImageFolder) {
+    let root = tempfile::tempdir().unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/shapes/val");
+    let images: Vec<_> = ["bars", "columns", "disc", "square"]
+        .iter()
+        .flat_map(|class| ["00.png", "01.png"].map(|f| source.join(class).join(f)))
+        .collect();
+    let mut next = images.iter().cycle();
+    for (class, &count) in counts.iter().enumerate() {
+        let dir = root.path().join(format!("class{class}"));
+        std::fs::create_dir(&dir).unwrap();
+        for i in 0..count {
+            let from = next.next().unwrap();
+            std::fs::copy(from, dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let folder = alexnet_cuda::train::ImageFolder::open(root.path()).unwrap();
+    (root, folder)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn each_evaluation_sees_the_weights_of_its_step() {
+    use alexnet_cuda::cuda::{CudaModel, CudaOptions};
+    use alexnet_cuda::image::Preprocess;
+    use alexnet_cuda::train::evaluate;
+    let _gpu = common::exclusive_gpu();
+    let config = AlexNetConfig::paper();
+    // Every layer but the last frozen; the last with zero weights and a bias that makes every
+    // image class 0. One step at a large rate on labels of class 1 then makes every image
+    // class 1 (ReLU features are non-negative, so the new weights only add to class 1).
+    let last = config.parameter_shapes().unwrap().len() - 2;
+    let start = common::formula_weights(&config);
+    let start = Weights::from_fn(&config, |index, _, shape| {
+        let n: usize = shape.iter().product();
+        match index {
+            i if i == last => vec![0.0; n],
+            i if i == last + 1 => (0..n).map(|c| if c == 0 { 10.0 } else { 0.0 }).collect(),
+            _ => start.named_tensors()[index].2.to_vec(),
+        }
+    })
+    .unwrap();
+    let frozen = config.convs.len() + config.fcs.len() - 1;
+    let options = CudaTrainOptions {
+        frozen_layers: frozen,
+        ..checked(Precision::Fp32)
+    };
+    let optimiser = SgdConfig {
+        learning_rate: 10.0,
+        ..SgdConfig::default()
+    };
+    let mut trainer =
+        CudaTrainer::with_options(&start, optimiser, options).unwrap_or_else(|e| panic!("{e}"));
+    // Three images of class 0 and one of class 1: the two predictions miss 1 and 3.
+    let (_root, folder) = validation_folder(&[3, 1]);
+    let side = config.input.height as u32;
+    let preprocess = Preprocess {
+        resize_shorter: side * 8 / 7,
+        crop: side,
+        ..Preprocess::default()
+    };
+    let fresh = |weights: &Weights| {
+        let options = CudaOptions {
+            fp32_gemm_only: true,
+            ..CudaOptions::default()
+        };
+        let mut model = CudaModel::new(weights, Precision::Fp32, options).unwrap();
+        evaluate(&mut model, &folder, &preprocess, 3).unwrap()
+    };
+    let batch = small_batch_of(&config, 4);
+    let mut seen = Vec::new();
+    for step in 0..3 {
+        // Batches of 3: sizes 3 and 1, so the kept model's buffers change size each time.
+        let kept = trainer.evaluate(&folder, &preprocess, 3).unwrap();
+        let new = fresh(&trainer.weights().unwrap());
+        assert_eq!(kept.images, 4, "step {step}: {:?}", kept.failures);
+        assert_eq!(
+            (kept.top1_wrong, kept.images),
+            (new.top1_wrong, new.images),
+            "step {step}: the kept validation model disagrees with a new one"
+        );
+        seen.push(kept.top1_wrong);
+        if step < 2 {
+            trainer.step(batch.view(), &[1; 4], step as u64).unwrap();
+        }
+    }
+    // The first evaluation picks class 0 for all, the later ones class 1 for all.
+    assert_eq!(seen, [1, 3, 3], "top-1 errors before and after each step");
+}
+
+/// `n` images of `config`'s input, values from the formula stream.
+fn small_batch_of(config: &AlexNetConfig, n: usize) -> Array4<f32> {
+    let input = config.input;
+    let shape = (n, input.channels, input.height, input.width);
+    let len = n * input.channels * input.height * input.width;
+    // Any finite batch does: what moves the last layer is the labels, not the images.
+    Array4::from_shape_vec(shape, common::formula_values(7, len, 1.0)).unwrap()
+}
