@@ -85,13 +85,19 @@ fn main() {
     fs::write(&file, rust).unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
 }
 
-/// The `extern "C" __global__ void NAME(` kernels of a `.cu` source, in order.
+/// The `extern "C" __global__ void NAME(` kernels of a `.cu` source, in order (also with a
+/// `__launch_bounds__(...)` between `void` and the name).
 fn kernel_names(text: &str) -> Vec<String> {
     const MARK: &str = "extern \"C\" __global__ void ";
+    const BOUNDS: &str = "__launch_bounds__";
     text.match_indices(MARK)
         .map(|(at, _)| {
-            text[at + MARK.len()..]
-                .chars()
+            let mut rest = text[at + MARK.len()..].trim_start();
+            if let Some(bounds) = rest.strip_prefix(BOUNDS) {
+                let close = bounds.find(')').map_or(bounds.len(), |at| at + 1);
+                rest = bounds[close..].trim_start();
+            }
+            rest.chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect()
         })

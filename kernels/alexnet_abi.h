@@ -205,16 +205,19 @@ typedef struct AlexnetReluBackwardParams {
     unsigned long long len;
 } AlexnetReluBackwardParams;
 
-/* Threads per block of bias_grad (one block per channel). */
-#define ALEXNET_BIAS_GRAD_BLOCK 256
+/* The most threads per block of bias_grad (one block per channel): the launcher picks a power
+ * of two up to this, so that each thread sums at least ALEXNET_BIAS_GRAD_PER_THREAD positions. */
+#define ALEXNET_BIAS_GRAD_BLOCK 1024
+/* Loads each bias_grad thread keeps in flight, and the fewest positions the launcher gives it. */
+#define ALEXNET_BIAS_GRAD_PER_THREAD 8
 
 /*
  * bias_grad_{f32,f16}(const T *grad, float *bias_grad, AlexnetBiasGradParams p)
  * A bias's gradient for training: bias_grad[c] = the sum over o < outer and i < inner of
  * grad[(o * channels + c) * inner + i], summed in f64 in a fixed order and written (not added)
  * as f32. An NCHW convolution's gradient has outer = N, inner = H * W; an NHWC one outer =
- * N * H * W, inner = 1; a linear layer's [rows, cols] outer = rows, inner = 1. One block of
- * ALEXNET_BIAS_GRAD_BLOCK threads per channel (grid-stride over channels).
+ * N * H * W, inner = 1; a linear layer's [rows, cols] outer = rows, inner = 1. One block per
+ * channel (grid-stride over channels) of any power-of-two size up to ALEXNET_BIAS_GRAD_BLOCK.
  */
 typedef struct AlexnetBiasGradParams {
     unsigned long long outer;

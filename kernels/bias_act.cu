@@ -78,11 +78,13 @@ extern "C" __global__ void relu_backward_f16(const unsigned short *output, unsig
 
 /* ---- Bias gradient (training) ---------------------------------------------------------- */
 
-/* Channel c's gradient: every position of every image, one f64 sum per thread, then the block's
+/* Channel c's gradient: every position of every image, f64 sums per thread, then the block's
  * fixed-order tree (alexnet_reduce.cuh). `scratch` holds blockDim.x doubles of shared memory.
  * A thread visits positions j = threadIdx.x, + blockDim.x, ... as (o, i) pairs (j = o * inner
- * + i) stepped without dividing (a 64-bit division per element cost more than the load), four
- * positions an iteration into four sums so that four loads are in flight, all in a fixed order:
+ * + i) stepped without dividing (a 64-bit division per element cost more than the load),
+ * ALEXNET_BIAS_GRAD_PER_THREAD positions an iteration, all loaded before the first is added, so
+ * that many loads are in flight: with one block per channel (96 blocks for conv1's 96 on a card
+ * of 132 SMs) the loads in flight per block set the bandwidth. Everything runs in a fixed order:
  * the result is the same from run to run. */
 template <typename T>
 static __device__ __forceinline__ void bias_grad_sum(const T *__restrict__ grad,
@@ -91,6 +93,7 @@ static __device__ __forceinline__ void bias_grad_sum(const T *__restrict__ grad,
                                                      double *scratch)
 {
     typedef unsigned long long U;
+    enum { LOADS = ALEXNET_BIAS_GRAD_PER_THREAD };
     /* An empty gradient (inner or outer 0) sums nothing; inner is never a divisor of 0. */
     const U inner = p.inner ? p.inner : 1, channels = p.channels;
     const U positions = p.outer * p.inner;
@@ -100,9 +103,10 @@ static __device__ __forceinline__ void bias_grad_sum(const T *__restrict__ grad,
         U o = threadIdx.x / inner, i = threadIdx.x % inner, j = threadIdx.x;
         double sums[4] = {0.0, 0.0, 0.0, 0.0};
         while (j < positions) {
-            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            float v[LOADS];
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
+            for (int k = 0; k < LOADS; ++k) {
+                v[k] = 0.0f;
                 if (j < positions) {
                     v[k] = alexnet_load(grad[(o * channels + c) * inner + i]);
                     o += step_o;
@@ -115,8 +119,8 @@ static __device__ __forceinline__ void bias_grad_sum(const T *__restrict__ grad,
                 }
             }
 #pragma unroll
-            for (int k = 0; k < 4; ++k)
-                sums[k] += (double)v[k];
+            for (int k = 0; k < LOADS; ++k)
+                sums[k % 4] += (double)v[k];
         }
         double sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
         sum = alexnet_block_reduce<false>(sum, scratch);
@@ -126,16 +130,16 @@ static __device__ __forceinline__ void bias_grad_sum(const T *__restrict__ grad,
 }
 
 /* The bias gradient of f32 gradients. */
-extern "C" __global__ void bias_grad_f32(const float *grad, float *bias_grad,
-                                         AlexnetBiasGradParams p)
+extern "C" __global__ void __launch_bounds__(ALEXNET_BIAS_GRAD_BLOCK)
+bias_grad_f32(const float *grad, float *bias_grad, AlexnetBiasGradParams p)
 {
     __shared__ double scratch[ALEXNET_BIAS_GRAD_BLOCK];
     bias_grad_sum<float>(grad, bias_grad, p, scratch);
 }
 
 /* The bias gradient of f16 gradients (mixed precision), summed in f64 into f32. */
-extern "C" __global__ void bias_grad_f16(const unsigned short *grad, float *bias_grad,
-                                         AlexnetBiasGradParams p)
+extern "C" __global__ void __launch_bounds__(ALEXNET_BIAS_GRAD_BLOCK)
+bias_grad_f16(const unsigned short *grad, float *bias_grad, AlexnetBiasGradParams p)
 {
     __shared__ double scratch[ALEXNET_BIAS_GRAD_BLOCK];
     bias_grad_sum<unsigned short>(grad, bias_grad, p, scratch);

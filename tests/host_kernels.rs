@@ -27,7 +27,8 @@ use alexnet_cuda::cpu::{
     Lrn, MaxPool2d,
 };
 use alexnet_cuda::cuda::abi::{
-    AlexnetStepSettings, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX,
+    AlexnetStepSettings, ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK,
+    ALEXNET_TOPK_MAX,
 };
 use alexnet_cuda::cuda::kernel_args::{
     bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
@@ -1530,6 +1531,22 @@ fn bias_grad_within<T: Elem>(
         _ => grad.iter().map(|&v| T::from_f32(v)).collect(),
     };
     let (mut p, cfg) = bias_grad_args(grad.shape(), layout).unwrap();
+    let positions = grad.len() / want.len();
+    // The launcher's block: a power of two of at most 1,024 threads, each summing at most 8
+    // positions unless the block is already the largest, and no larger than that calls for.
+    let block = cfg.block_dim.0;
+    assert!(
+        block.is_power_of_two() && (32..=ALEXNET_BIAS_GRAD_BLOCK).contains(&block),
+        "{name}: block of {block}"
+    );
+    assert!(
+        positions <= 8 * block as usize || block == ALEXNET_BIAS_GRAD_BLOCK,
+        "{name}: {block} threads for {positions} positions a channel"
+    );
+    assert!(
+        block == 32 || positions > 8 * (block as usize / 2),
+        "{name}: {block} threads for only {positions} positions a channel"
+    );
     for grid in [cfg, small_grid(64)] {
         let mut g = stored.clone();
         let mut out = vec![f32::POISON; want.len()];
@@ -1570,11 +1587,12 @@ fn bias_gradients_match_the_cpu_layers() {
         bias_grad_case::<f32>(&grad_out.clone().into_dyn(), layout, &want);
         bias_grad_case::<f16>(&grad_out.clone().into_dyn(), layout, &want);
     }
-    // Gradients large enough that every thread of a 256-thread block sums several positions,
-    // stepping across image boundaries: a plane wider than the block (inner 510), one narrower
-    // (inner 77), one as wide as the small grid's 64-thread block, and NHWC (inner 1); against
-    // the plain f64 sum over images and pixels of what each kernel reads (f16: the rounded
-    // gradient), within 1e-6, so one dropped or repeated position shows.
+    // Gradients large enough that every thread sums several positions, stepping across image
+    // boundaries: a plane wider than the block (inner 510), one narrower (inner 77), one as wide
+    // as the small grid's 64-thread block, one whose 8,815 positions a channel take the
+    // launcher's largest block (1,024 threads, a plane of 1,763 wider than it), and NHWC (inner
+    // 1); against the plain f64 sum over images and pixels of what each kernel reads (f16: the
+    // rounded gradient), within 1e-6, so one dropped or repeated position shows.
     let plain_sum = |grad: &Array4<f32>| {
         grad.mapv(f64::from)
             .sum_axis(ndarray::Axis(3))
@@ -1587,6 +1605,7 @@ fn bias_gradients_match_the_cpu_layers() {
         ([4, 3, 30, 17], 268),
         ([9, 2, 7, 11], 269),
         ([3, 2, 8, 8], 270),
+        ([5, 2, 41, 43], 271),
     ] {
         let grad = random(shape, stream, 1.0).mapv(|v| v.abs() + 0.25);
         let grad16 = grad.mapv(|v| f16::from_f32(v).to_f32());

@@ -58,6 +58,7 @@ fn c_kernels(source: &str) -> Vec<(String, Vec<CParam>)> {
             .trim_start()
             .strip_prefix("void")
             .expect("a kernel returns void");
+        let after = skip_launch_bounds(after);
         let open = after.find('(').expect("a parameter list");
         let close = after.find(')').expect("a closed parameter list");
         let name = after[..open].trim().to_string();
@@ -85,6 +86,18 @@ fn c_kernels(source: &str) -> Vec<(String, Vec<CParam>)> {
         rest = &after[close..];
     }
     kernels
+}
+
+/// `text` past a leading `__launch_bounds__(...)` (a kernel's register budget for its largest
+/// block, written between `void` and the name), or all of it.
+fn skip_launch_bounds(text: &str) -> &str {
+    match text.trim_start().strip_prefix("__launch_bounds__") {
+        Some(bounds) => {
+            let close = bounds.find(')').expect("a closed __launch_bounds__");
+            &bounds[close + 1..]
+        }
+        None => text,
+    }
 }
 
 /// A registry parameter as C spells it in the entry of storage type `dtype`.
@@ -194,10 +207,17 @@ fn the_parser_reads_pointers_types_and_comments() {
                   // extern \"C\" __global__ void also_hidden(int x)\n\
                   extern \"C\" __global__ void k(const unsigned short *__restrict__ a,\n\
                   float* b, AlexnetLrnParams p) { }\n\
-                  extern \"C\" void host_only(int x);\n";
+                  extern \"C\" void host_only(int x);\n\
+                  extern \"C\" __global__ void __launch_bounds__(1024)\n\
+                  bounded(float *a) { }\n";
     let found = c_kernels(source);
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(global_count(source), 1);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(global_count(source), 2);
+    let bounded = CParam {
+        ty: "float".to_string(),
+        pointer: true,
+    };
+    assert_eq!(found[1], ("bounded".to_string(), vec![bounded]));
     // A kernel the parser cannot read still counts, so the module check reports it.
     let block = "extern \"C\" {\n__global__ void blocky(float *a) {}\n}\n#define __global__\n";
     assert_eq!((c_kernels(block).len(), global_count(block)), (0, 1));

@@ -5,7 +5,8 @@ use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig};
 
 use super::shape_err;
 use crate::cuda::abi::{
-    AlexnetBiasActParams, AlexnetBiasGradParams, AlexnetReluBackwardParams, ALEXNET_BIAS_GRAD_BLOCK,
+    AlexnetBiasActParams, AlexnetBiasGradParams, AlexnetReluBackwardParams,
+    ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_BIAS_GRAD_PER_THREAD,
 };
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
@@ -105,7 +106,8 @@ pub fn relu_backward<T: GpuFloat>(
 }
 
 /// The `bias_grad` kernel's parameters and launch shape for a gradient of `shape` in `layout`
-/// (channel axis as for [`bias_act`]): what [`bias_grad`] passes. One block per channel.
+/// (channel axis as for [`bias_act`]): what [`bias_grad`] passes. One block per channel, of
+/// [`bias_grad_block`] threads.
 #[doc(hidden)]
 pub fn bias_grad_args(
     shape: &[usize],
@@ -120,8 +122,25 @@ pub fn bias_grad_args(
         channels: to_u32(OP, "channels", channels)?,
     };
     let mut cfg = grid_rows(OP, params.channels)?;
-    cfg.block_dim = (ALEXNET_BIAS_GRAD_BLOCK, 1, 1);
+    cfg.block_dim = (bias_grad_block(outer.saturating_mul(inner)), 1, 1);
     Ok((params, cfg))
+}
+
+/// Threads per `bias_grad` block for a channel of `positions` values: a power of two from a warp
+/// up to `ALEXNET_BIAS_GRAD_BLOCK`, the smallest that leaves no thread more than
+/// `ALEXNET_BIAS_GRAD_PER_THREAD` positions where the block can be that large. A block runs one
+/// channel, so a large channel (conv1's 128 x 55 x 55 at batch 128) wants every thread and every
+/// load in flight the block can hold, and a small one (a linear layer's 128 rows) no more threads
+/// than it has positions for, nor the deeper reduction tree they bring.
+#[doc(hidden)]
+pub fn bias_grad_block(positions: usize) -> u32 {
+    const WARP: u32 = 32;
+    let wanted = positions.div_ceil(ALEXNET_BIAS_GRAD_PER_THREAD as usize);
+    let wanted = u32::try_from(wanted).unwrap_or(u32::MAX);
+    wanted
+        .checked_next_power_of_two()
+        .unwrap_or(ALEXNET_BIAS_GRAD_BLOCK)
+        .clamp(WARP, ALEXNET_BIAS_GRAD_BLOCK)
 }
 
 /// A bias's gradient for training: `out[c]` = the sum of `grad` over every position of channel
