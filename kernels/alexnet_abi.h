@@ -194,8 +194,14 @@ typedef struct AlexnetConvertParams {
  * The backward of the LRN: src is its input (relu_first must be 0), grad_out and grad_in are
  * shaped like it. With D_c = k + alpha * (window sum of squares) and b_c = a_c D_c^-beta:
  * grad_in_i = g_i D_i^-beta - 2 alpha beta a_i sum_{c : i in window(c)} g_c a_c D_c^-beta / D_c.
- * One thread per element; no buffer may overlap another.
+ * A window of at most ALEXNET_LRN_BACKWARD_RING channels: one thread per pixel of an image and
+ * run of ALEXNET_LRN_BACKWARD_CHUNK channels, each D_c computed once (a wider window: one
+ * thread per element). No buffer may overlap another.
  */
+/* The widest LRN window whose backward keeps its terms in a per-thread ring (a power of two). */
+#define ALEXNET_LRN_BACKWARD_RING 16
+/* Channels one thread of the ring backward finishes (it recomputes size - 1 terms at each end). */
+#define ALEXNET_LRN_BACKWARD_CHUNK 32
 
 /*
  * relu_backward_f32(const float *output, float *grad, AlexnetReluBackwardParams p) (and _f16)

@@ -88,15 +88,38 @@ static __device__ __forceinline__ float lrn_inverse_power(float d, float beta)
     return powf(d, -beta);
 }
 
+/* da_c's first term: g_c D_c^-beta. */
+static __device__ __forceinline__ float lrn_scaled_gradient(float g, float scale)
+{
+    return __fmul_rn(g, scale);
+}
+
+/* t_c = g_c a_c D_c^-beta / D_c, the term channel c adds to the gradient of its window. */
+static __device__ __forceinline__ float lrn_window_term(float g, float a, float scale, float d)
+{
+    return __fmul_rn(__fmul_rn(g, a), scale) / d;
+}
+
+/* da_i = g_i D_i^-beta - 2 alpha beta a_i (sum of the window's terms), rounded once. */
+static __device__ __forceinline__ float lrn_input_gradient(float scaled, float a, float sum,
+                                                           const AlexnetLrnParams &p)
+{
+    const float coefficient = __fmul_rn(__fmul_rn(__fmul_rn(2.0f, p.alpha), p.beta), a);
+    return __fadd_rn(scaled, -__fmul_rn(coefficient, sum));
+}
+
 /*
  * One thread per element i: da_i = g_i D_i^-beta - 2 alpha beta a_i sum_c t_c over the channels
- * c whose window holds i, t_c = g_c a_c D_c^-beta / D_c, in the CPU's order and rounding.
+ * c whose window holds i, t_c = g_c a_c D_c^-beta / D_c, in the CPU's order and rounding. Each
+ * thread recomputes D for every channel of i's window (size + 1 of them): the path for windows
+ * wider than the ring below.
  */
 template <typename T, typename I>
-static __device__ __forceinline__ void lrn_backward(const T *__restrict__ src,
-                                                    const T *__restrict__ grad_out,
-                                                    T *__restrict__ grad_in,
-                                                    const AlexnetLrnParams &p, I total)
+static __device__ __forceinline__ void lrn_backward_per_element(const T *__restrict__ src,
+                                                                const T *__restrict__ grad_out,
+                                                                T *__restrict__ grad_in,
+                                                                const AlexnetLrnParams &p,
+                                                                I total)
 {
     const AlexnetTensorShape s = p.shape;
     const I plane = (I)s.h * s.w;
@@ -117,18 +140,89 @@ static __device__ __forceinline__ void lrn_backward(const T *__restrict__ src,
         float sum = 0.0f;
         for (unsigned int ch = first; ch <= last; ++ch) {
             const float d = lrn_denominator<T, I>(a0, channel_stride, ch, p);
-            const float scale = lrn_inverse_power(d, p.beta);
             const I at = (I)ch * channel_stride;
-            const float t =
-                __fmul_rn(__fmul_rn(alexnet_load(g0[at]), alexnet_load(a0[at])), scale) / d;
-            sum = __fadd_rn(sum, t);
+            sum = __fadd_rn(sum, lrn_window_term(alexnet_load(g0[at]), alexnet_load(a0[at]),
+                                                 lrn_inverse_power(d, p.beta), d));
         }
         const float scale =
             lrn_inverse_power(lrn_denominator<T, I>(a0, channel_stride, c, p), p.beta);
-        const float coefficient =
-            __fmul_rn(__fmul_rn(__fmul_rn(2.0f, p.alpha), p.beta), alexnet_load(src[i]));
-        grad_in[i] = alexnet_store<T>(
-            __fadd_rn(__fmul_rn(alexnet_load(grad_out[i]), scale), -__fmul_rn(coefficient, sum)));
+        grad_in[i] = alexnet_store<T>(lrn_input_gradient(
+            lrn_scaled_gradient(alexnet_load(grad_out[i]), scale), alexnet_load(src[i]), sum, p));
+    }
+}
+
+/*
+ * One thread per pixel and run of ALEXNET_LRN_BACKWARD_CHUNK channels [c0, c1): the channels'
+ * D, D^-beta and t computed once each, in channel order, into a ring of the last
+ * ALEXNET_LRN_BACKWARD_RING (at least `size`: every term of a window and g_c D_c^-beta are still
+ * there when channel c finishes, `before` channels later). The same operations in the same order
+ * as the per-element path, so the same bits; the per-element path computes every D size + 1
+ * times, and each costs two square roots and two divisions. a0, g0 and d0 point at channel 0
+ * of the pixel.
+ */
+template <typename T, typename I>
+static __device__ __forceinline__ void lrn_backward_channels(const T *__restrict__ a0,
+                                                             const T *__restrict__ g0,
+                                                             T *__restrict__ d0, I channel_stride,
+                                                             unsigned int c0, unsigned int c1,
+                                                             const AlexnetLrnParams &p)
+{
+    typedef unsigned long long U;
+    enum { RING = ALEXNET_LRN_BACKWARD_RING };
+    const U channels = p.shape.c;
+    const U before = p.size / 2;
+    const U after = p.size > 0 ? (p.size - 1) / 2 : 0;
+    float terms[RING];  /* t_j at j % RING */
+    float scaled[RING]; /* g_j D_j^-beta at j % RING */
+    /* From the first channel whose term reaches c0 to the step at which c1 - 1 finishes. */
+    const U first = c0 > after ? c0 - after : 0;
+    const U end = (U)c1 - 1 + before;
+    for (U ch = first; ch <= end; ++ch) {
+        if (ch < channels) {
+            const I at = (I)ch * channel_stride;
+            const float d = lrn_denominator<T, I>(a0, channel_stride, (unsigned int)ch, p);
+            const float scale = lrn_inverse_power(d, p.beta);
+            const float g = alexnet_load(g0[at]);
+            terms[ch % RING] = lrn_window_term(g, alexnet_load(a0[at]), scale, d);
+            scaled[ch % RING] = lrn_scaled_gradient(g, scale);
+        }
+        /* Channel c = ch - before has every term of its window [c - after, c + before]. */
+        if (ch < (U)c0 + before)
+            continue;
+        const U c = ch - before;
+        const U low = c > after ? c - after : 0;
+        const U high = ch < channels ? ch : channels - 1;
+        float sum = 0.0f;
+        for (U j = low; j <= high; ++j)
+            sum = __fadd_rn(sum, terms[j % RING]);
+        const I at = (I)c * channel_stride;
+        d0[at] = alexnet_store<T>(
+            lrn_input_gradient(scaled[c % RING], alexnet_load(a0[at]), sum, p));
+    }
+}
+
+/* The ring path over every (chunk, pixel) pair; consecutive threads take consecutive pixels. */
+template <typename T, typename I>
+static __device__ __forceinline__ void lrn_backward_by_pixel(const T *__restrict__ src,
+                                                             const T *__restrict__ grad_out,
+                                                             T *__restrict__ grad_in,
+                                                             const AlexnetLrnParams &p)
+{
+    enum { CHUNK = ALEXNET_LRN_BACKWARD_CHUNK };
+    const AlexnetTensorShape s = p.shape;
+    const bool nhwc = s.layout == ALEXNET_LAYOUT_NHWC;
+    const I plane = (I)s.h * s.w;
+    const I pixels = (I)s.n * plane;
+    const I channel_stride = nhwc ? (I)1 : plane;
+    const unsigned int chunks = s.c / CHUNK + (s.c % CHUNK != 0);
+    ALEXNET_GRID_STRIDE(I, item, pixels * chunks)
+    {
+        const I pixel = item % pixels;
+        const unsigned int c0 = (unsigned int)(item / pixels) * CHUNK;
+        const unsigned int c1 = s.c - c0 < CHUNK ? s.c : c0 + CHUNK;
+        const I base = nhwc ? pixel * s.c : (pixel / plane) * s.c * plane + pixel % plane;
+        lrn_backward_channels<T, I>(src + base, grad_out + base, grad_in + base, channel_stride,
+                                    c0, c1, p);
     }
 }
 
@@ -136,11 +230,21 @@ template <typename T>
 static __device__ __forceinline__ void lrn_backward_dispatch(const T *src, const T *grad_out,
                                                              T *grad_in, const AlexnetLrnParams &p)
 {
+    /* The ring path's (chunk, pixel) items never outnumber the elements. */
     const unsigned long long total = alexnet_numel(p.shape);
-    if (alexnet_fits_u32(total))
-        lrn_backward<T, unsigned int>(src, grad_out, grad_in, p, (unsigned int)total);
-    else
-        lrn_backward<T, unsigned long long>(src, grad_out, grad_in, p, total);
+    const bool ring = p.size <= ALEXNET_LRN_BACKWARD_RING;
+    if (alexnet_fits_u32(total)) {
+        if (ring)
+            lrn_backward_by_pixel<T, unsigned int>(src, grad_out, grad_in, p);
+        else
+            lrn_backward_per_element<T, unsigned int>(src, grad_out, grad_in, p,
+                                                      (unsigned int)total);
+    } else {
+        if (ring)
+            lrn_backward_by_pixel<T, unsigned long long>(src, grad_out, grad_in, p);
+        else
+            lrn_backward_per_element<T, unsigned long long>(src, grad_out, grad_in, p, total);
+    }
 }
 
 /*

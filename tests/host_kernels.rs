@@ -1466,8 +1466,23 @@ fn lrn_backward_case<T: Elem>(dims: [usize; 4], layout: Layout, lrn: LrnParams, 
 )]
 fn lrn_backward_matches_the_cpu_at_the_channel_edges() {
     require_host_kernels();
-    let cases = lrn_cases();
-    for (i, (dims, lrn)) in cases.into_iter().enumerate() {
+    // Beside the forward's cases, the backward's two paths at their edges: runs of 32 channels
+    // with a short last one (70, 33, 40 channels), whose windows reach across a run's ends; the
+    // widest window kept in the per-thread ring (16, even) and the narrowest not (17), which
+    // takes the per-element path.
+    let sized = |size, beta| LrnParams {
+        size,
+        beta,
+        ..LrnParams::PAPER
+    };
+    let cases = lrn_cases().into_iter().chain([
+        ([2, 70, 3, 2], LrnParams::PAPER),
+        ([1, 33, 2, 3], sized(4, 0.75)),
+        ([2, 40, 2, 2], sized(16, 0.75)),
+        ([1, 40, 3, 1], sized(17, 0.75)),
+        ([1, 40, 2, 2], sized(16, 0.6)),
+    ]);
+    for (i, (dims, lrn)) in cases.enumerate() {
         for layout in LAYOUTS {
             lrn_backward_case::<f32>(dims, layout, lrn, 220 + i as u64);
             lrn_backward_case::<f16>(dims, layout, lrn, 220 + i as u64);

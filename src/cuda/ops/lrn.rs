@@ -2,7 +2,7 @@
 
 use super::{expect_like, layout_err, shape_err};
 use crate::config::LrnParams;
-use crate::cuda::abi::AlexnetLrnParams;
+use crate::cuda::abi::{AlexnetLrnParams, ALEXNET_LRN_BACKWARD_CHUNK, ALEXNET_LRN_BACKWARD_RING};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
 use cudarc::driver::LaunchConfig;
@@ -89,14 +89,23 @@ impl LrnGpu {
 
 impl LrnGpu {
     /// The `lrn_backward` kernel's parameters and launch shape for an input of `[n, c, h, w]`
-    /// in `layout`: what [`LrnGpu::backward`] passes.
+    /// in `layout`: what [`LrnGpu::backward`] passes. A window of at most
+    /// `ALEXNET_LRN_BACKWARD_RING` channels takes one thread per pixel and run of
+    /// `ALEXNET_LRN_BACKWARD_CHUNK` channels, a wider one a thread per element.
     #[doc(hidden)]
     pub fn backward_args(
         &self,
         dims: [usize; 4],
         layout: Layout,
     ) -> Result<(AlexnetLrnParams, LaunchConfig)> {
-        self.launch_args("LrnGpu::backward", dims, layout, false)
+        const OP: &str = "LrnGpu::backward";
+        let (params, per_element) = self.launch_args(OP, dims, layout, false)?;
+        if params.size > ALEXNET_LRN_BACKWARD_RING {
+            return Ok((params, per_element));
+        }
+        let [n, c, h, w] = dims;
+        let chunks = c.div_ceil(ALEXNET_LRN_BACKWARD_CHUNK as usize);
+        Ok((params, grid_1d(OP, element_count(&[n, chunks, h, w])?)?))
     }
 
     /// The backward of [`LrnGpu::forward`] (without the fused ReLU) for training (f32, or f16
