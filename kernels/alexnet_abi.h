@@ -182,12 +182,14 @@ typedef struct AlexnetConvertParams {
 
 
 /*
- * maxpool_backward_f32(const float *src, const float *grad_out, float *grad_in,
- *                      AlexnetPoolParams p)   (and _f16: the same over f16 storage, f32 sums)
- * The backward of maxpool for training: src is the forward's input, grad_out shaped like its
- * output, grad_in like src. Each input element gets the sum of the output gradients of the
- * windows whose maximum it is (the first strictly larger value, or the last NaN), windows in
- * (oy, ox) order. One thread per input element; no buffer may overlap another.
+ * maxpool_backward_f32(const float *src, const float *out, const float *grad_out,
+ *                      float *grad_in, AlexnetPoolParams p)
+ * (and _f16: the same over f16 storage, f32 sums)
+ * The backward of maxpool for training: src is the forward's input, out its output (what
+ * maxpool wrote from src: each window's maximum), grad_out shaped like out, grad_in like src.
+ * Each input element gets the sum of the output gradients of the windows whose maximum it is
+ * (the first strictly larger value, or the last NaN), windows in (oy, ox) order. One thread
+ * per input element; no buffer may overlap another.
  *
  * lrn_backward_f32(const float *src, const float *grad_out, float *grad_in, AlexnetLrnParams p)
  * (and _f16: the same over f16 storage, f32 arithmetic, each result rounded once)

@@ -63,32 +63,39 @@ extern "C" __global__ void maxpool_f16(const unsigned short *src, unsigned short
 /* ---- backward (training, f32 and f16: f32 arithmetic, the sum rounded once) ------------- */
 
 /*
- * Where window (oy, ox) of plane (n, c) took its maximum, as the CPU's `unpool_plane` finds it:
- * the first strictly larger value, or the last NaN; the window's first element if nothing beat
- * -infinity.
+ * Whether input (y, x) of plane (n, c), holding `v`, is where window (oy, ox) took its maximum
+ * `m` (the forward's output for the window) as the CPU's `unpool_plane` finds it: the first
+ * strictly larger value, which is the window's first value equal to m (also when m is
+ * -infinity and nothing beat it), or, when m is NaN, the window's last NaN. Only a value that
+ * could be it (equal to m, or a NaN) scans the window's earlier (or later) positions; every
+ * other value is settled by one comparison.
  */
 template <typename T, typename I>
-static __device__ __forceinline__ void maxpool_argmax(const T *__restrict__ src,
-                                                      const AlexnetPoolParams &p, I n, I c, I oy,
-                                                      I ox, I &at_y, I &at_x)
+static __device__ __forceinline__ bool maxpool_took(const T *__restrict__ src,
+                                                    const AlexnetPoolParams &p, I n, I c, I oy,
+                                                    I ox, I y, I x, float v, float m)
 {
+    const bool nan = alexnet_isnan(m);
+    if (nan ? !alexnet_isnan(v) : !(v == m))
+        return false;
     const AlexnetTensorShape s = p.in;
     const I y0 = oy * p.stride;
     const I x0 = ox * p.stride;
-    float best = __int_as_float(0xff800000); /* -infinity */
-    at_y = y0;
-    at_x = x0;
+    /* (y, x)'s place in the window's row-major scan order. */
+    const I at = (y - y0) * p.kernel + (x - x0);
+    I q = 0;
     for (unsigned int ky = 0; ky < p.kernel; ++ky) {
-        for (unsigned int kx = 0; kx < p.kernel; ++kx) {
-            const float v =
+        for (unsigned int kx = 0; kx < p.kernel; ++kx, ++q) {
+            /* NaN: a later NaN would win; otherwise an earlier equal value did. */
+            if (nan ? q <= at : q >= at)
+                continue;
+            const float w =
                 alexnet_load(src[alexnet_offset<I>(n, c, y0 + ky, x0 + kx, s.c, s.h, s.w, s.layout)]);
-            if (v > best || alexnet_isnan(v)) {
-                best = v;
-                at_y = y0 + ky;
-                at_x = x0 + kx;
-            }
+            if (nan ? alexnet_isnan(w) : w == m)
+                return false;
         }
     }
+    return true;
 }
 
 /*
@@ -97,6 +104,7 @@ static __device__ __forceinline__ void maxpool_argmax(const T *__restrict__ src,
  */
 template <typename T, typename I>
 static __device__ __forceinline__ void maxpool_backward(const T *__restrict__ src,
+                                                        const T *__restrict__ out,
                                                         const T *__restrict__ grad_out,
                                                         T *__restrict__ grad_in,
                                                         const AlexnetPoolParams &p, I total)
@@ -114,14 +122,13 @@ static __device__ __forceinline__ void maxpool_backward(const T *__restrict__ sr
         const I ox_first = x + 1 > k ? (x + 1 - k + st - 1) / st : 0;
         const I ox_last_wide = x / st;
         const I ox_last = ox_last_wide < (I)p.out_w ? ox_last_wide : (I)p.out_w - 1;
+        const float v = alexnet_load(src[i]);
         float sum = 0.0f;
         for (I oy = oy_first; oy <= oy_last && p.out_h > 0; ++oy) {
             for (I ox = ox_first; ox <= ox_last && p.out_w > 0; ++ox) {
-                I at_y, at_x;
-                maxpool_argmax<T, I>(src, p, n, c, oy, ox, at_y, at_x);
-                if (at_y == y && at_x == x)
-                    sum = __fadd_rn(sum, alexnet_load(grad_out[alexnet_offset<I>(
-                                             n, c, oy, ox, s.c, p.out_h, p.out_w, s.layout)]));
+                const I o = alexnet_offset<I>(n, c, oy, ox, s.c, p.out_h, p.out_w, s.layout);
+                if (maxpool_took<T, I>(src, p, n, c, oy, ox, y, x, v, alexnet_load(out[o])))
+                    sum = __fadd_rn(sum, alexnet_load(grad_out[o]));
             }
         }
         grad_in[i] = alexnet_store<T>(sum);
@@ -129,32 +136,34 @@ static __device__ __forceinline__ void maxpool_backward(const T *__restrict__ sr
 }
 
 template <typename T>
-static __device__ __forceinline__ void maxpool_backward_dispatch(const T *src, const T *grad_out,
-                                                                 T *grad_in,
+static __device__ __forceinline__ void maxpool_backward_dispatch(const T *src, const T *out,
+                                                                 const T *grad_out, T *grad_in,
                                                                  const AlexnetPoolParams &p)
 {
     const unsigned long long total = alexnet_numel(p.in);
     if (alexnet_fits_u32(total))
-        maxpool_backward<T, unsigned int>(src, grad_out, grad_in, p, (unsigned int)total);
+        maxpool_backward<T, unsigned int>(src, out, grad_out, grad_in, p, (unsigned int)total);
     else
-        maxpool_backward<T, unsigned long long>(src, grad_out, grad_in, p, total);
+        maxpool_backward<T, unsigned long long>(src, out, grad_out, grad_in, p, total);
 }
 
 /*
- * maxpool_backward_f32(const float *src, const float *grad_out, float *grad_in,
- *                      AlexnetPoolParams p): src is the forward's input, grad_out shaped like
- * its output; grad_in like src. No buffer may overlap another.
+ * maxpool_backward_f32(const float *src, const float *out, const float *grad_out,
+ *                      float *grad_in, AlexnetPoolParams p): src is the forward's input, out
+ * its output, grad_out shaped like out; grad_in like src. No buffer may overlap another.
  */
-extern "C" __global__ void maxpool_backward_f32(const float *src, const float *grad_out,
-                                                float *grad_in, AlexnetPoolParams p)
+extern "C" __global__ void maxpool_backward_f32(const float *src, const float *out,
+                                                const float *grad_out, float *grad_in,
+                                                AlexnetPoolParams p)
 {
-    maxpool_backward_dispatch<float>(src, grad_out, grad_in, p);
+    maxpool_backward_dispatch<float>(src, out, grad_out, grad_in, p);
 }
 
 /* The same over f16 storage: the f32 sum of the f16 gradients, rounded once to f16. */
 extern "C" __global__ void maxpool_backward_f16(const unsigned short *src,
+                                                const unsigned short *out,
                                                 const unsigned short *grad_out,
                                                 unsigned short *grad_in, AlexnetPoolParams p)
 {
-    maxpool_backward_dispatch<unsigned short>(src, grad_out, grad_in, p);
+    maxpool_backward_dispatch<unsigned short>(src, out, grad_out, grad_in, p);
 }

@@ -100,9 +100,13 @@ fn pool_lrn_relu_backward_case<T: GpuFloat>(gpu: &Gpu, layout: Layout, seed: u64
             .unwrap()
             .into_dyn();
         let mut dx = poisoned_t(&dims);
-        MaxPoolGpu::new(3, 2)
-            .unwrap()
-            .backward(gpu, &on_gpu(&x), &on_gpu(&pool_dy), &mut dx)
+        // The backward reads each window's maximum from the forward's output, as in training.
+        let layer = MaxPoolGpu::new(3, 2).unwrap();
+        let x_gpu = on_gpu(&x);
+        let mut y = poisoned_t(&[dims[0], dims[1], oh, ow]);
+        layer.forward(gpu, &x_gpu, &mut y).unwrap();
+        layer
+            .backward(gpu, &x_gpu, &y, &on_gpu(&pool_dy), &mut dx)
             .unwrap();
         check(
             &format!("maxpool backward {dtype:?} {dims:?} {layout:?}"),

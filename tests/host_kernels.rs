@@ -1364,6 +1364,15 @@ fn pool_backward_case<T: Elem>(
         x[[n - 1, c - 1, h / 2, w / 2]] = f32::NAN;
         x.slice_mut(ndarray::s![n - 1, 0, .., ..])
             .fill(f32::NEG_INFINITY);
+        // A zero plane of both signs, as after a ReLU (-0 and +0 tie: the first zero takes
+        // it), and NaNs side by side in the last plane (windows holding two: the later).
+        if n > 1 {
+            let mut zeros = x.slice_mut(ndarray::s![1, 0, .., ..]);
+            zeros.fill(0.0);
+            zeros.slice_mut(ndarray::s![..;2, ..;3]).fill(-0.0);
+        }
+        x[[n - 1, c - 1, h / 2, (w / 2 + 1).min(w - 1)]] = f32::NAN;
+        x[[n - 1, c - 1, (h / 2 + 1).min(h - 1), w / 2]] = f32::NAN;
     }
     let x = rounded::<T, _>(&x);
     let pool = MaxPool2d::from(spec);
@@ -1373,8 +1382,13 @@ fn pool_backward_case<T: Elem>(
     let layer = MaxPoolGpu::new(spec.kernel, spec.stride).unwrap();
     let (mut p, cfg, out) = layer.backward_args(dims, layout).unwrap();
     assert_eq!(out, [n, c, oh, ow]);
+    // Each window's maximum as the forward writes it: the CPU forward's output (max only
+    // selects, so the same bits in f32 and f16; the host-executed forward test holds the
+    // kernel to it).
+    let forward = rounded::<T, _>(&pool.forward(x.view()).unwrap());
     for grid in [cfg, small_grid(64)] {
         let mut src = physical::<T>(&x, layout);
+        let mut out = physical::<T>(&forward, layout);
         let mut grad_out = physical::<T>(&dy, layout);
         let mut grad_in = vec![T::POISON; src.len()];
         launch(
@@ -1382,6 +1396,7 @@ fn pool_backward_case<T: Elem>(
             grid,
             vec![
                 buf(&mut src),
+                buf(&mut out),
                 buf(&mut grad_out),
                 buf(&mut grad_in),
                 params(&mut p),

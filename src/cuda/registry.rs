@@ -186,7 +186,7 @@ kernel_registry! {
             [Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
         /// Max-pooling's backward, gathered per input element (`ops::pool`, training).
         MaxPoolBackward = "maxpool_backward" for [f32, f16]
-            [Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
+            [Ptr(Storage), Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
     }
     "conv_epilogue" => {
         /// Bias, ReLU, optional LRN and max-pooling after a convolution in one pass

@@ -114,24 +114,31 @@ impl MaxPoolGpu {
     /// shaped like the forward's input `x`, gets every output gradient of `dy` at its window's
     /// maximum, as [`crate::cpu::MaxPool2d::backward`] does (the same rule for ties and NaN, the
     /// same sums).
+    ///
+    /// `y` is the forward's output for this `x`, which the kernel reads as each window's
+    /// maximum, so that only an element equal to it looks at the rest of the window; another
+    /// tensor of `y`'s shape gives wrong gradients, not an error.
     pub fn backward<T: GpuFloat>(
         &self,
         gpu: &Gpu,
         x: &GpuTensor<T>,
+        y: &GpuTensor<T>,
         dy: &GpuTensor<T>,
         dx: &mut GpuTensor<T>,
     ) -> Result<()> {
         const OP: &str = "MaxPoolGpu::backward";
         let (params, cfg, out) = self.backward_args(x.dims4(OP)?, x.layout())?;
+        expect_like(OP, &out, x.layout(), (y.shape(), y.layout()))?;
         expect_like(OP, &out, x.layout(), (dy.shape(), dy.layout()))?;
         expect_like(OP, x.shape(), x.layout(), (dx.shape(), dx.layout()))?;
-        // SAFETY: maxpool_backward(const T *src, const T *grad_out, T *grad_in,
-        // AlexnetPoolParams); `x` and `dx` hold n*c*h*w elements and `dy` n*c*oh*ow
+        // SAFETY: maxpool_backward(const T *src, const T *out, const T *grad_out, T *grad_in,
+        // AlexnetPoolParams); `x` and `dx` hold n*c*h*w elements, `y` and `dy` n*c*oh*ow
         // (checked above), the windows lie inside `x` (floor-mode sizes); `dx` is borrowed
-        // exclusively, so it overlaps neither input; one thread per input element.
+        // exclusively, so it overlaps none of the inputs; one thread per input element.
         unsafe {
             Launch::new(gpu, Kernel::MaxPoolBackward, T::DTYPE)?
                 .buffer(x.data())
+                .buffer(y.data())
                 .buffer(dy.data())
                 .buffer(dx.data_mut())
                 .params(&params)

@@ -647,7 +647,7 @@ impl<T: TrainFloat> Net<T> {
                     mark(&mut marks, gpu, done)?;
                 }
                 Layer::Pool(pool) => {
-                    pool.backward(gpu, x, dy, dx.ok_or_else(|| no_gradient(i))?)?;
+                    pool.backward(gpu, x, y, dy, dx.ok_or_else(|| no_gradient(i))?)?;
                     mark(&mut marks, gpu, done)?;
                 }
                 Layer::Linear {
