@@ -945,7 +945,8 @@ fn graph_replayed_steps_match_eager_steps() {
 /// stream into a staging buffer) train as the same batches given as arrays. A staged copy
 /// serves only the buffer it was made from, as it was then: a buffer refilled after it was
 /// sent (after the step that sent it returned), a step on another buffer than the one sent, and a
-/// second step on the same buffer all upload afresh.
+/// second step on the same buffer all upload afresh. A short batch (an epoch's last) is staged
+/// in the first values of the staging buffer, which keeps its room for the full batches after.
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn batches_sent_ahead_train_as_host_arrays_do() {
@@ -953,15 +954,18 @@ fn batches_sent_ahead_train_as_host_arrays_do() {
     let _gpu = common::exclusive_gpu();
     let config = small_training_config(Some(0.5));
     let start = Weights::paper_init(&config, 19).unwrap();
-    let labels = labels(4, config.num_classes());
+    // Buffers 0 to 2 hold 4 images, buffer 3 an epoch's short last batch of 2.
+    let sizes = [4, 4, 4, 2];
+    let classes = config.num_classes();
     let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
     let fill = |buffer: &mut BatchBuffer, stream: u64| {
-        let batch = small_training_batch(4, stream);
+        let n = buffer.shape()[0];
+        let batch = small_training_batch(n, stream);
         buffer
             .images_mut()
             .unwrap()
             .copy_from_slice(batch.as_slice().unwrap());
-        buffer.set_labels(labels.clone());
+        buffer.set_labels(labels(n, classes));
         batch
     };
     // (the buffer stepped on, the one sent ahead, whether the stepped one is refilled first)
@@ -970,16 +974,20 @@ fn batches_sent_ahead_train_as_host_arrays_do() {
         (1, Some(2), false), // from the staged copy; 2 goes ahead
         (2, Some(0), true),  // refilled after it was sent: uploaded again; 0 goes ahead
         (1, Some(2), false), // not the one sent (0): uploaded; 2 goes ahead instead
-        (2, None, false),    // from the staged copy
-        (2, None, false),    // the copy was taken by the last step: uploaded again
+        (2, Some(3), false), // from the staged copy; the short batch goes ahead
+        (3, Some(0), false), // the short batch from the staged copy; 0 goes ahead
+        (0, None, false),    // a full batch again from the staged copy
+        (0, None, false),    // the copy was taken by the last step: uploaded again
     ];
     each_precision(&[Precision::Fp32, Precision::Fp16], |precision| {
         let tol = tolerance(precision);
         let mut ahead = cuda_trainer_in(&start, precision, 0, scale);
         let mut on_arrays = cuda_trainer_in(&start, precision, 0, scale);
-        let mut buffers: Vec<BatchBuffer> =
-            (0..3).map(|_| ahead.batch_buffer(4).unwrap()).collect();
-        let mut batches: Vec<_> = (0..3)
+        let mut buffers: Vec<BatchBuffer> = sizes
+            .iter()
+            .map(|&n| ahead.batch_buffer(n).unwrap())
+            .collect();
+        let mut batches: Vec<_> = (0..sizes.len())
             .map(|i| fill(&mut buffers[i], 700 + i as u64))
             .collect();
         let mut before = (start.clone(), start.clone());
@@ -993,7 +1001,11 @@ fn batches_sent_ahead_train_as_host_arrays_do() {
                 .step_buffer_prefetch(&buffers[current], 90 + step, next)
                 .unwrap();
             let want = on_arrays
-                .step(batches[current].view(), &labels, 90 + step)
+                .step(
+                    batches[current].view(),
+                    &labels(sizes[current], classes),
+                    90 + step,
+                )
                 .unwrap();
             let what =
                 format!("{precision} step {step} on buffer {current} (sent ahead, from the array)");

@@ -10,11 +10,11 @@
 //! the step that sends a batch ahead waits for the copy stream before it returns
 //! ([`Prefetch::wait_for_uploads`]), so the caller may refill or free that buffer after.
 
-use cudarc::driver::{CudaEvent, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView};
 
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::events::{new_event, record};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::train::{BatchBuffer, ContentsKey};
 
 /// A batch uploaded ahead of its step, and the events that order its staging buffer.
@@ -31,8 +31,11 @@ pub(super) struct Prefetch {
 
 /// The device buffer a batch is uploaded into ahead of its step.
 struct Staging {
+    /// Room for the largest batch staged so far: a smaller one (an epoch's short last batch)
+    /// takes its first values, so the buffer is not swapped out, and the batch it holds
+    /// dropped, each time the batch size changes.
     data: CudaSlice<f32>,
-    /// `[N, C, H, W]` of the batches it holds.
+    /// `[N, C, H, W]` of the batch it holds or last held.
     shape: [usize; 4],
     /// The buffer and filling it holds (once `uploaded` completes); `None` once a step has
     /// taken it, or before the first upload.
@@ -44,6 +47,8 @@ struct Staging {
 #[derive(Clone, Copy)]
 pub(super) struct StagedBatch<'a> {
     data: &'a CudaSlice<f32>,
+    /// The batch's values, the first of `data`'s.
+    len: usize,
     uploaded: &'a CudaEvent,
     consumed: &'a CudaEvent,
 }
@@ -51,12 +56,19 @@ pub(super) struct StagedBatch<'a> {
 impl StagedBatch<'_> {
     /// Runs `read` (which queues work on the compute stream reading the staged batch) after
     /// the upload has completed, and marks the staging buffer free for the next upload.
-    pub fn read(self, gpu: &Gpu, read: impl FnOnce(&CudaSlice<f32>) -> Result<()>) -> Result<()> {
+    pub fn read(self, gpu: &Gpu, read: impl FnOnce(&CudaView<f32>) -> Result<()>) -> Result<()> {
         let stream = gpu.stream();
         stream
             .wait(self.uploaded)
             .map_err(driver_err("cuStreamWaitEvent (staged batch)"))?;
-        read(self.data)?;
+        // Always in range: `Prefetch::send` stages only a batch the buffer has room for.
+        let batch = self.data.try_slice(..self.len).ok_or_else(|| {
+            Error::invalid(
+                "CudaTrainer",
+                "a staged batch larger than its staging buffer",
+            )
+        })?;
+        read(&batch)?;
         record(self.consumed, stream)
     }
 }
@@ -87,14 +99,17 @@ impl Prefetch {
         staging.holds = None;
         Some(StagedBatch {
             data: &staging.data,
+            len: element_count(staging.shape),
             uploaded: &self.uploaded,
             consumed: &self.consumed,
         })
     }
 
-    /// A staging buffer of `next`'s shape, allocated if there is none (before a step is
+    /// A staging buffer with room for `next`, allocated if there is none (before a step is
     /// queued, so that the allocation's sync finds the compute stream idle; [`Prefetch::send`]
-    /// does it otherwise). Any staging buffer of another shape is freed after its last upload.
+    /// does it otherwise). A staging buffer too small for it is freed after its last upload,
+    /// and the batch it held with it; one large enough keeps the batch it holds for the step
+    /// about to take it.
     pub fn prepare(&mut self, gpu: &Gpu, next: &BatchBuffer) -> Result<()> {
         if !next.is_page_locked() {
             return Ok(()); // never sent (see `send`): no staging buffer for it
@@ -137,7 +152,11 @@ impl Prefetch {
         // Until `uploaded` completes the staging buffer holds nothing a step may use: mark it
         // before the copy, so a failed copy leaves nothing to take.
         staging.holds = None;
-        copy.memcpy_htod(memory, &mut staging.data)
+        staging.shape = next.shape();
+        let mut room = staging.data.try_slice_mut(..memory.len()).ok_or_else(|| {
+            Error::invalid("CudaTrainer", "a batch larger than its staging buffer")
+        })?;
+        copy.memcpy_htod(memory, &mut room)
             .map_err(driver_err("cuMemcpyHtoDAsync (next batch, copy stream)"))?;
         record(uploaded, copy)?;
         staging.holds = Some(next.contents());
@@ -145,8 +164,8 @@ impl Prefetch {
     }
 }
 
-/// The staging buffer in `slot` if it is for batches of `shape`, else a new one in its place
-/// (the old one freed once `uploaded`, its last upload, has completed).
+/// The staging buffer in `slot` if it has room for a batch of `shape`, else a new one in its
+/// place (the old one freed once `uploaded`, its last upload, has completed).
 fn staging_for<'a>(
     slot: &'a mut Option<Staging>,
     uploaded: &CudaEvent,
@@ -154,7 +173,7 @@ fn staging_for<'a>(
     shape: [usize; 4],
 ) -> Result<&'a mut Staging> {
     let staging = match slot.take() {
-        Some(staging) if staging.shape == shape => staging,
+        Some(staging) if staging.data.len() >= element_count(shape) => staging,
         old => {
             if old.is_some() {
                 // Freed on the compute stream: its last upload must be done first.
@@ -172,7 +191,7 @@ fn staging_for<'a>(
 impl Staging {
     /// A device buffer for batches of `shape`, holding nothing yet.
     fn new(gpu: &Gpu, shape: [usize; 4]) -> Result<Self> {
-        let len = shape.iter().product();
+        let len = element_count(shape);
         let stream = gpu.stream();
         // Zeroed, though every element is uploaded before a step reads it: a memset once per
         // batch shape keeps compute-sanitizer's initcheck quiet.
@@ -190,6 +209,12 @@ impl Staging {
             holds: None,
         })
     }
+}
+
+/// The values of a batch of `shape` (a `BatchBuffer`'s shape: its product was checked when
+/// the buffer was made).
+fn element_count(shape: [usize; 4]) -> usize {
+    shape.iter().product()
 }
 
 impl Drop for Prefetch {
