@@ -197,12 +197,13 @@ typedef struct AlexnetConvertParams {
  * shaped like it. With D_c = k + alpha * (window sum of squares) and b_c = a_c D_c^-beta:
  * grad_in_i = g_i D_i^-beta - 2 alpha beta a_i sum_{c : i in window(c)} g_c a_c D_c^-beta / D_c.
  * A window of at most ALEXNET_LRN_BACKWARD_RING channels: one thread per pixel of an image and
- * run of ALEXNET_LRN_BACKWARD_CHUNK channels, each D_c computed once (a wider window: one
- * thread per element). No buffer may overlap another.
+ * run of ALEXNET_LRN_BACKWARD_CHUNK channels, each D_c computed once per run (and size - 1 of
+ * them by two runs: those whose windows reach across the runs' edge). A wider window: one
+ * thread per element. No buffer may overlap another.
  */
 /* The widest LRN window whose backward keeps its terms in a per-thread ring (a power of two). */
 #define ALEXNET_LRN_BACKWARD_RING 16
-/* Channels one thread of the ring backward finishes (it recomputes size - 1 terms at each end). */
+/* Channels one thread of the ring backward finishes. */
 #define ALEXNET_LRN_BACKWARD_CHUNK 32
 
 /*
@@ -213,10 +214,11 @@ typedef struct AlexnetReluBackwardParams {
     unsigned long long len;
 } AlexnetReluBackwardParams;
 
-/* The most threads per block of bias_grad (one block per channel): the launcher picks a power
- * of two up to this, so that each thread sums at least ALEXNET_BIAS_GRAD_PER_THREAD positions. */
+/* The most threads per block of bias_grad (one block per channel): the launcher picks the
+ * smallest power of two (from 32) that leaves each thread at most ALEXNET_BIAS_GRAD_PER_THREAD
+ * positions, up to this; only blocks of this size give a thread more. */
 #define ALEXNET_BIAS_GRAD_BLOCK 1024
-/* Loads each bias_grad thread keeps in flight, and the fewest positions the launcher gives it. */
+/* Loads each bias_grad thread keeps in flight (one iteration's positions). */
 #define ALEXNET_BIAS_GRAD_PER_THREAD 8
 
 /*

@@ -87,7 +87,9 @@ static __device__ __forceinline__ bool maxpool_took(const T *__restrict__ src,
     for (unsigned int ky = 0; ky < p.kernel; ++ky) {
         for (unsigned int kx = 0; kx < p.kernel; ++kx, ++q) {
             /* NaN: a later NaN would win; otherwise an earlier equal value did. */
-            if (nan ? q <= at : q >= at)
+            if (!nan && q >= at)
+                return true; /* no earlier position holds m */
+            if (nan && q <= at)
                 continue;
             const float w =
                 alexnet_load(src[alexnet_offset<I>(n, c, y0 + ky, x0 + kx, s.c, s.h, s.w, s.layout)]);

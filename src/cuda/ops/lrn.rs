@@ -125,7 +125,8 @@ impl LrnGpu {
         let (params, cfg) = self.backward_args(x.dims4(OP)?, x.layout())?;
         // SAFETY: lrn_backward(const T *src, const T *grad_out, T *grad_in, AlexnetLrnParams);
         // all three hold n*c*h*w elements of `params.shape` (checked above), `dx` is borrowed
-        // exclusively so it overlaps neither input; relu_first is 0; one thread per element.
+        // exclusively so it overlaps neither input; relu_first is 0; the kernel's
+        // threads cover every element however many it is given (grid-stride loops).
         unsafe {
             Launch::new(gpu, Kernel::LrnBackward, T::DTYPE)?
                 .buffer(x.data())
