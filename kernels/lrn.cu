@@ -63,6 +63,14 @@ extern "C" __global__ void lrn_f16(const unsigned short *src, unsigned short *ds
 
 /* ---- backward (training, f32 and f16: f32 arithmetic on the widened values) ------------- */
 
+/* The LRN's input a at `x`: max(x, 0) when the ReLU before it is fused in (relu_first). */
+template <typename T>
+static __device__ __forceinline__ float lrn_input(const T *x, const AlexnetLrnParams &p)
+{
+    const float a = alexnet_load(*x);
+    return p.relu_first ? alexnet_relu(a) : a;
+}
+
 /* D_c = k + alpha * (the window's sum of squares), as the CPU's backward computes it. */
 template <typename T, typename I>
 static __device__ __forceinline__ float lrn_denominator(const T *channel0, I channel_stride,
@@ -72,7 +80,7 @@ static __device__ __forceinline__ float lrn_denominator(const T *channel0, I cha
     alexnet_lrn_window(c, p, first, last);
     float sum = 0.0f;
     for (unsigned int j = first; j <= last; ++j) {
-        const float a = alexnet_load(channel0[(I)j * channel_stride]);
+        const float a = lrn_input(channel0 + (I)j * channel_stride, p);
         sum = __fadd_rn(sum, __fmul_rn(a, a));
     }
     return __fadd_rn(p.k, __fmul_rn(p.alpha, sum));
@@ -100,10 +108,14 @@ static __device__ __forceinline__ float lrn_window_term(float g, float a, float 
     return __fmul_rn(__fmul_rn(g, a), scale) / d;
 }
 
-/* da_i = g_i D_i^-beta - 2 alpha beta a_i (sum of the window's terms), rounded once. */
+/* da_i = g_i D_i^-beta - 2 alpha beta a_i (sum of the window's terms), rounded once; with the
+ * ReLU before the LRN fused in (relu_first), its backward too: 0 where a_i = max(x_i, 0) is not
+ * positive (a NaN input passes nothing), as `cpu::relu_backward` on the ReLU's output. */
 static __device__ __forceinline__ float lrn_input_gradient(float scaled, float a, float sum,
                                                            const AlexnetLrnParams &p)
 {
+    if (p.relu_first && !(a > 0.0f))
+        return 0.0f;
     const float coefficient = __fmul_rn(__fmul_rn(__fmul_rn(2.0f, p.alpha), p.beta), a);
     return __fadd_rn(scaled, -__fmul_rn(coefficient, sum));
 }
@@ -141,13 +153,13 @@ static __device__ __forceinline__ void lrn_backward_per_element(const T *__restr
         for (unsigned int ch = first; ch <= last; ++ch) {
             const float d = lrn_denominator<T, I>(a0, channel_stride, ch, p);
             const I at = (I)ch * channel_stride;
-            sum = __fadd_rn(sum, lrn_window_term(alexnet_load(g0[at]), alexnet_load(a0[at]),
+            sum = __fadd_rn(sum, lrn_window_term(alexnet_load(g0[at]), lrn_input(a0 + at, p),
                                                  lrn_inverse_power(d, p.beta), d));
         }
         const float scale =
             lrn_inverse_power(lrn_denominator<T, I>(a0, channel_stride, c, p), p.beta);
         grad_in[i] = alexnet_store<T>(lrn_input_gradient(
-            lrn_scaled_gradient(alexnet_load(grad_out[i]), scale), alexnet_load(src[i]), sum, p));
+            lrn_scaled_gradient(alexnet_load(grad_out[i]), scale), lrn_input(src + i, p), sum, p));
     }
 }
 
@@ -183,7 +195,7 @@ static __device__ __forceinline__ void lrn_backward_channels(const T *__restrict
             const float d = lrn_denominator<T, I>(a0, channel_stride, (unsigned int)ch, p);
             const float scale = lrn_inverse_power(d, p.beta);
             const float g = alexnet_load(g0[at]);
-            terms[ch % RING] = lrn_window_term(g, alexnet_load(a0[at]), scale, d);
+            terms[ch % RING] = lrn_window_term(g, lrn_input(a0 + at, p), scale, d);
             scaled[ch % RING] = lrn_scaled_gradient(g, scale);
         }
         /* Channel c = ch - before has every term of its window [c - after, c + before]. */
@@ -197,7 +209,7 @@ static __device__ __forceinline__ void lrn_backward_channels(const T *__restrict
             sum = __fadd_rn(sum, terms[j % RING]);
         const I at = (I)c * channel_stride;
         d0[at] = alexnet_store<T>(
-            lrn_input_gradient(scaled[c % RING], alexnet_load(a0[at]), sum, p));
+            lrn_input_gradient(scaled[c % RING], lrn_input(a0 + at, p), sum, p));
     }
 }
 
@@ -249,8 +261,8 @@ static __device__ __forceinline__ void lrn_backward_dispatch(const T *src, const
 
 /*
  * lrn_backward_f32(const float *src, const float *grad_out, float *grad_in, AlexnetLrnParams p):
- * src is the LRN's input (p.relu_first must be 0: the ReLU's backward is its own kernel),
- * grad_out and grad_in are shaped like it. No buffer may overlap another.
+ * src is the LRN's input (with p.relu_first, the fused ReLU's input, whose backward is then
+ * applied too), grad_out and grad_in are shaped like it. No buffer may overlap another.
  */
 extern "C" __global__ void lrn_backward_f32(const float *src, const float *grad_out,
                                             float *grad_in, AlexnetLrnParams p)

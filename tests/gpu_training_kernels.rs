@@ -80,10 +80,33 @@ fn pool_lrn_relu_backward_case<T: GpuFloat>(gpu: &Gpu, layout: Layout, seed: u64
         let mut dx = poisoned_t(&dims);
         LrnGpu::new(LrnParams::PAPER)
             .unwrap()
-            .backward(gpu, &on_gpu(&x), &on_gpu(&dy), &mut dx)
+            .backward(gpu, &on_gpu(&x), &on_gpu(&dy), &mut dx, false)
             .unwrap();
         check(
             &format!("lrn backward {dtype:?} {dims:?} {layout:?}"),
+            &dx.to_host(gpu).unwrap(),
+            &want,
+            lrn_tol,
+        );
+
+        // With the ReLU before it fused in: from the ReLU's input (negative values too), as
+        // the CPU's ReLU backward after its LRN backward.
+        let before_relu = to_t(random(dims, s + 3, 3.0).into_dyn());
+        let relu = before_relu.mapv(|v| v.max(0.0));
+        let lrn_grad = lrn
+            .backward(
+                relu.view().into_dimensionality().unwrap(),
+                dy.view().into_dimensionality().unwrap(),
+            )
+            .unwrap();
+        let want = relu_backward(relu.view(), lrn_grad.view().into_dyn()).unwrap();
+        let mut dx = poisoned_t(&dims);
+        LrnGpu::new(LrnParams::PAPER)
+            .unwrap()
+            .backward(gpu, &on_gpu(&before_relu), &on_gpu(&dy), &mut dx, true)
+            .unwrap();
+        check(
+            &format!("lrn backward with the ReLU {dtype:?} {dims:?} {layout:?}"),
             &dx.to_host(gpu).unwrap(),
             &want,
             lrn_tol,

@@ -1430,21 +1430,39 @@ fn maxpool_backward_matches_the_cpu_with_overlaps_ties_and_nan() {
 }
 
 /// `lrn_backward` in `T` against the CPU layer on the values rounded to `T`, its result rounded
-/// once to `T` (the kernel computes in f32 and stores once).
-fn lrn_backward_case<T: Elem>(dims: [usize; 4], layout: Layout, lrn: LrnParams, seed: u64) {
+/// once to `T` (the kernel computes in f32 and stores once). With `relu_first`, the kernel gets
+/// the ReLU's input (negative values too) and is held to the CPU's `relu_backward` on the
+/// ReLU's output after the LRN's backward.
+fn lrn_backward_case<T: Elem>(
+    dims: [usize; 4],
+    layout: Layout,
+    lrn: LrnParams,
+    seed: u64,
+    relu_first: bool,
+) {
     let name = format!("lrn_backward_{}", T::SUFFIX);
     let [n, c, h, w] = dims;
-    // The LRN follows a ReLU: non-negative inputs with exact zeros, as in the network.
-    let x = rounded::<T, _>(&random((n, c, h, w), seed, 3.0).mapv(|v| v.max(0.0)));
+    // The LRN follows a ReLU: non-negative inputs with exact zeros, as in the network; the
+    // ReLU's input for the fused backward.
+    let before_relu = rounded::<T, _>(&random((n, c, h, w), seed, 3.0));
+    let relu = before_relu.mapv(|v| v.max(0.0));
+    let x = if relu_first {
+        before_relu
+    } else {
+        relu.clone()
+    };
     let dy = rounded::<T, _>(&random((n, c, h, w), seed + 500, 1.0));
-    let exact = Lrn::new(lrn)
+    let lrn_grad = Lrn::new(lrn)
         .unwrap()
-        .backward(x.view(), dy.view())
-        .unwrap()
-        .into_dyn();
+        .backward(relu.view(), dy.view())
+        .unwrap();
+    let exact = match relu_first {
+        true => relu_backward(relu.view().into_dyn(), lrn_grad.view().into_dyn()).unwrap(),
+        false => lrn_grad.into_dyn(),
+    };
     let want = rounded::<T, _>(&exact);
     let layer = LrnGpu::new(lrn).unwrap();
-    let (mut p, cfg) = layer.backward_args(dims, layout).unwrap();
+    let (mut p, cfg) = layer.backward_args(dims, layout, relu_first).unwrap();
     for grid in [cfg, small_grid(128)] {
         let mut src = physical::<T>(&x, layout);
         let mut grad_out = physical::<T>(&dy, layout);
@@ -1460,7 +1478,10 @@ fn lrn_backward_case<T: Elem>(dims: [usize; 4], layout: Layout, lrn: LrnParams, 
             ],
         );
         let got = logical(&grad_in, dims, layout).into_dyn();
-        let what = format!("{name} {dims:?} {layout:?} size={}", lrn.size);
+        let what = format!(
+            "{name} {dims:?} {layout:?} size={} relu_first={relu_first}",
+            lrn.size
+        );
         if lrn.beta == 0.75 {
             // The CPU's order and its square roots: the same bits.
             assert_same(&what, &got, &want);
@@ -1499,8 +1520,10 @@ fn lrn_backward_matches_the_cpu_at_the_channel_edges() {
     ]);
     for (i, (dims, lrn)) in cases.enumerate() {
         for layout in LAYOUTS {
-            lrn_backward_case::<f32>(dims, layout, lrn, 220 + i as u64);
-            lrn_backward_case::<f16>(dims, layout, lrn, 220 + i as u64);
+            for relu_first in [false, true] {
+                lrn_backward_case::<f32>(dims, layout, lrn, 220 + i as u64, relu_first);
+                lrn_backward_case::<f16>(dims, layout, lrn, 220 + i as u64, relu_first);
+            }
         }
     }
 }

@@ -89,7 +89,7 @@ impl LrnGpu {
 
 impl LrnGpu {
     /// The `lrn_backward` kernel's parameters and launch shape for an input of `[n, c, h, w]`
-    /// in `layout`: what [`LrnGpu::backward`] passes. A window of at most
+    /// in `layout` (`relu_first`: as for [`LrnGpu::backward`]): what it passes. A window of at most
     /// `ALEXNET_LRN_BACKWARD_RING` channels takes one thread per pixel and run of
     /// `ALEXNET_LRN_BACKWARD_CHUNK` channels, a wider one a thread per element.
     #[doc(hidden)]
@@ -97,9 +97,10 @@ impl LrnGpu {
         &self,
         dims: [usize; 4],
         layout: Layout,
+        relu_first: bool,
     ) -> Result<(AlexnetLrnParams, LaunchConfig)> {
         const OP: &str = "LrnGpu::backward";
-        let (params, per_element) = self.launch_args(OP, dims, layout, false)?;
+        let (params, per_element) = self.launch_args(OP, dims, layout, relu_first)?;
         if params.size > ALEXNET_LRN_BACKWARD_RING {
             return Ok((params, per_element));
         }
@@ -108,24 +109,29 @@ impl LrnGpu {
         Ok((params, grid_1d(OP, element_count(&[n, chunks, h, w])?)?))
     }
 
-    /// The backward of [`LrnGpu::forward`] (without the fused ReLU) for training (f32, or f16
-    /// with f32 arithmetic): `dx` from the LRN's input `x` and the output's gradient `dy`, all
-    /// three the same shape and layout, as [`crate::cpu::Lrn::backward`] computes it.
+    /// The backward of [`LrnGpu::forward`] for training (f32, or f16 with f32 arithmetic):
+    /// `dx` from the LRN's input `x` and the output's gradient `dy`, all three the same shape
+    /// and layout, as [`crate::cpu::Lrn::backward`] computes it. With `relu_first`, the
+    /// backward of `lrn(max(x, 0))`: also the ReLU's, `dx` 0 where `x` is not positive (as
+    /// [`crate::cpu::relu_backward`] on the ReLU's output), so the ReLU before an LRN needs no
+    /// backward pass of its own. `x` may be the ReLU's output (what the trainer keeps): the
+    /// ReLU of it is itself.
     pub fn backward<T: GpuFloat>(
         &self,
         gpu: &Gpu,
         x: &GpuTensor<T>,
         dy: &GpuTensor<T>,
         dx: &mut GpuTensor<T>,
+        relu_first: bool,
     ) -> Result<()> {
         const OP: &str = "LrnGpu::backward";
         for tensor in [(dy.shape(), dy.layout()), (dx.shape(), dx.layout())] {
             expect_like(OP, x.shape(), x.layout(), tensor)?;
         }
-        let (params, cfg) = self.backward_args(x.dims4(OP)?, x.layout())?;
+        let (params, cfg) = self.backward_args(x.dims4(OP)?, x.layout(), relu_first)?;
         // SAFETY: lrn_backward(const T *src, const T *grad_out, T *grad_in, AlexnetLrnParams);
         // all three hold n*c*h*w elements of `params.shape` (checked above), `dx` is borrowed
-        // exclusively so it overlaps neither input; relu_first is 0; the kernel's
+        // exclusively so it overlaps neither input; the kernel's
         // threads cover every element however many it is given (grid-stride loops).
         unsafe {
             Launch::new(gpu, Kernel::LrnBackward, T::DTYPE)?

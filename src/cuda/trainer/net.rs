@@ -616,6 +616,17 @@ impl<T: TrainFloat> Net<T> {
         )?;
         mark(&mut marks, gpu, || "loss".into())?;
 
+        // A convolution's ReLU (fused into its forward) followed by an LRN: the LRN's backward
+        // applies the ReLU's too (`relu_first`), one pass over conv1's and conv2's gradients
+        // fewer than a `relu_backward` of its own.
+        let relu_in_lrn: Vec<bool> = (0..stages.len())
+            .map(|i| {
+                i > 0
+                    && matches!(stages[i].layer, Layer::Lrn(_))
+                    && matches!(stages[i - 1].layer, Layer::Conv(_))
+            })
+            .collect();
+
         // Backward, from the logits to the first trainable layer.
         for (i, stage) in stages.iter_mut().enumerate().rev() {
             let (before, after) = gradients.split_at_mut(i + 1);
@@ -628,7 +639,9 @@ impl<T: TrainFloat> Net<T> {
             let done = || format!("{name} backward");
             match &mut stage.layer {
                 Layer::Conv(conv) => {
-                    relu_backward(gpu, y, dy)?;
+                    if !relu_in_lrn.get(i + 1).copied().unwrap_or(false) {
+                        relu_backward(gpu, y, dy)?;
+                    }
                     let wants_dx = i > 0 && !first_trainable;
                     let dx = match wants_dx {
                         true => Some(dx.ok_or_else(|| no_gradient(i))?),
@@ -643,7 +656,8 @@ impl<T: TrainFloat> Net<T> {
                     }
                 }
                 Layer::Lrn(lrn) => {
-                    lrn.backward(gpu, x, dy, dx.ok_or_else(|| no_gradient(i))?)?;
+                    let dx = dx.ok_or_else(|| no_gradient(i))?;
+                    lrn.backward(gpu, x, dy, dx, relu_in_lrn[i])?;
                     mark(&mut marks, gpu, done)?;
                 }
                 Layer::Pool(pool) => {
