@@ -195,7 +195,8 @@ typedef struct AlexnetConvertParams {
  * (and _f16: the same over f16 storage, f32 arithmetic, each result rounded once)
  * The backward of the LRN: src is its input, grad_out and grad_in are shaped like it. With
  * relu_first the backward of lrn(max(src, 0)): the ReLU's backward too (grad_in 0 where src is
- * not positive, or NaN), so the ReLU before an LRN needs no relu_backward of its own. With D_c = k + alpha * (window sum of squares) and b_c = a_c D_c^-beta:
+ * not positive, or NaN), so the ReLU before an LRN needs no relu_backward of its own.
+ * With D_c = k + alpha * (window sum of squares) and b_c = a_c D_c^-beta:
  * grad_in_i = g_i D_i^-beta - 2 alpha beta a_i sum_{c : i in window(c)} g_c a_c D_c^-beta / D_c.
  * A window of at most ALEXNET_LRN_BACKWARD_RING channels: one thread per pixel of an image and
  * run of ALEXNET_LRN_BACKWARD_CHUNK channels, each D_c computed once per run (and size - 1 of

@@ -512,8 +512,9 @@ impl Trainer for CudaTrainer {
     }
 
     /// As [`Trainer::step_buffer`]; a page-locked `next` (from [`Trainer::batch_buffer`])
-    /// goes up on the copy stream while this step computes, into a device buffer of one
-    /// batch (allocated on first use, once per batch shape), and the following step on it
+    /// goes up on the copy stream while this step computes, into a device buffer with room
+    /// for the largest batch sent so far (allocated on first use, and again only for a larger
+    /// batch; an epoch's short last batch fits in it), and the following step on it
     /// starts from there. The step returns once both its compute and that upload are done. A
     /// `next` in ordinary memory, or one for which the device has no memory to spare, is
     /// uploaded by its own step.

@@ -189,12 +189,14 @@ fn staging_for<'a>(
 }
 
 impl Staging {
-    /// A device buffer for batches of `shape`, holding nothing yet.
+    /// A device buffer with room for a batch of `shape` (and any smaller one), holding nothing
+    /// yet.
     fn new(gpu: &Gpu, shape: [usize; 4]) -> Result<Self> {
         let len = element_count(shape);
         let stream = gpu.stream();
-        // Zeroed, though every element is uploaded before a step reads it: a memset once per
-        // batch shape keeps compute-sanitizer's initcheck quiet.
+        // Zeroed, though every element is uploaded before a step reads it: a memset per
+        // allocation (the first batch, then only a larger one) keeps compute-sanitizer's
+        // initcheck quiet.
         let data = stream
             .alloc_zeros::<f32>(len)
             .map_err(driver_err("allocate the staging buffer for the next batch"))?;
