@@ -180,16 +180,24 @@ typedef struct AlexnetConvertParams {
     float scale;
 } AlexnetConvertParams;
 
+/* maxpool_backward's parameters: the forward's, and whether the ReLU before it is fused in. */
+typedef struct AlexnetPoolBackwardParams {
+    AlexnetPoolParams pool;
+    unsigned int relu_first;
+} AlexnetPoolBackwardParams;
+
 
 /*
  * maxpool_backward_f32(const float *src, const float *out, const float *grad_out,
- *                      float *grad_in, AlexnetPoolParams p)
+ *                      float *grad_in, AlexnetPoolBackwardParams p)
  * (and _f16: the same over f16 storage, f32 sums)
- * The backward of maxpool for training: src is the forward's input, out its output (what
- * maxpool wrote from src: each window's maximum), grad_out shaped like out, grad_in like src.
- * Each input element gets the sum of the output gradients of the windows whose maximum it is
- * (the first strictly larger value, or the last NaN), windows in (oy, ox) order. One thread
- * per input element; no buffer may overlap another.
+ * The backward of maxpool (p.pool) for training: src is the forward's input, out its output
+ * (what maxpool wrote from src: each window's maximum), grad_out shaped like out, grad_in like
+ * src. Each input element gets the sum of the output gradients of the windows whose maximum it
+ * is (the first strictly larger value, or the last NaN), windows in (oy, ox) order. With
+ * relu_first the backward of maxpool(max(src, 0)) (out is that pooling's output): the ReLU's
+ * backward too (grad_in 0 where src is not positive, or NaN), so the ReLU before a pooling needs
+ * no relu_backward of its own. One thread per input element; no buffer may overlap another.
  *
  * lrn_backward_f32(const float *src, const float *grad_out, float *grad_in, AlexnetLrnParams p)
  * (and _f16: the same over f16 storage, f32 arithmetic, each result rounded once)

@@ -102,18 +102,27 @@ static __device__ __forceinline__ bool maxpool_took(const T *__restrict__ src,
 
 /*
  * One thread per input element: the sum of the output gradients of every window whose maximum
- * it is, windows in (oy, ox) order — the order in which the CPU adds them.
+ * it is, windows in (oy, ox) order — the order in which the CPU adds them. With relu_first an
+ * element that is not positive gets 0 without looking at a window: the ReLU's backward, and
+ * after a ReLU about half of the elements.
  */
 template <typename T, typename I>
 static __device__ __forceinline__ void maxpool_backward(const T *__restrict__ src,
                                                         const T *__restrict__ out,
                                                         const T *__restrict__ grad_out,
                                                         T *__restrict__ grad_in,
-                                                        const AlexnetPoolParams &p, I total)
+                                                        const AlexnetPoolBackwardParams &pb,
+                                                        I total)
 {
+    const AlexnetPoolParams &p = pb.pool;
     const AlexnetTensorShape s = p.in;
     ALEXNET_GRID_STRIDE(I, i, total)
     {
+        const float v = alexnet_load(src[i]);
+        if (pb.relu_first && !(v > 0.0f)) {
+            grad_in[i] = alexnet_store<T>(0.0f);
+            continue;
+        }
         I n, c, y, x;
         alexnet_unravel<I>(i, s.c, s.h, s.w, s.layout, n, c, y, x);
         /* The windows holding row y: oy * stride <= y < oy * stride + kernel, oy < out_h. */
@@ -124,7 +133,6 @@ static __device__ __forceinline__ void maxpool_backward(const T *__restrict__ sr
         const I ox_first = x + 1 > k ? (x + 1 - k + st - 1) / st : 0;
         const I ox_last_wide = x / st;
         const I ox_last = ox_last_wide < (I)p.out_w ? ox_last_wide : (I)p.out_w - 1;
-        const float v = alexnet_load(src[i]);
         float sum = 0.0f;
         for (I oy = oy_first; oy <= oy_last && p.out_h > 0; ++oy) {
             for (I ox = ox_first; ox <= ox_last && p.out_w > 0; ++ox) {
@@ -140,9 +148,9 @@ static __device__ __forceinline__ void maxpool_backward(const T *__restrict__ sr
 template <typename T>
 static __device__ __forceinline__ void maxpool_backward_dispatch(const T *src, const T *out,
                                                                  const T *grad_out, T *grad_in,
-                                                                 const AlexnetPoolParams &p)
+                                                                 const AlexnetPoolBackwardParams &p)
 {
-    const unsigned long long total = alexnet_numel(p.in);
+    const unsigned long long total = alexnet_numel(p.pool.in);
     if (alexnet_fits_u32(total))
         maxpool_backward<T, unsigned int>(src, out, grad_out, grad_in, p, (unsigned int)total);
     else
@@ -151,12 +159,13 @@ static __device__ __forceinline__ void maxpool_backward_dispatch(const T *src, c
 
 /*
  * maxpool_backward_f32(const float *src, const float *out, const float *grad_out,
- *                      float *grad_in, AlexnetPoolParams p): src is the forward's input, out
- * its output, grad_out shaped like out; grad_in like src. No buffer may overlap another.
+ *                      float *grad_in, AlexnetPoolBackwardParams p): src is the forward's
+ * input, out its output, grad_out shaped like out; grad_in like src. No buffer may overlap
+ * another.
  */
 extern "C" __global__ void maxpool_backward_f32(const float *src, const float *out,
                                                 const float *grad_out, float *grad_in,
-                                                AlexnetPoolParams p)
+                                                AlexnetPoolBackwardParams p)
 {
     maxpool_backward_dispatch<float>(src, out, grad_out, grad_in, p);
 }
@@ -165,7 +174,8 @@ extern "C" __global__ void maxpool_backward_f32(const float *src, const float *o
 extern "C" __global__ void maxpool_backward_f16(const unsigned short *src,
                                                 const unsigned short *out,
                                                 const unsigned short *grad_out,
-                                                unsigned short *grad_in, AlexnetPoolParams p)
+                                                unsigned short *grad_in,
+                                                AlexnetPoolBackwardParams p)
 {
     maxpool_backward_dispatch<unsigned short>(src, out, grad_out, grad_in, p);
 }

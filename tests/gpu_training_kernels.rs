@@ -129,10 +129,39 @@ fn pool_lrn_relu_backward_case<T: GpuFloat>(gpu: &Gpu, layout: Layout, seed: u64
         let mut y = poisoned_t(&[dims[0], dims[1], oh, ow]);
         layer.forward(gpu, &x_gpu, &mut y).unwrap();
         layer
-            .backward(gpu, &x_gpu, &y, &on_gpu(&pool_dy), &mut dx)
+            .backward(gpu, &x_gpu, &y, &on_gpu(&pool_dy), &mut dx, false)
             .unwrap();
         check(
             &format!("maxpool backward {dtype:?} {dims:?} {layout:?}"),
+            &dx.to_host(gpu).unwrap(),
+            &to_t(want),
+            0.0,
+        );
+
+        // With the ReLU before it fused in: from the ReLU's input, the window maxima pooled
+        // from its output, as the CPU's ReLU backward after its max-pool backward.
+        let pooled = pool
+            .backward(
+                relu.view().into_dimensionality().unwrap(),
+                pool_dy.view().into_dimensionality().unwrap(),
+            )
+            .unwrap();
+        let want = relu_backward(relu.view(), pooled.view().into_dyn()).unwrap();
+        let mut y = poisoned_t(&[dims[0], dims[1], oh, ow]);
+        layer.forward(gpu, &on_gpu(&relu), &mut y).unwrap();
+        let mut dx = poisoned_t(&dims);
+        layer
+            .backward(
+                gpu,
+                &on_gpu(&before_relu),
+                &y,
+                &on_gpu(&pool_dy),
+                &mut dx,
+                true,
+            )
+            .unwrap();
+        check(
+            &format!("maxpool backward with the ReLU {dtype:?} {dims:?} {layout:?}"),
             &dx.to_host(gpu).unwrap(),
             &to_t(want),
             0.0,

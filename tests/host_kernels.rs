@@ -23,8 +23,8 @@ use std::ffi::c_void;
 
 use alexnet_cuda::config::{DropoutMode, LrnParams, PoolSpec};
 use alexnet_cuda::cpu::{
-    bias_act_inplace, relu_backward, softmax_cross_entropy, Conv2d, Dropout, InputGradient, Linear,
-    Lrn, MaxPool2d,
+    bias_act_inplace, relu_backward, relu_inplace, softmax_cross_entropy, Conv2d, Dropout,
+    InputGradient, Linear, Lrn, MaxPool2d,
 };
 use alexnet_cuda::cuda::abi::{
     AlexnetStepSettings, ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK,
@@ -1346,13 +1346,17 @@ fn softmax_topk_matches_the_cpu_with_ties_and_nan() {
 // --- training kernels (f32 and f16; the loss and SGD f32 only) -----------------------------
 
 /// `maxpool_backward` in `T` against the CPU layer on the values rounded to `T`, its result
-/// rounded once to `T` (the kernel sums in f32 and stores once).
+/// rounded once to `T` (the kernel sums in f32 and stores once). With `relu_first`, the kernel
+/// gets the ReLU's input (negative values too) and, a second time, its output (what the trainer
+/// passes), and is held to the CPU's `relu_backward` on the ReLU's output after the pooling's
+/// backward.
 fn pool_backward_case<T: Elem>(
     dims: [usize; 4],
     spec: PoolSpec,
     layout: Layout,
     seed: u64,
     ties: bool,
+    relu_first: bool,
 ) {
     let name = format!("maxpool_backward_{}", T::SUFFIX);
     let [n, c, h, w] = dims;
@@ -1375,19 +1379,40 @@ fn pool_backward_case<T: Elem>(
         x[[n - 1, c - 1, (h / 2 + 1).min(h - 1), w / 2]] = f32::NAN;
     }
     let x = rounded::<T, _>(&x);
+    // What the pooling sees: the ReLU's output (NaN stays NaN) when it is fused in.
+    let pooled = match relu_first {
+        true => {
+            let mut relu = x.clone().into_dyn();
+            relu_inplace(relu.view_mut());
+            relu.into_dimensionality().unwrap()
+        }
+        false => x.clone(),
+    };
     let pool = MaxPool2d::from(spec);
     let (oh, ow) = pool.output_size(h, w).unwrap();
     let dy = rounded::<T, _>(&random((n, c, oh, ow), seed + 500, 1.0));
-    let want = rounded::<T, _>(&pool.backward(x.view(), dy.view()).unwrap().into_dyn());
+    let pool_grad = pool.backward(pooled.view(), dy.view()).unwrap().into_dyn();
+    let exact = match relu_first {
+        true => relu_backward(pooled.view().into_dyn(), pool_grad.view()).unwrap(),
+        false => pool_grad,
+    };
+    let want = rounded::<T, _>(&exact);
     let layer = MaxPoolGpu::new(spec.kernel, spec.stride).unwrap();
-    let (mut p, cfg, out) = layer.backward_args(dims, layout).unwrap();
+    let (mut p, cfg, out) = layer.backward_args(dims, layout, relu_first).unwrap();
     assert_eq!(out, [n, c, oh, ow]);
     // Each window's maximum as the forward writes it: the CPU forward's output (max only
     // selects, so the same bits in f32 and f16; the host-executed forward test holds the
     // kernel to it).
-    let forward = rounded::<T, _>(&pool.forward(x.view()).unwrap());
-    for grid in [cfg, small_grid(64)] {
-        let mut src = physical::<T>(&x, layout);
+    let forward = rounded::<T, _>(&pool.forward(pooled.view()).unwrap());
+    let sources = match relu_first {
+        true => vec![("relu input", &x), ("relu output", &pooled)],
+        false => vec![("input", &x)],
+    };
+    for ((given, source), grid) in sources
+        .into_iter()
+        .flat_map(|source| [(source, cfg), (source, small_grid(64))])
+    {
+        let mut src = physical::<T>(source, layout);
         let mut out = physical::<T>(&forward, layout);
         let mut grad_out = physical::<T>(&dy, layout);
         let mut grad_in = vec![T::POISON; src.len()];
@@ -1404,7 +1429,10 @@ fn pool_backward_case<T: Elem>(
         );
         let got = logical(&grad_in, dims, layout).into_dyn();
         assert_same(
-            &format!("{name} {dims:?} {spec:?} {layout:?} ties={ties}"),
+            &format!(
+                "{name} {dims:?} {spec:?} {layout:?} ties={ties} relu_first={relu_first} \
+                 from the {given}"
+            ),
             &got,
             &want,
         );
@@ -1422,8 +1450,11 @@ fn maxpool_backward_matches_the_cpu_with_overlaps_ties_and_nan() {
     for (i, (dims, spec)) in cases.into_iter().enumerate() {
         for layout in LAYOUTS {
             for ties in [false, true] {
-                pool_backward_case::<f32>(dims, spec, layout, 200 + i as u64, ties);
-                pool_backward_case::<f16>(dims, spec, layout, 200 + i as u64, ties);
+                for relu_first in [false, true] {
+                    let seed = 200 + i as u64;
+                    pool_backward_case::<f32>(dims, spec, layout, seed, ties, relu_first);
+                    pool_backward_case::<f16>(dims, spec, layout, seed, ties, relu_first);
+                }
             }
         }
     }

@@ -245,6 +245,23 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetPoolBackwardParams {
+    pub pool: AlexnetPoolParams,
+    pub relu_first: ::core::ffi::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetPoolBackwardParams"]
+        [::core::mem::size_of::<AlexnetPoolBackwardParams>() - 40usize];
+    ["Alignment of AlexnetPoolBackwardParams"]
+        [::core::mem::align_of::<AlexnetPoolBackwardParams>() - 4usize];
+    ["Offset of field: AlexnetPoolBackwardParams::pool"]
+        [::core::mem::offset_of!(AlexnetPoolBackwardParams, pool) - 0usize];
+    ["Offset of field: AlexnetPoolBackwardParams::relu_first"]
+        [::core::mem::offset_of!(AlexnetPoolBackwardParams, relu_first) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetReluBackwardParams {
     pub len: ::core::ffi::c_ulonglong,
 }

@@ -33,6 +33,8 @@ unsafe impl DeviceRepr for AlexnetLrnParams {}
 unsafe impl DeviceRepr for AlexnetPoolParams {}
 // SAFETY: as above (two of the structs above and an integer).
 unsafe impl DeviceRepr for AlexnetConvEpilogueParams {}
+// SAFETY: as above (one of the structs above and an integer).
+unsafe impl DeviceRepr for AlexnetPoolBackwardParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetDropoutParams {}
 // SAFETY: as above.
@@ -73,6 +75,7 @@ abi_structs!(
     AlexnetLrnParams,
     AlexnetPoolParams,
     AlexnetConvEpilogueParams,
+    AlexnetPoolBackwardParams,
     AlexnetDropoutParams,
     AlexnetSoftmaxParams,
     AlexnetConvertParams,

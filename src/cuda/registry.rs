@@ -184,9 +184,16 @@ kernel_registry! {
         /// Max-pooling, no padding, floor mode (`ops::pool`).
         MaxPool = "maxpool" for [f32, f16]
             [Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
-        /// Max-pooling's backward, gathered per input element (`ops::pool`, training).
+        /// Max-pooling's backward, gathered per input element, optionally with the ReLU's
+        /// before it (`ops::pool`, training).
         MaxPoolBackward = "maxpool_backward" for [f32, f16]
-            [Ptr(Storage), Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
+            [
+                Ptr(Storage),
+                Ptr(Storage),
+                Ptr(Storage),
+                Ptr(Storage),
+                by_value!(AlexnetPoolBackwardParams),
+            ];
     }
     "conv_epilogue" => {
         /// Bias, ReLU, optional LRN and max-pooling after a convolution in one pass

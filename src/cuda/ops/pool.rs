@@ -2,7 +2,7 @@
 
 use super::{expect_like, layout_err, shape_err};
 use crate::config::window_output;
-use crate::cuda::abi::AlexnetPoolParams;
+use crate::cuda::abi::{AlexnetPoolBackwardParams, AlexnetPoolParams};
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuFloat;
 use cudarc::driver::LaunchConfig;
@@ -94,15 +94,20 @@ impl MaxPoolGpu {
 
 impl MaxPoolGpu {
     /// The `maxpool_backward` kernel's parameters and launch shape (one thread per input
-    /// element) for a forward input of `[n, c, h, w]` in `layout`: what
-    /// [`MaxPoolGpu::backward`] passes.
+    /// element) for a forward input of `[n, c, h, w]` in `layout` (`relu_first`: as for
+    /// [`MaxPoolGpu::backward`]): what [`MaxPoolGpu::backward`] passes.
     #[doc(hidden)]
     pub fn backward_args(
         &self,
         dims: [usize; 4],
         layout: Layout,
-    ) -> Result<(AlexnetPoolParams, LaunchConfig, [usize; 4])> {
-        let (params, _, out) = self.args(dims, layout)?;
+        relu_first: bool,
+    ) -> Result<(AlexnetPoolBackwardParams, LaunchConfig, [usize; 4])> {
+        let (pool, _, out) = self.args(dims, layout)?;
+        let params = AlexnetPoolBackwardParams {
+            pool,
+            relu_first: u32::from(relu_first),
+        };
         Ok((
             params,
             grid_1d("MaxPoolGpu::backward", element_count(&dims)?)?,
@@ -118,6 +123,11 @@ impl MaxPoolGpu {
     /// `y` is the forward's output for this `x`, which the kernel reads as each window's
     /// maximum, so that only an element equal to it looks at the rest of the window; another
     /// tensor of `y`'s shape gives wrong gradients, not an error.
+    ///
+    /// With `relu_first` it is the backward of a ReLU and this pooling together (`y` the
+    /// pooling of `max(x, 0)`; `x` may be the ReLU's input or its output): `dx` is also 0
+    /// wherever `x` is not positive (or NaN), as [`crate::cpu::relu_backward`] would make it,
+    /// so the ReLU before a pooling needs no backward pass of its own.
     pub fn backward<T: GpuFloat>(
         &self,
         gpu: &Gpu,
@@ -125,16 +135,17 @@ impl MaxPoolGpu {
         y: &GpuTensor<T>,
         dy: &GpuTensor<T>,
         dx: &mut GpuTensor<T>,
+        relu_first: bool,
     ) -> Result<()> {
         const OP: &str = "MaxPoolGpu::backward";
-        let (params, cfg, out) = self.backward_args(x.dims4(OP)?, x.layout())?;
+        let (params, cfg, out) = self.backward_args(x.dims4(OP)?, x.layout(), relu_first)?;
         expect_like(OP, &out, x.layout(), (y.shape(), y.layout()))?;
         expect_like(OP, &out, x.layout(), (dy.shape(), dy.layout()))?;
         expect_like(OP, x.shape(), x.layout(), (dx.shape(), dx.layout()))?;
         // SAFETY: maxpool_backward(const T *src, const T *out, const T *grad_out, T *grad_in,
-        // AlexnetPoolParams); `x` and `dx` hold n*c*h*w elements, `y` and `dy` n*c*oh*ow
-        // (checked above), the windows lie inside `x` (floor-mode sizes); `dx` is borrowed
-        // exclusively, so it overlaps none of the inputs; one thread per input element.
+        // AlexnetPoolBackwardParams); `x` and `dx` hold n*c*h*w elements, `y` and `dy`
+        // n*c*oh*ow (checked above), the windows lie inside `x` (floor-mode sizes); `dx` is
+        // borrowed exclusively, so it overlaps none of the inputs; one thread per input element.
         unsafe {
             Launch::new(gpu, Kernel::MaxPoolBackward, T::DTYPE)?
                 .buffer(x.data())

@@ -616,13 +616,14 @@ impl<T: TrainFloat> Net<T> {
         )?;
         mark(&mut marks, gpu, || "loss".into())?;
 
-        // A convolution's ReLU (fused into its forward) followed by an LRN: the LRN's backward
-        // applies the ReLU's too (`relu_first`), one pass over conv1's and conv2's gradients
-        // fewer than a `relu_backward` of its own.
-        let relu_in_lrn: Vec<bool> = (0..stages.len())
+        // A convolution's ReLU (fused into its forward) followed by an LRN or a pooling: that
+        // layer's backward applies the ReLU's too (`relu_first`), one pass over the
+        // convolution's gradient fewer than a `relu_backward` of its own (conv1, conv2 and
+        // conv5 in both presets).
+        let relu_fused_after: Vec<bool> = (0..stages.len())
             .map(|i| {
                 i > 0
-                    && matches!(stages[i].layer, Layer::Lrn(_))
+                    && matches!(stages[i].layer, Layer::Lrn(_) | Layer::Pool(_))
                     && matches!(stages[i - 1].layer, Layer::Conv(_))
             })
             .collect();
@@ -639,7 +640,7 @@ impl<T: TrainFloat> Net<T> {
             let done = || format!("{name} backward");
             match &mut stage.layer {
                 Layer::Conv(conv) => {
-                    if !relu_in_lrn.get(i + 1).copied().unwrap_or(false) {
+                    if !relu_fused_after.get(i + 1).copied().unwrap_or(false) {
                         relu_backward(gpu, y, dy)?;
                     }
                     let wants_dx = i > 0 && !first_trainable;
@@ -657,11 +658,12 @@ impl<T: TrainFloat> Net<T> {
                 }
                 Layer::Lrn(lrn) => {
                     let dx = dx.ok_or_else(|| no_gradient(i))?;
-                    lrn.backward(gpu, x, dy, dx, relu_in_lrn[i])?;
+                    lrn.backward(gpu, x, dy, dx, relu_fused_after[i])?;
                     mark(&mut marks, gpu, done)?;
                 }
                 Layer::Pool(pool) => {
-                    pool.backward(gpu, x, y, dy, dx.ok_or_else(|| no_gradient(i))?)?;
+                    let dx = dx.ok_or_else(|| no_gradient(i))?;
+                    pool.backward(gpu, x, y, dy, dx, relu_fused_after[i])?;
                     mark(&mut marks, gpu, done)?;
                 }
                 Layer::Linear {
