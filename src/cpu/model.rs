@@ -1,6 +1,6 @@
 //! The whole network on the CPU: the reference every other backend is checked against.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4, ArrayViewD, CowArray, Ix2, Ix4};
 
@@ -55,14 +55,54 @@ enum Packing {
 }
 
 /// One stage: its plan name (`conv1`, `lrn1`, ...) and layer.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(super) struct Stage {
     pub(super) name: String,
     pub(super) layer: Layer,
     /// The layer's weight packed for the model's kernels, packed when first needed and
-    /// dropped whenever the parameters may change ([`CpuModel::parameters_mut`]), so a
+    /// set aside whenever the parameters may change ([`CpuModel::parameters_mut`]), so a
     /// forward never multiplies by stale weights.
     packed: OnceLock<Option<Packed>>,
+    /// The packing set aside, whose memory the next packing reuses (a training step packs
+    /// every weight again after each update). Never read as weights.
+    spare: Mutex<Option<Packed>>,
+}
+
+impl Stage {
+    fn new(name: String, layer: Layer) -> Self {
+        Stage {
+            name,
+            layer,
+            packed: OnceLock::new(),
+            spare: Mutex::new(None),
+        }
+    }
+
+    /// The fp32 panels set aside by the last [`CpuModel::drop_packed_weights`], if any, for
+    /// the next packing to reuse (another kind of packing is dropped).
+    fn spare_panels(&self) -> Option<F32Panels> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match spare {
+            Some(Packed::ConvF32(panels) | Packed::LinearF32(panels)) => Some(panels),
+            _ => None,
+        }
+    }
+}
+
+impl Clone for Stage {
+    /// The clone shares the packed weights (cheap clones of the packing) but no spare memory.
+    fn clone(&self) -> Self {
+        Stage {
+            name: self.name.clone(),
+            layer: self.layer.clone(),
+            packed: self.packed.clone(),
+            spare: Mutex::new(None),
+        }
+    }
 }
 
 /// Images per pass of [`CpuModel::forward`]'s convolution stages: enough to keep both cores'
@@ -135,11 +175,15 @@ impl CpuModel {
         }
     }
 
-    /// Drops every packed weight (the parameters are about to change); the next forward packs
-    /// them again.
+    /// Sets every packed weight aside (the parameters are about to change); the next forward
+    /// packs them again, into the memory set aside where it can.
     pub(super) fn drop_packed_weights(&mut self) {
         for stage in &mut self.stages {
-            stage.packed.take();
+            let packed = stage.packed.take().flatten();
+            *stage
+                .spare
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner) = packed;
         }
     }
 
@@ -155,12 +199,12 @@ impl CpuModel {
                 (Packing::Bf16(kernels), Layer::Linear { linear, .. }) => {
                     Some(Packed::Linear(pack_linear(linear, kernels)))
                 }
-                (Packing::F32Panels(_), Layer::Conv(conv)) => {
-                    Some(Packed::ConvF32(F32Panels::of(conv)))
-                }
-                (Packing::F32Panels(_), Layer::Linear { linear, .. }) => {
-                    Some(Packed::LinearF32(F32Panels::of_linear(linear)))
-                }
+                (Packing::F32Panels(_), Layer::Conv(conv)) => Some(Packed::ConvF32(
+                    F32Panels::of_reusing(conv, stage.spare_panels()),
+                )),
+                (Packing::F32Panels(_), Layer::Linear { linear, .. }) => Some(Packed::LinearF32(
+                    F32Panels::of_linear_reusing(linear, stage.spare_panels()),
+                )),
                 _ => None,
             })
             .as_ref()
@@ -252,11 +296,7 @@ impl CpuModel {
                         }
                     }
                 };
-                Ok(Stage {
-                    name: stage.name.clone(),
-                    layer,
-                    packed: OnceLock::new(),
-                })
+                Ok(Stage::new(stage.name.clone(), layer))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(CpuModel {
@@ -619,10 +659,17 @@ mod tests {
         for precision in [Precision::Fp32, Precision::Bf16] {
             let mut model = CpuModel::new(&weights, precision).expect("model");
             let before = model.forward(x.view()).expect("forward");
+            // A clone shares the packed weights: the repacking must not write into them.
+            let clone = model.clone();
             for tensor in model.parameters_mut() {
                 tensor.iter_mut().for_each(|v| *v *= 1.5);
             }
             let after = model.forward(x.view()).expect("forward");
+            assert_eq!(
+                clone.forward(x.view()).expect("forward"),
+                before,
+                "{precision:?}: the clone's weights changed"
+            );
             let rebuilt = CpuModel::new(&model.weights().expect("weights"), precision)
                 .expect("model")
                 .forward(x.view())
