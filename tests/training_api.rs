@@ -117,6 +117,37 @@ fn without_dropout_the_training_forward_is_the_inference_forward() {
     assert_eq!(tape.logits().unwrap(), model.forward(x.view()).unwrap());
 }
 
+/// Gradients handed back with `recycle_gradients` are written over, never read: the next
+/// backward gives the same gradients, bit for bit, as without them (their values poisoned with
+/// NaN would show), and the linear layers' weight gradients land in the memory handed back.
+#[test]
+fn recycled_gradient_memory_changes_no_gradient() {
+    let config = small_config(Some(0.5));
+    let model = CpuModel::new(&common::formula_weights(&config), Precision::Fp32).unwrap();
+    let tape = model.forward_train(batch(3, 4).view(), 11).unwrap();
+    let loss = softmax_cross_entropy(tape.logits().unwrap(), &[0, 3, 4]).unwrap();
+    let fresh = model.backward(&tape, loss.grad.view()).unwrap();
+
+    let mut handed_back = fresh.clone();
+    for tensor in &mut handed_back.tensors {
+        tensor.values.fill(f32::NAN);
+    }
+    let linear_weights = ["fc1.weight", "fc2.weight", "fc3.weight"];
+    let memory = |grads: &Gradients| -> Vec<*const f32> {
+        let at = |name| grads.get(name).expect(name).values.as_ptr();
+        linear_weights.into_iter().map(at).collect()
+    };
+    let before = memory(&handed_back);
+    model.recycle_gradients(handed_back);
+    let again = model.backward(&tape, loss.grad.view()).unwrap();
+    assert_eq!(again, fresh, "recycled memory changed a gradient");
+    assert_eq!(
+        memory(&again),
+        before,
+        "the memory handed back was not used"
+    );
+}
+
 /// Thirty steps on one batch of eight from the formula weights: the losses and the weights.
 fn thirty_steps(dropout: Option<f32>) -> (Vec<f32>, alexnet_cuda::Weights) {
     let config = small_config(dropout);

@@ -66,6 +66,9 @@ pub(super) struct Stage {
     /// The packing set aside, whose memory the next packing reuses (a training step packs
     /// every weight again after each update). Never read as weights.
     spare: Mutex<Option<Packed>>,
+    /// A linear layer's weight gradient handed back by [`CpuModel::recycle_gradients`], whose
+    /// memory the next backward writes the new one into.
+    spare_gradient: Mutex<Vec<f32>>,
 }
 
 impl Stage {
@@ -75,7 +78,26 @@ impl Stage {
             layer,
             packed: OnceLock::new(),
             spare: Mutex::new(None),
+            spare_gradient: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The weight gradient memory handed back for this stage, if any (else empty).
+    pub(super) fn take_spare_gradient(&self) -> Vec<f32> {
+        std::mem::take(
+            &mut *self
+                .spare_gradient
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Keeps `values`' memory for the next [`Stage::take_spare_gradient`].
+    pub(super) fn give_spare_gradient(&self, values: Vec<f32>) {
+        *self
+            .spare_gradient
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = values;
     }
 
     /// The fp32 panels set aside by the last [`CpuModel::drop_packed_weights`], if any, for
@@ -94,13 +116,15 @@ impl Stage {
 }
 
 impl Clone for Stage {
-    /// The clone shares the packed weights (cheap clones of the packing) but no spare memory.
+    /// The clone shares the packed weights (cheap clones of the packing) but no spare memory
+    /// (neither packing nor gradient).
     fn clone(&self) -> Self {
         Stage {
             name: self.name.clone(),
             layer: self.layer.clone(),
             packed: self.packed.clone(),
             spare: Mutex::new(None),
+            spare_gradient: Mutex::new(Vec::new()),
         }
     }
 }

@@ -222,7 +222,8 @@ impl CpuModel {
                     let g = grad
                         .into_dimensionality::<Ix2>()
                         .map_err(|e| Error::invalid("linear gradient", e.to_string()))?;
-                    let grads = linear.backward(flat(input, n)?, g.view())?;
+                    let spare = stage.take_spare_gradient();
+                    let grads = linear.backward_reusing(flat(input, n)?, g.view(), spare)?;
                     push(grads.bias.to_vec())?;
                     push(grads.weight.into_raw_vec_and_offset().0)?;
                     if first_trainable {
@@ -238,6 +239,23 @@ impl CpuModel {
         }
         tensors.reverse();
         Ok(Gradients { tensors })
+    }
+
+    /// Hands the memory of `gradients` (from this model's backward) back, for the next
+    /// backward to write the linear layers' weight gradients into instead of new memory: fc1's
+    /// alone is 151 MB, which the kernel would otherwise map in and clear every step. What
+    /// [`crate::train::CpuTrainer`] does after each update; the values are never read again.
+    /// A gradient of another shape (or of a layer without a weight of that name) is dropped.
+    pub fn recycle_gradients(&self, gradients: Gradients) {
+        for gradient in gradients.tensors {
+            let stage = self.stages.iter().find(|stage| {
+                matches!(stage.layer, Layer::Linear { .. })
+                    && gradient.name.strip_suffix(".weight") == Some(stage.name.as_str())
+            });
+            if let Some(stage) = stage {
+                stage.give_spare_gradient(gradient.values);
+            }
+        }
     }
 
     /// The names of the layers with parameters (`conv1`, ..., `fc3`), in network order: what

@@ -187,6 +187,8 @@ impl Trainer for CpuTrainer {
         let mut params = self.model.parameters_mut();
         let trainable = params.split_off(params.len().saturating_sub(grads.tensors.len()));
         self.optimiser.step(trainable, &grads)?;
+        // The next step's backward writes its gradients into this memory.
+        self.model.recycle_gradients(grads);
         Ok(loss.loss)
     }
 
