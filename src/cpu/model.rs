@@ -63,9 +63,9 @@ pub(super) struct Stage {
     /// set aside whenever the parameters may change ([`CpuModel::parameters_mut`]), so a
     /// forward never multiplies by stale weights.
     packed: OnceLock<Option<Packed>>,
-    /// The packing set aside, whose memory the next packing reuses (a training step packs
-    /// every weight again after each update). Never read as weights.
-    spare: Mutex<Option<Packed>>,
+    /// The fp32 packing set aside, whose memory the next packing reuses (a training step
+    /// packs every weight again after each update). Never read as weights.
+    spare: Mutex<Option<F32Panels>>,
     /// A linear layer's weight gradient handed back by [`CpuModel::recycle_gradients`], whose
     /// memory the next backward writes the new one into.
     spare_gradient: Mutex<Vec<f32>>,
@@ -101,17 +101,12 @@ impl Stage {
     }
 
     /// The fp32 panels set aside by the last [`CpuModel::drop_packed_weights`], if any, for
-    /// the next packing to reuse (another kind of packing is dropped).
+    /// the next packing to reuse.
     fn spare_panels(&self) -> Option<F32Panels> {
-        let spare = self
-            .spare
+        self.spare
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match spare {
-            Some(Packed::ConvF32(panels) | Packed::LinearF32(panels)) => Some(panels),
-            _ => None,
-        }
+            .take()
     }
 }
 
@@ -199,15 +194,19 @@ impl CpuModel {
         }
     }
 
-    /// Sets every packed weight aside (the parameters are about to change); the next forward
-    /// packs them again, into the memory set aside where it can.
+    /// Drops every packed weight (the parameters are about to change); the next forward packs
+    /// them again, the fp32 panels into the memory set aside here where it can (the bf16
+    /// packings, which no training step repacks, are freed).
     pub(super) fn drop_packed_weights(&mut self) {
         for stage in &mut self.stages {
-            let packed = stage.packed.take().flatten();
+            let panels = match stage.packed.take().flatten() {
+                Some(Packed::ConvF32(panels) | Packed::LinearF32(panels)) => Some(panels),
+                _ => None,
+            };
             *stage
                 .spare
                 .get_mut()
-                .unwrap_or_else(PoisonError::into_inner) = packed;
+                .unwrap_or_else(PoisonError::into_inner) = panels;
         }
     }
 
