@@ -290,6 +290,110 @@ fn max_pool_backward_routes_to_the_maxima_and_adds_overlaps() {
     assert_eq!(tied.sum(), 1.0);
 }
 
+/// Where a naive scan of each window sends its gradient: in row-major window order, a strictly
+/// larger value or any NaN takes over (PyTorch's CPU rule: ties to the first maximum, NaNs to
+/// the last NaN).
+fn max_pool_backward_naive(
+    x: &[f32],
+    g: &[f32],
+    [n, c, h, w]: [usize; 4],
+    k: usize,
+    s: usize,
+) -> Vec<f32> {
+    let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
+    let mut dx = vec![0.0f32; x.len()];
+    for plane in 0..n * c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best: Option<(usize, f32)> = None;
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let at = plane * h * w + (oy * s + ky) * w + ox * s + kx;
+                        let v = x[at];
+                        let takes = match best {
+                            None => true,
+                            Some((_, b)) => v > b || v.is_nan(),
+                        };
+                        if takes {
+                            best = Some((at, v));
+                        }
+                    }
+                }
+                let (at, _) = best.expect("a window has elements");
+                dx[at] += g[(plane * oh + oy) * ow + ox];
+            }
+        }
+    }
+    dx
+}
+
+#[test]
+fn max_pool_backward_routes_ties_nans_and_infinities_like_a_naive_scan() {
+    // Few distinct values (many ties in a window), NaNs and infinities of both signs, windows
+    // of several sizes and strides (overlapping, touching, gapped), odd planes.
+    let palette = [
+        -1.0,
+        0.0,
+        0.5,
+        2.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+    ];
+    for (case, (k, s, h, w)) in [
+        (3, 2, 13, 11),
+        (2, 2, 8, 9),
+        (3, 1, 7, 6),
+        (2, 3, 11, 10),
+        (1, 1, 4, 5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let shape = [2, 3, h, w];
+        let len: usize = shape.iter().product();
+        // Mostly ties and ordinary values; a NaN or infinity in about one element in eight.
+        let picks = values(60 + case as u64, len, 1.0);
+        let x: Vec<f32> = picks
+            .iter()
+            .map(|&p| {
+                let i = ((p + 1.0) * 31.9) as usize;
+                if i % 8 < 4 {
+                    palette[i % 4]
+                } else if i % 16 == 4 {
+                    palette[4 + i / 16 % 4]
+                } else {
+                    palette[i % 3]
+                }
+            })
+            .collect();
+        assert!(x.iter().any(|v| v.is_nan()) && x.iter().any(|v| v.is_infinite()));
+        let pool = MaxPool2d {
+            kernel: k,
+            stride: s,
+        };
+        let (oh, ow) = pool.output_size(h, w).unwrap();
+        let g = values(70 + case as u64, 2 * 3 * oh * ow, 1.0);
+        let got = pool
+            .backward(
+                Array4::from_shape_vec(shape, x.clone()).unwrap().view(),
+                Array4::from_shape_vec((2, 3, oh, ow), g.clone())
+                    .unwrap()
+                    .view(),
+            )
+            .unwrap();
+        let want = max_pool_backward_naive(&x, &g, shape, k, s);
+        let got = got.as_slice().unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits(),
+                "k {k} s {s}: element {i}: got {a}, a naive scan gives {b}"
+            );
+        }
+    }
+}
+
 #[test]
 fn linear_backward_matches_finite_differences() {
     let (n, inputs, outputs) = (3, 7, 5);
