@@ -16,6 +16,7 @@ mod f32_panels;
 mod gemm;
 mod hwc;
 mod linear;
+mod linear_rows;
 mod loss;
 mod lrn;
 mod model;

@@ -11,6 +11,7 @@ use super::bf16_layers::{
 };
 use super::f32_panels::{conv_panels, linear_panels, F32Panels, Kernel};
 use super::hwc::{lrn_hwc, pool_hwc, HwcBf16};
+use super::linear_rows;
 use super::{Conv2d, Dropout, Linear, Lrn, MaxPool2d};
 use crate::backend::Backend;
 use crate::config::{AlexNetConfig, Precision, StageOp};
@@ -433,7 +434,12 @@ impl CpuModel {
         observe: &mut Option<Observer<'_>>,
     ) -> Result<Activation<'a>> {
         for stage in stages {
-            x = match (&stage.layer, self.packed(stage)) {
+            let packed = match (&stage.layer, self.packing) {
+                // Packed (or not) by batch size: `linear_stage` decides.
+                (Layer::Linear { .. }, Packing::F32Panels(_)) => None,
+                _ => self.packed(stage),
+            };
+            x = match (&stage.layer, packed) {
                 // Rounded to bf16 as it is written.
                 (Layer::Conv(conv), Some(Packed::Conv(packed))) => {
                     let out = match &x {
@@ -515,6 +521,13 @@ impl CpuModel {
         input: ArrayView2<'_, f32>,
         relu: bool,
     ) -> Result<Array2<f32>> {
+        // Small batches read the row-major weight itself: a training step then never packs
+        // the updated weight again (see `linear_rows`).
+        if let Packing::F32Panels(kernel) = self.packing {
+            if linear_rows::suits(kernel, input.nrows()) {
+                return linear_rows::linear_rows(linear, input, relu);
+            }
+        }
         match (self.packed(stage), self.packing) {
             (Some(Packed::LinearF32(panels)), Packing::F32Panels(kernel)) => {
                 linear_panels(linear, panels, input, relu, kernel)
@@ -634,7 +647,8 @@ mod tests {
     /// On a CPU with AVX-512, fp32 mode runs its convolutions and linear layers on our kernel:
     /// every stage within 1e-5 of the stage's largest value of the `gemm` crate's path (the
     /// f32 additions come in another order), at the batch sizes that split each image's
-    /// channels across the threads (1) and that thread over images (5).
+    /// channels across the threads (1) and that thread over images (5), and past the batch
+    /// size where the linear layers leave the row-major kernel for the panels.
     #[test]
     fn fp32_stages_on_our_kernel_match_the_gemm_path() {
         if Kernel::best().is_none() {
@@ -646,7 +660,7 @@ mod tests {
             let ours = CpuModel::new(&weights, Precision::Fp32).expect("model");
             let gemm = CpuModel::on_gemm(&weights, Precision::Fp32).expect("model");
             assert!(matches!(ours.packing, Packing::F32Panels(_)));
-            for images in [1, 5] {
+            for images in [1, 5, linear_rows::MAX_BATCH + 1] {
                 let x = input(images);
                 let mut want = Vec::new();
                 gemm.forward_observed(x.view(), |_, a| want.push(a.to_owned()))
@@ -678,8 +692,12 @@ mod tests {
     fn changed_parameters_reach_the_packed_kernels() {
         let config = AlexNetConfig::torchvision();
         let weights = Weights::paper_init(&config, 5).expect("weights");
-        let x = input(2);
-        for precision in [Precision::Fp32, Precision::Bf16] {
+        // Both of the linear layers' fp32 kernels: the row-major one and the panels.
+        for (x, precision) in [
+            (input(2), Precision::Fp32),
+            (input(linear_rows::MAX_BATCH + 1), Precision::Fp32),
+            (input(2), Precision::Bf16),
+        ] {
             let mut model = CpuModel::new(&weights, precision).expect("model");
             let before = model.forward(x.view()).expect("forward");
             // A clone shares the packed weights: the repacking must not write into them.
@@ -700,5 +718,48 @@ mod tests {
             assert_ne!(before, after, "{precision:?}: the change had no effect");
             assert_eq!(after, rebuilt, "{precision:?}: stale packed weights");
         }
+    }
+
+    /// A training step at a small batch never packs the linear layers' weights again: they
+    /// run from the row-major weight (`linear_rows`), and a repacking of fc1 and fc2 after
+    /// each update was ~28 ms of a torchvision step at batch 16. The convolutions' panels are
+    /// repacked; an inference forward at that batch packs nothing either, and one past the row
+    /// kernel's batch packs the linear layers.
+    #[test]
+    fn small_batch_training_steps_do_not_repack_the_linear_layers() {
+        if Kernel::best() != Some(Kernel::Avx512) {
+            println!("skipped: no AVX-512F here, the linear layers run on the panels");
+            return;
+        }
+        let config = AlexNetConfig::torchvision();
+        let mut model = CpuModel::new(
+            &Weights::paper_init(&config, 6).expect("weights"),
+            Precision::Fp32,
+        )
+        .expect("model");
+        let packed = |model: &CpuModel, linear: bool| -> Vec<bool> {
+            model
+                .stages
+                .iter()
+                .filter(|stage| matches!(stage.layer, Layer::Linear { .. }) == linear)
+                .filter(|stage| !matches!(stage.layer, Layer::Lrn(_) | Layer::Pool(_)))
+                .map(|stage| stage.packed.get().is_some())
+                .collect()
+        };
+        model.parameters_mut(); // what an update does: every packed weight is dropped
+        let tape = model.forward_train(input(2).view(), 1).expect("forward");
+        assert_eq!(packed(&model, true), [false; 3], "linear layers packed");
+        model.forward(input(2).view()).expect("forward");
+        assert_eq!(packed(&model, true), [false; 3], "inference packed them");
+        assert_eq!(packed(&model, false), [true; 5], "convolutions not packed");
+        drop(tape);
+        model
+            .forward(input(linear_rows::MAX_BATCH + 1).view())
+            .expect("forward");
+        assert_eq!(
+            packed(&model, true),
+            [true; 3],
+            "a large batch ran unpacked"
+        );
     }
 }
