@@ -147,7 +147,9 @@ pub const CHUNK_IMAGES: usize = 16;
 /// read in place); elsewhere on the `gemm` crate. Either way the layers compute what [`Conv2d`] and [`Linear`]
 /// compute, up to the order of the f32 additions. The packed weights are a second copy of the
 /// convolution and linear weights (about 250 MB for the paper preset); they are packed again
-/// after [`CpuModel::parameters_mut`].
+/// after [`CpuModel::parameters_mut`]. With AVX-512, batches of up to 32 images run the linear
+/// layers from their row-major weights, and the linear layers' share (~234 MB) is packed only
+/// by the first larger batch.
 ///
 /// Thread safety: `CpuModel` is `Send + Sync` and [`CpuModel::forward`] takes `&self`, so one
 /// model can serve several threads at once (they share rayon's pool); results do not depend on
@@ -186,12 +188,21 @@ impl CpuModel {
         Self::build(weights, precision)
     }
 
-    /// Packs every layer's weight for `packing` now (not in the first forward).
+    /// Packs every layer's weight for `packing` now (not in the first forward), except the
+    /// linear layers' fp32 panels where small batches run from the row-major weight
+    /// (`linear_rows`): those ~234 MB (paper preset) are packed by the first batch that needs
+    /// them, so a model that only ever sees small batches never holds them.
     fn set_packing(&mut self, packing: Packing) {
         self.packing = packing;
         self.drop_packed_weights();
         for stage in &self.stages {
-            self.packed(stage);
+            let packed_on_demand = match (packing, &stage.layer) {
+                (Packing::F32Panels(kernel), Layer::Linear { .. }) => linear_rows::suits(kernel, 1),
+                _ => false,
+            };
+            if !packed_on_demand {
+                self.packed(stage);
+            }
         }
     }
 
@@ -723,8 +734,8 @@ mod tests {
     /// A training step at a small batch never packs the linear layers' weights again: they
     /// run from the row-major weight (`linear_rows`), and a repacking of fc1 and fc2 after
     /// each update was ~28 ms of a torchvision step at batch 16. The convolutions' panels are
-    /// repacked; an inference forward at that batch packs nothing either, and one past the row
-    /// kernel's batch packs the linear layers.
+    /// repacked; a new model and an inference forward at that batch pack no linear layer
+    /// either (their panels are ~234 MB), and one past the row kernel's batch packs them.
     #[test]
     fn small_batch_training_steps_do_not_repack_the_linear_layers() {
         if Kernel::best() != Some(Kernel::Avx512) {
@@ -746,6 +757,16 @@ mod tests {
                 .map(|stage| stage.packed.get().is_some())
                 .collect()
         };
+        assert_eq!(
+            packed(&model, true),
+            [false; 3],
+            "linear layers packed when built"
+        );
+        assert_eq!(
+            packed(&model, false),
+            [true; 5],
+            "convolutions not packed when built"
+        );
         model.parameters_mut(); // what an update does: every packed weight is dropped
         let tape = model.forward_train(input(2).view(), 1).expect("forward");
         assert_eq!(packed(&model, true), [false; 3], "linear layers packed");
