@@ -110,6 +110,36 @@ impl Conv2d {
         self.run(input, true)
     }
 
+    /// The convolution whose forward over the output's gradient is this one's input gradient,
+    /// where there is one: for stride 1, `dx[c, y, x] = sum w[o, c, i, j] g[o, y + p - i, x + p
+    /// - j]` over `o, i, j`, a convolution of `g` by the weight with its channel axes swapped and
+    /// its kernel turned half a turn, padded by `k - 1 - p` (then its output is exactly the
+    /// input's size). `None` for strides over 1 and paddings of `k` or more. No bias.
+    pub(super) fn input_gradient_convolution(&self) -> Option<Conv2d> {
+        if self.stride != 1 || self.padding >= self.kernel {
+            return None;
+        }
+        let (o, c, k) = (self.out_channels, self.in_channels, self.kernel);
+        let mut weight = vec![0.0f32; self.weight.len()];
+        for (oc, filter) in self.weight.chunks_exact(c * k * k).enumerate() {
+            for (ic, plane) in filter.chunks_exact(k * k).enumerate() {
+                let turned = &mut weight[(ic * o + oc) * k * k..][..k * k];
+                for (to, &from) in turned.iter_mut().zip(plane.iter().rev()) {
+                    *to = from;
+                }
+            }
+        }
+        Some(Conv2d {
+            weight,
+            bias: vec![0.0; c],
+            out_channels: c,
+            in_channels: o,
+            kernel: k,
+            stride: 1,
+            padding: k - 1 - self.padding,
+        })
+    }
+
     /// The geometry of one image of `input`, after checking its shape.
     pub(super) fn geometry(
         &self,

@@ -206,7 +206,6 @@ impl F32Panels {
     }
 
     /// A convolution's weight, packed.
-    #[cfg(test)]
     pub(super) fn of(conv: &Conv2d) -> Self {
         Self::of_reusing(conv, None)
     }
@@ -835,6 +834,72 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A stride-1 convolution's input gradient as the forward of its turned convolution
+    /// ([`Conv2d::input_gradient_convolution`]) on the panels, against the sum that defines it
+    /// in f64: every padding from 0 to `k - 1`, non-square images, channel counts off the
+    /// panels' width, batches under and over the thread count. Other strides and paddings of
+    /// `k` or more have no such convolution.
+    #[test]
+    fn turned_convolutions_give_naive_input_gradients() {
+        // (images, in channels, height, width, out channels, kernel, padding)
+        let cases = [
+            (1, 3, 7, 9, 5, 3, 1),
+            (3, 17, 13, 11, 33, 5, 2),
+            (2, 8, 6, 6, 40, 3, 0),
+            (1, 4, 5, 8, 2, 1, 0),
+            (4, 16, 9, 7, 20, 5, 4),
+        ];
+        for (n, c, h, w, o, k, p) in cases {
+            let weight = ndarray::Array4::from_shape_fn((o, c, k, k), |(a, b, y, x)| {
+                value(((a * 31 + b) * 17 + y) * 13 + x, 97) / 10.0
+            });
+            let conv = Conv2d::new(weight.view(), &Array1::zeros(o), 1, p).expect("conv");
+            let (oh, ow) = conv.output_size(h, w).expect("output size");
+            let grad = ndarray::Array4::from_shape_fn((n, o, oh, ow), |(i, ch, y, x)| {
+                value(((i * 7 + ch) * 41 + y) * 43 + x, 101)
+            });
+            let turned = conv
+                .input_gradient_convolution()
+                .expect("stride 1, padding < k");
+            let panels = F32Panels::of(&turned);
+            for kernel in Kernel::all_here() {
+                let got = conv_panels(&turned, &panels, grad.view(), false, kernel).expect("dx");
+                assert_eq!(got.dim(), (n, c, h, w), "case {:?}", (n, c, h, w, o, k, p));
+                for ((i, ch, y, x), &g) in got.indexed_iter() {
+                    let (mut want, mut size) = (0.0f64, 0.0f64);
+                    for (oc, ky, kx) in (0..o).flat_map(|oc| {
+                        (0..k).flat_map(move |ky| (0..k).map(move |kx| (oc, ky, kx)))
+                    }) {
+                        let (oy, ox) = ((y + p).checked_sub(ky), (x + p).checked_sub(kx));
+                        if let (Some(oy), Some(ox)) = (oy, ox) {
+                            if oy < oh && ox < ow {
+                                let term =
+                                    weight[(oc, ch, ky, kx)] as f64 * grad[(i, oc, oy, ox)] as f64;
+                                want += term;
+                                size += term.abs();
+                            }
+                        }
+                    }
+                    assert!(
+                        (g as f64 - want).abs() <= 1e-6 * (1.0 + size),
+                        "case {:?} {kernel:?} at {:?}: {g} vs {want}",
+                        (n, c, h, w, o, k, p),
+                        (i, ch, y, x)
+                    );
+                }
+            }
+        }
+        let weight = ndarray::Array4::zeros((2, 3, 3, 3));
+        for (stride, padding) in [(2, 1), (1, 3), (1, 4)] {
+            let conv =
+                Conv2d::new(weight.view(), &Array1::zeros(2), stride, padding).expect("conv");
+            assert!(
+                conv.input_gradient_convolution().is_none(),
+                "stride {stride}, padding {padding}"
+            );
         }
     }
 

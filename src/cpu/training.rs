@@ -195,7 +195,7 @@ impl CpuModel {
                     } else {
                         InputGradient::Compute
                     };
-                    let grads = conv.backward(image(input)?, g.view(), wanted)?;
+                    let grads = self.conv_backward(conv, image(input)?, g.view(), wanted)?;
                     // Pushed in reverse network order: bias, then weight.
                     push(grads.bias.to_vec())?;
                     push(grads.weight.into_raw_vec_and_offset().0)?;
