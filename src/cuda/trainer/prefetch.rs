@@ -121,11 +121,20 @@ impl Prefetch {
     /// memory (all the copy stream's work: also an upload whose `uploaded` record failed).
     /// Called before a step that sent a batch ahead returns; by then the upload has had the
     /// whole step to run beside it.
+    ///
+    /// If the event cannot be recorded or waited on, the whole copy stream is waited for
+    /// before the error returns: the caller may free or refill the host memory an upload is
+    /// still reading.
     pub fn wait_for_uploads(&self, gpu: &Gpu) -> Result<()> {
-        record(&self.drained, gpu.copy_stream())?;
-        self.drained
-            .synchronize()
-            .map_err(driver_err("cuEventSynchronize (the next batch's upload)"))
+        let waited = record(&self.drained, gpu.copy_stream()).and_then(|()| {
+            self.drained
+                .synchronize()
+                .map_err(driver_err("cuEventSynchronize (the next batch's upload)"))
+        });
+        if waited.is_err() {
+            let _ = gpu.copy_stream().synchronize();
+        }
+        waited
     }
 
     /// Starts uploading `next` on the copy stream, after any step still reading the staging
@@ -176,10 +185,13 @@ fn staging_for<'a>(
         Some(staging) if staging.data.len() >= element_count(shape) => staging,
         old => {
             if old.is_some() {
-                // Freed on the compute stream: its last upload must be done first.
-                uploaded
-                    .synchronize()
-                    .map_err(driver_err("cuEventSynchronize (staging buffer)"))?;
+                // Freed on the compute stream: its last upload must be done first. If that
+                // cannot be known, the old buffer stays in its slot rather than be freed under
+                // a copy that may still write it (see `Drop`).
+                if let Err(error) = uploaded.synchronize() {
+                    *slot = old;
+                    return Err(driver_err("cuEventSynchronize (staging buffer)")(error));
+                }
             }
             drop(old);
             Staging::new(gpu, shape)?
@@ -222,10 +234,10 @@ fn element_count(shape: [usize; 4]) -> usize {
 impl Drop for Prefetch {
     fn drop(&mut self) {
         // The staging buffer is freed on the compute stream, which knows nothing of the copy
-        // stream: an upload still writing it must finish first. A failed wait (a broken
-        // context) leaves nothing better to do.
-        if self.staging.is_some() {
-            let _ = self.uploaded.synchronize();
+        // stream: an upload still writing it must finish first. If that wait fails (a broken
+        // context) the buffer is leaked rather than freed under a copy that may still write it.
+        if self.staging.is_some() && self.uploaded.synchronize().is_err() {
+            std::mem::forget(self.staging.take());
         }
     }
 }
