@@ -941,6 +941,73 @@ fn graph_replayed_steps_match_eager_steps() {
     });
 }
 
+/// Every mode `train --device cuda` offers replays its step as a CUDA graph from the second
+/// step on the paper network, where cuDNN picks among more algorithms than on the small one:
+/// [`graph_replayed_steps_match_eager_steps`] holds fp32 to the GEMM family, so a backward FFT
+/// or Winograd algorithm that cannot be captured (the default fp32 allows them; not yet run on
+/// a GPU) would leave every default step eager, slower, and no other test would say so. Each
+/// mode's failure names the reason the capture gave and the algorithms chosen.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn every_training_mode_replays_its_step_as_a_graph() {
+    use alexnet_cuda::cuda::GraphStatus;
+    let _gpu = common::exclusive_gpu();
+    let paper = AlexNetConfig::paper();
+    let weights = Weights::paper_init(&paper, 21).unwrap();
+    let labels = labels(8, paper.num_classes());
+    let modes = [
+        (
+            "fp32 (default: FFT and Winograd allowed)",
+            CudaTrainOptions::default(),
+        ),
+        ("fp32, GEMM family only", checked(Precision::Fp32)),
+        (
+            "fp32, not deterministic",
+            CudaTrainOptions {
+                deterministic: false,
+                ..CudaTrainOptions::default()
+            },
+        ),
+        ("tf32", checked(Precision::Tf32)),
+        ("fp16 mixed precision", checked(Precision::Fp16)),
+    ];
+    let cases = modes
+        .into_iter()
+        .map(|(name, options)| {
+            let (paper, weights, labels) = (&paper, &weights, &labels);
+            let case = move || {
+                let mut trainer = CudaTrainer::with_options(weights, SgdConfig::default(), options)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                for step in 0..3u64 {
+                    let input = paper.input;
+                    let shape = (8, input.channels, input.height, input.width);
+                    let values = common::formula_values(
+                        700 + step,
+                        shape.0 * shape.1 * shape.2 * shape.3,
+                        2.0,
+                    );
+                    let batch = Array4::from_shape_vec(shape, values).unwrap();
+                    let loss = trainer.step(batch.view(), labels, 90 + step).unwrap();
+                    assert!(loss.is_finite(), "{name} step {step}: loss {loss}");
+                    let want = if step == 0 {
+                        GraphStatus::NotCaptured
+                    } else {
+                        GraphStatus::Replaying
+                    };
+                    assert_eq!(
+                        trainer.graph_status(),
+                        want,
+                        "{name} step {step}; convolution algorithms:\n  {}",
+                        trainer.conv_choices().join("\n  ")
+                    );
+                }
+            };
+            (name.to_string(), Box::new(case) as Box<dyn FnOnce() + '_>)
+        })
+        .collect();
+    run_cases(cases);
+}
+
 /// Batches sent ahead during the previous step (`step_buffer_prefetch`: uploaded on the copy
 /// stream into a staging buffer) train as the same batches given as arrays. A staged copy
 /// serves only the buffer it was made from, as it was then: a buffer refilled after it was

@@ -127,9 +127,12 @@ impl SendGraph {
 
 /// Records what `record` queues on `stream` into a graph instead of running it. The capture is
 /// ended whatever `record` returns (a stream left capturing would fail every later call). The
-/// thread-local mode makes only this thread's capture-unsafe calls (allocations,
-/// synchronisation) errors; nothing else may queue work on the compute stream meanwhile (the
-/// model is borrowed mutably).
+/// thread-local mode makes only this thread's capture-unsafe calls (synchronisation,
+/// synchronous allocations) errors; nothing else may queue work on the compute stream meanwhile
+/// (the model is borrowed mutably). Stream-ordered allocations (`cuMemAllocAsync`, which cudarc
+/// uses where the device has memory pools) are not refused but recorded as graph memory nodes:
+/// code that must not allocate under capture says so itself (the cuDNN workspace refuses to
+/// resize, and the algorithm search to run, during a capture).
 ///
 /// The outer error is one an earlier asynchronous call left pending (reading it clears it, so
 /// the caller must return it, not take it for this capture's failure); the inner result is the
