@@ -878,7 +878,8 @@ fn fused_epilogues_give_the_stage_by_stage_logits_exactly() {
 }
 
 /// fp32's math settings (TF32 in fp32, GEMM-family convolutions only) with another precision,
-/// or together, are a typed error, with or without a GPU, never ignored.
+/// or together, are a typed error, with or without a GPU, never ignored; TF32 math with the
+/// TF32 precision is accepted.
 #[test]
 fn fp32_math_settings_outside_fp32_are_refused_before_any_gpu_is_touched() {
     let weights = formula_weights(&AlexNetConfig::paper());
@@ -908,5 +909,10 @@ fn fp32_math_settings_outside_fp32_are_refused_before_any_gpu_is_touched() {
             Err(other) => panic!("{precision} {name}: another error: {other}"),
             Ok(_) => panic!("{precision} {name}: a model was built"),
         }
+    }
+    // TF32 math asked for twice is not a contradiction: past the settings' check (a model
+    // with a GPU, without one the GPU's absence).
+    if let Err(Error::Invalid { message, .. }) = CudaModel::new(&weights, Precision::Tf32, tf32) {
+        panic!("tf32 with allow_tf32 was refused: {message}");
     }
 }

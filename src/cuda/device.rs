@@ -142,9 +142,9 @@ impl Gpu {
         //   staging buffer for the next batch (`Prefetch`), written after its allocation was
         //   synchronised and the copy stream waited on `consumed`, read after `uploaded`;
         // - page-locked host memory is read or rewritten only after a host wait on the event
-        //   recorded after its copy (`finish_logits`, `top_k_u8`, `Pipeline::finish` and
-        //   `input_buffer`, `run_u8`), since cudarc no longer records its own, or after a
-        //   stream sync where an error may have left that event unrecorded;
+        //   recorded after its copy (`finish_logits`, `top_k_u8`, `TopK::to_host`,
+        //   `Pipeline::finish` and `input_buffer`, `run_u8`), since cudarc no longer records its
+        //   own, or after a stream sync where an error may have left that event unrecorded;
         // - buffers are freed on the stream they were allocated on, after their last use
         //   there; a pipeline's slots only after both of their copy events completed.
         unsafe { ctx.disable_event_tracking() };

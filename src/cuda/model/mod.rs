@@ -30,7 +30,8 @@ pub struct CudaOptions {
     /// CUDA device ordinal.
     pub device: usize,
     /// fp32 only: let convolutions and GEMMs use TF32 tensor cores (about 1e-3 relative error,
-    /// much faster). Off by default: fp32 is true fp32.
+    /// much faster). Off by default: fp32 is true fp32. With [`Precision::Tf32`] it changes
+    /// nothing (that precision is this math); with fp16 it is an error.
     pub allow_tf32: bool,
     /// True fp32 only: keep the convolutions to cuDNN's GEMM-family and direct algorithms, no
     /// FFT or Winograd: closer to the CPU, about half the speed (on an H200, paper batch 128:
@@ -53,7 +54,8 @@ pub struct CudaOptions {
 
 impl CudaOptions {
     /// Settings for fp32's math are refused, not ignored, with another precision, and
-    /// GEMM-only (a restriction of true fp32) beside TF32 math.
+    /// GEMM-only (a restriction of true fp32) beside TF32 math. `allow_tf32` with `Tf32` says
+    /// what the precision already does, and is accepted.
     fn check(&self, precision: Precision) -> Result<()> {
         if self.allow_tf32 && self.fp32_gemm_only {
             return Err(Error::invalid(
@@ -63,7 +65,10 @@ impl CudaOptions {
             ));
         }
         let fp32_only = [
-            ("allow_tf32", self.allow_tf32),
+            (
+                "allow_tf32",
+                self.allow_tf32 && precision != Precision::Tf32,
+            ),
             ("fp32_gemm_only", self.fp32_gemm_only),
         ];
         match fp32_only.iter().find(|(_, set)| *set) {
