@@ -694,6 +694,20 @@ mod tests {
         ((i * 7919 % scale) as f32 - (scale / 2) as f32) / 17.0
     }
 
+    /// An `[o, c, k, k]` weight of [`value`]s.
+    fn patterned_weight(o: usize, c: usize, k: usize) -> ndarray::Array4<f32> {
+        ndarray::Array4::from_shape_fn((o, c, k, k), |(a, b, y, x)| {
+            value(((a * 31 + b) * 17 + y) * 13 + x, 97) / 10.0
+        })
+    }
+
+    /// An `[n, c, h, w]` batch of [`value`]s.
+    fn patterned_images(shape: (usize, usize, usize, usize)) -> ndarray::Array4<f32> {
+        ndarray::Array4::from_shape_fn(shape, |(i, ch, y, x)| {
+            value(((i * 7 + ch) * 41 + y) * 43 + x, 101)
+        })
+    }
+
     /// Repacking gives what packing afresh gives, into the spare's memory only where nothing
     /// else holds it and the shape matches, and writes every lane (the padding past the width
     /// too), so nothing of the spare's values survives.
@@ -804,14 +818,10 @@ mod tests {
             (4, 8, 7, 32, 3, 2, 1),
         ];
         for (n, c, side, o, k, stride, padding) in cases {
-            let weight = ndarray::Array4::from_shape_fn((o, c, k, k), |(a, b, y, x)| {
-                value(((a * 31 + b) * 17 + y) * 13 + x, 97) / 10.0
-            });
+            let weight = patterned_weight(o, c, k);
             let bias = Array1::from_shape_fn(o, |i| value(i, 23));
             let conv = Conv2d::new(weight.view(), &bias, stride, padding).expect("conv");
-            let input = ndarray::Array4::from_shape_fn((n, c, side, side), |(i, ch, y, x)| {
-                value(((i * 7 + ch) * 41 + y) * 43 + x, 101)
-            });
+            let input = patterned_images((n, c, side, side));
             let panels = F32Panels::of(&conv);
             for relu in [false, true] {
                 let want = if relu {
@@ -853,14 +863,10 @@ mod tests {
             (4, 16, 9, 7, 20, 5, 4),
         ];
         for (n, c, h, w, o, k, p) in cases {
-            let weight = ndarray::Array4::from_shape_fn((o, c, k, k), |(a, b, y, x)| {
-                value(((a * 31 + b) * 17 + y) * 13 + x, 97) / 10.0
-            });
+            let weight = patterned_weight(o, c, k);
             let conv = Conv2d::new(weight.view(), &Array1::zeros(o), 1, p).expect("conv");
             let (oh, ow) = conv.output_size(h, w).expect("output size");
-            let grad = ndarray::Array4::from_shape_fn((n, o, oh, ow), |(i, ch, y, x)| {
-                value(((i * 7 + ch) * 41 + y) * 43 + x, 101)
-            });
+            let grad = patterned_images((n, o, oh, ow));
             let turned = conv
                 .input_gradient_convolution()
                 .expect("stride 1, padding < k");
