@@ -165,12 +165,18 @@ static __device__ __forceinline__ void lrn_backward_per_element(const T *__restr
 
 /*
  * One thread per pixel and run of ALEXNET_LRN_BACKWARD_CHUNK channels [c0, c1): the channels'
- * D, D^-beta and t computed once each, in channel order, into a ring of the last
- * ALEXNET_LRN_BACKWARD_RING (at least `size`: every term of a window and g_c D_c^-beta are still
- * there when channel c finishes, `before` channels later). The same operations in the same order
- * as the per-element path, so the same bits; the per-element path computes every D size + 1
- * times, and each costs two square roots and two divisions. a0, g0 and d0 point at channel 0
- * of the pixel.
+ * D, D^-beta and t computed once each, in channel order, into a window of the last
+ * ALEXNET_LRN_BACKWARD_RING channels (at least `size`: every term of a window and g_c D_c^-beta
+ * are still there when channel c finishes, `before` channels later). The same operations in the
+ * same order as the per-element path, so the same bits; the per-element path computes every D
+ * size + 1 times, and each costs two square roots and two divisions. a0, g0 and d0 point at
+ * channel 0 of the pixel.
+ *
+ * The window is a shift register, channel ch - m at [RING - 1 - m], read and written only at
+ * constant indices once the loops over it unroll: indexed by channel (ch % RING) it lived in
+ * local memory, a 128-byte stack frame per thread and ~8 local loads and stores per channel
+ * beside the denominator's loads (ptxas -v, sm_90: now no frame, 56 registers against 32; the
+ * shifts are register moves). Not yet timed on a GPU against the local-memory ring.
  */
 template <typename T, typename I>
 static __device__ __forceinline__ void lrn_backward_channels(const T *__restrict__ a0,
@@ -180,23 +186,39 @@ static __device__ __forceinline__ void lrn_backward_channels(const T *__restrict
                                                              const AlexnetLrnParams &p)
 {
     typedef unsigned long long U;
-    enum { RING = ALEXNET_LRN_BACKWARD_RING };
+    /* size <= RING, so before = size / 2 <= RING / 2: g D^-beta is needed that far back. */
+    enum { RING = ALEXNET_LRN_BACKWARD_RING, SCALED = RING / 2 + 1 };
     const U channels = p.shape.c;
     const U before = p.size / 2;
     const U after = p.size > 0 ? (p.size - 1) / 2 : 0;
-    float terms[RING];  /* t_j at j % RING */
-    float scaled[RING]; /* g_j D_j^-beta at j % RING */
+    float terms[RING];    /* t of channel ch - m at [RING - 1 - m] */
+    float scaled[SCALED]; /* g D^-beta of channel ch - m at [SCALED - 1 - m] */
+#pragma unroll
+    for (int k = 0; k < RING; ++k)
+        terms[k] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < SCALED; ++k)
+        scaled[k] = 0.0f;
     /* From the first channel whose term reaches c0 to the step at which c1 - 1 finishes. */
     const U first = c0 > after ? c0 - after : 0;
     const U end = (U)c1 - 1 + before;
     for (U ch = first; ch <= end; ++ch) {
+#pragma unroll
+        for (int k = 0; k < RING - 1; ++k)
+            terms[k] = terms[k + 1];
+#pragma unroll
+        for (int k = 0; k < SCALED - 1; ++k)
+            scaled[k] = scaled[k + 1];
+        /* Past the last channel nothing enters (windows stop at it: never read). */
+        terms[RING - 1] = 0.0f;
+        scaled[SCALED - 1] = 0.0f;
         if (ch < channels) {
             const I at = (I)ch * channel_stride;
             const float d = lrn_denominator<T, I>(a0, channel_stride, (unsigned int)ch, p);
             const float scale = lrn_inverse_power(d, p.beta);
             const float g = alexnet_load(g0[at]);
-            terms[ch % RING] = lrn_window_term(g, lrn_input(a0 + at, p), scale, d);
-            scaled[ch % RING] = lrn_scaled_gradient(g, scale);
+            terms[RING - 1] = lrn_window_term(g, lrn_input(a0 + at, p), scale, d);
+            scaled[SCALED - 1] = lrn_scaled_gradient(g, scale);
         }
         /* Channel c = ch - before has every term of its window [c - after, c + before]. */
         if (ch < (U)c0 + before)
@@ -204,12 +226,23 @@ static __device__ __forceinline__ void lrn_backward_channels(const T *__restrict
         const U c = ch - before;
         const U low = c > after ? c - after : 0;
         const U high = ch < channels ? ch : channels - 1;
+        /* Channels low..high, in that order, sit at terms[from..=to]; c at
+         * scaled[SCALED - 1 - before]. */
+        const int from = RING - 1 - (int)(ch - low);
+        const int to = RING - 1 - (int)(ch - high);
+        const int scaled_at = SCALED - 1 - (int)before;
         float sum = 0.0f;
-        for (U j = low; j <= high; ++j)
-            sum = __fadd_rn(sum, terms[j % RING]);
+        float scaled_c = 0.0f;
+#pragma unroll
+        for (int k = 0; k < RING; ++k)
+            if (k >= from && k <= to)
+                sum = __fadd_rn(sum, terms[k]);
+#pragma unroll
+        for (int k = 0; k < SCALED; ++k)
+            if (k == scaled_at)
+                scaled_c = scaled[k];
         const I at = (I)c * channel_stride;
-        d0[at] = alexnet_store<T>(
-            lrn_input_gradient(scaled[c % RING], lrn_input(a0 + at, p), sum, p));
+        d0[at] = alexnet_store<T>(lrn_input_gradient(scaled_c, lrn_input(a0 + at, p), sum, p));
     }
 }
 
