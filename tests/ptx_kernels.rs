@@ -191,3 +191,100 @@ fn check_module_reports_every_mismatch() {
     assert!(has("stray_f32 is not in the registry"), "{problems:#?}");
     assert_eq!(problems.len(), 1 + 1 + 1, "{problems:#?}");
 }
+
+/// ptxas, beside the nvcc that built the crate (nvcc needs it to make machine code).
+fn ptxas() -> std::path::PathBuf {
+    let path = cuobjdump().with_file_name("ptxas");
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}
+
+/// From `ptxas -v`'s report, each function with a stack frame or spills: `(name, frame bytes,
+/// spill store bytes, spill load bytes)`.
+fn local_memory_users(report: &str) -> Vec<(String, u64, u64, u64)> {
+    let mut users = Vec::new();
+    let mut function = String::new();
+    for line in report.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            function = rest.trim().to_string();
+        } else if line.contains("bytes stack frame") {
+            let numbers: Vec<u64> = line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            if let [frame, stores, loads] = numbers[..] {
+                if frame + stores + loads > 0 {
+                    users.push((function.clone(), frame, stores, loads));
+                }
+            } else {
+                panic!("unexpected ptxas line: {line}");
+            }
+        }
+    }
+    users
+}
+
+#[test]
+fn local_memory_users_are_read_from_ptxas_reports() {
+    let report = "\
+ptxas info    : Compiling entry function 'prepare_input_f32' for 'sm_90'
+ptxas info    : Function properties for prepare_input_f32
+    48 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 30 registers, used 0 barriers, 48 bytes cumulative stack size
+ptxas info    : Compiling entry function 'lrn_f32' for 'sm_90'
+ptxas info    : Function properties for lrn_f32
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Function properties for helper
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+";
+    assert_eq!(
+        local_memory_users(report),
+        vec![
+            ("prepare_input_f32".to_string(), 48, 0, 0),
+            ("helper".to_string(), 8, 4, 12)
+        ]
+    );
+}
+
+/// No kernel keeps anything in local memory on the H200's architecture: no stack frame (an
+/// array indexed at run time, such as a parameter struct's `mean[c]` or a ring indexed by
+/// channel, is placed there) and no register spills. Both cost a round trip through the cache
+/// per access that the kernels' designs do not count on; a kernel that needs one should say so
+/// here, with its reason.
+#[test]
+#[cfg_attr(
+    not(alexnet_nvcc),
+    ignore = "needs nvcc at build time, and none was found (see README, Building the CUDA kernels; tools/test.sh installs it); ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn kernels_keep_to_registers_on_sm_90() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut found = Vec::new();
+    for module in MODULES {
+        let file = dir.path().join(format!("{module}.ptx"));
+        std::fs::write(&file, prebuilt(module)).unwrap();
+        let out = std::process::Command::new(ptxas())
+            .args(["-arch=sm_90", "-v", "-o"])
+            .arg(dir.path().join(format!("{module}.cubin")))
+            .arg(&file)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "ptxas failed on {module}:\n{report}");
+        assert!(
+            report.contains("bytes stack frame"),
+            "{module}: no resource report from ptxas -v:\n{report}"
+        );
+        found.extend(
+            local_memory_users(&report)
+                .into_iter()
+                .map(|(name, frame, stores, loads)| {
+                    format!("{module}: {name}: {frame} B frame, {stores} B spill stores, {loads} B spill loads")
+                }),
+        );
+    }
+    assert!(
+        found.is_empty(),
+        "local memory in use:\n  {}",
+        found.join("\n  ")
+    );
+}
