@@ -61,3 +61,20 @@ impl StageEvents {
 pub(crate) fn record(event: &CudaEvent, stream: &CudaStream) -> Result<()> {
     event.record(stream).map_err(driver_err("cuEventRecord"))
 }
+
+/// Waits until everything queued on `stream` so far has run, sleeping on `event` (recorded
+/// here) rather than spinning on the stream. If the event cannot be recorded or waited on,
+/// waits for the whole stream before returning that error: the caller may next free or
+/// rewrite host memory a queued copy still uses (that sync's own error is the same failure
+/// seen again). `what` names the wait in the error.
+pub(crate) fn wait_for_stream(
+    event: &CudaEvent,
+    stream: &CudaStream,
+    what: &'static str,
+) -> Result<()> {
+    let waited = record(event, stream).and_then(|()| event.synchronize().map_err(driver_err(what)));
+    if waited.is_err() {
+        let _ = stream.synchronize();
+    }
+    waited
+}

@@ -8,7 +8,7 @@ use super::{layout_err, shape_err};
 use crate::cuda::abi::{AlexnetSoftmaxParams, ALEXNET_TOPK_MAX};
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::events::{new_event, record};
+use crate::cuda::events::{new_event, wait_for_stream};
 use crate::cuda::launch::{grid_rows, to_u32, Launch};
 use crate::cuda::pinned::alloc_readback;
 use crate::cuda::registry::Kernel;
@@ -95,19 +95,13 @@ impl TopK {
         // The page-locked buffers' own events are not recorded (event tracking is off, see
         // `Gpu::new`): reading them waits for nothing, so wait for the copies here, also for
         // the first when the second could not be queued (the buffers may be dropped next). On
-        // an event, which a wait sleeps on, not on the stream, which it spins on.
-        let waited = record(&self.downloaded, gpu.stream()).and_then(|()| {
-            self.downloaded
-                .synchronize()
-                .map_err(driver_err("cuEventSynchronize (top-k download)"))
-        });
-        if waited.is_err() {
-            // No event to sleep on: the copies may still be queued, and the buffers must not
-            // be freed under them, so wait for the whole stream. Its error is the same failure
-            // seen again (a context that cannot sync runs no copies either).
-            let _ = gpu.stream().synchronize();
-        }
-        waited?;
+        // an event, which a wait sleeps on, not on the stream, which it spins on; without one,
+        // on the whole stream, so the buffers are never freed under a queued copy.
+        wait_for_stream(
+            &self.downloaded,
+            gpu.stream(),
+            "cuEventSynchronize (top-k download)",
+        )?;
         started?;
         self.read_downloaded()
     }

@@ -13,7 +13,7 @@
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView};
 
 use crate::cuda::device::{driver_err, Gpu};
-use crate::cuda::events::{new_event, record};
+use crate::cuda::events::{new_event, record, wait_for_stream};
 use crate::error::{Error, Result};
 use crate::train::{BatchBuffer, ContentsKey};
 
@@ -126,15 +126,11 @@ impl Prefetch {
     /// before the error returns: the caller may free or refill the host memory an upload is
     /// still reading.
     pub fn wait_for_uploads(&self, gpu: &Gpu) -> Result<()> {
-        let waited = record(&self.drained, gpu.copy_stream()).and_then(|()| {
-            self.drained
-                .synchronize()
-                .map_err(driver_err("cuEventSynchronize (the next batch's upload)"))
-        });
-        if waited.is_err() {
-            let _ = gpu.copy_stream().synchronize();
-        }
-        waited
+        wait_for_stream(
+            &self.drained,
+            gpu.copy_stream(),
+            "cuEventSynchronize (the next batch's upload)",
+        )
     }
 
     /// Starts uploading `next` on the copy stream, after any step still reading the staging
