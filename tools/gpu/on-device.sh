@@ -18,7 +18,7 @@
 #            page-locked and sent-ahead; each mode first with a phase-by-phase profile of one
 #            step per source, its cuDNN algorithm choices and graph state; criterion's --quick
 #            by default: TRAIN_BENCH_ARGS) beside PyTorch's (torch_train_anchor.py: fp32, tf32,
-#            autocast+GradScaler). Before latency and train: the training target is the
+#            autocast+GradScaler, the last also in channels_last). Before latency and train: the training target is the
 #            furthest from met (0.18x at da4e9e1), so its profile must not be cut by the budget
 #   train    train --device cuda for 20 steps in fp32, fp32 --fp32-gemm-only and fp16 on
 #            tests/data/shapes, the fp32 losses set beside the same run on the CPU
@@ -183,6 +183,11 @@ PY
         within 240 python3 $G/torch_train_anchor.py --device cuda --batch 128 --steps 10 --presets paper --precisions fp32,tf32,amp > "$OUT/anchor-train.txt" 2>&1
         rc=$?
         note "anchor (PyTorch training) rc=$rc (anchor-train.txt)"
+        # Autocast again in channels_last (NHWC), PyTorch's advice for mixed precision on tensor
+        # cores: the mixed-precision target is held against the faster of the two.
+        within 90 python3 $G/torch_train_anchor.py --device cuda --batch 128 --steps 10 --presets paper --precisions amp --channels-last >> "$OUT/anchor-train.txt" 2>&1
+        rc=$?
+        note "anchor (PyTorch training, amp channels_last) rc=$rc (anchor-train.txt)"
         while read -r l; do note "  $l"; done < <(grep -E 'img/s' "$OUT/anchor-train.txt")
         ;;
     latency)
