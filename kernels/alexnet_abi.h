@@ -263,7 +263,7 @@ typedef struct AlexnetSoftmaxXentParams {
  *                        const AlexnetStepSettings *settings, AlexnetGradUnscaleParams p)
  * Mixed precision's gradient unscaling: dst[i] = (float)src[i] * inv_scale over `len` elements
  * (one f32 rounding; settings->inv_loss_scale instead of p.inv_scale if `settings` is not
- * null), and *found_nonfinite |= 1 if any src[i] is infinite or NaN (the loss scale
+ * null), and *found_nonfinite |= 1 if any dst[i] is infinite or NaN (the loss scale
  * overflowed: the caller skips the step and lowers the scale). *found_nonfinite is only ever set,
  * never cleared: zero it before the first launch of a step. For f32, src and dst may be the same
  * buffer (each element is read, then written by one thread).

@@ -16,10 +16,12 @@ static __device__ __forceinline__ void grad_unscale(const T *src, float *dst,
     bool nonfinite = false;
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
-        const float g = alexnet_load(src[i]);
-        /* Infinite or NaN: every exponent bit set. */
-        nonfinite |= (__float_as_uint(g) & 0x7f800000u) == 0x7f800000u;
-        dst[i] = __fmul_rn(g, inv_scale);
+        const float unscaled = __fmul_rn(alexnet_load(src[i]), inv_scale);
+        /* Infinite or NaN (every exponent bit set), checked after the product: an infinite or
+         * NaN gradient stays so, and a scale backed off below 1 (inv_scale > 1) can take a
+         * large finite one past f32's range. */
+        nonfinite |= (__float_as_uint(unscaled) & 0x7f800000u) == 0x7f800000u;
+        dst[i] = unscaled;
     }
     /* One atomic per thread that saw an overflow, not per element. */
     if (nonfinite)

@@ -2144,6 +2144,12 @@ fn gradient_unscaling_matches_the_cpu_and_flags_overflow() {
     let mut beyond_f16 = values.clone();
     beyond_f16[500] = 70000.0;
     grad_unscale_case::<f16>(&beyond_f16, 65536.0, 0);
+    // A scale backed off below 1 can take a finite gradient past f32's range: flagged too.
+    let mut past_f32 = values.clone();
+    past_f32[300] = 3.0e38;
+    grad_unscale_case::<f32>(&past_f32, 0.5, 0);
+    grad_unscale_in_place_case(&past_f32, 0.5);
+    grad_unscale_case::<f16>(&values, f32::MIN_POSITIVE, 0);
     // A flag set by an earlier launch of the same step stays set.
     grad_unscale_case::<f32>(&values, 65536.0, 1);
     // In place, as `unscale_gradients_in_place` launches it for the biases: src == dst.

@@ -131,14 +131,13 @@ impl LossScale {
 }
 
 /// The CPU twin of the `grad_unscale` kernel: every gradient times `1 / scale` in f32 (one
-/// rounding), and whether any was infinite or NaN.
+/// rounding), and whether any product is infinite or NaN: an infinite or NaN gradient, or a
+/// finite one that a scale below 1 takes past f32's range.
 pub fn unscale_gradients(gradients: &[f32], scale: f32) -> (Vec<f32>, bool) {
     let inv_scale = 1.0 / scale;
-    let overflowed = gradients.iter().any(|g| !g.is_finite());
-    (
-        gradients.iter().map(|g| g * inv_scale).collect(),
-        overflowed,
-    )
+    let unscaled: Vec<f32> = gradients.iter().map(|g| g * inv_scale).collect();
+    let overflowed = unscaled.iter().any(|g| !g.is_finite());
+    (unscaled, overflowed)
 }
 
 #[cfg(test)]
@@ -251,5 +250,8 @@ mod tests {
         );
         assert!(unscale_gradients(&[1.0, f32::INFINITY], 2.0).1);
         assert!(unscale_gradients(&[f32::NAN], 2.0).1);
+        // Finite, but past f32's range once divided by a scale below 1.
+        assert!(unscale_gradients(&[3.0e38], 0.5).1);
+        assert!(!unscale_gradients(&[3.0e38], 1.0).1);
     }
 }

@@ -33,8 +33,9 @@ pub fn grad_unscale_args(
 }
 
 /// `dst = src / scale` in f32 (the master gradients from the scaled gradients of a
-/// mixed-precision backward), setting `found_nonfinite[0]` to 1 if any element of `src` is
-/// infinite or NaN (it is never cleared here: zero it once per step, check it after the last
+/// mixed-precision backward), setting `found_nonfinite[0]` to 1 if any element of `dst` comes
+/// out infinite or NaN (an infinite or NaN gradient, or one a scale below 1 takes past f32's
+/// range; it is never cleared here: zero it once per step, check it after the last
 /// launch). `src` and `dst` hold the same number of elements. The scale is given by value or
 /// read on the device from [`super::StepSettings`].
 pub fn unscale_gradients<'s, T: GpuFloat>(
