@@ -36,6 +36,7 @@ struct Mode {
     precision: Precision,
     fp32_gemm_only: bool,
     deterministic: bool,
+    channels_last: bool,
 }
 
 impl Mode {
@@ -44,10 +45,19 @@ impl Mode {
             precision,
             fp32_gemm_only,
             deterministic,
+            channels_last: false,
         }
     }
 
-    /// `fp32+gemm-only`, `fp32`, `fp16+nondeterministic`, ...
+    /// The same in channels-last (NHWC) activations.
+    const fn channels_last(self) -> Self {
+        Mode {
+            channels_last: true,
+            ..self
+        }
+    }
+
+    /// `fp32+gemm-only`, `fp32`, `fp16+nondeterministic`, `fp16+channels-last`, ...
     fn name(&self) -> String {
         let mut name = self.precision.to_string();
         if self.fp32_gemm_only {
@@ -56,11 +66,17 @@ impl Mode {
         if !self.deterministic {
             name.push_str("+nondeterministic");
         }
+        if self.channels_last {
+            name.push_str("+channels-last");
+        }
         name
     }
 }
 
-const MODES: [Mode; 7] = [
+/// NCHW in every mode, then channels-last beside the default fp32 and mixed precision: the
+/// layout PyTorch's tensor-core advice (and its `channels_last` anchor) uses, to be measured
+/// against NCHW on the card before it becomes the default.
+const MODES: [Mode; 9] = [
     Mode::new(Precision::Fp32, true, true),
     Mode::new(Precision::Fp32, false, true),
     Mode::new(Precision::Fp32, false, false),
@@ -68,6 +84,8 @@ const MODES: [Mode; 7] = [
     Mode::new(Precision::Tf32, false, false),
     Mode::new(Precision::Fp16, false, true),
     Mode::new(Precision::Fp16, false, false),
+    Mode::new(Precision::Fp32, false, true).channels_last(),
+    Mode::new(Precision::Fp16, false, true).channels_last(),
 ];
 
 fn trainer(weights: &Weights, mode: Mode) -> Result<CudaTrainer, String> {
@@ -75,6 +93,7 @@ fn trainer(weights: &Weights, mode: Mode) -> Result<CudaTrainer, String> {
         precision: mode.precision,
         fp32_gemm_only: mode.fp32_gemm_only,
         deterministic: mode.deterministic,
+        channels_last: mode.channels_last,
         ..CudaTrainOptions::default()
     };
     CudaTrainer::with_options(weights, SgdConfig::default(), options).map_err(|e| e.to_string())
@@ -187,7 +206,7 @@ fn gpu_train(c: &mut Criterion) {
     let mut group = c.benchmark_group("gpu_train");
     group
         .sample_size(10)
-        // 7 modes x 3 sources must fit one device run beside the tests: a step is 10-120 ms,
+        // 9 modes x 3 sources must fit one device run beside the tests: a step is 10-120 ms,
         // so 4 s still times 30 or more after a 1 s warm-up (the steps that choose the
         // algorithms and capture the graph run before, outside the figures).
         .measurement_time(Duration::from_secs(4))

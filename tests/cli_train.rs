@@ -428,17 +428,24 @@ fn fp32_gemm_only_applies_to_gpu_fp32_training_only() {
     assert!(save.exists());
 }
 
-/// `--nondeterministic` is a GPU setting: where the CPU trains it is said, not silently dropped,
-/// and the run goes on.
+/// `--nondeterministic` and `--channels-last` are GPU settings: where the CPU trains each is
+/// said, not silently dropped, and the run goes on.
 #[test]
-fn nondeterministic_is_said_to_do_nothing_on_the_cpu() {
+fn gpu_settings_are_said_to_do_nothing_on_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let save = dir.path().join("out.safetensors");
-    let out = one_step(&data, &save, &["--nondeterministic", "--device", "cpu"]);
+    let flags = ["--nondeterministic", "--channels-last", "--device", "cpu"];
+    let out = one_step(&data, &save, &flags);
     assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--nondeterministic is a GPU setting"),
+        stderr.contains("--nondeterministic is a GPU setting"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr.contains("--channels-last is a GPU layout: no effect on the CPU"),
         "{}",
         text(&out)
     );

@@ -970,6 +970,20 @@ fn every_training_mode_replays_its_step_as_a_graph() {
         ),
         ("tf32", checked(Precision::Tf32)),
         ("fp16 mixed precision", checked(Precision::Fp16)),
+        (
+            "fp32, channels-last",
+            CudaTrainOptions {
+                channels_last: true,
+                ..CudaTrainOptions::default()
+            },
+        ),
+        (
+            "fp16 mixed precision, channels-last",
+            CudaTrainOptions {
+                channels_last: true,
+                ..checked(Precision::Fp16)
+            },
+        ),
     ];
     let cases = modes
         .into_iter()
@@ -1087,6 +1101,128 @@ fn batches_sent_ahead_train_as_host_arrays_do() {
         }
         assert_eq!(ahead.skipped_steps() + on_arrays.skipped_steps(), 0);
     });
+}
+
+/// Channels-last training (NHWC activations, conv1's input padded to 8 channels, OHWI filters,
+/// fc1's columns in (H, W, C) order) follows the CPU trainer in fp32 and mixed precision, with
+/// weights and momentum read back in the CPU's order; momentum restored through
+/// `set_velocity` reads back as given; and batches from page-locked buffers and from copies
+/// sent ahead (relaid out on the device) train as an NCHW trainer's arrays do.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn channels_last_steps_follow_the_cpu_trainer() {
+    use alexnet_cuda::train::BatchBuffer;
+    let _gpu = common::exclusive_gpu();
+    let config = small_training_config(Some(0.5));
+    let weights = Weights::paper_init(&config, 3).unwrap();
+    let paper = AlexNetConfig::paper();
+    let paper_weights = Weights::paper_init(&paper, 5).unwrap();
+    let channels_last = |precision, frozen_layers| CudaTrainOptions {
+        channels_last: true,
+        frozen_layers,
+        ..checked(precision)
+    };
+    let mut cases: Vec<(String, Box<dyn FnOnce()>)> = Vec::new();
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let tol = tolerance(precision);
+        let (config, weights) = (&config, &weights);
+        let (paper, paper_weights) = (&paper, &paper_weights);
+        cases.push((
+            format!("{precision} small, every layer trained"),
+            Box::new(move || {
+                steps_match_with(channels_last(precision, 0), tol, config, weights, 4, 3)
+            }),
+        ));
+        cases.push((
+            format!("{precision} small, two layers frozen"),
+            Box::new(move || {
+                steps_match_with(channels_last(precision, 2), tol, config, weights, 4, 2)
+            }),
+        ));
+        cases.push((
+            format!("{precision} paper"),
+            Box::new(move || {
+                steps_match_with(channels_last(precision, 0), tol, paper, paper_weights, 8, 1)
+            }),
+        ));
+        cases.push((
+            format!("{precision} momentum restored"),
+            Box::new(move || {
+                let options = channels_last(precision, 0);
+                let mut trainer = CudaTrainer::with_options(weights, SgdConfig::default(), options)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let labels = labels(4, config.num_classes());
+                trainer
+                    .step(small_training_batch(4, 40).view(), &labels, 7)
+                    .unwrap();
+                let momentum = trainer.velocity().unwrap();
+                assert!(
+                    !momentum.is_empty(),
+                    "{precision}: no momentum after a step"
+                );
+                let changed: Vec<Vec<f32>> = momentum
+                    .iter()
+                    .enumerate()
+                    .map(|(t, v)| (0..v.len()).map(|i| (t * 31 + i) as f32 * 1e-3).collect())
+                    .collect();
+                trainer.set_velocity(changed.clone()).unwrap();
+                assert_eq!(trainer.velocity().unwrap(), changed, "{precision}");
+            }),
+        ));
+        cases.push((
+            format!("{precision} page-locked and sent-ahead batches"),
+            Box::new(move || {
+                let scale = LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap();
+                let options = CudaTrainOptions {
+                    loss_scale: scale,
+                    ..channels_last(precision, 0)
+                };
+                let mut nhwc = CudaTrainer::with_options(weights, SgdConfig::default(), options)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let mut nchw = cuda_trainer_in(weights, precision, 0, scale);
+                let classes = config.num_classes();
+                let mut buffers: Vec<BatchBuffer> =
+                    (0..2).map(|_| nhwc.batch_buffer(4).unwrap()).collect();
+                let mut before = (weights.clone(), weights.clone());
+                let batches: Vec<_> = (0..4u64)
+                    .map(|s| small_training_batch(4, 900 + s))
+                    .collect();
+                for step in 0..4u64 {
+                    let current = (step % 2) as usize;
+                    // Even steps fill both buffers, upload their own and send the other ahead;
+                    // odd steps take that copy.
+                    if current == 0 {
+                        for (i, buffer) in buffers.iter_mut().enumerate() {
+                            buffer
+                                .images_mut()
+                                .unwrap()
+                                .copy_from_slice(batches[step as usize + i].as_slice().unwrap());
+                            buffer.set_labels(labels(4, classes));
+                        }
+                    }
+                    let batch = &batches[step as usize];
+                    let next = (current == 0).then(|| &buffers[1]);
+                    let got = nhwc
+                        .step_buffer_prefetch(&buffers[current], 60 + step, next)
+                        .unwrap();
+                    let want = nchw
+                        .step(batch.view(), &labels(4, classes), 60 + step)
+                        .unwrap();
+                    let what =
+                        format!("{precision} step {step} (channels-last buffer, NCHW array)");
+                    check_twin_step(
+                        &what,
+                        (precision, tol),
+                        step,
+                        &mut before,
+                        ("channels-last", &nhwc, got),
+                        ("NCHW", &nchw, want),
+                    );
+                }
+            }),
+        ));
+    }
+    run_cases(cases);
 }
 
 #[test]

@@ -106,6 +106,12 @@ pub struct Args {
     /// which is deterministic either way (said so).
     #[arg(long)]
     pub nondeterministic: bool,
+    /// GPU: keep the activations channels-last (NHWC), the layout of cuDNN's tensor-core
+    /// kernels, as PyTorch's `channels_last`. Weights, momentum and checkpoints stay in the
+    /// usual order. Not yet measured on a GPU against the default NCHW. No effect on the CPU
+    /// (said so).
+    #[arg(long)]
+    pub channels_last: bool,
     /// Where the trained weights go (safetensors, crate names, class names in the metadata).
     #[arg(long, value_name = "FILE")]
     pub save: PathBuf,

@@ -439,6 +439,7 @@ fn make_trainer(
             fp32_gemm_only: args.fp32_gemm_only,
             deterministic: !args.nondeterministic,
             frozen_layers,
+            channels_last: args.channels_last,
             ..Default::default()
         };
         match alexnet_cuda::cuda::CudaTrainer::with_options(weights, sgd, options) {
@@ -482,6 +483,9 @@ fn make_trainer(
         eprintln!(
             "note: --nondeterministic is a GPU setting: the CPU's steps are deterministic either way"
         );
+    }
+    if args.channels_last {
+        eprintln!("note: --channels-last is a GPU layout: no effect on the CPU");
     }
     let model = CpuModel::new(weights, Precision::Fp32)?;
     let mut trainer = CpuTrainer::new(model, sgd)?;

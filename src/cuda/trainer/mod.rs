@@ -26,6 +26,7 @@
 //! ahead, profiling and a restored loss scale have not run on a GPU to the end yet.
 
 mod net;
+mod param_layout;
 mod precision;
 mod prefetch;
 mod profile;
@@ -42,6 +43,7 @@ use super::device::Gpu;
 use super::graph::GraphStatus;
 use super::model::{CudaModel, CudaOptions};
 use super::pinned::alloc_upload;
+use super::tensor::Layout;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
 use crate::image::Preprocess;
@@ -79,6 +81,11 @@ pub struct CudaTrainOptions {
     /// Launch every step kernel by kernel. Off by default: from the second step at a batch
     /// size the step (forward, loss, backward, update) is one CUDA graph launch.
     pub eager: bool,
+    /// Keep the activations channels-last (NHWC, conv1's input padded to 8 channels), the
+    /// layout of cuDNN's tensor-core kernels, as PyTorch's `channels_last`; batches, weights,
+    /// momentum and checkpoints stay in the CPU's order either way. Off by default (NCHW).
+    /// Not yet measured on a GPU against NCHW (see BENCHMARKS.md).
+    pub channels_last: bool,
 }
 
 impl Default for CudaTrainOptions {
@@ -91,6 +98,7 @@ impl Default for CudaTrainOptions {
             frozen_layers: 0,
             loss_scale: LossScale::default(),
             eager: false,
+            channels_last: false,
         }
     }
 }
@@ -239,6 +247,10 @@ impl CudaTrainer {
             fp32_gemm_only: options.fp32_gemm_only,
             deterministic: options.deterministic,
             graphs: !options.eager,
+            layout: match options.channels_last {
+                true => Layout::Nhwc,
+                false => Layout::Nchw,
+            },
         };
         let network = match options.precision {
             Precision::Fp16 => Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, math)?),

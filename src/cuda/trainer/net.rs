@@ -13,7 +13,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaViewMut};
+use ndarray::ArrayView2;
 
+use super::param_layout::ParamLayout;
 use super::precision::{BatchSource, GradientBuffers, TrainFloat, WideBuffers};
 use super::profile::{mark, StepMarks};
 use crate::config::{AlexNetConfig, StageOp};
@@ -22,16 +24,15 @@ use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::events::{new_event, record};
 use crate::cuda::graph::{GraphState, GraphStatus, StreamWork};
 use crate::cuda::ops::{
-    pack_conv_weights, relu_backward, sgd_step, unpack_conv_weights, unscale_gradients,
-    unscale_gradients_in_place, Conv2dGpu, ConvOptions, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
-    Scale, SgdBuffers, SgdSegment, StepSettings,
+    relu_backward, sgd_step, unscale_gradients, unscale_gradients_in_place, Conv2dGpu, ConvOptions,
+    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, Scale, SgdBuffers, SgdSegment, StepSettings,
 };
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
 use crate::train::SgdConfig;
 use crate::weights::Weights;
 
-/// What one stage runs (NCHW).
+/// What one stage runs (in the network's layout).
 enum Layer<T: TrainFloat> {
     /// Convolution + bias, then ReLU (as the CPU model's convolution stages).
     Conv(Conv2dGpu<T>),
@@ -93,6 +94,9 @@ struct StepBuffers<T: TrainFloat> {
     gradients: Vec<Option<GpuTensor<T>>>,
     labels: CudaSlice<u32>,
     row_loss: CudaSlice<f64>,
+    /// The batch as given (f32 NCHW) where the network's input differs from it in type or
+    /// layout, for a batch not staged on the device already.
+    staging: Option<GpuTensor<f32>>,
     wide: Option<WideBuffers>,
 }
 
@@ -130,6 +134,11 @@ pub(super) struct Net<T: TrainFloat> {
     /// [`Net::weights`] gives back exactly what was given), in network order and the layers'
     /// layout. Empty in fp32, where the layers' own tensors are the masters.
     masters: Vec<CudaSlice<f32>>,
+    /// Every parameter tensor's device order (frozen ones too), in network order: the trainable
+    /// ones are the last `segments.len()`.
+    param_layouts: Vec<ParamLayout>,
+    /// The activations' layout (4-D ones; the linear layers' are rows either way).
+    layout: Layout,
     grads: GradientBuffers<T>,
     velocity: CudaSlice<f32>,
     /// Whether `velocity` holds momentum yet (not before the first applied step or a restore).
@@ -159,6 +168,8 @@ pub(super) struct NetOptions {
     pub fp32_gemm_only: bool,
     pub deterministic: bool,
     pub graphs: bool,
+    /// The activations' layout: NCHW, or NHWC (channels-last) for the tensor cores.
+    pub layout: Layout,
 }
 
 /// What a captured step bakes into its kernels' parameters: the graph is replayed only while
@@ -193,6 +204,15 @@ fn no_gradient(i: usize) -> Error {
     )
 }
 
+/// Channels of the network's input: the batch's own in NCHW, padded to a multiple of 8 in
+/// NHWC, where cuDNN's tensor-core kernels want them (as the inference model does).
+fn input_channels(config: &AlexNetConfig, layout: Layout) -> usize {
+    match layout {
+        Layout::Nchw => config.input.channels,
+        Layout::Nhwc => config.input.channels.div_ceil(8) * 8,
+    }
+}
+
 /// Reads a device buffer back as f32.
 fn read_back<T: TrainFloat>(stream: &Arc<CudaStream>, tensor: &CudaSlice<T>) -> Result<Vec<f32>> {
     let values = stream
@@ -216,9 +236,11 @@ impl<T: TrainFloat> Net<T> {
             fp32_gemm_only,
             deterministic,
             graphs,
+            layout,
         } = options;
         let config = weights.config();
         let plan = config.plan()?;
+        let input_channels = input_channels(config, layout);
         let mut convs = weights.convs().iter();
         let mut fcs = weights.fcs().iter();
         let missing = |name: &str| Error::invalid("weights", format!("no parameters for {name}"));
@@ -231,55 +253,69 @@ impl<T: TrainFloat> Net<T> {
         let mut stages = Vec::with_capacity(plan.stages.len());
         let mut segments = Vec::new();
         let mut masters = Vec::new();
+        let mut param_layouts = Vec::new();
         let mut gradient_len = 0usize;
         let mut layer_index = 0usize;
         let mut dropout_layers = 0usize;
         for spec in &plan.stages {
-            let mut gradient_at = None;
-            if let Some(params) = &spec.params {
-                if layer_index >= frozen_layers {
-                    gradient_at = Some(gradient_len);
-                    for tensor in [&params.weight, &params.bias] {
-                        segments.push(SgdSegment::named(&tensor.name, tensor.len(), optimiser));
-                        gradient_len += tensor.len();
-                    }
-                }
-                layer_index += 1;
-            }
-            let layer = match spec.op {
+            // The layer, and for one with parameters its weight's device layout and the CPU's
+            // weight and bias values.
+            let (layer, parameters) = match spec.op {
                 StageOp::Conv {
                     stride, padding, ..
                 } => {
+                    let first = layer_index == 0;
                     let params = convs.next().ok_or_else(|| missing(&spec.name))?;
                     let options = ConvOptions {
                         allow_tf32,
                         fp32_gemm_only,
                         deterministic,
-                        ..ConvOptions::new(stride, padding, Layout::Nchw)
+                        in_channels: first.then_some(input_channels),
+                        ..ConvOptions::new(stride, padding, layout)
                     };
                     let conv =
                         Conv2dGpu::new(gpu, params.weight.view(), params.bias.view(), options)?;
-                    if T::MIXED {
-                        let packed = pack_conv_weights(
-                            params.weight.view(),
-                            conv.in_channels(),
-                            Layout::Nchw,
-                        )?;
-                        masters.push(upload(&packed)?);
-                        masters.push(upload(&params.bias.to_vec())?);
-                    }
-                    Layer::Conv(conv)
+                    let (out, weight_in, k, _) = params.weight.dim();
+                    let weight_layout = ParamLayout::Filter {
+                        out,
+                        weight_in,
+                        k,
+                        in_channels: conv.in_channels(),
+                        layout,
+                    };
+                    let host = (
+                        params.weight.iter().copied().collect(),
+                        params.bias.to_vec(),
+                    );
+                    (Layer::Conv(conv), Some((weight_layout, host)))
                 }
-                StageOp::Lrn(params) => Layer::Lrn(LrnGpu::new(params)?),
-                StageOp::MaxPool(pool) => Layer::Pool(MaxPoolGpu::new(pool.kernel, pool.stride)?),
+                StageOp::Lrn(params) => (Layer::Lrn(LrnGpu::new(params)?), None),
+                StageOp::MaxPool(pool) => (
+                    Layer::Pool(MaxPoolGpu::new(pool.kernel, pool.stride)?),
+                    None,
+                ),
                 StageOp::Linear { relu, dropout, .. } => {
+                    let first = fcs.len() == weights.fcs().len();
                     let params = fcs.next().ok_or_else(|| missing(&spec.name))?;
-                    let linear =
-                        LinearGpu::new(gpu, params.weight.view(), params.bias.view(), allow_tf32)?;
-                    if T::MIXED {
-                        masters.push(upload(&params.weight.iter().copied().collect::<Vec<_>>())?);
-                        masters.push(upload(&params.bias.to_vec())?);
-                    }
+                    let (out, features) = params.weight.dim();
+                    // NHWC activations flatten in (H, W, C) order: fc1's columns follow.
+                    let weight_layout = match first && layout == Layout::Nhwc {
+                        true => ParamLayout::HwcColumns {
+                            out,
+                            chw: plan.flatten_shape(),
+                        },
+                        false => ParamLayout::Same {
+                            len: out * features,
+                        },
+                    };
+                    let host: (Vec<f32>, Vec<f32>) = (
+                        params.weight.iter().copied().collect(),
+                        params.bias.to_vec(),
+                    );
+                    let weight = weight_layout.to_device(&host.0)?;
+                    let weight = ArrayView2::from_shape((out, features), &weight)
+                        .map_err(|e| Error::invalid("weights", e.to_string()))?;
+                    let linear = LinearGpu::new(gpu, weight, params.bias.view(), allow_tf32)?;
                     let dropout = match dropout {
                         Some(p) => {
                             dropout_layers += 1;
@@ -287,13 +323,42 @@ impl<T: TrainFloat> Net<T> {
                         }
                         None => None,
                     };
-                    Layer::Linear {
+                    let layer = Layer::Linear {
                         linear,
                         relu,
                         dropout,
-                    }
+                    };
+                    (layer, Some((weight_layout, host)))
                 }
             };
+            let mut gradient_at = None;
+            if let (Some((weight_layout, (weight, bias))), Some(specs)) = (parameters, &spec.params)
+            {
+                let tensors = [
+                    (&specs.weight.name, weight_layout, weight),
+                    (
+                        &specs.bias.name,
+                        ParamLayout::Same { len: bias.len() },
+                        bias,
+                    ),
+                ];
+                let trainable = layer_index >= frozen_layers;
+                if trainable {
+                    gradient_at = Some(gradient_len);
+                }
+                for (name, tensor_layout, host) in tensors {
+                    if trainable {
+                        let len = tensor_layout.device_len();
+                        segments.push(SgdSegment::named(name, len, optimiser));
+                        gradient_len += len;
+                    }
+                    if T::MIXED {
+                        masters.push(upload(&tensor_layout.to_device(&host)?)?);
+                    }
+                    param_layouts.push(tensor_layout);
+                }
+                layer_index += 1;
+            }
             stages.push(Stage {
                 name: spec.name.clone(),
                 layer,
@@ -318,6 +383,8 @@ impl<T: TrainFloat> Net<T> {
             stages,
             segments,
             masters,
+            param_layouts,
+            layout,
             grads,
             velocity: stream
                 .alloc_zeros::<f32>(gradient_len)
@@ -347,14 +414,20 @@ impl<T: TrainFloat> Net<T> {
         gpu.bind()?;
         self.buffers = None;
         let input = config.input;
-        let mut shapes = vec![vec![n, input.channels, input.height, input.width]];
+        let channels = input_channels(config, self.layout);
+        let mut shapes = vec![vec![n, channels, input.height, input.width]];
         for stage in &self.stages {
             shapes.push([&[n][..], &stage.output].concat());
         }
+        // Images in the network's layout; the linear layers' rows in their one order.
+        let layout_of = |shape: &[usize]| match shape.len() {
+            4 => self.layout,
+            _ => Layout::Nchw,
+        };
         let tensors = |shapes: &[Vec<usize>]| -> Result<Vec<GpuTensor<T>>> {
             shapes
                 .iter()
-                .map(|shape| GpuTensor::zeros(gpu, shape, Layout::Nchw))
+                .map(|shape| GpuTensor::zeros(gpu, shape, layout_of(shape)))
                 .collect()
         };
         let activations = tensors(&shapes)?;
@@ -367,7 +440,7 @@ impl<T: TrainFloat> Net<T> {
             .map(|(i, shape)| {
                 let written = i > first_trainable.unwrap_or(0);
                 written
-                    .then(|| GpuTensor::zeros(gpu, shape, Layout::Nchw))
+                    .then(|| GpuTensor::zeros(gpu, shape, layout_of(shape)))
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
@@ -375,13 +448,17 @@ impl<T: TrainFloat> Net<T> {
             true => {
                 let logits = &shapes[shapes.len() - 1];
                 Some(WideBuffers {
-                    input: GpuTensor::zeros(gpu, &shapes[0], Layout::Nchw)?,
                     logits: GpuTensor::zeros(gpu, logits, Layout::Nchw)?,
                     logit_grad: GpuTensor::zeros(gpu, logits, Layout::Nchw)?,
                 })
             }
             false => None,
         };
+        // The batch as the caller gives it, where the input differs from it.
+        let batch_shape = [n, input.channels, input.height, input.width];
+        let staging = (T::MIXED || self.layout != Layout::Nchw)
+            .then(|| GpuTensor::zeros(gpu, &batch_shape, Layout::Nchw))
+            .transpose()?;
         let stream = gpu.stream();
         self.buffers = Some(StepBuffers {
             batch: n,
@@ -393,6 +470,7 @@ impl<T: TrainFloat> Net<T> {
             row_loss: stream
                 .alloc_zeros::<f64>(n)
                 .map_err(driver_err("allocate the losses"))?,
+            staging,
             wide,
             graph: GraphState::Fresh,
         });
@@ -443,7 +521,8 @@ impl<T: TrainFloat> Net<T> {
             T::load_batch(
                 gpu,
                 batch,
-                buffers.wide.as_mut(),
+                config.input.channels,
+                buffers.staging.as_mut(),
                 &mut buffers.activations[0],
             )?;
         }
@@ -757,44 +836,54 @@ impl<T: TrainFloat> Net<T> {
     /// masters in mixed precision, the layers' own tensors in fp32.
     pub fn weights(&self, gpu: &Gpu, config: &AlexNetConfig) -> Result<Weights> {
         let stream = gpu.stream();
-        let mut tensors: Vec<Vec<f32>> = Vec::new();
+        let mut device: Vec<Vec<f32>> = Vec::new();
         for stage in &self.stages {
-            let (layer_tensors, conv) = match &stage.layer {
-                Layer::Conv(conv) => (conv.parameters(), Some(conv)),
-                Layer::Linear { linear, .. } => (linear.parameters(), None),
+            let layer_tensors = match &stage.layer {
+                Layer::Conv(conv) => conv.parameters(),
+                Layer::Linear { linear, .. } => linear.parameters(),
                 Layer::Lrn(_) | Layer::Pool(_) => continue,
             };
-            let at = tensors.len();
-            let [mut weight, bias] = match self.masters.get(at..at + 2) {
-                Some([weight, bias]) if T::MIXED => [
-                    read_back::<f32>(stream, weight)?,
-                    read_back::<f32>(stream, bias)?,
-                ],
-                _ => [
-                    read_back(stream, layer_tensors[0])?,
-                    read_back(stream, layer_tensors[1])?,
-                ],
-            };
-            if let Some(conv) = conv {
-                let (out, k) = (conv.out_channels(), conv.kernel());
-                let oihw = unpack_conv_weights(
-                    &weight,
-                    [out, conv.in_channels(), k],
-                    conv.in_channels(),
-                    conv.options().layout,
-                )?;
-                weight = oihw.into_raw_vec_and_offset().0;
+            let at = device.len();
+            match self.masters.get(at..at + 2) {
+                Some([weight, bias]) if T::MIXED => {
+                    device.push(read_back::<f32>(stream, weight)?);
+                    device.push(read_back::<f32>(stream, bias)?);
+                }
+                _ => {
+                    device.push(read_back(stream, layer_tensors[0])?);
+                    device.push(read_back(stream, layer_tensors[1])?);
+                }
             }
-            tensors.push(weight);
-            tensors.push(bias);
         }
+        if device.len() != self.param_layouts.len() {
+            return Err(Error::invalid(
+                "CudaTrainer::weights",
+                format!(
+                    "{} tensors read back for {} parameter layouts",
+                    device.len(),
+                    self.param_layouts.len()
+                ),
+            ));
+        }
+        let tensors = device
+            .iter()
+            .zip(&self.param_layouts)
+            .map(|(values, layout)| layout.to_host(values))
+            .collect::<Result<Vec<_>>>()?;
         Weights::from_fn(config, |index, _, _| {
             tensors.get(index).cloned().unwrap_or_default()
         })
     }
 
-    /// The momentum of every trainable tensor, in network order (empty before the first
-    /// applied step).
+    /// The layouts of the trainable tensors (the last ones: frozen layers come first), one per
+    /// SGD segment.
+    fn trainable_layouts(&self) -> &[ParamLayout] {
+        let first = self.param_layouts.len().saturating_sub(self.segments.len());
+        &self.param_layouts[first..]
+    }
+
+    /// The momentum of every trainable tensor in network order and the CPU's layout (empty
+    /// before the first applied step).
     pub fn velocity(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
         if !self.has_velocity {
             return Ok(Vec::new());
@@ -804,24 +893,29 @@ impl<T: TrainFloat> Net<T> {
             .clone_dtoh(&self.velocity)
             .map_err(driver_err("read back the momentum"))?;
         let mut at = 0;
-        Ok(self
-            .segments
+        self.trainable_layouts()
             .iter()
-            .map(|s| {
-                at += s.len;
-                flat[at - s.len..at].to_vec()
+            .map(|layout| {
+                let len = layout.device_len();
+                let values = flat.get(at..at + len).ok_or_else(|| {
+                    Error::invalid("CudaTrainer::velocity", "momentum beyond the flat buffer")
+                })?;
+                at += len;
+                layout.to_host(values)
             })
-            .collect())
+            .collect()
     }
 
-    /// Restores the momentum: one vector per trainable tensor in network order, or none.
+    /// Restores the momentum: one vector per trainable tensor in network order and the CPU's
+    /// layout, or none.
     pub fn set_velocity(&mut self, gpu: &Gpu, velocity: Vec<Vec<f32>>) -> Result<()> {
         if velocity.is_empty() {
             self.has_velocity = false;
             return Ok(());
         }
+        let layouts = self.trainable_layouts();
         let lens: Vec<usize> = velocity.iter().map(Vec::len).collect();
-        let want: Vec<usize> = self.segments.iter().map(|s| s.len).collect();
+        let want: Vec<usize> = layouts.iter().map(|l| l.host_len()).collect();
         if lens != want {
             return Err(Error::Shape {
                 op: "CudaTrainer::set_velocity",
@@ -829,8 +923,12 @@ impl<T: TrainFloat> Net<T> {
                 found: lens,
             });
         }
+        let mut flat = Vec::with_capacity(self.velocity.len());
+        for (values, layout) in velocity.iter().zip(layouts) {
+            flat.extend(layout.to_device(values)?);
+        }
         gpu.stream()
-            .memcpy_htod(&velocity.concat(), &mut self.velocity)
+            .memcpy_htod(&flat, &mut self.velocity)
             .map_err(driver_err("upload the momentum"))?;
         self.has_velocity = true;
         Ok(())

@@ -13,14 +13,14 @@ use ndarray::ArrayView4;
 use super::prefetch::StagedBatch;
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
-use crate::cuda::ops::{convert_f16_to_f32, convert_f32_to_f16, softmax_cross_entropy, Scale};
+use crate::cuda::ops::{
+    convert_f16_to_f32, convert_f32_to_f16, relayout_f32_input, softmax_cross_entropy, Scale,
+};
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
 
 /// f32 buffers a mixed-precision step needs beside its f16 ones, for one batch size.
 pub(super) struct WideBuffers {
-    /// The batch as given, before its conversion to f16.
-    pub input: GpuTensor<f32>,
     /// The logits widened for the loss (computed in f32 and f64, as the CPU does).
     pub logits: GpuTensor<f32>,
     /// The loss's gradient before it is scaled into f16.
@@ -84,12 +84,14 @@ pub(super) trait TrainFloat: GpuFloat {
     /// Whether training in this type keeps f32 master weights and scales the loss.
     const MIXED: bool;
 
-    /// The batch into the network's input tensor (through `wide.input` where the type
-    /// differs).
+    /// The f32 NCHW batch of `channels` channels into the network's input tensor: straight in
+    /// where that is f32 NCHW too, else rounded and reordered on the device, from the staged
+    /// copy or through `staging` (f32 NCHW like the batch).
     fn load_batch(
         gpu: &Gpu,
         batch: BatchSource<'_>,
-        wide: Option<&mut WideBuffers>,
+        channels: usize,
+        staging: Option<&mut GpuTensor<f32>>,
         input: &mut GpuTensor<Self>,
     ) -> Result<()>;
 
@@ -124,8 +126,35 @@ pub(super) trait TrainFloat: GpuFloat {
     ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f16>>);
 }
 
+/// The batch (f32 NCHW, `channels` channels) into an input of another layout or more
+/// channels (channels-last, conv1's input padded to 8): reordered, padded and rounded by
+/// `relayout_f32_input` on the device, from the staged copy or after an upload into `staging`.
+fn relayout_batch<T: GpuFloat>(
+    gpu: &Gpu,
+    batch: BatchSource<'_>,
+    channels: usize,
+    staging: Option<&mut GpuTensor<f32>>,
+    input: &mut GpuTensor<T>,
+) -> Result<()> {
+    if let BatchSource::Staged(staged) = batch {
+        return staged.read(gpu, |data| {
+            relayout_f32_input(gpu, &data.slice(..), channels, input)
+        });
+    }
+    let staging = staging.ok_or_else(missing_staging)?;
+    batch.upload_into(gpu, staging)?;
+    relayout_f32_input(gpu, &staging.data().slice(..), channels, input)
+}
+
 fn missing_buffers() -> Error {
     Error::invalid("CudaTrainer", "no f32 buffers for a mixed-precision step")
+}
+
+fn missing_staging() -> Error {
+    Error::invalid(
+        "CudaTrainer",
+        "no f32 staging for a batch the input differs from",
+    )
 }
 
 fn out_of_range() -> Error {
@@ -138,10 +167,14 @@ impl TrainFloat for f32 {
     fn load_batch(
         gpu: &Gpu,
         batch: BatchSource<'_>,
-        _wide: Option<&mut WideBuffers>,
+        channels: usize,
+        staging: Option<&mut GpuTensor<f32>>,
         input: &mut GpuTensor<f32>,
     ) -> Result<()> {
-        batch.upload_into(gpu, input)
+        match input.layout() {
+            Layout::Nchw => batch.upload_into(gpu, input),
+            Layout::Nhwc => relayout_batch(gpu, batch, channels, staging, input),
+        }
     }
 
     fn loss_gradient(
@@ -185,9 +218,13 @@ impl TrainFloat for f16 {
     fn load_batch(
         gpu: &Gpu,
         batch: BatchSource<'_>,
-        wide: Option<&mut WideBuffers>,
+        channels: usize,
+        staging: Option<&mut GpuTensor<f32>>,
         input: &mut GpuTensor<f16>,
     ) -> Result<()> {
+        if input.layout() == Layout::Nhwc {
+            return relayout_batch(gpu, batch, channels, staging, input);
+        }
         // Rounded on the device, not by `GpuTensor::<f16>::upload` on the host: a batch of 128
         // is 19 M values, tens of milliseconds of host time per step.
         if let BatchSource::Staged(staged) = batch {
@@ -201,11 +238,11 @@ impl TrainFloat for f16 {
                 )
             });
         }
-        let wide = wide.ok_or_else(missing_buffers)?;
-        batch.upload_into(gpu, &mut wide.input)?;
+        let staging = staging.ok_or_else(missing_staging)?;
+        batch.upload_into(gpu, staging)?;
         convert_f32_to_f16(
             gpu,
-            &wide.input.data().slice(..),
+            &staging.data().slice(..),
             &mut input.data_mut().slice_mut(..),
             1.0,
         )
