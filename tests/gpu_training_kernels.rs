@@ -408,7 +408,8 @@ fn conv_and_linear_backward_match_the_cpu_at_alexnet_shapes() {
     // conv1 (no input gradient: its input is the data) and a conv2-like layer, batch 2, true
     // fp32 NCHW kept to the GEMM family (the 1e-5 of the largest gradient), true fp32
     // free to take FFT and Winograd (the default: 1e-2, their transforms round more), then
-    // fp16 NHWC with conv1's input padded to 8 channels (mixed precision's 1e-2).
+    // fp16 NHWC with conv1's input padded to 8 channels (mixed precision's 1e-2), then true
+    // fp32 NHWC kept to the GEMM family (1e-5).
     let conv1 = ([2, 3, 227, 227], 96, [11, 4, 0], InputGradient::Skip);
     let conv2 = ([2, 96, 27, 27], 64, [5, 1, 2], InputGradient::Compute);
     for (i, (name, (input, out, geometry, grad))) in
@@ -428,6 +429,13 @@ fn conv_and_linear_backward_match_the_cpu_at_alexnet_shapes() {
             ..ConvOptions::new(stride, padding, Layout::Nhwc)
         };
         conv_backward_case::<f16>(&gpu, name, input, out, geometry, fp16, grad, 1e-2, s);
+        // True fp32 in NHWC (channels-last training), GEMM family only: the trainer's first
+        // fp32 NHWC convolutions, here where a failure names the op.
+        let fp32_nhwc = ConvOptions {
+            fp32_gemm_only: true,
+            ..fp16
+        };
+        conv_backward_case::<f32>(&gpu, name, input, out, geometry, fp32_nhwc, grad, 1e-5, s);
     }
 
     // fc1-like and fc3 at batch 128: weight, bias and input gradients.

@@ -273,6 +273,14 @@ impl CudaTrainer {
         })
     }
 
+    /// The activations' layout: NHWC with [`CudaTrainOptions::channels_last`], else NCHW.
+    pub fn layout(&self) -> Layout {
+        match &self.network {
+            Network::Wide(net) => net.layout(),
+            Network::Mixed(net) => net.layout(),
+        }
+    }
+
     /// The GPU it trains on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu

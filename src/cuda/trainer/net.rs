@@ -222,8 +222,8 @@ fn read_back<T: TrainFloat>(stream: &Arc<CudaStream>, tensor: &CudaSlice<T>) -> 
 }
 
 impl<T: TrainFloat> Net<T> {
-    /// The network of `weights` on `gpu` in NCHW, the first `frozen_layers` layers with
-    /// parameters frozen, computing as `options` say.
+    /// The network of `weights` on `gpu` in `options.layout`, the first `frozen_layers` layers
+    /// with parameters frozen, computing as `options` say.
     pub fn new(
         gpu: &Gpu,
         weights: &Weights,
@@ -586,6 +586,11 @@ impl<T: TrainFloat> Net<T> {
             }
         }
         lines
+    }
+
+    /// The activations' layout (the 4-D ones).
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Where the current batch size's graph stands.
