@@ -331,6 +331,13 @@ impl<T: TrainFloat> Net<T> {
                     (layer, Some((weight_layout, host)))
                 }
             };
+            if parameters.is_some() != spec.params.is_some() {
+                // The plan and the layers disagree: the tensors' order would shift.
+                return Err(Error::invalid(
+                    "CudaTrainer",
+                    format!("{}: parameters and the plan disagree", spec.name),
+                ));
+            }
             let mut gradient_at = None;
             if let (Some((weight_layout, (weight, bias))), Some(specs)) = (parameters, &spec.params)
             {
