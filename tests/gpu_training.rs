@@ -1132,24 +1132,21 @@ fn channels_last_steps_follow_the_cpu_trainer() {
         let tol = tolerance(precision);
         let (config, weights) = (&config, &weights);
         let (paper, paper_weights) = (&paper, &paper_weights);
-        cases.push((
-            format!("{precision} small, every layer trained"),
-            Box::new(move || {
-                steps_match_with(channels_last(precision, 0), tol, config, weights, 4, 3)
-            }),
-        ));
-        cases.push((
-            format!("{precision} small, two layers frozen"),
-            Box::new(move || {
-                steps_match_with(channels_last(precision, 2), tol, config, weights, 4, 2)
-            }),
-        ));
-        cases.push((
-            format!("{precision} paper"),
-            Box::new(move || {
-                steps_match_with(channels_last(precision, 0), tol, paper, paper_weights, 8, 1)
-            }),
-        ));
+        // (case, frozen layers, network, batch, steps)
+        let runs = [
+            ("small, every layer trained", 0, config, weights, 4, 3),
+            ("small, two layers frozen", 2, config, weights, 4, 2),
+            ("paper", 0, paper, paper_weights, 8, 1),
+        ];
+        for (name, frozen, config, weights, n, steps) in runs {
+            cases.push((
+                format!("{precision} {name}"),
+                Box::new(move || {
+                    let options = channels_last(precision, frozen);
+                    steps_match_with(options, tol, config, weights, n, steps)
+                }),
+            ));
+        }
         cases.push((
             format!("{precision} momentum restored"),
             Box::new(move || {
