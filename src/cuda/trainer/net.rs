@@ -878,7 +878,7 @@ impl<T: TrainFloat> Net<T> {
             ));
         }
         let tensors = device
-            .iter()
+            .into_iter()
             .zip(&self.param_layouts)
             .map(|(values, layout)| layout.to_host(values))
             .collect::<Result<Vec<_>>>()?;
@@ -913,7 +913,7 @@ impl<T: TrainFloat> Net<T> {
                     Error::invalid("CudaTrainer::velocity", "momentum beyond the flat buffer")
                 })?;
                 at += len;
-                layout.to_host(values)
+                layout.to_host(values.to_vec())
             })
             .collect()
     }
