@@ -245,6 +245,35 @@ typedef struct AlexnetBiasGradParams {
     unsigned int channels;
 } AlexnetBiasGradParams;
 
+/* bias_grad_columns: channels per block (one per lane of a warp) and the most threads a block
+ * may have (a multiple of ALEXNET_BIAS_COLUMNS_TILE: one warp per row in flight). */
+#define ALEXNET_BIAS_COLUMNS_TILE 32
+#define ALEXNET_BIAS_COLUMNS_BLOCK 256
+/* The f64 partial sums each GPU keeps for bias_grad_columns (256 KiB): splits * channels fit. */
+#define ALEXNET_BIAS_PARTIALS 32768
+
+/*
+ * bias_grad_columns_{f32,f16}(const T *grad, double *partials, AlexnetBiasColumnsParams p)
+ * bias_grad_finish_f32(const double *partials, float *bias_grad, AlexnetBiasColumnsParams p)
+ * The bias gradient of a gradient whose channel axis is innermost (NHWC, a linear layer's
+ * [rows, cols]): grad[r * channels + c] for r < rows. bias_grad's one block per channel reads
+ * such a gradient a channel at a time, strided by the row; here a warp reads a row's 32
+ * consecutive channels (coalesced) and the rows are split so that many blocks share a channel.
+ * The first kernel writes partials[s * channels + c] = the f64 sum of rows
+ * [s * rows_per_split, min(rows, (s + 1) * rows_per_split)) of channel c, for s < splits (work
+ * item = (split, tile of 32 channels), grid-stride: any grid is correct); the second sums each
+ * channel's partials in split order and writes (not adds) the f32 result. Everything runs in
+ * a fixed order for a given launch shape: the result is the same from run to run. splits *
+ * channels <= ALEXNET_BIAS_PARTIALS; blockDim.x a multiple of ALEXNET_BIAS_COLUMNS_TILE up to
+ * ALEXNET_BIAS_COLUMNS_BLOCK.
+ */
+typedef struct AlexnetBiasColumnsParams {
+    unsigned long long rows;
+    unsigned long long rows_per_split;
+    unsigned int channels;
+    unsigned int splits;
+} AlexnetBiasColumnsParams;
+
 /*
  * softmax_xent_f32(const float *logits, const unsigned int *labels, float *grad,
  *                  double *row_loss, AlexnetSoftmaxXentParams p)

@@ -1,8 +1,9 @@
 /*
  * bias_act.cu — bias + optional ReLU in place (one thread per element, grid-stride loop: any grid
  * size is correct), and for training the ReLU's backward and the bias gradient (one block per
- * channel). CPU twins: `cpu::bias_act`, `cpu::relu_backward` (src/cpu/bias_act.rs) and the layers'
- * backward bias sums; launcher: src/cuda/ops/bias_act.rs.
+ * channel, or where the channel axis is innermost, rows split across blocks). CPU twins:
+ * `cpu::bias_act`, `cpu::relu_backward` (src/cpu/bias_act.rs) and the layers' backward bias
+ * sums; launcher: src/cuda/ops/bias_act.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
@@ -143,4 +144,92 @@ bias_grad_f16(const unsigned short *grad, float *bias_grad, AlexnetBiasGradParam
 {
     __shared__ double scratch[ALEXNET_BIAS_GRAD_BLOCK];
     bias_grad_sum<unsigned short>(grad, bias_grad, p, scratch);
+}
+
+/* ---- Bias gradient, channel axis innermost (NHWC, linear rows) ---------------------------- */
+
+/* One work item (a split of the rows, a tile of ALEXNET_BIAS_COLUMNS_TILE channels) per block
+ * at a time: lane l of every warp sums channel tile * TILE + l over the rows the warp visits
+ * (warp w: rows start + w, start + w + warps, ...), ALEXNET_BIAS_GRAD_PER_THREAD loads in
+ * flight, in f64; then warp 0 adds the warps' sums in warp order. `scratch` holds blockDim.x
+ * doubles of shared memory. */
+template <typename T>
+static __device__ __forceinline__ void bias_grad_columns(const T *__restrict__ grad,
+                                                         double *__restrict__ partials,
+                                                         const AlexnetBiasColumnsParams &p,
+                                                         double *scratch)
+{
+    typedef unsigned long long U;
+    enum { LOADS = ALEXNET_BIAS_GRAD_PER_THREAD, TILE = ALEXNET_BIAS_COLUMNS_TILE };
+    const unsigned int lane = threadIdx.x % TILE, warp = threadIdx.x / TILE;
+    const unsigned int warps = blockDim.x / TILE;
+    const U channels = p.channels;
+    const U tiles = (channels + TILE - 1) / TILE;
+    const U items = tiles * p.splits;
+    for (U item = blockIdx.x; item < items; item += gridDim.x) {
+        const U split = item / tiles;
+        const U c = (item % tiles) * TILE + lane;
+        const U start = split * p.rows_per_split;
+        /* Written without start + rows_per_split overflowing; a split past the rows is empty. */
+        const U end = start >= p.rows                     ? start
+                      : p.rows - start < p.rows_per_split ? p.rows
+                                                          : start + p.rows_per_split;
+        double sums[4] = {0.0, 0.0, 0.0, 0.0};
+        if (c < channels && warp < warps) {
+            U r = start + warp;
+            while (r < end) {
+                float v[LOADS];
+#pragma unroll
+                for (int k = 0; k < LOADS; ++k) {
+                    v[k] = 0.0f;
+                    if (r < end) {
+                        v[k] = alexnet_load(grad[r * channels + c]);
+                        r += warps;
+                    }
+                }
+#pragma unroll
+                for (int k = 0; k < LOADS; ++k)
+                    sums[k % 4] += (double)v[k];
+            }
+        }
+        scratch[threadIdx.x] = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+        __syncthreads();
+        if (warp == 0 && c < channels) {
+            double sum = 0.0;
+            for (unsigned int w = 0; w < warps; ++w)
+                sum += scratch[w * TILE + lane];
+            partials[split * channels + c] = sum;
+        }
+        /* The next item's sums overwrite `scratch` only after warp 0 has read it. */
+        __syncthreads();
+    }
+}
+
+/* The partial sums of f32 gradients. */
+extern "C" __global__ void __launch_bounds__(ALEXNET_BIAS_COLUMNS_BLOCK)
+bias_grad_columns_f32(const float *grad, double *partials, AlexnetBiasColumnsParams p)
+{
+    __shared__ double scratch[ALEXNET_BIAS_COLUMNS_BLOCK];
+    bias_grad_columns<float>(grad, partials, p, scratch);
+}
+
+/* The partial sums of f16 gradients (mixed precision). */
+extern "C" __global__ void __launch_bounds__(ALEXNET_BIAS_COLUMNS_BLOCK)
+bias_grad_columns_f16(const unsigned short *grad, double *partials, AlexnetBiasColumnsParams p)
+{
+    __shared__ double scratch[ALEXNET_BIAS_COLUMNS_BLOCK];
+    bias_grad_columns<unsigned short>(grad, partials, p, scratch);
+}
+
+/* Each channel's partial sums, added in split order, written as the f32 bias gradient. */
+extern "C" __global__ void bias_grad_finish_f32(const double *partials, float *bias_grad,
+                                                AlexnetBiasColumnsParams p)
+{
+    ALEXNET_GRID_STRIDE(unsigned long long, c, p.channels)
+    {
+        double sum = 0.0;
+        for (unsigned long long s = 0; s < p.splits; ++s)
+            sum += partials[s * p.channels + c];
+        bias_grad[c] = (float)sum;
+    }
 }

@@ -27,9 +27,11 @@ extern "C" __global__ void sgd_f32(const float *grads, float *velocity, const un
         return;
     const float learning_rate = settings != 0 ? settings->learning_rate : p.learning_rate;
     const bool first_step = settings != 0 ? settings->first_step != 0 : p.first_step != 0;
+    /* A thread's indices only grow, so its segment is searched from the last one it was in:
+     * one comparison per element, not one per segment before it. */
+    unsigned int segment = 0;
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
-        unsigned int segment = 0;
         while (segment + 1 < p.segments && i >= p.ends[segment])
             ++segment;
         const unsigned long long start = segment == 0 ? 0 : p.ends[segment - 1];

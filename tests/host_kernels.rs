@@ -27,13 +27,14 @@ use alexnet_cuda::cpu::{
     InputGradient, Linear, Lrn, MaxPool2d,
 };
 use alexnet_cuda::cuda::abi::{
-    AlexnetStepSettings, ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK,
+    AlexnetStepSettings, ALEXNET_BIAS_COLUMNS_BLOCK, ALEXNET_BIAS_COLUMNS_TILE,
+    ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_BIAS_PARTIALS, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK,
     ALEXNET_TOPK_MAX,
 };
 use alexnet_cuda::cuda::kernel_args::{
-    bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
-    relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args, step_settings_args,
-    KernelElem,
+    bias_act_args, bias_grad_args, bias_grad_columns_args, convert_args, grad_unscale_args,
+    relayout_args, relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args,
+    step_settings_args, KernelElem,
 };
 use alexnet_cuda::cuda::registry::{kernel as registry_kernel, Param, Pointee, KERNELS};
 use alexnet_cuda::cuda::{
@@ -78,6 +79,9 @@ const COVERED: &[&str] = &[
     "sgd_f32",
     "bias_grad_f32",
     "bias_grad_f16",
+    "bias_grad_columns_f32",
+    "bias_grad_columns_f16",
+    "bias_grad_finish_f32",
     "grad_unscale_f32",
     "grad_unscale_f16",
 ];
@@ -1648,6 +1652,86 @@ fn bias_grad_within<T: Elem>(
         );
         assert!(err <= tolerance, "{what}: off by {err:e}");
     }
+    let columns = bias_grad_columns_within(&stored, grad.shape(), layout, want, tolerance);
+    // The launcher takes the split path exactly where the channel axis is innermost.
+    let innermost = layout == Layout::Nhwc || grad.ndim() == 2;
+    assert_eq!(columns, innermost, "{name} {:?} {layout:?}", grad.shape());
+}
+
+/// `bias_grad_columns` then `bias_grad_finish` on `stored` (a gradient of logical `shape` in
+/// `layout`'s memory order) against `want` within `tolerance`, with the launcher's grids and
+/// small ones (the sums in 64-thread blocks: two warps). The partial sums get exactly the room
+/// the launcher's parameters call for, guarded, so a write past the last split shows. Whether
+/// the launcher sums this gradient by columns at all (false: nothing ran).
+fn bias_grad_columns_within<T: Elem>(
+    stored: &[T],
+    shape: &[usize],
+    layout: Layout,
+    want: &ArrayD<f32>,
+    tolerance: f64,
+) -> bool {
+    let name = format!("bias_grad_columns_{}", T::SUFFIX);
+    let Some((mut p, sums, finish)) = bias_grad_columns_args(shape, layout).unwrap() else {
+        return false;
+    };
+    let (rows, split, splits) = (
+        p.rows as usize,
+        p.rows_per_split as usize,
+        p.splits as usize,
+    );
+    let channels = p.channels as usize;
+    assert_eq!(rows * channels, stored.len(), "{name} {shape:?}");
+    // Every row in exactly one split, none empty, and the partial sums within the GPU's room.
+    assert!(
+        splits * split >= rows && (splits - 1) * split < rows.max(1),
+        "{name} {shape:?}: {splits} splits of {split} rows for {rows}"
+    );
+    assert!(splits * channels <= ALEXNET_BIAS_PARTIALS as usize);
+    assert_eq!(sums.block_dim.0, ALEXNET_BIAS_COLUMNS_BLOCK);
+    assert_eq!(
+        sums.grid_dim.0 as usize,
+        splits * channels.div_ceil(ALEXNET_BIAS_COLUMNS_TILE as usize),
+        "{name} {shape:?}: one block per split and tile of channels"
+    );
+    // The launcher's grid, a small one of its blocks (the result must not change, bit for
+    // bit: the grid only shares the work items out), and small blocks (two warps).
+    let mut bits: Option<Vec<u32>> = None;
+    let few_blocks = LaunchConfig {
+        grid_dim: (3, 1, 1),
+        ..sums
+    };
+    for (sums_grid, finish_grid) in [
+        (sums, finish),
+        (few_blocks, small_grid(32)),
+        (small_grid(64), small_grid(32)),
+    ] {
+        let mut g = stored.to_vec();
+        let mut partials = vec![f64::from_bits(u64::MAX); splits * channels];
+        launch(
+            &name,
+            sums_grid,
+            vec![buf(&mut g), buf(&mut partials), params(&mut p)],
+        );
+        let mut out = vec![f32::POISON; channels];
+        launch(
+            "bias_grad_finish_f32",
+            finish_grid,
+            vec![buf(&mut partials), buf(&mut out), params(&mut p)],
+        );
+        let what = format!(
+            "{name} {shape:?} {layout:?} {splits} splits, {} blocks of {}",
+            sums_grid.grid_dim.0, sums_grid.block_dim.0
+        );
+        if sums_grid.block_dim == sums.block_dim {
+            let out_bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+            let first = bits.get_or_insert_with(|| out_bits.clone());
+            assert_eq!(*first, out_bits, "{what}: not the launcher grid's bits");
+        }
+        let got = ArrayD::from_shape_vec(IxDyn(&[channels]), out).unwrap();
+        let err = rel_err(&got, want);
+        assert!(err <= tolerance, "{what}: off by {err:e}");
+    }
+    true
 }
 
 #[test]
@@ -1685,11 +1769,15 @@ fn bias_gradients_match_the_cpu_layers() {
             .mapv(|v| v as f32)
             .into_dyn()
     };
+    // In NHWC the columns path splits their rows: 32, 11, 3, 138 and 4 splits, the first's and
+    // the fourth's last one short; the fifth's 70 channels take three tiles of 32, the last one
+    // partly filled.
     for (shape, stream) in [
         ([4, 3, 30, 17], 268),
         ([9, 2, 7, 11], 269),
         ([3, 2, 8, 8], 270),
         ([5, 2, 41, 43], 271),
+        ([2, 70, 9, 13], 272),
     ] {
         let grad = random(shape, stream, 1.0).mapv(|v| v.abs() + 0.25);
         let grad16 = grad.mapv(|v| f16::from_f32(v).to_f32());
@@ -1714,6 +1802,30 @@ fn bias_gradients_match_the_cpu_layers() {
         .into_dyn();
     bias_grad_case::<f32>(&grad_rows.clone().into_dyn(), Layout::Nchw, &want);
     bias_grad_case::<f16>(&grad_rows.into_dyn(), Layout::Nchw, &want);
+    // Longer linear gradients, split into 5 and 9 row ranges over two and four tiles, and an
+    // empty one (no rows: one empty split, every channel's gradient 0).
+    for (shape, stream) in [([300, 37], 273), ([520, 100], 274), ([0, 10], 275)] {
+        let grad = random(shape, stream, 1.0).mapv(|v| v.abs() + 0.25);
+        let grad16 = grad.mapv(|v| f16::from_f32(v).to_f32());
+        let plain_sum = |g: &Array2<f32>| {
+            g.mapv(f64::from)
+                .sum_axis(ndarray::Axis(0))
+                .mapv(|v| v as f32)
+                .into_dyn()
+        };
+        bias_grad_within::<f32>(
+            &grad.clone().into_dyn(),
+            Layout::Nchw,
+            &plain_sum(&grad),
+            1e-6,
+        );
+        bias_grad_within::<f16>(
+            &grad16.clone().into_dyn(),
+            Layout::Nchw,
+            &plain_sum(&grad16),
+            1e-6,
+        );
+    }
 }
 
 fn softmax_xent_case(logits: &Array2<f32>, labels: &[usize], block: u32) {

@@ -12,6 +12,9 @@ pub const ALEXNET_LRN_BACKWARD_RING: u32 = 16;
 pub const ALEXNET_LRN_BACKWARD_CHUNK: u32 = 32;
 pub const ALEXNET_BIAS_GRAD_BLOCK: u32 = 1024;
 pub const ALEXNET_BIAS_GRAD_PER_THREAD: u32 = 8;
+pub const ALEXNET_BIAS_COLUMNS_TILE: u32 = 32;
+pub const ALEXNET_BIAS_COLUMNS_BLOCK: u32 = 256;
+pub const ALEXNET_BIAS_PARTIALS: u32 = 32768;
 pub const ALEXNET_SGD_PYTORCH: u32 = 0;
 pub const ALEXNET_SGD_PAPER: u32 = 1;
 pub const ALEXNET_SGD_SEGMENTS: u32 = 32;
@@ -292,6 +295,29 @@ const _: () = {
         [::core::mem::offset_of!(AlexnetBiasGradParams, inner) - 8usize];
     ["Offset of field: AlexnetBiasGradParams::channels"]
         [::core::mem::offset_of!(AlexnetBiasGradParams, channels) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AlexnetBiasColumnsParams {
+    pub rows: ::core::ffi::c_ulonglong,
+    pub rows_per_split: ::core::ffi::c_ulonglong,
+    pub channels: ::core::ffi::c_uint,
+    pub splits: ::core::ffi::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AlexnetBiasColumnsParams"]
+        [::core::mem::size_of::<AlexnetBiasColumnsParams>() - 24usize];
+    ["Alignment of AlexnetBiasColumnsParams"]
+        [::core::mem::align_of::<AlexnetBiasColumnsParams>() - 8usize];
+    ["Offset of field: AlexnetBiasColumnsParams::rows"]
+        [::core::mem::offset_of!(AlexnetBiasColumnsParams, rows) - 0usize];
+    ["Offset of field: AlexnetBiasColumnsParams::rows_per_split"]
+        [::core::mem::offset_of!(AlexnetBiasColumnsParams, rows_per_split) - 8usize];
+    ["Offset of field: AlexnetBiasColumnsParams::channels"]
+        [::core::mem::offset_of!(AlexnetBiasColumnsParams, channels) - 16usize];
+    ["Offset of field: AlexnetBiasColumnsParams::splits"]
+        [::core::mem::offset_of!(AlexnetBiasColumnsParams, splits) - 20usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
+use super::abi::ALEXNET_BIAS_PARTIALS;
 use super::blas::{blas_workspace_bytes, BlasHandle};
 use super::cudnn::CudnnHandle;
 use super::dtype::GpuDtype;
@@ -48,6 +49,10 @@ pub struct Gpu {
     cudnn: Mutex<CudnnHandle>,
     /// Shared by every convolution on this GPU.
     conv_workspace: Mutex<ConvWorkspace>,
+    /// The bias gradients' partial sums (`ops::bias_grad`), `ALEXNET_BIAS_PARTIALS` values
+    /// allocated once here, so a captured training step's address for them never moves. Locked
+    /// across the two launches that write and read them.
+    bias_partials: Mutex<CudaSlice<f64>>,
     blas: Mutex<BlasHandle>,
     /// cuBLAS's workspace (see `blas_workspace_bytes`); freed after the handle.
     _blas_workspace: CudaSlice<u8>,
@@ -140,7 +145,8 @@ impl Gpu {
         //   upload event, and written again only after `finish` waited for the slot's download
         //   (or, after a failed submit, both streams were synchronised); and the trainer's
         //   staging buffer for the next batch (`Prefetch`), written after its allocation was
-        //   synchronised and the copy stream waited on `consumed`, read after `uploaded`;
+        //   synchronised and the copy stream waited on `consumed`, read after `uploaded`
+        //   (the bias gradients' partial sums are compute-stream only too);
         // - page-locked host memory is read or rewritten only after a host wait on the event
         //   recorded after its copy (`finish_logits`, `top_k_u8`, `TopK::to_host`,
         //   `Pipeline::finish` and `input_buffer`, `run_u8`), since cudarc no longer records its
@@ -165,6 +171,9 @@ impl Gpu {
             .map_err(driver_err("allocating the cuBLAS workspace"))?;
         let blas = BlasHandle::new(&stream)?;
         blas.set_workspace(&mut blas_workspace, &stream)?;
+        let bias_partials = stream
+            .alloc_zeros::<f64>(ALEXNET_BIAS_PARTIALS as usize)
+            .map_err(driver_err("allocating the bias gradients' partial sums"))?;
         let cudnn = CudnnHandle::new(&stream)?;
 
         let (modules, kernel_origin) = load_modules(&ctx, compute_capability)?;
@@ -172,6 +181,7 @@ impl Gpu {
         let gpu = Gpu {
             cudnn: Mutex::new(cudnn),
             conv_workspace: Mutex::new(ConvWorkspace::new(DEFAULT_CONV_WORKSPACE_LIMIT)),
+            bias_partials: Mutex::new(bias_partials),
             blas: Mutex::new(blas),
             _blas_workspace: blas_workspace,
             kernels,
@@ -276,6 +286,16 @@ impl Gpu {
         self.conv_workspace
             .lock()
             .map_err(|_| Error::cuda("cuDNN workspace", "poisoned by a panic on another thread"))
+    }
+
+    /// The bias gradients' partial sums, held while a bias gradient is summed through them.
+    pub(crate) fn bias_partials(&self) -> Result<MutexGuard<'_, CudaSlice<f64>>> {
+        self.bias_partials.lock().map_err(|_| {
+            Error::cuda(
+                "bias gradient partial sums",
+                "poisoned by a panic on another thread",
+            )
+        })
     }
 
     /// The cap on the convolution workspace shared by every layer (default

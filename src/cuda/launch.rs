@@ -50,6 +50,8 @@ unsafe impl DeviceRepr for AlexnetSgdParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetBiasGradParams {}
 // SAFETY: as above.
+unsafe impl DeviceRepr for AlexnetBiasColumnsParams {}
+// SAFETY: as above.
 unsafe impl DeviceRepr for AlexnetGradUnscaleParams {}
 // SAFETY: as above (three floats and an integer). Also kept in device memory
 // (`ops::StepSettings`), where the kernels read it through a pointer with this layout.
@@ -83,6 +85,7 @@ abi_structs!(
     AlexnetSoftmaxXentParams,
     AlexnetSgdParams,
     AlexnetBiasGradParams,
+    AlexnetBiasColumnsParams,
     AlexnetGradUnscaleParams,
 );
 

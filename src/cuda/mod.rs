@@ -117,8 +117,9 @@ pub mod kernel_args {
     /// arguments against the registry as a launcher's are.
     pub use super::launch::KernelElem;
     pub use super::ops::{
-        bias_act_args, bias_grad_args, convert_args, grad_unscale_args, relayout_args,
-        relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args, step_settings_args,
+        bias_act_args, bias_grad_args, bias_grad_columns_args, convert_args, grad_unscale_args,
+        relayout_args, relu_backward_args, sgd_args, softmax_top_k_args, softmax_xent_args,
+        step_settings_args,
     };
 }
 

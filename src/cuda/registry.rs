@@ -159,6 +159,13 @@ kernel_registry! {
         /// A bias's gradient, summed per channel into f32 (`ops::bias_act`, training).
         BiasGrad = "bias_grad" for [f32, f16]
             [Ptr(Storage), Ptr(F32), by_value!(AlexnetBiasGradParams)];
+        /// A bias's gradient where the channel axis is innermost, first as per-split f64
+        /// partial sums (`ops::bias_act`, training)...
+        BiasGradColumns = "bias_grad_columns" for [f32, f16]
+            [Ptr(Storage), Ptr(F64), by_value!(AlexnetBiasColumnsParams)];
+        /// ...then each channel's partials added into f32.
+        BiasGradFinish = "bias_grad_finish" for [f32]
+            [Ptr(F64), Ptr(Storage), by_value!(AlexnetBiasColumnsParams)];
     }
     "dropout" => {
         /// Training-mode dropout in place with the CPU's mask (`ops::dropout`).

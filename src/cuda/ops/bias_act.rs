@@ -5,11 +5,12 @@ use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig};
 
 use super::shape_err;
 use crate::cuda::abi::{
-    AlexnetBiasActParams, AlexnetBiasGradParams, AlexnetReluBackwardParams,
-    ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_BIAS_GRAD_PER_THREAD,
+    AlexnetBiasActParams, AlexnetBiasColumnsParams, AlexnetBiasGradParams,
+    AlexnetReluBackwardParams, ALEXNET_BIAS_COLUMNS_BLOCK, ALEXNET_BIAS_COLUMNS_TILE,
+    ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_BIAS_GRAD_PER_THREAD, ALEXNET_BIAS_PARTIALS,
 };
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::GpuFloat;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::{element_count, grid_1d, grid_rows, to_u32, Launch};
 use crate::cuda::registry::Kernel;
 use crate::cuda::tensor::{GpuTensor, Layout};
@@ -143,22 +144,118 @@ pub fn bias_grad_block(positions: usize) -> u32 {
         .clamp(WARP, ALEXNET_BIAS_GRAD_BLOCK)
 }
 
+/// Blocks `bias_grad_columns` aims for: about what an H100 or H200 (132 SMs) keeps resident at
+/// 256 threads a block, so that every SM has loads in flight. Fewer where the partial sums
+/// would not fit or the rows would leave a split less than [`BIAS_COLUMNS_MIN_ROWS`].
+const BIAS_COLUMNS_TARGET_BLOCKS: usize = 1024;
+
+/// The fewest rows a split of `bias_grad_columns` gets (8 for each warp of its block), so a
+/// short gradient (a linear layer's 128 rows) is not spread thinner than its loads.
+const BIAS_COLUMNS_MIN_ROWS: usize = 64;
+
+/// The parameters and launch shapes of `bias_grad_columns` (the partial sums) and
+/// `bias_grad_finish` (each channel's total) for a gradient of `shape` in `layout` whose channel
+/// axis is innermost (NHWC, a linear layer's `[rows, cols]`): what [`bias_grad`] passes. `None`
+/// for any other gradient, and for one with more channels than the partial sums hold a split
+/// of: [`bias_grad_args`]'s one block per channel sums those.
+#[doc(hidden)]
+pub fn bias_grad_columns_args(
+    shape: &[usize],
+    layout: Layout,
+) -> Result<Option<(AlexnetBiasColumnsParams, LaunchConfig, LaunchConfig)>> {
+    const OP: &str = "bias_grad";
+    let [rows, channels, inner] = channel_axis(OP, shape, layout)?;
+    let room = (ALEXNET_BIAS_PARTIALS as usize)
+        .checked_div(channels)
+        .unwrap_or(0);
+    if inner != 1 || room == 0 {
+        return Ok(None);
+    }
+    element_count(shape)?; // the kernel's row * channels + c cannot overflow
+    let tiles = channels.div_ceil(ALEXNET_BIAS_COLUMNS_TILE as usize);
+    let wanted = (BIAS_COLUMNS_TARGET_BLOCKS / tiles)
+        .min(room)
+        .min(rows.div_ceil(BIAS_COLUMNS_MIN_ROWS))
+        .max(1);
+    // Rows shared out evenly, then as many splits as that takes: none of them empty.
+    let rows_per_split = rows.div_ceil(wanted).max(1);
+    let splits = rows.div_ceil(rows_per_split).max(1);
+    let params = AlexnetBiasColumnsParams {
+        rows: rows as u64,
+        rows_per_split: rows_per_split as u64,
+        channels: to_u32(OP, "channels", channels)?,
+        splits: to_u32(OP, "splits", splits)?,
+    };
+    let sums = LaunchConfig {
+        grid_dim: (to_u32(OP, "blocks", tiles * splits)?, 1, 1),
+        block_dim: (ALEXNET_BIAS_COLUMNS_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok(Some((params, sums, grid_1d(OP, channels as u64)?)))
+}
+
 /// A bias's gradient for training: `out[c]` = the sum of `grad` over every position of channel
 /// `c` (every image, every pixel; every row of a 2-D gradient), in f64, written as f32 (the
-/// master gradient, also for f16 gradients). `out` holds one value per channel.
+/// master gradient, also for f16 gradients). `out` holds one value per channel. Where the
+/// channel axis is innermost the rows are split across blocks, each reading whole rows, and
+/// the splits' partial sums (kept on the GPU) added after; otherwise one block sums each
+/// channel. Either way in a fixed order: the same result from run to run.
 pub fn bias_grad<T: GpuFloat>(
     gpu: &Gpu,
     grad: &GpuTensor<T>,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (params, cfg) = bias_grad_args(grad.shape(), grad.layout())?;
-    if out.len() != params.channels as usize {
+    let Some((params, sums, finish)) = bias_grad_columns_args(grad.shape(), grad.layout())? else {
+        return bias_grad_per_channel(gpu, grad, out);
+    };
+    check_bias_grad_len(params.channels, out)?;
+    // Held across both launches: another thread's bias gradient, queued on the same stream
+    // between them, would overwrite the partial sums before they are added.
+    let mut partials = gpu.bias_partials()?;
+    // SAFETY: bias_grad_columns(const T *grad, double *partials, AlexnetBiasColumnsParams):
+    // `grad` holds rows * channels elements (its own shape); the kernel writes splits *
+    // channels partial sums, at most ALEXNET_BIAS_PARTIALS (`bias_grad_columns_args`), which
+    // is what the GPU allocated; the partials are borrowed exclusively (the lock).
+    unsafe {
+        Launch::new(gpu, Kernel::BiasGradColumns, T::DTYPE)?
+            .buffer(grad.data())
+            .buffer(&mut *partials)
+            .params(&params)
+            .launch(sums)?;
+    }
+    // SAFETY: bias_grad_finish(const double *partials, float *bias_grad,
+    // AlexnetBiasColumnsParams): it reads the splits * channels partial sums just written (same
+    // stream, so after them) and writes `channels` values into `out`, which holds exactly that
+    // many (checked above) and is borrowed exclusively.
+    unsafe {
+        Launch::new(gpu, Kernel::BiasGradFinish, GpuDtype::F32)?
+            .buffer(&*partials)
+            .buffer(out)
+            .params(&params)
+            .launch(finish)
+    }
+}
+
+/// `out` must hold one value per channel.
+fn check_bias_grad_len(channels: u32, out: &CudaViewMut<'_, f32>) -> Result<()> {
+    if out.len() != channels as usize {
         return Err(shape_err(
             "bias_grad",
-            format!("{} bias gradients", params.channels),
+            format!("{channels} bias gradients"),
             &[out.len()],
         ));
     }
+    Ok(())
+}
+
+/// [`bias_grad`] with one block per channel (`bias_grad_f32`/`_f16`).
+fn bias_grad_per_channel<T: GpuFloat>(
+    gpu: &Gpu,
+    grad: &GpuTensor<T>,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (params, cfg) = bias_grad_args(grad.shape(), grad.layout())?;
+    check_bias_grad_len(params.channels, out)?;
     // SAFETY: bias_grad(const T *grad, float *bias_grad, AlexnetBiasGradParams): `grad` holds
     // outer * channels * inner elements (its own shape) and `out` exactly `channels` (checked
     // above); `out` is borrowed exclusively, so it overlaps nothing the kernel reads.
@@ -168,5 +265,67 @@ pub fn bias_grad<T: GpuFloat>(
             .buffer(out)
             .params(&params)
             .launch(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARTIALS: usize = ALEXNET_BIAS_PARTIALS as usize;
+    const TILE: usize = ALEXNET_BIAS_COLUMNS_TILE as usize;
+
+    /// `(splits, rows per split, blocks)` for a gradient of `shape` in `layout`, checking
+    /// what holds for every split: each row in exactly one split, none empty, the partial
+    /// sums within the GPU's room, one block per split and tile of 32 channels.
+    fn split(shape: &[usize], layout: Layout) -> Option<(usize, usize, u32)> {
+        let (p, sums, finish) = bias_grad_columns_args(shape, layout).unwrap()?;
+        let (rows, per, splits) = (
+            p.rows as usize,
+            p.rows_per_split as usize,
+            p.splits as usize,
+        );
+        let channels = p.channels as usize;
+        assert!(
+            splits * per >= rows && (splits - 1) * per < rows.max(1),
+            "{shape:?}"
+        );
+        assert!(splits * channels <= PARTIALS, "{shape:?}");
+        assert_eq!(sums.grid_dim.0 as usize, splits * channels.div_ceil(TILE));
+        assert!(finish.grid_dim.0 * finish.block_dim.0 >= p.channels);
+        Some((splits, per, sums.grid_dim.0))
+    }
+
+    #[test]
+    fn only_gradients_with_the_channel_axis_innermost_are_summed_by_columns() {
+        assert_eq!(split(&[4, 96, 55, 55], Layout::Nchw), None);
+        assert!(split(&[4, 96, 55, 55], Layout::Nhwc).is_some());
+        assert!(split(&[128, 4096], Layout::Nchw).is_some());
+        // More channels than the partial sums hold one split of: one block per channel.
+        assert!(split(&[8, PARTIALS], Layout::Nchw).is_some());
+        assert_eq!(split(&[8, PARTIALS + 1], Layout::Nchw), None);
+        assert_eq!(split(&[8, 0], Layout::Nchw), None);
+    }
+
+    /// The splits at AlexNet's batch-128 shapes: enough blocks to fill a 132-SM GPU for the
+    /// convolutions' large gradients, no more partial sums than the room, and a linear layer's
+    /// 128 rows kept in splits of 64.
+    #[test]
+    fn the_rows_are_split_for_occupancy_within_the_room() {
+        // conv1 NHWC: 387,200 rows of 96 channels: 3 tiles, the room's 341 splits.
+        assert_eq!(
+            split(&[128, 96, 55, 55], Layout::Nhwc),
+            Some((341, 1136, 1023))
+        );
+        // conv3: 21,632 rows of 384: 12 tiles x 85 splits (1,024 / 12, also the room's).
+        assert_eq!(
+            split(&[128, 384, 13, 13], Layout::Nhwc),
+            Some((85, 255, 1020))
+        );
+        // fc1's gradient: 128 rows in two splits of 64, 128 tiles.
+        assert_eq!(split(&[128, 4096], Layout::Nchw), Some((2, 64, 256)));
+        // Few rows: one split; none at all: one empty split, whose channels sum to 0.
+        assert_eq!(split(&[3, 10], Layout::Nchw), Some((1, 3, 1)));
+        assert_eq!(split(&[0, 10], Layout::Nchw), Some((1, 1, 1)));
     }
 }

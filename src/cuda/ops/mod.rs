@@ -49,7 +49,8 @@ mod softmax;
 mod step_settings;
 
 pub use bias_act::{
-    bias_act, bias_act_args, bias_grad, bias_grad_args, relu_backward, relu_backward_args,
+    bias_act, bias_act_args, bias_grad, bias_grad_args, bias_grad_columns_args, relu_backward,
+    relu_backward_args,
 };
 pub use calls::{
     chw_columns_to_hwc, pack_conv_weights, unpack_conv_weights, ConvCall, GemmCall, LinearBuffer,
