@@ -62,8 +62,9 @@ impl<K: PartialEq, G> GraphState<K, G> {
 
     /// Runs `work` once, the way its graph stands: eager on the first run, captured and launched
     /// on the second, replayed after while `baked` stays what the graph was captured with. A run
-    /// with other values is eager and the next one captures again; a failed capture leaves the
-    /// work eager for good. A pending earlier error is returned before anything runs, and the
+    /// with other values is eager and the next one captures again (after an eager run that
+    /// succeeded: a failed one leaves the next run eager too); a failed capture leaves the work
+    /// eager for good. A pending earlier error is returned before anything runs, and the
     /// state starts over (that context is not expected to run anything again).
     pub fn run<W: GraphWork<Graph = G>>(&mut self, baked: K, work: &mut W) -> Result<()> {
         let (next, result) = match std::mem::replace(self, GraphState::Fresh) {
@@ -80,8 +81,13 @@ impl<K: PartialEq, G> GraphState<K, G> {
                 }
                 Err(e) => (GraphState::Unsupported(e.to_string()), work.run_eagerly()),
             },
-            // The first run at this size, or the graph holds other values.
-            GraphState::Fresh | GraphState::Ready { .. } => (GraphState::Warm, work.run_eagerly()),
+            // The first run at this size, or the graph holds other values. Only a run that
+            // went through makes the next one capture: a failed one (an algorithm search out of
+            // memory, say) may have left set-up undone that a capture would then refuse.
+            GraphState::Fresh | GraphState::Ready { .. } => match work.run_eagerly() {
+                Ok(()) => (GraphState::Warm, Ok(())),
+                Err(e) => (GraphState::Fresh, Err(e)),
+            },
         };
         *self = next;
         result
@@ -209,6 +215,7 @@ mod tests {
         capture_fails: bool,
         pending_error: bool,
         replay_fails: bool,
+        eager_fails: bool,
     }
 
     impl GraphWork for Scripted {
@@ -216,7 +223,13 @@ mod tests {
 
         fn run_eagerly(&mut self) -> Result<()> {
             self.log.push("eager".into());
-            Ok(())
+            match self.eager_fails {
+                true => Err(Error::cuda(
+                    "cudnnFindConvolutionForwardAlgorithmEx",
+                    "search failed",
+                )),
+                false => Ok(()),
+            }
         }
 
         fn capture(&mut self) -> Result<Result<u32>> {
@@ -310,6 +323,25 @@ mod tests {
         work.pending_error = false;
         assert_eq!(step(&mut state, 7, &mut work), "eager");
         assert_eq!(step(&mut state, 7, &mut work), "capture 1, replay 1");
+    }
+
+    #[test]
+    fn a_failed_eager_run_is_not_followed_by_a_capture() {
+        let (mut state, mut work) = (GraphState::Fresh, Scripted::default());
+        work.eager_fails = true;
+        let err = state.run(7, &mut work).expect_err("the failed run");
+        assert!(err.to_string().contains("search failed"), "{err}");
+        assert_eq!(state.status(), GraphStatus::NotCaptured);
+        // The retry runs eagerly again (finishing the set-up), and only then captures.
+        work.eager_fails = false;
+        assert_eq!(step(&mut state, 7, &mut work), "eager");
+        assert_eq!(step(&mut state, 7, &mut work), "capture 1, replay 1");
+        // The same after a change of the baked values.
+        work.eager_fails = true;
+        assert!(state.run(8, &mut work).is_err());
+        work.eager_fails = false;
+        assert_eq!(step(&mut state, 8, &mut work), "eager");
+        assert_eq!(step(&mut state, 8, &mut work), "capture 2, replay 2");
     }
 
     #[test]

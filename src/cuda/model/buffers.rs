@@ -165,10 +165,12 @@ fn download_logits<T: GpuFloat, D: HostSlice<f32> + ?Sized>(
     dst: &mut D,
 ) -> Result<()> {
     let len = logits.len();
-    if dst.len() < len {
+    // Exactly: cudarc copies as many bytes as `dst` holds, so a longer `dst` would read past
+    // the logits on the device.
+    if dst.len() != len {
         return Err(Error::Shape {
             op: "CudaModel (logits download)",
-            expected: format!("room for {len} logits"),
+            expected: format!("room for exactly {len} logits"),
             found: vec![dst.len()],
         });
     }

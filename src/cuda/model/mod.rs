@@ -536,7 +536,7 @@ impl CudaModel {
     }
 
     /// Runs the network on `n` u8 images already on the device, normalised with `norm`, and
-    /// queues the logits' download into `dst` (asynchronous; `n` must fit `dst`).
+    /// queues the logits' download into the first `n` rows of `dst` (asynchronous).
     pub(crate) fn compute_device_u8(
         &mut self,
         src: &CudaView<'_, u8>,
@@ -546,6 +546,12 @@ impl CudaModel {
         compute_end: &CudaEvent,
     ) -> Result<()> {
         check_batch(n)?;
+        let (len, room) = (n * self.config.num_classes(), dst.len());
+        let dst = dst.get_mut(..len).ok_or_else(|| Error::Shape {
+            op: "CudaModel (logits download)",
+            expected: format!("room for {len} logits"),
+            found: vec![room],
+        })?;
         let (gpu, eager) = (&self.gpu, self.options.eager);
         with_net!(&mut *self.net, net => {
             let (layers, bufs) = net.ready(gpu, n)?;

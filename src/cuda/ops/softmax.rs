@@ -108,25 +108,28 @@ impl TopK {
 
     /// Queues the copies of the last launch's results into the page-locked host buffers.
     pub(crate) fn start_download(&mut self, gpu: &Gpu) -> Result<()> {
-        let (rows, k) = self.filled.ok_or_else(|| {
-            Error::invalid("top-k", "no softmax_top_k has run into these buffers")
-        })?;
-        let len = rows * k;
+        if self.filled.is_none() {
+            return Err(Error::invalid(
+                "top-k",
+                "no softmax_top_k has run into these buffers",
+            ));
+        }
+        // cudarc copies as many bytes as the *host* buffer holds, whatever the device view's
+        // length: so the whole buffers go (rows * MAX_K each, 128 KiB at most for a batch of
+        // 512), which are allocated equal. A device view cut to `rows * k` would be read past
+        // its end.
+        if self.class.len() != self.host_class.len() || self.prob.len() != self.host_prob.len() {
+            return Err(Error::cuda(
+                "TopK::to_host",
+                "host and device buffers differ",
+            ));
+        }
         let stream = gpu.stream();
-        let class = self
-            .class
-            .try_slice(..len)
-            .ok_or_else(|| Error::cuda("TopK::to_host", "class buffer too short"))?;
-        let prob = self
-            .prob
-            .try_slice(..len)
-            .ok_or_else(|| Error::cuda("TopK::to_host", "probability buffer too short"))?;
-        // The host buffers hold rows * MAX_K >= len elements.
         stream
-            .memcpy_dtoh(&class, &mut self.host_class)
+            .memcpy_dtoh(&self.class, &mut self.host_class)
             .map_err(driver_err("cuMemcpyDtoH (top-k classes)"))?;
         stream
-            .memcpy_dtoh(&prob, &mut self.host_prob)
+            .memcpy_dtoh(&self.prob, &mut self.host_prob)
             .map_err(driver_err("cuMemcpyDtoH (top-k probabilities)"))
     }
 
