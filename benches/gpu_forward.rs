@@ -1,4 +1,4 @@
-//! Whole-network forward on the GPU: fp32, tf32 and fp16, batch 1, 32, 128 and 256, from u8
+//! Whole-network forward on the GPU: fp32, tf32, fp16 and bf16, batch 1, 32, 128 and 256, from u8
 //! images in host memory to logits on the host (`forward_u8`), replaying the CUDA graph
 //! (`paper/...`) and launching kernel by kernel (`paper-eager/...`); and end to end through
 //! the overlapped pinned [`Pipeline`](alexnet_cuda::cuda::Pipeline) with two batches in flight.
@@ -14,7 +14,12 @@ use alexnet_cuda::timing::synthetic_u8_batch;
 use alexnet_cuda::{AlexNetConfig, Precision, Weights};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-const PRECISIONS: [Precision; 3] = [Precision::Fp32, Precision::Tf32, Precision::Fp16];
+const PRECISIONS: [Precision; 4] = [
+    Precision::Fp32,
+    Precision::Tf32,
+    Precision::Fp16,
+    Precision::Bf16,
+];
 
 /// The paper model on the GPU in `precision`, or why there is none.
 fn model(weights: &Weights, precision: Precision) -> Result<CudaModel, String> {

@@ -1,6 +1,7 @@
 /*
- * alexnet_half.cuh — storage types for the kernels: f32 (`float`) and f16 (IEEE binary16 bits in
- * an `unsigned short`), plus the small device helpers every module shares.
+ * alexnet_half.cuh — storage types for the kernels: f32 (`float`), f16 (IEEE binary16 bits in
+ * an `unsigned short`) and bf16 (bfloat16 bits in `alexnet_bf16`), plus the small device helpers
+ * every module shares.
  *
  * The f16 conversions are inline PTX rather than cuda_fp16.h, which NVRTC cannot find without an
  * include path to the toolkit: with this file the kernels compile with nvcc and with NVRTC from
@@ -37,9 +38,40 @@ static __device__ __forceinline__ unsigned short alexnet_f2h(float f)
 #endif
 }
 
+/*
+ * bfloat16 storage: the upper 16 bits of an f32, in a one-member struct so that overloads and
+ * templates tell it apart from f16's `unsigned short` (same size and alignment: 2 bytes).
+ */
+typedef struct alexnet_bf16 {
+    unsigned short bits;
+} alexnet_bf16;
+
+/* bfloat16 -> f32 (exact: the bits are the f32's upper half). */
+static __device__ __forceinline__ float alexnet_bf2f(alexnet_bf16 b)
+{
+    return __uint_as_float((unsigned int)b.bits << 16);
+}
+
+/*
+ * f32 -> bfloat16, round to nearest even (overflow gives infinity); a NaN stays NaN, made quiet:
+ * bit for bit the CPU's `half::bf16::from_f32`. Integer arithmetic, so it needs no sm_80
+ * instruction and the host build runs this same code.
+ */
+static __device__ __forceinline__ alexnet_bf16 alexnet_f2bf(float f)
+{
+    const unsigned int u = __float_as_uint(f);
+    alexnet_bf16 b;
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        b.bits = (unsigned short)((u >> 16) | 0x40u);
+    else /* adds half an ulp, less one unless the kept part is odd: ties go to even */
+        b.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return b;
+}
+
 /* Load any storage type as f32. */
 static __device__ __forceinline__ float alexnet_load(float v) { return v; }
 static __device__ __forceinline__ float alexnet_load(unsigned short v) { return alexnet_h2f(v); }
+static __device__ __forceinline__ float alexnet_load(alexnet_bf16 v) { return alexnet_bf2f(v); }
 
 /* Store an f32 into storage type T. */
 template <typename T> __device__ __forceinline__ T alexnet_store(float v);
@@ -47,6 +79,10 @@ template <> __device__ __forceinline__ float alexnet_store<float>(float v) { ret
 template <> __device__ __forceinline__ unsigned short alexnet_store<unsigned short>(float v)
 {
     return alexnet_f2h(v);
+}
+template <> __device__ __forceinline__ alexnet_bf16 alexnet_store<alexnet_bf16>(float v)
+{
+    return alexnet_f2bf(v);
 }
 
 /* NaN test on the bits: independent of math headers and of any fast-math flag. */

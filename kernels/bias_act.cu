@@ -47,6 +47,13 @@ extern "C" __global__ void bias_act_f16(unsigned short *x, const unsigned short 
     bias_act_dispatch<unsigned short>(x, bias, p);
 }
 
+/* The same over bf16 storage. */
+extern "C" __global__ void bias_act_bf16(alexnet_bf16 *x, const alexnet_bf16 *bias,
+                                         AlexnetBiasActParams p)
+{
+    bias_act_dispatch<alexnet_bf16>(x, bias, p);
+}
+
 /* ---- ReLU backward (training, f32 and f16) --------------------------------------------- */
 
 /*
@@ -75,6 +82,13 @@ extern "C" __global__ void relu_backward_f16(const unsigned short *output, unsig
                                              AlexnetReluBackwardParams p)
 {
     relu_backward<unsigned short>(output, grad, p);
+}
+
+/* The same over bf16 storage. */
+extern "C" __global__ void relu_backward_bf16(const alexnet_bf16 *output, alexnet_bf16 *grad,
+                                              AlexnetReluBackwardParams p)
+{
+    relu_backward<alexnet_bf16>(output, grad, p);
 }
 
 /* ---- Bias gradient (training) ---------------------------------------------------------- */
@@ -144,6 +158,14 @@ bias_grad_f16(const unsigned short *grad, float *bias_grad, AlexnetBiasGradParam
 {
     __shared__ double scratch[ALEXNET_BIAS_GRAD_BLOCK];
     bias_grad_sum<unsigned short>(grad, bias_grad, p, scratch);
+}
+
+/* The same over bf16 gradients. */
+extern "C" __global__ void __launch_bounds__(ALEXNET_BIAS_GRAD_BLOCK)
+bias_grad_bf16(const alexnet_bf16 *grad, float *bias_grad, AlexnetBiasGradParams p)
+{
+    __shared__ double scratch[ALEXNET_BIAS_GRAD_BLOCK];
+    bias_grad_sum<alexnet_bf16>(grad, bias_grad, p, scratch);
 }
 
 /* ---- Bias gradient, channel axis innermost (NHWC, linear rows) ---------------------------- */
@@ -219,6 +241,14 @@ bias_grad_columns_f16(const unsigned short *grad, double *partials, AlexnetBiasC
 {
     __shared__ double scratch[ALEXNET_BIAS_COLUMNS_BLOCK];
     bias_grad_columns<unsigned short>(grad, partials, p, scratch);
+}
+
+/* The same over bf16 gradients. */
+extern "C" __global__ void __launch_bounds__(ALEXNET_BIAS_COLUMNS_BLOCK)
+bias_grad_columns_bf16(const alexnet_bf16 *grad, double *partials, AlexnetBiasColumnsParams p)
+{
+    __shared__ double scratch[ALEXNET_BIAS_COLUMNS_BLOCK];
+    bias_grad_columns<alexnet_bf16>(grad, partials, p, scratch);
 }
 
 /* Each channel's partial sums, added in split order, written as the f32 bias gradient. */

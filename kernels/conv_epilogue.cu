@@ -98,3 +98,10 @@ extern "C" __global__ void conv_epilogue_f16(const unsigned short *src, const un
 {
     conv_epilogue_dispatch<unsigned short>(src, bias, dst, p);
 }
+
+/* The same over bf16 storage. */
+extern "C" __global__ void conv_epilogue_bf16(const alexnet_bf16 *src, const alexnet_bf16 *bias,
+                                              alexnet_bf16 *dst, AlexnetConvEpilogueParams p)
+{
+    conv_epilogue_dispatch<alexnet_bf16>(src, bias, dst, p);
+}

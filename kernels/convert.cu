@@ -1,7 +1,7 @@
 /*
- * convert.cu — between f16 and f32 storage with a scale (see AlexnetConvertParams), one thread
- * per element, grid-stride loop. CPU twins: `half::f16::to_f32` / `half::f16::from_f32` of the
- * f32 product; launcher: src/cuda/ops/convert.rs.
+ * convert.cu — between f16 or bf16 and f32 storage with a scale (see AlexnetConvertParams), one
+ * thread per element, grid-stride loop. CPU twins: `half::f16::to_f32` / `half::f16::from_f32`
+ * (and `half::bf16`'s) of the f32 product; launcher: src/cuda/ops/convert.rs.
  */
 #include "alexnet_abi.h"
 #include "alexnet_half.cuh"
@@ -31,5 +31,30 @@ extern "C" __global__ void convert_f32_to_f16(const float *__restrict__ src,
     ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
     {
         dst[i] = alexnet_f2h(__fmul_rn(src[i], scale));
+    }
+}
+
+/* bf16 -> f32, times scale (as convert_f16_to_f32). */
+extern "C" __global__ void convert_bf16_to_f32(const alexnet_bf16 *__restrict__ src,
+                                               float *__restrict__ dst, AlexnetConvertParams p)
+{
+    const bool unscaled = p.scale == 1.0f;
+    ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
+    {
+        const float v = alexnet_bf2f(src[i]);
+        dst[i] = unscaled ? v : __fmul_rn(v, p.scale);
+    }
+}
+
+/* f32 times scale -> bf16 (as convert_f32_to_f16). */
+extern "C" __global__ void convert_f32_to_bf16(const float *__restrict__ src,
+                                               alexnet_bf16 *__restrict__ dst,
+                                               const AlexnetStepSettings *settings,
+                                               AlexnetConvertParams p)
+{
+    const float scale = settings != 0 ? settings->loss_scale : p.scale;
+    ALEXNET_GRID_STRIDE(unsigned long long, i, p.len)
+    {
+        dst[i] = alexnet_f2bf(__fmul_rn(src[i], scale));
     }
 }

@@ -49,3 +49,10 @@ extern "C" __global__ void dropout_f16(unsigned short *x, const unsigned long lo
 {
     dropout<unsigned short>(x, seed_at, p);
 }
+
+/* The same over bf16 storage. */
+extern "C" __global__ void dropout_bf16(alexnet_bf16 *x, const unsigned long long *seed_at,
+                                        AlexnetDropoutParams p)
+{
+    dropout<alexnet_bf16>(x, seed_at, p);
+}

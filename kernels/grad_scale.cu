@@ -45,3 +45,12 @@ extern "C" __global__ void grad_unscale_f16(const unsigned short *src, float *ds
 {
     grad_unscale<unsigned short>(src, dst, found_nonfinite, settings, p);
 }
+
+/* The same over bf16 storage. */
+extern "C" __global__ void grad_unscale_bf16(const alexnet_bf16 *src, float *dst,
+                                             unsigned int *found_nonfinite,
+                                             const AlexnetStepSettings *settings,
+                                             AlexnetGradUnscaleParams p)
+{
+    grad_unscale<alexnet_bf16>(src, dst, found_nonfinite, settings, p);
+}

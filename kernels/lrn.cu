@@ -61,6 +61,13 @@ extern "C" __global__ void lrn_f16(const unsigned short *src, unsigned short *ds
     lrn_dispatch<unsigned short>(src, dst, p);
 }
 
+/* The same over bf16 storage. */
+extern "C" __global__ void lrn_bf16(const alexnet_bf16 *src, alexnet_bf16 *dst,
+                                    AlexnetLrnParams p)
+{
+    lrn_dispatch<alexnet_bf16>(src, dst, p);
+}
+
 /* ---- backward (training, f32 and f16: f32 arithmetic on the widened values) ------------- */
 
 /* The LRN's input a at `x`: max(x, 0) when the ReLU before it is fused in (relu_first). */
@@ -309,4 +316,12 @@ extern "C" __global__ void lrn_backward_f16(const unsigned short *src,
                                             unsigned short *grad_in, AlexnetLrnParams p)
 {
     lrn_backward_dispatch<unsigned short>(src, grad_out, grad_in, p);
+}
+
+/* The same over bf16 storage. */
+extern "C" __global__ void lrn_backward_bf16(const alexnet_bf16 *src,
+                                             const alexnet_bf16 *grad_out,
+                                             alexnet_bf16 *grad_in, AlexnetLrnParams p)
+{
+    lrn_backward_dispatch<alexnet_bf16>(src, grad_out, grad_in, p);
 }

@@ -60,6 +60,13 @@ extern "C" __global__ void maxpool_f16(const unsigned short *src, unsigned short
     maxpool_dispatch<unsigned short>(src, dst, p);
 }
 
+/* The same over bf16 storage. */
+extern "C" __global__ void maxpool_bf16(const alexnet_bf16 *src, alexnet_bf16 *dst,
+                                        AlexnetPoolParams p)
+{
+    maxpool_dispatch<alexnet_bf16>(src, dst, p);
+}
+
 /* ---- backward (training, f32 and f16: f32 arithmetic, the sum rounded once) ------------- */
 
 /*
@@ -178,4 +185,14 @@ extern "C" __global__ void maxpool_backward_f16(const unsigned short *src,
                                                 AlexnetPoolBackwardParams p)
 {
     maxpool_backward_dispatch<unsigned short>(src, out, grad_out, grad_in, p);
+}
+
+/* The same over bf16 storage. */
+extern "C" __global__ void maxpool_backward_bf16(const alexnet_bf16 *src,
+                                                 const alexnet_bf16 *out,
+                                                 const alexnet_bf16 *grad_out,
+                                                 alexnet_bf16 *grad_in,
+                                                 AlexnetPoolBackwardParams p)
+{
+    maxpool_backward_dispatch<alexnet_bf16>(src, out, grad_out, grad_in, p);
 }

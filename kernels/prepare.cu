@@ -61,6 +61,13 @@ extern "C" __global__ void prepare_input_f16(const unsigned char *src, unsigned 
     prepare_input_dispatch<unsigned short>(src, dst, p);
 }
 
+/* The same over bf16 storage. */
+extern "C" __global__ void prepare_input_bf16(const unsigned char *src, alexnet_bf16 *dst,
+                                              AlexnetPrepareParams p)
+{
+    prepare_input_dispatch<alexnet_bf16>(src, dst, p);
+}
+
 /*
  * One thread per output element: the f32 NCHW source's value at (n, c, y, x) for c below the
  * source's channels, 0 for the padding channels; one rounding to T, no arithmetic.
@@ -106,4 +113,11 @@ extern "C" __global__ void relayout_f32_to_f16(const float *src, unsigned short 
                                                AlexnetRelayoutParams p)
 {
     relayout_f32_dispatch<unsigned short>(src, dst, p);
+}
+
+/* The same over bf16 storage. */
+extern "C" __global__ void relayout_f32_to_bf16(const float *src, alexnet_bf16 *dst,
+                                                AlexnetRelayoutParams p)
+{
+    relayout_f32_dispatch<alexnet_bf16>(src, dst, p);
 }

@@ -157,3 +157,11 @@ extern "C" __global__ void softmax_topk_f16(const unsigned short *logits, float 
 {
     softmax_topk<unsigned short>(logits, probs, top_class, top_prob, p);
 }
+
+/* The same over bf16 storage. */
+extern "C" __global__ void softmax_topk_bf16(const alexnet_bf16 *logits, float *probs,
+                                             unsigned int *top_class, float *top_prob,
+                                             AlexnetSoftmaxParams p)
+{
+    softmax_topk<alexnet_bf16>(logits, probs, top_class, top_prob, p);
+}

@@ -100,7 +100,7 @@ const CARDS: &[Card] = &[
 ];
 
 /// The dense peak of the card named `device` (as the driver names it, e.g. `NVIDIA H200`) in
-/// `precision`, if the card is in the table. bf16 has no GPU path here: `None`.
+/// `precision`, if the card is in the table.
 pub fn dense_peak(device: &str, precision: Precision) -> Option<DensePeak> {
     let name = device.to_lowercase();
     // Whole words only: "L4" must not match "L40S", nor "A100" a longer model number.
@@ -115,8 +115,9 @@ pub fn dense_peak(device: &str, precision: Precision) -> Option<DensePeak> {
     let tflops = match precision {
         Precision::Fp32 => card.fp32,
         Precision::Tf32 => card.tf32,
-        Precision::Fp16 => card.fp16,
-        Precision::Bf16 => return None,
+        // Every card here (Ampere and newer) has bf16 tensor cores at fp16's dense rate, as
+        // their datasheets give it.
+        Precision::Fp16 | Precision::Bf16 => card.fp16,
     };
     Some(DensePeak {
         card: card.card,
@@ -159,9 +160,13 @@ mod tests {
         );
         assert_eq!(peak("NVIDIA L40S", Precision::Fp16), Some(("L40S", 362.0)));
         assert_eq!(peak("NVIDIA L4", Precision::Fp16), Some(("L4", 121.0)));
+        assert_eq!(
+            peak("NVIDIA H200", Precision::Bf16),
+            Some(("H200 SXM", 989.5))
+        );
     }
 
-    /// No estimate for what the table does not hold: other cards, the CPU, bf16.
+    /// No estimate for what the table does not hold: other cards, the CPU.
     #[test]
     fn an_unknown_card_or_the_cpu_has_no_peak() {
         for device in [
@@ -172,6 +177,6 @@ mod tests {
         ] {
             assert_eq!(dense_peak(device, Precision::Fp16), None, "{device}");
         }
-        assert_eq!(dense_peak("NVIDIA H200", Precision::Bf16), None);
+        assert_eq!(dense_peak("Tesla T4", Precision::Bf16), None);
     }
 }

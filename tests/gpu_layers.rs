@@ -1,7 +1,7 @@
 //! Every GPU layer against its CPU twin (`alexnet_cuda::cpu`) on fresh random inputs: AlexNet's
 //! own shapes and odd ones. Tolerances, as max |gpu - cpu| / max |cpu|: fp32 <= 1e-5 (1e-2 for
-//! convolutions free to use FFT and Winograd), fp16 <= 1e-2 (against the CPU layer run on the
-//! f16-rounded inputs); NaN never passes. Outputs are
+//! convolutions free to use FFT and Winograd), fp16 <= 1e-2 and bf16 <= 3e-2 (against the CPU
+//! layer run on the rounded inputs); NaN never passes. Outputs are
 //! poisoned (filled with NaN) before each kernel runs, so an element it fails to write shows.
 //!
 //! These need an NVIDIA GPU, its driver, cuBLAS and cuDNN 9, so they are ignored by default:
@@ -23,7 +23,7 @@ use alexnet_cuda::image::Preprocess;
 use alexnet_cuda::postprocess::{softmax, top_k};
 use alexnet_cuda::Error;
 use common::{check, formula_values, random_u8_batch};
-use half::f16;
+use half::{bf16, f16};
 use ndarray::{s, Array, Array1, Array2, Array4, ArrayD, Dimension, ShapeBuilder};
 
 fn gpu() -> Gpu {
@@ -41,7 +41,12 @@ fn random<Sh: ShapeBuilder>(shape: Sh, stream: u64, scale: f64) -> Array<f32, Sh
 }
 
 fn round_f16<D: Dimension>(a: &Array<f32, D>) -> Array<f32, D> {
-    a.mapv(|v| f16::from_f32(v).to_f32())
+    round_to::<f16, D>(a)
+}
+
+/// `a` rounded to `T` and back (what a `T` buffer holds of it).
+fn round_to<T: GpuFloat, D: Dimension>(a: &Array<f32, D>) -> Array<f32, D> {
+    a.mapv(|v| T::from_f32(v).to_f32())
 }
 
 fn upload<T: GpuFloat, D: Dimension>(gpu: &Gpu, a: &Array<f32, D>, layout: Layout) -> GpuTensor<T> {
@@ -176,33 +181,56 @@ fn conv_fp32_matches_cpu_for_every_alexnet_shape() {
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn conv_fp16_nhwc_matches_cpu_for_every_alexnet_shape() {
     let _gpu = common::exclusive_gpu();
+    conv_narrow_nhwc_case::<f16>("fp16", 1e-2);
+}
+
+/// As the fp16 test in bf16 (compute capability 8.0 and newer): bf16's step is 8 times f16's.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn conv_bf16_nhwc_matches_cpu_for_every_alexnet_shape() {
+    let _gpu = common::exclusive_gpu();
+    if common::gpu_runs_bf16("conv_bf16_nhwc") {
+        conv_narrow_nhwc_case::<bf16>("bf16", 3e-2);
+    }
+}
+
+/// Every AlexNet convolution in `T` (NHWC, the RGB input padded to 8 channels) against the CPU
+/// layer on the same rounded inputs, within `tol`.
+fn conv_narrow_nhwc_case<T: GpuFloat>(what: &str, tol: f64) {
     let gpu = gpu();
-    let seed = seed("conv_fp16");
+    let seed = seed(&format!("conv_{what}"));
     for (i, ConvShape { name, .. }) in CONVS.iter().enumerate() {
         let case = conv_case(i, seed);
-        let (x16, w16, b16) = (round_f16(&case.x), round_f16(&case.w), round_f16(&case.b));
-        let want = Conv2d::new(w16.view(), &b16, case.stride, case.pad)
+        let (xr, wr, br) = (
+            round_to::<T, _>(&case.x),
+            round_to::<T, _>(&case.w),
+            round_to::<T, _>(&case.b),
+        );
+        let want = Conv2d::new(wr.view(), &br, case.stride, case.pad)
             .unwrap()
-            .forward_relu(x16.view())
+            .forward_relu(xr.view())
             .unwrap();
         // The RGB input is padded to 8 channels (zeros) as in the model; the others are
         // multiples of 8 already except the odd case, which runs unpadded.
         let (n, c, h, w) = case.x.dim();
         let padded = if c == 3 { 8 } else { c };
         let mut xp = Array4::<f32>::zeros((n, padded, h, w));
-        xp.slice_mut(s![.., ..c, .., ..]).assign(&x16);
+        xp.slice_mut(s![.., ..c, .., ..]).assign(&xr);
         let mut options = ConvOptions::new(case.stride, case.pad, Layout::Nhwc);
         options.in_channels = Some(padded);
-        let mut conv = Conv2dGpu::<f16>::new(&gpu, case.w.view(), case.b.view(), options).unwrap();
-        let x = upload::<f16, _>(&gpu, &xp, Layout::Nhwc);
-        let mut y = poisoned::<f16>(&gpu, want.shape(), Layout::Nhwc);
+        let mut conv = Conv2dGpu::<T>::new(&gpu, case.w.view(), case.b.view(), options).unwrap();
+        let x = upload::<T, _>(&gpu, &xp, Layout::Nhwc);
+        let mut y = poisoned::<T>(&gpu, want.shape(), Layout::Nhwc);
         conv.forward(&gpu, &x, &mut y, true).unwrap();
-        eprintln!("{name}: cuDNN algorithm {:?}", conv.algorithm(n, h, w));
+        eprintln!(
+            "{name} {what}: cuDNN algorithm {:?}",
+            conv.algorithm(n, h, w)
+        );
         check(
-            &format!("{name} fp16 NHWC"),
+            &format!("{name} {what} NHWC"),
             &download(&gpu, &y),
             &want.into_dyn(),
-            1e-2,
+            tol,
         );
     }
 }
@@ -328,8 +356,9 @@ fn maxpool_matches_cpu_exactly_and_propagates_nan() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
-fn linear_matches_cpu_fp32_and_fp16() {
+fn linear_matches_cpu_fp32_fp16_and_bf16() {
     let _gpu = common::exclusive_gpu();
+    let bf16_runs = common::gpu_runs_bf16("linear");
     let gpu = gpu();
     let seed = seed("linear");
     // (rows, in, out): fc1 (fed a 4-D pool5-shaped tensor, flattened), fc2, fc3, an odd one.
@@ -392,6 +421,29 @@ fn linear_matches_cpu_fp32_and_fp16() {
             &want16.into_dyn(),
             1e-2,
         );
+
+        // bf16 (compute capability 8.0 and newer): bf16's step is 8 times f16's.
+        if bf16_runs {
+            let (xb, wb, bb) = (
+                round_to::<bf16, _>(&x),
+                round_to::<bf16, _>(&w),
+                round_to::<bf16, _>(&b),
+            );
+            let want_bf16 = Linear::new(wb.view(), &bb)
+                .unwrap()
+                .forward_relu(xb.view())
+                .unwrap();
+            let lin_bf16 = LinearGpu::<bf16>::new(&gpu, w.view(), b.view(), false).unwrap();
+            let xg = upload::<bf16, _>(&gpu, &xb, Layout::Nchw);
+            let mut y = poisoned::<bf16>(&gpu, &[rows, outf], Layout::Nchw);
+            lin_bf16.forward(&gpu, &xg, &mut y, true).unwrap();
+            check(
+                &format!("linear {rows}x{inf}->{outf} bf16"),
+                &download(&gpu, &y),
+                &want_bf16.into_dyn(),
+                3e-2,
+            );
+        }
     }
 }
 

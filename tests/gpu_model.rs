@@ -229,6 +229,20 @@ fn torchvision_network_fp16_matches_cpu_fp16() {
     network_against_cpu(AlexNetConfig::torchvision(), Precision::Fp16, 1e-2);
 }
 
+/// bf16 (compute capability 8.0 and newer) against the CPU's bf16, which rounds the same
+/// tensors at the same places: every stage within 3e-2 (bf16's step is 8 times f16's, whose
+/// 1e-2 the fp16 tests hold), same top-1 where the margin allows.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn paper_and_torchvision_networks_bf16_match_cpu_bf16() {
+    let _gpu = common::exclusive_gpu();
+    if !common::gpu_runs_bf16("networks bf16") {
+        return;
+    }
+    network_against_cpu(AlexNetConfig::paper(), Precision::Bf16, 3e-2);
+    network_against_cpu(AlexNetConfig::torchvision(), Precision::Bf16, 3e-2);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn classic_dropout_scales_at_inference_like_the_cpu() {
@@ -248,7 +262,14 @@ fn u8_path_matches_the_f32_path_and_the_cpu() {
     let pre = Preprocess::default();
     let batch = random_u8_batch(3, 224, seed);
     let input = batch.to_nchw_f32(&pre);
-    for (precision, tol) in [(Precision::Fp32, 1e-4), (Precision::Fp16, 1e-2)] {
+    for (precision, tol) in [
+        (Precision::Fp32, 1e-4),
+        (Precision::Fp16, 1e-2),
+        (Precision::Bf16, 3e-2),
+    ] {
+        if precision == Precision::Bf16 && !common::gpu_runs_bf16("u8 path") {
+            continue;
+        }
         let cpu = CpuModel::new(&weights, precision)
             .unwrap()
             .forward(input.view())
@@ -544,7 +565,10 @@ fn graph_replay_gives_the_eager_logits() {
         .map(|i| synthetic_batch(4, config.input, seed + i))
         .collect();
     let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    for precision in [Precision::Fp32, Precision::Fp16] {
+    for precision in [Precision::Fp32, Precision::Fp16, Precision::Bf16] {
+        if precision == Precision::Bf16 && !common::gpu_runs_bf16("graph") {
+            continue;
+        }
         let mut gpu = default_model(&weights, precision);
         assert_eq!(gpu.graph_status(), None);
         let mut graphed = Vec::new();
@@ -899,6 +923,8 @@ fn fp32_math_settings_outside_fp32_are_refused_before_any_gpu_is_touched() {
         (Precision::Tf32, gemm_only, "fp32_gemm_only"),
         (Precision::Fp16, gemm_only, "fp32_gemm_only"),
         (Precision::Fp16, tf32, "allow_tf32"),
+        (Precision::Bf16, gemm_only, "fp32_gemm_only"),
+        (Precision::Bf16, tf32, "allow_tf32"),
         (Precision::Fp32, both, "fp32_gemm_only"),
     ] {
         match CudaModel::new(&weights, precision, options) {

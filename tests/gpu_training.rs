@@ -1590,7 +1590,8 @@ fn fp32_gemm_only_outside_fp32_is_refused_before_any_gpu_is_touched() {
     }
 }
 
-/// bf16 has no GPU backend: asking for it is a usage error, with or without a GPU.
+/// bf16 does not train on the GPU (its mixed precision is fp16): asking for it is a usage
+/// error, with or without a GPU.
 #[test]
 fn bf16_is_refused_before_any_gpu_is_touched() {
     let config = small_training_config(None);

@@ -27,9 +27,9 @@ use alexnet_cuda::cpu::{
     InputGradient, Linear, Lrn, MaxPool2d,
 };
 use alexnet_cuda::cuda::abi::{
-    AlexnetStepSettings, ALEXNET_BIAS_COLUMNS_BLOCK, ALEXNET_BIAS_COLUMNS_TILE,
-    ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_BIAS_PARTIALS, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK,
-    ALEXNET_TOPK_MAX,
+    AlexnetDropoutParams, AlexnetStepSettings, ALEXNET_BIAS_COLUMNS_BLOCK,
+    ALEXNET_BIAS_COLUMNS_TILE, ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_BIAS_PARTIALS,
+    ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX,
 };
 use alexnet_cuda::cuda::kernel_args::{
     bias_act_args, bias_grad_args, bias_grad_columns_args, convert_args, grad_unscale_args,
@@ -46,44 +46,60 @@ use alexnet_cuda::train::{unscale_gradients, Sgd, SgdConfig, UpdateRule};
 use alexnet_host_kernels::Indices;
 use common::formula_values;
 use cudarc::driver::LaunchConfig;
-use half::f16;
+use half::{bf16, f16};
 use ndarray::{Array, Array2, Array4, ArrayD, Dimension, IxDyn, ShapeBuilder};
 
 /// The kernels these tests run; a kernel added to the registry must be added here with its test.
 const COVERED: &[&str] = &[
     "prepare_input_f32",
     "prepare_input_f16",
+    "prepare_input_bf16",
     "relayout_f32_to_f32",
     "relayout_f32_to_f16",
+    "relayout_f32_to_bf16",
     "bias_act_f32",
     "bias_act_f16",
+    "bias_act_bf16",
     "dropout_f32",
     "dropout_f16",
+    "dropout_bf16",
     "convert_f16_to_f32",
     "convert_f32_to_f16",
+    "convert_bf16_to_f32",
+    "convert_f32_to_bf16",
     "lrn_f32",
     "lrn_f16",
+    "lrn_bf16",
     "maxpool_f32",
     "maxpool_f16",
+    "maxpool_bf16",
     "conv_epilogue_f32",
     "conv_epilogue_f16",
+    "conv_epilogue_bf16",
     "softmax_topk_f32",
     "softmax_topk_f16",
+    "softmax_topk_bf16",
     "maxpool_backward_f32",
     "maxpool_backward_f16",
+    "maxpool_backward_bf16",
     "lrn_backward_f32",
     "lrn_backward_f16",
+    "lrn_backward_bf16",
     "relu_backward_f32",
     "relu_backward_f16",
+    "relu_backward_bf16",
     "softmax_xent_f32",
     "sgd_f32",
     "bias_grad_f32",
     "bias_grad_f16",
+    "bias_grad_bf16",
     "bias_grad_columns_f32",
     "bias_grad_columns_f16",
+    "bias_grad_columns_bf16",
     "bias_grad_finish_f32",
     "grad_unscale_f32",
     "grad_unscale_f16",
+    "grad_unscale_bf16",
 ];
 
 fn require_host_kernels() {
@@ -94,10 +110,10 @@ fn require_host_kernels() {
 
 // --- buffers and launches ------------------------------------------------------------------
 
-/// A storage type the kernels read and write: f32, or f16 bits.
+/// A storage type the kernels read and write: f32, or f16 or bf16 bits.
 trait Elem: Copy + std::fmt::Debug + KernelElem {
     const SUFFIX: &'static str;
-    /// All bits set: NaN in both types.
+    /// All bits set: NaN in every type.
     const POISON: Self;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
@@ -122,6 +138,17 @@ impl Elem for f16 {
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+}
+
+impl Elem for bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const POISON: Self = bf16::from_bits(u16::MAX);
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
     }
 }
 
@@ -594,6 +621,7 @@ fn bias_act_matches_the_cpu_bit_for_bit() {
             for relu in [false, true] {
                 bias_act_case::<f32>(shape, layout, relu, 10 + i as u64);
                 bias_act_case::<f16>(shape, layout, relu, 20 + i as u64);
+                bias_act_case::<bf16>(shape, layout, relu, 30 + i as u64);
             }
         }
     }
@@ -643,36 +671,11 @@ fn dropout_case(x: &ArrayD<f32>, prob: f32, mode: DropoutMode) {
             &got,
             &want_train,
         );
-        // f16 storage: the same mask, the product rounded once.
-        let mut half: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-        let want16 = rounded::<f16, _>(&cpu.forward_train(rounded::<f16, _>(x).view(), seed));
-        launch(
-            "dropout_f16",
-            grid,
-            vec![buf(&mut half), null::<u64>(), params(&mut p)],
-        );
-        let mut half_seeded: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-        launch(
-            "dropout_f16",
-            grid,
-            vec![
-                buf(&mut half_seeded),
-                buf(&mut seed_on_device),
-                params(&mut no_seed),
-            ],
-        );
-        assert_eq!(
-            half_seeded, half,
-            "dropout_f16 device seed p={prob} {mode:?}"
-        );
-        let got16 =
-            ArrayD::from_shape_vec(IxDyn(&[len]), half.iter().map(|v| v.to_f32()).collect())
-                .unwrap();
-        assert_same(
-            &format!("dropout_f16 train p={prob} {mode:?}"),
-            &got16,
-            &want16,
-        );
+        // f16 and bf16 storage: the same mask, the product rounded once.
+        let args = (&mut p, &mut no_seed);
+        dropout_train_narrow::<f16>(x, &cpu, seed, grid, args, (prob, mode));
+        let args = (&mut p, &mut no_seed);
+        dropout_train_narrow::<bf16>(x, &cpu, seed, grid, args, (prob, mode));
     }
     match (mode, gpu.eval_args(len).unwrap()) {
         (DropoutMode::Inverted, None) => {} // the identity: nothing is launched
@@ -690,29 +693,71 @@ fn dropout_case(x: &ArrayD<f32>, prob: f32, mode: DropoutMode) {
                     &got,
                     &want_eval,
                 );
-                // f16 eval (the fp16 network's classic dropout at inference): x (1 - p) in f32,
-                // rounded once.
-                let mut half: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-                let want16 = rounded::<f16, _>(&cpu.forward_eval(rounded::<f16, _>(x).view()));
-                launch(
-                    "dropout_f16",
-                    grid,
-                    vec![buf(&mut half), null::<u64>(), params(&mut p)],
-                );
-                let got16 = ArrayD::from_shape_vec(
-                    IxDyn(&[len]),
-                    half.iter().map(|v| v.to_f32()).collect(),
-                )
-                .unwrap();
-                assert_same(
-                    &format!("dropout_f16 eval (classic) p={prob}"),
-                    &got16,
-                    &want16,
-                );
+                // f16 and bf16 eval (the narrow networks' classic dropout at inference):
+                // x (1 - p) in f32, rounded once.
+                dropout_eval_narrow::<f16>(x, &cpu, grid, &mut p, prob);
+                dropout_eval_narrow::<bf16>(x, &cpu, grid, &mut p, prob);
             }
         }
         (mode, other) => panic!("{mode:?} p={prob}: unexpected eval launch {other:?}"),
     }
+}
+
+/// [`dropout_case`]'s training mode in a 2-byte storage type: the mask drawn from the seed
+/// passed as a parameter and from the one read on the device gives the same bits, and the CPU
+/// layer's result on the rounded input, rounded once.
+fn dropout_train_narrow<T: Elem + PartialEq>(
+    x: &ArrayD<f32>,
+    cpu: &Dropout,
+    seed: u64,
+    grid: LaunchConfig,
+    (p, no_seed): (&mut AlexnetDropoutParams, &mut AlexnetDropoutParams),
+    (prob, mode): (f32, DropoutMode),
+) {
+    let name = format!("dropout_{}", T::SUFFIX);
+    let len = x.len();
+    let mut narrow: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let want = rounded::<T, _>(&cpu.forward_train(rounded::<T, _>(x).view(), seed));
+    launch(
+        &name,
+        grid,
+        vec![buf(&mut narrow), null::<u64>(), params(p)],
+    );
+    let mut seeded: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let mut seed_on_device = vec![seed];
+    launch(
+        &name,
+        grid,
+        vec![buf(&mut seeded), buf(&mut seed_on_device), params(no_seed)],
+    );
+    assert!(seeded == narrow, "{name} device seed p={prob} {mode:?}");
+    let got =
+        ArrayD::from_shape_vec(IxDyn(&[len]), narrow.iter().map(|v| v.to_f32()).collect()).unwrap();
+    assert_same(&format!("{name} train p={prob} {mode:?}"), &got, &want);
+}
+
+/// [`dropout_case`]'s classic eval scaling in a 2-byte storage type.
+fn dropout_eval_narrow<T: Elem>(
+    x: &ArrayD<f32>,
+    cpu: &Dropout,
+    grid: LaunchConfig,
+    p: &mut AlexnetDropoutParams,
+    prob: f32,
+) {
+    let name = format!("dropout_{}", T::SUFFIX);
+    let mut narrow: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let want = rounded::<T, _>(&cpu.forward_eval(rounded::<T, _>(x).view()));
+    launch(
+        &name,
+        grid,
+        vec![buf(&mut narrow), null::<u64>(), params(p)],
+    );
+    let got = ArrayD::from_shape_vec(
+        IxDyn(&[x.len()]),
+        narrow.iter().map(|v| v.to_f32()).collect(),
+    )
+    .unwrap();
+    assert_same(&format!("{name} eval (classic) p={prob}"), &got, &want);
 }
 
 #[test]
@@ -811,6 +856,84 @@ fn convert_narrows_the_scaled_f32_as_half_rounds_it() {
     assert!(convert_args(4, f32::INFINITY).is_err());
 }
 
+/// bf16 both ways, bit for bit against `half::bf16` (the CPU's bf16 rounding): every bf16
+/// pattern widened; every bf16 value, each midpoint between neighbours (ties to even) and its
+/// two f32 neighbours, the largest finite f32 values (which round to infinity), subnormals,
+/// infinities and NaNs of both signs narrowed, at scales 1, 1024 and 0.5. The NaNs must come
+/// out of the narrowing as the same quiet NaN bits; widened, a NaN stays a NaN.
+#[test]
+#[cfg_attr(
+    not(alexnet_cxx),
+    ignore = "needs a C++20 compiler to build the kernels as host code, and none was found at build time; ALEXNET_REQUIRE_CUDA_TOOLS=1 runs it anyway"
+)]
+fn convert_takes_bf16_both_ways_as_half_does() {
+    require_host_kernels();
+    let mut every: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+    let (mut p, cfg) = convert_args(every.len(), 1.0).unwrap();
+    for grid in [cfg, small_grid(33)] {
+        let mut dst = vec![f32::POISON; every.len()];
+        launch(
+            "convert_bf16_to_f32",
+            grid,
+            vec![buf(&mut every), buf(&mut dst), params(&mut p)],
+        );
+        for (b, got) in every.iter().zip(&dst) {
+            // A NaN stays NaN (half also quiets a signalling one, the plain shift does not:
+            // nothing relies on either, as for f16); every other pattern is exact.
+            match b.is_nan() {
+                true => assert!(got.is_nan(), "{:#06x}: {got}", b.to_bits()),
+                false => assert_eq!(got.to_bits(), b.to_f32().to_bits(), "{:#06x}", b.to_bits()),
+            }
+        }
+    }
+    let mut values: Vec<f32> = every.iter().map(|b| b.to_f32()).collect();
+    for bits in (0..0x7f80u32).step_by(37) {
+        let mid = f32::from_bits((bits << 16) | 0x8000); // halfway to the next bf16
+        values.extend([
+            mid,
+            -mid,
+            f32::from_bits(mid.to_bits() + 1),
+            f32::from_bits(mid.to_bits() - 1),
+        ]);
+    }
+    values.extend([
+        f32::MAX,
+        -f32::MAX,
+        f32::from_bits(0x7f7f_8000),
+        1e-40,
+        -1e-45,
+        f32::from_bits(0x7fc0_0001),
+        f32::from_bits(0xff80_0001), // a signalling NaN: made quiet
+    ]);
+    for scale in [1.0f32, 1024.0, 0.5] {
+        let want: Vec<u16> = values
+            .iter()
+            .map(|&v| bf16::from_f32(v * scale).to_bits())
+            .collect();
+        for (on_device, grid) in scale_runs(small_grid(33)) {
+            let mut settings = AlexnetStepSettings::default();
+            let (settings, by_value) = scale_source(on_device, scale, &mut settings);
+            let (mut p, cfg) = convert_args(values.len(), by_value).unwrap();
+            let grid = grid.unwrap_or(cfg);
+            let mut src = values.clone();
+            let mut dst = vec![bf16::POISON; values.len()];
+            launch(
+                "convert_f32_to_bf16",
+                grid,
+                vec![buf(&mut src), buf(&mut dst), settings, params(&mut p)],
+            );
+            for ((v, got), want) in values.iter().zip(&dst).zip(&want) {
+                assert_eq!(
+                    got.to_bits(),
+                    *want,
+                    "convert_f32_to_bf16 {v:e} ({:#010x}) scale {scale} on_device={on_device}",
+                    v.to_bits()
+                );
+            }
+        }
+    }
+}
+
 /// LRN shapes and parameters that break indexing: the window clipped at both channel edges,
 /// an even window (PyTorch's asymmetric rule), AlexNet's 96 channels, a one-channel window with
 /// another beta (powf instead of the square roots).
@@ -886,6 +1009,7 @@ fn lrn_matches_the_cpu_at_the_channel_edges() {
             for relu_first in [false, true] {
                 lrn_case::<f32>(dims, layout, lrn, relu_first, 40 + i as u64);
                 lrn_case::<f16>(dims, layout, lrn, relu_first, 50 + i as u64);
+                lrn_case::<bf16>(dims, layout, lrn, relu_first, 60 + i as u64);
             }
         }
     }
@@ -951,6 +1075,7 @@ fn maxpool_matches_the_cpu_on_ragged_and_gapped_windows() {
             for nan in [false, true] {
                 pool_case::<f32>(dims, spec, layout, 60 + i as u64, nan);
                 pool_case::<f16>(dims, spec, layout, 70 + i as u64, nan);
+                pool_case::<bf16>(dims, spec, layout, 80 + i as u64, nan);
             }
         }
     }
@@ -1068,6 +1193,7 @@ fn conv_epilogue_is_the_cpu_stages_combined() {
             for nan in [false, true] {
                 conv_epilogue_case::<f32>(dims, lrn, spec, layout, 90 + i as u64, nan);
                 conv_epilogue_case::<f16>(dims, lrn, spec, layout, 95 + i as u64, nan);
+                conv_epilogue_case::<bf16>(dims, lrn, spec, layout, 195 + i as u64, nan);
             }
         }
     }
@@ -1155,6 +1281,7 @@ fn prepare_input_matches_the_cpu_normalisation_bit_for_bit() {
             for (n, channels) in [(1, 3), (3, 8)] {
                 prepare_case::<f32>(n, channels, 7, layout, &pre);
                 prepare_case::<f16>(n, channels, 7, layout, &pre);
+                prepare_case::<bf16>(n, channels, 7, layout, &pre);
             }
         }
     }
@@ -1163,6 +1290,7 @@ fn prepare_input_matches_the_cpu_normalisation_bit_for_bit() {
         for (n, channels, hw) in [(2, 3, (5, 3)), (1, 8, (3, 7)), (3, 4, (4, 9))] {
             prepare_rect_case::<f32>(n, channels, hw, layout);
             prepare_rect_case::<f16>(n, channels, hw, layout);
+            prepare_rect_case::<bf16>(n, channels, hw, layout);
         }
     }
     // Malformed byte counts are refused before any launch.
@@ -1209,6 +1337,7 @@ fn relayout_pads_and_reorders_an_f32_batch_exactly() {
         for (n, src_channels, channels) in [(1, 3, 3), (3, 3, 8), (2, 1, 4)] {
             relayout_case::<f32>(n, src_channels, channels, layout);
             relayout_case::<f16>(n, src_channels, channels, layout);
+            relayout_case::<bf16>(n, src_channels, channels, layout);
         }
     }
     // A source of another size, or more channels than the output, is refused before a launch.
@@ -1339,10 +1468,13 @@ fn softmax_topk_matches_the_cpu_with_ties_and_nan() {
         for k in [1, 5, 32] {
             softmax_case::<f32>(&wide, k, block);
             softmax_case::<f16>(&wide, k, block);
+            softmax_case::<bf16>(&wide, k, block);
             softmax_case::<f32>(&ties, k, block);
             softmax_case::<f16>(&ties, k, block);
+            softmax_case::<bf16>(&ties, k, block);
             softmax_case::<f32>(&nan, k, block);
             softmax_case::<f16>(&nan, k, block); // f16 NaN logits: loaded as NaN, ranked first
+            softmax_case::<bf16>(&nan, k, block);
         }
     }
 }
@@ -1458,6 +1590,7 @@ fn maxpool_backward_matches_the_cpu_with_overlaps_ties_and_nan() {
                     let seed = 200 + i as u64;
                     pool_backward_case::<f32>(dims, spec, layout, seed, ties, relu_first);
                     pool_backward_case::<f16>(dims, spec, layout, seed, ties, relu_first);
+                    pool_backward_case::<bf16>(dims, spec, layout, seed, ties, relu_first);
                 }
             }
         }
@@ -1523,7 +1656,11 @@ fn lrn_backward_case<T: Elem>(
         } else {
             // powf may differ from the CPU's in the last bit, which f16 rounding can carry
             // into one f16 step: measured against the unrounded CPU result.
-            let tol = if T::SUFFIX == "f16" { 1e-3 } else { 1e-6 };
+            let tol = match T::SUFFIX {
+                "f16" => 1e-3,
+                "bf16" => 8e-3, // bf16's step is 8 times f16's
+                _ => 1e-6,
+            };
             let err = rel_err(&got, &exact);
             assert!(err <= tol, "{what}: relative error {err:e}");
         }
@@ -1558,6 +1695,7 @@ fn lrn_backward_matches_the_cpu_at_the_channel_edges() {
             for relu_first in [false, true] {
                 lrn_backward_case::<f32>(dims, layout, lrn, 220 + i as u64, relu_first);
                 lrn_backward_case::<f16>(dims, layout, lrn, 220 + i as u64, relu_first);
+                lrn_backward_case::<bf16>(dims, layout, lrn, 230 + i as u64, relu_first);
             }
         }
     }
@@ -1577,6 +1715,7 @@ fn relu_backward_matches_the_cpu() {
     output[[1, 3, 2, 1]] = 1e-9;
     relu_backward_case::<f32>(&output, 241);
     relu_backward_case::<f16>(&output, 241);
+    relu_backward_case::<bf16>(&output, 242);
 }
 
 /// `relu_backward` in `T` against the CPU on the values rounded to `T` (the kernel only
@@ -1602,7 +1741,11 @@ fn relu_backward_case<T: Elem>(output: &Array4<f32>, seed: u64) {
 /// a block), within f16's rounding of the gradient for f16 and 1e-6 for f32.
 fn bias_grad_case<T: Elem>(grad: &ArrayD<f32>, layout: Layout, want: &ArrayD<f32>) {
     // The f16 kernel sums what it reads: the gradient rounded to f16 (the CPU twin is f32).
-    let tolerance = if T::SUFFIX == "f16" { 2e-3 } else { 1e-6 };
+    let tolerance = match T::SUFFIX {
+        "f16" => 2e-3,
+        "bf16" => 1.6e-2, // bf16's step is 8 times f16's
+        _ => 1e-6,
+    };
     bias_grad_within::<T>(grad, layout, want, tolerance);
 }
 
@@ -1754,6 +1897,7 @@ fn bias_gradients_match_the_cpu_layers() {
     for layout in LAYOUTS {
         bias_grad_case::<f32>(&grad_out.clone().into_dyn(), layout, &want);
         bias_grad_case::<f16>(&grad_out.clone().into_dyn(), layout, &want);
+        bias_grad_case::<bf16>(&grad_out.clone().into_dyn(), layout, &want);
     }
     // Gradients large enough that every thread sums several positions, stepping across image
     // boundaries: a plane wider than the block (inner 510), one narrower (inner 77), one as wide
@@ -1780,13 +1924,20 @@ fn bias_gradients_match_the_cpu_layers() {
         ([2, 70, 9, 13], 272),
     ] {
         let grad = random(shape, stream, 1.0).mapv(|v| v.abs() + 0.25);
-        let grad16 = grad.mapv(|v| f16::from_f32(v).to_f32());
+        let grad16 = rounded::<f16, _>(&grad);
+        let grad_bf16 = rounded::<bf16, _>(&grad);
         for layout in LAYOUTS {
             bias_grad_within::<f32>(&grad.clone().into_dyn(), layout, &plain_sum(&grad), 1e-6);
             bias_grad_within::<f16>(
                 &grad16.clone().into_dyn(),
                 layout,
                 &plain_sum(&grad16),
+                1e-6,
+            );
+            bias_grad_within::<bf16>(
+                &grad_bf16.clone().into_dyn(),
+                layout,
+                &plain_sum(&grad_bf16),
                 1e-6,
             );
         }
@@ -1801,7 +1952,8 @@ fn bias_gradients_match_the_cpu_layers() {
         .bias
         .into_dyn();
     bias_grad_case::<f32>(&grad_rows.clone().into_dyn(), Layout::Nchw, &want);
-    bias_grad_case::<f16>(&grad_rows.into_dyn(), Layout::Nchw, &want);
+    bias_grad_case::<f16>(&grad_rows.clone().into_dyn(), Layout::Nchw, &want);
+    bias_grad_case::<bf16>(&grad_rows.into_dyn(), Layout::Nchw, &want);
     // Longer linear gradients, split into 5 and 9 row ranges over two and four tiles, and an
     // empty one (no rows: one empty split, every channel's gradient 0).
     for (shape, stream) in [([300, 37], 273), ([520, 100], 274), ([0, 10], 275)] {
@@ -1823,6 +1975,13 @@ fn bias_gradients_match_the_cpu_layers() {
             &grad16.clone().into_dyn(),
             Layout::Nchw,
             &plain_sum(&grad16),
+            1e-6,
+        );
+        let grad_bf16 = rounded::<bf16, _>(&grad);
+        bias_grad_within::<bf16>(
+            &grad_bf16.clone().into_dyn(),
+            Layout::Nchw,
+            &plain_sum(&grad_bf16),
             1e-6,
         );
     }
@@ -2247,6 +2406,7 @@ fn gradient_unscaling_matches_the_cpu_and_flags_overflow() {
     for scale in [65536.0, 3.0] {
         grad_unscale_case::<f32>(&values, scale, 0);
         grad_unscale_case::<f16>(&values, scale, 0);
+        grad_unscale_case::<bf16>(&values, scale, 0);
     }
     let mut overflowing = values.clone();
     overflowing[0] = f32::INFINITY;
@@ -2256,12 +2416,16 @@ fn gradient_unscaling_matches_the_cpu_and_flags_overflow() {
     let mut beyond_f16 = values.clone();
     beyond_f16[500] = 70000.0;
     grad_unscale_case::<f16>(&beyond_f16, 65536.0, 0);
+    // bf16 keeps f32's range: 70000 is finite there, and bf16 infinities and NaNs are flagged.
+    grad_unscale_case::<bf16>(&beyond_f16, 65536.0, 0);
+    grad_unscale_case::<bf16>(&overflowing, 65536.0, 0);
     // A scale backed off below 1 can take a finite gradient past f32's range: flagged too.
     let mut past_f32 = values.clone();
     past_f32[300] = 3.0e38;
     grad_unscale_case::<f32>(&past_f32, 0.5, 0);
     grad_unscale_in_place_case(&past_f32, 0.5);
     grad_unscale_case::<f16>(&values, f32::MIN_POSITIVE, 0);
+    grad_unscale_case::<bf16>(&past_f32, 0.5, 0);
     // A flag set by an earlier launch of the same step stays set.
     grad_unscale_case::<f32>(&values, 65536.0, 1);
     // In place, as `unscale_gradients_in_place` launches it for the biases: src == dst.

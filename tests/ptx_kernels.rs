@@ -180,7 +180,7 @@ fn parser_reads_nvcc_signatures() {
 #[test]
 fn check_module_reports_every_mismatch() {
     // dropout_f32 with a 16-byte struct (AlexnetDropoutParams is 24), the module's other
-    // kernel missing, and a kernel the registry does not know.
+    // kernels (f16, bf16) missing, and a kernel the registry does not know.
     let ptx = ".visible .entry dropout_f32(\n\t.param .u64 p0,\n\t.param .u64 p1,\n\
                \t.param .align 8 .b8 p2[16]\n)\n\
                {\n}\n.visible .entry stray_f32(\n\t.param .u64 p0\n)\n{\n}\n";
@@ -188,8 +188,9 @@ fn check_module_reports_every_mismatch() {
     let has = |needle: &str| problems.iter().any(|p| p.contains(needle));
     assert!(has("dropout_f32 parameter 2"), "{problems:#?}");
     assert!(has("dropout_f16 is missing"), "{problems:#?}");
+    assert!(has("dropout_bf16 is missing"), "{problems:#?}");
     assert!(has("stray_f32 is not in the registry"), "{problems:#?}");
-    assert_eq!(problems.len(), 1 + 1 + 1, "{problems:#?}");
+    assert_eq!(problems.len(), 1 + 2 + 1, "{problems:#?}");
 }
 
 /// ptxas, beside the nvcc that built the crate (nvcc needs it to make machine code).

@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use cudarc::cublas::sys::cudaDataType_t;
 use cudarc::cudnn::sys::cudnnDataType_t;
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
-use half::f16;
+use half::{bf16, f16};
 
 /// Storage type of a GPU tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -16,17 +16,20 @@ pub enum GpuDtype {
     F32,
     /// IEEE binary16 storage, `f32` arithmetic and accumulation.
     F16,
+    /// bfloat16 storage (f32's exponent, 8 significant bits), `f32` arithmetic and
+    /// accumulation. Its tensor cores need compute capability 8.0 (Ampere) or newer.
+    Bf16,
 }
 
 impl GpuDtype {
-    /// Both dtypes, in a fixed order.
-    pub const ALL: [GpuDtype; 2] = [GpuDtype::F32, GpuDtype::F16];
+    /// Every dtype, in a fixed order.
+    pub const ALL: [GpuDtype; 3] = [GpuDtype::F32, GpuDtype::F16, GpuDtype::Bf16];
 
     /// Bytes per element.
     pub const fn size(self) -> usize {
         match self {
             GpuDtype::F32 => 4,
-            GpuDtype::F16 => 2,
+            GpuDtype::F16 | GpuDtype::Bf16 => 2,
         }
     }
 
@@ -35,6 +38,7 @@ impl GpuDtype {
         match self {
             GpuDtype::F32 => cudnnDataType_t::CUDNN_DATA_FLOAT,
             GpuDtype::F16 => cudnnDataType_t::CUDNN_DATA_HALF,
+            GpuDtype::Bf16 => cudnnDataType_t::CUDNN_DATA_BFLOAT16,
         }
     }
 
@@ -43,6 +47,7 @@ impl GpuDtype {
         match self {
             GpuDtype::F32 => cudaDataType_t::CUDA_R_32F,
             GpuDtype::F16 => cudaDataType_t::CUDA_R_16F,
+            GpuDtype::Bf16 => cudaDataType_t::CUDA_R_16BF,
         }
     }
 }
@@ -51,10 +56,11 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
 }
 
-/// An element type the GPU layers are generic over: `f32` or [`half::f16`]. Sealed: the kernels
-/// exist for these two only.
+/// An element type the GPU layers are generic over: `f32`, [`half::f16`] or [`half::bf16`].
+/// Sealed: the kernels exist for these three only.
 pub trait GpuFloat:
     DeviceRepr
     + ValidAsZeroBits
@@ -72,7 +78,7 @@ pub trait GpuFloat:
     /// The dtype tag (registry entries, library data types).
     const DTYPE: GpuDtype;
 
-    /// Rounds an `f32` to this type (round to nearest even for `f16`).
+    /// Rounds an `f32` to this type (round to nearest even for `f16` and `bf16`).
     fn from_f32(v: f32) -> Self;
 
     /// Widens to `f32` (exact).
@@ -103,6 +109,19 @@ impl GpuFloat for f16 {
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    fn from_f32_slice(_: &[f32]) -> Option<&[Self]> {
+        None
+    }
+}
+
+impl GpuFloat for bf16 {
+    const DTYPE: GpuDtype = GpuDtype::Bf16;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
     }
     fn from_f32_slice(_: &[f32]) -> Option<&[Self]> {
         None

@@ -9,7 +9,7 @@ use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs,
     LaunchConfig, PushKernelArg,
 };
-use half::f16;
+use half::{bf16, f16};
 
 use super::abi::*;
 use super::device::Gpu;
@@ -107,6 +107,7 @@ macro_rules! kernel_elems {
 kernel_elems!(
     f32 => F32,
     f16 => F16,
+    bf16 => Bf16,
     f64 => F64,
     u8 => U8,
     u32 => U32,

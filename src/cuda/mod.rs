@@ -11,7 +11,8 @@
 //! - [`Gpu`]: one device — context, a compute stream and a copy stream, cuBLAS and cuDNN
 //!   handles, every kernel looked up once.
 //! - [`GpuTensor`]: a device buffer with its logical shape (PyTorch order) and [`Layout`].
-//! - Layers, each usable on its own and generic over `f32` and `half::f16` ([`GpuFloat`]):
+//! - Layers, each usable on its own and generic over `f32`, `half::f16` and `half::bf16`
+//!   ([`GpuFloat`]):
 //!   [`Conv2dGpu`] (cuDNN, algorithm measured once per shape and cached), [`LrnGpu`],
 //!   [`MaxPoolGpu`], [`LinearGpu`] (cuBLAS), [`DropoutGpu`] (the CPU's mask),
 //!   [`softmax_top_k`], [`PrepareInput`] (u8 HWC images to normalised tensors), [`bias_act`].
@@ -26,6 +27,8 @@
 //!   relative error).
 //! - fp16 stores weights and activations as f16 and accumulates in f32 (tensor cores), NHWC,
 //!   the RGB input padded to 8 channels — the contract the CPU model's fp16 mode emulates.
+//! - bf16 is fp16's contract with bfloat16 storage (f32's range, 8 significant bits), on
+//!   compute capability 8.0 and newer; inference only (training's mixed precision is fp16).
 //!
 //! # Example
 //!
@@ -102,10 +105,11 @@ pub use libraries::{
 };
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
-    bias_act, bias_grad, convert_f16_to_f32, convert_f32_to_f16, relayout_f32_input, relu_backward,
-    sgd_step, softmax_cross_entropy, softmax_top_k, unscale_gradients, Conv2dGpu, ConvChoice,
-    ConvEpilogueGpu, ConvOptions, ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu,
-    PrepareInput, Scale, SgdBuffers, SgdSegment, StepSettings, TopK,
+    bias_act, bias_grad, convert_bf16_to_f32, convert_f16_to_f32, convert_f32_to_f16,
+    relayout_f32_input, relu_backward, sgd_step, softmax_cross_entropy, softmax_top_k,
+    unscale_gradients, Conv2dGpu, ConvChoice, ConvEpilogueGpu, ConvOptions, ConvPlanInfo,
+    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, Scale, SgdBuffers, SgdSegment,
+    StepSettings, TopK,
 };
 pub use trainer::{CudaTrainOptions, CudaTrainer, StepPhase, StepProfile};
 

@@ -1,6 +1,6 @@
 //! The one list of the crate's CUDA kernels. Each entry says which `.cu` module (file stem
 //! under `kernels/`) defines the family, for which storage types (the `extern "C"` name is the
-//! family name plus `_f32` / `_f16`) and which parameters its launcher passes, in order (each
+//! family name plus `_f32` / `_f16` / `_bf16`) and which parameters its launcher passes, in order (each
 //! pointer with the type it points to, each struct by name). Everything else is derived from
 //! it: [`Kernel`], [`MODULES`], [`KERNELS`], the lookup at load time (`Gpu::new` finds every
 //! entry in its module) and the argument check of every launch. `tests/kernel_signatures.rs`
@@ -20,11 +20,14 @@ use super::dtype::GpuDtype;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pointee {
     /// The kernel's storage type: `float` in its `_f32` entry, `unsigned short` (f16 bits) in
-    /// its `_f16` one.
+    /// its `_f16` one, `alexnet_bf16` (bfloat16 bits) in its `_bf16` one.
     Storage,
     F32,
     /// f16 bits, `unsigned short` in C.
     F16,
+    /// bfloat16 bits, `alexnet_bf16` in C (a struct of one `unsigned short`, so that the
+    /// kernels' overloads tell it from f16).
+    Bf16,
     F64,
     U8,
     U32,
@@ -39,6 +42,7 @@ impl Pointee {
         match (self, dtype) {
             (Pointee::Storage, GpuDtype::F32) => Pointee::F32,
             (Pointee::Storage, GpuDtype::F16) => Pointee::F16,
+            (Pointee::Storage, GpuDtype::Bf16) => Pointee::Bf16,
             (other, _) => other,
         }
     }
@@ -50,6 +54,7 @@ impl Pointee {
             Pointee::Storage => return None,
             Pointee::F32 => "float",
             Pointee::F16 => "unsigned short",
+            Pointee::Bf16 => "alexnet_bf16",
             Pointee::F64 => "double",
             Pointee::U8 => "unsigned char",
             Pointee::U32 => "unsigned int",
@@ -104,6 +109,9 @@ macro_rules! dtype {
     (f16) => {
         GpuDtype::F16
     };
+    (bf16) => {
+        GpuDtype::Bf16
+    };
 }
 
 macro_rules! kernel_registry {
@@ -137,31 +145,31 @@ macro_rules! kernel_registry {
 }
 
 use Param::Ptr;
-use Pointee::{StepSettings, Storage, F16, F32, F64, U32, U64, U8};
+use Pointee::{Bf16, StepSettings, Storage, F16, F32, F64, U32, U64, U8};
 
 kernel_registry! {
     "prepare" => {
         /// u8 HWC images to the normalised input tensor (`ops::prepare`).
-        PrepareInput = "prepare_input" for [f32, f16]
+        PrepareInput = "prepare_input" for [f32, f16, bf16]
             [Ptr(U8), Ptr(Storage), by_value!(AlexnetPrepareParams)];
         /// An f32 NCHW batch into the input tensor's type, layout and channels
         /// (`ops::prepare`).
-        RelayoutF32To = "relayout_f32_to" for [f32, f16]
+        RelayoutF32To = "relayout_f32_to" for [f32, f16, bf16]
             [Ptr(F32), Ptr(Storage), by_value!(AlexnetRelayoutParams)];
     }
     "bias_act" => {
         /// Bias + optional ReLU in place (`ops::bias_act`).
-        BiasAct = "bias_act" for [f32, f16]
+        BiasAct = "bias_act" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(Storage), by_value!(AlexnetBiasActParams)];
         /// The ReLU's backward in place (`ops::bias_act`, training).
-        ReluBackward = "relu_backward" for [f32, f16]
+        ReluBackward = "relu_backward" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(Storage), by_value!(AlexnetReluBackwardParams)];
         /// A bias's gradient, summed per channel into f32 (`ops::bias_act`, training).
-        BiasGrad = "bias_grad" for [f32, f16]
+        BiasGrad = "bias_grad" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(F32), by_value!(AlexnetBiasGradParams)];
         /// A bias's gradient where the channel axis is innermost, first as per-split f64
         /// partial sums (`ops::bias_act`, training)...
-        BiasGradColumns = "bias_grad_columns" for [f32, f16]
+        BiasGradColumns = "bias_grad_columns" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(F64), by_value!(AlexnetBiasColumnsParams)];
         /// ...then each channel's partials added into f32.
         BiasGradFinish = "bias_grad_finish" for [f32]
@@ -169,31 +177,35 @@ kernel_registry! {
     }
     "dropout" => {
         /// Training-mode dropout in place with the CPU's mask (`ops::dropout`).
-        Dropout = "dropout" for [f32, f16]
+        Dropout = "dropout" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(U64), by_value!(AlexnetDropoutParams)];
     }
     "convert" => {
         /// f16 to the named type: `convert_f16_to_f32` widens f16 logits (`ops::convert`).
         ConvertF16To = "convert_f16_to" for [f32]
             [Ptr(F16), Ptr(Storage), by_value!(AlexnetConvertParams)];
+        /// bf16 to the named type: `convert_bf16_to_f32` widens bf16 logits (`ops::convert`).
+        ConvertBf16To = "convert_bf16_to" for [f32]
+            [Ptr(Bf16), Ptr(Storage), by_value!(AlexnetConvertParams)];
         /// f32 times a scale to the named type: `convert_f32_to_f16` (`ops::convert`, training).
-        ConvertF32To = "convert_f32_to" for [f16]
+        ConvertF32To = "convert_f32_to" for [f16, bf16]
             [Ptr(F32), Ptr(Storage), Ptr(StepSettings), by_value!(AlexnetConvertParams)];
     }
     "lrn" => {
         /// The paper's LRN, optionally after a fused ReLU (`ops::lrn`).
-        Lrn = "lrn" for [f32, f16] [Ptr(Storage), Ptr(Storage), by_value!(AlexnetLrnParams)];
+        Lrn = "lrn" for [f32, f16, bf16]
+            [Ptr(Storage), Ptr(Storage), by_value!(AlexnetLrnParams)];
         /// The LRN's backward (`ops::lrn`, training).
-        LrnBackward = "lrn_backward" for [f32, f16]
+        LrnBackward = "lrn_backward" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetLrnParams)];
     }
     "pool" => {
         /// Max-pooling, no padding, floor mode (`ops::pool`).
-        MaxPool = "maxpool" for [f32, f16]
+        MaxPool = "maxpool" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(Storage), by_value!(AlexnetPoolParams)];
         /// Max-pooling's backward, gathered per input element, optionally with the ReLU's
         /// before it (`ops::pool`, training).
-        MaxPoolBackward = "maxpool_backward" for [f32, f16]
+        MaxPoolBackward = "maxpool_backward" for [f32, f16, bf16]
             [
                 Ptr(Storage),
                 Ptr(Storage),
@@ -205,12 +217,12 @@ kernel_registry! {
     "conv_epilogue" => {
         /// Bias, ReLU, optional LRN and max-pooling after a convolution in one pass
         /// (`ops::conv_epilogue`).
-        ConvEpilogue = "conv_epilogue" for [f32, f16]
+        ConvEpilogue = "conv_epilogue" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(Storage), Ptr(Storage), by_value!(AlexnetConvEpilogueParams)];
     }
     "softmax" => {
         /// Row-wise softmax and top-k (`ops::softmax`).
-        SoftmaxTopk = "softmax_topk" for [f32, f16]
+        SoftmaxTopk = "softmax_topk" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(F32), Ptr(U32), Ptr(F32), by_value!(AlexnetSoftmaxParams)];
     }
     "loss" => {
@@ -221,7 +233,7 @@ kernel_registry! {
     "grad_scale" => {
         /// Mixed precision: gradients times 1/scale into f32, with the overflow check
         /// (`ops::grad_scale`, training).
-        GradUnscale = "grad_unscale" for [f32, f16]
+        GradUnscale = "grad_unscale" for [f32, f16, bf16]
             [Ptr(Storage), Ptr(F32), Ptr(U32), Ptr(StepSettings), by_value!(AlexnetGradUnscaleParams)];
     }
     "sgd" => {
@@ -258,6 +270,10 @@ mod tests {
             "convert_f16_to_f32"
         );
         assert!(Kernel::ConvertF16To.spec(GpuDtype::F16).is_none());
+        let bf = Kernel::MaxPool.spec(GpuDtype::Bf16).unwrap();
+        assert_eq!(bf.name, "maxpool_bf16");
+        assert_eq!(bf.params[0].resolved(GpuDtype::Bf16), Ptr(Bf16));
+        assert_eq!(Bf16.c_type(), Some("alexnet_bf16"));
         assert_eq!(kernel("maxpool_f32").unwrap().kernel, Kernel::MaxPool);
     }
 

@@ -5,7 +5,7 @@
 //! Each result is checked against the CPU layer, so a library that runs but computes garbage
 //! is caught too. Costs a few milliseconds (plus cuDNN's algorithm search on these shapes).
 
-use half::f16;
+use half::{bf16, f16};
 use ndarray::{Array1, Array2, Array4};
 
 use super::device::Gpu;
@@ -19,13 +19,6 @@ use crate::error::{Error, Result};
 /// except running out of memory (another process holding the GPU's memory is no broken
 /// install), which stays [`Error::OutOfMemory`].
 pub(super) fn run(gpu: &Gpu) -> Result<()> {
-    let fail = |what: &str, e: Error| match e {
-        out_of_memory @ Error::OutOfMemory { .. } => out_of_memory,
-        e => Error::DeviceUnavailable(format!(
-            "the GPU opened, but {what} failed its test when the device was opened: {e}. \
-             Reinstall the library named (see README, \"GPU set-up\"), or use --device cpu"
-        )),
-    };
     conv::<f32>(gpu, Layout::Nchw).map_err(|e| fail("cuDNN's fp32 convolution", e))?;
     conv::<f16>(gpu, Layout::Nhwc).map_err(|e| fail("cuDNN's fp16 NHWC convolution", e))?;
     linear::<f32>(gpu).map_err(|e| fail("cuBLAS's fp32 GEMM", e))?;
@@ -33,7 +26,26 @@ pub(super) fn run(gpu: &Gpu) -> Result<()> {
     gpu.synchronize().map_err(|e| fail("the device", e))
 }
 
-/// Small values with a pattern (no two equal neighbours), exact in f16.
+/// bf16's checks, as [`run`]'s: run when a bf16 model is built (on compute capability 8.0 and
+/// newer; not at every open, which a pre-Ampere GPU must pass for the other precisions).
+pub(super) fn run_bf16(gpu: &Gpu) -> Result<()> {
+    conv::<bf16>(gpu, Layout::Nhwc).map_err(|e| fail("cuDNN's bf16 NHWC convolution", e))?;
+    linear::<bf16>(gpu).map_err(|e| fail("cuBLAS's bf16 GEMM", e))?;
+    gpu.synchronize().map_err(|e| fail("the device", e))
+}
+
+/// A failed check as `DeviceUnavailable` naming `what`, except running out of memory.
+fn fail(what: &str, e: Error) -> Error {
+    match e {
+        out_of_memory @ Error::OutOfMemory { .. } => out_of_memory,
+        e => Error::DeviceUnavailable(format!(
+            "the GPU opened, but {what} failed its test when the device was opened: {e}. \
+             Reinstall the library named (see README, \"GPU set-up\"), or use --device cpu"
+        )),
+    }
+}
+
+/// Small values with a pattern (no two equal neighbours), exact in f16 and bf16.
 fn pattern(len: usize, scale: f32) -> Vec<f32> {
     (0..len)
         .map(|i| ((i * 7 + 3) % 17) as f32 / 16.0 * scale - scale / 2.0)
@@ -115,9 +127,10 @@ mod tests {
         assert!(check("t", &[1.0, -2.0, 4.1], &want, 1e-2).is_err());
         assert!(check("t", &[1.0, f32::NAN, 4.0], &want, 1e-2).is_err());
         assert!(check("t", &[1.0, -2.0], &want, 1e-2).is_err());
-        // The pattern is exact in f16 and has no two equal neighbours.
+        // The pattern is exact in f16 and bf16 and has no two equal neighbours.
         let p = pattern(40, 2.0);
         assert!(p.iter().all(|&v| f16::from_f32(v).to_f32() == v));
+        assert!(p.iter().all(|&v| bf16::from_f32(v).to_f32() == v));
         assert!(p.windows(2).all(|w| w[0] != w[1]));
     }
 }

@@ -176,6 +176,22 @@ pub fn exclusive_gpu() -> std::sync::MutexGuard<'static, ()> {
     GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether GPU 0 runs bf16 (compute capability 8.0 or newer); where it does not, prints the
+/// line that says the bf16 part of the calling test was skipped, and why. Without a usable GPU
+/// it panics: a GPU test run without one fails, it never passes by skipping.
+#[cfg(feature = "cuda")]
+pub fn gpu_runs_bf16(test: &str) -> bool {
+    let gpu = alexnet_cuda::cuda::Gpu::new(0).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let (major, minor) = gpu.compute_capability();
+    if major < 8 {
+        eprintln!(
+            "{test}: SKIPPED bf16: {} has compute capability {major}.{minor} (bf16 needs 8.0)",
+            gpu.name()
+        );
+    }
+    major >= 8
+}
+
 /// A small AlexNet-shaped network (LRN, dropout of probability `dropout` where the paper has
 /// one) on 67x67 inputs with 5 classes, that trains in milliseconds on the CPU.
 pub fn small_training_config(dropout: Option<f32>) -> AlexNetConfig {

@@ -8,11 +8,11 @@
 #            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
 #   tests    every GPU test, one at a time (--test-threads=1), each result listed; never stops at
 #            a failure (not the 10,000-batch soak)
-#   infer    infer --batch $BATCH in fp32, fp32 --fp32-gemm-only, tf32 and fp16 (extra flags:
-#            INFER_ARGS)
+#   infer    infer --batch $BATCH in fp32, fp32 --fp32-gemm-only, tf32, fp16 and bf16 (extra
+#            flags: INFER_ARGS)
 #   bench    the criterion GPU benches (benches/gpu_forward.rs: forward_u8 at batch 1 to 256,
 #            the pipeline at 128), about four minutes (--quick by default: BENCH_ARGS)
-#   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16
+#   anchor   PyTorch in the same run: torch_anchor.py --precisions fp32,tf32,fp16,bf16
 #   trainbench  one training step's throughput (benches/gpu_train.rs: paper, batch 128,
 #            fp32+gemm-only, fp32, tf32, fp16, the last three also +nondeterministic; pageable,
 #            page-locked and sent-ahead; each mode first with a phase-by-phase profile of one
@@ -121,7 +121,7 @@ PY
     infer)
         # fp32 is PyTorch's fp32 (FFT and Winograd allowed); fp32g keeps to the GEMM family
         # (--fp32-gemm-only), within 1e-4 of the CPU.
-        for p in fp32 fp32g tf32 fp16; do
+        for p in fp32 fp32g tf32 fp16 bf16; do
             flags=(--precision "$p")
             [ "$p" = fp32g ] && flags=(--precision fp32 --fp32-gemm-only)
             within "$INFER_TIMEOUT" $G/bin/bin-infer --device cuda --batch "$BATCH" "${flags[@]}" ${INFER_ARGS:-} > "$OUT/infer-$p.txt" 2>&1
@@ -137,7 +137,7 @@ PY
         while read -r l; do note "  $l"; done < <(grep -B2 -E 'thrpt|skipped' "$OUT/bench.txt" | grep -E '^gpu_|thrpt|skipped')
         ;;
     anchor)
-        within 300 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,tf32,fp16 --json "$OUT/anchor.json" > "$OUT/anchor.txt" 2>&1
+        within 300 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,tf32,fp16,bf16 --json "$OUT/anchor.json" > "$OUT/anchor.txt" 2>&1
         rc=$?
         note "anchor (PyTorch eager) rc=$rc (anchor.txt)"
         # The table: its header and one row per precision (or why one was not measured).

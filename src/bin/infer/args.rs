@@ -86,7 +86,7 @@ pub struct Args {
 pub enum PrecisionArg {
     Fp32,
     Fp16,
-    /// bf16 storage, f32 accumulation; CPU only (auto picks the CPU, cuda is refused).
+    /// bf16 storage, f32 accumulation (on a GPU: compute capability 8.0 or newer).
     Bf16,
     /// fp32 storage, TF32 tensor-core math on the GPU (the CPU computes fp32).
     Tf32,
@@ -191,11 +191,6 @@ pub fn check_flags(matches: &ArgMatches, args: &Args) {
                 "--{} does not apply to {what}",
                 id.replace('_', "-")
             ));
-        }
-    }
-    if matches!(args.device, DeviceArg::Cuda) {
-        if let Err(e) = Precision::from(args.precision).check_gpu() {
-            usage_error(e.to_string());
         }
     }
     if matches!(args.device, DeviceArg::Cpu) && args.gpu.is_some() {

@@ -2,13 +2,15 @@
 //! and what is done to them outside the layers: uploads, input preparation, downloads.
 
 use cudarc::driver::{CudaSlice, CudaView, HostSlice, PinnedHostSlice};
-use half::f16;
+use half::{bf16, f16};
 use ndarray::ArrayView4;
 
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::graph::GraphState;
-use crate::cuda::ops::{convert_f16_to_f32, relayout_f32_input, softmax_top_k, PrepareInput, TopK};
+use crate::cuda::ops::{
+    convert_bf16_to_f32, convert_f16_to_f32, relayout_f32_input, softmax_top_k, PrepareInput, TopK,
+};
 use crate::cuda::tensor::GpuTensor;
 use crate::error::{Error, Result};
 
@@ -156,7 +158,7 @@ fn last<T: GpuFloat>(outputs: &[GpuTensor<T>]) -> Result<&GpuTensor<T>> {
         .ok_or_else(|| Error::invalid("config", "the network has no stage"))
 }
 
-/// Queues the copy of `logits` (as f32, widened through `wide` in fp16 mode) into `dst` on the
+/// Queues the copy of `logits` (as f32, widened through `wide` in fp16 and bf16) into `dst` on the
 /// compute stream.
 fn download_logits<T: GpuFloat, D: HostSlice<f32> + ?Sized>(
     gpu: &Gpu,
@@ -181,18 +183,24 @@ fn download_logits<T: GpuFloat, D: HostSlice<f32> + ?Sized>(
             // SAFETY: `T::DTYPE == F32` holds only for `T = f32` (GpuFloat is sealed), so the
             // buffer holds `len` f32 values.
             let view = unsafe { logits.data().transmute::<f32>(len) }.ok_or_else(view_err)?;
-            stream
+            return stream
                 .memcpy_dtoh(&view, dst)
-                .map_err(driver_err("cuMemcpyDtoH (logits)"))
+                .map_err(driver_err("cuMemcpyDtoH (logits)"));
         }
         GpuDtype::F16 => {
             // SAFETY: `T::DTYPE == F16` holds only for `T = half::f16`.
             let view = unsafe { logits.data().transmute::<f16>(len) }.ok_or_else(view_err)?;
             convert_f16_to_f32(gpu, &view, wide)?;
-            let wide = wide.try_slice(..len).ok_or_else(view_err)?;
-            stream
-                .memcpy_dtoh(&wide, dst)
-                .map_err(driver_err("cuMemcpyDtoH (logits)"))
+        }
+        GpuDtype::Bf16 => {
+            // SAFETY: `T::DTYPE == Bf16` holds only for `T = half::bf16`.
+            let view = unsafe { logits.data().transmute::<bf16>(len) }.ok_or_else(view_err)?;
+            convert_bf16_to_f32(gpu, &view, wide)?;
         }
     }
+    // Widened into `wide` by the f16 or bf16 branch above.
+    let wide = wide.try_slice(..len).ok_or_else(view_err)?;
+    stream
+        .memcpy_dtoh(&wide, dst)
+        .map_err(driver_err("cuMemcpyDtoH (logits)"))
 }

@@ -7,7 +7,7 @@ mod net;
 use std::mem::ManuallyDrop;
 
 use cudarc::driver::{CudaEvent, CudaStream, CudaView, PinnedHostSlice};
-use half::f16;
+use half::{bf16, f16};
 use ndarray::{Array2, ArrayView4, ArrayViewD};
 
 use self::buffers::Buffers;
@@ -85,6 +85,7 @@ impl CudaOptions {
 enum TypedNet {
     F32(Net<f32>),
     F16(Net<f16>),
+    Bf16(Net<bf16>),
 }
 
 /// Runs `$body` with `$net` bound to the network of either storage type.
@@ -93,6 +94,7 @@ macro_rules! with_net {
         match $typed {
             TypedNet::F32($net) => $body,
             TypedNet::F16($net) => $body,
+            TypedNet::Bf16($net) => $body,
         }
     };
 }
@@ -111,6 +113,8 @@ type HostObserver<'a> = dyn FnMut(&str, ArrayViewD<'_, f32>) + 'a;
 /// - [`Precision::Fp16`]: f16 NHWC activations (the input padded to 8 channels, conv1's weights
 ///   with zero filters for them) on the tensor cores with f32 accumulation; fc1's weight
 ///   columns are reordered at load so the (H, W, C) flatten gives the CPU's result.
+/// - [`Precision::Bf16`]: as fp16 with bfloat16 storage (f32's range, 8 significant bits); needs
+///   compute capability 8.0 (Ampere) or newer, else [`Error::DeviceUnavailable`].
 ///
 /// Buffers are allocated on the first batch of a size and reused until the size changes;
 /// convolution algorithms are chosen once per batch size ([`CudaModel::prepare`] does both
@@ -158,11 +162,29 @@ impl Drop for CudaModel {
     }
 }
 
+/// bf16 needs the tensor cores and library kernels of compute capability 8.0 (Ampere, 2020)
+/// or newer: an older GPU is [`Error::DeviceUnavailable`] (so `--device auto` falls back to
+/// the CPU, which computes bf16 too), not a failure deep inside cuDNN. So is a cuDNN or cuBLAS
+/// whose bf16 convolution or GEMM fails the self-test (as fp32's and fp16's do at open).
+fn check_bf16_capable(gpu: &Gpu) -> Result<()> {
+    bf16_capable(gpu.name(), gpu.compute_capability())?;
+    super::self_test::run_bf16(gpu)
+}
+
+fn bf16_capable(name: &str, (major, minor): (i32, i32)) -> Result<()> {
+    if major >= 8 {
+        return Ok(());
+    }
+    Err(Error::DeviceUnavailable(format!(
+        "{name} has compute capability {major}.{minor}; bf16 needs 8.0 (Ampere) or newer: use \
+         --precision fp16 on this GPU, or --device cpu"
+    )))
+}
+
 impl CudaModel {
-    /// Opens GPU `options.device` and uploads `weights` (rounded to f16 in fp16 mode).
+    /// Opens GPU `options.device` and uploads `weights` (rounded to f16 or bf16 in those modes).
     /// [`Error::DeviceUnavailable`] when there is no usable GPU or library.
     pub fn new(weights: &Weights, precision: Precision, options: CudaOptions) -> Result<Self> {
-        precision.check_gpu()?;
         options.check(precision)?;
         let gpu = Gpu::new(options.device)?;
         Self::with_gpu(gpu, weights, precision, options)
@@ -175,7 +197,6 @@ impl CudaModel {
         precision: Precision,
         options: CudaOptions,
     ) -> Result<Self> {
-        precision.check_gpu()?;
         options.check(precision)?;
         let config = weights.config().clone();
         config.plan()?;
@@ -200,8 +221,15 @@ impl CudaModel {
                 Layout::Nhwc,
                 ConvMath::default(),
             )?),
-            // Refused by `check_gpu` above.
-            Precision::Bf16 => return Err(Error::invalid("precision", "bf16 on the GPU")),
+            Precision::Bf16 => {
+                check_bf16_capable(&gpu)?;
+                TypedNet::Bf16(Net::build(
+                    &gpu,
+                    weights,
+                    Layout::Nhwc,
+                    ConvMath::default(),
+                )?)
+            }
         };
         let events = StageEvents::new(&gpu)?;
         Ok(CudaModel {
@@ -629,5 +657,22 @@ mod tests {
         send::<CudaModel>();
         send::<Gpu>();
         sync::<Gpu>();
+    }
+
+    /// bf16 on a GPU older than Ampere is "no usable GPU" (so `auto` falls back to the CPU),
+    /// named with the card and the way out.
+    #[test]
+    fn bf16_needs_ampere_or_newer() {
+        for capable in [(8, 0), (8, 9), (9, 0), (12, 0)] {
+            assert!(bf16_capable("card", capable).is_ok(), "{capable:?}");
+        }
+        match bf16_capable("Tesla T4", (7, 5)) {
+            Err(Error::DeviceUnavailable(message)) => {
+                for part in ["Tesla T4", "7.5", "8.0", "fp16", "--device cpu"] {
+                    assert!(message.contains(part), "{part}: {message}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

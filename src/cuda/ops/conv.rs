@@ -91,7 +91,7 @@ impl ConvOptions {
     }
 
     /// The math settings refused, not ignored, where they cannot apply: TF32 and GEMM-only are
-    /// settings of f32 storage (an f16 convolution always runs on the tensor cores), and
+    /// settings of f32 storage (an f16 or bf16 convolution always runs on the tensor cores), and
     /// GEMM-only restricts true fp32, which TF32 math is not.
     pub(crate) fn check_math(&self, dtype: GpuDtype) -> Result<()> {
         let fp32_setting = match (self.allow_tf32, self.fp32_gemm_only) {
@@ -107,9 +107,11 @@ impl ConvOptions {
             (false, false) => None,
         };
         match (dtype, fp32_setting) {
-            (GpuDtype::F16, Some(name)) => Err(Error::invalid(
+            (GpuDtype::F16 | GpuDtype::Bf16, Some(name)) => Err(Error::invalid(
                 "ConvOptions",
-                format!("{name} applies to f32 convolutions only, not f16 (tensor cores always)"),
+                format!(
+                    "{name} applies to f32 convolutions only, not {dtype:?} (tensor cores always)"
+                ),
             )),
             _ => Ok(()),
         }
@@ -271,7 +273,7 @@ impl<T: GpuFloat> Conv2dGpu<T> {
         }
         let (host, bias_host) = packed_parameters(weight, bias, in_channels, options.layout)?;
         let math = match (T::DTYPE, options.allow_tf32) {
-            (GpuDtype::F16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+            (GpuDtype::F16 | GpuDtype::Bf16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
             (GpuDtype::F32, false) => cudnnMathType_t::CUDNN_FMA_MATH,
             (GpuDtype::F32, true) => cudnnMathType_t::CUDNN_DEFAULT_MATH,
         };
@@ -786,9 +788,12 @@ mod tests {
             assert!(options.check_math(GpuDtype::F32).is_ok(), "{options:?}");
         }
         assert!(plain.check_math(GpuDtype::F16).is_ok());
+        assert!(plain.check_math(GpuDtype::Bf16).is_ok());
         for (options, dtype, name) in [
             (tf32, GpuDtype::F16, "allow_tf32"),
             (gemm_only, GpuDtype::F16, "fp32_gemm_only"),
+            (tf32, GpuDtype::Bf16, "allow_tf32"),
+            (gemm_only, GpuDtype::Bf16, "fp32_gemm_only"),
             (both, GpuDtype::F32, "fp32_gemm_only"),
         ] {
             match options.check_math(dtype) {

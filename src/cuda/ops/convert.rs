@@ -1,15 +1,15 @@
-//! Between f16 and f32 storage with a scale: launcher of `kernels/convert.cu`; CPU twins
-//! `half::f16::to_f32` and `half::f16::from_f32` of the f32 product.
+//! Between f16 or bf16 and f32 storage with a scale: launcher of `kernels/convert.cu`; CPU
+//! twins `half::f16::to_f32`, `half::bf16::to_f32` and `half::f16::from_f32` of the f32 product.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
-use half::f16;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
+use half::{bf16, f16};
 
 use super::shape_err;
 use super::step_settings::{Scale, StepSettings};
 use crate::cuda::abi::AlexnetConvertParams;
 use crate::cuda::device::Gpu;
 use crate::cuda::dtype::GpuDtype;
-use crate::cuda::launch::{grid_1d, Launch};
+use crate::cuda::launch::{grid_1d, KernelElem, Launch};
 use crate::cuda::registry::Kernel;
 use crate::error::{Error, Result};
 
@@ -37,20 +37,41 @@ pub fn convert_f16_to_f32(
     src: &CudaView<'_, f16>,
     dst: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    const OP: &str = "convert_f16_to_f32";
+    widen(gpu, "convert_f16_to_f32", Kernel::ConvertF16To, src, dst)
+}
+
+/// `src` (bf16) to f32 in `dst` (exact) with the `convert_bf16_to_f32` kernel; `dst` must hold
+/// at least `src.len()` values.
+pub fn convert_bf16_to_f32(
+    gpu: &Gpu,
+    src: &CudaView<'_, bf16>,
+    dst: &mut CudaSlice<f32>,
+) -> Result<()> {
+    widen(gpu, "convert_bf16_to_f32", Kernel::ConvertBf16To, src, dst)
+}
+
+/// `src` widened to f32 in `dst` by `kernel`, the `convert_<half>_to_f32` entry of `src`'s type.
+fn widen<T: KernelElem + DeviceRepr>(
+    gpu: &Gpu,
+    op: &'static str,
+    kernel: Kernel,
+    src: &CudaView<'_, T>,
+    dst: &mut CudaSlice<f32>,
+) -> Result<()> {
     if dst.len() < src.len() {
         return Err(shape_err(
-            OP,
+            op,
             format!("at least {} outputs", src.len()),
             &[dst.len()],
         ));
     }
     let (params, cfg) = convert_args(src.len(), 1.0)?;
-    // SAFETY: convert_f16_to_f32(const unsigned short *src, float *dst, AlexnetConvertParams);
-    // `src` holds `len` f16 values and `dst` at least `len` floats (checked above); `dst` is
-    // borrowed exclusively, so it does not overlap `src`.
+    // SAFETY: convert_{f16,bf16}_to_f32(const <half> *src, float *dst, AlexnetConvertParams),
+    // the source type checked against `kernel`'s entry by `Launch`; `src` holds `len` values
+    // and `dst` at least `len` floats (checked above); `dst` is borrowed exclusively, so it does
+    // not overlap `src`.
     unsafe {
-        Launch::new(gpu, Kernel::ConvertF16To, GpuDtype::F32)?
+        Launch::new(gpu, kernel, GpuDtype::F32)?
             .buffer(src)
             .buffer(dst)
             .params(&params)

@@ -1,5 +1,5 @@
-//! The layers on the GPU, one file per operation, each usable on its own and generic over `f32`
-//! and `f16` storage. Every operation has a CPU twin it is tested against and, unless a library
+//! The layers on the GPU, one file per operation, each usable on its own and generic over `f32`,
+//! `f16` and `bf16` storage. Every operation has a CPU twin it is tested against and, unless a library
 //! runs it, a kernel of the same name:
 //!
 //! | operation | CPU twin                                   | launcher (here)  | kernel / library       |
@@ -13,7 +13,7 @@
 //! | dropout   | `src/cpu/dropout.rs`                       | `dropout.rs`     | `kernels/dropout.cu`   |
 //! | softmax   | `src/postprocess.rs` (softmax, top-k)      | `softmax.rs`     | `kernels/softmax.cu`   |
 //! | prepare   | `src/image/batch.rs` (`U8Batch::to_nchw_f32`); `tensor::to_physical` (relayout) | `prepare.rs`  | `kernels/prepare.cu`   |
-//! | convert   | `half::f16::to_f32`                        | `convert.rs`     | `kernels/convert.cu`   |
+//! | convert   | `half::{f16,bf16}::{to_f32,from_f32}`      | `convert.rs`     | `kernels/convert.cu`   |
 //! | loss      | `src/cpu/loss.rs` (training)               | `loss.rs`        | `kernels/loss.cu`      |
 //! | sgd       | `src/train/sgd.rs` (training)              | `sgd.rs`         | `kernels/sgd.cu`       |
 //! | grad_scale | `src/train/loss_scale.rs` (training)      | `grad_scale.rs`  | `kernels/grad_scale.cu` |
@@ -57,7 +57,7 @@ pub use calls::{
 };
 pub use conv::{Conv2dGpu, ConvChoice, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
-pub use convert::{convert_args, convert_f16_to_f32, convert_f32_to_f16};
+pub use convert::{convert_args, convert_bf16_to_f32, convert_f16_to_f32, convert_f32_to_f16};
 pub use dropout::DropoutGpu;
 pub use grad_scale::{grad_unscale_args, unscale_gradients, unscale_gradients_in_place};
 pub use linear::LinearGpu;

@@ -185,6 +185,16 @@ impl std::fmt::Debug for CudaTrainer {
     }
 }
 
+/// GPU training's mixed precision is fp16 with loss scaling; bf16 runs GPU inference and CPU
+/// training, not GPU training (yet).
+fn bf16_training() -> Error {
+    Error::invalid(
+        "precision",
+        "bf16 does not train on the GPU yet: use fp16 (mixed precision, f32 master weights), \
+         fp32 or tf32 on the GPU, or bf16 on the CPU",
+    )
+}
+
 impl CudaTrainer {
     /// The network of `weights` on GPU `ordinal` in true fp32 (NCHW, no TF32), every layer
     /// trainable, with the optimiser `optimiser` and no momentum yet.
@@ -218,7 +228,9 @@ impl CudaTrainer {
     ) -> Result<Self> {
         // The same checks as the CPU optimiser (finite, non-negative settings).
         crate::train::Sgd::new(optimiser)?;
-        options.precision.check_gpu()?;
+        if options.precision == Precision::Bf16 {
+            return Err(bf16_training());
+        }
         if options.fp32_gemm_only && options.precision != Precision::Fp32 {
             return Err(Error::invalid(
                 "fp32_gemm_only",
@@ -257,8 +269,8 @@ impl CudaTrainer {
             Precision::Fp32 | Precision::Tf32 => {
                 Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
-            // Refused by `check_gpu` above.
-            Precision::Bf16 => return Err(Error::invalid("precision", "bf16 on the GPU")),
+            // Refused above.
+            Precision::Bf16 => return Err(bf16_training()),
         };
         Ok(CudaTrainer {
             network,
