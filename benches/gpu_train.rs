@@ -76,7 +76,7 @@ impl Mode {
 /// NCHW in every mode, then channels-last beside the default fp32 and mixed precision: the
 /// layout PyTorch's tensor-core advice (and its `channels_last` anchor) uses, to be measured
 /// against NCHW on the card before it becomes the default.
-const MODES: [Mode; 9] = [
+const MODES: [Mode; 10] = [
     Mode::new(Precision::Fp32, true, true),
     Mode::new(Precision::Fp32, false, true),
     Mode::new(Precision::Fp32, false, false),
@@ -84,6 +84,7 @@ const MODES: [Mode; 9] = [
     Mode::new(Precision::Tf32, false, false),
     Mode::new(Precision::Fp16, false, true),
     Mode::new(Precision::Fp16, false, false),
+    Mode::new(Precision::Bf16, false, true),
     Mode::new(Precision::Fp32, false, true).channels_last(),
     Mode::new(Precision::Fp16, false, true).channels_last(),
 ];

@@ -307,6 +307,9 @@ typedef struct AlexnetGradUnscaleParams {
 #define ALEXNET_SGD_PAPER 1
 /* Most parameter tensors one sgd launch updates. */
 #define ALEXNET_SGD_SEGMENTS 32
+/* The storage of the weights' copies (AlexnetSgdParams.copy_format). */
+#define ALEXNET_SGD_COPY_F16 0
+#define ALEXNET_SGD_COPY_BF16 1
 
 /*
  * sgd_f32(const float *grads, float *velocity, const unsigned int *skip,
@@ -315,8 +318,9 @@ typedef struct AlexnetGradUnscaleParams {
  * gradients and velocities lie end to end in `grads` and `velocity`: segment s holds the elements
  * below ends[s] (and from ends[s-1]). Each tensor's weights stay wherever their layer keeps them:
  * weights[s] is the device address of segment s's first weight (f32: the master weights under
- * mixed precision). If copies[s] != 0 it is the address of an f16 copy of that tensor (what an
- * f16 layer computes with), rewritten with each new weight rounded to nearest f16. Segment s is
+ * mixed precision). If copies[s] != 0 it is the address of a copy of that tensor in f16
+ * (copy_format ALEXNET_SGD_COPY_F16) or bf16 (ALEXNET_SGD_COPY_BF16), what a mixed-precision layer
+ * computes with, rewritten with each new weight rounded to nearest even in that type. Segment s is
  * decayed with `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w),
  * w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old
  * velocity is taken as 0 without being read. If `skip` is not null and *skip != 0 (a mixed-
@@ -333,6 +337,7 @@ typedef struct AlexnetSgdParams {
     unsigned int segments;
     unsigned int rule;
     unsigned int first_step;
+    unsigned int copy_format;
     float learning_rate;
     float momentum;
     float weight_decay;

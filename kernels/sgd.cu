@@ -13,7 +13,7 @@
  *         const AlexnetStepSettings *settings, AlexnetSgdParams p)
  * One step over every parameter at once: the gradients and velocities laid end to end, each
  * tensor's weights at its own address (p.weights[segment]) and, under mixed precision, their f16
- * copy at p.copies[segment]; the CPU's `train::Sgd::step`: rule ALEXNET_SGD_PYTORCH:
+ * or bf16 copy (p.copy_format) at p.copies[segment]; the CPU's `train::Sgd::step`: rule ALEXNET_SGD_PYTORCH:
  * v = m v + (g + wd w), w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. Segment s
  * (elements up to ends[s]) uses weight decay `weight_decay` if decay[s] != 0, else none. On the
  * first step (`first_step`) the old velocity is taken as 0 without being read. A set `*skip`
@@ -52,7 +52,11 @@ extern "C" __global__ void sgd_f32(const float *grads, float *velocity, const un
         }
         *weight = updated;
         velocity[i] = v;
-        if (p.copies[segment] != 0)
+        if (p.copies[segment] == 0)
+            continue;
+        if (p.copy_format == ALEXNET_SGD_COPY_BF16)
+            ((alexnet_bf16 *)p.copies[segment])[i - start] = alexnet_f2bf(updated);
+        else if (p.copy_format == ALEXNET_SGD_COPY_F16)
             ((unsigned short *)p.copies[segment])[i - start] = alexnet_f2h(updated);
     }
 }

@@ -21,7 +21,9 @@
 //! 1e-2, held by tests/gpu_training_kernels.rs; a whole step backpropagates through seven more
 //! f16 layers before conv1, whose update came within 1.16e-2 on an H200), or twice the CPU's
 //! change under a 1e-3 nudge (their roundings' size) where that is larger; the weights within
-//! 1e-4; frozen layers exactly in every mode. In mixed precision an update below f16's
+//! 1e-4; frozen layers exactly in every mode. bf16 mixed precision (on compute capability 8.0
+//! or newer; its cases print SKIPPED elsewhere) has fp16's tolerances times 8 (three fewer
+//! significant bits), an estimate no GPU run has measured yet. In mixed precision an update below f16's
 //! resolution (a gradient under 2^-14 after unscaling) is measured against that size, as is the
 //! momentum behind it.
 //!
@@ -94,10 +96,12 @@ fn eager_cuda_trainer_in(weights: &Weights, precision: Precision, scale: LossSca
 /// paper network's layers came within 1.2x to 4.1x of it on an H200); TF32, mixed precision
 /// and fp32 with FFT or Winograd round them by ~1e-3 (3.5e-3 at the paper's conv2 with
 /// transforms), which flips ~1000 times as many near-ties, so a 1e-3 nudge, twice (uncalibrated:
-/// none of these modes has run a paper-network step on a GPU yet).
+/// none of these modes has run a paper-network step on a GPU yet); bf16 rounds 8 times as
+/// coarsely as f16, so an 8e-3 nudge.
 fn sensitivity_probe(options: &CudaTrainOptions) -> (f64, f64) {
     match (options.precision, options.fp32_gemm_only) {
         (Precision::Fp32, true) => (1e-6, 8.0),
+        (Precision::Bf16, _) => (8e-3, 2.0),
         _ => (1e-3, 2.0),
     }
 }
@@ -141,7 +145,15 @@ fn tolerance(precision: Precision) -> Tolerance {
             momentum: 2e-2,
             zero_start_weights: false,
         },
-        Precision::Bf16 => panic!("the GPU trainer has no bf16"),
+        // bf16 keeps 8 significant bits to f16's 11: fp16's tolerances times 8 (the weights'
+        // own tolerance as fp16's). An estimate until a GPU run measures it.
+        Precision::Bf16 => Tolerance {
+            loss: 8e-2,
+            weights: 1e-4,
+            update: 1.6e-1,
+            momentum: 1.6e-1,
+            zero_start_weights: false,
+        },
     }
 }
 
@@ -655,7 +667,11 @@ fn mixed_precision_and_tf32_steps_follow_the_cpu_trainer() {
     let paper = AlexNetConfig::paper();
     let paper_weights = Weights::paper_init(&paper, 5).unwrap();
     let mut cases: Vec<(String, Box<dyn FnOnce()>)> = Vec::new();
-    for precision in [Precision::Fp16, Precision::Tf32] {
+    let mut precisions = vec![Precision::Fp16, Precision::Tf32];
+    if common::gpu_runs_bf16("mixed_precision_and_tf32_steps_follow_the_cpu_trainer") {
+        precisions.push(Precision::Bf16);
+    }
+    for precision in precisions {
         let (config, weights) = (&config, &weights);
         let (paper, paper_weights) = (&paper, &paper_weights);
         cases.push((
@@ -823,7 +839,7 @@ fn a_profiled_step_is_a_step_and_times_every_phase() {
 /// loss falls from 1.78 to 0.21 on this network): the GPU's loss falls the same way, step by
 /// step within 1e-3 in fp32 kept to the GEMM family; in fp32's default (FFT and Winograd
 /// allowed) and in mixed precision, whose roundings add up over a run, every step within 0.1 of
-/// the CPU's and the last ten within 15% on average.
+/// the CPU's and the last ten within 15% on average (bf16: 0.2 and 30%, estimated).
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn a_short_run_learns_as_the_cpu_does() {
@@ -849,11 +865,14 @@ fn a_short_run_learns_as_the_cpu_does() {
     let learned = |losses: &[f32]| losses[losses.len() - 1] < 0.25 * losses[0];
     assert!(learned(&want), "the CPU's run must learn: {want:?}");
     let tail_mean = |losses: &[f32]| losses[30..].iter().sum::<f32>() / 10.0;
-    let modes = [
+    let mut modes = vec![
         ("fp32 GEMM only".to_string(), checked(Precision::Fp32)),
         ("fp32".to_string(), CudaTrainOptions::default()),
         ("fp16".to_string(), checked(Precision::Fp16)),
     ];
+    if common::gpu_runs_bf16("a_short_run_learns_as_the_cpu_does") {
+        modes.push(("bf16".to_string(), checked(Precision::Bf16)));
+    }
     each_case(&modes, |base| {
         let options = CudaTrainOptions {
             loss_scale: LossScale::new(1024.0, 2.0, 0.5, 2000).unwrap(),
@@ -871,15 +890,22 @@ fn a_short_run_learns_as_the_cpu_does() {
         assert_eq!(gpu.skipped_steps(), 0, "{what}");
         assert!(learned(&got), "{what}: {got:?}");
         for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-            let close = match options.fp32_gemm_only {
-                true => ((g - w) / w).abs() <= 1e-3,
-                false => (g - w).abs() <= 0.1,
+            let close = match (options.fp32_gemm_only, options.precision) {
+                (true, _) => ((g - w) / w).abs() <= 1e-3,
+                // bf16's coarser roundings: twice fp16's bounds (an estimate, not measured).
+                (false, Precision::Bf16) => (g - w).abs() <= 0.2,
+                (false, _) => (g - w).abs() <= 0.1,
             };
             assert!(close, "{what} step {step}: loss {g}, the CPU's {w}");
         }
         let (g, w) = (tail_mean(&got), tail_mean(&want));
+        let tail_tol = if options.precision == Precision::Bf16 {
+            0.3
+        } else {
+            0.15
+        };
         assert!(
-            ((g - w) / w).abs() <= 0.15,
+            ((g - w) / w).abs() <= tail_tol,
             "{what}: the last ten steps' mean loss {g}, the CPU's {w}"
         );
     });
@@ -902,7 +928,11 @@ fn graph_replayed_steps_match_eager_steps() {
     let labels = labels(4, config.num_classes());
     // Doubled after four good steps: mixed precision's scale changes under the graph at step 4.
     let scale = LossScale::new(1024.0, 2.0, 0.5, 4).unwrap();
-    each_precision(&[Precision::Fp32, Precision::Fp16], |precision| {
+    let mut precisions = vec![Precision::Fp32, Precision::Fp16];
+    if common::gpu_runs_bf16("graph_replayed_steps_match_eager_steps") {
+        precisions.push(Precision::Bf16);
+    }
+    each_precision(&precisions, |precision| {
         let tol = tolerance(precision);
         let mut graph = cuda_trainer_in(&start, precision, 0, scale);
         let mut eager = eager_cuda_trainer_in(&start, precision, scale);
@@ -914,7 +944,7 @@ fn graph_replayed_steps_match_eager_steps() {
                 graph.set_learning_rate(learning_rate).unwrap();
                 eager.set_learning_rate(learning_rate).unwrap();
             }
-            if precision == Precision::Fp16 {
+            if precision != Precision::Fp32 {
                 let want_scale = if step < 4 { 1024.0 } else { 2048.0 };
                 assert_eq!(graph.loss_scale(), Some(want_scale), "step {step}");
             }
@@ -960,7 +990,7 @@ fn every_training_mode_replays_its_step_as_a_graph() {
     let paper = AlexNetConfig::paper();
     let weights = Weights::paper_init(&paper, 21).unwrap();
     let labels = labels(8, paper.num_classes());
-    let modes = [
+    let mut modes = vec![
         (
             "fp32 (default: FFT and Winograd allowed)",
             CudaTrainOptions::default(),
@@ -990,6 +1020,9 @@ fn every_training_mode_replays_its_step_as_a_graph() {
             },
         ),
     ];
+    if common::gpu_runs_bf16("every_training_mode_replays_its_step_as_a_graph") {
+        modes.push(("bf16 mixed precision", checked(Precision::Bf16)));
+    }
     let cases = modes
         .into_iter()
         .map(|(name, options)| {
@@ -1567,6 +1600,14 @@ fn the_loss_scale_goes_on_from_a_checkpoint() {
     assert_eq!(fp32.saved_loss_scale(), None);
     fp32.restore_loss_scale(saved).unwrap();
     assert_eq!(fp32.loss_scale(), None);
+    // A scale grown where nothing overflowed (a bf16 run's, 2^100) resumes in fp16 at 2^24,
+    // where f16 still holds gradients under 2^-8; below that it resumes as saved.
+    let grown = SavedLossScale {
+        scale: 2f32.powi(100),
+        ..saved
+    };
+    resumed.restore_loss_scale(grown).unwrap();
+    assert_eq!(resumed.loss_scale(), Some(2f32.powi(24)));
 }
 
 /// GEMM-family convolutions only is a setting of true fp32: with TF32 or mixed precision it is
@@ -1590,10 +1631,16 @@ fn fp32_gemm_only_outside_fp32_is_refused_before_any_gpu_is_touched() {
     }
 }
 
-/// bf16 does not train on the GPU (its mixed precision is fp16): asking for it is a usage
-/// error, with or without a GPU.
+/// bf16 trains on a GPU of compute capability 8.0 or newer; on an older one building the
+/// trainer is `DeviceUnavailable` naming what bf16 needs, never a trainer that computes
+/// something else. (Without a GPU every precision is `DeviceUnavailable`:
+/// `without_a_gpu_the_trainer_is_a_typed_error`.)
 #[test]
-fn bf16_is_refused_before_any_gpu_is_touched() {
+#[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
+fn bf16_trains_on_ampere_or_newer_and_is_unavailable_elsewhere() {
+    let _gpu = common::exclusive_gpu();
+    let runs_bf16 =
+        common::gpu_runs_bf16("bf16_trains_on_ampere_or_newer_and_is_unavailable_elsewhere");
     let config = small_training_config(None);
     let weights = Weights::paper_init(&config, 3).unwrap();
     let options = CudaTrainOptions {
@@ -1601,11 +1648,21 @@ fn bf16_is_refused_before_any_gpu_is_touched() {
         ..CudaTrainOptions::default()
     };
     match CudaTrainer::with_options(&weights, SgdConfig::default(), options) {
-        Err(alexnet_cuda::Error::Invalid { message, .. }) => {
-            assert!(message.contains("bf16"), "{message}")
+        Ok(mut trainer) => {
+            assert!(
+                runs_bf16,
+                "a bf16 trainer on a GPU older than compute capability 8.0"
+            );
+            assert!(trainer.loss_scale().is_some(), "bf16 is mixed precision");
+            let batch = small_training_batch(2, 7);
+            let loss = trainer.step(batch.view(), &labels(2, config.num_classes()), 1);
+            assert!(loss.unwrap().is_finite());
+        }
+        Err(alexnet_cuda::Error::DeviceUnavailable(message)) => {
+            assert!(!runs_bf16, "bf16 refused on a GPU that runs it: {message}");
+            assert!(message.contains("8.0"), "{message}");
         }
         Err(other) => panic!("another error: {other}"),
-        Ok(_) => panic!("a bf16 GPU trainer was built"),
     }
 }
 

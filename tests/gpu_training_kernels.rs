@@ -28,7 +28,7 @@ use alexnet_cuda::cuda::{
 };
 use alexnet_cuda::train::{Sgd, SgdConfig, UpdateRule};
 use common::{check, formula_values};
-use half::f16;
+use half::{bf16, f16};
 use ndarray::{s, Array, Array2, Array4, ArrayD, IxDyn, ShapeBuilder};
 
 fn gpu() -> Gpu {
@@ -185,9 +185,14 @@ fn pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes() {
     let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = common::test_seed("pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes");
+    let bf16 = common::gpu_runs_bf16("pool_lrn_and_relu_backward_match_the_cpu_at_alexnet_shapes");
     for layout in [Layout::Nchw, Layout::Nhwc] {
         pool_lrn_relu_backward_case::<f32>(&gpu, layout, seed, 1e-6);
         pool_lrn_relu_backward_case::<f16>(&gpu, layout, seed, 1e-3);
+        // One bf16 rounding: 2^-8 relative, twice for the margin (not yet run on a GPU).
+        if bf16 {
+            pool_lrn_relu_backward_case::<bf16>(&gpu, layout, seed, 8e-3);
+        }
     }
 }
 
@@ -278,7 +283,7 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             sgd.step(cpu.iter_mut().map(|w| &mut w[..]).collect(), &grads)
                 .unwrap();
             let g = stream.clone_htod(&flat).unwrap();
-            sgd_step(
+            sgd_step::<f32>(
                 &gpu,
                 &config,
                 &segments,
@@ -405,6 +410,7 @@ fn conv_and_linear_backward_match_the_cpu_at_alexnet_shapes() {
     let _gpu = common::exclusive_gpu();
     let gpu = gpu();
     let seed = common::test_seed("conv_and_linear_backward_match_the_cpu_at_alexnet_shapes");
+    let bf16 = common::gpu_runs_bf16("conv_and_linear_backward_match_the_cpu_at_alexnet_shapes");
     // conv1 (no input gradient: its input is the data) and a conv2-like layer, batch 2, true
     // fp32 NCHW kept to the GEMM family (the 1e-5 of the largest gradient), true fp32
     // free to take FFT and Winograd (the default: 1e-2, their transforms round more), then
@@ -429,6 +435,10 @@ fn conv_and_linear_backward_match_the_cpu_at_alexnet_shapes() {
             ..ConvOptions::new(stride, padding, Layout::Nhwc)
         };
         conv_backward_case::<f16>(&gpu, name, input, out, geometry, fp16, grad, 1e-2, s);
+        // bf16 as fp16, three significant bits fewer: 8e-2, an estimate no GPU has measured.
+        if bf16 {
+            conv_backward_case::<bf16>(&gpu, name, input, out, geometry, fp16, grad, 8e-2, s);
+        }
         // True fp32 in NHWC (channels-last training), GEMM family only: the trainer's first
         // fp32 NHWC convolutions, here where a failure names the op.
         let fp32_nhwc = ConvOptions {

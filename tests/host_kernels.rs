@@ -29,7 +29,8 @@ use alexnet_cuda::cpu::{
 use alexnet_cuda::cuda::abi::{
     AlexnetDropoutParams, AlexnetStepSettings, ALEXNET_BIAS_COLUMNS_BLOCK,
     ALEXNET_BIAS_COLUMNS_TILE, ALEXNET_BIAS_GRAD_BLOCK, ALEXNET_BIAS_PARTIALS,
-    ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK, ALEXNET_TOPK_MAX,
+    ALEXNET_SGD_COPY_BF16, ALEXNET_SGD_COPY_F16, ALEXNET_SGD_SEGMENTS, ALEXNET_SOFTMAX_BLOCK,
+    ALEXNET_TOPK_MAX,
 };
 use alexnet_cuda::cuda::kernel_args::{
     bias_act_args, bias_grad_args, bias_grad_columns_args, convert_args, grad_unscale_args,
@@ -2090,16 +2091,17 @@ const SGD_TENSORS: [(&str, usize); 4] = [
 /// nothing. The learning rate and first-step flag in the parameters, and read from the step
 /// settings.
 fn sgd_case(config: SgdConfig, seed: u64) {
-    sgd_steps(&SGD_TENSORS, config, seed, false, false);
-    sgd_steps(&SGD_TENSORS, config, seed, false, true);
+    sgd_steps::<f16>(&SGD_TENSORS, config, seed, false, false);
+    sgd_steps::<f16>(&SGD_TENSORS, config, seed, false, true);
 }
 
-/// [`sgd_case`] over `tensors` (name, length); with `mixed`, the f16 copies and the skip flag
-/// (0 unless skipped) passed on every step, the first included, as the trainer does under f16
-/// (src/cuda/trainer/net.rs). With `on_device` the learning rate and first-step flag are read
+/// [`sgd_case`] over `tensors` (name, length); with `mixed`, the copies (of type `C`, f16 or
+/// bf16) and the skip flag (0 unless skipped) passed on every step, the first included, as the
+/// trainer does under mixed precision (src/cuda/trainer/net.rs); without, copies of type `C`
+/// are passed from the second step on. With `on_device` the learning rate and first-step flag are read
 /// from the step settings, the parameters holding the trainer's learning rate of 0 and no
 /// first step.
-fn sgd_steps(
+fn sgd_steps<C: Elem>(
     tensors: &[(&str, usize)],
     config: SgdConfig,
     seed: u64,
@@ -2107,8 +2109,9 @@ fn sgd_steps(
     on_device: bool,
 ) {
     let what = format!(
-        "sgd_f32 {} tensors mixed={mixed} on_device={on_device} {config:?}",
-        tensors.len()
+        "sgd_f32 {} tensors mixed={mixed} {} copies on_device={on_device} {config:?}",
+        tensors.len(),
+        C::SUFFIX
     );
     let lens: Vec<usize> = tensors.iter().map(|t| t.1).collect();
     let total: usize = lens.iter().sum();
@@ -2120,7 +2123,7 @@ fn sgd_steps(
     let mut sgd = Sgd::new(config).unwrap();
     // Each tensor in its own allocation, as layers keep them; the kernel gets their addresses.
     let mut gpu_weights = common::split_flat(&formula_values(seed, total, 0.5), &lens);
-    let mut copies: Vec<Vec<f16>> = lens.iter().map(|&len| vec![f16::POISON; len]).collect();
+    let mut copies: Vec<Vec<C>> = lens.iter().map(|&len| vec![C::POISON; len]).collect();
     let mut velocity = vec![f32::POISON; total]; // the first step must not read it
     let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
     let mut learning_rate = config.learning_rate;
@@ -2165,6 +2168,11 @@ fn sgd_steps(
         }
         let with_copies = mixed || step > 0;
         if with_copies {
+            p.copy_format = match C::SUFFIX {
+                "f16" => ALEXNET_SGD_COPY_F16,
+                "bf16" => ALEXNET_SGD_COPY_BF16,
+                other => panic!("no {other} copies"),
+            };
             for (address, c) in p.copies.iter_mut().zip(copies.iter_mut()) {
                 guarded.push(guard(
                     c.as_mut_ptr().cast(),
@@ -2217,9 +2225,9 @@ fn sgd_steps(
         );
         if with_copies {
             let got_copies: Vec<f32> = copies.iter().flatten().map(|h| h.to_f32()).collect();
-            let want_copies = want_w.mapv(|w| f16::from_f32(w).to_f32());
+            let want_copies = want_w.mapv(|w| C::from_f32(w).to_f32());
             assert_same(
-                &format!("{what} f16 copies"),
+                &format!("{what} copies"),
                 &as_array(got_copies),
                 &want_copies,
             );
@@ -2248,9 +2256,10 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
             };
             sgd_case(config, 260 + 10 * i as u64);
             // Mixed precision's first step: first_step set, copies present, a skip flag of 0.
-            sgd_steps(&SGD_TENSORS, config, 300 + 10 * i as u64, true, false);
-            // As the trainer launches it under f16.
-            sgd_steps(&SGD_TENSORS, config, 305 + 10 * i as u64, true, true);
+            sgd_steps::<f16>(&SGD_TENSORS, config, 300 + 10 * i as u64, true, false);
+            // As the trainer launches it under f16 and bf16.
+            sgd_steps::<f16>(&SGD_TENSORS, config, 305 + 10 * i as u64, true, true);
+            sgd_steps::<bf16>(&SGD_TENSORS, config, 307 + 10 * i as u64, true, true);
         }
     }
     // The most tensors one launch takes (ALEXNET_SGD_SEGMENTS = 32): accepted, and every
@@ -2274,10 +2283,11 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
         rule: UpdateRule::PyTorch,
         decay_biases: false,
     };
-    sgd_steps(&tensors, config, 320, true, false);
-    sgd_steps(&tensors, config, 321, false, false);
-    sgd_steps(&tensors, config, 323, false, true);
-    sgd_steps(&[("fc.weight", 129)], config, 322, true, false);
+    sgd_steps::<f16>(&tensors, config, 320, true, false);
+    sgd_steps::<bf16>(&tensors, config, 324, true, false);
+    sgd_steps::<f16>(&tensors, config, 321, false, false);
+    sgd_steps::<f16>(&tensors, config, 323, false, true);
+    sgd_steps::<f16>(&[("fc.weight", 129)], config, 322, true, false);
     // Too many tensors for one launch is an error, not a truncated update.
     let many = vec![
         SgdSegment {

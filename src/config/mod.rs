@@ -26,7 +26,7 @@ pub enum Precision {
     Fp16,
     /// bf16 storage (weights and activations) with f32 accumulation: f32's range with an 8-bit
     /// significand (about 4e-3 relative rounding). On the GPU it needs compute capability 8.0
-    /// (Ampere) or newer; GPU training does not take it yet (fp16 is its mixed precision).
+    /// (Ampere) or newer, and trains there as mixed precision (f32 masters), as fp16 does.
     Bf16,
     /// f32 storage; convolutions and GEMMs on the GPU in TF32 math (10-bit mantissa inputs,
     /// f32 accumulation: about 1e-3 relative error, several times faster on tensor cores),

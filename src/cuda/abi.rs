@@ -18,6 +18,8 @@ pub const ALEXNET_BIAS_PARTIALS: u32 = 32768;
 pub const ALEXNET_SGD_PYTORCH: u32 = 0;
 pub const ALEXNET_SGD_PAPER: u32 = 1;
 pub const ALEXNET_SGD_SEGMENTS: u32 = 32;
+pub const ALEXNET_SGD_COPY_F16: u32 = 0;
+pub const ALEXNET_SGD_COPY_BF16: u32 = 1;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct AlexnetTensorShape {
@@ -364,13 +366,14 @@ pub struct AlexnetSgdParams {
     pub segments: ::core::ffi::c_uint,
     pub rule: ::core::ffi::c_uint,
     pub first_step: ::core::ffi::c_uint,
+    pub copy_format: ::core::ffi::c_uint,
     pub learning_rate: f32,
     pub momentum: f32,
     pub weight_decay: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AlexnetSgdParams"][::core::mem::size_of::<AlexnetSgdParams>() - 928usize];
+    ["Size of AlexnetSgdParams"][::core::mem::size_of::<AlexnetSgdParams>() - 936usize];
     ["Alignment of AlexnetSgdParams"][::core::mem::align_of::<AlexnetSgdParams>() - 8usize];
     ["Offset of field: AlexnetSgdParams::len"]
         [::core::mem::offset_of!(AlexnetSgdParams, len) - 0usize];
@@ -388,10 +391,12 @@ const _: () = {
         [::core::mem::offset_of!(AlexnetSgdParams, rule) - 908usize];
     ["Offset of field: AlexnetSgdParams::first_step"]
         [::core::mem::offset_of!(AlexnetSgdParams, first_step) - 912usize];
+    ["Offset of field: AlexnetSgdParams::copy_format"]
+        [::core::mem::offset_of!(AlexnetSgdParams, copy_format) - 916usize];
     ["Offset of field: AlexnetSgdParams::learning_rate"]
-        [::core::mem::offset_of!(AlexnetSgdParams, learning_rate) - 916usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, learning_rate) - 920usize];
     ["Offset of field: AlexnetSgdParams::momentum"]
-        [::core::mem::offset_of!(AlexnetSgdParams, momentum) - 920usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, momentum) - 924usize];
     ["Offset of field: AlexnetSgdParams::weight_decay"]
-        [::core::mem::offset_of!(AlexnetSgdParams, weight_decay) - 924usize];
+        [::core::mem::offset_of!(AlexnetSgdParams, weight_decay) - 928usize];
 };

@@ -28,7 +28,7 @@
 //! - fp16 stores weights and activations as f16 and accumulates in f32 (tensor cores), NHWC,
 //!   the RGB input padded to 8 channels — the contract the CPU model's fp16 mode emulates.
 //! - bf16 is fp16's contract with bfloat16 storage (f32's range, 8 significant bits), on
-//!   compute capability 8.0 and newer; inference only (training's mixed precision is fp16).
+//!   compute capability 8.0 and newer; it trains as mixed precision as fp16 does.
 //!
 //! # Example
 //!
@@ -105,11 +105,11 @@ pub use libraries::{
 };
 pub use model::{CudaModel, CudaOptions};
 pub use ops::{
-    bias_act, bias_grad, convert_bf16_to_f32, convert_f16_to_f32, convert_f32_to_f16,
-    relayout_f32_input, relu_backward, sgd_step, softmax_cross_entropy, softmax_top_k,
-    unscale_gradients, Conv2dGpu, ConvChoice, ConvEpilogueGpu, ConvOptions, ConvPlanInfo,
-    DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, Scale, SgdBuffers, SgdSegment,
-    StepSettings, TopK,
+    bias_act, bias_grad, convert_bf16_to_f32, convert_f16_to_f32, convert_f32_to_bf16,
+    convert_f32_to_f16, relayout_f32_input, relu_backward, sgd_step, softmax_cross_entropy,
+    softmax_top_k, unscale_gradients, Conv2dGpu, ConvChoice, ConvEpilogueGpu, ConvOptions,
+    ConvPlanInfo, DropoutGpu, LinearGpu, LrnGpu, MaxPoolGpu, PrepareInput, Scale, SgdBuffers,
+    SgdSegment, StepSettings, TopK,
 };
 pub use trainer::{CudaTrainOptions, CudaTrainer, StepPhase, StepProfile};
 

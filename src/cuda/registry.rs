@@ -187,7 +187,8 @@ kernel_registry! {
         /// bf16 to the named type: `convert_bf16_to_f32` widens bf16 logits (`ops::convert`).
         ConvertBf16To = "convert_bf16_to" for [f32]
             [Ptr(Bf16), Ptr(Storage), by_value!(AlexnetConvertParams)];
-        /// f32 times a scale to the named type: `convert_f32_to_f16` (`ops::convert`, training).
+        /// f32 times a scale to the named type: `convert_f32_to_f16`, `convert_f32_to_bf16`
+        /// (`ops::convert`, training).
         ConvertF32To = "convert_f32_to" for [f16, bf16]
             [Ptr(F32), Ptr(Storage), Ptr(StepSettings), by_value!(AlexnetConvertParams)];
     }

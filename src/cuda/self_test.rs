@@ -26,9 +26,29 @@ pub(super) fn run(gpu: &Gpu) -> Result<()> {
     gpu.synchronize().map_err(|e| fail("the device", e))
 }
 
+/// bf16 needs the tensor cores and library kernels of compute capability 8.0 (Ampere, 2020)
+/// or newer: an older GPU is [`Error::DeviceUnavailable`] (so `--device auto` falls back to
+/// the CPU, which computes bf16 too), not a failure deep inside cuDNN. So is a cuDNN or cuBLAS
+/// whose bf16 convolution or GEMM fails the self-test (as fp32's and fp16's do at open).
+pub(super) fn check_bf16_capable(gpu: &Gpu) -> Result<()> {
+    bf16_capable(gpu.name(), gpu.compute_capability())?;
+    run_bf16(gpu)
+}
+
+fn bf16_capable(name: &str, (major, minor): (i32, i32)) -> Result<()> {
+    if major >= 8 {
+        return Ok(());
+    }
+    Err(Error::DeviceUnavailable(format!(
+        "{name} has compute capability {major}.{minor}; bf16 needs 8.0 (Ampere) or newer: use \
+         --precision fp16 on this GPU (inference or training), or bf16 inference on the CPU \
+         (--device cpu)"
+    )))
+}
+
 /// bf16's checks, as [`run`]'s: run when a bf16 model is built (on compute capability 8.0 and
 /// newer; not at every open, which a pre-Ampere GPU must pass for the other precisions).
-pub(super) fn run_bf16(gpu: &Gpu) -> Result<()> {
+fn run_bf16(gpu: &Gpu) -> Result<()> {
     conv::<bf16>(gpu, Layout::Nhwc).map_err(|e| fail("cuDNN's bf16 NHWC convolution", e))?;
     linear::<bf16>(gpu).map_err(|e| fail("cuBLAS's bf16 GEMM", e))?;
     gpu.synchronize().map_err(|e| fail("the device", e))
@@ -132,5 +152,22 @@ mod tests {
         assert!(p.iter().all(|&v| f16::from_f32(v).to_f32() == v));
         assert!(p.iter().all(|&v| bf16::from_f32(v).to_f32() == v));
         assert!(p.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    /// bf16 on a GPU older than Ampere is "no usable GPU" (so `auto` falls back to the CPU),
+    /// named with the card and the way out.
+    #[test]
+    fn bf16_needs_ampere_or_newer() {
+        for capable in [(8, 0), (8, 9), (9, 0), (12, 0)] {
+            assert!(bf16_capable("card", capable).is_ok(), "{capable:?}");
+        }
+        match bf16_capable("Tesla T4", (7, 5)) {
+            Err(Error::DeviceUnavailable(message)) => {
+                for part in ["Tesla T4", "7.5", "8.0", "fp16", "--device cpu"] {
+                    assert!(message.contains(part), "{part}: {message}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -150,7 +150,7 @@ PY
         # starts afresh (train appends to its log and refuses to overwrite a checkpoint).
         saves=$(mktemp -d)
         declare -A train_rc=()
-        for p in fp32 fp32g fp16 cpu; do
+        for p in fp32 fp32g fp16 bf16 cpu; do
             flags=(--device cuda --precision "$p")
             [ "$p" = fp32g ] && flags=(--device cuda --precision fp32 --fp32-gemm-only)
             [ "$p" = cpu ] && flags=(--device cpu --precision fp32)

@@ -88,9 +88,10 @@ pub struct Args {
     #[arg(long, value_name = "INDEX")]
     pub gpu: Option<usize>,
     /// How the GPU computes: fp32 (true fp32), tf32 (TF32 tensor-core math; the CPU trains in
-    /// fp32 and says so) or fp16 (mixed precision: f16 compute, f32 master weights, dynamic
-    /// loss scaling; GPU only). Weights and checkpoints are f32 in every case, and a resumed
-    /// run may change it.
+    /// fp32 and says so), fp16 (mixed precision: f16 compute, f32 master weights, dynamic
+    /// loss scaling; GPU only) or bf16 (the same in bf16; a GPU of compute capability 8.0 or
+    /// newer only). Weights and checkpoints are f32 in every case, and a resumed run may
+    /// change it.
     #[arg(long, value_enum, default_value_t = TrainPrecisionArg::Fp32)]
     pub precision: TrainPrecisionArg,
     /// GPU fp32: keep cuDNN to its GEMM-family convolution algorithms (forward and backward),
@@ -162,6 +163,7 @@ pub enum TrainPrecisionArg {
     Fp32,
     Tf32,
     Fp16,
+    Bf16,
 }
 
 impl From<TrainPrecisionArg> for Precision {
@@ -170,6 +172,7 @@ impl From<TrainPrecisionArg> for Precision {
             TrainPrecisionArg::Fp32 => Precision::Fp32,
             TrainPrecisionArg::Tf32 => Precision::Tf32,
             TrainPrecisionArg::Fp16 => Precision::Fp16,
+            TrainPrecisionArg::Bf16 => Precision::Bf16,
         }
     }
 }

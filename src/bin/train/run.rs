@@ -413,17 +413,19 @@ fn make_trainer(
     sgd: SgdConfig,
     frozen_layers: usize,
 ) -> Result<Box<dyn Trainer>, Error> {
-    const MIXED_NEEDS_A_GPU: &str =
-        "--precision fp16 (mixed precision) trains on a GPU only; the CPU trains in fp32";
     let (device, precision) = (args.device, Precision::from(args.precision));
+    let mixed = matches!(precision, Precision::Fp16 | Precision::Bf16);
+    let mixed_needs_a_gpu = format!(
+        "--precision {precision} (mixed precision) trains on a GPU only; the CPU trains in fp32"
+    );
     if device == DeviceArg::Cpu && args.gpu.is_some() {
         crate::args::usage_error(
             "--gpu picks a GPU, and --device cpu trains on the CPU".to_string(),
         );
     }
-    if device == DeviceArg::Cpu && precision == Precision::Fp16 {
+    if device == DeviceArg::Cpu && mixed {
         crate::args::usage_error(format!(
-            "{MIXED_NEEDS_A_GPU}: drop --device cpu or use fp32"
+            "{mixed_needs_a_gpu}: drop --device cpu or use fp32"
         ));
     }
     if args.fp32_gemm_only && precision != Precision::Fp32 {
@@ -452,9 +454,9 @@ fn make_trainer(
                 );
                 return Ok(Box::new(trainer));
             }
-            Err(Error::DeviceUnavailable(why)) if precision == Precision::Fp16 => {
+            Err(Error::DeviceUnavailable(why)) if mixed => {
                 return Err(Error::DeviceUnavailable(format!(
-                    "{why}; {MIXED_NEEDS_A_GPU}"
+                    "{why}; {mixed_needs_a_gpu}"
                 )));
             }
             Err(Error::DeviceUnavailable(why)) if device == DeviceArg::Auto => {
@@ -464,10 +466,14 @@ fn make_trainer(
         }
     }
     #[cfg(not(feature = "cuda"))]
-    if device == DeviceArg::Cuda || precision == Precision::Fp16 {
+    if device == DeviceArg::Cuda || mixed {
+        let why = match mixed {
+            true => format!("; {mixed_needs_a_gpu}"),
+            false => String::new(),
+        };
         crate::args::usage_error(format!(
-            "--device cuda / --precision fp16: this build has no GPU support (built without the \
-             `cuda` feature); {MIXED_NEEDS_A_GPU}"
+            "--device cuda / --precision {precision}: this build has no GPU support (built \
+             without the `cuda` feature){why}"
         ));
     }
     if precision == Precision::Tf32 {

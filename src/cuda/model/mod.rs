@@ -162,25 +162,6 @@ impl Drop for CudaModel {
     }
 }
 
-/// bf16 needs the tensor cores and library kernels of compute capability 8.0 (Ampere, 2020)
-/// or newer: an older GPU is [`Error::DeviceUnavailable`] (so `--device auto` falls back to
-/// the CPU, which computes bf16 too), not a failure deep inside cuDNN. So is a cuDNN or cuBLAS
-/// whose bf16 convolution or GEMM fails the self-test (as fp32's and fp16's do at open).
-fn check_bf16_capable(gpu: &Gpu) -> Result<()> {
-    bf16_capable(gpu.name(), gpu.compute_capability())?;
-    super::self_test::run_bf16(gpu)
-}
-
-fn bf16_capable(name: &str, (major, minor): (i32, i32)) -> Result<()> {
-    if major >= 8 {
-        return Ok(());
-    }
-    Err(Error::DeviceUnavailable(format!(
-        "{name} has compute capability {major}.{minor}; bf16 needs 8.0 (Ampere) or newer: use \
-         --precision fp16 on this GPU, or --device cpu"
-    )))
-}
-
 impl CudaModel {
     /// Opens GPU `options.device` and uploads `weights` (rounded to f16 or bf16 in those modes).
     /// [`Error::DeviceUnavailable`] when there is no usable GPU or library.
@@ -222,7 +203,7 @@ impl CudaModel {
                 ConvMath::default(),
             )?),
             Precision::Bf16 => {
-                check_bf16_capable(&gpu)?;
+                super::self_test::check_bf16_capable(&gpu)?;
                 TypedNet::Bf16(Net::build(
                     &gpu,
                     weights,
@@ -657,22 +638,5 @@ mod tests {
         send::<CudaModel>();
         send::<Gpu>();
         sync::<Gpu>();
-    }
-
-    /// bf16 on a GPU older than Ampere is "no usable GPU" (so `auto` falls back to the CPU),
-    /// named with the card and the way out.
-    #[test]
-    fn bf16_needs_ampere_or_newer() {
-        for capable in [(8, 0), (8, 9), (9, 0), (12, 0)] {
-            assert!(bf16_capable("card", capable).is_ok(), "{capable:?}");
-        }
-        match bf16_capable("Tesla T4", (7, 5)) {
-            Err(Error::DeviceUnavailable(message)) => {
-                for part in ["Tesla T4", "7.5", "8.0", "fp16", "--device cpu"] {
-                    assert!(message.contains(part), "{part}: {message}");
-                }
-            }
-            other => panic!("{other:?}"),
-        }
     }
 }

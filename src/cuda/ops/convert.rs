@@ -8,7 +8,7 @@ use super::shape_err;
 use super::step_settings::{Scale, StepSettings};
 use crate::cuda::abi::AlexnetConvertParams;
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::GpuDtype;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::{grid_1d, KernelElem, Launch};
 use crate::cuda::registry::Kernel;
 use crate::error::{Error, Result};
@@ -89,21 +89,43 @@ pub fn convert_f32_to_f16<'s>(
     dst: &mut CudaViewMut<'_, f16>,
     scale: impl Into<Scale<'s>>,
 ) -> Result<()> {
+    narrow(gpu, "convert_f32_to_f16", src, dst, scale.into())
+}
+
+/// As [`convert_f32_to_f16`], rounding to bf16 (nearest even) with `convert_f32_to_bf16`.
+pub fn convert_f32_to_bf16<'s>(
+    gpu: &Gpu,
+    src: &CudaView<'_, f32>,
+    dst: &mut CudaViewMut<'_, bf16>,
+    scale: impl Into<Scale<'s>>,
+) -> Result<()> {
+    narrow(gpu, "convert_f32_to_bf16", src, dst, scale.into())
+}
+
+/// `src * scale` rounded into `dst` of the same length by `convert_f32_to_<T>`.
+fn narrow<T: GpuFloat>(
+    gpu: &Gpu,
+    op: &'static str,
+    src: &CudaView<'_, f32>,
+    dst: &mut CudaViewMut<'_, T>,
+    scale: Scale<'_>,
+) -> Result<()> {
     if dst.len() != src.len() {
         return Err(shape_err(
-            "convert_f32_to_f16",
+            op,
             format!("{} outputs, one per input", src.len()),
             &[dst.len()],
         ));
     }
-    let (scale, settings) = scale.into().split();
+    let (scale, settings) = scale.split();
     let (params, cfg) = convert_args(src.len(), scale)?;
-    // SAFETY: convert_f32_to_f16(const float *src, unsigned short *dst,
-    // const AlexnetStepSettings *settings, AlexnetConvertParams); both hold `len` values
-    // (checked above); `dst` is borrowed exclusively, so it does not overlap `src`; the
-    // settings, if any, are one AlexnetStepSettings (null otherwise).
+    // SAFETY: convert_f32_to_{f16,bf16}(const float *src, <half> *dst,
+    // const AlexnetStepSettings *settings, AlexnetConvertParams), the entry of `T`'s type
+    // (checked by `Launch`); both hold `len` values (checked above); `dst` is borrowed
+    // exclusively, so it does not overlap `src`; the settings, if any, are one
+    // AlexnetStepSettings (null otherwise).
     unsafe {
-        Launch::new(gpu, Kernel::ConvertF32To, GpuDtype::F16)?
+        Launch::new(gpu, Kernel::ConvertF32To, T::DTYPE)?
             .buffer(src)
             .buffer(dst)
             .optional_buffer(settings.map(StepSettings::buffer))

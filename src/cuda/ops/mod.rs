@@ -57,7 +57,9 @@ pub use calls::{
 };
 pub use conv::{Conv2dGpu, ConvChoice, ConvOptions, ConvPlanInfo};
 pub use conv_epilogue::ConvEpilogueGpu;
-pub use convert::{convert_args, convert_bf16_to_f32, convert_f16_to_f32, convert_f32_to_f16};
+pub use convert::{
+    convert_args, convert_bf16_to_f32, convert_f16_to_f32, convert_f32_to_bf16, convert_f32_to_f16,
+};
 pub use dropout::DropoutGpu;
 pub use grad_scale::{grad_unscale_args, unscale_gradients, unscale_gradients_in_place};
 pub use linear::LinearGpu;

@@ -2,15 +2,15 @@
 //! [`crate::train::Sgd::step`].
 
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
-use half::f16;
 
 use super::shape_err;
 use super::step_settings::StepSettings;
 use crate::cuda::abi::{
-    AlexnetSgdParams, ALEXNET_SGD_PAPER, ALEXNET_SGD_PYTORCH, ALEXNET_SGD_SEGMENTS,
+    AlexnetSgdParams, ALEXNET_SGD_COPY_BF16, ALEXNET_SGD_COPY_F16, ALEXNET_SGD_PAPER,
+    ALEXNET_SGD_PYTORCH, ALEXNET_SGD_SEGMENTS,
 };
 use crate::cuda::device::Gpu;
-use crate::cuda::dtype::GpuDtype;
+use crate::cuda::dtype::{GpuDtype, GpuFloat};
 use crate::cuda::launch::{grid_1d, Launch};
 use crate::cuda::registry::Kernel;
 use crate::error::{Error, Result};
@@ -77,14 +77,15 @@ pub fn sgd_args(
     Ok((params, grid_1d("sgd_step", end)?))
 }
 
-/// What one [`sgd_step`] reads and writes.
-pub struct SgdBuffers<'s, 'b> {
+/// What one [`sgd_step`] reads and writes; `C` is the copies' type (f16 or bf16; any type
+/// where there are none).
+pub struct SgdBuffers<'s, 'b, C: GpuFloat> {
     /// The f32 weights of the segments, one tensor per segment in order, each where its layer
     /// keeps it (the master weights under mixed precision).
     pub weights: &'s mut [&'b mut CudaSlice<f32>],
-    /// Under mixed precision, each weight tensor's f16 copy (what the layer computes with),
-    /// rewritten with the new weights rounded to f16; empty otherwise.
-    pub copies: &'s mut [&'b mut CudaSlice<f16>],
+    /// Under mixed precision, each weight tensor's f16 or bf16 copy (what the layer computes
+    /// with), rewritten with the new weights rounded to that type; empty otherwise.
+    pub copies: &'s mut [&'b mut CudaSlice<C>],
     /// The gradients, laid end to end in segment order.
     pub grads: &'s CudaSlice<f32>,
     /// The momentum, laid out as the gradients.
@@ -98,15 +99,28 @@ pub struct SgdBuffers<'s, 'b> {
     pub settings: Option<&'s StepSettings>,
 }
 
+/// The kernel's `copy_format` for copies of type `dtype`; f32 copies exist in no mode, so
+/// asking for them is an error (an empty list of any type asks for none).
+fn copy_format(dtype: GpuDtype) -> Result<u32> {
+    match dtype {
+        GpuDtype::F16 => Ok(ALEXNET_SGD_COPY_F16),
+        GpuDtype::Bf16 => Ok(ALEXNET_SGD_COPY_BF16),
+        GpuDtype::F32 => Err(Error::invalid(
+            "sgd_step",
+            "f32 copies of f32 weights (copies are f16 or bf16)",
+        )),
+    }
+}
+
 /// One SGD step with momentum, as [`crate::train::Sgd::step`] under `config`, in one launch
 /// over every tensor of `segments`, in `buffers`. `first_step` says the velocity holds nothing
 /// yet (it is written, not read).
-pub fn sgd_step(
+pub fn sgd_step<C: GpuFloat>(
     gpu: &Gpu,
     config: &SgdConfig,
     segments: &[SgdSegment],
     first_step: bool,
-    buffers: SgdBuffers<'_, '_>,
+    buffers: SgdBuffers<'_, '_, C>,
 ) -> Result<()> {
     let SgdBuffers {
         weights,
@@ -117,6 +131,9 @@ pub fn sgd_step(
         settings,
     } = buffers;
     let (mut params, cfg) = sgd_args(config, segments, first_step)?;
+    if !copies.is_empty() {
+        params.copy_format = copy_format(C::DTYPE)?;
+    }
     let len = params.len as usize;
     let lens_match =
         |lens: &mut dyn Iterator<Item = usize>| lens.eq(segments.iter().map(|s| s.len));
@@ -130,7 +147,7 @@ pub fn sgd_step(
         return Err(shape_err(
             "sgd_step",
             format!(
-                "one weight tensor (and none or one f16 copy) per segment {:?}, then {len} \
+                "one weight tensor (and none or one f16/bf16 copy) per segment {:?}, then {len} \
                  gradients and velocities, and a flag if any",
                 segments.iter().map(|s| s.len).collect::<Vec<_>>()
             ),
@@ -153,8 +170,8 @@ pub fn sgd_step(
     }
     // SAFETY: sgd_f32(const float *grads, float *velocity, const unsigned int *skip,
     // const AlexnetStepSettings *settings, AlexnetSgdParams); `grads` and `velocity` hold
-    // exactly `len` = ends[segments - 1] elements, weight tensor s (and its copy, if any)
-    // exactly segment s's length, at the addresses in params.weights[s] / params.copies[s]
+    // exactly `len` = ends[segments - 1] elements, weight tensor s (and its copy, if any, of
+    // the type `copy_format` names, set from C above) exactly segment s's length, at the addresses in params.weights[s] / params.copies[s]
     // (0: no copy), made ready on this stream; the flag, if passed, holds at least one value
     // (all checked above); the settings, if passed, are one AlexnetStepSettings, only read;
     // every buffer is borrowed separately (weights, copies and `velocity` exclusively), so
@@ -171,4 +188,19 @@ pub fn sgd_step(
     drop(weight_guards);
     drop(copy_guards);
     launched
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copies are f16 or bf16, each its own ABI code; f32 copies are refused, not written as
+    /// one of them.
+    #[test]
+    fn each_copy_type_has_its_own_format_and_f32_has_none() {
+        assert_eq!(copy_format(GpuDtype::F16).unwrap(), ALEXNET_SGD_COPY_F16);
+        assert_eq!(copy_format(GpuDtype::Bf16).unwrap(), ALEXNET_SGD_COPY_BF16);
+        assert_ne!(ALEXNET_SGD_COPY_F16, ALEXNET_SGD_COPY_BF16);
+        assert!(copy_format(GpuDtype::F32).is_err());
+    }
 }

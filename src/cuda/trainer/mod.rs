@@ -8,7 +8,10 @@
 //! Precisions: true fp32 (the default), TF32 (fp32 storage, TF32 tensor-core math in cuDNN and
 //! cuBLAS) and mixed precision ([`Precision::Fp16`]: f16 layers, activations and gradients,
 //! f32 master weights and momentum, the loss scaled by a dynamic [`LossScale`] and a step
-//! skipped when its gradients overflow, as PyTorch's `autocast` + `GradScaler`).
+//! skipped when its gradients overflow, as PyTorch's `autocast` + `GradScaler`;
+//! [`Precision::Bf16`]: the same in bf16, on compute capability 8.0 or newer. bf16 has f32's
+//! range, so its loss scale seldom matters, but it is kept: one code path, and a step whose
+//! gradients are not finite is still skipped).
 //!
 //! From the second step at a batch size the step's work (forward, loss, backward, unscaling,
 //! update) is one CUDA graph launch ([`CudaTrainOptions::eager`] turns that off). The learning
@@ -31,7 +34,7 @@ mod precision;
 mod prefetch;
 mod profile;
 
-use half::f16;
+use half::{bf16, f16};
 use ndarray::ArrayView4;
 
 use self::net::{Net, NetOptions, StepInput, StepOutcome};
@@ -58,7 +61,8 @@ use crate::Precision;
 pub struct CudaTrainOptions {
     /// The GPU's ordinal.
     pub device: usize,
-    /// `Fp32` (true fp32), `Tf32` (TF32 math) or `Fp16` (mixed precision).
+    /// `Fp32` (true fp32), `Tf32` (TF32 math), `Fp16` or `Bf16` (mixed precision; bf16 on
+    /// compute capability 8.0 or newer, else [`Error::DeviceUnavailable`]).
     pub precision: Precision,
     /// True fp32 only: keep the convolutions, forward and backward, to cuDNN's GEMM-family
     /// algorithms, no FFT or Winograd; see [`CudaOptions::fp32_gemm_only`]. Off by default
@@ -103,12 +107,26 @@ impl Default for CudaTrainOptions {
     }
 }
 
+/// The most loss scale an fp16 run resumes with: 2^24 times a gradient of 2^-8 already passes
+/// f16's 65504, so a larger saved scale (a bf16 run's, grown where nothing overflowed) would
+/// only skip steps until it came down.
+const FP16_MAX_RESUMED_SCALE: f32 = 16_777_216.0;
+
 /// The network in its storage type.
 enum Network {
     /// fp32 or TF32: f32 everywhere.
     Wide(Net<f32>),
     /// Mixed precision: f16 layers, f32 masters.
     Mixed(Net<f16>),
+    /// Mixed precision in bf16: bf16 layers, f32 masters (compute capability 8.0 or newer).
+    MixedBf16(Net<bf16>),
+}
+
+impl Network {
+    /// Whether the layers compute in a 16-bit type from f32 masters, with loss scaling.
+    fn is_mixed(&self) -> bool {
+        matches!(self, Network::Mixed(_) | Network::MixedBf16(_))
+    }
 }
 
 /// Runs `$body` with `$net` bound to the network whatever its storage type.
@@ -117,6 +135,7 @@ macro_rules! with_net {
         match $network {
             Network::Wide($net) => $body,
             Network::Mixed($net) => $body,
+            Network::MixedBf16($net) => $body,
         }
     };
 }
@@ -185,16 +204,6 @@ impl std::fmt::Debug for CudaTrainer {
     }
 }
 
-/// GPU training's mixed precision is fp16 with loss scaling; bf16 runs GPU inference and CPU
-/// training, not GPU training (yet).
-fn bf16_training() -> Error {
-    Error::invalid(
-        "precision",
-        "bf16 does not train on the GPU yet: use fp16 (mixed precision, f32 master weights), \
-         fp32 or tf32 on the GPU, or bf16 on the CPU",
-    )
-}
-
 impl CudaTrainer {
     /// The network of `weights` on GPU `ordinal` in true fp32 (NCHW, no TF32), every layer
     /// trainable, with the optimiser `optimiser` and no momentum yet.
@@ -220,7 +229,7 @@ impl CudaTrainer {
     }
 
     /// The network of `weights` trained as `options` say. Mixed precision keeps f32 masters of
-    /// every parameter, so [`Trainer::weights`] gives back f32 values, never f16-rounded ones.
+    /// every parameter, so [`Trainer::weights`] gives back f32 values, never f16- or bf16-rounded ones.
     pub fn with_options(
         weights: &Weights,
         optimiser: SgdConfig,
@@ -228,14 +237,11 @@ impl CudaTrainer {
     ) -> Result<Self> {
         // The same checks as the CPU optimiser (finite, non-negative settings).
         crate::train::Sgd::new(optimiser)?;
-        if options.precision == Precision::Bf16 {
-            return Err(bf16_training());
-        }
         if options.fp32_gemm_only && options.precision != Precision::Fp32 {
             return Err(Error::invalid(
                 "fp32_gemm_only",
                 format!(
-                    "applies to true fp32 only, not {}: TF32 and fp16 pick from every algorithm",
+                    "applies to true fp32 only, not {}: TF32, fp16 and bf16 pick from every algorithm",
                     options.precision
                 ),
             ));
@@ -269,8 +275,10 @@ impl CudaTrainer {
             Precision::Fp32 | Precision::Tf32 => {
                 Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
-            // Refused above.
-            Precision::Bf16 => return Err(bf16_training()),
+            Precision::Bf16 => {
+                super::self_test::check_bf16_capable(&gpu)?;
+                Network::MixedBf16(Net::new(&gpu, weights, &optimiser, frozen, math)?)
+            }
         };
         Ok(CudaTrainer {
             network,
@@ -290,6 +298,7 @@ impl CudaTrainer {
         match &self.network {
             Network::Wide(net) => net.layout(),
             Network::Mixed(net) => net.layout(),
+            Network::MixedBf16(net) => net.layout(),
         }
     }
 
@@ -313,7 +322,7 @@ impl CudaTrainer {
 
     /// Mixed precision: the loss scale of the next step (`None` in fp32 and TF32).
     pub fn loss_scale(&self) -> Option<f32> {
-        matches!(self.network, Network::Mixed(_)).then(|| self.loss_scale.scale())
+        self.network.is_mixed().then(|| self.loss_scale.scale())
     }
 
     /// Whether the steps at the current batch size replay a CUDA graph (see
@@ -433,7 +442,7 @@ impl CudaTrainer {
                 )),
             })
             .collect::<Result<Vec<u32>>>()?;
-        let mixed = matches!(self.network, Network::Mixed(_));
+        let mixed = self.network.is_mixed();
         let scale = if mixed { self.loss_scale.scale() } else { 1.0 };
         let CudaTrainer {
             network,
@@ -509,7 +518,7 @@ impl CudaTrainer {
 }
 
 impl Trainer for CudaTrainer {
-    /// Also in mixed precision the returned loss is the f32 loss of the f16 logits; a step
+    /// Also in mixed precision the returned loss is the f32 loss of the f16 or bf16 logits; a step
     /// whose gradients overflowed changes no weight and no momentum (see
     /// [`CudaTrainer::skipped_steps`]).
     fn step(
@@ -602,7 +611,7 @@ impl Trainer for CudaTrainer {
     /// trainer's precision. It is built on the first call and kept: later calls copy the
     /// weights into it ([`CudaModel::load_weights`]) instead of opening handles and measuring
     /// algorithms again. Between calls it holds its weights (about 250 MB in f32, half in
-    /// fp16) and its library handles, not its batch buffers or workspace
+    /// fp16 and bf16) and its library handles, not its batch buffers or workspace
     /// ([`CudaModel::release_buffers`]).
     fn evaluate(
         &mut self,
@@ -641,7 +650,7 @@ impl Trainer for CudaTrainer {
     }
 
     fn saved_loss_scale(&self) -> Option<SavedLossScale> {
-        matches!(self.network, Network::Mixed(_)).then(|| SavedLossScale {
+        self.network.is_mixed().then(|| SavedLossScale {
             scale: self.loss_scale.scale(),
             good_steps: self.loss_scale.good_steps(),
             skipped_steps: self.skipped_steps,
@@ -650,13 +659,15 @@ impl Trainer for CudaTrainer {
 
     /// Mixed precision goes on from the saved scale (with this trainer's schedule:
     /// [`CudaTrainOptions::loss_scale`]'s growth, backoff and interval); fp32 and TF32 ignore
-    /// it.
+    /// it. fp16 takes at most 2^24: a bf16 run's scale seldom overflows
+    /// and may have grown far past anything f16 holds, and each step above would be skipped.
     fn restore_loss_scale(&mut self, saved: SavedLossScale) -> Result<()> {
-        if matches!(self.network, Network::Mixed(_)) {
-            self.loss_scale = self
-                .options
-                .loss_scale
-                .resumed(saved.scale, saved.good_steps)?;
+        if self.network.is_mixed() {
+            let scale = match self.network {
+                Network::Mixed(_) => saved.scale.min(FP16_MAX_RESUMED_SCALE),
+                _ => saved.scale,
+            };
+            self.loss_scale = self.options.loss_scale.resumed(scale, saved.good_steps)?;
             self.skipped_steps = saved.skipped_steps;
         }
         Ok(())

@@ -82,7 +82,7 @@ struct Stage<T: TrainFloat> {
 
 /// The step's device buffers for one batch size: every stage's input (the last one is the
 /// logits) and a gradient shaped like each, the labels, the per-row losses and, in mixed
-/// precision, the f32 buffers around the f16 network.
+/// precision, the f32 buffers around the f16 or bf16 network.
 struct StepBuffers<T: TrainFloat> {
     /// The step captured at this batch size: first, so that it is dropped before the buffers
     /// whose addresses it holds.

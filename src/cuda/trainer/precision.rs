@@ -1,29 +1,30 @@
 //! What the trainer's storage type changes, and nothing else: how the f32 batch gets in, how the
 //! loss gradient gets out of the logits, where the layers write their parameter gradients, and
 //! which tensors the SGD launch updates. In fp32 the layers' own tensors are the master weights
-//! and their gradients go straight into the flat f32 buffer; in mixed precision (f16) the layers
-//! compute with f16 copies, the backward runs on the loss times the loss scale, the f16 weight
-//! gradients are unscaled into the flat f32 buffer, and SGD updates f32 masters and rewrites the
-//! copies (`kernels/sgd.cu`).
+//! and their gradients go straight into the flat f32 buffer; in mixed precision (f16 or bf16) the
+//! layers compute with f16 or bf16 copies, the backward runs on the loss times the loss scale,
+//! the narrow weight gradients are unscaled into the flat f32 buffer, and SGD updates f32 masters
+//! and rewrites the copies (`kernels/sgd.cu`).
 
 use cudarc::driver::{CudaSlice, CudaViewMut, PinnedHostSlice};
-use half::f16;
+use half::{bf16, f16};
 use ndarray::ArrayView4;
 
 use super::prefetch::StagedBatch;
 use crate::cuda::device::{driver_err, Gpu};
 use crate::cuda::dtype::GpuFloat;
 use crate::cuda::ops::{
-    convert_f16_to_f32, convert_f32_to_f16, relayout_f32_input, softmax_cross_entropy, Scale,
+    convert_bf16_to_f32, convert_f16_to_f32, convert_f32_to_bf16, convert_f32_to_f16,
+    relayout_f32_input, softmax_cross_entropy, Scale,
 };
 use crate::cuda::tensor::{GpuTensor, Layout};
 use crate::error::{Error, Result};
 
-/// f32 buffers a mixed-precision step needs beside its f16 ones, for one batch size.
+/// f32 buffers a mixed-precision step needs beside its f16 or bf16 ones, for one batch size.
 pub(super) struct WideBuffers {
     /// The logits widened for the loss (computed in f32 and f64, as the CPU does).
     pub logits: GpuTensor<f32>,
-    /// The loss's gradient before it is scaled into f16.
+    /// The loss's gradient before it is scaled into f16 or bf16.
     pub logit_grad: GpuTensor<f32>,
 }
 
@@ -31,7 +32,7 @@ pub(super) struct WideBuffers {
 pub(super) struct GradientBuffers<T> {
     /// Every trainable tensor's f32 gradient laid end to end in network order: what SGD reads.
     pub flat: CudaSlice<f32>,
-    /// Mixed precision: the weights' gradients of the f16 backward (times the loss scale), at
+    /// Mixed precision: the weights' gradients of the narrow backward (times the loss scale), at
     /// their offsets in `flat` (the bias slots unused: biases' gradients are f32 already).
     pub scaled: Option<CudaSlice<T>>,
 }
@@ -79,7 +80,8 @@ impl BatchSource<'_> {
     }
 }
 
-/// The storage types the trainer runs in: `f32` (fp32 and TF32) and `f16` (mixed precision).
+/// The storage types the trainer runs in: `f32` (fp32 and TF32), `f16` and `bf16` (mixed
+/// precision).
 pub(super) trait TrainFloat: GpuFloat {
     /// Whether training in this type keeps f32 master weights and scales the loss.
     const MIXED: bool;
@@ -118,12 +120,12 @@ pub(super) trait TrainFloat: GpuFloat {
     ) -> Result<R>;
 
     /// What the SGD launch updates: the f32 weights of the trainable tensors (the layers' own,
-    /// or the masters) and the f16 copies it rewrites (none, or the layers' own).
+    /// or the masters) and the narrow copies it rewrites (none, or the layers' own).
     #[allow(clippy::type_complexity)]
     fn sgd_tensors<'a>(
         layer_tensors: Vec<&'a mut CudaSlice<Self>>,
         masters: &'a mut [CudaSlice<f32>],
-    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f16>>);
+    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<Self>>);
 }
 
 /// The batch (f32 NCHW, `channels` channels) into an input of another layout or more
@@ -207,90 +209,99 @@ impl TrainFloat for f32 {
     fn sgd_tensors<'a>(
         layer_tensors: Vec<&'a mut CudaSlice<f32>>,
         _masters: &'a mut [CudaSlice<f32>],
-    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f16>>) {
+    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f32>>) {
         (layer_tensors, Vec::new())
     }
 }
 
-impl TrainFloat for f16 {
-    const MIXED: bool = true;
+/// Mixed precision in a 16-bit type: `$narrow` rounds f32 into it (times a scale), `$widen`
+/// turns it back into f32. f16 and bf16 differ in nothing else here.
+macro_rules! mixed_train_float {
+    ($t:ty, $narrow:ident, $widen:ident) => {
+        impl TrainFloat for $t {
+            const MIXED: bool = true;
 
-    fn load_batch(
-        gpu: &Gpu,
-        batch: BatchSource<'_>,
-        channels: usize,
-        staging: Option<&mut GpuTensor<f32>>,
-        input: &mut GpuTensor<f16>,
-    ) -> Result<()> {
-        if input.layout() == Layout::Nhwc {
-            return relayout_batch(gpu, batch, channels, staging, input);
-        }
-        // Rounded on the device, not by `GpuTensor::<f16>::upload` on the host: a batch of 128
-        // is 19 M values, tens of milliseconds of host time per step.
-        if let BatchSource::Staged(staged) = batch {
-            // Rounded straight from the staged copy: no f32 copy of it first.
-            return staged.read(gpu, |data| {
-                convert_f32_to_f16(
+            fn load_batch(
+                gpu: &Gpu,
+                batch: BatchSource<'_>,
+                channels: usize,
+                staging: Option<&mut GpuTensor<f32>>,
+                input: &mut GpuTensor<$t>,
+            ) -> Result<()> {
+                if input.layout() == Layout::Nhwc {
+                    return relayout_batch(gpu, batch, channels, staging, input);
+                }
+                // Rounded on the device, not by `GpuTensor::upload` on the host: a batch of 128
+                // is 19 M values, tens of milliseconds of host time per step.
+                if let BatchSource::Staged(staged) = batch {
+                    // Rounded straight from the staged copy: no f32 copy of it first.
+                    return staged.read(gpu, |data| {
+                        $narrow(
+                            gpu,
+                            &data.slice(..),
+                            &mut input.data_mut().slice_mut(..),
+                            1.0,
+                        )
+                    });
+                }
+                let staging = staging.ok_or_else(missing_staging)?;
+                batch.upload_into(gpu, staging)?;
+                $narrow(
                     gpu,
-                    &data.slice(..),
+                    &staging.data().slice(..),
                     &mut input.data_mut().slice_mut(..),
                     1.0,
                 )
-            });
+            }
+
+            fn loss_gradient(
+                gpu: &Gpu,
+                logits: &GpuTensor<$t>,
+                labels: &CudaSlice<u32>,
+                wide: Option<&mut WideBuffers>,
+                grad: &mut GpuTensor<$t>,
+                row_loss: &mut CudaSlice<f64>,
+                scale: Scale<'_>,
+            ) -> Result<()> {
+                let wide = wide.ok_or_else(missing_buffers)?;
+                $widen(gpu, &logits.data().slice(..), wide.logits.data_mut())?;
+                softmax_cross_entropy(gpu, &wide.logits, labels, &mut wide.logit_grad, row_loss)?;
+                $narrow(
+                    gpu,
+                    &wide.logit_grad.data().slice(..),
+                    &mut grad.data_mut().slice_mut(..),
+                    scale,
+                )
+            }
+
+            fn with_gradient_views<R>(
+                grads: &mut GradientBuffers<$t>,
+                at: usize,
+                (weight_len, bias_len): (usize, usize),
+                backward: impl FnOnce(&mut CudaViewMut<'_, $t>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+            ) -> Result<R> {
+                let end = at + weight_len + bias_len;
+                let scaled = grads.scaled.as_mut().ok_or_else(missing_buffers)?;
+                if end > grads.flat.len() || end > scaled.len() {
+                    return Err(out_of_range());
+                }
+                backward(
+                    &mut scaled.slice_mut(at..at + weight_len),
+                    &mut grads.flat.slice_mut(at + weight_len..end),
+                )
+            }
+
+            fn sgd_tensors<'a>(
+                layer_tensors: Vec<&'a mut CudaSlice<$t>>,
+                masters: &'a mut [CudaSlice<f32>],
+            ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<$t>>) {
+                // The trainable tensors are the last ones: frozen layers come first.
+                let first = masters.len().saturating_sub(layer_tensors.len());
+                (masters[first..].iter_mut().collect(), layer_tensors)
+            }
         }
-        let staging = staging.ok_or_else(missing_staging)?;
-        batch.upload_into(gpu, staging)?;
-        convert_f32_to_f16(
-            gpu,
-            &staging.data().slice(..),
-            &mut input.data_mut().slice_mut(..),
-            1.0,
-        )
-    }
-
-    fn loss_gradient(
-        gpu: &Gpu,
-        logits: &GpuTensor<f16>,
-        labels: &CudaSlice<u32>,
-        wide: Option<&mut WideBuffers>,
-        grad: &mut GpuTensor<f16>,
-        row_loss: &mut CudaSlice<f64>,
-        scale: Scale<'_>,
-    ) -> Result<()> {
-        let wide = wide.ok_or_else(missing_buffers)?;
-        convert_f16_to_f32(gpu, &logits.data().slice(..), wide.logits.data_mut())?;
-        softmax_cross_entropy(gpu, &wide.logits, labels, &mut wide.logit_grad, row_loss)?;
-        convert_f32_to_f16(
-            gpu,
-            &wide.logit_grad.data().slice(..),
-            &mut grad.data_mut().slice_mut(..),
-            scale,
-        )
-    }
-
-    fn with_gradient_views<R>(
-        grads: &mut GradientBuffers<f16>,
-        at: usize,
-        (weight_len, bias_len): (usize, usize),
-        backward: impl FnOnce(&mut CudaViewMut<'_, f16>, &mut CudaViewMut<'_, f32>) -> Result<R>,
-    ) -> Result<R> {
-        let end = at + weight_len + bias_len;
-        let scaled = grads.scaled.as_mut().ok_or_else(missing_buffers)?;
-        if end > grads.flat.len() || end > scaled.len() {
-            return Err(out_of_range());
-        }
-        backward(
-            &mut scaled.slice_mut(at..at + weight_len),
-            &mut grads.flat.slice_mut(at + weight_len..end),
-        )
-    }
-
-    fn sgd_tensors<'a>(
-        layer_tensors: Vec<&'a mut CudaSlice<f16>>,
-        masters: &'a mut [CudaSlice<f32>],
-    ) -> (Vec<&'a mut CudaSlice<f32>>, Vec<&'a mut CudaSlice<f16>>) {
-        // The trainable tensors are the last ones: frozen layers come first.
-        let first = masters.len().saturating_sub(layer_tensors.len());
-        (masters[first..].iter_mut().collect(), layer_tensors)
-    }
+    };
 }
+
+mixed_train_float!(f16, convert_f32_to_f16, convert_f16_to_f32);
+mixed_train_float!(bf16, convert_f32_to_bf16, convert_bf16_to_f32);
