@@ -321,7 +321,9 @@ typedef struct AlexnetGradUnscaleParams {
  * mixed precision). If copies[s] != 0 it is the address of a copy of that tensor in f16
  * (copy_format ALEXNET_SGD_COPY_F16) or bf16 (ALEXNET_SGD_COPY_BF16), what a mixed-precision layer
  * computes with, rewritten with each new weight rounded to nearest even in that type. Segment s is
- * decayed with `weight_decay` if decay[s] != 0. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w),
+ * decayed with `weight_decay` if decay[s] != 0. A segment with weights[s] == 0 is padding (a gap
+ * that keeps the next tensor's gradient aligned): its gradients and velocities are neither read
+ * nor written, and it has no copy. ALEXNET_SGD_PYTORCH: v = m v + (g + wd w),
  * w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. With `first_step` != 0 the old
  * velocity is taken as 0 without being read. If `skip` is not null and *skip != 0 (a mixed-
  * precision step whose gradients overflowed) nothing is read or written. If `settings` is not

@@ -15,7 +15,8 @@
  * tensor's weights at its own address (p.weights[segment]) and, under mixed precision, their f16
  * or bf16 copy (p.copy_format) at p.copies[segment]; the CPU's `train::Sgd::step`: rule ALEXNET_SGD_PYTORCH:
  * v = m v + (g + wd w), w -= lr v; ALEXNET_SGD_PAPER: v = m v - wd lr w - lr g, w += v. Segment s
- * (elements up to ends[s]) uses weight decay `weight_decay` if decay[s] != 0, else none. On the
+ * (elements up to ends[s]) uses weight decay `weight_decay` if decay[s] != 0, else none; one
+ * without a weight address (p.weights[s] == 0) is padding, left unread and unwritten. On the
  * first step (`first_step`) the old velocity is taken as 0 without being read. A set `*skip`
  * (the overflow flag of the gradients' unscaling) leaves everything as it was. Given `settings`
  * (a captured training step), the learning rate and first-step flag are read from it.
@@ -34,6 +35,8 @@ extern "C" __global__ void sgd_f32(const float *grads, float *velocity, const un
     {
         while (segment + 1 < p.segments && i >= p.ends[segment])
             ++segment;
+        if (p.weights[segment] == 0)
+            continue; /* padding: a gap that keeps the next tensor aligned */
         const unsigned long long start = segment == 0 ? 0 : p.ends[segment - 1];
         float *weight = (float *)p.weights[segment] + (i - start);
         const float wd = p.decay[segment] ? p.weight_decay : 0.0f;

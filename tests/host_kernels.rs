@@ -2095,7 +2095,23 @@ fn sgd_case(config: SgdConfig, seed: u64) {
     sgd_steps::<f16>(&SGD_TENSORS, config, seed, false, true);
 }
 
-/// [`sgd_case`] over `tensors` (name, length); with `mixed`, the copies (of type `C`, f16 or
+/// The name that makes an entry of [`sgd_steps`]' tensors a padding segment: a gap the kernel
+/// must neither read nor write, with no weights or copy.
+const SGD_PADDING: &str = "(padding)";
+
+/// The tensors of [`SGD_TENSORS`] as the GPU trainer lays them out, each weight on a boundary:
+/// a gap after each odd length, and one at either end of the launch's range too.
+const SGD_PADDED_TENSORS: [(&str, usize); 7] = [
+    (SGD_PADDING, 3),
+    ("conv1.weight", 37),
+    ("conv1.bias", 5),
+    (SGD_PADDING, 22),
+    ("fc1.weight", 300),
+    ("fc1.bias", 11),
+    (SGD_PADDING, 1),
+];
+
+/// [`sgd_case`] over `tensors` (name, length; [`SGD_PADDING`] for a gap); with `mixed`, the copies (of type `C`, f16 or
 /// bf16) and the skip flag (0 unless skipped) passed on every step, the first included, as the
 /// trainer does under mixed precision (src/cuda/trainer/net.rs); without, copies of type `C`
 /// are passed from the second step on. With `on_device` the learning rate and first-step flag are read
@@ -2113,29 +2129,52 @@ fn sgd_steps<C: Elem>(
         tensors.len(),
         C::SUFFIX
     );
-    let lens: Vec<usize> = tensors.iter().map(|t| t.1).collect();
-    let total: usize = lens.iter().sum();
     let segments: Vec<SgdSegment> = tensors
         .iter()
-        .map(|&(name, len)| SgdSegment::named(name, len, &config))
+        .map(|&(name, len)| match name {
+            SGD_PADDING => SgdSegment::padding(len),
+            _ => SgdSegment::named(name, len, &config),
+        })
         .collect();
+    // The flat layout (gaps included), and the parameter tensors alone.
+    let flat_total: usize = tensors.iter().map(|t| t.1).sum();
+    let in_gap: Vec<bool> = segments
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s.padding, s.len))
+        .collect();
+    let parameters: Vec<(&str, usize)> = tensors
+        .iter()
+        .copied()
+        .filter(|&(name, _)| name != SGD_PADDING)
+        .collect();
+    let lens: Vec<usize> = parameters.iter().map(|t| t.1).collect();
+    let total: usize = lens.iter().sum();
+    let without_gaps = |flat: &[f32]| -> Vec<f32> {
+        flat.iter()
+            .zip(&in_gap)
+            .filter(|(_, &gap)| !gap)
+            .map(|(&v, _)| v)
+            .collect()
+    };
     let mut cpu_weights = common::split_flat(&formula_values(seed, total, 0.5), &lens);
     let mut sgd = Sgd::new(config).unwrap();
     // Each tensor in its own allocation, as layers keep them; the kernel gets their addresses.
     let mut gpu_weights = common::split_flat(&formula_values(seed, total, 0.5), &lens);
     let mut copies: Vec<Vec<C>> = lens.iter().map(|&len| vec![C::POISON; len]).collect();
-    let mut velocity = vec![f32::POISON; total]; // the first step must not read it
+    // The first step must not read it; the gaps are never written.
+    let mut velocity = vec![f32::POISON; flat_total];
     let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
     let mut learning_rate = config.learning_rate;
     for step in 0..4u64 {
-        let flat_grads = formula_values(seed + 1 + step, total, 2.0);
+        // Values in the gaps too: an update that read them would show.
+        let flat_grads = formula_values(seed + 1 + step, flat_total, 2.0);
         let skipped = step == 3;
         if step == 2 {
             learning_rate = config.learning_rate / 10.0;
             sgd.set_learning_rate(learning_rate).unwrap();
         }
         if !skipped {
-            let grads = common::flat_gradients(tensors, &flat_grads);
+            let grads = common::flat_gradients(&parameters, &without_gaps(&flat_grads));
             sgd.step(cpu_weights.iter_mut().map(|w| &mut w[..]).collect(), &grads)
                 .unwrap();
         }
@@ -2159,12 +2198,14 @@ fn sgd_steps<C: Elem>(
         // The per-tensor buffers travel in the parameters, not as arguments: guarded here.
         let guard = |data: *mut c_void, bytes: usize| Guarded::new(data, bytes);
         let mut guarded: Vec<Guarded> = Vec::new();
-        for (address, w) in p.weights.iter_mut().zip(gpu_weights.iter_mut()) {
+        // A padding segment's addresses stay 0.
+        let tensor_slots = || segments.iter().enumerate().filter(|(_, s)| !s.padding);
+        for ((index, _), w) in tensor_slots().zip(gpu_weights.iter_mut()) {
             guarded.push(guard(
                 w.as_mut_ptr().cast(),
                 std::mem::size_of_val(w.as_slice()),
             ));
-            *address = guarded.last_mut().map_or(0, |g| g.start() as u64);
+            p.weights[index] = guarded.last_mut().map_or(0, |g| g.start() as u64);
         }
         let with_copies = mixed || step > 0;
         if with_copies {
@@ -2173,12 +2214,12 @@ fn sgd_steps<C: Elem>(
                 "bf16" => ALEXNET_SGD_COPY_BF16,
                 other => panic!("no {other} copies"),
             };
-            for (address, c) in p.copies.iter_mut().zip(copies.iter_mut()) {
+            for ((index, _), c) in tensor_slots().zip(copies.iter_mut()) {
                 guarded.push(guard(
                     c.as_mut_ptr().cast(),
                     std::mem::size_of_val(c.as_slice()),
                 ));
-                *address = guarded.last_mut().map_or(0, |g| g.start() as u64);
+                p.copies[index] = guarded.last_mut().map_or(0, |g| g.start() as u64);
             }
         }
         let mut g = flat_grads.clone();
@@ -2220,9 +2261,15 @@ fn sgd_steps<C: Elem>(
         let want_v = as_array(sgd.velocity().concat());
         assert_same(
             &format!("{what} velocity"),
-            &as_array(velocity.clone()),
+            &as_array(without_gaps(&velocity)),
             &want_v,
         );
+        let gaps_written = velocity
+            .iter()
+            .zip(&in_gap)
+            .filter(|(v, &gap)| gap && v.to_bits() != f32::POISON.to_bits())
+            .count();
+        assert_eq!(gaps_written, 0, "{what}: velocities written in the padding");
         if with_copies {
             let got_copies: Vec<f32> = copies.iter().flatten().map(|h| h.to_f32()).collect();
             let want_copies = want_w.mapv(|w| C::from_f32(w).to_f32());
@@ -2260,6 +2307,15 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
             // As the trainer launches it under f16 and bf16.
             sgd_steps::<f16>(&SGD_TENSORS, config, 305 + 10 * i as u64, true, true);
             sgd_steps::<bf16>(&SGD_TENSORS, config, 307 + 10 * i as u64, true, true);
+            // With the gaps that keep each weight aligned, in both modes.
+            sgd_steps::<f16>(
+                &SGD_PADDED_TENSORS,
+                config,
+                309 + 10 * i as u64,
+                false,
+                true,
+            );
+            sgd_steps::<bf16>(&SGD_PADDED_TENSORS, config, 311 + 10 * i as u64, true, true);
         }
     }
     // The most tensors one launch takes (ALEXNET_SGD_SEGMENTS = 32): accepted, and every
@@ -2292,7 +2348,8 @@ fn sgd_matches_the_cpu_optimiser_in_both_rules() {
     let many = vec![
         SgdSegment {
             len: 1,
-            decayed: true
+            decayed: true,
+            padding: false,
         };
         33
     ];

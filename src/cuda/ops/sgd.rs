@@ -16,12 +16,15 @@ use crate::cuda::registry::Kernel;
 use crate::error::{Error, Result};
 use crate::train::{SgdConfig, UpdateRule};
 
-/// One parameter tensor [`sgd_step`] updates: its length and whether weight decay applies to
-/// it.
+/// One stretch of the flat gradients and velocities [`sgd_step`] walks: a parameter tensor
+/// (its length and whether weight decay applies to it), or padding, a gap the step leaves
+/// alone (it keeps the next tensor's gradient aligned for the libraries that write it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SgdSegment {
     pub len: usize,
     pub decayed: bool,
+    /// A gap: no weight tensor, nothing read or written.
+    pub padding: bool,
 }
 
 impl SgdSegment {
@@ -31,6 +34,16 @@ impl SgdSegment {
         SgdSegment {
             len,
             decayed: config.decay_biases || !name.ends_with(".bias"),
+            padding: false,
+        }
+    }
+
+    /// A gap of `len` values between two tensors.
+    pub fn padding(len: usize) -> Self {
+        SgdSegment {
+            len,
+            decayed: false,
+            padding: true,
         }
     }
 }
@@ -80,15 +93,15 @@ pub fn sgd_args(
 /// What one [`sgd_step`] reads and writes; `C` is the copies' type (f16 or bf16; any type
 /// where there are none).
 pub struct SgdBuffers<'s, 'b, C: GpuFloat> {
-    /// The f32 weights of the segments, one tensor per segment in order, each where its layer
-    /// keeps it (the master weights under mixed precision).
+    /// The f32 weights of the segments, one tensor per segment that is not padding, in order,
+    /// each where its layer keeps it (the master weights under mixed precision).
     pub weights: &'s mut [&'b mut CudaSlice<f32>],
     /// Under mixed precision, each weight tensor's f16 or bf16 copy (what the layer computes
     /// with), rewritten with the new weights rounded to that type; empty otherwise.
     pub copies: &'s mut [&'b mut CudaSlice<C>],
-    /// The gradients, laid end to end in segment order.
+    /// The gradients, laid end to end in segment order (padding included: never read there).
     pub grads: &'s CudaSlice<f32>,
-    /// The momentum, laid out as the gradients.
+    /// The momentum, laid out as the gradients (never written in the padding).
     pub velocity: &'s mut CudaSlice<f32>,
     /// The overflow flag of the gradients' unscaling: when set on the device, the step changes
     /// nothing (mixed precision's skipped step). `None`: always applied.
@@ -135,8 +148,15 @@ pub fn sgd_step<C: GpuFloat>(
         params.copy_format = copy_format(C::DTYPE)?;
     }
     let len = params.len as usize;
+    // (segment index, length) of each tensor: the segments that are not padding.
+    let tensors: Vec<(usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.padding)
+        .map(|(index, s)| (index, s.len))
+        .collect();
     let lens_match =
-        |lens: &mut dyn Iterator<Item = usize>| lens.eq(segments.iter().map(|s| s.len));
+        |lens: &mut dyn Iterator<Item = usize>| lens.eq(tensors.iter().map(|&(_, len)| len));
     let weights_match = lens_match(&mut weights.iter().map(|w| w.len()));
     let copies_match = copies.is_empty() || lens_match(&mut copies.iter().map(|c| c.len()));
     let skip_ok = skip.is_none_or(|flag| !flag.is_empty());
@@ -147,32 +167,35 @@ pub fn sgd_step<C: GpuFloat>(
         return Err(shape_err(
             "sgd_step",
             format!(
-                "one weight tensor (and none or one f16/bf16 copy) per segment {:?}, then {len} \
-                 gradients and velocities, and a flag if any",
-                segments.iter().map(|s| s.len).collect::<Vec<_>>()
+                "one weight tensor (and none or one f16/bf16 copy) per tensor segment {:?}, \
+                 then {len} gradients and velocities, and a flag if any",
+                tensors.iter().map(|&(_, len)| len).collect::<Vec<_>>()
             ),
             &found,
         ));
     }
     let stream = gpu.stream();
     // The guards record the tensors' use on the stream when they drop, after the launch.
+    // Padding segments keep address 0, which is what marks them.
     let mut weight_guards = Vec::with_capacity(weights.len());
-    for (address, w) in params.weights.iter_mut().zip(weights.iter_mut()) {
+    for (&(index, _), w) in tensors.iter().zip(weights.iter_mut()) {
         let (ptr, guard) = w.device_ptr_mut(stream);
-        *address = ptr;
+        params.weights[index] = ptr;
         weight_guards.push(guard);
     }
     let mut copy_guards = Vec::with_capacity(copies.len());
-    for (address, c) in params.copies.iter_mut().zip(copies.iter_mut()) {
+    for (&(index, _), c) in tensors.iter().zip(copies.iter_mut()) {
         let (ptr, guard) = c.device_ptr_mut(stream);
-        *address = ptr;
+        params.copies[index] = ptr;
         copy_guards.push(guard);
     }
     // SAFETY: sgd_f32(const float *grads, float *velocity, const unsigned int *skip,
     // const AlexnetStepSettings *settings, AlexnetSgdParams); `grads` and `velocity` hold
-    // exactly `len` = ends[segments - 1] elements, weight tensor s (and its copy, if any, of
-    // the type `copy_format` names, set from C above) exactly segment s's length, at the addresses in params.weights[s] / params.copies[s]
-    // (0: no copy), made ready on this stream; the flag, if passed, holds at least one value
+    // exactly `len` = ends[segments - 1] elements, the weight tensor of each segment s that
+    // is not padding (and its copy, if any, of the type `copy_format` names, set from C
+    // above) exactly segment s's length, at the addresses in params.weights[s] /
+    // params.copies[s] (0: no copy; a padding segment has neither and is not touched), made
+    // ready on this stream; the flag, if passed, holds at least one value
     // (all checked above); the settings, if passed, are one AlexnetStepSettings, only read;
     // every buffer is borrowed separately (weights, copies and `velocity` exclusively), so
     // none overlaps another.

@@ -1,8 +1,8 @@
 //! Training on the GPU: [`CudaTrainer`], the GPU twin of [`crate::train::CpuTrainer`]. The same
 //! stages as the CPU model (the plan's), each keeping its input on the device for the backward;
 //! the layers' backward through cuDNN and cuBLAS and the crate's kernels; every trainable
-//! tensor's gradient in one flat f32 buffer and the momentum in another, updated by one SGD
-//! launch. The weights, the momentum and the step's dropout masks are the CPU's, so a run can
+//! tensor's gradient in one flat f32 buffer and the momentum in another (each weight at an
+//! aligned offset, `flat_layout`), updated by one SGD launch. The weights, the momentum and the step's dropout masks are the CPU's, so a run can
 //! move between the devices through a checkpoint.
 //!
 //! Precisions: true fp32 (the default), TF32 (fp32 storage, TF32 tensor-core math in cuDNN and
@@ -28,6 +28,7 @@
 //! FFT and Winograd allowed (now the default), non-deterministic algorithms, batches sent
 //! ahead, profiling and a restored loss scale have not run on a GPU to the end yet.
 
+mod flat_layout;
 mod net;
 mod param_layout;
 mod precision;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaViewMut};
 use ndarray::ArrayView2;
 
+use super::flat_layout::FlatLayout;
 use super::param_layout::ParamLayout;
 use super::precision::{BatchSource, GradientBuffers, TrainFloat, WideBuffers};
 use super::profile::{mark, StepMarks};
@@ -75,8 +76,8 @@ struct Stage<T: TrainFloat> {
     layer: Layer<T>,
     /// Per-image output shape (`[C, H, W]` or `[features]`).
     output: Vec<usize>,
-    /// Where its weight gradient starts in the flat gradient buffer (its bias follows), for
-    /// the trainable layers; `None` for frozen layers and stages without parameters.
+    /// Where its weight gradient starts in the flat gradient buffer (aligned; its bias
+    /// follows), for the trainable layers; `None` for frozen layers and stages without parameters.
     gradient_at: Option<usize>,
 }
 
@@ -128,14 +129,14 @@ pub(super) struct StepOutcome {
 
 pub(super) struct Net<T: TrainFloat> {
     stages: Vec<Stage<T>>,
-    /// The trainable tensors, in network order.
-    segments: Vec<SgdSegment>,
+    /// Where the trainable tensors (in network order) lie in the flat gradients and momentum.
+    flat: FlatLayout,
     /// Mixed precision: an f32 master of every parameter tensor (frozen ones too, so that
     /// [`Net::weights`] gives back exactly what was given), in network order and the layers'
     /// layout. Empty in fp32, where the layers' own tensors are the masters.
     masters: Vec<CudaSlice<f32>>,
     /// Every parameter tensor's device order (frozen ones too), in network order: the trainable
-    /// ones are the last `segments.len()`.
+    /// ones are the last `flat.tensor_count()`.
     param_layouts: Vec<ParamLayout>,
     /// The activations' layout (4-D ones; the linear layers' are rows either way).
     layout: Layout,
@@ -251,10 +252,9 @@ impl<T: TrainFloat> Net<T> {
                 .map_err(driver_err("upload the master weights"))
         };
         let mut stages = Vec::with_capacity(plan.stages.len());
-        let mut segments = Vec::new();
+        let mut flat = FlatLayout::default();
         let mut masters = Vec::new();
         let mut param_layouts = Vec::new();
-        let mut gradient_len = 0usize;
         let mut layer_index = 0usize;
         let mut dropout_layers = 0usize;
         for spec in &plan.stages {
@@ -349,16 +349,13 @@ impl<T: TrainFloat> Net<T> {
                         bias,
                     ),
                 ];
-                let trainable = layer_index >= frozen_layers;
-                if trainable {
-                    gradient_at = Some(gradient_len);
+                if layer_index >= frozen_layers {
+                    let [weight, bias] = tensors.each_ref().map(|(name, tensor_layout, _)| {
+                        SgdSegment::named(name, tensor_layout.device_len(), optimiser)
+                    });
+                    gradient_at = Some(flat.push_layer(weight, bias));
                 }
-                for (name, tensor_layout, host) in tensors {
-                    if trainable {
-                        let len = tensor_layout.device_len();
-                        segments.push(SgdSegment::named(name, len, optimiser));
-                        gradient_len += len;
-                    }
+                for (_, tensor_layout, host) in tensors {
                     if T::MIXED {
                         masters.push(upload(&tensor_layout.to_device(&host)?)?);
                     }
@@ -375,27 +372,28 @@ impl<T: TrainFloat> Net<T> {
         }
         let grads = GradientBuffers {
             flat: stream
-                .alloc_zeros::<f32>(gradient_len)
+                .alloc_zeros::<f32>(flat.len())
                 .map_err(driver_err("allocate the parameter gradients"))?,
             scaled: match T::MIXED {
                 true => Some(
                     stream
-                        .alloc_zeros::<T>(gradient_len)
+                        .alloc_zeros::<T>(flat.len())
                         .map_err(driver_err("allocate the scaled gradients"))?,
                 ),
                 false => None,
             },
         };
+        let velocity = stream
+            .alloc_zeros::<f32>(flat.len())
+            .map_err(driver_err("allocate the momentum"))?;
         Ok(Net {
             stages,
-            segments,
+            flat,
             masters,
             param_layouts,
             layout,
             grads,
-            velocity: stream
-                .alloc_zeros::<f32>(gradient_len)
-                .map_err(driver_err("allocate the momentum"))?,
+            velocity,
             has_velocity: false,
             overflow: stream
                 .alloc_zeros::<u32>(1)
@@ -651,7 +649,7 @@ impl<T: TrainFloat> Net<T> {
         let StepRun { optimiser } = *run;
         let Net {
             stages,
-            segments,
+            flat,
             masters,
             grads,
             velocity,
@@ -830,7 +828,7 @@ impl<T: TrainFloat> Net<T> {
         sgd_step(
             gpu,
             &optimiser,
-            segments,
+            flat.segments(),
             false,
             SgdBuffers {
                 weights: &mut weights,
@@ -888,9 +886,12 @@ impl<T: TrainFloat> Net<T> {
     }
 
     /// The layouts of the trainable tensors (the last ones: frozen layers come first), one per
-    /// SGD segment.
+    /// SGD segment that is not padding.
     fn trainable_layouts(&self) -> &[ParamLayout] {
-        let first = self.param_layouts.len().saturating_sub(self.segments.len());
+        let first = self
+            .param_layouts
+            .len()
+            .saturating_sub(self.flat.tensor_count());
         &self.param_layouts[first..]
     }
 
@@ -904,17 +905,11 @@ impl<T: TrainFloat> Net<T> {
             .stream()
             .clone_dtoh(&self.velocity)
             .map_err(driver_err("read back the momentum"))?;
-        let mut at = 0;
-        self.trainable_layouts()
-            .iter()
-            .map(|layout| {
-                let len = layout.device_len();
-                let values = flat.get(at..at + len).ok_or_else(|| {
-                    Error::invalid("CudaTrainer::velocity", "momentum beyond the flat buffer")
-                })?;
-                at += len;
-                layout.to_host(values.to_vec())
-            })
+        self.flat
+            .split(&flat)?
+            .into_iter()
+            .zip(self.trainable_layouts())
+            .map(|(values, layout)| layout.to_host(values))
             .collect()
     }
 
@@ -935,10 +930,12 @@ impl<T: TrainFloat> Net<T> {
                 found: lens,
             });
         }
-        let mut flat = Vec::with_capacity(self.velocity.len());
-        for (values, layout) in velocity.iter().zip(layouts) {
-            flat.extend(layout.to_device(values)?);
-        }
+        let device = velocity
+            .iter()
+            .zip(layouts)
+            .map(|(values, layout)| layout.to_device(values))
+            .collect::<Result<Vec<_>>>()?;
+        let flat = self.flat.join(&device)?;
         gpu.stream()
             .memcpy_htod(&flat, &mut self.velocity)
             .map_err(driver_err("upload the momentum"))?;
