@@ -833,18 +833,7 @@ fn convert_narrows_the_scaled_f32_as_half_rounds_it() {
             .collect();
         // The scale in the parameters, or (a captured training step) read from the step
         // settings.
-        for (on_device, grid) in scale_runs(small_grid(33)) {
-            let mut settings = AlexnetStepSettings::default();
-            let (settings, by_value) = scale_source(on_device, scale, &mut settings);
-            let (mut p, cfg) = convert_args(values.len(), by_value).unwrap();
-            let grid = grid.unwrap_or(cfg);
-            let mut src = values.clone();
-            let mut dst = vec![f16::POISON; values.len()];
-            launch(
-                "convert_f32_to_f16",
-                grid,
-                vec![buf(&mut src), buf(&mut dst), settings, params(&mut p)],
-            );
+        for (on_device, dst) in narrowed::<f16>(&values, scale) {
             let got: Vec<f32> = dst.iter().map(|h| h.to_f32()).collect();
             let as_array = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap();
             assert_same(
@@ -855,6 +844,29 @@ fn convert_narrows_the_scaled_f32_as_half_rounds_it() {
         }
     }
     assert!(convert_args(4, f32::INFINITY).is_err());
+}
+
+/// `convert_f32_to_f16` or `_bf16` (by `T`) on `values` times `scale`, in each of
+/// [`scale_runs`]: the scale by value or read from the step settings, over the launcher's grid
+/// and a small one. Gives each run's `on_device` and output.
+fn narrowed<T: Elem>(values: &[f32], scale: f32) -> Vec<(bool, Vec<T>)> {
+    let kernel = format!("convert_f32_to_{}", T::SUFFIX);
+    let runs = scale_runs(small_grid(33));
+    runs.into_iter()
+        .map(|(on_device, grid)| {
+            let mut settings = AlexnetStepSettings::default();
+            let (settings, by_value) = scale_source(on_device, scale, &mut settings);
+            let (mut p, cfg) = convert_args(values.len(), by_value).unwrap();
+            let mut src = values.to_vec();
+            let mut dst = vec![T::POISON; values.len()];
+            launch(
+                &kernel,
+                grid.unwrap_or(cfg),
+                vec![buf(&mut src), buf(&mut dst), settings, params(&mut p)],
+            );
+            (on_device, dst)
+        })
+        .collect()
 }
 
 /// bf16 both ways, bit for bit against `half::bf16` (the CPU's bf16 rounding): every bf16
@@ -911,18 +923,7 @@ fn convert_takes_bf16_both_ways_as_half_does() {
             .iter()
             .map(|&v| bf16::from_f32(v * scale).to_bits())
             .collect();
-        for (on_device, grid) in scale_runs(small_grid(33)) {
-            let mut settings = AlexnetStepSettings::default();
-            let (settings, by_value) = scale_source(on_device, scale, &mut settings);
-            let (mut p, cfg) = convert_args(values.len(), by_value).unwrap();
-            let grid = grid.unwrap_or(cfg);
-            let mut src = values.clone();
-            let mut dst = vec![bf16::POISON; values.len()];
-            launch(
-                "convert_f32_to_bf16",
-                grid,
-                vec![buf(&mut src), buf(&mut dst), settings, params(&mut p)],
-            );
+        for (on_device, dst) in narrowed::<bf16>(&values, scale) {
             for ((v, got), want) in values.iter().zip(&dst).zip(&want) {
                 assert_eq!(
                     got.to_bits(),
