@@ -258,8 +258,9 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             .iter()
             .map(|&(n, len)| SgdSegment::named(n, len, &config))
             .collect();
-        // A gap between conv1 and fc1, as the trainer leaves before an unaligned weight:
-        // never read (its gradients are not the CPU's) nor written (its velocity stays NaN).
+        // A gap between conv1 and fc1, as the trainer leaves before an unaligned weight (here
+        // one it would not need): never read (its gradients are not the CPU's) nor written
+        // (its velocity stays NaN), and no tensor or copy of its own.
         const GAP: usize = 48;
         let gap_at = lens[0] + lens[1];
         segments.insert(2, SgdSegment::padding(GAP));
@@ -273,6 +274,11 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             .collect();
         // NaN until the first step writes it: that step must not read it.
         let mut velocity = stream.clone_htod(&vec![f32::NAN; total + GAP]).unwrap();
+        // f16 copies, as mixed precision rewrites them: each must land on its own tensor.
+        let mut copies: Vec<_> = lens
+            .iter()
+            .map(|&len| stream.alloc_zeros::<f16>(len).unwrap())
+            .collect();
         for step in 0..3u64 {
             // The first and third steps as a captured training step launches them: the
             // first-step flag and (third step) a tenth of the learning rate read from the
@@ -289,14 +295,14 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             sgd.step(cpu.iter_mut().map(|w| &mut w[..]).collect(), &grads)
                 .unwrap();
             let g = stream.clone_htod(&flat).unwrap();
-            sgd_step::<f32>(
+            sgd_step::<f16>(
                 &gpu,
                 &config,
                 &segments,
                 false,
                 SgdBuffers {
                     weights: &mut weights.iter_mut().collect::<Vec<_>>(),
-                    copies: &mut [],
+                    copies: &mut copies.iter_mut().collect::<Vec<_>>(),
                     grads: &g,
                     velocity: &mut velocity,
                     skip: None,
@@ -311,6 +317,19 @@ fn sgd_step_matches_the_cpu_optimiser_exactly() {
             let got = ArrayD::from_shape_vec(IxDyn(&[total]), got).unwrap();
             let want = ArrayD::from_shape_vec(IxDyn(&[total]), cpu.concat()).unwrap();
             check(&format!("sgd {rule:?} step {step}"), &got, &want, 0.0);
+            let got_copies: Vec<f32> = copies
+                .iter()
+                .flat_map(|c| stream.clone_dtoh(c).unwrap())
+                .map(f16::to_f32)
+                .collect();
+            let got_copies = ArrayD::from_shape_vec(IxDyn(&[total]), got_copies).unwrap();
+            let want_copies = want.mapv(|w| f16::from_f32(w).to_f32());
+            check(
+                &format!("sgd {rule:?} step {step} f16 copies"),
+                &got_copies,
+                &want_copies,
+                0.0,
+            );
         }
         let velocity = stream.clone_dtoh(&velocity).unwrap();
         assert!(

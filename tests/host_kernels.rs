@@ -2100,8 +2100,9 @@ fn sgd_case(config: SgdConfig, seed: u64) {
 /// must neither read nor write, with no weights or copy.
 const SGD_PADDING: &str = "(padding)";
 
-/// The tensors of [`SGD_TENSORS`] as the GPU trainer lays them out, each weight on a boundary:
-/// a gap after each odd length, and one at either end of the launch's range too.
+/// The tensors of [`SGD_TENSORS`] with padding segments around and between them, of arbitrary
+/// lengths (the trainer's gaps align each weight; the kernel only sees segments to skip): one
+/// at either end of the launch's range and one between the layers.
 const SGD_PADDED_TENSORS: [(&str, usize); 7] = [
     (SGD_PADDING, 3),
     ("conv1.weight", 37),

@@ -49,7 +49,8 @@ impl SgdSegment {
 }
 
 /// The `sgd` kernel's parameters and launch shape for `segments` laid end to end: what
-/// [`sgd_step`] passes, once it has filled in the weights' and copies' addresses (left 0 here).
+/// [`sgd_step`] passes, once it has filled in the weights' and copies' addresses (left 0 here,
+/// and for good in the padding segments).
 /// `first_step`: the velocity is taken as 0 without being read.
 #[doc(hidden)]
 pub fn sgd_args(
@@ -61,7 +62,8 @@ pub fn sgd_args(
         return Err(Error::invalid(
             "SGD step",
             format!(
-                "{} parameter tensors (one launch takes 1 to {ALEXNET_SGD_SEGMENTS})",
+                "{} segments, parameter tensors and padding (one launch takes 1 to \
+                 {ALEXNET_SGD_SEGMENTS})",
                 segments.len()
             ),
         ));

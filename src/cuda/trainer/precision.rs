@@ -30,7 +30,8 @@ pub(super) struct WideBuffers {
 
 /// Where the backward writes the parameter gradients.
 pub(super) struct GradientBuffers<T> {
-    /// Every trainable tensor's f32 gradient laid end to end in network order: what SGD reads.
+    /// Every trainable tensor's f32 gradient in network order, each weight at an aligned
+    /// offset (`super::flat_layout`): what SGD reads.
     pub flat: CudaSlice<f32>,
     /// Mixed precision: the weights' gradients of the narrow backward (times the loss scale), at
     /// their offsets in `flat` (the bias slots unused: biases' gradients are f32 already).
