@@ -2,8 +2,9 @@
 //! stages as the CPU model (the plan's), each keeping its input on the device for the backward;
 //! the layers' backward through cuDNN and cuBLAS and the crate's kernels; every trainable
 //! tensor's gradient in one flat f32 buffer and the momentum in another (each weight at an
-//! aligned offset: `flat_layout`), updated by one SGD launch. The weights, the momentum and the step's dropout masks are the CPU's, so a run can
-//! move between the devices through a checkpoint.
+//! aligned offset: `flat_layout`), updated by one SGD launch. The weights, the momentum and
+//! the step's dropout masks are the CPU's, so a run can move between the devices through a
+//! checkpoint.
 //!
 //! Precisions: true fp32 (the default), TF32 (fp32 storage, TF32 tensor-core math in cuDNN and
 //! cuBLAS) and mixed precision ([`Precision::Fp16`]: f16 layers, activations and gradients,

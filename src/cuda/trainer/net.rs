@@ -77,7 +77,8 @@ struct Stage<T: TrainFloat> {
     /// Per-image output shape (`[C, H, W]` or `[features]`).
     output: Vec<usize>,
     /// Where its weight gradient starts in the flat gradient buffer (aligned; its bias
-    /// follows), for the trainable layers; `None` for frozen layers and stages without parameters.
+    /// follows), for the trainable layers; `None` for frozen layers and stages without
+    /// parameters.
     gradient_at: Option<usize>,
 }
 
