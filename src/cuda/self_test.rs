@@ -4,15 +4,18 @@
 //! `--device auto` can still fall back to the CPU — instead of an error inside the first forward.
 //! Each result is checked against the CPU layer, so a library that runs but computes garbage
 //! is caught too. Costs a few milliseconds (plus cuDNN's algorithm search on these shapes).
+//! bf16's forward is tested when a bf16 model or trainer is built, and the backward passes
+//! when a trainer is, in its precision and layout.
 
+use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
-use ndarray::{Array1, Array2, Array4};
+use ndarray::{Array, Array1, Array2, Array4, ArrayBase, Data, Dimension, StrideShape};
 
-use super::device::Gpu;
+use super::device::{driver_err, Gpu};
 use super::dtype::GpuFloat;
-use super::ops::{Conv2dGpu, ConvOptions, LinearGpu};
+use super::ops::{unpack_conv_weights, Conv2dGpu, ConvOptions, LinearGpu};
 use super::tensor::{GpuTensor, Layout};
-use crate::cpu::{Conv2d, Linear};
+use crate::cpu::{Conv2d, Conv2dGrads, InputGradient, Linear, LinearGrads};
 use crate::error::{Error, Result};
 
 /// Runs every check; the first failure is `DeviceUnavailable` naming the library and step,
@@ -54,13 +57,31 @@ fn run_bf16(gpu: &Gpu) -> Result<()> {
     gpu.synchronize().map_err(|e| fail("the device", e))
 }
 
+/// The backward passes a [`super::CudaTrainer`] runs, in its storage type `T` and with its
+/// convolutions' `math` (layout, TF32, GEMM-only, deterministic; stride, padding and channels
+/// are the test's own): cuDNN's convolution backward for the filter and the input, and
+/// cuBLAS's two backward GEMMs, each checked against the CPU's gradients as [`run`] checks the
+/// forward. Run when a trainer is built, so that a library without these kernels for this
+/// precision and layout (an install that carries only the inference engines, a cuDNN without
+/// bf16 backward) is [`Error::DeviceUnavailable`] there (`train --device auto` then trains on
+/// the CPU) instead of an error inside the first step.
+pub(super) fn check_training<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Result<()> {
+    let dtype = format!("{:?}", T::DTYPE).to_lowercase();
+    let layout = format!("{:?}", math.layout).to_uppercase();
+    conv_backward::<T>(gpu, math)
+        .map_err(|e| fail(&format!("cuDNN's {dtype} {layout} convolution backward"), e))?;
+    linear_backward::<T>(gpu, math.allow_tf32)
+        .map_err(|e| fail(&format!("cuBLAS's {dtype} backward GEMMs"), e))?;
+    gpu.synchronize().map_err(|e| fail("the device", e))
+}
+
 /// A failed check as `DeviceUnavailable` naming `what`, except running out of memory.
 fn fail(what: &str, e: Error) -> Error {
     match e {
         out_of_memory @ Error::OutOfMemory { .. } => out_of_memory,
         e => Error::DeviceUnavailable(format!(
-            "the GPU opened, but {what} failed its test when the device was opened: {e}. \
-             Reinstall the library named (see README, \"GPU set-up\"), or use --device cpu"
+            "the GPU opened, but {what} failed its self-test: {e}. Reinstall the library \
+             named (see README, \"GPU set-up\"), or use --device cpu"
         )),
     }
 }
@@ -99,41 +120,204 @@ fn check(what: &str, got: &[f32], want: &[f32], tolerance: f32) -> Result<()> {
     }
 }
 
-/// A 3x3 convolution of one 8-channel 8x8 image (tensor-core friendly sizes) with bias + ReLU.
+/// `values` as an array of `shape`.
+fn shaped<D: Dimension>(
+    shape: impl Into<StrideShape<D>>,
+    values: Vec<f32>,
+) -> Result<Array<f32, D>> {
+    Array::from_shape_vec(shape, values).map_err(|e| Error::invalid("self-test", e.to_string()))
+}
+
+/// An array's values in memory order, as [`check`] compares them.
+fn values<S: Data<Elem = f32>, D: Dimension>(array: &ArrayBase<S, D>) -> Vec<f32> {
+    array.iter().copied().collect()
+}
+
+/// A device buffer's values, widened to f32.
+fn download<T: GpuFloat>(gpu: &Gpu, buffer: &CudaSlice<T>) -> Result<Vec<f32>> {
+    let values = gpu
+        .stream()
+        .clone_dtoh(buffer)
+        .map_err(driver_err("download a self-test result"))?;
+    Ok(values.into_iter().map(T::to_f32).collect())
+}
+
+/// A zeroed device buffer of `len` values.
+fn zeros<T: GpuFloat>(gpu: &Gpu, len: usize) -> Result<CudaSlice<T>> {
+    gpu.stream()
+        .alloc_zeros::<T>(len)
+        .map_err(driver_err("allocate a self-test buffer"))
+}
+
+/// The test convolution's sizes: one 8-channel 8x8 image (tensor-core friendly), 8 filters of
+/// 3x3, stride 1, padding 1.
+const CONV: (usize, usize, usize, usize) = (8, 8, 8, 3);
+
+/// The test convolution's input, weights and bias.
+fn conv_operands() -> Result<(Array4<f32>, Array4<f32>, Array1<f32>)> {
+    let (c, side, out, k) = CONV;
+    Ok((
+        shaped((1, c, side, side), pattern(c * side * side, 2.0))?,
+        shaped((out, c, k, k), pattern(out * c * k * k, 0.5))?,
+        Array1::from(pattern(out, 0.25)),
+    ))
+}
+
+/// An output gradient with a pattern for the test convolution, and the CPU's gradients for it.
+fn conv_gradients() -> Result<(Array4<f32>, Conv2dGrads)> {
+    let (_, side, out, _) = CONV;
+    let (x, w, b) = conv_operands()?;
+    let dy = shaped((1, out, side, side), pattern(out * side * side, 1.0))?;
+    let want =
+        Conv2d::new(w.view(), &b, 1, 1)?.backward(x.view(), dy.view(), InputGradient::Compute)?;
+    Ok((dy, want))
+}
+
+/// The test convolution with bias + ReLU.
 fn conv<T: GpuFloat>(gpu: &Gpu, layout: Layout) -> Result<()> {
-    let (c, side, out) = (8, 8, 8);
-    let x = Array4::from_shape_vec((1, c, side, side), pattern(c * side * side, 2.0))
-        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
-    let w = Array4::from_shape_vec((out, c, 3, 3), pattern(out * c * 9, 0.5))
-        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
-    let b = Array1::from(pattern(out, 0.25));
+    let (_, side, out, _) = CONV;
+    let (x, w, b) = conv_operands()?;
     let want = Conv2d::new(w.view(), &b, 1, 1)?.forward_relu(x.view())?;
     let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), ConvOptions::new(1, 1, layout))?;
     let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), layout)?;
     let mut output = GpuTensor::<T>::zeros(gpu, &[1, out, side, side], layout)?;
     layer.forward(gpu, &input, &mut output, true)?;
-    let got = output.to_host(gpu)?;
-    let got: Vec<f32> = got.iter().copied().collect();
-    let want: Vec<f32> = want.iter().copied().collect();
-    check("test convolution", &got, &want, 1e-2)
+    check(
+        "test convolution",
+        &values(&output.to_host(gpu)?),
+        &values(&want),
+        1e-2,
+    )
 }
 
-/// A 16 -> 8 linear layer on 8 rows.
+/// The test convolution's gradients (filter, input and bias) for an output gradient with a
+/// pattern, with `math`'s layout and algorithm rules.
+fn conv_backward<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Result<()> {
+    let (c, _, out, k) = CONV;
+    let (x, w, b) = conv_operands()?;
+    let (dy, want) = conv_gradients()?;
+    let options = ConvOptions {
+        stride: 1,
+        padding: 1,
+        in_channels: None,
+        ..math
+    };
+    let layout = math.layout;
+    let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), options)?;
+    let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), layout)?;
+    let output_grad = GpuTensor::<T>::from_host(gpu, dy.view().into_dyn(), layout)?;
+    let mut input_grad = GpuTensor::<T>::zeros(gpu, x.shape(), layout)?;
+    let mut dw = zeros::<T>(gpu, w.len())?;
+    let mut db = zeros::<f32>(gpu, out)?;
+    layer.backward(
+        gpu,
+        &input,
+        &output_grad,
+        Some(&mut input_grad),
+        &mut dw.slice_mut(..),
+        &mut db.slice_mut(..),
+    )?;
+    let dw = unpack_conv_weights(&download(gpu, &dw)?, [out, c, k], c, layout)?;
+    let want_dx = want
+        .input
+        .ok_or_else(|| Error::invalid("self-test", "the CPU gave no input gradient"))?;
+    check(
+        "test filter gradient",
+        &values(&dw),
+        &values(&want.weight),
+        1e-2,
+    )?;
+    check(
+        "test input gradient",
+        &values(&input_grad.to_host(gpu)?),
+        &values(&want_dx),
+        1e-2,
+    )?;
+    check(
+        "test bias gradient",
+        &download(gpu, &db)?,
+        &values(&want.bias),
+        1e-2,
+    )
+}
+
+/// The test linear layer's sizes: 16 -> 8 on 8 rows.
+const LINEAR: (usize, usize, usize) = (8, 16, 8);
+
+/// The test linear layer's input, weights and bias.
+fn linear_operands() -> Result<(Array2<f32>, Array2<f32>, Array1<f32>)> {
+    let (rows, inputs, outputs) = LINEAR;
+    Ok((
+        shaped((rows, inputs), pattern(rows * inputs, 2.0))?,
+        shaped((outputs, inputs), pattern(outputs * inputs, 0.5))?,
+        Array1::from(pattern(outputs, 0.25)),
+    ))
+}
+
+/// An output gradient with a pattern for the test linear layer, and the CPU's gradients for it.
+fn linear_gradients() -> Result<(Array2<f32>, LinearGrads)> {
+    let (rows, _, outputs) = LINEAR;
+    let (x, w, b) = linear_operands()?;
+    let dy = shaped((rows, outputs), pattern(rows * outputs, 1.0))?;
+    let want = Linear::new(w.view(), &b)?.backward(x.view(), dy.view())?;
+    Ok((dy, want))
+}
+
+/// The test linear layer's forward.
 fn linear<T: GpuFloat>(gpu: &Gpu) -> Result<()> {
-    let (rows, inputs, outputs) = (8, 16, 8);
-    let x = Array2::from_shape_vec((rows, inputs), pattern(rows * inputs, 2.0))
-        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
-    let w = Array2::from_shape_vec((outputs, inputs), pattern(outputs * inputs, 0.5))
-        .map_err(|e| Error::invalid("self-test", e.to_string()))?;
-    let b = Array1::from(pattern(outputs, 0.25));
+    let (rows, _, outputs) = LINEAR;
+    let (x, w, b) = linear_operands()?;
     let want = Linear::new(w.view(), &b)?.forward(x.view())?;
     let layer = LinearGpu::<T>::new(gpu, w.view(), b.view(), false)?;
     let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), Layout::Nchw)?;
     let mut output = GpuTensor::<T>::zeros(gpu, &[rows, outputs], Layout::Nchw)?;
     layer.forward(gpu, &input, &mut output, false)?;
-    let got: Vec<f32> = output.to_host(gpu)?.iter().copied().collect();
-    let want: Vec<f32> = want.iter().copied().collect();
-    check("test GEMM", &got, &want, 1e-2)
+    check(
+        "test GEMM",
+        &values(&output.to_host(gpu)?),
+        &values(&want),
+        1e-2,
+    )
+}
+
+/// The test linear layer's gradients (weight, input and bias; TF32 where `allow_tf32`) for an
+/// output gradient with a pattern.
+fn linear_backward<T: GpuFloat>(gpu: &Gpu, allow_tf32: bool) -> Result<()> {
+    let (_, _, outputs) = LINEAR;
+    let (x, w, b) = linear_operands()?;
+    let (dy, want) = linear_gradients()?;
+    let layer = LinearGpu::<T>::new(gpu, w.view(), b.view(), allow_tf32)?;
+    let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), Layout::Nchw)?;
+    let output_grad = GpuTensor::<T>::from_host(gpu, dy.view().into_dyn(), Layout::Nchw)?;
+    let mut input_grad = GpuTensor::<T>::zeros(gpu, x.shape(), Layout::Nchw)?;
+    let mut dw = zeros::<T>(gpu, w.len())?;
+    let mut db = zeros::<f32>(gpu, outputs)?;
+    layer.backward(
+        gpu,
+        &input,
+        &output_grad,
+        Some(&mut input_grad),
+        &mut dw.slice_mut(..),
+        &mut db.slice_mut(..),
+    )?;
+    check(
+        "test GEMM weight gradient",
+        &download(gpu, &dw)?,
+        &values(&want.weight),
+        1e-2,
+    )?;
+    check(
+        "test GEMM input gradient",
+        &values(&input_grad.to_host(gpu)?),
+        &values(&want.input),
+        1e-2,
+    )?;
+    check(
+        "test GEMM bias gradient",
+        &download(gpu, &db)?,
+        &values(&want.bias),
+        1e-2,
+    )
 }
 
 #[cfg(test)]
@@ -152,6 +336,50 @@ mod tests {
         assert!(p.iter().all(|&v| f16::from_f32(v).to_f32() == v));
         assert!(p.iter().all(|&v| bf16::from_f32(v).to_f32() == v));
         assert!(p.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    /// Every value each check compares is what the CPU computes from the tests' operands, and
+    /// none of them is all zeros: a library that wrote nothing (or only zeros) fails each check.
+    #[test]
+    fn every_expected_result_is_nonzero_so_a_blank_result_fails() {
+        let (x, w, b) = conv_operands().unwrap();
+        let forward = Conv2d::new(w.view(), &b, 1, 1)
+            .unwrap()
+            .forward_relu(x.view())
+            .unwrap();
+        let (_, conv) = conv_gradients().unwrap();
+        let (x, w, b) = linear_operands().unwrap();
+        let linear_forward = Linear::new(w.view(), &b)
+            .unwrap()
+            .forward(x.view())
+            .unwrap();
+        let (_, linear) = linear_gradients().unwrap();
+        let input = conv.input.unwrap();
+        let expected: [(&str, Vec<f32>); 8] = [
+            ("convolution", values(&forward)),
+            ("filter gradient", values(&conv.weight)),
+            ("input gradient", values(&input)),
+            ("bias gradient", values(&conv.bias)),
+            ("GEMM", values(&linear_forward)),
+            ("GEMM weight gradient", values(&linear.weight)),
+            ("GEMM input gradient", values(&linear.input)),
+            ("GEMM bias gradient", values(&linear.bias)),
+        ];
+        for (what, want) in expected {
+            assert!(check(what, &want, &want, 1e-2).is_ok(), "{what}");
+            let blank = vec![0.0; want.len()];
+            assert!(
+                check(what, &blank, &want, 1e-2).is_err(),
+                "{what}: zeros pass"
+            );
+            // Half the values wrong is caught too, not only all of them.
+            let mut half = want.clone();
+            half.iter_mut().step_by(2).for_each(|v| *v = 0.0);
+            assert!(
+                check(what, &half, &want, 1e-2).is_err(),
+                "{what}: half zeros pass"
+            );
+        }
     }
 
     /// bf16 on a GPU older than Ampere is "no usable GPU" (so `auto` falls back to the CPU),

@@ -48,6 +48,7 @@ use super::device::Gpu;
 use super::graph::GraphStatus;
 use super::model::{CudaModel, CudaOptions};
 use super::pinned::alloc_upload;
+use super::self_test::check_training;
 use super::tensor::Layout;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
@@ -232,6 +233,10 @@ impl CudaTrainer {
 
     /// The network of `weights` trained as `options` say. Mixed precision keeps f32 masters of
     /// every parameter, so [`Trainer::weights`] gives back f32 values, never f16- or bf16-rounded ones.
+    ///
+    /// Before the network is built, the backward passes are self-tested in `options`' precision
+    /// and layout on tiny operands against the CPU: a cuDNN or cuBLAS that cannot run them is
+    /// [`Error::DeviceUnavailable`] here, not an error in the first step.
     pub fn with_options(
         weights: &Weights,
         optimiser: SgdConfig,
@@ -272,13 +277,21 @@ impl CudaTrainer {
                 false => Layout::Nchw,
             },
         };
+        // The backward passes are self-tested here, before the network's memory is taken (the
+        // forward ones were when the GPU opened; bf16's are run now).
+        let backward = math.conv(1, 1);
         let network = match options.precision {
-            Precision::Fp16 => Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, math)?),
+            Precision::Fp16 => {
+                check_training::<f16>(&gpu, backward)?;
+                Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, math)?)
+            }
             Precision::Fp32 | Precision::Tf32 => {
+                check_training::<f32>(&gpu, backward)?;
                 Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
             Precision::Bf16 => {
                 super::self_test::check_bf16_capable(&gpu)?;
+                check_training::<bf16>(&gpu, backward)?;
                 Network::MixedBf16(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
         };

@@ -174,6 +174,19 @@ pub(super) struct NetOptions {
     pub layout: Layout,
 }
 
+impl NetOptions {
+    /// A convolution's options under these settings, for `stride` and `padding` (the weights'
+    /// own input channels).
+    pub fn conv(&self, stride: usize, padding: usize) -> ConvOptions {
+        ConvOptions {
+            allow_tf32: self.allow_tf32,
+            fp32_gemm_only: self.fp32_gemm_only,
+            deterministic: self.deterministic,
+            ..ConvOptions::new(stride, padding, self.layout)
+        }
+    }
+}
+
 /// What a captured step bakes into its kernels' parameters: the graph is replayed only while
 /// these stay the same. The learning rate, loss scale and first-step flag are not among them:
 /// the kernels read them on the device ([`StepSettings`]).
@@ -235,10 +248,9 @@ impl<T: TrainFloat> Net<T> {
     ) -> Result<Self> {
         let NetOptions {
             allow_tf32,
-            fp32_gemm_only,
-            deterministic,
             graphs,
             layout,
+            ..
         } = options;
         let config = weights.config();
         let plan = config.plan()?;
@@ -268,11 +280,8 @@ impl<T: TrainFloat> Net<T> {
                     let first = layer_index == 0;
                     let params = convs.next().ok_or_else(|| missing(&spec.name))?;
                     let options = ConvOptions {
-                        allow_tf32,
-                        fp32_gemm_only,
-                        deterministic,
                         in_channels: first.then_some(input_channels),
-                        ..ConvOptions::new(stride, padding, layout)
+                        ..options.conv(stride, padding)
                     };
                     let conv =
                         Conv2dGpu::new(gpu, params.weight.view(), params.bias.view(), options)?;
