@@ -7,9 +7,9 @@
 //! bf16's forward is tested when a bf16 model or trainer is built, and the backward passes
 //! when a trainer is, in its precision and layout.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::{bf16, f16};
-use ndarray::{Array, Array1, Array2, Array4, ArrayBase, Data, Dimension, StrideShape};
+use ndarray::{Array, Array1, Array2, Array4, ArrayBase, ArrayViewD, Data, Dimension, StrideShape};
 
 use super::device::{driver_err, Gpu};
 use super::dtype::GpuFloat;
@@ -190,7 +190,7 @@ fn conv<T: GpuFloat>(gpu: &Gpu, layout: Layout) -> Result<()> {
     )
 }
 
-/// The test convolution's gradients (filter, input and bias) for an output gradient with a
+/// The test convolution's gradients (input, filter and bias) for an output gradient with a
 /// pattern, with `math`'s layout and algorithm rules.
 fn conv_backward<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Result<()> {
     let (c, _, out, k) = CONV;
@@ -202,42 +202,23 @@ fn conv_backward<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Result<()> {
         in_channels: None,
         ..math
     };
-    let layout = math.layout;
     let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), options)?;
-    let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), layout)?;
-    let output_grad = GpuTensor::<T>::from_host(gpu, dy.view().into_dyn(), layout)?;
-    let mut input_grad = GpuTensor::<T>::zeros(gpu, x.shape(), layout)?;
-    let mut dw = zeros::<T>(gpu, w.len())?;
-    let mut db = zeros::<f32>(gpu, out)?;
-    layer.backward(
+    let [dx, dw, db] = gradients_of::<T>(
         gpu,
-        &input,
-        &output_grad,
-        Some(&mut input_grad),
-        &mut dw.slice_mut(..),
-        &mut db.slice_mut(..),
+        [x.view().into_dyn(), dy.view().into_dyn()],
+        math.layout,
+        [w.len(), out],
+        |x, dy, dx, dw, db| layer.backward(gpu, x, dy, Some(dx), dw, db),
     )?;
-    let dw = unpack_conv_weights(&download(gpu, &dw)?, [out, c, k], c, layout)?;
+    // The filter's gradient as the layer stores it (KRSC in NHWC), to OIHW.
+    let dw = values(&unpack_conv_weights(&dw, [out, c, k], c, math.layout)?);
     let want_dx = want
         .input
         .ok_or_else(|| Error::invalid("self-test", "the CPU gave no input gradient"))?;
-    check(
-        "test filter gradient",
-        &values(&dw),
-        &values(&want.weight),
-        1e-2,
-    )?;
-    check(
-        "test input gradient",
-        &values(&input_grad.to_host(gpu)?),
-        &values(&want_dx),
-        1e-2,
-    )?;
-    check(
-        "test bias gradient",
-        &download(gpu, &db)?,
-        &values(&want.bias),
-        1e-2,
+    check_gradients(
+        "test convolution",
+        [dx, dw, db],
+        [values(&want_dx), values(&want.weight), values(&want.bias)],
     )
 }
 
@@ -280,44 +261,72 @@ fn linear<T: GpuFloat>(gpu: &Gpu) -> Result<()> {
     )
 }
 
-/// The test linear layer's gradients (weight, input and bias; TF32 where `allow_tf32`) for an
+/// The test linear layer's gradients (input, weight and bias; TF32 where `allow_tf32`) for an
 /// output gradient with a pattern.
 fn linear_backward<T: GpuFloat>(gpu: &Gpu, allow_tf32: bool) -> Result<()> {
     let (_, _, outputs) = LINEAR;
     let (x, w, b) = linear_operands()?;
     let (dy, want) = linear_gradients()?;
     let layer = LinearGpu::<T>::new(gpu, w.view(), b.view(), allow_tf32)?;
-    let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), Layout::Nchw)?;
-    let output_grad = GpuTensor::<T>::from_host(gpu, dy.view().into_dyn(), Layout::Nchw)?;
-    let mut input_grad = GpuTensor::<T>::zeros(gpu, x.shape(), Layout::Nchw)?;
-    let mut dw = zeros::<T>(gpu, w.len())?;
-    let mut db = zeros::<f32>(gpu, outputs)?;
-    layer.backward(
+    let got = gradients_of::<T>(
         gpu,
+        [x.view().into_dyn(), dy.view().into_dyn()],
+        Layout::Nchw,
+        [w.len(), outputs],
+        |x, dy, dx, dw, db| layer.backward(gpu, x, dy, Some(dx), dw, db),
+    )?;
+    check_gradients(
+        "test GEMM",
+        got,
+        [
+            values(&want.input),
+            values(&want.weight),
+            values(&want.bias),
+        ],
+    )
+}
+
+/// A layer's `backward(x, dy, dx, dw, db)` at `x` for the output gradient `dy`, both uploaded
+/// in `layout`, into zeroed gradients (`lens`: the weight's and the bias's lengths): the input's,
+/// the weight's (as the layer stores it) and the bias's gradients, downloaded.
+fn gradients_of<T: GpuFloat>(
+    gpu: &Gpu,
+    [x, dy]: [ArrayViewD<'_, f32>; 2],
+    layout: Layout,
+    [weight_len, bias_len]: [usize; 2],
+    backward: impl FnOnce(
+        &GpuTensor<T>,
+        &GpuTensor<T>,
+        &mut GpuTensor<T>,
+        &mut CudaViewMut<'_, T>,
+        &mut CudaViewMut<'_, f32>,
+    ) -> Result<()>,
+) -> Result<[Vec<f32>; 3]> {
+    let input = GpuTensor::<T>::from_host(gpu, x.view(), layout)?;
+    let output_grad = GpuTensor::<T>::from_host(gpu, dy, layout)?;
+    let mut input_grad = GpuTensor::<T>::zeros(gpu, x.shape(), layout)?;
+    let mut dw = zeros::<T>(gpu, weight_len)?;
+    let mut db = zeros::<f32>(gpu, bias_len)?;
+    backward(
         &input,
         &output_grad,
-        Some(&mut input_grad),
+        &mut input_grad,
         &mut dw.slice_mut(..),
         &mut db.slice_mut(..),
     )?;
-    check(
-        "test GEMM weight gradient",
-        &download(gpu, &dw)?,
-        &values(&want.weight),
-        1e-2,
-    )?;
-    check(
-        "test GEMM input gradient",
-        &values(&input_grad.to_host(gpu)?),
-        &values(&want.input),
-        1e-2,
-    )?;
-    check(
-        "test GEMM bias gradient",
-        &download(gpu, &db)?,
-        &values(&want.bias),
-        1e-2,
-    )
+    Ok([
+        values(&input_grad.to_host(gpu)?),
+        download(gpu, &dw)?,
+        download(gpu, &db)?,
+    ])
+}
+
+/// `got`'s input, weight and bias gradients each against `want`'s, as [`check`] does.
+fn check_gradients(what: &str, got: [Vec<f32>; 3], want: [Vec<f32>; 3]) -> Result<()> {
+    for ((part, got), want) in ["input", "weight", "bias"].into_iter().zip(got).zip(want) {
+        check(&format!("{what}'s {part} gradient"), &got, &want, 1e-2)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
