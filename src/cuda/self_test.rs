@@ -22,8 +22,10 @@ use crate::error::{Error, Result};
 /// except running out of memory (another process holding the GPU's memory is no broken
 /// install), which stays [`Error::OutOfMemory`].
 pub(super) fn run(gpu: &Gpu) -> Result<()> {
-    conv::<f32>(gpu, Layout::Nchw).map_err(|e| fail("cuDNN's fp32 convolution", e))?;
-    conv::<f16>(gpu, Layout::Nhwc).map_err(|e| fail("cuDNN's fp16 NHWC convolution", e))?;
+    conv::<f32>(gpu, ConvOptions::new(1, 1, Layout::Nchw))
+        .map_err(|e| fail("cuDNN's fp32 convolution", e))?;
+    conv::<f16>(gpu, ConvOptions::new(1, 1, Layout::Nhwc))
+        .map_err(|e| fail("cuDNN's fp16 NHWC convolution", e))?;
     linear::<f32>(gpu).map_err(|e| fail("cuBLAS's fp32 GEMM", e))?;
     linear::<f16>(gpu).map_err(|e| fail("cuBLAS's fp16 GEMM", e))?;
     gpu.synchronize().map_err(|e| fail("the device", e))
@@ -52,22 +54,25 @@ fn bf16_capable(name: &str, (major, minor): (i32, i32)) -> Result<()> {
 /// bf16's checks, as [`run`]'s: run when a bf16 model is built (on compute capability 8.0 and
 /// newer; not at every open, which a pre-Ampere GPU must pass for the other precisions).
 fn run_bf16(gpu: &Gpu) -> Result<()> {
-    conv::<bf16>(gpu, Layout::Nhwc).map_err(|e| fail("cuDNN's bf16 NHWC convolution", e))?;
+    conv::<bf16>(gpu, ConvOptions::new(1, 1, Layout::Nhwc))
+        .map_err(|e| fail("cuDNN's bf16 NHWC convolution", e))?;
     linear::<bf16>(gpu).map_err(|e| fail("cuBLAS's bf16 GEMM", e))?;
     gpu.synchronize().map_err(|e| fail("the device", e))
 }
 
-/// The backward passes a [`super::CudaTrainer`] runs, in its storage type `T` and with its
+/// The passes a [`super::CudaTrainer`] runs, in its storage type `T` and with its
 /// convolutions' `math` (layout, TF32, GEMM-only, deterministic; stride, padding and channels
-/// are the test's own): cuDNN's convolution backward for the filter and the input, and
-/// cuBLAS's two backward GEMMs, each checked against the CPU's gradients as [`run`] checks the
-/// forward. Run when a trainer is built, so that a library without these kernels for this
-/// precision and layout (an install that carries only the inference engines, a cuDNN without
-/// bf16 backward) is [`Error::DeviceUnavailable`] there (`train --device auto` then trains on
-/// the CPU) instead of an error inside the first step.
+/// are the test's own): cuDNN's convolution forward and backward (filter and input) and
+/// cuBLAS's two backward GEMMs (its forward GEMM was tested at open), each checked against the
+/// CPU as [`run`] checks the forward. Run when a trainer is built, so that a library without
+/// these kernels for this precision and layout (an install that carries only the inference
+/// engines, a cuDNN without bf16 backward) is [`Error::DeviceUnavailable`] there (`train
+/// --device auto` then trains on the CPU) instead of an error inside the first step.
 pub(super) fn check_training<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Result<()> {
     let dtype = format!("{:?}", T::DTYPE).to_lowercase();
     let layout = format!("{:?}", math.layout).to_uppercase();
+    // The forward too: the open-time test runs fp16 and bf16 in NHWC only, a trainer may be NCHW.
+    conv::<T>(gpu, math).map_err(|e| fail(&format!("cuDNN's {dtype} {layout} convolution"), e))?;
     conv_backward::<T>(gpu, math)
         .map_err(|e| fail(&format!("cuDNN's {dtype} {layout} convolution backward"), e))?;
     linear_backward::<T>(gpu, math.allow_tf32)
@@ -153,6 +158,17 @@ fn zeros<T: GpuFloat>(gpu: &Gpu, len: usize) -> Result<CudaSlice<T>> {
 /// 3x3, stride 1, padding 1.
 const CONV: (usize, usize, usize, usize) = (8, 8, 8, 3);
 
+/// `math`'s layout and algorithm rules with the test convolution's stride, padding and
+/// channels.
+fn test_conv(math: ConvOptions) -> ConvOptions {
+    ConvOptions {
+        stride: 1,
+        padding: 1,
+        in_channels: None,
+        ..math
+    }
+}
+
 /// The test convolution's input, weights and bias.
 fn conv_operands() -> Result<(Array4<f32>, Array4<f32>, Array1<f32>)> {
     let (c, side, out, k) = CONV;
@@ -173,12 +189,14 @@ fn conv_gradients() -> Result<(Array4<f32>, Conv2dGrads)> {
     Ok((dy, want))
 }
 
-/// The test convolution with bias + ReLU.
-fn conv<T: GpuFloat>(gpu: &Gpu, layout: Layout) -> Result<()> {
+/// The test convolution with bias + ReLU, with `options`' layout and algorithm rules (its stride
+/// and padding 1, its input channels the weights').
+fn conv<T: GpuFloat>(gpu: &Gpu, options: ConvOptions) -> Result<()> {
     let (_, side, out, _) = CONV;
     let (x, w, b) = conv_operands()?;
     let want = Conv2d::new(w.view(), &b, 1, 1)?.forward_relu(x.view())?;
-    let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), ConvOptions::new(1, 1, layout))?;
+    let layout = options.layout;
+    let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), test_conv(options))?;
     let input = GpuTensor::<T>::from_host(gpu, x.view().into_dyn(), layout)?;
     let mut output = GpuTensor::<T>::zeros(gpu, &[1, out, side, side], layout)?;
     layer.forward(gpu, &input, &mut output, true)?;
@@ -196,13 +214,7 @@ fn conv_backward<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Result<()> {
     let (c, _, out, k) = CONV;
     let (x, w, b) = conv_operands()?;
     let (dy, want) = conv_gradients()?;
-    let options = ConvOptions {
-        stride: 1,
-        padding: 1,
-        in_channels: None,
-        ..math
-    };
-    let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), options)?;
+    let mut layer = Conv2dGpu::<T>::new(gpu, w.view(), b.view(), test_conv(math))?;
     let [dx, dw, db] = gradients_of::<T>(
         gpu,
         [x.view().into_dyn(), dy.view().into_dyn()],

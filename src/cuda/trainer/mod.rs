@@ -234,8 +234,9 @@ impl CudaTrainer {
     /// The network of `weights` trained as `options` say. Mixed precision keeps f32 masters of
     /// every parameter, so [`Trainer::weights`] gives back f32 values, never f16- or bf16-rounded ones.
     ///
-    /// Before the network is built, the backward passes are self-tested in `options`' precision
-    /// and layout on tiny operands against the CPU: a cuDNN or cuBLAS that cannot run them is
+    /// Before the network is built, the convolution (forward and backward) and the linear
+    /// layers' backward are self-tested in `options`' precision and layout on tiny operands
+    /// against the CPU: a cuDNN or cuBLAS that cannot run them is
     /// [`Error::DeviceUnavailable`] here, not an error in the first step.
     pub fn with_options(
         weights: &Weights,
@@ -277,8 +278,8 @@ impl CudaTrainer {
                 false => Layout::Nchw,
             },
         };
-        // The backward passes are self-tested here, before the network's memory is taken (the
-        // forward ones were when the GPU opened; bf16's are run now).
+        // The trainer's passes are self-tested in its precision and layout before the
+        // network's memory is taken (fp32's and fp16's forward GEMMs were when the GPU opened).
         let backward = math.conv(1, 1);
         let network = match options.precision {
             Precision::Fp16 => {
