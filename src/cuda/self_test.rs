@@ -80,10 +80,13 @@ pub(super) fn check_training<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Resul
     gpu.synchronize().map_err(|e| fail("the device", e))
 }
 
-/// A failed check as `DeviceUnavailable` naming `what`, except running out of memory.
+/// A failed check as `DeviceUnavailable` naming `what`, except running out of memory and a
+/// mistake of the self-test's own (an argument or shape our code refused, never a library's
+/// verdict): those stay what they are, so that `--device auto` does not fall back to the CPU
+/// over a bug that says nothing of the install.
 fn fail(what: &str, e: Error) -> Error {
     match e {
-        out_of_memory @ Error::OutOfMemory { .. } => out_of_memory,
+        kept @ (Error::OutOfMemory { .. } | Error::Invalid { .. } | Error::Shape { .. }) => kept,
         e => Error::DeviceUnavailable(format!(
             "the GPU opened, but {what} failed its self-test: {e}. Reinstall the library \
              named (see README, \"GPU set-up\"), or use --device cpu"
@@ -357,6 +360,43 @@ mod tests {
         assert!(p.iter().all(|&v| f16::from_f32(v).to_f32() == v));
         assert!(p.iter().all(|&v| bf16::from_f32(v).to_f32() == v));
         assert!(p.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    /// A library's failure or wrong result is "device unavailable" naming the step; running
+    /// out of memory and the self-test's own argument or shape mistakes are passed on as they
+    /// are.
+    #[test]
+    fn only_library_failures_become_device_unavailable() {
+        let wrong = check("test GEMM", &[0.0], &[1.0], 1e-2).unwrap_err();
+        match fail("cuBLAS's f16 backward GEMMs", wrong) {
+            Error::DeviceUnavailable(message) => {
+                for part in ["cuBLAS's f16 backward GEMMs", "self-test", "wrong result"] {
+                    assert!(message.contains(part), "{part}: {message}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        let own = fail("x", Error::invalid("self-test", "bug"));
+        assert!(matches!(own, Error::Invalid { .. }), "{own:?}");
+        let shape = fail(
+            "x",
+            Error::Shape {
+                op: "t",
+                expected: "[1]".into(),
+                found: vec![2],
+            },
+        );
+        assert!(matches!(shape, Error::Shape { .. }), "{shape:?}");
+        let full =
+            cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        let memory = fail("x", Error::cuda("cuMemAlloc", full));
+        assert!(matches!(memory, Error::OutOfMemory { .. }), "{memory:?}");
+        // (A cuBLAS error: a driver error's text needs the driver, which this machine may lack.)
+        let arch = cudarc::cublas::result::CublasError(
+            cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ARCH_MISMATCH,
+        );
+        let arch = fail("x", Error::cuda("cublasGemmEx", arch));
+        assert!(matches!(arch, Error::DeviceUnavailable(_)), "{arch:?}");
     }
 
     /// Every value each check compares is what the CPU computes from the tests' operands, and
