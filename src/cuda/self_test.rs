@@ -61,23 +61,37 @@ fn run_bf16(gpu: &Gpu) -> Result<()> {
 }
 
 /// The passes a [`super::CudaTrainer`] runs, in its storage type `T` and with its
-/// convolutions' `math` (layout, TF32, GEMM-only, deterministic; stride, padding and channels
-/// are the test's own): cuDNN's convolution forward and backward (filter and input) and
+/// convolutions' options (layout, TF32, GEMM-only, deterministic: `checks.conv`): cuDNN's
+/// convolution forward and, where a convolution trains, backward (filter and input) and
 /// cuBLAS's two backward GEMMs (its forward GEMM was tested at open), each checked against the
 /// CPU as [`run`] checks the forward. Run when a trainer is built, so that a library without
 /// these kernels for this precision and layout (an install that carries only the inference
 /// engines, a cuDNN without bf16 backward) is [`Error::DeviceUnavailable`] there (`train
 /// --device auto` then trains on the CPU) instead of an error inside the first step.
-pub(super) fn check_training<T: GpuFloat>(gpu: &Gpu, math: ConvOptions) -> Result<()> {
+pub(super) fn check_training<T: GpuFloat>(gpu: &Gpu, checks: TrainingChecks) -> Result<()> {
+    let math = checks.conv;
     let dtype = format!("{:?}", T::DTYPE).to_lowercase();
     let layout = format!("{:?}", math.layout).to_uppercase();
     // The forward too: the open-time test runs fp16 and bf16 in NHWC only, a trainer may be NCHW.
     conv::<T>(gpu, math).map_err(|e| fail(&format!("cuDNN's {dtype} {layout} convolution"), e))?;
-    conv_backward::<T>(gpu, math)
-        .map_err(|e| fail(&format!("cuDNN's {dtype} {layout} convolution backward"), e))?;
+    if checks.conv_backward {
+        conv_backward::<T>(gpu, math)
+            .map_err(|e| fail(&format!("cuDNN's {dtype} {layout} convolution backward"), e))?;
+    }
     linear_backward::<T>(gpu, math.allow_tf32)
         .map_err(|e| fail(&format!("cuBLAS's {dtype} backward GEMMs"), e))?;
     gpu.synchronize().map_err(|e| fail("the device", e))
+}
+
+/// What [`check_training`] tests.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TrainingChecks {
+    /// The trainer's convolutions' layout and algorithm rules (stride, padding and channels
+    /// are the test's own).
+    pub conv: ConvOptions,
+    /// Whether any convolution trains, so that its backward runs (with every convolution
+    /// frozen, only the forward does).
+    pub conv_backward: bool,
 }
 
 /// A failed check as `DeviceUnavailable` naming `what`, except running out of memory and a

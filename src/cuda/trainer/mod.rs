@@ -48,7 +48,7 @@ use super::device::Gpu;
 use super::graph::GraphStatus;
 use super::model::{CudaModel, CudaOptions};
 use super::pinned::alloc_upload;
-use super::self_test::check_training;
+use super::self_test::{check_training, TrainingChecks};
 use super::tensor::Layout;
 use crate::config::AlexNetConfig;
 use crate::error::{Error, Result};
@@ -234,10 +234,10 @@ impl CudaTrainer {
     /// The network of `weights` trained as `options` say. Mixed precision keeps f32 masters of
     /// every parameter, so [`Trainer::weights`] gives back f32 values, never f16- or bf16-rounded ones.
     ///
-    /// Before the network is built, the convolution (forward and backward) and the linear
-    /// layers' backward are self-tested in `options`' precision and layout on tiny operands
-    /// against the CPU: a cuDNN or cuBLAS that cannot run them is
-    /// [`Error::DeviceUnavailable`] here, not an error in the first step.
+    /// Before the network is built, the convolution (forward, and backward unless every
+    /// convolution is frozen) and the linear layers' backward are self-tested in `options`'
+    /// precision and layout on tiny operands against the CPU: a cuDNN or cuBLAS that cannot run
+    /// them is [`Error::DeviceUnavailable`] here, not an error in the first step.
     pub fn with_options(
         weights: &Weights,
         optimiser: SgdConfig,
@@ -279,20 +279,25 @@ impl CudaTrainer {
             },
         };
         // The trainer's passes are self-tested in its precision and layout before the
-        // network's memory is taken (fp32's and fp16's forward GEMMs were when the GPU opened).
-        let backward = math.conv(1, 1);
+        // network's memory is taken (fp32's and fp16's forward GEMMs were when the GPU opened);
+        // the convolution's backward only where a convolution trains (the layers with
+        // parameters freeze from the first, and the convolutions come first).
+        let checks = TrainingChecks {
+            conv: math.conv(1, 1),
+            conv_backward: frozen < plan.convs().count(),
+        };
         let network = match options.precision {
             Precision::Fp16 => {
-                check_training::<f16>(&gpu, backward)?;
+                check_training::<f16>(&gpu, checks)?;
                 Network::Mixed(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
             Precision::Fp32 | Precision::Tf32 => {
-                check_training::<f32>(&gpu, backward)?;
+                check_training::<f32>(&gpu, checks)?;
                 Network::Wide(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
             Precision::Bf16 => {
                 super::self_test::check_bf16_capable(&gpu)?;
-                check_training::<bf16>(&gpu, backward)?;
+                check_training::<bf16>(&gpu, checks)?;
                 Network::MixedBf16(Net::new(&gpu, weights, &optimiser, frozen, math)?)
             }
         };
