@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 
 /// Runs every check; the first failure is `DeviceUnavailable` naming the library and step,
 /// except running out of memory (another process holding the GPU's memory is no broken
-/// install), which stays [`Error::OutOfMemory`].
+/// install), which stays [`Error::OutOfMemory`], and the self-test's own mistakes (see
+/// [`fail`]).
 pub(super) fn run(gpu: &Gpu) -> Result<()> {
     conv::<f32>(gpu, ConvOptions::new(1, 1, Layout::Nchw))
         .map_err(|e| fail("cuDNN's fp32 convolution", e))?;
@@ -316,8 +317,8 @@ fn linear_backward<T: GpuFloat>(gpu: &Gpu, allow_tf32: bool) -> Result<()> {
 }
 
 /// A layer's `backward(x, dy, dx, dw, db)` at `x` for the output gradient `dy`, both uploaded
-/// in `layout`, into zeroed gradients (`lens`: the weight's and the bias's lengths): the input's,
-/// the weight's (as the layer stores it) and the bias's gradients, downloaded.
+/// in `layout`, into zeroed gradients of `weight_len` and `bias_len` values: the input's, the
+/// weight's (as the layer stores it) and the bias's gradients, downloaded.
 fn gradients_of<T: GpuFloat>(
     gpu: &Gpu,
     [x, dy]: [ArrayViewD<'_, f32>; 2],
