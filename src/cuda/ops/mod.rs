@@ -23,10 +23,10 @@
 //!
 //! The training backward of every layer sits beside its forward (`backward` methods,
 //! `relu_backward`, `bias_grad`), with its kernel in the same `.cu` file; the convolution's in
-//! `conv/backward.rs` (cuDNN). The pool, LRN and ReLU backward and the bias gradient have f32
-//! and f16 kernels, like the forwards (the f16 ones run mixed precision's backward); the loss
-//! (`softmax_xent`) and the SGD step (`sgd`) are f32 only, on mixed precision's f32 logits and
-//! master weights.
+//! `conv/backward.rs` (cuDNN). The pool, LRN and ReLU backward and the bias gradient have f32,
+//! f16 and bf16 kernels, like the forwards (the f16 and bf16 ones run mixed precision's
+//! backward); the loss (`softmax_xent`) and the SGD step (`sgd`) are f32 only, on mixed
+//! precision's f32 logits and master weights.
 //!
 //! Every launcher checks shapes, layouts and buffer lengths before it launches; a mismatch is an
 //! [`Error::Shape`], never an out-of-bounds access. Kernels launch through
