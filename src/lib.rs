@@ -1,7 +1,7 @@
 //! AlexNet — the 2012 paper's network and torchvision's variant — on NVIDIA GPUs ([`cuda`]:
 //! kernels compiled to PTX by build.rs or NVRTC, cuDNN and cuBLAS through cudarc, fp32, TF32,
-//! fp16 and bf16) with a CPU reference backend ([`cpu`]: ndarray + a real GEMM, threaded with rayon;
-//! fp32 and bf16) that every GPU result is checked against and that runs where no GPU is usable
+//! fp16 and bf16) with a CPU reference backend ([`cpu`]: ndarray and our own fp32 and bf16 micro-kernels
+//! or the `gemm` crate's, threaded with rayon; fp32, fp16 (f16-rounded) and bf16) that every GPU result is checked against and that runs where no GPU is usable
 //! ([`open_backend`]).
 //!
 //! Data flows one way: files -> [`Weights`] / image batch -> a backend's model -> logits -> top-k.

@@ -25,7 +25,10 @@
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   latency  batch 1: infer in fp32 and fp16 (latency from submission to logits on the host)
 #            beside the anchor's e2e ms/batch at --batch 1 (issue 10's batch-1 target)
-#   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU tests
+#   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU test
+#            executables in SANITIZE_TESTS (default gpu_layers: the others run many times
+#            slower under a sanitizer; add gpu_model gpu_training_kernels gpu_training
+#            where the lease allows)
 #   soak     the 10,000-batch GPU soak
 # Time knobs, for a short lease: BUDGET (seconds for the whole script, default 530: no step
 # runs past it, and a step with under 10 s left is skipped with a note),
@@ -34,8 +37,8 @@
 # UNIT_FILTER (the library's unit tests to run, default "cuda::": the CPU ones run in CI),
 # TRAIN_BENCH_ARGS / BENCH_ARGS (criterion's arguments, default --quick: each figure after at
 # most a few seconds instead of its full measurement time),
-# SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_TIMEOUT (seconds
-# per tool, default 300).
+# SANITIZE_TESTS (default "gpu_layers"), SANITIZE_TOOLS (default "memcheck racecheck synccheck
+# initcheck"), SANITIZE_TIMEOUT (seconds per tool and executable, default 300).
 # Prints one summary table at the end; $OUT/summary.txt grows line by line as the run goes, so
 # a run cut short still leaves what it had.
 set -uo pipefail
@@ -209,10 +212,14 @@ PY
         ;;
     sanitize)
         if command -v compute-sanitizer >/dev/null; then
-            for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
-                within "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool $tool --error-exitcode 9 $G/bin/test-gpu_layers --include-ignored --test-threads=1 > "$OUT/sanitize-$tool.log" 2>&1
-                rc=$?
-                note "sanitize $tool gpu_layers rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize-$tool.log" | tail -1)"
+            for t in ${SANITIZE_TESTS:-gpu_layers}; do
+                [ -x "$G/bin/test-$t" ] || { note "sanitize $t: missing"; continue; }
+                for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+                    log="$OUT/sanitize-$t-$tool.log"
+                    within "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool $tool --error-exitcode 9 $G/bin/test-$t --include-ignored --test-threads=1 > "$log" 2>&1
+                    rc=$?
+                    note "sanitize $tool $t rc=$rc $(grep -E 'ERROR SUMMARY' "$log" | tail -1)"
+                done
             done
         else
             note "sanitize: compute-sanitizer not found"
