@@ -51,7 +51,8 @@ done < .gpu/executables.txt
 # seventh of their size (about 12 MiB for 80), well inside what a device run may carry (64 MiB).
 tar -C .gpu -cf - bin | xz -T0 -6 > .gpu/bin.tar.xz
 rm -rf .gpu/bin
-cp tools/gpu/on-device.sh tools/gpu/torch_anchor.py tools/gpu/compare_losses.py tools/torch_train_anchor.py .gpu/
+cp tools/gpu/on-device.sh tools/gpu/torch_anchor.py tools/gpu/compare_losses.py tools/gpu/targets.py \
+    tools/torch_train_anchor.py .gpu/
 git rev-parse --short HEAD > .gpu/commit.txt 2>/dev/null || echo unknown > .gpu/commit.txt
 [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || echo "+uncommitted changes" >> .gpu/commit.txt
 size=$(du -sm .gpu | cut -f1)

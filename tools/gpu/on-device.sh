@@ -2,7 +2,7 @@
 # Runs the GPU suite on a GPU machine, over what tools/gpu/bundle.sh packed into .gpu/, from the
 # repository root:   bash .gpu/on-device.sh [WORDS]     (logs under $OUT, default .gpu/out)
 #
-# Words (default: info libs tests infer anchor trainbench latency train):
+# Words (default: info libs tests infer anchor trainbench latency train targets):
 #   info     the card, its driver, the CUDA libraries on the machine
 #   libs     opens the GPU with the plain environment: the crate's own library search
 #            (README, "GPU set-up") must find cuBLAS/cuDNN; prints the versions it loaded
@@ -25,6 +25,8 @@
 #   compile  the anchor again with torch.compile (reduce-overhead), under its own timeout
 #   latency  batch 1: infer in fp32 and fp16 (latency from submission to logits on the host)
 #            beside the anchor's e2e ms/batch at --batch 1 (issue 10's batch-1 target)
+#   targets  the issues' speed targets from this run's logs (targets.py): ours beside PyTorch
+#            in tables (targets.md) and one met / NOT met / not measured line per target
 #   sanitize compute-sanitizer memcheck, racecheck, synccheck, initcheck over the GPU test
 #            executables in SANITIZE_TESTS (default gpu_layers: the others run many times
 #            slower under a sanitizer; add gpu_model gpu_training_kernels gpu_training
@@ -46,7 +48,7 @@ cd "$(dirname "$0")/.."
 G=.gpu
 OUT=${OUT:-$G/out}
 mkdir -p "$OUT"
-words=${*:-info libs tests infer anchor trainbench latency train}
+words=${*:-info libs tests infer anchor trainbench latency train targets}
 BATCH=${BATCH:-128}
 TEST_TIMEOUT=${TEST_TIMEOUT:-420}
 UNIT_FILTER=${UNIT_FILTER-cuda::}
@@ -209,6 +211,13 @@ PY
         within 400 python3 $G/torch_anchor.py --batch "$BATCH" --precisions fp32,fp16 --compile --compile-mode reduce-overhead > "$OUT/anchor-compile.txt" 2>&1
         rc=$?
         note "anchor (torch.compile) rc=$rc (anchor-compile.txt)"
+        ;;
+    targets)
+        # Reads the logs the words above wrote; a second or so, so it runs even past BUDGET.
+        timeout -k 5 30 python3 $G/targets.py "$OUT" > "$OUT/targets.md" 2>&1
+        rc=$?
+        note "targets rc=$rc (targets.md: ours beside PyTorch, every target's verdict)"
+        while read -r l; do note "  ${l#- }"; done < <(grep -E '^- target ' "$OUT/targets.md")
         ;;
     sanitize)
         if command -v compute-sanitizer >/dev/null; then
