@@ -75,6 +75,15 @@ fn write_run(dir: &Path) {
          fp16        0.400       2500     5.68        0.700       1429\n"
             .to_string(),
     );
+    // torch.compile (reduce-overhead) at batch 128: fp16 e2e 40,000 img/s, ours 42,750: 1.07x.
+    write(
+        "anchor-compile.txt",
+        "torch 2.11.0 cuda 13.0 cudnn 91900 device cuda config paper GFLOP/img 2.271\n\
+         precision fwd ms/batch  fwd img/s  TFLOP/s e2e ms/batch  e2e img/s\n     \
+         fp32        5.000      25600    58.13        6.000      21333\n     \
+         fp16        2.800      45714   103.80        3.200      40000\n"
+            .to_string(),
+    );
     // Training: our best fp16 mode sent ahead 13,000 img/s against PyTorch's faster autocast
     // (channels_last, 10,500): 1.238x. fp32+nondeterministic 5,500 against 6,007: 0.916x.
     let mut bench = String::from("gpu_train fp16 profile (one eager step):\nstep  9.9 ms\n");
@@ -136,6 +145,10 @@ fn every_target_is_judged_from_the_runs_own_figures() {
     for (name, want) in [
         ("fp16 end to end", "met (1.65x, wants >= 1.5x"), // 42,750 / 25,987 = 1.645
         ("fp16 forward", "met (1.46x, wants >= 1.2x"),    // 4.349 / 2.973
+        (
+            "fp16 end to end against torch.compile",
+            "met (1.07x, wants > 1.0x",
+        ), // 42,750 / 40,000
         ("fp32 end to end", "met (1.50x, wants >= 1.1x"), // 25,654 / 17,061
         ("fp32 forward", "met (1.38x, wants >= 1.1x"),    // 6.882 / 4.970
         ("tf32 end to end", "met (1.63x, wants >= 1.1x"), // 36,825 / 22,527
@@ -170,7 +183,7 @@ fn a_run_that_left_no_logs_meets_no_target() {
         .lines()
         .filter(|l| l.starts_with("- target "))
         .collect();
-    assert_eq!(targets.len(), 10, "{report}");
+    assert_eq!(targets.len(), 11, "{report}");
     for line in targets {
         assert!(line.contains(": not measured ("), "{line}");
     }

@@ -57,14 +57,15 @@ def anchor_inference(out):
         return {}
 
 
-def anchor_batch1_ms(out):
-    """anchor-latency.txt's table: e2e ms/batch at batch 1 by precision."""
+def anchor_table(path, column):
+    """torch_anchor.py's printed table in `path`: one column by precision (4: e2e ms/batch,
+    5: e2e img/s)."""
     rows = {}
-    for line in (read(out / "anchor-latency.txt") or "").splitlines():
+    for line in (read(path) or "").splitlines():
         cells = line.split()
         if len(cells) == 6 and cells[0] in ("fp32", "tf32", "fp16", "bf16"):
             try:
-                rows[cells[0]] = float(cells[4])
+                rows[cells[0]] = float(cells[column])
             except ValueError:
                 pass
     return rows
@@ -128,6 +129,7 @@ def main():
               "| precision | ours img/s (pipeline) | ours fwd ms | PyTorch e2e img/s | "
               "PyTorch fwd ms | e2e | fwd |", "|---|---|---|---|---|---|---|"]
     ours = {}
+    fp16_img_s = (ours_inference(out, "fp16") or {}).get("img_s")
     for key, label in INFER_RUNS:
         mine = ours_inference(out, key)
         theirs = anchor.get("fp32" if key == "fp32g" else key, {})
@@ -142,13 +144,17 @@ def main():
     targets += [
         verdict("fp16 end to end", ours["fp16"][0], 1.5, "img/s, u8 in to logits on the host"),
         verdict("fp16 forward", ours["fp16"][1], 1.2, "GPU compute ms against PyTorch's forward"),
+        verdict("fp16 end to end against torch.compile",
+                ratio(fp16_img_s, anchor_table(out / "anchor-compile.txt", 5).get("fp16")), 1.0,
+                "ahead of reduce-overhead's e2e img/s (the optional `compile` word)",
+                strictly=True),
         verdict("fp32 end to end", ours["fp32"][0], 1.1, "both FMA math, FFT/Winograd allowed"),
         verdict("fp32 forward", ours["fp32"][1], 1.1, "both FMA math, FFT/Winograd allowed"),
         verdict("tf32 end to end", ours["tf32"][0], 1.1, "TF32 on both sides"),
         verdict("tf32 forward", ours["tf32"][1], 1.1, "TF32 on both sides"),
     ]
 
-    theirs_b1 = anchor_batch1_ms(out)
+    theirs_b1 = anchor_table(out / "anchor-latency.txt", 4)
     lines += ["", "## Batch 1 (ours: infer --batch 1, median latency; PyTorch: e2e ms/batch)", "",
               "| precision | ours ms | PyTorch ms | PyTorch / ours |", "|---|---|---|---|"]
     for p in ("fp32", "fp16"):
