@@ -18,7 +18,11 @@ from pathlib import Path
 # (precision of infer-P.txt, label): the order of the inference table.
 INFER_RUNS = [("fp32", "fp32"), ("fp32g", "fp32 --fp32-gemm-only"), ("tf32", "tf32"),
               ("fp16", "fp16"), ("bf16", "bf16")]
+# criterion's element-throughput units (`" elem/s"` below 1,000, padded to the others' width).
 UNITS = {"elem/s": 1.0, "Kelem/s": 1e3, "Melem/s": 1e6, "Gelem/s": 1e9}
+# One `thrpt:` line: the low, middle and high estimates, each `{:>6} {unit}`, each with its own
+# unit (the low one may be in elem/s where the others are in Kelem/s).
+THRPT = re.compile(r"thrpt:\s*\[\s*[0-9.]+\s+[KMG]?elem/s\s+([0-9.]+)\s+([KMG]?elem/s)\s")
 
 
 def read(path):
@@ -72,19 +76,23 @@ def anchor_table(path, column):
 
 
 def bench_train(out):
-    """bench-train.txt: criterion's middle throughput estimate (images/s) per figure name
-    (`fp32`, `fp16+channels-last/sent-ahead`, ...)."""
-    figures, name = {}, None
+    """bench-train.txt: criterion's middle throughput estimate (images/s) of the paper preset
+    per figure name (`fp32`, `fp16+channels-last/sent-ahead`, ...), and apart the names of the
+    figures the bench marked INVALID (a timed step failed: criterion still printed a figure)."""
+    figures, invalid, name = {}, set(), None
     for line in (read(out / "bench-train.txt") or "").splitlines():
-        first = line.split()[0] if line.split() else ""
-        if first.startswith("gpu_train/"):
-            # gpu_train/<mode>[/page-locked|/sent-ahead]/<batch>
-            name = first[len("gpu_train/"):].rsplit("/", 1)[0]
-        m = re.search(r"thrpt:\s*\[\S+ \S+ ([0-9.]+) (\S+) \S+ \S+\]", line)
-        if m and name and m.group(2) in UNITS:
+        # The id, alone on its line or before `time:`: gpu_train/paper/<mode>[/<source>]/<batch>
+        m = re.match(r"gpu_train/paper/(\S+)/[0-9]+(\s|$)", line)
+        if m:
+            name = m.group(1)
+        m = re.match(r"gpu_train paper/(\S+): INVALID figure", line)
+        if m:
+            invalid.add(m.group(1))
+        m = THRPT.search(line)
+        if m and name:
             figures[name] = float(m.group(1)) * UNITS[m.group(2)]
             name = None
-    return figures
+    return {k: v for k, v in figures.items() if k not in invalid}, invalid
 
 
 def anchor_train(out):
@@ -155,24 +163,26 @@ def main():
     ]
 
     theirs_b1 = anchor_table(out / "anchor-latency.txt", 4)
-    lines += ["", "## Batch 1 (ours: infer --batch 1, median latency; PyTorch: e2e ms/batch)", "",
+    # Both means: torch_anchor.py's e2e ms/batch is a serial loop's wall time over its batches.
+    lines += ["", "## Batch 1 (ours: infer --batch 1, mean latency; PyTorch: e2e ms/batch)", "",
               "| precision | ours ms | PyTorch ms | PyTorch / ours |", "|---|---|---|---|"]
     for p in ("fp32", "fp16"):
-        mine = number(r"^latency/batch\s*:.*median ([0-9.]+) ms", read(out / f"latency-{p}.txt"))
+        mine = number(r"^latency/batch\s*:.* mean ([0-9.]+) ms", read(out / f"latency-{p}.txt"))
         speedup = ratio(theirs_b1.get(p), mine)
         lines.append(f"| {p} | {fmt(mine, '.3f')} | {fmt(theirs_b1.get(p), '.3f')} | "
                      f"{fmt(speedup, '.2f', 'x')} |")
         targets.append(verdict(f"{p} batch-1 latency", speedup, 1.0,
                                "PyTorch eager's ms over ours: below it", strictly=True))
 
-    figures, theirs_train = bench_train(out), anchor_train(out)
+    (figures, invalid), theirs_train = bench_train(out), anchor_train(out)
     lines += ["", "## Training step, paper preset, batch 128 (ours: benches/gpu_train.rs, sent "
               "ahead; PyTorch: torch_train_anchor.py, batch resident)", "",
               "| mode | ours img/s (plain / page-locked / sent-ahead) |", "|---|---|"]
-    modes = sorted({name.split("/")[0] for name in figures})
+    modes = sorted({name.split("/")[0] for name in figures} | {n.split("/")[0] for n in invalid})
     for mode in modes:
-        row = [figures.get(f"{mode}{s}") for s in ("", "/page-locked", "/sent-ahead")]
-        lines.append(f"| {mode} | {' / '.join(fmt(v, ',.0f') for v in row)} |")
+        row = [("invalid" if f"{mode}{s}" in invalid else fmt(figures.get(f"{mode}{s}"), ",.0f"))
+               for s in ("", "/page-locked", "/sent-ahead")]
+        lines.append(f"| {mode} | {' / '.join(row)} |")
     lines += ["", "| PyTorch | img/s |", "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in sorted(theirs_train.items())]
 
