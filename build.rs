@@ -95,6 +95,7 @@ fn run() -> Result<(), String> {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    build_cpu_cfgs();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         tool_cfgs(find_nvcc().is_ok());
         return Ok(()); // no CUDA backend in this build: nothing to embed
@@ -262,6 +263,37 @@ fn tool_cfgs(nvcc: bool) {
     for (cfg, present) in found {
         println!("cargo:rustc-check-cfg=cfg({cfg})");
         if present || required {
+            println!("cargo:rustc-cfg={cfg}");
+        }
+    }
+}
+
+/// Declares and sets `alexnet_build_cpu_avx512f` and `alexnet_build_cpu_avx2_fma`: the
+/// instructions of the CPU this build runs on, which `cargo test` also runs the tests on. A
+/// unit test of a CPU kernel this machine cannot execute is then ignored with the reason
+/// instead of passing without running it (build.rs runs on the build machine, so the
+/// detection here is that machine's; the tests check it again when they run).
+fn build_cpu_cfgs() {
+    #[cfg(target_arch = "x86_64")]
+    let found = [
+        (
+            "alexnet_build_cpu_avx512f",
+            std::arch::is_x86_feature_detected!("avx512f"),
+        ),
+        (
+            "alexnet_build_cpu_avx2_fma",
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma"),
+        ),
+    ];
+    #[cfg(not(target_arch = "x86_64"))]
+    let found = [
+        ("alexnet_build_cpu_avx512f", false),
+        ("alexnet_build_cpu_avx2_fma", false),
+    ];
+    for (cfg, present) in found {
+        println!("cargo:rustc-check-cfg=cfg({cfg})");
+        if present {
             println!("cargo:rustc-cfg={cfg}");
         }
     }

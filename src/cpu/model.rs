@@ -687,11 +687,16 @@ mod tests {
     /// channels across the threads (1) and that thread over images (5), and past the batch
     /// size where the linear layers leave the row-major kernel for the panels.
     #[test]
+    #[cfg_attr(
+        not(any(alexnet_build_cpu_avx512f, alexnet_build_cpu_avx2_fma)),
+        ignore = "needs a CPU with AVX-512F or AVX2 and FMA (elsewhere fp32 runs on the gemm \
+                  crate only), and the machine that built the tests has neither"
+    )]
     fn fp32_stages_on_our_kernel_match_the_gemm_path() {
-        if Kernel::best().is_none() {
-            println!("skipped: no AVX-512F or AVX2 here, fp32 mode runs on the gemm crate only");
-            return;
-        }
+        assert!(
+            Kernel::best().is_some(),
+            "this CPU has neither AVX-512F nor AVX2 and FMA: our kernel cannot be checked here"
+        );
         for config in [AlexNetConfig::paper(), AlexNetConfig::torchvision()] {
             let weights = Weights::paper_init(&config, 3).expect("weights");
             let ours = CpuModel::new(&weights, Precision::Fp32).expect("model");
@@ -763,11 +768,17 @@ mod tests {
     /// repacked; a new model and an inference forward at that batch pack no linear layer
     /// either (their panels are ~234 MB), and one past the row kernel's batch packs them.
     #[test]
+    #[cfg_attr(
+        not(alexnet_build_cpu_avx512f),
+        ignore = "needs a CPU with AVX-512F (elsewhere the linear layers run on the panels), and \
+                  the machine that built the tests has none"
+    )]
     fn small_batch_training_steps_do_not_repack_the_linear_layers() {
-        if Kernel::best() != Some(Kernel::Avx512) {
-            println!("skipped: no AVX-512F here, the linear layers run on the panels");
-            return;
-        }
+        assert_eq!(
+            Kernel::best(),
+            Some(Kernel::Avx512),
+            "this CPU has no AVX-512F: the row-major linear kernel cannot be checked here"
+        );
         let config = AlexNetConfig::torchvision();
         let mut model = CpuModel::new(
             &Weights::paper_init(&config, 6).expect("weights"),
