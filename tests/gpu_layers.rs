@@ -681,7 +681,8 @@ fn launchers_refuse_mismatched_shapes() {
 
 /// Uploads of every kind come back as they went up: a standard-layout f32 array into NCHW (sent
 /// straight from the array's memory), a strided view (copied into order first), f16 (rounded)
-/// and NHWC (reordered).
+/// and NHWC (reordered). The f32 device memory is also read as it lies, against this test's own
+/// reordering, so that an upload and a download that both ignored the layout would not pass.
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test --release -- --include-ignored on a GPU machine"]
 fn uploads_of_any_strides_and_layouts_come_back_unchanged() {
@@ -701,10 +702,21 @@ fn uploads_of_any_strides_and_layouts_come_back_unchanged() {
         "the view must not be contiguous"
     );
     for layout in [Layout::Nchw, Layout::Nhwc] {
+        let in_memory: Vec<f32> = match layout {
+            Layout::Nchw => values.iter().copied().collect(),
+            Layout::Nhwc => values
+                .view()
+                .permuted_axes([0, 2, 3, 1])
+                .iter()
+                .copied()
+                .collect(),
+        };
         for view in [values.view(), strided] {
             let mut t = GpuTensor::<f32>::zeros(&gpu, &[2, 5, 3, 4], layout).unwrap();
             t.poison(&gpu).unwrap();
             t.upload(&gpu, view.into_dyn()).unwrap();
+            let raw = gpu.stream().clone_dtoh(t.data()).unwrap();
+            assert_eq!(raw, in_memory, "f32 {layout:?} as it lies in device memory");
             assert_eq!(
                 download(&gpu, &t),
                 values.clone().into_dyn(),

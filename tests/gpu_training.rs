@@ -179,6 +179,11 @@ fn check_updates(what: &str, before: &Weights, got: &Weights, want: &Weights) {
 
 /// Per-tensor limits of a comparison: each tensor's update tolerance (in network order), and the
 /// smallest update size an error is measured against.
+/// The most a tensor's update tolerance is raised to for tie decisions
+/// ([`Limits::raise_for_sensitivity`]): an update of zero or of the wrong sign, 1 or more off,
+/// still fails.
+const MOST_RAISED_UPDATE_TOL: f64 = 0.5;
+
 struct Limits {
     /// The update tolerance of a tensor past the end of `update`.
     default_update: f64,
@@ -211,6 +216,29 @@ impl Limits {
             },
             ..Limits::uniform(tol)
         }
+    }
+
+    /// Each tensor's update tolerance raised to `flips` times the CPU's own sensitivity of its
+    /// update (`sensitivity`, one per tensor of `weights`) where that is larger, but never past
+    /// [`MOST_RAISED_UPDATE_TOL`]: a tolerance of 1 would pass an update of zero. A tensor held
+    /// to that bound is said, as one the comparison can only check coarsely at this nudge.
+    fn raise_for_sensitivity(&mut self, sensitivity: &[f64], flips: f64, weights: &Weights) {
+        let names = weights.named_tensors();
+        self.update = sensitivity
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let raised = self.default_update.max(flips * s);
+                if raised > MOST_RAISED_UPDATE_TOL {
+                    eprintln!(
+                        "{}: its update's tie sensitivity ({flips} x {s:.2e}) is past {}; held \
+                         to that, so only a coarse check",
+                        names[i].0, MOST_RAISED_UPDATE_TOL
+                    );
+                }
+                raised.min(MOST_RAISED_UPDATE_TOL)
+            })
+            .collect();
     }
 
     fn update_tol(&self, tensor: usize) -> f64 {
@@ -555,10 +583,7 @@ fn steps_match_with(
             // input (paper fp32 on an H200: 1.2x to 4.1x the 1e-6 sensitivity, conv5 the most).
             let sensitivity =
                 update_sensitivity(config, weights, frozen, (&batch, nudge), &labels, seed);
-            limits.update = sensitivity
-                .iter()
-                .map(|s| tol.update.max(flips * s))
-                .collect();
+            limits.raise_for_sensitivity(&sensitivity, flips, weights);
         }
         let gpu_loss = gpu.step(batch.view(), &labels, seed).unwrap();
         let cpu_loss = cpu.step(batch.view(), &labels, seed).unwrap();
@@ -1524,6 +1549,23 @@ fn the_step_comparisons_tell_a_wrong_step_from_a_right_one() {
     moved[2][0] += 0.05 * largest;
     let moved_check = || check_momentum("", &start, (&moved, &want_v), tol, &limits);
     assert!(quiet(&moved_check).is_err(), "a moved momentum passed");
+    // Tolerances raised for tie decisions are bounded: with every tensor's sensitivity far
+    // past any sane value, a step that changed nothing still fails, and so does a momentum of
+    // zero, while the right step passes.
+    let mut raised = Limits::uniform(tol);
+    raised.raise_for_sensitivity(&vec![10.0; start.named_tensors().len()], 2.0, &start);
+    let unchanged = || check_updates_within("", (&start, &start), (&start, &want), tol, &raised, 1);
+    assert!(
+        quiet(&unchanged).is_err(),
+        "an unchanged step passed raised limits"
+    );
+    check_updates_within("", (&start, &same), (&start, &want), tol, &raised, 1);
+    let zeros: Vec<Vec<f32>> = want_v.iter().map(|v| vec![0.0; v.len()]).collect();
+    let zero_check = || check_momentum("", &start, (&zeros, &want_v), tol, &raised);
+    assert!(
+        quiet(&zero_check).is_err(),
+        "a zero momentum passed raised limits"
+    );
 }
 
 /// Runs everywhere: without a GPU (no driver, or no device) the trainer is a typed
