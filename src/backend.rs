@@ -203,7 +203,7 @@ fn open_cuda(
 ) -> Result<Box<dyn Backend>> {
     Err(Error::DeviceUnavailable(
         "this build of alexnet-cuda has no CUDA backend (its `cuda` feature is off); rebuild \
-         with default features, or use --device cpu"
+         with default features, or run on the CPU"
             .to_string(),
     ))
 }

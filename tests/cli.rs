@@ -152,6 +152,12 @@ fn cuda_device_choice_follows_the_machine() {
             "{}",
             stderr(&out)
         );
+        // The way out is named with the binary's own flag (the library cannot know it).
+        assert!(
+            stderr(&out).contains("hint: --device cpu runs on the CPU"),
+            "{}",
+            stderr(&out)
+        );
     }
 
     let out = infer(&[

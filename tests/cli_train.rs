@@ -330,6 +330,12 @@ fn train_device_choice_follows_the_machine() {
         "expected a failure saying {says:?}: {}",
         text(&out)
     );
+    #[cfg(feature = "cuda")]
+    assert!(
+        stderr.contains("hint: --device cpu trains on the CPU"),
+        "the way out is named with train's own flag: {}",
+        text(&out)
+    );
     assert!(
         !save.exists(),
         "nothing is saved by a run that did not start"

@@ -94,7 +94,7 @@ impl Gpu {
             return Err(unavailable(format!(
                 "the NVIDIA driver supports CUDA {}.{}, this build needs CUDA {}.{} or newer \
                  (driver R580+: its kernels are PTX ISA 9.0 and it calls CUDA 13 entry points); \
-                 update the NVIDIA driver, or use --device cpu",
+                 update the NVIDIA driver, or run on the CPU",
                 version / 1000,
                 version % 1000 / 10,
                 MIN_DRIVER_VERSION / 1000,
@@ -110,14 +110,14 @@ impl Gpu {
             } else {
                 format!(
                     "the NVIDIA driver could not be initialised ({e:?}){}; check that \
-                     `nvidia-smi` lists a GPU, or use --device cpu",
+                     `nvidia-smi` lists a GPU, or run on the CPU",
                     visible_devices_note()
                 )
             })
         })?;
         if count <= 0 {
             return Err(unavailable(format!(
-                "the NVIDIA driver found no CUDA device{}; check `nvidia-smi`, or use --device cpu",
+                "the NVIDIA driver found no CUDA device{}; check `nvidia-smi`, or run on the CPU",
                 visible_devices_note()
             )));
         }
@@ -437,7 +437,7 @@ fn supported_compute_capability(name: &str, capability: (i32, i32)) -> Result<()
     Err(unavailable(format!(
         "{name} has compute capability {major}.{minor}; this build needs {need_major}.{need_minor} \
          or newer (Turing, 2018, and later: CUDA 13 and its cuBLAS and cuDNN support no older \
-         GPU); use --device cpu"
+         GPU); run on the CPU instead"
     )))
 }
 

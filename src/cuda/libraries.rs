@@ -46,7 +46,7 @@ impl CudaLibrary {
         match self {
             CudaLibrary::Driver => {
                 "no NVIDIA driver: libcuda.so could not be loaded. Run on a machine with an NVIDIA \
-                 GPU and its driver installed (nvidia-smi should list the GPU), or use --device cpu"
+                 GPU and its driver installed (nvidia-smi should list the GPU), or run on the CPU"
             }
             CudaLibrary::Cublas | CudaLibrary::CublasLt => {
                 "install cuBLAS 13 (it ships libcublas.so.13 and libcublasLt.so.13): `pip install \

@@ -46,9 +46,8 @@ fn bf16_capable(name: &str, (major, minor): (i32, i32)) -> Result<()> {
         return Ok(());
     }
     Err(Error::DeviceUnavailable(format!(
-        "{name} has compute capability {major}.{minor}; bf16 needs 8.0 (Ampere) or newer: use \
-         --precision fp16 on this GPU (inference or training), or bf16 inference on the CPU \
-         (--device cpu)"
+        "{name} has compute capability {major}.{minor}; bf16 needs 8.0 (Ampere) or newer: use fp16 \
+         on this GPU (inference or training), or bf16 inference on the CPU"
     )))
 }
 
@@ -104,7 +103,7 @@ fn fail(what: &str, e: Error) -> Error {
         kept @ (Error::OutOfMemory { .. } | Error::Invalid { .. } | Error::Shape { .. }) => kept,
         e => Error::DeviceUnavailable(format!(
             "the GPU opened, but {what} failed its self-test: {e}. Reinstall the library \
-             named (see README, \"GPU set-up\"), or use --device cpu"
+             named (see README, \"GPU set-up\"), or run on the CPU"
         )),
     }
 }
@@ -467,7 +466,7 @@ mod tests {
         }
         match bf16_capable("Tesla T4", (7, 5)) {
             Err(Error::DeviceUnavailable(message)) => {
-                for part in ["Tesla T4", "7.5", "8.0", "fp16", "--device cpu"] {
+                for part in ["Tesla T4", "7.5", "8.0", "fp16", "on the CPU"] {
                     assert!(message.contains(part), "{part}: {message}");
                 }
             }

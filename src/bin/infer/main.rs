@@ -32,6 +32,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
+            // The library says "run on the CPU"; the flag that does it is ours to name.
+            if matches!(e, Error::DeviceUnavailable(_)) {
+                eprintln!("hint: --device cpu runs on the CPU");
+            }
             ExitCode::from(EXIT_FATAL)
         }
     }

@@ -22,6 +22,10 @@ fn main() -> ExitCode {
         Ok(run::Outcome::Interrupted) => ExitCode::from(interrupt::INTERRUPTED_STATUS),
         Err(e) => {
             eprintln!("error: {e}");
+            // The library says "run on the CPU"; the flag that does it is ours to name.
+            if matches!(e, alexnet_cuda::Error::DeviceUnavailable(_)) {
+                eprintln!("hint: --device cpu trains on the CPU (in fp32)");
+            }
             ExitCode::FAILURE
         }
     }
