@@ -1,9 +1,11 @@
-//! `tools/gpu/on-device.sh` drives the packed `infer` and `train` on a lent GPU, whose minutes
-//! are few: a flag either binary no longer takes would be found there, at the lease's cost.
-//! Here the script's `libs`, `infer`, `latency` and `train` steps run against this build's
-//! binaries, laid out as `tools/gpu/bundle.sh` packs them. Without a GPU every GPU step must
-//! get past its arguments to the device check ("device unavailable", exit 1); a usage error
-//! (exit 2) is a stale flag. The CPU training run must finish.
+//! `tools/gpu/on-device.sh` drives the packed `infer` and `train` and the PyTorch anchors on a
+//! lent GPU, whose minutes are few: a flag one of them no longer takes would be found there, at
+//! the lease's cost. Here the script's `libs`, `infer`, `latency`, `train`, `anchor`,
+//! `trainbench` and `compile` steps run against this build's binaries and the repository's
+//! anchors, laid out as `tools/gpu/bundle.sh` packs them. Without a GPU every GPU step must get
+//! past its arguments to the device check ("device unavailable", exit 1); a usage error (exit 2)
+//! is a stale flag. The CPU training run must finish. The anchors meet a stand-in `torch` that
+//! ends the run (exit 97) at the first use of torch after the arguments were parsed.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,17 +15,20 @@ fn step_statuses(summary: &str) -> Vec<(String, u32, String)> {
     summary
         .lines()
         .filter(|line| {
-            ["libs ", "infer ", "train "]
+            ["libs ", "infer ", "train ", "anchor "]
                 .iter()
                 .any(|s| line.starts_with(s))
         })
         .filter_map(|line| {
             let (step, rest) = line.split_once(" rc=")?;
-            let (code, said) = rest.split_once(':').unwrap_or((rest, ""));
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let (code, said) = rest.split_at(digits);
             Some((
                 step.to_string(),
-                code.trim().parse().ok()?,
-                said.to_string(),
+                code.parse().ok()?,
+                said.trim_start_matches(':').to_string(),
             ))
         })
         .collect()
@@ -40,6 +45,45 @@ fn link(_: &Path, _: &Path) {
     unreachable!("the test that links is ignored off Unix");
 }
 
+/// Exit status of the stand-in `torch` once an anchor uses torch past its arguments.
+const PAST_THE_ARGUMENTS: u32 = 97;
+
+/// A stand-in `torch` package in `dir`: enough for the anchors to import it, define their
+/// modules and parse their arguments (`torch.cuda.is_available()`, `nn.Module`); any other use
+/// of torch ends the run with [`PAST_THE_ARGUMENTS`].
+fn stand_in_torch(dir: &Path) {
+    let ends_the_run = format!(
+        r#"
+import sys
+
+def __getattr__(name):
+    sys.stderr.write("stand-in torch: " + name + " used, the arguments were taken\n")
+    sys.exit({PAST_THE_ARGUMENTS})
+"#
+    );
+    let torch = r#"
+class cuda:
+    @staticmethod
+    def is_available():
+        return True
+"#;
+    let nn = r#"
+class Module:
+    pass
+"#;
+    std::fs::create_dir_all(dir.join("torch/nn")).unwrap();
+    std::fs::write(
+        dir.join("torch/__init__.py"),
+        torch.to_owned() + &ends_the_run,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("torch/nn/__init__.py"),
+        nn.to_owned() + &ends_the_run,
+    )
+    .unwrap();
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -49,7 +93,7 @@ fn link(_: &Path, _: &Path) {
     not(unix),
     ignore = "on-device.sh is a bash script for Linux GPU machines"
 )]
-fn the_device_runs_steps_take_the_binaries_flags() {
+fn the_device_runs_steps_take_their_flags() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let root = tempfile::tempdir().unwrap();
     let bundle = root.path().join(".gpu");
@@ -69,12 +113,28 @@ fn the_device_runs_steps_take_the_binaries_flags() {
         &bundle.join("bin/bin-train"),
     );
     link(&repo.join("tests"), &root.path().join("tests"));
+    for anchor in ["tools/gpu/torch_anchor.py", "tools/torch_train_anchor.py"] {
+        let name = Path::new(anchor).file_name().unwrap();
+        link(&repo.join(anchor), &bundle.join(name));
+    }
+    let stand_in = root.path().join("stand-in");
+    stand_in_torch(&stand_in);
     let out = root.path().join("out");
 
     let run = Command::new("bash")
         .arg(bundle.join("on-device.sh"))
-        .args(["libs", "infer", "latency", "train"])
+        .args([
+            "libs",
+            "infer",
+            "latency",
+            "train",
+            "anchor",
+            "trainbench",
+            "compile",
+        ])
         .env("OUT", &out)
+        // Ahead of any real torch, so that the anchors stop once their arguments are parsed.
+        .env("PYTHONPATH", &stand_in)
         .env("INFER_TIMEOUT", "120")
         .output()
         .unwrap();
@@ -114,6 +174,22 @@ fn the_device_runs_steps_take_the_binaries_flags() {
         };
         assert!(fine, "`{name}` ended with rc={code}: {said}\n{context}");
     }
+    let anchors = [
+        "anchor (PyTorch eager)",
+        "anchor batch 1",
+        "anchor (PyTorch training)",
+        "anchor (PyTorch training, amp channels_last)",
+        "anchor (torch.compile)",
+    ];
+    for name in anchors {
+        let Some((_, code, _)) = steps.iter().find(|(step, ..)| step == name) else {
+            panic!("no `{name}` step in the summary:\n{context}");
+        };
+        assert_eq!(
+            *code, PAST_THE_ARGUMENTS,
+            "`{name}`: its arguments were not all taken (argparse exits with 2)\n{context}"
+        );
+    }
 }
 
 /// The summary's step lines are read as the script writes them (so the test above cannot pass
@@ -123,7 +199,7 @@ fn step_statuses_reads_the_scripts_lines() {
     let summary = "commit: abc\n\
         libs (crate's own search) rc=1: error: device unavailable: no driver\n\
         infer fp32 batch 128 rc=2: error: unexpected argument '--warmup'\n\
-        anchor batch 1 rc=1 (anchor-latency.txt)\n\
+        anchor batch 1 rc=97 (anchor-latency.txt)\n\
         train cpu 20 steps rc=0: epoch 10: train loss 1.9\n\
         train fp32 against the CPU: not compared (rc 1, CPU rc 0)\n";
     let steps = step_statuses(summary);
@@ -133,6 +209,7 @@ fn step_statuses_reads_the_scripts_lines() {
         [
             ("libs (crate's own search)", 1),
             ("infer fp32 batch 128", 2),
+            ("anchor batch 1", 97),
             ("train cpu 20 steps", 0)
         ]
     );
