@@ -120,6 +120,11 @@ fn the_device_runs_steps_take_their_flags() {
     let stand_in = root.path().join("stand-in");
     stand_in_torch(&stand_in);
     let out = root.path().join("out");
+    // A weights file a run left among the logs: PACK_TO's archive must leave it out.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("left.safetensors"), b"weights").unwrap();
+    let packed = root.path().join("packed");
+    std::fs::create_dir_all(&packed).unwrap();
 
     let run = Command::new("bash")
         .arg(bundle.join("on-device.sh"))
@@ -133,6 +138,7 @@ fn the_device_runs_steps_take_their_flags() {
             "compile",
         ])
         .env("OUT", &out)
+        .env("PACK_TO", &packed)
         // Ahead of any real torch, so that the anchors stop once their arguments are parsed.
         .env("PYTHONPATH", &stand_in)
         .env("INFER_TIMEOUT", "120")
@@ -190,6 +196,31 @@ fn the_device_runs_steps_take_their_flags() {
             "`{name}`: its arguments were not all taken (argparse exits with 2)\n{context}"
         );
     }
+
+    // The logs come back packed (Python's tarfile: no xz program on the GPU machine), the
+    // summary beside them.
+    assert_eq!(
+        std::fs::read_to_string(packed.join("summary.txt")).unwrap(),
+        summary
+    );
+    let listing = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, tarfile; print('\\n'.join(tarfile.open(sys.argv[1]).getnames()))",
+        ])
+        .arg(packed.join("logs.tar.xz"))
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&listing.stdout);
+    for log in [
+        "./summary.txt",
+        "./infer-fp32.txt",
+        "./train-cpu.csv",
+        "./anchor.txt",
+    ] {
+        assert!(names.lines().any(|n| n == log), "{log} not packed: {names}");
+    }
+    assert!(!names.contains(".safetensors"), "weights packed: {names}");
 }
 
 /// The summary's step lines are read as the script writes them (so the test above cannot pass

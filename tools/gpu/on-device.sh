@@ -42,7 +42,8 @@
 # SANITIZE_TESTS (default "gpu_layers"), SANITIZE_TOOLS (default "memcheck racecheck synccheck
 # initcheck"), SANITIZE_TIMEOUT (seconds per tool and executable, default 300).
 # Prints one summary table at the end; $OUT/summary.txt grows line by line as the run goes, so
-# a run cut short still leaves what it had.
+# a run cut short still leaves what it had. PACK_TO: a folder to pack the logs into at the end
+# (see there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.gpu
@@ -55,7 +56,13 @@ UNIT_FILTER=${UNIT_FILTER-cuda::}
 INFER_TIMEOUT=${INFER_TIMEOUT:-240}
 deadline=$((SECONDS + ${BUDGET:-530}))
 : > "$OUT/summary.txt"
-note() { echo "$1" >> "$OUT/summary.txt"; echo "== $1"; }
+# With PACK_TO, the summary is copied there at every line too, so that a run the device tool
+# kills at its limit (before the packing at the end) still brings back what it had.
+note() {
+    echo "$1" >> "$OUT/summary.txt"
+    echo "== $1"
+    [ -z "${PACK_TO:-}" ] || cp "$OUT/summary.txt" "$PACK_TO/"
+}
 # Runs a command under `timeout` for at most $1 seconds and never past the deadline (killed 5 s
 # after the polite signal): one hanging step cannot take the rest of the lease. Exit status 125
 # without running when under 10 s are left.
@@ -246,3 +253,21 @@ done
 echo
 echo "================ summary ================"
 cat "$OUT/summary.txt"
+
+# PACK_TO (a folder other than $OUT; on a lent GPU the device tool's $OUT): every log packed
+# there as logs.tar.xz by Python's tarfile (no xz program needed on the GPU machine; tar's gzip
+# where Python fails), saved weights left out, with summary.txt, tests.log and targets.md
+# beside it to read at once.
+if [ -n "${PACK_TO:-}" ]; then
+    python3 - "$OUT" "$PACK_TO/logs.tar.xz" <<'PY' \
+        || tar -C "$OUT" -czf "$PACK_TO/logs.tar.gz" --exclude='*.safetensors' .
+import sys, tarfile
+logs, archive = sys.argv[1], sys.argv[2]
+with tarfile.open(archive, "w:xz") as packed:
+    packed.add(logs, arcname=".",
+               filter=lambda m: None if m.name.endswith(".safetensors") else m)
+PY
+    for f in summary.txt tests.log targets.md; do
+        [ -f "$OUT/$f" ] && cp "$OUT/$f" "$PACK_TO/"
+    done
+fi
