@@ -101,7 +101,7 @@ pub enum Error {
     /// The model stays usable: free memory or run a smaller batch.
     #[error(
         "out of GPU memory in {op}: {source} (`nvidia-smi` shows what holds the GPU's memory; \
-         a smaller --batch needs less)"
+         a smaller batch needs less)"
     )]
     OutOfMemory {
         op: String,

@@ -158,6 +158,23 @@ fn cuda_device_choice_follows_the_machine() {
             "{}",
             stderr(&out)
         );
+        // --gpu with --device cpu is a usage error, so the hint drops it.
+        let out = infer(&[
+            "--device",
+            "cuda",
+            "--gpu",
+            "0",
+            "--batch",
+            "1",
+            "--iterations",
+            "1",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("hint: --device cpu, without --gpu, runs on the CPU"),
+            "{}",
+            stderr(&out)
+        );
     }
 
     let out = infer(&[

@@ -391,6 +391,14 @@ fn mixed_precision_never_falls_back_to_fp32_and_tf32_on_the_cpu_says_so() {
                 "{}",
                 text(&out)
             );
+            // No usable GPU (rc 1): the way to the CPU drops the mixed precision too.
+            if out.status.code() == Some(1) {
+                assert!(
+                    stderr.contains("hint: --device cpu --precision fp32 trains on the CPU"),
+                    "{}",
+                    text(&out)
+                );
+            }
             assert!(
                 !save.exists(),
                 "nothing is saved by a run that did not start"

@@ -32,12 +32,20 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
-            // The library says "run on the CPU"; the flag that does it is ours to name.
             if matches!(e, Error::DeviceUnavailable(_)) {
-                eprintln!("hint: --device cpu runs on the CPU");
+                eprintln!("hint: {}", cpu_hint(&args));
             }
             ExitCode::from(EXIT_FATAL)
         }
+    }
+}
+
+/// The way to the CPU in `args`' own terms, for an unusable GPU: the library says "run on the
+/// CPU" and leaves the flag to us. `--gpu` with `--device cpu` is a usage error, so it goes.
+fn cpu_hint(args: &Args) -> String {
+    match args.gpu {
+        Some(_) => "--device cpu, without --gpu, runs on the CPU".to_string(),
+        None => "--device cpu runs on the CPU".to_string(),
     }
 }
 

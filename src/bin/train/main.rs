@@ -22,11 +22,28 @@ fn main() -> ExitCode {
         Ok(run::Outcome::Interrupted) => ExitCode::from(interrupt::INTERRUPTED_STATUS),
         Err(e) => {
             eprintln!("error: {e}");
-            // The library says "run on the CPU"; the flag that does it is ours to name.
             if matches!(e, alexnet_cuda::Error::DeviceUnavailable(_)) {
-                eprintln!("hint: --device cpu trains on the CPU (in fp32)");
+                eprintln!("hint: {}", cpu_hint(&args));
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The way to the CPU in `args`' own terms, for an unusable GPU: the library says "run on the
+/// CPU" and leaves the flags to us. The CPU trains in fp32 only, and `--gpu` or a mixed
+/// precision with `--device cpu` is a usage error, so those go.
+fn cpu_hint(args: &Args) -> String {
+    let mixed = matches!(
+        args.precision,
+        args::TrainPrecisionArg::Fp16 | args::TrainPrecisionArg::Bf16
+    );
+    let flags = match mixed {
+        true => "--device cpu --precision fp32",
+        false => "--device cpu",
+    };
+    match args.gpu {
+        Some(_) => format!("{flags}, without --gpu, trains on the CPU"),
+        None => format!("{flags} trains on the CPU"),
     }
 }
