@@ -5,7 +5,8 @@
 //! anchors, laid out as `tools/gpu/bundle.sh` packs them. Without a GPU every GPU step must get
 //! past its arguments to the device check ("device unavailable", exit 1); a usage error (exit 2)
 //! is a stale flag. The CPU training run must finish. The anchors meet a stand-in `torch` that
-//! ends the run (exit 97) at the first use of torch after the arguments were parsed.
+//! ends the run (exit 97) at the first use of torch after the arguments were parsed. Needs
+//! python3 with its lzma module (the packing), as the README's set-up has it.
 
 use std::path::Path;
 use std::process::Command;
@@ -45,20 +46,33 @@ fn link(_: &Path, _: &Path) {
     unreachable!("the test that links is ignored off Unix");
 }
 
-/// Exit status of the stand-in `torch` once an anchor uses torch past its arguments.
+/// Exit status of the stand-in `torch` once an anchor uses torch after parsing its arguments.
 const PAST_THE_ARGUMENTS: u32 = 97;
+/// Its status when torch is used before the arguments were parsed: the check saw nothing.
+const BEFORE_THE_ARGUMENTS: u32 = 98;
 
 /// A stand-in `torch` package in `dir`: enough for the anchors to import it, define their
 /// modules and parse their arguments (`torch.cuda.is_available()`, `nn.Module`); any other use
-/// of torch ends the run with [`PAST_THE_ARGUMENTS`].
+/// of torch ends the run, with [`PAST_THE_ARGUMENTS`] once argparse has taken the arguments
+/// (it exits with 2 on one it does not know) and [`BEFORE_THE_ARGUMENTS`] before.
 fn stand_in_torch(dir: &Path) {
     let ends_the_run = format!(
         r#"
-import sys
+import argparse, sys
+
+_parse_args = argparse.ArgumentParser.parse_args
+
+def _parsed(self, *args, **kwargs):
+    parsed = _parse_args(self, *args, **kwargs)
+    argparse._stand_in_parsed = True
+    return parsed
+
+argparse.ArgumentParser.parse_args = _parsed
 
 def __getattr__(name):
-    sys.stderr.write("stand-in torch: " + name + " used, the arguments were taken\n")
-    sys.exit({PAST_THE_ARGUMENTS})
+    parsed = getattr(argparse, "_stand_in_parsed", False)
+    sys.stderr.write("stand-in torch: " + name + " used, arguments parsed: " + str(parsed) + "\n")
+    sys.exit({PAST_THE_ARGUMENTS} if parsed else {BEFORE_THE_ARGUMENTS})
 "#
     );
     let torch = r#"
@@ -90,8 +104,8 @@ class Module:
     ignore = "a build without the `cuda` feature refuses --device cuda as a usage error"
 )]
 #[cfg_attr(
-    not(unix),
-    ignore = "on-device.sh is a bash script for Linux GPU machines"
+    not(target_os = "linux"),
+    ignore = "on-device.sh is a bash script for Linux GPU machines (GNU timeout, bash 4)"
 )]
 fn the_device_runs_steps_take_their_flags() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -137,6 +151,11 @@ fn the_device_runs_steps_take_their_flags() {
             "trainbench",
             "compile",
         ])
+        // The script's knobs as the test means them, whatever the caller's environment says.
+        .env_remove("BATCH")
+        .env_remove("INFER_ARGS")
+        .env_remove("BUDGET")
+        .env_remove("UNIT_FILTER")
         .env("OUT", &out)
         .env("PACK_TO", &packed)
         // Ahead of any real torch, so that the anchors stop once their arguments are parsed.
@@ -193,7 +212,8 @@ fn the_device_runs_steps_take_their_flags() {
         };
         assert_eq!(
             *code, PAST_THE_ARGUMENTS,
-            "`{name}`: its arguments were not all taken (argparse exits with 2)\n{context}"
+            "`{name}`: its arguments were not all taken (argparse exits with 2; {BEFORE_THE_ARGUMENTS}: \
+             torch was used before they were parsed)\n{context}"
         );
     }
 

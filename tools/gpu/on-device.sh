@@ -49,6 +49,11 @@ cd "$(dirname "$0")/.."
 G=.gpu
 OUT=${OUT:-$G/out}
 mkdir -p "$OUT"
+# PACK_TO gets copies as the run goes (see note); none where it is $OUT itself.
+if [ -n "${PACK_TO:-}" ]; then
+    mkdir -p "$PACK_TO"
+    [ "$(cd "$PACK_TO" && pwd -P)" = "$(cd "$OUT" && pwd -P)" ] && PACK_TO=
+fi
 words=${*:-info libs tests infer anchor trainbench latency train targets}
 BATCH=${BATCH:-128}
 TEST_TIMEOUT=${TEST_TIMEOUT:-420}
@@ -129,6 +134,7 @@ PY
         note "conv algorithms at batch 128: $(wc -l < "$OUT/conv-algorithms.txt") lines (conv-algorithms.txt)"
         grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$OUT/tests.log" | sed 's/^test /  /' > "$OUT/test-results.txt"
         cat "$OUT/test-results.txt" >> "$OUT/summary.txt"
+        [ -z "${PACK_TO:-}" ] || cp "$OUT/summary.txt" "$PACK_TO/"
         ;;
     infer)
         # fp32 is PyTorch's fp32 (FFT and Winograd allowed); fp32g keeps to the GEMM family
@@ -254,7 +260,7 @@ echo
 echo "================ summary ================"
 cat "$OUT/summary.txt"
 
-# PACK_TO (a folder other than $OUT; on a lent GPU the device tool's $OUT): every log packed
+# PACK_TO (a folder; on a lent GPU the device tool's $OUT, with OUT elsewhere): every log packed
 # there as logs.tar.xz by Python's tarfile (no xz program needed on the GPU machine; tar's gzip
 # where Python fails), saved weights left out, with summary.txt, tests.log and targets.md
 # beside it to read at once.
@@ -268,6 +274,7 @@ with tarfile.open(archive, "w:xz") as packed:
                filter=lambda m: None if m.name.endswith(".safetensors") else m)
 PY
     for f in summary.txt tests.log targets.md; do
-        [ -f "$OUT/$f" ] && cp "$OUT/$f" "$PACK_TO/"
+        [ ! -f "$OUT/$f" ] || cp "$OUT/$f" "$PACK_TO/"
     done
 fi
+exit 0
